@@ -1,0 +1,60 @@
+//! The one error type of the tiers crate, with one kind per decided policy.
+
+use thiserror::Error;
+
+/// Errors of cache operations. Each kind maps to exactly one gRPC code in the
+/// server (see [`CacheError::code_name`]); every request-validation kind names
+/// the offending field, and a failed request changes nothing.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum CacheError {
+    /// A request field is malformed. → `InvalidArgument`.
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    /// The namespace id names no registered namespace. → `NotFound`.
+    #[error("{field}: namespace {namespace} is not registered")]
+    UnknownNamespace { field: String, namespace: String },
+    /// A batch is larger than the configured limit. → `ResourceExhausted`.
+    #[error("{field}: batch of {len} exceeds the limit of {max}")]
+    BatchTooLarge {
+        field: String,
+        len: usize,
+        max: usize,
+    },
+    /// The operation needs a cached block that is not there. → `FailedPrecondition`.
+    #[error("{field}: block {key} is not cached")]
+    BlockNotCached { field: String, key: String },
+    /// No such lease (never granted, ended or expired). → `NotFound`.
+    #[error("lease_id: lease {0} does not exist (ended or expired)")]
+    LeaseNotFound(u64),
+    /// A namespace's blocks do not fit the tier's slots. → `InvalidArgument`.
+    #[error(
+        "{field}: block of {block_bytes} bytes is larger than the host tier's largest slot ({max} bytes)"
+    )]
+    BlockTooLarge {
+        field: String,
+        block_bytes: u64,
+        max: u64,
+    },
+}
+
+impl CacheError {
+    /// An [`CacheError::InvalidArgument`] naming `field`.
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        CacheError::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Name of the gRPC status code this error maps to.
+    pub fn code_name(&self) -> &'static str {
+        match self {
+            CacheError::InvalidArgument { .. } | CacheError::BlockTooLarge { .. } => {
+                "InvalidArgument"
+            }
+            CacheError::UnknownNamespace { .. } | CacheError::LeaseNotFound(_) => "NotFound",
+            CacheError::BatchTooLarge { .. } => "ResourceExhausted",
+            CacheError::BlockNotCached { .. } => "FailedPrecondition",
+        }
+    }
+}
