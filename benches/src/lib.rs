@@ -1,1 +1,74 @@
-//! placeholder
+//! kvstrata load generator: the library behind `kvstrata bench`.
+//!
+//! The benchmark registers an opaque namespace whose block size is the
+//! `--block-size` flag, fills a working set of `--keys` blocks with `BatchPut`,
+//! runs a warm-up, then for `--duration` has `--concurrency` tasks issue
+//! `BatchGet` / `BatchPut` RPCs of `--batch` random blocks each, choosing the
+//! kind by `--read-ratio`. Per-RPC latencies go into one HDR histogram per op
+//! kind; the result is a [`BenchReport`] (human table or JSON).
+//!
+//! Every read is verified (unless `--no-verify`): payloads are derived from one
+//! seeded random buffer with a 16-byte header (key index, version), so a read
+//! is checked with one `memcmp` and two integer comparisons, including a
+//! staleness check (each key is written by exactly one task, so a read that
+//! starts after a put was acknowledged must see that version or a newer one).
+//! A miss is not a failure (the cache may evict); wrong bytes are.
+//!
+//! It talks to the daemon with the generated tonic client
+//! ([`kvstrata_proto::v1::kv_cache_client::KvCacheClient`]) over TCP or a Unix
+//! socket; see [`connect()`].
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), kvstrata_benches::BenchError> {
+//! use clap::Parser;
+//! #[derive(Parser)]
+//! struct Cli {
+//!     #[command(flatten)]
+//!     bench: kvstrata_benches::BenchArgs,
+//! }
+//! let cli = Cli::parse();
+//! kvstrata_benches::run_and_print(cli.bench).await?;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod args;
+pub mod connect;
+pub mod error;
+pub mod payload;
+pub mod report;
+mod runner;
+
+pub use args::{BenchArgs, Mode};
+pub use connect::{Target, connect, connect_channel};
+pub use error::BenchError;
+pub use payload::{PayloadGen, VerifyError};
+pub use report::{BenchReport, OpReport, PopulateReport};
+pub use runner::run;
+
+/// Runs the benchmark and prints its report: JSON on stdout with `--json`,
+/// the human table otherwise. When reads failed verification the report is
+/// printed too, and the [`BenchError::VerifyFailed`] error is returned.
+pub async fn run_and_print(args: BenchArgs) -> Result<BenchReport, BenchError> {
+    let json = args.json;
+    let print = |report: &BenchReport| -> Result<(), BenchError> {
+        if json {
+            println!("{}", report.to_json()?);
+        } else {
+            report.print_human();
+        }
+        Ok(())
+    };
+    match run(args).await {
+        Ok(report) => {
+            print(&report)?;
+            Ok(report)
+        }
+        Err(err) => {
+            if let Some(report) = err.report() {
+                print(report)?;
+            }
+            Err(err)
+        }
+    }
+}

@@ -1,1 +1,26 @@
-//! placeholder
+//! Rust client of the kvstrata daemon.
+//!
+//! - [`Client`]: typed async methods for every RPC of `kvstrata.v1.KvCache`, over
+//!   TCP (`http://host:port`, `host:port`) or a Unix socket (`unix:///path`,
+//!   `/path`), with message limits and HTTP/2 windows sized for large KV blocks.
+//! - [`hash`]: the canonical chained block hash (`docs/hashing.md`).
+//! - [`cli`]: the command-line verbs (`stats`, `ls`, `get`, `put`, ...) as a
+//!   library, flattened into the `kvstrata` binary by the server crate.
+//! - [`default_uds_path`] / [`default_target`]: where the daemon listens by default.
+
+pub mod cli;
+mod client;
+mod error;
+pub mod hash;
+mod target;
+
+pub use client::{
+    Client, ClientOptions, ClientStream, PutItem, RegisteredNamespace, spec_from_proto,
+    spec_to_proto,
+};
+pub use error::ClientError;
+pub use hash::{BlockHash, block_keys, chain_keys, next_block_key};
+pub use target::{DEFAULT_TCP_TARGET, Target, default_target, default_uds_path};
+
+/// The generated wire types of `kvstrata.v1`, re-exported for convenience.
+pub use kvstrata_proto::v1 as proto;

@@ -1,1 +1,127 @@
-fn main() {}
+//! `kvstrata`: the daemon (`serve`), the load generator (`bench`) and the
+//! client verbs (`stats`, `ls`, `put`, `get`, ...), in one binary.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use kvstrata_client::cli::{ClientCommand, GlobalArgs};
+use kvstrata_server::{Config, Daemon, ServeArgs};
+use tracing_subscriber::EnvFilter;
+
+/// kvstrata: a hierarchical KV-cache store for LLM inference.
+#[derive(Debug, Parser)]
+#[command(
+    name = "kvstrata",
+    version,
+    about = "kvstrata: a hierarchical KV-cache store for LLM inference",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon (gRPC on TCP and a Unix socket, Prometheus metrics)
+    Serve(ServeArgs),
+    /// Load generator: ops/s, GB/s and latency percentiles against a running daemon
+    Bench(kvstrata_benches::BenchArgs),
+    #[command(flatten)]
+    Client(ClientCommand),
+}
+
+fn init_logging(format: &str, level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args)?;
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
+    init_logging(&config.log.format, &config.log.level);
+    let daemon = Daemon::start(config).await?;
+    if let Some(path) = &args.ready_file {
+        let json = serde_json::to_string(daemon.addrs())?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let token = daemon.shutdown_token();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        }
+        token.cancel();
+    });
+    daemon.run_until_stopped().await?;
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Bench(args) => {
+            kvstrata_benches::run_and_print(args).await?;
+            Ok(())
+        }
+        // The CLI error already carries its cause in one line.
+        Command::Client(cmd) => kvstrata_client::cli::run(cmd, &cli.global)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and those causes it does not already spell out.
+            let mut msg = String::new();
+            for cause in e.chain() {
+                let text = cause.to_string();
+                if !msg.contains(&text) {
+                    if !msg.is_empty() {
+                        msg.push_str(": ");
+                    }
+                    msg.push_str(&text);
+                }
+            }
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,11 +1,24 @@
 //! kvstrata's storage core: namespaces and keys, the tiers that hold blocks, the
 //! slot allocators and the eviction policy. It knows nothing of gRPC: the server
 //! maps requests onto [`BlockCache`].
+//!
+//! Data path: [`BlockCache::put_batch`] → [`Tier::put`] of the
+//! [`HostTier`] → [`arena::SlotArena`] reservation, copy, publish;
+//! [`BlockCache::get_batch`] → [`Tier::get`] → a `Bytes` that borrows the slot.
 
+pub mod arena;
+pub mod cache;
 pub mod error;
+pub mod events;
+pub mod host;
 pub mod key;
 pub mod namespace;
+pub mod tier;
 
+pub use cache::{BlockCache, CacheConfig, CacheStats, Inspection, LeaseInfo, PutBlock};
 pub use error::CacheError;
+pub use events::{CacheEvent, EventBus, EventKind};
+pub use host::{HostTier, HostTierConfig};
 pub use key::{BlockKey, MAX_KEY_BYTES};
 pub use namespace::{Dtype, Layout, Namespace, NamespaceId, NamespaceSpec};
+pub use tier::{BlockMeta, PutOutcome, RemoveOutcome, RemoveReason, Tier, TierKind, TierStats};

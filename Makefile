@@ -1,0 +1,47 @@
+# kvstrata — build, test and demo entry points.
+#   make test   install missing build packages, then fmt check, clippy -D warnings, all tests
+#   make demo   build, start a daemon with defaults, put/get blocks through the CLI, print stats
+#   make bench  loopback benchmark against redis-server (see docs/benchmarks.md)
+
+SHELL := /bin/bash
+CARGO ?= cargo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# System packages the build needs (RocksDB's bindgen needs libclang).
+APT_PACKAGES := libclang-dev clang
+
+.PHONY: all deps build release test fmt-check clippy unit demo bench clean
+
+all: build
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+build: deps
+	$(CARGO) build --workspace
+
+release: deps
+	$(CARGO) build --release -p kvstrata-server
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy: deps
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit: deps
+	$(CARGO) test --workspace
+
+test: deps fmt-check clippy unit
+
+demo: build
+	bash scripts/demo.sh
+
+bench: release
+	bash benches/loopback.sh
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,290 @@
+#!/usr/bin/env bash
+# kvstrata vs. redis on one machine, loopback only.
+#
+# Starts the release `kvstrata` daemon (TCP on 127.0.0.1 and a Unix socket),
+# runs `kvstrata bench` for each block size over TCP and over UDS (100 % reads
+# after population, then a 50/50 get/put mix), then starts `redis-server` on a
+# Unix socket and runs `redis-benchmark -t get,set` with values of the same
+# sizes. Prints one markdown table on stdout; progress goes to stderr.
+#
+# Usage (from anywhere; paths are relative to the repository root):
+#   cargo build --release -p kvstrata-server && benches/loopback.sh
+#
+# Environment:
+#   KVSTRATA_BIN         kvstrata binary            (target/release/kvstrata; built if missing)
+#   KVSTRATA_SERVE_ARGS  extra `kvstrata serve` flags (none)
+#   SIZES                block sizes                 ("256KiB 1MiB")
+#   DURATION / WARMUP    per kvstrata run            (10s / 2s)
+#   CONCURRENCY / BATCH  client tasks / blocks per RPC (4 / 4)
+#   REDIS_BYTES          bytes each redis-benchmark test moves at least (5000000000)
+#   KEEP_WORKDIR=1       keep the temporary directory (logs, JSON reports)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+BIN=${KVSTRATA_BIN:-target/release/kvstrata}
+read -r -a SERVE_EXTRA <<<"${KVSTRATA_SERVE_ARGS:-}"
+SIZES=${SIZES:-"256KiB 1MiB"}
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-2s}
+CONCURRENCY=${CONCURRENCY:-4}
+BATCH=${BATCH:-4}
+REDIS_BYTES=${REDIS_BYTES:-5000000000}
+WORKING_SET_BYTES=$((1 << 30)) # the bench's default working set; redis gets the same
+
+log() { printf '[loopback] %s\n' "$*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+# ---------------------------------------------------------------- processes
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/kvstrata-loopback.XXXXXX")
+PIDS=()
+CHILD= # the foreground command of run_to, if any
+
+stop_pid() {
+    local pid=$1
+    kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    local pid
+    for pid in $CHILD "${PIDS[@]}"; do
+        stop_pid "$pid"
+    done
+    if [[ ${KEEP_WORKDIR:-0} == 1 ]]; then
+        log "kept $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# A TCP port on 127.0.0.1 that nothing listens on.
+free_port() {
+    local p
+    for _ in $(seq 1 100); do
+        p=$((20000 + RANDOM % 40000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            echo "$p"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# wait_for PID LOG CHECK...: waits up to 30 s until CHECK succeeds; fails if PID dies.
+wait_for() {
+    local pid=$1 logf=$2
+    shift 2
+    for _ in $(seq 1 300); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            log "process $pid exited; its log:"
+            cat "$logf" >&2 || true
+            return 1
+        fi
+        if "$@" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    log "timed out waiting for: $*; log:"
+    cat "$logf" >&2 || true
+    return 1
+}
+
+tcp_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1"); }
+
+# run_to OUT CMD...: runs CMD with stdout to OUT in the background and waits
+# for it, so that a signal to this script is handled at once (bash runs traps
+# only between foreground commands) and the child is stopped by cleanup.
+run_to() {
+    local out=$1 rc=0
+    shift
+    "$@" >"$out" &
+    CHILD=$!
+    wait "$CHILD" || rc=$?
+    CHILD=
+    return "$rc"
+}
+
+# ------------------------------------------------------------------ helpers
+# Bytes of a size such as 256KiB, 1MiB, 64KB, 4096.
+to_bytes() {
+    local s=$1 n u
+    if [[ $s =~ ^([0-9]+)[[:space:]]*([A-Za-z]*)$ ]]; then
+        n=${BASH_REMATCH[1]}
+        u=${BASH_REMATCH[2],,}
+    else
+        die "cannot read size $s"
+    fi
+    case $u in
+    "" | b) echo "$n" ;;
+    k | kb) echo $((n * 1000)) ;;
+    ki | kib) echo $((n << 10)) ;;
+    m | mb) echo $((n * 1000000)) ;;
+    mi | mib) echo $((n << 20)) ;;
+    g | gb) echo $((n * 1000000000)) ;;
+    gi | gib) echo $((n << 30)) ;;
+    *) die "unknown unit in $s" ;;
+    esac
+}
+
+fmt2() { awk -v x="$1" 'BEGIN { printf "%.2f", x }'; }
+fmt0() { awk -v x="$1" 'BEGIN { printf "%.0f", x }'; }
+# Milliseconds (as redis-benchmark prints them) to whole microseconds; "-" when absent.
+ms_to_us() { if [[ -n $1 ]]; then awk -v x="$1" 'BEGIN { printf "%.0f", x * 1000 }'; else echo "-"; fi; }
+
+install_pkgs() {
+    local sudo=()
+    if [[ $(id -u) != 0 ]]; then
+        command -v sudo >/dev/null || die "need root or sudo to install: $*"
+        sudo=(sudo)
+    fi
+    log "installing $* with apt-get"
+    "${sudo[@]}" apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "$@" >&2
+}
+
+# ------------------------------------------------------------ prerequisites
+missing=()
+command -v jq >/dev/null || missing+=(jq)
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v redis-benchmark >/dev/null || missing+=(redis-tools)
+if ((${#missing[@]})); then
+    install_pkgs "${missing[@]}"
+fi
+
+if [[ ! -x $BIN ]]; then
+    [[ -z ${KVSTRATA_BIN:-} ]] || die "KVSTRATA_BIN=$BIN is not an executable"
+    log "building $BIN"
+    cargo build --release -p kvstrata-server --bin kvstrata >&2
+fi
+[[ -x $BIN ]] || die "no $BIN"
+
+# ------------------------------------------------------------------ kvstrata
+PORT=$(free_port) || die "no free TCP port"
+SOCK=$WORK/kv.sock
+log "starting kvstrata daemon (tcp 127.0.0.1:$PORT, uds $SOCK)"
+"$BIN" serve --tcp-addr "127.0.0.1:$PORT" --uds-path "$SOCK" \
+    --metrics-addr 127.0.0.1:0 --host-capacity 4GiB "${SERVE_EXTRA[@]}" \
+    >"$WORK/kvstrata.log" 2>&1 &
+KV_PID=$!
+PIDS+=("$KV_PID")
+kv_ready() { [[ -S $SOCK ]] && tcp_open "$PORT"; }
+wait_for "$KV_PID" "$WORK/kvstrata.log" kv_ready || die "kvstrata daemon did not start"
+
+declare -A ADDR=([tcp]="http://127.0.0.1:$PORT" [uds]="unix://$SOCK")
+ROWS=()  # "kind|transport|size|gbps|p50|p99" ; ratios are filled in at the end
+NOTES=()
+FAILED=0
+
+for size in $SIZES; do
+    for transport in tcp uds; do
+        for ratio in 1.0 0.5; do
+            out=$WORK/bench-$transport-$size-$ratio.json
+            log "kvstrata bench: $transport, $size, read ratio $ratio, $DURATION"
+            rc=0
+            run_to "$out" "$BIN" bench --mode grpc --addr "${ADDR[$transport]}" --block-size "$size" \
+                --batch "$BATCH" --concurrency "$CONCURRENCY" --read-ratio "$ratio" \
+                --duration "$DURATION" --warmup "$WARMUP" --json || rc=$?
+            if ! jq -e '.get' "$out" >/dev/null 2>&1; then
+                log "kvstrata bench failed (exit $rc), no report"
+                NOTES+=("kvstrata $transport $size read $ratio: FAILED (exit $rc), see the daemon log")
+                FAILED=1
+                continue
+            fi
+            if ((rc != 0)); then
+                FAILED=1
+            fi
+            vf=$(jq -r '.verify_failures' "$out")
+            if [[ $vf != 0 ]]; then
+                NOTES+=("kvstrata $transport $size read $ratio: **$vf VERIFY FAILURES**: $(jq -r '.first_failure' "$out")")
+                FAILED=1
+            fi
+            misses=$(jq -r '.get.misses' "$out")
+            if [[ $misses != 0 ]]; then
+                NOTES+=("kvstrata $transport $size read $ratio: $misses of $(jq -r '.get.blocks' "$out") gets missed")
+            fi
+            if [[ $ratio == 1.0 ]]; then
+                ROWS+=("kvstrata get (read 1.0)|$transport|$size|$(jq -r '.get.gb_per_s' "$out")|$(fmt0 "$(jq -r '.get.p50_us' "$out")")|$(fmt0 "$(jq -r '.get.p99_us' "$out")")")
+            else
+                ROWS+=("kvstrata get+put (read 0.5)|$transport|$size|$(jq -r '.total_gb_per_s' "$out")|$(fmt0 "$(jq -r '.get.p50_us' "$out")") / $(fmt0 "$(jq -r '.put.p50_us' "$out")")|$(fmt0 "$(jq -r '.get.p99_us' "$out")") / $(fmt0 "$(jq -r '.put.p99_us' "$out")")")
+            fi
+        done
+    done
+done
+
+stop_pid "$KV_PID"
+
+# --------------------------------------------------------------------- redis
+RSOCK=$WORK/redis.sock
+log "starting redis-server (uds $RSOCK)"
+redis-server --port 0 --unixsocket "$RSOCK" --unixsocketperm 700 --save "" \
+    --appendonly no --dir "$WORK" --daemonize no --protected-mode no \
+    >"$WORK/redis.log" 2>&1 &
+REDIS_PID=$!
+PIDS+=("$REDIS_PID")
+redis_ready() { [[ -S $RSOCK ]] && redis-cli -s "$RSOCK" ping | grep -q PONG; }
+wait_for "$REDIS_PID" "$WORK/redis.log" redis_ready || die "redis-server did not start"
+
+declare -A REDIS_GET_GBPS=()
+for size in $SIZES; do
+    bytes=$(to_bytes "$size")
+    keys=$((WORKING_SET_BYTES / bytes))
+    ((keys >= 1)) || keys=1
+    # Enough requests to move REDIS_BYTES, and at least 10 per key so that
+    # (nearly) every GET finds a value the SET test stored.
+    n=$((REDIS_BYTES / bytes))
+    ((n >= 10 * keys)) || n=$((10 * keys))
+    redis-cli -s "$RSOCK" flushall >/dev/null
+    log "redis-benchmark: -d $bytes -c $CONCURRENCY -n $n -r $keys"
+    csv=$WORK/redis-$size.csv
+    run_to "$csv" redis-benchmark -s "$RSOCK" -t set,get -d "$bytes" -c "$CONCURRENCY" \
+        -n "$n" -r "$keys" --csv || die "redis-benchmark failed: $(cat "$csv")"
+    for test in SET GET; do
+        # Redis 7 columns: test, rps, avg, min, p50, p95, p99, max (latencies in ms).
+        line=$(awk -F, -v t="\"$test\"" '$1 == t { gsub(/"/, ""); print; exit }' "$csv")
+        [[ -n $line ]] || die "no $test line in redis-benchmark output: $(cat "$csv")"
+        IFS=, read -r _ rps _ _ p50 _ p99 _ <<<"$line"
+        gbps=$(awk -v r="$rps" -v b="$bytes" 'BEGIN { printf "%.6f", r * b / 1e9 }')
+        ROWS+=("redis $test|uds|$size|$gbps|$(ms_to_us "${p50:-}")|$(ms_to_us "${p99:-}")")
+        if [[ $test == GET ]]; then
+            REDIS_GET_GBPS[$size]=$gbps
+        fi
+    done
+done
+
+# ---------------------------------------------------------------------- table
+echo
+echo "| mode | transport | block size | GB/s | p50 (µs) | p99 (µs) | kvstrata/redis GET |"
+echo "|---|---|---|---:|---:|---:|---:|"
+for row in "${ROWS[@]}"; do
+    IFS='|' read -r kind transport size gbps p50 p99 <<<"$row"
+    ratio="-"
+    if [[ $kind == "kvstrata get (read 1.0)" && -n ${REDIS_GET_GBPS[$size]:-} ]]; then
+        ratio=$(awk -v a="$gbps" -v b="${REDIS_GET_GBPS[$size]}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
+    fi
+    echo "| $kind | $transport | $size | $(fmt2 "$gbps") | $p50 | $p99 | $ratio |"
+done
+echo
+echo "kvstrata: $CONCURRENCY client tasks, one connection each, $BATCH blocks per RPC, $DURATION measured after $WARMUP warm-up, 1 GiB working set, every read verified; latencies are per RPC (get / put for the mix), GB/s counts payload bytes (decimal)."
+echo "redis: redis-benchmark, $CONCURRENCY clients, one value per request, 1 GiB keyspace; GB/s = requests/s × value size."
+for note in "${NOTES[@]}"; do
+    echo "- $note"
+done
+exit "$FAILED"

@@ -1,0 +1,332 @@
+//! Command-line flags of `kvstrata bench` and their validation.
+
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Serialize;
+
+use crate::error::BenchError;
+use crate::payload::HEADER_BYTES;
+
+/// Default working set when `--keys` is not given: as many blocks as fit here.
+pub const DEFAULT_WORKING_SET_BYTES: u64 = 1 << 30;
+/// Largest gRPC message the benchmark sends or accepts (the client limit).
+pub const MAX_MESSAGE_BYTES: usize = 512 << 20;
+/// Room left in a message for keys and protobuf framing.
+const MESSAGE_HEADROOM_BYTES: u64 = 1 << 20;
+/// Largest block a namespace accepts (mirrors the daemon's limit, 1 GiB).
+const MAX_BLOCK_BYTES: u64 = 1 << 30;
+
+/// How payloads travel between the benchmark and the daemon.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Inline payloads in `BatchGet` / `BatchPut` messages.
+    #[default]
+    Grpc,
+}
+
+impl Mode {
+    /// Lowercase name, as given on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Grpc => "grpc",
+        }
+    }
+}
+
+/// Flags of `kvstrata bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Daemon address: `http://host:port`, `host:port`, `unix:///path` or `/path`.
+    #[arg(long, env = "KVSTRATA_ADDR", default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+
+    /// Payload bytes per block (e.g. 256KiB, 1MiB).
+    #[arg(long, default_value = "256KiB")]
+    pub block_size: ByteSize,
+
+    /// Blocks per RPC.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+
+    /// Client tasks issuing RPCs (each on its own connection unless --shared-connection).
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+
+    /// All client tasks share one HTTP/2 connection.
+    #[arg(long)]
+    pub shared_connection: bool,
+
+    /// Fraction of RPCs that are reads (0..=1).
+    #[arg(long, default_value_t = 0.9, value_parser = parse_ratio)]
+    pub read_ratio: f64,
+
+    /// Length of the measured phase (e.g. 10s, 1m).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+
+    /// Unmeasured load before the measured phase.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+
+    /// Working-set size in blocks [default: as many as fit in 1 GiB].
+    #[arg(long)]
+    pub keys: Option<u64>,
+
+    /// Data path.
+    #[arg(long, value_enum, default_value_t = Mode::Grpc)]
+    pub mode: Mode,
+
+    /// Print the report as JSON (and no progress bar).
+    #[arg(long)]
+    pub json: bool,
+
+    /// Skip checking the bytes of every read.
+    #[arg(long)]
+    pub no_verify: bool,
+}
+
+impl Default for BenchArgs {
+    fn default() -> Self {
+        BenchArgs {
+            addr: "http://127.0.0.1:50051".into(),
+            block_size: ByteSize::kib(256),
+            batch: 4,
+            concurrency: 4,
+            shared_connection: false,
+            read_ratio: 0.9,
+            duration: Duration::from_secs(10),
+            warmup: Duration::from_secs(2),
+            keys: None,
+            mode: Mode::Grpc,
+            json: false,
+            no_verify: false,
+        }
+    }
+}
+
+/// Parses `--read-ratio`: a number in `0..=1`.
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|e| format!("not a number: {e}"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is outside 0..=1"))
+    }
+}
+
+/// Flags checked and with defaults filled in.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    pub block_size: usize,
+    pub batch: usize,
+    pub concurrency: usize,
+    pub keys: u64,
+}
+
+impl BenchArgs {
+    /// Working-set size in blocks: `--keys`, or as many blocks as fit in 1 GiB
+    /// (at least one batch).
+    pub fn working_set_blocks(&self) -> u64 {
+        self.keys.unwrap_or_else(|| {
+            let per_gib = DEFAULT_WORKING_SET_BYTES / self.block_size.as_u64().max(1);
+            per_gib.max(self.batch as u64).max(1)
+        })
+    }
+
+    /// Checks every flag; the error names the flag.
+    pub(crate) fn plan(&self) -> Result<Plan, BenchError> {
+        let bad =
+            |field: &'static str, reason: String| Err(BenchError::InvalidArg { field, reason });
+        let bs = self.block_size.as_u64();
+        if bs < HEADER_BYTES as u64 {
+            return bad(
+                "--block-size",
+                format!("{bs} bytes; at least {HEADER_BYTES} (the verification header)"),
+            );
+        }
+        if bs > MAX_BLOCK_BYTES {
+            return bad(
+                "--block-size",
+                format!("{bs} bytes; at most {MAX_BLOCK_BYTES}"),
+            );
+        }
+        if self.batch == 0 {
+            return bad("--batch", "must be at least 1".into());
+        }
+        let message = bs.saturating_mul(self.batch as u64);
+        if message > MAX_MESSAGE_BYTES as u64 - MESSAGE_HEADROOM_BYTES {
+            return bad(
+                "--batch",
+                format!(
+                    "{} blocks of {bs} bytes make a {message}-byte message; the limit is {} bytes",
+                    self.batch,
+                    MAX_MESSAGE_BYTES as u64 - MESSAGE_HEADROOM_BYTES
+                ),
+            );
+        }
+        if self.concurrency == 0 {
+            return bad("--concurrency", "must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.read_ratio) {
+            return bad(
+                "--read-ratio",
+                format!("{} is outside 0..=1", self.read_ratio),
+            );
+        }
+        if self.duration.is_zero() {
+            return bad("--duration", "must be longer than zero".into());
+        }
+        let keys = self.working_set_blocks();
+        if keys < self.batch as u64 {
+            return bad(
+                "--keys",
+                format!("{keys} blocks; at least --batch ({})", self.batch),
+            );
+        }
+        if usize::try_from(keys).is_err() {
+            return bad("--keys", format!("{keys} is too large"));
+        }
+        let block_size = usize::try_from(bs).map_err(|_| BenchError::InvalidArg {
+            field: "--block-size",
+            reason: format!("{bs} bytes does not fit in memory"),
+        })?;
+        Ok(Plan {
+            block_size,
+            batch: self.batch,
+            concurrency: self.concurrency,
+            keys,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<BenchArgs, clap::Error> {
+        let mut v = vec!["bench"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).map(|c| c.bench)
+    }
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let a = parse(&["--addr", "http://127.0.0.1:50051"]).unwrap();
+        assert_eq!(a.block_size.as_u64(), 256 * 1024);
+        assert_eq!(a.batch, 4);
+        assert_eq!(a.concurrency, 4);
+        assert!(!a.shared_connection);
+        assert_eq!(a.read_ratio, 0.9);
+        assert_eq!(a.duration, Duration::from_secs(10));
+        assert_eq!(a.warmup, Duration::from_secs(2));
+        assert_eq!(a.mode, Mode::Grpc);
+        assert_eq!(a.working_set_blocks(), 4096);
+        let p = a.plan().unwrap();
+        assert_eq!(p.keys, 4096);
+        assert_eq!(p.block_size, 262_144);
+    }
+
+    #[test]
+    fn parses_sizes_durations_and_ratios() {
+        let a = parse(&[
+            "--addr",
+            "/tmp/kv.sock",
+            "--block-size",
+            "1MiB",
+            "--duration",
+            "1m 30s",
+            "--warmup",
+            "0s",
+            "--read-ratio",
+            "0.5",
+            "--keys",
+            "10",
+            "--json",
+            "--no-verify",
+            "--shared-connection",
+        ])
+        .unwrap();
+        assert_eq!(a.block_size.as_u64(), 1 << 20);
+        assert_eq!(a.duration, Duration::from_secs(90));
+        assert!(a.warmup.is_zero());
+        assert_eq!(a.read_ratio, 0.5);
+        assert_eq!(a.working_set_blocks(), 10);
+        assert!(a.json && a.no_verify && a.shared_connection);
+        assert_eq!(a.plan().unwrap().keys, 10);
+    }
+
+    #[test]
+    fn rejects_bad_flags() {
+        assert!(parse(&["--read-ratio", "1.5"]).is_err());
+        assert!(parse(&["--read-ratio", "-0.1"]).is_err());
+        assert!(parse(&["--mode", "shm"]).is_err());
+        let small = BenchArgs {
+            block_size: ByteSize::b(8),
+            ..BenchArgs::default()
+        };
+        assert!(matches!(
+            small.plan(),
+            Err(BenchError::InvalidArg {
+                field: "--block-size",
+                ..
+            })
+        ));
+        let few_keys = BenchArgs {
+            keys: Some(3),
+            ..BenchArgs::default()
+        };
+        assert!(matches!(
+            few_keys.plan(),
+            Err(BenchError::InvalidArg {
+                field: "--keys",
+                ..
+            })
+        ));
+        let huge_batch = BenchArgs {
+            block_size: ByteSize::mib(64),
+            batch: 8,
+            ..BenchArgs::default()
+        };
+        assert!(matches!(
+            huge_batch.plan(),
+            Err(BenchError::InvalidArg {
+                field: "--batch",
+                ..
+            })
+        ));
+        let zero = BenchArgs {
+            concurrency: 0,
+            ..BenchArgs::default()
+        };
+        assert!(zero.plan().is_err());
+    }
+
+    #[test]
+    fn default_working_set_is_one_gib_but_at_least_one_batch() {
+        let a = BenchArgs {
+            block_size: ByteSize::mib(1),
+            ..BenchArgs::default()
+        };
+        assert_eq!(a.working_set_blocks(), 1024);
+        let big = BenchArgs {
+            block_size: ByteSize::mib(512),
+            batch: 1,
+            ..BenchArgs::default()
+        };
+        assert_eq!(big.working_set_blocks(), 2);
+        let b = BenchArgs {
+            block_size: ByteSize::mib(100),
+            ..BenchArgs::default()
+        };
+        assert_eq!(b.working_set_blocks(), 10);
+    }
+}

@@ -1,0 +1,63 @@
+//! The benchmark's error type.
+
+use crate::report::BenchReport;
+
+/// Everything that can stop a benchmark run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A flag has a bad value; `field` names the flag.
+    #[error("invalid {field}: {reason}")]
+    InvalidArg { field: &'static str, reason: String },
+    /// The `--addr` value cannot be understood.
+    #[error("invalid --addr {addr:?}: {reason}")]
+    BadAddr { addr: String, reason: String },
+    /// The daemon cannot be reached.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// An RPC answered an error status.
+    #[error("{op} RPC failed: {status}")]
+    Rpc {
+        op: &'static str,
+        status: Box<tonic::Status>,
+    },
+    /// The daemon answered something the protocol does not allow.
+    #[error("protocol violation in {op}: {reason}")]
+    Protocol { op: &'static str, reason: String },
+    /// Some reads returned wrong bytes. The run finished; its report is attached.
+    #[error("VERIFY FAILED: {failures} blocks read back wrong bytes (first: {first})")]
+    VerifyFailed {
+        failures: u64,
+        first: String,
+        report: Box<BenchReport>,
+    },
+    /// An HDR histogram could not be created or merged.
+    #[error("latency histogram: {0}")]
+    Histogram(String),
+    /// A client task panicked or was cancelled.
+    #[error("benchmark task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// The report could not be encoded as JSON.
+    #[error("cannot encode the report as JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl BenchError {
+    /// The report of a run that finished but failed verification.
+    pub fn report(&self) -> Option<&BenchReport> {
+        match self {
+            BenchError::VerifyFailed { report, .. } => Some(report),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn rpc(op: &'static str, status: tonic::Status) -> Self {
+        BenchError::Rpc {
+            op,
+            status: Box::new(status),
+        }
+    }
+}

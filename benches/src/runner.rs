@@ -1,0 +1,589 @@
+//! The gRPC load generator: namespace registration, population of the working
+//! set, warm-up and the measured phase.
+//!
+//! Key ownership: key index `i` is written only by task `i % concurrency`, so
+//! the writes of one key are serialized and the versions acknowledged for it
+//! only grow. A read records the newest acknowledged version of each key
+//! before it is sent and the newest issued version after it returns; the
+//! version found must lie between the two.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use kvstrata_proto::v1::kv_cache_client::KvCacheClient;
+use kvstrata_proto::v1::{
+    BatchGetRequest, BatchPutRequest, Dtype, Layout, NamespaceSpec, PutItem, PutStatus,
+    RegisterNamespaceRequest,
+};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tonic::transport::Channel;
+
+use crate::args::{BenchArgs, Mode, Plan};
+use crate::connect::{Target, client, connect_channel};
+use crate::error::BenchError;
+use crate::payload::PayloadGen;
+use crate::report::{BenchReport, OpAccum, PopulateReport, gb_per_s};
+
+/// Model id of the benchmark's namespace.
+pub const BENCH_MODEL_ID: &str = "kvstrata-bench";
+
+type Client = KvCacheClient<Channel>;
+
+/// State shared by every client task.
+struct Shared {
+    namespace_id: Bytes,
+    payloads: PayloadGen,
+    /// Wire key of each working-set index: run id (u64 BE) then index (u64 BE).
+    keys: Vec<Bytes>,
+    /// Newest version sent in a put, per key.
+    issued: Vec<AtomicU64>,
+    /// Newest version acknowledged as stored, per key.
+    acked: Vec<AtomicU64>,
+    next_version: AtomicU64,
+    /// Set when a task fails, so the others stop early.
+    stop: AtomicBool,
+    verify: bool,
+    read_ratio: f64,
+    batch: usize,
+    concurrency: usize,
+    run_id: u64,
+}
+
+impl Shared {
+    fn key_count(&self) -> u64 {
+        self.keys.len() as u64
+    }
+
+    fn key(&self, index: u64) -> Bytes {
+        self.keys[index as usize].clone()
+    }
+}
+
+/// Number of working-set keys task `task` owns (writes).
+fn owned_count(keys: u64, concurrency: usize, task: usize) -> u64 {
+    let (c, t) = (concurrency as u64, task as u64);
+    if t >= keys { 0 } else { (keys - t).div_ceil(c) }
+}
+
+/// The `n`-th key owned by `task`.
+fn owned_key(concurrency: usize, task: usize, n: u64) -> u64 {
+    task as u64 + n * concurrency as u64
+}
+
+/// Wire key of working-set index `index` in run `run_id`.
+fn wire_key(run_id: u64, index: u64) -> Bytes {
+    let mut k = Vec::with_capacity(16);
+    k.extend_from_slice(&run_id.to_be_bytes());
+    k.extend_from_slice(&index.to_be_bytes());
+    Bytes::from(k)
+}
+
+/// What one RPC did.
+#[derive(Debug, Default)]
+struct Outcome {
+    latency: Duration,
+    blocks: u64,
+    hits: u64,
+    misses: u64,
+    rejected: u64,
+    bytes: u64,
+    verified: u64,
+    failures: u64,
+    first_failure: Option<String>,
+}
+
+async fn put_batch(
+    client: &mut Client,
+    sh: &Shared,
+    indices: &[u64],
+) -> Result<Outcome, BenchError> {
+    let mut versions = Vec::with_capacity(indices.len());
+    let mut items = Vec::with_capacity(indices.len());
+    for &i in indices {
+        let v = sh.next_version.fetch_add(1, Ordering::Relaxed);
+        // Published before the put is sent, so a reader never sees a version
+        // newer than `issued`.
+        sh.issued[i as usize].fetch_max(v, Ordering::SeqCst);
+        versions.push(v);
+        items.push(PutItem {
+            key: sh.key(i),
+            parent: Bytes::new(),
+            payload: sh.payloads.block(i, v),
+        });
+    }
+    let req = BatchPutRequest {
+        namespace_id: sh.namespace_id.clone(),
+        items,
+    };
+    let t0 = Instant::now();
+    let resp = client
+        .batch_put(req)
+        .await
+        .map_err(|s| BenchError::rpc("BatchPut", s))?
+        .into_inner();
+    let latency = t0.elapsed();
+    if resp.results.len() != indices.len() {
+        return Err(BenchError::Protocol {
+            op: "BatchPut",
+            reason: format!("{} results for {} items", resp.results.len(), indices.len()),
+        });
+    }
+    let mut out = Outcome {
+        latency,
+        blocks: indices.len() as u64,
+        bytes: (indices.len() * sh.payloads.block_size()) as u64,
+        ..Outcome::default()
+    };
+    for ((&i, &v), &code) in indices.iter().zip(&versions).zip(&resp.results) {
+        match PutStatus::try_from(code) {
+            Ok(PutStatus::Stored) => {
+                sh.acked[i as usize].fetch_max(v, Ordering::SeqCst);
+                out.hits += 1;
+            }
+            Ok(PutStatus::NoSpace) => out.rejected += 1,
+            _ => {
+                return Err(BenchError::Protocol {
+                    op: "BatchPut",
+                    reason: format!("result code {code} for key #{i}"),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn get_batch(
+    client: &mut Client,
+    sh: &Shared,
+    indices: &[u64],
+) -> Result<Outcome, BenchError> {
+    // Oldest version each read may return: what was acknowledged before it was sent.
+    let floors: Vec<u64> = indices
+        .iter()
+        .map(|&i| sh.acked[i as usize].load(Ordering::SeqCst))
+        .collect();
+    let req = BatchGetRequest {
+        namespace_id: sh.namespace_id.clone(),
+        keys: indices.iter().map(|&i| sh.key(i)).collect(),
+    };
+    let t0 = Instant::now();
+    let resp = client
+        .batch_get(req)
+        .await
+        .map_err(|s| BenchError::rpc("BatchGet", s))?
+        .into_inner();
+    let latency = t0.elapsed();
+    if resp.results.len() != indices.len() {
+        return Err(BenchError::Protocol {
+            op: "BatchGet",
+            reason: format!("{} results for {} keys", resp.results.len(), indices.len()),
+        });
+    }
+    let mut out = Outcome {
+        latency,
+        blocks: indices.len() as u64,
+        ..Outcome::default()
+    };
+    for ((&i, &floor), r) in indices.iter().zip(&floors).zip(&resp.results) {
+        if !r.found {
+            out.misses += 1;
+            continue;
+        }
+        out.hits += 1;
+        out.bytes += r.payload.len() as u64;
+        if !sh.verify {
+            continue;
+        }
+        out.verified += 1;
+        let checked = if r.key != sh.keys[i as usize] {
+            Err(crate::payload::VerifyError::WrongResultKey)
+        } else {
+            let newest = sh.issued[i as usize].load(Ordering::SeqCst);
+            sh.payloads.verify(&r.payload, i, floor..=newest)
+        };
+        if let Err(e) = checked {
+            out.failures += 1;
+            if out.first_failure.is_none() {
+                out.first_failure = Some(format!(
+                    "key #{i} ({}): {e}",
+                    hex::encode(&sh.keys[i as usize])
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// What one task gathered.
+struct TaskResult {
+    get: OpAccum,
+    put: OpAccum,
+    last_end: Option<Instant>,
+    verified: u64,
+    failures: u64,
+    first_failure: Option<String>,
+}
+
+impl TaskResult {
+    fn new() -> Result<Self, BenchError> {
+        Ok(TaskResult {
+            get: OpAccum::new()?,
+            put: OpAccum::new()?,
+            last_end: None,
+            verified: 0,
+            failures: 0,
+            first_failure: None,
+        })
+    }
+
+    fn note_verification(&mut self, out: &mut Outcome) {
+        self.verified += out.verified;
+        self.failures += out.failures;
+        if self.first_failure.is_none() {
+            self.first_failure = out.first_failure.take();
+        }
+    }
+}
+
+fn account(acc: &mut OpAccum, out: &Outcome) {
+    acc.record_latency(out.latency);
+    acc.blocks += out.blocks;
+    acc.hits += out.hits;
+    acc.misses += out.misses;
+    acc.rejected += out.rejected;
+    acc.bytes += out.bytes;
+}
+
+/// Writes every key task `task` owns once, in batches.
+async fn populate_task(
+    mut client: Client,
+    sh: Arc<Shared>,
+    task: usize,
+    bar: ProgressBar,
+) -> Result<Outcome, BenchError> {
+    let owned = owned_count(sh.key_count(), sh.concurrency, task);
+    let mut total = Outcome::default();
+    let mut n = 0;
+    while n < owned {
+        if sh.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let end = (n + sh.batch as u64).min(owned);
+        let indices: Vec<u64> = (n..end)
+            .map(|j| owned_key(sh.concurrency, task, j))
+            .collect();
+        let out = put_batch(&mut client, &sh, &indices).await?;
+        total.blocks += out.blocks;
+        total.rejected += out.rejected;
+        total.bytes += out.bytes;
+        bar.inc(out.blocks);
+        n = end;
+    }
+    Ok(total)
+}
+
+/// Issues RPCs until `deadline`; records those started at or after `measure_start`.
+async fn load_task(
+    mut client: Client,
+    sh: Arc<Shared>,
+    task: usize,
+    measure_start: Instant,
+    deadline: Instant,
+) -> Result<TaskResult, BenchError> {
+    let keys = sh.key_count();
+    let owned = owned_count(keys, sh.concurrency, task);
+    let mut rng =
+        SmallRng::seed_from_u64(sh.run_id ^ (task as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut res = TaskResult::new()?;
+    loop {
+        let now = Instant::now();
+        if now >= deadline || sh.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let measured = now >= measure_start;
+        // A task that owns no key (fewer keys than tasks) only reads.
+        let read = owned == 0 || rng.random_bool(sh.read_ratio);
+        let (mut out, acc) = if read {
+            let indices: Vec<u64> = rand::seq::index::sample(&mut rng, keys as usize, sh.batch)
+                .into_iter()
+                .map(|i| i as u64)
+                .collect();
+            (get_batch(&mut client, &sh, &indices).await?, &mut res.get)
+        } else {
+            let n = (sh.batch as u64).min(owned) as usize;
+            let indices: Vec<u64> = rand::seq::index::sample(&mut rng, owned as usize, n)
+                .into_iter()
+                .map(|j| owned_key(sh.concurrency, task, j as u64))
+                .collect();
+            (put_batch(&mut client, &sh, &indices).await?, &mut res.put)
+        };
+        if measured {
+            account(acc, &out);
+            res.last_end = Some(Instant::now());
+        }
+        res.note_verification(&mut out);
+    }
+    Ok(res)
+}
+
+/// Runs the benchmark described by `args` against the daemon at `args.addr`.
+///
+/// Returns [`BenchError::VerifyFailed`] (with the full report attached) when
+/// any read returned wrong bytes.
+pub async fn run(args: BenchArgs) -> Result<BenchReport, BenchError> {
+    let plan = args.plan()?;
+    let target = Target::parse(&args.addr)?;
+    match args.mode {
+        Mode::Grpc => run_grpc(&args, &plan, &target).await,
+    }
+}
+
+async fn open_clients(args: &BenchArgs, n: usize) -> Result<Vec<Client>, BenchError> {
+    let mut clients = Vec::with_capacity(n);
+    if args.shared_connection {
+        let ch = connect_channel(&args.addr).await?;
+        clients.extend((0..n).map(|_| client(ch.clone())));
+    } else {
+        for _ in 0..n {
+            clients.push(client(connect_channel(&args.addr).await?));
+        }
+    }
+    Ok(clients)
+}
+
+/// Spawns one future per task, stops the others as soon as one fails, and
+/// returns every result or the first error.
+async fn join_all<T, F>(futures: Vec<F>, stop: Arc<Shared>) -> Result<Vec<T>, BenchError>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T, BenchError>> + Send + 'static,
+{
+    let handles: Vec<_> = futures
+        .into_iter()
+        .map(|f| {
+            let sh = stop.clone();
+            tokio::spawn(async move {
+                let r = f.await;
+                if r.is_err() {
+                    sh.stop.store(true, Ordering::Relaxed);
+                }
+                r
+            })
+        })
+        .collect();
+    let mut results = Vec::with_capacity(handles.len());
+    let mut first_err = None;
+    for h in handles {
+        match h.await {
+            Ok(Ok(v)) => results.push(v),
+            Ok(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(e) => {
+                first_err.get_or_insert(BenchError::Task(e));
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(results),
+    }
+}
+
+fn progress_bar(len: u64, hidden: bool) -> ProgressBar {
+    if hidden || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(
+        "populating {bar:40.cyan/blue} {pos}/{len} blocks ({per_sec}, eta {eta})",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+async fn run_grpc(
+    args: &BenchArgs,
+    plan: &Plan,
+    target: &Target,
+) -> Result<BenchReport, BenchError> {
+    let mut clients = open_clients(args, plan.concurrency).await?;
+    let connections = if args.shared_connection {
+        1
+    } else {
+        plan.concurrency
+    };
+
+    let spec = NamespaceSpec {
+        model_id: BENCH_MODEL_ID.to_string(),
+        dtype: Dtype::F16 as i32,
+        layout: Layout::Opaque as i32,
+        opaque_block_bytes: plan.block_size as u64,
+        tp_rank: 0,
+        tp_size: 1,
+        ..NamespaceSpec::default()
+    };
+    let Some(first) = clients.first_mut() else {
+        return Err(BenchError::InvalidArg {
+            field: "--concurrency",
+            reason: "must be at least 1".into(),
+        });
+    };
+    let reg = first
+        .register_namespace(RegisterNamespaceRequest { spec: Some(spec) })
+        .await
+        .map_err(|s| BenchError::rpc("RegisterNamespace", s))?
+        .into_inner();
+    if reg.block_bytes != plan.block_size as u64 {
+        return Err(BenchError::Protocol {
+            op: "RegisterNamespace",
+            reason: format!(
+                "block_bytes {} for an opaque namespace of {} bytes",
+                reg.block_bytes, plan.block_size
+            ),
+        });
+    }
+    if reg.namespace_id.is_empty() {
+        return Err(BenchError::Protocol {
+            op: "RegisterNamespace",
+            reason: "empty namespace_id".into(),
+        });
+    }
+
+    // A fresh run id keeps this run's keys apart from earlier runs' blocks.
+    let run_id: u64 = rand::random();
+    let sh = Arc::new(Shared {
+        namespace_id: reg.namespace_id.clone(),
+        payloads: PayloadGen::new(plan.block_size),
+        keys: (0..plan.keys).map(|i| wire_key(run_id, i)).collect(),
+        issued: (0..plan.keys).map(|_| AtomicU64::new(0)).collect(),
+        acked: (0..plan.keys).map(|_| AtomicU64::new(0)).collect(),
+        next_version: AtomicU64::new(1),
+        stop: AtomicBool::new(false),
+        verify: !args.no_verify,
+        read_ratio: args.read_ratio,
+        batch: plan.batch,
+        concurrency: plan.concurrency,
+        run_id,
+    });
+
+    // Population.
+    let bar = progress_bar(plan.keys, args.json);
+    let t0 = Instant::now();
+    let pop = join_all(
+        clients
+            .iter()
+            .enumerate()
+            .map(|(t, c)| populate_task(c.clone(), sh.clone(), t, bar.clone()))
+            .collect(),
+        sh.clone(),
+    )
+    .await;
+    bar.finish_and_clear();
+    let pop = pop?;
+    let pop_secs = t0.elapsed().as_secs_f64();
+    let populate = PopulateReport {
+        blocks: pop.iter().map(|o| o.blocks).sum(),
+        rejected: pop.iter().map(|o| o.rejected).sum(),
+        seconds: pop_secs,
+        gb_per_s: gb_per_s(pop.iter().map(|o| o.bytes).sum(), pop_secs),
+    };
+
+    // Warm-up and measured phase.
+    let measure_start = Instant::now() + args.warmup;
+    let deadline = measure_start + args.duration;
+    let results = join_all(
+        clients
+            .into_iter()
+            .enumerate()
+            .map(|(t, c)| load_task(c, sh.clone(), t, measure_start, deadline))
+            .collect(),
+        sh.clone(),
+    )
+    .await?;
+
+    let mut get = OpAccum::new()?;
+    let mut put = OpAccum::new()?;
+    let mut last_end = None::<Instant>;
+    let (mut verified, mut failures, mut first_failure) = (0, 0, None);
+    for r in &results {
+        get.merge(&r.get)?;
+        put.merge(&r.put)?;
+        last_end = last_end.max(r.last_end);
+        verified += r.verified;
+        failures += r.failures;
+        if first_failure.is_none() {
+            first_failure.clone_from(&r.first_failure);
+        }
+    }
+    let measured_s = match last_end {
+        Some(end) => end.saturating_duration_since(measure_start).as_secs_f64(),
+        None => args.duration.as_secs_f64(),
+    };
+
+    let mut report = BenchReport {
+        mode: args.mode.name().to_string(),
+        transport: target.transport().to_string(),
+        addr: args.addr.clone(),
+        namespace_id: hex::encode(&reg.namespace_id),
+        block_size: plan.block_size as u64,
+        batch: plan.batch,
+        concurrency: plan.concurrency,
+        connections,
+        read_ratio: args.read_ratio,
+        keys: plan.keys,
+        warmup_s: args.warmup.as_secs_f64(),
+        verify: !args.no_verify,
+        populate,
+        verified_blocks: verified,
+        verify_failures: failures,
+        first_failure: first_failure.clone(),
+        ..BenchReport::default()
+    };
+    report.set_ops(&get, &put, measured_s);
+    if failures > 0 {
+        return Err(BenchError::VerifyFailed {
+            failures,
+            first: first_failure.unwrap_or_default(),
+            report: Box::new(report),
+        });
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_has_exactly_one_owner() {
+        for (keys, conc) in [(10u64, 4usize), (4, 4), (3, 4), (1, 1), (4096, 3)] {
+            let mut seen = vec![0u32; keys as usize];
+            for t in 0..conc {
+                for n in 0..owned_count(keys, conc, t) {
+                    let k = owned_key(conc, t, n);
+                    assert_eq!(k as usize % conc, t);
+                    seen[k as usize] += 1;
+                }
+            }
+            assert!(
+                seen.iter().all(|&c| c == 1),
+                "keys {keys} conc {conc}: {seen:?}"
+            );
+        }
+        assert_eq!(owned_count(3, 4, 3), 0);
+    }
+
+    #[test]
+    fn wire_keys_are_distinct_per_run_and_index() {
+        assert_eq!(wire_key(1, 2).len(), 16);
+        assert_ne!(wire_key(1, 2), wire_key(1, 3));
+        assert_ne!(wire_key(1, 2), wire_key(2, 2));
+    }
+}

@@ -1,0 +1,610 @@
+//! [`Client`]: the typed gRPC client of `kvstrata.v1.KvCache`.
+//!
+//! One method per RPC. Every method takes `&self` and clones the inner tonic client
+//! (a cheap handle on one shared HTTP/2 connection), so a `Client` can be shared by
+//! many tasks at once, or cloned.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper_util::rt::TokioIo;
+use kvstrata_proto::v1 as proto;
+use kvstrata_proto::v1::kv_cache_client::KvCacheClient;
+use kvstrata_tiers::{Dtype, Layout, NamespaceId, NamespaceSpec};
+use tokio_stream::{Stream, StreamExt};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::error::ClientError;
+use crate::target::Target;
+
+/// A stream of server messages (`GetStream`, `Watch`).
+pub type ClientStream<T> = Pin<Box<dyn Stream<Item = Result<T, ClientError>> + Send + 'static>>;
+
+/// Connection settings. [`ClientOptions::default`] suits KV blocks up to hundreds of MiB.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// Largest gRPC message sent or accepted, in bytes (default 512 MiB).
+    pub max_message_bytes: usize,
+    /// How long establishing the connection may take (default 5 s).
+    pub connect_timeout: Duration,
+    /// Bound on each unary call (also sent as `grpc-timeout`) and on the start of
+    /// each streaming call; `None` (the default) waits forever.
+    pub request_timeout: Option<Duration>,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            max_message_bytes: 512 << 20,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: None,
+        }
+    }
+}
+
+/// HTTP/2 per-stream flow-control window: large blocks flow without stalls.
+const STREAM_WINDOW_BYTES: u32 = 16 << 20;
+/// HTTP/2 per-connection flow-control window.
+const CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
+
+/// One block to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PutItem {
+    /// The block key (1 to 64 bytes).
+    pub key: Bytes,
+    /// The key of the previous block in the chain, if any.
+    pub parent: Option<Bytes>,
+    /// Exactly `block_bytes` of the namespace.
+    pub payload: Bytes,
+}
+
+impl PutItem {
+    /// A block without a parent.
+    pub fn new(key: impl Into<Bytes>, payload: impl Into<Bytes>) -> Self {
+        PutItem {
+            key: key.into(),
+            parent: None,
+            payload: payload.into(),
+        }
+    }
+
+    /// The same block, naming its parent.
+    pub fn with_parent(mut self, parent: impl Into<Bytes>) -> Self {
+        self.parent = Some(parent.into());
+        self
+    }
+}
+
+impl From<PutItem> for proto::PutItem {
+    fn from(item: PutItem) -> Self {
+        proto::PutItem {
+            key: item.key,
+            parent: item.parent.unwrap_or_default(),
+            payload: item.payload,
+        }
+    }
+}
+
+/// Answer of [`Client::register_namespace`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegisteredNamespace {
+    pub id: NamespaceId,
+    /// Payload bytes of one block of this namespace.
+    pub block_bytes: u64,
+    /// False when the namespace was already registered.
+    pub created: bool,
+}
+
+/// The wire form of a spec (dtype and layout codes are the Rust enums' discriminants).
+pub fn spec_to_proto(spec: &NamespaceSpec) -> proto::NamespaceSpec {
+    proto::NamespaceSpec {
+        model_id: spec.model_id.clone(),
+        model_fingerprint: Bytes::copy_from_slice(&spec.model_fingerprint),
+        num_layers: spec.num_layers,
+        num_kv_heads: spec.num_kv_heads,
+        head_dim: spec.head_dim,
+        dtype: spec.dtype as i32,
+        block_tokens: spec.block_tokens,
+        layout: spec.layout as i32,
+        tp_rank: spec.tp_rank,
+        tp_size: spec.tp_size,
+        opaque_block_bytes: spec.opaque_block_bytes,
+    }
+}
+
+/// A spec from its wire form; unknown dtype or layout codes are an error.
+pub fn spec_from_proto(spec: &proto::NamespaceSpec) -> Result<NamespaceSpec, ClientError> {
+    let dtype = Dtype::from_code(spec.dtype)
+        .ok_or_else(|| ClientError::InvalidResponse(format!("unknown dtype {}", spec.dtype)))?;
+    let layout = match spec.layout {
+        1 => Layout::LayerMajor,
+        2 => Layout::Opaque,
+        other => {
+            return Err(ClientError::InvalidResponse(format!(
+                "unknown layout {other}"
+            )));
+        }
+    };
+    Ok(NamespaceSpec {
+        model_id: spec.model_id.clone(),
+        model_fingerprint: spec.model_fingerprint.to_vec(),
+        num_layers: spec.num_layers,
+        num_kv_heads: spec.num_kv_heads,
+        head_dim: spec.head_dim,
+        dtype,
+        block_tokens: spec.block_tokens,
+        layout,
+        tp_rank: spec.tp_rank,
+        tp_size: spec.tp_size,
+        opaque_block_bytes: spec.opaque_block_bytes,
+    })
+}
+
+fn ns_bytes(ns: &NamespaceId) -> Bytes {
+    Bytes::copy_from_slice(ns.as_bytes())
+}
+
+fn keys_bytes(keys: &[impl AsRef<[u8]>]) -> Vec<Bytes> {
+    keys.iter()
+        .map(|k| Bytes::copy_from_slice(k.as_ref()))
+        .collect()
+}
+
+/// Lease length in whole milliseconds; a non-zero lease shorter than 1 ms is 1 ms.
+fn lease_millis(lease: Duration) -> u64 {
+    let ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+    if ms == 0 && !lease.is_zero() { 1 } else { ms }
+}
+
+/// A connection to a kvstrata daemon.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: KvCacheClient<Channel>,
+    options: ClientOptions,
+}
+
+impl Client {
+    /// Connects with [`ClientOptions::default`]. See [`Target`] for accepted forms.
+    pub async fn connect(target: &str) -> Result<Client, ClientError> {
+        Client::connect_with(target, ClientOptions::default()).await
+    }
+
+    /// Connects with the given options; fails when the daemon is not reachable.
+    pub async fn connect_with(target: &str, options: ClientOptions) -> Result<Client, ClientError> {
+        let parsed = Target::parse(target)?;
+        let uri = match &parsed {
+            Target::Http(uri) => uri.clone(),
+            // The authority is a placeholder: the connector below ignores it.
+            Target::Unix(_) => "http://localhost".to_string(),
+        };
+        let endpoint = Endpoint::from_shared(uri)
+            .map_err(|e| ClientError::InvalidTarget {
+                target: target.to_string(),
+                reason: crate::error::error_chain(&e),
+            })?
+            .connect_timeout(options.connect_timeout)
+            .initial_stream_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+            .tcp_nodelay(true)
+            .keep_alive_while_idle(false);
+        let connected = match &parsed {
+            Target::Http(_) => endpoint.connect().await,
+            Target::Unix(path) => {
+                let path = path.clone();
+                endpoint
+                    .connect_with_connector(tower::service_fn(move |_: Uri| {
+                        let path = path.clone();
+                        async move {
+                            let stream = tokio::net::UnixStream::connect(path).await?;
+                            Ok::<_, std::io::Error>(TokioIo::new(stream))
+                        }
+                    }))
+                    .await
+            }
+        };
+        let channel = connected.map_err(|source| ClientError::Connect {
+            target: parsed.to_string(),
+            source,
+        })?;
+        Ok(Client::from_channel(channel, options))
+    }
+
+    /// Wraps an existing channel (for example one built by a test harness).
+    pub fn from_channel(channel: Channel, options: ClientOptions) -> Client {
+        let inner = KvCacheClient::new(channel)
+            .max_decoding_message_size(options.max_message_bytes)
+            .max_encoding_message_size(options.max_message_bytes);
+        Client { inner, options }
+    }
+
+    /// The generated tonic client, with this client's message limits.
+    pub fn raw(&self) -> KvCacheClient<Channel> {
+        self.inner.clone()
+    }
+
+    /// The options this client was built with.
+    pub fn options(&self) -> &ClientOptions {
+        &self.options
+    }
+
+    fn request<T>(&self, msg: T, unary: bool) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if unary && let Some(d) = self.options.request_timeout {
+            req.set_timeout(d);
+        }
+        req
+    }
+
+    /// Awaits a call (a unary call, or the start of a streaming one) under the
+    /// request timeout.
+    async fn call<T>(
+        &self,
+        fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, ClientError> {
+        let res = match self.options.request_timeout {
+            Some(d) => tokio::time::timeout(d, fut)
+                .await
+                .map_err(|_| ClientError::Timeout(d))?,
+            None => fut.await,
+        };
+        Ok(res?.into_inner())
+    }
+
+    /// Registers (idempotently) a KV geometry; the server validates it.
+    pub async fn register_namespace(
+        &self,
+        spec: &NamespaceSpec,
+    ) -> Result<RegisteredNamespace, ClientError> {
+        let req = proto::RegisterNamespaceRequest {
+            spec: Some(spec_to_proto(spec)),
+        };
+        let mut c = self.inner.clone();
+        let resp = self
+            .call(c.register_namespace(self.request(req, true)))
+            .await?;
+        let id = NamespaceId::from_slice("namespace_id", &resp.namespace_id)
+            .map_err(|e| ClientError::InvalidResponse(e.to_string()))?;
+        Ok(RegisteredNamespace {
+            id,
+            block_bytes: resp.block_bytes,
+            created: resp.created,
+        })
+    }
+
+    /// Every registered namespace.
+    pub async fn list_namespaces(&self) -> Result<Vec<proto::NamespaceInfo>, ClientError> {
+        let mut c = self.inner.clone();
+        let resp = self
+            .call(c.list_namespaces(self.request(proto::ListNamespacesRequest {}, true)))
+            .await?;
+        Ok(resp.namespaces)
+    }
+
+    /// Longest cached prefix of a chain of keys (parent first), with the tier of each hit.
+    pub async fn lookup(
+        &self,
+        ns: &NamespaceId,
+        keys: &[impl AsRef<[u8]>],
+    ) -> Result<proto::LookupResponse, ClientError> {
+        let req = proto::LookupRequest {
+            namespace_id: ns_bytes(ns),
+            keys: keys_bytes(keys),
+        };
+        let mut c = self.inner.clone();
+        self.call(c.lookup(self.request(req, true))).await
+    }
+
+    /// Stores blocks in one message; one result per item, same order.
+    pub async fn batch_put(
+        &self,
+        ns: &NamespaceId,
+        items: Vec<PutItem>,
+    ) -> Result<proto::BatchPutResponse, ClientError> {
+        let req = proto::BatchPutRequest {
+            namespace_id: ns_bytes(ns),
+            items: items.into_iter().map(Into::into).collect(),
+        };
+        let mut c = self.inner.clone();
+        self.call(c.batch_put(self.request(req, true))).await
+    }
+
+    /// Reads blocks in one message; one result per key, same order.
+    pub async fn batch_get(
+        &self,
+        ns: &NamespaceId,
+        keys: &[impl AsRef<[u8]>],
+    ) -> Result<Vec<proto::GetResult>, ClientError> {
+        let req = proto::BatchGetRequest {
+            namespace_id: ns_bytes(ns),
+            keys: keys_bytes(keys),
+        };
+        let mut c = self.inner.clone();
+        Ok(self
+            .call(c.batch_get(self.request(req, true)))
+            .await?
+            .results)
+    }
+
+    /// Streams batches in (one request message per batch) and collects the
+    /// answers, one per batch, in order.
+    pub async fn put_stream<S>(
+        &self,
+        ns: &NamespaceId,
+        batches: S,
+    ) -> Result<Vec<proto::BatchPutResponse>, ClientError>
+    where
+        S: Stream<Item = Vec<PutItem>> + Send + 'static,
+    {
+        let namespace_id = ns_bytes(ns);
+        let requests = batches.map(move |items| proto::BatchPutRequest {
+            namespace_id: namespace_id.clone(),
+            items: items.into_iter().map(Into::into).collect(),
+        });
+        let mut c = self.inner.clone();
+        let mut responses = self
+            .call(c.put_stream(self.request(requests, false)))
+            .await?;
+        let mut out = Vec::new();
+        while let Some(resp) = responses.message().await? {
+            out.push(resp);
+        }
+        Ok(out)
+    }
+
+    /// [`Client::put_stream`] over batches already in memory.
+    pub async fn put_batches(
+        &self,
+        ns: &NamespaceId,
+        batches: Vec<Vec<PutItem>>,
+    ) -> Result<Vec<proto::BatchPutResponse>, ClientError> {
+        self.put_stream(ns, tokio_stream::iter(batches)).await
+    }
+
+    /// Streams blocks out: one message per key, in request order.
+    pub async fn get_stream(
+        &self,
+        ns: &NamespaceId,
+        keys: &[impl AsRef<[u8]>],
+    ) -> Result<ClientStream<proto::GetResult>, ClientError> {
+        let req = proto::BatchGetRequest {
+            namespace_id: ns_bytes(ns),
+            keys: keys_bytes(keys),
+        };
+        let mut c = self.inner.clone();
+        let stream = self.call(c.get_stream(self.request(req, false))).await?;
+        Ok(Box::pin(stream.map(|r| r.map_err(ClientError::from))))
+    }
+
+    /// Removes blocks from every tier.
+    pub async fn delete(
+        &self,
+        ns: &NamespaceId,
+        keys: &[impl AsRef<[u8]>],
+    ) -> Result<proto::DeleteResponse, ClientError> {
+        let req = proto::DeleteRequest {
+            namespace_id: ns_bytes(ns),
+            keys: keys_bytes(keys),
+        };
+        let mut c = self.inner.clone();
+        self.call(c.delete(self.request(req, true))).await
+    }
+
+    /// Demotes blocks one tier down; with `all` and no keys, the whole namespace.
+    pub async fn evict(
+        &self,
+        ns: &NamespaceId,
+        keys: &[impl AsRef<[u8]>],
+        all: bool,
+    ) -> Result<proto::EvictResponse, ClientError> {
+        let req = proto::EvictRequest {
+            namespace_id: ns_bytes(ns),
+            keys: keys_bytes(keys),
+            all,
+        };
+        let mut c = self.inner.clone();
+        self.call(c.evict(self.request(req, true))).await
+    }
+
+    /// Pins blocks under a lease (sent in whole milliseconds).
+    pub async fn pin(
+        &self,
+        ns: &NamespaceId,
+        keys: &[impl AsRef<[u8]>],
+        lease: Duration,
+    ) -> Result<proto::PinResponse, ClientError> {
+        let req = proto::PinRequest {
+            namespace_id: ns_bytes(ns),
+            keys: keys_bytes(keys),
+            lease_ms: lease_millis(lease),
+        };
+        let mut c = self.inner.clone();
+        self.call(c.pin(self.request(req, true))).await
+    }
+
+    /// Ends a lease before its deadline.
+    pub async fn unpin(&self, lease_id: u64) -> Result<(), ClientError> {
+        let mut c = self.inner.clone();
+        self.call(c.unpin(self.request(proto::UnpinRequest { lease_id }, true)))
+            .await?;
+        Ok(())
+    }
+
+    /// Per-tier counters and occupancy.
+    pub async fn stats(&self) -> Result<proto::StatsResponse, ClientError> {
+        let mut c = self.inner.clone();
+        self.call(c.stats(self.request(proto::StatsRequest {}, true)))
+            .await
+    }
+
+    /// One page of cached blocks. `page_size` 0 is the server's default; an empty
+    /// `page_token` asks for the first page.
+    pub async fn list_blocks(
+        &self,
+        ns: Option<&NamespaceId>,
+        tier: Option<proto::Tier>,
+        page_size: u32,
+        page_token: Bytes,
+    ) -> Result<proto::ListBlocksResponse, ClientError> {
+        let req = proto::ListBlocksRequest {
+            namespace_id: ns.map(ns_bytes).unwrap_or_default(),
+            tier: tier.unwrap_or(proto::Tier::Unspecified) as i32,
+            page_size,
+            page_token,
+        };
+        let mut c = self.inner.clone();
+        self.call(c.list_blocks(self.request(req, true))).await
+    }
+
+    /// Every cached block (following pages), or the first `limit` of them.
+    pub async fn list_all_blocks(
+        &self,
+        ns: Option<&NamespaceId>,
+        tier: Option<proto::Tier>,
+        limit: Option<usize>,
+    ) -> Result<Vec<proto::BlockInfo>, ClientError> {
+        const PAGE: usize = 1000;
+        let mut out = Vec::new();
+        let mut token = Bytes::new();
+        loop {
+            let want = match limit {
+                Some(l) if out.len() >= l => break,
+                Some(l) => (l - out.len()).min(PAGE),
+                None => PAGE,
+            };
+            let page = self
+                .list_blocks(ns, tier, want as u32, token.clone())
+                .await?;
+            out.extend(page.blocks);
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            if page.next_page_token == token {
+                return Err(ClientError::InvalidResponse(
+                    "ListBlocks returned the same page token twice".into(),
+                ));
+            }
+            token = page.next_page_token;
+        }
+        if let Some(l) = limit {
+            out.truncate(l);
+        }
+        Ok(out)
+    }
+
+    /// Everything known about one block, with a fresh checksum of its payload.
+    pub async fn inspect(
+        &self,
+        ns: &NamespaceId,
+        key: impl AsRef<[u8]>,
+    ) -> Result<proto::InspectResponse, ClientError> {
+        let req = proto::InspectRequest {
+            namespace_id: ns_bytes(ns),
+            key: Bytes::copy_from_slice(key.as_ref()),
+        };
+        let mut c = self.inner.clone();
+        self.call(c.inspect(self.request(req, true))).await
+    }
+
+    /// Stored / evicted / deleted events of one namespace, or of all with `None`.
+    pub async fn watch(
+        &self,
+        ns: Option<&NamespaceId>,
+    ) -> Result<ClientStream<proto::WatchEvent>, ClientError> {
+        let req = proto::WatchRequest {
+            namespace_id: ns.map(ns_bytes).unwrap_or_default(),
+        };
+        let mut c = self.inner.clone();
+        let stream = self.call(c.watch(self.request(req, false))).await?;
+        Ok(Box::pin(stream.map(|r| r.map_err(ClientError::from))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_round_trips_through_proto() {
+        let mut spec = NamespaceSpec::layer_major("m", 2, 3, 4, Dtype::Fp8E5m2, 16);
+        spec.model_fingerprint = vec![1, 2, 3];
+        spec.tp_rank = 1;
+        spec.tp_size = 4;
+        let wire = spec_to_proto(&spec);
+        assert_eq!(wire.dtype, proto::Dtype::Fp8E5m2 as i32);
+        assert_eq!(wire.layout, proto::Layout::LayerMajor as i32);
+        assert_eq!(spec_from_proto(&wire).unwrap(), spec);
+        let mut opaque = spec.clone();
+        opaque.layout = Layout::Opaque;
+        opaque.opaque_block_bytes = 4096;
+        let wire = spec_to_proto(&opaque);
+        assert_eq!(wire.layout, proto::Layout::Opaque as i32);
+        assert_eq!(spec_from_proto(&wire).unwrap(), opaque);
+    }
+
+    #[test]
+    fn enum_codes_match_the_wire() {
+        for (rust, wire) in [
+            (Dtype::F16, proto::Dtype::F16),
+            (Dtype::Bf16, proto::Dtype::Bf16),
+            (Dtype::F32, proto::Dtype::F32),
+            (Dtype::Fp8E4m3, proto::Dtype::Fp8E4m3),
+            (Dtype::Fp8E5m2, proto::Dtype::Fp8E5m2),
+            (Dtype::Int8, proto::Dtype::Int8),
+        ] {
+            assert_eq!(rust as i32, wire as i32);
+        }
+        assert_eq!(Layout::LayerMajor as i32, proto::Layout::LayerMajor as i32);
+        assert_eq!(Layout::Opaque as i32, proto::Layout::Opaque as i32);
+    }
+
+    #[test]
+    fn unknown_codes_are_refused() {
+        let mut wire = spec_to_proto(&NamespaceSpec::layer_major("m", 1, 1, 1, Dtype::F16, 1));
+        wire.dtype = 0;
+        assert!(spec_from_proto(&wire).is_err());
+        wire.dtype = 1;
+        wire.layout = 9;
+        assert!(spec_from_proto(&wire).is_err());
+    }
+
+    #[test]
+    fn put_item_without_parent_sends_empty_parent() {
+        let w: proto::PutItem = PutItem::new(&b"k"[..], &b"pp"[..]).into();
+        assert!(w.parent.is_empty());
+        let w: proto::PutItem = PutItem::new(&b"k"[..], &b"pp"[..])
+            .with_parent(&b"p"[..])
+            .into();
+        assert_eq!(&w.parent[..], b"p");
+    }
+
+    #[test]
+    fn lease_is_whole_milliseconds() {
+        assert_eq!(lease_millis(Duration::from_secs(30)), 30_000);
+        assert_eq!(lease_millis(Duration::from_micros(10)), 1);
+        assert_eq!(lease_millis(Duration::ZERO), 0);
+        assert_eq!(lease_millis(Duration::from_micros(2500)), 2);
+    }
+
+    #[test]
+    fn defaults() {
+        let o = ClientOptions::default();
+        assert_eq!(o.max_message_bytes, 512 * 1024 * 1024);
+        assert_eq!(o.connect_timeout, Duration::from_secs(5));
+        assert_eq!(o.request_timeout, None);
+    }
+
+    #[tokio::test]
+    async fn connecting_to_nothing_is_a_connect_error() {
+        let dir = std::env::temp_dir().join(format!("kvstrata-client-test-{}", std::process::id()));
+        let sock = dir.join("absent.sock");
+        let e = Client::connect(&format!("unix://{}", sock.display()))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ClientError::Connect { .. }), "{e:?}");
+        assert!(e.to_string().contains("absent.sock"), "{e}");
+        let e = Client::connect("https://x:1").await.unwrap_err();
+        assert!(matches!(e, ClientError::TlsNotSupported(_)));
+    }
+}

@@ -1,0 +1,112 @@
+//! The error type of the client library.
+
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// Errors of [`crate::Client`]. Every variant displays on one line.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The target string is not one of the accepted forms.
+    #[error("invalid target {target:?}: {reason}")]
+    InvalidTarget { target: String, reason: String },
+    /// `https://` targets: TLS is not implemented yet.
+    #[error(
+        "invalid target {0:?}: TLS (https://) is not supported yet; use http://host:port or a unix socket"
+    )]
+    TlsNotSupported(String),
+    /// The connection could not be established.
+    #[error("cannot connect to {target}: {}", error_chain(.source))]
+    Connect {
+        target: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The server answered with a non-OK gRPC status.
+    #[error("{}", status_line(.0))]
+    Status(#[from] tonic::Status),
+    /// A unary call took longer than the configured request timeout.
+    #[error("DeadlineExceeded: no answer within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    /// The server answered something this client cannot make sense of.
+    #[error("invalid response from the server: {0}")]
+    InvalidResponse(String),
+}
+
+impl ClientError {
+    /// The gRPC status code of this error, when it has one.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            ClientError::Status(s) => Some(s.code()),
+            ClientError::Timeout(_) => Some(tonic::Code::DeadlineExceeded),
+            _ => None,
+        }
+    }
+
+    /// The gRPC status, when the server answered with one.
+    pub fn status(&self) -> Option<&tonic::Status> {
+        match self {
+            ClientError::Status(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// `Code: message` on one line (`InvalidArgument: items[0].payload: ...`).
+fn status_line(status: &tonic::Status) -> String {
+    let msg = one_line(status.message());
+    if msg.is_empty() {
+        format!("{:?}", status.code())
+    } else {
+        format!("{:?}: {msg}", status.code())
+    }
+}
+
+/// An error and its sources joined with `: `, on one line.
+pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = one_line(&err.to_string());
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let s = one_line(&e.to_string());
+        if !s.is_empty() && !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = e.source();
+    }
+    out
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_displays_code_and_message_on_one_line() {
+        let e = ClientError::from(tonic::Status::invalid_argument(
+            "items[0].payload: 3 bytes,\nexpected 4",
+        ));
+        assert_eq!(
+            e.to_string(),
+            "InvalidArgument: items[0].payload: 3 bytes, expected 4"
+        );
+        assert_eq!(e.code(), Some(tonic::Code::InvalidArgument));
+        let e = ClientError::from(tonic::Status::not_found(""));
+        assert_eq!(e.to_string(), "NotFound");
+    }
+
+    #[test]
+    fn timeout_is_deadline_exceeded() {
+        let e = ClientError::Timeout(Duration::from_millis(1500));
+        assert_eq!(e.code(), Some(tonic::Code::DeadlineExceeded));
+        assert!(e.to_string().starts_with("DeadlineExceeded"), "{e}");
+        assert_eq!(
+            ClientError::TlsNotSupported("https://x:1".into()).code(),
+            None
+        );
+    }
+}

@@ -1,0 +1,312 @@
+//! Daemon configuration: a TOML file, every key overridable by a flag and by an
+//! environment variable (`KVSTRATA_...`). Precedence: flag > environment >
+//! file > built-in default. `kvstrata serve --print-config` prints the result.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+use kvstrata_tiers::{CacheConfig, HostTierConfig};
+
+use crate::error::DaemonError;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub host: HostConfig,
+    pub log: LogConfig,
+}
+
+/// `[server]`: listeners and request limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// gRPC over TCP. Empty string: no TCP listener. Default `127.0.0.1:50051`.
+    pub tcp_addr: String,
+    /// gRPC over a Unix socket (mode 0600). Empty string: no Unix listener.
+    /// Default `$XDG_RUNTIME_DIR/kvstrata/kvstrata.sock`, else `/tmp/kvstrata-<uid>/kvstrata.sock`.
+    pub uds_path: String,
+    /// Prometheus `/metrics` over HTTP. Empty string: off. Default `127.0.0.1:9091`.
+    pub metrics_addr: String,
+    /// Largest gRPC message accepted or sent. Default 512 MiB.
+    #[serde(with = "crate::size")]
+    pub max_message_bytes: ByteSize,
+    /// Most keys or items in one batch request. Default 4096.
+    pub max_batch: usize,
+    /// Longest lease a Pin may take, in milliseconds. Default 600000 (10 min).
+    pub max_lease_ms: u64,
+    /// Concurrent HTTP/2 streams per connection. Default 256.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            tcp_addr: "127.0.0.1:50051".into(),
+            uds_path: kvstrata_client::default_uds_path().display().to_string(),
+            metrics_addr: "127.0.0.1:9091".into(),
+            max_message_bytes: ByteSize::mib(512),
+            max_batch: 4096,
+            max_lease_ms: 600_000,
+            max_concurrent_streams: 256,
+        }
+    }
+}
+
+/// `[host]`: the host-memory tier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HostConfig {
+    /// Hard limit on block bytes held in host memory. Default 4 GiB.
+    #[serde(with = "crate::size")]
+    pub capacity: ByteSize,
+    /// Arena segment size: the largest block accepted. Default 64 MiB.
+    #[serde(with = "crate::size")]
+    pub segment_bytes: ByteSize,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            capacity: ByteSize::gib(4),
+            segment_bytes: ByteSize::mib(64),
+        }
+    }
+}
+
+/// `[log]`: logging.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`. Default `text`.
+    pub format: String,
+    /// A tracing filter (`info`, `kvstrata=debug,info`, ...). `RUST_LOG` wins. Default `info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// Flags of `kvstrata serve`; each one overrides its config key.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML config file.
+    #[arg(long, env = "KVSTRATA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// server.tcp_addr: gRPC TCP address ("" disables).
+    #[arg(long, env = "KVSTRATA_TCP_ADDR")]
+    pub tcp_addr: Option<String>,
+    /// server.uds_path: gRPC Unix socket path ("" disables).
+    #[arg(long, env = "KVSTRATA_UDS_PATH")]
+    pub uds_path: Option<String>,
+    /// server.metrics_addr: Prometheus endpoint address ("" disables).
+    #[arg(long, env = "KVSTRATA_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+    /// server.max_message_bytes, e.g. 512MiB.
+    #[arg(long, env = "KVSTRATA_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<ByteSize>,
+    /// server.max_batch: most keys/items per batch request.
+    #[arg(long, env = "KVSTRATA_MAX_BATCH")]
+    pub max_batch: Option<usize>,
+    /// server.max_lease_ms: longest Pin lease.
+    #[arg(long, env = "KVSTRATA_MAX_LEASE_MS")]
+    pub max_lease_ms: Option<u64>,
+    /// server.max_concurrent_streams: HTTP/2 streams per connection.
+    #[arg(long, env = "KVSTRATA_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u32>,
+    /// host.capacity: host tier size, e.g. 4GiB.
+    #[arg(long, env = "KVSTRATA_HOST_CAPACITY")]
+    pub host_capacity: Option<ByteSize>,
+    /// host.segment_bytes: arena segment size (largest block), e.g. 64MiB.
+    #[arg(long, env = "KVSTRATA_HOST_SEGMENT_BYTES")]
+    pub host_segment_bytes: Option<ByteSize>,
+    /// log.format: text or json.
+    #[arg(long, env = "KVSTRATA_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// log.level: tracing filter.
+    #[arg(long, env = "KVSTRATA_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// Once listening, write the bound addresses as JSON to this file (for scripts and tests).
+    #[arg(long, env = "KVSTRATA_READY_FILE")]
+    pub ready_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads a TOML file; unknown keys are errors.
+    pub fn from_file(path: &std::path::Path) -> Result<Config, DaemonError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| DaemonError::Config(format!("cannot read {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| DaemonError::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// The file (if any) with the flags and environment applied on top.
+    pub fn load(args: &ServeArgs) -> Result<Config, DaemonError> {
+        let mut c = match &args.config {
+            Some(p) => Config::from_file(p)?,
+            None => Config::default(),
+        };
+        let s = &mut c.server;
+        if let Some(v) = &args.tcp_addr {
+            s.tcp_addr = v.clone();
+        }
+        if let Some(v) = &args.uds_path {
+            s.uds_path = v.clone();
+        }
+        if let Some(v) = &args.metrics_addr {
+            s.metrics_addr = v.clone();
+        }
+        if let Some(v) = args.max_message_bytes {
+            s.max_message_bytes = v;
+        }
+        if let Some(v) = args.max_batch {
+            s.max_batch = v;
+        }
+        if let Some(v) = args.max_lease_ms {
+            s.max_lease_ms = v;
+        }
+        if let Some(v) = args.max_concurrent_streams {
+            s.max_concurrent_streams = v;
+        }
+        if let Some(v) = args.host_capacity {
+            c.host.capacity = v;
+        }
+        if let Some(v) = args.host_segment_bytes {
+            c.host.segment_bytes = v;
+        }
+        if let Some(v) = &args.log_format {
+            c.log.format = v.clone();
+        }
+        if let Some(v) = &args.log_level {
+            c.log.level = v.clone();
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks values a file, flag or variable could get wrong.
+    pub fn validate(&self) -> Result<(), DaemonError> {
+        let bad = |k: &str, why: String| Err(DaemonError::Config(format!("{k}: {why}")));
+        if self.server.tcp_addr.is_empty() && self.server.uds_path.is_empty() {
+            return bad(
+                "server.tcp_addr",
+                "both tcp_addr and uds_path are empty: nothing to listen on".into(),
+            );
+        }
+        for (k, v) in [
+            ("server.tcp_addr", &self.server.tcp_addr),
+            ("server.metrics_addr", &self.server.metrics_addr),
+        ] {
+            if !v.is_empty() && v.parse::<std::net::SocketAddr>().is_err() {
+                return bad(k, format!("{v:?} is not an IP:port address"));
+            }
+        }
+        if self.server.max_message_bytes.as_u64() < 4096
+            || self.server.max_message_bytes.as_u64() > (4 << 30) - 1
+        {
+            return bad(
+                "server.max_message_bytes",
+                "must be between 4 KiB and 4 GiB".into(),
+            );
+        }
+        if self.server.max_batch == 0 {
+            return bad("server.max_batch", "must be at least 1".into());
+        }
+        if self.server.max_lease_ms == 0 {
+            return bad("server.max_lease_ms", "must be at least 1".into());
+        }
+        if self.server.max_concurrent_streams == 0 {
+            return bad("server.max_concurrent_streams", "must be at least 1".into());
+        }
+        if self.host.capacity.as_u64() == 0 {
+            return bad("host.capacity", "must be greater than 0".into());
+        }
+        if self.host.segment_bytes.as_u64() < 4096 {
+            return bad("host.segment_bytes", "must be at least 4 KiB".into());
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return bad(
+                "log.format",
+                format!("{:?} is neither \"text\" nor \"json\"", self.log.format),
+            );
+        }
+        Ok(())
+    }
+
+    /// The cache configuration these settings describe.
+    pub fn cache_config(&self) -> CacheConfig {
+        CacheConfig {
+            host: HostTierConfig {
+                capacity_bytes: self.host.capacity.as_u64(),
+                segment_bytes: self.host.segment_bytes.as_u64(),
+            },
+            max_lease: Duration::from_millis(self.server.max_lease_ms),
+            ..CacheConfig::default()
+        }
+    }
+
+    /// TOML text of the configuration.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printed_config_reads_back() {
+        let mut c = Config::default();
+        c.host.capacity = ByteSize::b(1_000_000_007);
+        let back: Config = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.toml");
+        std::fs::write(
+            &p,
+            "[host]\ncapacity = \"1 MiB\"\n[server]\nmax_batch = 7\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(p),
+            max_batch: Some(9),
+            ..ServeArgs::default()
+        };
+        let c = Config::load(&args).unwrap();
+        assert_eq!(c.host.capacity, ByteSize::mib(1));
+        assert_eq!(c.server.max_batch, 9);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(toml::from_str::<Config>("[host]\ncapacityy = 1\n").is_err());
+        let mut c = Config::default();
+        c.log.format = "xml".into();
+        assert!(c.validate().unwrap_err().to_string().contains("log.format"));
+        let mut c = Config::default();
+        c.server.tcp_addr = "nope".into();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("server.tcp_addr")
+        );
+    }
+}

@@ -1,0 +1,312 @@
+//! The running daemon: builds the cache, binds the TCP, Unix-socket and
+//! metrics listeners, runs the gRPC services (kvstrata, health, reflection) and
+//! the lease reaper, and stops them all through one cancellation token.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvstrata_proto::v1::kv_cache_server::KvCacheServer;
+use kvstrata_tiers::BlockCache;
+use serde::Serialize;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+
+use crate::config::Config;
+use crate::error::DaemonError;
+use crate::metrics::{self, Metrics};
+use crate::service::{KvCacheService, Limits};
+
+/// Where a started daemon listens (also written as JSON by `--ready-file`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct BoundAddrs {
+    pub tcp: Option<SocketAddr>,
+    pub uds: Option<PathBuf>,
+    pub metrics: Option<SocketAddr>,
+}
+
+impl BoundAddrs {
+    /// A client target for the TCP listener (`http://ip:port`).
+    pub fn tcp_target(&self) -> Option<String> {
+        self.tcp.map(|a| format!("http://{a}"))
+    }
+
+    /// A client target for the Unix socket (`unix:///path`).
+    pub fn uds_target(&self) -> Option<String> {
+        self.uds.as_ref().map(|p| format!("unix://{}", p.display()))
+    }
+}
+
+/// A running daemon.
+pub struct Daemon {
+    addrs: BoundAddrs,
+    cache: Arc<BlockCache>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<Result<(), DaemonError>>,
+}
+
+const HTTP2_STREAM_WINDOW: u32 = 16 << 20;
+const HTTP2_CONN_WINDOW: u32 = 64 << 20;
+const HTTP2_MAX_FRAME: u32 = (1 << 24) - 1;
+const LEASE_REAP_PERIOD: Duration = Duration::from_millis(100);
+
+impl Daemon {
+    /// Starts every listener and task; returns once they are all bound.
+    pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
+        config.validate()?;
+        let cache =
+            Arc::new(BlockCache::new(config.cache_config()).map_err(DaemonError::HostTier)?);
+        let shutdown = CancellationToken::new();
+        let metrics = Arc::new(Metrics::new(Arc::clone(&cache)));
+        let mut tasks = JoinSet::new();
+        let service = KvCacheService::new(
+            Arc::clone(&cache),
+            Limits {
+                max_batch: config.server.max_batch,
+            },
+            Arc::clone(&metrics),
+            shutdown.clone(),
+        );
+        let max_msg = config.server.max_message_bytes.as_u64() as usize;
+
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<KvCacheServer<KvCacheService>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(kvstrata_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| DaemonError::Reflection(e.to_string()))?;
+
+        let router = || {
+            Server::builder()
+                .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+                .initial_connection_window_size(HTTP2_CONN_WINDOW)
+                .max_frame_size(HTTP2_MAX_FRAME)
+                .max_concurrent_streams(config.server.max_concurrent_streams)
+                .tcp_nodelay(true)
+                .add_service(health_service.clone())
+                .add_service(reflection.clone())
+                .add_service(
+                    KvCacheServer::new(service.clone())
+                        .max_decoding_message_size(max_msg)
+                        .max_encoding_message_size(max_msg),
+                )
+        };
+
+        let mut addrs = BoundAddrs {
+            tcp: None,
+            uds: None,
+            metrics: None,
+        };
+        if !config.server.tcp_addr.is_empty() {
+            let listener = TcpListener::bind(&config.server.tcp_addr)
+                .await
+                .map_err(|source| DaemonError::Listen {
+                    what: format!("tcp {}", config.server.tcp_addr),
+                    source,
+                })?;
+            addrs.tcp = Some(listener.local_addr()?);
+            let incoming = TcpListenerStream::new(listener);
+            let token = shutdown.clone();
+            let r = router();
+            tasks.spawn(async move {
+                r.serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+                    .await
+                    .map_err(|e| DaemonError::Task(format!("tcp listener: {e}")))
+            });
+        }
+        if !config.server.uds_path.is_empty() {
+            let path = PathBuf::from(&config.server.uds_path);
+            let listener = bind_unix(&path).await?;
+            addrs.uds = Some(path.clone());
+            let incoming = UnixListenerStream::new(listener);
+            let token = shutdown.clone();
+            let r = router();
+            tasks.spawn(async move {
+                let res = r
+                    .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+                    .await
+                    .map_err(|e| DaemonError::Task(format!("unix listener: {e}")));
+                let _ = std::fs::remove_file(&path);
+                res
+            });
+        }
+        if !config.server.metrics_addr.is_empty() {
+            let (listener, bound) =
+                metrics::bind(&config.server.metrics_addr)
+                    .await
+                    .map_err(|source| DaemonError::Listen {
+                        what: format!("metrics {}", config.server.metrics_addr),
+                        source,
+                    })?;
+            addrs.metrics = Some(bound);
+            let token = shutdown.clone();
+            let m = Arc::clone(&metrics);
+            tasks.spawn(async move {
+                metrics::serve(listener, m, token)
+                    .await
+                    .map_err(DaemonError::Io)
+            });
+        }
+        {
+            let token = shutdown.clone();
+            let c = Arc::clone(&cache);
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(LEASE_REAP_PERIOD);
+                loop {
+                    tokio::select! {
+                        _ = token.cancelled() => return Ok(()),
+                        _ = tick.tick() => {
+                            let n = c.expire_leases();
+                            if n > 0 {
+                                tracing::debug!(expired = n, "leases expired");
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        {
+            // Health turns NOT_SERVING as soon as shutdown starts.
+            let token = shutdown.clone();
+            let reporter = health_reporter.clone();
+            tasks.spawn(async move {
+                token.cancelled().await;
+                reporter
+                    .set_not_serving::<KvCacheServer<KvCacheService>>()
+                    .await;
+                reporter
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+                Ok(())
+            });
+        }
+        let host = cache
+            .stats()
+            .tiers
+            .first()
+            .map(|(_, t)| t.capacity_bytes)
+            .unwrap_or(0);
+        tracing::info!(
+            tcp = ?addrs.tcp,
+            uds = ?addrs.uds,
+            metrics = ?addrs.metrics,
+            host_capacity = host,
+            "kvstrata serving (tiers: host; no disk tier configured; no GPU tier in this build)"
+        );
+        Ok(Daemon {
+            addrs,
+            cache,
+            shutdown,
+            tasks,
+        })
+    }
+
+    pub fn addrs(&self) -> &BoundAddrs {
+        &self.addrs
+    }
+
+    pub fn cache(&self) -> &Arc<BlockCache> {
+        &self.cache
+    }
+
+    /// The token that stops the daemon when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Runs until the shutdown token is cancelled (or a task fails), then
+    /// stops every task and removes the Unix socket.
+    pub async fn run_until_stopped(mut self) -> Result<(), DaemonError> {
+        let mut first_err = None;
+        tokio::select! {
+            _ = self.shutdown.cancelled() => {}
+            Some(r) = self.tasks.join_next() => {
+                if let Some(e) = flatten(r) {
+                    first_err = Some(e);
+                }
+                self.shutdown.cancel();
+            }
+        }
+        while let Some(r) = self.tasks.join_next().await {
+            if let Some(e) = flatten(r)
+                && first_err.is_none()
+            {
+                first_err = Some(e);
+            }
+        }
+        tracing::info!("kvstrata stopped");
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Stops the daemon and waits for it.
+    pub async fn shutdown(self) -> Result<(), DaemonError> {
+        self.shutdown.cancel();
+        self.run_until_stopped().await
+    }
+}
+
+fn flatten(r: Result<Result<(), DaemonError>, tokio::task::JoinError>) -> Option<DaemonError> {
+    match r {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        Err(e) => Some(DaemonError::Task(e.to_string())),
+    }
+}
+
+/// Binds a Unix socket with mode 0600, creating its directory (0700) if
+/// needed and replacing a stale socket file left by a dead daemon.
+async fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
+    let what = || format!("unix {}", path.display());
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir).map_err(|source| DaemonError::Listen {
+            what: what(),
+            source,
+        })?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(
+            |source| DaemonError::Listen {
+                what: what(),
+                source,
+            },
+        )?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(DaemonError::SocketInUse(path.display().to_string()));
+        }
+        std::fs::remove_file(path).map_err(|source| DaemonError::Listen {
+            what: what(),
+            source,
+        })?;
+    }
+    // Create the socket with no group/other bits at all, then make it explicit.
+    let old = unsafe_umask(0o177);
+    let bound = UnixListener::bind(path);
+    unsafe_umask(old);
+    let listener = bound.map_err(|source| DaemonError::Listen {
+        what: what(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        DaemonError::Listen {
+            what: what(),
+            source,
+        }
+    })?;
+    Ok(listener)
+}
+
+fn unsafe_umask(mask: libc::mode_t) -> libc::mode_t {
+    // SAFETY: umask only swaps the process file-mode mask; it cannot fail.
+    unsafe { libc::umask(mask) }
+}

@@ -1,0 +1,565 @@
+//! The `kvstrata.v1.KvCache` gRPC service: validates each request into
+//! `kvstrata_tiers` types and hands it to the [`BlockCache`]. Byte copies run on
+//! tokio's blocking pool, never on the async executor.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kvstrata_proto::v1 as pb;
+use kvstrata_proto::v1::kv_cache_server::KvCache;
+use kvstrata_tiers::{BlockCache, BlockKey, NamespaceId, PutBlock, PutOutcome};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::convert::{self, status};
+use crate::metrics::Metrics;
+
+/// Request limits enforced by the service.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_batch: usize,
+}
+
+/// The service state shared by every connection.
+#[derive(Clone)]
+pub struct KvCacheService {
+    cache: Arc<BlockCache>,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Default and largest ListBlocks page.
+const DEFAULT_PAGE: usize = 1000;
+const MAX_PAGE: usize = 10_000;
+/// GetStream accepts this many times `max_batch` keys.
+const STREAM_BATCH_FACTOR: usize = 16;
+
+impl KvCacheService {
+    pub fn new(
+        cache: Arc<BlockCache>,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        KvCacheService {
+            cache,
+            limits,
+            metrics,
+            shutdown,
+        }
+    }
+
+    fn done<T>(&self, method: &'static str, r: Result<T, Status>) -> Result<Response<T>, Status> {
+        let code = match &r {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        self.metrics.record_request(method, code);
+        if let Err(s) = &r
+            && s.code() != tonic::Code::NotFound
+        {
+            tracing::debug!(method, code = ?s.code(), message = s.message(), "request refused");
+        }
+        r.map(Response::new)
+    }
+
+    fn parse_put(&self, req: pb::BatchPutRequest) -> Result<(NamespaceId, Vec<PutBlock>), Status> {
+        let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
+        convert::check_batch("items", req.items.len(), self.limits.max_batch)?;
+        let items = req
+            .items
+            .into_iter()
+            .enumerate()
+            .map(|(i, it)| {
+                Ok(PutBlock {
+                    key: convert::key(&format!("items[{i}].key"), &it.key)?,
+                    parent: convert::optional_key(&format!("items[{i}].parent"), &it.parent)?,
+                    payload: it.payload,
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        Ok((ns, items))
+    }
+
+    async fn put(&self, req: pb::BatchPutRequest) -> Result<pb::BatchPutResponse, Status> {
+        let (ns, items) = self.parse_put(req)?;
+        let cache = Arc::clone(&self.cache);
+        let outcomes = tokio::task::spawn_blocking(move || cache.put_batch(&ns, &items))
+            .await
+            .map_err(|e| Status::internal(format!("put task failed: {e}")))?
+            .map_err(status)?;
+        let stored = outcomes
+            .iter()
+            .filter(|o| **o == PutOutcome::Stored)
+            .count() as u32;
+        let results = outcomes
+            .iter()
+            .map(|o| match o {
+                PutOutcome::Stored => pb::PutStatus::Stored as i32,
+                PutOutcome::NoSpace => pb::PutStatus::NoSpace as i32,
+            })
+            .collect();
+        Ok(pb::BatchPutResponse { results, stored })
+    }
+
+    async fn get(
+        &self,
+        req: pb::BatchGetRequest,
+        max: usize,
+    ) -> Result<Vec<pb::GetResult>, Status> {
+        let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
+        let keys = convert::keys("keys", &req.keys, max)?;
+        let cache = Arc::clone(&self.cache);
+        let found = tokio::task::spawn_blocking(move || cache.get_batch(&ns, &keys))
+            .await
+            .map_err(|e| Status::internal(format!("get task failed: {e}")))?
+            .map_err(status)?;
+        Ok(req
+            .keys
+            .into_iter()
+            .zip(found)
+            .map(|(key, hit)| match hit {
+                Some((payload, tier)) => pb::GetResult {
+                    key,
+                    found: true,
+                    payload,
+                    tier: convert::tier_to_pb(tier) as i32,
+                },
+                None => pb::GetResult {
+                    key,
+                    found: false,
+                    payload: Bytes::new(),
+                    tier: pb::Tier::Unspecified as i32,
+                },
+            })
+            .collect())
+    }
+}
+
+#[tonic::async_trait]
+impl KvCache for KvCacheService {
+    async fn register_namespace(
+        &self,
+        request: Request<pb::RegisterNamespaceRequest>,
+    ) -> Result<Response<pb::RegisterNamespaceResponse>, Status> {
+        let r = (|| {
+            let spec = convert::spec_from_pb(request.into_inner().spec)?;
+            let (ns, created) = self.cache.register_namespace(spec).map_err(status)?;
+            Ok(pb::RegisterNamespaceResponse {
+                namespace_id: Bytes::copy_from_slice(ns.id.as_bytes()),
+                block_bytes: ns.block_bytes,
+                created,
+            })
+        })();
+        self.done("RegisterNamespace", r)
+    }
+
+    async fn list_namespaces(
+        &self,
+        _request: Request<pb::ListNamespacesRequest>,
+    ) -> Result<Response<pb::ListNamespacesResponse>, Status> {
+        let namespaces = self
+            .cache
+            .namespaces()
+            .iter()
+            .map(|ns| pb::NamespaceInfo {
+                namespace_id: Bytes::copy_from_slice(ns.id.as_bytes()),
+                spec: Some(convert::spec_to_pb(&ns.spec)),
+                block_bytes: ns.block_bytes,
+            })
+            .collect();
+        self.done(
+            "ListNamespaces",
+            Ok(pb::ListNamespacesResponse { namespaces }),
+        )
+    }
+
+    async fn lookup(
+        &self,
+        request: Request<pb::LookupRequest>,
+    ) -> Result<Response<pb::LookupResponse>, Status> {
+        let r = (|| {
+            let req = request.into_inner();
+            let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
+            let keys = convert::keys("keys", &req.keys, self.limits.max_batch)?;
+            let tiers = self.cache.lookup(&ns, &keys).map_err(status)?;
+            Ok(pb::LookupResponse {
+                matched: tiers.len() as u32,
+                tiers: tiers
+                    .into_iter()
+                    .map(|t| convert::tier_to_pb(t) as i32)
+                    .collect(),
+            })
+        })();
+        self.done("Lookup", r)
+    }
+
+    async fn batch_put(
+        &self,
+        request: Request<pb::BatchPutRequest>,
+    ) -> Result<Response<pb::BatchPutResponse>, Status> {
+        let r = self.put(request.into_inner()).await;
+        self.done("BatchPut", r)
+    }
+
+    async fn batch_get(
+        &self,
+        request: Request<pb::BatchGetRequest>,
+    ) -> Result<Response<pb::BatchGetResponse>, Status> {
+        let r = self.get(request.into_inner(), self.limits.max_batch).await;
+        self.done(
+            "BatchGet",
+            r.map(|results| pb::BatchGetResponse { results }),
+        )
+    }
+
+    type PutStreamStream = BoxStream<pb::BatchPutResponse>;
+
+    async fn put_stream(
+        &self,
+        request: Request<Streaming<pb::BatchPutRequest>>,
+    ) -> Result<Response<Self::PutStreamStream>, Status> {
+        let mut incoming = request.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let svc = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = svc.shutdown.cancelled() => break,
+                    m = incoming.message() => m,
+                };
+                let batch = match msg {
+                    Ok(Some(b)) => b,
+                    Ok(None) => break,
+                    Err(s) => {
+                        let _ = tx.send(Err(s)).await;
+                        break;
+                    }
+                };
+                let r = svc.put(batch).await;
+                let failed = r.is_err();
+                svc.metrics.record_request(
+                    "PutStream.batch",
+                    r.as_ref()
+                        .map(|_| ())
+                        .err()
+                        .map_or(tonic::Code::Ok, |s| s.code()),
+                );
+                if tx.send(r).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        self.done(
+            "PutStream",
+            Ok(Box::pin(ReceiverStream::new(rx)) as Self::PutStreamStream),
+        )
+    }
+
+    type GetStreamStream = BoxStream<pb::GetResult>;
+
+    async fn get_stream(
+        &self,
+        request: Request<pb::BatchGetRequest>,
+    ) -> Result<Response<Self::GetStreamStream>, Status> {
+        let req = request.into_inner();
+        let max = self.limits.max_batch.saturating_mul(STREAM_BATCH_FACTOR);
+        let parsed = convert::namespace_id("namespace_id", &req.namespace_id)
+            .and_then(|ns| convert::keys("keys", &req.keys, max).map(|k| (ns, k)))
+            .and_then(|(ns, k)| {
+                self.cache
+                    .namespace("namespace_id", &ns)
+                    .map_err(status)
+                    .map(|_| (ns, k))
+            });
+        let (ns, keys) = match parsed {
+            Ok(v) => v,
+            Err(s) => return self.done("GetStream", Err(s)),
+        };
+        let (tx, rx) = mpsc::channel::<Result<pb::GetResult, Status>>(4);
+        let cache = Arc::clone(&self.cache);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            for (key, wire_key) in keys.into_iter().zip(req.keys) {
+                if shutdown.is_cancelled() {
+                    break;
+                }
+                let c = Arc::clone(&cache);
+                let hit = tokio::task::spawn_blocking(move || {
+                    c.get_batch(&ns, std::slice::from_ref(&key))
+                })
+                .await;
+                let msg = match hit {
+                    Ok(Ok(mut v)) => match v.pop().flatten() {
+                        Some((payload, tier)) => Ok(pb::GetResult {
+                            key: wire_key,
+                            found: true,
+                            payload,
+                            tier: convert::tier_to_pb(tier) as i32,
+                        }),
+                        None => Ok(pb::GetResult {
+                            key: wire_key,
+                            found: false,
+                            payload: Bytes::new(),
+                            tier: 0,
+                        }),
+                    },
+                    Ok(Err(e)) => Err(status(e)),
+                    Err(e) => Err(Status::internal(format!("get task failed: {e}"))),
+                };
+                if tx.send(msg).await.is_err() {
+                    break; // client went away
+                }
+            }
+        });
+        self.done(
+            "GetStream",
+            Ok(Box::pin(ReceiverStream::new(rx)) as Self::GetStreamStream),
+        )
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let r = (|| {
+            let req = request.into_inner();
+            let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
+            let keys = convert::keys("keys", &req.keys, self.limits.max_batch)?;
+            let deleted = self.cache.delete(&ns, &keys).map_err(status)?;
+            Ok(pb::DeleteResponse { deleted })
+        })();
+        self.done("Delete", r)
+    }
+
+    async fn evict(
+        &self,
+        request: Request<pb::EvictRequest>,
+    ) -> Result<Response<pb::EvictResponse>, Status> {
+        let r = (|| {
+            let req = request.into_inner();
+            let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
+            let keys = convert::keys("keys", &req.keys, self.limits.max_batch)?;
+            if req.all && !keys.is_empty() {
+                return Err(Status::invalid_argument(
+                    "keys: must be empty when `all` is set",
+                ));
+            }
+            if !req.all && keys.is_empty() {
+                return Err(Status::invalid_argument(
+                    "keys: name at least one block, or set `all`",
+                ));
+            }
+            let (evicted, skipped_pinned) =
+                self.cache.evict(&ns, &keys, req.all).map_err(status)?;
+            Ok(pb::EvictResponse {
+                evicted,
+                skipped_pinned,
+            })
+        })();
+        self.done("Evict", r)
+    }
+
+    async fn pin(
+        &self,
+        request: Request<pb::PinRequest>,
+    ) -> Result<Response<pb::PinResponse>, Status> {
+        let r = (|| {
+            let req = request.into_inner();
+            let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
+            let keys = convert::keys("keys", &req.keys, self.limits.max_batch)?;
+            let lease = self
+                .cache
+                .pin(&ns, &keys, Duration::from_millis(req.lease_ms))
+                .map_err(status)?;
+            Ok(pb::PinResponse {
+                lease_id: lease.lease_id,
+                deadline_unix_ms: lease.deadline_unix_ms,
+            })
+        })();
+        self.done("Pin", r)
+    }
+
+    async fn unpin(
+        &self,
+        request: Request<pb::UnpinRequest>,
+    ) -> Result<Response<pb::UnpinResponse>, Status> {
+        let r = self
+            .cache
+            .unpin(request.into_inner().lease_id)
+            .map(|_| pb::UnpinResponse {})
+            .map_err(status);
+        self.done("Unpin", r)
+    }
+
+    async fn stats(
+        &self,
+        _request: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        let s = self.cache.stats();
+        let tiers = s
+            .tiers
+            .iter()
+            .map(|(kind, t)| pb::TierStats {
+                tier: convert::tier_to_pb(*kind) as i32,
+                capacity_bytes: t.capacity_bytes,
+                used_bytes: t.used_bytes,
+                blocks: t.blocks,
+                hits: t.hits,
+                misses: t.misses,
+                evictions: t.evictions,
+                bytes_in: t.bytes_in,
+                bytes_out: t.bytes_out,
+                pinned_blocks: t.pinned_blocks,
+                rejected_puts: t.rejected_puts,
+            })
+            .collect();
+        let resp = pb::StatsResponse {
+            tiers,
+            namespaces: s.namespaces,
+            active_leases: s.active_leases,
+            uptime_ms: s.uptime.as_millis() as u64,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            event_seq: s.event_seq,
+        };
+        self.done("Stats", Ok(resp))
+    }
+
+    async fn list_blocks(
+        &self,
+        request: Request<pb::ListBlocksRequest>,
+    ) -> Result<Response<pb::ListBlocksResponse>, Status> {
+        let r = (|| {
+            let req = request.into_inner();
+            let ns = if req.namespace_id.is_empty() {
+                None
+            } else {
+                Some(convert::namespace_id("namespace_id", &req.namespace_id)?)
+            };
+            let tier = convert::tier_from_pb("tier", req.tier)?;
+            let page = match req.page_size as usize {
+                0 => DEFAULT_PAGE,
+                n if n > MAX_PAGE => {
+                    return Err(Status::invalid_argument(format!(
+                        "page_size: {n} exceeds the limit of {MAX_PAGE}"
+                    )));
+                }
+                n => n,
+            };
+            let cursor = match req.page_token.len() {
+                0 => None,
+                8 => {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&req.page_token);
+                    Some(u64::from_le_bytes(b))
+                }
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "page_token: not a token from a previous response",
+                    ));
+                }
+            };
+            let (blocks, next) = self
+                .cache
+                .list_blocks(ns.as_ref(), tier, cursor, page)
+                .map_err(status)?;
+            Ok(pb::ListBlocksResponse {
+                blocks: blocks.iter().map(convert::block_to_pb).collect(),
+                next_page_token: next
+                    .map(|n| Bytes::copy_from_slice(&n.to_le_bytes()))
+                    .unwrap_or_default(),
+            })
+        })();
+        self.done("ListBlocks", r)
+    }
+
+    async fn inspect(
+        &self,
+        request: Request<pb::InspectRequest>,
+    ) -> Result<Response<pb::InspectResponse>, Status> {
+        let req = request.into_inner();
+        let parsed = convert::namespace_id("namespace_id", &req.namespace_id)
+            .and_then(|ns| convert::key("key", &req.key).map(|k| (ns, k)));
+        let r = match parsed {
+            Ok((ns, key)) => {
+                let cache = Arc::clone(&self.cache);
+                match tokio::task::spawn_blocking(move || cache.inspect(&ns, &key)).await {
+                    Ok(Ok(Some(i))) => Ok(pb::InspectResponse {
+                        block: Some(convert::block_to_pb(&i.meta)),
+                        payload_xxh3: i.payload_xxh3,
+                        stored_xxh3: i.meta.checksum,
+                        checksum_ok: i.checksum_ok(),
+                    }),
+                    Ok(Ok(None)) => Err(Status::not_found(format!(
+                        "key: block {} is not cached",
+                        BlockKey::display(&req.key)
+                    ))),
+                    Ok(Err(e)) => Err(status(e)),
+                    Err(e) => Err(Status::internal(format!("inspect task failed: {e}"))),
+                }
+            }
+            Err(s) => Err(s),
+        };
+        self.done("Inspect", r)
+    }
+
+    type WatchStream = BoxStream<pb::WatchEvent>;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let req = request.into_inner();
+        let filter = if req.namespace_id.is_empty() {
+            None
+        } else {
+            let ns = convert::namespace_id("namespace_id", &req.namespace_id).and_then(|ns| {
+                self.cache
+                    .namespace("namespace_id", &ns)
+                    .map_err(status)
+                    .map(|_| ns)
+            });
+            match ns {
+                Ok(ns) => Some(ns),
+                Err(s) => return self.done("Watch", Err(s)),
+            }
+        };
+        let mut events = self.cache.subscribe();
+        let (tx, rx) = mpsc::channel(256);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tx.closed() => break,
+                    ev = events.recv() => ev,
+                };
+                let msg = match ev {
+                    Ok(e) if filter.is_none_or(|f| f == e.namespace) => convert::event_to_pb(&e),
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(missed)) => pb::WatchEvent {
+                        kind: pb::EventKind::Lagged as i32,
+                        missed,
+                        ..Default::default()
+                    },
+                    Err(broadcast::error::RecvError::Closed) => break,
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        self.done(
+            "Watch",
+            Ok(Box::pin(ReceiverStream::new(rx)) as Self::WatchStream),
+        )
+    }
+}

@@ -1,0 +1,768 @@
+//! `HostTier` (T1): blocks in a host-memory [`SlotArena`], with a hard byte
+//! capacity and prefix-aware LRU eviction.
+//!
+//! # Concurrency
+//!
+//! Bytes never move under a lock. A put reserves a slot under the metadata
+//! lock (an O(log n) critical section), copies the payload with the lock
+//! released, then publishes the block under the lock again. A get takes a
+//! reader count on the block under the lock and copies (or hands out) the
+//! bytes after releasing it. A slot is reused only when its block is gone from
+//! the index *and* its last reader has finished, so a reader always sees the
+//! exact bytes that were published.
+//!
+//! # Eviction
+//!
+//! When a size class has no free slot, the tier evicts, in this order: the least
+//! recently used *leaf* (a block no cached block names as parent), then the least
+//! recently used inner block. Pinned blocks and blocks being read are never
+//! chosen. If the class has nothing to evict, a whole segment of another class
+//! is reclaimed (its blocks evicted) when none of them is pinned or being read.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use slab::Slab;
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::arena::{Region, SlotArena, SlotRef};
+use crate::events::{EventBus, EventKind, PendingEvent};
+use crate::key::BlockKey;
+use crate::namespace::NamespaceId;
+use crate::tier::{
+    BlockMeta, PinToken, PutOutcome, RemoveOutcome, RemoveReason, Tier, TierCounters, TierKind,
+    TierStats,
+};
+
+/// Configuration of the host tier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostTierConfig {
+    /// Hard limit on the bytes of block payloads held. Default 4 GiB.
+    pub capacity_bytes: u64,
+    /// Size of the arena's segments (each holds slots of one block size; the
+    /// largest block the tier accepts). Default 64 MiB; a smaller capacity
+    /// makes one segment of the whole capacity.
+    pub segment_bytes: u64,
+}
+
+impl Default for HostTierConfig {
+    fn default() -> Self {
+        HostTierConfig {
+            capacity_bytes: 4 << 30,
+            segment_bytes: 64 << 20,
+        }
+    }
+}
+
+type IndexKey = (NamespaceId, BlockKey);
+
+#[derive(Debug)]
+struct Entry {
+    ns: NamespaceId,
+    key: BlockKey,
+    parent: Option<BlockKey>,
+    slot: SlotRef,
+    len: usize,
+    checksum: u64,
+    tick: u64,
+    last_access: Instant,
+    pins: u32,
+    readers: u32,
+    /// False once removed from the index while readers still hold its slot.
+    live: bool,
+    incarnation: u64,
+}
+
+#[derive(Debug, Default)]
+struct EvictionSets {
+    leaves: BTreeMap<u64, usize>,
+    inner: BTreeMap<u64, usize>,
+}
+
+struct Meta {
+    arena: SlotArena,
+    entries: Slab<Entry>,
+    index: HashMap<IndexKey, usize>,
+    /// Cached blocks per parent key (whether or not the parent is cached).
+    child_count: HashMap<IndexKey, u32>,
+    /// Eviction candidates (live, unpinned) per slot size.
+    sets: HashMap<usize, EvictionSets>,
+    slot_owner: HashMap<SlotRef, usize>,
+    tick: u64,
+    next_incarnation: u64,
+    pinned_blocks: u64,
+}
+
+struct Inner {
+    region: Region,
+    meta: Mutex<Meta>,
+    counters: TierCounters,
+    events: Arc<EventBus>,
+    capacity: u64,
+}
+
+/// The host-memory tier. Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct HostTier {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for HostTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostTier")
+            .field("capacity", &self.inner.capacity)
+            .finish()
+    }
+}
+
+impl HostTier {
+    /// Reserves the arena (anonymous memory, committed as it is written).
+    pub fn new(config: &HostTierConfig, events: Arc<EventBus>) -> std::io::Result<Self> {
+        let (arena, region_len) = SlotArena::new(config.capacity_bytes, config.segment_bytes);
+        let region = Region::anonymous(region_len)?;
+        let meta = Meta {
+            arena,
+            entries: Slab::new(),
+            index: HashMap::new(),
+            child_count: HashMap::new(),
+            sets: HashMap::new(),
+            slot_owner: HashMap::new(),
+            tick: 0,
+            next_incarnation: 1,
+            pinned_blocks: 0,
+        };
+        Ok(HostTier {
+            inner: Arc::new(Inner {
+                region,
+                meta: Mutex::new(meta),
+                counters: TierCounters::default(),
+                events,
+                capacity: config.capacity_bytes,
+            }),
+        })
+    }
+
+    /// Bytes the tier can hold in one block.
+    pub fn max_slot_bytes(&self) -> usize {
+        self.inner.meta.lock().arena.max_slot_bytes()
+    }
+}
+
+impl Meta {
+    fn is_leaf(&self, ns: &NamespaceId, key: &BlockKey) -> bool {
+        self.child_count.get(&(*ns, *key)).copied().unwrap_or(0) == 0
+    }
+
+    fn set_insert(&mut self, id: usize) {
+        let Some(e) = self.entries.get(id) else {
+            return;
+        };
+        if !e.live || e.pins > 0 {
+            return;
+        }
+        let leaf = self.is_leaf(&e.ns, &e.key);
+        let sets = self.sets.entry(e.len).or_default();
+        if leaf {
+            sets.leaves.insert(e.tick, id);
+        } else {
+            sets.inner.insert(e.tick, id);
+        }
+    }
+
+    fn set_remove(&mut self, id: usize) {
+        let Some(e) = self.entries.get(id) else {
+            return;
+        };
+        if let Some(sets) = self.sets.get_mut(&e.len) {
+            sets.leaves.remove(&e.tick);
+            sets.inner.remove(&e.tick);
+        }
+    }
+
+    fn touch(&mut self, id: usize) {
+        self.set_remove(id);
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some(e) = self.entries.get_mut(id) {
+            e.tick = tick;
+            e.last_access = Instant::now();
+        }
+        self.set_insert(id);
+    }
+
+    /// Moves a cached parent between the leaf and inner sets after its child count changed.
+    fn reclassify(&mut self, ns: &NamespaceId, key: &BlockKey) {
+        if let Some(&pid) = self.index.get(&(*ns, *key)) {
+            self.set_remove(pid);
+            self.set_insert(pid);
+        }
+    }
+
+    fn add_child(&mut self, ns: &NamespaceId, parent: &BlockKey) {
+        let c = self.child_count.entry((*ns, *parent)).or_insert(0);
+        *c += 1;
+        if *c == 1 {
+            self.reclassify(ns, parent);
+        }
+    }
+
+    fn remove_child(&mut self, ns: &NamespaceId, parent: &BlockKey) {
+        let k = (*ns, *parent);
+        if let Some(c) = self.child_count.get_mut(&k) {
+            *c -= 1;
+            if *c == 0 {
+                self.child_count.remove(&k);
+                self.reclassify(ns, parent);
+            }
+        }
+    }
+
+    /// Takes a block out of the index. Its slot is freed now, or by its last
+    /// reader. Returns the event to publish.
+    fn unlink(&mut self, id: usize, kind: EventKind) -> Option<PendingEvent> {
+        self.set_remove(id);
+        let (ns, key, parent, pins) = {
+            let e = self.entries.get_mut(id)?;
+            if !e.live {
+                return None;
+            }
+            e.live = false;
+            (e.ns, e.key, e.parent, e.pins)
+        };
+        if pins > 0 {
+            self.pinned_blocks -= 1;
+        }
+        self.index.remove(&(ns, key));
+        if let Some(p) = parent {
+            self.remove_child(&ns, &p);
+        }
+        self.release_if_unused(id);
+        Some(PendingEvent {
+            kind,
+            namespace: ns,
+            key,
+            parent,
+            tier: TierKind::Host,
+        })
+    }
+
+    fn release_if_unused(&mut self, id: usize) {
+        let free = matches!(self.entries.get(id), Some(e) if !e.live && e.readers == 0);
+        if free {
+            let e = self.entries.remove(id);
+            self.slot_owner.remove(&e.slot);
+            self.arena.free(e.slot);
+        }
+    }
+
+    /// The least recently used evictable block of a size class: leaves first.
+    fn pick_victim(&self, slot_bytes: usize) -> Option<usize> {
+        let sets = self.sets.get(&slot_bytes)?;
+        let idle = |id: &usize| self.entries.get(*id).is_some_and(|e| e.readers == 0);
+        sets.leaves
+            .values()
+            .find(|id| idle(id))
+            .or_else(|| sets.inner.values().find(|id| idle(id)))
+            .copied()
+    }
+
+    /// A segment of another class whose blocks can all be evicted now, with
+    /// the fewest live blocks.
+    fn pick_reclaim(&self, slot_bytes: usize) -> Option<Vec<usize>> {
+        let mut best: Option<(u32, Vec<usize>)> = None;
+        for (seg, seg_slot_bytes, live) in self.arena.foreign_segments(slot_bytes) {
+            if best.as_ref().is_some_and(|(n, _)| *n <= live) {
+                continue;
+            }
+            let mut owners = Vec::with_capacity(live as usize);
+            let mut ok = true;
+            for index in 0..self.arena.slots_per_segment(seg_slot_bytes) {
+                if let Some(&id) = self.slot_owner.get(&SlotRef {
+                    segment: seg,
+                    index,
+                }) {
+                    match self.entries.get(id) {
+                        Some(e) if e.live && e.pins == 0 && e.readers == 0 => owners.push(id),
+                        _ => {
+                            ok = false;
+                            break;
+                        }
+                    }
+                }
+            }
+            // Slots without an owner but counted live are reserved by writers.
+            if ok && owners.len() as u32 == live {
+                best = Some((live, owners));
+            }
+        }
+        best.map(|(_, owners)| owners)
+    }
+
+    /// A free slot of `len` bytes, evicting as needed; `None` if nothing can go.
+    fn reserve(
+        &mut self,
+        len: usize,
+        events: &mut Vec<PendingEvent>,
+        counters: &TierCounters,
+    ) -> Option<SlotRef> {
+        loop {
+            if let Some(slot) = self.arena.alloc(len) {
+                return Some(slot);
+            }
+            if let Some(victim) = self.pick_victim(len) {
+                if let Some(ev) = self.unlink(victim, EventKind::Evicted) {
+                    TierCounters::add(&counters.evictions, 1);
+                    events.push(ev);
+                }
+                continue;
+            }
+            let owners = self.pick_reclaim(len)?;
+            for id in owners {
+                if let Some(ev) = self.unlink(id, EventKind::Evicted) {
+                    TierCounters::add(&counters.evictions, 1);
+                    events.push(ev);
+                }
+            }
+        }
+    }
+
+    fn meta_of(&self, e: &Entry) -> BlockMeta {
+        BlockMeta {
+            namespace: e.ns,
+            key: e.key,
+            parent: e.parent,
+            tier: TierKind::Host,
+            payload_bytes: e.len as u64,
+            children: self.child_count.get(&(e.ns, e.key)).copied().unwrap_or(0),
+            pins: e.pins,
+            idle_ms: e.last_access.elapsed().as_millis() as u64,
+            checksum: e.checksum,
+        }
+    }
+}
+
+/// A slot reserved by a writer; freed on drop unless published.
+struct Reservation<'a> {
+    inner: &'a Inner,
+    slot: Option<SlotRef>,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            self.inner.meta.lock().arena.free(slot);
+        }
+    }
+}
+
+/// Keeps a block's slot from being reused while its bytes are read.
+struct ReadGuard {
+    inner: Arc<Inner>,
+    id: usize,
+    offset: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for ReadGuard {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: the reader count taken in `get` keeps the slot from being
+        // freed or reused until this guard drops, and published slots are
+        // never written.
+        unsafe { self.inner.region.slice(self.offset, self.len) }
+    }
+}
+
+impl Drop for ReadGuard {
+    fn drop(&mut self) {
+        let mut meta = self.inner.meta.lock();
+        if let Some(e) = meta.entries.get_mut(self.id) {
+            e.readers -= 1;
+        }
+        meta.release_if_unused(self.id);
+    }
+}
+
+impl Tier for HostTier {
+    fn kind(&self) -> TierKind {
+        TierKind::Host
+    }
+
+    fn max_block_bytes(&self) -> u64 {
+        self.max_slot_bytes() as u64
+    }
+
+    fn put(
+        &self,
+        ns: &NamespaceId,
+        key: &BlockKey,
+        parent: Option<&BlockKey>,
+        payload: &[u8],
+    ) -> PutOutcome {
+        let inner = &*self.inner;
+        let len = payload.len();
+        let mut events = Vec::new();
+        let reserved = {
+            let mut meta = inner.meta.lock();
+            let slot = meta.reserve(len, &mut events, &inner.counters);
+            slot.map(|s| (s, meta.arena.offset(s)))
+        };
+        let Some((slot, offset)) = reserved else {
+            inner.events.publish(events);
+            TierCounters::add(&inner.counters.rejected_puts, 1);
+            return PutOutcome::NoSpace;
+        };
+        let mut reservation = Reservation {
+            inner,
+            slot: Some(slot),
+        };
+        // SAFETY: the slot is reserved for this writer alone and lies in the region.
+        unsafe { inner.region.slice_mut(offset, len) }.copy_from_slice(payload);
+        let checksum = xxh3_64(payload);
+        {
+            let mut meta = inner.meta.lock();
+            reservation.slot = None;
+            if let Some(&old) = meta.index.get(&(*ns, *key)) {
+                // Replaced blocks emit no event of their own: the new STORED says it.
+                let _ = meta.unlink(old, EventKind::Deleted);
+            }
+            meta.tick += 1;
+            let incarnation = meta.next_incarnation;
+            meta.next_incarnation += 1;
+            let entry = Entry {
+                ns: *ns,
+                key: *key,
+                parent: parent.copied(),
+                slot,
+                len,
+                checksum,
+                tick: meta.tick,
+                last_access: Instant::now(),
+                pins: 0,
+                readers: 0,
+                live: true,
+                incarnation,
+            };
+            let id = meta.entries.insert(entry);
+            meta.slot_owner.insert(slot, id);
+            meta.index.insert((*ns, *key), id);
+            if let Some(p) = parent {
+                meta.add_child(ns, p);
+            }
+            meta.set_insert(id);
+        }
+        TierCounters::add(&inner.counters.bytes_in, len as u64);
+        events.push(PendingEvent {
+            kind: EventKind::Stored,
+            namespace: *ns,
+            key: *key,
+            parent: parent.copied(),
+            tier: TierKind::Host,
+        });
+        inner.events.publish(events);
+        PutOutcome::Stored
+    }
+
+    fn get(&self, ns: &NamespaceId, key: &BlockKey) -> Option<Bytes> {
+        let inner = &self.inner;
+        let found = {
+            let mut meta = inner.meta.lock();
+            match meta.index.get(&(*ns, *key)).copied() {
+                Some(id) => {
+                    meta.touch(id);
+                    let slot_len = meta.entries.get_mut(id).map(|e| {
+                        e.readers += 1;
+                        (e.slot, e.len)
+                    });
+                    slot_len.map(|(slot, len)| (id, meta.arena.offset(slot), len))
+                }
+                None => None,
+            }
+        };
+        match found {
+            Some((id, offset, len)) => {
+                TierCounters::add(&inner.counters.hits, 1);
+                TierCounters::add(&inner.counters.bytes_out, len as u64);
+                Some(Bytes::from_owner(ReadGuard {
+                    inner: Arc::clone(inner),
+                    id,
+                    offset,
+                    len,
+                }))
+            }
+            None => {
+                TierCounters::add(&inner.counters.misses, 1);
+                None
+            }
+        }
+    }
+
+    fn contains(&self, ns: &NamespaceId, key: &BlockKey) -> bool {
+        self.inner.meta.lock().index.contains_key(&(*ns, *key))
+    }
+
+    fn remove(&self, ns: &NamespaceId, key: &BlockKey, reason: RemoveReason) -> RemoveOutcome {
+        let inner = &self.inner;
+        let event = {
+            let mut meta = inner.meta.lock();
+            let Some(&id) = meta.index.get(&(*ns, *key)) else {
+                return RemoveOutcome::Missing;
+            };
+            let pinned = meta.entries.get(id).is_some_and(|e| e.pins > 0);
+            if pinned && reason == RemoveReason::Evict {
+                return RemoveOutcome::Pinned;
+            }
+            let kind = match reason {
+                RemoveReason::Evict => EventKind::Evicted,
+                RemoveReason::Delete => EventKind::Deleted,
+            };
+            meta.unlink(id, kind)
+        };
+        if reason == RemoveReason::Evict {
+            TierCounters::add(&inner.counters.evictions, 1);
+        }
+        inner.events.publish(event);
+        RemoveOutcome::Removed
+    }
+
+    fn pin(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Result<Vec<PinToken>, usize> {
+        let mut meta = self.inner.meta.lock();
+        let mut ids = Vec::with_capacity(keys.len());
+        for (i, k) in keys.iter().enumerate() {
+            match meta.index.get(&(*ns, *k)) {
+                Some(&id) => ids.push(id),
+                None => return Err(i),
+            }
+        }
+        let mut tokens = Vec::with_capacity(ids.len());
+        for id in ids {
+            meta.set_remove(id);
+            let mut newly_pinned = false;
+            if let Some(e) = meta.entries.get_mut(id) {
+                e.pins += 1;
+                newly_pinned = e.pins == 1;
+                tokens.push(PinToken {
+                    namespace: e.ns,
+                    key: e.key,
+                    tier: TierKind::Host,
+                    incarnation: e.incarnation,
+                });
+            }
+            if newly_pinned {
+                meta.pinned_blocks += 1;
+            }
+        }
+        Ok(tokens)
+    }
+
+    fn unpin(&self, token: &PinToken) {
+        let mut meta = self.inner.meta.lock();
+        let Some(&id) = meta.index.get(&(token.namespace, token.key)) else {
+            return;
+        };
+        let mut now_free = false;
+        if let Some(e) = meta.entries.get_mut(id) {
+            if e.incarnation != token.incarnation || e.pins == 0 {
+                return;
+            }
+            e.pins -= 1;
+            now_free = e.pins == 0;
+        }
+        if now_free {
+            meta.pinned_blocks -= 1;
+            meta.set_insert(id);
+        }
+    }
+
+    fn meta(&self, ns: &NamespaceId, key: &BlockKey) -> Option<BlockMeta> {
+        let meta = self.inner.meta.lock();
+        let id = *meta.index.get(&(*ns, *key))?;
+        meta.entries.get(id).map(|e| meta.meta_of(e))
+    }
+
+    fn list(
+        &self,
+        ns: Option<&NamespaceId>,
+        cursor: u64,
+        limit: usize,
+    ) -> (Vec<BlockMeta>, Option<u64>) {
+        let meta = self.inner.meta.lock();
+        let mut out = Vec::new();
+        let end = meta.entries.capacity();
+        let mut pos = cursor as usize;
+        while pos < end {
+            if out.len() >= limit {
+                return (out, Some(pos as u64));
+            }
+            if let Some(e) = meta.entries.get(pos)
+                && e.live
+                && ns.is_none_or(|n| *n == e.ns)
+            {
+                out.push(meta.meta_of(e));
+            }
+            pos += 1;
+        }
+        (out, None)
+    }
+
+    fn keys_of(&self, ns: &NamespaceId) -> Vec<BlockKey> {
+        let meta = self.inner.meta.lock();
+        meta.index
+            .keys()
+            .filter(|(n, _)| n == ns)
+            .map(|(_, k)| *k)
+            .collect()
+    }
+
+    fn stats(&self) -> TierStats {
+        let meta = self.inner.meta.lock();
+        let mut s = TierStats {
+            capacity_bytes: self.inner.capacity,
+            used_bytes: meta.arena.used_bytes(),
+            blocks: meta.index.len() as u64,
+            pinned_blocks: meta.pinned_blocks,
+            ..TierStats::default()
+        };
+        drop(meta);
+        self.inner.counters.fill(&mut s);
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns() -> NamespaceId {
+        NamespaceId([7; 16])
+    }
+
+    fn key(s: &str) -> BlockKey {
+        BlockKey::new("key", s.as_bytes()).unwrap()
+    }
+
+    fn tier(blocks: u64, block: u64) -> HostTier {
+        let cfg = HostTierConfig {
+            capacity_bytes: blocks * block,
+            segment_bytes: 64 << 20,
+        };
+        HostTier::new(&cfg, Arc::new(EventBus::new(1024))).unwrap()
+    }
+
+    fn payload(tag: u8, len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_mul(31) ^ tag).collect()
+    }
+
+    #[test]
+    fn round_trip_and_replace() {
+        let t = tier(4, 4096);
+        assert_eq!(
+            t.put(&ns(), &key("a"), None, &payload(1, 4096)),
+            PutOutcome::Stored
+        );
+        assert_eq!(&t.get(&ns(), &key("a")).unwrap()[..], &payload(1, 4096)[..]);
+        assert_eq!(
+            t.put(&ns(), &key("a"), None, &payload(2, 4096)),
+            PutOutcome::Stored
+        );
+        assert_eq!(&t.get(&ns(), &key("a")).unwrap()[..], &payload(2, 4096)[..]);
+        assert_eq!(t.stats().blocks, 1);
+        assert_eq!(t.stats().used_bytes, 4096);
+    }
+
+    #[test]
+    fn leaves_go_before_parents() {
+        let t = tier(3, 4096);
+        t.put(&ns(), &key("p"), None, &payload(1, 4096));
+        t.put(&ns(), &key("c1"), Some(&key("p")), &payload(2, 4096));
+        t.put(&ns(), &key("x"), None, &payload(3, 4096));
+        // p is the oldest but has a cached child: c1 (oldest leaf) goes first.
+        t.put(&ns(), &key("y"), None, &payload(4, 4096));
+        assert!(t.contains(&ns(), &key("p")));
+        assert!(!t.contains(&ns(), &key("c1")));
+        // Now p is a leaf again and the least recently used one.
+        t.put(&ns(), &key("z"), None, &payload(5, 4096));
+        assert!(!t.contains(&ns(), &key("p")));
+        assert!(t.contains(&ns(), &key("x")));
+    }
+
+    #[test]
+    fn readers_keep_bytes_stable() {
+        let t = tier(1, 4096);
+        t.put(&ns(), &key("a"), None, &payload(1, 4096));
+        let held = t.get(&ns(), &key("a")).unwrap();
+        // The only slot is being read: nothing can be evicted.
+        assert_eq!(
+            t.put(&ns(), &key("b"), None, &payload(2, 4096)),
+            PutOutcome::NoSpace
+        );
+        assert_eq!(&held[..], &payload(1, 4096)[..]);
+        drop(held);
+        assert_eq!(
+            t.put(&ns(), &key("b"), None, &payload(2, 4096)),
+            PutOutcome::Stored
+        );
+        assert_eq!(t.stats().used_bytes, 4096);
+    }
+
+    #[test]
+    fn deleted_while_read_frees_after_reader() {
+        let t = tier(2, 4096);
+        t.put(&ns(), &key("a"), None, &payload(1, 4096));
+        let held = t.get(&ns(), &key("a")).unwrap();
+        assert_eq!(
+            t.remove(&ns(), &key("a"), RemoveReason::Delete),
+            RemoveOutcome::Removed
+        );
+        assert!(t.get(&ns(), &key("a")).is_none());
+        assert_eq!(t.stats().used_bytes, 4096);
+        assert_eq!(&held[..], &payload(1, 4096)[..]);
+        drop(held);
+        assert_eq!(t.stats().used_bytes, 0);
+    }
+
+    #[test]
+    fn pins_survive_pressure_and_unpin_by_incarnation() {
+        let t = tier(2, 4096);
+        t.put(&ns(), &key("a"), None, &payload(1, 4096));
+        let tokens = t.pin(&ns(), &[key("a")]).unwrap();
+        for i in 0..10 {
+            t.put(&ns(), &key(&format!("k{i}")), None, &payload(i, 4096));
+        }
+        assert!(t.contains(&ns(), &key("a")));
+        assert_eq!(t.pin(&ns(), &[key("a"), key("nope")]), Err(1));
+        t.unpin(&tokens[0]);
+        assert_eq!(t.stats().pinned_blocks, 0);
+        t.put(&ns(), &key("m"), None, &payload(9, 4096));
+        t.put(&ns(), &key("n"), None, &payload(9, 4096));
+        assert!(!t.contains(&ns(), &key("a")));
+    }
+
+    #[test]
+    fn other_class_segment_is_reclaimed() {
+        let cfg = HostTierConfig {
+            capacity_bytes: 4 * 8192,
+            segment_bytes: 8192,
+        };
+        let t = HostTier::new(&cfg, Arc::new(EventBus::new(64))).unwrap();
+        for i in 0..8 {
+            assert_eq!(
+                t.put(&ns(), &key(&format!("s{i}")), None, &payload(i, 4096)),
+                PutOutcome::Stored
+            );
+        }
+        let other = NamespaceId([9; 16]);
+        assert_eq!(
+            t.put(&other, &key("big"), None, &payload(1, 8192)),
+            PutOutcome::Stored
+        );
+        assert_eq!(
+            &t.get(&other, &key("big")).unwrap()[..],
+            &payload(1, 8192)[..]
+        );
+        assert!(t.stats().used_bytes <= 4 * 8192);
+        assert_eq!(t.stats().blocks, 7);
+    }
+}
