@@ -4,8 +4,9 @@
 //! Vectors are fenced code blocks with the info string `vector`, one `field = value`
 //! per line. Inputs: the namespace spec fields and `tokens` lists; outputs:
 //! `encoding`, `namespace_id`, `block_bytes` and, after each `tokens` line, one
-//! `key` line per full block. To print the outputs computed from the inputs (for
-//! a new vector): `cargo test -p kvstrata-client --test hashing_vectors -- --ignored --nocapture`.
+//! `key` line per full block. Every vector is also checked by the Python reference
+//! implementation of the doc (python-xxhash); a failing assertion here shows the
+//! value the Rust code computes.
 
 use std::path::PathBuf;
 
@@ -160,45 +161,4 @@ fn doc_vectors_match_the_code() {
         vs.iter().any(|v| v.spec() == smollm),
         "no vector for the SmolLM2 default namespace"
     );
-}
-
-/// Prints every vector with outputs computed from its inputs.
-#[test]
-#[ignore = "prints vectors for docs/hashing.md"]
-fn print_vectors() {
-    for v in vectors(&doc()) {
-        let spec = v.spec();
-        let id = spec.id().expect("valid spec");
-        println!("```vector");
-        println!("name               = {}", v.name);
-        for f in [
-            "model_id",
-            "model_fingerprint",
-            "num_layers",
-            "num_kv_heads",
-            "head_dim",
-            "dtype",
-            "block_tokens",
-            "layout",
-            "tp_rank",
-            "tp_size",
-            "opaque_block_bytes",
-        ] {
-            let line = format!("{f:<18} = {}", v.get(f).unwrap_or(""));
-            println!("{}", line.trim_end());
-        }
-        println!(
-            "encoding           = {}",
-            hex::encode(spec.canonical_encoding())
-        );
-        println!("namespace_id       = {}", id.to_hex());
-        println!("block_bytes        = {}", spec.block_bytes().unwrap());
-        for (src, tokens, _) in &v.cases {
-            println!("tokens             = {src}");
-            for k in block_keys(&id, tokens, spec.block_tokens as usize) {
-                println!("key                = {}", hex::encode(k));
-            }
-        }
-        println!("```\n");
-    }
 }

@@ -13,7 +13,7 @@ use kvstrata_tiers::BlockCache;
 use serde::Serialize;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
@@ -113,7 +113,11 @@ impl Daemon {
                     source,
                 })?;
             addrs.tcp = Some(listener.local_addr()?);
-            let incoming = TcpListenerStream::new(listener);
+            // Nagle's algorithm would hold back the last frame of a response
+            // waiting for an ACK (40 ms tails); the builder's tcp_nodelay only
+            // applies to listeners it binds itself.
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             let token = shutdown.clone();
             let r = router();
             tasks.spawn(async move {

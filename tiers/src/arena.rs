@@ -231,6 +231,11 @@ impl SlotArena {
             .map(|(i, s)| (i as u32, s.slot_bytes, s.live))
     }
 
+    /// Slots of a segment that are reserved, live or still being read.
+    pub fn segment_live(&self, segment: u32) -> u32 {
+        self.segments.get(segment as usize).map_or(0, |s| s.live)
+    }
+
     /// Number of slots a segment of this class holds.
     pub fn slots_per_segment(&self, slot_bytes: usize) -> u32 {
         (self.segment_bytes / slot_bytes.max(1)) as u32

@@ -312,21 +312,66 @@ impl Meta {
             if let Some(slot) = self.arena.alloc(len) {
                 return Some(slot);
             }
-            if let Some(victim) = self.pick_victim(len) {
-                if let Some(ev) = self.unlink(victim, EventKind::Evicted) {
-                    TierCounters::add(&counters.evictions, 1);
-                    events.push(ev);
-                }
-                continue;
-            }
-            let owners = self.pick_reclaim(len)?;
-            for id in owners {
+            let victims = match self.oldest_idle_leaf() {
+                // The least recently used leaf anywhere is of this size: it goes.
+                Some((class, id)) if class == len => vec![id],
+                // Another size class holds the least recently used data: take
+                // back the segment it lives in, so capacity follows recency
+                // instead of staying with whichever class filled the tier first.
+                Some((_, id)) => match self.reclaimable_segment_of(id) {
+                    Some(owners) => owners,
+                    None => self
+                        .pick_victim(len)
+                        .map(|v| vec![v])
+                        .or_else(|| self.pick_reclaim(len))?,
+                },
+                None => self
+                    .pick_victim(len)
+                    .map(|v| vec![v])
+                    .or_else(|| self.pick_reclaim(len))?,
+            };
+            for id in victims {
                 if let Some(ev) = self.unlink(id, EventKind::Evicted) {
                     TierCounters::add(&counters.evictions, 1);
                     events.push(ev);
                 }
             }
         }
+    }
+
+    /// The least recently used leaf that nobody is reading, over every size
+    /// class, with its class.
+    fn oldest_idle_leaf(&self) -> Option<(usize, usize)> {
+        let mut best: Option<(u64, usize, usize)> = None;
+        for (class, sets) in &self.sets {
+            let first = sets
+                .leaves
+                .iter()
+                .find(|(_, id)| self.entries.get(**id).is_some_and(|e| e.readers == 0));
+            if let Some((tick, id)) = first
+                && best.is_none_or(|(t, _, _)| *tick < t)
+            {
+                best = Some((*tick, *class, *id));
+            }
+        }
+        best.map(|(_, class, id)| (class, id))
+    }
+
+    /// Every block of the segment holding `id`, if all of them can be evicted now.
+    fn reclaimable_segment_of(&self, id: usize) -> Option<Vec<usize>> {
+        let e = self.entries.get(id)?;
+        let segment = e.slot.segment;
+        let mut owners = Vec::new();
+        for index in 0..self.arena.slots_per_segment(e.len) {
+            if let Some(&owner) = self.slot_owner.get(&SlotRef { segment, index }) {
+                match self.entries.get(owner) {
+                    Some(o) if o.live && o.pins == 0 && o.readers == 0 => owners.push(owner),
+                    _ => return None,
+                }
+            }
+        }
+        // Slots counted live without an owner are reserved by writers.
+        (owners.len() as u32 == self.arena.segment_live(segment)).then_some(owners)
     }
 
     fn meta_of(&self, e: &Entry) -> BlockMeta {
@@ -738,6 +783,38 @@ mod tests {
         t.put(&ns(), &key("m"), None, &payload(9, 4096));
         t.put(&ns(), &key("n"), None, &payload(9, 4096));
         assert!(!t.contains(&ns(), &key("a")));
+    }
+
+    #[test]
+    fn capacity_follows_recency_across_block_sizes() {
+        // 8 segments of 64 KiB. The small class fills everything first.
+        let cfg = HostTierConfig {
+            capacity_bytes: 8 * 65536,
+            segment_bytes: 65536,
+        };
+        let t = HostTier::new(&cfg, Arc::new(EventBus::new(4096))).unwrap();
+        for i in 0..128 {
+            assert_eq!(
+                t.put(&ns(), &key(&format!("s{i}")), None, &payload(1, 4096)),
+                PutOutcome::Stored
+            );
+        }
+        // A stream of big blocks must be able to use most of the tier, not one segment.
+        let other = NamespaceId([9; 16]);
+        for i in 0..40 {
+            assert_eq!(
+                t.put(&other, &key(&format!("b{i}")), None, &payload(2, 32768)),
+                PutOutcome::Stored
+            );
+        }
+        let big_cached = (0..40)
+            .filter(|i| t.contains(&other, &key(&format!("b{i}"))))
+            .count();
+        assert!(
+            big_cached >= 14,
+            "only {big_cached} of the last 40 big blocks cached"
+        );
+        assert!(t.stats().used_bytes <= 8 * 65536);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! flattens [`GlobalArgs`] into its top-level arguments, calls [`run`], and prints a
 //! [`CliError`] as one line (`error: {e}`) with a non-zero exit status:
 //!
-//! ```ignore
+//! ```no_run
+//! use clap::Parser;
+//!
 //! #[derive(clap::Parser)]
 //! struct Cli {
 //!     #[command(flatten)]
@@ -12,12 +14,22 @@
 //!     #[command(subcommand)]
 //!     cmd: Command,
 //! }
+//!
 //! #[derive(clap::Subcommand)]
 //! enum Command {
-//!     Serve(ServeArgs),
+//!     /// A verb of the binary's own
+//!     Serve,
 //!     #[command(flatten)]
 //!     Client(kvstrata_client::cli::ClientCommand),
 //! }
+//!
+//! # async fn main_() -> Result<(), kvstrata_client::cli::CliError> {
+//! let cli = Cli::parse();
+//! if let Command::Client(cmd) = cli.cmd {
+//!     kvstrata_client::cli::run(cmd, &cli.global).await?;
+//! }
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! Namespace arguments (`--ns`) are 32 hex digits or a model id that names exactly
