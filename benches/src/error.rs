@@ -1,5 +1,6 @@
 //! The benchmark's error type.
 
+use crate::disk::DiskBenchReport;
 use crate::report::BenchReport;
 
 /// Everything that can stop a benchmark run.
@@ -43,6 +44,33 @@ pub enum BenchError {
     /// The report could not be encoded as JSON.
     #[error("cannot encode the report as JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// The disk tier could not be opened (bench-disk).
+    #[error("disk tier: {0}")]
+    Disk(#[from] kvstrata_tiers::DiskError),
+    /// A file-system operation of the benchmark itself failed.
+    #[error("cannot {what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The disk tier did not store a block of the write phase (bench-disk).
+    #[error("disk tier put of block {block} answered {outcome}")]
+    DiskPut { block: u64, outcome: String },
+    /// Disk-tier reads missed or returned wrong bytes. The run finished; its
+    /// report is attached.
+    #[error(
+        "VERIFY FAILED: {failures} blocks read back wrong bytes and {misses} missed (first: {first})"
+    )]
+    DiskVerifyFailed {
+        failures: u64,
+        misses: u64,
+        first: String,
+        report: Box<DiskBenchReport>,
+    },
+    /// A benchmark thread panicked or stopped early.
+    #[error("benchmark thread failed: {0}")]
+    Thread(String),
 }
 
 impl BenchError {
@@ -50,6 +78,14 @@ impl BenchError {
     pub fn report(&self) -> Option<&BenchReport> {
         match self {
             BenchError::VerifyFailed { report, .. } => Some(report),
+            _ => None,
+        }
+    }
+
+    /// The report of a bench-disk run that finished but failed verification.
+    pub fn disk_report(&self) -> Option<&DiskBenchReport> {
+        match self {
+            BenchError::DiskVerifyFailed { report, .. } => Some(report),
             _ => None,
         }
     }

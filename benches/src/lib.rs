@@ -14,6 +14,9 @@
 //! starts after a put was acknowledged must see that version or a newer one).
 //! A miss is not a failure (the cache may evict); wrong bytes are.
 //!
+//! `kvstrata bench-disk` ([`disk`]) measures the disk tier in-process instead
+//! (write, then cold verified reads), for comparison with fio.
+//!
 //! It talks to the daemon with the generated tonic client
 //! ([`kvstrata_proto::v1::kv_cache_client::KvCacheClient`]) over TCP or a Unix
 //! socket; see [`connect()`].
@@ -34,6 +37,7 @@
 
 pub mod args;
 pub mod connect;
+pub mod disk;
 pub mod error;
 pub mod payload;
 pub mod report;
@@ -41,6 +45,7 @@ mod runner;
 
 pub use args::{BenchArgs, Mode};
 pub use connect::{Target, connect, connect_channel};
+pub use disk::{DiskBenchArgs, DiskBenchReport, DiskEngine, run_disk_and_print, run_disk_bench};
 pub use error::BenchError;
 pub use payload::{PayloadGen, VerifyError};
 pub use report::{BenchReport, OpReport, PopulateReport};

@@ -436,7 +436,10 @@ async fn run_grpc(
         });
     };
     let reg = first
-        .register_namespace(RegisterNamespaceRequest { spec: Some(spec) })
+        .register_namespace(RegisterNamespaceRequest {
+            spec: Some(spec),
+            policy: None,
+        })
         .await
         .map_err(|s| BenchError::rpc("RegisterNamespace", s))?
         .into_inner();

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use hyper_util::rt::TokioIo;
 use kvstrata_proto::v1 as proto;
 use kvstrata_proto::v1::kv_cache_client::KvCacheClient;
-use kvstrata_tiers::{Dtype, Layout, NamespaceId, NamespaceSpec};
+use kvstrata_tiers::{Dtype, Layout, NamespaceId, NamespacePolicy, NamespaceSpec};
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -118,15 +118,8 @@ pub fn spec_to_proto(spec: &NamespaceSpec) -> proto::NamespaceSpec {
 pub fn spec_from_proto(spec: &proto::NamespaceSpec) -> Result<NamespaceSpec, ClientError> {
     let dtype = Dtype::from_code(spec.dtype)
         .ok_or_else(|| ClientError::InvalidResponse(format!("unknown dtype {}", spec.dtype)))?;
-    let layout = match spec.layout {
-        1 => Layout::LayerMajor,
-        2 => Layout::Opaque,
-        other => {
-            return Err(ClientError::InvalidResponse(format!(
-                "unknown layout {other}"
-            )));
-        }
-    };
+    let layout = Layout::from_code(spec.layout)
+        .ok_or_else(|| ClientError::InvalidResponse(format!("unknown layout {}", spec.layout)))?;
     Ok(NamespaceSpec {
         model_id: spec.model_id.clone(),
         model_fingerprint: spec.model_fingerprint.to_vec(),
@@ -252,13 +245,27 @@ impl Client {
         Ok(res?.into_inner())
     }
 
-    /// Registers (idempotently) a KV geometry; the server validates it.
+    /// Registers (idempotently) a KV geometry; the server validates it. A
+    /// registered namespace keeps its policy.
     pub async fn register_namespace(
         &self,
         spec: &NamespaceSpec,
     ) -> Result<RegisteredNamespace, ClientError> {
+        self.register_namespace_with(spec, None).await
+    }
+
+    /// Registers a KV geometry; a given policy replaces the namespace's own
+    /// (e.g. `write_through`, which needs a disk tier).
+    pub async fn register_namespace_with(
+        &self,
+        spec: &NamespaceSpec,
+        policy: Option<NamespacePolicy>,
+    ) -> Result<RegisteredNamespace, ClientError> {
         let req = proto::RegisterNamespaceRequest {
             spec: Some(spec_to_proto(spec)),
+            policy: policy.map(|p| proto::NamespacePolicy {
+                write_through: p.write_through,
+            }),
         };
         let mut c = self.inner.clone();
         let resp = self
@@ -505,6 +512,17 @@ impl Client {
         };
         let mut c = self.inner.clone();
         self.call(c.inspect(self.request(req, true))).await
+    }
+
+    /// Reads and checks every disk-tier slot (no request timeout: the scan
+    /// takes as long as reading the disk tier); with `drop_corrupt` the bad
+    /// slots are dropped as a read would drop them.
+    pub async fn verify(&self, drop_corrupt: bool) -> Result<proto::VerifyResponse, ClientError> {
+        let mut c = self.inner.clone();
+        let resp = c
+            .verify(tonic::Request::new(proto::VerifyRequest { drop_corrupt }))
+            .await?;
+        Ok(resp.into_inner())
     }
 
     /// Stored / evicted / deleted events of one namespace, or of all with `None`.

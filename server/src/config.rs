@@ -8,7 +8,10 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
-use kvstrata_tiers::{CacheConfig, HostTierConfig};
+use kvstrata_tiers::{
+    CacheConfig, DiskFileConfig, DiskTierConfig, Durability, EngineChoice, HostTierConfig,
+    MovementConfig,
+};
 
 use crate::error::DaemonError;
 
@@ -18,6 +21,7 @@ use crate::error::DaemonError;
 pub struct Config {
     pub server: ServerConfig,
     pub host: HostConfig,
+    pub disk: DiskConfig,
     pub log: LogConfig,
 }
 
@@ -78,6 +82,138 @@ impl Default for HostConfig {
     }
 }
 
+/// `[disk]`: the NVMe tier. Off while `paths` is empty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Slot files, one per drive: `PATH` (of `size` bytes) or `PATH=SIZE`.
+    /// Created and preallocated on first start. Default none (no disk tier).
+    pub paths: Vec<String>,
+    /// Size of each slot file given without `=SIZE`. Default 16 GiB.
+    #[serde(with = "crate::size")]
+    pub size: ByteSize,
+    /// RocksDB index directory. Default: `kvstrata-index` beside the first slot file.
+    pub index_dir: String,
+    /// `auto` (io_uring, else pread/pwrite), `io_uring` or `pread`. Default `auto`.
+    pub engine: String,
+    /// io_uring queue depth. Default 128.
+    pub queue_depth: u32,
+    /// Threads of the pread/pwrite engine. Default 8.
+    pub io_threads: usize,
+    /// A disk read slower than this answers a miss. Default 2000.
+    pub read_timeout_ms: u64,
+    /// A disk write slower than this fails. Default 10000.
+    pub write_timeout_ms: u64,
+    /// `process-crash` (survive SIGKILL) or `power-loss` (O_DSYNC data, fsynced index). Default `process-crash`.
+    pub durability: String,
+    /// Slot-file segment size (the largest block, header included). Default 64 MiB.
+    #[serde(with = "crate::size")]
+    pub segment_bytes: ByteSize,
+    /// Copy blocks read from disk into the host tier. Default true.
+    pub promote_on_get: bool,
+    /// Payload bytes waiting to be demoted at most; beyond, evictions are dropped. Default 256 MiB.
+    #[serde(with = "crate::size")]
+    pub demote_queue: ByteSize,
+}
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        let d = DiskTierConfig::default();
+        let m = MovementConfig::default();
+        DiskConfig {
+            paths: Vec::new(),
+            size: ByteSize::gib(16),
+            index_dir: String::new(),
+            engine: "auto".into(),
+            queue_depth: d.queue_depth,
+            io_threads: d.io_threads,
+            read_timeout_ms: d.read_timeout.as_millis() as u64,
+            write_timeout_ms: d.write_timeout.as_millis() as u64,
+            durability: "process-crash".into(),
+            segment_bytes: ByteSize::b(d.segment_bytes),
+            promote_on_get: m.promote_on_get,
+            demote_queue: ByteSize::b(m.demote_queue_bytes),
+        }
+    }
+}
+
+impl DiskConfig {
+    /// The slot files: `(path, size)` for each entry of `paths`.
+    pub fn files(&self) -> Result<Vec<DiskFileConfig>, DaemonError> {
+        self.paths
+            .iter()
+            .map(|p| {
+                let (path, size) = match p.rsplit_once('=') {
+                    Some((path, size)) => (
+                        path,
+                        size.trim().parse::<ByteSize>().map_err(|e| {
+                            DaemonError::Config(format!("disk.paths: {p:?}: bad size: {e}"))
+                        })?,
+                    ),
+                    None => (p.as_str(), self.size),
+                };
+                if path.is_empty() {
+                    return Err(DaemonError::Config(format!(
+                        "disk.paths: {p:?}: empty path"
+                    )));
+                }
+                Ok(DiskFileConfig {
+                    path: PathBuf::from(path),
+                    size_bytes: size.as_u64(),
+                })
+            })
+            .collect()
+    }
+
+    /// The disk tier's configuration, or `None` without paths.
+    pub fn tier_config(&self) -> Result<Option<DiskTierConfig>, DaemonError> {
+        let files = self.files()?;
+        let Some(first) = files.first() else {
+            return Ok(None);
+        };
+        let index_dir = if self.index_dir.is_empty() {
+            first
+                .path
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("kvstrata-index")
+        } else {
+            PathBuf::from(&self.index_dir)
+        };
+        let engine = match self.engine.as_str() {
+            "auto" => EngineChoice::Auto,
+            "io_uring" | "io-uring" => EngineChoice::IoUring,
+            "pread" => EngineChoice::Pread,
+            other => {
+                return Err(DaemonError::Config(format!(
+                    "disk.engine: {other:?} is not auto, io_uring or pread"
+                )));
+            }
+        };
+        let durability = match self.durability.as_str() {
+            "process-crash" => Durability::ProcessCrash,
+            "power-loss" => Durability::PowerLoss,
+            other => {
+                return Err(DaemonError::Config(format!(
+                    "disk.durability: {other:?} is not process-crash or power-loss"
+                )));
+            }
+        };
+        Ok(Some(DiskTierConfig {
+            files,
+            index_dir,
+            segment_bytes: self.segment_bytes.as_u64(),
+            engine,
+            queue_depth: self.queue_depth,
+            io_threads: self.io_threads,
+            read_timeout: Duration::from_millis(self.read_timeout_ms),
+            write_timeout: Duration::from_millis(self.write_timeout_ms),
+            durability,
+            ..DiskTierConfig::default()
+        }))
+    }
+}
+
 /// `[log]`: logging.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -130,6 +266,30 @@ pub struct ServeArgs {
     /// host.segment_bytes: arena segment size (largest block), e.g. 64MiB.
     #[arg(long, env = "KVSTRATA_HOST_SEGMENT_BYTES")]
     pub host_segment_bytes: Option<ByteSize>,
+    /// disk.paths: a slot file (PATH or PATH=SIZE); repeat once per drive. Enables the disk tier.
+    #[arg(long = "disk-path", env = "KVSTRATA_DISK_PATHS", value_delimiter = ',')]
+    pub disk_paths: Vec<String>,
+    /// disk.size: size of each slot file given without =SIZE, e.g. 100GiB.
+    #[arg(long, env = "KVSTRATA_DISK_SIZE")]
+    pub disk_size: Option<ByteSize>,
+    /// disk.index_dir: RocksDB index directory.
+    #[arg(long, env = "KVSTRATA_DISK_INDEX_DIR")]
+    pub disk_index_dir: Option<String>,
+    /// disk.engine: auto, io_uring or pread.
+    #[arg(long, env = "KVSTRATA_DISK_ENGINE")]
+    pub disk_engine: Option<String>,
+    /// disk.durability: process-crash or power-loss.
+    #[arg(long, env = "KVSTRATA_DISK_DURABILITY")]
+    pub disk_durability: Option<String>,
+    /// disk.read_timeout_ms: a slower disk read answers a miss.
+    #[arg(long, env = "KVSTRATA_DISK_READ_TIMEOUT_MS")]
+    pub disk_read_timeout_ms: Option<u64>,
+    /// disk.promote_on_get: copy blocks read from disk into host memory (true/false).
+    #[arg(long, env = "KVSTRATA_DISK_PROMOTE_ON_GET")]
+    pub disk_promote_on_get: Option<bool>,
+    /// disk.demote_queue: bytes waiting to be demoted at most, e.g. 256MiB.
+    #[arg(long, env = "KVSTRATA_DISK_DEMOTE_QUEUE")]
+    pub disk_demote_queue: Option<ByteSize>,
     /// log.format: text or json.
     #[arg(long, env = "KVSTRATA_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -186,6 +346,31 @@ impl Config {
         if let Some(v) = args.host_segment_bytes {
             c.host.segment_bytes = v;
         }
+        let d = &mut c.disk;
+        if !args.disk_paths.is_empty() {
+            d.paths = args.disk_paths.clone();
+        }
+        if let Some(v) = args.disk_size {
+            d.size = v;
+        }
+        if let Some(v) = &args.disk_index_dir {
+            d.index_dir = v.clone();
+        }
+        if let Some(v) = &args.disk_engine {
+            d.engine = v.clone();
+        }
+        if let Some(v) = &args.disk_durability {
+            d.durability = v.clone();
+        }
+        if let Some(v) = args.disk_read_timeout_ms {
+            d.read_timeout_ms = v;
+        }
+        if let Some(v) = args.disk_promote_on_get {
+            d.promote_on_get = v;
+        }
+        if let Some(v) = args.disk_demote_queue {
+            d.demote_queue = v;
+        }
         if let Some(v) = &args.log_format {
             c.log.format = v.clone();
         }
@@ -236,6 +421,13 @@ impl Config {
         if self.host.segment_bytes.as_u64() < 4096 {
             return bad("host.segment_bytes", "must be at least 4 KiB".into());
         }
+        self.disk.tier_config()?;
+        if self.disk.read_timeout_ms == 0 || self.disk.write_timeout_ms == 0 {
+            return bad(
+                "disk.read_timeout_ms",
+                "timeouts must be at least 1 ms".into(),
+            );
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad(
                 "log.format",
@@ -246,15 +438,21 @@ impl Config {
     }
 
     /// The cache configuration these settings describe.
-    pub fn cache_config(&self) -> CacheConfig {
-        CacheConfig {
+    pub fn cache_config(&self) -> Result<CacheConfig, DaemonError> {
+        Ok(CacheConfig {
             host: HostTierConfig {
                 capacity_bytes: self.host.capacity.as_u64(),
                 segment_bytes: self.host.segment_bytes.as_u64(),
             },
+            disk: self.disk.tier_config()?,
+            movement: MovementConfig {
+                promote_on_get: self.disk.promote_on_get,
+                demote_queue_bytes: self.disk.demote_queue.as_u64(),
+                ..MovementConfig::default()
+            },
             max_lease: Duration::from_millis(self.server.max_lease_ms),
             ..CacheConfig::default()
-        }
+        })
     }
 
     /// TOML text of the configuration.
@@ -292,6 +490,28 @@ mod tests {
         let c = Config::load(&args).unwrap();
         assert_eq!(c.host.capacity, ByteSize::mib(1));
         assert_eq!(c.server.max_batch, 9);
+    }
+
+    #[test]
+    fn disk_paths_take_sizes() {
+        let mut c = Config::default();
+        c.disk.paths = vec!["/a/slots".into(), "/b/slots=2GiB".into()];
+        c.disk.size = ByteSize::gib(1);
+        let t = c.disk.tier_config().unwrap().unwrap();
+        assert_eq!(t.files[0].size_bytes, 1 << 30);
+        assert_eq!(t.files[1].size_bytes, 2 << 30);
+        assert_eq!(t.index_dir, PathBuf::from("/a/kvstrata-index"));
+        c.disk.paths = vec!["/a=lots".into()];
+        assert!(c.validate().unwrap_err().to_string().contains("disk.paths"));
+        c.disk.paths = vec!["/a".into()];
+        c.disk.engine = "aio".into();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("disk.engine")
+        );
+        assert_eq!(Config::default().disk.tier_config().unwrap(), None);
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //! place where a `CacheError` becomes a gRPC status.
 
 use kvstrata_proto::v1 as pb;
+use kvstrata_tiers::movement::MovementStats;
 use kvstrata_tiers::{
-    BlockKey, BlockMeta, CacheError, CacheEvent, Dtype, EventKind, Layout, NamespaceId,
-    NamespaceSpec, TierKind,
+    BlockKey, BlockMeta, CacheError, CacheEvent, DiskStats, Dtype, EventKind, HeaderInspection,
+    Layout, NamespaceId, NamespaceSpec, TierKind, VerifyReport,
 };
 use tonic::{Code, Status};
 
@@ -16,7 +17,9 @@ pub fn status(e: CacheError) -> Status {
         }
         CacheError::UnknownNamespace { .. } | CacheError::LeaseNotFound(_) => Code::NotFound,
         CacheError::BatchTooLarge { .. } => Code::ResourceExhausted,
-        CacheError::BlockNotCached { .. } => Code::FailedPrecondition,
+        CacheError::BlockNotCached { .. } | CacheError::TierNotConfigured { .. } => {
+            Code::FailedPrecondition
+        }
     };
     Status::new(code, e.to_string())
 }
@@ -59,51 +62,29 @@ pub fn optional_key(field: &str, bytes: &[u8]) -> Result<Option<BlockKey>, Statu
 }
 
 pub fn spec_from_pb(spec: Option<pb::NamespaceSpec>) -> Result<NamespaceSpec, Status> {
-    let s = spec.ok_or_else(|| Status::invalid_argument("spec: missing"))?;
-    let dtype = Dtype::from_code(s.dtype).ok_or_else(|| {
-        Status::invalid_argument(format!(
+    let mut s = spec.ok_or_else(|| Status::invalid_argument("spec: missing"))?;
+    if Dtype::from_code(s.dtype).is_none() {
+        return Err(Status::invalid_argument(format!(
             "spec.dtype: {} is not a known dtype (1 = f16 ... 6 = int8)",
             s.dtype
-        ))
-    })?;
-    let layout = match s.layout {
-        0 | 1 => Layout::LayerMajor,
-        2 => Layout::Opaque,
-        other => {
-            return Err(Status::invalid_argument(format!(
-                "spec.layout: {other} is not a known layout"
-            )));
-        }
-    };
-    Ok(NamespaceSpec {
-        model_id: s.model_id,
-        model_fingerprint: s.model_fingerprint.to_vec(),
-        num_layers: s.num_layers,
-        num_kv_heads: s.num_kv_heads,
-        head_dim: s.head_dim,
-        dtype,
-        block_tokens: s.block_tokens,
-        layout,
-        tp_rank: s.tp_rank,
-        tp_size: s.tp_size,
-        opaque_block_bytes: s.opaque_block_bytes,
-    })
+        )));
+    }
+    // LAYOUT_UNSPECIFIED reads as layer-major.
+    if s.layout == 0 {
+        s.layout = Layout::LayerMajor as i32;
+    }
+    if Layout::from_code(s.layout).is_none() {
+        return Err(Status::invalid_argument(format!(
+            "spec.layout: {} is not a known layout",
+            s.layout
+        )));
+    }
+    kvstrata_client::spec_from_proto(&s).map_err(|e| Status::invalid_argument(format!("spec: {e}")))
 }
 
+/// The wire form of a spec (shared with the client).
 pub fn spec_to_pb(s: &NamespaceSpec) -> pb::NamespaceSpec {
-    pb::NamespaceSpec {
-        model_id: s.model_id.clone(),
-        model_fingerprint: s.model_fingerprint.clone().into(),
-        num_layers: s.num_layers,
-        num_kv_heads: s.num_kv_heads,
-        head_dim: s.head_dim,
-        dtype: s.dtype as i32,
-        block_tokens: s.block_tokens,
-        layout: s.layout as i32,
-        tp_rank: s.tp_rank,
-        tp_size: s.tp_size,
-        opaque_block_bytes: s.opaque_block_bytes,
-    }
+    kvstrata_client::spec_to_proto(s)
 }
 
 pub fn tier_to_pb(t: TierKind) -> pb::Tier {
@@ -159,5 +140,69 @@ pub fn event_to_pb(e: &CacheEvent) -> pb::WatchEvent {
         missed: 0,
         unix_ms: e.unix_ms,
         parent: e.parent.as_ref().map(key_bytes).unwrap_or_default(),
+    }
+}
+
+/// Adds the disk tier's own counters to its `TierStats`.
+pub fn fill_disk_stats(t: &mut pb::TierStats, d: &DiskStats) {
+    t.io_engine = d.engine.to_string();
+    t.corrupt_blocks = d.corrupt_blocks;
+    t.io_errors = d.io_errors;
+    t.io_timeouts = d.timeouts;
+    t.read_bytes = d.read_bytes;
+    t.write_bytes = d.write_bytes;
+    t.read_bytes_per_sec = d.read_bytes_per_sec();
+    t.write_bytes_per_sec = d.write_bytes_per_sec();
+}
+
+pub fn movement_to_pb(m: &MovementStats) -> pb::MovementStats {
+    pb::MovementStats {
+        demoted: m.demoted,
+        demote_dropped: m.demote_dropped,
+        demote_failed: m.demote_failed,
+        demote_skipped: m.demote_skipped,
+        demote_queued_bytes: m.queued_bytes,
+        promoted: m.promoted,
+        write_through: m.write_through,
+    }
+}
+
+pub fn disk_slot_to_pb(h: &HeaderInspection) -> pb::DiskSlot {
+    pb::DiskSlot {
+        file: h.file.display().to_string(),
+        offset: h.offset,
+        slot_bytes: h.slot_bytes,
+        index_payload_len: h.index_payload_len,
+        index_xxh3: h.index_checksum,
+        index_seq: h.index_seq,
+        header: h.header.as_ref().ok().map(|hd| pb::SlotHeader {
+            format_version: u32::from(kvstrata_tiers::disk::header::FORMAT_VERSION),
+            namespace_id: bytes::Bytes::copy_from_slice(hd.namespace.as_bytes()),
+            key: key_bytes(&hd.key),
+            parent: hd.parent.as_ref().map(key_bytes).unwrap_or_default(),
+            payload_len: hd.payload_len,
+            payload_xxh3: hd.payload_xxh3,
+            seq: hd.seq,
+        }),
+        problem: h.problem.map(|p| p.name().to_string()).unwrap_or_default(),
+        payload_checksum_ok: h.payload_checksum_ok,
+    }
+}
+
+pub fn verify_to_pb(r: &VerifyReport) -> pb::VerifyResponse {
+    pb::VerifyResponse {
+        scanned: r.scanned,
+        corrupt: r
+            .corrupt
+            .iter()
+            .map(|c| pb::CorruptSlot {
+                namespace_id: bytes::Bytes::copy_from_slice(c.namespace.as_bytes()),
+                key: key_bytes(&c.key),
+                file: c.file.display().to_string(),
+                offset: c.offset,
+                problem: c.reason.name().to_string(),
+            })
+            .collect(),
+        unreadable: r.unreadable.len() as u64,
     }
 }

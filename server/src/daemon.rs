@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvstrata_proto::v1::kv_cache_server::KvCacheServer;
-use kvstrata_tiers::BlockCache;
+use kvstrata_tiers::{BlockCache, TierKind};
 use serde::Serialize;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinSet;
@@ -54,13 +54,20 @@ const HTTP2_STREAM_WINDOW: u32 = 16 << 20;
 const HTTP2_CONN_WINDOW: u32 = 64 << 20;
 const HTTP2_MAX_FRAME: u32 = (1 << 24) - 1;
 const LEASE_REAP_PERIOD: Duration = Duration::from_millis(100);
+/// How often disk access times are persisted (`BlockCache::maintain`).
+const UPKEEP_PERIOD: Duration = Duration::from_secs(5);
 
 impl Daemon {
     /// Starts every listener and task; returns once they are all bound.
     pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         config.validate()?;
-        let cache =
-            Arc::new(BlockCache::new(config.cache_config()).map_err(DaemonError::HostTier)?);
+        let cache_config = config.cache_config()?;
+        // Opening the disk tier reads its whole index (about 1 s per million
+        // blocks): off the async workers.
+        let cache = tokio::task::spawn_blocking(move || BlockCache::new(cache_config))
+            .await
+            .map_err(|e| DaemonError::Task(format!("opening the cache: {e}")))??;
+        let cache = Arc::new(cache);
         let shutdown = CancellationToken::new();
         let metrics = Arc::new(Metrics::new(Arc::clone(&cache)));
         let mut tasks = JoinSet::new();
@@ -164,6 +171,7 @@ impl Daemon {
             let c = Arc::clone(&cache);
             tasks.spawn(async move {
                 let mut tick = tokio::time::interval(LEASE_REAP_PERIOD);
+                let mut last_upkeep = std::time::Instant::now();
                 loop {
                     tokio::select! {
                         _ = token.cancelled() => return Ok(()),
@@ -171,6 +179,11 @@ impl Daemon {
                             let n = c.expire_leases();
                             if n > 0 {
                                 tracing::debug!(expired = n, "leases expired");
+                            }
+                            if last_upkeep.elapsed() >= UPKEEP_PERIOD {
+                                last_upkeep = std::time::Instant::now();
+                                let c = Arc::clone(&c);
+                                let _ = tokio::task::spawn_blocking(move || c.maintain()).await;
                             }
                         }
                     }
@@ -192,18 +205,23 @@ impl Daemon {
                 Ok(())
             });
         }
-        let host = cache
-            .stats()
-            .tiers
-            .first()
-            .map(|(_, t)| t.capacity_bytes)
-            .unwrap_or(0);
+        let stats = cache.stats();
+        let capacity = |kind: TierKind| {
+            stats
+                .tiers
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .map(|(_, t)| t.capacity_bytes)
+        };
         tracing::info!(
             tcp = ?addrs.tcp,
             uds = ?addrs.uds,
             metrics = ?addrs.metrics,
-            host_capacity = host,
-            "kvstrata serving (tiers: host; no disk tier configured; no GPU tier in this build)"
+            host_capacity = capacity(TierKind::Host).unwrap_or(0),
+            disk_capacity = capacity(TierKind::Disk).unwrap_or(0),
+            disk_engine = stats.disk.as_ref().map(|d| d.engine).unwrap_or("none"),
+            disk_blocks = stats.disk.as_ref().map(|d| d.tier.blocks).unwrap_or(0),
+            "kvstrata serving (no GPU tier in this build)"
         );
         Ok(Daemon {
             addrs,

@@ -13,8 +13,8 @@ pub enum DaemonError {
     },
     #[error("unix socket {0} is in use by a running daemon")]
     SocketInUse(String),
-    #[error("cannot reserve the host tier: {0}")]
-    HostTier(std::io::Error),
+    #[error("cannot open the cache: {0}")]
+    Cache(#[from] kvstrata_tiers::OpenError),
     #[error("server reflection: {0}")]
     Reflection(String),
     #[error("{0}")]

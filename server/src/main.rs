@@ -27,9 +27,12 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the daemon (gRPC on TCP and a Unix socket, Prometheus metrics)
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Load generator: ops/s, GB/s and latency percentiles against a running daemon
     Bench(kvstrata_benches::BenchArgs),
+    /// Disk-tier throughput in-process (write, then cold reads), for comparison with fio
+    #[command(name = "bench-disk")]
+    BenchDisk(kvstrata_benches::DiskBenchArgs),
     #[command(flatten)]
     Client(ClientCommand),
 }
@@ -82,9 +85,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Bench(args) => {
             kvstrata_benches::run_and_print(args).await?;
+            Ok(())
+        }
+        // The disk tier's calls block: run them off the async workers.
+        Command::BenchDisk(args) => {
+            tokio::task::spawn_blocking(move || kvstrata_benches::run_disk_and_print(&args))
+                .await??;
             Ok(())
         }
         // The CLI error already carries its cause in one line.

@@ -13,6 +13,7 @@ use axum::routing::get;
 use kvstrata_tiers::BlockCache;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -72,42 +73,60 @@ struct CacheCollector {
     cache: Arc<BlockCache>,
 }
 
-fn gauge_family(
+/// Whether a metric only grows (counter) or goes both ways (gauge).
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Gauge,
+    Counter,
+}
+
+fn encode_value(
+    kind: Kind,
+    v: u64,
+    sample: prometheus_client::encoding::MetricEncoder<'_>,
+) -> Result<(), std::fmt::Error> {
+    match kind {
+        Kind::Gauge => ConstGauge::new(v as i64).encode(sample),
+        Kind::Counter => ConstCounter::new(v).encode(sample),
+    }
+}
+
+fn metric_type(kind: Kind) -> MetricType {
+    match kind {
+        Kind::Gauge => MetricType::Gauge,
+        Kind::Counter => MetricType::Counter,
+    }
+}
+
+/// One metric family with one sample per `(label value, value)` under `label`.
+fn family(
     encoder: &mut DescriptorEncoder,
+    kind: Kind,
     name: &str,
     help: &str,
+    label: &str,
     values: &[(&str, u64)],
 ) -> Result<(), std::fmt::Error> {
-    let mut family = encoder.encode_descriptor(
-        name,
-        help,
-        None,
-        prometheus_client::metrics::MetricType::Gauge,
-    )?;
-    for (tier, v) in values {
-        let g = ConstGauge::new(*v as i64);
-        g.encode(family.encode_family(&[("tier", *tier)])?)?;
+    let mut family = encoder.encode_descriptor(name, help, None, metric_type(kind))?;
+    for (value_label, v) in values {
+        encode_value(kind, *v, family.encode_family(&[(label, *value_label)])?)?;
     }
     Ok(())
 }
 
-fn counter_family(
+/// One unlabelled sample.
+fn single(
     encoder: &mut DescriptorEncoder,
+    kind: Kind,
     name: &str,
     help: &str,
-    values: &[(&str, u64)],
+    value: u64,
 ) -> Result<(), std::fmt::Error> {
-    let mut family = encoder.encode_descriptor(
-        name,
-        help,
-        None,
-        prometheus_client::metrics::MetricType::Counter,
-    )?;
-    for (tier, v) in values {
-        let c = ConstCounter::new(*v);
-        c.encode(family.encode_family(&[("tier", *tier)])?)?;
-    }
-    Ok(())
+    encode_value(
+        kind,
+        value,
+        encoder.encode_descriptor(name, help, None, metric_type(kind))?,
+    )
 }
 
 impl Collector for CacheCollector {
@@ -116,94 +135,193 @@ impl Collector for CacheCollector {
         let per = |f: fn(&kvstrata_tiers::TierStats) -> u64| -> Vec<(&'static str, u64)> {
             s.tiers.iter().map(|(k, t)| (k.name(), f(t))).collect()
         };
-        gauge_family(
+        type TierMetric = (
+            Kind,
+            &'static str,
+            &'static str,
+            fn(&kvstrata_tiers::TierStats) -> u64,
+        );
+        let tier_metrics: [TierMetric; 10] = [
+            (
+                Kind::Gauge,
+                "kvstrata_tier_capacity_bytes",
+                "Configured capacity",
+                |t| t.capacity_bytes,
+            ),
+            (
+                Kind::Gauge,
+                "kvstrata_tier_used_bytes",
+                "Bytes in use (never above capacity)",
+                |t| t.used_bytes,
+            ),
+            (Kind::Gauge, "kvstrata_tier_blocks", "Blocks held", |t| {
+                t.blocks
+            }),
+            (
+                Kind::Gauge,
+                "kvstrata_tier_pinned_blocks",
+                "Blocks pinned by leases",
+                |t| t.pinned_blocks,
+            ),
+            (Kind::Counter, "kvstrata_tier_hits", "Reads served", |t| {
+                t.hits
+            }),
+            (
+                Kind::Counter,
+                "kvstrata_tier_misses",
+                "Reads that found nothing",
+                |t| t.misses,
+            ),
+            (
+                Kind::Counter,
+                "kvstrata_tier_evictions",
+                "Blocks evicted",
+                |t| t.evictions,
+            ),
+            (
+                Kind::Counter,
+                "kvstrata_tier_bytes_in",
+                "Payload bytes written",
+                |t| t.bytes_in,
+            ),
+            (
+                Kind::Counter,
+                "kvstrata_tier_bytes_out",
+                "Payload bytes read",
+                |t| t.bytes_out,
+            ),
+            (
+                Kind::Counter,
+                "kvstrata_tier_rejected_puts",
+                "Puts refused because everything evictable was pinned or being read",
+                |t| t.rejected_puts,
+            ),
+        ];
+        for (kind, name, help, f) in tier_metrics {
+            family(&mut encoder, kind, name, help, "tier", &per(f))?;
+        }
+        if let Some(d) = &s.disk {
+            let disk: [(&str, &str, u64); 6] = [
+                (
+                    "kvstrata_disk_corrupt_blocks",
+                    "Disk slots that failed verification (dropped; each read answered a miss)",
+                    d.corrupt_blocks,
+                ),
+                (
+                    "kvstrata_disk_io_errors",
+                    "Disk transfers that failed or were short, and failed index writes",
+                    d.io_errors,
+                ),
+                (
+                    "kvstrata_disk_timeouts",
+                    "Disk transfers abandoned at their deadline",
+                    d.timeouts,
+                ),
+                (
+                    "kvstrata_disk_read_bytes",
+                    "Bytes read from slot files (headers included)",
+                    d.read_bytes,
+                ),
+                (
+                    "kvstrata_disk_write_bytes",
+                    "Bytes written to slot files (headers included)",
+                    d.write_bytes,
+                ),
+                (
+                    "kvstrata_disk_busy_read_ms",
+                    "Milliseconds with at least one disk read in flight",
+                    d.read_busy.as_millis() as u64,
+                ),
+            ];
+            for (name, help, v) in disk {
+                single(&mut encoder, Kind::Counter, name, help, v)?;
+            }
+            family(
+                &mut encoder,
+                Kind::Gauge,
+                "kvstrata_disk_engine",
+                "The disk I/O engine in use (1 for the engine's label)",
+                "engine",
+                &[(d.engine, 1)],
+            )?;
+        }
+        if let Some(m) = &s.movement {
+            let movement: [(Kind, &str, &str, u64); 7] = [
+                (
+                    Kind::Counter,
+                    "kvstrata_demoted_blocks",
+                    "Blocks written to disk by the demotion writer",
+                    m.demoted,
+                ),
+                (
+                    Kind::Counter,
+                    "kvstrata_demote_dropped_blocks",
+                    "Evictions dropped because the demotion queue was full",
+                    m.demote_dropped,
+                ),
+                (
+                    Kind::Counter,
+                    "kvstrata_demote_failed_blocks",
+                    "Demotions the disk refused or a newer put made stale",
+                    m.demote_failed,
+                ),
+                (
+                    Kind::Counter,
+                    "kvstrata_demote_skipped_blocks",
+                    "Evictions not written because the disk held the same bytes",
+                    m.demote_skipped,
+                ),
+                (
+                    Kind::Gauge,
+                    "kvstrata_demote_queued_bytes",
+                    "Payload bytes waiting in the demotion queue",
+                    m.queued_bytes,
+                ),
+                (
+                    Kind::Counter,
+                    "kvstrata_promoted_blocks",
+                    "Blocks copied from disk into host memory by reads",
+                    m.promoted,
+                ),
+                (
+                    Kind::Counter,
+                    "kvstrata_write_through_blocks",
+                    "Write-through copies queued",
+                    m.write_through,
+                ),
+            ];
+            for (kind, name, help, v) in movement {
+                single(&mut encoder, kind, name, help, v)?;
+            }
+        }
+        single(
             &mut encoder,
-            "kvstrata_tier_capacity_bytes",
-            "Configured capacity",
-            &per(|t| t.capacity_bytes),
-        )?;
-        gauge_family(
-            &mut encoder,
-            "kvstrata_tier_used_bytes",
-            "Bytes in use (never above capacity)",
-            &per(|t| t.used_bytes),
-        )?;
-        gauge_family(
-            &mut encoder,
-            "kvstrata_tier_blocks",
-            "Blocks held",
-            &per(|t| t.blocks),
-        )?;
-        gauge_family(
-            &mut encoder,
-            "kvstrata_tier_pinned_blocks",
-            "Blocks pinned by leases",
-            &per(|t| t.pinned_blocks),
-        )?;
-        counter_family(
-            &mut encoder,
-            "kvstrata_tier_hits",
-            "Reads served",
-            &per(|t| t.hits),
-        )?;
-        counter_family(
-            &mut encoder,
-            "kvstrata_tier_misses",
-            "Reads that found nothing",
-            &per(|t| t.misses),
-        )?;
-        counter_family(
-            &mut encoder,
-            "kvstrata_tier_evictions",
-            "Blocks evicted",
-            &per(|t| t.evictions),
-        )?;
-        counter_family(
-            &mut encoder,
-            "kvstrata_tier_bytes_in",
-            "Payload bytes written",
-            &per(|t| t.bytes_in),
-        )?;
-        counter_family(
-            &mut encoder,
-            "kvstrata_tier_bytes_out",
-            "Payload bytes read",
-            &per(|t| t.bytes_out),
-        )?;
-        counter_family(
-            &mut encoder,
-            "kvstrata_tier_rejected_puts",
-            "Puts refused because everything evictable was pinned or being read",
-            &per(|t| t.rejected_puts),
-        )?;
-        let g = ConstGauge::new(s.namespaces as i64);
-        g.encode(encoder.encode_descriptor(
+            Kind::Gauge,
             "kvstrata_namespaces",
             "Registered namespaces",
-            None,
-            g.metric_type(),
-        )?)?;
-        let g = ConstGauge::new(s.active_leases as i64);
-        g.encode(encoder.encode_descriptor(
+            u64::from(s.namespaces),
+        )?;
+        single(
+            &mut encoder,
+            Kind::Gauge,
             "kvstrata_leases_active",
             "Leases not yet ended",
-            None,
-            g.metric_type(),
-        )?)?;
-        let c = ConstCounter::new(s.lookups);
-        c.encode(encoder.encode_descriptor(
+            u64::from(s.active_leases),
+        )?;
+        single(
+            &mut encoder,
+            Kind::Counter,
             "kvstrata_lookups",
             "Lookup requests",
-            None,
-            c.metric_type(),
-        )?)?;
-        let c = ConstCounter::new(s.event_seq);
-        c.encode(encoder.encode_descriptor(
+            s.lookups,
+        )?;
+        single(
+            &mut encoder,
+            Kind::Counter,
             "kvstrata_events",
             "Watch events published",
-            None,
-            c.metric_type(),
-        )?)?;
+            s.event_seq,
+        )?;
         let g = ConstGauge::new(s.uptime.as_secs_f64());
         g.encode(encoder.encode_descriptor(
             "kvstrata_uptime_seconds",

@@ -9,7 +9,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use kvstrata_proto::v1 as pb;
 use kvstrata_proto::v1::kv_cache_server::KvCache;
-use kvstrata_tiers::{BlockCache, BlockKey, NamespaceId, PutBlock, PutOutcome};
+use kvstrata_tiers::{
+    BlockCache, BlockKey, NamespaceId, NamespacePolicy, PutBlock, PutOutcome, TierKind,
+};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -69,6 +71,18 @@ impl KvCacheService {
             tracing::debug!(method, code = ?s.code(), message = s.message(), "request refused");
         }
         r.map(Response::new)
+    }
+
+    /// Runs cache work that may touch the disk on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&BlockCache) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let cache = Arc::clone(&self.cache);
+        tokio::task::spawn_blocking(move || f(&cache))
+            .await
+            .map_err(|e| Status::internal(format!("{what} task failed: {e}")))?
     }
 
     fn parse_put(&self, req: pb::BatchPutRequest) -> Result<(NamespaceId, Vec<PutBlock>), Status> {
@@ -150,15 +164,26 @@ impl KvCache for KvCacheService {
         &self,
         request: Request<pb::RegisterNamespaceRequest>,
     ) -> Result<Response<pb::RegisterNamespaceResponse>, Status> {
-        let r = (|| {
-            let spec = convert::spec_from_pb(request.into_inner().spec)?;
-            let (ns, created) = self.cache.register_namespace(spec).map_err(status)?;
-            Ok(pb::RegisterNamespaceResponse {
-                namespace_id: Bytes::copy_from_slice(ns.id.as_bytes()),
-                block_bytes: ns.block_bytes,
-                created,
-            })
-        })();
+        let req = request.into_inner();
+        let r = match convert::spec_from_pb(req.spec) {
+            Ok(spec) => {
+                let policy = req.policy.map(|p| NamespacePolicy {
+                    write_through: p.write_through,
+                });
+                self.blocking("register", move |cache| {
+                    let (ns, created) = cache
+                        .register_namespace_with(spec, policy)
+                        .map_err(status)?;
+                    Ok(pb::RegisterNamespaceResponse {
+                        namespace_id: Bytes::copy_from_slice(ns.id.as_bytes()),
+                        block_bytes: ns.block_bytes,
+                        created,
+                    })
+                })
+                .await
+            }
+            Err(s) => Err(s),
+        };
         self.done("RegisterNamespace", r)
     }
 
@@ -174,6 +199,9 @@ impl KvCache for KvCacheService {
                 namespace_id: Bytes::copy_from_slice(ns.id.as_bytes()),
                 spec: Some(convert::spec_to_pb(&ns.spec)),
                 block_bytes: ns.block_bytes,
+                policy: Some(pb::NamespacePolicy {
+                    write_through: ns.policy.write_through,
+                }),
             })
             .collect();
         self.done(
@@ -330,13 +358,20 @@ impl KvCache for KvCacheService {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        let r = (|| {
-            let req = request.into_inner();
-            let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
-            let keys = convert::keys("keys", &req.keys, self.limits.max_batch)?;
-            let deleted = self.cache.delete(&ns, &keys).map_err(status)?;
-            Ok(pb::DeleteResponse { deleted })
-        })();
+        let req = request.into_inner();
+        let parsed = convert::namespace_id("namespace_id", &req.namespace_id).and_then(|ns| {
+            convert::keys("keys", &req.keys, self.limits.max_batch).map(|k| (ns, k))
+        });
+        let r = match parsed {
+            Ok((ns, keys)) => {
+                self.blocking("delete", move |cache| {
+                    let deleted = cache.delete(&ns, &keys).map_err(status)?;
+                    Ok(pb::DeleteResponse { deleted })
+                })
+                .await
+            }
+            Err(s) => Err(s),
+        };
         self.done("Delete", r)
     }
 
@@ -344,8 +379,8 @@ impl KvCache for KvCacheService {
         &self,
         request: Request<pb::EvictRequest>,
     ) -> Result<Response<pb::EvictResponse>, Status> {
-        let r = (|| {
-            let req = request.into_inner();
+        let req = request.into_inner();
+        let parsed = (|| {
             let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
             let keys = convert::keys("keys", &req.keys, self.limits.max_batch)?;
             if req.all && !keys.is_empty() {
@@ -358,13 +393,22 @@ impl KvCache for KvCacheService {
                     "keys: name at least one block, or set `all`",
                 ));
             }
-            let (evicted, skipped_pinned) =
-                self.cache.evict(&ns, &keys, req.all).map_err(status)?;
-            Ok(pb::EvictResponse {
-                evicted,
-                skipped_pinned,
-            })
+            Ok((ns, keys))
         })();
+        let all = req.all;
+        let r = match parsed {
+            Ok((ns, keys)) => {
+                self.blocking("evict", move |cache| {
+                    let (evicted, skipped_pinned) = cache.evict(&ns, &keys, all).map_err(status)?;
+                    Ok(pb::EvictResponse {
+                        evicted,
+                        skipped_pinned,
+                    })
+                })
+                .await
+            }
+            Err(s) => Err(s),
+        };
         self.done("Evict", r)
     }
 
@@ -408,18 +452,25 @@ impl KvCache for KvCacheService {
         let tiers = s
             .tiers
             .iter()
-            .map(|(kind, t)| pb::TierStats {
-                tier: convert::tier_to_pb(*kind) as i32,
-                capacity_bytes: t.capacity_bytes,
-                used_bytes: t.used_bytes,
-                blocks: t.blocks,
-                hits: t.hits,
-                misses: t.misses,
-                evictions: t.evictions,
-                bytes_in: t.bytes_in,
-                bytes_out: t.bytes_out,
-                pinned_blocks: t.pinned_blocks,
-                rejected_puts: t.rejected_puts,
+            .map(|(kind, t)| {
+                let mut pb_tier = pb::TierStats {
+                    tier: convert::tier_to_pb(*kind) as i32,
+                    capacity_bytes: t.capacity_bytes,
+                    used_bytes: t.used_bytes,
+                    blocks: t.blocks,
+                    hits: t.hits,
+                    misses: t.misses,
+                    evictions: t.evictions,
+                    bytes_in: t.bytes_in,
+                    bytes_out: t.bytes_out,
+                    pinned_blocks: t.pinned_blocks,
+                    rejected_puts: t.rejected_puts,
+                    ..pb::TierStats::default()
+                };
+                if let (TierKind::Disk, Some(d)) = (kind, &s.disk) {
+                    convert::fill_disk_stats(&mut pb_tier, d);
+                }
+                pb_tier
             })
             .collect();
         let resp = pb::StatsResponse {
@@ -429,6 +480,7 @@ impl KvCache for KvCacheService {
             uptime_ms: s.uptime.as_millis() as u64,
             version: env!("CARGO_PKG_VERSION").to_string(),
             event_seq: s.event_seq,
+            movement: s.movement.as_ref().map(convert::movement_to_pb),
         };
         self.done("Stats", Ok(resp))
     }
@@ -497,6 +549,7 @@ impl KvCache for KvCacheService {
                         payload_xxh3: i.payload_xxh3,
                         stored_xxh3: i.meta.checksum,
                         checksum_ok: i.checksum_ok(),
+                        disk_slot: i.disk.as_ref().map(convert::disk_slot_to_pb),
                     }),
                     Ok(Ok(None)) => Err(Status::not_found(format!(
                         "key: block {} is not cached",
@@ -509,6 +562,20 @@ impl KvCache for KvCacheService {
             Err(s) => Err(s),
         };
         self.done("Inspect", r)
+    }
+
+    async fn verify(
+        &self,
+        request: Request<pb::VerifyRequest>,
+    ) -> Result<Response<pb::VerifyResponse>, Status> {
+        let drop_corrupt = request.into_inner().drop_corrupt;
+        let r = self
+            .blocking("verify", move |cache| {
+                let report = cache.verify_disk(drop_corrupt).map_err(status)?;
+                Ok(convert::verify_to_pb(&report))
+            })
+            .await;
+        self.done("Verify", r)
     }
 
     type WatchStream = BoxStream<pb::WatchEvent>;

@@ -354,6 +354,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
                 dtype: 0,
                 ..Default::default()
             }),
+            policy: None,
         })
         .await;
     let s = r.expect_err("dtype 0");

@@ -1,6 +1,25 @@
 //! `BlockCache`: the cache as the server sees it — registered namespaces, the
-//! tiers (fastest first), leases and the event bus. Every request-shaped method
-//! validates its whole input before changing anything.
+//! tiers (fastest first), movement between them, leases and the event bus.
+//! Every request-shaped method validates its whole input before changing
+//! anything.
+//!
+//! # Movement (with a disk tier)
+//!
+//! - Host-tier pressure evictions go to the [`Demoter`]'s bounded queue and
+//!   are written to disk in the background; a full queue drops them.
+//! - A get that misses the host tier reads the disk tier (all misses of a
+//!   batch in one submission) and, with `promote_on_get`, copies each hit
+//!   into the host tier. The disk keeps its copy (the tiers are inclusive),
+//!   so evicting a promoted block again costs no write.
+//! - A put or delete of a key makes every older copy unreachable: it takes
+//!   the key's stripe lock, writes the host tier, drops any queued demotion
+//!   of the key and removes it from disk. Promotion takes the same stripe
+//!   lock and copies a block up only if the disk still holds the version it
+//!   read, so a get never resurrects bytes older than a completed put.
+//! - With a namespace's `write_through` policy every put is also queued for
+//!   the disk.
+//! - Namespace registrations are saved in the disk index, so a restarted
+//!   daemon knows the namespaces of the blocks it serves.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,11 +31,14 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::broadcast;
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::disk::{DiskError, DiskPut, DiskRead, DiskStats, DiskTier, DiskTierConfig};
+use crate::disk::{HeaderInspection, VerifyReport};
 use crate::error::CacheError;
 use crate::events::{CacheEvent, EventBus};
 use crate::host::{HostTier, HostTierConfig};
 use crate::key::BlockKey;
-use crate::namespace::{Namespace, NamespaceId, NamespaceSpec};
+use crate::movement::{Demoter, MovementConfig, MovementStats};
+use crate::namespace::{Namespace, NamespaceId, NamespacePolicy, NamespaceSpec};
 use crate::tier::{
     BlockMeta, PinToken, PutOutcome, RemoveOutcome, RemoveReason, Tier, TierKind, TierStats,
 };
@@ -25,6 +47,9 @@ use crate::tier::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheConfig {
     pub host: HostTierConfig,
+    /// The disk tier; `None` (default) runs with the host tier alone.
+    pub disk: Option<DiskTierConfig>,
+    pub movement: MovementConfig,
     /// Longest lease a `Pin` may ask for. Default 10 minutes.
     pub max_lease: Duration,
     /// Events kept for slow watchers before they are told they lagged. Default 16384.
@@ -35,10 +60,23 @@ impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             host: HostTierConfig::default(),
+            disk: None,
+            movement: MovementConfig::default(),
             max_lease: Duration::from_secs(600),
             event_buffer: 16384,
         }
     }
+}
+
+/// Why the cache could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("host tier: cannot reserve the arena: {0}")]
+    Host(#[source] std::io::Error),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error("cannot start the demotion writer: {0}")]
+    Movement(#[source] std::io::Error),
 }
 
 /// One block of a put batch.
@@ -65,6 +103,10 @@ pub struct CacheStats {
     pub uptime: Duration,
     pub event_seq: u64,
     pub lookups: u64,
+    /// Disk-tier details (engine, throughput, fault counters), with a disk tier.
+    pub disk: Option<DiskStats>,
+    /// Movement counters, with a disk tier.
+    pub movement: Option<MovementStats>,
 }
 
 /// `Inspect`'s answer: metadata plus a checksum computed now.
@@ -72,6 +114,8 @@ pub struct CacheStats {
 pub struct Inspection {
     pub meta: BlockMeta,
     pub payload_xxh3: u64,
+    /// The disk slot's header and checks, when the disk tier holds the block.
+    pub disk: Option<HeaderInspection>,
 }
 
 impl Inspection {
@@ -85,10 +129,21 @@ struct Lease {
     deadline: Instant,
 }
 
+/// The disk tier and the queue that feeds it.
+struct DiskSide {
+    tier: DiskTier,
+    demoter: Arc<Demoter>,
+}
+
+/// Stripe locks ordering puts, deletes and promotions of one key.
+const STRIPES: usize = 256;
+
 /// The cache: namespaces, tiers, leases, events.
 pub struct BlockCache {
     namespaces: RwLock<HashMap<NamespaceId, Arc<Namespace>>>,
     host: HostTier,
+    disk: Option<DiskSide>,
+    stripes: Box<[Mutex<()>]>,
     tiers: Vec<Arc<dyn Tier>>,
     events: Arc<EventBus>,
     leases: Mutex<HashMap<u64, Lease>>,
@@ -113,14 +168,41 @@ fn unix_ms(at: SystemTime) -> u64 {
 }
 
 impl BlockCache {
-    /// Builds the tiers. Fails only if the host arena cannot be reserved.
-    pub fn new(config: CacheConfig) -> std::io::Result<Self> {
+    /// Builds the tiers: reserves the host arena and, if configured, opens
+    /// the disk tier (rebuilding its state from the index, which takes about
+    /// a second per million blocks), starts the demotion writer and restores
+    /// the namespaces saved with the disk tier.
+    pub fn new(config: CacheConfig) -> Result<Self, OpenError> {
         let events = Arc::new(EventBus::new(config.event_buffer));
-        let host = HostTier::new(&config.host, Arc::clone(&events))?;
-        let tiers: Vec<Arc<dyn Tier>> = vec![Arc::new(host.clone())];
+        let host = HostTier::new(&config.host, Arc::clone(&events)).map_err(OpenError::Host)?;
+        let mut tiers: Vec<Arc<dyn Tier>> = vec![Arc::new(host.clone())];
+        let mut namespaces = HashMap::new();
+        let disk = match &config.disk {
+            Some(dc) => {
+                let tier = DiskTier::open(dc, Arc::clone(&events))?;
+                let demoter =
+                    Demoter::start(tier.clone(), config.movement).map_err(OpenError::Movement)?;
+                host.set_eviction_sink(demoter.clone());
+                tiers.push(Arc::new(tier.clone()));
+                for (id, record) in tier.load_namespaces()? {
+                    match Namespace::from_record(&record) {
+                        Some(ns) if ns.id == id => {
+                            namespaces.insert(id, Arc::new(ns));
+                        }
+                        _ => {
+                            tracing::warn!(namespace = %id, "disk index: unreadable namespace record ignored")
+                        }
+                    }
+                }
+                Some(DiskSide { tier, demoter })
+            }
+            None => None,
+        };
         Ok(BlockCache {
-            namespaces: RwLock::new(HashMap::new()),
+            namespaces: RwLock::new(namespaces),
             host,
+            disk,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             tiers,
             events,
             leases: Mutex::new(HashMap::new()),
@@ -140,12 +222,51 @@ impl BlockCache {
         &self.host
     }
 
-    /// Registers a namespace (idempotent). Returns it and whether it is new.
+    /// The disk tier (T2), if configured.
+    pub fn disk(&self) -> Option<&DiskTier> {
+        self.disk.as_ref().map(|d| &d.tier)
+    }
+
+    /// Waits until every queued demotion has been written or dropped; `false`
+    /// on timeout. Without a disk tier, at once.
+    pub fn flush_demotions(&self, timeout: Duration) -> bool {
+        self.disk.as_ref().is_none_or(|d| d.demoter.flush(timeout))
+    }
+
+    /// Periodic upkeep: persists changed disk access times (so a restart keeps
+    /// the LRU order). Cheap when nothing changed.
+    pub fn maintain(&self) {
+        if let Some(d) = &self.disk
+            && let Err(e) = d.tier.persist_access()
+        {
+            tracing::warn!(error = %e, "disk tier: access times not persisted");
+        }
+    }
+
+    fn stripe(&self, ns: &NamespaceId, key: &BlockKey) -> &Mutex<()> {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(ns.as_bytes());
+        h.update(key.as_bytes());
+        &self.stripes[(h.digest() as usize) % self.stripes.len()]
+    }
+
+    /// Registers a namespace (idempotent) with the default policy, or keeps
+    /// the policy it has. Returns it and whether it is new.
     pub fn register_namespace(
         &self,
         spec: NamespaceSpec,
     ) -> Result<(Arc<Namespace>, bool), CacheError> {
-        let ns = Namespace::new(spec)?;
+        self.register_namespace_with(spec, None)
+    }
+
+    /// Registers a namespace; a given `policy` replaces the one it has. With a
+    /// disk tier the registration is saved in the disk index.
+    pub fn register_namespace_with(
+        &self,
+        spec: NamespaceSpec,
+        policy: Option<NamespacePolicy>,
+    ) -> Result<(Arc<Namespace>, bool), CacheError> {
+        let mut ns = Namespace::new(spec)?;
         let max = self
             .tiers
             .iter()
@@ -159,14 +280,30 @@ impl BlockCache {
                 max,
             });
         }
+        if policy.is_some_and(|p| p.write_through) && self.disk.is_none() {
+            return Err(CacheError::TierNotConfigured {
+                field: "policy.write_through".into(),
+                tier: "disk",
+            });
+        }
         let mut map = self.namespaces.write();
-        if let Some(existing) = map.get(&ns.id) {
+        let existing = map.get(&ns.id).cloned();
+        if let Some(existing) = &existing
+            && policy.is_none_or(|p| p == existing.policy)
+        {
             return Ok((Arc::clone(existing), false));
+        }
+        ns.policy = policy.unwrap_or_default();
+        if let Some(d) = &self.disk
+            && let Err(e) = d.tier.save_namespace(&ns.id, &ns.record())
+        {
+            // The namespace still works; only a restart would forget it.
+            tracing::error!(namespace = %ns.id, error = %e, "disk index: namespace not saved");
         }
         let ns = Arc::new(ns);
         map.insert(ns.id, Arc::clone(&ns));
-        tracing::info!(namespace = %ns.id, model = %ns.spec.model_id, block_bytes = ns.block_bytes, "namespace registered");
-        Ok((ns, true))
+        tracing::info!(namespace = %ns.id, model = %ns.spec.model_id, block_bytes = ns.block_bytes, write_through = ns.policy.write_through, "namespace registered");
+        Ok((ns, existing.is_none()))
     }
 
     pub fn namespaces(&self) -> Vec<Arc<Namespace>> {
@@ -233,8 +370,25 @@ impl BlockCache {
         Ok(items
             .iter()
             .map(|item| {
-                self.host
-                    .put(ns, &item.key, item.parent.as_ref(), &item.payload)
+                let _stripe = self.stripe(ns, &item.key).lock();
+                let out = self
+                    .host
+                    .put(ns, &item.key, item.parent.as_ref(), &item.payload);
+                if let Some(d) = &self.disk {
+                    d.demoter.forget(ns, &item.key);
+                    if d.tier.contains(ns, &item.key) {
+                        d.tier.remove(ns, &item.key, RemoveReason::Delete);
+                    }
+                    if namespace.policy.write_through {
+                        d.demoter.write_through(
+                            ns,
+                            &item.key,
+                            item.parent.as_ref(),
+                            item.payload.clone(),
+                        );
+                    }
+                }
+                out
             })
             .collect())
     }
@@ -246,13 +400,40 @@ impl BlockCache {
         keys: &[BlockKey],
     ) -> Result<Vec<Option<(Bytes, TierKind)>>, CacheError> {
         self.namespace("namespace_id", ns)?;
-        Ok(keys.iter().map(|k| self.get_one(ns, k)).collect())
+        let mut out: Vec<Option<(Bytes, TierKind)>> = keys
+            .iter()
+            .map(|k| self.host.get(ns, k).map(|b| (b, TierKind::Host)))
+            .collect();
+        let Some(d) = &self.disk else {
+            return Ok(out);
+        };
+        let missed: Vec<usize> = (0..keys.len()).filter(|&i| out[i].is_none()).collect();
+        if missed.is_empty() {
+            return Ok(out);
+        }
+        let miss_keys: Vec<BlockKey> = missed.iter().map(|&i| keys[i]).collect();
+        let reads = d.tier.read_many(ns, &miss_keys);
+        for (i, read) in missed.into_iter().zip(reads) {
+            if let Some(read) = read {
+                if d.demoter.config().promote_on_get {
+                    self.promote(d, ns, &keys[i], &read);
+                }
+                out[i] = Some((read.payload, TierKind::Disk));
+            }
+        }
+        Ok(out)
     }
 
-    fn get_one(&self, ns: &NamespaceId, key: &BlockKey) -> Option<(Bytes, TierKind)> {
-        self.tiers
-            .iter()
-            .find_map(|t| t.get(ns, key).map(|b| (b, t.kind())))
+    /// Copies a block read from disk into the host tier, unless the host
+    /// already has the key or a put has replaced the version read.
+    fn promote(&self, d: &DiskSide, ns: &NamespaceId, key: &BlockKey, read: &DiskRead) {
+        let _stripe = self.stripe(ns, key).lock();
+        if self.host.contains(ns, key) || !d.tier.is_current(ns, key, read.seq) {
+            return;
+        }
+        if self.host.put(ns, key, read.parent.as_ref(), &read.payload) == PutOutcome::Stored {
+            d.demoter.count_promotion();
+        }
     }
 
     /// Deletes keys from every tier; returns how many blocks were removed.
@@ -260,6 +441,10 @@ impl BlockCache {
         self.namespace("namespace_id", ns)?;
         let mut n = 0;
         for k in keys {
+            let _stripe = self.stripe(ns, k).lock();
+            if let Some(d) = &self.disk {
+                d.demoter.forget(ns, k);
+            }
             for t in &self.tiers {
                 if t.remove(ns, k, RemoveReason::Delete) == RemoveOutcome::Removed {
                     n += 1;
@@ -269,9 +454,10 @@ impl BlockCache {
         Ok(n)
     }
 
-    /// Demotes keys (or, with `all`, the whole namespace) out of their tier.
-    /// With the host tier as the lowest tier, demotion drops the block.
-    /// Returns (evicted, skipped because pinned).
+    /// Demotes keys (or, with `all`, the whole namespace) one tier down: a
+    /// host-tier block is written to disk (now, not through the queue) and
+    /// leaves the host tier; a block only on disk (or with no disk tier, only
+    /// in the host tier) is dropped. Returns (evicted, skipped because pinned).
     pub fn evict(
         &self,
         ns: &NamespaceId,
@@ -279,18 +465,56 @@ impl BlockCache {
         all: bool,
     ) -> Result<(u32, u32), CacheError> {
         self.namespace("namespace_id", ns)?;
+        let keys: Vec<BlockKey> = if all {
+            let mut v = self.host.keys_of(ns);
+            if let Some(d) = &self.disk {
+                let in_host: std::collections::HashSet<BlockKey> = v.iter().copied().collect();
+                v.extend(
+                    d.tier
+                        .keys_of(ns)
+                        .into_iter()
+                        .filter(|k| !in_host.contains(k)),
+                );
+            }
+            v
+        } else {
+            keys.to_vec()
+        };
         let (mut evicted, mut pinned) = (0, 0);
-        for t in &self.tiers {
-            let keys: Vec<BlockKey> = if all { t.keys_of(ns) } else { keys.to_vec() };
-            for k in &keys {
-                match t.remove(ns, k, RemoveReason::Evict) {
-                    RemoveOutcome::Removed => evicted += 1,
-                    RemoveOutcome::Pinned => pinned += 1,
-                    RemoveOutcome::Missing => {}
-                }
+        for k in &keys {
+            match self.evict_one(ns, k) {
+                RemoveOutcome::Removed => evicted += 1,
+                RemoveOutcome::Pinned => pinned += 1,
+                RemoveOutcome::Missing => {}
             }
         }
         Ok((evicted, pinned))
+    }
+
+    fn evict_one(&self, ns: &NamespaceId, key: &BlockKey) -> RemoveOutcome {
+        let _stripe = self.stripe(ns, key).lock();
+        let Some(meta) = self.host.meta(ns, key) else {
+            return match &self.disk {
+                Some(d) => d.tier.remove(ns, key, RemoveReason::Evict),
+                None => RemoveOutcome::Missing,
+            };
+        };
+        if meta.pins > 0 {
+            return RemoveOutcome::Pinned;
+        }
+        if let Some(d) = &self.disk
+            && !d.tier.holds(ns, key, meta.checksum)
+            && let Some(bytes) = self.host.get(ns, key)
+        {
+            d.demoter.forget(ns, key);
+            let item = DiskPut {
+                key: *key,
+                parent: meta.parent,
+                payload: &bytes,
+            };
+            d.tier.put_many(ns, &[item]);
+        }
+        self.host.remove(ns, key, RemoveReason::Evict)
     }
 
     /// Pins every key (all or none) until `lease` has passed or `unpin`.
@@ -317,13 +541,7 @@ impl BlockCache {
         if keys.is_empty() {
             return Err(CacheError::invalid("keys", "must name at least one block"));
         }
-        let tokens = self
-            .host
-            .pin(ns, keys)
-            .map_err(|i| CacheError::BlockNotCached {
-                field: format!("keys[{i}]"),
-                key: keys[i].to_string(),
-            })?;
+        let tokens = self.pin_all(ns, keys)?;
         let lease_id = self.next_lease.fetch_add(1, Ordering::Relaxed);
         let deadline = Instant::now() + lease;
         self.leases
@@ -333,6 +551,37 @@ impl BlockCache {
             lease_id,
             deadline_unix_ms: unix_ms(SystemTime::now() + lease),
         })
+    }
+
+    /// Pins each key in the fastest tier holding it; all or none.
+    fn pin_all(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Result<Vec<PinToken>, CacheError> {
+        let not_cached = |i: usize| CacheError::BlockNotCached {
+            field: format!("keys[{i}]"),
+            key: keys[i].to_string(),
+        };
+        let mut tokens = Vec::with_capacity(keys.len());
+        for (i, k) in keys.iter().enumerate() {
+            let pinned = self
+                .tiers
+                .iter()
+                .find_map(|t| t.pin(ns, std::slice::from_ref(k)).ok());
+            match pinned {
+                Some(mut t) => tokens.append(&mut t),
+                None => {
+                    for t in &tokens {
+                        self.unpin_token(t);
+                    }
+                    return Err(not_cached(i));
+                }
+            }
+        }
+        Ok(tokens)
+    }
+
+    fn unpin_token(&self, token: &PinToken) {
+        if let Some(t) = self.tiers.iter().find(|t| t.kind() == token.tier) {
+            t.unpin(token);
+        }
     }
 
     /// Ends a lease.
@@ -348,7 +597,7 @@ impl BlockCache {
 
     fn release(&self, lease: &Lease) {
         for t in &lease.tokens {
-            self.host.unpin(t);
+            self.unpin_token(t);
         }
     }
 
@@ -380,7 +629,22 @@ impl BlockCache {
             uptime: self.started.elapsed(),
             event_seq: self.events.last_seq(),
             lookups: self.lookups.load(Ordering::Relaxed),
+            disk: self.disk.as_ref().map(|d| d.tier.disk_stats()),
+            movement: self.disk.as_ref().map(|d| d.demoter.stats()),
         }
+    }
+
+    /// Reads and checks every disk slot (see [`DiskTier::verify`]); blocks for
+    /// the whole scan. Fails without a disk tier.
+    pub fn verify_disk(&self, drop_corrupt: bool) -> Result<VerifyReport, CacheError> {
+        let d = self
+            .disk
+            .as_ref()
+            .ok_or_else(|| CacheError::TierNotConfigured {
+                field: "verify".into(),
+                tier: "disk",
+            })?;
+        Ok(d.tier.verify(drop_corrupt))
     }
 
     /// One page of blocks. The cursor encodes (tier position, position in tier).
@@ -424,28 +688,53 @@ impl BlockCache {
         Ok((out, None))
     }
 
-    /// Metadata of a block plus a checksum of its bytes computed now.
+    /// Metadata of a block plus a checksum of its bytes computed now, and its
+    /// disk slot's header when the disk tier holds it. Reports only: a corrupt
+    /// disk slot is shown, not dropped.
     pub fn inspect(
         &self,
         ns: &NamespaceId,
         key: &BlockKey,
     ) -> Result<Option<Inspection>, CacheError> {
         self.namespace("namespace_id", ns)?;
-        for t in &self.tiers {
-            if let Some(meta) = t.meta(ns, key)
-                && let Some(bytes) = t.get(ns, key)
-            {
-                return Ok(Some(Inspection {
-                    meta,
-                    payload_xxh3: xxh3_64(&bytes),
-                }));
-            }
+        let disk = self
+            .disk
+            .as_ref()
+            .and_then(|d| d.tier.inspect_header(ns, key).ok());
+        if let Some(meta) = self.host.meta(ns, key)
+            && let Some(bytes) = self.host.get(ns, key)
+        {
+            return Ok(Some(Inspection {
+                meta,
+                payload_xxh3: xxh3_64(&bytes),
+                disk,
+            }));
         }
-        Ok(None)
+        // Only on disk: report what the slot holds now, without the read
+        // path's verification (which would drop a corrupt slot).
+        Ok(self.disk.as_ref().and_then(|d| {
+            let meta = d.tier.meta(ns, key)?;
+            let payload_xxh3 = disk.as_ref()?.payload_xxh3;
+            Some(Inspection {
+                meta,
+                payload_xxh3,
+                disk,
+            })
+        }))
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<CacheEvent> {
         self.events.subscribe()
+    }
+}
+
+impl Drop for BlockCache {
+    fn drop(&mut self) {
+        // Let the writer finish the queue and release the disk tier, so the
+        // same paths can be opened again as soon as the cache is gone.
+        if let Some(d) = &self.disk {
+            d.demoter.close();
+        }
     }
 }
 

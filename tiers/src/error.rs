@@ -26,15 +26,18 @@ pub enum CacheError {
     /// No such lease (never granted, ended or expired). → `NotFound`.
     #[error("lease_id: lease {0} does not exist (ended or expired)")]
     LeaseNotFound(u64),
-    /// A namespace's blocks do not fit the tier's slots. → `InvalidArgument`.
+    /// A namespace's blocks do not fit the tiers' slots. → `InvalidArgument`.
     #[error(
-        "{field}: block of {block_bytes} bytes is larger than the host tier's largest slot ({max} bytes)"
+        "{field}: block of {block_bytes} bytes is larger than the largest block every tier can hold ({max} bytes)"
     )]
     BlockTooLarge {
         field: String,
         block_bytes: u64,
         max: u64,
     },
+    /// The operation needs a tier the daemon was started without. → `FailedPrecondition`.
+    #[error("{field}: the daemon has no {tier} tier (see `kvstrata serve --help`)")]
+    TierNotConfigured { field: String, tier: &'static str },
 }
 
 impl CacheError {
@@ -54,7 +57,9 @@ impl CacheError {
             }
             CacheError::UnknownNamespace { .. } | CacheError::LeaseNotFound(_) => "NotFound",
             CacheError::BatchTooLarge { .. } => "ResourceExhausted",
-            CacheError::BlockNotCached { .. } => "FailedPrecondition",
+            CacheError::BlockNotCached { .. } | CacheError::TierNotConfigured { .. } => {
+                "FailedPrecondition"
+            }
         }
     }
 }

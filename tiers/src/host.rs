@@ -59,6 +59,26 @@ impl Default for HostTierConfig {
 
 type IndexKey = (NamespaceId, BlockKey);
 
+/// A block the host tier is evicting under pressure, with its bytes still in
+/// place. Only blocks nobody is reading or has pinned are evicted.
+#[derive(Debug)]
+pub struct Victim<'a> {
+    pub namespace: &'a NamespaceId,
+    pub key: &'a BlockKey,
+    pub parent: Option<&'a BlockKey>,
+    /// xxh3-64 of the payload.
+    pub checksum: u64,
+    pub payload: &'a [u8],
+}
+
+/// Receives the blocks the host tier evicts to make room (the cache demotes
+/// them to disk). Called with the host tier's lock held, before the victim's
+/// slot can be reused: it must be quick (copy the bytes or decline) and must
+/// not call back into the host tier.
+pub trait EvictionSink: Send + Sync {
+    fn evicted(&self, victim: Victim<'_>);
+}
+
 #[derive(Debug)]
 struct Entry {
     ns: NamespaceId,
@@ -99,6 +119,7 @@ struct Meta {
 struct Inner {
     region: Region,
     meta: Mutex<Meta>,
+    sink: std::sync::OnceLock<Arc<dyn EvictionSink>>,
     counters: TierCounters,
     events: Arc<EventBus>,
     capacity: u64,
@@ -138,11 +159,18 @@ impl HostTier {
             inner: Arc::new(Inner {
                 region,
                 meta: Mutex::new(meta),
+                sink: std::sync::OnceLock::new(),
                 counters: TierCounters::default(),
                 events,
                 capacity: config.capacity_bytes,
             }),
         })
+    }
+
+    /// Sets where pressure evictions go (once; later calls are ignored and
+    /// return `false`). Without a sink, evicted blocks are dropped.
+    pub fn set_eviction_sink(&self, sink: Arc<dyn EvictionSink>) -> bool {
+        self.inner.sink.set(sink).is_ok()
     }
 
     /// Bytes the tier can hold in one block.
@@ -307,6 +335,7 @@ impl Meta {
         len: usize,
         events: &mut Vec<PendingEvent>,
         counters: &TierCounters,
+        sink: Option<(&Region, &dyn EvictionSink)>,
     ) -> Option<SlotRef> {
         loop {
             if let Some(slot) = self.arena.alloc(len) {
@@ -331,6 +360,18 @@ impl Meta {
                     .or_else(|| self.pick_reclaim(len))?,
             };
             for id in victims {
+                if let (Some((region, sink)), Some(e)) = (sink, self.entries.get(id)) {
+                    // SAFETY: victims have no readers, and their slot is not
+                    // reused before `unlink` below, under this same lock.
+                    let payload = unsafe { region.slice(self.arena.offset(e.slot), e.len) };
+                    sink.evicted(Victim {
+                        namespace: &e.ns,
+                        key: &e.key,
+                        parent: e.parent.as_ref(),
+                        checksum: e.checksum,
+                        payload,
+                    });
+                }
                 if let Some(ev) = self.unlink(id, EventKind::Evicted) {
                     TierCounters::add(&counters.evictions, 1);
                     events.push(ev);
@@ -451,7 +492,11 @@ impl Tier for HostTier {
         let mut events = Vec::new();
         let reserved = {
             let mut meta = inner.meta.lock();
-            let slot = meta.reserve(len, &mut events, &inner.counters);
+            let sink = inner
+                .sink
+                .get()
+                .map(|s| (&inner.region, s.as_ref() as &dyn EvictionSink));
+            let slot = meta.reserve(len, &mut events, &inner.counters, sink);
             slot.map(|s| (s, meta.arena.offset(s)))
         };
         let Some((slot, offset)) = reserved else {

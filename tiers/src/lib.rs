@@ -8,17 +8,24 @@
 
 pub mod arena;
 pub mod cache;
+pub mod disk;
 pub mod error;
 pub mod events;
 pub mod host;
 pub mod key;
+pub mod movement;
 pub mod namespace;
 pub mod tier;
 
-pub use cache::{BlockCache, CacheConfig, CacheStats, Inspection, LeaseInfo, PutBlock};
+pub use cache::{BlockCache, CacheConfig, CacheStats, Inspection, LeaseInfo, OpenError, PutBlock};
+pub use disk::{
+    DiskError, DiskFileConfig, DiskPut, DiskStats, DiskTier, DiskTierConfig, Durability,
+    EngineChoice, FaultPlan, HeaderInspection, VerifyReport,
+};
 pub use error::CacheError;
 pub use events::{CacheEvent, EventBus, EventKind};
-pub use host::{HostTier, HostTierConfig};
+pub use host::{EvictionSink, HostTier, HostTierConfig, Victim};
 pub use key::{BlockKey, MAX_KEY_BYTES};
-pub use namespace::{Dtype, Layout, Namespace, NamespaceId, NamespaceSpec};
+pub use movement::{MovementConfig, MovementStats};
+pub use namespace::{Dtype, Layout, Namespace, NamespaceId, NamespacePolicy, NamespaceSpec};
 pub use tier::{BlockMeta, PutOutcome, RemoveOutcome, RemoveReason, Tier, TierKind, TierStats};

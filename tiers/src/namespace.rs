@@ -88,6 +88,17 @@ pub enum Layout {
     Opaque = 2,
 }
 
+impl Layout {
+    /// From the wire enum value; `None` for unspecified or unknown values.
+    pub fn from_code(code: i32) -> Option<Self> {
+        match code {
+            1 => Some(Layout::LayerMajor),
+            2 => Some(Layout::Opaque),
+            _ => None,
+        }
+    }
+}
+
 /// A KV geometry. Build one, call [`NamespaceSpec::validate`] (done by
 /// [`NamespaceSpec::id`] too), and use the id in every request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -248,6 +259,46 @@ impl NamespaceSpec {
         out
     }
 
+    /// Decodes [`NamespaceSpec::canonical_encoding`]; `None` if the bytes are
+    /// not one (wrong magic, truncated, trailing bytes, unknown codes).
+    pub fn from_canonical_encoding(bytes: &[u8]) -> Option<Self> {
+        let mut r = bytes.strip_prefix(NAMESPACE_ENCODING_MAGIC)?;
+        fn take<'a>(r: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+            let (head, tail) = r.split_at_checked(n)?;
+            *r = tail;
+            Some(head)
+        }
+        fn u32_of(r: &mut &[u8]) -> Option<u32> {
+            Some(u32::from_le_bytes(take(r, 4)?.try_into().ok()?))
+        }
+        let n = u32_of(&mut r)? as usize;
+        let model_id = String::from_utf8(take(&mut r, n)?.to_vec()).ok()?;
+        let n = u32_of(&mut r)? as usize;
+        let model_fingerprint = take(&mut r, n)?.to_vec();
+        let num_layers = u32_of(&mut r)?;
+        let num_kv_heads = u32_of(&mut r)?;
+        let head_dim = u32_of(&mut r)?;
+        let dtype = Dtype::from_code(i32::from(*take(&mut r, 1)?.first()?))?;
+        let block_tokens = u32_of(&mut r)?;
+        let layout = Layout::from_code(i32::from(*take(&mut r, 1)?.first()?))?;
+        let tp_rank = u32_of(&mut r)?;
+        let tp_size = u32_of(&mut r)?;
+        let opaque_block_bytes = u64::from_le_bytes(take(&mut r, 8)?.try_into().ok()?);
+        r.is_empty().then_some(NamespaceSpec {
+            model_id,
+            model_fingerprint,
+            num_layers,
+            num_kv_heads,
+            head_dim,
+            dtype,
+            block_tokens,
+            layout,
+            tp_rank,
+            tp_size,
+            opaque_block_bytes,
+        })
+    }
+
     /// The namespace id: `xxh3_128(canonical_encoding)` as 16 little-endian bytes.
     pub fn id(&self) -> Result<NamespaceId, CacheError> {
         self.validate()?;
@@ -300,13 +351,25 @@ impl fmt::Debug for NamespaceId {
     }
 }
 
-/// A registered namespace: its spec, id and block size.
+/// How the cache treats a namespace's blocks. Not part of the identity: a
+/// namespace registered again with another policy keeps its id and blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NamespacePolicy {
+    /// Every put is also written to the disk tier in the background.
+    pub write_through: bool,
+}
+
+/// A registered namespace: its spec, id, block size and policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Namespace {
     pub id: NamespaceId,
     pub spec: NamespaceSpec,
     pub block_bytes: u64,
+    pub policy: NamespacePolicy,
 }
+
+/// Magic of a persisted namespace record ([`Namespace::record`]).
+const RECORD_MAGIC: &[u8] = b"kvsns1";
 
 impl Namespace {
     /// Validates the spec and derives id and block size.
@@ -318,7 +381,27 @@ impl Namespace {
             id,
             spec,
             block_bytes,
+            policy: NamespacePolicy::default(),
         })
+    }
+
+    /// The persisted form: magic, a flags byte (bit 0: write-through), then
+    /// the spec's canonical encoding.
+    pub fn record(&self) -> Vec<u8> {
+        let mut out = RECORD_MAGIC.to_vec();
+        out.push(u8::from(self.policy.write_through));
+        out.extend_from_slice(&self.spec.canonical_encoding());
+        out
+    }
+
+    /// Decodes [`Namespace::record`]; `None` if it is not one or its spec is invalid.
+    pub fn from_record(bytes: &[u8]) -> Option<Self> {
+        let rest = bytes.strip_prefix(RECORD_MAGIC)?;
+        let (&flags, enc) = rest.split_first()?;
+        let spec = NamespaceSpec::from_canonical_encoding(enc)?;
+        let mut ns = Namespace::new(spec).ok()?;
+        ns.policy.write_through = flags & 1 != 0;
+        Some(ns)
     }
 }
 
@@ -334,6 +417,33 @@ mod tests {
     fn block_bytes_follow_geometry() {
         // 30 layers * 2 * 16 tokens * 3 heads * 64 dims * 2 bytes = 23,040 bytes per token * 16.
         assert_eq!(smollm().block_bytes().unwrap(), 23_040 * 16);
+    }
+
+    #[test]
+    fn canonical_encoding_decodes_back() {
+        let mut opaque = NamespaceSpec::layer_major("m", 1, 1, 8, Dtype::Bf16, 4);
+        opaque.layout = Layout::Opaque;
+        opaque.opaque_block_bytes = 4096;
+        opaque.model_fingerprint = vec![7; 32];
+        for spec in [smollm().normalized(), opaque.normalized()] {
+            let enc = spec.canonical_encoding();
+            assert_eq!(NamespaceSpec::from_canonical_encoding(&enc), Some(spec));
+            assert_eq!(
+                NamespaceSpec::from_canonical_encoding(&enc[..enc.len() - 1]),
+                None
+            );
+            let mut longer = enc.clone();
+            longer.push(0);
+            assert_eq!(NamespaceSpec::from_canonical_encoding(&longer), None);
+        }
+    }
+
+    #[test]
+    fn namespace_record_round_trips() {
+        let mut ns = Namespace::new(smollm()).unwrap();
+        ns.policy.write_through = true;
+        assert_eq!(Namespace::from_record(&ns.record()), Some(ns.clone()));
+        assert_eq!(Namespace::from_record(&ns.record()[1..]), None);
     }
 
     #[test]

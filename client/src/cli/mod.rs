@@ -168,6 +168,12 @@ pub enum ClientCommand {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// Read and check every disk-tier slot; exits non-zero if any is corrupt
+    Verify {
+        /// Also drop the corrupt slots (as a read would), instead of only reporting them
+        #[arg(long)]
+        drop: bool,
+    },
 }
 
 /// `ns` subcommands.
@@ -212,6 +218,11 @@ pub struct RegisterArgs {
     /// Opaque layout with blocks of exactly this many bytes (instead of layer-major)
     #[arg(long)]
     pub opaque_bytes: Option<u64>,
+    /// Write every put to the disk tier too, in the background (needs a disk tier).
+    /// Given on an already registered namespace, it changes its policy;
+    /// `--write-through=false` turns it off.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub write_through: Option<bool>,
 }
 
 /// Arguments of `put`.
@@ -262,6 +273,9 @@ pub enum CliError {
     /// The server did not store a block.
     #[error("{0}")]
     NotStored(String),
+    /// `verify` found corrupt disk slots.
+    #[error("{0} corrupt disk slot(s) found")]
+    Corrupt(u64),
     /// Reading or writing a file (or stdin/stdout) failed.
     #[error("{path}: {source}")]
     Io {
@@ -333,31 +347,37 @@ mod tests {
         assert!(matches!(c.cmd, Top::Client(ClientCommand::Stats)));
     }
 
-    #[test]
-    fn register_args() {
-        let c = parse(&[
+    /// `ns register` with the given geometry flags, then `extra`.
+    fn register(model: &str, geometry: [&str; 5], extra: &[&str]) -> Result<RegisterArgs, String> {
+        let [layers, heads, dim, dtype, tokens] = geometry;
+        let mut args = vec![
             "ns",
             "register",
             "--model",
-            "SmolLM2-135M-Instruct",
+            model,
             "--layers",
-            "30",
+            layers,
             "--kv-heads",
-            "3",
+            heads,
             "--head-dim",
-            "64",
+            dim,
             "--dtype",
-            "f16",
+            dtype,
             "--block-tokens",
-            "16",
-        ])
-        .unwrap();
-        let Top::Client(ClientCommand::Ns(NsCommand::Register(a))) = c.cmd else {
-            panic!("{c:?}")
-        };
-        let spec = spec_from_args(&a).unwrap();
+            tokens,
+        ];
+        args.extend_from_slice(extra);
+        match parse(&args).map_err(|e| e.to_string())?.cmd {
+            Top::Client(ClientCommand::Ns(NsCommand::Register(a))) => Ok(a),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn register_args() {
+        let a = register("SmolLM2-135M-Instruct", ["30", "3", "64", "f16", "16"], &[]).unwrap();
         assert_eq!(
-            spec,
+            spec_from_args(&a).unwrap(),
             kvstrata_tiers::NamespaceSpec::layer_major(
                 "SmolLM2-135M-Instruct",
                 30,
@@ -367,21 +387,8 @@ mod tests {
                 16
             )
         );
-        let c = parse(&[
-            "ns",
-            "register",
-            "--model",
-            "m",
-            "--layers",
-            "1",
-            "--kv-heads",
-            "1",
-            "--head-dim",
-            "1",
-            "--dtype",
-            "int8",
-            "--block-tokens",
-            "4",
+        assert_eq!(a.write_through, None);
+        let extra = [
             "--opaque-bytes",
             "4096",
             "--fingerprint",
@@ -390,35 +397,23 @@ mod tests {
             "1",
             "--tp-size",
             "2",
-        ])
-        .unwrap();
-        let Top::Client(ClientCommand::Ns(NsCommand::Register(a))) = c.cmd else {
-            panic!("{c:?}")
-        };
+            "--write-through",
+        ];
+        let a = register("m", ["1", "1", "1", "int8", "4"], &extra).unwrap();
         let spec = spec_from_args(&a).unwrap();
         assert_eq!(spec.layout, kvstrata_tiers::Layout::Opaque);
         assert_eq!(spec.opaque_block_bytes, 4096);
         assert_eq!(spec.model_fingerprint, vec![0xab, 0xcd]);
         assert_eq!((spec.tp_rank, spec.tp_size), (1, 2));
-        assert!(
-            parse(&[
-                "ns",
-                "register",
-                "--model",
-                "m",
-                "--layers",
-                "1",
-                "--kv-heads",
-                "1",
-                "--head-dim",
-                "1",
-                "--dtype",
-                "f64",
-                "--block-tokens",
-                "4"
-            ])
-            .is_err()
-        );
+        assert_eq!(a.write_through, Some(true));
+        let a = register(
+            "m",
+            ["1", "1", "1", "int8", "4"],
+            &["--write-through=false"],
+        )
+        .unwrap();
+        assert_eq!(a.write_through, Some(false));
+        assert!(register("m", ["1", "1", "1", "f64", "4"], &[]).is_err());
     }
 
     #[test]
@@ -442,5 +437,9 @@ mod tests {
         assert!(parse(&["ls", "--tier", "ssd"]).is_err());
         assert!(parse(&["watch", "--count", "3"]).is_ok());
         assert!(parse(&["unpin", "17"]).is_ok());
+        assert!(matches!(
+            parse(&["verify", "--drop"]).unwrap().cmd,
+            Top::Client(ClientCommand::Verify { drop: true })
+        ));
     }
 }

@@ -172,6 +172,7 @@ pub fn namespace_json(n: &proto::NamespaceInfo) -> Value {
         "tp_size": spec.tp_size,
         "opaque_block_bytes": spec.opaque_block_bytes,
         "block_bytes": n.block_bytes,
+        "write_through": n.policy.as_ref().is_some_and(|p| p.write_through),
     })
 }
 
@@ -201,7 +202,93 @@ pub fn tier_stats_json(t: &proto::TierStats) -> Value {
         "bytes_out": t.bytes_out,
         "pinned_blocks": t.pinned_blocks,
         "rejected_puts": t.rejected_puts,
+        "io_engine": (!t.io_engine.is_empty()).then_some(&t.io_engine),
+        "corrupt_blocks": t.corrupt_blocks,
+        "io_errors": t.io_errors,
+        "io_timeouts": t.io_timeouts,
+        "read_bytes": t.read_bytes,
+        "write_bytes": t.write_bytes,
+        "read_bytes_per_sec": t.read_bytes_per_sec,
+        "write_bytes_per_sec": t.write_bytes_per_sec,
     })
+}
+
+pub fn movement_json(m: &proto::MovementStats) -> Value {
+    json!({
+        "demoted": m.demoted,
+        "demote_dropped": m.demote_dropped,
+        "demote_failed": m.demote_failed,
+        "demote_skipped": m.demote_skipped,
+        "demote_queued_bytes": m.demote_queued_bytes,
+        "promoted": m.promoted,
+        "write_through": m.write_through,
+    })
+}
+
+pub fn disk_slot_json(d: &proto::DiskSlot) -> Value {
+    json!({
+        "file": d.file,
+        "offset": d.offset,
+        "slot_bytes": d.slot_bytes,
+        "index_payload_len": d.index_payload_len,
+        "index_xxh3": xxh3_hex(d.index_xxh3),
+        "index_seq": d.index_seq,
+        "header": d.header.as_ref().map(|h| json!({
+            "format_version": h.format_version,
+            "namespace_id": hex::encode(&h.namespace_id),
+            "key": key_json(&h.key),
+            "parent": key_json(&h.parent),
+            "payload_len": h.payload_len,
+            "payload_xxh3": xxh3_hex(h.payload_xxh3),
+            "seq": h.seq,
+        })),
+        "problem": (!d.problem.is_empty()).then_some(&d.problem),
+        "payload_checksum_ok": d.payload_checksum_ok,
+        "verifies": d.problem.is_empty(),
+    })
+}
+
+/// `inspect` rows for a block's disk slot.
+pub fn disk_slot_rows(d: &proto::DiskSlot) -> Vec<(&'static str, String)> {
+    let mut rows = vec![
+        (
+            "disk slot",
+            format!("{} @ {} ({} bytes)", d.file, d.offset, d.slot_bytes),
+        ),
+        (
+            "disk index",
+            format!(
+                "payload {} bytes, xxh3-64 {}, seq {}",
+                d.index_payload_len,
+                xxh3_hex(d.index_xxh3),
+                d.index_seq
+            ),
+        ),
+    ];
+    match &d.header {
+        Some(h) => rows.push((
+            "disk header",
+            format!(
+                "v{} key {} parent {} payload {} bytes, xxh3-64 {}, seq {}",
+                h.format_version,
+                key(&h.key),
+                key(&h.parent),
+                h.payload_len,
+                xxh3_hex(h.payload_xxh3),
+                h.seq
+            ),
+        )),
+        None => rows.push(("disk header", "unreadable".into())),
+    }
+    rows.push((
+        "disk check",
+        if d.problem.is_empty() {
+            "ok (header matches the index, payload checksum verifies)".into()
+        } else {
+            format!("FAILED: {}", d.problem)
+        },
+    ));
+    rows
 }
 
 pub fn event_json(e: &proto::WatchEvent) -> Value {

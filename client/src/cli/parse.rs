@@ -162,6 +162,7 @@ mod tests {
                 ..Default::default()
             }),
             block_bytes: 1024,
+            policy: None,
         }
     }
 

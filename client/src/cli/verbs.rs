@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use kvstrata_proto::v1 as proto;
-use kvstrata_tiers::NamespaceId;
+use kvstrata_tiers::{NamespaceId, NamespacePolicy};
 use serde_json::json;
 use tokio::io::AsyncReadExt;
 use tokio_stream::StreamExt;
@@ -31,6 +31,7 @@ pub(super) async fn run(cmd: ClientCommand, g: &GlobalArgs) -> Result<(), CliErr
         ClientCommand::Pin { ns, lease, keys } => pin(c, g, &ns, lease, &keys).await,
         ClientCommand::Unpin { lease_id } => unpin(c, g, lease_id).await,
         ClientCommand::Watch { ns, count } => watch(c, g, ns.as_deref(), count).await,
+        ClientCommand::Verify { drop } => verify(c, g, drop).await,
     }
 }
 
@@ -44,12 +45,16 @@ async fn namespace(c: &Client, arg: &str) -> Result<NamespaceId, CliError> {
 
 async fn ns_register(c: &Client, g: &GlobalArgs, a: &super::RegisterArgs) -> Result<(), CliError> {
     let spec = super::spec_from_args(a)?;
-    let r = c.register_namespace(&spec).await?;
+    let policy = a
+        .write_through
+        .map(|write_through| NamespacePolicy { write_through });
+    let r = c.register_namespace_with(&spec, policy).await?;
     if g.json {
         return out::json_doc(&json!({
             "namespace_id": r.id.to_hex(),
             "block_bytes": r.block_bytes,
             "created": r.created,
+            "write_through": a.write_through,
         }));
     }
     line(r.id)?;
@@ -125,6 +130,7 @@ async fn stats(c: &Client, g: &GlobalArgs) -> Result<(), CliError> {
             "uptime_ms": s.uptime_ms,
             "version": s.version,
             "event_seq": s.event_seq,
+            "movement": s.movement.as_ref().map(out::movement_json),
         }));
     }
     let mut t = out::table(
@@ -161,6 +167,29 @@ async fn stats(c: &Client, g: &GlobalArgs) -> Result<(), CliError> {
         ]);
     }
     line(t)?;
+    for d in s.tiers.iter().filter(|t| !t.io_engine.is_empty()) {
+        line(format!(
+            "disk: engine {}  read {}/s  write {}/s  corrupt blocks {}  I/O errors {}  timeouts {}",
+            d.io_engine,
+            out::size(d.read_bytes_per_sec as u64),
+            out::size(d.write_bytes_per_sec as u64),
+            d.corrupt_blocks,
+            d.io_errors,
+            d.io_timeouts
+        ))?;
+    }
+    if let Some(m) = &s.movement {
+        line(format!(
+            "movement: demoted {}  dropped (queue full) {}  failed {}  skipped (already on disk) {}  queued {}  promoted {}  write-through {}",
+            m.demoted,
+            m.demote_dropped,
+            m.demote_failed,
+            m.demote_skipped,
+            out::size(m.demote_queued_bytes),
+            m.promoted,
+            m.write_through
+        ))?;
+    }
     line(format!(
         "namespaces: {}  leases: {}  uptime: {}  version: {}  event seq: {}",
         s.namespaces,
@@ -233,9 +262,10 @@ async fn inspect(c: &Client, g: &GlobalArgs, ns: &str, key: &str) -> Result<(), 
             "payload_xxh3": out::xxh3_hex(r.payload_xxh3),
             "stored_xxh3": out::xxh3_hex(r.stored_xxh3),
             "checksum_ok": r.checksum_ok,
+            "disk_slot": r.disk_slot.as_ref().map(out::disk_slot_json),
         }));
     }
-    line(out::fields(vec![
+    let mut rows = vec![
         ("namespace", hex::encode(&b.namespace_id)),
         ("key", out::key(&b.key)),
         ("parent", out::key(&b.parent)),
@@ -253,7 +283,66 @@ async fn inspect(c: &Client, g: &GlobalArgs, ns: &str, key: &str) -> Result<(), 
             "checksum",
             if r.checksum_ok { "ok" } else { "MISMATCH" }.to_string(),
         ),
-    ]))
+    ];
+    if let Some(d) = &r.disk_slot {
+        rows.extend(out::disk_slot_rows(d));
+    }
+    line(out::fields(rows))
+}
+
+async fn verify(c: &Client, g: &GlobalArgs, drop: bool) -> Result<(), CliError> {
+    let r = c.verify(drop).await?;
+    let corrupt = r.corrupt.len() as u64;
+    if g.json {
+        let slots: Vec<_> = r
+            .corrupt
+            .iter()
+            .map(|s| {
+                json!({
+                    "namespace_id": hex::encode(&s.namespace_id),
+                    "key": out::key_json(&s.key),
+                    "file": s.file,
+                    "offset": s.offset,
+                    "problem": s.problem,
+                })
+            })
+            .collect();
+        out::json_doc(&json!({
+            "scanned": r.scanned,
+            "corrupt": slots,
+            "unreadable": r.unreadable,
+            "dropped": drop,
+        }))?;
+    } else {
+        if corrupt > 0 {
+            let mut t = out::table(&["namespace", "key", "file", "offset", "problem"], &[3]);
+            for s in &r.corrupt {
+                t.add_row(vec![
+                    hex::encode(&s.namespace_id),
+                    out::key(&s.key),
+                    s.file.clone(),
+                    s.offset.to_string(),
+                    s.problem.clone(),
+                ]);
+            }
+            line(t)?;
+        }
+        line(format!(
+            "{} slots scanned, {} corrupt{}, {} unreadable",
+            r.scanned,
+            corrupt,
+            if drop && corrupt > 0 {
+                " (dropped)"
+            } else {
+                ""
+            },
+            r.unreadable
+        ))?;
+    }
+    if corrupt > 0 {
+        return Err(CliError::Corrupt(corrupt));
+    }
+    Ok(())
 }
 
 async fn read_file(path: &Path) -> Result<Vec<u8>, CliError> {

@@ -1,0 +1,207 @@
+#!/usr/bin/env bash
+# kvstrata disk tier vs. fio on the same filesystem, block size and queue depth.
+#
+# For each block size: fio writes a fresh file of SIZE bytes sequentially
+# (--rw=write) and then reads it back in random order (--rw=randread), both
+# --direct=1 --ioengine=io_uring --iodepth=QD, one job; then
+# `kvstrata bench-disk` does the same with the disk tier: it creates a fresh
+# (fallocated) slot file, writes SIZE bytes of distinct blocks and reads them
+# all back in a shuffled order, checking every byte. It runs once per entry
+# of CALLERS: with C callers, each put_many / get_many call carries QD/C
+# blocks, so at most QD transfers are in flight, as in fio (C=1: one caller,
+# QD blocks per call). Both write to freshly allocated space (fio's
+# default fallocate=native and the tier's fallocate both leave unwritten
+# extents, so both pay the conversion on first write); neither overwrites.
+# Prints one markdown table on stdout; progress goes to stderr.
+#
+# Usage (from anywhere; paths are relative to the repository root):
+#   cargo build --release --workspace && benches/disk.sh
+#
+# Environment:
+#   KVSTRATA      kvstrata binary                    (target/release/kvstrata)
+#   DIR           directory on the filesystem under test; a fresh subdirectory
+#                 is made there and removed at the end (target/; not /tmp,
+#                 which may be tmpfs and refuse O_DIRECT)
+#   BLOCK_SIZES   block sizes, fio syntax            ("256K 1M")
+#   QD            queue depth / blocks per call      (16)
+#   SIZE          bytes written and read per run     (4G)
+#   CALLERS       kvstrata caller counts, each run with QD/C blocks per call
+#                 (fio always runs one job at iodepth QD)   ("1 2")
+#   REPEAT        runs per block size, alternating fio and kvstrata; with more
+#                 than one, a median row per block size follows     (3)
+#   KEEP_WORKDIR=1  keep the work directory's JSON reports (data files are removed)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+BIN=${KVSTRATA:-target/release/kvstrata}
+BLOCK_SIZES=${BLOCK_SIZES:-"256K 1M"}
+QD=${QD:-16}
+SIZE=${SIZE:-4G}
+CALLERS=${CALLERS:-"1 2"}
+REPEAT=${REPEAT:-3}
+BASE=${DIR:-$ROOT/target}
+
+log() { printf '[disk] %s\n' "$*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+# ---------------------------------------------------------------- processes
+mkdir -p "$BASE"
+WORK=$(mktemp -d "$BASE/kvstrata-disk.XXXXXX")
+CHILD= # the foreground command of run_to, if any
+
+stop_pid() {
+    local pid=$1
+    kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if [[ -n $CHILD ]]; then
+        stop_pid "$CHILD"
+    fi
+    rm -f "$WORK"/*.dat
+    if [[ ${KEEP_WORKDIR:-0} == 1 ]]; then
+        log "kept $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# run_to OUT CMD...: runs CMD with stdout to OUT in the background and waits
+# for it, so that a signal to this script is handled at once (bash runs traps
+# only between foreground commands) and the child is stopped by cleanup.
+run_to() {
+    local out=$1 rc=0
+    shift
+    "$@" >"$out" &
+    CHILD=$!
+    wait "$CHILD" || rc=$?
+    CHILD=
+    return "$rc"
+}
+
+fmt2() { awk -v x="$1" 'BEGIN { printf "%.2f", x }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
+
+install_pkgs() {
+    local sudo=()
+    if [[ $(id -u) != 0 ]]; then
+        command -v sudo >/dev/null || die "need root or sudo to install: $*"
+        sudo=(sudo)
+    fi
+    log "installing $* with apt-get"
+    "${sudo[@]}" apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "$@" >&2
+}
+
+# ------------------------------------------------------------ prerequisites
+missing=()
+command -v jq >/dev/null || missing+=(jq)
+command -v fio >/dev/null || missing+=(fio)
+if ((${#missing[@]})); then
+    install_pkgs "${missing[@]}"
+fi
+[[ -x $BIN ]] || die "no $BIN: build it with 'cargo build --release --workspace' or set KVSTRATA"
+
+# fio_run NAME RW BS OUT: one fio job on $WORK/fio.dat; JSON report in OUT.
+fio_run() {
+    local name=$1 rw=$2 bs=$3 out=$4
+    run_to "$out" fio --name="$name" --filename="$WORK/fio.dat" --size="$SIZE" \
+        --rw="$rw" --bs="$bs" --iodepth="$QD" --direct=1 --ioengine=io_uring \
+        --numjobs=1 --output-format=json ||
+        die "fio $rw failed: $(cat "$out")"
+}
+
+# fio_gbps OUT DIR: decimal GB/s of the job's read or write side.
+fio_gbps() { jq -r --arg d "$2" '.jobs[0][$d] | (.io_bytes / (.runtime / 1000) / 1e9)' "$1"; }
+
+# ---------------------------------------------------------------------- runs
+for c in $CALLERS; do
+    ((c >= 1 && QD % c == 0)) || die "CALLERS entry $c does not divide QD=$QD"
+done
+ROWS=() # "size|callers|per_call|fio_w|kv_w|fio_r|kv_r|w_p50|w_p99|r_p50|r_p99"
+FAILED=0
+engine="?"
+log "work directory $WORK ($(df -T "$WORK" | awk 'NR == 2 { print $2 " on " $1 }'))"
+for rep in $(seq 1 "$REPEAT"); do
+    for bs in $BLOCK_SIZES; do
+        tag=$bs-$rep
+        rm -f "$WORK/fio.dat"
+        log "fio: write then randread, bs $bs, QD $QD, $SIZE (run $rep)"
+        fio_run write write "$bs" "$WORK/fio-write-$tag.json"
+        fio_run randread randread "$bs" "$WORK/fio-read-$tag.json"
+        rm -f "$WORK/fio.dat"
+        fw=$(fio_gbps "$WORK/fio-write-$tag.json" write)
+        fr=$(fio_gbps "$WORK/fio-read-$tag.json" read)
+
+        for c in $CALLERS; do
+            per=$((QD / c))
+            log "kvstrata bench-disk: block $bs, $c caller(s) x $per per call, $SIZE (run $rep)"
+            out=$WORK/kvstrata-$tag-$c.json
+            rc=0
+            run_to "$out" "$BIN" bench-disk --dir "$WORK" --block-size "$bs" --total "$SIZE" \
+                --queue-depth "$per" --threads "$c" --json || rc=$?
+            if ! jq -e '.read' "$out" >/dev/null 2>&1; then
+                die "kvstrata bench-disk failed (exit $rc), no report"
+            fi
+            if ((rc != 0)); then
+                log "kvstrata bench-disk: exit $rc (verification failed?)"
+                FAILED=1
+            fi
+            engine=$(jq -r '.engine' "$out")
+            ROWS+=("$bs|$c|$per|$fw|$(jq -r '.write.gb_per_s' "$out")|$fr|$(jq -r '.read.gb_per_s' "$out")|$(jq -r '[.write.p50_us, .write.p99_us, .read.p50_us, .read.p99_us] | map(. / 1000) | join("|")' "$out")")
+        done
+    done
+done
+
+# ---------------------------------------------------------------------- table
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+echo
+echo "| block size | kvstrata callers × blocks per call | run | fio write GB/s | kvstrata write GB/s | write ratio | fio read GB/s | kvstrata read GB/s | read ratio | kvstrata p50 / p99 per call, write (ms) | read (ms) |"
+echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+declare -A COL=()
+declare -A RUN=()
+for row in "${ROWS[@]}"; do
+    IFS='|' read -r bs c per fw kw fr kr w50 w99 r50 r99 <<<"$row"
+    k=$bs,$c
+    RUN[$k]=$((${RUN[$k]:-0} + 1))
+    echo "| $bs | $c × $per | ${RUN[$k]} | $(fmt2 "$fw") | $(fmt2 "$kw") | $(ratio "$kw" "$fw") | $(fmt2 "$fr") | $(fmt2 "$kr") | $(ratio "$kr" "$fr") | $(fmt2 "$w50") / $(fmt2 "$w99") | $(fmt2 "$r50") / $(fmt2 "$r99") |"
+    COL[$k,fw]+=" $fw"
+    COL[$k,kw]+=" $kw"
+    COL[$k,fr]+=" $fr"
+    COL[$k,kr]+=" $kr"
+    COL[$k,wr]+=" $(ratio "$kw" "$fw")"
+    COL[$k,rr]+=" $(ratio "$kr" "$fr")"
+done
+if ((REPEAT > 1)); then
+    for bs in $BLOCK_SIZES; do
+        for c in $CALLERS; do
+            k=$bs,$c
+            m() { median <<<"${COL[$k,$1]}"; }
+            echo "| $bs | $c × $((QD / c)) | **median** | $(fmt2 "$(m fw)") | $(fmt2 "$(m kw)") | **$(fmt2 "$(m wr)")** | $(fmt2 "$(m fr)") | $(fmt2 "$(m kr)") | **$(fmt2 "$(m rr)")** | | |"
+        done
+    done
+fi
+echo
+echo "fio: --direct=1 --ioengine=io_uring --iodepth=$QD --numjobs=1 --size=$SIZE, --rw=write on a fresh file, then --rw=randread of it."
+echo "kvstrata: bench-disk (engine $engine), C callers × $QD/C blocks per put_many / get_many call (at most $QD transfers in flight, as fio), $SIZE of distinct blocks into a fresh slot file, then every block read once in shuffled order and checked byte for byte."
+echo "GB/s: payload bytes per second, decimal (the tier also moves a 4 KiB header per block). Each run is one fio pair, then kvstrata per caller count; ratios are kvstrata / fio of the same run; median rows take the median of each column (ratios: of the per-run ratios)."
+exit "$FAILED"
