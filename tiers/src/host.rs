@@ -13,13 +13,15 @@
 //!
 //! # Eviction
 //!
-//! When a size class has no free slot, the tier evicts, in this order: the least
-//! recently used *leaf* (a block no cached block names as parent), then the least
-//! recently used inner block. Pinned blocks and blocks being read are never
-//! chosen. If the class has nothing to evict, a whole segment of another class
-//! is reclaimed (its blocks evicted) when none of them is pinned or being read.
+//! When a size class has no free slot, the tier evicts by the policy it shares
+//! with the disk tier (`eviction.rs`): least recently used *leaves* (blocks no
+//! cached block names as parent) before inner blocks, pinned blocks and blocks
+//! being read never, and whole segments of another size class when that class
+//! holds the least recently used data, so capacity follows recency. With an
+//! [`EvictionSink`] set (the cache's demotion queue), each victim is offered to
+//! it before its slot is reused.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -30,6 +32,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::arena::{Region, SlotArena, SlotRef};
 use crate::events::{EventBus, EventKind, PendingEvent};
+use crate::eviction::{Evictable, LruSets, choose_victims};
 use crate::key::BlockKey;
 use crate::namespace::NamespaceId;
 use crate::tier::{
@@ -96,12 +99,6 @@ struct Entry {
     incarnation: u64,
 }
 
-#[derive(Debug, Default)]
-struct EvictionSets {
-    leaves: BTreeMap<u64, usize>,
-    inner: BTreeMap<u64, usize>,
-}
-
 struct Meta {
     arena: SlotArena,
     entries: Slab<Entry>,
@@ -109,7 +106,7 @@ struct Meta {
     /// Cached blocks per parent key (whether or not the parent is cached).
     child_count: HashMap<IndexKey, u32>,
     /// Eviction candidates (live, unpinned) per slot size.
-    sets: HashMap<usize, EvictionSets>,
+    sets: LruSets,
     slot_owner: HashMap<SlotRef, usize>,
     tick: u64,
     next_incarnation: u64,
@@ -149,7 +146,7 @@ impl HostTier {
             entries: Slab::new(),
             index: HashMap::new(),
             child_count: HashMap::new(),
-            sets: HashMap::new(),
+            sets: LruSets::default(),
             slot_owner: HashMap::new(),
             tick: 0,
             next_incarnation: 1,
@@ -192,22 +189,16 @@ impl Meta {
             return;
         }
         let leaf = self.is_leaf(&e.ns, &e.key);
-        let sets = self.sets.entry(e.len).or_default();
-        if leaf {
-            sets.leaves.insert(e.tick, id);
-        } else {
-            sets.inner.insert(e.tick, id);
-        }
+        let (class, tick) = (e.len, e.tick);
+        self.sets.insert(class, tick, id, leaf);
     }
 
     fn set_remove(&mut self, id: usize) {
         let Some(e) = self.entries.get(id) else {
             return;
         };
-        if let Some(sets) = self.sets.get_mut(&e.len) {
-            sets.leaves.remove(&e.tick);
-            sets.inner.remove(&e.tick);
-        }
+        let (class, tick) = (e.len, e.tick);
+        self.sets.remove(class, tick);
     }
 
     fn touch(&mut self, id: usize) {
@@ -286,17 +277,6 @@ impl Meta {
         }
     }
 
-    /// The least recently used evictable block of a size class: leaves first.
-    fn pick_victim(&self, slot_bytes: usize) -> Option<usize> {
-        let sets = self.sets.get(&slot_bytes)?;
-        let idle = |id: &usize| self.entries.get(*id).is_some_and(|e| e.readers == 0);
-        sets.leaves
-            .values()
-            .find(|id| idle(id))
-            .or_else(|| sets.inner.values().find(|id| idle(id)))
-            .copied()
-    }
-
     /// A segment of another class whose blocks can all be evicted now, with
     /// the fewest live blocks.
     fn pick_reclaim(&self, slot_bytes: usize) -> Option<Vec<usize>> {
@@ -341,24 +321,7 @@ impl Meta {
             if let Some(slot) = self.arena.alloc(len) {
                 return Some(slot);
             }
-            let victims = match self.oldest_idle_leaf() {
-                // The least recently used leaf anywhere is of this size: it goes.
-                Some((class, id)) if class == len => vec![id],
-                // Another size class holds the least recently used data: take
-                // back the segment it lives in, so capacity follows recency
-                // instead of staying with whichever class filled the tier first.
-                Some((_, id)) => match self.reclaimable_segment_of(id) {
-                    Some(owners) => owners,
-                    None => self
-                        .pick_victim(len)
-                        .map(|v| vec![v])
-                        .or_else(|| self.pick_reclaim(len))?,
-                },
-                None => self
-                    .pick_victim(len)
-                    .map(|v| vec![v])
-                    .or_else(|| self.pick_reclaim(len))?,
-            };
+            let victims = choose_victims(self, len)?;
             for id in victims {
                 if let (Some((region, sink)), Some(e)) = (sink, self.entries.get(id)) {
                     // SAFETY: victims have no readers, and their slot is not
@@ -378,24 +341,6 @@ impl Meta {
                 }
             }
         }
-    }
-
-    /// The least recently used leaf that nobody is reading, over every size
-    /// class, with its class.
-    fn oldest_idle_leaf(&self) -> Option<(usize, usize)> {
-        let mut best: Option<(u64, usize, usize)> = None;
-        for (class, sets) in &self.sets {
-            let first = sets
-                .leaves
-                .iter()
-                .find(|(_, id)| self.entries.get(**id).is_some_and(|e| e.readers == 0));
-            if let Some((tick, id)) = first
-                && best.is_none_or(|(t, _, _)| *tick < t)
-            {
-                best = Some((*tick, *class, *id));
-            }
-        }
-        best.map(|(_, class, id)| (class, id))
     }
 
     /// Every block of the segment holding `id`, if all of them can be evicted now.
@@ -431,6 +376,25 @@ impl Meta {
 }
 
 /// A slot reserved by a writer; freed on drop unless published.
+impl Evictable for Meta {
+    fn sets(&self) -> &LruSets {
+        &self.sets
+    }
+
+    fn idle(&self, id: usize) -> bool {
+        self.entries.get(id).is_some_and(|e| e.readers == 0)
+    }
+
+    /// Every segment holds slots up to the segment size: any class fits.
+    fn whole_segment_of(&self, id: usize, _class: usize) -> Option<Vec<usize>> {
+        self.reclaimable_segment_of(id)
+    }
+
+    fn any_reclaimable_segment(&self, class: usize) -> Option<Vec<usize>> {
+        self.pick_reclaim(class)
+    }
+}
+
 struct Reservation<'a> {
     inner: &'a Inner,
     slot: Option<SlotRef>,

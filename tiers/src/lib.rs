@@ -11,6 +11,7 @@ pub mod cache;
 pub mod disk;
 pub mod error;
 pub mod events;
+mod eviction;
 pub mod host;
 pub mod key;
 pub mod movement;

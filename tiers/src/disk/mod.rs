@@ -75,7 +75,7 @@ pub mod file;
 pub mod header;
 pub mod index;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 
 use hashbrown::HashTable;
@@ -91,6 +91,7 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::arena::{SlotArena, SlotRef};
 use crate::events::{EventBus, EventKind, PendingEvent};
+use crate::eviction::{Evictable, LruSets, choose_victims};
 use crate::key::BlockKey;
 use crate::namespace::NamespaceId;
 use crate::tier::{
@@ -549,12 +550,6 @@ impl Entry {
     }
 }
 
-#[derive(Debug, Default)]
-struct EvictionSets {
-    leaves: BTreeMap<u64, usize>,
-    inner: BTreeMap<u64, usize>,
-}
-
 /// Sequence numbers are reserved in the index in steps of this many.
 const SEQ_STEP: u64 = 1 << 20;
 
@@ -564,7 +559,7 @@ struct Meta {
     index: KeyIndex,
     /// Cached blocks per parent (by key hash), whether or not the parent is cached.
     child_count: FastMap<u64, u32>,
-    sets: FastMap<usize, EvictionSets>,
+    sets: LruSets,
     slot_owner: SlotOwners,
     tick: u64,
     next_incarnation: u64,
@@ -596,22 +591,15 @@ impl Meta {
         }
         let leaf = self.children(e.hash) == 0;
         let (tick, slot_bytes) = (e.tick, e.slot_bytes);
-        let sets = self.sets.entry(slot_bytes).or_default();
-        if leaf {
-            sets.leaves.insert(tick, id);
-        } else {
-            sets.inner.insert(tick, id);
-        }
+        self.sets.insert(slot_bytes, tick, id, leaf);
     }
 
     fn set_remove(&mut self, id: usize) {
         let Some(e) = self.entries.get(id) else {
             return;
         };
-        if let Some(sets) = self.sets.get_mut(&e.slot_bytes) {
-            sets.leaves.remove(&e.tick);
-            sets.inner.remove(&e.tick);
-        }
+        let (class, tick) = (e.slot_bytes, e.tick);
+        self.sets.remove(class, tick);
     }
 
     fn touch(&mut self, id: usize, now_ms: u64) {
@@ -701,16 +689,6 @@ impl Meta {
         }
     }
 
-    fn pick_victim(&self, slot_bytes: usize) -> Option<usize> {
-        let sets = self.sets.get(&slot_bytes)?;
-        let idle = |id: &usize| self.entries.get(*id).is_some_and(|e| e.readers == 0);
-        sets.leaves
-            .values()
-            .find(|id| idle(id))
-            .or_else(|| sets.inner.values().find(|id| idle(id)))
-            .copied()
-    }
-
     /// A segment (of any file) of another class whose blocks can all be
     /// evicted now, with the fewest live blocks.
     fn pick_reclaim(&self, slot_bytes: usize) -> Option<Vec<usize>> {
@@ -767,27 +745,7 @@ impl Meta {
                     return Some((f as u16, slot));
                 }
             }
-            let victims = match self.oldest_idle_leaf() {
-                // The least recently used leaf anywhere is of this size: it goes.
-                Some((class, id)) if class == slot_bytes => vec![id],
-                // Another size class holds the least recently used data: take
-                // back its segment, so capacity follows recency across sizes
-                // (the host tier's policy).
-                Some((_, id)) => match self.reclaimable_segment_of(id, slot_bytes) {
-                    Some(owners) => owners,
-                    None => self
-                        .pick_victim(slot_bytes)
-                        .map(|v| vec![v])
-                        .or_else(|| self.pick_reclaim(slot_bytes))?,
-                },
-                None => self
-                    .pick_victim(slot_bytes)
-                    .map(|v| vec![v])
-                    .or_else(|| self.pick_reclaim(slot_bytes))?,
-            };
-            if victims.is_empty() {
-                return None;
-            }
+            let victims = choose_victims(self, slot_bytes)?;
             for id in victims {
                 if let Some(ev) = self.unlink(id, EventKind::Evicted) {
                     TierCounters::add(&counters.evictions, 1);
@@ -795,23 +753,6 @@ impl Meta {
                 }
             }
         }
-    }
-
-    /// The least recently used leaf nobody is reading, over every size class, with its class.
-    fn oldest_idle_leaf(&self) -> Option<(usize, usize)> {
-        let mut best: Option<(u64, usize, usize)> = None;
-        for (class, sets) in &self.sets {
-            let first = sets
-                .leaves
-                .iter()
-                .find(|(_, id)| self.entries.get(**id).is_some_and(|e| e.readers == 0));
-            if let Some((tick, id)) = first
-                && best.is_none_or(|(t, _, _)| *tick < t)
-            {
-                best = Some((*tick, *class, *id));
-            }
-        }
-        best.map(|(_, class, id)| (class, id))
     }
 
     /// Every block of the segment holding `id`, if all of them can be evicted
@@ -855,6 +796,24 @@ impl Meta {
         for (ns, key) in self.pending_deletes.drain(..) {
             batch.delete(&ns, &key);
         }
+    }
+}
+
+impl Evictable for Meta {
+    fn sets(&self) -> &LruSets {
+        &self.sets
+    }
+
+    fn idle(&self, id: usize) -> bool {
+        self.entries.get(id).is_some_and(|e| e.readers == 0)
+    }
+
+    fn whole_segment_of(&self, id: usize, class: usize) -> Option<Vec<usize>> {
+        self.reclaimable_segment_of(id, class)
+    }
+
+    fn any_reclaimable_segment(&self, class: usize) -> Option<Vec<usize>> {
+        self.pick_reclaim(class)
     }
 }
 
@@ -1065,7 +1024,7 @@ impl DiskTier {
             entries: Slab::with_capacity(loaded.entries.len()),
             index: KeyIndex::with_capacity(loaded.entries.len(), hasher.clone()),
             child_count: FastMap::with_capacity_and_hasher(loaded.entries.len(), hasher.clone()),
-            sets: FastMap::with_hasher(hasher),
+            sets: LruSets::default(),
             slot_owner,
             tick: 0,
             next_incarnation: 1,
@@ -1995,11 +1954,7 @@ fn restore(
         if leaf { &mut l.0 } else { &mut l.1 }.push((e.tick, id));
     }
     for (class, (leaves, inner)) in lists {
-        let sets = EvictionSets {
-            leaves: leaves.into_iter().collect(),
-            inner: inner.into_iter().collect(),
-        };
-        meta.sets.insert(class, sets);
+        meta.sets.load_sorted(class, leaves, inner);
     }
     (order.len(), dropped)
 }
