@@ -1158,16 +1158,22 @@ impl DiskTier {
         let done = engine::run(&*inner.engine, ops, Instant::now() + timeout);
         clock.exit();
         for (d_, len) in done.iter().zip(lens) {
-            match d_.result {
-                Ok(()) => {
-                    TierCounters::add(ops_c, 1);
-                    TierCounters::add(bytes_c, len as u64);
-                }
-                Err(IoFailure::Timeout) => TierCounters::add(&d.timeouts, 1),
-                Err(_) => TierCounters::add(&d.io_errors, 1),
-            }
+            self.count(d_.result, ops_c, bytes_c, len);
         }
         done
+    }
+
+    /// Counts one finished transfer of `len` bytes.
+    fn count(&self, result: Result<(), IoFailure>, ops: &AtomicU64, bytes: &AtomicU64, len: usize) {
+        let d = &self.inner.disk;
+        match result {
+            Ok(()) => {
+                TierCounters::add(ops, 1);
+                TierCounters::add(bytes, len as u64);
+            }
+            Err(IoFailure::Timeout) => TierCounters::add(&d.timeouts, 1),
+            Err(_) => TierCounters::add(&d.io_errors, 1),
+        }
     }
 
     /// Stores blocks, writing all their slots as one batch of transfers.
@@ -1236,7 +1242,10 @@ impl DiskTier {
         }
 
         let mut checksums = Vec::with_capacity(planned.len());
-        let mut ops = Vec::with_capacity(planned.len());
+        let mut batch = engine::Batch::new(&*inner.engine, planned.len());
+        let mut lens = Vec::with_capacity(planned.len());
+        let deadline = Instant::now() + inner.config.write_timeout;
+        inner.disk.write_busy.enter();
         let mut no_buffer = Vec::new();
         for (pi, p) in planned.iter().enumerate() {
             let it = &items[p.item];
@@ -1269,7 +1278,8 @@ impl DiskTier {
                     a.free(slot);
                 }
             });
-            ops.push(IoOp {
+            lens.push(buf.len());
+            batch.submit(IoOp {
                 kind: OpKind::Write,
                 fd: inner.files[p.file as usize].fd(),
                 offset: p.offset,
@@ -1277,11 +1287,17 @@ impl DiskTier {
                 on_late: Some(on_late),
             });
         }
-        let mut done: Vec<Option<IoDone>> = self
-            .transfer(OpKind::Write, ops)
-            .into_iter()
-            .map(Some)
-            .collect();
+        let done_v = batch.wait(deadline);
+        inner.disk.write_busy.exit();
+        for (d_, len) in done_v.iter().zip(lens) {
+            self.count(
+                d_.result,
+                &inner.disk.write_ops,
+                &inner.disk.write_bytes,
+                len,
+            );
+        }
+        let mut done: Vec<Option<IoDone>> = done_v.into_iter().map(Some).collect();
         for &pi in &no_buffer {
             done.insert(pi, None);
         }
@@ -1441,20 +1457,16 @@ impl DiskTier {
                 None => outcomes[i] = Some(ReadOutcome::Failed(IoFailure::Errno(libc::ENOMEM))),
             }
         }
-        let done = self.transfer(OpKind::Read, ops);
-        {
-            let mut meta = inner.meta.lock();
-            for p in plans {
-                if let Some(e) = meta.entries.get_mut(p.id)
-                    && e.incarnation == p.incarnation
-                {
-                    e.readers = e.readers.saturating_sub(1);
-                }
-                meta.release_if_unused(p.id);
-            }
+        let mut batch = engine::Batch::new(&*inner.engine, ops.len());
+        for op in ops {
+            batch.push(op);
         }
-        for (i, d) in op_of.into_iter().zip(done) {
+        inner.disk.read_busy.enter();
+        batch.wait_each(Instant::now() + inner.config.read_timeout, |k, d| {
+            let i = op_of[k];
             let p = &plans[i];
+            let len = d.buf.as_ref().map_or(0, |b| b.len());
+            self.count(d.result, &inner.disk.read_ops, &inner.disk.read_bytes, len);
             outcomes[i] = Some(match (d.result, d.buf) {
                 (Ok(()), Some(buf)) => {
                     let want = Expected {
@@ -1473,6 +1485,18 @@ impl DiskTier {
                 (Ok(()), None) => ReadOutcome::Failed(IoFailure::Shutdown),
                 (Err(f), _) => ReadOutcome::Failed(f),
             });
+        });
+        inner.disk.read_busy.exit();
+        {
+            let mut meta = inner.meta.lock();
+            for p in plans {
+                if let Some(e) = meta.entries.get_mut(p.id)
+                    && e.incarnation == p.incarnation
+                {
+                    e.readers = e.readers.saturating_sub(1);
+                }
+                meta.release_if_unused(p.id);
+            }
         }
         outcomes
             .into_iter()
