@@ -92,6 +92,14 @@ struct Counters {
     write_through: AtomicU64,
 }
 
+impl Counters {
+    /// Takes a dropped item's bytes back out of the queue budget and counts the drop.
+    fn unqueue_dropped(&self, len: u64) {
+        self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 type Pending = Mutex<HashMap<(NamespaceId, BlockKey), u64>>;
 
 struct Shared {
@@ -158,8 +166,7 @@ impl Demoter {
         let len = payload.len() as u64;
         let queued = s.counters.queued_bytes.fetch_add(len, Ordering::AcqRel);
         if queued + len > s.config.demote_queue_bytes {
-            s.counters.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-            s.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            s.counters.unqueue_dropped(len);
             return false;
         }
         let ticket = s.next_ticket.fetch_add(1, Ordering::Relaxed);
@@ -179,8 +186,7 @@ impl Demoter {
             None => false,
         };
         if !sent {
-            s.counters.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-            s.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            s.counters.unqueue_dropped(len);
             forget_ticket(&s.pending, ns, key, ticket);
         }
         sent

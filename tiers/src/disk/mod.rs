@@ -944,6 +944,20 @@ struct PlannedRead {
     seq: u64,
 }
 
+impl PlannedRead {
+    /// What the slot must hold, according to the index.
+    fn expected(&self) -> Expected<'_> {
+        Expected {
+            namespace: &self.ns,
+            key: &self.key,
+            parent: self.parent.as_ref(),
+            payload_len: self.len,
+            checksum: self.checksum,
+            seq: self.seq,
+        }
+    }
+}
+
 enum ReadOutcome {
     Good(AlignedBuf),
     Corrupt(CorruptKind),
@@ -1435,6 +1449,19 @@ impl DiskTier {
         out
     }
 
+    /// Drops the reader counts taken by [`DiskTier::plan_reads`].
+    fn release_reads(&self, plans: &[PlannedRead]) {
+        let mut meta = self.inner.meta.lock();
+        for p in plans {
+            if let Some(e) = meta.entries.get_mut(p.id)
+                && e.incarnation == p.incarnation
+            {
+                e.readers = e.readers.saturating_sub(1);
+            }
+            meta.release_if_unused(p.id);
+        }
+    }
+
     /// Reads and verifies planned slots, then releases their reader counts.
     fn read_planned(&self, plans: &[PlannedRead]) -> Vec<ReadOutcome> {
         let inner = &*self.inner;
@@ -1468,36 +1495,16 @@ impl DiskTier {
             let len = d.buf.as_ref().map_or(0, |b| b.len());
             self.count(d.result, &inner.disk.read_ops, &inner.disk.read_bytes, len);
             outcomes[i] = Some(match (d.result, d.buf) {
-                (Ok(()), Some(buf)) => {
-                    let want = Expected {
-                        namespace: &p.ns,
-                        key: &p.key,
-                        parent: p.parent.as_ref(),
-                        payload_len: p.len,
-                        checksum: p.checksum,
-                        seq: p.seq,
-                    };
-                    match header::verify(buf.as_slice(), &want) {
-                        Ok(_) => ReadOutcome::Good(buf),
-                        Err(kind) => ReadOutcome::Corrupt(kind),
-                    }
-                }
+                (Ok(()), Some(buf)) => match header::verify(buf.as_slice(), &p.expected()) {
+                    Ok(_) => ReadOutcome::Good(buf),
+                    Err(kind) => ReadOutcome::Corrupt(kind),
+                },
                 (Ok(()), None) => ReadOutcome::Failed(IoFailure::Shutdown),
                 (Err(f), _) => ReadOutcome::Failed(f),
             });
         });
         inner.disk.read_busy.exit();
-        {
-            let mut meta = inner.meta.lock();
-            for p in plans {
-                if let Some(e) = meta.entries.get_mut(p.id)
-                    && e.incarnation == p.incarnation
-                {
-                    e.readers = e.readers.saturating_sub(1);
-                }
-                meta.release_if_unused(p.id);
-            }
-        }
+        self.release_reads(plans);
         outcomes
             .into_iter()
             .map(|o| o.unwrap_or(ReadOutcome::Failed(IoFailure::Shutdown)))
@@ -1676,13 +1683,7 @@ impl DiskTier {
                 result: Err(IoFailure::Errno(libc::ENOMEM)),
             }),
         };
-        {
-            let mut meta = inner.meta.lock();
-            if let Some(e) = meta.entries.get_mut(p.id) {
-                e.readers = e.readers.saturating_sub(1);
-            }
-            meta.release_if_unused(p.id);
-        }
+        self.release_reads(&plans);
         let buf = match done {
             Some(IoDone {
                 result: Ok(()),
@@ -1697,14 +1698,7 @@ impl DiskTier {
             .ok()
             .and_then(|len| slot.get(HEADER_REGION..HEADER_REGION.checked_add(len)?))
             .map_or(0, xxh3_64);
-        let want = Expected {
-            namespace: &p.ns,
-            key: &p.key,
-            parent: p.parent.as_ref(),
-            payload_len: p.len,
-            checksum: p.checksum,
-            seq: p.seq,
-        };
+        let want = p.expected();
         let (problem, payload_checksum_ok) = match &header {
             Ok(h) => {
                 let end = (HEADER_REGION as u64).saturating_add(h.payload_len);
