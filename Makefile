@@ -1,5 +1,8 @@
 # kvstrata — build, test and demo entry points.
 #   make test   install missing build packages, then fmt check, clippy -D warnings, all tests
+#               (cargo test, then `make pytest`)
+#   make pytest Python test playing an SGLang HiCache worker against the debug daemon
+#               (tests/python/run.sh: pinned grpcio venv in ${CARGO_TARGET_DIR:-target}/pyenv)
 #   make demo   build, start a daemon with defaults, put/get blocks through the CLI, print stats
 #   make bench  loopback benchmark against redis-server (see docs/benchmarks.md)
 
@@ -9,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # System packages the build needs (RocksDB's bindgen needs libclang).
 APT_PACKAGES := libclang-dev clang
 
-.PHONY: all deps build release test fmt-check clippy unit demo bench clean
+.PHONY: all deps build release test fmt-check clippy unit pytest demo bench clean
 
 all: build
 
@@ -35,7 +38,11 @@ clippy: deps
 unit: deps
 	$(CARGO) test --workspace
 
-test: deps fmt-check clippy unit
+# Needs the debug binary that `unit` (cargo test --workspace) builds.
+pytest:
+	bash tests/python/run.sh
+
+test: deps fmt-check clippy unit pytest
 
 demo: build
 	bash scripts/demo.sh

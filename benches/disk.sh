@@ -43,81 +43,19 @@ CALLERS=${CALLERS:-"1 2"}
 REPEAT=${REPEAT:-3}
 BASE=${DIR:-$ROOT/target}
 
-log() { printf '[disk] %s\n' "$*" >&2; }
-die() {
-    log "error: $*"
-    exit 1
-}
+LOG_TAG=disk
+# shellcheck source=benches/lib.sh
+. "$ROOT/benches/lib.sh"
 
-# ---------------------------------------------------------------- processes
 mkdir -p "$BASE"
 WORK=$(mktemp -d "$BASE/kvstrata-disk.XXXXXX")
-CHILD= # the foreground command of run_to, if any
-
-stop_pid() {
-    local pid=$1
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    if [[ -n $CHILD ]]; then
-        stop_pid "$CHILD"
-    fi
-    rm -f "$WORK"/*.dat
-    if [[ ${KEEP_WORKDIR:-0} == 1 ]]; then
-        log "kept $WORK"
-    else
-        rm -rf "$WORK"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# run_to OUT CMD...: runs CMD with stdout to OUT in the background and waits
-# for it, so that a signal to this script is handled at once (bash runs traps
-# only between foreground commands) and the child is stopped by cleanup.
-run_to() {
-    local out=$1 rc=0
-    shift
-    "$@" >"$out" &
-    CHILD=$!
-    wait "$CHILD" || rc=$?
-    CHILD=
-    return "$rc"
-}
-
-fmt2() { awk -v x="$1" 'BEGIN { printf "%.2f", x }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
-
-install_pkgs() {
-    local sudo=()
-    if [[ $(id -u) != 0 ]]; then
-        command -v sudo >/dev/null || die "need root or sudo to install: $*"
-        sudo=(sudo)
-    fi
-    log "installing $* with apt-get"
-    "${sudo[@]}" apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "$@" >&2
-}
+# Data files go even when KEEP_WORKDIR=1 keeps the reports.
+# shellcheck disable=SC2329 # called by bench_cleanup
+bench_cleanup_hook() { rm -f "$WORK"/*.dat; }
+bench_traps
 
 # ------------------------------------------------------------ prerequisites
-missing=()
-command -v jq >/dev/null || missing+=(jq)
-command -v fio >/dev/null || missing+=(fio)
-if ((${#missing[@]})); then
-    install_pkgs "${missing[@]}"
-fi
+need_cmds jq:jq fio:fio
 [[ -x $BIN ]] || die "no $BIN: build it with 'cargo build --release --workspace' or set KVSTRATA"
 
 # fio_run NAME RW BS OUT: one fio job on $WORK/fio.dat; JSON report in OUT.

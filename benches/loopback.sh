@@ -33,141 +33,15 @@ BATCH=${BATCH:-4}
 REDIS_BYTES=${REDIS_BYTES:-5000000000}
 WORKING_SET_BYTES=$((1 << 30)) # the bench's default working set; redis gets the same
 
-log() { printf '[loopback] %s\n' "$*" >&2; }
-die() {
-    log "error: $*"
-    exit 1
-}
+LOG_TAG=loopback
+# shellcheck source=benches/lib.sh
+. "$ROOT/benches/lib.sh"
 
-# ---------------------------------------------------------------- processes
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/kvstrata-loopback.XXXXXX")
-PIDS=()
-CHILD= # the foreground command of run_to, if any
-
-stop_pid() {
-    local pid=$1
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    local pid
-    for pid in $CHILD "${PIDS[@]}"; do
-        stop_pid "$pid"
-    done
-    if [[ ${KEEP_WORKDIR:-0} == 1 ]]; then
-        log "kept $WORK"
-    else
-        rm -rf "$WORK"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# A TCP port on 127.0.0.1 that nothing listens on.
-free_port() {
-    local p
-    for _ in $(seq 1 100); do
-        p=$((20000 + RANDOM % 40000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            echo "$p"
-            return 0
-        fi
-    done
-    return 1
-}
-
-# wait_for PID LOG CHECK...: waits up to 30 s until CHECK succeeds; fails if PID dies.
-wait_for() {
-    local pid=$1 logf=$2
-    shift 2
-    for _ in $(seq 1 300); do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            log "process $pid exited; its log:"
-            cat "$logf" >&2 || true
-            return 1
-        fi
-        if "$@" 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    log "timed out waiting for: $*; log:"
-    cat "$logf" >&2 || true
-    return 1
-}
-
-tcp_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1"); }
-
-# run_to OUT CMD...: runs CMD with stdout to OUT in the background and waits
-# for it, so that a signal to this script is handled at once (bash runs traps
-# only between foreground commands) and the child is stopped by cleanup.
-run_to() {
-    local out=$1 rc=0
-    shift
-    "$@" >"$out" &
-    CHILD=$!
-    wait "$CHILD" || rc=$?
-    CHILD=
-    return "$rc"
-}
-
-# ------------------------------------------------------------------ helpers
-# Bytes of a size such as 256KiB, 1MiB, 64KB, 4096.
-to_bytes() {
-    local s=$1 n u
-    if [[ $s =~ ^([0-9]+)[[:space:]]*([A-Za-z]*)$ ]]; then
-        n=${BASH_REMATCH[1]}
-        u=${BASH_REMATCH[2],,}
-    else
-        die "cannot read size $s"
-    fi
-    case $u in
-    "" | b) echo "$n" ;;
-    k | kb) echo $((n * 1000)) ;;
-    ki | kib) echo $((n << 10)) ;;
-    m | mb) echo $((n * 1000000)) ;;
-    mi | mib) echo $((n << 20)) ;;
-    g | gb) echo $((n * 1000000000)) ;;
-    gi | gib) echo $((n << 30)) ;;
-    *) die "unknown unit in $s" ;;
-    esac
-}
-
-fmt2() { awk -v x="$1" 'BEGIN { printf "%.2f", x }'; }
-fmt0() { awk -v x="$1" 'BEGIN { printf "%.0f", x }'; }
-# Milliseconds (as redis-benchmark prints them) to whole microseconds; "-" when absent.
-ms_to_us() { if [[ -n $1 ]]; then awk -v x="$1" 'BEGIN { printf "%.0f", x * 1000 }'; else echo "-"; fi; }
-
-install_pkgs() {
-    local sudo=()
-    if [[ $(id -u) != 0 ]]; then
-        command -v sudo >/dev/null || die "need root or sudo to install: $*"
-        sudo=(sudo)
-    fi
-    log "installing $* with apt-get"
-    "${sudo[@]}" apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "$@" >&2
-}
+bench_traps
 
 # ------------------------------------------------------------ prerequisites
-missing=()
-command -v jq >/dev/null || missing+=(jq)
-command -v redis-server >/dev/null || missing+=(redis-server)
-command -v redis-benchmark >/dev/null || missing+=(redis-tools)
-if ((${#missing[@]})); then
-    install_pkgs "${missing[@]}"
-fi
+need_cmds jq:jq redis-server:redis-server redis-benchmark:redis-tools
 
 if [[ ! -x $BIN ]]; then
     [[ -z ${KVSTRATA_BIN:-} ]] || die "KVSTRATA_BIN=$BIN is not an executable"
@@ -180,11 +54,10 @@ fi
 PORT=$(free_port) || die "no free TCP port"
 SOCK=$WORK/kv.sock
 log "starting kvstrata daemon (tcp 127.0.0.1:$PORT, uds $SOCK)"
-"$BIN" serve --tcp-addr "127.0.0.1:$PORT" --uds-path "$SOCK" \
-    --metrics-addr 127.0.0.1:0 --host-capacity 4GiB "${SERVE_EXTRA[@]}" \
-    >"$WORK/kvstrata.log" 2>&1 &
-KV_PID=$!
-PIDS+=("$KV_PID")
+start_bg "$WORK/kvstrata.log" "$BIN" serve --tcp-addr "127.0.0.1:$PORT" --uds-path "$SOCK" \
+    --metrics-addr 127.0.0.1:0 --host-capacity 4GiB "${SERVE_EXTRA[@]}"
+KV_PID=$BG_PID
+# shellcheck disable=SC2329 # called through wait_for
 kv_ready() { [[ -S $SOCK ]] && tcp_open "$PORT"; }
 wait_for "$KV_PID" "$WORK/kvstrata.log" kv_ready || die "kvstrata daemon did not start"
 
@@ -233,14 +106,7 @@ stop_pid "$KV_PID"
 
 # --------------------------------------------------------------------- redis
 RSOCK=$WORK/redis.sock
-log "starting redis-server (uds $RSOCK)"
-redis-server --port 0 --unixsocket "$RSOCK" --unixsocketperm 700 --save "" \
-    --appendonly no --dir "$WORK" --daemonize no --protected-mode no \
-    >"$WORK/redis.log" 2>&1 &
-REDIS_PID=$!
-PIDS+=("$REDIS_PID")
-redis_ready() { [[ -S $RSOCK ]] && redis-cli -s "$RSOCK" ping | grep -q PONG; }
-wait_for "$REDIS_PID" "$WORK/redis.log" redis_ready || die "redis-server did not start"
+start_redis_uds "$RSOCK"
 
 declare -A REDIS_GET_GBPS=()
 for size in $SIZES; do

@@ -3,7 +3,7 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["kvstrata/v1/kvstrata.proto"];
+    let files = ["kvstrata/v1/kvstrata.proto", "sglang/runtime/hicache.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -14,6 +14,8 @@ pub const DEFAULT_WORKING_SET_BYTES: u64 = 1 << 30;
 pub const MAX_MESSAGE_BYTES: usize = 512 << 20;
 /// Room left in a message for keys and protobuf framing.
 const MESSAGE_HEADROOM_BYTES: u64 = 1 << 20;
+/// `--redis-url` when not given.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 /// Largest block a namespace accepts (mirrors the daemon's limit, 1 GiB).
 const MAX_BLOCK_BYTES: u64 = 1 << 30;
 
@@ -24,6 +26,12 @@ pub enum Mode {
     /// Inline payloads in `BatchGet` / `BatchPut` messages.
     #[default]
     Grpc,
+    /// Payloads in a shared-memory pool per client task, registered on the
+    /// daemon's `--mempool-socket`; `BatchGet` / `BatchPut` carry pool regions.
+    Shm,
+    /// Not kvstrata: Redis `MSET` / `MGET` on `--redis-url`, same working set,
+    /// batches, concurrency and verification (one connection per task).
+    Redis,
 }
 
 impl Mode {
@@ -31,6 +39,8 @@ impl Mode {
     pub fn name(self) -> &'static str {
         match self {
             Mode::Grpc => "grpc",
+            Mode::Shm => "shm",
+            Mode::Redis => "redis",
         }
     }
 }
@@ -54,7 +64,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
 
-    /// All client tasks share one HTTP/2 connection.
+    /// All client tasks share one HTTP/2 connection (grpc and shm modes; redis
+    /// always opens one connection per task).
     #[arg(long)]
     pub shared_connection: bool,
 
@@ -78,6 +89,20 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = Mode::Grpc)]
     pub mode: Mode,
 
+    /// The daemon's shared-memory pool socket (`unix:///path` or `/path`);
+    /// needed by `--mode shm`.
+    #[arg(long, env = "KVSTRATA_MEMPOOL_SOCKET")]
+    pub mempool_socket: Option<String>,
+
+    /// Redis server for `--mode redis`: `redis://host:port` or `unix:///path`.
+    #[arg(long, default_value = DEFAULT_REDIS_URL)]
+    pub redis_url: String,
+
+    /// How long to measure the single-core memcpy ceiling before the run
+    /// (0s skips it).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub memcpy_duration: Duration,
+
     /// Print the report as JSON (and no progress bar).
     #[arg(long)]
     pub json: bool,
@@ -100,6 +125,9 @@ impl Default for BenchArgs {
             warmup: Duration::from_secs(2),
             keys: None,
             mode: Mode::Grpc,
+            mempool_socket: None,
+            redis_url: DEFAULT_REDIS_URL.into(),
+            memcpy_duration: Duration::from_secs(1),
             json: false,
             no_verify: false,
         }
@@ -178,6 +206,19 @@ impl BenchArgs {
         if self.duration.is_zero() {
             return bad("--duration", "must be longer than zero".into());
         }
+        match self.mode {
+            Mode::Shm if self.mempool_socket.as_deref().is_none_or(str::is_empty) => {
+                return bad(
+                    "--mempool-socket",
+                    "--mode shm needs the daemon's mempool socket (kvstrata serve --mempool-socket PATH)"
+                        .into(),
+                );
+            }
+            Mode::Redis if self.redis_url.trim().is_empty() => {
+                return bad("--redis-url", "must not be empty".into());
+            }
+            _ => {}
+        }
         let keys = self.working_set_blocks();
         if keys < self.batch as u64 {
             return bad(
@@ -229,6 +270,7 @@ mod tests {
         assert_eq!(a.duration, Duration::from_secs(10));
         assert_eq!(a.warmup, Duration::from_secs(2));
         assert_eq!(a.mode, Mode::Grpc);
+        assert_eq!(a.memcpy_duration, Duration::from_secs(1));
         assert_eq!(a.working_set_blocks(), 4096);
         let p = a.plan().unwrap();
         assert_eq!(p.keys, 4096);
@@ -268,7 +310,25 @@ mod tests {
     fn rejects_bad_flags() {
         assert!(parse(&["--read-ratio", "1.5"]).is_err());
         assert!(parse(&["--read-ratio", "-0.1"]).is_err());
-        assert!(parse(&["--mode", "shm"]).is_err());
+        assert!(parse(&["--mode", "rdma"]).is_err());
+        let shm = parse(&["--mode", "shm"]).unwrap();
+        assert!(matches!(
+            shm.plan(),
+            Err(BenchError::InvalidArg {
+                field: "--mempool-socket",
+                ..
+            })
+        ));
+        let shm = parse(&["--mode", "shm", "--mempool-socket", "/run/kv/mempool.sock"]).unwrap();
+        assert_eq!(shm.mode, Mode::Shm);
+        assert!(shm.plan().is_ok());
+        let redis = parse(&["--mode", "redis", "--redis-url", "unix:///tmp/r.sock"]).unwrap();
+        assert_eq!(
+            (redis.mode, redis.redis_url.as_str()),
+            (Mode::Redis, "unix:///tmp/r.sock")
+        );
+        assert!(redis.plan().is_ok());
+        assert_eq!(parse(&[]).unwrap().redis_url, DEFAULT_REDIS_URL);
         let small = BenchArgs {
             block_size: ByteSize::b(8),
             ..BenchArgs::default()

@@ -68,6 +68,17 @@ pub enum BenchError {
         first: String,
         report: Box<DiskBenchReport>,
     },
+    /// A shared-memory pool could not be registered or allocated from (`--mode shm`).
+    #[error("shared-memory pool: {0}")]
+    Pool(#[from] kvstrata_client::ClientError),
+    /// A Redis command failed (`--mode redis`).
+    #[error("redis {op} on {url} failed: {source}")]
+    Redis {
+        op: &'static str,
+        url: String,
+        #[source]
+        source: redis::RedisError,
+    },
     /// A benchmark thread panicked or stopped early.
     #[error("benchmark thread failed: {0}")]
     Thread(String),

@@ -1,6 +1,6 @@
 //! kvstrata load generator: the library behind `kvstrata bench`.
 //!
-//! The benchmark registers an opaque namespace whose block size is the
+//! The benchmark (`--mode grpc`, the default) registers an opaque namespace whose block size is the
 //! `--block-size` flag, fills a working set of `--keys` blocks with `BatchPut`,
 //! runs a warm-up, then for `--duration` has `--concurrency` tasks issue
 //! `BatchGet` / `BatchPut` RPCs of `--batch` random blocks each, choosing the
@@ -13,6 +13,14 @@
 //! staleness check (each key is written by exactly one task, so a read that
 //! starts after a put was acknowledged must see that version or a newer one).
 //! A miss is not a failure (the cache may evict); wrong bytes are.
+//!
+//! `--mode shm` runs the same workload with payloads in a shared-memory pool
+//! per task, registered on the daemon's `--mempool-socket` (requests carry pool
+//! regions instead of bytes); `--mode redis` runs it against a Redis server
+//! (`MSET` / `MGET`, same keys, payloads and verification), for comparison.
+//! Before the run every mode measures the single-core memcpy rate of
+//! block-size copies between two working sets larger than the last-level cache
+//! ([`memcpy`]), so ratios to that ceiling come from the same run.
 //!
 //! `kvstrata bench-disk` ([`disk`]) measures the disk tier in-process instead
 //! (write, then cold verified reads), for comparison with fio.
@@ -39,14 +47,18 @@ pub mod args;
 pub mod connect;
 pub mod disk;
 pub mod error;
+pub mod memcpy;
 pub mod payload;
+mod redis_conn;
 pub mod report;
 mod runner;
+mod shm;
 
 pub use args::{BenchArgs, Mode};
 pub use connect::{Target, connect, connect_channel};
 pub use disk::{DiskBenchArgs, DiskBenchReport, DiskEngine, run_disk_and_print, run_disk_bench};
 pub use error::BenchError;
+pub use memcpy::MemcpyReport;
 pub use payload::{PayloadGen, VerifyError};
 pub use report::{BenchReport, OpReport, PopulateReport};
 pub use runner::run;

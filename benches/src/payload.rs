@@ -101,6 +101,22 @@ impl PayloadGen {
         Bytes::from(v)
     }
 
+    /// Writes the payload of key index `key` at `version` into `dst` (a
+    /// shared-memory region), which must be exactly one block long.
+    pub fn write_block(&self, dst: &mut [u8], key: u64, version: u64) -> Result<(), VerifyError> {
+        if dst.len() != self.base.len() {
+            return Err(VerifyError::Length {
+                got: dst.len(),
+                want: self.base.len(),
+            });
+        }
+        let (header, body) = dst.split_at_mut(HEADER_BYTES);
+        header[..8].copy_from_slice(&key.to_le_bytes());
+        header[8..].copy_from_slice(&version.to_le_bytes());
+        body.copy_from_slice(&self.base[HEADER_BYTES..]);
+        Ok(())
+    }
+
     /// Checks that `payload` is the block of key index `key` at a version in
     /// `versions`; returns the version found.
     pub fn verify(
@@ -168,6 +184,22 @@ mod tests {
         // The body is random, not zeros, and the same in every run.
         assert!(a[16..].iter().any(|&x| x != 0));
         assert_eq!(PayloadGen::new(4096).block(7, 3), a);
+    }
+
+    #[test]
+    fn written_blocks_equal_built_ones() {
+        let g = PayloadGen::new(1000);
+        let mut dst = vec![0u8; 1000];
+        g.write_block(&mut dst, 9, 4).unwrap();
+        assert_eq!(&dst[..], &g.block(9, 4)[..]);
+        assert_eq!(g.verify(&dst, 9, 4..=4), Ok(4));
+        assert_eq!(
+            g.write_block(&mut dst[..999], 9, 4),
+            Err(VerifyError::Length {
+                got: 999,
+                want: 1000
+            })
+        );
     }
 
     #[test]

@@ -159,12 +159,15 @@ pub struct PopulateReport {
 /// Everything a run measured, with the settings it ran under.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct BenchReport {
-    /// Data path (`grpc`).
+    /// Data path (`grpc`, `shm` or `redis`).
     pub mode: String,
-    /// `tcp` or `uds`.
+    /// `tcp` or `uds` (of the gRPC connection; of the Redis one in redis mode).
     pub transport: String,
+    /// The daemon's address (the Redis URL in redis mode).
     pub addr: String,
-    /// Namespace id, 32 hex digits.
+    /// The daemon's mempool socket (shm mode only).
+    pub mempool_socket: Option<String>,
+    /// Namespace id, 32 hex digits (empty in redis mode).
     pub namespace_id: String,
     pub block_size: u64,
     pub batch: usize,
@@ -189,6 +192,11 @@ pub struct BenchReport {
     pub verify_failures: u64,
     /// Description of the first verification failure.
     pub first_failure: Option<String>,
+    /// Single-core memcpy ceiling measured before the run (absent with
+    /// `--memcpy-duration 0s`).
+    pub memcpy: Option<crate::memcpy::MemcpyReport>,
+    /// `get.gb_per_s` / `memcpy.gb_per_s`.
+    pub get_vs_memcpy: Option<f64>,
 }
 
 impl BenchReport {
@@ -198,6 +206,11 @@ impl BenchReport {
         self.get = OpReport::from_accum(get, secs);
         self.put = OpReport::from_accum(put, secs);
         self.total_gb_per_s = gb_per_s(get.bytes + put.bytes, secs);
+        self.get_vs_memcpy = self
+            .memcpy
+            .as_ref()
+            .filter(|m| m.gb_per_s > 0.0)
+            .map(|m| self.get.gb_per_s / m.gb_per_s);
     }
 
     /// Pretty-printed JSON.
@@ -210,8 +223,19 @@ impl BenchReport {
         let mut out = String::new();
         let bs = bytesize::ByteSize::b(self.block_size);
         out.push_str(&format!(
-            "kvstrata bench: {} over {} ({}), namespace {}\n",
-            self.mode, self.transport, self.addr, self.namespace_id
+            "kvstrata bench: {} over {} ({}){}{}\n",
+            self.mode,
+            self.transport,
+            self.addr,
+            match &self.mempool_socket {
+                Some(s) => format!(", pools on {s}"),
+                None => String::new(),
+            },
+            if self.namespace_id.is_empty() {
+                String::new()
+            } else {
+                format!(", namespace {}", self.namespace_id)
+            }
         ));
         out.push_str(&format!(
             "block {} ({} B), batch {}, concurrency {} on {} connection{}, read ratio {:.2}\n",
@@ -268,6 +292,15 @@ impl BenchReport {
             ));
         }
         out.push_str(&format!("total {:.2} GB/s\n", self.total_gb_per_s));
+        if let Some(m) = &self.memcpy {
+            out.push_str(&format!(
+                "memcpy ceiling (1 core, {} copies, 2 x {} working sets): {:.2} GB/s; get = {:.2} of it\n",
+                bytesize::ByteSize::b(m.block_size).display().iec(),
+                bytesize::ByteSize::b(m.working_set_bytes).display().iec(),
+                m.gb_per_s,
+                self.get_vs_memcpy.unwrap_or(0.0)
+            ));
+        }
         if !self.verify {
             out.push_str("verification: off (--no-verify)\n");
         } else if self.verify_failures == 0 {
@@ -371,6 +404,17 @@ mod tests {
         assert_eq!(r.put.gb_per_s, 0.5);
         let text = r.human();
         assert!(text.contains("total 2.00 GB/s"), "{text}");
+        assert!(!text.contains("memcpy"), "{text}");
+        r.memcpy = Some(crate::memcpy::MemcpyReport {
+            gb_per_s: 6.0,
+            block_size: 1 << 20,
+            working_set_bytes: 600 << 20,
+            ..Default::default()
+        });
+        r.set_ops(&get, &put, 4.0);
+        assert_eq!(r.get_vs_memcpy, Some(0.25));
+        let text = r.human();
+        assert!(text.contains("6.00 GB/s; get = 0.25 of it"), "{text}");
         assert!(text.contains("all correct"), "{text}");
         r.verify_failures = 2;
         r.first_failure = Some("boom".into());

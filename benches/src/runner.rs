@@ -1,5 +1,6 @@
-//! The gRPC load generator: namespace registration, population of the working
-//! set, warm-up and the measured phase.
+//! The load generator: namespace registration, population of the working
+//! set, warm-up and the measured phase, over one of three data paths
+//! ([`Mode`]): gRPC with inline payloads, shared-memory pools (`shm`), or Redis.
 //!
 //! Key ownership: key index `i` is written only by task `i % concurrency`, so
 //! the writes of one key are serialized and the versions acknowledged for it
@@ -27,19 +28,22 @@ use crate::args::{BenchArgs, Mode, Plan};
 use crate::connect::{Target, client, connect_channel};
 use crate::error::BenchError;
 use crate::payload::PayloadGen;
+use crate::redis_conn::RedisConn;
 use crate::report::{BenchReport, OpAccum, PopulateReport, gb_per_s};
+use crate::shm::ShmConn;
 
 /// Model id of the benchmark's namespace.
 pub const BENCH_MODEL_ID: &str = "kvstrata-bench";
 
-type Client = KvCacheClient<Channel>;
+pub(crate) type Client = KvCacheClient<Channel>;
 
 /// State shared by every client task.
-struct Shared {
-    namespace_id: Bytes,
-    payloads: PayloadGen,
+pub(crate) struct Shared {
+    /// Empty in redis mode.
+    pub(crate) namespace_id: Bytes,
+    pub(crate) payloads: PayloadGen,
     /// Wire key of each working-set index: run id (u64 BE) then index (u64 BE).
-    keys: Vec<Bytes>,
+    pub(crate) keys: Vec<Bytes>,
     /// Newest version sent in a put, per key.
     issued: Vec<AtomicU64>,
     /// Newest version acknowledged as stored, per key.
@@ -59,8 +63,102 @@ impl Shared {
         self.keys.len() as u64
     }
 
-    fn key(&self, index: u64) -> Bytes {
+    pub(crate) fn key(&self, index: u64) -> Bytes {
         self.keys[index as usize].clone()
+    }
+
+    /// A fresh version for each key of a put, published as issued before the
+    /// put is sent, so a reader never sees a version newer than `issued`.
+    pub(crate) fn issue_versions(&self, indices: &[u64]) -> Vec<u64> {
+        indices
+            .iter()
+            .map(|&i| {
+                let v = self.next_version.fetch_add(1, Ordering::Relaxed);
+                self.issued[i as usize].fetch_max(v, Ordering::SeqCst);
+                v
+            })
+            .collect()
+    }
+
+    /// Oldest version each read may return: what was acknowledged before it was sent.
+    pub(crate) fn read_floors(&self, indices: &[u64]) -> Vec<u64> {
+        indices
+            .iter()
+            .map(|&i| self.acked[i as usize].load(Ordering::SeqCst))
+            .collect()
+    }
+
+    /// Accounts the answer of a put: one status code per item, same order.
+    pub(crate) fn put_outcome(
+        &self,
+        op: &'static str,
+        indices: &[u64],
+        versions: &[u64],
+        latency: Duration,
+        codes: &[i32],
+    ) -> Result<Outcome, BenchError> {
+        if codes.len() != indices.len() {
+            return Err(BenchError::Protocol {
+                op,
+                reason: format!("{} results for {} items", codes.len(), indices.len()),
+            });
+        }
+        let mut out = Outcome {
+            latency,
+            blocks: indices.len() as u64,
+            bytes: (indices.len() * self.payloads.block_size()) as u64,
+            ..Outcome::default()
+        };
+        for ((&i, &v), &code) in indices.iter().zip(versions).zip(codes) {
+            match PutStatus::try_from(code) {
+                Ok(PutStatus::Stored) => {
+                    self.acked[i as usize].fetch_max(v, Ordering::SeqCst);
+                    out.hits += 1;
+                }
+                Ok(PutStatus::NoSpace) => out.rejected += 1,
+                _ => {
+                    return Err(BenchError::Protocol {
+                        op,
+                        reason: format!("result code {code} for key #{i}"),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Counts one found block of a read and checks its bytes: `key_ok` says
+    /// whether the answer named the requested key, `floor` is the key's
+    /// [`Shared::read_floors`] entry.
+    pub(crate) fn check_hit(
+        &self,
+        out: &mut Outcome,
+        i: u64,
+        floor: u64,
+        key_ok: bool,
+        payload: &[u8],
+    ) {
+        out.hits += 1;
+        out.bytes += payload.len() as u64;
+        if !self.verify {
+            return;
+        }
+        out.verified += 1;
+        let checked = if !key_ok {
+            Err(crate::payload::VerifyError::WrongResultKey)
+        } else {
+            let newest = self.issued[i as usize].load(Ordering::SeqCst);
+            self.payloads.verify(payload, i, floor..=newest)
+        };
+        if let Err(e) = checked {
+            out.failures += 1;
+            if out.first_failure.is_none() {
+                out.first_failure = Some(format!(
+                    "key #{i} ({}): {e}",
+                    hex::encode(&self.keys[i as usize])
+                ));
+            }
+        }
     }
 }
 
@@ -85,16 +183,41 @@ fn wire_key(run_id: u64, index: u64) -> Bytes {
 
 /// What one RPC did.
 #[derive(Debug, Default)]
-struct Outcome {
-    latency: Duration,
-    blocks: u64,
-    hits: u64,
-    misses: u64,
-    rejected: u64,
-    bytes: u64,
-    verified: u64,
-    failures: u64,
-    first_failure: Option<String>,
+pub(crate) struct Outcome {
+    pub(crate) latency: Duration,
+    pub(crate) blocks: u64,
+    pub(crate) hits: u64,
+    pub(crate) misses: u64,
+    pub(crate) rejected: u64,
+    pub(crate) bytes: u64,
+    pub(crate) verified: u64,
+    pub(crate) failures: u64,
+    pub(crate) first_failure: Option<String>,
+}
+
+/// One client task's connection, per data path.
+pub(crate) enum Conn {
+    Grpc(Client),
+    Shm(Box<ShmConn>),
+    Redis(RedisConn),
+}
+
+impl Conn {
+    async fn put_batch(&mut self, sh: &Shared, indices: &[u64]) -> Result<Outcome, BenchError> {
+        match self {
+            Conn::Grpc(c) => put_batch(c, sh, indices).await,
+            Conn::Shm(c) => c.put_batch(sh, indices).await,
+            Conn::Redis(c) => c.put_batch(sh, indices).await,
+        }
+    }
+
+    async fn get_batch(&mut self, sh: &Shared, indices: &[u64]) -> Result<Outcome, BenchError> {
+        match self {
+            Conn::Grpc(c) => get_batch(c, sh, indices).await,
+            Conn::Shm(c) => c.get_batch(sh, indices).await,
+            Conn::Redis(c) => c.get_batch(sh, indices).await,
+        }
+    }
 }
 
 async fn put_batch(
@@ -102,20 +225,17 @@ async fn put_batch(
     sh: &Shared,
     indices: &[u64],
 ) -> Result<Outcome, BenchError> {
-    let mut versions = Vec::with_capacity(indices.len());
-    let mut items = Vec::with_capacity(indices.len());
-    for &i in indices {
-        let v = sh.next_version.fetch_add(1, Ordering::Relaxed);
-        // Published before the put is sent, so a reader never sees a version
-        // newer than `issued`.
-        sh.issued[i as usize].fetch_max(v, Ordering::SeqCst);
-        versions.push(v);
-        items.push(PutItem {
+    let versions = sh.issue_versions(indices);
+    let items = indices
+        .iter()
+        .zip(&versions)
+        .map(|(&i, &v)| PutItem {
             key: sh.key(i),
             parent: Bytes::new(),
             payload: sh.payloads.block(i, v),
-        });
-    }
+            region: None,
+        })
+        .collect();
     let req = BatchPutRequest {
         namespace_id: sh.namespace_id.clone(),
         items,
@@ -126,35 +246,7 @@ async fn put_batch(
         .await
         .map_err(|s| BenchError::rpc("BatchPut", s))?
         .into_inner();
-    let latency = t0.elapsed();
-    if resp.results.len() != indices.len() {
-        return Err(BenchError::Protocol {
-            op: "BatchPut",
-            reason: format!("{} results for {} items", resp.results.len(), indices.len()),
-        });
-    }
-    let mut out = Outcome {
-        latency,
-        blocks: indices.len() as u64,
-        bytes: (indices.len() * sh.payloads.block_size()) as u64,
-        ..Outcome::default()
-    };
-    for ((&i, &v), &code) in indices.iter().zip(&versions).zip(&resp.results) {
-        match PutStatus::try_from(code) {
-            Ok(PutStatus::Stored) => {
-                sh.acked[i as usize].fetch_max(v, Ordering::SeqCst);
-                out.hits += 1;
-            }
-            Ok(PutStatus::NoSpace) => out.rejected += 1,
-            _ => {
-                return Err(BenchError::Protocol {
-                    op: "BatchPut",
-                    reason: format!("result code {code} for key #{i}"),
-                });
-            }
-        }
-    }
-    Ok(out)
+    sh.put_outcome("BatchPut", indices, &versions, t0.elapsed(), &resp.results)
 }
 
 async fn get_batch(
@@ -162,14 +254,11 @@ async fn get_batch(
     sh: &Shared,
     indices: &[u64],
 ) -> Result<Outcome, BenchError> {
-    // Oldest version each read may return: what was acknowledged before it was sent.
-    let floors: Vec<u64> = indices
-        .iter()
-        .map(|&i| sh.acked[i as usize].load(Ordering::SeqCst))
-        .collect();
+    let floors = sh.read_floors(indices);
     let req = BatchGetRequest {
         namespace_id: sh.namespace_id.clone(),
         keys: indices.iter().map(|&i| sh.key(i)).collect(),
+        regions: Vec::new(),
     };
     let t0 = Instant::now();
     let resp = client
@@ -190,30 +279,11 @@ async fn get_batch(
         ..Outcome::default()
     };
     for ((&i, &floor), r) in indices.iter().zip(&floors).zip(&resp.results) {
-        if !r.found {
-            out.misses += 1;
-            continue;
-        }
-        out.hits += 1;
-        out.bytes += r.payload.len() as u64;
-        if !sh.verify {
-            continue;
-        }
-        out.verified += 1;
-        let checked = if r.key != sh.keys[i as usize] {
-            Err(crate::payload::VerifyError::WrongResultKey)
+        if r.found {
+            let key_ok = r.key == sh.keys[i as usize];
+            sh.check_hit(&mut out, i, floor, key_ok, &r.payload);
         } else {
-            let newest = sh.issued[i as usize].load(Ordering::SeqCst);
-            sh.payloads.verify(&r.payload, i, floor..=newest)
-        };
-        if let Err(e) = checked {
-            out.failures += 1;
-            if out.first_failure.is_none() {
-                out.first_failure = Some(format!(
-                    "key #{i} ({}): {e}",
-                    hex::encode(&sh.keys[i as usize])
-                ));
-            }
+            out.misses += 1;
         }
     }
     Ok(out)
@@ -261,11 +331,11 @@ fn account(acc: &mut OpAccum, out: &Outcome) {
 
 /// Writes every key task `task` owns once, in batches.
 async fn populate_task(
-    mut client: Client,
+    mut conn: Conn,
     sh: Arc<Shared>,
     task: usize,
     bar: ProgressBar,
-) -> Result<Outcome, BenchError> {
+) -> Result<(Outcome, Conn), BenchError> {
     let owned = owned_count(sh.key_count(), sh.concurrency, task);
     let mut total = Outcome::default();
     let mut n = 0;
@@ -277,19 +347,19 @@ async fn populate_task(
         let indices: Vec<u64> = (n..end)
             .map(|j| owned_key(sh.concurrency, task, j))
             .collect();
-        let out = put_batch(&mut client, &sh, &indices).await?;
+        let out = conn.put_batch(&sh, &indices).await?;
         total.blocks += out.blocks;
         total.rejected += out.rejected;
         total.bytes += out.bytes;
         bar.inc(out.blocks);
         n = end;
     }
-    Ok(total)
+    Ok((total, conn))
 }
 
 /// Issues RPCs until `deadline`; records those started at or after `measure_start`.
 async fn load_task(
-    mut client: Client,
+    mut conn: Conn,
     sh: Arc<Shared>,
     task: usize,
     measure_start: Instant,
@@ -313,14 +383,14 @@ async fn load_task(
                 .into_iter()
                 .map(|i| i as u64)
                 .collect();
-            (get_batch(&mut client, &sh, &indices).await?, &mut res.get)
+            (conn.get_batch(&sh, &indices).await?, &mut res.get)
         } else {
             let n = (sh.batch as u64).min(owned) as usize;
             let indices: Vec<u64> = rand::seq::index::sample(&mut rng, owned as usize, n)
                 .into_iter()
                 .map(|j| owned_key(sh.concurrency, task, j as u64))
                 .collect();
-            (put_batch(&mut client, &sh, &indices).await?, &mut res.put)
+            (conn.put_batch(&sh, &indices).await?, &mut res.put)
         };
         if measured {
             account(acc, &out);
@@ -331,16 +401,172 @@ async fn load_task(
     Ok(res)
 }
 
-/// Runs the benchmark described by `args` against the daemon at `args.addr`.
+/// Runs the benchmark described by `args` against the daemon at `args.addr`
+/// (or, with `--mode redis`, against the Redis server at `--redis-url`).
 ///
 /// Returns [`BenchError::VerifyFailed`] (with the full report attached) when
 /// any read returned wrong bytes.
 pub async fn run(args: BenchArgs) -> Result<BenchReport, BenchError> {
     let plan = args.plan()?;
-    let target = Target::parse(&args.addr)?;
-    match args.mode {
-        Mode::Grpc => run_grpc(&args, &plan, &target).await,
+    // A fresh run id keeps this run's keys apart from earlier runs' blocks.
+    let run_id: u64 = rand::random();
+    let (conns, namespace_id, transport, addr, connections) = match args.mode {
+        Mode::Grpc | Mode::Shm => {
+            let target = Target::parse(&args.addr)?;
+            let mut clients = open_clients(&args, plan.concurrency).await?;
+            let namespace_id = register_namespace(&mut clients, &plan).await?;
+            let conns = if args.mode == Mode::Shm {
+                let socket = args.mempool_socket.clone().unwrap_or_default();
+                let mut conns = Vec::with_capacity(clients.len());
+                for (task, c) in clients.into_iter().enumerate() {
+                    let name = format!("kvstrata-bench-{run_id:016x}-{task}");
+                    let shm = ShmConn::open(c, &socket, name, plan.block_size, plan.batch).await?;
+                    conns.push(Conn::Shm(Box::new(shm)));
+                }
+                conns
+            } else {
+                clients.into_iter().map(Conn::Grpc).collect()
+            };
+            let connections = if args.shared_connection {
+                1
+            } else {
+                plan.concurrency
+            };
+            let transport = target.transport().to_string();
+            (
+                conns,
+                namespace_id,
+                transport,
+                args.addr.clone(),
+                connections,
+            )
+        }
+        Mode::Redis => {
+            let mut conns = Vec::with_capacity(plan.concurrency);
+            for _ in 0..plan.concurrency {
+                conns.push(Conn::Redis(RedisConn::open(&args.redis_url).await?));
+            }
+            let transport = crate::redis_conn::transport(&args.redis_url).to_string();
+            (
+                conns,
+                Bytes::new(),
+                transport,
+                args.redis_url.clone(),
+                plan.concurrency,
+            )
+        }
+    };
+
+    // The memcpy ceiling, before any load (the daemon is idle).
+    let memcpy = if args.memcpy_duration.is_zero() {
+        None
+    } else {
+        let (bs, d) = (plan.block_size, args.memcpy_duration);
+        Some(tokio::task::spawn_blocking(move || crate::memcpy::measure(bs, d)).await?)
+    };
+
+    let sh = Arc::new(Shared {
+        namespace_id: namespace_id.clone(),
+        payloads: PayloadGen::new(plan.block_size),
+        keys: (0..plan.keys).map(|i| wire_key(run_id, i)).collect(),
+        issued: (0..plan.keys).map(|_| AtomicU64::new(0)).collect(),
+        acked: (0..plan.keys).map(|_| AtomicU64::new(0)).collect(),
+        next_version: AtomicU64::new(1),
+        stop: AtomicBool::new(false),
+        verify: !args.no_verify,
+        read_ratio: args.read_ratio,
+        batch: plan.batch,
+        concurrency: plan.concurrency,
+        run_id,
+    });
+
+    // Population.
+    let bar = progress_bar(plan.keys, args.json);
+    let t0 = Instant::now();
+    let pop = join_all(
+        conns
+            .into_iter()
+            .enumerate()
+            .map(|(t, c)| populate_task(c, sh.clone(), t, bar.clone()))
+            .collect(),
+        sh.clone(),
+    )
+    .await;
+    bar.finish_and_clear();
+    let (pop, conns): (Vec<Outcome>, Vec<Conn>) = pop?.into_iter().unzip();
+    let pop_secs = t0.elapsed().as_secs_f64();
+    let populate = PopulateReport {
+        blocks: pop.iter().map(|o| o.blocks).sum(),
+        rejected: pop.iter().map(|o| o.rejected).sum(),
+        seconds: pop_secs,
+        gb_per_s: gb_per_s(pop.iter().map(|o| o.bytes).sum(), pop_secs),
+    };
+
+    // Warm-up and measured phase.
+    let measure_start = Instant::now() + args.warmup;
+    let deadline = measure_start + args.duration;
+    let results = join_all(
+        conns
+            .into_iter()
+            .enumerate()
+            .map(|(t, c)| load_task(c, sh.clone(), t, measure_start, deadline))
+            .collect(),
+        sh.clone(),
+    )
+    .await?;
+
+    let mut get = OpAccum::new()?;
+    let mut put = OpAccum::new()?;
+    let mut last_end = None::<Instant>;
+    let (mut verified, mut failures, mut first_failure) = (0, 0, None);
+    for r in &results {
+        get.merge(&r.get)?;
+        put.merge(&r.put)?;
+        last_end = last_end.max(r.last_end);
+        verified += r.verified;
+        failures += r.failures;
+        if first_failure.is_none() {
+            first_failure.clone_from(&r.first_failure);
+        }
     }
+    let measured_s = match last_end {
+        Some(end) => end.saturating_duration_since(measure_start).as_secs_f64(),
+        None => args.duration.as_secs_f64(),
+    };
+
+    let mut report = BenchReport {
+        mode: args.mode.name().to_string(),
+        transport,
+        addr,
+        mempool_socket: match args.mode {
+            Mode::Shm => args.mempool_socket.clone(),
+            _ => None,
+        },
+        namespace_id: hex::encode(&namespace_id),
+        block_size: plan.block_size as u64,
+        batch: plan.batch,
+        concurrency: plan.concurrency,
+        connections,
+        read_ratio: args.read_ratio,
+        keys: plan.keys,
+        warmup_s: args.warmup.as_secs_f64(),
+        verify: !args.no_verify,
+        populate,
+        verified_blocks: verified,
+        verify_failures: failures,
+        first_failure: first_failure.clone(),
+        memcpy,
+        ..BenchReport::default()
+    };
+    report.set_ops(&get, &put, measured_s);
+    if failures > 0 {
+        return Err(BenchError::VerifyFailed {
+            failures,
+            first: first_failure.unwrap_or_default(),
+            report: Box::new(report),
+        });
+    }
+    Ok(report)
 }
 
 async fn open_clients(args: &BenchArgs, n: usize) -> Result<Vec<Client>, BenchError> {
@@ -354,6 +580,49 @@ async fn open_clients(args: &BenchArgs, n: usize) -> Result<Vec<Client>, BenchEr
         }
     }
     Ok(clients)
+}
+
+/// Registers the benchmark's opaque namespace of `plan.block_size` bytes.
+async fn register_namespace(clients: &mut [Client], plan: &Plan) -> Result<Bytes, BenchError> {
+    let spec = NamespaceSpec {
+        model_id: BENCH_MODEL_ID.to_string(),
+        dtype: Dtype::F16 as i32,
+        layout: Layout::Opaque as i32,
+        opaque_block_bytes: plan.block_size as u64,
+        tp_rank: 0,
+        tp_size: 1,
+        ..NamespaceSpec::default()
+    };
+    let Some(first) = clients.first_mut() else {
+        return Err(BenchError::InvalidArg {
+            field: "--concurrency",
+            reason: "must be at least 1".into(),
+        });
+    };
+    let reg = first
+        .register_namespace(RegisterNamespaceRequest {
+            spec: Some(spec),
+            policy: None,
+        })
+        .await
+        .map_err(|s| BenchError::rpc("RegisterNamespace", s))?
+        .into_inner();
+    if reg.block_bytes != plan.block_size as u64 {
+        return Err(BenchError::Protocol {
+            op: "RegisterNamespace",
+            reason: format!(
+                "block_bytes {} for an opaque namespace of {} bytes",
+                reg.block_bytes, plan.block_size
+            ),
+        });
+    }
+    if reg.namespace_id.is_empty() {
+        return Err(BenchError::Protocol {
+            op: "RegisterNamespace",
+            reason: "empty namespace_id".into(),
+        });
+    }
+    Ok(reg.namespace_id)
 }
 
 /// Spawns one future per task, stops the others as soon as one fails, and
@@ -406,158 +675,6 @@ fn progress_bar(len: u64, hidden: bool) -> ProgressBar {
         bar.set_style(style);
     }
     bar
-}
-
-async fn run_grpc(
-    args: &BenchArgs,
-    plan: &Plan,
-    target: &Target,
-) -> Result<BenchReport, BenchError> {
-    let mut clients = open_clients(args, plan.concurrency).await?;
-    let connections = if args.shared_connection {
-        1
-    } else {
-        plan.concurrency
-    };
-
-    let spec = NamespaceSpec {
-        model_id: BENCH_MODEL_ID.to_string(),
-        dtype: Dtype::F16 as i32,
-        layout: Layout::Opaque as i32,
-        opaque_block_bytes: plan.block_size as u64,
-        tp_rank: 0,
-        tp_size: 1,
-        ..NamespaceSpec::default()
-    };
-    let Some(first) = clients.first_mut() else {
-        return Err(BenchError::InvalidArg {
-            field: "--concurrency",
-            reason: "must be at least 1".into(),
-        });
-    };
-    let reg = first
-        .register_namespace(RegisterNamespaceRequest {
-            spec: Some(spec),
-            policy: None,
-        })
-        .await
-        .map_err(|s| BenchError::rpc("RegisterNamespace", s))?
-        .into_inner();
-    if reg.block_bytes != plan.block_size as u64 {
-        return Err(BenchError::Protocol {
-            op: "RegisterNamespace",
-            reason: format!(
-                "block_bytes {} for an opaque namespace of {} bytes",
-                reg.block_bytes, plan.block_size
-            ),
-        });
-    }
-    if reg.namespace_id.is_empty() {
-        return Err(BenchError::Protocol {
-            op: "RegisterNamespace",
-            reason: "empty namespace_id".into(),
-        });
-    }
-
-    // A fresh run id keeps this run's keys apart from earlier runs' blocks.
-    let run_id: u64 = rand::random();
-    let sh = Arc::new(Shared {
-        namespace_id: reg.namespace_id.clone(),
-        payloads: PayloadGen::new(plan.block_size),
-        keys: (0..plan.keys).map(|i| wire_key(run_id, i)).collect(),
-        issued: (0..plan.keys).map(|_| AtomicU64::new(0)).collect(),
-        acked: (0..plan.keys).map(|_| AtomicU64::new(0)).collect(),
-        next_version: AtomicU64::new(1),
-        stop: AtomicBool::new(false),
-        verify: !args.no_verify,
-        read_ratio: args.read_ratio,
-        batch: plan.batch,
-        concurrency: plan.concurrency,
-        run_id,
-    });
-
-    // Population.
-    let bar = progress_bar(plan.keys, args.json);
-    let t0 = Instant::now();
-    let pop = join_all(
-        clients
-            .iter()
-            .enumerate()
-            .map(|(t, c)| populate_task(c.clone(), sh.clone(), t, bar.clone()))
-            .collect(),
-        sh.clone(),
-    )
-    .await;
-    bar.finish_and_clear();
-    let pop = pop?;
-    let pop_secs = t0.elapsed().as_secs_f64();
-    let populate = PopulateReport {
-        blocks: pop.iter().map(|o| o.blocks).sum(),
-        rejected: pop.iter().map(|o| o.rejected).sum(),
-        seconds: pop_secs,
-        gb_per_s: gb_per_s(pop.iter().map(|o| o.bytes).sum(), pop_secs),
-    };
-
-    // Warm-up and measured phase.
-    let measure_start = Instant::now() + args.warmup;
-    let deadline = measure_start + args.duration;
-    let results = join_all(
-        clients
-            .into_iter()
-            .enumerate()
-            .map(|(t, c)| load_task(c, sh.clone(), t, measure_start, deadline))
-            .collect(),
-        sh.clone(),
-    )
-    .await?;
-
-    let mut get = OpAccum::new()?;
-    let mut put = OpAccum::new()?;
-    let mut last_end = None::<Instant>;
-    let (mut verified, mut failures, mut first_failure) = (0, 0, None);
-    for r in &results {
-        get.merge(&r.get)?;
-        put.merge(&r.put)?;
-        last_end = last_end.max(r.last_end);
-        verified += r.verified;
-        failures += r.failures;
-        if first_failure.is_none() {
-            first_failure.clone_from(&r.first_failure);
-        }
-    }
-    let measured_s = match last_end {
-        Some(end) => end.saturating_duration_since(measure_start).as_secs_f64(),
-        None => args.duration.as_secs_f64(),
-    };
-
-    let mut report = BenchReport {
-        mode: args.mode.name().to_string(),
-        transport: target.transport().to_string(),
-        addr: args.addr.clone(),
-        namespace_id: hex::encode(&reg.namespace_id),
-        block_size: plan.block_size as u64,
-        batch: plan.batch,
-        concurrency: plan.concurrency,
-        connections,
-        read_ratio: args.read_ratio,
-        keys: plan.keys,
-        warmup_s: args.warmup.as_secs_f64(),
-        verify: !args.no_verify,
-        populate,
-        verified_blocks: verified,
-        verify_failures: failures,
-        first_failure: first_failure.clone(),
-        ..BenchReport::default()
-    };
-    report.set_ops(&get, &put, measured_s);
-    if failures > 0 {
-        return Err(BenchError::VerifyFailed {
-            failures,
-            first: first_failure.unwrap_or_default(),
-            report: Box::new(report),
-        });
-    }
-    Ok(report)
 }
 
 #[cfg(test)]

@@ -83,6 +83,47 @@ impl From<PutItem> for proto::PutItem {
             key: item.key,
             parent: item.parent.unwrap_or_default(),
             payload: item.payload,
+            region: None,
+        }
+    }
+}
+
+/// One block to store from a shared-memory pool region ([`Client::batch_put_regions`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionPutItem {
+    /// The block key (1 to 64 bytes).
+    pub key: Bytes,
+    /// The key of the previous block in the chain, if any.
+    pub parent: Option<Bytes>,
+    /// Where the block's bytes lie: `length` must be `block_bytes` of the namespace
+    /// (see [`crate::Region::to_proto`]).
+    pub region: proto::PoolRegion,
+}
+
+impl RegionPutItem {
+    /// A block without a parent.
+    pub fn new(key: impl Into<Bytes>, region: proto::PoolRegion) -> Self {
+        RegionPutItem {
+            key: key.into(),
+            parent: None,
+            region,
+        }
+    }
+
+    /// The same block, naming its parent.
+    pub fn with_parent(mut self, parent: impl Into<Bytes>) -> Self {
+        self.parent = Some(parent.into());
+        self
+    }
+}
+
+impl From<RegionPutItem> for proto::PutItem {
+    fn from(item: RegionPutItem) -> Self {
+        proto::PutItem {
+            key: item.key,
+            parent: item.parent.unwrap_or_default(),
+            payload: Bytes::new(),
+            region: Some(item.region),
         }
     }
 }
@@ -326,12 +367,75 @@ impl Client {
         let req = proto::BatchGetRequest {
             namespace_id: ns_bytes(ns),
             keys: keys_bytes(keys),
+            regions: Vec::new(),
         };
         let mut c = self.inner.clone();
         Ok(self
             .call(c.batch_get(self.request(req, true)))
             .await?
             .results)
+    }
+
+    /// Stores blocks whose bytes the daemon copies out of registered
+    /// shared-memory pools ([`crate::SharedPool`]); one result per item, same
+    /// order. An item whose region names no registered pool or lies outside
+    /// its pool gets `PutStatus::BadRegion`; the others are stored as usual.
+    /// Keep the regions untouched until this returns.
+    pub async fn batch_put_regions(
+        &self,
+        ns: &NamespaceId,
+        items: Vec<RegionPutItem>,
+    ) -> Result<proto::BatchPutResponse, ClientError> {
+        let req = proto::BatchPutRequest {
+            namespace_id: ns_bytes(ns),
+            items: items.into_iter().map(Into::into).collect(),
+        };
+        let mut c = self.inner.clone();
+        self.call(c.batch_put(self.request(req, true))).await
+    }
+
+    /// Reads blocks straight into shared-memory pool regions, one region per
+    /// key (each `length` = `block_bytes`); one result per key, same order.
+    /// A found block's bytes are in its region and `payload` is empty; a
+    /// result with `region_error` set (and `found` false) names a region the
+    /// daemon could not write (unknown or closed pool, outside the pool).
+    /// Regions of keys not found are left as they were. Keep the regions
+    /// untouched until this returns.
+    pub async fn batch_get_into(
+        &self,
+        ns: &NamespaceId,
+        keys: &[impl AsRef<[u8]>],
+        regions: &[proto::PoolRegion],
+    ) -> Result<Vec<proto::GetResult>, ClientError> {
+        if keys.len() != regions.len() {
+            // An empty `regions` would silently turn this into an inline get.
+            return Err(ClientError::InvalidArgument {
+                field: "regions",
+                reason: format!(
+                    "{} regions for {} keys; exactly one region per key",
+                    regions.len(),
+                    keys.len()
+                ),
+            });
+        }
+        let req = proto::BatchGetRequest {
+            namespace_id: ns_bytes(ns),
+            keys: keys_bytes(keys),
+            regions: regions.to_vec(),
+        };
+        let mut c = self.inner.clone();
+        let results = self
+            .call(c.batch_get(self.request(req, true)))
+            .await?
+            .results;
+        if results.len() != keys.len() {
+            return Err(ClientError::InvalidResponse(format!(
+                "BatchGet answered {} results for {} keys",
+                results.len(),
+                keys.len()
+            )));
+        }
+        Ok(results)
     }
 
     /// Streams batches in (one request message per batch) and collects the
@@ -378,6 +482,7 @@ impl Client {
         let req = proto::BatchGetRequest {
             namespace_id: ns_bytes(ns),
             keys: keys_bytes(keys),
+            regions: Vec::new(),
         };
         let mut c = self.inner.clone();
         let stream = self.call(c.get_stream(self.request(req, false))).await?;
@@ -595,6 +700,46 @@ mod tests {
             .with_parent(&b"p"[..])
             .into();
         assert_eq!(&w.parent[..], b"p");
+    }
+
+    #[test]
+    fn region_put_item_sends_the_region_and_no_payload() {
+        let region = proto::PoolRegion {
+            pool_id: 3,
+            offset: 128,
+            length: 4096,
+        };
+        let w: proto::PutItem = RegionPutItem::new(&b"k"[..], region).into();
+        assert!(w.payload.is_empty() && w.parent.is_empty());
+        assert_eq!(w.region, Some(region));
+        let w: proto::PutItem = RegionPutItem::new(&b"k"[..], region)
+            .with_parent(&b"p"[..])
+            .into();
+        assert_eq!(&w.parent[..], b"p");
+        assert_eq!(&w.key[..], b"k");
+    }
+
+    #[tokio::test]
+    async fn batch_get_into_needs_one_region_per_key() {
+        // A lazily connected channel: the check fails before anything is sent.
+        let channel = Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let client = Client::from_channel(channel, ClientOptions::default());
+        let ns = NamespaceId::from_slice("ns", &[1; 16]).unwrap();
+        let e = client
+            .batch_get_into(&ns, &[b"a", b"b"], &[proto::PoolRegion::default()])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ClientError::InvalidArgument {
+                    field: "regions",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("1 regions for 2 keys"), "{e}");
     }
 
     #[test]

@@ -31,6 +31,35 @@ pub enum ClientError {
     /// The server answered something this client cannot make sense of.
     #[error("invalid response from the server: {0}")]
     InvalidResponse(String),
+    /// A request argument is unusable; nothing was sent. `field` names it.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    /// A shared-memory pool call got an argument it cannot use.
+    #[error("shared-memory pool {name:?}: {reason}")]
+    PoolInvalid { name: String, reason: String },
+    /// A system call of shared-memory pool set-up failed.
+    #[error("shared-memory pool {name:?}: cannot {what}: {}", error_chain(.source))]
+    PoolIo {
+        name: String,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The daemon closed the registration connection instead of answering a pool id.
+    #[error(
+        "shared-memory pool {name:?}: daemon refused the pool registration on {socket} (see its log)"
+    )]
+    PoolRefused { name: String, socket: String },
+    /// No free range of the pool is large enough for the allocation.
+    #[error(
+        "shared-memory pool {name:?} exhausted: {requested} bytes requested, {free} bytes free, largest free range {largest} bytes"
+    )]
+    PoolExhausted {
+        name: String,
+        requested: usize,
+        free: usize,
+        largest: usize,
+    },
 }
 
 impl ClientError {

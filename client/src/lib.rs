@@ -3,6 +3,9 @@
 //! - [`Client`]: typed async methods for every RPC of `kvstrata.v1.KvCache`, over
 //!   TCP (`http://host:port`, `host:port`) or a Unix socket (`unix:///path`,
 //!   `/path`), with message limits and HTTP/2 windows sized for large KV blocks.
+//! - [`SharedPool`] / [`Region`]: shared-memory pools registered with the daemon,
+//!   for [`Client::batch_put_regions`] and [`Client::batch_get_into`] (no payload
+//!   bytes in the gRPC messages; same host only).
 //! - [`hash`]: the canonical chained block hash (`docs/hashing.md`).
 //! - [`cli`]: the command-line verbs (`stats`, `ls`, `get`, `put`, ...) as a
 //!   library, flattened into the `kvstrata` binary by the server crate.
@@ -12,14 +15,16 @@ pub mod cli;
 mod client;
 mod error;
 pub mod hash;
+pub mod pool;
 mod target;
 
 pub use client::{
-    Client, ClientOptions, ClientStream, PutItem, RegisteredNamespace, spec_from_proto,
-    spec_to_proto,
+    Client, ClientOptions, ClientStream, PutItem, RegionPutItem, RegisteredNamespace,
+    spec_from_proto, spec_to_proto,
 };
 pub use error::ClientError;
 pub use hash::{BlockHash, block_keys, chain_keys, next_block_key};
+pub use pool::{Region, SharedPool};
 pub use target::{DEFAULT_TCP_TARGET, Target, default_target, default_uds_path};
 
 /// The generated wire types of `kvstrata.v1`, re-exported for convenience.

@@ -22,6 +22,8 @@ pub struct Config {
     pub server: ServerConfig,
     pub host: HostConfig,
     pub disk: DiskConfig,
+    pub shm: ShmConfig,
+    pub sglang: SglangConfig,
     pub log: LogConfig,
 }
 
@@ -214,6 +216,42 @@ impl DiskConfig {
     }
 }
 
+/// `[shm]`: shared-memory pools registered by same-host clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShmConfig {
+    /// Unix socket (mode 0600) where clients register pools (SGLang's
+    /// registration format). Empty: off, and requests naming pools fail. Default off.
+    pub mempool_socket: String,
+    /// Most pools registered at once. Default 256.
+    pub max_pools: usize,
+    /// Largest pool accepted. Default 1 TiB.
+    #[serde(with = "crate::size")]
+    pub max_pool_bytes: ByteSize,
+}
+
+impl Default for ShmConfig {
+    fn default() -> Self {
+        ShmConfig {
+            mempool_socket: String::new(),
+            max_pools: 256,
+            max_pool_bytes: ByteSize::tib(1),
+        }
+    }
+}
+
+/// `[sglang]`: SGLang HiCache L3 storage (`sglang.runtime.hicache.StorageServer`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct SglangConfig {
+    /// Unix socket (mode 0600) serving SGLang's StorageServer. Needs
+    /// `shm.mempool_socket`. Empty: off. Default off.
+    pub socket: String,
+    /// Store every SGLang block under this name instead of the registering
+    /// pool's name. Default empty (one namespace per pool name).
+    pub namespace: String,
+}
+
 /// `[log]`: logging.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -290,6 +328,15 @@ pub struct ServeArgs {
     /// disk.demote_queue: bytes waiting to be demoted at most, e.g. 256MiB.
     #[arg(long, env = "KVSTRATA_DISK_DEMOTE_QUEUE")]
     pub disk_demote_queue: Option<ByteSize>,
+    /// shm.mempool_socket: Unix socket where same-host clients register shared-memory pools.
+    #[arg(long, env = "KVSTRATA_MEMPOOL_SOCKET")]
+    pub mempool_socket: Option<String>,
+    /// sglang.socket: Unix socket serving SGLang HiCache's StorageServer (needs --mempool-socket).
+    #[arg(long, env = "KVSTRATA_SGLANG_SOCKET")]
+    pub sglang_socket: Option<String>,
+    /// sglang.namespace: one name for every SGLang block instead of the pool's name.
+    #[arg(long, env = "KVSTRATA_SGLANG_NAMESPACE")]
+    pub sglang_namespace: Option<String>,
     /// log.format: text or json.
     #[arg(long, env = "KVSTRATA_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -371,6 +418,15 @@ impl Config {
         if let Some(v) = args.disk_demote_queue {
             d.demote_queue = v;
         }
+        if let Some(v) = &args.mempool_socket {
+            c.shm.mempool_socket = socket_path(v);
+        }
+        if let Some(v) = &args.sglang_socket {
+            c.sglang.socket = socket_path(v);
+        }
+        if let Some(v) = &args.sglang_namespace {
+            c.sglang.namespace = v.clone();
+        }
         if let Some(v) = &args.log_format {
             c.log.format = v.clone();
         }
@@ -428,6 +484,39 @@ impl Config {
                 "timeouts must be at least 1 ms".into(),
             );
         }
+        if self.shm.max_pools == 0 {
+            return bad("shm.max_pools", "must be at least 1".into());
+        }
+        if !self.sglang.socket.is_empty() && self.shm.mempool_socket.is_empty() {
+            return bad(
+                "sglang.socket",
+                "SGLang moves bytes through registered pools: set shm.mempool_socket (--mempool-socket) too".into(),
+            );
+        }
+        if self.sglang.namespace.len() > crate::pool::MAX_POOL_NAME_BYTES {
+            return bad(
+                "sglang.namespace",
+                format!(
+                    "{} bytes, at most {}",
+                    self.sglang.namespace.len(),
+                    crate::pool::MAX_POOL_NAME_BYTES
+                ),
+            );
+        }
+        for (k, v) in [
+            ("shm.mempool_socket", &self.shm.mempool_socket),
+            ("sglang.socket", &self.sglang.socket),
+        ] {
+            if !v.is_empty() && (v == &self.server.uds_path) {
+                return bad(k, format!("{v:?} is already server.uds_path"));
+            }
+        }
+        if !self.sglang.socket.is_empty() && self.sglang.socket == self.shm.mempool_socket {
+            return bad(
+                "sglang.socket",
+                "must differ from shm.mempool_socket".into(),
+            );
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad(
                 "log.format",
@@ -459,6 +548,11 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
+}
+
+/// A socket path given as `unix:///path` or `/path`.
+pub fn socket_path(s: &str) -> String {
+    s.strip_prefix("unix://").unwrap_or(s).to_string()
 }
 
 #[cfg(test)]
@@ -512,6 +606,22 @@ mod tests {
                 .contains("disk.engine")
         );
         assert_eq!(Config::default().disk.tier_config().unwrap(), None);
+    }
+
+    #[test]
+    fn sglang_needs_a_mempool_socket() {
+        let mut c = Config::default();
+        c.sglang.socket = "/tmp/x/sglang.sock".into();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("sglang.socket")
+        );
+        c.shm.mempool_socket = "/tmp/x/mempool.sock".into();
+        c.validate().unwrap();
+        assert_eq!(socket_path("unix:///run/a.sock"), "/run/a.sock");
+        assert_eq!(socket_path("/run/a.sock"), "/run/a.sock");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use kvstrata_proto::sglang::storage_server_server::StorageServerServer;
 use kvstrata_proto::v1::kv_cache_server::KvCacheServer;
 use kvstrata_tiers::{BlockCache, TierKind};
 use serde::Serialize;
@@ -17,10 +18,15 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
-use crate::config::Config;
+use crate::config::{Config, socket_path};
 use crate::error::DaemonError;
+use crate::mempool;
 use crate::metrics::{self, Metrics};
+use crate::pool::{PoolLimits, PoolRegistry};
 use crate::service::{KvCacheService, Limits};
+use crate::sglang::SglangService;
+use crate::uds_authority::AuthorityFix;
+use tokio_stream::StreamExt;
 
 /// Where a started daemon listens (also written as JSON by `--ready-file`).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -28,6 +34,10 @@ pub struct BoundAddrs {
     pub tcp: Option<SocketAddr>,
     pub uds: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
+    /// The mempool (pool registration) socket, when on.
+    pub mempool: Option<PathBuf>,
+    /// The SGLang StorageServer socket, when on.
+    pub sglang: Option<PathBuf>,
 }
 
 impl BoundAddrs {
@@ -46,6 +56,7 @@ impl BoundAddrs {
 pub struct Daemon {
     addrs: BoundAddrs,
     cache: Arc<BlockCache>,
+    pools: Arc<PoolRegistry>,
     shutdown: CancellationToken,
     tasks: JoinSet<Result<(), DaemonError>>,
 }
@@ -69,10 +80,15 @@ impl Daemon {
             .map_err(|e| DaemonError::Task(format!("opening the cache: {e}")))??;
         let cache = Arc::new(cache);
         let shutdown = CancellationToken::new();
-        let metrics = Arc::new(Metrics::new(Arc::clone(&cache)));
+        let pools = Arc::new(PoolRegistry::new(PoolLimits {
+            max_pools: config.shm.max_pools,
+            max_pool_bytes: config.shm.max_pool_bytes.as_u64(),
+        }));
+        let metrics = Arc::new(Metrics::new(Arc::clone(&cache), Arc::clone(&pools)));
         let mut tasks = JoinSet::new();
         let service = KvCacheService::new(
             Arc::clone(&cache),
+            Arc::clone(&pools),
             Limits {
                 max_batch: config.server.max_batch,
             },
@@ -111,6 +127,8 @@ impl Daemon {
             tcp: None,
             uds: None,
             metrics: None,
+            mempool: None,
+            sglang: None,
         };
         if !config.server.tcp_addr.is_empty() {
             let listener = TcpListener::bind(&config.server.tcp_addr)
@@ -137,7 +155,7 @@ impl Daemon {
             let path = PathBuf::from(&config.server.uds_path);
             let listener = bind_unix(&path).await?;
             addrs.uds = Some(path.clone());
-            let incoming = UnixListenerStream::new(listener);
+            let incoming = fixed_unix_incoming(listener);
             let token = shutdown.clone();
             let r = router();
             tasks.spawn(async move {
@@ -145,6 +163,51 @@ impl Daemon {
                     .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
                     .await
                     .map_err(|e| DaemonError::Task(format!("unix listener: {e}")));
+                let _ = std::fs::remove_file(&path);
+                res
+            });
+        }
+        if !config.shm.mempool_socket.is_empty() {
+            let path = PathBuf::from(socket_path(&config.shm.mempool_socket));
+            let listener = bind_unix(&path).await?;
+            addrs.mempool = Some(path.clone());
+            let token = shutdown.clone();
+            let registry = Arc::clone(&pools);
+            tasks.spawn(async move {
+                let res = mempool::serve(listener, registry, token)
+                    .await
+                    .map_err(|e| DaemonError::Task(format!("mempool socket: {e}")));
+                let _ = std::fs::remove_file(&path);
+                res
+            });
+        }
+        if !config.sglang.socket.is_empty() {
+            let path = PathBuf::from(socket_path(&config.sglang.socket));
+            let listener = bind_unix(&path).await?;
+            addrs.sglang = Some(path.clone());
+            let sglang = SglangService::new(
+                Arc::clone(&cache),
+                Arc::clone(&pools),
+                Arc::clone(&metrics),
+                Some(config.sglang.namespace.clone()),
+            );
+            let server = Server::builder()
+                .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+                .initial_connection_window_size(HTTP2_CONN_WINDOW)
+                .max_concurrent_streams(config.server.max_concurrent_streams)
+                .add_service(health_service.clone())
+                .add_service(
+                    StorageServerServer::new(sglang)
+                        .max_decoding_message_size(max_msg)
+                        .max_encoding_message_size(max_msg),
+                );
+            let incoming = fixed_unix_incoming(listener);
+            let token = shutdown.clone();
+            tasks.spawn(async move {
+                let res = server
+                    .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+                    .await
+                    .map_err(|e| DaemonError::Task(format!("sglang socket: {e}")));
                 let _ = std::fs::remove_file(&path);
                 res
             });
@@ -217,6 +280,8 @@ impl Daemon {
             tcp = ?addrs.tcp,
             uds = ?addrs.uds,
             metrics = ?addrs.metrics,
+            mempool = ?addrs.mempool,
+            sglang = ?addrs.sglang,
             host_capacity = capacity(TierKind::Host).unwrap_or(0),
             disk_capacity = capacity(TierKind::Disk).unwrap_or(0),
             disk_engine = stats.disk.as_ref().map(|d| d.engine).unwrap_or("none"),
@@ -226,6 +291,7 @@ impl Daemon {
         Ok(Daemon {
             addrs,
             cache,
+            pools,
             shutdown,
             tasks,
         })
@@ -237,6 +303,11 @@ impl Daemon {
 
     pub fn cache(&self) -> &Arc<BlockCache> {
         &self.cache
+    }
+
+    /// The shared-memory pools registered now.
+    pub fn pools(&self) -> &Arc<PoolRegistry> {
+        &self.pools
     }
 
     /// The token that stops the daemon when cancelled.
@@ -273,6 +344,14 @@ impl Daemon {
         self.shutdown.cancel();
         self.run_until_stopped().await
     }
+}
+
+/// Accepted Unix-socket connections, each wrapped so that grpc-core clients'
+/// socket-path `:authority` is accepted (see [`AuthorityFix`]).
+fn fixed_unix_incoming(
+    listener: UnixListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<AuthorityFix<tokio::net::UnixStream>>> {
+    UnixListenerStream::new(listener).map(|r| r.map(AuthorityFix::new))
 }
 
 fn flatten(r: Result<Result<(), DaemonError>, tokio::task::JoinError>) -> Option<DaemonError> {

@@ -6,9 +6,13 @@ pub mod config;
 pub mod convert;
 pub mod daemon;
 pub mod error;
+pub mod mempool;
 pub mod metrics;
+pub mod pool;
 pub mod service;
+pub mod sglang;
 pub mod size;
+pub mod uds_authority;
 
 pub use config::{Config, ServeArgs};
 pub use daemon::{BoundAddrs, Daemon};

@@ -11,6 +11,8 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use kvstrata_tiers::BlockCache;
+
+use crate::pool::PoolRegistry;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -26,9 +28,16 @@ struct RequestLabels {
     code: String,
 }
 
-/// Metrics the service updates on every request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransferLabels {
+    method: &'static str,
+    result: &'static str,
+}
+
+/// Metrics the services update on every request.
 pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
+    sglang_transfers: Family<TransferLabels, Counter>,
     registry: Registry,
 }
 
@@ -39,16 +48,34 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    pub fn new(cache: Arc<BlockCache>) -> Self {
+    pub fn new(cache: Arc<BlockCache>, pools: Arc<PoolRegistry>) -> Self {
         let requests = Family::<RequestLabels, Counter>::default();
+        let sglang_transfers = Family::<TransferLabels, Counter>::default();
         let mut registry = Registry::default();
         registry.register(
             "kvstrata_requests",
             "gRPC requests by method and status code",
             requests.clone(),
         );
+        registry.register(
+            "kvstrata_sglang_transfers",
+            "SGLang StorageServer transfers by method and result",
+            sglang_transfers.clone(),
+        );
         registry.register_collector(Box::new(CacheCollector { cache }));
-        Metrics { requests, registry }
+        registry.register_collector(Box::new(PoolCollector { pools }));
+        Metrics {
+            requests,
+            sglang_transfers,
+            registry,
+        }
+    }
+
+    /// Counts one SGLang transfer's result (`ok`, `not_found`, ...).
+    pub fn record_sglang_transfer(&self, method: &'static str, result: &'static str) {
+        self.sglang_transfers
+            .get_or_create(&TransferLabels { method, result })
+            .inc();
     }
 
     pub fn record_request(&self, method: &'static str, code: tonic::Code) {
@@ -65,6 +92,46 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
+    }
+}
+
+#[derive(Debug)]
+struct PoolCollector {
+    pools: Arc<PoolRegistry>,
+}
+
+impl Collector for PoolCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.pools.stats();
+        single(
+            &mut encoder,
+            Kind::Gauge,
+            "kvstrata_pools",
+            "Shared-memory pools registered now",
+            s.pools as u64,
+        )?;
+        single(
+            &mut encoder,
+            Kind::Gauge,
+            "kvstrata_pool_bytes",
+            "Bytes of the shared-memory pools mapped now",
+            s.bytes,
+        )?;
+        family(
+            &mut encoder,
+            Kind::Counter,
+            "kvstrata_pool_registrations",
+            "Pool registrations on the mempool socket, by result",
+            "result",
+            &[("ok", s.registered), ("refused", s.refused)],
+        )?;
+        single(
+            &mut encoder,
+            Kind::Counter,
+            "kvstrata_pools_unsealed",
+            "Pools registered without a shrink seal (a client truncating one would fault the daemon)",
+            s.unsealed,
+        )
     }
 }
 

@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::{self, status};
 use crate::metrics::Metrics;
+use crate::pool::{Pool, PoolRegistry, RegionError};
 
 /// Request limits enforced by the service.
 #[derive(Debug, Clone)]
@@ -31,6 +32,7 @@ pub struct Limits {
 #[derive(Clone)]
 pub struct KvCacheService {
     cache: Arc<BlockCache>,
+    pools: Arc<PoolRegistry>,
     limits: Limits,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -47,12 +49,14 @@ const STREAM_BATCH_FACTOR: usize = 16;
 impl KvCacheService {
     pub fn new(
         cache: Arc<BlockCache>,
+        pools: Arc<PoolRegistry>,
         limits: Limits,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Self {
         KvCacheService {
             cache,
+            pools,
             limits,
             metrics,
             shutdown,
@@ -85,43 +89,126 @@ impl KvCacheService {
             .map_err(|e| Status::internal(format!("{what} task failed: {e}")))?
     }
 
-    fn parse_put(&self, req: pb::BatchPutRequest) -> Result<(NamespaceId, Vec<PutBlock>), Status> {
+    /// Validates a put request. Each item becomes its block, or — for an item
+    /// whose pool region names no registered pool or lies outside it — the
+    /// reason, so that item alone is refused.
+    fn parse_put(
+        &self,
+        req: pb::BatchPutRequest,
+    ) -> Result<(NamespaceId, Vec<Result<PutBlock, RegionError>>), Status> {
         let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
         convert::check_batch("items", req.items.len(), self.limits.max_batch)?;
+        let uses_pools = req.items.iter().any(|it| it.region.is_some());
+        let namespace = if uses_pools {
+            Some(self.cache.namespace("namespace_id", &ns).map_err(status)?)
+        } else {
+            None
+        };
         let items = req
             .items
             .into_iter()
             .enumerate()
             .map(|(i, it)| {
-                Ok(PutBlock {
-                    key: convert::key(&format!("items[{i}].key"), &it.key)?,
-                    parent: convert::optional_key(&format!("items[{i}].parent"), &it.parent)?,
-                    payload: it.payload,
-                })
+                let key = convert::key(&format!("items[{i}].key"), &it.key)?;
+                let parent = convert::optional_key(&format!("items[{i}].parent"), &it.parent)?;
+                let payload = match (it.region, &namespace) {
+                    (Some(region), Some(namespace)) => {
+                        if !it.payload.is_empty() {
+                            return Err(Status::invalid_argument(format!(
+                                "items[{i}].payload: must be empty when items[{i}].region is set"
+                            )));
+                        }
+                        check_region_length(
+                            &format!("items[{i}].region.length"),
+                            &region,
+                            namespace.block_bytes,
+                        )?;
+                        self.region_payload(&region, namespace.policy.write_through)
+                    }
+                    _ => Ok(it.payload),
+                };
+                Ok(payload.map(|payload| PutBlock {
+                    key,
+                    parent,
+                    payload,
+                }))
             })
             .collect::<Result<Vec<_>, Status>>()?;
         Ok((ns, items))
     }
 
+    /// A put item's bytes from its pool region: without a copy (the host tier
+    /// copies them in), except for write-through namespaces, whose background
+    /// disk write must not see the client reuse its buffer.
+    fn region_payload(&self, region: &pb::PoolRegion, keep: bool) -> Result<Bytes, RegionError> {
+        let pool = self.pools.get(region.pool_id)?;
+        if keep {
+            let mut v = Vec::with_capacity(region.length as usize);
+            pool.read_into(region.offset, region.length, &mut v)?;
+            Ok(Bytes::from(v))
+        } else {
+            pool.region_bytes(region.offset, region.length)
+        }
+    }
+
     async fn put(&self, req: pb::BatchPutRequest) -> Result<pb::BatchPutResponse, Status> {
-        let (ns, items) = self.parse_put(req)?;
+        let (ns, parsed) = self.parse_put(req)?;
         let cache = Arc::clone(&self.cache);
-        let outcomes = tokio::task::spawn_blocking(move || cache.put_batch(&ns, &items))
-            .await
-            .map_err(|e| Status::internal(format!("put task failed: {e}")))?
-            .map_err(status)?;
-        let stored = outcomes
+        let results = tokio::task::spawn_blocking(move || {
+            let blocks: Vec<PutBlock> = parsed
+                .iter()
+                .filter_map(|p| p.as_ref().ok().cloned())
+                .collect();
+            let mut outcomes = cache.put_batch(&ns, &blocks)?.into_iter();
+            Ok::<_, kvstrata_tiers::CacheError>(
+                parsed
+                    .iter()
+                    .map(|p| match p {
+                        Ok(_) => match outcomes.next() {
+                            Some(PutOutcome::Stored) => pb::PutStatus::Stored,
+                            Some(PutOutcome::NoSpace) | None => pb::PutStatus::NoSpace,
+                        },
+                        Err(_) => pb::PutStatus::BadRegion,
+                    } as i32)
+                    .collect::<Vec<i32>>(),
+            )
+        })
+        .await
+        .map_err(|e| Status::internal(format!("put task failed: {e}")))?
+        .map_err(status)?;
+        let stored = results
             .iter()
-            .filter(|o| **o == PutOutcome::Stored)
+            .filter(|&&r| r == pb::PutStatus::Stored as i32)
             .count() as u32;
-        let results = outcomes
-            .iter()
-            .map(|o| match o {
-                PutOutcome::Stored => pb::PutStatus::Stored as i32,
-                PutOutcome::NoSpace => pb::PutStatus::NoSpace as i32,
-            })
-            .collect();
         Ok(pb::BatchPutResponse { results, stored })
+    }
+
+    /// Where each key's block goes when the request names pool regions: the
+    /// pool and offset, or why that region cannot be used.
+    fn get_targets(
+        &self,
+        ns: &NamespaceId,
+        key_count: usize,
+        regions: &[pb::PoolRegion],
+    ) -> Result<Vec<GetTarget>, Status> {
+        if regions.len() != key_count {
+            return Err(Status::invalid_argument(format!(
+                "regions: {} given for {key_count} keys; give one per key, or none for inline payloads",
+                regions.len()
+            )));
+        }
+        let namespace = self.cache.namespace("namespace_id", ns).map_err(status)?;
+        regions
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                check_region_length(&format!("regions[{i}].length"), r, namespace.block_bytes)?;
+                Ok(self.pools.get(r.pool_id).and_then(|pool| {
+                    pool.range(r.offset, r.length)?;
+                    Ok((pool, r.offset))
+                }))
+            })
+            .collect()
     }
 
     async fn get(
@@ -131,30 +218,90 @@ impl KvCacheService {
     ) -> Result<Vec<pb::GetResult>, Status> {
         let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
         let keys = convert::keys("keys", &req.keys, max)?;
+        let targets = if req.regions.is_empty() {
+            None
+        } else {
+            Some(self.get_targets(&ns, keys.len(), &req.regions)?)
+        };
         let cache = Arc::clone(&self.cache);
-        let found = tokio::task::spawn_blocking(move || cache.get_batch(&ns, &keys))
-            .await
-            .map_err(|e| Status::internal(format!("get task failed: {e}")))?
-            .map_err(status)?;
-        Ok(req
-            .keys
-            .into_iter()
-            .zip(found)
-            .map(|(key, hit)| match hit {
-                Some((payload, tier)) => pb::GetResult {
-                    key,
-                    found: true,
-                    payload,
-                    tier: convert::tier_to_pb(tier) as i32,
-                },
-                None => pb::GetResult {
-                    key,
-                    found: false,
-                    payload: Bytes::new(),
-                    tier: pb::Tier::Unspecified as i32,
-                },
-            })
-            .collect())
+        let wire_keys = req.keys;
+        tokio::task::spawn_blocking(move || {
+            let Some(targets) = targets else {
+                let found = cache.get_batch(&ns, &keys)?;
+                return Ok(wire_keys
+                    .into_iter()
+                    .zip(found)
+                    .map(|(key, hit)| match hit {
+                        Some((payload, tier)) => hit_result(key, payload, tier),
+                        None => miss_result(key, String::new()),
+                    })
+                    .collect());
+            };
+            // Only keys with a usable region are read.
+            let wanted: Vec<BlockKey> = keys
+                .iter()
+                .zip(&targets)
+                .filter(|(_, t)| t.is_ok())
+                .map(|(k, _)| *k)
+                .collect();
+            let mut found = cache.get_batch(&ns, &wanted)?.into_iter();
+            Ok(wire_keys
+                .into_iter()
+                .zip(targets)
+                .map(|(key, target)| match target {
+                    Err(e) => miss_result(key, e.to_string()),
+                    Ok((pool, offset)) => match found.next().flatten() {
+                        Some((payload, tier)) => match pool.write(offset, &payload) {
+                            Ok(()) => hit_result(key, Bytes::new(), tier),
+                            Err(e) => miss_result(key, e.to_string()),
+                        },
+                        None => miss_result(key, String::new()),
+                    },
+                })
+                .collect())
+        })
+        .await
+        .map_err(|e| Status::internal(format!("get task failed: {e}")))?
+        .map_err(status)
+    }
+}
+
+/// Where one key of a get goes: the pool and offset, or why its region
+/// cannot be used.
+type GetTarget = Result<(Arc<Pool>, u64), RegionError>;
+
+/// A pool region must be exactly one block long.
+fn check_region_length(
+    field: &str,
+    region: &pb::PoolRegion,
+    block_bytes: u64,
+) -> Result<(), Status> {
+    if region.length != block_bytes {
+        return Err(Status::invalid_argument(format!(
+            "{field}: {} bytes, but the namespace stores blocks of exactly {block_bytes} bytes",
+            region.length
+        )));
+    }
+    Ok(())
+}
+
+fn hit_result(key: Bytes, payload: Bytes, tier: TierKind) -> pb::GetResult {
+    pb::GetResult {
+        key,
+        found: true,
+        payload,
+        tier: convert::tier_to_pb(tier) as i32,
+        region_error: String::new(),
+    }
+}
+
+fn miss_result(key: Bytes, region_error: String) -> pb::GetResult {
+    pb::GetResult {
+        key,
+        found: false,
+        payload: Bytes::new(),
+        tier: pb::Tier::Unspecified as i32,
+        region_error,
     }
 }
 
@@ -300,7 +447,15 @@ impl KvCache for KvCacheService {
     ) -> Result<Response<Self::GetStreamStream>, Status> {
         let req = request.into_inner();
         let max = self.limits.max_batch.saturating_mul(STREAM_BATCH_FACTOR);
-        let parsed = convert::namespace_id("namespace_id", &req.namespace_id)
+        let parsed = if req.regions.is_empty() {
+            Ok(())
+        } else {
+            Err(Status::invalid_argument(
+                "regions: GetStream returns payloads inline; use BatchGet to read into pools",
+            ))
+        };
+        let parsed = parsed
+            .and_then(|()| convert::namespace_id("namespace_id", &req.namespace_id))
             .and_then(|ns| convert::keys("keys", &req.keys, max).map(|k| (ns, k)))
             .and_then(|(ns, k)| {
                 self.cache
@@ -327,18 +482,8 @@ impl KvCache for KvCacheService {
                 .await;
                 let msg = match hit {
                     Ok(Ok(mut v)) => match v.pop().flatten() {
-                        Some((payload, tier)) => Ok(pb::GetResult {
-                            key: wire_key,
-                            found: true,
-                            payload,
-                            tier: convert::tier_to_pb(tier) as i32,
-                        }),
-                        None => Ok(pb::GetResult {
-                            key: wire_key,
-                            found: false,
-                            payload: Bytes::new(),
-                            tier: 0,
-                        }),
+                        Some((payload, tier)) => Ok(hit_result(wire_key, payload, tier)),
+                        None => Ok(miss_result(wire_key, String::new())),
                     },
                     Ok(Err(e)) => Err(status(e)),
                     Err(e) => Err(Status::internal(format!("get task failed: {e}"))),
@@ -473,6 +618,7 @@ impl KvCache for KvCacheService {
                 pb_tier
             })
             .collect();
+        let pools = self.pools.stats();
         let resp = pb::StatsResponse {
             tiers,
             namespaces: s.namespaces,
@@ -481,6 +627,8 @@ impl KvCache for KvCacheService {
             version: env!("CARGO_PKG_VERSION").to_string(),
             event_seq: s.event_seq,
             movement: s.movement.as_ref().map(convert::movement_to_pb),
+            pools: pools.pools,
+            pool_bytes: pools.bytes,
         };
         self.done("Stats", Ok(resp))
     }

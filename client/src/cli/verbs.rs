@@ -131,6 +131,8 @@ async fn stats(c: &Client, g: &GlobalArgs) -> Result<(), CliError> {
             "version": s.version,
             "event_seq": s.event_seq,
             "movement": s.movement.as_ref().map(out::movement_json),
+            "pools": s.pools,
+            "pool_bytes": s.pool_bytes,
         }));
     }
     let mut t = out::table(
@@ -191,9 +193,11 @@ async fn stats(c: &Client, g: &GlobalArgs) -> Result<(), CliError> {
         ))?;
     }
     line(format!(
-        "namespaces: {}  leases: {}  uptime: {}  version: {}  event seq: {}",
+        "namespaces: {}  leases: {}  pools: {} ({})  uptime: {}  version: {}  event seq: {}",
         s.namespaces,
         s.active_leases,
+        s.pools,
+        out::size(s.pool_bytes),
         humantime::format_duration(Duration::from_secs(s.uptime_ms / 1000)),
         if s.version.is_empty() {
             "-"
