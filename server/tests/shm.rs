@@ -746,7 +746,52 @@ async fn malformed_preambles_are_refused_and_the_daemon_keeps_serving() {
         "valid registration refused"
     );
     d.wait_pools(1).await;
+    let metrics = metrics_text(&d).await;
+    for want in [
+        format!("kvstrata_pool_registrations_total{{result=\"refused\"}} {n}"),
+        "kvstrata_pool_registrations_total{result=\"ok\"} 1".to_string(),
+        "kvstrata_pools 1".to_string(),
+        "kvstrata_pool_bytes 8192".to_string(),
+    ] {
+        assert!(metrics.contains(&want), "{want} missing from:\n{metrics}");
+    }
     drop(good);
     d.wait_pools(0).await;
     d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preamble_that_never_completes_is_dropped_after_its_deadline() {
+    let d = start().await;
+    let path = d.mempool.clone();
+    let t0 = Instant::now();
+    let id = tokio::task::spawn_blocking(move || {
+        let mut s = UnixStream::connect(&path).expect("connect");
+        // Half a magic, then silence with the connection open.
+        send(&s, &MAGIC.to_le_bytes()[..4], &[]);
+        answer(&mut s)
+    })
+    .await
+    .expect("slow client");
+    assert_eq!(id, None);
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(9),
+        "closed after {waited:?}, expected the 5 s preamble deadline"
+    );
+    assert_eq!(d.daemon.pools().stats().refused, 1);
+    d.stop().await;
+}
+
+/// The daemon's Prometheus text.
+async fn metrics_text(d: &Running) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = d.daemon.addrs().metrics.expect("metrics listener");
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("response");
+    out
 }
