@@ -16,7 +16,10 @@
 //! look at the file's size again and map the larger file. The registry seals
 //! the memfd against shrinking where the client allowed sealing
 //! (`MFD_ALLOW_SEALING`), since touching a page past the end of a shrunk file
-//! would fault.
+//! would fault; for a pool it could not seal (SGLang's memfds), every copy
+//! first checks the file's current size, so a client that truncated its pool
+//! gets refusals instead of crashing the daemon (only a truncation racing a
+//! copy in flight still can).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -55,6 +58,14 @@ pub enum RegisterError {
 pub enum RegionError {
     #[error("pool {0} is not registered (never, or its connection closed)")]
     UnknownPool(u32),
+    #[error(
+        "pool {pool_id} was truncated below {offset}+{length} by its client (pools must not shrink)"
+    )]
+    Shrunk {
+        pool_id: u32,
+        offset: u64,
+        length: u64,
+    },
     #[error("bytes {offset}..{offset}+{length} lie outside pool {pool_id} of {size} bytes")]
     OutOfBounds {
         pool_id: u32,
@@ -127,6 +138,15 @@ impl Pool {
         if let Some(end) = end
             && end <= map.len() as u64
         {
+            // An unsealed file may have been truncated under the mapping;
+            // touching a page past its end would fault the daemon.
+            if !self.sealed && !self.file.metadata().is_ok_and(|m| m.len() >= end) {
+                return Err(RegionError::Shrunk {
+                    pool_id: self.id,
+                    offset,
+                    length,
+                });
+            }
             return Ok((map, offset as usize..end as usize));
         }
         let map = match end {
@@ -462,6 +482,24 @@ mod tests {
         // Never past the registry's limit.
         f.write_all(&vec![3u8; 1 << 20]).unwrap();
         assert!(pool.range(0, (1 << 20) + 1).is_err());
+    }
+
+    #[test]
+    fn a_truncated_unsealed_file_is_refused_not_touched() {
+        let reg = registry();
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(8192).unwrap();
+        let pool = reg
+            .register("shrink".into(), OwnedFd::from(f.try_clone().unwrap()))
+            .unwrap();
+        assert!(!pool.sealed(), "a plain file cannot be sealed");
+        pool.write(4096, b"ok").unwrap();
+        f.set_len(4096).unwrap();
+        assert!(matches!(
+            pool.write(4096, b"no"),
+            Err(RegionError::Shrunk { .. })
+        ));
+        assert!(pool.region_bytes(0, 4096).is_ok());
     }
 
     #[test]
