@@ -123,7 +123,7 @@ impl KvCacheService {
                             &region,
                             namespace.block_bytes,
                         )?;
-                        self.region_payload(&region, namespace.policy.write_through)
+                        self.region_payload(&region)
                     }
                     _ => Ok(it.payload),
                 };
@@ -137,18 +137,12 @@ impl KvCacheService {
         Ok((ns, items))
     }
 
-    /// A put item's bytes from its pool region: without a copy (the host tier
-    /// copies them in), except for write-through namespaces, whose background
-    /// disk write must not see the client reuse its buffer.
-    fn region_payload(&self, region: &pb::PoolRegion, keep: bool) -> Result<Bytes, RegionError> {
-        let pool = self.pools.get(region.pool_id)?;
-        if keep {
-            let mut v = Vec::with_capacity(region.length as usize);
-            pool.read_into(region.offset, region.length, &mut v)?;
-            Ok(Bytes::from(v))
-        } else {
-            pool.region_bytes(region.offset, region.length)
-        }
+    /// A put item's bytes from its pool region, without a copy: the host tier
+    /// copies them into its slot (and write-through takes its own copy).
+    fn region_payload(&self, region: &pb::PoolRegion) -> Result<Bytes, RegionError> {
+        self.pools
+            .get(region.pool_id)?
+            .region_bytes(region.offset, region.length)
     }
 
     async fn put(&self, req: pb::BatchPutRequest) -> Result<pb::BatchPutResponse, Status> {

@@ -171,15 +171,9 @@ impl SglangService {
                 return Code::Internal;
             }
         };
-        let write_through = self
-            .cache
-            .namespace("id", &ns)
-            .is_ok_and(|n| n.policy.write_through);
-        // One iovec: the host tier copies straight from the pool — unless a
-        // background disk write would read the pool after this call returned
-        // (write-through), when SGLang may already reuse the page. Several
-        // iovecs: gathered into one buffer.
-        let payload = if let (false, [v]) = (write_through, t.iovec.as_slice()) {
+        // One iovec: the host tier copies straight from the pool (and
+        // write-through takes its own copy). Several: gathered into one buffer.
+        let payload = if let [v] = t.iovec.as_slice() {
             match pool.region_bytes(v.offset, v.length as u64) {
                 Ok(b) => b,
                 Err(_) => return Code::BadIovec,

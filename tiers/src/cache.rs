@@ -380,11 +380,14 @@ impl BlockCache {
                         d.tier.remove(ns, &item.key, RemoveReason::Delete);
                     }
                     if namespace.policy.write_through {
+                        // The disk write runs after this call returns: it gets
+                        // its own copy, never the caller's buffer (which may be
+                        // a client's shared-memory pool, reused at once).
                         d.demoter.write_through(
                             ns,
                             &item.key,
                             item.parent.as_ref(),
-                            item.payload.clone(),
+                            Bytes::copy_from_slice(&item.payload),
                         );
                     }
                 }
