@@ -3,7 +3,9 @@
 #               (cargo test, then `make pytest`)
 #   make pytest Python test playing an SGLang HiCache worker against the debug daemon
 #               (tests/python/run.sh: pinned grpcio venv in ${CARGO_TARGET_DIR:-target}/pyenv)
-#   make demo   build, start a daemon with defaults, put/get blocks through the CLI, print stats
+#   make demo   build, then `kvstrata demo`: multi-turn RAG on the default model through an
+#               in-process daemon (host + disk tier), TTFT with the cache vs a full recompute
+#   make demo-cli  start a daemon, put/get blocks through the CLI verbs, print stats
 #   make bench  loopback benchmark against redis-server (see docs/benchmarks.md)
 
 SHELL := /bin/bash
@@ -12,7 +14,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # System packages the build needs (RocksDB's bindgen needs libclang).
 APT_PACKAGES := libclang-dev clang
 
-.PHONY: all deps build release test fmt-check clippy unit pytest demo bench clean
+.PHONY: all deps build release test fmt-check clippy unit pytest demo demo-cli bench clean
 
 all: build
 
@@ -44,7 +46,11 @@ pytest:
 
 test: deps fmt-check clippy unit pytest
 
+# The engines' numeric crates are built with opt-level 3 even in debug (Cargo.toml).
 demo: build
+	$${CARGO_TARGET_DIR:-target}/debug/kvstrata demo
+
+demo-cli: build
 	bash scripts/demo.sh
 
 bench: release

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod convert;
 pub mod daemon;
+pub mod demo;
 pub mod error;
 pub mod mempool;
 pub mod metrics;
@@ -12,6 +13,7 @@ pub mod pool;
 pub mod service;
 pub mod sglang;
 pub mod size;
+pub mod ttft;
 pub mod uds_authority;
 
 pub use config::{Config, ServeArgs};

@@ -29,12 +29,38 @@ enum Command {
     /// Run the daemon (gRPC on TCP and a Unix socket, Prometheus metrics)
     Serve(Box<ServeArgs>),
     /// Load generator: ops/s, GB/s and latency percentiles against a running daemon
-    Bench(kvstrata_benches::BenchArgs),
+    /// (`bench ttft`: time to first token with and without cached KV)
+    Bench(Box<BenchCommand>),
     /// Disk-tier throughput in-process (write, then cold reads), for comparison with fio
     #[command(name = "bench-disk")]
     BenchDisk(kvstrata_benches::DiskBenchArgs),
+    /// Prefill a prompt with the built-in engine: reuse cached KV, store the new blocks,
+    /// write a hand-off for `kvstrata decode`
+    Prefill(Box<kvstrata_engine::cli::PrefillArgs>),
+    /// Decode from a prefill's hand-off: load its KV from kvstrata, generate, stream text
+    Decode(Box<kvstrata_engine::cli::DecodeArgs>),
+    /// Interactive multi-turn chat through the prefill and decode engines
+    Chat(Box<kvstrata_engine::cli::ChatArgs>),
+    /// Multi-turn RAG through an in-process daemon: TTFT with the cache vs a full recompute
+    Demo(Box<kvstrata_server::demo::DemoArgs>),
     #[command(flatten)]
     Client(ClientCommand),
+}
+
+/// `kvstrata bench`: the load generator, or a benchmark named by a subcommand.
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BenchCommand {
+    #[command(subcommand)]
+    which: Option<BenchWhich>,
+    #[command(flatten)]
+    load: kvstrata_benches::BenchArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchWhich {
+    /// Time to first token for 512..4k-token contexts, 0/50/100% cached, host and disk tier
+    Ttft(Box<kvstrata_server::ttft::TtftArgs>),
 }
 
 fn init_logging(format: &str, level: &str) {
@@ -86,10 +112,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(*args).await,
-        Command::Bench(args) => {
-            kvstrata_benches::run_and_print(args).await?;
-            Ok(())
+        Command::Bench(cmd) => match cmd.which {
+            Some(BenchWhich::Ttft(args)) => {
+                kvstrata_server::ttft::run_ttft(*args, cli.global.json).await
+            }
+            None => {
+                kvstrata_benches::run_and_print(cmd.load).await?;
+                Ok(())
+            }
+        },
+        Command::Prefill(args) => {
+            Ok(kvstrata_engine::cli::run_prefill(*args, &cli.global.addr, cli.global.json).await?)
         }
+        Command::Decode(args) => {
+            Ok(kvstrata_engine::cli::run_decode(*args, &cli.global.addr, cli.global.json).await?)
+        }
+        Command::Chat(args) => Ok(kvstrata_engine::cli::run_chat(*args, &cli.global.addr).await?),
+        Command::Demo(args) => kvstrata_server::demo::run_demo(*args, cli.global.json).await,
         // The disk tier's calls block: run them off the async workers.
         Command::BenchDisk(args) => {
             tokio::task::spawn_blocking(move || kvstrata_benches::run_disk_and_print(&args))
