@@ -226,7 +226,8 @@ struct PrefillJson<'a> {
     store_ms: f64,
 }
 
-fn ms(d: Duration) -> f64 {
+/// A duration in milliseconds, for tables and JSON.
+pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 

@@ -514,7 +514,6 @@ impl Engine {
         let prompt_logits = self.run(&tokens[loaded..], &mut kv, &mut |_, _| {})?;
         let load_time = started.elapsed();
         let t = Instant::now();
-        let eos = self.model.tokenizer.eos_ids().to_vec();
         let mut sampler = Sampler::new(sampling);
         let mut generated = Vec::new();
         let mut next = handoff.first_token;
@@ -529,7 +528,7 @@ impl Engine {
         while generated.len() < limit {
             generated.push(next);
             let go_on = on_token(next);
-            if eos.contains(&next) {
+            if self.model.tokenizer.is_eos(next) {
                 stopped_at_eos = true;
                 break;
             }
@@ -565,11 +564,10 @@ impl Engine {
     /// Greedy generation in this process from a prefill's own KV (no reload): the
     /// reference a decode through kvstrata must match.
     pub fn continue_local(&self, prefill: &mut Prefill, max_new_tokens: usize) -> Result<Vec<u32>> {
-        let eos = self.model.tokenizer.eos_ids().to_vec();
         let mut out = vec![prefill.handoff.first_token];
         while out.len() < max_new_tokens {
             let last = out[out.len() - 1];
-            if eos.contains(&last) {
+            if self.model.tokenizer.is_eos(last) {
                 break;
             }
             let logits = compute(|| self.model.model.forward(&[last], &mut prefill.kv))?;

