@@ -6,15 +6,18 @@
 #   make demo   build, then `kvstrata demo`: multi-turn RAG on the default model through an
 #               in-process daemon (host + disk tier), TTFT with the cache vs a full recompute
 #   make demo-cli  start a daemon, put/get blocks through the CLI verbs, print stats
+#   make demo-cluster  two daemons sharing a 3-node Redis Cluster: prefill on A, decode on B
+#               from the cluster, `kvstrata route`, a killed Redis node (docs/remote.md)
 #   make bench  loopback benchmark against redis-server (see docs/benchmarks.md)
 
 SHELL := /bin/bash
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# System packages the build needs (RocksDB's bindgen needs libclang).
-APT_PACKAGES := libclang-dev clang
+# System packages the build needs (RocksDB's bindgen needs libclang; the remote-tier
+# tests start a Redis Cluster with redis-server and redis-cli).
+APT_PACKAGES := libclang-dev clang redis-server
 
-.PHONY: all deps build release test fmt-check clippy unit pytest demo demo-cli bench clean
+.PHONY: all deps build release test fmt-check clippy unit pytest demo demo-cli demo-cluster bench clean
 
 all: build
 
@@ -52,6 +55,9 @@ demo: build
 
 demo-cli: build
 	bash scripts/demo.sh
+
+demo-cluster: build
+	bash scripts/demo-cluster.sh
 
 bench: release
 	bash benches/loopback.sh

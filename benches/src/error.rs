@@ -79,6 +79,18 @@ pub enum BenchError {
         #[source]
         source: redis::RedisError,
     },
+    /// The remote tier could not be opened (bench-remote).
+    #[error("remote tier: {0}")]
+    Remote(#[from] kvstrata_tiers::RemoteError),
+    /// A bench-remote write was not stored, or a read missed or returned
+    /// wrong bytes; `path` is `kvstrata` or `raw`.
+    #[error("bench-remote: {path} {op} of {block_size}-byte blocks failed: {reason}")]
+    RemoteFailed {
+        path: &'static str,
+        op: &'static str,
+        block_size: u64,
+        reason: String,
+    },
     /// A benchmark thread panicked or stopped early.
     #[error("benchmark thread failed: {0}")]
     Thread(String),

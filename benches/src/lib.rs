@@ -25,6 +25,10 @@
 //! `kvstrata bench-disk` ([`disk`]) measures the disk tier in-process instead
 //! (write, then cold verified reads), for comparison with fio.
 //!
+//! `kvstrata bench-remote` ([`remote`]) measures the remote tier against a
+//! Redis Cluster, and the same cluster through the redis crate directly, in
+//! one run (write, then verified reads, per block size).
+//!
 //! It talks to the daemon with the generated tonic client
 //! ([`kvstrata_proto::v1::kv_cache_client::KvCacheClient`]) over TCP or a Unix
 //! socket; see [`connect()`].
@@ -50,6 +54,7 @@ pub mod error;
 pub mod memcpy;
 pub mod payload;
 mod redis_conn;
+pub mod remote;
 pub mod report;
 mod runner;
 mod shm;
@@ -60,6 +65,7 @@ pub use disk::{DiskBenchArgs, DiskBenchReport, DiskEngine, run_disk_and_print, r
 pub use error::BenchError;
 pub use memcpy::MemcpyReport;
 pub use payload::{PayloadGen, VerifyError};
+pub use remote::{RemoteBenchArgs, RemoteBenchReport, run_remote_and_print, run_remote_bench};
 pub use report::{BenchReport, OpReport, PopulateReport};
 pub use runner::run;
 

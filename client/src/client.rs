@@ -306,6 +306,7 @@ impl Client {
             spec: Some(spec_to_proto(spec)),
             policy: policy.map(|p| proto::NamespacePolicy {
                 write_through: p.write_through,
+                remote_write_through: p.remote_write_through,
             }),
         };
         let mut c = self.inner.clone();

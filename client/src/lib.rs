@@ -7,6 +7,8 @@
 //!   for [`Client::batch_put_regions`] and [`Client::batch_get_into`] (no payload
 //!   bytes in the gRPC messages; same host only).
 //! - [`hash`]: the canonical chained block hash (`docs/hashing.md`).
+//! - [`router`]: cache-aware routing over several daemons (follows their `Watch`
+//!   streams, picks the node with the best tier-weighted prefix; `docs/routing.md`).
 //! - [`cli`]: the command-line verbs (`stats`, `ls`, `get`, `put`, ...) as a
 //!   library, flattened into the `kvstrata` binary by the server crate.
 //! - [`default_uds_path`] / [`default_target`]: where the daemon listens by default.
@@ -16,6 +18,7 @@ mod client;
 mod error;
 pub mod hash;
 pub mod pool;
+pub mod router;
 mod target;
 
 pub use client::{
@@ -25,6 +28,10 @@ pub use client::{
 pub use error::ClientError;
 pub use hash::{BlockHash, block_keys, chain_keys, next_block_key};
 pub use pool::{Region, SharedPool};
+pub use router::{
+    Decision, InFlight, NodeSpec, NodeStatus, Router, RouterConfig, RouterError, RouterStats,
+    TierWeights,
+};
 pub use target::{DEFAULT_TCP_TARGET, Target, default_target, default_uds_path};
 
 /// The generated wire types of `kvstrata.v1`, re-exported for convenience.

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use kvstrata_tiers::{
     CacheConfig, DiskFileConfig, DiskTierConfig, Durability, EngineChoice, HostTierConfig,
-    MovementConfig,
+    MovementConfig, RemoteTierConfig,
 };
 
 use crate::error::DaemonError;
@@ -22,6 +22,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub host: HostConfig,
     pub disk: DiskConfig,
+    pub remote: RemoteConfig,
     pub shm: ShmConfig,
     pub sglang: SglangConfig,
     pub log: LogConfig,
@@ -216,6 +217,96 @@ impl DiskConfig {
     }
 }
 
+/// `[remote]`: the shared remote tier on a Redis Cluster / Valkey cluster.
+/// Off while `nodes` is empty. See docs/remote.md for the cluster settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RemoteConfig {
+    /// Seed nodes, `redis://host:port` (one is enough; the rest is discovered). Default none.
+    pub nodes: Vec<String>,
+    /// Prefix of every Redis key written. Default `kvstrata`.
+    pub key_prefix: String,
+    /// A cluster command slower than this is a miss (reads) or a failed write. Default 250.
+    pub deadline_ms: u64,
+    /// Time allowed to connect to a node. Default 1000.
+    pub connect_timeout_ms: u64,
+    /// Blocks leaving the host tier are written to the cluster too. Default true.
+    pub demote: bool,
+    /// Every put of every namespace is written to the cluster. Default false
+    /// (a namespace's `remote_write_through` policy asks for it per namespace).
+    pub write_through: bool,
+    /// Copy blocks read from the cluster into the host tier. Default true.
+    pub promote_on_get: bool,
+    /// Payload bytes waiting for the cluster at most; beyond, writes are dropped. Default 256 MiB.
+    #[serde(with = "crate::size")]
+    pub queue: ByteSize,
+    /// Commands the writer keeps in flight. Default 16.
+    pub write_concurrency: usize,
+    /// Expiry of every block written, in seconds; 0: none (the cluster's eviction decides). Default 0.
+    pub ttl_secs: u64,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        let r = RemoteTierConfig::default();
+        RemoteConfig {
+            nodes: Vec::new(),
+            key_prefix: r.key_prefix,
+            deadline_ms: r.deadline.as_millis() as u64,
+            connect_timeout_ms: r.connect_timeout.as_millis() as u64,
+            demote: r.demote,
+            write_through: r.write_through,
+            promote_on_get: r.promote_on_get,
+            queue: ByteSize::b(r.queue_bytes),
+            write_concurrency: r.write_concurrency,
+            ttl_secs: 0,
+        }
+    }
+}
+
+impl RemoteConfig {
+    /// The remote tier's configuration, or `None` without nodes.
+    pub fn tier_config(&self) -> Result<Option<RemoteTierConfig>, DaemonError> {
+        if self.nodes.is_empty() {
+            return Ok(None);
+        }
+        let bad = |k: &str, why: &str| Err(DaemonError::Config(format!("remote.{k}: {why}")));
+        for n in &self.nodes {
+            if !(n.starts_with("redis://") || n.starts_with("rediss://")) {
+                return bad("nodes", &format!("{n:?} is not a redis://host:port URL"));
+            }
+        }
+        if self.deadline_ms == 0 {
+            return bad("deadline_ms", "must be at least 1");
+        }
+        if self.connect_timeout_ms == 0 {
+            return bad("connect_timeout_ms", "must be at least 1");
+        }
+        if self.write_concurrency == 0 {
+            return bad("write_concurrency", "must be at least 1");
+        }
+        if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}', ' ']) {
+            return bad(
+                "key_prefix",
+                "must be non-empty, without spaces or braces (braces are cluster hash tags)",
+            );
+        }
+        Ok(Some(RemoteTierConfig {
+            nodes: self.nodes.clone(),
+            key_prefix: self.key_prefix.clone(),
+            deadline: Duration::from_millis(self.deadline_ms),
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            demote: self.demote,
+            write_through: self.write_through,
+            promote_on_get: self.promote_on_get,
+            queue_bytes: self.queue.as_u64(),
+            write_concurrency: self.write_concurrency,
+            ttl: (self.ttl_secs > 0).then(|| Duration::from_secs(self.ttl_secs)),
+            ..RemoteTierConfig::default()
+        }))
+    }
+}
+
 /// `[shm]`: shared-memory pools registered by same-host clients.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -328,6 +419,26 @@ pub struct ServeArgs {
     /// disk.demote_queue: bytes waiting to be demoted at most, e.g. 256MiB.
     #[arg(long, env = "KVSTRATA_DISK_DEMOTE_QUEUE")]
     pub disk_demote_queue: Option<ByteSize>,
+    /// remote.nodes: a seed node of the remote tier's Redis/Valkey cluster (redis://host:port);
+    /// repeat or comma-separate. Enables the remote tier.
+    #[arg(
+        long = "remote-node",
+        env = "KVSTRATA_REMOTE_NODES",
+        value_delimiter = ','
+    )]
+    pub remote_nodes: Vec<String>,
+    /// remote.deadline_ms: a slower cluster command is a miss.
+    #[arg(long, env = "KVSTRATA_REMOTE_DEADLINE_MS")]
+    pub remote_deadline_ms: Option<u64>,
+    /// remote.write_through: write every put to the cluster (true/false).
+    #[arg(long, env = "KVSTRATA_REMOTE_WRITE_THROUGH")]
+    pub remote_write_through: Option<bool>,
+    /// remote.demote: write blocks leaving the host tier to the cluster (true/false).
+    #[arg(long, env = "KVSTRATA_REMOTE_DEMOTE")]
+    pub remote_demote: Option<bool>,
+    /// remote.key_prefix: prefix of every Redis key written.
+    #[arg(long, env = "KVSTRATA_REMOTE_KEY_PREFIX")]
+    pub remote_key_prefix: Option<String>,
     /// shm.mempool_socket: Unix socket where same-host clients register shared-memory pools.
     #[arg(long, env = "KVSTRATA_MEMPOOL_SOCKET")]
     pub mempool_socket: Option<String>,
@@ -418,6 +529,22 @@ impl Config {
         if let Some(v) = args.disk_demote_queue {
             d.demote_queue = v;
         }
+        let r = &mut c.remote;
+        if !args.remote_nodes.is_empty() {
+            r.nodes = args.remote_nodes.clone();
+        }
+        if let Some(v) = args.remote_deadline_ms {
+            r.deadline_ms = v;
+        }
+        if let Some(v) = args.remote_write_through {
+            r.write_through = v;
+        }
+        if let Some(v) = args.remote_demote {
+            r.demote = v;
+        }
+        if let Some(v) = &args.remote_key_prefix {
+            r.key_prefix = v.clone();
+        }
         if let Some(v) = &args.mempool_socket {
             c.shm.mempool_socket = socket_path(v);
         }
@@ -478,6 +605,7 @@ impl Config {
             return bad("host.segment_bytes", "must be at least 4 KiB".into());
         }
         self.disk.tier_config()?;
+        self.remote.tier_config()?;
         if self.disk.read_timeout_ms == 0 || self.disk.write_timeout_ms == 0 {
             return bad(
                 "disk.read_timeout_ms",
@@ -534,6 +662,7 @@ impl Config {
                 segment_bytes: self.host.segment_bytes.as_u64(),
             },
             disk: self.disk.tier_config()?,
+            remote: self.remote.tier_config()?,
             movement: MovementConfig {
                 promote_on_get: self.disk.promote_on_get,
                 demote_queue_bytes: self.disk.demote_queue.as_u64(),

@@ -2,6 +2,7 @@
 //! place where a `CacheError` becomes a gRPC status.
 
 use kvstrata_proto::v1 as pb;
+use kvstrata_tiers::RemoteStats;
 use kvstrata_tiers::movement::MovementStats;
 use kvstrata_tiers::{
     BlockKey, BlockMeta, CacheError, CacheEvent, DiskStats, Dtype, EventKind, HeaderInspection,
@@ -92,6 +93,7 @@ pub fn tier_to_pb(t: TierKind) -> pb::Tier {
         TierKind::Hbm => pb::Tier::Hbm,
         TierKind::Host => pb::Tier::Host,
         TierKind::Disk => pb::Tier::Disk,
+        TierKind::Remote => pb::Tier::Remote,
     }
 }
 
@@ -102,6 +104,7 @@ pub fn tier_from_pb(field: &str, v: i32) -> Result<Option<TierKind>, Status> {
         Ok(pb::Tier::Hbm) => Ok(Some(TierKind::Hbm)),
         Ok(pb::Tier::Host) => Ok(Some(TierKind::Host)),
         Ok(pb::Tier::Disk) => Ok(Some(TierKind::Disk)),
+        Ok(pb::Tier::Remote) => Ok(Some(TierKind::Remote)),
         Err(_) => Err(Status::invalid_argument(format!(
             "{field}: {v} is not a known tier"
         ))),
@@ -153,6 +156,39 @@ pub fn fill_disk_stats(t: &mut pb::TierStats, d: &DiskStats) {
     t.write_bytes = d.write_bytes;
     t.read_bytes_per_sec = d.read_bytes_per_sec();
     t.write_bytes_per_sec = d.write_bytes_per_sec();
+}
+
+pub fn remote_to_pb(r: &RemoteStats) -> pb::RemoteStats {
+    pb::RemoteStats {
+        nodes: r.nodes.clone(),
+        connected: r.connected,
+        hits: r.hits,
+        misses: r.misses,
+        errors: r.errors,
+        timeouts: r.timeouts,
+        corrupt_blocks: r.corrupt_blocks,
+        writes: r.writes,
+        write_bytes: r.write_bytes,
+        read_bytes: r.read_bytes,
+        deletes: r.deletes,
+        queue_dropped: r.queue_dropped,
+        queued_bytes: r.queued_bytes,
+        promoted: r.promoted,
+        demoted: r.demoted,
+        write_through: r.write_through,
+        connect_failures: r.connect_failures,
+        last_error: r.last_error.clone(),
+        deadline_ms: r.deadline_ms,
+    }
+}
+
+/// The remote tier's counters in the per-tier table's columns.
+pub fn fill_remote_tier_stats(t: &mut pb::TierStats, r: &RemoteStats) {
+    t.corrupt_blocks = r.corrupt_blocks;
+    t.io_errors = r.errors;
+    t.io_timeouts = r.timeouts;
+    t.read_bytes = r.read_bytes;
+    t.write_bytes = r.write_bytes;
 }
 
 pub fn movement_to_pb(m: &MovementStats) -> pb::MovementStats {

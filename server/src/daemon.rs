@@ -75,8 +75,17 @@ impl Daemon {
         let cache_config = config.cache_config()?;
         // Opening the disk tier reads its whole index (about 1 s per million
         // blocks): off the async workers.
-        let cache = tokio::task::spawn_blocking(move || BlockCache::new(cache_config))
-            .await
+        let cache = tokio::task::spawn_blocking(move || {
+            let cache = BlockCache::new(cache_config)?;
+            // Give the cluster a moment, so the first requests do not all miss.
+            if let Some(r) = cache.remote()
+                && !r.wait_connected(r.config().connect_timeout)
+            {
+                tracing::warn!(nodes = ?r.config().nodes, "remote tier: not connected yet; reads miss until the cluster answers");
+            }
+            Ok::<_, kvstrata_tiers::OpenError>(cache)
+        })
+        .await
             .map_err(|e| DaemonError::Task(format!("opening the cache: {e}")))??;
         let cache = Arc::new(cache);
         let shutdown = CancellationToken::new();

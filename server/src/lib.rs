@@ -10,6 +10,7 @@ pub mod error;
 pub mod mempool;
 pub mod metrics;
 pub mod pool;
+pub mod route;
 pub mod service;
 pub mod sglang;
 pub mod size;

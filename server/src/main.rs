@@ -34,6 +34,9 @@ enum Command {
     /// Disk-tier throughput in-process (write, then cold reads), for comparison with fio
     #[command(name = "bench-disk")]
     BenchDisk(kvstrata_benches::DiskBenchArgs),
+    /// Remote-tier (Redis Cluster) throughput and latency vs the same cluster used directly
+    #[command(name = "bench-remote")]
+    BenchRemote(kvstrata_benches::RemoteBenchArgs),
     /// Prefill a prompt with the built-in engine: reuse cached KV, store the new blocks,
     /// write a hand-off for `kvstrata decode`
     Prefill(Box<kvstrata_engine::cli::PrefillArgs>),
@@ -43,6 +46,9 @@ enum Command {
     Chat(Box<kvstrata_engine::cli::ChatArgs>),
     /// Multi-turn RAG through an in-process daemon: TTFT with the cache vs a full recompute
     Demo(Box<kvstrata_server::demo::DemoArgs>),
+    /// Cache-aware routing: follow several daemons' Watch streams and pick the node
+    /// with the best tier-weighted cached prefix, minus load (`--serve`: over HTTP)
+    Route(Box<kvstrata_server::route::RouteArgs>),
     #[command(flatten)]
     Client(ClientCommand),
 }
@@ -64,7 +70,15 @@ enum BenchWhich {
 }
 
 fn init_logging(format: &str, level: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    // The redis crate logs every failed reconnect attempt to a dead cluster node
+    // (many per second); the remote tier counts and reports those itself
+    // (`kvstrata stats`, kvstrata_remote_* metrics), so it is quiet unless asked for.
+    let level = if level.contains("redis") {
+        level.to_string()
+    } else {
+        format!("{level},redis=off")
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -129,10 +143,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Chat(args) => Ok(kvstrata_engine::cli::run_chat(*args, &cli.global.addr).await?),
         Command::Demo(args) => kvstrata_server::demo::run_demo(*args, cli.global.json).await,
+        Command::Route(args) => kvstrata_server::route::run(*args, cli.global.json).await,
         // The disk tier's calls block: run them off the async workers.
         Command::BenchDisk(args) => {
             tokio::task::spawn_blocking(move || kvstrata_benches::run_disk_and_print(&args))
                 .await??;
+            Ok(())
+        }
+        Command::BenchRemote(args) => {
+            kvstrata_benches::run_remote_and_print(&args, cli.global.json).await?;
             Ok(())
         }
         // The CLI error already carries its cause in one line.

@@ -361,6 +361,103 @@ impl Collector for CacheCollector {
                 single(&mut encoder, kind, name, help, v)?;
             }
         }
+        if let Some(r) = &s.remote {
+            let remote: [(Kind, &str, &str, u64); 15] = [
+                (
+                    Kind::Gauge,
+                    "kvstrata_remote_connected",
+                    "1 while a cluster connection is held",
+                    u64::from(r.connected),
+                ),
+                (
+                    Kind::Counter,
+                    "kvstrata_remote_hits",
+                    "Reads answered from the cluster",
+                    r.hits,
+                ),
+                (
+                    Kind::Counter,
+                    "kvstrata_remote_misses",
+                    "Reads the cluster could not answer (absent, error, deadline, corrupt)",
+                    r.misses,
+                ),
+                (
+                    Kind::Counter,
+                    "kvstrata_remote_errors",
+                    "Cluster commands that failed",
+                    r.errors,
+                ),
+                (
+                    Kind::Counter,
+                    "kvstrata_remote_timeouts",
+                    "Cluster commands abandoned at their deadline",
+                    r.timeouts,
+                ),
+                (
+                    Kind::Counter,
+                    "kvstrata_remote_corrupt_blocks",
+                    "Values that failed verification (read as misses, then deleted)",
+                    r.corrupt_blocks,
+                ),
+                (
+                    Kind::Counter,
+                    "kvstrata_remote_writes",
+                    "Blocks written to the cluster",
+                    r.writes,
+                ),
+                (
+                    Kind::Counter,
+                    "kvstrata_remote_write_bytes",
+                    "Payload bytes written to the cluster",
+                    r.write_bytes,
+                ),
+                (
+                    Kind::Counter,
+                    "kvstrata_remote_read_bytes",
+                    "Payload bytes read from the cluster",
+                    r.read_bytes,
+                ),
+                (
+                    Kind::Counter,
+                    "kvstrata_remote_deletes",
+                    "Keys deleted on the cluster",
+                    r.deletes,
+                ),
+                (
+                    Kind::Counter,
+                    "kvstrata_remote_queue_dropped",
+                    "Writes dropped because the queue was full",
+                    r.queue_dropped,
+                ),
+                (
+                    Kind::Gauge,
+                    "kvstrata_remote_queued_bytes",
+                    "Payload bytes waiting for the cluster",
+                    r.queued_bytes,
+                ),
+                (
+                    Kind::Counter,
+                    "kvstrata_remote_promoted_blocks",
+                    "Blocks copied from the cluster into host memory by reads",
+                    r.promoted,
+                ),
+                (
+                    Kind::Counter,
+                    "kvstrata_remote_demoted_blocks",
+                    "Host-tier evictions queued for the cluster",
+                    r.demoted,
+                ),
+                (
+                    Kind::Counter,
+                    "kvstrata_remote_connect_failures",
+                    "Failed attempts to connect to the cluster",
+                    r.connect_failures,
+                ),
+            ];
+            for (kind, name, help, v) in remote {
+                single(&mut encoder, kind, name, help, v)?;
+            }
+        }
         single(
             &mut encoder,
             Kind::Gauge,

@@ -310,6 +310,7 @@ impl KvCache for KvCacheService {
             Ok(spec) => {
                 let policy = req.policy.map(|p| NamespacePolicy {
                     write_through: p.write_through,
+                    remote_write_through: p.remote_write_through,
                 });
                 self.blocking("register", move |cache| {
                     let (ns, created) = cache
@@ -342,6 +343,7 @@ impl KvCache for KvCacheService {
                 block_bytes: ns.block_bytes,
                 policy: Some(pb::NamespacePolicy {
                     write_through: ns.policy.write_through,
+                    remote_write_through: ns.policy.remote_write_through,
                 }),
             })
             .collect();
@@ -609,6 +611,9 @@ impl KvCache for KvCacheService {
                 if let (TierKind::Disk, Some(d)) = (kind, &s.disk) {
                     convert::fill_disk_stats(&mut pb_tier, d);
                 }
+                if let (TierKind::Remote, Some(r)) = (kind, &s.remote) {
+                    convert::fill_remote_tier_stats(&mut pb_tier, r);
+                }
                 pb_tier
             })
             .collect();
@@ -623,6 +628,7 @@ impl KvCache for KvCacheService {
             movement: s.movement.as_ref().map(convert::movement_to_pb),
             pools: pools.pools,
             pool_bytes: pools.bytes,
+            remote: s.remote.as_ref().map(convert::remote_to_pb),
         };
         self.done("Stats", Ok(resp))
     }

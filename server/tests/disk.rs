@@ -251,6 +251,7 @@ async fn restart_on_the_same_paths_serves_the_disk_tier() {
                     &small_spec("m"),
                     Some(NamespacePolicy {
                         write_through: true,
+                        ..NamespacePolicy::default()
                     }),
                 )
                 .await
@@ -435,6 +436,7 @@ async fn disk_options_are_checked() {
             &small_spec("m"),
             Some(NamespacePolicy {
                 write_through: true,
+                ..NamespacePolicy::default()
             }),
         )
         .await

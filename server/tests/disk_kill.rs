@@ -229,6 +229,7 @@ fn kill_rounds(engine: &str) {
             // Half the rounds write through, half rely on demotion alone.
             let policy = NamespacePolicy {
                 write_through: round % 2 == 0,
+                ..NamespacePolicy::default()
             };
             c.register_namespace_with(&spec(), Some(policy))
                 .await

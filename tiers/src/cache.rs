@@ -20,6 +20,19 @@
 //!   the disk.
 //! - Namespace registrations are saved in the disk index, so a restarted
 //!   daemon knows the namespaces of the blocks it serves.
+//!
+//! # The remote tier (with a cluster configured)
+//!
+//! - It sits below the local tiers: a lookup or get that misses the host and
+//!   disk tiers asks the cluster, and a get promotes what it finds into the
+//!   host tier (`promote_on_get`).
+//! - Blocks leaving the host tier are queued for the cluster as well as for
+//!   the disk (`demote`), so what the disk later evicts is still found there.
+//!   A namespace's `remote_write_through` policy (or the tier's
+//!   `write_through`) queues every put.
+//! - A put without write-through, and a delete, queue a delete of the
+//!   cluster's copy, so the cluster never serves a version older than a
+//!   put or delete this node completed (see [`crate::remote`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,10 +48,12 @@ use crate::disk::{DiskError, DiskPut, DiskRead, DiskStats, DiskTier, DiskTierCon
 use crate::disk::{HeaderInspection, VerifyReport};
 use crate::error::CacheError;
 use crate::events::{CacheEvent, EventBus};
+use crate::host::{EvictionSink, Victim};
 use crate::host::{HostTier, HostTierConfig};
 use crate::key::BlockKey;
 use crate::movement::{Demoter, MovementConfig, MovementStats};
 use crate::namespace::{Namespace, NamespaceId, NamespacePolicy, NamespaceSpec};
+use crate::remote::{RemoteBlock, RemoteError, RemoteStats, RemoteTier, RemoteTierConfig};
 use crate::tier::{
     BlockMeta, PinToken, PutOutcome, RemoveOutcome, RemoveReason, Tier, TierKind, TierStats,
 };
@@ -49,6 +64,8 @@ pub struct CacheConfig {
     pub host: HostTierConfig,
     /// The disk tier; `None` (default) runs with the host tier alone.
     pub disk: Option<DiskTierConfig>,
+    /// The remote tier (a Redis/Valkey cluster); `None` (default): none.
+    pub remote: Option<RemoteTierConfig>,
     pub movement: MovementConfig,
     /// Longest lease a `Pin` may ask for. Default 10 minutes.
     pub max_lease: Duration,
@@ -61,6 +78,7 @@ impl Default for CacheConfig {
         CacheConfig {
             host: HostTierConfig::default(),
             disk: None,
+            remote: None,
             movement: MovementConfig::default(),
             max_lease: Duration::from_secs(600),
             event_buffer: 16384,
@@ -77,6 +95,8 @@ pub enum OpenError {
     Disk(#[from] DiskError),
     #[error("cannot start the demotion writer: {0}")]
     Movement(#[source] std::io::Error),
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
 }
 
 /// One block of a put batch.
@@ -107,6 +127,8 @@ pub struct CacheStats {
     pub disk: Option<DiskStats>,
     /// Movement counters, with a disk tier.
     pub movement: Option<MovementStats>,
+    /// Remote-tier counters, with a remote tier.
+    pub remote: Option<RemoteStats>,
 }
 
 /// `Inspect`'s answer: metadata plus a checksum computed now.
@@ -135,6 +157,37 @@ struct DiskSide {
     demoter: Arc<Demoter>,
 }
 
+/// Where host-tier evictions go: the disk's demotion queue and the remote
+/// tier's write queue. The victim's bytes are copied once, and only if one
+/// of them takes it.
+struct HostEvictions {
+    demoter: Option<Arc<Demoter>>,
+    remote: Option<RemoteTier>,
+}
+
+impl EvictionSink for HostEvictions {
+    fn evicted(&self, v: Victim<'_>) {
+        let to_disk = self.demoter.as_ref().filter(|d| d.wants(&v));
+        let to_remote = self.remote.as_ref().filter(|r| {
+            let room = r.has_room(v.payload.len() as u64);
+            if !room {
+                r.count_dropped();
+            }
+            room
+        });
+        if to_disk.is_none() && to_remote.is_none() {
+            return;
+        }
+        let bytes = Bytes::copy_from_slice(v.payload);
+        if let Some(r) = to_remote {
+            r.enqueue_put(v.namespace, v.key, v.parent, bytes.clone(), false);
+        }
+        if let Some(d) = to_disk {
+            d.enqueue(v.namespace, v.key, v.parent, bytes);
+        }
+    }
+}
+
 /// Stripe locks ordering puts, deletes and promotions of one key.
 const STRIPES: usize = 256;
 
@@ -143,6 +196,7 @@ pub struct BlockCache {
     namespaces: RwLock<HashMap<NamespaceId, Arc<Namespace>>>,
     host: HostTier,
     disk: Option<DiskSide>,
+    remote: Option<RemoteTier>,
     stripes: Box<[Mutex<()>]>,
     tiers: Vec<Arc<dyn Tier>>,
     events: Arc<EventBus>,
@@ -182,7 +236,6 @@ impl BlockCache {
                 let tier = DiskTier::open(dc, Arc::clone(&events))?;
                 let demoter =
                     Demoter::start(tier.clone(), config.movement).map_err(OpenError::Movement)?;
-                host.set_eviction_sink(demoter.clone());
                 tiers.push(Arc::new(tier.clone()));
                 for (id, record) in tier.load_namespaces()? {
                     match Namespace::from_record(&record) {
@@ -198,10 +251,22 @@ impl BlockCache {
             }
             None => None,
         };
+        let remote = match &config.remote {
+            Some(rc) => Some(RemoteTier::open(rc.clone(), Arc::clone(&events))?),
+            None => None,
+        };
+        let sink = HostEvictions {
+            demoter: disk.as_ref().map(|d| Arc::clone(&d.demoter)),
+            remote: remote.clone().filter(|r| r.config().demote),
+        };
+        if sink.demoter.is_some() || sink.remote.is_some() {
+            host.set_eviction_sink(Arc::new(sink));
+        }
         Ok(BlockCache {
             namespaces: RwLock::new(namespaces),
             host,
             disk,
+            remote,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             tiers,
             events,
@@ -227,10 +292,21 @@ impl BlockCache {
         self.disk.as_ref().map(|d| &d.tier)
     }
 
+    /// The remote tier, if configured.
+    pub fn remote(&self) -> Option<&RemoteTier> {
+        self.remote.as_ref()
+    }
+
     /// Waits until every queued demotion has been written or dropped; `false`
     /// on timeout. Without a disk tier, at once.
     pub fn flush_demotions(&self, timeout: Duration) -> bool {
         self.disk.as_ref().is_none_or(|d| d.demoter.flush(timeout))
+    }
+
+    /// Waits until the remote tier's write queue is empty; `false` on
+    /// timeout. Without a remote tier, at once.
+    pub fn flush_remote(&self, timeout: Duration) -> bool {
+        self.remote.as_ref().is_none_or(|r| r.flush(timeout))
     }
 
     /// Periodic upkeep: persists changed disk access times (so a restart keeps
@@ -286,6 +362,12 @@ impl BlockCache {
                 tier: "disk",
             });
         }
+        if policy.is_some_and(|p| p.remote_write_through) && self.remote.is_none() {
+            return Err(CacheError::TierNotConfigured {
+                field: "policy.remote_write_through".into(),
+                tier: "remote",
+            });
+        }
         let mut map = self.namespaces.write();
         let existing = map.get(&ns.id).cloned();
         if let Some(existing) = &existing
@@ -335,6 +417,35 @@ impl BlockCache {
                 None => break,
             }
         }
+        let Some(r) = self.remote.as_ref().filter(|_| tiers.len() < keys.len()) else {
+            return Ok(tiers);
+        };
+        // Past the local prefix: each key from a local tier if one has it,
+        // else from the cluster (asked once for all of them).
+        let rest = &keys[tiers.len()..];
+        let local: Vec<Option<TierKind>> = rest
+            .iter()
+            .map(|k| {
+                self.tiers
+                    .iter()
+                    .find(|t| t.contains(ns, k))
+                    .map(|t| t.kind())
+            })
+            .collect();
+        let ask: Vec<BlockKey> = rest
+            .iter()
+            .zip(&local)
+            .filter(|(_, l)| l.is_none())
+            .map(|(k, _)| *k)
+            .collect();
+        let mut remote = r.exists_many(ns, &ask).into_iter();
+        for l in local {
+            match l {
+                Some(t) => tiers.push(t),
+                None if remote.next() == Some(true) => tiers.push(TierKind::Remote),
+                None => break,
+            }
+        }
         Ok(tiers)
     }
 
@@ -371,6 +482,21 @@ impl BlockCache {
             .iter()
             .map(|item| {
                 let _stripe = self.stripe(ns, &item.key).lock();
+                // Before the host put: an eviction of the new block that races
+                // with this put then queues its write after this one.
+                if let Some(r) = &self.remote {
+                    if namespace.policy.remote_write_through || r.config().write_through {
+                        r.enqueue_put(
+                            ns,
+                            &item.key,
+                            item.parent.as_ref(),
+                            Bytes::copy_from_slice(&item.payload),
+                            true,
+                        );
+                    } else {
+                        r.enqueue_delete(ns, &item.key);
+                    }
+                }
                 let out = self
                     .host
                     .put(ns, &item.key, item.parent.as_ref(), &item.payload);
@@ -402,29 +528,55 @@ impl BlockCache {
         ns: &NamespaceId,
         keys: &[BlockKey],
     ) -> Result<Vec<Option<(Bytes, TierKind)>>, CacheError> {
-        self.namespace("namespace_id", ns)?;
+        let namespace = self.namespace("namespace_id", ns)?;
         let mut out: Vec<Option<(Bytes, TierKind)>> = keys
             .iter()
             .map(|k| self.host.get(ns, k).map(|b| (b, TierKind::Host)))
             .collect();
-        let Some(d) = &self.disk else {
-            return Ok(out);
-        };
-        let missed: Vec<usize> = (0..keys.len()).filter(|&i| out[i].is_none()).collect();
-        if missed.is_empty() {
-            return Ok(out);
-        }
-        let miss_keys: Vec<BlockKey> = missed.iter().map(|&i| keys[i]).collect();
-        let reads = d.tier.read_many(ns, &miss_keys);
-        for (i, read) in missed.into_iter().zip(reads) {
-            if let Some(read) = read {
-                if d.demoter.config().promote_on_get {
-                    self.promote(d, ns, &keys[i], &read);
+        if let Some(d) = &self.disk {
+            let missed: Vec<usize> = (0..keys.len()).filter(|&i| out[i].is_none()).collect();
+            if !missed.is_empty() {
+                let miss_keys: Vec<BlockKey> = missed.iter().map(|&i| keys[i]).collect();
+                let reads = d.tier.read_many(ns, &miss_keys);
+                for (i, read) in missed.into_iter().zip(reads) {
+                    if let Some(read) = read {
+                        if d.demoter.config().promote_on_get {
+                            self.promote(d, ns, &keys[i], &read);
+                        }
+                        out[i] = Some((read.payload, TierKind::Disk));
+                    }
                 }
-                out[i] = Some((read.payload, TierKind::Disk));
+            }
+        }
+        if let Some(r) = &self.remote {
+            let missed: Vec<usize> = (0..keys.len()).filter(|&i| out[i].is_none()).collect();
+            if !missed.is_empty() {
+                let miss_keys: Vec<BlockKey> = missed.iter().map(|&i| keys[i]).collect();
+                let reads = r.get_many(ns, &miss_keys, namespace.block_bytes);
+                for (i, read) in missed.into_iter().zip(reads) {
+                    if let Some(read) = read {
+                        if r.config().promote_on_get {
+                            self.promote_remote(r, ns, &keys[i], &read);
+                        }
+                        out[i] = Some((read.payload, TierKind::Remote));
+                    }
+                }
             }
         }
         Ok(out)
+    }
+
+    /// Copies a block read from the cluster into the host tier, unless a
+    /// local tier already has the key (a put since the read, or a promotion
+    /// by a concurrent get).
+    fn promote_remote(&self, r: &RemoteTier, ns: &NamespaceId, key: &BlockKey, read: &RemoteBlock) {
+        let _stripe = self.stripe(ns, key).lock();
+        if self.tiers.iter().any(|t| t.contains(ns, key)) {
+            return;
+        }
+        if self.host.put(ns, key, read.parent.as_ref(), &read.payload) == PutOutcome::Stored {
+            r.count_promotion();
+        }
     }
 
     /// Copies a block read from disk into the host tier, unless the host
@@ -447,6 +599,9 @@ impl BlockCache {
             let _stripe = self.stripe(ns, k).lock();
             if let Some(d) = &self.disk {
                 d.demoter.forget(ns, k);
+            }
+            if let Some(r) = &self.remote {
+                r.enqueue_delete(ns, k);
             }
             for t in &self.tiers {
                 if t.remove(ns, k, RemoveReason::Delete) == RemoveOutcome::Removed {
@@ -516,6 +671,12 @@ impl BlockCache {
                 payload: &bytes,
             };
             d.tier.put_many(ns, &[item]);
+        }
+        if let Some(r) = self.remote.as_ref().filter(|r| r.config().demote)
+            && let Some(bytes) = self.host.get(ns, key)
+        {
+            let copy = Bytes::copy_from_slice(&bytes);
+            r.enqueue_put(ns, key, meta.parent.as_ref(), copy, false);
         }
         self.host.remove(ns, key, RemoveReason::Evict)
     }
@@ -625,8 +786,25 @@ impl BlockCache {
     }
 
     pub fn stats(&self) -> CacheStats {
+        let mut tiers: Vec<(TierKind, TierStats)> =
+            self.tiers.iter().map(|t| (t.kind(), t.stats())).collect();
+        let remote = self.remote.as_ref().map(|r| r.stats());
+        if let Some(r) = &remote {
+            // The cluster's capacity and occupancy are its own (maxmemory).
+            tiers.push((
+                TierKind::Remote,
+                TierStats {
+                    hits: r.hits,
+                    misses: r.misses,
+                    bytes_in: r.write_bytes,
+                    bytes_out: r.read_bytes,
+                    rejected_puts: r.queue_dropped,
+                    ..TierStats::default()
+                },
+            ));
+        }
         CacheStats {
-            tiers: self.tiers.iter().map(|t| (t.kind(), t.stats())).collect(),
+            tiers,
             namespaces: self.namespaces.read().len() as u32,
             active_leases: self.leases.lock().len() as u32,
             uptime: self.started.elapsed(),
@@ -634,6 +812,7 @@ impl BlockCache {
             lookups: self.lookups.load(Ordering::Relaxed),
             disk: self.disk.as_ref().map(|d| d.tier.disk_stats()),
             movement: self.disk.as_ref().map(|d| d.demoter.stats()),
+            remote,
         }
     }
 
@@ -737,6 +916,9 @@ impl Drop for BlockCache {
         // same paths can be opened again as soon as the cache is gone.
         if let Some(d) = &self.disk {
             d.demoter.close();
+        }
+        if let Some(r) = &self.remote {
+            r.close(Duration::from_secs(2));
         }
     }
 }

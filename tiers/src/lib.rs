@@ -16,6 +16,7 @@ pub mod host;
 pub mod key;
 pub mod movement;
 pub mod namespace;
+pub mod remote;
 pub mod tier;
 
 pub use cache::{BlockCache, CacheConfig, CacheStats, Inspection, LeaseInfo, OpenError, PutBlock};
@@ -29,4 +30,5 @@ pub use host::{EvictionSink, HostTier, HostTierConfig, Victim};
 pub use key::{BlockKey, MAX_KEY_BYTES};
 pub use movement::{MovementConfig, MovementStats};
 pub use namespace::{Dtype, Layout, Namespace, NamespaceId, NamespacePolicy, NamespaceSpec};
+pub use remote::{RemoteError, RemoteStats, RemoteTier, RemoteTierConfig};
 pub use tier::{BlockMeta, PutOutcome, RemoveOutcome, RemoveReason, Tier, TierKind, TierStats};

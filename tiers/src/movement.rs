@@ -269,25 +269,35 @@ impl Drop for Demoter {
     }
 }
 
-impl EvictionSink for Demoter {
-    fn evicted(&self, v: Victim<'_>) {
+impl Demoter {
+    /// Whether a host-tier victim should be queued: not when the disk already
+    /// holds the same bytes (counted as skipped) or the queue has no room for
+    /// it (counted as dropped). Checked before the victim's bytes are copied.
+    pub fn wants(&self, v: &Victim<'_>) -> bool {
         if self.shared.disk.holds(v.namespace, v.key, v.checksum) {
             self.shared.counters.skipped.fetch_add(1, Ordering::Relaxed);
-            return;
+            return false;
         }
         let len = v.payload.len() as u64;
         let c = &self.shared.counters;
-        // Check the budget before copying, so a full queue costs no copy.
         if c.queued_bytes.load(Ordering::Acquire) + len > self.shared.config.demote_queue_bytes {
             c.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
+            return false;
         }
-        self.enqueue(
-            v.namespace,
-            v.key,
-            v.parent,
-            Bytes::copy_from_slice(v.payload),
-        );
+        true
+    }
+}
+
+impl EvictionSink for Demoter {
+    fn evicted(&self, v: Victim<'_>) {
+        if self.wants(&v) {
+            self.enqueue(
+                v.namespace,
+                v.key,
+                v.parent,
+                Bytes::copy_from_slice(v.payload),
+            );
+        }
     }
 }
 

@@ -357,6 +357,8 @@ impl fmt::Debug for NamespaceId {
 pub struct NamespacePolicy {
     /// Every put is also written to the disk tier in the background.
     pub write_through: bool,
+    /// Every put is also written to the remote tier in the background.
+    pub remote_write_through: bool,
 }
 
 /// A registered namespace: its spec, id, block size and policy.
@@ -389,7 +391,9 @@ impl Namespace {
     /// the spec's canonical encoding.
     pub fn record(&self) -> Vec<u8> {
         let mut out = RECORD_MAGIC.to_vec();
-        out.push(u8::from(self.policy.write_through));
+        out.push(
+            u8::from(self.policy.write_through) | (u8::from(self.policy.remote_write_through) << 1),
+        );
         out.extend_from_slice(&self.spec.canonical_encoding());
         out
     }
@@ -401,6 +405,7 @@ impl Namespace {
         let spec = NamespaceSpec::from_canonical_encoding(enc)?;
         let mut ns = Namespace::new(spec).ok()?;
         ns.policy.write_through = flags & 1 != 0;
+        ns.policy.remote_write_through = flags & 2 != 0;
         Some(ns)
     }
 }
@@ -442,6 +447,10 @@ mod tests {
     fn namespace_record_round_trips() {
         let mut ns = Namespace::new(smollm()).unwrap();
         ns.policy.write_through = true;
+        assert_eq!(Namespace::from_record(&ns.record()), Some(ns.clone()));
+        ns.policy.remote_write_through = true;
+        assert_eq!(Namespace::from_record(&ns.record()), Some(ns.clone()));
+        ns.policy.write_through = false;
         assert_eq!(Namespace::from_record(&ns.record()), Some(ns.clone()));
         assert_eq!(Namespace::from_record(&ns.record()[1..]), None);
     }

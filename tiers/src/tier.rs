@@ -14,6 +14,8 @@ pub enum TierKind {
     Hbm,
     Host,
     Disk,
+    /// The shared remote tier (a Redis/Valkey cluster).
+    Remote,
 }
 
 impl TierKind {
@@ -22,6 +24,7 @@ impl TierKind {
             TierKind::Hbm => "hbm",
             TierKind::Host => "host",
             TierKind::Disk => "disk",
+            TierKind::Remote => "remote",
         }
     }
 
@@ -30,6 +33,7 @@ impl TierKind {
             "hbm" | "gpu" => Some(TierKind::Hbm),
             "host" | "dram" | "cpu" => Some(TierKind::Host),
             "disk" | "nvme" | "ssd" => Some(TierKind::Disk),
+            "remote" | "redis" | "valkey" | "cluster" => Some(TierKind::Remote),
             _ => None,
         }
     }

@@ -223,6 +223,11 @@ pub struct RegisterArgs {
     /// `--write-through=false` turns it off.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub write_through: Option<bool>,
+    /// Write every put to the remote tier (the shared cluster) too, in the background
+    /// (needs a remote tier). Either flag sets the whole policy: the other one is off
+    /// unless given as well.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub remote_write_through: Option<bool>,
 }
 
 /// Arguments of `put`.

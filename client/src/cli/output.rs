@@ -80,12 +80,13 @@ pub fn percent(num: u64, den: u64) -> String {
     }
 }
 
-/// Short name of a wire tier (`hbm`, `host`, `disk`).
+/// Short name of a wire tier (`hbm`, `host`, `disk`, `remote`).
 pub fn tier_name(code: i32) -> String {
     match proto::Tier::try_from(code) {
         Ok(proto::Tier::Hbm) => "hbm".into(),
         Ok(proto::Tier::Host) => "host".into(),
         Ok(proto::Tier::Disk) => "disk".into(),
+        Ok(proto::Tier::Remote) => "remote".into(),
         Ok(proto::Tier::Unspecified) => "-".into(),
         Err(_) => format!("tier({code})"),
     }
@@ -173,6 +174,7 @@ pub fn namespace_json(n: &proto::NamespaceInfo) -> Value {
         "opaque_block_bytes": spec.opaque_block_bytes,
         "block_bytes": n.block_bytes,
         "write_through": n.policy.as_ref().is_some_and(|p| p.write_through),
+        "remote_write_through": n.policy.as_ref().is_some_and(|p| p.remote_write_through),
     })
 }
 
@@ -210,6 +212,30 @@ pub fn tier_stats_json(t: &proto::TierStats) -> Value {
         "write_bytes": t.write_bytes,
         "read_bytes_per_sec": t.read_bytes_per_sec,
         "write_bytes_per_sec": t.write_bytes_per_sec,
+    })
+}
+
+pub fn remote_json(r: &proto::RemoteStats) -> Value {
+    json!({
+        "nodes": r.nodes,
+        "connected": r.connected,
+        "hits": r.hits,
+        "misses": r.misses,
+        "errors": r.errors,
+        "timeouts": r.timeouts,
+        "corrupt_blocks": r.corrupt_blocks,
+        "writes": r.writes,
+        "write_bytes": r.write_bytes,
+        "read_bytes": r.read_bytes,
+        "deletes": r.deletes,
+        "queue_dropped": r.queue_dropped,
+        "queued_bytes": r.queued_bytes,
+        "promoted": r.promoted,
+        "demoted": r.demoted,
+        "write_through": r.write_through,
+        "connect_failures": r.connect_failures,
+        "last_error": r.last_error,
+        "deadline_ms": r.deadline_ms,
     })
 }
 

@@ -45,9 +45,11 @@ async fn namespace(c: &Client, arg: &str) -> Result<NamespaceId, CliError> {
 
 async fn ns_register(c: &Client, g: &GlobalArgs, a: &super::RegisterArgs) -> Result<(), CliError> {
     let spec = super::spec_from_args(a)?;
-    let policy = a
-        .write_through
-        .map(|write_through| NamespacePolicy { write_through });
+    let policy =
+        (a.write_through.is_some() || a.remote_write_through.is_some()).then(|| NamespacePolicy {
+            write_through: a.write_through.unwrap_or(false),
+            remote_write_through: a.remote_write_through.unwrap_or(false),
+        });
     let r = c.register_namespace_with(&spec, policy).await?;
     if g.json {
         return out::json_doc(&json!({
@@ -55,6 +57,7 @@ async fn ns_register(c: &Client, g: &GlobalArgs, a: &super::RegisterArgs) -> Res
             "block_bytes": r.block_bytes,
             "created": r.created,
             "write_through": a.write_through,
+            "remote_write_through": a.remote_write_through,
         }));
     }
     line(r.id)?;
@@ -133,6 +136,7 @@ async fn stats(c: &Client, g: &GlobalArgs) -> Result<(), CliError> {
             "movement": s.movement.as_ref().map(out::movement_json),
             "pools": s.pools,
             "pool_bytes": s.pool_bytes,
+            "remote": s.remote.as_ref().map(out::remote_json),
         }));
     }
     let mut t = out::table(
@@ -153,10 +157,13 @@ async fn stats(c: &Client, g: &GlobalArgs) -> Result<(), CliError> {
         &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
     );
     for ts in &s.tiers {
+        // The cluster's capacity and occupancy are its own (maxmemory).
+        let remote = ts.tier == proto::Tier::Remote as i32;
+        let size = |v: u64| if remote { "-".into() } else { out::size(v) };
         t.add_row(vec![
             out::tier_name(ts.tier),
-            out::size(ts.capacity_bytes),
-            out::size(ts.used_bytes),
+            size(ts.capacity_bytes),
+            size(ts.used_bytes),
             out::percent(ts.used_bytes, ts.capacity_bytes),
             ts.blocks.to_string(),
             ts.hits.to_string(),
@@ -190,6 +197,31 @@ async fn stats(c: &Client, g: &GlobalArgs) -> Result<(), CliError> {
             out::size(m.demote_queued_bytes),
             m.promoted,
             m.write_through
+        ))?;
+    }
+    if let Some(r) = &s.remote {
+        line(format!(
+            "remote: {}  nodes {}  written {} ({})  deleted {}  corrupt {}  errors {}  timeouts {}  dropped (queue full) {}  queued {}  promoted {}{}",
+            if r.connected {
+                "connected"
+            } else {
+                "NOT connected"
+            },
+            r.nodes.join(","),
+            r.writes,
+            out::size(r.write_bytes),
+            r.deletes,
+            r.corrupt_blocks,
+            r.errors,
+            r.timeouts,
+            r.queue_dropped,
+            out::size(r.queued_bytes),
+            r.promoted,
+            if r.last_error.is_empty() {
+                String::new()
+            } else {
+                format!("  last error: {}", r.last_error)
+            }
         ))?;
     }
     line(format!(
