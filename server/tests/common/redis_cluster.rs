@@ -79,24 +79,46 @@ fn start_node(dir: &Path, port: u16) -> Child {
         .expect("redis-server not found: install the redis-server package (make deps does it)")
 }
 
+/// Waits for a freshly spawned node to answer PING; `None` (and the process
+/// reaped) if it exits or stays silent for 10 s.
+fn up(port: u16, mut child: Child) -> Option<Child> {
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end {
+        if redis_cli(port, &["PING"]).is_some_and(|s| s.contains("PONG")) {
+            return Some(child);
+        }
+        if child.try_wait().ok().flatten().is_some() {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
 impl RedisCluster {
     /// Starts `n` (≥ 3) masters, joins them with `redis-cli --cluster create`
     /// and waits until every node reports `cluster_state:ok`.
     pub fn start(n: usize) -> RedisCluster {
         assert!(n >= 3, "a Redis Cluster needs at least 3 masters");
         let dir = tempfile::tempdir().expect("tempdir");
-        let ports: Vec<u16> = (0..n).map(|_| free_port_pair()).collect();
-        let nodes: Vec<Option<Child>> = ports
-            .iter()
-            .map(|&p| Some(start_node(dir.path(), p)))
-            .collect();
-        let cluster = RedisCluster { ports, nodes, dir };
-        for &p in &cluster.ports {
-            cluster.wait(
-                || redis_cli(p, &["PING"]).is_some_and(|s| s.contains("PONG")),
-                "node answering PING",
-            );
+        let mut ports = Vec::with_capacity(n);
+        let mut nodes = Vec::with_capacity(n);
+        for _ in 0..n {
+            // Another test may take a free port between our probe and the
+            // node's bind: then the node exits, and we try another port.
+            let (port, child) = (0..5)
+                .find_map(|_| {
+                    let port = free_port_pair();
+                    let child = start_node(dir.path(), port);
+                    up(port, child).map(|c| (port, c))
+                })
+                .expect("no Redis node came up on 5 ports");
+            ports.push(port);
+            nodes.push(Some(child));
         }
+        let cluster = RedisCluster { ports, nodes, dir };
         let addrs: Vec<String> = cluster
             .ports
             .iter()
@@ -148,6 +170,25 @@ impl RedisCluster {
         if let Some(mut c) = self.nodes[i].take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Starts node `i` again on its port and directory (after [`RedisCluster::kill`]).
+    /// It keeps its cluster identity and slots (nodes.conf), not its data; waits
+    /// until every node reports `cluster_state:ok`.
+    pub fn restart(&mut self, i: usize) {
+        assert!(self.nodes[i].is_none(), "node {i} is running");
+        let child = up(self.ports[i], start_node(self.dir.path(), self.ports[i]))
+            .expect("restarted Redis node answers");
+        self.nodes[i] = Some(child);
+        for &p in &self.ports {
+            self.wait(
+                || {
+                    redis_cli(p, &["CLUSTER", "INFO"])
+                        .is_some_and(|s| s.contains("cluster_state:ok"))
+                },
+                "cluster_state:ok after a restart",
+            );
         }
     }
 
