@@ -3,6 +3,12 @@
 #               (cargo test, then `make pytest`)
 #   make pytest Python test playing an SGLang HiCache worker against the debug daemon
 #               (tests/python/run.sh: pinned grpcio venv in ${CARGO_TARGET_DIR:-target}/pyenv)
+#   make deploy-check  validate deploy/ (Kubernetes schemas, hadolint, systemd unit, flags and
+#               configs against the debug binary; deploy/validate.sh, docs/deploy.md)
+#   make soak   the fault and stress tests (server/tests/faults.rs, stress.rs) with a longer
+#               stress run (SOAK_SECS, default 120; `make test` runs them with 15 s)
+#   make fuzz   the property-based fuzz targets (prop_*) with 100,000 cases each instead of
+#               CI's few seconds per target (docs/fuzzing.md)
 #   make demo   build, then `kvstrata demo`: multi-turn RAG on the default model through an
 #               in-process daemon (host + disk tier), TTFT with the cache vs a full recompute
 #   make demo-cli  start a daemon, put/get blocks through the CLI verbs, print stats
@@ -14,10 +20,11 @@ SHELL := /bin/bash
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # System packages the build needs (RocksDB's bindgen needs libclang; the remote-tier
-# tests start a Redis Cluster with redis-server and redis-cli).
-APT_PACKAGES := libclang-dev clang redis-server
+# tests start a Redis Cluster with redis-server and redis-cli; tests/python and
+# deploy/validate.sh make Python virtual environments).
+APT_PACKAGES := libclang-dev clang redis-server python3-venv
 
-.PHONY: all deps build release test fmt-check clippy unit pytest demo demo-cli demo-cluster bench clean
+.PHONY: all deps build release test fmt-check clippy unit pytest deploy-check soak fuzz demo demo-cli demo-cluster bench clean
 
 all: build
 
@@ -47,7 +54,20 @@ unit: deps
 pytest:
 	bash tests/python/run.sh
 
-test: deps fmt-check clippy unit pytest
+# Needs the debug binary too (checks deploy/'s flags and configs against its --help).
+deploy-check:
+	bash deploy/validate.sh
+
+test: deps fmt-check clippy unit pytest deploy-check
+
+fuzz: deps
+	PROPTEST_CASES=$${PROPTEST_CASES:-100000} $(CARGO) test --workspace prop_ -- --nocapture
+
+# Fault injection and 32-client stress, longer than in `make test` (docs/reliability.md).
+SOAK_SECS ?= 120
+soak: deps
+	KVSTRATA_STRESS_SECS=$(SOAK_SECS) $(CARGO) test --workspace -- --nocapture \
+	  thirty_two_clients overload_ deadlines_ disconnect disk_enospc slot_file_larger sigkill_
 
 # The engines' numeric crates are built with opt-level 3 even in debug (Cargo.toml).
 demo: build

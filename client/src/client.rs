@@ -14,7 +14,8 @@ use kvstrata_proto::v1 as proto;
 use kvstrata_proto::v1::kv_cache_client::KvCacheClient;
 use kvstrata_tiers::{Dtype, Layout, NamespaceId, NamespacePolicy, NamespaceSpec};
 use tokio_stream::{Stream, StreamExt};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
 
 use crate::error::ClientError;
 use crate::target::Target;
@@ -32,6 +33,12 @@ pub struct ClientOptions {
     /// Bound on each unary call (also sent as `grpc-timeout`) and on the start of
     /// each streaming call; `None` (the default) waits forever.
     pub request_timeout: Option<Duration>,
+    /// Sent as `authorization: Bearer <token>` on every call (the daemon's
+    /// `auth.token_file`); `None` (the default) sends none. Not added to
+    /// calls made through [`Client::raw`].
+    pub token: Option<BearerToken>,
+    /// TLS settings for `https://` targets.
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for ClientOptions {
@@ -40,7 +47,102 @@ impl Default for ClientOptions {
             max_message_bytes: 512 << 20,
             connect_timeout: Duration::from_secs(5),
             request_timeout: None,
+            token: None,
+            tls: None,
         }
+    }
+}
+
+/// A bearer token, checked once to be a valid header value; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BearerToken(MetadataValue<Ascii>);
+
+impl BearerToken {
+    /// A token of printable ASCII characters (no spaces).
+    pub fn new(token: &str) -> Result<BearerToken, ClientError> {
+        let token = token.trim();
+        let invalid = |reason: &str| ClientError::InvalidArgument {
+            field: "token",
+            reason: reason.to_string(),
+        };
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid(
+                "empty, or holds spaces or non-printable / non-ASCII characters",
+            ));
+        }
+        MetadataValue::try_from(format!("Bearer {token}"))
+            .map(BearerToken)
+            .map_err(|_| invalid("not a valid header value"))
+    }
+
+    /// The first token of a token file: the first word of its first line that
+    /// is neither blank nor a `#` comment (the daemon's format, `TOKEN [TENANT]`).
+    pub fn from_file(path: &std::path::Path) -> Result<BearerToken, ClientError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ClientError::InvalidArgument {
+            field: "token_file",
+            reason: format!("cannot read {}: {e}", path.display()),
+        })?;
+        let first = text
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#'))
+            .and_then(|l| l.split_whitespace().next())
+            .ok_or_else(|| ClientError::InvalidArgument {
+                field: "token_file",
+                reason: format!("{} holds no token", path.display()),
+            })?;
+        BearerToken::new(first)
+    }
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(<redacted>)")
+    }
+}
+
+/// TLS settings of a client (PEM bytes).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    /// CA certificate(s) that signed the daemon's certificate (required:
+    /// this build trusts no system roots).
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate and key, for a daemon with `tls.client_ca`.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// Name to check the daemon's certificate against (default: the target's host).
+    pub domain: Option<String>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("ca", &self.ca_pem.is_some())
+            .field("identity", &self.identity_pem.is_some())
+            .field("domain", &self.domain)
+            .finish()
+    }
+}
+
+impl ClientTls {
+    /// Reads the PEM files: a CA, and optionally a client certificate and key.
+    pub fn from_files(
+        ca: Option<&std::path::Path>,
+        cert_and_key: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<ClientTls, ClientError> {
+        let read = |field: &'static str, p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| ClientError::InvalidArgument {
+                field,
+                reason: format!("cannot read {}: {e}", p.display()),
+            })
+        };
+        Ok(ClientTls {
+            ca_pem: ca.map(|p| read("tls_ca", p)).transpose()?,
+            identity_pem: match cert_and_key {
+                Some((c, k)) => Some((read("tls_cert", c)?, read("tls_key", k)?)),
+                None => None,
+            },
+            domain: None,
+        })
     }
 }
 
@@ -223,6 +325,34 @@ impl Client {
             .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
             .tcp_nodelay(true)
             .keep_alive_while_idle(false);
+        let endpoint = match &parsed {
+            Target::Http(uri) if uri.starts_with("https://") => {
+                let tls = options
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.ca_pem.as_ref().map(|ca| (t, ca)));
+                let Some((t, ca)) = tls else {
+                    return Err(ClientError::InvalidTarget {
+                        target: target.to_string(),
+                        reason: "an https:// target needs the daemon's CA certificate (--tls-ca); this build trusts no system roots".into(),
+                    });
+                };
+                let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+                if let Some((cert, key)) = &t.identity_pem {
+                    config = config.identity(Identity::from_pem(cert, key));
+                }
+                if let Some(d) = &t.domain {
+                    config = config.domain_name(d.clone());
+                }
+                endpoint
+                    .tls_config(config)
+                    .map_err(|e| ClientError::InvalidTarget {
+                        target: target.to_string(),
+                        reason: crate::error::error_chain(&e),
+                    })?
+            }
+            _ => endpoint,
+        };
         let connected = match &parsed {
             Target::Http(_) => endpoint.connect().await,
             Target::Unix(path) => {
@@ -267,6 +397,9 @@ impl Client {
         let mut req = tonic::Request::new(msg);
         if unary && let Some(d) = self.options.request_timeout {
             req.set_timeout(d);
+        }
+        if let Some(t) = &self.options.token {
+            req.metadata_mut().insert("authorization", t.0.clone());
         }
         req
     }
@@ -626,7 +759,7 @@ impl Client {
     pub async fn verify(&self, drop_corrupt: bool) -> Result<proto::VerifyResponse, ClientError> {
         let mut c = self.inner.clone();
         let resp = c
-            .verify(tonic::Request::new(proto::VerifyRequest { drop_corrupt }))
+            .verify(self.request(proto::VerifyRequest { drop_corrupt }, false))
             .await?;
         Ok(resp.into_inner())
     }
@@ -769,6 +902,15 @@ mod tests {
         assert!(matches!(e, ClientError::Connect { .. }), "{e:?}");
         assert!(e.to_string().contains("absent.sock"), "{e}");
         let e = Client::connect("https://x:1").await.unwrap_err();
-        assert!(matches!(e, ClientError::TlsNotSupported(_)));
+        assert!(e.to_string().contains("--tls-ca"), "{e}");
+    }
+
+    #[test]
+    fn bearer_tokens() {
+        assert!(BearerToken::new("abc def").is_err());
+        assert!(BearerToken::new("").is_err());
+        let t = BearerToken::new(" tok-123 ").unwrap();
+        assert_eq!(t.0.to_str().unwrap(), "Bearer tok-123");
+        assert!(!format!("{t:?}").contains("tok-123"));
     }
 }

@@ -10,11 +10,6 @@ pub enum ClientError {
     /// The target string is not one of the accepted forms.
     #[error("invalid target {target:?}: {reason}")]
     InvalidTarget { target: String, reason: String },
-    /// `https://` targets: TLS is not implemented yet.
-    #[error(
-        "invalid target {0:?}: TLS (https://) is not supported yet; use http://host:port or a unix socket"
-    )]
-    TlsNotSupported(String),
     /// The connection could not be established.
     #[error("cannot connect to {target}: {}", error_chain(.source))]
     Connect {
@@ -133,9 +128,5 @@ mod tests {
         let e = ClientError::Timeout(Duration::from_millis(1500));
         assert_eq!(e.code(), Some(tonic::Code::DeadlineExceeded));
         assert!(e.to_string().starts_with("DeadlineExceeded"), "{e}");
-        assert_eq!(
-            ClientError::TlsNotSupported("https://x:1".into()).code(),
-            None
-        );
     }
 }

@@ -22,8 +22,8 @@ pub mod router;
 mod target;
 
 pub use client::{
-    Client, ClientOptions, ClientStream, PutItem, RegionPutItem, RegisteredNamespace,
-    spec_from_proto, spec_to_proto,
+    BearerToken, Client, ClientOptions, ClientStream, ClientTls, PutItem, RegionPutItem,
+    RegisteredNamespace, spec_from_proto, spec_to_proto,
 };
 pub use error::ClientError;
 pub use hash::{BlockHash, block_keys, chain_keys, next_block_key};

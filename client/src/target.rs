@@ -1,8 +1,8 @@
 //! Where to reach the daemon: parsing of target strings and the default socket path.
 //!
-//! Accepted forms: `http://host:port`, `host:port` (plain HTTP/2), `unix:///abs/path`,
-//! `unix:/abs/path` and `/abs/path` (Unix socket). `https://` is refused: TLS is not
-//! supported yet.
+//! Accepted forms: `http://host:port`, `host:port` (plain HTTP/2),
+//! `https://host:port` (TLS; see [`crate::ClientTls`]), `unix:///abs/path`,
+//! `unix:/abs/path` and `/abs/path` (Unix socket).
 
 use std::fmt;
 use std::os::unix::fs::FileTypeExt;
@@ -16,7 +16,8 @@ pub const DEFAULT_TCP_TARGET: &str = "http://127.0.0.1:50051";
 /// A parsed target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
-    /// Plain HTTP/2 over TCP; the string is a full `http://host:port` URI.
+    /// HTTP/2 over TCP; the string is a full `http://host:port` URI, or
+    /// `https://host:port` for TLS.
     Http(String),
     /// A Unix domain socket at an absolute path.
     Unix(PathBuf),
@@ -34,9 +35,6 @@ impl Target {
             return Err(invalid("empty"));
         }
         let lower = t.to_ascii_lowercase();
-        if lower.starts_with("https://") {
-            return Err(ClientError::TlsNotSupported(target.to_string()));
-        }
         if lower.starts_with("unix:") {
             let rest = &t["unix:".len()..];
             let path = match rest.strip_prefix("//") {
@@ -55,9 +53,11 @@ impl Target {
         }
         let uri = if lower.starts_with("http://") {
             format!("http://{}", &t["http://".len()..])
+        } else if lower.starts_with("https://") {
+            format!("https://{}", &t["https://".len()..])
         } else if let Some((scheme, _)) = t.split_once("://") {
             return Err(invalid(&format!(
-                "unsupported scheme {scheme:?} (use http://, unix:// or host:port)"
+                "unsupported scheme {scheme:?} (use http://, https://, unix:// or host:port)"
             )));
         } else {
             check_host_port(t).map_err(|r| invalid(&r))?;
@@ -197,10 +197,11 @@ mod tests {
     }
 
     #[test]
-    fn https_says_tls_is_not_supported() {
-        let e = Target::parse("https://host:443").unwrap_err();
-        assert!(matches!(e, ClientError::TlsNotSupported(_)));
-        assert!(e.to_string().contains("TLS"), "{e}");
+    fn https_is_a_tls_target() {
+        assert_eq!(
+            Target::parse("HTTPS://host:443").unwrap(),
+            http("https://host:443")
+        );
     }
 
     #[test]

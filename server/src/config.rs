@@ -25,6 +25,8 @@ pub struct Config {
     pub remote: RemoteConfig,
     pub shm: ShmConfig,
     pub sglang: SglangConfig,
+    pub auth: AuthConfig,
+    pub tls: TlsConfig,
     pub log: LogConfig,
 }
 
@@ -48,6 +50,17 @@ pub struct ServerConfig {
     pub max_lease_ms: u64,
     /// Concurrent HTTP/2 streams per connection. Default 256.
     pub max_concurrent_streams: u32,
+    /// Deadline of a unary request, in milliseconds; a shorter client
+    /// `grpc-timeout` wins. Past it the request ends with DEADLINE_EXCEEDED.
+    /// Streams are bounded by a client `grpc-timeout` only. Default 30000.
+    pub request_timeout_ms: u64,
+    /// Requests executing at once, over all connections (open GetStream and
+    /// PutStream streams count until they end); beyond, a request is refused
+    /// at once with RESOURCE_EXHAUSTED. Default 1024.
+    pub max_inflight_requests: usize,
+    /// Cache calls (copies, disk reads) running on the blocking pool at once;
+    /// further requests wait for a slot within their deadline. Default 64.
+    pub max_blocking_tasks: usize,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +73,9 @@ impl Default for ServerConfig {
             max_batch: 4096,
             max_lease_ms: 600_000,
             max_concurrent_streams: 256,
+            request_timeout_ms: 30_000,
+            max_inflight_requests: 1024,
+            max_blocking_tasks: 64,
         }
     }
 }
@@ -343,6 +359,43 @@ pub struct SglangConfig {
     pub namespace: String,
 }
 
+/// `[auth]`: who may call the daemon (docs/security.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Bearer tokens required on the TCP listener: one `TOKEN [TENANT]` per
+    /// line, `#` comments. Reloaded on SIGHUP. Empty: no tokens (TCP open;
+    /// refused on a non-loopback address unless `insecure`). Default empty.
+    pub token_file: String,
+    /// Uids allowed on the Unix sockets (gRPC, mempool, SGLang), checked with
+    /// SO_PEERCRED. Default: the daemon's own uid.
+    pub uid_allow: Vec<u32>,
+    /// Allow a non-loopback `server.tcp_addr` without tokens. Default false.
+    pub insecure: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            token_file: String::new(),
+            uid_allow: vec![crate::auth::own_uid()],
+            insecure: false,
+        }
+    }
+}
+
+/// `[tls]`: TLS on the TCP listener. Off while `cert` is empty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server certificate chain (PEM). Default empty (plaintext TCP).
+    pub cert: String,
+    /// Private key of `cert` (PEM).
+    pub key: String,
+    /// CA bundle (PEM); when set, TCP clients must present a certificate it signed.
+    pub client_ca: String,
+}
+
 /// `[log]`: logging.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -389,6 +442,15 @@ pub struct ServeArgs {
     /// server.max_concurrent_streams: HTTP/2 streams per connection.
     #[arg(long, env = "KVSTRATA_MAX_CONCURRENT_STREAMS")]
     pub max_concurrent_streams: Option<u32>,
+    /// server.request_timeout_ms: deadline of a unary request (a shorter grpc-timeout wins).
+    #[arg(long, env = "KVSTRATA_REQUEST_TIMEOUT_MS")]
+    pub request_timeout_ms: Option<u64>,
+    /// server.max_inflight_requests: requests executing at once; beyond, RESOURCE_EXHAUSTED.
+    #[arg(long, env = "KVSTRATA_MAX_INFLIGHT_REQUESTS")]
+    pub max_inflight_requests: Option<usize>,
+    /// server.max_blocking_tasks: cache calls on the blocking pool at once.
+    #[arg(long, env = "KVSTRATA_MAX_BLOCKING_TASKS")]
+    pub max_blocking_tasks: Option<usize>,
     /// host.capacity: host tier size, e.g. 4GiB.
     #[arg(long, env = "KVSTRATA_HOST_CAPACITY")]
     pub host_capacity: Option<ByteSize>,
@@ -448,6 +510,29 @@ pub struct ServeArgs {
     /// sglang.namespace: one name for every SGLang block instead of the pool's name.
     #[arg(long, env = "KVSTRATA_SGLANG_NAMESPACE")]
     pub sglang_namespace: Option<String>,
+    /// auth.token_file: bearer tokens required on TCP (`TOKEN [TENANT]` per line; SIGHUP reloads).
+    #[arg(long, env = "KVSTRATA_AUTH_TOKEN_FILE")]
+    pub token_file: Option<String>,
+    /// auth.uid_allow: a uid allowed on the Unix sockets; repeat or comma-separate
+    /// (default: the daemon's own uid).
+    #[arg(
+        long = "uds-allow-uid",
+        env = "KVSTRATA_UDS_ALLOW_UIDS",
+        value_delimiter = ','
+    )]
+    pub uds_allow_uids: Vec<u32>,
+    /// auth.insecure: allow a non-loopback --tcp-addr without a token file.
+    #[arg(long, env = "KVSTRATA_INSECURE", num_args = 0..=1, default_missing_value = "true")]
+    pub insecure: Option<bool>,
+    /// tls.cert: server certificate (PEM); turns TLS on for the TCP listener.
+    #[arg(long, env = "KVSTRATA_TLS_CERT")]
+    pub tls_cert: Option<String>,
+    /// tls.key: private key of --tls-cert (PEM).
+    #[arg(long, env = "KVSTRATA_TLS_KEY")]
+    pub tls_key: Option<String>,
+    /// tls.client_ca: CA (PEM) that must have signed every TCP client's certificate.
+    #[arg(long, env = "KVSTRATA_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<String>,
     /// log.format: text or json.
     #[arg(long, env = "KVSTRATA_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -497,6 +582,15 @@ impl Config {
         }
         if let Some(v) = args.max_concurrent_streams {
             s.max_concurrent_streams = v;
+        }
+        if let Some(v) = args.request_timeout_ms {
+            s.request_timeout_ms = v;
+        }
+        if let Some(v) = args.max_inflight_requests {
+            s.max_inflight_requests = v;
+        }
+        if let Some(v) = args.max_blocking_tasks {
+            s.max_blocking_tasks = v;
         }
         if let Some(v) = args.host_capacity {
             c.host.capacity = v;
@@ -554,6 +648,24 @@ impl Config {
         if let Some(v) = &args.sglang_namespace {
             c.sglang.namespace = v.clone();
         }
+        if let Some(v) = &args.token_file {
+            c.auth.token_file = v.clone();
+        }
+        if !args.uds_allow_uids.is_empty() {
+            c.auth.uid_allow = args.uds_allow_uids.clone();
+        }
+        if let Some(v) = args.insecure {
+            c.auth.insecure = v;
+        }
+        if let Some(v) = &args.tls_cert {
+            c.tls.cert = v.clone();
+        }
+        if let Some(v) = &args.tls_key {
+            c.tls.key = v.clone();
+        }
+        if let Some(v) = &args.tls_client_ca {
+            c.tls.client_ca = v.clone();
+        }
         if let Some(v) = &args.log_format {
             c.log.format = v.clone();
         }
@@ -597,6 +709,23 @@ impl Config {
         }
         if self.server.max_concurrent_streams == 0 {
             return bad("server.max_concurrent_streams", "must be at least 1".into());
+        }
+        if self.server.request_timeout_ms == 0 {
+            return bad("server.request_timeout_ms", "must be at least 1".into());
+        }
+        if self.server.max_inflight_requests == 0
+            || self.server.max_inflight_requests > tokio::sync::Semaphore::MAX_PERMITS
+        {
+            return bad(
+                "server.max_inflight_requests",
+                "must be at least 1 (and below 2^61)".into(),
+            );
+        }
+        if self.server.max_blocking_tasks == 0 || self.server.max_blocking_tasks > 100_000 {
+            return bad(
+                "server.max_blocking_tasks",
+                "must be between 1 and 100000".into(),
+            );
         }
         if self.host.capacity.as_u64() == 0 {
             return bad("host.capacity", "must be greater than 0".into());
@@ -645,6 +774,35 @@ impl Config {
                 "must differ from shm.mempool_socket".into(),
             );
         }
+        if self.tls.cert.is_empty() != self.tls.key.is_empty() {
+            return bad(
+                "tls.cert",
+                "tls.cert and tls.key go together: set both (--tls-cert, --tls-key) or neither"
+                    .into(),
+            );
+        }
+        if !self.tls.client_ca.is_empty() && self.tls.cert.is_empty() {
+            return bad(
+                "tls.client_ca",
+                "client certificates need TLS: set tls.cert and tls.key too".into(),
+            );
+        }
+        if !self.tls.cert.is_empty() && self.server.tcp_addr.is_empty() {
+            return bad(
+                "tls.cert",
+                "TLS applies to the TCP listener, but server.tcp_addr is empty".into(),
+            );
+        }
+        let unix_sockets_on = !self.server.uds_path.is_empty()
+            || !self.shm.mempool_socket.is_empty()
+            || !self.sglang.socket.is_empty();
+        if self.auth.uid_allow.is_empty() && unix_sockets_on {
+            return bad(
+                "auth.uid_allow",
+                "empty: no peer could use the Unix sockets (list at least the daemon's own uid)"
+                    .into(),
+            );
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad(
                 "log.format",
@@ -652,6 +810,23 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// Refuses a TCP listener reachable from other hosts with no token file,
+    /// unless `auth.insecure` says so (checked at start-up).
+    pub fn check_exposure(&self) -> Result<(), DaemonError> {
+        let addr = &self.server.tcp_addr;
+        if addr.is_empty()
+            || crate::auth::is_loopback(addr)
+            || !self.auth.token_file.is_empty()
+            || self.auth.insecure
+        {
+            return Ok(());
+        }
+        Err(DaemonError::Config(format!(
+            "server.tcp_addr: {addr:?} is reachable from other hosts but no tokens are configured: \
+             set auth.token_file (--token-file), or pass --insecure (auth.insecure = true) to serve it unauthenticated"
+        )))
     }
 
     /// The cache configuration these settings describe.
@@ -751,6 +926,42 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(socket_path("unix:///run/a.sock"), "/run/a.sock");
         assert_eq!(socket_path("/run/a.sock"), "/run/a.sock");
+    }
+
+    #[test]
+    fn auth_flags_and_the_exposure_guard() {
+        let c = Config::default();
+        assert_eq!(c.auth.uid_allow, vec![crate::auth::own_uid()]);
+        assert!(c.to_toml().contains("[auth]") && c.to_toml().contains("[tls]"));
+        let args = ServeArgs {
+            tcp_addr: Some("0.0.0.0:50051".into()),
+            uds_allow_uids: vec![7, 8],
+            ..ServeArgs::default()
+        };
+        let c = Config::load(&args).unwrap();
+        assert_eq!(c.auth.uid_allow, vec![7, 8]);
+        let e = c.check_exposure().unwrap_err().to_string();
+        assert!(
+            e.contains("auth.token_file") && e.contains("--insecure"),
+            "{e}"
+        );
+        let c = Config::load(&ServeArgs {
+            insecure: Some(true),
+            ..args.clone()
+        })
+        .unwrap();
+        c.check_exposure().unwrap();
+        let c = Config::load(&ServeArgs {
+            token_file: Some("/etc/kvstrata/tokens".into()),
+            ..args
+        })
+        .unwrap();
+        c.check_exposure().unwrap();
+        let mut c = Config::default();
+        c.tls.cert = "/c.pem".into();
+        assert!(c.validate().unwrap_err().to_string().contains("tls.cert"));
+        c.tls.key = "/k.pem".into();
+        c.validate().unwrap();
     }
 
     #[test]

@@ -16,10 +16,13 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+use crate::auth::{Auth, AuthInterceptor, Owners, Transport};
 use crate::config::{Config, socket_path};
 use crate::error::DaemonError;
+use crate::limits::{BlockingPool, Limited, Limiter, RequestLimits};
 use crate::mempool;
 use crate::metrics::{self, Metrics};
 use crate::pool::{PoolLimits, PoolRegistry};
@@ -57,6 +60,7 @@ pub struct Daemon {
     addrs: BoundAddrs,
     cache: Arc<BlockCache>,
     pools: Arc<PoolRegistry>,
+    auth: Arc<Auth>,
     shutdown: CancellationToken,
     tasks: JoinSet<Result<(), DaemonError>>,
 }
@@ -72,6 +76,9 @@ impl Daemon {
     /// Starts every listener and task; returns once they are all bound.
     pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         config.validate()?;
+        config.check_exposure()?;
+        let auth = Arc::new(start_auth(&config)?);
+        let tls = server_tls(&config)?;
         let cache_config = config.cache_config()?;
         // Opening the disk tier reads its whole index (about 1 s per million
         // blocks): off the async workers.
@@ -93,17 +100,34 @@ impl Daemon {
             max_pools: config.shm.max_pools,
             max_pool_bytes: config.shm.max_pool_bytes.as_u64(),
         }));
-        let metrics = Arc::new(Metrics::new(Arc::clone(&cache), Arc::clone(&pools)));
+        let mut metrics = Metrics::new(Arc::clone(&cache), Arc::clone(&pools));
+        metrics.register_collector(Box::new(auth.collector()));
+        let metrics = Arc::new(metrics);
         let mut tasks = JoinSet::new();
+        // Overload protection and deadlines (src/limits.rs), shared by the
+        // kvstrata and SGLang services of this daemon.
+        let limiter = Limiter::new(
+            RequestLimits {
+                max_inflight: config.server.max_inflight_requests,
+                request_timeout: Duration::from_millis(config.server.request_timeout_ms),
+                max_blocking: config.server.max_blocking_tasks,
+            },
+            Arc::clone(&metrics),
+        );
         let service = KvCacheService::new(
             Arc::clone(&cache),
             Arc::clone(&pools),
             Limits {
                 max_batch: config.server.max_batch,
+                blocking: BlockingPool::new(
+                    config.server.max_blocking_tasks,
+                    metrics.blocking_gauge(),
+                ),
             },
             Arc::clone(&metrics),
             shutdown.clone(),
-        );
+        )
+        .with_auth(Arc::clone(&auth));
         let max_msg = config.server.max_message_bytes.as_u64() as usize;
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -116,20 +140,35 @@ impl Daemon {
             .build_v1()
             .map_err(|e| DaemonError::Reflection(e.to_string()))?;
 
-        let router = || {
-            Server::builder()
-                .initial_stream_window_size(HTTP2_STREAM_WINDOW)
-                .initial_connection_window_size(HTTP2_CONN_WINDOW)
-                .max_frame_size(HTTP2_MAX_FRAME)
-                .max_concurrent_streams(config.server.max_concurrent_streams)
-                .tcp_nodelay(true)
-                .add_service(health_service.clone())
-                .add_service(reflection.clone())
-                .add_service(
-                    KvCacheServer::new(service.clone())
-                        .max_decoding_message_size(max_msg)
-                        .max_encoding_message_size(max_msg),
-                )
+        // The KvCache service answers only callers the auth layer admits
+        // (bearer token on TCP, peer uid on the Unix socket); health and
+        // reflection stay open for probes.
+        let router = |transport: Transport, tls: Option<ServerTlsConfig>| {
+            let builder = match tls {
+                Some(t) => Server::builder()
+                    .tls_config(t)
+                    .map_err(|e| DaemonError::Config(format!("tls: {e}")))?,
+                None => Server::builder(),
+            };
+            Ok::<_, DaemonError>(
+                builder
+                    .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+                    .initial_connection_window_size(HTTP2_CONN_WINDOW)
+                    .max_frame_size(HTTP2_MAX_FRAME)
+                    .max_concurrent_streams(config.server.max_concurrent_streams)
+                    .tcp_nodelay(true)
+                    .add_service(health_service.clone())
+                    .add_service(reflection.clone())
+                    .add_service(InterceptedService::new(
+                        Limited::new(
+                            KvCacheServer::new(service.clone())
+                                .max_decoding_message_size(max_msg)
+                                .max_encoding_message_size(max_msg),
+                            Arc::clone(&limiter),
+                        ),
+                        AuthInterceptor::new(Arc::clone(&auth), transport),
+                    )),
+            )
         };
 
         let mut addrs = BoundAddrs {
@@ -153,7 +192,7 @@ impl Daemon {
             let incoming =
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             let token = shutdown.clone();
-            let r = router();
+            let r = router(Transport::Tcp, tls)?;
             tasks.spawn(async move {
                 r.serve_with_incoming_shutdown(incoming, token.cancelled_owned())
                     .await
@@ -166,7 +205,7 @@ impl Daemon {
             addrs.uds = Some(path.clone());
             let incoming = fixed_unix_incoming(listener);
             let token = shutdown.clone();
-            let r = router();
+            let r = router(Transport::Unix, None)?;
             tasks.spawn(async move {
                 let res = r
                     .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
@@ -182,8 +221,9 @@ impl Daemon {
             addrs.mempool = Some(path.clone());
             let token = shutdown.clone();
             let registry = Arc::clone(&pools);
+            let a = Arc::clone(&auth);
             tasks.spawn(async move {
-                let res = mempool::serve(listener, registry, token)
+                let res = mempool::serve_checked(listener, registry, token, Some(a))
                     .await
                     .map_err(|e| DaemonError::Task(format!("mempool socket: {e}")));
                 let _ = std::fs::remove_file(&path);
@@ -205,12 +245,19 @@ impl Daemon {
                 .initial_connection_window_size(HTTP2_CONN_WINDOW)
                 .max_concurrent_streams(config.server.max_concurrent_streams)
                 .add_service(health_service.clone())
-                .add_service(
+                .add_service(Limited::new(
                     StorageServerServer::new(sglang)
                         .max_decoding_message_size(max_msg)
                         .max_encoding_message_size(max_msg),
-                );
-            let incoming = fixed_unix_incoming(listener);
+                    Arc::clone(&limiter),
+                ));
+            // Peers whose uid is not allowed are closed at accept time.
+            let a = Arc::clone(&auth);
+            let incoming = UnixListenerStream::new(listener)
+                .filter(move |r| {
+                    r.as_ref().is_err() || r.as_ref().is_ok_and(|s| a.admit_unix_peer("sglang", s))
+                })
+                .map(|r| r.map(AuthorityFix::new));
             let token = shutdown.clone();
             tasks.spawn(async move {
                 let res = server
@@ -301,9 +348,23 @@ impl Daemon {
             addrs,
             cache,
             pools,
+            auth,
             shutdown,
             tasks,
         })
+    }
+
+    /// The auth state (tokens, uid allow-list, namespace owners).
+    pub fn auth(&self) -> &Arc<Auth> {
+        &self.auth
+    }
+
+    /// Re-reads `auth.token_file` (what SIGHUP does). A file that cannot be
+    /// read or parsed keeps the old tokens. Returns the tokens now valid.
+    pub fn reload_tokens(&self) -> Result<usize, DaemonError> {
+        self.auth
+            .reload()
+            .map_err(|e| DaemonError::Config(e.to_string()))
     }
 
     pub fn addrs(&self) -> &BoundAddrs {
@@ -361,6 +422,52 @@ fn fixed_unix_incoming(
     listener: UnixListener,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<AuthorityFix<tokio::net::UnixStream>>> {
     UnixListenerStream::new(listener).map(|r| r.map(AuthorityFix::new))
+}
+
+/// The auth state of `config`: tokens loaded, namespace owners read (kept
+/// beside the disk tier's index when there is one, so they survive restarts).
+fn start_auth(config: &Config) -> Result<Auth, DaemonError> {
+    let owners = match config.disk.tier_config()? {
+        Some(disk) => {
+            let mut file = disk.index_dir.into_os_string();
+            file.push(".owners.json");
+            Owners::persisted(PathBuf::from(file))
+                .map_err(|e| DaemonError::Config(e.to_string()))?
+        }
+        None => Owners::in_memory(),
+    };
+    let token_file =
+        (!config.auth.token_file.is_empty()).then(|| PathBuf::from(&config.auth.token_file));
+    let auth = Auth::new(token_file, config.auth.uid_allow.clone(), Arc::new(owners))
+        .map_err(|e| DaemonError::Config(e.to_string()))?;
+    if !config.server.tcp_addr.is_empty() && !auth.tokens_required() {
+        if crate::auth::is_loopback(&config.server.tcp_addr) {
+            tracing::info!(tcp = %config.server.tcp_addr, "no auth.token_file: the loopback TCP listener takes no token");
+        } else {
+            tracing::warn!(tcp = %config.server.tcp_addr, "auth.insecure: TCP listener reachable from other hosts WITHOUT authentication");
+        }
+    }
+    Ok(auth)
+}
+
+/// The TLS settings of the TCP listener, when `tls.cert` is set.
+fn server_tls(config: &Config) -> Result<Option<ServerTlsConfig>, DaemonError> {
+    let t = &config.tls;
+    if t.cert.is_empty() {
+        return Ok(None);
+    }
+    let read = |key: &str, path: &str| {
+        std::fs::read(path)
+            .map_err(|e| DaemonError::Config(format!("{key}: cannot read {path}: {e}")))
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read("tls.cert", &t.cert)?,
+        read("tls.key", &t.key)?,
+    ));
+    if !t.client_ca.is_empty() {
+        tls = tls.client_ca_root(Certificate::from_pem(read("tls.client_ca", &t.client_ca)?));
+    }
+    Ok(Some(tls))
 }
 
 fn flatten(r: Result<Result<(), DaemonError>, tokio::task::JoinError>) -> Option<DaemonError> {

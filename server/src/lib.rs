@@ -2,11 +2,13 @@
 //! listeners and metrics. `kvstrata serve` (src/main.rs) and the integration
 //! tests start it through [`Daemon::start`].
 
+pub mod auth;
 pub mod config;
 pub mod convert;
 pub mod daemon;
 pub mod demo;
 pub mod error;
+pub mod limits;
 pub mod mempool;
 pub mod metrics;
 pub mod pool;

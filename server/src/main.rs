@@ -96,6 +96,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     init_logging(&config.log.format, &config.log.level);
+    // Caught from before start-up on, so an early SIGHUP never kills the daemon.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("listening for SIGHUP")?;
     let daemon = Daemon::start(config).await?;
     if let Some(path) = &args.ready_file {
         let json = serde_json::to_string(daemon.addrs())?;
@@ -103,6 +106,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     }
+    // SIGHUP re-reads auth.token_file (a bad file keeps the old tokens).
+    let auth = std::sync::Arc::clone(daemon.auth());
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading auth tokens");
+            let _ = auth.reload();
+        }
+    });
     let token = daemon.shutdown_token();
     tokio::spawn(async move {
         let mut term =

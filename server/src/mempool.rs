@@ -64,6 +64,17 @@ pub async fn serve(
     registry: Arc<PoolRegistry>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
+    serve_checked(listener, registry, shutdown, None).await
+}
+
+/// [`serve`], closing at once every connection whose peer uid `auth` does
+/// not allow (`auth.uid_allow`; counted as `uid_denied`).
+pub async fn serve_checked(
+    listener: UnixListener,
+    registry: Arc<PoolRegistry>,
+    shutdown: CancellationToken,
+    auth: Option<Arc<crate::auth::Auth>>,
+) -> io::Result<()> {
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -77,6 +88,12 @@ pub async fn serve(
                 }
             },
         };
+        if let Some(a) = &auth
+            && !a.admit_unix_peer("mempool", &stream)
+        {
+            registry.count_refused();
+            continue;
+        }
         let registry = Arc::clone(&registry);
         let token = shutdown.clone();
         tokio::spawn(async move { handle(stream, registry, token).await });
@@ -132,6 +149,41 @@ async fn handle(mut stream: UnixStream, registry: Arc<PoolRegistry>, shutdown: C
     tracing::info!(pool_id = id, pool_name = %name, "pool unregistered (connection closed)");
 }
 
+/// What the first bytes of a preamble say ([`parse_preamble`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PreambleParse {
+    /// Not complete yet: the preamble is this many bytes in all (12 until the
+    /// name length is known, then 12 + the name length; never more than
+    /// 12 + [`MAX_POOL_NAME_BYTES`]).
+    Need(usize),
+    /// A complete preamble: the pool name. Bytes past `12 + name length` are
+    /// not part of it and are ignored.
+    Complete(String),
+}
+
+/// Parses the bytes of a registration preamble received so far: magic, name
+/// length, name. Pure (no I/O), so it can be fuzzed; [`read_preamble`] reads
+/// exactly as many bytes as this asks for and attaches the fd check.
+pub fn parse_preamble(buf: &[u8]) -> Result<PreambleParse, PreambleError> {
+    let Some((fixed, rest)) = buf.split_first_chunk::<FIXED_BYTES>() else {
+        return Ok(PreambleParse::Need(FIXED_BYTES));
+    };
+    let (magic, name_len) = fixed.split_at(8);
+    let magic = u64::from_le_bytes(magic.try_into().unwrap_or_default());
+    if magic != MAGIC {
+        return Err(PreambleError::Magic(magic));
+    }
+    let name_len = u32::from_le_bytes(name_len.try_into().unwrap_or_default());
+    if name_len == 0 || name_len as usize > MAX_POOL_NAME_BYTES {
+        return Err(PreambleError::NameLength(name_len));
+    }
+    let Some(name) = rest.get(..name_len as usize) else {
+        return Ok(PreambleParse::Need(FIXED_BYTES + name_len as usize));
+    };
+    let name = std::str::from_utf8(name).map_err(|_| PreambleError::NameNotUtf8)?;
+    Ok(PreambleParse::Complete(name.to_owned()))
+}
+
 /// Reads the preamble and the fds sent with it.
 pub async fn read_preamble(stream: &UnixStream) -> Result<Preamble, PreambleError> {
     let mut buf = vec![0u8; FIXED_BYTES];
@@ -156,27 +208,24 @@ pub async fn read_preamble(stream: &UnixStream) -> Result<Preamble, PreambleErro
                 Err(e) => return Err(e.into()),
             }
         }
-        if need > FIXED_BYTES {
-            break;
+        let name = match parse_preamble(&buf[..filled]) {
+            Ok(PreambleParse::Need(n)) => {
+                need = n;
+                buf.resize(need, 0);
+                continue;
+            }
+            Ok(PreambleParse::Complete(name)) => Ok(name),
+            // The fd count is checked before the name's encoding.
+            Err(PreambleError::NameNotUtf8) => Err(PreambleError::NameNotUtf8),
+            Err(e) => return Err(e),
+        };
+        if fds.len() != 1 {
+            return Err(PreambleError::FdCount(fds.len()));
         }
-        let magic = u64::from_le_bytes(buf[..8].try_into().unwrap_or_default());
-        if magic != MAGIC {
-            return Err(PreambleError::Magic(magic));
-        }
-        let name_len = u32::from_le_bytes(buf[8..12].try_into().unwrap_or_default());
-        if name_len == 0 || name_len as usize > MAX_POOL_NAME_BYTES {
-            return Err(PreambleError::NameLength(name_len));
-        }
-        need = FIXED_BYTES + name_len as usize;
-        buf.resize(need, 0);
+        let name = name?;
+        let fd = fds.pop().ok_or(PreambleError::FdCount(0))?;
+        return Ok(Preamble { name, fd });
     }
-    if fds.len() != 1 {
-        return Err(PreambleError::FdCount(fds.len()));
-    }
-    let name =
-        String::from_utf8(buf.split_off(FIXED_BYTES)).map_err(|_| PreambleError::NameNotUtf8)?;
-    let fd = fds.pop().ok_or(PreambleError::FdCount(0))?;
-    Ok(Preamble { name, fd })
 }
 
 /// One non-blocking `recvmsg`: data into `buf`, and every fd passed with it

@@ -18,7 +18,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +26,11 @@ use tokio_util::sync::CancellationToken;
 struct RequestLabels {
     method: &'static str,
     code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectLabels {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -38,6 +43,9 @@ struct TransferLabels {
 pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     sglang_transfers: Family<TransferLabels, Counter>,
+    rejected: Family<RejectLabels, Counter>,
+    in_flight: Gauge,
+    blocking: Gauge,
     registry: Registry,
 }
 
@@ -62,11 +70,32 @@ impl Metrics {
             "SGLang StorageServer transfers by method and result",
             sglang_transfers.clone(),
         );
+        let rejected = Family::<RejectLabels, Counter>::default();
+        registry.register(
+            "kvstrata_requests_rejected",
+            "Requests refused by the limits: overloaded (server.max_inflight_requests) or deadline (past grpc-timeout / server.request_timeout_ms)",
+            rejected.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "kvstrata_requests_in_flight",
+            "gRPC requests executing now (open GetStream/PutStream streams included)",
+            in_flight.clone(),
+        );
+        let blocking = Gauge::default();
+        registry.register(
+            "kvstrata_blocking_tasks",
+            "Cache calls running on the blocking pool now (at most server.max_blocking_tasks)",
+            blocking.clone(),
+        );
         registry.register_collector(Box::new(CacheCollector { cache }));
         registry.register_collector(Box::new(PoolCollector { pools }));
         Metrics {
             requests,
             sglang_transfers,
+            rejected,
+            in_flight,
+            blocking,
             registry,
         }
     }
@@ -78,6 +107,26 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts one request refused by the limits (`overloaded`, `deadline`).
+    pub fn record_rejected(&self, reason: &'static str) {
+        self.rejected.get_or_create(&RejectLabels { reason }).inc();
+    }
+
+    /// How many requests were refused for `reason` so far.
+    pub fn rejected(&self, reason: &'static str) -> u64 {
+        self.rejected.get_or_create(&RejectLabels { reason }).get()
+    }
+
+    /// The gauge of requests in flight (see [`crate::limits`]).
+    pub fn in_flight_gauge(&self) -> Gauge {
+        self.in_flight.clone()
+    }
+
+    /// The gauge of cache calls on the blocking pool.
+    pub fn blocking_gauge(&self) -> Gauge {
+        self.blocking.clone()
+    }
+
     pub fn record_request(&self, method: &'static str, code: tonic::Code) {
         self.requests
             .get_or_create(&RequestLabels {
@@ -85,6 +134,11 @@ impl Metrics {
                 code: format!("{code:?}"),
             })
             .inc();
+    }
+
+    /// Adds a collector (e.g. the auth counters) before the metrics are shared.
+    pub fn register_collector(&mut self, collector: Box<dyn Collector>) {
+        self.registry.register_collector(collector);
     }
 
     /// The text exposition format.

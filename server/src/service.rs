@@ -18,7 +18,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Auth, Caller};
 use crate::convert::{self, status};
+use crate::limits::{BlockingPool, Deadline, InflightPermit};
 use crate::metrics::Metrics;
 use crate::pool::{Pool, PoolRegistry, RegionError};
 
@@ -26,6 +28,8 @@ use crate::pool::{Pool, PoolRegistry, RegionError};
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_batch: usize,
+    /// Bounds the cache calls run on tokio's blocking pool.
+    pub blocking: BlockingPool,
 }
 
 /// The service state shared by every connection.
@@ -36,6 +40,8 @@ pub struct KvCacheService {
     limits: Limits,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    /// Tenancy checks (none: every caller is an admin).
+    auth: Option<Arc<Auth>>,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -60,7 +66,84 @@ impl KvCacheService {
             limits,
             metrics,
             shutdown,
+            auth: None,
         }
+    }
+
+    /// Enforces namespace tenancy for the [`Caller`] the auth interceptor
+    /// attaches to each request (docs/security.md).
+    pub fn with_auth(mut self, auth: Arc<Auth>) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
+    /// Whether `caller` may use the namespace named by `ns_bytes`. Bytes that
+    /// are not a namespace id pass: the method's own parsing refuses them.
+    fn check_ns(&self, caller: &Caller, ns_bytes: &[u8]) -> Result<(), Status> {
+        if *caller == Caller::Admin {
+            return Ok(());
+        }
+        let (Some(auth), Ok(ns)) = (
+            &self.auth,
+            NamespaceId::from_slice("namespace_id", ns_bytes),
+        ) else {
+            return Ok(());
+        };
+        auth.authorize(
+            caller,
+            &ns,
+            self.cache.namespace("namespace_id", &ns).is_ok(),
+        )
+    }
+
+    /// Whether `caller` sees namespace `ns` in listings (admins see all).
+    fn visible(&self, caller: &Caller, ns: &NamespaceId) -> bool {
+        match (caller.tenant(), &self.auth) {
+            (Some(t), Some(auth)) => auth.owners().owner(ns).as_deref() == Some(t),
+            _ => true,
+        }
+    }
+
+    /// A tenant's registration binds the namespace to it first (refused when
+    /// another tenant holds it); a failed registration undoes a new binding.
+    async fn register_as(
+        &self,
+        caller: &Caller,
+        spec: kvstrata_tiers::NamespaceSpec,
+        policy: Option<NamespacePolicy>,
+    ) -> Result<pb::RegisterNamespaceResponse, Status> {
+        let claimed = match (caller, &self.auth, spec.normalized().id()) {
+            (Caller::Tenant(t), Some(auth), Ok(id)) => match auth.owners().claim(&id, t) {
+                Ok(new) => Some((Arc::clone(auth), id, new)),
+                Err(_) => {
+                    auth.counters()
+                        .failure(crate::auth::FailureReason::WrongTenant);
+                    return Err(Status::permission_denied(format!(
+                        "namespace_id: namespace {} belongs to another tenant (give the spec a distinct model_fingerprint)",
+                        hex::encode(id.as_bytes())
+                    )));
+                }
+            },
+            _ => None,
+        };
+        let r = self
+            .blocking("register", move |cache| {
+                let (ns, created) = cache
+                    .register_namespace_with(spec, policy)
+                    .map_err(status)?;
+                Ok(pb::RegisterNamespaceResponse {
+                    namespace_id: Bytes::copy_from_slice(ns.id.as_bytes()),
+                    block_bytes: ns.block_bytes,
+                    created,
+                })
+            })
+            .await;
+        if r.is_err()
+            && let Some((auth, id, true)) = claimed
+        {
+            auth.owners().release(&id);
+        }
+        r
     }
 
     fn done<T>(&self, method: &'static str, r: Result<T, Status>) -> Result<Response<T>, Status> {
@@ -84,9 +167,7 @@ impl KvCacheService {
         f: impl FnOnce(&BlockCache) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
         let cache = Arc::clone(&self.cache);
-        tokio::task::spawn_blocking(move || f(&cache))
-            .await
-            .map_err(|e| Status::internal(format!("{what} task failed: {e}")))?
+        self.limits.blocking.run(what, move || f(&cache)).await?
     }
 
     /// Validates a put request. Each item becomes its block, or — for an item
@@ -148,28 +229,30 @@ impl KvCacheService {
     async fn put(&self, req: pb::BatchPutRequest) -> Result<pb::BatchPutResponse, Status> {
         let (ns, parsed) = self.parse_put(req)?;
         let cache = Arc::clone(&self.cache);
-        let results = tokio::task::spawn_blocking(move || {
-            let blocks: Vec<PutBlock> = parsed
-                .iter()
-                .filter_map(|p| p.as_ref().ok().cloned())
-                .collect();
-            let mut outcomes = cache.put_batch(&ns, &blocks)?.into_iter();
-            Ok::<_, kvstrata_tiers::CacheError>(
-                parsed
+        let results = self
+            .limits
+            .blocking
+            .run("put", move || {
+                let blocks: Vec<PutBlock> = parsed
                     .iter()
-                    .map(|p| match p {
-                        Ok(_) => match outcomes.next() {
-                            Some(PutOutcome::Stored) => pb::PutStatus::Stored,
-                            Some(PutOutcome::NoSpace) | None => pb::PutStatus::NoSpace,
-                        },
-                        Err(_) => pb::PutStatus::BadRegion,
-                    } as i32)
-                    .collect::<Vec<i32>>(),
-            )
-        })
-        .await
-        .map_err(|e| Status::internal(format!("put task failed: {e}")))?
-        .map_err(status)?;
+                    .filter_map(|p| p.as_ref().ok().cloned())
+                    .collect();
+                let mut outcomes = cache.put_batch(&ns, &blocks)?.into_iter();
+                Ok::<_, kvstrata_tiers::CacheError>(
+                    parsed
+                        .iter()
+                        .map(|p| match p {
+                            Ok(_) => match outcomes.next() {
+                                Some(PutOutcome::Stored) => pb::PutStatus::Stored,
+                                Some(PutOutcome::NoSpace) | None => pb::PutStatus::NoSpace,
+                            },
+                            Err(_) => pb::PutStatus::BadRegion,
+                        } as i32)
+                        .collect::<Vec<i32>>(),
+                )
+            })
+            .await?
+            .map_err(status)?;
         let stored = results
             .iter()
             .filter(|&&r| r == pb::PutStatus::Stored as i32)
@@ -219,44 +302,56 @@ impl KvCacheService {
         };
         let cache = Arc::clone(&self.cache);
         let wire_keys = req.keys;
-        tokio::task::spawn_blocking(move || {
-            let Some(targets) = targets else {
-                let found = cache.get_batch(&ns, &keys)?;
-                return Ok(wire_keys
+        self.limits
+            .blocking
+            .run("get", move || {
+                let Some(targets) = targets else {
+                    let found = cache.get_batch(&ns, &keys)?;
+                    return Ok(wire_keys
+                        .into_iter()
+                        .zip(found)
+                        .map(|(key, hit)| match hit {
+                            Some((payload, tier)) => hit_result(key, payload, tier),
+                            None => miss_result(key, String::new()),
+                        })
+                        .collect());
+                };
+                // Only keys with a usable region are read.
+                let wanted: Vec<BlockKey> = keys
+                    .iter()
+                    .zip(&targets)
+                    .filter(|(_, t)| t.is_ok())
+                    .map(|(k, _)| *k)
+                    .collect();
+                let mut found = cache.get_batch(&ns, &wanted)?.into_iter();
+                Ok(wire_keys
                     .into_iter()
-                    .zip(found)
-                    .map(|(key, hit)| match hit {
-                        Some((payload, tier)) => hit_result(key, payload, tier),
-                        None => miss_result(key, String::new()),
-                    })
-                    .collect());
-            };
-            // Only keys with a usable region are read.
-            let wanted: Vec<BlockKey> = keys
-                .iter()
-                .zip(&targets)
-                .filter(|(_, t)| t.is_ok())
-                .map(|(k, _)| *k)
-                .collect();
-            let mut found = cache.get_batch(&ns, &wanted)?.into_iter();
-            Ok(wire_keys
-                .into_iter()
-                .zip(targets)
-                .map(|(key, target)| match target {
-                    Err(e) => miss_result(key, e.to_string()),
-                    Ok((pool, offset)) => match found.next().flatten() {
-                        Some((payload, tier)) => match pool.write(offset, &payload) {
-                            Ok(()) => hit_result(key, Bytes::new(), tier),
-                            Err(e) => miss_result(key, e.to_string()),
+                    .zip(targets)
+                    .map(|(key, target)| match target {
+                        Err(e) => miss_result(key, e.to_string()),
+                        Ok((pool, offset)) => match found.next().flatten() {
+                            Some((payload, tier)) => match pool.write(offset, &payload) {
+                                Ok(()) => hit_result(key, Bytes::new(), tier),
+                                Err(e) => miss_result(key, e.to_string()),
+                            },
+                            None => miss_result(key, String::new()),
                         },
-                        None => miss_result(key, String::new()),
-                    },
-                })
-                .collect())
-        })
-        .await
-        .map_err(|e| Status::internal(format!("get task failed: {e}")))?
-        .map_err(status)
+                    })
+                    .collect())
+            })
+            .await?
+            .map_err(status)
+    }
+}
+
+/// Shared-memory pools belong to same-host (Unix-socket) clients: a tenant
+/// may not name them.
+fn check_pools(caller: &Caller, field: &str, uses_pools: bool) -> Result<(), Status> {
+    match caller.tenant() {
+        Some(t) if uses_pools => Err(Status::permission_denied(format!(
+            "{field}: shared-memory pools belong to Unix-socket clients; tenant {t:?} must send payloads inline"
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -305,6 +400,7 @@ impl KvCache for KvCacheService {
         &self,
         request: Request<pb::RegisterNamespaceRequest>,
     ) -> Result<Response<pb::RegisterNamespaceResponse>, Status> {
+        let caller = Caller::of(&request);
         let req = request.into_inner();
         let r = match convert::spec_from_pb(req.spec) {
             Ok(spec) => {
@@ -312,17 +408,7 @@ impl KvCache for KvCacheService {
                     write_through: p.write_through,
                     remote_write_through: p.remote_write_through,
                 });
-                self.blocking("register", move |cache| {
-                    let (ns, created) = cache
-                        .register_namespace_with(spec, policy)
-                        .map_err(status)?;
-                    Ok(pb::RegisterNamespaceResponse {
-                        namespace_id: Bytes::copy_from_slice(ns.id.as_bytes()),
-                        block_bytes: ns.block_bytes,
-                        created,
-                    })
-                })
-                .await
+                self.register_as(&caller, spec, policy).await
             }
             Err(s) => Err(s),
         };
@@ -331,12 +417,14 @@ impl KvCache for KvCacheService {
 
     async fn list_namespaces(
         &self,
-        _request: Request<pb::ListNamespacesRequest>,
+        request: Request<pb::ListNamespacesRequest>,
     ) -> Result<Response<pb::ListNamespacesResponse>, Status> {
+        let caller = Caller::of(&request);
         let namespaces = self
             .cache
             .namespaces()
             .iter()
+            .filter(|ns| self.visible(&caller, &ns.id))
             .map(|ns| pb::NamespaceInfo {
                 namespace_id: Bytes::copy_from_slice(ns.id.as_bytes()),
                 spec: Some(convert::spec_to_pb(&ns.spec)),
@@ -357,6 +445,10 @@ impl KvCache for KvCacheService {
         &self,
         request: Request<pb::LookupRequest>,
     ) -> Result<Response<pb::LookupResponse>, Status> {
+        let caller = Caller::of(&request);
+        if let Err(e) = self.check_ns(&caller, &request.get_ref().namespace_id) {
+            return self.done("Lookup", Err(e));
+        }
         let r = (|| {
             let req = request.into_inner();
             let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
@@ -377,6 +469,14 @@ impl KvCache for KvCacheService {
         &self,
         request: Request<pb::BatchPutRequest>,
     ) -> Result<Response<pb::BatchPutResponse>, Status> {
+        let caller = Caller::of(&request);
+        let uses_pools = request.get_ref().items.iter().any(|i| i.region.is_some());
+        if let Err(e) = self
+            .check_ns(&caller, &request.get_ref().namespace_id)
+            .and_then(|()| check_pools(&caller, "items[].region", uses_pools))
+        {
+            return self.done("BatchPut", Err(e));
+        }
         let r = self.put(request.into_inner()).await;
         self.done("BatchPut", r)
     }
@@ -385,6 +485,14 @@ impl KvCache for KvCacheService {
         &self,
         request: Request<pb::BatchGetRequest>,
     ) -> Result<Response<pb::BatchGetResponse>, Status> {
+        let caller = Caller::of(&request);
+        let uses_pools = !request.get_ref().regions.is_empty();
+        if let Err(e) = self
+            .check_ns(&caller, &request.get_ref().namespace_id)
+            .and_then(|()| check_pools(&caller, "regions", uses_pools))
+        {
+            return self.done("BatchGet", Err(e));
+        }
         let r = self.get(request.into_inner(), self.limits.max_batch).await;
         self.done(
             "BatchGet",
@@ -398,13 +506,33 @@ impl KvCache for KvCacheService {
         &self,
         request: Request<Streaming<pb::BatchPutRequest>>,
     ) -> Result<Response<Self::PutStreamStream>, Status> {
+        // The stream holds its in-flight slot until it ends, and stops at
+        // the client's deadline.
+        let permit = request.extensions().get::<InflightPermit>().cloned();
+        let deadline = request.extensions().get::<Deadline>().copied();
+        let caller = Caller::of(&request);
         let mut incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let svc = self.clone();
         tokio::spawn(async move {
+            let _permit = permit;
+            let expired = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.0).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(expired);
             loop {
                 let msg = tokio::select! {
                     _ = svc.shutdown.cancelled() => break,
+                    _ = &mut expired => {
+                        svc.metrics.record_rejected("deadline");
+                        let _ = tx.send(Err(Status::deadline_exceeded(
+                            "deadline exceeded: the client's grpc-timeout has passed",
+                        ))).await;
+                        break;
+                    }
                     m = incoming.message() => m,
                 };
                 let batch = match msg {
@@ -415,7 +543,24 @@ impl KvCache for KvCacheService {
                         break;
                     }
                 };
-                let r = svc.put(batch).await;
+                let uses_pools = batch.items.iter().any(|i| i.region.is_some());
+                if let Err(e) = svc
+                    .check_ns(&caller, &batch.namespace_id)
+                    .and_then(|()| check_pools(&caller, "items[].region", uses_pools))
+                {
+                    svc.metrics.record_request("PutStream.batch", e.code());
+                    let _ = tx.send(Err(e)).await;
+                    break;
+                }
+                let r = tokio::select! {
+                    r = svc.put(batch) => r,
+                    _ = &mut expired => {
+                        svc.metrics.record_rejected("deadline");
+                        Err(Status::deadline_exceeded(
+                            "deadline exceeded: the client's grpc-timeout has passed",
+                        ))
+                    }
+                };
                 let failed = r.is_err();
                 svc.metrics.record_request(
                     "PutStream.batch",
@@ -441,6 +586,12 @@ impl KvCache for KvCacheService {
         &self,
         request: Request<pb::BatchGetRequest>,
     ) -> Result<Response<Self::GetStreamStream>, Status> {
+        let caller = Caller::of(&request);
+        if let Err(e) = self.check_ns(&caller, &request.get_ref().namespace_id) {
+            return self.done("GetStream", Err(e));
+        }
+        let permit = request.extensions().get::<InflightPermit>().cloned();
+        let deadline = request.extensions().get::<Deadline>().copied();
         let req = request.into_inner();
         let max = self.limits.max_batch.saturating_mul(STREAM_BATCH_FACTOR);
         let parsed = if req.regions.is_empty() {
@@ -466,23 +617,31 @@ impl KvCache for KvCacheService {
         let (tx, rx) = mpsc::channel::<Result<pb::GetResult, Status>>(4);
         let cache = Arc::clone(&self.cache);
         let shutdown = self.shutdown.clone();
+        let blocking = self.limits.blocking.clone();
+        let metrics = Arc::clone(&self.metrics);
         tokio::spawn(async move {
+            // Held until the stream ends (or the client leaves).
+            let _permit = permit;
             for (key, wire_key) in keys.into_iter().zip(req.keys) {
                 if shutdown.is_cancelled() {
                     break;
                 }
+                if let Some(d) = deadline.filter(|d| d.passed()) {
+                    metrics.record_rejected("deadline");
+                    let _ = tx.send(Err(d.status())).await;
+                    break;
+                }
                 let c = Arc::clone(&cache);
-                let hit = tokio::task::spawn_blocking(move || {
-                    c.get_batch(&ns, std::slice::from_ref(&key))
-                })
-                .await;
+                let hit = blocking
+                    .run("get", move || c.get_batch(&ns, std::slice::from_ref(&key)))
+                    .await;
                 let msg = match hit {
                     Ok(Ok(mut v)) => match v.pop().flatten() {
                         Some((payload, tier)) => Ok(hit_result(wire_key, payload, tier)),
                         None => Ok(miss_result(wire_key, String::new())),
                     },
                     Ok(Err(e)) => Err(status(e)),
-                    Err(e) => Err(Status::internal(format!("get task failed: {e}"))),
+                    Err(s) => Err(s),
                 };
                 if tx.send(msg).await.is_err() {
                     break; // client went away
@@ -499,6 +658,10 @@ impl KvCache for KvCacheService {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let caller = Caller::of(&request);
+        if let Err(e) = self.check_ns(&caller, &request.get_ref().namespace_id) {
+            return self.done("Delete", Err(e));
+        }
         let req = request.into_inner();
         let parsed = convert::namespace_id("namespace_id", &req.namespace_id).and_then(|ns| {
             convert::keys("keys", &req.keys, self.limits.max_batch).map(|k| (ns, k))
@@ -520,6 +683,10 @@ impl KvCache for KvCacheService {
         &self,
         request: Request<pb::EvictRequest>,
     ) -> Result<Response<pb::EvictResponse>, Status> {
+        let caller = Caller::of(&request);
+        if let Err(e) = self.check_ns(&caller, &request.get_ref().namespace_id) {
+            return self.done("Evict", Err(e));
+        }
         let req = request.into_inner();
         let parsed = (|| {
             let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
@@ -557,6 +724,10 @@ impl KvCache for KvCacheService {
         &self,
         request: Request<pb::PinRequest>,
     ) -> Result<Response<pb::PinResponse>, Status> {
+        let caller = Caller::of(&request);
+        if let Err(e) = self.check_ns(&caller, &request.get_ref().namespace_id) {
+            return self.done("Pin", Err(e));
+        }
         let r = (|| {
             let req = request.into_inner();
             let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
@@ -637,6 +808,10 @@ impl KvCache for KvCacheService {
         &self,
         request: Request<pb::ListBlocksRequest>,
     ) -> Result<Response<pb::ListBlocksResponse>, Status> {
+        let caller = Caller::of(&request);
+        if let Err(e) = self.check_ns(&caller, &request.get_ref().namespace_id) {
+            return self.done("ListBlocks", Err(e));
+        }
         let r = (|| {
             let req = request.into_inner();
             let ns = if req.namespace_id.is_empty() {
@@ -678,6 +853,15 @@ impl KvCache for KvCacheService {
                     .unwrap_or_default(),
             })
         })();
+        let r = r.map(|mut resp| {
+            // A tenant sees only its own namespaces' blocks (a page may come
+            // back short; keep following next_page_token).
+            resp.blocks.retain(|b| {
+                NamespaceId::from_slice("namespace_id", &b.namespace_id)
+                    .is_ok_and(|ns| self.visible(&caller, &ns))
+            });
+            resp
+        });
         self.done("ListBlocks", r)
     }
 
@@ -685,13 +869,22 @@ impl KvCache for KvCacheService {
         &self,
         request: Request<pb::InspectRequest>,
     ) -> Result<Response<pb::InspectResponse>, Status> {
+        let caller = Caller::of(&request);
+        if let Err(e) = self.check_ns(&caller, &request.get_ref().namespace_id) {
+            return self.done("Inspect", Err(e));
+        }
         let req = request.into_inner();
         let parsed = convert::namespace_id("namespace_id", &req.namespace_id)
             .and_then(|ns| convert::key("key", &req.key).map(|k| (ns, k)));
         let r = match parsed {
             Ok((ns, key)) => {
                 let cache = Arc::clone(&self.cache);
-                match tokio::task::spawn_blocking(move || cache.inspect(&ns, &key)).await {
+                match self
+                    .limits
+                    .blocking
+                    .run("inspect", move || cache.inspect(&ns, &key))
+                    .await
+                {
                     Ok(Ok(Some(i))) => Ok(pb::InspectResponse {
                         block: Some(convert::block_to_pb(&i.meta)),
                         payload_xxh3: i.payload_xxh3,
@@ -704,7 +897,7 @@ impl KvCache for KvCacheService {
                         BlockKey::display(&req.key)
                     ))),
                     Ok(Err(e)) => Err(status(e)),
-                    Err(e) => Err(Status::internal(format!("inspect task failed: {e}"))),
+                    Err(s) => Err(s),
                 }
             }
             Err(s) => Err(s),
@@ -716,6 +909,11 @@ impl KvCache for KvCacheService {
         &self,
         request: Request<pb::VerifyRequest>,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
+        if let Some(auth) = &self.auth
+            && let Err(e) = auth.admin_only(&Caller::of(&request), "Verify")
+        {
+            return self.done("Verify", Err(e));
+        }
         let drop_corrupt = request.into_inner().drop_corrupt;
         let r = self
             .blocking("verify", move |cache| {
@@ -732,6 +930,12 @@ impl KvCache for KvCacheService {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = Caller::of(&request);
+        if let Err(e) = self.check_ns(&caller, &request.get_ref().namespace_id) {
+            return self.done("Watch", Err(e));
+        }
+        // A client grpc-timeout ends the subscription (none: it lasts).
+        let deadline = request.extensions().get::<Deadline>().copied();
         let req = request.into_inner();
         let filter = if req.namespace_id.is_empty() {
             None
@@ -750,15 +954,42 @@ impl KvCache for KvCacheService {
         let mut events = self.cache.subscribe();
         let (tx, rx) = mpsc::channel(256);
         let shutdown = self.shutdown.clone();
+        // A tenant's stream carries only its own namespaces' events.
+        let tenant_view = match (caller.tenant(), &self.auth) {
+            (Some(t), Some(auth)) => Some((Arc::clone(auth.owners()), t.to_string())),
+            _ => None,
+        };
+        let visible = move |ns: &NamespaceId| {
+            tenant_view
+                .as_ref()
+                .is_none_or(|(o, t)| o.owner(ns).as_deref() == Some(t.as_str()))
+        };
+        let metrics = Arc::clone(&self.metrics);
         tokio::spawn(async move {
+            let expired = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.0).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(expired);
             loop {
                 let ev = tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tx.closed() => break,
+                    _ = &mut expired => {
+                        if let Some(d) = deadline {
+                            metrics.record_rejected("deadline");
+                            let _ = tx.send(Err(d.status())).await;
+                        }
+                        break;
+                    }
                     ev = events.recv() => ev,
                 };
                 let msg = match ev {
-                    Ok(e) if filter.is_none_or(|f| f == e.namespace) => convert::event_to_pb(&e),
+                    Ok(e) if filter.is_none_or(|f| f == e.namespace) && visible(&e.namespace) => {
+                        convert::event_to_pb(&e)
+                    }
                     Ok(_) => continue,
                     Err(broadcast::error::RecvError::Lagged(missed)) => pb::WatchEvent {
                         kind: pb::EventKind::Lagged as i32,

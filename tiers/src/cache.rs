@@ -597,13 +597,21 @@ impl BlockCache {
         let mut n = 0;
         for k in keys {
             let _stripe = self.stripe(ns, k).lock();
-            if let Some(d) = &self.disk {
-                d.demoter.forget(ns, k);
-            }
             if let Some(r) = &self.remote {
                 r.enqueue_delete(ns, k);
             }
+            // The host copy goes first (`tiers` is fastest first). Until it is
+            // gone, a put of another key may evict it and queue it for the
+            // disk; forgetting queued demotions before that would let such a
+            // write publish the deleted block on disk after this returns (a
+            // stale read the 32-client stress test caught). So: host, then
+            // forget, then disk.
             for t in &self.tiers {
+                if t.kind() == TierKind::Disk
+                    && let Some(d) = &self.disk
+                {
+                    d.demoter.forget(ns, k);
+                }
                 if t.remove(ns, k, RemoveReason::Delete) == RemoveOutcome::Removed {
                     n += 1;
                 }

@@ -260,7 +260,8 @@ impl NamespaceSpec {
     }
 
     /// Decodes [`NamespaceSpec::canonical_encoding`]; `None` if the bytes are
-    /// not one (wrong magic, truncated, trailing bytes, unknown codes).
+    /// not one (wrong magic, truncated, trailing bytes, unknown codes, a
+    /// `tp_size` of 0, which the encoding writes as 1).
     pub fn from_canonical_encoding(bytes: &[u8]) -> Option<Self> {
         let mut r = bytes.strip_prefix(NAMESPACE_ENCODING_MAGIC)?;
         fn take<'a>(r: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
@@ -284,7 +285,7 @@ impl NamespaceSpec {
         let tp_rank = u32_of(&mut r)?;
         let tp_size = u32_of(&mut r)?;
         let opaque_block_bytes = u64::from_le_bytes(take(&mut r, 8)?.try_into().ok()?);
-        r.is_empty().then_some(NamespaceSpec {
+        (r.is_empty() && tp_size != 0).then_some(NamespaceSpec {
             model_id,
             model_fingerprint,
             num_layers,
@@ -398,10 +399,14 @@ impl Namespace {
         out
     }
 
-    /// Decodes [`Namespace::record`]; `None` if it is not one or its spec is invalid.
+    /// Decodes [`Namespace::record`]; `None` if it is not one (unknown flag
+    /// bits included) or its spec is invalid.
     pub fn from_record(bytes: &[u8]) -> Option<Self> {
         let rest = bytes.strip_prefix(RECORD_MAGIC)?;
         let (&flags, enc) = rest.split_first()?;
+        if flags & !3 != 0 {
+            return None;
+        }
         let spec = NamespaceSpec::from_canonical_encoding(enc)?;
         let mut ns = Namespace::new(spec).ok()?;
         ns.policy.write_through = flags & 1 != 0;

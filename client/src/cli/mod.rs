@@ -69,6 +69,49 @@ pub struct GlobalArgs {
     /// Print JSON instead of tables (one document per command; `watch`: one object per line)
     #[arg(long, global = true)]
     pub json: bool,
+    /// Bearer token sent on every call (a daemon with auth.token_file).
+    /// Connection flags go before the verb: `kvstrata --token-file F stats`
+    #[arg(
+        long,
+        env = "KVSTRATA_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+    /// File holding the bearer token (its first `TOKEN [TENANT]` line; `#` comments skipped)
+    #[arg(long, env = "KVSTRATA_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) of an https:// daemon
+    #[arg(long, env = "KVSTRATA_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for a daemon with tls.client_ca
+    #[arg(long, env = "KVSTRATA_CLIENT_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert
+    #[arg(long, env = "KVSTRATA_CLIENT_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl GlobalArgs {
+    /// The connection options these arguments ask for (token, TLS).
+    pub fn client_options(&self) -> Result<crate::ClientOptions, CliError> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => Some(crate::BearerToken::new(t)?),
+            (None, Some(f)) => Some(crate::BearerToken::from_file(f)?),
+            (None, None) => None,
+        };
+        let tls = if self.tls_ca.is_some() || self.tls_cert.is_some() {
+            let pair = self.tls_cert.as_deref().zip(self.tls_key.as_deref());
+            Some(crate::ClientTls::from_files(self.tls_ca.as_deref(), pair)?)
+        } else {
+            None
+        };
+        Ok(crate::ClientOptions {
+            token,
+            tls,
+            ..crate::ClientOptions::default()
+        })
+    }
 }
 
 /// The client verbs.

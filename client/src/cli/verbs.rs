@@ -15,7 +15,7 @@ use super::{CliError, ClientCommand, GlobalArgs, NsCommand, PutArgs, TierArg};
 use crate::client::{Client, PutItem};
 
 pub(super) async fn run(cmd: ClientCommand, g: &GlobalArgs) -> Result<(), CliError> {
-    let client = Client::connect(&g.addr).await?;
+    let client = Client::connect_with(&g.addr, g.client_options()?).await?;
     let c = &client;
     match cmd {
         ClientCommand::Ns(NsCommand::Register(a)) => ns_register(c, g, &a).await,

@@ -135,7 +135,9 @@ impl SlotHeader {
         out[192..200].copy_from_slice(&sum.to_le_bytes());
     }
 
-    /// Decodes a header region, checking magic, version and header checksum.
+    /// Decodes a header region, checking magic, version and header checksum,
+    /// and that every reserved or padding byte is zero: a header that decodes
+    /// is exactly the one [`SlotHeader::encode`] writes for the result.
     pub fn decode(region: &[u8]) -> Result<SlotHeader, CorruptKind> {
         if region.len() < HEADER_LEN {
             return Err(CorruptKind::Malformed);
@@ -168,6 +170,14 @@ impl SlotHeader {
             ),
             _ => return Err(CorruptKind::Malformed),
         };
+        let zeros = [
+            &region[12..16],
+            &region[33 + key_len..97],
+            &region[98 + parent_len..168],
+        ];
+        if zeros.iter().any(|z| z.iter().any(|&b| b != 0)) {
+            return Err(CorruptKind::Malformed);
+        }
         Ok(SlotHeader {
             namespace: NamespaceId(ns),
             key,

@@ -1,0 +1,676 @@
+//! Authentication and tenancy against a real daemon: bearer tokens on TCP
+//! (rotation, SIGHUP reload), peer uid on the Unix sockets, tenants bound to
+//! namespaces, the non-loopback start-up guard, TLS with and without client
+//! certificates, and the CLI's token flags.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kvstrata_client::{BearerToken, Client, ClientError, ClientOptions, ClientTls};
+use kvstrata_server::auth::FailureReason;
+use kvstrata_server::{Config, Daemon};
+use tokio_stream::StreamExt;
+
+use common::{config, payload, small_spec};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kvstrata");
+const ADMIN: &str = "admin-token-0123456789abcdef";
+const ADMIN2: &str = "admin-token-second-0123456789";
+const TENANT_A: &str = "tenant-a-token-0123456789abcdef";
+const TENANT_B: &str = "tenant-b-token-0123456789abcdef";
+
+fn write_tokens(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn token_config(dir: &Path, tokens: &str) -> (Config, PathBuf) {
+    let file = dir.join("tokens");
+    write_tokens(&file, tokens);
+    let mut c = config(dir, 8 << 20, 4096);
+    c.auth.token_file = file.display().to_string();
+    (c, file)
+}
+
+async fn with_token(target: &str, token: Option<&str>) -> Client {
+    let options = ClientOptions {
+        token: token.map(|t| BearerToken::new(t).unwrap()),
+        ..ClientOptions::default()
+    };
+    Client::connect_with(target, options).await.unwrap()
+}
+
+fn code(e: &ClientError) -> Option<tonic::Code> {
+    e.code()
+}
+
+async fn metrics_text(d: &Daemon) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = d.addrs().metrics.unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn auth_tcp_needs_a_known_bearer_token_and_health_stays_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, _) = token_config(
+        dir.path(),
+        &format!("# two admin tokens (rotation)\n{ADMIN}\n\n{ADMIN2}\n"),
+    );
+    let d = Daemon::start(c).await.unwrap();
+    let target = d.addrs().tcp_target().unwrap();
+
+    let e = with_token(&target, None).await.stats().await.unwrap_err();
+    assert_eq!(code(&e), Some(tonic::Code::Unauthenticated), "{e}");
+    assert!(e.to_string().contains("authorization"), "{e}");
+    let e = with_token(&target, Some("wrong-token-0123456789abcdef"))
+        .await
+        .stats()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Some(tonic::Code::Unauthenticated), "{e}");
+    // Both tokens are valid at once.
+    with_token(&target, Some(ADMIN))
+        .await
+        .stats()
+        .await
+        .unwrap();
+    with_token(&target, Some(ADMIN2))
+        .await
+        .stats()
+        .await
+        .unwrap();
+    let counters = d.auth().counters();
+    assert_eq!(counters.failures(FailureReason::Missing), 1);
+    assert_eq!(counters.failures(FailureReason::UnknownToken), 1);
+
+    // The Unix socket takes no token (the peer uid is ours).
+    Client::connect(&d.addrs().uds_target().unwrap())
+        .await
+        .unwrap()
+        .stats()
+        .await
+        .unwrap();
+
+    // Health answers probes without a token.
+    let channel = tonic::transport::Endpoint::from_shared(target)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let r = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "kvstrata.v1.KvCache".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        r.into_inner().status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let m = metrics_text(&d).await;
+    assert!(
+        m.contains("kvstrata_auth_failures_total{reason=\"missing\"} 1"),
+        "{m}"
+    );
+    d.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn auth_reload_swaps_tokens_and_a_bad_file_keeps_the_old_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, file) = token_config(dir.path(), &format!("{ADMIN}\n"));
+    let d = Daemon::start(c).await.unwrap();
+    let target = d.addrs().tcp_target().unwrap();
+    let old = with_token(&target, Some(ADMIN)).await;
+    let new = with_token(&target, Some(ADMIN2)).await;
+    old.stats().await.unwrap();
+    assert!(new.stats().await.is_err());
+
+    // Rotation, step 1: both valid.
+    write_tokens(&file, &format!("{ADMIN}\n{ADMIN2}\n"));
+    assert_eq!(d.reload_tokens().unwrap(), 2);
+    old.stats().await.unwrap();
+    new.stats().await.unwrap();
+    // Step 2: the old one revoked (same connection, next call refused).
+    write_tokens(&file, &format!("{ADMIN2}\n"));
+    assert_eq!(d.reload_tokens().unwrap(), 1);
+    let e = old.stats().await.unwrap_err();
+    assert_eq!(code(&e), Some(tonic::Code::Unauthenticated), "{e}");
+    new.stats().await.unwrap();
+
+    // A bad file changes nothing.
+    write_tokens(&file, "short\n");
+    let e = d.reload_tokens().unwrap_err();
+    assert!(e.to_string().contains("tokens:1"), "{e}");
+    new.stats().await.unwrap();
+    std::fs::remove_file(&file).unwrap();
+    assert!(d.reload_tokens().is_err());
+    new.stats().await.unwrap();
+    let m = metrics_text(&d).await;
+    assert!(
+        m.contains("kvstrata_auth_reloads_total{result=\"ok\"} 2"),
+        "{m}"
+    );
+    assert!(
+        m.contains("kvstrata_auth_reloads_total{result=\"error\"} 2"),
+        "{m}"
+    );
+    d.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn auth_tenants_cannot_touch_each_others_namespaces() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, _) = token_config(
+        dir.path(),
+        &format!("{TENANT_A} tenant-a\n{TENANT_B} tenant-b\n{ADMIN}\n"),
+    );
+    let d = Daemon::start(c).await.unwrap();
+    let target = d.addrs().tcp_target().unwrap();
+    let a = with_token(&target, Some(TENANT_A)).await;
+    let b = with_token(&target, Some(TENANT_B)).await;
+    let admin = Client::connect(&d.addrs().uds_target().unwrap())
+        .await
+        .unwrap();
+
+    let reg = a.register_namespace(&small_spec("model-a")).await.unwrap();
+    let ns = reg.id;
+    let len = reg.block_bytes as usize;
+    common::put(&a, &ns, "k1", None, len).await;
+    assert!(common::present(&a, &ns, "k1", len).await);
+    let b_ns = b
+        .register_namespace(&small_spec("model-b"))
+        .await
+        .unwrap()
+        .id;
+
+    let denied = |r: Result<(), ClientError>, what: &str| {
+        let e = r.expect_err(what);
+        assert_eq!(code(&e), Some(tonic::Code::PermissionDenied), "{what}: {e}");
+        assert!(e.to_string().contains("namespace_id"), "{what}: {e}");
+    };
+    denied(b.batch_get(&ns, &[b"k1"]).await.map(|_| ()), "get");
+    denied(b.lookup(&ns, &[b"k1"]).await.map(|_| ()), "lookup");
+    denied(
+        b.batch_put(&ns, vec![common::item("k1", None, len)])
+            .await
+            .map(|_| ()),
+        "put",
+    );
+    denied(b.delete(&ns, &[b"k1"]).await.map(|_| ()), "delete");
+    denied(b.evict(&ns, &[b"k1"], false).await.map(|_| ()), "evict");
+    denied(
+        b.pin(&ns, &[b"k1"], Duration::from_secs(5))
+            .await
+            .map(|_| ()),
+        "pin",
+    );
+    denied(b.inspect(&ns, b"k1").await.map(|_| ()), "inspect");
+    denied(b.get_stream(&ns, &[b"k1"]).await.map(|_| ()), "get_stream");
+    denied(b.watch(Some(&ns)).await.map(|_| ()), "watch");
+    denied(
+        b.list_blocks(Some(&ns), None, 0, Default::default())
+            .await
+            .map(|_| ()),
+        "list_blocks",
+    );
+    let streamed = b
+        .put_batches(&ns, vec![vec![common::item("k2", None, len)]])
+        .await;
+    denied(streamed.map(|_| ()), "put_stream");
+    // A tenant may not name shared-memory pools (same-host clients' memory).
+    let region = kvstrata_client::proto::PoolRegion {
+        pool_id: 1,
+        offset: 0,
+        length: len as u64,
+    };
+    let e = b
+        .batch_get_into(&b_ns, &[b"kb"], &[region])
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Some(tonic::Code::PermissionDenied), "{e}");
+    assert!(e.to_string().contains("regions"), "{e}");
+    let e = b
+        .batch_put_regions(
+            &b_ns,
+            vec![kvstrata_client::RegionPutItem::new(&b"kb"[..], region)],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Some(tonic::Code::PermissionDenied), "{e}");
+    // Registering the same geometry does not take it over.
+    let e = b
+        .register_namespace(&small_spec("model-a"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Some(tonic::Code::PermissionDenied), "{e}");
+    // Verify reaches every namespace: admins only.
+    let e = b.verify(false).await.unwrap_err();
+    assert_eq!(code(&e), Some(tonic::Code::PermissionDenied), "{e}");
+
+    // Nothing changed: the admin (Unix socket) still reads A's bytes, k2 is absent.
+    assert!(common::present(&admin, &ns, "k1", len).await);
+    assert!(!common::present(&admin, &ns, "k2", len).await);
+    assert!(d.auth().counters().failures(FailureReason::WrongTenant) >= 12);
+
+    // Listings are filtered to the tenant's namespaces.
+    let ids = |v: Vec<kvstrata_client::proto::NamespaceInfo>| {
+        v.into_iter()
+            .map(|n| n.namespace_id.to_vec())
+            .collect::<Vec<_>>()
+    };
+    let seen_b = ids(b.list_namespaces().await.unwrap());
+    assert_eq!(seen_b, vec![b_ns.as_bytes().to_vec()]);
+    let seen_a = ids(a.list_namespaces().await.unwrap());
+    assert_eq!(seen_a, vec![ns.as_bytes().to_vec()]);
+    assert_eq!(ids(admin.list_namespaces().await.unwrap()).len(), 2);
+    assert!(
+        b.list_all_blocks(None, None, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(a.list_all_blocks(None, None, None).await.unwrap().len(), 1);
+    // An admin token (no tenant) sees everything too.
+    let admin_tcp = with_token(&target, Some(ADMIN)).await;
+    assert!(common::present(&admin_tcp, &ns, "k1", len).await);
+
+    // B's unfiltered Watch does not carry A's events.
+    let mut events = b.watch(None).await.unwrap();
+    common::put(&a, &ns, "k3", None, len).await;
+    common::put(&b, &b_ns, "kb", None, len).await;
+    let ev = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(&ev.namespace_id[..], b_ns.as_bytes());
+    assert_eq!(&ev.key[..], b"kb");
+    // A still reads its own block, byte for byte.
+    let got = a.batch_get(&ns, &[b"k1"]).await.unwrap();
+    assert_eq!(got[0].payload, payload("k1", 0, len));
+    d.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn auth_non_loopback_tcp_needs_a_token_file_or_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path(), 1 << 20, 64);
+    c.server.tcp_addr = "0.0.0.0:0".into();
+    let e = Daemon::start(c.clone()).await.err().expect("refused");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("auth.token_file") && msg.contains("--insecure"),
+        "{msg}"
+    );
+    c.auth.insecure = true;
+    let d = Daemon::start(c.clone()).await.unwrap();
+    d.shutdown().await.unwrap();
+    c.auth.insecure = false;
+    let file = dir.path().join("tokens");
+    write_tokens(&file, &format!("{ADMIN}\n"));
+    c.auth.token_file = file.display().to_string();
+    let d = Daemon::start(c).await.unwrap();
+    d.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn auth_unix_peers_outside_the_allow_list_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path(), 1 << 20, 64);
+    let other = kvstrata_server::auth::own_uid().wrapping_add(4242);
+    c.auth.uid_allow = vec![other];
+    c.shm.mempool_socket = dir.path().join("mempool.sock").display().to_string();
+    c.sglang.socket = dir.path().join("sglang.sock").display().to_string();
+    let d = Daemon::start(c).await.unwrap();
+    // Sockets stay owner-only.
+    use std::os::unix::fs::PermissionsExt;
+    for p in [
+        d.addrs().uds.clone().unwrap(),
+        d.addrs().mempool.clone().unwrap(),
+    ] {
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", p.display());
+    }
+    let e = Client::connect(&d.addrs().uds_target().unwrap())
+        .await
+        .unwrap()
+        .stats()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Some(tonic::Code::PermissionDenied), "{e}");
+    assert!(e.to_string().contains("uid_allow"), "{e}");
+    use tokio::io::AsyncReadExt;
+    // The mempool and SGLang sockets close the connection at once.
+    for sock in [d.addrs().mempool.clone(), d.addrs().sglang.clone()] {
+        let mut s = tokio::net::UnixStream::connect(sock.unwrap())
+            .await
+            .unwrap();
+        let mut buf = [0u8; 4];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+    assert_eq!(d.auth().counters().failures(FailureReason::UidDenied), 3);
+    d.shutdown().await.unwrap();
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made
+/// with the `openssl` command.
+struct Certs {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let o = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("the openssl command runs");
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn make_certs(dir: &Path) -> Certs {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=kvstrata test CA",
+        ],
+    );
+    for (name, ext) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth",
+        ),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ] {
+        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN=kvstrata {name}"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{name}.ext"),
+            ],
+        );
+    }
+    Certs {
+        ca: dir.join("ca.pem"),
+        server_cert: dir.join("server.pem"),
+        server_key: dir.join("server.key"),
+        client_cert: dir.join("client.pem"),
+        client_key: dir.join("client.key"),
+    }
+}
+
+async fn tls_client(target: &str, certs: &Certs, with_cert: bool) -> Result<Client, ClientError> {
+    let pair = with_cert.then_some((certs.client_cert.as_path(), certs.client_key.as_path()));
+    let options = ClientOptions {
+        tls: Some(ClientTls::from_files(Some(&certs.ca), pair).unwrap()),
+        token: Some(BearerToken::new(ADMIN).unwrap()),
+        request_timeout: Some(Duration::from_secs(5)),
+        ..ClientOptions::default()
+    };
+    Client::connect_with(target, options).await
+}
+
+/// Whether a plaintext client fails (connect or first call) within a bound.
+async fn plaintext_fails(target: &str) -> bool {
+    let options = ClientOptions {
+        token: Some(BearerToken::new(ADMIN).unwrap()),
+        request_timeout: Some(Duration::from_secs(3)),
+        connect_timeout: Duration::from_secs(3),
+        ..ClientOptions::default()
+    };
+    match Client::connect_with(target, options).await {
+        Err(_) => true,
+        Ok(c) => c.stats().await.is_err(),
+    }
+}
+
+#[tokio::test]
+async fn auth_tls_with_and_without_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let (mut c, _) = token_config(dir.path(), &format!("{ADMIN}\n"));
+    c.tls.cert = certs.server_cert.display().to_string();
+    c.tls.key = certs.server_key.display().to_string();
+    let d = Daemon::start(c.clone()).await.unwrap();
+    let port = d.addrs().tcp.unwrap().port();
+    let https = format!("https://127.0.0.1:{port}");
+    let client = tls_client(&https, &certs, false).await.unwrap();
+    let reg = client.register_namespace(&small_spec("tls")).await.unwrap();
+    common::put(&client, &reg.id, "k", None, reg.block_bytes as usize).await;
+    assert!(common::present(&client, &reg.id, "k", reg.block_bytes as usize).await);
+    // A plaintext client against the TLS listener fails cleanly.
+    assert!(plaintext_fails(&format!("http://127.0.0.1:{port}")).await);
+    // An https target without a CA is refused before connecting.
+    let e = Client::connect(&https).await.unwrap_err();
+    assert!(e.to_string().contains("--tls-ca"), "{e}");
+    d.shutdown().await.unwrap();
+
+    // Client certificates required.
+    c.tls.client_ca = certs.ca.display().to_string();
+    let d = Daemon::start(c).await.unwrap();
+    let port = d.addrs().tcp.unwrap().port();
+    let https = format!("https://127.0.0.1:{port}");
+    let with_cert = tls_client(&https, &certs, true).await.unwrap();
+    with_cert.stats().await.unwrap();
+    let without = match tls_client(&https, &certs, false).await {
+        Err(_) => true,
+        Ok(c) => c.stats().await.is_err(),
+    };
+    assert!(without, "a client without a certificate was served");
+    d.shutdown().await.unwrap();
+}
+
+#[test]
+fn auth_cli_token_file_and_sighup_reload_of_the_real_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    write_tokens(&tokens, &format!("# admin\n{ADMIN}\n"));
+    let client_token = dir.path().join("client-token");
+    std::fs::write(&client_token, format!("{ADMIN}\n")).unwrap();
+    let ready = dir.path().join("ready.json");
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--tcp-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "",
+            "--log-level",
+            "warn",
+        ])
+        .arg("--uds-path")
+        .arg(dir.path().join("kv.sock"))
+        .arg("--token-file")
+        .arg(&tokens)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "daemon did not become ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
+    let addr = format!("http://{}", info["tcp"].as_str().unwrap());
+    let kv = |extra: &[&str]| {
+        Command::new(BIN)
+            .env_remove("KVSTRATA_TOKEN")
+            .env_remove("KVSTRATA_TOKEN_FILE")
+            .arg("--addr")
+            .arg(&addr)
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let token_file = client_token.display().to_string();
+    let o = kv(&["--token-file", &token_file, "stats"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = kv(&["stats"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: Unauthenticated") && err.contains("authorization"),
+        "{err}"
+    );
+
+    // Rotate to a new token and send SIGHUP: the new one works, the old one stops.
+    write_tokens(&tokens, &format!("{ADMIN2}\n"));
+    // SAFETY: kill only sends a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if kv(&["--token", ADMIN2, "stats"]).status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not reload the tokens"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!kv(&["--token-file", &token_file, "stats"]).status.success());
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn auth_tenant_bindings_survive_a_restart_with_the_disk_tier() {
+    // O_DIRECT slot files need a real file system (not tmpfs).
+    let dir = tempfile::Builder::new()
+        .prefix("kvs-auth-disk-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let (mut c, _) = token_config(
+        dir.path(),
+        &format!("{TENANT_A} tenant-a\n{TENANT_B} tenant-b\n"),
+    );
+    c.disk.paths = vec![format!("{}=8MiB", dir.path().join("slots.kvs").display())];
+    c.disk.engine = "pread".into();
+    c.disk.segment_bytes = bytesize::ByteSize::mib(1);
+    let d = Daemon::start(c.clone()).await.unwrap();
+    let a = with_token(&d.addrs().tcp_target().unwrap(), Some(TENANT_A)).await;
+    let policy = kvstrata_tiers::NamespacePolicy {
+        write_through: true,
+        ..Default::default()
+    };
+    let reg = a
+        .register_namespace_with(&small_spec("persist"), Some(policy))
+        .await
+        .unwrap();
+    let len = reg.block_bytes as usize;
+    common::put(&a, &reg.id, "k", None, len).await;
+    // Wait for the write-through copy to reach the disk tier.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = a.stats().await.unwrap();
+        let on_disk = s
+            .tiers
+            .iter()
+            .any(|t| t.tier == kvstrata_client::proto::Tier::Disk as i32 && t.blocks >= 1);
+        if on_disk {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "write-through never reached the disk"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    d.shutdown().await.unwrap();
+
+    let d = Daemon::start(c).await.unwrap();
+    let target = d.addrs().tcp_target().unwrap();
+    let a = with_token(&target, Some(TENANT_A)).await;
+    let b = with_token(&target, Some(TENANT_B)).await;
+    let e = b.batch_get(&reg.id, &[b"k"]).await.unwrap_err();
+    assert_eq!(code(&e), Some(tonic::Code::PermissionDenied), "{e}");
+    let e = b
+        .register_namespace(&small_spec("persist"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Some(tonic::Code::PermissionDenied), "{e}");
+    assert!(common::present(&a, &reg.id, "k", len).await);
+    let seen: Vec<_> = a.list_namespaces().await.unwrap();
+    assert_eq!(seen.len(), 1);
+    assert!(b.list_namespaces().await.unwrap().is_empty());
+    d.shutdown().await.unwrap();
+}
