@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use kvstrata_client::Client;
+use kvstrata_client::{Client, ClientOptions};
 use serde::Serialize;
 
 use crate::chat::{Conversation, Message};
@@ -195,9 +195,9 @@ pub fn load_model(args: &ModelArgs) -> Result<Arc<LoadedModel>> {
     Ok(Arc::new(model?))
 }
 
-async fn connect_engine(args: &ModelArgs, addr: &str) -> Result<Engine> {
+async fn connect_engine(args: &ModelArgs, addr: &str, options: ClientOptions) -> Result<Engine> {
     let model = tokio::task::block_in_place(|| load_model(args))?;
-    let client = Client::connect(addr).await?;
+    let client = Client::connect_with(addr, options).await?;
     Engine::connect(model, client, &args.engine_options()).await
 }
 
@@ -239,7 +239,12 @@ fn write_json<T: Serialize>(value: &T) -> Result<()> {
 }
 
 /// `kvstrata prefill`: compute (or reuse) a prompt's KV, store it, print the first token.
-pub async fn run_prefill(args: PrefillArgs, addr: &str, json: bool) -> Result<()> {
+pub async fn run_prefill(
+    args: PrefillArgs,
+    addr: &str,
+    options: ClientOptions,
+    json: bool,
+) -> Result<()> {
     let text = match (&args.prompt, &args.prompt_file) {
         (Some(p), _) => p.clone(),
         (None, Some(f)) => std::fs::read_to_string(f)
@@ -250,7 +255,7 @@ pub async fn run_prefill(args: PrefillArgs, addr: &str, json: bool) -> Result<()
             ));
         }
     };
-    let engine = connect_engine(&args.model, addr).await?;
+    let engine = connect_engine(&args.model, addr, options).await?;
     let tokens = prompt_tokens(&engine, &text, args.raw)?;
     let mut bar = prefill_bar(args.model.quiet);
     let prefill = engine.prefill(&tokens, &mut bar).await?;
@@ -319,7 +324,12 @@ struct DecodeJson {
 }
 
 /// `kvstrata decode`: load a hand-off's KV from kvstrata and generate, streaming text.
-pub async fn run_decode(args: DecodeArgs, addr: &str, json: bool) -> Result<()> {
+pub async fn run_decode(
+    args: DecodeArgs,
+    addr: &str,
+    options: ClientOptions,
+    json: bool,
+) -> Result<()> {
     let params = args.generate.params()?;
     let text = if args.handoff.as_os_str() == "-" {
         let mut s = String::new();
@@ -333,7 +343,7 @@ pub async fn run_decode(args: DecodeArgs, addr: &str, json: bool) -> Result<()> 
     let handoff: Handoff = serde_json::from_str(&text).map_err(|e| {
         EngineError::InvalidRequest(format!("{}: not a hand-off: {e}", args.handoff.display()))
     })?;
-    let engine = connect_engine(&args.model, addr).await?;
+    let engine = connect_engine(&args.model, addr, options).await?;
     let decoded = stream_decode(&engine, &handoff, params, args.generate.max_tokens, !json).await?;
     let text = engine.model().tokenizer.decode(&decoded.tokens, true)?;
     if json {
@@ -398,9 +408,9 @@ pub async fn stream_decode(
 
 /// `kvstrata chat`: an interactive multi-turn chat; every turn reuses the KV of the
 /// previous ones through kvstrata.
-pub async fn run_chat(args: ChatArgs, addr: &str) -> Result<()> {
+pub async fn run_chat(args: ChatArgs, addr: &str, options: ClientOptions) -> Result<()> {
     let params = args.generate.params()?;
-    let engine = connect_engine(&args.model, addr).await?;
+    let engine = connect_engine(&args.model, addr, options).await?;
     let model = engine.model().clone();
     let mut convo = match &args.system {
         Some(system) => Conversation::with_system(system.clone()),

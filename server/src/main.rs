@@ -147,12 +147,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
         Command::Prefill(args) => {
-            Ok(kvstrata_engine::cli::run_prefill(*args, &cli.global.addr, cli.global.json).await?)
+            let options = cli.global.client_options()?;
+            Ok(
+                kvstrata_engine::cli::run_prefill(
+                    *args,
+                    &cli.global.addr,
+                    options,
+                    cli.global.json,
+                )
+                .await?,
+            )
         }
         Command::Decode(args) => {
-            Ok(kvstrata_engine::cli::run_decode(*args, &cli.global.addr, cli.global.json).await?)
+            let options = cli.global.client_options()?;
+            Ok(
+                kvstrata_engine::cli::run_decode(*args, &cli.global.addr, options, cli.global.json)
+                    .await?,
+            )
         }
-        Command::Chat(args) => Ok(kvstrata_engine::cli::run_chat(*args, &cli.global.addr).await?),
+        Command::Chat(args) => {
+            let options = cli.global.client_options()?;
+            Ok(kvstrata_engine::cli::run_chat(*args, &cli.global.addr, options).await?)
+        }
         Command::Demo(args) => kvstrata_server::demo::run_demo(*args, cli.global.json).await,
         Command::Route(args) => kvstrata_server::route::run(*args, cli.global.json).await,
         // The disk tier's calls block: run them off the async workers.
