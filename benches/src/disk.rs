@@ -48,9 +48,9 @@ use crate::error::BenchError;
 use crate::report::{OpAccum, OpReport, gb_per_s};
 
 /// Stamp stride: every 4 KiB page of a payload starts with a stamp.
-const PAGE: usize = 4096;
+pub(crate) const PAGE: usize = 4096;
 /// Bytes of a stamp: block index and page number, little-endian u64s.
-const STAMP: usize = 16;
+pub(crate) const STAMP: usize = 16;
 /// Target segment size of the tier's slot arena (its default).
 const SEGMENT_TARGET: u64 = 64 << 20;
 /// Largest block the benchmark accepts (the tier's segments stay below 4 GiB).
@@ -372,13 +372,13 @@ impl DiskBenchReport {
     }
 }
 
-/// Payloads and their check.
-struct Pattern {
+/// Payloads and their check (shared with the remote-tier benchmark).
+pub(crate) struct Pattern {
     base: Vec<u8>,
 }
 
 impl Pattern {
-    fn new(len: usize) -> Self {
+    pub(crate) fn new(len: usize) -> Self {
         let mut x = SEED;
         let mut base = Vec::with_capacity(len + 8);
         while base.len() < len {
@@ -400,6 +400,13 @@ impl Pattern {
         s
     }
 
+    /// Block `index`'s payload, in a new buffer.
+    pub(crate) fn payload(&self, index: u64) -> bytes::Bytes {
+        let mut buf = self.base.clone();
+        self.fill(index, &mut buf);
+        bytes::Bytes::from(buf)
+    }
+
     /// Turns a copy of the base buffer into block `index`'s payload.
     fn fill(&self, index: u64, buf: &mut [u8]) {
         for (page, chunk) in buf.chunks_mut(PAGE).enumerate() {
@@ -410,7 +417,7 @@ impl Pattern {
     }
 
     /// `None` when `got` is block `index`'s payload, else what differs.
-    fn check(&self, index: u64, got: &[u8]) -> Option<String> {
+    pub(crate) fn check(&self, index: u64, got: &[u8]) -> Option<String> {
         if got.len() != self.base.len() {
             return Some(format!(
                 "block {index}: {} bytes, expected {}",

@@ -50,14 +50,10 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use serde::Serialize;
 
-use crate::disk::parse_size;
+use crate::disk::{Pattern, STAMP, parse_size};
 use crate::error::BenchError;
 use crate::report::{OpAccum, OpReport};
 
-/// Stamp stride: every 4 KiB page of a payload starts with a stamp.
-const PAGE: usize = 4096;
-/// Bytes of a stamp: block index and page number, little-endian u64s.
-const STAMP: usize = 16;
 /// Largest block accepted: Redis refuses bulk strings over 512 MB
 /// (`proto-max-bulk-len`), and the tier adds its header.
 const MAX_BLOCK_BYTES: u64 = 256 << 20;
@@ -65,8 +61,6 @@ const MAX_BLOCK_BYTES: u64 = 256 << 20;
 const RECORD_HEADER: u64 = HEADER_LEN as u64;
 /// Namespace of the benchmark's blocks.
 const NAMESPACE: NamespaceId = NamespaceId(*b"kvstrata-bench-r");
-/// Seed of the payload.
-const SEED: u64 = 0x6b76_7374_7261_7461;
 /// Time allowed to open a connection to a node (both paths).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Keys deleted per batch of the clean-up.
@@ -276,6 +270,36 @@ pub struct RemoteSizeReport {
     pub ratio: RemoteRatios,
 }
 
+impl RemoteSizeReport {
+    /// Write then read: (op, kvstrata phase, raw phase, GB/s ratio, p99 ratio).
+    fn directions(
+        &self,
+    ) -> [(
+        &'static str,
+        &RemotePhaseReport,
+        &RemotePhaseReport,
+        f64,
+        f64,
+    ); 2] {
+        [
+            (
+                "write",
+                &self.kvstrata.write,
+                &self.raw.write,
+                self.ratio.write_gb_per_s,
+                self.ratio.write_p99,
+            ),
+            (
+                "read",
+                &self.kvstrata.read,
+                &self.raw.read,
+                self.ratio.read_gb_per_s,
+                self.ratio.read_p99,
+            ),
+        ]
+    }
+}
+
 /// The tier's own counters after the run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct RemoteTierCounters {
@@ -372,22 +396,7 @@ impl RemoteBenchReport {
         ));
         for s in &self.sizes {
             let size = size_label(s.block_size as usize);
-            for (op, kv, raw, gr, pr) in [
-                (
-                    "write",
-                    &s.kvstrata.write,
-                    &s.raw.write,
-                    s.ratio.write_gb_per_s,
-                    s.ratio.write_p99,
-                ),
-                (
-                    "read",
-                    &s.kvstrata.read,
-                    &s.raw.read,
-                    s.ratio.read_gb_per_s,
-                    s.ratio.read_p99,
-                ),
-            ] {
+            for (op, kv, raw, gr, pr) in s.directions() {
                 for (path, p, ratios) in [("kvstrata", kv, Some((gr, pr))), ("raw", raw, None)] {
                     let (g, q) = match ratios {
                         Some((g, q)) => (format!("{g:.2}"), format!("{q:.2}")),
@@ -435,22 +444,7 @@ impl RemoteBenchReport {
         out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for s in &self.sizes {
             let size = size_label(s.block_size as usize);
-            for (op, kv, raw, gr, pr) in [
-                (
-                    "write",
-                    &s.kvstrata.write,
-                    &s.raw.write,
-                    s.ratio.write_gb_per_s,
-                    s.ratio.write_p99,
-                ),
-                (
-                    "read",
-                    &s.kvstrata.read,
-                    &s.raw.read,
-                    s.ratio.read_gb_per_s,
-                    s.ratio.read_p99,
-                ),
-            ] {
+            for (op, kv, raw, gr, pr) in s.directions() {
                 out.push_str(&format!(
                     "| {} | {} | {} | {:.3} | {:.3} | **{:.2}** | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} | {:.2} / {:.2} |\n",
                     size,
@@ -481,73 +475,6 @@ impl RemoteBenchReport {
             self.concurrency, self.tier.errors, self.tier.timeouts, self.tier.corrupt_blocks
         ));
         out
-    }
-}
-
-/// Payloads and their check.
-struct Pattern {
-    base: Vec<u8>,
-}
-
-impl Pattern {
-    fn new(len: usize) -> Self {
-        let mut x = SEED;
-        let mut base = Vec::with_capacity(len + 8);
-        while base.len() < len {
-            // splitmix64
-            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = x;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            base.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-        }
-        base.truncate(len);
-        Pattern { base }
-    }
-
-    fn stamp(index: u64, page: usize) -> [u8; STAMP] {
-        let mut s = [0u8; STAMP];
-        s[..8].copy_from_slice(&index.to_le_bytes());
-        s[8..].copy_from_slice(&(page as u64).to_le_bytes());
-        s
-    }
-
-    /// Block `index`'s payload.
-    fn payload(&self, index: u64) -> Bytes {
-        let mut buf = self.base.clone();
-        for (page, chunk) in buf.chunks_mut(PAGE).enumerate() {
-            let s = Self::stamp(index, page);
-            let n = chunk.len().min(STAMP);
-            chunk[..n].copy_from_slice(&s[..n]);
-        }
-        Bytes::from(buf)
-    }
-
-    /// `None` when `got` is block `index`'s payload, else what differs.
-    fn check(&self, index: u64, got: &[u8]) -> Option<String> {
-        if got.len() != self.base.len() {
-            return Some(format!(
-                "block {index}: {} bytes, expected {}",
-                got.len(),
-                self.base.len()
-            ));
-        }
-        for (page, (g, b)) in got.chunks(PAGE).zip(self.base.chunks(PAGE)).enumerate() {
-            let s = Self::stamp(index, page);
-            let n = g.len().min(STAMP);
-            if g[..n] != s[..n] || g[n..] != b[n..] {
-                let at = g
-                    .iter()
-                    .zip(s[..n].iter().chain(&b[n..]))
-                    .position(|(x, y)| x != y)
-                    .unwrap_or(0);
-                return Some(format!(
-                    "block {index}: byte {} differs (page {page})",
-                    page * PAGE + at
-                ));
-            }
-        }
-        None
     }
 }
 
@@ -1087,6 +1014,7 @@ pub async fn run_remote_and_print(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::disk::PAGE;
     use clap::Parser;
 
     #[derive(Parser)]

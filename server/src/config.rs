@@ -286,28 +286,7 @@ impl RemoteConfig {
         if self.nodes.is_empty() {
             return Ok(None);
         }
-        let bad = |k: &str, why: &str| Err(DaemonError::Config(format!("remote.{k}: {why}")));
-        for n in &self.nodes {
-            if !(n.starts_with("redis://") || n.starts_with("rediss://")) {
-                return bad("nodes", &format!("{n:?} is not a redis://host:port URL"));
-            }
-        }
-        if self.deadline_ms == 0 {
-            return bad("deadline_ms", "must be at least 1");
-        }
-        if self.connect_timeout_ms == 0 {
-            return bad("connect_timeout_ms", "must be at least 1");
-        }
-        if self.write_concurrency == 0 {
-            return bad("write_concurrency", "must be at least 1");
-        }
-        if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}', ' ']) {
-            return bad(
-                "key_prefix",
-                "must be non-empty, without spaces or braces (braces are cluster hash tags)",
-            );
-        }
-        Ok(Some(RemoteTierConfig {
+        let config = RemoteTierConfig {
             nodes: self.nodes.clone(),
             key_prefix: self.key_prefix.clone(),
             deadline: Duration::from_millis(self.deadline_ms),
@@ -319,7 +298,11 @@ impl RemoteConfig {
             write_concurrency: self.write_concurrency,
             ttl: (self.ttl_secs > 0).then(|| Duration::from_secs(self.ttl_secs)),
             ..RemoteTierConfig::default()
-        }))
+        };
+        config
+            .validate()
+            .map_err(|e| DaemonError::Config(e.to_string()))?;
+        Ok(Some(config))
     }
 }
 

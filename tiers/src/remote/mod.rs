@@ -98,6 +98,51 @@ impl Default for RemoteTierConfig {
     }
 }
 
+impl RemoteTierConfig {
+    /// Checks every setting; the error names the `remote.*` key.
+    pub fn validate(&self) -> Result<(), RemoteError> {
+        if self.nodes.is_empty() {
+            return Err(RemoteError::NoNodes);
+        }
+        for n in &self.nodes {
+            let bad = |reason: String| RemoteError::BadNode {
+                node: n.clone(),
+                reason,
+            };
+            if n.starts_with("rediss://") {
+                return Err(bad("TLS to the cluster is not supported yet".into()));
+            }
+            if !n.starts_with("redis://") {
+                return Err(bad("expected redis://host:port".into()));
+            }
+            redis::IntoConnectionInfo::into_connection_info(n.as_str())
+                .map_err(|e| bad(e.to_string()))?;
+        }
+        let invalid = |field, reason: &str| {
+            Err(RemoteError::Invalid {
+                field,
+                reason: reason.into(),
+            })
+        };
+        if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}', ' ']) {
+            return invalid(
+                "key_prefix",
+                "must be non-empty, without spaces or braces (braces are cluster hash tags)",
+            );
+        }
+        if self.deadline.is_zero() {
+            return invalid("deadline_ms", "must be at least 1");
+        }
+        if self.connect_timeout.is_zero() {
+            return invalid("connect_timeout_ms", "must be at least 1");
+        }
+        if self.write_concurrency == 0 {
+            return invalid("write_concurrency", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
 /// Why the remote tier could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
@@ -157,6 +202,9 @@ pub(crate) struct Counters {
 fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
+
+/// One command's result: `Err` when it ran past the deadline.
+type CommandOutcome<T> = Result<redis::RedisResult<T>, tokio::time::error::Elapsed>;
 
 /// What the tier's tasks share.
 pub(crate) struct Shared {
@@ -256,31 +304,7 @@ impl RemoteTier {
     /// Checks the configuration and starts connecting in the background;
     /// does not wait for the cluster (see [`RemoteTier::wait_connected`]).
     pub fn open(config: RemoteTierConfig, events: Arc<EventBus>) -> Result<Self, RemoteError> {
-        if config.nodes.is_empty() {
-            return Err(RemoteError::NoNodes);
-        }
-        for n in &config.nodes {
-            if let Err(e) = redis::IntoConnectionInfo::into_connection_info(n.as_str()) {
-                return Err(RemoteError::BadNode {
-                    node: n.clone(),
-                    reason: e.to_string(),
-                });
-            }
-        }
-        if config.key_prefix.is_empty() || config.key_prefix.contains(['{', '}', ' ']) {
-            return Err(RemoteError::Invalid {
-                field: "key_prefix",
-                reason:
-                    "must be non-empty, without spaces or braces (braces are cluster hash tags)"
-                        .into(),
-            });
-        }
-        if config.deadline.is_zero() {
-            return Err(RemoteError::Invalid {
-                field: "deadline_ms",
-                reason: "must be at least 1".into(),
-            });
-        }
+        config.validate()?;
         let client = ClusterClientBuilder::new(config.nodes.clone())
             .connection_timeout(config.connect_timeout)
             .response_timeout(config.deadline)
@@ -363,6 +387,37 @@ impl RemoteTier {
         out
     }
 
+    /// Runs `command KEY` for every key at once, each bounded by the
+    /// deadline; `(position in keys, outcome)` per command that finished, or
+    /// `None` when the whole batch ran past the deadline.
+    fn each_key<T: redis::FromRedisValue + Send + 'static>(
+        &self,
+        conn: ClusterConnection,
+        command: &'static str,
+        keys: Vec<String>,
+    ) -> Option<Vec<(usize, CommandOutcome<T>)>> {
+        let deadline = self.shared.config.deadline;
+        self.run(deadline + Duration::from_millis(50), async move {
+            let mut set = tokio::task::JoinSet::new();
+            for (slot, key) in keys.into_iter().enumerate() {
+                let mut conn = conn.clone();
+                set.spawn(async move {
+                    let mut cmd = redis::cmd(command);
+                    cmd.arg(&key);
+                    let query = cmd.query_async::<T>(&mut conn);
+                    (slot, tokio::time::timeout(deadline, query).await)
+                });
+            }
+            let mut got = Vec::new();
+            while let Some(r) = set.join_next().await {
+                if let Ok(r) = r {
+                    got.push(r);
+                }
+            }
+            got
+        })
+    }
+
     /// Reads blocks of `block_bytes` each; `None` for a miss (absent, failed
     /// verification, error or deadline). Answers from the write queue first.
     pub fn get_many(
@@ -396,32 +451,8 @@ impl RemoteTier {
             bump(&c.misses, ask.len() as u64);
             return out;
         };
-        let shared = Arc::clone(&self.shared);
-        let redis_keys: Vec<String> = ask.iter().map(|&i| shared.key(ns, &keys[i])).collect();
-        let deadline = shared.config.deadline;
-        let fetched = self.run(deadline + Duration::from_millis(50), async move {
-            let mut set = tokio::task::JoinSet::new();
-            for (slot, rk) in redis_keys.into_iter().enumerate() {
-                let mut conn = conn.clone();
-                set.spawn(async move {
-                    let r = tokio::time::timeout(
-                        deadline,
-                        redis::cmd("GET")
-                            .arg(&rk)
-                            .query_async::<Option<Vec<u8>>>(&mut conn),
-                    )
-                    .await;
-                    (slot, r)
-                });
-            }
-            let mut got = Vec::new();
-            while let Some(r) = set.join_next().await {
-                if let Ok(r) = r {
-                    got.push(r);
-                }
-            }
-            got
-        });
+        let redis_keys = ask.iter().map(|&i| self.shared.key(ns, &keys[i])).collect();
+        let fetched = self.each_key::<Option<Vec<u8>>>(conn, "GET", redis_keys);
         let Some(fetched) = fetched else {
             self.shared.failed(true, "read batch past its deadline");
             bump(&c.misses, ask.len() as u64);
@@ -473,29 +504,8 @@ impl RemoteTier {
         let Some(conn) = self.shared.conn().filter(|_| !ask.is_empty()) else {
             return out;
         };
-        let redis_keys: Vec<String> = ask.iter().map(|&i| self.shared.key(ns, &keys[i])).collect();
-        let deadline = self.shared.config.deadline;
-        let fetched = self.run(deadline + Duration::from_millis(50), async move {
-            let mut set = tokio::task::JoinSet::new();
-            for (slot, rk) in redis_keys.into_iter().enumerate() {
-                let mut conn = conn.clone();
-                set.spawn(async move {
-                    let r = tokio::time::timeout(
-                        deadline,
-                        redis::cmd("EXISTS").arg(&rk).query_async::<i64>(&mut conn),
-                    )
-                    .await;
-                    (slot, r)
-                });
-            }
-            let mut got = Vec::new();
-            while let Some(r) = set.join_next().await {
-                if let Ok(r) = r {
-                    got.push(r);
-                }
-            }
-            got
-        });
+        let redis_keys = ask.iter().map(|&i| self.shared.key(ns, &keys[i])).collect();
+        let fetched = self.each_key::<i64>(conn, "EXISTS", redis_keys);
         let Some(fetched) = fetched else {
             self.shared.failed(true, "exists batch past its deadline");
             return out;
