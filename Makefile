@@ -24,7 +24,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # deploy/validate.sh make Python virtual environments).
 APT_PACKAGES := libclang-dev clang redis-server python3-venv
 
-.PHONY: all deps build release test fmt-check clippy unit pytest deploy-check soak fuzz demo demo-cli demo-cluster bench clean
+.PHONY: all deps build release nvrtc test fmt-check clippy unit pytest deploy-check soak fuzz demo demo-cli demo-cluster bench clean
 
 all: build
 
@@ -47,8 +47,18 @@ fmt-check:
 clippy: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-unit: deps
-	$(CARGO) test --workspace
+# NVRTC (the CUDA run-time compiler, no GPU needed) from its PyPI wheel, so
+# kernels/tests/nvrtc_compile.rs compiles every kernel in CI (docs/gpu.md).
+NVRTC_WHEEL := nvidia-cuda-nvrtc==13.0.88
+NVRTC_DIR = $${CARGO_TARGET_DIR:-$(CURDIR)/target}/nvrtc
+nvrtc:
+	@d="$(NVRTC_DIR)"; if [ ! -f "$$d/libnvrtc.so.13" ]; then \
+	  echo "fetching $(NVRTC_WHEEL) (NVRTC for the kernel compile test)"; \
+	  mkdir -p "$$d" && python3 -m pip download -q --no-deps --only-binary=:all: -d "$$d/wheel" '$(NVRTC_WHEEL)' && \
+	  python3 kernels/extract_nvrtc.py "$$d"; fi
+
+unit: deps nvrtc
+	KVSTRATA_NVRTC_DIR="$(NVRTC_DIR)" $(CARGO) test --workspace
 
 # Needs the debug binary that `unit` (cargo test --workspace) builds.
 pytest:

@@ -49,6 +49,10 @@ enum Command {
     /// Cache-aware routing: follow several daemons' Watch streams and pick the node
     /// with the best tier-weighted cached prefix, minus load (`--serve`: over HTTP)
     Route(Box<kvstrata_server::route::RouteArgs>),
+    /// GPU checks and benchmarks (kernels vs their CPU references, HBM tier, CUDA IPC,
+    /// copy ceilings): what `scripts/gpu-check.sh` runs on a GPU machine
+    #[command(name = "gpu-check")]
+    GpuCheck(kvstrata_benches::GpuCheckArgs),
     #[command(flatten)]
     Client(ClientCommand),
 }
@@ -182,6 +186,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         // The CLI error already carries its cause in one line.
+        Command::GpuCheck(args) => {
+            let report = kvstrata_benches::run_gpu_check(&args, |_gpu, _rows| {})
+                .map_err(|e| anyhow::anyhow!(e))?;
+            report.print();
+            if !report.passed() {
+                anyhow::bail!("gpu-check: some checks failed");
+            }
+            Ok(())
+        }
         Command::Client(cmd) => kvstrata_client::cli::run(cmd, &cli.global)
             .await
             .map_err(|e| anyhow::anyhow!("{e}")),

@@ -1,0 +1,118 @@
+// Gather and scatter between an engine's paged KV cache and kvstrata's
+// layer-major blocks ([layer][K|V][token][kv_head][head_dim]).
+//
+// The engine's memory is addressed by strides, so one kernel serves both
+// layouts the engines use:
+//   per-layer tensors [num_pages, 2, page_tokens, heads, dim] (one tensor per
+//   layer, `layer_stride` apart): page_stride = 2 * chunk, layer_stride >= num_pages * page_stride;
+//   cross-layer pages [num_pages, layers, 2, page_tokens, heads, dim]:
+//   layer_stride = 2 * chunk, page_stride = layers * 2 * chunk.
+// A chunk is the page_tokens * heads * dim * dtype bytes of one (layer, K|V,
+// page): contiguous on both sides. A block is `ppb` pages; work item w names
+// (block b, layer l, K|V k, page j of the block):
+//   engine offset = l * layer_stride + page_ids[b * ppb + j] * page_stride + k * chunk
+//   block offset  = ((l * 2 + k) * ppb + j) * chunk
+// One warp copies one chunk at a time (grid-stride over the work items): a
+// chunk is small (384 bytes for one token of the default model, 6 KiB for 16),
+// so warps rather than whole CTAs keep every lane busy. Chunks of at most 32
+// 16-byte words (`small16`, checked by the host) go four to a warp iteration,
+// each lane loading its word of all four before storing any, so that short
+// chunks (one-token pages) still keep enough loads in flight.
+//
+// CPU references: kvstrata_kernels::reference::{gather, scatter}.
+
+struct KvsPaged {
+    u64 engine;        // base address of the engine's region
+    u64 layer_stride;  // bytes
+    u64 page_stride;   // bytes
+    u64 chunk;         // bytes of one (layer, K|V, page) run
+    u32 layers;
+    u32 ppb;           // pages per block
+    u32 n_blocks;
+    u32 small16;       // 1: chunk <= 512 bytes and every address 16-byte aligned
+};
+
+__device__ __forceinline__ void paged_item(const KvsPaged& p, u64 w, const u32* __restrict__ page_ids,
+                                           const u64* __restrict__ blocks, u64* engine_off, u64* block_addr) {
+    const u64 j = w % p.ppb;
+    u64 rest = w / p.ppb;
+    const u64 k = rest & 1;
+    rest >>= 1;
+    const u64 l = rest % p.layers;
+    const u64 b = rest / p.layers;
+    const u64 page = page_ids[b * p.ppb + j];
+    *engine_off = l * p.layer_stride + page * p.page_stride + k * p.chunk;
+    *block_addr = blocks[b] + ((l * 2 + k) * p.ppb + j) * p.chunk;
+}
+
+// Four chunks per warp iteration, lane = 16-byte word; `gather` picks the
+// direction.
+__device__ __forceinline__ void paged_small16(const KvsPaged& p, const u32* __restrict__ page_ids,
+                                              const u64* __restrict__ blocks, bool gather) {
+    const u64 items = (u64)p.n_blocks * p.layers * 2 * p.ppb;
+    const u64 warps = (u64)gridDim.x * (blockDim.x / 32);
+    const u64 lane = threadIdx.x % 32;
+    const u64 words = p.chunk >> 4;
+    for (u64 w = (u64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; w < items; w += 4 * warps) {
+        const uint4* src[4];
+        uint4* dst[4];
+        bool live[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const u64 item = w + i * warps;
+            live[i] = item < items && lane < words;
+            u64 off = 0, addr = 0;
+            if (item < items) {
+                paged_item(p, item, page_ids, blocks, &off, &addr);
+            }
+            const u64 engine = p.engine + off;
+            src[i] = (const uint4*)(gather ? engine : addr);
+            dst[i] = (uint4*)(gather ? addr : engine);
+        }
+        uint4 v[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            if (live[i]) {
+                v[i] = src[i][lane];
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            if (live[i]) {
+                dst[i][lane] = v[i];
+            }
+        }
+    }
+}
+
+extern "C" __global__ void kvs_gather(const KvsPaged p, const u32* __restrict__ page_ids,
+                                      const u64* __restrict__ blocks) {
+    if (p.small16) {
+        paged_small16(p, page_ids, blocks, true);
+        return;
+    }
+    const u64 items = (u64)p.n_blocks * p.layers * 2 * p.ppb;
+    const u64 warps = (u64)gridDim.x * (blockDim.x / 32);
+    const u64 lane = threadIdx.x % 32;
+    for (u64 w = (u64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; w < items; w += warps) {
+        u64 off, dst;
+        paged_item(p, w, page_ids, blocks, &off, &dst);
+        copy_run((const char*)(p.engine + off), (char*)dst, p.chunk, lane, 32);
+    }
+}
+
+extern "C" __global__ void kvs_scatter(const KvsPaged p, const u32* __restrict__ page_ids,
+                                       const u64* __restrict__ blocks) {
+    if (p.small16) {
+        paged_small16(p, page_ids, blocks, false);
+        return;
+    }
+    const u64 items = (u64)p.n_blocks * p.layers * 2 * p.ppb;
+    const u64 warps = (u64)gridDim.x * (blockDim.x / 32);
+    const u64 lane = threadIdx.x % 32;
+    for (u64 w = (u64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; w < items; w += warps) {
+        u64 off, src;
+        paged_item(p, w, page_ids, blocks, &off, &src);
+        copy_run((const char*)src, (char*)(p.engine + off), p.chunk, lane, 32);
+    }
+}

@@ -1,0 +1,303 @@
+//! CPU references of every kernel, on byte slices. CI tests them against
+//! naive element loops; the GPU checks compare each kernel with them on fresh
+//! random data. The CPU backend ([`crate::Gpu::cpu`]) runs them on raw
+//! addresses through [`copy_raw`].
+
+use crate::layout::{GeometryError, PagedGeometry};
+
+/// One run of a batched copy: `len` bytes from `src` to `dst` (offsets into
+/// the slices of [`batched_copy`], addresses for the device paths).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct CopyOp {
+    pub src: u64,
+    pub dst: u64,
+    pub len: u64,
+}
+
+/// Why a copy table was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CopyTableError {
+    /// Entry `index` reads or writes past the end of its buffer.
+    #[error("copy table entry {index} is out of bounds")]
+    OutOfBounds { index: usize },
+}
+
+fn in_bounds(offset: u64, len: u64, size: usize) -> bool {
+    offset.checked_add(len).is_some_and(|end| end <= size as u64)
+}
+
+/// CPU reference of the batched block copy: checks every entry first, then
+/// copies in table order; on error nothing is written.
+pub fn batched_copy(src: &[u8], dst: &mut [u8], table: &[CopyOp]) -> Result<(), CopyTableError> {
+    for (index, c) in table.iter().enumerate() {
+        if !in_bounds(c.src, c.len, src.len()) || !in_bounds(c.dst, c.len, dst.len()) {
+            return Err(CopyTableError::OutOfBounds { index });
+        }
+    }
+    for c in table {
+        let (s, d, n) = (c.src as usize, c.dst as usize, c.len as usize);
+        dst[d..d + n].copy_from_slice(&src[s..s + n]);
+    }
+    Ok(())
+}
+
+fn check_blocks(
+    geometry: &PagedGeometry,
+    pages_per_block: u32,
+    page_ids: &[u32],
+    region: usize,
+    blocks: usize,
+) -> Result<usize, GeometryError> {
+    geometry.validate()?;
+    let n = geometry.check_pages("page_ids", pages_per_block, page_ids)?;
+    if (region as u64) < geometry.region_bytes() {
+        return Err(GeometryError::new(
+            "region",
+            format!(
+                "{region} bytes, but the geometry needs {}",
+                geometry.region_bytes()
+            ),
+        ));
+    }
+    let want = n as u64 * geometry.block_bytes(pages_per_block);
+    if blocks as u64 != want {
+        return Err(GeometryError::new(
+            "blocks",
+            format!("{blocks} bytes, but {n} blocks need {want}"),
+        ));
+    }
+    Ok(n)
+}
+
+/// CPU reference of the gather kernel: the blocks named by `page_ids`
+/// (`pages_per_block` pages each) from the engine's `region` into `blocks`,
+/// one layer-major block after the other.
+pub fn gather(
+    geometry: &PagedGeometry,
+    pages_per_block: u32,
+    page_ids: &[u32],
+    region: &[u8],
+    blocks: &mut [u8],
+) -> Result<(), GeometryError> {
+    check_blocks(geometry, pages_per_block, page_ids, region.len(), blocks.len())?;
+    let block_bytes = geometry.block_bytes(pages_per_block) as usize;
+    for c in geometry.chunk_plan(pages_per_block, page_ids) {
+        let e = c.engine_offset as usize;
+        let b = c.block * block_bytes + c.block_offset as usize;
+        let n = c.len as usize;
+        blocks[b..b + n].copy_from_slice(&region[e..e + n]);
+    }
+    Ok(())
+}
+
+/// CPU reference of the scatter kernel: the inverse of [`gather`]. A page
+/// named twice receives the later block's bytes.
+pub fn scatter(
+    geometry: &PagedGeometry,
+    pages_per_block: u32,
+    page_ids: &[u32],
+    blocks: &[u8],
+    region: &mut [u8],
+) -> Result<(), GeometryError> {
+    check_blocks(geometry, pages_per_block, page_ids, region.len(), blocks.len())?;
+    let block_bytes = geometry.block_bytes(pages_per_block) as usize;
+    for c in geometry.chunk_plan(pages_per_block, page_ids) {
+        let e = c.engine_offset as usize;
+        let b = c.block * block_bytes + c.block_offset as usize;
+        let n = c.len as usize;
+        region[e..e + n].copy_from_slice(&blocks[b..b + n]);
+    }
+    Ok(())
+}
+
+/// Copies between raw addresses, as the CPU backend does for every device
+/// operation.
+///
+/// # Safety
+/// `src..src+len` must be readable and `dst..dst+len` writable for the whole
+/// call, and the two ranges must not overlap.
+pub unsafe fn copy_raw(src: u64, dst: u64, len: u64) {
+    // SAFETY: the caller's contract.
+    unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len as usize) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::PageLayout;
+    use rand::{Rng, SeedableRng};
+
+    fn random_bytes(rng: &mut impl Rng, n: usize) -> Vec<u8> {
+        (0..n).map(|_| rng.random()).collect()
+    }
+
+    #[test]
+    fn batched_copy_matches_a_naive_loop_on_random_tables() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..50 {
+            let src = random_bytes(&mut rng, 4099);
+            let mut dst = vec![0xA5u8; 5003];
+            let mut want = dst.clone();
+            let table: Vec<CopyOp> = (0..rng.random_range(1..9))
+                .map(|_| {
+                    let len = rng.random_range(1..700);
+                    CopyOp {
+                        src: rng.random_range(0..src.len() - len) as u64,
+                        dst: rng.random_range(0..dst.len() - len) as u64,
+                        len: len as u64,
+                    }
+                })
+                .collect();
+            for c in &table {
+                for i in 0..c.len as usize {
+                    want[c.dst as usize + i] = src[c.src as usize + i];
+                }
+            }
+            batched_copy(&src, &mut dst, &table).unwrap();
+            assert_eq!(dst, want);
+        }
+    }
+
+    #[test]
+    fn batched_copy_out_of_bounds_writes_nothing() {
+        let src = vec![1u8; 16];
+        let mut dst = vec![0u8; 16];
+        let table = [
+            CopyOp { src: 0, dst: 0, len: 8 },
+            CopyOp { src: 10, dst: 0, len: 8 },
+        ];
+        assert_eq!(
+            batched_copy(&src, &mut dst, &table),
+            Err(CopyTableError::OutOfBounds { index: 1 })
+        );
+        assert_eq!(dst, vec![0u8; 16]);
+        let table = [CopyOp { src: u64::MAX, dst: 0, len: 2 }];
+        assert!(batched_copy(&src, &mut dst, &table).is_err());
+    }
+
+    /// Element (layer, kv, token, head, dim-byte) of the engine region, by
+    /// the layout's definition, written out loop by loop.
+    fn naive_engine_index(g: &PagedGeometry, l: usize, kv: usize, page: usize, t: usize, e: usize) -> usize {
+        let row = g.row_bytes() as usize;
+        let (pt, layers, np) = (g.page_tokens as usize, g.layers as usize, g.num_pages as usize);
+        match g.layout {
+            // [layer] -> [num_pages, 2, page_tokens, heads*dim*dtype]
+            PageLayout::PerLayer => {
+                let layer_stride = if g.layer_stride == 0 { np * 2 * pt * row } else { g.layer_stride as usize };
+                l * layer_stride + ((page * 2 + kv) * pt + t) * row + e
+            }
+            // [num_pages, layers, 2, page_tokens, heads*dim*dtype]
+            PageLayout::CrossLayer => (((page * layers + l) * 2 + kv) * pt + t) * row + e,
+        }
+    }
+
+    /// Element (layer, kv, token-of-block, byte-of-row) of block b.
+    fn naive_block_index(g: &PagedGeometry, ppb: usize, b: usize, l: usize, kv: usize, tok: usize, e: usize) -> usize {
+        let row = g.row_bytes() as usize;
+        let block_tokens = ppb * g.page_tokens as usize;
+        let block_bytes = g.layers as usize * 2 * block_tokens * row;
+        b * block_bytes + ((l * 2 + kv) * block_tokens + tok) * row + e
+    }
+
+    fn random_geometry(rng: &mut impl Rng, layout: PageLayout) -> PagedGeometry {
+        let mut g = PagedGeometry {
+            layout,
+            layers: rng.random_range(1..5),
+            page_tokens: rng.random_range(1..6),
+            kv_heads: rng.random_range(1..4),
+            head_dim: rng.random_range(1..9),
+            dtype_bytes: [1, 2, 4][rng.random_range(0..3)],
+            num_pages: rng.random_range(1..13),
+            layer_stride: 0,
+        };
+        if layout == PageLayout::PerLayer && rng.random_bool(0.5) {
+            g.layer_stride = g.num_pages as u64 * g.page_stride() + rng.random_range(1..100);
+        }
+        g
+    }
+
+    #[test]
+    fn gather_and_scatter_match_naive_loops_on_odd_sizes() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for round in 0..200 {
+            let layout = if round % 2 == 0 { PageLayout::PerLayer } else { PageLayout::CrossLayer };
+            let g = random_geometry(&mut rng, layout);
+            g.validate().unwrap();
+            let ppb = rng.random_range(1..4u32);
+            let n_blocks = rng.random_range(1..4usize);
+            // Distinct pages for the scatter check (a page named twice keeps the later block).
+            let mut pool: Vec<u32> = (0..g.num_pages).collect();
+            let want_pages = n_blocks * ppb as usize;
+            if want_pages > pool.len() {
+                continue;
+            }
+            let page_ids: Vec<u32> = (0..want_pages)
+                .map(|_| pool.swap_remove(rng.random_range(0..pool.len())))
+                .collect();
+            let region = random_bytes(&mut rng, g.region_bytes() as usize);
+            let block_bytes = g.block_bytes(ppb) as usize;
+            let mut blocks = vec![0x5Au8; n_blocks * block_bytes];
+            gather(&g, ppb, &page_ids, &region, &mut blocks).unwrap();
+
+            let row = g.row_bytes() as usize;
+            let pt = g.page_tokens as usize;
+            let mut want = vec![0x5Au8; blocks.len()];
+            for b in 0..n_blocks {
+                for l in 0..g.layers as usize {
+                    for kv in 0..2 {
+                        for tok in 0..ppb as usize * pt {
+                            let page = page_ids[b * ppb as usize + tok / pt] as usize;
+                            for e in 0..row {
+                                want[naive_block_index(&g, ppb as usize, b, l, kv, tok, e)] =
+                                    region[naive_engine_index(&g, l, kv, page, tok % pt, e)];
+                            }
+                        }
+                    }
+                }
+            }
+            assert_eq!(blocks, want, "gather, round {round}, {g:?}, ppb {ppb}");
+
+            // Scatter fresh random blocks into a copy of the region: the named
+            // pages take the blocks' bytes, every other byte stays.
+            let new_blocks = random_bytes(&mut rng, blocks.len());
+            let mut out = region.clone();
+            scatter(&g, ppb, &page_ids, &new_blocks, &mut out).unwrap();
+            let mut want = region.clone();
+            for b in 0..n_blocks {
+                for l in 0..g.layers as usize {
+                    for kv in 0..2 {
+                        for tok in 0..ppb as usize * pt {
+                            let page = page_ids[b * ppb as usize + tok / pt] as usize;
+                            for e in 0..row {
+                                want[naive_engine_index(&g, l, kv, page, tok % pt, e)] =
+                                    new_blocks[naive_block_index(&g, ppb as usize, b, l, kv, tok, e)];
+                            }
+                        }
+                    }
+                }
+            }
+            assert_eq!(out, want, "scatter, round {round}, {g:?}, ppb {ppb}");
+        }
+    }
+
+    #[test]
+    fn gather_refuses_bad_requests_and_writes_nothing() {
+        let g = PagedGeometry {
+            layout: PageLayout::PerLayer,
+            layers: 2,
+            page_tokens: 2,
+            kv_heads: 1,
+            head_dim: 4,
+            dtype_bytes: 2,
+            num_pages: 4,
+            layer_stride: 0,
+        };
+        let region = vec![7u8; g.region_bytes() as usize];
+        let mut blocks = vec![0u8; g.block_bytes(1) as usize];
+        assert_eq!(gather(&g, 1, &[4], &region, &mut blocks).unwrap_err().field, "page_ids[0]");
+        assert_eq!(gather(&g, 1, &[0, 1], &region, &mut blocks).unwrap_err().field, "blocks");
+        assert_eq!(gather(&g, 1, &[0], &region[..10], &mut blocks).unwrap_err().field, "region");
+        assert!(blocks.iter().all(|b| *b == 0));
+    }
+}
