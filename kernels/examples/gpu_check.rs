@@ -20,7 +20,9 @@ fn main() -> std::process::ExitCode {
             Gpu::cpu()
         }
     };
-    let bytes: u64 = value("--bytes").and_then(|v| v.parse().ok()).unwrap_or(1 << 30);
+    let bytes: u64 = value("--bytes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1 << 30);
     let mut report = GpuCheckReport::new(gpu.info());
     check::kernels::kernel_checks(&gpu, 20, &mut report.checks);
     if !flag("--no-bench") && gpu.backend() == kvstrata_kernels::Backend::Cuda {
@@ -33,10 +35,10 @@ fn main() -> std::process::ExitCode {
         }
     }
     report.print();
-    if let Some(path) = value("--json") {
-        if let Ok(json) = serde_json::to_string_pretty(&report) {
-            let _ = std::fs::write(path, json);
-        }
+    if let Some(path) = value("--json")
+        && let Ok(json) = serde_json::to_string_pretty(&report)
+    {
+        let _ = std::fs::write(path, json);
     }
     if report.passed() {
         std::process::ExitCode::SUCCESS

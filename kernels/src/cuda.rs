@@ -4,10 +4,14 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys;
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use parking_lot::Mutex;
 
-use crate::device::{Backend, DeviceBuffer, DeviceInfo, DeviceOwner, IpcHandle, PinnedBuffer, PinnedOwner};
+use crate::device::{
+    Backend, DeviceBuffer, DeviceInfo, DeviceOwner, IpcHandle, PinnedBuffer, PinnedOwner,
+};
 use crate::error::GpuError;
 use crate::layout::PagedGeometry;
 use crate::reference::CopyOp;
@@ -203,7 +207,11 @@ impl CudaDevice {
         Ok(IpcHandle(out))
     }
 
-    pub(crate) fn open_ipc(&self, handle: &IpcHandle, bytes: usize) -> Result<DeviceBuffer, GpuError> {
+    pub(crate) fn open_ipc(
+        &self,
+        handle: &IpcHandle,
+        bytes: usize,
+    ) -> Result<DeviceBuffer, GpuError> {
         self.bind()?;
         // SAFETY: a plain struct of 64 chars; all zeroes is a valid value.
         let mut h: sys::CUipcMemHandle = unsafe { std::mem::zeroed() };
@@ -224,7 +232,13 @@ impl CudaDevice {
 
     /// # Safety
     /// See `GpuStream::copy`.
-    pub(crate) unsafe fn memcpy(&self, s: &CudaStreamState, dst: u64, src: u64, len: u64) -> Result<(), GpuError> {
+    pub(crate) unsafe fn memcpy(
+        &self,
+        s: &CudaStreamState,
+        dst: u64,
+        src: u64,
+        len: u64,
+    ) -> Result<(), GpuError> {
         if len == 0 {
             return Ok(());
         }
@@ -237,7 +251,11 @@ impl CudaDevice {
 
     /// # Safety
     /// See `GpuStream::batched_copy`.
-    pub(crate) unsafe fn batched_copy(&self, s: &CudaStreamState, ops: &[CopyOp]) -> Result<(), GpuError> {
+    pub(crate) unsafe fn batched_copy(
+        &self,
+        s: &CudaStreamState,
+        ops: &[CopyOp],
+    ) -> Result<(), GpuError> {
         let mut pieces: Vec<CopyOp> = Vec::with_capacity(ops.len());
         for op in ops {
             let mut at = 0;
@@ -333,7 +351,9 @@ impl CudaDevice {
 
     pub(crate) fn synchronize(&self, s: &CudaStreamState) -> Result<(), GpuError> {
         self.bind()?;
-        s.stream.synchronize().map_err(driver("cuStreamSynchronize"))
+        s.stream
+            .synchronize()
+            .map_err(driver("cuStreamSynchronize"))
     }
 }
 
@@ -369,8 +389,8 @@ struct PagedArgs {
 fn small16(g: &PagedGeometry, engine: u64, blocks: &[u64]) -> bool {
     let chunk = g.chunk_bytes();
     chunk <= 512
-        && (chunk | engine | g.page_stride() | g.effective_layer_stride()) % 16 == 0
-        && blocks.iter().all(|b| b % 16 == 0)
+        && (chunk | engine | g.page_stride() | g.effective_layer_stride()).is_multiple_of(16)
+        && blocks.iter().all(|b| b.is_multiple_of(16))
 }
 
 // SAFETY: plain old data with the C layout the kernel declares.
@@ -440,7 +460,9 @@ impl Event {
     }
 
     pub(crate) fn wait(&self) -> Result<(), GpuError> {
-        self.ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("cuCtxSetCurrent"))?;
         // SAFETY: a live event.
         unsafe { cudarc::driver::result::event::synchronize(self.ev) }
             .map_err(driver("cuEventSynchronize"))

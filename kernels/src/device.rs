@@ -504,7 +504,10 @@ impl GpuStream {
         if n != blocks.len() {
             return Err(GpuError::Geometry(crate::layout::GeometryError::new(
                 "blocks",
-                format!("{} block addresses for {n} blocks of page ids", blocks.len()),
+                format!(
+                    "{} block addresses for {n} blocks of page ids",
+                    blocks.len()
+                ),
             )));
         }
         if n == 0 {
@@ -512,7 +515,17 @@ impl GpuStream {
         }
         match self.cuda() {
             // SAFETY: the caller's contract (checked geometry and pages).
-            Some((d, s)) => unsafe { d.paged(s, geometry, pages_per_block, engine, page_ids, blocks, gather) },
+            Some((d, s)) => unsafe {
+                d.paged(
+                    s,
+                    geometry,
+                    pages_per_block,
+                    engine,
+                    page_ids,
+                    blocks,
+                    gather,
+                )
+            },
             None => {
                 for c in geometry.chunk_plan(pages_per_block, page_ids) {
                     let e = engine + c.engine_offset;

@@ -123,7 +123,13 @@ impl PagedGeometry {
     }
 
     /// Offset in a block of the (layer, K|V, page-of-the-block) chunk.
-    pub fn block_offset(&self, pages_per_block: u32, layer: u32, kv: u32, page_in_block: u32) -> u64 {
+    pub fn block_offset(
+        &self,
+        pages_per_block: u32,
+        layer: u32,
+        kv: u32,
+        page_in_block: u32,
+    ) -> u64 {
         ((layer as u64 * 2 + kv as u64) * pages_per_block as u64 + page_in_block as u64)
             * self.chunk_bytes()
     }
@@ -188,7 +194,7 @@ impl PagedGeometry {
         if pages_per_block == 0 {
             return Err(GeometryError::new("pages_per_block", "must be at least 1"));
         }
-        if page_ids.len() % pages_per_block as usize != 0 {
+        if !page_ids.len().is_multiple_of(pages_per_block as usize) {
             return Err(GeometryError::new(
                 field,
                 format!(
@@ -205,10 +211,7 @@ impl PagedGeometry {
         {
             return Err(GeometryError::new(
                 format!("{field}[{i}]"),
-                format!(
-                    "page {p} is outside the region's {} pages",
-                    self.num_pages
-                ),
+                format!("page {p} is outside the region's {} pages", self.num_pages),
             ));
         }
         Ok(page_ids.len() / pages_per_block as usize)
@@ -290,9 +293,14 @@ mod tests {
         g.layer_stride = 100;
         assert_eq!(g.validate().unwrap_err().field, "layer_stride");
         let g = geometry(PageLayout::PerLayer);
-        assert_eq!(g.check_pages("page_ids", 2, &[0, 1, 2]).unwrap_err().field, "page_ids");
         assert_eq!(
-            g.check_pages("page_ids", 2, &[0, 1, 2, 10]).unwrap_err().field,
+            g.check_pages("page_ids", 2, &[0, 1, 2]).unwrap_err().field,
+            "page_ids"
+        );
+        assert_eq!(
+            g.check_pages("page_ids", 2, &[0, 1, 2, 10])
+                .unwrap_err()
+                .field,
             "page_ids[3]"
         );
         assert_eq!(g.check_pages("page_ids", 2, &[0, 1, 9, 3]), Ok(2));

@@ -24,7 +24,9 @@ pub enum CopyTableError {
 }
 
 fn in_bounds(offset: u64, len: u64, size: usize) -> bool {
-    offset.checked_add(len).is_some_and(|end| end <= size as u64)
+    offset
+        .checked_add(len)
+        .is_some_and(|end| end <= size as u64)
 }
 
 /// CPU reference of the batched block copy: checks every entry first, then
@@ -80,7 +82,13 @@ pub fn gather(
     region: &[u8],
     blocks: &mut [u8],
 ) -> Result<(), GeometryError> {
-    check_blocks(geometry, pages_per_block, page_ids, region.len(), blocks.len())?;
+    check_blocks(
+        geometry,
+        pages_per_block,
+        page_ids,
+        region.len(),
+        blocks.len(),
+    )?;
     let block_bytes = geometry.block_bytes(pages_per_block) as usize;
     for c in geometry.chunk_plan(pages_per_block, page_ids) {
         let e = c.engine_offset as usize;
@@ -100,7 +108,13 @@ pub fn scatter(
     blocks: &[u8],
     region: &mut [u8],
 ) -> Result<(), GeometryError> {
-    check_blocks(geometry, pages_per_block, page_ids, region.len(), blocks.len())?;
+    check_blocks(
+        geometry,
+        pages_per_block,
+        page_ids,
+        region.len(),
+        blocks.len(),
+    )?;
     let block_bytes = geometry.block_bytes(pages_per_block) as usize;
     for c in geometry.chunk_plan(pages_per_block, page_ids) {
         let e = c.engine_offset as usize;
@@ -164,27 +178,54 @@ mod tests {
         let src = vec![1u8; 16];
         let mut dst = vec![0u8; 16];
         let table = [
-            CopyOp { src: 0, dst: 0, len: 8 },
-            CopyOp { src: 10, dst: 0, len: 8 },
+            CopyOp {
+                src: 0,
+                dst: 0,
+                len: 8,
+            },
+            CopyOp {
+                src: 10,
+                dst: 0,
+                len: 8,
+            },
         ];
         assert_eq!(
             batched_copy(&src, &mut dst, &table),
             Err(CopyTableError::OutOfBounds { index: 1 })
         );
         assert_eq!(dst, vec![0u8; 16]);
-        let table = [CopyOp { src: u64::MAX, dst: 0, len: 2 }];
+        let table = [CopyOp {
+            src: u64::MAX,
+            dst: 0,
+            len: 2,
+        }];
         assert!(batched_copy(&src, &mut dst, &table).is_err());
     }
 
     /// Element (layer, kv, token, head, dim-byte) of the engine region, by
     /// the layout's definition, written out loop by loop.
-    fn naive_engine_index(g: &PagedGeometry, l: usize, kv: usize, page: usize, t: usize, e: usize) -> usize {
+    fn naive_engine_index(
+        g: &PagedGeometry,
+        l: usize,
+        kv: usize,
+        page: usize,
+        t: usize,
+        e: usize,
+    ) -> usize {
         let row = g.row_bytes() as usize;
-        let (pt, layers, np) = (g.page_tokens as usize, g.layers as usize, g.num_pages as usize);
+        let (pt, layers, np) = (
+            g.page_tokens as usize,
+            g.layers as usize,
+            g.num_pages as usize,
+        );
         match g.layout {
             // [layer] -> [num_pages, 2, page_tokens, heads*dim*dtype]
             PageLayout::PerLayer => {
-                let layer_stride = if g.layer_stride == 0 { np * 2 * pt * row } else { g.layer_stride as usize };
+                let layer_stride = if g.layer_stride == 0 {
+                    np * 2 * pt * row
+                } else {
+                    g.layer_stride as usize
+                };
                 l * layer_stride + ((page * 2 + kv) * pt + t) * row + e
             }
             // [num_pages, layers, 2, page_tokens, heads*dim*dtype]
@@ -193,7 +234,15 @@ mod tests {
     }
 
     /// Element (layer, kv, token-of-block, byte-of-row) of block b.
-    fn naive_block_index(g: &PagedGeometry, ppb: usize, b: usize, l: usize, kv: usize, tok: usize, e: usize) -> usize {
+    fn naive_block_index(
+        g: &PagedGeometry,
+        ppb: usize,
+        b: usize,
+        l: usize,
+        kv: usize,
+        tok: usize,
+        e: usize,
+    ) -> usize {
         let row = g.row_bytes() as usize;
         let block_tokens = ppb * g.page_tokens as usize;
         let block_bytes = g.layers as usize * 2 * block_tokens * row;
@@ -221,7 +270,11 @@ mod tests {
     fn gather_and_scatter_match_naive_loops_on_odd_sizes() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         for round in 0..200 {
-            let layout = if round % 2 == 0 { PageLayout::PerLayer } else { PageLayout::CrossLayer };
+            let layout = if round % 2 == 0 {
+                PageLayout::PerLayer
+            } else {
+                PageLayout::CrossLayer
+            };
             let g = random_geometry(&mut rng, layout);
             g.validate().unwrap();
             let ppb = rng.random_range(1..4u32);
@@ -270,8 +323,8 @@ mod tests {
                         for tok in 0..ppb as usize * pt {
                             let page = page_ids[b * ppb as usize + tok / pt] as usize;
                             for e in 0..row {
-                                want[naive_engine_index(&g, l, kv, page, tok % pt, e)] =
-                                    new_blocks[naive_block_index(&g, ppb as usize, b, l, kv, tok, e)];
+                                want[naive_engine_index(&g, l, kv, page, tok % pt, e)] = new_blocks
+                                    [naive_block_index(&g, ppb as usize, b, l, kv, tok, e)];
                             }
                         }
                     }
@@ -295,9 +348,22 @@ mod tests {
         };
         let region = vec![7u8; g.region_bytes() as usize];
         let mut blocks = vec![0u8; g.block_bytes(1) as usize];
-        assert_eq!(gather(&g, 1, &[4], &region, &mut blocks).unwrap_err().field, "page_ids[0]");
-        assert_eq!(gather(&g, 1, &[0, 1], &region, &mut blocks).unwrap_err().field, "blocks");
-        assert_eq!(gather(&g, 1, &[0], &region[..10], &mut blocks).unwrap_err().field, "region");
+        assert_eq!(
+            gather(&g, 1, &[4], &region, &mut blocks).unwrap_err().field,
+            "page_ids[0]"
+        );
+        assert_eq!(
+            gather(&g, 1, &[0, 1], &region, &mut blocks)
+                .unwrap_err()
+                .field,
+            "blocks"
+        );
+        assert_eq!(
+            gather(&g, 1, &[0], &region[..10], &mut blocks)
+                .unwrap_err()
+                .field,
+            "region"
+        );
         assert!(blocks.iter().all(|b| *b == 0));
     }
 }

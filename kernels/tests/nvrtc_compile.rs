@@ -21,7 +21,10 @@ fn load_nvrtc() -> Option<&'static libloading::Library> {
 fn every_kernel_compiles_with_nvrtc() {
     let loaded = load_nvrtc();
     if std::env::var_os("KVSTRATA_NVRTC_DIR").is_some() {
-        assert!(loaded.is_some(), "KVSTRATA_NVRTC_DIR is set but libnvrtc.so.13 does not load from it");
+        assert!(
+            loaded.is_some(),
+            "KVSTRATA_NVRTC_DIR is set but libnvrtc.so.13 does not load from it"
+        );
     }
     assert!(
         nvrtc_library_present(),
@@ -30,15 +33,25 @@ fn every_kernel_compiles_with_nvrtc() {
     );
     for cc in [(8, 0), (8, 9), (9, 0)] {
         for (name, src, kernels) in [
-            ("batched_copy.cu", BATCHED_COPY_SOURCE, &["kvs_batched_copy"][..]),
+            (
+                "batched_copy.cu",
+                BATCHED_COPY_SOURCE,
+                &["kvs_batched_copy"][..],
+            ),
             ("paged.cu", PAGED_SOURCE, &["kvs_gather", "kvs_scatter"][..]),
         ] {
             let ptx = compile(name, src, cc).unwrap_or_else(|e| panic!("{name} for {cc:?}: {e}"));
             for k in kernels {
-                assert!(ptx.contains(&format!(".entry {k}")), "{name}: no entry {k} in the PTX");
+                assert!(
+                    ptx.contains(&format!(".entry {k}")),
+                    "{name}: no entry {k} in the PTX"
+                );
             }
             // 16-byte accesses in the copy loops.
-            assert!(ptx.contains("ld.global.v4.u32") || ptx.contains("ld.v4.u32"), "{name}: no 16-byte loads");
+            assert!(
+                ptx.contains("ld.global.v4.u32") || ptx.contains("ld.v4.u32"),
+                "{name}: no 16-byte loads"
+            );
         }
     }
 }

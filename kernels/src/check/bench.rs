@@ -24,7 +24,11 @@ fn err(e: impl std::fmt::Display) -> String {
 }
 
 /// Median seconds of `f` on `stream`.
-fn time(stream: &GpuStream, repeat: usize, mut f: impl FnMut() -> Result<(), String>) -> Result<f64, String> {
+fn time(
+    stream: &GpuStream,
+    repeat: usize,
+    mut f: impl FnMut() -> Result<(), String>,
+) -> Result<f64, String> {
     for _ in 0..2 {
         f()?;
     }
@@ -69,9 +73,24 @@ pub fn run(gpu: &Gpu, bytes: u64, repeat: usize) -> Result<(Vec<BenchRow>, Optio
     // Ceilings.
     // SAFETY (all closures below): every address range lies inside one of the
     // three buffers, which live until this function returns after a synchronize.
-    let h2d = gbps(bytes, time(&stream, repeat, || unsafe { stream.copy(d, h, bytes) }.map_err(err))?);
-    let d2h = gbps(bytes, time(&stream, repeat, || unsafe { stream.copy(h, d, bytes) }.map_err(err))?);
-    let d2d = gbps(2 * bytes, time(&stream, repeat, || unsafe { stream.copy(d2, d, bytes) }.map_err(err))?);
+    let h2d = gbps(
+        bytes,
+        time(&stream, repeat, || {
+            unsafe { stream.copy(d, h, bytes) }.map_err(err)
+        })?,
+    );
+    let d2h = gbps(
+        bytes,
+        time(&stream, repeat, || {
+            unsafe { stream.copy(h, d, bytes) }.map_err(err)
+        })?,
+    );
+    let d2d = gbps(
+        2 * bytes,
+        time(&stream, repeat, || {
+            unsafe { stream.copy(d2, d, bytes) }.map_err(err)
+        })?,
+    );
     for (path, v, counted) in [
         ("ceiling: pinned H2D cuMemcpyAsync", h2d, "bytes copied"),
         ("ceiling: pinned D2H cuMemcpyAsync", d2h, "bytes copied"),
@@ -100,14 +119,27 @@ pub fn run(gpu: &Gpu, bytes: u64, repeat: usize) -> Result<(Vec<BenchRow>, Optio
                 .map(|i| {
                     let (hs, ds) = (h + i * block, d + slots[i as usize] * block);
                     if dir == "H2D" {
-                        CopyOp { src: hs, dst: ds, len: block }
+                        CopyOp {
+                            src: hs,
+                            dst: ds,
+                            len: block,
+                        }
                     } else {
-                        CopyOp { src: ds, dst: hs, len: block }
+                        CopyOp {
+                            src: ds,
+                            dst: hs,
+                            len: block,
+                        }
                     }
                 })
                 .collect();
             let moved = n as u64 * block;
-            let kernel = gbps(moved, time(&stream, repeat, || unsafe { stream.batched_copy(&ops) }.map_err(err))?);
+            let kernel = gbps(
+                moved,
+                time(&stream, repeat, || {
+                    unsafe { stream.batched_copy(&ops) }.map_err(err)
+                })?,
+            );
             let dma = gbps(
                 moved,
                 time(&stream, repeat, || {
@@ -170,11 +202,15 @@ pub fn run(gpu: &Gpu, bytes: u64, repeat: usize) -> Result<(Vec<BenchRow>, Optio
         let moved = n_blocks as u64 * block_bytes;
         let gather = gbps(
             2 * moved,
-            time(&stream, repeat, || unsafe { stream.gather(&g, ppb, d, &pages, &blocks) }.map_err(err))?,
+            time(&stream, repeat, || {
+                unsafe { stream.gather(&g, ppb, d, &pages, &blocks) }.map_err(err)
+            })?,
         );
         let scatter = gbps(
             2 * moved,
-            time(&stream, repeat, || unsafe { stream.scatter(&g, ppb, d, &pages, &blocks) }.map_err(err))?,
+            time(&stream, repeat, || {
+                unsafe { stream.scatter(&g, ppb, d, &pages, &blocks) }.map_err(err)
+            })?,
         );
         for (how, v) in [("gather", gather), ("scatter", scatter)] {
             rows.push(BenchRow {

@@ -201,7 +201,12 @@ fn random_geometry(rng: &mut StdRng, layout: PageLayout, aligned: bool) -> Paged
     g
 }
 
-fn paged_round(gpu: &Gpu, stream: &GpuStream, rng: &mut StdRng, layout: PageLayout) -> Result<String, String> {
+fn paged_round(
+    gpu: &Gpu,
+    stream: &GpuStream,
+    rng: &mut StdRng,
+    layout: PageLayout,
+) -> Result<String, String> {
     let aligned = rng.random_bool(0.5);
     let g = random_geometry(rng, layout, aligned);
     g.validate().map_err(|e| e.to_string())?;
@@ -231,7 +236,8 @@ fn paged_round(gpu: &Gpu, stream: &GpuStream, rng: &mut StdRng, layout: PageLayo
     let addrs: Vec<u64> = blocks.iter().map(|b| b.addr()).collect();
     // SAFETY: region and blocks are sized by the geometry and live past the
     // synchronize in download.
-    unsafe { stream.gather(&g, ppb, region.addr(), &page_ids, &addrs) }.map_err(|e| e.to_string())?;
+    unsafe { stream.gather(&g, ppb, region.addr(), &page_ids, &addrs) }
+        .map_err(|e| e.to_string())?;
     let mut want = vec![0u8; n_blocks * block_len];
     reference::gather(&g, ppb, &page_ids, &region_bytes, &mut want).map_err(|e| e.to_string())?;
     for (i, b) in blocks.iter().enumerate() {
@@ -250,7 +256,8 @@ fn paged_round(gpu: &Gpu, stream: &GpuStream, rng: &mut StdRng, layout: PageLayo
         b.upload(stream, &new_blocks[i * block_len..(i + 1) * block_len])?;
     }
     // SAFETY: as above.
-    unsafe { stream.scatter(&g, ppb, region.addr(), &page_ids, &addrs) }.map_err(|e| e.to_string())?;
+    unsafe { stream.scatter(&g, ppb, region.addr(), &page_ids, &addrs) }
+        .map_err(|e| e.to_string())?;
     let mut want = region_bytes.clone();
     reference::scatter(&g, ppb, &page_ids, &new_blocks, &mut want).map_err(|e| e.to_string())?;
     let got = region.download(stream)?;
@@ -289,15 +296,19 @@ pub fn kernel_checks(gpu: &Gpu, rounds: usize, rows: &mut Vec<CheckRow>) {
             Ok(format!("{rounds} rounds, {runs} runs, bytes equal"))
         });
     }
-    check(rows, "copy_blocks: DMA for long runs, kernel for short", || {
-        let mut rng = fresh_rng();
-        let mut runs = 0;
-        for r in 0..rounds {
-            let (s, d) = [(true, false), (false, true)][r % 2];
-            runs += batched_round(gpu, &stream, &mut rng, s, d, Some(64 << 10))?;
-        }
-        Ok(format!("{rounds} rounds, {runs} runs, bytes equal"))
-    });
+    check(
+        rows,
+        "copy_blocks: DMA for long runs, kernel for short",
+        || {
+            let mut rng = fresh_rng();
+            let mut runs = 0;
+            for r in 0..rounds {
+                let (s, d) = [(true, false), (false, true)][r % 2];
+                runs += batched_round(gpu, &stream, &mut rng, s, d, Some(64 << 10))?;
+            }
+            Ok(format!("{rounds} rounds, {runs} runs, bytes equal"))
+        },
+    );
     for layout in [PageLayout::PerLayer, PageLayout::CrossLayer] {
         check(
             rows,
@@ -308,7 +319,9 @@ pub fn kernel_checks(gpu: &Gpu, rounds: usize, rows: &mut Vec<CheckRow>) {
                 for _ in 0..rounds {
                     last = paged_round(gpu, &stream, &mut rng, layout)?;
                 }
-                Ok(format!("{rounds} random geometries (odd and model-sized), bytes equal; last: {last}"))
+                Ok(format!(
+                    "{rounds} random geometries (odd and model-sized), bytes equal; last: {last}"
+                ))
             },
         );
     }

@@ -56,7 +56,10 @@ impl GpuCheckReport {
         GpuCheckReport {
             device: info.name.clone(),
             backend: info.backend.name().to_string(),
-            compute_capability: format!("{}.{}", info.compute_capability.0, info.compute_capability.1),
+            compute_capability: format!(
+                "{}.{}",
+                info.compute_capability.0, info.compute_capability.1
+            ),
             memory_gib: info.total_bytes as f64 / (1u64 << 30) as f64,
             checks: Vec::new(),
             bench: Vec::new(),
@@ -99,7 +102,10 @@ impl GpuCheckReport {
         }
         if let Some(t) = self.suggested_dma_threshold {
             println!();
-            println!("suggested DMA threshold: {} (batched kernel below, DMA from there)", human(t));
+            println!(
+                "suggested DMA threshold: {} (batched kernel below, DMA from there)",
+                human(t)
+            );
         }
         println!();
         let failed = self.checks.iter().filter(|c| !c.pass).count();
@@ -113,11 +119,11 @@ impl GpuCheckReport {
 }
 
 pub fn human(bytes: u64) -> String {
-    if bytes >= 1 << 30 && bytes % (1 << 30) == 0 {
+    if bytes >= 1 << 30 && bytes.is_multiple_of(1 << 30) {
         format!("{}GiB", bytes >> 30)
-    } else if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+    } else if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
         format!("{}MiB", bytes >> 20)
-    } else if bytes >= 1 << 10 && bytes % (1 << 10) == 0 {
+    } else if bytes >= 1 << 10 && bytes.is_multiple_of(1 << 10) {
         format!("{}KiB", bytes >> 10)
     } else {
         format!("{bytes}B")
@@ -132,14 +138,13 @@ pub fn check(
 ) {
     let name = name.into();
     let started = Instant::now();
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-        .unwrap_or_else(|p| {
-            Err(p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panicked".to_string()))
-        });
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        Err(p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panicked".to_string()))
+    });
     let seconds = started.elapsed().as_secs_f64();
     let (pass, detail) = match outcome {
         Ok(d) => (true, d),
@@ -153,4 +158,3 @@ pub fn check(
         seconds,
     });
 }
-
