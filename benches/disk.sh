@@ -16,9 +16,14 @@
 #
 # Usage (from anywhere; paths are relative to the repository root):
 #   cargo build --release --workspace && benches/disk.sh
+# On a machine without Rust, jq or network, with copied binaries:
+#   FIO=/path/to/fio KVSTRATA=/path/to/kvstrata DIR=/mnt/nvme/x benches/disk.sh
+# (needs only bash, coreutils and awk; fio must have the io_uring engine).
 #
 # Environment:
 #   KVSTRATA      kvstrata binary                    (target/release/kvstrata)
+#   FIO           fio binary                         (fio from PATH; installed
+#                 with apt-get when missing and FIO is not set)
 #   DIR           directory on the filesystem under test; a fresh subdirectory
 #                 is made there and removed at the end (target/; not /tmp,
 #                 which may be tmpfs and refuse O_DIRECT)
@@ -29,6 +34,9 @@
 #                 (fio always runs one job at iodepth QD)   ("1 2")
 #   REPEAT        runs per block size, alternating fio and kvstrata; with more
 #                 than one, a median row per block size follows     (3)
+#   KVSTRATA_ARGS extra flags for every bench-disk run, e.g. "--fixed-buffers false"
+#                 (with KVSTRATA_XXH3_SIMD=0 in the environment as well, the tier
+#                 runs its data path as before fixed buffers and the AVX2 xxh3)
 #   KEEP_WORKDIR=1  keep the work directory's JSON reports (data files are removed)
 set -euo pipefail
 
@@ -36,6 +44,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
 BIN=${KVSTRATA:-target/release/kvstrata}
+FIO_BIN=${FIO:-}
+read -r -a KV_ARGS <<<"${KVSTRATA_ARGS:-}"
 BLOCK_SIZES=${BLOCK_SIZES:-"256K 1M"}
 QD=${QD:-16}
 SIZE=${SIZE:-4G}
@@ -55,20 +65,47 @@ bench_cleanup_hook() { rm -f "$WORK"/*.dat; }
 bench_traps
 
 # ------------------------------------------------------------ prerequisites
-need_cmds jq:jq fio:fio
+if [[ -z $FIO_BIN ]]; then
+    need_cmds fio:fio
+    FIO_BIN=$(command -v fio)
+fi
+[[ -x $FIO_BIN ]] || die "FIO=$FIO_BIN is not an executable file"
 [[ -x $BIN ]] || die "no $BIN: build it with 'cargo build --release --workspace' or set KVSTRATA"
+FIO_VERSION=$("$FIO_BIN" --version 2>/dev/null || echo "fio ?")
 
 # fio_run NAME RW BS OUT: one fio job on $WORK/fio.dat; JSON report in OUT.
 fio_run() {
     local name=$1 rw=$2 bs=$3 out=$4
-    run_to "$out" fio --name="$name" --filename="$WORK/fio.dat" --size="$SIZE" \
+    run_to "$out" "$FIO_BIN" --name="$name" --filename="$WORK/fio.dat" --size="$SIZE" \
         --rw="$rw" --bs="$bs" --iodepth="$QD" --direct=1 --ioengine=io_uring \
         --numjobs=1 --output-format=json ||
         die "fio $rw failed: $(cat "$out")"
 }
 
-# fio_gbps OUT DIR: decimal GB/s of the job's read or write side.
-fio_gbps() { jq -r --arg d "$2" '.jobs[0][$d] | (.io_bytes / (.runtime / 1000) / 1e9)' "$1"; }
+# The reports are read with awk (no jq needed): fio's and kvstrata's JSON
+# are pretty-printed, one key per line.
+
+# fio_gbps OUT DIR: decimal GB/s of the job's read or write side (the first
+# io_bytes and runtime after the "read" / "write" key: that object's own).
+fio_gbps() {
+    awk -v d="$2" '
+        index($0, "\"" d "\" : {") { s = 1 }
+        s && !b && $1 == "\"io_bytes\"" { b = $3 + 0 }
+        s && !r && $1 == "\"runtime\"" { r = $3 + 0 }
+        END { if (r > 0) printf "%.6f\n", b / (r / 1000) / 1e9; else print "0" }' "$1"
+}
+
+# kv_get OUT SECTION KEY: a value of kvstrata's JSON report, at the top level
+# (SECTION "") or inside the top-level object SECTION ("write", "read").
+kv_get() {
+    awk -v sec="$2" -v key="$3" '
+        sec != "" && index($0, "  \"" sec "\": {") == 1 { ins = 1; next }
+        ins && /^  }/ { ins = 0 }
+        (sec == "" || ins) && index($0, "\"" key "\": ") {
+            v = $0; sub(/^[^:]*: */, "", v); sub(/,$/, "", v); gsub(/"/, "", v)
+            print v; exit
+        }' "$1"
+}
 
 # ---------------------------------------------------------------------- runs
 for c in $CALLERS; do
@@ -77,7 +114,10 @@ done
 ROWS=() # "size|callers|per_call|fio_w|kv_w|fio_r|kv_r|w_p50|w_p99|r_p50|r_p99"
 FAILED=0
 engine="?"
-log "work directory $WORK ($(df -T "$WORK" | awk 'NR == 2 { print $2 " on " $1 }'))"
+fixed="?"
+hash="?"
+FS=$(df -T "$WORK" | awk 'NR == 2 { print $2 " on " $1 }')
+log "work directory $WORK ($FS); $FIO_VERSION ($FIO_BIN); $BIN"
 for rep in $(seq 1 "$REPEAT"); do
     for bs in $BLOCK_SIZES; do
         tag=$bs-$rep
@@ -95,16 +135,19 @@ for rep in $(seq 1 "$REPEAT"); do
             out=$WORK/kvstrata-$tag-$c.json
             rc=0
             run_to "$out" "$BIN" bench-disk --dir "$WORK" --block-size "$bs" --total "$SIZE" \
-                --queue-depth "$per" --threads "$c" --json || rc=$?
-            if ! jq -e '.read' "$out" >/dev/null 2>&1; then
+                --queue-depth "$per" --threads "$c" "${KV_ARGS[@]}" --json || rc=$?
+            if ! grep -q '^  "read": {' "$out"; then
                 die "kvstrata bench-disk failed (exit $rc), no report"
             fi
             if ((rc != 0)); then
                 log "kvstrata bench-disk: exit $rc (verification failed?)"
                 FAILED=1
             fi
-            engine=$(jq -r '.engine' "$out")
-            ROWS+=("$bs|$c|$per|$fw|$(jq -r '.write.gb_per_s' "$out")|$fr|$(jq -r '.read.gb_per_s' "$out")|$(jq -r '[.write.p50_us, .write.p99_us, .read.p50_us, .read.p99_us] | map(. / 1000) | join("|")' "$out")")
+            engine=$(kv_get "$out" "" engine)
+            fixed=$(kv_get "$out" "" fixed_buffers)
+            hash=$(kv_get "$out" "" checksum)
+            ms() { awk -v x="$(kv_get "$out" "$1" "$2")" 'BEGIN { print x / 1000 }'; }
+            ROWS+=("$bs|$c|$per|$fw|$(kv_get "$out" write gb_per_s)|$fr|$(kv_get "$out" read gb_per_s)|$(ms write p50_us)|$(ms write p99_us)|$(ms read p50_us)|$(ms read p99_us)")
         done
     done
 done
@@ -139,7 +182,8 @@ if ((REPEAT > 1)); then
     done
 fi
 echo
-echo "fio: --direct=1 --ioengine=io_uring --iodepth=$QD --numjobs=1 --size=$SIZE, --rw=write on a fresh file, then --rw=randread of it."
-echo "kvstrata: bench-disk (engine $engine), C callers × $QD/C blocks per put_many / get_many call (at most $QD transfers in flight, as fio), $SIZE of distinct blocks into a fresh slot file, then every block read once in shuffled order and checked byte for byte."
+echo "machine: $(nproc) CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), kernel $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ), load average $(cut -d' ' -f1-3 /proc/loadavg); filesystem $FS."
+echo "fio: $FIO_VERSION, --direct=1 --ioengine=io_uring --iodepth=$QD --numjobs=1 --size=$SIZE, --rw=write on a fresh file, then --rw=randread of it."
+echo "kvstrata: bench-disk ${KVSTRATA_ARGS:+$KVSTRATA_ARGS }(engine $engine, fixed buffers ${fixed:-n/a}, checksum ${hash:-n/a}), C callers × $QD/C blocks per put_many / get_many call (at most $QD transfers in flight, as fio), $SIZE of distinct blocks into a fresh slot file, then every block read once in shuffled order and checked byte for byte."
 echo "GB/s: payload bytes per second, decimal (the tier also moves a 4 KiB header per block). Each run is one fio pair, then kvstrata per caller count; ratios are kvstrata / fio of the same run; median rows take the median of each column (ratios: of the per-run ratios)."
 exit "$FAILED"

@@ -113,6 +113,11 @@ pub struct DiskBenchArgs {
     #[arg(long, value_enum, default_value_t = DiskEngine::Auto)]
     pub engine: DiskEngine,
 
+    /// io_uring: register the tier's buffer region as fixed buffers
+    /// (`--fixed-buffers false` for plain reads and writes, to compare).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub fixed_buffers: bool,
+
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -127,6 +132,7 @@ impl Default for DiskBenchArgs {
             queue_depth: 16,
             threads: 1,
             engine: DiskEngine::Auto,
+            fixed_buffers: true,
             json: false,
         }
     }
@@ -256,6 +262,10 @@ pub struct DiskBenchReport {
     pub dir: String,
     /// Engine the tier ran on: "io_uring" or "pread".
     pub engine: String,
+    /// Whether io_uring transferred through registered (fixed) buffers.
+    pub fixed_buffers: bool,
+    /// The tier's xxh3 path: "avx2" or "xxhash-rust".
+    pub checksum: String,
     pub block_size: u64,
     /// Bytes of one slot on the drive: 4 KiB header region + payload rounded up to 4 KiB.
     pub slot_bytes: u64,
@@ -290,8 +300,15 @@ impl DiskBenchReport {
     pub fn human(&self) -> String {
         let mut out = String::new();
         out.push_str(&format!(
-            "kvstrata bench-disk: engine {}, dir {}\n",
-            self.engine, self.dir
+            "kvstrata bench-disk: engine {}{}, checksum {}, dir {}\n",
+            self.engine,
+            if self.fixed_buffers {
+                " (fixed buffers)"
+            } else {
+                ""
+            },
+            self.checksum,
+            self.dir
         ));
         out.push_str(&format!(
             "block {} ({} B, slot {} B), {} blocks ({} per phase), {} per call, {} caller{}\n\n",
@@ -686,13 +703,17 @@ pub fn run_disk_bench(args: &DiskBenchArgs) -> Result<DiskBenchReport, BenchErro
     let _cleanup = RemoveOnDrop(dir.clone());
     let config = DiskTierConfig {
         engine: args.engine.into(),
+        fixed_buffers: args.fixed_buffers,
         segment_bytes: plan.segment_bytes,
-        // Room for every caller's buffers in flight, written and read.
+        // Room for every caller's buffers in flight and for the blocks read
+        // and still queued for the verifier (up to 4 calls per caller, plus
+        // the one being checked): all of them come from the tier's buffer
+        // region (registered with io_uring), none from the heap.
         buffer_pool_bytes: (64usize << 20).max(
             plan.threads
                 .saturating_mul(plan.queue_depth)
                 .saturating_mul(plan.slot_bytes as usize)
-                .saturating_mul(2),
+                .saturating_mul(8),
         ),
         ..DiskTierConfig::in_dir(&dir, plan.capacity)
     };
@@ -711,6 +732,8 @@ pub fn run_disk_bench(args: &DiskBenchArgs) -> Result<DiskBenchReport, BenchErro
     let report = DiskBenchReport {
         dir: dir.display().to_string(),
         engine: tier.engine_name().to_string(),
+        fixed_buffers: tier.fixed_buffers(),
+        checksum: kvstrata_tiers::disk::checksum::simd_path().to_string(),
         block_size: plan.block as u64,
         slot_bytes: plan.slot_bytes,
         blocks: plan.blocks,
@@ -907,7 +930,11 @@ mod tests {
     fn small_run_reads_back_every_block() {
         // CARGO_TARGET_TMPDIR is set for integration tests only.
         let parent = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
-        for engine in [DiskEngine::Auto, DiskEngine::Pread] {
+        for (engine, fixed_buffers) in [
+            (DiskEngine::Auto, true),
+            (DiskEngine::Auto, false),
+            (DiskEngine::Pread, true),
+        ] {
             let args = DiskBenchArgs {
                 dir: Some(parent.clone()),
                 block_size: ByteSize::kib(20),
@@ -915,6 +942,7 @@ mod tests {
                 queue_depth: 8,
                 threads: 2,
                 engine,
+                fixed_buffers,
                 json: false,
             };
             let r = run_disk_bench(&args).unwrap();
@@ -931,6 +959,9 @@ mod tests {
             let json: serde_json::Value = serde_json::from_str(&r.to_json().unwrap()).unwrap();
             assert_eq!(json["read"]["blocks"], 50);
             assert!(json["write"]["gb_per_s"].as_f64().unwrap() > 0.0);
+            if r.engine == "pread" || !fixed_buffers {
+                assert!(!r.fixed_buffers);
+            }
         }
     }
 }

@@ -234,6 +234,7 @@ async fn put_batch(
             parent: Bytes::new(),
             payload: sh.payloads.block(i, v),
             region: None,
+            pages: None,
         })
         .collect();
     let req = BatchPutRequest {
@@ -259,6 +260,7 @@ async fn get_batch(
         namespace_id: sh.namespace_id.clone(),
         keys: indices.iter().map(|&i| sh.key(i)).collect(),
         regions: Vec::new(),
+        pages: Vec::new(),
     };
     let t0 = Instant::now();
     let resp = client

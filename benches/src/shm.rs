@@ -81,6 +81,7 @@ impl ShmConn {
                 parent: Bytes::new(),
                 payload: Bytes::new(),
                 region: Some(region.to_proto()),
+                pages: None,
             });
         }
         if items.len() != indices.len() {
@@ -133,6 +134,7 @@ impl ShmConn {
             namespace_id: sh.namespace_id.clone(),
             keys: indices.iter().map(|&i| sh.key(i)).collect(),
             regions: regions.iter().map(Region::to_proto).collect(),
+            pages: Vec::new(),
         };
         let t0 = Instant::now();
         let resp = self

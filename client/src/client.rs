@@ -186,6 +186,7 @@ impl From<PutItem> for proto::PutItem {
             parent: item.parent.unwrap_or_default(),
             payload: item.payload,
             region: None,
+            pages: None,
         }
     }
 }
@@ -226,6 +227,7 @@ impl From<RegionPutItem> for proto::PutItem {
             parent: item.parent.unwrap_or_default(),
             payload: Bytes::new(),
             region: Some(item.region),
+            pages: None,
         }
     }
 }
@@ -502,6 +504,7 @@ impl Client {
             namespace_id: ns_bytes(ns),
             keys: keys_bytes(keys),
             regions: Vec::new(),
+            pages: Vec::new(),
         };
         let mut c = self.inner.clone();
         Ok(self
@@ -556,6 +559,68 @@ impl Client {
             namespace_id: ns_bytes(ns),
             keys: keys_bytes(keys),
             regions: regions.to_vec(),
+            pages: Vec::new(),
+        };
+        let mut c = self.inner.clone();
+        let results = self
+            .call(c.batch_get(self.request(req, true)))
+            .await?
+            .results;
+        if results.len() != keys.len() {
+            return Err(ClientError::InvalidResponse(format!(
+                "BatchGet answered {} results for {} keys",
+                results.len(),
+                keys.len()
+            )));
+        }
+        Ok(results)
+    }
+
+    /// Stores blocks gathered by the daemon from the pages of a registered KV
+    /// region ([`crate::KvRegion`]); one result per item, same order. An item
+    /// naming an unknown or closed region gets `PutStatus::BadRegion`; a page
+    /// list that does not fit the region or the namespace is refused
+    /// (INVALID_ARGUMENT naming `items[i].pages...`) and nothing is stored.
+    /// Keep the pages untouched until this returns.
+    pub async fn put_pages(
+        &self,
+        ns: &NamespaceId,
+        items: Vec<crate::region::PagesPutItem>,
+    ) -> Result<proto::BatchPutResponse, ClientError> {
+        let req = proto::BatchPutRequest {
+            namespace_id: ns_bytes(ns),
+            items: items.into_iter().map(Into::into).collect(),
+        };
+        let mut c = self.inner.clone();
+        self.call(c.batch_put(self.request(req, true))).await
+    }
+
+    /// Reads blocks and has the daemon scatter them into the pages of a
+    /// registered KV region, one `KvPages` per key; one result per key, same
+    /// order. A found block is in its pages and `payload` is empty; a result
+    /// with `region_error` set (and `found` false) names a region the daemon
+    /// could not use. Pages of keys not found are left as they were.
+    pub async fn get_pages(
+        &self,
+        ns: &NamespaceId,
+        keys: &[impl AsRef<[u8]>],
+        pages: &[proto::KvPages],
+    ) -> Result<Vec<proto::GetResult>, ClientError> {
+        if keys.len() != pages.len() {
+            return Err(ClientError::InvalidArgument {
+                field: "pages",
+                reason: format!(
+                    "{} page lists for {} keys; exactly one per key",
+                    pages.len(),
+                    keys.len()
+                ),
+            });
+        }
+        let req = proto::BatchGetRequest {
+            namespace_id: ns_bytes(ns),
+            keys: keys_bytes(keys),
+            regions: Vec::new(),
+            pages: pages.to_vec(),
         };
         let mut c = self.inner.clone();
         let results = self
@@ -617,6 +682,7 @@ impl Client {
             namespace_id: ns_bytes(ns),
             keys: keys_bytes(keys),
             regions: Vec::new(),
+            pages: Vec::new(),
         };
         let mut c = self.inner.clone();
         let stream = self.call(c.get_stream(self.request(req, false))).await?;

@@ -6,6 +6,9 @@
 //! - [`SharedPool`] / [`Region`]: shared-memory pools registered with the daemon,
 //!   for [`Client::batch_put_regions`] and [`Client::batch_get_into`] (no payload
 //!   bytes in the gRPC messages; same host only).
+//! - [`KvRegion`]: an engine's paged KV memory (a CUDA IPC handle, or a memfd
+//!   without a GPU) registered with the daemon, for [`Client::put_pages`] and
+//!   [`Client::get_pages`] (page ids instead of payloads; [`region`]).
 //! - [`hash`]: the canonical chained block hash (`docs/hashing.md`).
 //! - [`router`]: cache-aware routing over several daemons (follows their `Watch`
 //!   streams, picks the node with the best tier-weighted prefix; `docs/routing.md`).
@@ -18,6 +21,7 @@ mod client;
 mod error;
 pub mod hash;
 pub mod pool;
+pub mod region;
 pub mod router;
 mod target;
 
@@ -28,6 +32,7 @@ pub use client::{
 pub use error::ClientError;
 pub use hash::{BlockHash, block_keys, chain_keys, next_block_key};
 pub use pool::{Region, SharedPool};
+pub use region::{KvRegion, KvRegionError, PagesPutItem};
 pub use router::{
     Decision, InFlight, NodeSpec, NodeStatus, Router, RouterConfig, RouterError, RouterStats,
     TierWeights,

@@ -223,11 +223,26 @@ impl CudaDevice {
         unsafe { sys::cuIpcOpenMemHandle_v2(&mut ptr, h, 1) }
             .result()
             .map_err(driver("cuIpcOpenMemHandle"))?;
-        Ok(DeviceBuffer {
+        let mapped = DeviceBuffer {
             ptr,
             len: bytes,
             owner: DeviceOwner::Ipc(Arc::clone(&self.ctx)),
-        })
+        };
+        // The exporter announced `bytes`; a kernel must never run past the
+        // real allocation (a fault would take down this whole context).
+        let (mut base, mut size): (sys::CUdeviceptr, usize) = (0, 0);
+        // SAFETY: `ptr` is a live mapping of this context.
+        unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, ptr) }
+            .result()
+            .map_err(driver("cuMemGetAddressRange"))?;
+        let available = (base + size as u64).saturating_sub(ptr);
+        if available < bytes as u64 {
+            return Err(GpuError::IpcTooSmall {
+                announced: bytes as u64,
+                available,
+            });
+        }
+        Ok(mapped)
     }
 
     /// # Safety

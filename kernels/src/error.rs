@@ -20,6 +20,8 @@ pub enum GpuError {
         #[source]
         source: cudarc::driver::DriverError,
     },
+    #[error("the CUDA IPC allocation has {available} bytes, fewer than the {announced} announced")]
+    IpcTooSmall { announced: u64, available: u64 },
     #[error("host memory: {0}")]
     HostMemory(#[source] std::io::Error),
     #[error(transparent)]

@@ -25,6 +25,7 @@ pub struct Config {
     pub remote: RemoteConfig,
     pub shm: ShmConfig,
     pub sglang: SglangConfig,
+    pub gpu: GpuConfig,
     pub auth: AuthConfig,
     pub tls: TlsConfig,
     pub log: LogConfig,
@@ -342,6 +343,73 @@ pub struct SglangConfig {
     pub namespace: String,
 }
 
+/// `[gpu]`: GPUs, the HBM tier and engines' KV regions (CUDA IPC).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GpuConfig {
+    /// `auto` (use the GPUs when present, else run with host and disk tiers
+    /// only), `on` (no usable GPU is a start-up error), `off`, or `cpu` (the
+    /// CPU backend stands in for one GPU; for tests). Default `auto`.
+    pub enabled: String,
+    /// CUDA device ordinals to use. Default `[0]`.
+    pub devices: Vec<u32>,
+    /// HBM tier bytes per device; 0: no HBM tier. Default 8 GiB.
+    #[serde(with = "crate::size")]
+    pub hbm_bytes: ByteSize,
+    /// Copies at least this long use DMA (`cuMemcpyAsync`), shorter ones the
+    /// batched kernel. Default 1 MiB.
+    #[serde(with = "crate::size")]
+    pub dma_threshold: ByteSize,
+    /// Unix socket (mode 0600) where engines register their KV memory (a CUDA
+    /// IPC handle, or a memfd without a GPU) for `KvPages` requests. Empty: off. Default off.
+    pub region_socket: String,
+    /// Most KV regions registered at once. Default 64.
+    pub max_regions: usize,
+    /// Largest KV region accepted. Default 1 TiB.
+    #[serde(with = "crate::size")]
+    pub max_region_bytes: ByteSize,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            enabled: "auto".into(),
+            devices: vec![0],
+            hbm_bytes: ByteSize::gib(8),
+            dma_threshold: ByteSize::b(kvstrata_kernels::DEFAULT_DMA_THRESHOLD),
+            region_socket: String::new(),
+            max_regions: 64,
+            max_region_bytes: ByteSize::tib(1),
+        }
+    }
+}
+
+/// `gpu.enabled`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuMode {
+    Auto,
+    On,
+    Off,
+    /// The CPU backend stands in for one GPU: the HBM tier lives in host
+    /// memory and the kernels run their CPU references. For tests and for
+    /// trying the GPU data paths on a machine without one (docs/gpu.md).
+    Cpu,
+}
+
+impl GpuConfig {
+    pub fn mode(&self) -> Result<GpuMode, DaemonError> {
+        match self.enabled.as_str() {
+            "auto" => Ok(GpuMode::Auto),
+            "on" | "true" => Ok(GpuMode::On),
+            "off" | "false" => Ok(GpuMode::Off),
+            "cpu" => Ok(GpuMode::Cpu),
+            other => Err(DaemonError::Config(format!(
+                "gpu.enabled: {other:?} is not auto, on, off or cpu"
+            ))),
+        }
+    }
+}
+
 /// `[auth]`: who may call the daemon (docs/security.md).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -493,6 +561,29 @@ pub struct ServeArgs {
     /// sglang.namespace: one name for every SGLang block instead of the pool's name.
     #[arg(long, env = "KVSTRATA_SGLANG_NAMESPACE")]
     pub sglang_namespace: Option<String>,
+    /// gpu.enabled: auto (use GPUs when present), on (no GPU is a start-up error), off, or cpu
+    /// (the CPU backend stands in for a GPU: for tests).
+    #[arg(long = "gpu", env = "KVSTRATA_GPU")]
+    pub gpu_enabled: Option<String>,
+    /// gpu.devices: a CUDA device ordinal to use; repeat or comma-separate (default 0).
+    #[arg(
+        long = "gpu-device",
+        env = "KVSTRATA_GPU_DEVICES",
+        value_delimiter = ','
+    )]
+    pub gpu_devices: Vec<u32>,
+    /// gpu.hbm_bytes: HBM tier size per device, e.g. 8GiB (0: no HBM tier).
+    #[arg(long, env = "KVSTRATA_GPU_HBM_BYTES")]
+    pub gpu_hbm_bytes: Option<ByteSize>,
+    /// gpu.dma_threshold: copies at least this long use DMA instead of the batched kernel.
+    #[arg(long, env = "KVSTRATA_GPU_DMA_THRESHOLD")]
+    pub gpu_dma_threshold: Option<ByteSize>,
+    /// gpu.region_socket: Unix socket where engines register their paged KV memory (CUDA IPC or memfd).
+    #[arg(long, env = "KVSTRATA_KV_REGION_SOCKET")]
+    pub kv_region_socket: Option<String>,
+    /// gpu.max_regions: most KV regions registered at once.
+    #[arg(long, env = "KVSTRATA_MAX_KV_REGIONS")]
+    pub max_kv_regions: Option<usize>,
     /// auth.token_file: bearer tokens required on TCP (`TOKEN [TENANT]` per line; SIGHUP reloads).
     #[arg(long, env = "KVSTRATA_AUTH_TOKEN_FILE")]
     pub token_file: Option<String>,
@@ -631,6 +722,25 @@ impl Config {
         if let Some(v) = &args.sglang_namespace {
             c.sglang.namespace = v.clone();
         }
+        let g = &mut c.gpu;
+        if let Some(v) = &args.gpu_enabled {
+            g.enabled = v.clone();
+        }
+        if !args.gpu_devices.is_empty() {
+            g.devices = args.gpu_devices.clone();
+        }
+        if let Some(v) = args.gpu_hbm_bytes {
+            g.hbm_bytes = v;
+        }
+        if let Some(v) = args.gpu_dma_threshold {
+            g.dma_threshold = v;
+        }
+        if let Some(v) = &args.kv_region_socket {
+            g.region_socket = socket_path(v);
+        }
+        if let Some(v) = args.max_kv_regions {
+            g.max_regions = v;
+        }
         if let Some(v) = &args.token_file {
             c.auth.token_file = v.clone();
         }
@@ -746,10 +856,34 @@ impl Config {
         for (k, v) in [
             ("shm.mempool_socket", &self.shm.mempool_socket),
             ("sglang.socket", &self.sglang.socket),
+            ("gpu.region_socket", &self.gpu.region_socket),
         ] {
             if !v.is_empty() && (v == &self.server.uds_path) {
                 return bad(k, format!("{v:?} is already server.uds_path"));
             }
+        }
+        let region_socket = socket_path(&self.gpu.region_socket);
+        if !region_socket.is_empty()
+            && (region_socket == socket_path(&self.shm.mempool_socket)
+                || region_socket == socket_path(&self.sglang.socket))
+        {
+            return bad(
+                "gpu.region_socket",
+                "must differ from shm.mempool_socket and sglang.socket".into(),
+            );
+        }
+        let mode = self.gpu.mode()?;
+        if mode == GpuMode::On && self.gpu.devices.is_empty() {
+            return bad(
+                "gpu.devices",
+                "empty, but gpu.enabled = \"on\": list at least one device ordinal".into(),
+            );
+        }
+        if self.gpu.max_regions == 0 {
+            return bad("gpu.max_regions", "must be at least 1".into());
+        }
+        if self.gpu.dma_threshold.as_u64() == 0 {
+            return bad("gpu.dma_threshold", "must be at least 1 byte".into());
         }
         if !self.sglang.socket.is_empty() && self.sglang.socket == self.shm.mempool_socket {
             return bad(
@@ -778,7 +912,8 @@ impl Config {
         }
         let unix_sockets_on = !self.server.uds_path.is_empty()
             || !self.shm.mempool_socket.is_empty()
-            || !self.sglang.socket.is_empty();
+            || !self.sglang.socket.is_empty()
+            || !self.gpu.region_socket.is_empty();
         if self.auth.uid_allow.is_empty() && unix_sockets_on {
             return bad(
                 "auth.uid_allow",
@@ -945,6 +1080,44 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("tls.cert"));
         c.tls.key = "/k.pem".into();
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn gpu_section_reads_flags_and_refuses_bad_values() {
+        let c = Config::default();
+        assert_eq!(c.gpu.mode().unwrap(), GpuMode::Auto);
+        assert!(c.to_toml().contains("[gpu]"), "{}", c.to_toml());
+        let args = ServeArgs {
+            gpu_enabled: Some("on".into()),
+            gpu_devices: vec![1, 2],
+            gpu_hbm_bytes: Some(ByteSize::gib(2)),
+            kv_region_socket: Some("unix:///tmp/x/regions.sock".into()),
+            ..ServeArgs::default()
+        };
+        let c = Config::load(&args).unwrap();
+        assert_eq!(c.gpu.mode().unwrap(), GpuMode::On);
+        assert_eq!(c.gpu.devices, vec![1, 2]);
+        assert_eq!(c.gpu.hbm_bytes, ByteSize::gib(2));
+        assert_eq!(c.gpu.region_socket, "/tmp/x/regions.sock");
+        let back: Config = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+        let mut c = Config::default();
+        c.gpu.enabled = "maybe".into();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("gpu.enabled")
+        );
+        let mut c = Config::default();
+        c.gpu.region_socket = "/tmp/x/m.sock".into();
+        c.shm.mempool_socket = "/tmp/x/m.sock".into();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("gpu.region_socket")
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub fn status(e: CacheError) -> Status {
         CacheError::BlockNotCached { .. } | CacheError::TierNotConfigured { .. } => {
             Code::FailedPrecondition
         }
+        CacheError::Device { .. } => Code::Internal,
     };
     Status::new(code, e.to_string())
 }
@@ -240,5 +241,46 @@ pub fn verify_to_pb(r: &VerifyReport) -> pb::VerifyResponse {
             })
             .collect(),
         unreadable: r.unreadable.len() as u64,
+    }
+}
+
+/// The GPUs of `gpus` (or why there are none) into a Stats answer.
+pub fn fill_gpu_stats(resp: &mut pb::StatsResponse, gpus: &crate::region::GpuSet) {
+    resp.gpus = gpus
+        .devices
+        .iter()
+        .map(|g| {
+            let i = g.info();
+            pb::GpuDevice {
+                ordinal: i.ordinal as u32,
+                name: i.name.clone(),
+                compute_major: i.compute_capability.0.max(0) as u32,
+                compute_minor: i.compute_capability.1.max(0) as u32,
+                total_bytes: i.total_bytes,
+                multiprocessors: i.multiprocessors,
+                hbm_bytes: gpus.hbm_bytes,
+            }
+        })
+        .collect();
+    resp.gpu_status = if gpus.devices.is_empty() {
+        gpus.status.clone()
+    } else {
+        String::new()
+    };
+}
+
+/// A registered KV region as Stats shows it.
+pub fn region_to_pb(r: &crate::region::RegionInfo) -> pb::KvRegionInfo {
+    pb::KvRegionInfo {
+        region_id: r.id,
+        name: r.name.clone(),
+        kind: r.kind.to_string(),
+        device: r.device,
+        bytes: r.bytes,
+        layout: r.geometry.layout.name().to_string(),
+        num_pages: r.geometry.num_pages,
+        chunk_bytes: r.geometry.chunk_bytes(),
+        bytes_gathered: r.gathered,
+        bytes_scattered: r.scattered,
     }
 }

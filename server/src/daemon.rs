@@ -20,12 +20,13 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::auth::{Auth, AuthInterceptor, Owners, Transport};
-use crate::config::{Config, socket_path};
+use crate::config::{Config, GpuConfig, GpuMode, socket_path};
 use crate::error::DaemonError;
 use crate::limits::{BlockingPool, Limited, Limiter, RequestLimits};
 use crate::mempool;
 use crate::metrics::{self, Metrics};
 use crate::pool::{PoolLimits, PoolRegistry};
+use crate::region::{self, GpuSet, RegionLimits, RegionRegistry};
 use crate::service::{KvCacheService, Limits};
 use crate::sglang::SglangService;
 use crate::uds_authority::AuthorityFix;
@@ -41,6 +42,8 @@ pub struct BoundAddrs {
     pub mempool: Option<PathBuf>,
     /// The SGLang StorageServer socket, when on.
     pub sglang: Option<PathBuf>,
+    /// The KV region (CUDA IPC / memfd registration) socket, when on.
+    pub kv_region: Option<PathBuf>,
 }
 
 impl BoundAddrs {
@@ -60,6 +63,7 @@ pub struct Daemon {
     addrs: BoundAddrs,
     cache: Arc<BlockCache>,
     pools: Arc<PoolRegistry>,
+    regions: Arc<RegionRegistry>,
     auth: Arc<Auth>,
     shutdown: CancellationToken,
     tasks: JoinSet<Result<(), DaemonError>>,
@@ -79,11 +83,29 @@ impl Daemon {
         config.check_exposure()?;
         let auth = Arc::new(start_auth(&config)?);
         let tls = server_tls(&config)?;
-        let cache_config = config.cache_config()?;
+        // GPU detection: CUDA is loaded at run time; without a library or a
+        // device the daemon runs with host and disk tiers only
+        // (`gpu.enabled = "on"` makes that a start-up error).
+        let gpu_config = config.gpu.clone();
+        let gpu_set = tokio::task::spawn_blocking(move || detect_gpus(&gpu_config))
+            .await
+            .map_err(|e| DaemonError::Task(format!("GPU detection: {e}")))??;
+        // The cache gets every GPU found: the host arena is page-locked with
+        // the first, and with gpu.hbm_bytes > 0 each gets an HBM tier (T0).
+        let cache_gpus: Vec<kvstrata_kernels::Gpu> = gpu_set.devices.clone();
+        let gpu_set = Arc::new(gpu_set);
+        let mut cache_config = config.cache_config()?;
+        if config.gpu.hbm_bytes.as_u64() > 0 && !cache_gpus.is_empty() {
+            cache_config.hbm = Some(kvstrata_tiers::HbmTierConfig {
+                capacity_bytes: config.gpu.hbm_bytes.as_u64(),
+                dma_threshold: config.gpu.dma_threshold.as_u64(),
+                ..Default::default()
+            });
+        }
         // Opening the disk tier reads its whole index (about 1 s per million
         // blocks): off the async workers.
         let cache = tokio::task::spawn_blocking(move || {
-            let cache = BlockCache::new(cache_config)?;
+            let cache = BlockCache::with_gpus(cache_config, cache_gpus)?;
             // Give the cluster a moment, so the first requests do not all miss.
             if let Some(r) = cache.remote()
                 && !r.wait_connected(r.config().connect_timeout)
@@ -100,8 +122,18 @@ impl Daemon {
             max_pools: config.shm.max_pools,
             max_pool_bytes: config.shm.max_pool_bytes.as_u64(),
         }));
+        let regions = Arc::new(RegionRegistry::new(
+            RegionLimits {
+                max_regions: config.gpu.max_regions,
+                max_region_bytes: config.gpu.max_region_bytes.as_u64(),
+            },
+            Arc::clone(&gpu_set),
+        ));
         let mut metrics = Metrics::new(Arc::clone(&cache), Arc::clone(&pools));
         metrics.register_collector(Box::new(auth.collector()));
+        metrics.register_collector(Box::new(metrics::RegionCollector::new(Arc::clone(
+            &regions,
+        ))));
         let metrics = Arc::new(metrics);
         let mut tasks = JoinSet::new();
         // Overload protection and deadlines (src/limits.rs), shared by the
@@ -127,7 +159,8 @@ impl Daemon {
             Arc::clone(&metrics),
             shutdown.clone(),
         )
-        .with_auth(Arc::clone(&auth));
+        .with_auth(Arc::clone(&auth))
+        .with_regions(Arc::clone(&regions));
         let max_msg = config.server.max_message_bytes.as_u64() as usize;
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -177,6 +210,7 @@ impl Daemon {
             metrics: None,
             mempool: None,
             sglang: None,
+            kv_region: None,
         };
         if !config.server.tcp_addr.is_empty() {
             let listener = TcpListener::bind(&config.server.tcp_addr)
@@ -226,6 +260,21 @@ impl Daemon {
                 let res = mempool::serve_checked(listener, registry, token, Some(a))
                     .await
                     .map_err(|e| DaemonError::Task(format!("mempool socket: {e}")));
+                let _ = std::fs::remove_file(&path);
+                res
+            });
+        }
+        if !config.gpu.region_socket.is_empty() {
+            let path = PathBuf::from(socket_path(&config.gpu.region_socket));
+            let listener = bind_unix(&path).await?;
+            addrs.kv_region = Some(path.clone());
+            let token = shutdown.clone();
+            let registry = Arc::clone(&regions);
+            let a = Arc::clone(&auth);
+            tasks.spawn(async move {
+                let res = region::serve(listener, registry, token, Some(a))
+                    .await
+                    .map_err(|e| DaemonError::Task(format!("region socket: {e}")));
                 let _ = std::fs::remove_file(&path);
                 res
             });
@@ -338,16 +387,21 @@ impl Daemon {
             metrics = ?addrs.metrics,
             mempool = ?addrs.mempool,
             sglang = ?addrs.sglang,
+            kv_region = ?addrs.kv_region,
+            gpus = gpu_set.devices.len(),
+            hbm_capacity_per_device = capacity(TierKind::Hbm).unwrap_or(0),
+            host_pinned = stats.host_pinned,
             host_capacity = capacity(TierKind::Host).unwrap_or(0),
             disk_capacity = capacity(TierKind::Disk).unwrap_or(0),
             disk_engine = stats.disk.as_ref().map(|d| d.engine).unwrap_or("none"),
             disk_blocks = stats.disk.as_ref().map(|d| d.tier.blocks).unwrap_or(0),
-            "kvstrata serving (no GPU tier in this build)"
+            "kvstrata serving"
         );
         Ok(Daemon {
             addrs,
             cache,
             pools,
+            regions,
             auth,
             shutdown,
             tasks,
@@ -378,6 +432,11 @@ impl Daemon {
     /// The shared-memory pools registered now.
     pub fn pools(&self) -> &Arc<PoolRegistry> {
         &self.pools
+    }
+
+    /// The KV regions registered now, and the GPUs found at start-up.
+    pub fn regions(&self) -> &Arc<RegionRegistry> {
+        &self.regions
     }
 
     /// The token that stops the daemon when cancelled.
@@ -422,6 +481,83 @@ fn fixed_unix_incoming(
     listener: UnixListener,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<AuthorityFix<tokio::net::UnixStream>>> {
     UnixListenerStream::new(listener).map(|r| r.map(AuthorityFix::new))
+}
+
+/// Opens the configured GPUs. `off`: none. `auto`: those present; no CUDA
+/// library or no device is logged once and the daemon runs without. `on`:
+/// every configured device must open, else a start-up error.
+pub fn detect_gpus(config: &GpuConfig) -> Result<GpuSet, DaemonError> {
+    let mode = config.mode()?;
+    let hbm_bytes = config.hbm_bytes.as_u64();
+    if mode == GpuMode::Off {
+        tracing::info!("GPU disabled (gpu.enabled = off): running with host and disk tiers only");
+        return Ok(GpuSet {
+            devices: Vec::new(),
+            status: "disabled: gpu.enabled = off".into(),
+            hbm_bytes,
+        });
+    }
+    if mode == GpuMode::Cpu {
+        tracing::info!(
+            hbm_tier_bytes = hbm_bytes,
+            "gpu.enabled = cpu: the CPU backend stands in for one GPU (HBM tier in host memory)"
+        );
+        return Ok(GpuSet {
+            devices: vec![kvstrata_kernels::Gpu::cpu()],
+            status: "cpu backend (gpu.enabled = cpu)".into(),
+            hbm_bytes,
+        });
+    }
+    let mut devices = Vec::new();
+    let mut absent: Vec<String> = Vec::new();
+    for &ordinal in &config.devices {
+        match kvstrata_kernels::Gpu::cuda(ordinal as usize) {
+            Ok(gpu) => {
+                let i = gpu.info();
+                tracing::info!(
+                    device = i.ordinal,
+                    name = %i.name,
+                    compute_capability = format!("{}.{}", i.compute_capability.0, i.compute_capability.1),
+                    memory = %bytesize::ByteSize::b(i.total_bytes),
+                    multiprocessors = i.multiprocessors,
+                    hbm_tier_bytes = hbm_bytes,
+                    "GPU found"
+                );
+                devices.push(gpu);
+            }
+            Err(e) if mode == GpuMode::On => {
+                return Err(DaemonError::Config(format!(
+                    "gpu.enabled = \"on\", but CUDA device {ordinal} cannot be used: {e} \
+                     (set gpu.enabled = \"auto\" or --gpu auto to run without a GPU)"
+                )));
+            }
+            Err(e) if e.is_absent() => absent.push(e.to_string()),
+            Err(e) => {
+                tracing::warn!(device = ordinal, error = %e, "GPU present but unusable; running without it");
+                absent.push(format!("device {ordinal}: {e}"));
+            }
+        }
+    }
+    absent.dedup();
+    let status = if devices.is_empty() {
+        let why = if absent.is_empty() {
+            "gpu.devices is empty".to_string()
+        } else {
+            absent.join("; ")
+        };
+        tracing::info!(reason = %why, "no GPU: running with host and disk tiers only");
+        format!("no GPU: {why}")
+    } else {
+        if !absent.is_empty() {
+            tracing::warn!(missing = %absent.join("; "), "some configured GPUs are missing");
+        }
+        String::new()
+    };
+    Ok(GpuSet {
+        devices,
+        status,
+        hbm_bytes,
+    })
 }
 
 /// The auth state of `config`: tokens loaded, namespace owners read (kept

@@ -187,8 +187,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         // The CLI error already carries its cause in one line.
         Command::GpuCheck(args) => {
-            let report = kvstrata_benches::run_gpu_check(&args, |_gpu, _rows| {})
-                .map_err(|e| anyhow::anyhow!(e))?;
+            // The checks block (device work, a daemon child process): off the
+            // async workers; the CUDA IPC check drives its client on this runtime.
+            let rt = tokio::runtime::Handle::current();
+            let report = tokio::task::spawn_blocking(move || {
+                kvstrata_benches::run_gpu_check(&args, |gpu, rows| {
+                    kvstrata_server::gpu_ipc_check::ipc_checks(gpu, rows, &rt)
+                })
+            })
+            .await?
+            .map_err(|e| anyhow::anyhow!(e))?;
             report.print();
             if !report.passed() {
                 anyhow::bail!("gpu-check: some checks failed");

@@ -232,7 +232,11 @@ pub async fn read_preamble(stream: &UnixStream) -> Result<Preamble, PreambleErro
 /// into `fds` (owned, so closed if refused later). Returns the byte count and
 /// whether the kernel truncated the control data (fds beyond our room are
 /// closed by the kernel).
-fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<(usize, bool)> {
+pub(crate) fn recv_with_fds(
+    fd: RawFd,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<(usize, bool)> {
     // u64 words keep the control buffer aligned for `cmsghdr`.
     const CONTROL_WORDS: usize = (MAX_FDS_RECEIVED * 4 + 64) / 8;
     let mut control = [0u64; CONTROL_WORDS];

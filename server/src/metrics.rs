@@ -13,6 +13,7 @@ use axum::routing::get;
 use kvstrata_tiers::BlockCache;
 
 use crate::pool::PoolRegistry;
+use crate::region::RegionRegistry;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -189,6 +190,74 @@ impl Collector for PoolCollector {
     }
 }
 
+/// KV regions and GPUs, read from the [`RegionRegistry`] at scrape time.
+#[derive(Debug)]
+pub struct RegionCollector {
+    regions: Arc<RegionRegistry>,
+}
+
+impl RegionCollector {
+    pub fn new(regions: Arc<RegionRegistry>) -> Self {
+        RegionCollector { regions }
+    }
+}
+
+impl Collector for RegionCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.regions.stats();
+        single(
+            &mut encoder,
+            Kind::Gauge,
+            "kvstrata_gpus",
+            "GPUs the daemon uses (0: none found, or gpu.enabled = off)",
+            self.regions.gpus().devices.len() as u64,
+        )?;
+        single(
+            &mut encoder,
+            Kind::Gauge,
+            "kvstrata_kv_regions",
+            "KV regions (engines' paged KV memory) registered now",
+            s.regions as u64,
+        )?;
+        single(
+            &mut encoder,
+            Kind::Gauge,
+            "kvstrata_kv_region_bytes",
+            "Bytes of the KV regions registered now",
+            s.bytes,
+        )?;
+        single(
+            &mut encoder,
+            Kind::Counter,
+            "kvstrata_kv_region_registrations",
+            "KV regions registered on the region socket",
+            s.registered,
+        )?;
+        family(
+            &mut encoder,
+            Kind::Counter,
+            "kvstrata_kv_regions_refused",
+            "KV region registrations refused, by reason",
+            "reason",
+            &s.refused,
+        )?;
+        single(
+            &mut encoder,
+            Kind::Counter,
+            "kvstrata_kv_region_gathered_bytes",
+            "Block bytes gathered out of KV-region pages (puts)",
+            s.gathered,
+        )?;
+        single(
+            &mut encoder,
+            Kind::Counter,
+            "kvstrata_kv_region_scattered_bytes",
+            "Block bytes scattered into KV-region pages (gets)",
+            s.scattered,
+        )
+    }
+}
+
 #[derive(Debug)]
 struct CacheCollector {
     cache: Arc<BlockCache>,
@@ -253,8 +322,26 @@ fn single(
 impl Collector for CacheCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = self.cache.stats();
-        let per = |f: fn(&kvstrata_tiers::TierStats) -> u64| -> Vec<(&'static str, u64)> {
-            s.tiers.iter().map(|(k, t)| (k.name(), f(t))).collect()
+        // One label per tier row: with several GPUs, one `hbm<ordinal>` per device.
+        let mut hbm_seen = 0;
+        let labels: Vec<String> = s
+            .tiers
+            .iter()
+            .map(|(k, _)| match k {
+                kvstrata_tiers::TierKind::Hbm if s.hbm.len() > 1 => {
+                    let ordinal = s.hbm.get(hbm_seen).map(|h| h.ordinal).unwrap_or(hbm_seen);
+                    hbm_seen += 1;
+                    format!("hbm{ordinal}")
+                }
+                k => k.name().to_string(),
+            })
+            .collect();
+        let per = |f: fn(&kvstrata_tiers::TierStats) -> u64| -> Vec<(&str, u64)> {
+            s.tiers
+                .iter()
+                .zip(&labels)
+                .map(|((_, t), l)| (l.as_str(), f(t)))
+                .collect()
         };
         type TierMetric = (
             Kind,

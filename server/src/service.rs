@@ -10,7 +10,8 @@ use bytes::Bytes;
 use kvstrata_proto::v1 as pb;
 use kvstrata_proto::v1::kv_cache_server::KvCache;
 use kvstrata_tiers::{
-    BlockCache, BlockKey, NamespaceId, NamespacePolicy, PutBlock, PutOutcome, TierKind,
+    BlockCache, BlockKey, DevicePutError, NamespaceId, NamespacePolicy, PutBlock, PutOutcome,
+    TierKind,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;
@@ -23,6 +24,8 @@ use crate::convert::{self, status};
 use crate::limits::{BlockingPool, Deadline, InflightPermit};
 use crate::metrics::Metrics;
 use crate::pool::{Pool, PoolRegistry, RegionError};
+use crate::region::{KvRegion, RegionRegistry};
+use crate::region_io;
 
 /// Request limits enforced by the service.
 #[derive(Debug, Clone)]
@@ -42,6 +45,8 @@ pub struct KvCacheService {
     shutdown: CancellationToken,
     /// Tenancy checks (none: every caller is an admin).
     auth: Option<Arc<Auth>>,
+    /// Registered KV regions and the GPUs (none: requests naming pages fail).
+    regions: Option<Arc<RegionRegistry>>,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -67,7 +72,42 @@ impl KvCacheService {
             metrics,
             shutdown,
             auth: None,
+            regions: None,
         }
+    }
+
+    /// Serves `KvPages` from the KV regions of `registry` (and shows its
+    /// regions and GPUs in `Stats`).
+    pub fn with_regions(mut self, registry: Arc<RegionRegistry>) -> Self {
+        self.regions = Some(registry);
+        self
+    }
+
+    /// The region a request's `KvPages` names, after checking the page list
+    /// against its geometry and the namespace (errors name `field`). An
+    /// unknown or closed region is the item's own problem (`Ok(Err(..))`).
+    fn region_pages(
+        &self,
+        field: &str,
+        pages: &pb::KvPages,
+        namespace: &kvstrata_tiers::Namespace,
+    ) -> Result<Result<PagesTarget, String>, Status> {
+        let Some(registry) = &self.regions else {
+            return Ok(Err(format!(
+                "KV region {} is not registered (this daemon has no region socket: gpu.region_socket)",
+                pages.region_id
+            )));
+        };
+        let region = match registry.get(pages.region_id) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        let ppb = check_pages_fit(field, &region, namespace, &pages.page_ids)?;
+        Ok(Ok(PagesTarget {
+            region,
+            pages_per_block: ppb,
+            page_ids: pages.page_ids.clone(),
+        }))
     }
 
     /// Enforces namespace tenancy for the [`Caller`] the auth interceptor
@@ -176,10 +216,13 @@ impl KvCacheService {
     fn parse_put(
         &self,
         req: pb::BatchPutRequest,
-    ) -> Result<(NamespaceId, Vec<Result<PutBlock, RegionError>>), Status> {
+    ) -> Result<(NamespaceId, Vec<ParsedItem>), Status> {
         let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
         convert::check_batch("items", req.items.len(), self.limits.max_batch)?;
-        let uses_pools = req.items.iter().any(|it| it.region.is_some());
+        let uses_pools = req
+            .items
+            .iter()
+            .any(|it| it.region.is_some() || it.pages.is_some());
         let namespace = if uses_pools {
             Some(self.cache.namespace("namespace_id", &ns).map_err(status)?)
         } else {
@@ -192,6 +235,28 @@ impl KvCacheService {
             .map(|(i, it)| {
                 let key = convert::key(&format!("items[{i}].key"), &it.key)?;
                 let parent = convert::optional_key(&format!("items[{i}].parent"), &it.parent)?;
+                if let (Some(pages), Some(namespace)) = (&it.pages, &namespace) {
+                    if !it.payload.is_empty() {
+                        return Err(Status::invalid_argument(format!(
+                            "items[{i}].payload: must be empty when items[{i}].pages is set"
+                        )));
+                    }
+                    if it.region.is_some() {
+                        return Err(Status::invalid_argument(format!(
+                            "items[{i}].region: name a pool region or KV pages, not both"
+                        )));
+                    }
+                    return Ok(
+                        match self.region_pages(&format!("items[{i}].pages"), pages, namespace)? {
+                            Ok(target) => ParsedItem::Pages {
+                                key,
+                                parent,
+                                target,
+                            },
+                            Err(e) => ParsedItem::Bad(e),
+                        },
+                    );
+                }
                 let payload = match (it.region, &namespace) {
                     (Some(region), Some(namespace)) => {
                         if !it.payload.is_empty() {
@@ -208,11 +273,14 @@ impl KvCacheService {
                     }
                     _ => Ok(it.payload),
                 };
-                Ok(payload.map(|payload| PutBlock {
-                    key,
-                    parent,
-                    payload,
-                }))
+                Ok(match payload {
+                    Ok(payload) => ParsedItem::Ready(PutBlock {
+                        key,
+                        parent,
+                        payload,
+                    }),
+                    Err(e) => ParsedItem::Bad(e.to_string()),
+                })
             })
             .collect::<Result<Vec<_>, Status>>()?;
         Ok((ns, items))
@@ -229,30 +297,56 @@ impl KvCacheService {
     async fn put(&self, req: pb::BatchPutRequest) -> Result<pb::BatchPutResponse, Status> {
         let (ns, parsed) = self.parse_put(req)?;
         let cache = Arc::clone(&self.cache);
+        let registry = self.regions.clone();
         let results = self
             .limits
             .blocking
             .run("put", move || {
-                let blocks: Vec<PutBlock> = parsed
+                // Every gather runs before anything is stored: the staged ones
+                // here, then the direct put (whose failed gather stores
+                // nothing), then the rest (src/region_io.rs).
+                let plan = gather_pages(&cache, &ns, parsed, registry.as_deref())?;
+                let mut direct = Vec::new().into_iter();
+                if let Some(d) = &plan.direct {
+                    let first = d.items.first().copied().unwrap_or(0);
+                    let done = region_io::put_direct(&cache, &ns, d.device, d.pages(), &d.keys)
+                        .map_err(|e| match e {
+                            DevicePutError::Cache(e) => status(e),
+                            DevicePutError::Fill(e) => gather_status(first, e),
+                        })?;
+                    if let Some(r) = &registry {
+                        r.count_moved(done.gathered, 0);
+                    }
+                    direct = done.outcomes.into_iter();
+                }
+                let blocks: Vec<PutBlock> = plan
+                    .items
                     .iter()
-                    .filter_map(|p| p.as_ref().ok().cloned())
+                    .filter_map(|p| match p {
+                        Planned::Block(b) => Some(b.clone()),
+                        _ => None,
+                    })
                     .collect();
-                let mut outcomes = cache.put_batch(&ns, &blocks)?.into_iter();
-                Ok::<_, kvstrata_tiers::CacheError>(
-                    parsed
+                let mut outcomes = cache.put_batch(&ns, &blocks).map_err(status)?.into_iter();
+                let code = |o: Option<PutOutcome>| match o {
+                    Some(PutOutcome::Stored) => pb::PutStatus::Stored,
+                    Some(PutOutcome::NoSpace) | None => pb::PutStatus::NoSpace,
+                };
+                Ok::<_, Status>(
+                    plan.items
                         .iter()
                         .map(|p| match p {
-                            Ok(_) => match outcomes.next() {
-                                Some(PutOutcome::Stored) => pb::PutStatus::Stored,
-                                Some(PutOutcome::NoSpace) | None => pb::PutStatus::NoSpace,
-                            },
-                            Err(_) => pb::PutStatus::BadRegion,
+                            Planned::Block(_) => code(outcomes.next()),
+                            Planned::Direct => code(direct.next()),
+                            Planned::Bad(why) => {
+                                tracing::debug!(reason = %why, "put item refused: BAD_REGION");
+                                pb::PutStatus::BadRegion
+                            }
                         } as i32)
                         .collect::<Vec<i32>>(),
                 )
             })
-            .await?
-            .map_err(status)?;
+            .await??;
         let stored = results
             .iter()
             .filter(|&&r| r == pb::PutStatus::Stored as i32)
@@ -295,6 +389,14 @@ impl KvCacheService {
     ) -> Result<Vec<pb::GetResult>, Status> {
         let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
         let keys = convert::keys("keys", &req.keys, max)?;
+        if !req.pages.is_empty() {
+            if !req.regions.is_empty() {
+                return Err(Status::invalid_argument(
+                    "regions: give pool regions or KV pages, not both",
+                ));
+            }
+            return self.get_pages(ns, keys, req.keys, &req.pages).await;
+        }
         let targets = if req.regions.is_empty() {
             None
         } else {
@@ -344,12 +446,475 @@ impl KvCacheService {
     }
 }
 
+impl KvCacheService {
+    /// A BatchGet whose found blocks are scattered into KV-region pages.
+    async fn get_pages(
+        &self,
+        ns: NamespaceId,
+        keys: Vec<BlockKey>,
+        wire_keys: Vec<Bytes>,
+        pages: &[pb::KvPages],
+    ) -> Result<Vec<pb::GetResult>, Status> {
+        if pages.len() != keys.len() {
+            return Err(Status::invalid_argument(format!(
+                "pages: {} given for {} keys; give one per key, or none",
+                pages.len(),
+                keys.len()
+            )));
+        }
+        let namespace = self.cache.namespace("namespace_id", &ns).map_err(status)?;
+        let targets = pages
+            .iter()
+            .enumerate()
+            .map(|(i, p)| self.region_pages(&format!("pages[{i}]"), p, &namespace))
+            .collect::<Result<Vec<_>, Status>>()?;
+        let cache = Arc::clone(&self.cache);
+        let registry = self.regions.clone();
+        let block_bytes = namespace.block_bytes;
+        self.limits
+            .blocking
+            .run("get", move || {
+                // Per key: Ok(Some(tier)) hit, Ok(None) miss, Err(region problem).
+                let mut outcome: Vec<Result<Option<TierKind>, String>> = targets
+                    .iter()
+                    .map(|t| match t {
+                        Ok(_) => Ok(None),
+                        Err(e) => Err(e.clone()),
+                    })
+                    .collect();
+                // Keys bound for regions the cache's devices reach, per
+                // region (read and scattered directly); the others staged.
+                let mut direct: Vec<DirectGroup> = Vec::new();
+                let mut staged: Vec<(usize, &PagesTarget)> = Vec::new();
+                let mut wanted: Vec<BlockKey> = Vec::new();
+                for (i, (t, key)) in targets.iter().zip(&keys).enumerate() {
+                    let Ok(t) = t else { continue };
+                    if let Some(g) = direct
+                        .iter_mut()
+                        .find(|g| Arc::ptr_eq(&g.region, &t.region))
+                    {
+                        g.push(i, *key, None, &t.page_ids);
+                        continue;
+                    }
+                    match region_io::direct_device(&cache, &t.region) {
+                        Some(device) => {
+                            let mut g = DirectGroup::new(device, t);
+                            g.push(i, *key, None, &t.page_ids);
+                            direct.push(g);
+                        }
+                        None => {
+                            staged.push((i, t));
+                            wanted.push(*key);
+                        }
+                    }
+                }
+                let found = if wanted.is_empty() {
+                    Vec::new()
+                } else {
+                    cache.get_batch(&ns, &wanted)?
+                };
+                // Found blocks grouped by region, scattered one launch per region.
+                let mut groups: Vec<ScatterGroup> = Vec::new();
+                for (&(i, t), hit) in staged.iter().zip(found) {
+                    let Some((payload, tier)) = hit else {
+                        continue;
+                    };
+                    outcome[i] = Ok(Some(tier));
+                    let at = match groups
+                        .iter()
+                        .position(|g| Arc::ptr_eq(&g.region, &t.region))
+                    {
+                        Some(at) => at,
+                        None => {
+                            groups.push(ScatterGroup {
+                                region: Arc::clone(&t.region),
+                                pages_per_block: t.pages_per_block,
+                                keys: Vec::new(),
+                                page_ids: Vec::new(),
+                                blocks: Vec::new(),
+                            });
+                            groups.len() - 1
+                        }
+                    };
+                    let g = &mut groups[at];
+                    g.keys.push(i);
+                    g.page_ids.extend_from_slice(&t.page_ids);
+                    g.blocks.push(payload);
+                }
+                let mut scattered = 0u64;
+                for g in &groups {
+                    if let Err(e) = region_io::scatter(
+                        &g.region,
+                        g.pages_per_block,
+                        &g.page_ids,
+                        &g.blocks,
+                        block_bytes,
+                    ) {
+                        tracing::warn!(region_id = g.region.id(), error = %e, "scatter into a KV region failed");
+                        for &i in &g.keys {
+                            outcome[i] = Err(e.to_string());
+                        }
+                    } else {
+                        scattered += g.blocks.len() as u64 * block_bytes;
+                    }
+                }
+                for g in &direct {
+                    let done = region_io::get_direct(&cache, &ns, g.device, g.pages(), &g.block_keys())?;
+                    for (&i, tier) in g.items.iter().zip(&done.found) {
+                        outcome[i] = Ok(*tier);
+                    }
+                    match done.scatter {
+                        Ok(bytes) => scattered += bytes,
+                        Err(e) => {
+                            tracing::warn!(region_id = g.region.id(), error = %e, "scatter into a KV region failed");
+                            for (&i, tier) in g.items.iter().zip(&done.found) {
+                                if tier.is_some() {
+                                    outcome[i] = Err(e.to_string());
+                                }
+                            }
+                        }
+                    }
+                }
+                if let Some(r) = &registry {
+                    r.count_moved(0, scattered);
+                }
+                Ok(wire_keys
+                    .into_iter()
+                    .zip(outcome)
+                    .map(|(key, o)| match o {
+                        Ok(Some(tier)) => hit_result(key, Bytes::new(), tier),
+                        Ok(None) => miss_result(key, String::new()),
+                        Err(e) => miss_result(key, e),
+                    })
+                    .collect())
+            })
+            .await?
+            .map_err(status)
+    }
+}
+
+/// One put item after parsing.
+enum ParsedItem {
+    /// The block's bytes are at hand (inline or a pool region).
+    Ready(PutBlock),
+    /// The block is to be gathered from KV-region pages.
+    Pages {
+        key: BlockKey,
+        parent: Option<BlockKey>,
+        target: PagesTarget,
+    },
+    /// Refused alone (unknown or closed pool or region): `BadRegion`.
+    Bad(String),
+}
+
+/// Checked KV pages of one block.
+struct PagesTarget {
+    region: Arc<KvRegion>,
+    pages_per_block: u32,
+    page_ids: Vec<u32>,
+}
+
+/// Found blocks of one BatchGet bound for one region (the staged path).
+struct ScatterGroup {
+    region: Arc<KvRegion>,
+    pages_per_block: u32,
+    /// Indices of the keys, in order.
+    keys: Vec<usize>,
+    page_ids: Vec<u32>,
+    blocks: Vec<Bytes>,
+}
+
+/// Put items bound for one region, gathered in one launch (staged path).
+struct GatherGroup {
+    region: Arc<KvRegion>,
+    pages_per_block: u32,
+    /// Indices of the items, in order.
+    items: Vec<usize>,
+    page_ids: Vec<u32>,
+}
+
+/// Blocks of one region that move directly between its memory and device
+/// `device` of the cache (`region_io::put_direct` / `get_direct`).
+struct DirectGroup {
+    device: usize,
+    region: Arc<KvRegion>,
+    pages_per_block: u32,
+    /// Indices of the items (keys), in order.
+    items: Vec<usize>,
+    /// Key and parent of each block (no parent on a get).
+    keys: Vec<(BlockKey, Option<BlockKey>)>,
+    page_ids: Vec<u32>,
+}
+
+impl DirectGroup {
+    fn new(device: usize, target: &PagesTarget) -> Self {
+        DirectGroup {
+            device,
+            region: Arc::clone(&target.region),
+            pages_per_block: target.pages_per_block,
+            items: Vec::new(),
+            keys: Vec::new(),
+            page_ids: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, item: usize, key: BlockKey, parent: Option<BlockKey>, page_ids: &[u32]) {
+        self.items.push(item);
+        self.keys.push((key, parent));
+        self.page_ids.extend_from_slice(page_ids);
+    }
+
+    fn pages(&self) -> region_io::RegionPages<'_> {
+        region_io::RegionPages {
+            region: &self.region,
+            pages_per_block: self.pages_per_block,
+            page_ids: &self.page_ids,
+        }
+    }
+
+    fn block_keys(&self) -> Vec<BlockKey> {
+        self.keys.iter().map(|(k, _)| *k).collect()
+    }
+}
+
+/// A put item after the staged gathers.
+enum Planned {
+    /// Stored by `put_batch`.
+    Block(PutBlock),
+    /// Stored by the direct put, in order.
+    Direct,
+    /// Refused alone (unknown or closed pool or region): `BadRegion`.
+    Bad(String),
+}
+
+/// A BatchPut ready to store.
+struct PutPlan {
+    items: Vec<Planned>,
+    /// The blocks of the first direct-capable region named, if any.
+    direct: Option<DirectGroup>,
+}
+
+/// The status of a failed gather of item `first`'s region.
+fn gather_status(first: usize, e: region_io::RegionIoError) -> Status {
+    match e {
+        region_io::RegionIoError::Region(e) => {
+            Status::failed_precondition(format!("items[{first}].pages.region_id: {e}"))
+        }
+        e => Status::internal(format!("items[{first}].pages: {e}")),
+    }
+}
+
+/// Checks what `put_batch` (and `put_from_device`) would refuse, naming the
+/// request's own item indices, so that nothing is stored when the request
+/// fails: the payload sizes and that no block is its own parent.
+fn check_put_items(parsed: &[ParsedItem], block_bytes: u64) -> Result<(), Status> {
+    for (i, p) in parsed.iter().enumerate() {
+        let (key, parent) = match p {
+            ParsedItem::Ready(b) => {
+                if b.payload.len() as u64 != block_bytes {
+                    return Err(Status::invalid_argument(format!(
+                        "items[{i}].payload: {} bytes, but the namespace stores blocks of exactly {block_bytes} bytes",
+                        b.payload.len()
+                    )));
+                }
+                (&b.key, &b.parent)
+            }
+            ParsedItem::Pages { key, parent, .. } => (key, parent),
+            ParsedItem::Bad(_) => continue,
+        };
+        if parent.as_ref() == Some(key) {
+            return Err(Status::invalid_argument(format!(
+                "items[{i}].parent: a block cannot be its own parent"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Plans a put: the staged `Pages` items are gathered (one launch per
+/// region) into blocks; the items of the first region the cache's devices
+/// reach are left for the direct put; every other item is its block or the
+/// reason it alone is refused.
+fn gather_pages(
+    cache: &BlockCache,
+    ns: &NamespaceId,
+    parsed: Vec<ParsedItem>,
+    registry: Option<&RegionRegistry>,
+) -> Result<PutPlan, Status> {
+    if !parsed.iter().any(|p| matches!(p, ParsedItem::Pages { .. })) {
+        return Ok(PutPlan {
+            items: parsed
+                .into_iter()
+                .map(|p| match p {
+                    ParsedItem::Ready(b) => Planned::Block(b),
+                    ParsedItem::Bad(e) => Planned::Bad(e),
+                    ParsedItem::Pages { .. } => Planned::Bad(String::new()),
+                })
+                .collect(),
+            direct: None,
+        });
+    }
+    let block_bytes = cache
+        .namespace("namespace_id", ns)
+        .map_err(status)?
+        .block_bytes;
+    check_put_items(&parsed, block_bytes)?;
+    // Items per region, in order; the first region the cache's devices
+    // reach goes direct.
+    let mut groups: Vec<GatherGroup> = Vec::new();
+    let mut direct: Option<DirectGroup> = None;
+    for (i, p) in parsed.iter().enumerate() {
+        let ParsedItem::Pages {
+            key,
+            parent,
+            target,
+        } = p
+        else {
+            continue;
+        };
+        match &mut direct {
+            Some(d) if Arc::ptr_eq(&d.region, &target.region) => {
+                d.push(i, *key, *parent, &target.page_ids);
+                continue;
+            }
+            Some(_) => {}
+            None => {
+                if let Some(device) = region_io::direct_device(cache, &target.region) {
+                    let mut d = DirectGroup::new(device, target);
+                    d.push(i, *key, *parent, &target.page_ids);
+                    direct = Some(d);
+                    continue;
+                }
+            }
+        }
+        match groups
+            .iter_mut()
+            .find(|g| Arc::ptr_eq(&g.region, &target.region))
+        {
+            Some(g) => {
+                g.items.push(i);
+                g.page_ids.extend_from_slice(&target.page_ids);
+            }
+            None => groups.push(GatherGroup {
+                region: Arc::clone(&target.region),
+                pages_per_block: target.pages_per_block,
+                items: vec![i],
+                page_ids: target.page_ids.clone(),
+            }),
+        }
+    }
+    let mut gathered: Vec<Option<Bytes>> = vec![None; parsed.len()];
+    let mut total = 0u64;
+    for GatherGroup {
+        region,
+        pages_per_block,
+        items,
+        page_ids,
+    } in &groups
+    {
+        let blocks = region_io::gather(region, *pages_per_block, page_ids, block_bytes)
+            .map_err(|e| gather_status(items.first().copied().unwrap_or(0), e))?;
+        total += blocks.len() as u64 * block_bytes;
+        for (&i, b) in items.iter().zip(blocks) {
+            gathered[i] = Some(b);
+        }
+    }
+    if let Some(r) = registry {
+        r.count_moved(total, 0);
+    }
+    let mut is_direct = vec![false; parsed.len()];
+    for &i in direct.iter().flat_map(|d| &d.items) {
+        is_direct[i] = true;
+    }
+    let items = parsed
+        .into_iter()
+        .zip(gathered)
+        .enumerate()
+        .map(|(i, (p, g))| match p {
+            ParsedItem::Ready(b) => Planned::Block(b),
+            ParsedItem::Bad(e) => Planned::Bad(e),
+            ParsedItem::Pages { .. } if is_direct[i] => Planned::Direct,
+            ParsedItem::Pages { key, parent, .. } => match g {
+                Some(payload) => Planned::Block(PutBlock {
+                    key,
+                    parent,
+                    payload,
+                }),
+                None => Planned::Bad("not gathered".to_string()),
+            },
+        })
+        .collect();
+    Ok(PutPlan { items, direct })
+}
+
+/// Checks a block's KV pages against the region's geometry and the
+/// namespace; returns pages_per_block. Errors name `field`
+/// (`items[3].pages.page_ids[1]`).
+fn check_pages_fit(
+    field: &str,
+    region: &KvRegion,
+    namespace: &kvstrata_tiers::Namespace,
+    page_ids: &[u32],
+) -> Result<u32, Status> {
+    let g = region.geometry();
+    let spec = &namespace.spec;
+    let id = region.id();
+    let bad = |what: String| {
+        Err(Status::invalid_argument(format!(
+            "{field}.region_id: {what}"
+        )))
+    };
+    if spec.layout != kvstrata_tiers::Layout::LayerMajor {
+        return bad(format!(
+            "KV pages are gathered into layer-major blocks, but namespace {} is opaque",
+            spec.model_id
+        ));
+    }
+    for (what, region_v, ns_v) in [
+        ("layers", g.layers as u64, spec.num_layers as u64),
+        ("kv_heads", g.kv_heads as u64, spec.num_kv_heads as u64),
+        ("head_dim", g.head_dim as u64, spec.head_dim as u64),
+        ("dtype_bytes", g.dtype_bytes as u64, spec.dtype.size()),
+    ] {
+        if region_v != ns_v {
+            return bad(format!(
+                "KV region {id} has {what} {region_v}, but the namespace's blocks have {ns_v}"
+            ));
+        }
+    }
+    if !spec.block_tokens.is_multiple_of(g.page_tokens) {
+        return bad(format!(
+            "the namespace's blocks of {} tokens are not a whole number of region {id}'s pages of {} tokens",
+            spec.block_tokens, g.page_tokens
+        ));
+    }
+    let ppb = spec.block_tokens / g.page_tokens;
+    if g.block_bytes(ppb) != namespace.block_bytes {
+        return bad(format!(
+            "{ppb} pages of region {id} make {} bytes, but the namespace stores blocks of exactly {} bytes",
+            g.block_bytes(ppb),
+            namespace.block_bytes
+        ));
+    }
+    if page_ids.len() != ppb as usize {
+        return Err(Status::invalid_argument(format!(
+            "{field}.page_ids: {} page ids, but one block is {ppb} pages of region {id} ({} tokens / {} per page)",
+            page_ids.len(),
+            spec.block_tokens,
+            g.page_tokens
+        )));
+    }
+    g.check_pages(&format!("{field}.page_ids"), ppb, page_ids)
+        .map_err(|e| Status::invalid_argument(format!("{}: {}", e.field, e.reason)))?;
+    Ok(ppb)
+}
+
 /// Shared-memory pools belong to same-host (Unix-socket) clients: a tenant
 /// may not name them.
 fn check_pools(caller: &Caller, field: &str, uses_pools: bool) -> Result<(), Status> {
     match caller.tenant() {
         Some(t) if uses_pools => Err(Status::permission_denied(format!(
-            "{field}: shared-memory pools belong to Unix-socket clients; tenant {t:?} must send payloads inline"
+            "{field}: shared-memory pools and KV regions belong to Unix-socket clients; tenant {t:?} must send payloads inline"
         ))),
         _ => Ok(()),
     }
@@ -470,7 +1035,11 @@ impl KvCache for KvCacheService {
         request: Request<pb::BatchPutRequest>,
     ) -> Result<Response<pb::BatchPutResponse>, Status> {
         let caller = Caller::of(&request);
-        let uses_pools = request.get_ref().items.iter().any(|i| i.region.is_some());
+        let uses_pools = request
+            .get_ref()
+            .items
+            .iter()
+            .any(|i| i.region.is_some() || i.pages.is_some());
         if let Err(e) = self
             .check_ns(&caller, &request.get_ref().namespace_id)
             .and_then(|()| check_pools(&caller, "items[].region", uses_pools))
@@ -486,7 +1055,8 @@ impl KvCache for KvCacheService {
         request: Request<pb::BatchGetRequest>,
     ) -> Result<Response<pb::BatchGetResponse>, Status> {
         let caller = Caller::of(&request);
-        let uses_pools = !request.get_ref().regions.is_empty();
+        let uses_pools =
+            !request.get_ref().regions.is_empty() || !request.get_ref().pages.is_empty();
         if let Err(e) = self
             .check_ns(&caller, &request.get_ref().namespace_id)
             .and_then(|()| check_pools(&caller, "regions", uses_pools))
@@ -543,7 +1113,10 @@ impl KvCache for KvCacheService {
                         break;
                     }
                 };
-                let uses_pools = batch.items.iter().any(|i| i.region.is_some());
+                let uses_pools = batch
+                    .items
+                    .iter()
+                    .any(|i| i.region.is_some() || i.pages.is_some());
                 if let Err(e) = svc
                     .check_ns(&caller, &batch.namespace_id)
                     .and_then(|()| check_pools(&caller, "items[].region", uses_pools))
@@ -594,12 +1167,16 @@ impl KvCache for KvCacheService {
         let deadline = request.extensions().get::<Deadline>().copied();
         let req = request.into_inner();
         let max = self.limits.max_batch.saturating_mul(STREAM_BATCH_FACTOR);
-        let parsed = if req.regions.is_empty() {
-            Ok(())
-        } else {
+        let parsed = if !req.regions.is_empty() {
             Err(Status::invalid_argument(
                 "regions: GetStream returns payloads inline; use BatchGet to read into pools",
             ))
+        } else if !req.pages.is_empty() {
+            Err(Status::invalid_argument(
+                "pages: GetStream returns payloads inline; use BatchGet to read into KV pages",
+            ))
+        } else {
+            Ok(())
         };
         let parsed = parsed
             .and_then(|()| convert::namespace_id("namespace_id", &req.namespace_id))
@@ -800,7 +1377,16 @@ impl KvCache for KvCacheService {
             pools: pools.pools,
             pool_bytes: pools.bytes,
             remote: s.remote.as_ref().map(convert::remote_to_pb),
+            ..pb::StatsResponse::default()
         };
+        let mut resp = resp;
+        match &self.regions {
+            Some(r) => {
+                convert::fill_gpu_stats(&mut resp, r.gpus());
+                resp.kv_regions = r.list().iter().map(convert::region_to_pb).collect();
+            }
+            None => resp.gpu_status = "unknown (no GPU state given to the service)".into(),
+        }
         self.done("Stats", Ok(resp))
     }
 

@@ -276,6 +276,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
             namespace_id: Bytes::from_static(b"short"),
             keys: vec![Bytes::from("a")],
             regions: Vec::new(),
+            pages: Vec::new(),
         })
         .await;
     let s = bad_id.expect_err("short id");

@@ -40,6 +40,10 @@ fn disk_config(dir: &Path, engine: &str, host_blocks: u64, disk_bytes: u64) -> C
     )];
     c.disk.engine = engine.into();
     c.disk.segment_bytes = ByteSize::mib(1);
+    // These tests check versions and bytes, not deadlines: on a loaded CI
+    // machine a read slower than the default 2 s would answer a (legal) miss.
+    // The deadline has its own tests (faults.rs).
+    c.disk.read_timeout_ms = 60_000;
     c
 }
 

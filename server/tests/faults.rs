@@ -156,6 +156,7 @@ async fn stalled_stream(c: &Client, ns: &NamespaceId, n: usize) -> tonic::Stream
             namespace_id: ns_bytes(ns),
             keys,
             regions: Vec::new(),
+            pages: Vec::new(),
         })
         .await
         .expect("stream starts")
@@ -388,6 +389,7 @@ async fn deadlines_end_slow_requests_and_half_apply_nothing() {
         namespace_id: ns_bytes(&ns),
         keys: vec![Bytes::from("slow-0")],
         regions: Vec::new(),
+        pages: Vec::new(),
     });
     req.set_timeout(Duration::from_millis(200));
     let t0 = Instant::now();
@@ -435,6 +437,7 @@ async fn deadlines_end_slow_requests_and_half_apply_nothing() {
         namespace_id: ns_bytes(&ns),
         keys: keys.iter().map(|k| Bytes::from(k.clone())).collect(),
         regions: Vec::new(),
+        pages: Vec::new(),
     });
     req.set_timeout(Duration::from_millis(300));
     let mut s = raw.get_stream(req).await.expect("stream").into_inner();

@@ -723,6 +723,7 @@ async fn prop_grpc_requests_are_answered_with_field_errors_and_change_nothing_wh
                                         Payload::Len(n) => common::payload("prop", 1, n),
                                     },
                                     region: it.region.as_ref().map(region),
+                                    pages: None,
                                 })
                                 .collect(),
                         })
@@ -736,6 +737,7 @@ async fn prop_grpc_requests_are_answered_with_field_errors_and_change_nothing_wh
                             namespace_id: ns_bytes(n, &registered),
                             keys: keys.iter().map(key_bytes).collect(),
                             regions: regions.iter().map(region).collect(),
+                            pages: Vec::new(),
                         })
                         .await
                         .map(|r| {

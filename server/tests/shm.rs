@@ -297,6 +297,7 @@ async fn malformed_region_requests_are_invalid_and_change_nothing() {
             parent: Bytes::new(),
             payload: Bytes::new(),
             region: Some(wrong_len),
+            pages: None,
         }))
         .await
         .expect_err("wrong length");
@@ -312,6 +313,7 @@ async fn malformed_region_requests_are_invalid_and_change_nothing() {
             parent: Bytes::new(),
             payload: Bytes::from_static(b"x"),
             region: Some(r.to_proto()),
+            pages: None,
         }))
         .await
         .expect_err("payload and region");
@@ -322,6 +324,7 @@ async fn malformed_region_requests_are_invalid_and_change_nothing() {
         namespace_id: ns_bytes.clone(),
         keys,
         regions,
+        pages: Vec::new(),
     };
     let e = raw
         .batch_get(get(

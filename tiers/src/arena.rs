@@ -13,6 +13,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 
+use kvstrata_kernels::PinnedBuffer;
 use memmap2::MmapMut;
 
 /// Alignment of segments inside the region (and so of the first slot of each).
@@ -27,12 +28,21 @@ pub struct SlotRef {
 
 /// A fixed-size, page-aligned memory region shared by the threads of a tier.
 ///
-/// Anonymous memory for now (committed lazily by the OS as slots are first
-/// written); page-locked and memfd-backed regions plug in here later.
+/// Either anonymous memory (committed lazily by the OS as slots are first
+/// written) or a [`PinnedBuffer`] from [`kvstrata_kernels::Gpu::alloc_pinned`]
+/// (page-locked and mapped on CUDA, so copies to and from the GPU run at
+/// PCIe speed and its bytes have a device address).
 pub struct Region {
     ptr: *mut u8,
     len: usize,
-    _map: MmapMut,
+    /// Device address of the first byte, when a device can reach the region.
+    device_base: Option<u64>,
+    backing: Backing,
+}
+
+enum Backing {
+    Anonymous { _map: MmapMut },
+    Pinned(PinnedBuffer),
 }
 
 // SAFETY: the region is plain memory; which thread may touch which bytes is
@@ -50,8 +60,48 @@ impl Region {
         Ok(Region {
             ptr,
             len,
-            _map: map,
+            device_base: None,
+            backing: Backing::Anonymous { _map: map },
         })
+    }
+
+    /// A region over host memory a device reaches (the region owns it and
+    /// frees it on drop). Only the first `len` bytes of the buffer are used.
+    pub fn pinned(buffer: PinnedBuffer, len: usize) -> Self {
+        let len = len.min(buffer.len());
+        Region {
+            ptr: buffer.host_ptr(),
+            len,
+            device_base: Some(buffer.device_ptr()),
+            backing: Backing::Pinned(buffer),
+        }
+    }
+
+    /// Whether the memory is page-locked (a pinned buffer of a CUDA device).
+    pub fn is_page_locked(&self) -> bool {
+        match &self.backing {
+            Backing::Pinned(b) => b.is_page_locked(),
+            Backing::Anonymous { .. } => false,
+        }
+    }
+
+    /// Device address of byte `offset`, when the region comes from a device
+    /// ([`Region::pinned`]).
+    pub fn device_addr(&self, offset: usize) -> Option<u64> {
+        debug_assert!(offset <= self.len);
+        self.device_base.map(|b| b + offset as u64)
+    }
+
+    /// Offset of `data` in the region, if it lies entirely inside.
+    pub fn offset_of(&self, data: &[u8]) -> Option<usize> {
+        let start = (data.as_ptr() as usize).checked_sub(self.ptr as usize)?;
+        (start.checked_add(data.len())? <= self.len).then_some(start)
+    }
+
+    /// Host address of byte `offset`.
+    pub fn host_addr(&self, offset: usize) -> u64 {
+        debug_assert!(offset <= self.len);
+        self.ptr as u64 + offset as u64
     }
 
     pub fn len(&self) -> usize {

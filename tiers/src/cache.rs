@@ -33,6 +33,28 @@
 //! - A put without write-through, and a delete, queue a delete of the
 //!   cluster's copy, so the cluster never serves a version older than a
 //!   put or delete this node completed (see [`crate::remote`]).
+//!
+//! # GPUs (with [`BlockCache::with_gpus`])
+//!
+//! - The host arena is pinned memory of the first CUDA device (page-locked,
+//!   mapped), so copies between it and any device run at PCIe speed.
+//! - With `CacheConfig::hbm`, each device gets an [`HbmTier`] (T0) in front of
+//!   the host tier: lookups, gets, pins and deletes see T0 first; a device's
+//!   T0 demotes its victims into the host tier (see [`crate::hbm`]); `evict`
+//!   moves T0 blocks one tier down, into the host tier.
+//! - T0 copies are never older than the host copy: a put of inline bytes
+//!   (`put_batch`) removes every T0 copy of the key *before* it writes the
+//!   host tier (a T0 demotion checks, under the T0 lock, that its block is
+//!   still live before publishing it in T1, so it can never land after the
+//!   put); [`BlockCache::put_from_device`] removes the key from every tier
+//!   before it publishes the new block in T0; promotions run under the key's
+//!   stripe lock and copy the host tier's current bytes.
+//! - The CUDA-IPC data path: [`BlockCache::put_from_device`] reserves slots,
+//!   lets the caller's gather kernel fill them, checksums and publishes them;
+//!   [`BlockCache::get_to_device`] hands out device addresses of exact bytes
+//!   (T0 slot, pinned host slot, or disk/remote bytes staged in pinned
+//!   memory), held until the caller's scatter has finished, then promotes
+//!   what it served from the host tier (`promote_on_device_get`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -48,7 +70,10 @@ use crate::disk::{DiskError, DiskPut, DiskRead, DiskStats, DiskTier, DiskTierCon
 use crate::disk::{HeaderInspection, VerifyReport};
 use crate::error::CacheError;
 use crate::events::{CacheEvent, EventBus};
-use crate::host::{EvictionSink, Victim};
+use kvstrata_kernels::{Backend, Gpu, GpuError, PinnedBuffer};
+
+use crate::hbm::{HbmRead, HbmSlot, HbmStats, HbmTier, HbmTierConfig};
+use crate::host::{EvictionSink, HostSlot, Victim};
 use crate::host::{HostTier, HostTierConfig};
 use crate::key::BlockKey;
 use crate::movement::{Demoter, MovementConfig, MovementStats};
@@ -66,6 +91,9 @@ pub struct CacheConfig {
     pub disk: Option<DiskTierConfig>,
     /// The remote tier (a Redis/Valkey cluster); `None` (default): none.
     pub remote: Option<RemoteTierConfig>,
+    /// The HBM tier of every GPU given to [`BlockCache::with_gpus`] (bytes
+    /// per device); `None` (default): no HBM tier, even with GPUs.
+    pub hbm: Option<HbmTierConfig>,
     pub movement: MovementConfig,
     /// Longest lease a `Pin` may ask for. Default 10 minutes.
     pub max_lease: Duration,
@@ -79,6 +107,7 @@ impl Default for CacheConfig {
             host: HostTierConfig::default(),
             disk: None,
             remote: None,
+            hbm: None,
             movement: MovementConfig::default(),
             max_lease: Duration::from_secs(600),
             event_buffer: 16384,
@@ -97,6 +126,18 @@ pub enum OpenError {
     Movement(#[source] std::io::Error),
     #[error(transparent)]
     Remote(#[from] RemoteError),
+    #[error("GPU: {0}")]
+    Gpu(#[from] GpuError),
+}
+
+/// Why [`BlockCache::put_from_device`] failed; nothing was stored.
+#[derive(Debug, thiserror::Error)]
+pub enum DevicePutError<E> {
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    /// The caller's `fill` failed.
+    #[error("filling the reserved slots failed")]
+    Fill(#[source] E),
 }
 
 /// One block of a put batch.
@@ -129,6 +170,11 @@ pub struct CacheStats {
     pub movement: Option<MovementStats>,
     /// Remote-tier counters, with a remote tier.
     pub remote: Option<RemoteStats>,
+    /// Each HBM tier's device and movement counters, in the order of its
+    /// `TierKind::Hbm` row in `tiers` (device 0 first).
+    pub hbm: Vec<HbmStats>,
+    /// Whether the host tier is page-locked memory.
+    pub host_pinned: bool,
 }
 
 /// `Inspect`'s answer: metadata plus a checksum computed now.
@@ -188,6 +234,21 @@ impl EvictionSink for HostEvictions {
     }
 }
 
+/// A slot reserved by `put_from_device`.
+enum DeviceSlot {
+    Hbm(HbmSlot),
+    Host(HostSlot),
+}
+
+impl DeviceSlot {
+    fn addr(&self) -> u64 {
+        match self {
+            DeviceSlot::Hbm(s) => s.addr(),
+            DeviceSlot::Host(s) => s.device_addr().unwrap_or(s.host_addr()),
+        }
+    }
+}
+
 /// Stripe locks ordering puts, deletes and promotions of one key.
 const STRIPES: usize = 256;
 
@@ -195,6 +256,9 @@ const STRIPES: usize = 256;
 pub struct BlockCache {
     namespaces: RwLock<HashMap<NamespaceId, Arc<Namespace>>>,
     host: HostTier,
+    /// One per GPU when `config.hbm` is set, indexed by device.
+    hbm: Vec<HbmTier>,
+    gpus: Vec<Gpu>,
     disk: Option<DiskSide>,
     remote: Option<RemoteTier>,
     stripes: Box<[Mutex<()>]>,
@@ -227,9 +291,41 @@ impl BlockCache {
     /// a second per million blocks), starts the demotion writer and restores
     /// the namespaces saved with the disk tier.
     pub fn new(config: CacheConfig) -> Result<Self, OpenError> {
+        Self::with_gpus(config, Vec::new())
+    }
+
+    /// As [`BlockCache::new`], with GPUs: the host arena comes from
+    /// [`Gpu::alloc_pinned`] of the first CUDA device (page-locked; of the
+    /// first device on the CPU backend, ordinary memory), and with
+    /// `config.hbm` every GPU gets an HBM tier of that many bytes. Device
+    /// `i` of the device-side calls is `gpus[i]`. No GPUs: `new`.
+    pub fn with_gpus(config: CacheConfig, gpus: Vec<Gpu>) -> Result<Self, OpenError> {
         let events = Arc::new(EventBus::new(config.event_buffer));
-        let host = HostTier::new(&config.host, Arc::clone(&events)).map_err(OpenError::Host)?;
-        let mut tiers: Vec<Arc<dyn Tier>> = vec![Arc::new(host.clone())];
+        let pin_with = gpus
+            .iter()
+            .find(|g| g.backend() == Backend::Cuda)
+            .or(gpus.first());
+        let host = match pin_with {
+            Some(gpu) => HostTier::new_pinned(&config.host, Arc::clone(&events), gpu)?,
+            None => HostTier::new(&config.host, Arc::clone(&events)).map_err(OpenError::Host)?,
+        };
+        let mut hbm = Vec::new();
+        if let Some(hc) = &config.hbm {
+            for (device, gpu) in gpus.iter().enumerate() {
+                hbm.push(HbmTier::new(
+                    hc,
+                    gpu.clone(),
+                    device,
+                    Some(host.clone()),
+                    Arc::clone(&events),
+                )?);
+            }
+        }
+        let mut tiers: Vec<Arc<dyn Tier>> = hbm
+            .iter()
+            .map(|h| Arc::new(h.clone()) as Arc<dyn Tier>)
+            .collect();
+        tiers.push(Arc::new(host.clone()));
         let mut namespaces = HashMap::new();
         let disk = match &config.disk {
             Some(dc) => {
@@ -265,6 +361,8 @@ impl BlockCache {
         Ok(BlockCache {
             namespaces: RwLock::new(namespaces),
             host,
+            hbm,
+            gpus,
             disk,
             remote,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -285,6 +383,21 @@ impl BlockCache {
     /// The host tier (T1).
     pub fn host(&self) -> &HostTier {
         &self.host
+    }
+
+    /// The HBM tiers (T0), one per GPU when configured, by device.
+    pub fn hbm(&self) -> &[HbmTier] {
+        &self.hbm
+    }
+
+    /// The GPUs the cache was given, by device.
+    pub fn gpus(&self) -> &[Gpu] {
+        &self.gpus
+    }
+
+    /// Whether the host tier is page-locked memory.
+    pub fn host_pinned(&self) -> bool {
+        self.host.is_pinned()
     }
 
     /// The disk tier (T2), if configured.
@@ -497,6 +610,9 @@ impl BlockCache {
                         r.enqueue_delete(ns, &item.key);
                     }
                 }
+                // T0 copies go first: a T0 demotion of the old block can
+                // then no longer publish it in the host tier after this put.
+                self.drop_hbm_copies(ns, &item.key, None);
                 let out = self
                     .host
                     .put(ns, &item.key, item.parent.as_ref(), &item.payload);
@@ -531,7 +647,12 @@ impl BlockCache {
         let namespace = self.namespace("namespace_id", ns)?;
         let mut out: Vec<Option<(Bytes, TierKind)>> = keys
             .iter()
-            .map(|k| self.host.get(ns, k).map(|b| (b, TierKind::Host)))
+            .map(|k| {
+                self.hbm
+                    .iter()
+                    .find_map(|h| h.get(ns, k).map(|b| (b, TierKind::Hbm)))
+                    .or_else(|| self.host.get(ns, k).map(|b| (b, TierKind::Host)))
+            })
             .collect();
         if let Some(d) = &self.disk {
             let missed: Vec<usize> = (0..keys.len()).filter(|&i| out[i].is_none()).collect();
@@ -591,6 +712,254 @@ impl BlockCache {
         }
     }
 
+    /// Removes the key from every HBM tier but `except` (a put's
+    /// replacement rule: no T0 copy may outlive a newer put).
+    fn drop_hbm_copies(&self, ns: &NamespaceId, key: &BlockKey, except: Option<usize>) {
+        for h in &self.hbm {
+            if Some(h.device()) != except {
+                h.remove(ns, key, RemoveReason::Delete);
+            }
+        }
+    }
+
+    fn check_device(&self, device: usize) -> Result<&Gpu, CacheError> {
+        self.gpus.get(device).ok_or_else(|| {
+            CacheError::invalid(
+                "device",
+                format!(
+                    "device {device} does not exist (the daemon has {} GPU{})",
+                    self.gpus.len(),
+                    if self.gpus.len() == 1 { "" } else { "s" }
+                ),
+            )
+        })
+    }
+
+    /// Stores blocks whose bytes a device writes (the CUDA-IPC data path).
+    ///
+    /// Reserves a slot per item — in device `device`'s HBM tier, or in the
+    /// (pinned) host tier when there is no HBM tier or it has no room —
+    /// then calls `fill` once with the device-reachable address of every
+    /// slot, in item order (`block_bytes` of the namespace each). `fill` must
+    /// have written them all, and waited for its copies to complete, when it
+    /// returns. The slots are then read back for their xxh3-64 checksums
+    /// and published; any older version of each key leaves every tier, as
+    /// with [`BlockCache::put_batch`] (and the namespace's write-through
+    /// policies apply).
+    ///
+    /// All or nothing: when some slot cannot be reserved (everything
+    /// evictable is pinned or being read) `fill` is not called and every item
+    /// answers `NoSpace`; when `fill` fails every slot is freed and its error
+    /// returned. Items are validated first (a block cannot be its own
+    /// parent; `device` must exist); an empty batch does not call `fill`.
+    pub fn put_from_device<E>(
+        &self,
+        ns: &NamespaceId,
+        device: usize,
+        items: &[(BlockKey, Option<BlockKey>)],
+        fill: impl FnOnce(&[u64]) -> Result<(), E>,
+    ) -> Result<Vec<PutOutcome>, DevicePutError<E>> {
+        let namespace = self.namespace("namespace_id", ns)?;
+        self.check_device(device)?;
+        for (i, (key, parent)) in items.iter().enumerate() {
+            if parent.as_ref() == Some(key) {
+                return Err(CacheError::invalid(
+                    format!("items[{i}].parent"),
+                    "a block cannot be its own parent",
+                )
+                .into());
+            }
+        }
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let len = namespace.block_bytes as usize;
+        let hbm = self.hbm.get(device);
+        let mut slots: Vec<DeviceSlot> = Vec::with_capacity(items.len());
+        for _ in items {
+            let slot = match hbm.and_then(|h| h.reserve(len)) {
+                Some(s) => Some(DeviceSlot::Hbm(s)),
+                None => self
+                    .host
+                    .reserve(len)
+                    .and_then(|s| s.device_addr().is_some().then_some(DeviceSlot::Host(s))),
+            };
+            match slot {
+                Some(s) => slots.push(s),
+                None => return Ok(vec![PutOutcome::NoSpace; items.len()]),
+            }
+        }
+        let addrs: Vec<u64> = slots.iter().map(DeviceSlot::addr).collect();
+        fill(&addrs).map_err(DevicePutError::Fill)?;
+
+        // Checksums of the T0 slots, read back through pinned memory; their
+        // bytes are kept when a write-through policy needs them.
+        let remote_wt = self
+            .remote
+            .as_ref()
+            .is_some_and(|r| namespace.policy.remote_write_through || r.config().write_through);
+        let disk_wt = self.disk.is_some() && namespace.policy.write_through;
+        let keep = remote_wt || disk_wt;
+        let mut checksums: Vec<Option<u64>> = vec![None; items.len()];
+        let mut copies: Vec<Option<Bytes>> = vec![None; items.len()];
+        if let Some(h) = hbm {
+            let at: Vec<usize> = (0..slots.len())
+                .filter(|&i| matches!(slots[i], DeviceSlot::Hbm(_)))
+                .collect();
+            let hbm_addrs: Vec<u64> = at.iter().map(|&i| addrs[i]).collect();
+            h.read_back(&hbm_addrs, len, |j, bytes| {
+                checksums[at[j]] = Some(xxh3_64(bytes));
+                if keep {
+                    copies[at[j]] = Some(Bytes::copy_from_slice(bytes));
+                }
+            })
+            .map_err(|e| CacheError::device("items", &e))?;
+        }
+
+        let mut out = Vec::with_capacity(items.len());
+        for (i, ((key, parent), slot)) in items.iter().zip(slots).enumerate() {
+            let _stripe = self.stripe(ns, key).lock();
+            // The older version leaves every tier first (T0 first, so no T0
+            // demotion of it can reach the host tier afterwards); then the
+            // new block is published.
+            self.drop_hbm_copies(ns, key, None);
+            self.host.remove(ns, key, RemoveReason::Delete);
+            if let Some(d) = &self.disk {
+                d.demoter.forget(ns, key);
+                if d.tier.contains(ns, key) {
+                    d.tier.remove(ns, key, RemoveReason::Delete);
+                }
+            }
+            if let DeviceSlot::Host(s) = &slot
+                && keep
+            {
+                copies[i] = Some(Bytes::copy_from_slice(s.as_slice()));
+            }
+            // Before the publish, as in `put_batch`: a demotion of the new
+            // block that races with this put then queues its write after this.
+            if let Some(r) = &self.remote {
+                match copies[i].clone().filter(|_| remote_wt) {
+                    Some(bytes) => {
+                        r.enqueue_put(ns, key, parent.as_ref(), bytes, true);
+                    }
+                    None => r.enqueue_delete(ns, key),
+                }
+            }
+            let outcome = match slot {
+                DeviceSlot::Hbm(s) => match (hbm, checksums[i]) {
+                    (Some(h), Some(c)) => h.publish(s, ns, key, parent.as_ref(), c),
+                    _ => PutOutcome::NoSpace,
+                },
+                DeviceSlot::Host(s) => match self.host.publish(s, ns, key, parent.as_ref(), None) {
+                    Ok(_) => PutOutcome::Stored,
+                    Err(_) => PutOutcome::NoSpace,
+                },
+            };
+            if let (Some(d), Some(bytes)) = (&self.disk, copies[i].take().filter(|_| disk_wt)) {
+                d.demoter.write_through(ns, key, parent.as_ref(), bytes);
+            }
+            out.push(outcome);
+        }
+        Ok(out)
+    }
+
+    /// Lends device-reachable addresses of the exact bytes of `keys` to
+    /// `use_blocks` (the CUDA-IPC data path: the caller scatters from them
+    /// into an engine's pages and waits for its copies before returning).
+    ///
+    /// For each key, `Some((address, tier))` of `block_bytes` bytes, or
+    /// `None` for a miss: device `device`'s HBM slot (held by a reader
+    /// count), else the pinned host slot (held likewise), else the bytes of
+    /// another device's HBM tier, the disk or the remote tier staged in one
+    /// pinned buffer from [`Gpu::alloc_pinned`]. Every address stays valid
+    /// and unchanged until `use_blocks` returns. Afterwards, with the HBM
+    /// tier's `promote_on_device_get`, the blocks now in the host tier are
+    /// copied into device `device`'s HBM tier.
+    ///
+    /// Checksums: staged bytes were verified by their tier's read path (the
+    /// disk and remote tiers check theirs, an HBM tier's `get` checks its
+    /// copy); a slot lent in place is the one published with its checksum
+    /// and never written while lent, and is not re-hashed (that would cost
+    /// a read-back of every block).
+    pub fn get_to_device<R>(
+        &self,
+        ns: &NamespaceId,
+        device: usize,
+        keys: &[BlockKey],
+        use_blocks: impl FnOnce(&[Option<(u64, TierKind)>]) -> R,
+    ) -> Result<R, CacheError> {
+        self.namespace("namespace_id", ns)?;
+        let gpu = self.check_device(device)?;
+        let hbm = self.hbm.get(device);
+        let mut addrs: Vec<Option<(u64, TierKind)>> = vec![None; keys.len()];
+        let mut hbm_reads: Vec<HbmRead> = Vec::new();
+        let mut host_reads: Vec<Bytes> = Vec::new();
+        let mut missed: Vec<usize> = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            if let Some(read) = hbm.and_then(|h| h.acquire(ns, k)) {
+                addrs[i] = Some((read.addr(), TierKind::Hbm));
+                hbm_reads.push(read);
+                continue;
+            }
+            if let Some(bytes) = self.host.get(ns, k)
+                && let Some(addr) = self.host.device_addr(&bytes)
+            {
+                addrs[i] = Some((addr, TierKind::Host));
+                host_reads.push(bytes);
+                continue;
+            }
+            missed.push(i);
+        }
+        // The rest through the ordinary read path, staged in pinned memory.
+        let mut staging: Option<PinnedBuffer> = None;
+        if !missed.is_empty() {
+            let miss_keys: Vec<BlockKey> = missed.iter().map(|&i| keys[i]).collect();
+            let found = self.get_batch(ns, &miss_keys)?;
+            let total: usize = found.iter().flatten().map(|(b, _)| b.len()).sum();
+            if total > 0 {
+                let mut buf = gpu
+                    .alloc_pinned(total)
+                    .map_err(|e| CacheError::device("keys", &e))?;
+                let base = buf.device_ptr();
+                let bytes = buf.as_mut_slice();
+                let mut at = 0;
+                for (&i, hit) in missed.iter().zip(&found) {
+                    if let Some((b, tier)) = hit {
+                        bytes[at..at + b.len()].copy_from_slice(b);
+                        addrs[i] = Some((base + at as u64, *tier));
+                        at += b.len();
+                    }
+                }
+                staging = Some(buf);
+            }
+        }
+        let result = use_blocks(&addrs);
+        drop(hbm_reads);
+        drop(host_reads);
+        drop(staging);
+        if let Some(h) = hbm.filter(|h| h.config().promote_on_device_get) {
+            for (i, k) in keys.iter().enumerate() {
+                if addrs[i].is_some_and(|(_, t)| t != TierKind::Hbm) {
+                    self.promote_to_hbm(h, ns, k);
+                }
+            }
+        }
+        Ok(result)
+    }
+
+    /// Copies a host-resident block into an HBM tier, unless that tier has
+    /// the key already. Under the key's stripe lock, so no put or delete
+    /// interleaves: the bytes copied are the host tier's current ones.
+    fn promote_to_hbm(&self, h: &HbmTier, ns: &NamespaceId, key: &BlockKey) {
+        let _stripe = self.stripe(ns, key).lock();
+        if h.contains(ns, key) {
+            return;
+        }
+        if let Some((bytes, meta)) = self.host.get_with_meta(ns, key) {
+            h.promote(ns, key, meta.parent.as_ref(), &bytes, meta.checksum);
+        }
+    }
+
     /// Deletes keys from every tier; returns how many blocks were removed.
     pub fn delete(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Result<u32, CacheError> {
         self.namespace("namespace_id", ns)?;
@@ -632,15 +1001,15 @@ impl BlockCache {
     ) -> Result<(u32, u32), CacheError> {
         self.namespace("namespace_id", ns)?;
         let keys: Vec<BlockKey> = if all {
-            let mut v = self.host.keys_of(ns);
+            let mut v = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            let mut sources: Vec<&dyn Tier> = self.hbm.iter().map(|h| h as &dyn Tier).collect();
+            sources.push(&self.host);
             if let Some(d) = &self.disk {
-                let in_host: std::collections::HashSet<BlockKey> = v.iter().copied().collect();
-                v.extend(
-                    d.tier
-                        .keys_of(ns)
-                        .into_iter()
-                        .filter(|k| !in_host.contains(k)),
-                );
+                sources.push(&d.tier);
+            }
+            for t in sources {
+                v.extend(t.keys_of(ns).into_iter().filter(|k| seen.insert(*k)));
             }
             v
         } else {
@@ -659,6 +1028,19 @@ impl BlockCache {
 
     fn evict_one(&self, ns: &NamespaceId, key: &BlockKey) -> RemoveOutcome {
         let _stripe = self.stripe(ns, key).lock();
+        // In T0: one tier down is the host tier.
+        let in_hbm: Vec<&HbmTier> = self.hbm.iter().filter(|h| h.contains(ns, key)).collect();
+        if !in_hbm.is_empty() {
+            let mut out = RemoveOutcome::Missing;
+            for h in in_hbm {
+                match h.demote(ns, key) {
+                    RemoveOutcome::Pinned => return RemoveOutcome::Pinned,
+                    RemoveOutcome::Removed => out = RemoveOutcome::Removed,
+                    RemoveOutcome::Missing => {}
+                }
+            }
+            return out;
+        }
         let Some(meta) = self.host.meta(ns, key) else {
             return match &self.disk {
                 Some(d) => d.tier.remove(ns, key, RemoveReason::Evict),
@@ -751,7 +1133,9 @@ impl BlockCache {
     }
 
     fn unpin_token(&self, token: &PinToken) {
-        if let Some(t) = self.tiers.iter().find(|t| t.kind() == token.tier) {
+        // Several HBM tiers share a kind; incarnations are disjoint between
+        // tiers, so only the one that issued the token matches it.
+        for t in self.tiers.iter().filter(|t| t.kind() == token.tier) {
             t.unpin(token);
         }
     }
@@ -821,6 +1205,8 @@ impl BlockCache {
             disk: self.disk.as_ref().map(|d| d.tier.disk_stats()),
             movement: self.disk.as_ref().map(|d| d.demoter.stats()),
             remote,
+            hbm: self.hbm.iter().map(|h| h.hbm_stats()).collect(),
+            host_pinned: self.host.is_pinned(),
         }
     }
 
@@ -891,6 +1277,24 @@ impl BlockCache {
             .disk
             .as_ref()
             .and_then(|d| d.tier.inspect_header(ns, key).ok());
+        for h in &self.hbm {
+            if let Some(meta) = h.meta(ns, key)
+                && let Some(read) = h.acquire(ns, key)
+            {
+                let mut payload_xxh3 = None;
+                h.read_back(&[read.addr()], read.len(), |_, b| {
+                    payload_xxh3 = Some(xxh3_64(b))
+                })
+                .map_err(|e| CacheError::device("key", &e))?;
+                if let Some(payload_xxh3) = payload_xxh3 {
+                    return Ok(Some(Inspection {
+                        meta,
+                        payload_xxh3,
+                        disk,
+                    }));
+                }
+            }
+        }
         if let Some(meta) = self.host.meta(ns, key)
             && let Some(bytes) = self.host.get(ns, key)
         {

@@ -38,6 +38,9 @@ pub enum CacheError {
     /// The operation needs a tier the daemon was started without. → `FailedPrecondition`.
     #[error("{field}: the daemon has no {tier} tier (see `kvstrata serve --help`)")]
     TierNotConfigured { field: String, tier: &'static str },
+    /// A GPU operation failed (allocation, copy, stream). → `Internal`.
+    #[error("{field}: GPU operation failed: {reason}")]
+    Device { field: String, reason: String },
 }
 
 impl CacheError {
@@ -46,6 +49,14 @@ impl CacheError {
         CacheError::InvalidArgument {
             field: field.into(),
             reason: reason.into(),
+        }
+    }
+
+    /// A [`CacheError::Device`] naming `field`.
+    pub fn device(field: impl Into<String>, error: &kvstrata_kernels::GpuError) -> Self {
+        CacheError::Device {
+            field: field.into(),
+            reason: error.to_string(),
         }
     }
 
@@ -60,6 +71,7 @@ impl CacheError {
             CacheError::BlockNotCached { .. } | CacheError::TierNotConfigured { .. } => {
                 "FailedPrecondition"
             }
+            CacheError::Device { .. } => "Internal",
         }
     }
 }

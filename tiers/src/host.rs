@@ -20,6 +20,19 @@
 //! holds the least recently used data, so capacity follows recency. With an
 //! [`EvictionSink`] set (the cache's demotion queue), each victim is offered to
 //! it before its slot is reused.
+//!
+//! # Pinned memory
+//!
+//! [`HostTier::new_pinned`] lays the arena over a buffer from
+//! [`Gpu::alloc_pinned`] (page-locked and mapped with CUDA), so the HBM tier's
+//! demotions and promotions and the CUDA-IPC data path copy straight between
+//! a slot and device memory ([`HostTier::device_addr`], [`HostTier::reserve`]).
+//!
+//! # Shared with the HBM tier
+//!
+//! The block index ([`SlotIndex`]: entries, LRU sets, child counts, pins,
+//! readers) is the same for the HBM tier (`hbm.rs`), which adds only a
+//! `draining` state for blocks whose bytes are being copied out.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,6 +42,8 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use slab::Slab;
 use xxhash_rust::xxh3::xxh3_64;
+
+use kvstrata_kernels::{Gpu, GpuError};
 
 use crate::arena::{Region, SlotArena, SlotRef};
 use crate::events::{EventBus, EventKind, PendingEvent};
@@ -82,40 +97,48 @@ pub trait EvictionSink: Send + Sync {
     fn evicted(&self, victim: Victim<'_>);
 }
 
+/// One block of a [`SlotIndex`].
 #[derive(Debug)]
-struct Entry {
-    ns: NamespaceId,
-    key: BlockKey,
-    parent: Option<BlockKey>,
-    slot: SlotRef,
-    len: usize,
-    checksum: u64,
-    tick: u64,
-    last_access: Instant,
-    pins: u32,
-    readers: u32,
+pub(crate) struct Entry {
+    pub(crate) ns: NamespaceId,
+    pub(crate) key: BlockKey,
+    pub(crate) parent: Option<BlockKey>,
+    pub(crate) slot: SlotRef,
+    pub(crate) len: usize,
+    pub(crate) checksum: u64,
+    pub(crate) tick: u64,
+    pub(crate) last_access: Instant,
+    pub(crate) pins: u32,
+    pub(crate) readers: u32,
     /// False once removed from the index while readers still hold its slot.
-    live: bool,
-    incarnation: u64,
+    pub(crate) live: bool,
+    /// Its bytes are being copied out of the slot (HBM demotion): it is no
+    /// eviction candidate, and its slot is not freed until the copy is done.
+    pub(crate) draining: bool,
+    pub(crate) incarnation: u64,
 }
 
-struct Meta {
-    arena: SlotArena,
-    entries: Slab<Entry>,
-    index: HashMap<IndexKey, usize>,
+/// The block index of a slot-arena tier (host and HBM): which block lives in
+/// which slot, LRU order, prefix structure, pins and readers. Lives under the
+/// tier's metadata lock.
+pub(crate) struct SlotIndex {
+    pub(crate) kind: TierKind,
+    pub(crate) arena: SlotArena,
+    pub(crate) entries: Slab<Entry>,
+    pub(crate) index: HashMap<IndexKey, usize>,
     /// Cached blocks per parent key (whether or not the parent is cached).
     child_count: HashMap<IndexKey, u32>,
-    /// Eviction candidates (live, unpinned) per slot size.
+    /// Eviction candidates (live, unpinned, not draining) per slot size.
     sets: LruSets,
     slot_owner: HashMap<SlotRef, usize>,
     tick: u64,
     next_incarnation: u64,
-    pinned_blocks: u64,
+    pub(crate) pinned_blocks: u64,
 }
 
 struct Inner {
     region: Region,
-    meta: Mutex<Meta>,
+    meta: Mutex<SlotIndex>,
     sink: std::sync::OnceLock<Arc<dyn EvictionSink>>,
     counters: TierCounters,
     events: Arc<EventBus>,
@@ -141,27 +164,156 @@ impl HostTier {
     pub fn new(config: &HostTierConfig, events: Arc<EventBus>) -> std::io::Result<Self> {
         let (arena, region_len) = SlotArena::new(config.capacity_bytes, config.segment_bytes);
         let region = Region::anonymous(region_len)?;
-        let meta = Meta {
-            arena,
-            entries: Slab::new(),
-            index: HashMap::new(),
-            child_count: HashMap::new(),
-            sets: LruSets::default(),
-            slot_owner: HashMap::new(),
-            tick: 0,
-            next_incarnation: 1,
-            pinned_blocks: 0,
-        };
-        Ok(HostTier {
+        Ok(Self::with_region(config, events, arena, region))
+    }
+
+    /// Reserves the arena in host memory `gpu` reaches: page-locked (and
+    /// committed at once) on CUDA, anonymous memory on the CPU backend.
+    pub fn new_pinned(
+        config: &HostTierConfig,
+        events: Arc<EventBus>,
+        gpu: &Gpu,
+    ) -> Result<Self, GpuError> {
+        let (arena, region_len) = SlotArena::new(config.capacity_bytes, config.segment_bytes);
+        let region = Region::pinned(gpu.alloc_pinned(region_len)?, region_len);
+        Ok(Self::with_region(config, events, arena, region))
+    }
+
+    fn with_region(
+        config: &HostTierConfig,
+        events: Arc<EventBus>,
+        arena: SlotArena,
+        region: Region,
+    ) -> Self {
+        HostTier {
             inner: Arc::new(Inner {
                 region,
-                meta: Mutex::new(meta),
+                meta: Mutex::new(SlotIndex::new(arena, TierKind::Host, 1)),
                 sink: std::sync::OnceLock::new(),
                 counters: TierCounters::default(),
                 events,
                 capacity: config.capacity_bytes,
             }),
-        })
+        }
+    }
+
+    /// Whether the arena is page-locked memory (a CUDA device's pinned buffer).
+    pub fn is_pinned(&self) -> bool {
+        self.inner.region.is_page_locked()
+    }
+
+    /// Whether a device reaches the arena ([`HostTier::new_pinned`]), so
+    /// [`HostTier::device_addr`] and [`HostSlot::device_addr`] answer.
+    pub fn device_reachable(&self) -> bool {
+        self.inner.region.device_addr(0).is_some()
+    }
+
+    /// Device address of bytes handed out by this tier (a [`Tier::get`]
+    /// result), when a device reaches the arena; `None` for other memory.
+    pub fn device_addr(&self, data: &[u8]) -> Option<u64> {
+        let region = &self.inner.region;
+        region.device_addr(region.offset_of(data)?)
+    }
+
+    /// Reserves a slot of `len` bytes for a writer that fills it itself (a
+    /// device copy, see [`HostSlot::device_addr`]), evicting as a put would.
+    /// Publish it with [`HostTier::publish`]; dropping it frees the slot.
+    pub fn reserve(&self, len: usize) -> Option<HostSlot> {
+        let inner = &*self.inner;
+        let mut events = Vec::new();
+        let reserved = {
+            let mut meta = inner.meta.lock();
+            let sink = inner
+                .sink
+                .get()
+                .map(|s| (&inner.region, s.as_ref() as &dyn EvictionSink));
+            let slot = meta.reserve(len, &mut events, &inner.counters, sink);
+            slot.map(|s| (s, meta.arena.offset(s)))
+        };
+        inner.events.publish(events);
+        match reserved {
+            Some((slot, offset)) => Some(HostSlot {
+                inner: Arc::clone(&self.inner),
+                slot: Some(slot),
+                offset,
+                len,
+            }),
+            None => {
+                TierCounters::add(&inner.counters.rejected_puts, 1);
+                None
+            }
+        }
+    }
+
+    /// [`Tier::get`] and [`Tier::meta`] of one block at once (the metadata
+    /// describes exactly the bytes returned).
+    pub fn get_with_meta(&self, ns: &NamespaceId, key: &BlockKey) -> Option<(Bytes, BlockMeta)> {
+        let inner = &self.inner;
+        let found = {
+            let mut meta = inner.meta.lock();
+            let id = *meta.index.get(&(*ns, *key))?;
+            meta.touch(id);
+            let e = meta.entries.get_mut(id)?;
+            e.readers += 1;
+            let (slot, len) = (e.slot, e.len);
+            let block = meta.entries.get(id).map(|e| meta.meta_of(e))?;
+            (id, meta.arena.offset(slot), len, block)
+        };
+        let (id, offset, len, block) = found;
+        TierCounters::add(&inner.counters.hits, 1);
+        TierCounters::add(&inner.counters.bytes_out, len as u64);
+        let bytes = Bytes::from_owner(ReadGuard {
+            inner: Arc::clone(inner),
+            id,
+            offset,
+            len,
+        });
+        Some((bytes, block))
+    }
+
+    /// Publishes a filled reservation under the key (replacing any block
+    /// stored under it), with the xxh3-64 of the slot's bytes as its
+    /// checksum. With `expected`, a slot whose bytes hash otherwise is freed
+    /// instead and the error says so (a copy that went wrong is never served).
+    pub fn publish(
+        &self,
+        mut slot: HostSlot,
+        ns: &NamespaceId,
+        key: &BlockKey,
+        parent: Option<&BlockKey>,
+        expected: Option<u64>,
+    ) -> Result<u64, ChecksumMismatch> {
+        let inner = &*self.inner;
+        // SAFETY: the slot is reserved for this writer, whose device copy
+        // into it has completed (the caller's contract).
+        let checksum = xxh3_64(unsafe { inner.region.slice(slot.offset, slot.len) });
+        if let Some(expected) = expected
+            && expected != checksum
+        {
+            return Err(ChecksumMismatch {
+                expected,
+                actual: checksum,
+            });
+        }
+        let Some(reserved) = slot.slot.take() else {
+            return Err(ChecksumMismatch {
+                expected: checksum,
+                actual: checksum,
+            });
+        };
+        inner
+            .meta
+            .lock()
+            .publish(ns, key, parent, reserved, slot.len, checksum);
+        TierCounters::add(&inner.counters.bytes_in, slot.len as u64);
+        inner.events.publish([PendingEvent {
+            kind: EventKind::Stored,
+            namespace: *ns,
+            key: *key,
+            parent: parent.copied(),
+            tier: TierKind::Host,
+        }]);
+        Ok(checksum)
     }
 
     /// Sets where pressure evictions go (once; later calls are ignored and
@@ -176,16 +328,34 @@ impl HostTier {
     }
 }
 
-impl Meta {
+impl SlotIndex {
+    /// An empty index over `arena`; incarnations start at `first_incarnation`
+    /// (tiers of one kind use disjoint ranges, so a pin token of one never
+    /// matches a block of another).
+    pub(crate) fn new(arena: SlotArena, kind: TierKind, first_incarnation: u64) -> Self {
+        SlotIndex {
+            kind,
+            arena,
+            entries: Slab::new(),
+            index: HashMap::new(),
+            child_count: HashMap::new(),
+            sets: LruSets::default(),
+            slot_owner: HashMap::new(),
+            tick: 0,
+            next_incarnation: first_incarnation,
+            pinned_blocks: 0,
+        }
+    }
+
     fn is_leaf(&self, ns: &NamespaceId, key: &BlockKey) -> bool {
         self.child_count.get(&(*ns, *key)).copied().unwrap_or(0) == 0
     }
 
-    fn set_insert(&mut self, id: usize) {
+    pub(crate) fn set_insert(&mut self, id: usize) {
         let Some(e) = self.entries.get(id) else {
             return;
         };
-        if !e.live || e.pins > 0 {
+        if !e.live || e.pins > 0 || e.draining {
             return;
         }
         let leaf = self.is_leaf(&e.ns, &e.key);
@@ -193,7 +363,7 @@ impl Meta {
         self.sets.insert(class, tick, id, leaf);
     }
 
-    fn set_remove(&mut self, id: usize) {
+    pub(crate) fn set_remove(&mut self, id: usize) {
         let Some(e) = self.entries.get(id) else {
             return;
         };
@@ -201,7 +371,7 @@ impl Meta {
         self.sets.remove(class, tick);
     }
 
-    fn touch(&mut self, id: usize) {
+    pub(crate) fn touch(&mut self, id: usize) {
         self.set_remove(id);
         self.tick += 1;
         let tick = self.tick;
@@ -240,8 +410,9 @@ impl Meta {
     }
 
     /// Takes a block out of the index. Its slot is freed now, or by its last
-    /// reader. Returns the event to publish.
-    fn unlink(&mut self, id: usize, kind: EventKind) -> Option<PendingEvent> {
+    /// reader (or, while draining, when the copy out of it is done). Returns
+    /// the event to publish.
+    pub(crate) fn unlink(&mut self, id: usize, kind: EventKind) -> Option<PendingEvent> {
         self.set_remove(id);
         let (ns, key, parent, pins) = {
             let e = self.entries.get_mut(id)?;
@@ -264,17 +435,69 @@ impl Meta {
             namespace: ns,
             key,
             parent,
-            tier: TierKind::Host,
+            tier: self.kind,
         })
     }
 
-    fn release_if_unused(&mut self, id: usize) {
-        let free = matches!(self.entries.get(id), Some(e) if !e.live && e.readers == 0);
+    /// Frees the slot of an unlinked block nobody reads or copies out of.
+    pub(crate) fn release_if_unused(&mut self, id: usize) {
+        let free =
+            matches!(self.entries.get(id), Some(e) if !e.live && e.readers == 0 && !e.draining);
         if free {
             let e = self.entries.remove(id);
             self.slot_owner.remove(&e.slot);
             self.arena.free(e.slot);
         }
+    }
+
+    /// Publishes a filled slot under the key, replacing (without an event of
+    /// its own) any block stored under it. Returns the new entry's id.
+    pub(crate) fn publish(
+        &mut self,
+        ns: &NamespaceId,
+        key: &BlockKey,
+        parent: Option<&BlockKey>,
+        slot: SlotRef,
+        len: usize,
+        checksum: u64,
+    ) -> usize {
+        if let Some(&old) = self.index.get(&(*ns, *key)) {
+            // Replaced blocks emit no event of their own: the new STORED says it.
+            let _ = self.unlink(old, EventKind::Deleted);
+        }
+        self.tick += 1;
+        let incarnation = self.next_incarnation;
+        self.next_incarnation += 1;
+        let entry = Entry {
+            ns: *ns,
+            key: *key,
+            parent: parent.copied(),
+            slot,
+            len,
+            checksum,
+            tick: self.tick,
+            last_access: Instant::now(),
+            pins: 0,
+            readers: 0,
+            live: true,
+            draining: false,
+            incarnation,
+        };
+        let id = self.entries.insert(entry);
+        self.slot_owner.insert(slot, id);
+        self.index.insert((*ns, *key), id);
+        if let Some(p) = parent {
+            self.add_child(ns, p);
+        }
+        self.set_insert(id);
+        id
+    }
+
+    /// Whether every block of a segment can be evicted now.
+    fn evictable_now(&self, id: usize) -> bool {
+        self.entries
+            .get(id)
+            .is_some_and(|e| e.live && e.pins == 0 && e.readers == 0 && !e.draining)
     }
 
     /// A segment of another class whose blocks can all be evicted now, with
@@ -292,12 +515,11 @@ impl Meta {
                     segment: seg,
                     index,
                 }) {
-                    match self.entries.get(id) {
-                        Some(e) if e.live && e.pins == 0 && e.readers == 0 => owners.push(id),
-                        _ => {
-                            ok = false;
-                            break;
-                        }
+                    if self.evictable_now(id) {
+                        owners.push(id);
+                    } else {
+                        ok = false;
+                        break;
                     }
                 }
             }
@@ -350,22 +572,22 @@ impl Meta {
         let mut owners = Vec::new();
         for index in 0..self.arena.slots_per_segment(e.len) {
             if let Some(&owner) = self.slot_owner.get(&SlotRef { segment, index }) {
-                match self.entries.get(owner) {
-                    Some(o) if o.live && o.pins == 0 && o.readers == 0 => owners.push(owner),
-                    _ => return None,
+                if !self.evictable_now(owner) {
+                    return None;
                 }
+                owners.push(owner);
             }
         }
         // Slots counted live without an owner are reserved by writers.
         (owners.len() as u32 == self.arena.segment_live(segment)).then_some(owners)
     }
 
-    fn meta_of(&self, e: &Entry) -> BlockMeta {
+    pub(crate) fn meta_of(&self, e: &Entry) -> BlockMeta {
         BlockMeta {
             namespace: e.ns,
             key: e.key,
             parent: e.parent,
-            tier: TierKind::Host,
+            tier: self.kind,
             payload_bytes: e.len as u64,
             children: self.child_count.get(&(e.ns, e.key)).copied().unwrap_or(0),
             pins: e.pins,
@@ -373,16 +595,130 @@ impl Meta {
             checksum: e.checksum,
         }
     }
+
+    pub(crate) fn block_meta(&self, ns: &NamespaceId, key: &BlockKey) -> Option<BlockMeta> {
+        let id = *self.index.get(&(*ns, *key))?;
+        self.entries.get(id).map(|e| self.meta_of(e))
+    }
+
+    /// [`Tier::remove`] under the lock: the outcome and the event to publish.
+    pub(crate) fn remove(
+        &mut self,
+        ns: &NamespaceId,
+        key: &BlockKey,
+        reason: RemoveReason,
+    ) -> (RemoveOutcome, Option<PendingEvent>) {
+        let Some(&id) = self.index.get(&(*ns, *key)) else {
+            return (RemoveOutcome::Missing, None);
+        };
+        let pinned = self.entries.get(id).is_some_and(|e| e.pins > 0);
+        if pinned && reason == RemoveReason::Evict {
+            return (RemoveOutcome::Pinned, None);
+        }
+        let kind = match reason {
+            RemoveReason::Evict => EventKind::Evicted,
+            RemoveReason::Delete => EventKind::Deleted,
+        };
+        (RemoveOutcome::Removed, self.unlink(id, kind))
+    }
+
+    /// [`Tier::pin`] under the lock.
+    pub(crate) fn pin(
+        &mut self,
+        ns: &NamespaceId,
+        keys: &[BlockKey],
+    ) -> Result<Vec<PinToken>, usize> {
+        let mut ids = Vec::with_capacity(keys.len());
+        for (i, k) in keys.iter().enumerate() {
+            match self.index.get(&(*ns, *k)) {
+                Some(&id) => ids.push(id),
+                None => return Err(i),
+            }
+        }
+        let mut tokens = Vec::with_capacity(ids.len());
+        for id in ids {
+            self.set_remove(id);
+            let mut newly_pinned = false;
+            if let Some(e) = self.entries.get_mut(id) {
+                e.pins += 1;
+                newly_pinned = e.pins == 1;
+                tokens.push(PinToken {
+                    namespace: e.ns,
+                    key: e.key,
+                    tier: self.kind,
+                    incarnation: e.incarnation,
+                });
+            }
+            if newly_pinned {
+                self.pinned_blocks += 1;
+            }
+        }
+        Ok(tokens)
+    }
+
+    /// [`Tier::unpin`] under the lock.
+    pub(crate) fn unpin(&mut self, token: &PinToken) {
+        let Some(&id) = self.index.get(&(token.namespace, token.key)) else {
+            return;
+        };
+        let mut now_free = false;
+        if let Some(e) = self.entries.get_mut(id) {
+            if e.incarnation != token.incarnation || e.pins == 0 {
+                return;
+            }
+            e.pins -= 1;
+            now_free = e.pins == 0;
+        }
+        if now_free {
+            self.pinned_blocks -= 1;
+            self.set_insert(id);
+        }
+    }
+
+    /// [`Tier::list`] under the lock.
+    pub(crate) fn list(
+        &self,
+        ns: Option<&NamespaceId>,
+        cursor: u64,
+        limit: usize,
+    ) -> (Vec<BlockMeta>, Option<u64>) {
+        let mut out = Vec::new();
+        let end = self.entries.capacity();
+        let mut pos = cursor as usize;
+        while pos < end {
+            if out.len() >= limit {
+                return (out, Some(pos as u64));
+            }
+            if let Some(e) = self.entries.get(pos)
+                && e.live
+                && ns.is_none_or(|n| *n == e.ns)
+            {
+                out.push(self.meta_of(e));
+            }
+            pos += 1;
+        }
+        (out, None)
+    }
+
+    /// [`Tier::keys_of`] under the lock.
+    pub(crate) fn keys_of(&self, ns: &NamespaceId) -> Vec<BlockKey> {
+        self.index
+            .keys()
+            .filter(|(n, _)| n == ns)
+            .map(|(_, k)| *k)
+            .collect()
+    }
 }
 
-/// A slot reserved by a writer; freed on drop unless published.
-impl Evictable for Meta {
+impl Evictable for SlotIndex {
     fn sets(&self) -> &LruSets {
         &self.sets
     }
 
     fn idle(&self, id: usize) -> bool {
-        self.entries.get(id).is_some_and(|e| e.readers == 0)
+        self.entries
+            .get(id)
+            .is_some_and(|e| e.readers == 0 && !e.draining)
     }
 
     /// Every segment holds slots up to the segment size: any class fits.
@@ -395,12 +731,69 @@ impl Evictable for Meta {
     }
 }
 
-struct Reservation<'a> {
-    inner: &'a Inner,
-    slot: Option<SlotRef>,
+/// A publish refused because the slot's bytes do not hash to the checksum
+/// the block was stored with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("slot bytes hash to {actual:#018x}, expected {expected:#018x}")]
+pub struct ChecksumMismatch {
+    pub expected: u64,
+    pub actual: u64,
 }
 
-impl Drop for Reservation<'_> {
+/// A host-tier slot reserved by a writer ([`HostTier::reserve`]); freed on
+/// drop unless published ([`HostTier::publish`]).
+pub struct HostSlot {
+    inner: Arc<Inner>,
+    slot: Option<SlotRef>,
+    offset: usize,
+    len: usize,
+}
+
+impl std::fmt::Debug for HostSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostSlot")
+            .field("offset", &self.offset)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl HostSlot {
+    /// Bytes the slot holds.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Device address of the slot, when a device reaches the arena.
+    pub fn device_addr(&self) -> Option<u64> {
+        self.inner.region.device_addr(self.offset)
+    }
+
+    /// Host address of the slot (a valid source or destination of
+    /// [`kvstrata_kernels::GpuStream::copy`], which accepts host memory).
+    pub fn host_addr(&self) -> u64 {
+        self.inner.region.host_addr(self.offset)
+    }
+
+    /// The slot's bytes (complete once the writer's copy into it has).
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the slot is reserved for this holder alone and lies in the region.
+        unsafe { self.inner.region.slice(self.offset, self.len) }
+    }
+
+    /// The slot's bytes, for writing.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the slot is reserved for this writer alone (`&mut self`)
+        // and lies in the region.
+        unsafe { self.inner.region.slice_mut(self.offset, self.len) }
+    }
+}
+
+impl Drop for HostSlot {
     fn drop(&mut self) {
         if let Some(slot) = self.slot.take() {
             self.inner.meta.lock().arena.free(slot);
@@ -451,72 +844,14 @@ impl Tier for HostTier {
         parent: Option<&BlockKey>,
         payload: &[u8],
     ) -> PutOutcome {
-        let inner = &*self.inner;
-        let len = payload.len();
-        let mut events = Vec::new();
-        let reserved = {
-            let mut meta = inner.meta.lock();
-            let sink = inner
-                .sink
-                .get()
-                .map(|s| (&inner.region, s.as_ref() as &dyn EvictionSink));
-            let slot = meta.reserve(len, &mut events, &inner.counters, sink);
-            slot.map(|s| (s, meta.arena.offset(s)))
-        };
-        let Some((slot, offset)) = reserved else {
-            inner.events.publish(events);
-            TierCounters::add(&inner.counters.rejected_puts, 1);
+        let Some(mut slot) = self.reserve(payload.len()) else {
             return PutOutcome::NoSpace;
         };
-        let mut reservation = Reservation {
-            inner,
-            slot: Some(slot),
-        };
-        // SAFETY: the slot is reserved for this writer alone and lies in the region.
-        unsafe { inner.region.slice_mut(offset, len) }.copy_from_slice(payload);
-        let checksum = xxh3_64(payload);
-        {
-            let mut meta = inner.meta.lock();
-            reservation.slot = None;
-            if let Some(&old) = meta.index.get(&(*ns, *key)) {
-                // Replaced blocks emit no event of their own: the new STORED says it.
-                let _ = meta.unlink(old, EventKind::Deleted);
-            }
-            meta.tick += 1;
-            let incarnation = meta.next_incarnation;
-            meta.next_incarnation += 1;
-            let entry = Entry {
-                ns: *ns,
-                key: *key,
-                parent: parent.copied(),
-                slot,
-                len,
-                checksum,
-                tick: meta.tick,
-                last_access: Instant::now(),
-                pins: 0,
-                readers: 0,
-                live: true,
-                incarnation,
-            };
-            let id = meta.entries.insert(entry);
-            meta.slot_owner.insert(slot, id);
-            meta.index.insert((*ns, *key), id);
-            if let Some(p) = parent {
-                meta.add_child(ns, p);
-            }
-            meta.set_insert(id);
+        slot.as_mut_slice().copy_from_slice(payload);
+        match self.publish(slot, ns, key, parent, None) {
+            Ok(_) => PutOutcome::Stored,
+            Err(_) => PutOutcome::NoSpace,
         }
-        TierCounters::add(&inner.counters.bytes_in, len as u64);
-        events.push(PendingEvent {
-            kind: EventKind::Stored,
-            namespace: *ns,
-            key: *key,
-            parent: parent.copied(),
-            tier: TierKind::Host,
-        });
-        inner.events.publish(events);
-        PutOutcome::Stored
     }
 
     fn get(&self, ns: &NamespaceId, key: &BlockKey) -> Option<Bytes> {
@@ -559,81 +894,24 @@ impl Tier for HostTier {
 
     fn remove(&self, ns: &NamespaceId, key: &BlockKey, reason: RemoveReason) -> RemoveOutcome {
         let inner = &self.inner;
-        let event = {
-            let mut meta = inner.meta.lock();
-            let Some(&id) = meta.index.get(&(*ns, *key)) else {
-                return RemoveOutcome::Missing;
-            };
-            let pinned = meta.entries.get(id).is_some_and(|e| e.pins > 0);
-            if pinned && reason == RemoveReason::Evict {
-                return RemoveOutcome::Pinned;
-            }
-            let kind = match reason {
-                RemoveReason::Evict => EventKind::Evicted,
-                RemoveReason::Delete => EventKind::Deleted,
-            };
-            meta.unlink(id, kind)
-        };
-        if reason == RemoveReason::Evict {
+        let (outcome, event) = inner.meta.lock().remove(ns, key, reason);
+        if outcome == RemoveOutcome::Removed && reason == RemoveReason::Evict {
             TierCounters::add(&inner.counters.evictions, 1);
         }
         inner.events.publish(event);
-        RemoveOutcome::Removed
+        outcome
     }
 
     fn pin(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Result<Vec<PinToken>, usize> {
-        let mut meta = self.inner.meta.lock();
-        let mut ids = Vec::with_capacity(keys.len());
-        for (i, k) in keys.iter().enumerate() {
-            match meta.index.get(&(*ns, *k)) {
-                Some(&id) => ids.push(id),
-                None => return Err(i),
-            }
-        }
-        let mut tokens = Vec::with_capacity(ids.len());
-        for id in ids {
-            meta.set_remove(id);
-            let mut newly_pinned = false;
-            if let Some(e) = meta.entries.get_mut(id) {
-                e.pins += 1;
-                newly_pinned = e.pins == 1;
-                tokens.push(PinToken {
-                    namespace: e.ns,
-                    key: e.key,
-                    tier: TierKind::Host,
-                    incarnation: e.incarnation,
-                });
-            }
-            if newly_pinned {
-                meta.pinned_blocks += 1;
-            }
-        }
-        Ok(tokens)
+        self.inner.meta.lock().pin(ns, keys)
     }
 
     fn unpin(&self, token: &PinToken) {
-        let mut meta = self.inner.meta.lock();
-        let Some(&id) = meta.index.get(&(token.namespace, token.key)) else {
-            return;
-        };
-        let mut now_free = false;
-        if let Some(e) = meta.entries.get_mut(id) {
-            if e.incarnation != token.incarnation || e.pins == 0 {
-                return;
-            }
-            e.pins -= 1;
-            now_free = e.pins == 0;
-        }
-        if now_free {
-            meta.pinned_blocks -= 1;
-            meta.set_insert(id);
-        }
+        self.inner.meta.lock().unpin(token)
     }
 
     fn meta(&self, ns: &NamespaceId, key: &BlockKey) -> Option<BlockMeta> {
-        let meta = self.inner.meta.lock();
-        let id = *meta.index.get(&(*ns, *key))?;
-        meta.entries.get(id).map(|e| meta.meta_of(e))
+        self.inner.meta.lock().block_meta(ns, key)
     }
 
     fn list(
@@ -642,32 +920,11 @@ impl Tier for HostTier {
         cursor: u64,
         limit: usize,
     ) -> (Vec<BlockMeta>, Option<u64>) {
-        let meta = self.inner.meta.lock();
-        let mut out = Vec::new();
-        let end = meta.entries.capacity();
-        let mut pos = cursor as usize;
-        while pos < end {
-            if out.len() >= limit {
-                return (out, Some(pos as u64));
-            }
-            if let Some(e) = meta.entries.get(pos)
-                && e.live
-                && ns.is_none_or(|n| *n == e.ns)
-            {
-                out.push(meta.meta_of(e));
-            }
-            pos += 1;
-        }
-        (out, None)
+        self.inner.meta.lock().list(ns, cursor, limit)
     }
 
     fn keys_of(&self, ns: &NamespaceId) -> Vec<BlockKey> {
-        let meta = self.inner.meta.lock();
-        meta.index
-            .keys()
-            .filter(|(n, _)| n == ns)
-            .map(|(_, k)| *k)
-            .collect()
+        self.inner.meta.lock().keys_of(ns)
     }
 
     fn stats(&self) -> TierStats {

@@ -5,6 +5,12 @@
 //! Data path: [`BlockCache::put_batch`] → [`Tier::put`] of the
 //! [`HostTier`] → [`arena::SlotArena`] reservation, copy, publish;
 //! [`BlockCache::get_batch`] → [`Tier::get`] → a `Bytes` that borrows the slot.
+//!
+//! With GPUs ([`BlockCache::with_gpus`]): an [`HbmTier`] per device in front
+//! of the host tier, whose arena is then pinned memory; the CUDA-IPC data
+//! path goes through [`BlockCache::put_from_device`] and
+//! [`BlockCache::get_to_device`]. [`selfcheck`] runs the HBM scenario on any
+//! backend.
 
 pub mod arena;
 pub mod cache;
@@ -12,22 +18,28 @@ pub mod disk;
 pub mod error;
 pub mod events;
 mod eviction;
+pub mod hbm;
 pub mod host;
 pub mod key;
 pub mod movement;
 pub mod namespace;
 pub mod remote;
+pub mod selfcheck;
 pub mod tier;
 
-pub use cache::{BlockCache, CacheConfig, CacheStats, Inspection, LeaseInfo, OpenError, PutBlock};
+pub use cache::{
+    BlockCache, CacheConfig, CacheStats, DevicePutError, Inspection, LeaseInfo, OpenError, PutBlock,
+};
 pub use disk::{
     DiskError, DiskFileConfig, DiskPut, DiskStats, DiskTier, DiskTierConfig, Durability,
     EngineChoice, FaultPlan, HeaderInspection, VerifyReport,
 };
 pub use error::CacheError;
 pub use events::{CacheEvent, EventBus, EventKind};
-pub use host::{EvictionSink, HostTier, HostTierConfig, Victim};
+pub use hbm::{HbmRead, HbmSlot, HbmStats, HbmTier, HbmTierConfig};
+pub use host::{ChecksumMismatch, EvictionSink, HostSlot, HostTier, HostTierConfig, Victim};
 pub use key::{BlockKey, MAX_KEY_BYTES};
+pub use kvstrata_kernels::Gpu;
 pub use movement::{MovementConfig, MovementStats};
 pub use namespace::{Dtype, Layout, Namespace, NamespaceId, NamespacePolicy, NamespaceSpec};
 pub use remote::{RemoteError, RemoteStats, RemoteTier, RemoteTierConfig};

@@ -77,12 +77,30 @@ pub fn run_gpu_check(
     );
     let mut rows = Vec::new();
     check::kernels::kernel_checks(&gpu, args.rounds, &mut rows);
+    check::check(
+        &mut rows,
+        "hbm tier: round trips under demotion/promotion pressure",
+        || kvstrata_tiers::selfcheck::hbm_round_trips(gpu.clone()),
+    );
     extra(&gpu, &mut rows);
     let (bench, threshold) = if args.no_bench || info.backend == Backend::Cpu {
         (Vec::new(), None)
     } else {
         match check::bench::run(&gpu, args.bench_bytes.as_u64(), args.repeat.max(1)) {
-            Ok(r) => r,
+            Ok((mut r, t)) => {
+                let ceiling = |name: &str| {
+                    r.iter()
+                        .find(|b| b.path.contains(name))
+                        .map(|b| b.gb_per_s)
+                        .unwrap_or(f64::NAN)
+                };
+                let ceilings = (ceiling("pinned H2D"), ceiling("pinned D2H"));
+                match tier_movement_bench(&gpu, args.bench_bytes.as_u64(), ceilings) {
+                    Ok(rows) => r.extend(rows),
+                    Err(e) => eprintln!("tier movement benchmark failed: {e}"),
+                }
+                (r, t)
+            }
             Err(e) => {
                 rows.push(CheckRow {
                     name: "benchmarks ran".to_string(),
@@ -103,4 +121,113 @@ pub fn run_gpu_check(
         std::fs::write(path, json).map_err(|e| format!("writing {}: {e}", path.display()))?;
     }
     Ok(report)
+}
+
+/// T0↔T1 through the cache: fill a device's HBM tier with model-sized
+/// blocks (gathered from a device buffer by `put_from_device`), time an
+/// `evict` of all of them (demotion T0→T1: device→pinned copies, then each
+/// block published in the host tier after its checksum is checked), then a
+/// `get_to_device` of all of them from the host tier with promotion on
+/// (T1→T0: pinned→device copies). GB/s of payload, ratio to the pinned
+/// ceilings measured in the same run.
+pub fn tier_movement_bench(
+    gpu: &Gpu,
+    bytes: u64,
+    ceilings: (f64, f64),
+) -> Result<Vec<kvstrata_kernels::check::BenchRow>, String> {
+    use kvstrata_tiers::{
+        BlockCache, CacheConfig, Dtype, HbmTierConfig, HostTierConfig, NamespaceSpec,
+    };
+    let block_tokens = 32u32;
+    let spec =
+        NamespaceSpec::layer_major("gpu-check-movement", 30, 3, 64, Dtype::F16, block_tokens);
+    let block = 30u64 * 2 * block_tokens as u64 * 3 * 64 * 2;
+    let n = (bytes / block).max(1) as usize;
+    let config = CacheConfig {
+        host: HostTierConfig {
+            capacity_bytes: 2 * n as u64 * block,
+            ..HostTierConfig::default()
+        },
+        hbm: Some(HbmTierConfig {
+            capacity_bytes: n as u64 * block + (64 << 20),
+            ..HbmTierConfig::default()
+        }),
+        ..CacheConfig::default()
+    };
+    let cache = BlockCache::with_gpus(config, vec![gpu.clone()]).map_err(|e| e.to_string())?;
+    let (ns, _) = cache.register_namespace(spec).map_err(|e| e.to_string())?;
+    let ns = ns.id;
+    let source = gpu
+        .alloc_device(block as usize)
+        .map_err(|e| e.to_string())?;
+    let stream = gpu.stream().map_err(|e| e.to_string())?;
+    {
+        let mut seed = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(rand::random());
+        let data = kvstrata_kernels::check::kernels::random_bytes(&mut seed, block as usize);
+        // SAFETY: `data` lives until the synchronize.
+        unsafe { stream.copy(source.ptr(), data.as_ptr() as u64, block) }
+            .map_err(|e| e.to_string())?;
+        stream.synchronize().map_err(|e| e.to_string())?;
+    }
+    let keys: Vec<kvstrata_tiers::BlockKey> = (0..n)
+        .map(|i| {
+            kvstrata_tiers::BlockKey::new("key", &(i as u64).to_le_bytes())
+                .map_err(|e| e.to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    for chunk in keys.chunks(64) {
+        let items: Vec<_> = chunk.iter().map(|k| (*k, None)).collect();
+        let out = cache
+            .put_from_device(&ns, 0, &items, |addrs| {
+                let ops: Vec<kvstrata_kernels::CopyOp> = addrs
+                    .iter()
+                    .map(|&dst| kvstrata_kernels::CopyOp {
+                        src: source.ptr(),
+                        dst,
+                        len: block,
+                    })
+                    .collect();
+                // SAFETY: every slot address holds `block` bytes, reserved for this fill.
+                unsafe { stream.batched_copy(&ops) }?;
+                stream.record()?.wait()
+            })
+            .map_err(|e| format!("{e:?}"))?;
+        if out.iter().any(|o| *o != kvstrata_tiers::PutOutcome::Stored) {
+            return Err("the HBM tier refused a block".to_string());
+        }
+    }
+    let t = std::time::Instant::now();
+    let (evicted, _) = cache.evict(&ns, &[], true).map_err(|e| e.to_string())?;
+    let demote = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    let found = cache
+        .get_to_device(&ns, 0, &keys, |blocks| {
+            blocks.iter().filter(|b| b.is_some()).count()
+        })
+        .map_err(|e| e.to_string())?;
+    let promote = t.elapsed().as_secs_f64();
+    if evicted as usize != n || found != n {
+        return Err(format!("{evicted} demoted and {found} found of {n} blocks"));
+    }
+    let moved = (n as u64 * block) as f64;
+    Ok(vec![
+        kvstrata_kernels::check::BenchRow {
+            path: "hbm tier demotion T0->T1 (evict all)".to_string(),
+            block: kvstrata_kernels::check::human(block),
+            gb_per_s: moved / demote / 1e9,
+            ceiling: "pinned D2H".to_string(),
+            ceiling_gb_per_s: ceilings.1,
+            ratio: moved / demote / 1e9 / ceilings.1,
+            counted: "payload, wall clock".to_string(),
+        },
+        kvstrata_kernels::check::BenchRow {
+            path: "hbm tier promotion T1->T0 (get_to_device)".to_string(),
+            block: kvstrata_kernels::check::human(block),
+            gb_per_s: moved / promote / 1e9,
+            ceiling: "pinned H2D".to_string(),
+            ceiling_gb_per_s: ceilings.0,
+            ratio: moved / promote / 1e9 / ceilings.0,
+            counted: "payload, wall clock".to_string(),
+        },
+    ])
 }

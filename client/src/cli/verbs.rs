@@ -137,6 +137,27 @@ async fn stats(c: &Client, g: &GlobalArgs) -> Result<(), CliError> {
             "pools": s.pools,
             "pool_bytes": s.pool_bytes,
             "remote": s.remote.as_ref().map(out::remote_json),
+            "gpus": s.gpus.iter().map(|d| json!({
+                "ordinal": d.ordinal,
+                "name": d.name,
+                "compute_capability": format!("{}.{}", d.compute_major, d.compute_minor),
+                "total_bytes": d.total_bytes,
+                "multiprocessors": d.multiprocessors,
+                "hbm_bytes": d.hbm_bytes,
+            })).collect::<Vec<_>>(),
+            "gpu_status": s.gpu_status,
+            "kv_regions": s.kv_regions.iter().map(|r| json!({
+                "region_id": r.region_id,
+                "name": r.name,
+                "kind": r.kind,
+                "device": r.device,
+                "bytes": r.bytes,
+                "layout": r.layout,
+                "num_pages": r.num_pages,
+                "chunk_bytes": r.chunk_bytes,
+                "bytes_gathered": r.bytes_gathered,
+                "bytes_scattered": r.bytes_scattered,
+            })).collect::<Vec<_>>(),
         }));
     }
     let mut t = out::table(
@@ -222,6 +243,51 @@ async fn stats(c: &Client, g: &GlobalArgs) -> Result<(), CliError> {
             } else {
                 format!("  last error: {}", r.last_error)
             }
+        ))?;
+    }
+    if s.gpus.is_empty() {
+        line(format!(
+            "gpu: none{}",
+            if s.gpu_status.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", s.gpu_status)
+            }
+        ))?;
+    }
+    for d in &s.gpus {
+        line(format!(
+            "gpu {}: {}  compute {}.{}  memory {}  SMs {}  HBM tier {}",
+            d.ordinal,
+            d.name,
+            d.compute_major,
+            d.compute_minor,
+            out::size(d.total_bytes),
+            d.multiprocessors,
+            out::size(d.hbm_bytes)
+        ))?;
+    }
+    line(format!(
+        "kv regions: {} ({})",
+        s.kv_regions.len(),
+        out::size(s.kv_regions.iter().map(|r| r.bytes).sum())
+    ))?;
+    for r in &s.kv_regions {
+        line(format!(
+            "  region {} {:?}: {}{}  {}  {} pages  {}  gathered {}  scattered {}",
+            r.region_id,
+            r.name,
+            r.kind,
+            if r.kind == "cuda-ipc" {
+                format!(" (device {})", r.device)
+            } else {
+                String::new()
+            },
+            r.layout,
+            r.num_pages,
+            out::size(r.bytes),
+            out::size(r.bytes_gathered),
+            out::size(r.bytes_scattered)
         ))?;
     }
     line(format!(

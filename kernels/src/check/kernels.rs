@@ -80,7 +80,8 @@ impl Buf {
     }
 }
 
-pub(crate) fn random_bytes(rng: &mut StdRng, n: usize) -> Vec<u8> {
+/// `n` random bytes.
+pub fn random_bytes(rng: &mut StdRng, n: usize) -> Vec<u8> {
     let mut v = vec![0u8; n];
     rng.fill_bytes(&mut v);
     v

@@ -37,7 +37,7 @@ use io_uring::{IoUring, Probe, opcode, squeue, types};
 use parking_lot::{Condvar, Mutex, RwLock};
 use slab::Slab;
 
-use super::file::{ALIGN, AlignedBuf};
+use super::file::{ALIGN, AlignedBuf, BufPool};
 
 /// Which engine to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -217,6 +217,11 @@ impl Job {
 pub trait IoEngine: Send + Sync {
     /// "io_uring" or "pread".
     fn name(&self) -> &'static str;
+    /// Whether transfers from the buffer pool's region use registered
+    /// (fixed) buffers.
+    fn fixed_buffers(&self) -> bool {
+        false
+    }
     /// Starts the jobs (all of them together where the engine can).
     fn submit(&self, jobs: Vec<Job>);
 }
@@ -614,9 +619,34 @@ impl UringShared {
 /// io_uring on a dedicated ring thread: callers queue jobs and wake the
 /// thread through an eventfd; the thread keeps up to `depth` operations in
 /// flight and completes tickets as completions arrive.
+///
+/// Started with a [`BufPool`] that has a region ([`BufPool::with_arena`]),
+/// the engine registers that region with the ring as fixed buffer 0, and
+/// every transfer whose buffer lies inside it is a `READ_FIXED` /
+/// `WRITE_FIXED`: the kernel pinned those pages once, at registration,
+/// instead of pinning and unpinning them for every `O_DIRECT` transfer.
+/// Buffers outside the region (the pool's heap overflow) use plain
+/// `READ`/`WRITE`. If registration fails (`RLIMIT_MEMLOCK` for an
+/// unprivileged process, an old kernel), everything uses plain transfers.
 pub struct UringEngine {
     shared: Arc<UringShared>,
     thread: Option<JoinHandle<()>>,
+    fixed: bool,
+}
+
+/// The pool region registered as fixed buffer 0. Holds the pool, so the
+/// region outlives the ring.
+struct FixedRegion {
+    start: usize,
+    len: usize,
+    _pool: Arc<BufPool>,
+}
+
+impl FixedRegion {
+    fn covers(&self, ptr: *const u8, len: usize) -> bool {
+        let p = ptr as usize;
+        p >= self.start && p + len <= self.start + self.len
+    }
 }
 
 struct InFlight {
@@ -630,8 +660,18 @@ struct InFlight {
 }
 
 impl UringEngine {
-    /// Sets up a ring of `depth` entries and starts its thread.
+    /// Sets up a ring of `depth` entries and starts its thread (no fixed buffers).
     pub fn start(depth: u32, faults: Arc<FaultCell>) -> Result<Self, String> {
+        Self::start_with_pool(depth, faults, None)
+    }
+
+    /// [`UringEngine::start`], registering `pool`'s region (if it has one)
+    /// as fixed buffers; a failed registration only logs.
+    pub fn start_with_pool(
+        depth: u32,
+        faults: Arc<FaultCell>,
+        pool: Option<Arc<BufPool>>,
+    ) -> Result<Self, String> {
         let depth = depth.clamp(8, 4096).next_power_of_two();
         let ring: IoUring = IoUring::new(depth).map_err(|e| format!("io_uring_setup: {e}"))?;
         let mut probe = Probe::new();
@@ -648,6 +688,34 @@ impl UringEngine {
                 return Err(format!("io_uring opcode {name} is not supported"));
             }
         }
+        let fixed_ok = probe.is_supported(opcode::ReadFixed::CODE)
+            && probe.is_supported(opcode::WriteFixed::CODE);
+        let fixed = pool.filter(|_| fixed_ok).and_then(|pool| {
+            let (ptr, len) = pool.region()?;
+            let iov = libc::iovec {
+                iov_base: ptr.cast(),
+                iov_len: len,
+            };
+            // SAFETY: the region is allocated for as long as the pool
+            // lives, and the ring thread holds the pool until the ring is
+            // closed (or leaks both, if the ring breaks).
+            match unsafe { ring.submitter().register_buffers(&[iov]) } {
+                Ok(()) => Some(FixedRegion {
+                    start: ptr as usize,
+                    len,
+                    _pool: pool,
+                }),
+                Err(e) => {
+                    tracing::info!(
+                        error = %e,
+                        bytes = len,
+                        "io_uring: buffer region not registered; plain reads and writes"
+                    );
+                    None
+                }
+            }
+        });
+        let fixed_on = fixed.is_some();
         // SAFETY: plain syscall; the result is checked before use.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if efd < 0 {
@@ -665,11 +733,18 @@ impl UringEngine {
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("kvstrata-uring".into())
-            .spawn(move || ring_main(ring, &s))
+            .spawn(move || {
+                // The ring goes first (it unregisters the region), then the
+                // pool it held; a broken ring leaks both.
+                if ring_main(ring, &s, fixed.as_ref()) == RingExit::Leaked {
+                    std::mem::forget(fixed);
+                }
+            })
             .map_err(|e| format!("spawn ring thread: {e}"))?;
         Ok(UringEngine {
             shared,
             thread: Some(thread),
+            fixed: fixed_on,
         })
     }
 }
@@ -677,6 +752,10 @@ impl UringEngine {
 impl IoEngine for UringEngine {
     fn name(&self) -> &'static str {
         "io_uring"
+    }
+
+    fn fixed_buffers(&self) -> bool {
+        self.fixed
     }
 
     fn submit(&self, jobs: Vec<Job>) {
@@ -707,7 +786,16 @@ impl Drop for UringEngine {
     }
 }
 
-fn ring_main(mut ring: IoUring, shared: &UringShared) {
+/// How the ring thread ended.
+#[derive(Debug, PartialEq, Eq)]
+enum RingExit {
+    /// Shut down with nothing in flight; the ring is closed.
+    Closed,
+    /// Submission failed: the ring (and what it may still write) is leaked.
+    Leaked,
+}
+
+fn ring_main(mut ring: IoUring, shared: &UringShared, fixed: Option<&FixedRegion>) -> RingExit {
     let capacity = ring.params().sq_entries() as usize;
     // Keep room for the eventfd read and a cancel request.
     let max_ops = capacity.saturating_sub(2).max(1);
@@ -725,7 +813,8 @@ fn ring_main(mut ring: IoUring, shared: &UringShared) {
                 j.finish(Err(IoFailure::Shutdown));
             }
             if inflight.is_empty() && !efd_armed {
-                return;
+                drop(ring);
+                return RingExit::Closed;
             }
             if !cancel_sent {
                 let e = opcode::AsyncCancel2::new(types::CancelBuilder::any())
@@ -783,11 +872,19 @@ fn ring_main(mut ring: IoUring, shared: &UringShared) {
                 job.finish(Err(IoFailure::Errno(libc::EINVAL)));
                 continue;
             };
-            let op = match job.kind {
-                OpKind::Read => opcode::Read::new(fd, job.buf.as_mut_ptr(), len)
+            let registered = fixed.is_some_and(|f| f.covers(job.buf.as_ptr(), ask));
+            let op = match (job.kind, registered) {
+                (OpKind::Read, false) => opcode::Read::new(fd, job.buf.as_mut_ptr(), len)
                     .offset(job.offset)
                     .build(),
-                OpKind::Write => opcode::Write::new(fd, job.buf.as_ptr(), len)
+                (OpKind::Write, false) => opcode::Write::new(fd, job.buf.as_ptr(), len)
+                    .offset(job.offset)
+                    .build(),
+                // Inside the region registered as buffer 0.
+                (OpKind::Read, true) => opcode::ReadFixed::new(fd, job.buf.as_mut_ptr(), len, 0)
+                    .offset(job.offset)
+                    .build(),
+                (OpKind::Write, true) => opcode::WriteFixed::new(fd, job.buf.as_ptr(), len, 0)
                     .offset(job.offset)
                     .build(),
             }
@@ -844,7 +941,7 @@ fn ring_main(mut ring: IoUring, shared: &UringShared) {
                 }
                 std::mem::forget(efd_buf);
                 std::mem::forget(ring);
-                return;
+                return RingExit::Leaked;
             }
         }
         let cqes: Vec<(u64, i32)> = ring
@@ -887,9 +984,41 @@ fn ring_main(mut ring: IoUring, shared: &UringShared) {
 
 /// Starts an io_uring engine and proves it works with one real read of
 /// `ALIGN` bytes at offset 0 of `fd` (a slot file opened with `O_DIRECT`).
-pub fn probe_uring(depth: u32, faults: Arc<FaultCell>, fd: RawFd) -> Result<UringEngine, String> {
+/// With `pool`, its region is registered as fixed buffers (see
+/// [`UringEngine`]) and the probe read goes through a buffer of that region;
+/// if that read fails, the engine starts again without fixed buffers.
+pub fn probe_uring(
+    depth: u32,
+    faults: Arc<FaultCell>,
+    fd: RawFd,
+    pool: Option<Arc<BufPool>>,
+) -> Result<UringEngine, String> {
+    if let Some(pool) = pool.filter(|p| p.region().is_some()) {
+        let engine =
+            UringEngine::start_with_pool(depth, Arc::clone(&faults), Some(Arc::clone(&pool)))?;
+        if engine.fixed_buffers() {
+            let buf = pool.get(ALIGN).ok_or("cannot allocate a probe buffer")?;
+            match probe_read(&engine, fd, buf) {
+                Ok(()) => return Ok(engine),
+                Err(e) => tracing::info!(
+                    error = %e,
+                    "io_uring: a read into the registered region failed; plain reads and writes"
+                ),
+            }
+        } else {
+            let buf = AlignedBuf::zeroed(ALIGN).ok_or("cannot allocate a probe buffer")?;
+            probe_read(&engine, fd, buf)?;
+            return Ok(engine);
+        }
+    }
     let engine = UringEngine::start(depth, faults)?;
     let buf = AlignedBuf::zeroed(ALIGN).ok_or("cannot allocate a probe buffer")?;
+    probe_read(&engine, fd, buf)?;
+    Ok(engine)
+}
+
+/// One real read of `buf.len()` bytes at offset 0 of `fd`.
+fn probe_read(engine: &UringEngine, fd: RawFd, buf: AlignedBuf) -> Result<(), String> {
     let op = IoOp {
         kind: OpKind::Read,
         fd,
@@ -897,9 +1026,9 @@ pub fn probe_uring(depth: u32, faults: Arc<FaultCell>, fd: RawFd) -> Result<Urin
         buf,
         on_late: None,
     };
-    let done = run(&engine, vec![op], Instant::now() + Duration::from_secs(5));
+    let done = run(engine, vec![op], Instant::now() + Duration::from_secs(5));
     match done.into_iter().next().map(|d| d.result) {
-        Some(Ok(())) => Ok(engine),
+        Some(Ok(())) => Ok(()),
         Some(Err(e)) => Err(format!("io_uring probe read failed: {e:?}")),
         None => Err("io_uring probe read returned nothing".into()),
     }
@@ -981,6 +1110,107 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Transfers from the registered region (READ_FIXED / WRITE_FIXED)
+    /// and from the heap, mixed in one batch, with a fault on the fixed path.
+    #[test]
+    fn fixed_buffers_round_trip() {
+        let faults = FaultCell::new(FaultPlan::default());
+        let pool = BufPool::with_arena(1 << 20, 6 * 8192);
+        let engine =
+            match UringEngine::start_with_pool(32, Arc::clone(&faults), Some(Arc::clone(&pool))) {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("io_uring unavailable here: {e}");
+                    return;
+                }
+            };
+        if !engine.fixed_buffers() {
+            eprintln!("fixed buffers not registered here; plain transfers tested");
+        }
+        let (_d, f) = tmpfile(64 * 1024);
+        let (base, len) = pool.region().unwrap();
+        let in_region = |b: &AlignedBuf| {
+            let p = b.as_ptr() as usize;
+            p >= base as usize && p + b.len() <= base as usize + len
+        };
+        // Six buffers fill the region; the last two come from the heap.
+        let bufs: Vec<AlignedBuf> = (0..8).map(|_| pool.get(8192).unwrap()).collect();
+        assert_eq!(bufs.iter().filter(|b| in_region(b)).count(), 6);
+        let ops: Vec<_> = bufs
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut buf)| {
+                buf.as_mut_slice().fill(i as u8 + 1);
+                IoOp {
+                    kind: OpKind::Write,
+                    fd: f.as_raw_fd(),
+                    offset: i as u64 * 8192,
+                    buf,
+                    on_late: None,
+                }
+            })
+            .collect();
+        let done = run(&engine, ops, Instant::now() + Duration::from_secs(5));
+        assert!(done.iter().all(|d| d.result.is_ok()), "{done:?}");
+        drop(done);
+        let reads = |n: u64| -> Vec<IoOp> {
+            (0..n)
+                .map(|i| IoOp {
+                    kind: OpKind::Read,
+                    fd: f.as_raw_fd(),
+                    offset: (7 - i) * 8192,
+                    buf: pool.get(8192).unwrap(),
+                    on_late: None,
+                })
+                .collect()
+        };
+        let done = run(&engine, reads(8), Instant::now() + Duration::from_secs(5));
+        for (i, d) in done.iter().enumerate() {
+            assert!(d.result.is_ok(), "{i}: {d:?}");
+            let want = 8 - i as u8;
+            assert!(
+                d.buf
+                    .as_ref()
+                    .unwrap()
+                    .as_slice()
+                    .iter()
+                    .all(|&b| b == want)
+            );
+        }
+        drop(done);
+        // Faults apply to fixed transfers as to plain ones.
+        faults.set(FaultPlan {
+            short_reads: true,
+            ..FaultPlan::default()
+        });
+        let done = run(&engine, reads(1), Instant::now() + Duration::from_secs(5));
+        assert_eq!(
+            done[0].result,
+            Err(IoFailure::Short {
+                done: 4096,
+                want: 8192
+            })
+        );
+        faults.set(FaultPlan {
+            fail_writes_with: Some(libc::ENOSPC),
+            ..FaultPlan::default()
+        });
+        let op = IoOp {
+            kind: OpKind::Write,
+            fd: f.as_raw_fd(),
+            offset: 0,
+            buf: pool.get(8192).unwrap(),
+            on_late: None,
+        };
+        let done = run(&engine, vec![op], Instant::now() + Duration::from_secs(5));
+        assert_eq!(done[0].result, Err(IoFailure::Errno(libc::ENOSPC)));
+        drop(done);
+        faults.set(FaultPlan::default());
+        // The engine holds the pool: dropping ours first is fine.
+        drop(pool);
+        drop(engine);
     }
 
     #[test]

@@ -8,7 +8,12 @@
 //!
 //! [`AlignedBuf`]s come from a [`BufPool`] and go back to it when dropped, so
 //! the data path does not pay for allocating and faulting in fresh pages for
-//! every block.
+//! every block. A pool made with [`BufPool::with_arena`] carves its buffers
+//! out of one contiguous region allocated up front, which the io_uring engine
+//! registers with the kernel once (fixed buffers): transfers from it skip the
+//! per-operation page pinning of `O_DIRECT`. When the region is used up,
+//! buffers come from the heap as before (and transfers from them are plain
+//! reads and writes).
 //!
 //! [`Durability::PowerLoss`]: super::Durability::PowerLoss
 
@@ -94,6 +99,12 @@ impl AlignedBuf {
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         if let Some(pool) = self.pool.take() {
+            if let Some(arena) = &pool.arena
+                && arena.contains(self.ptr.as_ptr(), self.len)
+            {
+                arena.free(self.ptr.as_ptr(), self.len);
+                return;
+            }
             let buf = AlignedBuf {
                 ptr: self.ptr,
                 len: self.len,
@@ -120,25 +131,173 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
+/// One contiguous region that pool buffers are carved from, page by page
+/// (first fit over a bitmap of [`ALIGN`]-sized pages). Allocated zeroed once
+/// and freed only with the pool, so an engine that registered it with the
+/// kernel can rely on it for as long as it holds the pool.
+struct Arena {
+    base: NonNull<u8>,
+    len: usize,
+    /// One bit per page, set while the page belongs to a buffer.
+    used: Mutex<Vec<u64>>,
+}
+
+// SAFETY: the region is plain owned memory; the bitmap hands each page to at
+// most one buffer at a time, and buffers are `Send`/`Sync` like a `Vec<u8>`.
+unsafe impl Send for Arena {}
+unsafe impl Sync for Arena {}
+
+impl Arena {
+    fn new(len: usize) -> Option<Self> {
+        let len = align_up(len);
+        if len == 0 {
+            return None;
+        }
+        let layout = Layout::from_size_align(len, ALIGN).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let base = NonNull::new(unsafe { alloc_zeroed(layout) })?;
+        let pages = len / ALIGN;
+        Some(Arena {
+            base,
+            len,
+            used: Mutex::new(vec![0; pages.div_ceil(64)]),
+        })
+    }
+
+    fn pages(&self) -> usize {
+        self.len / ALIGN
+    }
+
+    fn contains(&self, ptr: *const u8, len: usize) -> bool {
+        let start = self.base.as_ptr() as usize;
+        let p = ptr as usize;
+        p >= start && p + len <= start + self.len
+    }
+
+    /// `len` bytes (a multiple of [`ALIGN`]) of free pages, first fit.
+    fn alloc(&self, len: usize) -> Option<NonNull<u8>> {
+        let want = len / ALIGN;
+        let total = self.pages();
+        if want == 0 || want > total {
+            return None;
+        }
+        let mut used = self.used.lock();
+        let (mut start, mut run, mut i) = (0usize, 0usize, 0usize);
+        while i < total {
+            let word = used[i / 64];
+            let step = if i % 64 == 0 && i + 64 <= total && (word == 0 || word == u64::MAX) {
+                // A whole word at once: 64 free or 64 used pages.
+                64
+            } else {
+                1
+            };
+            let free = if step == 64 {
+                word == 0
+            } else {
+                (word >> (i % 64)) & 1 == 0
+            };
+            if free {
+                if run == 0 {
+                    start = i;
+                }
+                run += step;
+            } else {
+                run = 0;
+            }
+            i += step;
+            if run >= want {
+                for page in start..start + want {
+                    used[page / 64] |= 1 << (page % 64);
+                }
+                // SAFETY: `start + want <= total`, so the offset is inside the region.
+                return NonNull::new(unsafe { self.base.as_ptr().add(start * ALIGN) });
+            }
+        }
+        None
+    }
+
+    /// Returns the pages of a buffer [`Arena::alloc`] handed out.
+    fn free(&self, ptr: *const u8, len: usize) {
+        let first = (ptr as usize - self.base.as_ptr() as usize) / ALIGN;
+        let mut used = self.used.lock();
+        for page in first..first + len / ALIGN {
+            used[page / 64] &= !(1 << (page % 64));
+        }
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        if let Ok(layout) = Layout::from_size_align(self.len, ALIGN) {
+            // SAFETY: allocated by `alloc_zeroed` with this layout; every
+            // buffer carved from it holds the pool (and so the arena) alive.
+            unsafe { dealloc(self.base.as_ptr(), layout) };
+        }
+    }
+}
+
+impl std::fmt::Debug for Arena {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Arena").field("len", &self.len).finish()
+    }
+}
+
 /// Recycles aligned buffers, keeping at most `limit` bytes of idle buffers.
 #[derive(Debug)]
 pub struct BufPool {
     idle: Mutex<(Vec<AlignedBuf>, usize)>,
     limit: usize,
+    /// The region buffers are carved from first, if the pool has one.
+    arena: Option<Arena>,
 }
 
 impl BufPool {
+    /// A pool of heap buffers.
     pub fn new(limit: usize) -> Arc<Self> {
         Arc::new(BufPool {
             idle: Mutex::new((Vec::new(), 0)),
             limit,
+            arena: None,
         })
     }
 
-    /// A buffer of at least `len` bytes (exactly `align_up(len)`), reused when
-    /// one of that size is idle. Its contents are unspecified (but initialised).
+    /// A pool that carves buffers out of one region of `arena_bytes`
+    /// (allocated now, zeroed) and falls back to heap buffers, of which it
+    /// keeps at most `limit` bytes idle, when the region is used up. Without
+    /// memory for the region, a pool of heap buffers only.
+    pub fn with_arena(limit: usize, arena_bytes: usize) -> Arc<Self> {
+        let arena = Arena::new(arena_bytes);
+        if arena.is_none() {
+            tracing::warn!(
+                bytes = arena_bytes,
+                "disk tier: no memory for the I/O buffer region; heap buffers only"
+            );
+        }
+        Arc::new(BufPool {
+            idle: Mutex::new((Vec::new(), 0)),
+            limit,
+            arena,
+        })
+    }
+
+    /// The pool's contiguous region (start, length), for registering it
+    /// with the kernel. It stays valid as long as the pool lives.
+    pub fn region(&self) -> Option<(*mut u8, usize)> {
+        self.arena.as_ref().map(|a| (a.base.as_ptr(), a.len))
+    }
+
+    /// A buffer of at least `len` bytes (exactly `align_up(len)`), from the
+    /// pool's region if there is room, else reused when one of that size is
+    /// idle. Its contents are unspecified (but initialised).
     pub fn get(self: &Arc<Self>, len: usize) -> Option<AlignedBuf> {
         let len = align_up(len);
+        if let Some(ptr) = self.arena.as_ref().and_then(|a| a.alloc(len)) {
+            return Some(AlignedBuf {
+                ptr,
+                len,
+                pool: Some(Arc::clone(self)),
+            });
+        }
         let reused = {
             let mut idle = self.idle.lock();
             let pos = idle.0.iter().rposition(|b| b.len == len);
@@ -288,6 +447,44 @@ mod tests {
         // Over the limit: freed instead of kept.
         let big = pool.get(2 << 20).unwrap();
         drop(big);
+        assert!(pool.idle.lock().1 <= 1 << 20);
+    }
+
+    #[test]
+    fn arena_first_fit_and_heap_overflow() {
+        let pool = BufPool::with_arena(1 << 20, 64 * ALIGN);
+        let (base, len) = pool.region().unwrap();
+        assert_eq!(len, 64 * ALIGN);
+        let inside = |b: &AlignedBuf| {
+            let p = b.as_ptr() as usize;
+            p >= base as usize && p + b.len() <= base as usize + len
+        };
+        let a = pool.get(3 * ALIGN).unwrap();
+        let b = pool.get(ALIGN + 1).unwrap();
+        assert_eq!(a.as_ptr(), base as *const u8);
+        assert_eq!(b.as_ptr() as usize, base as usize + 3 * ALIGN);
+        assert_eq!(b.len(), 2 * ALIGN);
+        // 59 pages left: a 60-page buffer comes from the heap.
+        let c = pool.get(60 * ALIGN).unwrap();
+        assert!(!inside(&c));
+        assert_eq!(c.as_ptr() as usize % ALIGN, 0);
+        let d = pool.get(59 * ALIGN).unwrap();
+        assert!(inside(&d));
+        drop(a);
+        // The freed 3 pages are reused; 4 pages do not fit anywhere.
+        let e = pool.get(3 * ALIGN).unwrap();
+        assert_eq!(e.as_ptr(), base as *const u8);
+        assert!(!inside(&pool.get(4 * ALIGN).unwrap()));
+        drop((b, d, e));
+        // Everything free again: one buffer can take the whole region,
+        // across bitmap words.
+        let mut f = pool.get(64 * ALIGN).unwrap();
+        assert!(inside(&f));
+        f.as_mut_slice().fill(9);
+        drop(f);
+        let g = pool.get(70 * ALIGN).unwrap();
+        assert!(!inside(&g));
+        drop(c);
         assert!(pool.idle.lock().1 <= 1 << 20);
     }
 }

@@ -211,7 +211,8 @@ pub fn verify(slot: &[u8], want: &Expected<'_>) -> Result<SlotHeader, CorruptKin
         .checked_add(usize::try_from(header.payload_len).map_err(|_| CorruptKind::Length)?)
         .ok_or(CorruptKind::Length)?;
     let payload = slot.get(HEADER_REGION..end).ok_or(CorruptKind::Length)?;
-    if xxh3_64(payload) != header.payload_xxh3 {
+    // The payload's hash on the fast path (same function as xxh3_64).
+    if super::checksum::xxh3_64(payload) != header.payload_xxh3 {
         return Err(CorruptKind::PayloadChecksum);
     }
     Ok(header)

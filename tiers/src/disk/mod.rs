@@ -69,6 +69,7 @@
 //! stop when the last clone of the tier is dropped (after the kernel has
 //! finished every transfer still in flight).
 
+pub mod checksum;
 pub mod engine;
 pub mod error;
 pub mod file;
@@ -87,7 +88,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use slab::Slab;
-use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::arena::{SlotArena, SlotRef};
 use crate::events::{EventBus, EventKind, PendingEvent};
@@ -103,6 +104,7 @@ pub use engine::{EngineChoice, FaultPlan, IoFailure};
 pub use error::DiskError;
 pub use header::{CorruptKind, SlotHeader};
 
+use checksum::{copy_and_xxh3_64, xxh3_64};
 use engine::{FaultCell, IoDone, IoEngine, IoOp, OpKind, PreadEngine};
 use file::{AlignedBuf, BufPool, SlotFile, align_up};
 use header::{Expected, HEADER_REGION};
@@ -148,8 +150,15 @@ pub struct DiskTierConfig {
     pub write_timeout: Duration,
     /// Default [`Durability::ProcessCrash`].
     pub durability: Durability,
-    /// Idle aligned buffers kept for reuse. Default 64 MiB.
+    /// Aligned I/O buffers: the size of the region they are carved from,
+    /// allocated at open (and, with io_uring and `fixed_buffers`, registered
+    /// with the kernel, so pinned); also the most idle heap buffers kept
+    /// once the region is used up. Default 64 MiB.
     pub buffer_pool_bytes: usize,
+    /// io_uring: register the buffer region as fixed buffers (falls back to
+    /// plain reads and writes, with a log line, where the kernel refuses).
+    /// Default true.
+    pub fixed_buffers: bool,
     /// Injected faults (tests). Default none.
     pub faults: FaultPlan,
 }
@@ -167,6 +176,7 @@ impl Default for DiskTierConfig {
             write_timeout: Duration::from_secs(10),
             durability: Durability::ProcessCrash,
             buffer_pool_bytes: 64 << 20,
+            fixed_buffers: true,
             faults: FaultPlan::default(),
         }
     }
@@ -1019,7 +1029,9 @@ impl DiskTier {
             index.set_layout(&layout)?;
         }
         let faults = FaultCell::new(config.faults);
-        let engine = pick_engine(config, &faults, &files)?;
+        // Buffers come from one region, which io_uring registers as fixed buffers.
+        let pool = BufPool::with_arena(config.buffer_pool_bytes, config.buffer_pool_bytes);
+        let engine = pick_engine(config, &faults, &files, &pool)?;
 
         let mut arenas = Vec::with_capacity(files.len());
         for f in &files {
@@ -1076,7 +1088,7 @@ impl DiskTier {
                 files,
                 index,
                 faults,
-                pool: BufPool::new(config.buffer_pool_bytes),
+                pool,
                 counters: TierCounters::default(),
                 disk: DiskCounters::default(),
                 events,
@@ -1089,6 +1101,8 @@ impl DiskTier {
         TierCounters::add(&tier.inner.disk.corrupt_blocks, corrupt);
         tracing::info!(
             engine = tier.engine_name(),
+            fixed_buffers = tier.fixed_buffers(),
+            checksum = checksum::simd_path(),
             blocks = kept,
             dropped_entries = corrupt,
             capacity_bytes = capacity,
@@ -1101,6 +1115,11 @@ impl DiskTier {
     /// "io_uring" or "pread".
     pub fn engine_name(&self) -> &'static str {
         self.inner.engine.name()
+    }
+
+    /// Whether the engine transfers through registered (fixed) buffers.
+    pub fn fixed_buffers(&self) -> bool {
+        self.inner.engine.fixed_buffers()
     }
 
     pub fn config(&self) -> &DiskTierConfig {
@@ -1263,12 +1282,16 @@ impl DiskTier {
         let mut no_buffer = Vec::new();
         for (pi, p) in planned.iter().enumerate() {
             let it = &items[p.item];
-            let checksum = xxh3_64(it.payload);
-            checksums.push(checksum);
             let Some(mut buf) = inner.pool.get(p.slot_bytes) else {
+                checksums.push(xxh3_64(it.payload));
                 no_buffer.push(pi);
                 continue;
             };
+            let b = buf.as_mut_slice();
+            let end = HEADER_REGION + it.payload.len();
+            // One pass over the payload: copied into the buffer and hashed.
+            let checksum = copy_and_xxh3_64(&mut b[HEADER_REGION..end], it.payload);
+            checksums.push(checksum);
             let header = SlotHeader {
                 namespace: *ns,
                 key: it.key,
@@ -1277,10 +1300,7 @@ impl DiskTier {
                 payload_xxh3: checksum,
                 seq: p.seq,
             };
-            let b = buf.as_mut_slice();
-            header.encode(b);
-            let end = HEADER_REGION + it.payload.len();
-            b[HEADER_REGION..end].copy_from_slice(it.payload);
+            header.encode(&mut b[..HEADER_REGION]);
             b[end..].fill(0);
             let weak: Weak<Mutex<Meta>> = Arc::downgrade(&inner.meta);
             let (file, slot) = (p.file, p.slot);
@@ -1773,7 +1793,9 @@ fn pick_engine(
     config: &DiskTierConfig,
     faults: &Arc<FaultCell>,
     files: &[SlotFile],
+    pool: &Arc<BufPool>,
 ) -> Result<Box<dyn IoEngine>, DiskError> {
+    let fixed = config.fixed_buffers.then(|| Arc::clone(pool));
     let pread = || -> Result<Box<dyn IoEngine>, DiskError> {
         PreadEngine::start(config.io_threads, Arc::clone(faults))
             .map(|e| Box::new(e) as Box<dyn IoEngine>)
@@ -1793,7 +1815,7 @@ fn pick_engine(
             pread()
         }
         EngineChoice::IoUring => {
-            match engine::probe_uring(config.queue_depth, Arc::clone(faults), fd) {
+            match engine::probe_uring(config.queue_depth, Arc::clone(faults), fd, fixed.clone()) {
                 Ok(u) => {
                     tracing::info!("disk tier: io_uring engine");
                     Ok(Box::new(u))
@@ -1801,17 +1823,18 @@ fn pick_engine(
                 Err(reason) => Err(DiskError::EngineUnavailable(reason)),
             }
         }
-        EngineChoice::Auto => match engine::probe_uring(config.queue_depth, Arc::clone(faults), fd)
-        {
-            Ok(u) => {
-                tracing::info!("disk tier: io_uring engine");
-                Ok(Box::new(u))
+        EngineChoice::Auto => {
+            match engine::probe_uring(config.queue_depth, Arc::clone(faults), fd, fixed.clone()) {
+                Ok(u) => {
+                    tracing::info!("disk tier: io_uring engine");
+                    Ok(Box::new(u))
+                }
+                Err(reason) => {
+                    tracing::warn!(%reason, "disk tier: io_uring unavailable; using pread/pwrite");
+                    pread()
+                }
             }
-            Err(reason) => {
-                tracing::warn!(%reason, "disk tier: io_uring unavailable; using pread/pwrite");
-                pread()
-            }
-        },
+        }
     }
 }
 

@@ -1,0 +1,1047 @@
+//! KV regions: an engine's paged KV memory, registered with the daemon on the
+//! region socket so that `BatchPut` / `BatchGet` can name page ids in it
+//! (`KvPages`) instead of carrying payloads. The daemon gathers a block's pages
+//! into its layer-major layout (puts) and scatters found blocks into pages
+//! (gets) with the kernels of `kvstrata-kernels` (see [`crate::region_io`]).
+//!
+//! Two kinds of region (docs/protocol.md, "CUDA IPC regions"):
+//!
+//! 1. **CUDA IPC**: the 64-byte `cuIpcGetMemHandle` handle of the engine's
+//!    `cuMemAlloc` buffer and its device ordinal; the daemon opens it on that
+//!    GPU (`cuIpcOpenMemHandle`), so gathers and scatters run on the device.
+//! 2. **memfd**: host memory passed with `SCM_RIGHTS`; the daemon maps it and
+//!    runs the same gather/scatter logic on the CPU backend. It is the CPU
+//!    fallback that CI tests, and it works without a GPU.
+//!
+//! The wire format is a fixed 128-byte little-endian header and a name
+//! ([`parse_preamble`]); the daemon answers a status, a region id and a
+//! message ([`encode_reply`]) and keeps the connection open. When the engine
+//! closes it (or dies), the region leaves the [`RegionRegistry`] at once —
+//! later requests naming it fail — and is unmapped once the last request still
+//! copying from or into it is done (each request holds an `Arc`). A refused
+//! registration closes the connection; every fd received is closed with it.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use kvstrata_kernels::{DeviceBuffer, Gpu, GpuStream, IpcHandle, PageLayout, PagedGeometry};
+use memmap2::MmapRaw;
+use parking_lot::RwLock;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+/// The first 8 bytes of a registration.
+pub const MAGIC: [u8; 8] = *b"KVSREGN\0";
+/// The preamble version this daemon speaks.
+pub const VERSION: u16 = 1;
+/// Bytes of the fixed part of a preamble (the name follows).
+pub const HEADER_BYTES: usize = 128;
+/// Longest region name, in bytes.
+pub const MAX_REGION_NAME_BYTES: usize = 240;
+/// A client must finish its preamble within this time.
+pub const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Room for this many fds in one message's control data; more are refused.
+const MAX_FDS_RECEIVED: usize = 16;
+
+/// Kind 1: a CUDA IPC handle of device memory.
+pub const KIND_CUDA_IPC: u16 = 1;
+/// Kind 2: a memfd (host memory) passed with `SCM_RIGHTS`.
+pub const KIND_MEMFD: u16 = 2;
+/// Layout codes of the preamble.
+pub const LAYOUT_PER_LAYER: u32 = 1;
+pub const LAYOUT_CROSS_LAYER: u32 = 2;
+
+/// Why a registration was refused; the reply's status code and the label of
+/// the `kvstrata_kv_regions_refused` metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum RefuseReason {
+    /// Malformed preamble: magic, version, kind, name, fds, cut short, too slow.
+    Preamble = 1,
+    /// The geometry is invalid or does not fit in the announced bytes.
+    Geometry = 2,
+    /// `gpu.max_regions` or `gpu.max_region_bytes` reached.
+    Limit = 3,
+    /// The memory could not be mapped (fd too small, not a file, IPC open failed).
+    Map = 4,
+    /// A CUDA IPC region without a GPU, or on a device the daemon does not use.
+    NoGpu = 5,
+    /// The peer's uid is not in `auth.uid_allow` (closed without a reply).
+    Uid = 6,
+}
+
+impl RefuseReason {
+    pub const ALL: [RefuseReason; 6] = [
+        RefuseReason::Preamble,
+        RefuseReason::Geometry,
+        RefuseReason::Limit,
+        RefuseReason::Map,
+        RefuseReason::NoGpu,
+        RefuseReason::Uid,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            RefuseReason::Preamble => "preamble",
+            RefuseReason::Geometry => "geometry",
+            RefuseReason::Limit => "limit",
+            RefuseReason::Map => "map",
+            RefuseReason::NoGpu => "no_gpu",
+            RefuseReason::Uid => "uid",
+        }
+    }
+
+    pub fn code(self) -> u32 {
+        self as u32
+    }
+}
+
+/// A refused registration: the reason and a message naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    pub reason: RefuseReason,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(reason: RefuseReason, message: impl Into<String>) -> Self {
+        Refusal {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    fn preamble(message: impl Into<String>) -> Self {
+        Refusal::new(RefuseReason::Preamble, message)
+    }
+}
+
+/// A parsed registration (without its fd).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionPreamble {
+    pub kind: u16,
+    /// CUDA device ordinal (kind 1).
+    pub device: u32,
+    /// Bytes of the region (at least `geometry.region_bytes()`).
+    pub bytes: u64,
+    /// The CUDA IPC handle (kind 1; zeros for kind 2).
+    pub handle: [u8; 64],
+    pub geometry: PagedGeometry,
+    pub name: String,
+}
+
+/// What the bytes received so far say ([`parse_preamble`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PreambleParse {
+    /// Not complete: the preamble is this many bytes in all.
+    Need(usize),
+    Complete(Box<RegionPreamble>),
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    let mut a = [0u8; 2];
+    a.copy_from_slice(&b[at..at + 2]);
+    u16::from_le_bytes(a)
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// Parses a registration preamble (pure, so it can be fuzzed). Layout, all
+/// little-endian (docs/protocol.md, "CUDA IPC regions"):
+///
+/// | offset | bytes | field |
+/// |---|---|---|
+/// | 0 | 8 | magic `KVSREGN\0` |
+/// | 8 | 2 | version (1) |
+/// | 10 | 2 | kind (1 CUDA IPC, 2 memfd) |
+/// | 12 | 4 | device ordinal (kind 1) |
+/// | 16 | 8 | region bytes |
+/// | 24 | 64 | CUDA IPC handle (kind 1; zeros otherwise) |
+/// | 88 | 4 | layout (1 per-layer, 2 cross-layer) |
+/// | 92 | 4 | layers |
+/// | 96 | 4 | page_tokens |
+/// | 100 | 4 | kv_heads |
+/// | 104 | 4 | head_dim |
+/// | 108 | 4 | dtype_bytes |
+/// | 112 | 4 | num_pages |
+/// | 116 | 4 | name length (1..=240) |
+/// | 120 | 8 | layer_stride (per-layer; 0 = packed) |
+/// | 128 | n | name (UTF-8) |
+pub fn parse_preamble(buf: &[u8]) -> Result<PreambleParse, Refusal> {
+    if buf.len() < 8 {
+        return Ok(PreambleParse::Need(HEADER_BYTES));
+    }
+    if buf[..8] != MAGIC {
+        return Err(Refusal::preamble(format!(
+            "magic: {:02x?} is not {:?} (is this the region socket?)",
+            &buf[..8],
+            String::from_utf8_lossy(&MAGIC[..7])
+        )));
+    }
+    if buf.len() < HEADER_BYTES {
+        return Ok(PreambleParse::Need(HEADER_BYTES));
+    }
+    let version = u16_at(buf, 8);
+    if version != VERSION {
+        return Err(Refusal::preamble(format!(
+            "version: {version} is not supported (this daemon speaks {VERSION})"
+        )));
+    }
+    let kind = u16_at(buf, 10);
+    if kind != KIND_CUDA_IPC && kind != KIND_MEMFD {
+        return Err(Refusal::preamble(format!(
+            "kind: {kind} is neither {KIND_CUDA_IPC} (CUDA IPC handle) nor {KIND_MEMFD} (memfd)"
+        )));
+    }
+    let name_len = u32_at(buf, 116) as usize;
+    if name_len == 0 || name_len > MAX_REGION_NAME_BYTES {
+        return Err(Refusal::preamble(format!(
+            "name: {name_len} bytes (1 to {MAX_REGION_NAME_BYTES} allowed)"
+        )));
+    }
+    let Some(name) = buf.get(HEADER_BYTES..HEADER_BYTES + name_len) else {
+        return Ok(PreambleParse::Need(HEADER_BYTES + name_len));
+    };
+    let name = std::str::from_utf8(name)
+        .map_err(|_| Refusal::preamble("name: not UTF-8"))?
+        .to_owned();
+    let layout = match u32_at(buf, 88) {
+        LAYOUT_PER_LAYER => PageLayout::PerLayer,
+        LAYOUT_CROSS_LAYER => PageLayout::CrossLayer,
+        other => {
+            return Err(Refusal::new(
+                RefuseReason::Geometry,
+                format!(
+                    "layout: {other} is neither {LAYOUT_PER_LAYER} (per-layer) nor {LAYOUT_CROSS_LAYER} (cross-layer)"
+                ),
+            ));
+        }
+    };
+    let mut handle = [0u8; 64];
+    handle.copy_from_slice(&buf[24..88]);
+    Ok(PreambleParse::Complete(Box::new(RegionPreamble {
+        kind,
+        device: u32_at(buf, 12),
+        bytes: u64_at(buf, 16),
+        handle,
+        geometry: PagedGeometry {
+            layout,
+            layers: u32_at(buf, 92),
+            page_tokens: u32_at(buf, 96),
+            kv_heads: u32_at(buf, 100),
+            head_dim: u32_at(buf, 104),
+            dtype_bytes: u32_at(buf, 108),
+            num_pages: u32_at(buf, 112),
+            layer_stride: u64_at(buf, 120),
+        },
+        name,
+    })))
+}
+
+/// The reply: u32 status (0 registered, else a [`RefuseReason`] code), u32
+/// region id (0 when refused), u32 message length, the message (UTF-8).
+pub fn encode_reply(status: u32, region_id: u32, message: &str) -> Vec<u8> {
+    let msg = &message.as_bytes()[..message.len().min(4096)];
+    let mut out = Vec::with_capacity(12 + msg.len());
+    out.extend_from_slice(&status.to_le_bytes());
+    out.extend_from_slice(&region_id.to_le_bytes());
+    out.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+    out.extend_from_slice(msg);
+    out
+}
+
+/// Where a region's bytes live in the daemon.
+enum Memory {
+    /// A mapped memfd: the "device address" is the host address (CPU backend).
+    Host {
+        map: MmapRaw,
+        file: File,
+        sealed: bool,
+    },
+    /// An opened CUDA IPC handle (unmapped on drop).
+    Device(DeviceBuffer),
+}
+
+/// One registered region. Requests hold an `Arc`; the memory is unmapped
+/// when the registry and every request have let go.
+pub struct KvRegion {
+    id: u32,
+    name: String,
+    kind: u16,
+    device: u32,
+    bytes: u64,
+    geometry: PagedGeometry,
+    memory: Memory,
+    /// The device the gathers and scatters run on (the CPU backend for memfd).
+    gpu: Gpu,
+    /// Operations on this region run in order on this stream.
+    stream: GpuStream,
+    gathered: AtomicU64,
+    scattered: AtomicU64,
+}
+
+impl std::fmt::Debug for KvRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvRegion")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("kind", &self.kind_name())
+            .field("bytes", &self.bytes)
+            .field("geometry", &self.geometry)
+            .finish()
+    }
+}
+
+/// Why a request's KV pages cannot be used (answered per item, as for pools).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegionLookupError {
+    #[error("KV region {0} is not registered (never, or its connection closed)")]
+    Unknown(u32),
+    #[error("KV region {0} was truncated by its client (regions must not shrink)")]
+    Shrunk(u32),
+}
+
+impl KvRegion {
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn geometry(&self) -> &PagedGeometry {
+        &self.geometry
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn device(&self) -> u32 {
+        self.device
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    pub fn stream(&self) -> &GpuStream {
+        &self.stream
+    }
+
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            KIND_CUDA_IPC => "cuda-ipc",
+            _ => "memfd",
+        }
+    }
+
+    /// The device address of the region's first byte (the host address for
+    /// a memfd region), after checking that the memory is still all there.
+    pub fn base(&self) -> Result<u64, RegionLookupError> {
+        match &self.memory {
+            Memory::Device(b) => Ok(b.ptr()),
+            Memory::Host { map, file, sealed } => {
+                // An unsealed file may have been truncated under the mapping;
+                // touching a page past its end would fault the daemon.
+                if !*sealed && !file.metadata().is_ok_and(|m| m.len() >= self.bytes) {
+                    return Err(RegionLookupError::Shrunk(self.id));
+                }
+                Ok(map.as_mut_ptr() as u64)
+            }
+        }
+    }
+
+    pub fn count_gathered(&self, bytes: u64) {
+        self.gathered.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn count_scattered(&self, bytes: u64) {
+        self.scattered.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn info(&self) -> RegionInfo {
+        RegionInfo {
+            id: self.id,
+            name: self.name.clone(),
+            kind: self.kind_name(),
+            device: self.device,
+            bytes: self.bytes,
+            geometry: self.geometry,
+            gathered: self.gathered.load(Ordering::Relaxed),
+            scattered: self.scattered.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A region as `Stats` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionInfo {
+    pub id: u32,
+    pub name: String,
+    pub kind: &'static str,
+    pub device: u32,
+    pub bytes: u64,
+    pub geometry: PagedGeometry,
+    pub gathered: u64,
+    pub scattered: u64,
+}
+
+/// Limits of the registry.
+#[derive(Debug, Clone, Copy)]
+pub struct RegionLimits {
+    /// Most regions registered at once.
+    pub max_regions: usize,
+    /// Largest region accepted, in bytes.
+    pub max_region_bytes: u64,
+}
+
+/// The GPUs the daemon found at start-up (empty: none, and `status` says why).
+#[derive(Debug, Clone, Default)]
+pub struct GpuSet {
+    pub devices: Vec<Gpu>,
+    /// Without GPUs, why; empty with GPUs.
+    pub status: String,
+    /// `gpu.hbm_bytes`: the HBM tier bytes per device.
+    pub hbm_bytes: u64,
+}
+
+impl GpuSet {
+    /// The device of CUDA ordinal `ordinal`, if the daemon uses it.
+    pub fn device(&self, ordinal: u32) -> Option<&Gpu> {
+        self.devices
+            .iter()
+            .find(|g| g.info().ordinal == ordinal as usize)
+    }
+}
+
+/// Counters of the registry, for `Stats` and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegionStats {
+    pub regions: u32,
+    pub bytes: u64,
+    pub registered: u64,
+    pub unregistered: u64,
+    /// Refusals by reason label.
+    pub refused: Vec<(&'static str, u64)>,
+    /// Bytes gathered out of / scattered into regions, over all regions ever.
+    pub gathered: u64,
+    pub scattered: u64,
+}
+
+/// Every registered region, by id. Ids start at 1 and are never reused.
+#[derive(Debug)]
+pub struct RegionRegistry {
+    limits: RegionLimits,
+    gpus: Arc<GpuSet>,
+    /// The backend of memfd regions.
+    cpu: Gpu,
+    next_id: AtomicU32,
+    regions: RwLock<HashMap<u32, Arc<KvRegion>>>,
+    registered: AtomicU64,
+    unregistered: AtomicU64,
+    refused: [AtomicU64; RefuseReason::ALL.len()],
+    gathered: AtomicU64,
+    scattered: AtomicU64,
+}
+
+impl RegionRegistry {
+    pub fn new(limits: RegionLimits, gpus: Arc<GpuSet>) -> Self {
+        RegionRegistry {
+            limits,
+            gpus,
+            cpu: Gpu::cpu(),
+            next_id: AtomicU32::new(1),
+            regions: RwLock::new(HashMap::new()),
+            registered: AtomicU64::new(0),
+            unregistered: AtomicU64::new(0),
+            refused: Default::default(),
+            gathered: AtomicU64::new(0),
+            scattered: AtomicU64::new(0),
+        }
+    }
+
+    pub fn gpus(&self) -> &Arc<GpuSet> {
+        &self.gpus
+    }
+
+    /// Counts a refusal.
+    pub fn count_refused(&self, reason: RefuseReason) {
+        if let Some(i) = RefuseReason::ALL.iter().position(|r| *r == reason) {
+            self.refused[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts bytes moved by a request (totals over every region).
+    pub fn count_moved(&self, gathered: u64, scattered: u64) {
+        self.gathered.fetch_add(gathered, Ordering::Relaxed);
+        self.scattered.fetch_add(scattered, Ordering::Relaxed);
+    }
+
+    /// Validates, maps and registers a region. `fd` is the memfd of a kind-2
+    /// region (none for kind 1); it is closed on refusal.
+    pub fn register(
+        &self,
+        preamble: RegionPreamble,
+        fd: Option<OwnedFd>,
+    ) -> Result<Arc<KvRegion>, Refusal> {
+        let r = self.try_register(preamble, fd);
+        match &r {
+            Ok(_) => {
+                self.registered.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => self.count_refused(e.reason),
+        }
+        r
+    }
+
+    fn try_register(
+        &self,
+        p: RegionPreamble,
+        fd: Option<OwnedFd>,
+    ) -> Result<Arc<KvRegion>, Refusal> {
+        let geometry_err = |m: String| Refusal::new(RefuseReason::Geometry, m);
+        p.geometry
+            .validate()
+            .map_err(|e| geometry_err(format!("{}: {}", e.field, e.reason)))?;
+        let need = p.geometry.region_bytes();
+        if need > p.bytes {
+            return Err(geometry_err(format!(
+                "bytes: {} announced, but the geometry's pages end at byte {need}",
+                p.bytes
+            )));
+        }
+        if p.bytes > self.limits.max_region_bytes {
+            return Err(Refusal::new(
+                RefuseReason::Limit,
+                format!(
+                    "bytes: {} is more than the limit of {} (gpu.max_region_bytes)",
+                    p.bytes, self.limits.max_region_bytes
+                ),
+            ));
+        }
+        let count = self.regions.read().len();
+        if count >= self.limits.max_regions {
+            return Err(Refusal::new(
+                RefuseReason::Limit,
+                format!("{count} KV regions are registered already, the limit (gpu.max_regions)"),
+            ));
+        }
+        let bytes = usize::try_from(p.bytes)
+            .map_err(|_| geometry_err(format!("bytes: {} does not fit in memory", p.bytes)))?;
+        let (memory, gpu) = match p.kind {
+            KIND_CUDA_IPC => {
+                if fd.is_some() {
+                    return Err(Refusal::preamble(
+                        "fds: a CUDA IPC registration (kind 1) carries no file descriptor",
+                    ));
+                }
+                let Some(gpu) = self.gpus.device(p.device) else {
+                    let why = if self.gpus.devices.is_empty() {
+                        format!("the daemon has no GPU ({})", self.gpus.status)
+                    } else {
+                        let ords: Vec<usize> =
+                            self.gpus.devices.iter().map(|g| g.info().ordinal).collect();
+                        format!("the daemon uses devices {ords:?} (gpu.devices)")
+                    };
+                    return Err(Refusal::new(
+                        RefuseReason::NoGpu,
+                        format!("device: CUDA device {} is not available: {why}", p.device),
+                    ));
+                };
+                let buffer = gpu.open_ipc(&IpcHandle(p.handle), bytes).map_err(|e| {
+                    Refusal::new(
+                        RefuseReason::Map,
+                        format!(
+                            "handle: cannot open the CUDA IPC handle on device {}: {e}",
+                            p.device
+                        ),
+                    )
+                })?;
+                (Memory::Device(buffer), gpu.clone())
+            }
+            _ => {
+                let Some(fd) = fd else {
+                    return Err(Refusal::preamble(
+                        "fds: a memfd registration (kind 2) needs exactly one file descriptor (SCM_RIGHTS)",
+                    ));
+                };
+                (map_memfd(fd, p.bytes)?, self.cpu.clone())
+            }
+        };
+        let stream = gpu
+            .stream()
+            .map_err(|e| Refusal::new(RefuseReason::Map, format!("cannot create a stream: {e}")))?;
+        let mut regions = self.regions.write();
+        // Checked again under the lock: two registrations may race.
+        if regions.len() >= self.limits.max_regions {
+            return Err(Refusal::new(
+                RefuseReason::Limit,
+                format!(
+                    "{} KV regions are registered already, the limit (gpu.max_regions)",
+                    regions.len()
+                ),
+            ));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let region = Arc::new(KvRegion {
+            id,
+            name: p.name,
+            kind: p.kind,
+            device: if p.kind == KIND_CUDA_IPC { p.device } else { 0 },
+            bytes: p.bytes,
+            geometry: p.geometry,
+            memory,
+            gpu,
+            stream,
+            gathered: AtomicU64::new(0),
+            scattered: AtomicU64::new(0),
+        });
+        regions.insert(id, Arc::clone(&region));
+        Ok(region)
+    }
+
+    /// Removes a region; it is unmapped when the last request using it is done.
+    pub fn unregister(&self, id: u32) -> bool {
+        let removed = self.regions.write().remove(&id).is_some();
+        if removed {
+            self.unregistered.fetch_add(1, Ordering::Relaxed);
+        }
+        removed
+    }
+
+    /// The region registered under `id`.
+    pub fn get(&self, id: u32) -> Result<Arc<KvRegion>, RegionLookupError> {
+        self.regions
+            .read()
+            .get(&id)
+            .cloned()
+            .ok_or(RegionLookupError::Unknown(id))
+    }
+
+    /// The regions registered now, by id.
+    pub fn list(&self) -> Vec<RegionInfo> {
+        let mut v: Vec<RegionInfo> = self.regions.read().values().map(|r| r.info()).collect();
+        v.sort_by_key(|r| r.id);
+        v
+    }
+
+    pub fn stats(&self) -> RegionStats {
+        let regions = self.regions.read();
+        RegionStats {
+            regions: regions.len() as u32,
+            bytes: regions.values().map(|r| r.bytes).sum(),
+            registered: self.registered.load(Ordering::Relaxed),
+            unregistered: self.unregistered.load(Ordering::Relaxed),
+            refused: RefuseReason::ALL
+                .iter()
+                .zip(&self.refused)
+                .map(|(r, c)| (r.label(), c.load(Ordering::Relaxed)))
+                .collect(),
+            gathered: self.gathered.load(Ordering::Relaxed),
+            scattered: self.scattered.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Maps a memfd of at least `bytes` bytes read-write, sealing it against
+/// shrinking where the client allowed sealing.
+fn map_memfd(fd: OwnedFd, bytes: u64) -> Result<Memory, Refusal> {
+    let map_err = |m: String| Refusal::new(RefuseReason::Map, m);
+    let file = File::from(fd);
+    let meta = file
+        .metadata()
+        .map_err(|e| map_err(format!("fds: cannot stat the file descriptor: {e}")))?;
+    if !meta.file_type().is_file() {
+        return Err(map_err(
+            "fds: the file descriptor is not a regular file or memfd".into(),
+        ));
+    }
+    if meta.len() < bytes {
+        return Err(map_err(format!(
+            "bytes: {bytes} announced, but the memfd has only {} bytes",
+            meta.len()
+        )));
+    }
+    // SAFETY: fcntl on a valid fd with integer arguments.
+    let sealed =
+        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } == 0;
+    let map = memmap2::MmapOptions::new()
+        .len(bytes.max(1) as usize)
+        .map_raw(&file)
+        .map_err(|e| map_err(format!("fds: cannot map the memfd read-write: {e}")))?;
+    Ok(Memory::Host { map, file, sealed })
+}
+
+/// Accepts registrations until `shutdown`, one task per connection; peers
+/// whose uid `auth` does not allow are closed at once.
+pub async fn serve(
+    listener: UnixListener,
+    registry: Arc<RegionRegistry>,
+    shutdown: CancellationToken,
+    auth: Option<Arc<crate::auth::Auth>>,
+) -> io::Result<()> {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "region socket: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if let Some(a) = &auth
+            && !a.admit_unix_peer("kv-region", &stream)
+        {
+            registry.count_refused(RefuseReason::Uid);
+            continue;
+        }
+        let registry = Arc::clone(&registry);
+        let token = shutdown.clone();
+        tokio::spawn(async move { handle(stream, registry, token).await });
+    }
+}
+
+async fn handle(
+    mut stream: UnixStream,
+    registry: Arc<RegionRegistry>,
+    shutdown: CancellationToken,
+) {
+    let peer = stream.peer_cred().ok().and_then(|c| c.pid());
+    let refuse = |reason: RefuseReason, message: String| Refusal { reason, message };
+    let read = tokio::time::timeout(PREAMBLE_TIMEOUT, read_preamble(&stream)).await;
+    let (preamble, fd) = match read {
+        Ok(Ok(v)) => v,
+        Ok(Err(ReadError::Closed(n))) => {
+            registry.count_refused(RefuseReason::Preamble);
+            tracing::warn!(
+                peer_pid = peer,
+                "region socket: connection closed after {n} bytes of the preamble; nothing registered"
+            );
+            return;
+        }
+        Ok(Err(ReadError::Refused(r))) => {
+            registry.count_refused(r.reason);
+            reply_refusal(&mut stream, peer, &r).await;
+            return;
+        }
+        Err(_) => {
+            let r = refuse(
+                RefuseReason::Preamble,
+                format!(
+                    "no complete preamble within {}s",
+                    PREAMBLE_TIMEOUT.as_secs()
+                ),
+            );
+            registry.count_refused(r.reason);
+            reply_refusal(&mut stream, peer, &r).await;
+            return;
+        }
+    };
+    let name = preamble.name.clone();
+    // Opening a CUDA IPC handle and mapping can take a while: off the executor.
+    let reg = Arc::clone(&registry);
+    let registered = tokio::task::spawn_blocking(move || reg.register(preamble, fd)).await;
+    let region = match registered {
+        Ok(Ok(r)) => r,
+        Ok(Err(r)) => {
+            reply_refusal(&mut stream, peer, &r).await;
+            return;
+        }
+        Err(e) => {
+            let r = refuse(RefuseReason::Map, format!("registration task failed: {e}"));
+            registry.count_refused(r.reason);
+            reply_refusal(&mut stream, peer, &r).await;
+            return;
+        }
+    };
+    let id = region.id();
+    let info = region.info();
+    drop(region);
+    if let Err(e) = stream.write_all(&encode_reply(0, id, "")).await {
+        registry.unregister(id);
+        tracing::warn!(peer_pid = peer, region_id = id, error = %e, "region socket: cannot answer the region id; region dropped");
+        return;
+    }
+    tracing::info!(
+        peer_pid = peer,
+        region_id = id,
+        region_name = %name,
+        kind = info.kind,
+        device = info.device,
+        bytes = info.bytes,
+        layout = info.geometry.layout.name(),
+        num_pages = info.geometry.num_pages,
+        "KV region registered"
+    );
+    let mut buf = [0u8; 256];
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = stream.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => tracing::debug!(region_id = id, bytes = n, "region socket: ignoring bytes after registration"),
+            },
+        }
+    }
+    registry.unregister(id);
+    tracing::info!(region_id = id, region_name = %name, "KV region unregistered (connection closed)");
+}
+
+async fn reply_refusal(stream: &mut UnixStream, peer: Option<i32>, r: &Refusal) {
+    tracing::warn!(peer_pid = peer, reason = r.reason.label(), error = %r.message, "region socket: registration refused");
+    let _ = stream
+        .write_all(&encode_reply(r.reason.code(), 0, &r.message))
+        .await;
+    let _ = stream.shutdown().await;
+}
+
+enum ReadError {
+    /// The peer hung up mid-preamble after this many bytes.
+    Closed(usize),
+    Refused(Refusal),
+}
+
+/// Reads the preamble and the fds sent with it (closed on refusal).
+async fn read_preamble(
+    stream: &UnixStream,
+) -> Result<(RegionPreamble, Option<OwnedFd>), ReadError> {
+    let mut buf = vec![0u8; HEADER_BYTES];
+    let mut filled = 0usize;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    let mut need = HEADER_BYTES;
+    let io_refusal = |e: io::Error| ReadError::Refused(Refusal::preamble(format!("socket: {e}")));
+    loop {
+        while filled < need {
+            stream.readable().await.map_err(io_refusal)?;
+            let r = stream.try_io(Interest::READABLE, || {
+                crate::mempool::recv_with_fds(stream.as_raw_fd(), &mut buf[filled..need], &mut fds)
+            });
+            match r {
+                Ok((0, _)) => return Err(ReadError::Closed(filled)),
+                Ok((n, truncated)) => {
+                    if truncated || fds.len() > MAX_FDS_RECEIVED {
+                        return Err(ReadError::Refused(Refusal::preamble(
+                            "fds: too many file descriptors attached",
+                        )));
+                    }
+                    filled += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(io_refusal(e)),
+            }
+        }
+        match parse_preamble(&buf[..filled]).map_err(ReadError::Refused)? {
+            PreambleParse::Need(n) => {
+                need = n;
+                buf.resize(need, 0);
+            }
+            PreambleParse::Complete(p) => {
+                if fds.len() > 1 {
+                    return Err(ReadError::Refused(Refusal::preamble(format!(
+                        "fds: {} file descriptors attached (at most one)",
+                        fds.len()
+                    ))));
+                }
+                return Ok((*p, fds.pop()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn header(kind: u16, bytes: u64, g: &PagedGeometry, name: &str) -> Vec<u8> {
+        let mut b = vec![0u8; HEADER_BYTES];
+        b[..8].copy_from_slice(&MAGIC);
+        b[8..10].copy_from_slice(&VERSION.to_le_bytes());
+        b[10..12].copy_from_slice(&kind.to_le_bytes());
+        b[16..24].copy_from_slice(&bytes.to_le_bytes());
+        let layout = match g.layout {
+            PageLayout::PerLayer => LAYOUT_PER_LAYER,
+            PageLayout::CrossLayer => LAYOUT_CROSS_LAYER,
+        };
+        for (at, v) in [
+            (88, layout),
+            (92, g.layers),
+            (96, g.page_tokens),
+            (100, g.kv_heads),
+            (104, g.head_dim),
+            (108, g.dtype_bytes),
+            (112, g.num_pages),
+            (116, name.len() as u32),
+        ] {
+            b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        b[120..128].copy_from_slice(&g.layer_stride.to_le_bytes());
+        b.extend_from_slice(name.as_bytes());
+        b
+    }
+
+    fn geometry() -> PagedGeometry {
+        PagedGeometry {
+            layout: PageLayout::CrossLayer,
+            layers: 3,
+            page_tokens: 4,
+            kv_heads: 2,
+            head_dim: 8,
+            dtype_bytes: 2,
+            num_pages: 10,
+            layer_stride: 0,
+        }
+    }
+
+    #[test]
+    fn preambles_parse_step_by_step_and_name_bad_fields() {
+        let g = geometry();
+        let b = header(KIND_MEMFD, g.region_bytes(), &g, "engine-0");
+        assert_eq!(
+            parse_preamble(&b[..3]),
+            Ok(PreambleParse::Need(HEADER_BYTES))
+        );
+        assert_eq!(
+            parse_preamble(&b[..HEADER_BYTES]),
+            Ok(PreambleParse::Need(HEADER_BYTES + 8))
+        );
+        let PreambleParse::Complete(p) = parse_preamble(&b).unwrap() else {
+            panic!("complete")
+        };
+        assert_eq!(
+            (p.kind, p.geometry, p.name.as_str()),
+            (KIND_MEMFD, g, "engine-0")
+        );
+        let mut bad = b.clone();
+        bad[0] = b'X';
+        assert!(
+            parse_preamble(&bad)
+                .unwrap_err()
+                .message
+                .starts_with("magic")
+        );
+        let mut bad = b.clone();
+        bad[8] = 9;
+        assert!(
+            parse_preamble(&bad)
+                .unwrap_err()
+                .message
+                .starts_with("version")
+        );
+        let mut bad = b.clone();
+        bad[10] = 3;
+        assert!(
+            parse_preamble(&bad)
+                .unwrap_err()
+                .message
+                .starts_with("kind")
+        );
+        let mut bad = b.clone();
+        bad[88] = 7;
+        let e = parse_preamble(&bad).unwrap_err();
+        assert!(e.message.starts_with("layout") && e.reason == RefuseReason::Geometry);
+        let mut bad = b.clone();
+        bad[116..120].copy_from_slice(&0u32.to_le_bytes());
+        assert!(
+            parse_preamble(&bad)
+                .unwrap_err()
+                .message
+                .starts_with("name")
+        );
+        let reply = encode_reply(2, 0, "layers: must be at least 1");
+        assert_eq!(&reply[..4], &2u32.to_le_bytes());
+        assert_eq!(reply.len(), 12 + 26);
+    }
+
+    #[test]
+    fn registry_validates_maps_and_unregisters() {
+        use std::io::Write;
+        let reg = RegionRegistry::new(
+            RegionLimits {
+                max_regions: 1,
+                max_region_bytes: 1 << 20,
+            },
+            Arc::new(GpuSet::default()),
+        );
+        let g = geometry();
+        let memfd = |len: usize| {
+            let mut f = tempfile::tempfile().unwrap();
+            f.write_all(&vec![1u8; len]).unwrap();
+            OwnedFd::from(f)
+        };
+        let p = |bytes: u64, g: PagedGeometry| RegionPreamble {
+            kind: KIND_MEMFD,
+            device: 0,
+            bytes,
+            handle: [0; 64],
+            geometry: g,
+            name: "r".into(),
+        };
+        let need = g.region_bytes();
+        let e = reg
+            .register(p(need - 1, g), Some(memfd(need as usize)))
+            .unwrap_err();
+        assert_eq!(e.reason, RefuseReason::Geometry);
+        assert!(e.message.starts_with("bytes"), "{e}");
+        let mut zero = g;
+        zero.head_dim = 0;
+        assert!(
+            reg.register(p(need, zero), Some(memfd(64)))
+                .unwrap_err()
+                .message
+                .starts_with("head_dim")
+        );
+        let e = reg
+            .register(p(need, g), Some(memfd(need as usize - 1)))
+            .unwrap_err();
+        assert_eq!(e.reason, RefuseReason::Map);
+        assert_eq!(
+            reg.register(p(need, g), None).unwrap_err().reason,
+            RefuseReason::Preamble
+        );
+        let mut ipc = p(need, g);
+        ipc.kind = KIND_CUDA_IPC;
+        assert_eq!(
+            reg.register(ipc, None).unwrap_err().reason,
+            RefuseReason::NoGpu
+        );
+        let r = reg
+            .register(p(need, g), Some(memfd(need as usize)))
+            .unwrap();
+        assert_eq!(r.id(), 1);
+        assert_eq!(
+            reg.register(p(need, g), Some(memfd(need as usize)))
+                .unwrap_err()
+                .reason,
+            RefuseReason::Limit
+        );
+        assert!(reg.unregister(1));
+        assert_eq!(reg.get(1).unwrap_err(), RegionLookupError::Unknown(1));
+        // The request holding the Arc still reaches the memory.
+        assert!(r.base().is_ok());
+        let s = reg.stats();
+        assert_eq!((s.regions, s.registered, s.unregistered), (0, 1, 1));
+        assert_eq!(s.refused.iter().map(|(_, n)| n).sum::<u64>(), 6);
+    }
+}

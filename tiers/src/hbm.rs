@@ -1,0 +1,955 @@
+//! `HbmTier` (T0): blocks in GPU memory, one tier per device, in front of the
+//! host tier.
+//!
+//! # Memory
+//!
+//! One [`Gpu::alloc_device`] allocation per device (plain `cuMemAlloc` on
+//! CUDA, so CUDA IPC works on it), carved by a [`SlotArena`] exactly as the
+//! host arena is: the capacity is a hard limit, size classes share segments.
+//! The block index is the host tier's [`SlotIndex`] (prefix-aware LRU from
+//! `eviction.rs`, pins, readers), so pinned blocks and blocks being read are
+//! never evicted.
+//!
+//! # Streams
+//!
+//! Three streams per device: *promotion* (host→device: [`Tier::put`] and
+//! [`HbmTier::promote`]), *demotion* (device→host copies of victims) and
+//! *read* (device→host copies of [`Tier::get`] and checksum read-backs).
+//! Every copy is followed by a [`Fence`]; no slot is written, freed or
+//! reused while a copy that touches it is queued.
+//!
+//! # Demotion T0→T1
+//!
+//! When a size class has no free slot, victims are chosen by the shared
+//! policy and *drained*: each gets a host-tier slot ([`HostTier::reserve`]),
+//! a device→host copy on the demotion stream and a fence, and waits in the
+//! `draining` list. A draining block stays in the index and readable (readers
+//! find it in T0 until it is published in T1), is no eviction candidate, and
+//! keeps its slot until its fence has completed. Reservation first *reaps*
+//! completed drains (oldest first), and waits on the oldest fence when that
+//! is the only way to get room; it chooses new victims only when nothing is
+//! draining, so it never evicts more than it needs.
+//!
+//! Reaping a drain, under this tier's lock: if the block is still the live
+//! one and unpinned, its host slot is published with the checksum recorded
+//! at put (a copy whose bytes hash otherwise is dropped and counted, never
+//! served), then the block leaves T0. A block deleted or replaced meanwhile
+//! is not published (its host slot is freed), so a demotion never lands
+//! after, and overwrites, a newer put: the cache removes T0 copies of a key
+//! before it writes the host tier, and that removal takes this same lock. A
+//! block pinned while draining stays in T0. A block the host tier already
+//! holds with the same checksum (a promoted copy; the tiers are inclusive)
+//! leaves T0 without a copy; one the host tier cannot take (everything there
+//! pinned) is dropped and counted.
+//!
+//! # Promotion T1→T0
+//!
+//! [`HbmTier::promote`] copies a host-resident block in on the promotion
+//! stream, with the host tier's recorded checksum. The cache calls it under
+//! the key's stripe lock (`promote_on_device_get`).
+//!
+//! # Device-side access
+//!
+//! For the CUDA-IPC data path the cache reserves slots ([`HbmTier::reserve`]),
+//! lets the caller fill them with a kernel, reads them back for their
+//! checksums ([`HbmTier::read_back`]) and publishes them
+//! ([`HbmTier::publish`]); reads take a reader count on a block
+//! ([`HbmTier::acquire`]) and hand out its device address.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use kvstrata_kernels::{
+    CopyOp, DEFAULT_DMA_THRESHOLD, DeviceBuffer, Fence, Gpu, GpuError, GpuStream, PinnedBuffer,
+};
+use parking_lot::{Mutex, MutexGuard};
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::arena::{SlotArena, SlotRef};
+use crate::events::{EventBus, EventKind, PendingEvent};
+use crate::eviction::choose_victims;
+use crate::host::{HostSlot, HostTier, SlotIndex};
+use crate::key::BlockKey;
+use crate::namespace::NamespaceId;
+use crate::tier::{
+    BlockMeta, PinToken, PutOutcome, RemoveOutcome, RemoveReason, Tier, TierCounters, TierKind,
+    TierStats,
+};
+
+/// Configuration of the HBM tier (the same for every device).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HbmTierConfig {
+    /// Hard limit on the bytes of block payloads held per device. Default 1 GiB.
+    pub capacity_bytes: u64,
+    /// Size of the arena's segments (each holds slots of one block size; the
+    /// largest block the tier accepts). Default 64 MiB; a smaller capacity
+    /// makes one segment of the whole capacity.
+    pub segment_bytes: u64,
+    /// Whether [`crate::BlockCache::get_to_device`] copies the blocks it
+    /// served from the host tier into this device's HBM tier afterwards.
+    /// Default true.
+    pub promote_on_device_get: bool,
+    /// Size of the pinned buffer device slots are read back through to
+    /// compute their checksums (grown to one block if smaller). Default 16 MiB.
+    pub staging_bytes: u64,
+    /// Blocks of at least this many bytes move between T0 and T1 with DMA
+    /// (`cuMemcpyAsync`), smaller ones with the batched-copy kernel. Default
+    /// [`DEFAULT_DMA_THRESHOLD`] (measured: docs/benchmarks.md, "GPU tiers").
+    pub dma_threshold: u64,
+}
+
+impl Default for HbmTierConfig {
+    fn default() -> Self {
+        HbmTierConfig {
+            capacity_bytes: 1 << 30,
+            segment_bytes: 64 << 20,
+            promote_on_device_get: true,
+            staging_bytes: 16 << 20,
+            dma_threshold: DEFAULT_DMA_THRESHOLD,
+        }
+    }
+}
+
+/// Counters and identity of one device's HBM tier (beside its [`TierStats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HbmStats {
+    /// Position of the device in the cache's GPU list (the `device` argument
+    /// of the device-side calls).
+    pub device: usize,
+    /// The device's ordinal for its driver.
+    pub ordinal: usize,
+    pub name: String,
+    /// "cuda" or "cpu".
+    pub backend: &'static str,
+    /// Blocks copied out to the host tier under pressure or by `evict`.
+    pub demoted: u64,
+    /// Blocks that left without a copy because the host tier already held
+    /// the same bytes.
+    pub demote_skipped: u64,
+    /// Blocks dropped on the way out: the host tier had no room, or a copy failed.
+    pub demote_dropped: u64,
+    /// Blocks copied in from the host tier.
+    pub promoted: u64,
+    /// Copies whose bytes did not hash to the recorded checksum (dropped, never served).
+    pub checksum_failures: u64,
+    /// Blocks whose copy out is in flight now.
+    pub draining: u64,
+}
+
+#[derive(Debug, Default)]
+struct MoveCounters {
+    demoted: AtomicU64,
+    demote_skipped: AtomicU64,
+    demote_dropped: AtomicU64,
+    promoted: AtomicU64,
+    checksum_failures: AtomicU64,
+}
+
+/// A victim whose bytes are being copied to the host tier.
+struct Drain {
+    id: usize,
+    /// The entry's incarnation (entry ids are reused).
+    incarnation: u64,
+    host: HostSlot,
+    fence: Arc<Fence>,
+}
+
+struct Meta {
+    index: SlotIndex,
+    /// In fence order (one demotion stream).
+    draining: VecDeque<Drain>,
+}
+
+struct Inner {
+    gpu: Gpu,
+    device: usize,
+    memory: DeviceBuffer,
+    meta: Mutex<Meta>,
+    host: Option<HostTier>,
+    promote_stream: GpuStream,
+    demote_stream: GpuStream,
+    read_stream: GpuStream,
+    staging: Mutex<Option<PinnedBuffer>>,
+    counters: TierCounters,
+    moves: MoveCounters,
+    events: Arc<EventBus>,
+    config: HbmTierConfig,
+}
+
+/// One device's HBM tier. Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct HbmTier {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for HbmTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HbmTier")
+            .field("device", &self.inner.device)
+            .field("capacity", &self.inner.config.capacity_bytes)
+            .finish()
+    }
+}
+
+fn gpu_failed(what: &str, e: &GpuError) {
+    tracing::error!(error = %e, "hbm tier: {what} failed");
+}
+
+impl HbmTier {
+    /// Allocates the arena on `gpu`. `device` is the tier's position in the
+    /// cache's GPU list; `host` is where victims go (without one they are
+    /// dropped).
+    pub fn new(
+        config: &HbmTierConfig,
+        gpu: Gpu,
+        device: usize,
+        host: Option<HostTier>,
+        events: Arc<EventBus>,
+    ) -> Result<Self, GpuError> {
+        let (arena, region_len) = SlotArena::new(config.capacity_bytes, config.segment_bytes);
+        let memory = gpu.alloc_device(region_len)?;
+        // Incarnations of device d start at (d + 1) << 48: the host tier's
+        // start at 1, so no pin token matches a block of another tier.
+        let first = ((device as u64) + 1) << 48;
+        Ok(HbmTier {
+            inner: Arc::new(Inner {
+                promote_stream: gpu.stream()?,
+                demote_stream: gpu.stream()?,
+                read_stream: gpu.stream()?,
+                gpu,
+                device,
+                memory,
+                meta: Mutex::new(Meta {
+                    index: SlotIndex::new(arena, TierKind::Hbm, first),
+                    draining: VecDeque::new(),
+                }),
+                host,
+                staging: Mutex::new(None),
+                counters: TierCounters::default(),
+                moves: MoveCounters::default(),
+                events,
+                config: config.clone(),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &HbmTierConfig {
+        &self.inner.config
+    }
+
+    /// Position of the device in the cache's GPU list.
+    pub fn device(&self) -> usize {
+        self.inner.device
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.inner.gpu
+    }
+
+    /// Bytes the tier can hold in one block.
+    pub fn max_slot_bytes(&self) -> usize {
+        self.inner.meta.lock().index.arena.max_slot_bytes()
+    }
+
+    /// Identity and movement counters.
+    pub fn hbm_stats(&self) -> HbmStats {
+        let inner = &self.inner;
+        let info = inner.gpu.info();
+        let m = &inner.moves;
+        HbmStats {
+            device: inner.device,
+            ordinal: info.ordinal,
+            name: info.name.clone(),
+            backend: info.backend.name(),
+            demoted: m.demoted.load(Ordering::Relaxed),
+            demote_skipped: m.demote_skipped.load(Ordering::Relaxed),
+            demote_dropped: m.demote_dropped.load(Ordering::Relaxed),
+            promoted: m.promoted.load(Ordering::Relaxed),
+            checksum_failures: m.checksum_failures.load(Ordering::Relaxed),
+            draining: inner.meta.lock().draining.len() as u64,
+        }
+    }
+
+    /// Reserves a slot of `len` bytes, demoting victims to the host tier if
+    /// it must; `None` when nothing can go (everything pinned or being read).
+    /// Fill it through [`HbmSlot::addr`] and publish it with
+    /// [`HbmTier::publish`]; dropping it frees the slot.
+    pub fn reserve(&self, len: usize) -> Option<HbmSlot> {
+        let inner = &*self.inner;
+        let mut events = Vec::new();
+        let slot = {
+            let mut meta = inner.meta.lock();
+            let slot = inner.reserve(&mut meta, len, &mut events);
+            slot.map(|s| (s, meta.index.arena.offset(s)))
+        };
+        inner.events.publish(events);
+        match slot {
+            Some((slot, offset)) => Some(HbmSlot {
+                inner: Arc::clone(&self.inner),
+                slot: Some(slot),
+                addr: inner.memory.ptr() + offset as u64,
+                len,
+            }),
+            None => {
+                TierCounters::add(&inner.counters.rejected_puts, 1);
+                None
+            }
+        }
+    }
+
+    /// Publishes a filled slot under the key with its payload's xxh3-64,
+    /// replacing any block stored under it here. The copy into the slot must
+    /// have completed.
+    pub fn publish(
+        &self,
+        mut slot: HbmSlot,
+        ns: &NamespaceId,
+        key: &BlockKey,
+        parent: Option<&BlockKey>,
+        checksum: u64,
+    ) -> PutOutcome {
+        let inner = &*self.inner;
+        let Some(reserved) = slot.slot.take() else {
+            return PutOutcome::NoSpace;
+        };
+        inner
+            .meta
+            .lock()
+            .index
+            .publish(ns, key, parent, reserved, slot.len, checksum);
+        TierCounters::add(&inner.counters.bytes_in, slot.len as u64);
+        inner.events.publish([PendingEvent {
+            kind: EventKind::Stored,
+            namespace: *ns,
+            key: *key,
+            parent: parent.copied(),
+            tier: TierKind::Hbm,
+        }]);
+        PutOutcome::Stored
+    }
+
+    /// Copies `src` (host memory, pinned or not) into a new slot on the
+    /// promotion stream and publishes it with `checksum`.
+    fn store(
+        &self,
+        ns: &NamespaceId,
+        key: &BlockKey,
+        parent: Option<&BlockKey>,
+        src: &[u8],
+        checksum: u64,
+    ) -> PutOutcome {
+        let Some(slot) = self.reserve(src.len()) else {
+            return PutOutcome::NoSpace;
+        };
+        let stream = &self.inner.promote_stream;
+        // SAFETY: the slot is reserved for this writer alone; `src` is
+        // borrowed until the fence below has completed.
+        let copied = unsafe { stream.copy(slot.addr, src.as_ptr() as u64, src.len() as u64) }
+            .and_then(|()| stream.record())
+            .and_then(|f| f.wait());
+        if let Err(e) = copied {
+            gpu_failed("host-to-device copy", &e);
+            return PutOutcome::NoSpace;
+        }
+        self.publish(slot, ns, key, parent, checksum)
+    }
+
+    /// Copies a host-resident block (its exact bytes `src`, with the checksum
+    /// the host tier recorded) into this tier. The caller makes sure no put
+    /// or delete of the key runs meanwhile (the cache's stripe lock).
+    pub fn promote(
+        &self,
+        ns: &NamespaceId,
+        key: &BlockKey,
+        parent: Option<&BlockKey>,
+        src: &[u8],
+        checksum: u64,
+    ) -> PutOutcome {
+        let out = self.store(ns, key, parent, src, checksum);
+        if out == PutOutcome::Stored {
+            TierCounters::add(&self.inner.moves.promoted, 1);
+        }
+        out
+    }
+
+    /// Takes a reader count on a block: its slot keeps its bytes and is not
+    /// reused until the returned guard drops. Counts as an access.
+    pub fn acquire(&self, ns: &NamespaceId, key: &BlockKey) -> Option<HbmRead> {
+        let inner = &self.inner;
+        let found = {
+            let mut meta = inner.meta.lock();
+            let index = &mut meta.index;
+            match index.index.get(&(*ns, *key)).copied() {
+                Some(id) => {
+                    index.touch(id);
+                    let e = index.entries.get_mut(id);
+                    let found = e.map(|e| {
+                        e.readers += 1;
+                        (e.slot, e.len, e.checksum)
+                    });
+                    found.map(|(slot, len, checksum)| (id, index.arena.offset(slot), len, checksum))
+                }
+                None => None,
+            }
+        };
+        match found {
+            Some((id, offset, len, checksum)) => {
+                TierCounters::add(&inner.counters.hits, 1);
+                TierCounters::add(&inner.counters.bytes_out, len as u64);
+                Some(HbmRead {
+                    inner: Arc::clone(inner),
+                    id,
+                    addr: inner.memory.ptr() + offset as u64,
+                    len,
+                    checksum,
+                })
+            }
+            None => {
+                TierCounters::add(&inner.counters.misses, 1);
+                None
+            }
+        }
+    }
+
+    /// Reads device-reachable blocks of `len` bytes each (slots of this tier
+    /// or any address the device reaches) back to the host through the
+    /// staging buffer, a batch at a time, and hands each to `f` with its
+    /// position in `addrs`.
+    pub fn read_back(
+        &self,
+        addrs: &[u64],
+        len: usize,
+        mut f: impl FnMut(usize, &[u8]),
+    ) -> Result<(), GpuError> {
+        if addrs.is_empty() || len == 0 {
+            return Ok(());
+        }
+        let inner = &self.inner;
+        let mut staging = inner.staging.lock();
+        let want = (inner.config.staging_bytes as usize).max(len);
+        if staging.as_ref().is_none_or(|b| b.len() < len) {
+            *staging = None;
+            *staging = Some(inner.gpu.alloc_pinned(want)?);
+        }
+        let Some(buf) = staging.as_ref() else {
+            return Err(GpuError::Unsupported {
+                what: "staging buffer",
+            });
+        };
+        let per_batch = (buf.len() / len).max(1);
+        for (b, chunk) in addrs.chunks(per_batch).enumerate() {
+            let ops: Vec<CopyOp> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, &src)| CopyOp {
+                    src,
+                    dst: buf.device_ptr() + (i * len) as u64,
+                    len: len as u64,
+                })
+                .collect();
+            // SAFETY: the staging buffer is ours (its lock), large enough for
+            // the chunk; the sources are the caller's readable blocks.
+            unsafe {
+                inner
+                    .read_stream
+                    .copy_blocks(&ops, inner.config.dma_threshold)?
+            };
+            inner.read_stream.record()?.wait()?;
+            let bytes = buf.as_slice();
+            for i in 0..chunk.len() {
+                f(b * per_batch + i, &bytes[i * len..(i + 1) * len]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Demotes one block to the host tier now (the cache's `evict`): its
+    /// bytes are copied out and it leaves this tier once they are published
+    /// there. `Pinned` leaves it in place.
+    pub fn demote(&self, ns: &NamespaceId, key: &BlockKey) -> RemoveOutcome {
+        let inner = &*self.inner;
+        let mut events = Vec::new();
+        let outcome = {
+            let mut meta = inner.meta.lock();
+            let Some(&id) = meta.index.index.get(&(*ns, *key)) else {
+                return RemoveOutcome::Missing;
+            };
+            let (pinned, draining, incarnation) = match meta.index.entries.get(id) {
+                Some(e) => (e.pins > 0, e.draining, e.incarnation),
+                None => return RemoveOutcome::Missing,
+            };
+            if pinned {
+                return RemoveOutcome::Pinned;
+            }
+            if !draining {
+                inner.start_drain(&mut meta, id, &mut events);
+            }
+            // Wait for every drain up to this block's, then reap them.
+            while meta
+                .draining
+                .iter()
+                .any(|d| d.id == id && d.incarnation == incarnation)
+            {
+                let Some(fence) = meta.draining.back().map(|d| Arc::clone(&d.fence)) else {
+                    break;
+                };
+                if let Err(e) = MutexGuard::unlocked(&mut meta, || fence.wait()) {
+                    gpu_failed("demotion copy", &e);
+                }
+                inner.reap(&mut meta, &mut events);
+            }
+            if meta.index.index.contains_key(&(*ns, *key)) {
+                // Pinned meanwhile, or replaced by a newer block.
+                RemoveOutcome::Pinned
+            } else {
+                RemoveOutcome::Removed
+            }
+        };
+        inner.events.publish(events);
+        outcome
+    }
+}
+
+impl Inner {
+    /// Finishes every drain whose copy has completed, oldest first.
+    fn reap(&self, meta: &mut Meta, events: &mut Vec<PendingEvent>) {
+        while meta.draining.front().is_some_and(|d| d.fence.is_done()) {
+            if let Some(d) = meta.draining.pop_front() {
+                self.finish_drain(meta, d, events);
+            }
+        }
+    }
+
+    fn finish_drain(&self, meta: &mut Meta, drain: Drain, events: &mut Vec<PendingEvent>) {
+        let index = &mut meta.index;
+        let Some(e) = index.entries.get_mut(drain.id) else {
+            return;
+        };
+        e.draining = false;
+        let (live, pinned) = (e.live, e.pins > 0);
+        let (ns, key, parent, checksum) = (e.ns, e.key, e.parent, e.checksum);
+        if !live {
+            // Deleted or replaced while its bytes were copied: not published.
+            index.release_if_unused(drain.id);
+            return;
+        }
+        if pinned {
+            // Pinned while draining: it stays.
+            index.set_insert(drain.id);
+            return;
+        }
+        // Drains start only with a host tier.
+        if let Some(host) = &self.host {
+            match host.publish(drain.host, &ns, &key, parent.as_ref(), Some(checksum)) {
+                Ok(_) => TierCounters::add(&self.moves.demoted, 1),
+                Err(mismatch) => {
+                    tracing::error!(namespace = %ns, key = %key, %mismatch, "hbm tier: demotion copy came out wrong; block dropped");
+                    TierCounters::add(&self.moves.checksum_failures, 1);
+                    TierCounters::add(&self.moves.demote_dropped, 1);
+                }
+            }
+        }
+        if let Some(ev) = index.unlink(drain.id, EventKind::Evicted) {
+            TierCounters::add(&self.counters.evictions, 1);
+            events.push(ev);
+        }
+    }
+
+    /// Starts copying a block out to the host tier (or lets it go at once
+    /// when the host already holds its bytes, or cannot take them).
+    fn start_drain(&self, meta: &mut Meta, id: usize, events: &mut Vec<PendingEvent>) {
+        let index = &mut meta.index;
+        let Some(e) = index.entries.get(id) else {
+            return;
+        };
+        let (ns, key, len, checksum, slot) = (e.ns, e.key, e.len, e.checksum, e.slot);
+        let incarnation = e.incarnation;
+        let src = self.memory.ptr() + index.arena.offset(slot) as u64;
+        let host = self.host.as_ref();
+        let already =
+            host.is_some_and(|h| h.meta(&ns, &key).is_some_and(|m| m.checksum == checksum));
+        let started = if already {
+            TierCounters::add(&self.moves.demote_skipped, 1);
+            None
+        } else {
+            match host.and_then(|h| h.reserve(len)) {
+                Some(host_slot) => {
+                    let stream = &self.demote_stream;
+                    // A mapped pinned slot takes the batched kernel below the
+                    // DMA threshold (faster for small blocks); pageable memory
+                    // only DMA.
+                    let op = |dst| CopyOp {
+                        src,
+                        dst,
+                        len: len as u64,
+                    };
+                    // SAFETY: the host slot is reserved for this drain; the
+                    // source slot is not freed or reused before the fence
+                    // (the entry is draining until the drain is reaped).
+                    let copied = match host_slot.device_addr() {
+                        Some(dst) => unsafe {
+                            stream.copy_blocks(&[op(dst)], self.config.dma_threshold)
+                        },
+                        None => unsafe { stream.copy(host_slot.host_addr(), src, len as u64) },
+                    }
+                    .and_then(|()| stream.record());
+                    match copied {
+                        Ok(fence) => Some((host_slot, fence)),
+                        Err(err) => {
+                            gpu_failed("demotion copy", &err);
+                            // Make sure nothing is still reading the source.
+                            let _ = stream.synchronize();
+                            TierCounters::add(&self.moves.demote_dropped, 1);
+                            None
+                        }
+                    }
+                }
+                None => {
+                    TierCounters::add(&self.moves.demote_dropped, 1);
+                    None
+                }
+            }
+        };
+        match started {
+            Some((host, fence)) => {
+                index.set_remove(id);
+                if let Some(e) = index.entries.get_mut(id) {
+                    e.draining = true;
+                }
+                meta.draining.push_back(Drain {
+                    id,
+                    incarnation,
+                    host,
+                    fence: Arc::new(fence),
+                });
+            }
+            None => {
+                if let Some(ev) = index.unlink(id, EventKind::Evicted) {
+                    TierCounters::add(&self.counters.evictions, 1);
+                    events.push(ev);
+                }
+            }
+        }
+    }
+
+    /// A free slot of `len` bytes: reaps finished drains, waits for the
+    /// oldest one when only that can give room, or drains new victims.
+    fn reserve(
+        &self,
+        meta: &mut MutexGuard<'_, Meta>,
+        len: usize,
+        events: &mut Vec<PendingEvent>,
+    ) -> Option<SlotRef> {
+        loop {
+            self.reap(meta, events);
+            if let Some(slot) = meta.index.arena.alloc(len) {
+                return Some(slot);
+            }
+            if let Some(fence) = meta.draining.front().map(|d| Arc::clone(&d.fence)) {
+                if let Err(e) = MutexGuard::unlocked(meta, || fence.wait()) {
+                    // A failed copy reads as done; its drain is checked by checksum.
+                    gpu_failed("demotion copy", &e);
+                }
+                continue;
+            }
+            let victims = choose_victims(&meta.index, len)?;
+            for id in victims {
+                self.start_drain(meta, id, events);
+            }
+        }
+    }
+}
+
+/// An HBM slot reserved by a writer ([`HbmTier::reserve`]); freed on drop
+/// unless published.
+pub struct HbmSlot {
+    inner: Arc<Inner>,
+    slot: Option<SlotRef>,
+    addr: u64,
+    len: usize,
+}
+
+impl std::fmt::Debug for HbmSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HbmSlot")
+            .field("addr", &format_args!("{:#x}", self.addr))
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl HbmSlot {
+    /// Device address of the slot.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for HbmSlot {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            self.inner.meta.lock().index.arena.free(slot);
+        }
+    }
+}
+
+/// A reader count on an HBM block ([`HbmTier::acquire`]): its slot keeps
+/// the block's exact bytes until this drops.
+pub struct HbmRead {
+    inner: Arc<Inner>,
+    id: usize,
+    addr: u64,
+    len: usize,
+    checksum: u64,
+}
+
+impl std::fmt::Debug for HbmRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HbmRead")
+            .field("addr", &format_args!("{:#x}", self.addr))
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl HbmRead {
+    /// Device address of the block's bytes.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// xxh3-64 of the payload, recorded at put.
+    pub fn checksum(&self) -> u64 {
+        self.checksum
+    }
+}
+
+impl Drop for HbmRead {
+    fn drop(&mut self) {
+        let mut meta = self.inner.meta.lock();
+        if let Some(e) = meta.index.entries.get_mut(self.id) {
+            e.readers -= 1;
+        }
+        meta.index.release_if_unused(self.id);
+    }
+}
+
+impl Tier for HbmTier {
+    fn kind(&self) -> TierKind {
+        TierKind::Hbm
+    }
+
+    fn max_block_bytes(&self) -> u64 {
+        self.max_slot_bytes() as u64
+    }
+
+    /// Copies the payload in on the promotion stream; its xxh3-64 is recorded.
+    fn put(
+        &self,
+        ns: &NamespaceId,
+        key: &BlockKey,
+        parent: Option<&BlockKey>,
+        payload: &[u8],
+    ) -> PutOutcome {
+        self.store(ns, key, parent, payload, xxh3_64(payload))
+    }
+
+    /// Copies the block out on the read stream and checks it against the
+    /// recorded checksum: a mismatch drops the block and answers a miss.
+    fn get(&self, ns: &NamespaceId, key: &BlockKey) -> Option<Bytes> {
+        let read = self.acquire(ns, key)?;
+        let mut buf = vec![0u8; read.len];
+        let stream = &self.inner.read_stream;
+        // SAFETY: the reader count keeps the slot's bytes until `read` drops;
+        // `buf` is ours until the fence has completed.
+        let copied = unsafe { stream.copy(buf.as_mut_ptr() as u64, read.addr, read.len as u64) }
+            .and_then(|()| stream.record())
+            .and_then(|f| f.wait());
+        if let Err(e) = copied {
+            gpu_failed("device-to-host copy", &e);
+            return None;
+        }
+        if xxh3_64(&buf) != read.checksum {
+            tracing::error!(namespace = %ns, key = %key, "hbm tier: block does not match its checksum; dropped");
+            TierCounters::add(&self.inner.moves.checksum_failures, 1);
+            let event = {
+                let mut meta = self.inner.meta.lock();
+                let still = meta.index.index.get(&(*ns, *key)) == Some(&read.id);
+                if still {
+                    meta.index.unlink(read.id, EventKind::Deleted)
+                } else {
+                    None
+                }
+            };
+            self.inner.events.publish(event);
+            return None;
+        }
+        Some(Bytes::from(buf))
+    }
+
+    fn contains(&self, ns: &NamespaceId, key: &BlockKey) -> bool {
+        self.inner
+            .meta
+            .lock()
+            .index
+            .index
+            .contains_key(&(*ns, *key))
+    }
+
+    fn remove(&self, ns: &NamespaceId, key: &BlockKey, reason: RemoveReason) -> RemoveOutcome {
+        let inner = &self.inner;
+        let (outcome, event) = inner.meta.lock().index.remove(ns, key, reason);
+        if outcome == RemoveOutcome::Removed && reason == RemoveReason::Evict {
+            TierCounters::add(&inner.counters.evictions, 1);
+        }
+        inner.events.publish(event);
+        outcome
+    }
+
+    fn pin(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Result<Vec<PinToken>, usize> {
+        self.inner.meta.lock().index.pin(ns, keys)
+    }
+
+    fn unpin(&self, token: &PinToken) {
+        self.inner.meta.lock().index.unpin(token)
+    }
+
+    fn meta(&self, ns: &NamespaceId, key: &BlockKey) -> Option<BlockMeta> {
+        self.inner.meta.lock().index.block_meta(ns, key)
+    }
+
+    fn list(
+        &self,
+        ns: Option<&NamespaceId>,
+        cursor: u64,
+        limit: usize,
+    ) -> (Vec<BlockMeta>, Option<u64>) {
+        self.inner.meta.lock().index.list(ns, cursor, limit)
+    }
+
+    fn keys_of(&self, ns: &NamespaceId) -> Vec<BlockKey> {
+        self.inner.meta.lock().index.keys_of(ns)
+    }
+
+    fn stats(&self) -> TierStats {
+        let meta = self.inner.meta.lock();
+        let mut s = TierStats {
+            capacity_bytes: self.inner.config.capacity_bytes,
+            used_bytes: meta.index.arena.used_bytes(),
+            blocks: meta.index.index.len() as u64,
+            pinned_blocks: meta.index.pinned_blocks,
+            ..TierStats::default()
+        };
+        drop(meta);
+        self.inner.counters.fill(&mut s);
+        s
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // No copy may still touch the device memory or a host slot when
+        // they are freed.
+        for s in [&self.promote_stream, &self.demote_stream, &self.read_stream] {
+            if let Err(e) = s.synchronize() {
+                gpu_failed("stream synchronize at shutdown", &e);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::HostTierConfig;
+
+    fn ns() -> NamespaceId {
+        NamespaceId([3; 16])
+    }
+
+    fn key(s: &str) -> BlockKey {
+        BlockKey::new("key", s.as_bytes()).unwrap()
+    }
+
+    fn payload(tag: u8, len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_mul(13) ^ tag).collect()
+    }
+
+    fn tiers(hbm_blocks: u64, host_blocks: u64, block: u64) -> (HbmTier, HostTier) {
+        let events = Arc::new(EventBus::new(1024));
+        let host = HostTier::new(
+            &HostTierConfig {
+                capacity_bytes: host_blocks * block,
+                segment_bytes: 64 << 20,
+            },
+            Arc::clone(&events),
+        )
+        .unwrap();
+        let cfg = HbmTierConfig {
+            capacity_bytes: hbm_blocks * block,
+            ..HbmTierConfig::default()
+        };
+        let hbm = HbmTier::new(&cfg, Gpu::cpu(), 0, Some(host.clone()), events).unwrap();
+        (hbm, host)
+    }
+
+    #[test]
+    fn pressure_demotes_to_host() {
+        let (hbm, host) = tiers(2, 8, 4096);
+        for i in 0..5u8 {
+            let k = key(&format!("k{i}"));
+            assert_eq!(
+                hbm.put(&ns(), &k, None, &payload(i, 4096)),
+                PutOutcome::Stored
+            );
+            assert!(hbm.stats().used_bytes <= 2 * 4096);
+        }
+        assert_eq!(hbm.stats().blocks, 2);
+        assert_eq!(host.stats().blocks, 3);
+        for i in 0..5u8 {
+            let k = key(&format!("k{i}"));
+            let got = hbm.get(&ns(), &k).or_else(|| host.get(&ns(), &k)).unwrap();
+            assert_eq!(&got[..], &payload(i, 4096)[..]);
+        }
+        assert_eq!(hbm.hbm_stats().demoted, 3);
+    }
+
+    #[test]
+    fn readers_and_pins_are_never_victims() {
+        let (hbm, _host) = tiers(2, 8, 4096);
+        hbm.put(&ns(), &key("a"), None, &payload(1, 4096));
+        hbm.put(&ns(), &key("b"), None, &payload(2, 4096));
+        let read = hbm.acquire(&ns(), &key("a")).unwrap();
+        let pins = hbm.pin(&ns(), &[key("b")]).unwrap();
+        assert_eq!(
+            hbm.put(&ns(), &key("c"), None, &payload(3, 4096)),
+            PutOutcome::NoSpace
+        );
+        drop(read);
+        assert_eq!(
+            hbm.put(&ns(), &key("c"), None, &payload(3, 4096)),
+            PutOutcome::Stored
+        );
+        assert!(hbm.contains(&ns(), &key("b")));
+        assert!(!hbm.contains(&ns(), &key("a")));
+        hbm.unpin(&pins[0]);
+    }
+}
