@@ -486,12 +486,43 @@ impl Client {
         ns: &NamespaceId,
         items: Vec<PutItem>,
     ) -> Result<proto::BatchPutResponse, ClientError> {
+        self.put_items(ns, items.into_iter().map(Into::into).collect())
+            .await
+    }
+
+    /// BatchPut of items already in wire form (inline, pool regions or KV pages).
+    async fn put_items(
+        &self,
+        ns: &NamespaceId,
+        items: Vec<proto::PutItem>,
+    ) -> Result<proto::BatchPutResponse, ClientError> {
         let req = proto::BatchPutRequest {
             namespace_id: ns_bytes(ns),
-            items: items.into_iter().map(Into::into).collect(),
+            items,
         };
         let mut c = self.inner.clone();
         self.call(c.batch_put(self.request(req, true))).await
+    }
+
+    /// BatchGet whose blocks go to pool regions or KV pages (one per key):
+    /// checks that the daemon answered one result per key.
+    async fn get_into(
+        &self,
+        req: proto::BatchGetRequest,
+    ) -> Result<Vec<proto::GetResult>, ClientError> {
+        let keys = req.keys.len();
+        let mut c = self.inner.clone();
+        let results = self
+            .call(c.batch_get(self.request(req, true)))
+            .await?
+            .results;
+        if results.len() != keys {
+            return Err(ClientError::InvalidResponse(format!(
+                "BatchGet answered {} results for {keys} keys",
+                results.len()
+            )));
+        }
+        Ok(results)
     }
 
     /// Reads blocks in one message; one result per key, same order.
@@ -523,12 +554,8 @@ impl Client {
         ns: &NamespaceId,
         items: Vec<RegionPutItem>,
     ) -> Result<proto::BatchPutResponse, ClientError> {
-        let req = proto::BatchPutRequest {
-            namespace_id: ns_bytes(ns),
-            items: items.into_iter().map(Into::into).collect(),
-        };
-        let mut c = self.inner.clone();
-        self.call(c.batch_put(self.request(req, true))).await
+        self.put_items(ns, items.into_iter().map(Into::into).collect())
+            .await
     }
 
     /// Reads blocks straight into shared-memory pool regions, one region per
@@ -561,19 +588,7 @@ impl Client {
             regions: regions.to_vec(),
             pages: Vec::new(),
         };
-        let mut c = self.inner.clone();
-        let results = self
-            .call(c.batch_get(self.request(req, true)))
-            .await?
-            .results;
-        if results.len() != keys.len() {
-            return Err(ClientError::InvalidResponse(format!(
-                "BatchGet answered {} results for {} keys",
-                results.len(),
-                keys.len()
-            )));
-        }
-        Ok(results)
+        self.get_into(req).await
     }
 
     /// Stores blocks gathered by the daemon from the pages of a registered KV
@@ -587,12 +602,8 @@ impl Client {
         ns: &NamespaceId,
         items: Vec<crate::region::PagesPutItem>,
     ) -> Result<proto::BatchPutResponse, ClientError> {
-        let req = proto::BatchPutRequest {
-            namespace_id: ns_bytes(ns),
-            items: items.into_iter().map(Into::into).collect(),
-        };
-        let mut c = self.inner.clone();
-        self.call(c.batch_put(self.request(req, true))).await
+        self.put_items(ns, items.into_iter().map(Into::into).collect())
+            .await
     }
 
     /// Reads blocks and has the daemon scatter them into the pages of a
@@ -622,19 +633,7 @@ impl Client {
             regions: Vec::new(),
             pages: pages.to_vec(),
         };
-        let mut c = self.inner.clone();
-        let results = self
-            .call(c.batch_get(self.request(req, true)))
-            .await?
-            .results;
-        if results.len() != keys.len() {
-            return Err(ClientError::InvalidResponse(format!(
-                "BatchGet answered {} results for {} keys",
-                results.len(),
-                keys.len()
-            )));
-        }
-        Ok(results)
+        self.get_into(req).await
     }
 
     /// Streams batches in (one request message per batch) and collects the

@@ -89,12 +89,8 @@ pub fn gather(
         region.len(),
         blocks.len(),
     )?;
-    let block_bytes = geometry.block_bytes(pages_per_block) as usize;
-    for c in geometry.chunk_plan(pages_per_block, page_ids) {
-        let e = c.engine_offset as usize;
-        let b = c.block * block_bytes + c.block_offset as usize;
-        let n = c.len as usize;
-        blocks[b..b + n].copy_from_slice(&region[e..e + n]);
+    for (e, b) in chunk_ranges(geometry, pages_per_block, page_ids) {
+        blocks[b].copy_from_slice(&region[e]);
     }
     Ok(())
 }
@@ -115,14 +111,28 @@ pub fn scatter(
         region.len(),
         blocks.len(),
     )?;
-    let block_bytes = geometry.block_bytes(pages_per_block) as usize;
-    for c in geometry.chunk_plan(pages_per_block, page_ids) {
-        let e = c.engine_offset as usize;
-        let b = c.block * block_bytes + c.block_offset as usize;
-        let n = c.len as usize;
-        region[e..e + n].copy_from_slice(&blocks[b..b + n]);
+    for (e, b) in chunk_ranges(geometry, pages_per_block, page_ids) {
+        region[e].copy_from_slice(&blocks[b]);
     }
     Ok(())
+}
+
+/// The (region range, blocks range) of every chunk of a gather or scatter,
+/// the blocks laid out one after the other.
+fn chunk_ranges<'a>(
+    geometry: &'a PagedGeometry,
+    pages_per_block: u32,
+    page_ids: &'a [u32],
+) -> impl Iterator<Item = (std::ops::Range<usize>, std::ops::Range<usize>)> + 'a {
+    let block_bytes = geometry.block_bytes(pages_per_block) as usize;
+    geometry
+        .chunk_plan(pages_per_block, page_ids)
+        .map(move |c| {
+            let e = c.engine_offset as usize;
+            let b = c.block * block_bytes + c.block_offset as usize;
+            let n = c.len as usize;
+            (e..e + n, b..b + n)
+        })
 }
 
 /// Copies between raw addresses, as the CPU backend does for every device

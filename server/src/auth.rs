@@ -612,6 +612,37 @@ pub fn own_uid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// The next connection on a registration socket (mempool, KV regions) whose
+/// peer `auth` admits, or `None` once `shutdown` fires. A failed accept
+/// (EMFILE and friends) waits 50 ms instead of spinning; a refused peer is
+/// closed at once and reported through `refused`.
+pub async fn next_admitted_peer(
+    listener: &tokio::net::UnixListener,
+    shutdown: &tokio_util::sync::CancellationToken,
+    auth: Option<&Auth>,
+    socket: &'static str,
+    refused: impl Fn(),
+) -> Option<tokio::net::UnixStream> {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, socket, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if auth.is_some_and(|a| !a.admit_unix_peer(socket, &stream)) {
+            refused();
+            continue;
+        }
+        return Some(stream);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

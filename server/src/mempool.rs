@@ -75,29 +75,17 @@ pub async fn serve_checked(
     shutdown: CancellationToken,
     auth: Option<Arc<crate::auth::Auth>>,
 ) -> io::Result<()> {
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    // EMFILE and friends: wait a little instead of spinning.
-                    tracing::warn!(error = %e, "mempool socket: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        if let Some(a) = &auth
-            && !a.admit_unix_peer("mempool", &stream)
-        {
-            registry.count_refused();
-            continue;
-        }
+    while let Some(stream) =
+        crate::auth::next_admitted_peer(&listener, &shutdown, auth.as_deref(), "mempool", || {
+            registry.count_refused()
+        })
+        .await
+    {
         let registry = Arc::clone(&registry);
         let token = shutdown.clone();
         tokio::spawn(async move { handle(stream, registry, token).await });
     }
+    Ok(())
 }
 
 /// One registration connection: preamble, reply, then hold the pool until the

@@ -699,28 +699,17 @@ pub async fn serve(
     shutdown: CancellationToken,
     auth: Option<Arc<crate::auth::Auth>>,
 ) -> io::Result<()> {
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "region socket: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        if let Some(a) = &auth
-            && !a.admit_unix_peer("kv-region", &stream)
-        {
-            registry.count_refused(RefuseReason::Uid);
-            continue;
-        }
+    while let Some(stream) =
+        crate::auth::next_admitted_peer(&listener, &shutdown, auth.as_deref(), "kv-region", || {
+            registry.count_refused(RefuseReason::Uid)
+        })
+        .await
+    {
         let registry = Arc::clone(&registry);
         let token = shutdown.clone();
         tokio::spawn(async move { handle(stream, registry, token).await });
     }
+    Ok(())
 }
 
 async fn handle(
