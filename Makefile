@@ -1,6 +1,8 @@
 # kvstrata — build, test and demo entry points.
 #   make test   install missing build packages, then fmt check, clippy -D warnings, all tests
 #               (cargo test, then `make pytest`)
+#   make nvrtc  fetch NVRTC (PyPI wheel, no GPU needed) into ${CARGO_TARGET_DIR:-target}/nvrtc, for the
+#               kernel compile test; `make test` does it (docs/gpu.md)
 #   make pytest Python test playing an SGLang HiCache worker against the debug daemon
 #               (tests/python/run.sh: pinned grpcio venv in ${CARGO_TARGET_DIR:-target}/pyenv)
 #   make deploy-check  validate deploy/ (Kubernetes schemas, hadolint, systemd unit, flags and
@@ -21,8 +23,8 @@ CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # System packages the build needs (RocksDB's bindgen needs libclang; the remote-tier
 # tests start a Redis Cluster with redis-server and redis-cli; tests/python and
-# deploy/validate.sh make Python virtual environments).
-APT_PACKAGES := libclang-dev clang redis-server python3-venv
+# deploy/validate.sh make Python virtual environments; `make nvrtc` downloads a wheel with pip).
+APT_PACKAGES := libclang-dev clang redis-server python3-venv python3-pip
 
 .PHONY: all deps build release nvrtc test fmt-check clippy unit pytest deploy-check soak fuzz demo demo-cli demo-cluster bench clean
 
