@@ -9,7 +9,11 @@
 # all back in a shuffled order, checking every byte. It runs once per entry
 # of CALLERS: with C callers, each put_many / get_many call carries QD/C
 # blocks, so at most QD transfers are in flight, as in fio (C=1: one caller,
-# QD blocks per call). Both write to freshly allocated space (fio's
+# QD blocks per call; each call starts with an empty queue and ends with its
+# slowest transfer). The CALLERS entry "s" is one streaming caller instead:
+# `bench-disk --stream`, one put_stream / get_stream call over the whole
+# working set that keeps up to QD transfers in flight and starts the next
+# as each completes (like fio's iodepth; never more than QD). Both write to freshly allocated space (fio's
 # default fallocate=native and the tier's fallocate both leave unwritten
 # extents, so both pay the conversion on first write); neither overwrites.
 # Prints one markdown table on stdout; progress goes to stderr.
@@ -30,7 +34,8 @@
 #   BLOCK_SIZES   block sizes, fio syntax            ("256K 1M")
 #   QD            queue depth / blocks per call      (16)
 #   SIZE          bytes written and read per run     (4G)
-#   CALLERS       kvstrata caller counts, each run with QD/C blocks per call
+#   CALLERS       kvstrata caller counts, each run with QD/C blocks per call,
+#                 or "s": one caller streaming with QD in flight
 #                 (fio always runs one job at iodepth QD)   ("1 2")
 #   REPEAT        runs per block size, alternating fio and kvstrata; with more
 #                 than one, a median row per block size follows     (3)
@@ -109,8 +114,19 @@ kv_get() {
 
 # ---------------------------------------------------------------------- runs
 for c in $CALLERS; do
-    ((c >= 1 && QD % c == 0)) || die "CALLERS entry $c does not divide QD=$QD"
+    [[ $c == s ]] && continue
+    if ! [[ $c =~ ^[0-9]+$ ]] || ((c < 1 || QD % c != 0)); then
+        die "CALLERS entry $c: a caller count that divides QD=$QD, or s"
+    fi
 done
+# shape C: how a CALLERS entry's row is labelled.
+shape() {
+    if [[ $1 == s ]]; then
+        echo "1 streaming, $QD in flight"
+    else
+        echo "$1 × $((QD / $1))"
+    fi
+}
 ROWS=() # "size|callers|per_call|fio_w|kv_w|fio_r|kv_r|w_p50|w_p99|r_p50|r_p99"
 FAILED=0
 engine="?"
@@ -130,12 +146,19 @@ for rep in $(seq 1 "$REPEAT"); do
         fr=$(fio_gbps "$WORK/fio-read-$tag.json" read)
 
         for c in $CALLERS; do
-            per=$((QD / c))
-            log "kvstrata bench-disk: block $bs, $c caller(s) x $per per call, $SIZE (run $rep)"
+            if [[ $c == s ]]; then
+                per=$QD
+                mode=(--threads 1 --stream)
+                log "kvstrata bench-disk: block $bs, 1 caller streaming with $QD in flight, $SIZE (run $rep)"
+            else
+                per=$((QD / c))
+                mode=(--threads "$c")
+                log "kvstrata bench-disk: block $bs, $c caller(s) x $per per call, $SIZE (run $rep)"
+            fi
             out=$WORK/kvstrata-$tag-$c.json
             rc=0
             run_to "$out" "$BIN" bench-disk --dir "$WORK" --block-size "$bs" --total "$SIZE" \
-                --queue-depth "$per" --threads "$c" "${KV_ARGS[@]}" --json || rc=$?
+                --queue-depth "$per" "${mode[@]}" "${KV_ARGS[@]}" --json || rc=$?
             if ! grep -q '^  "read": {' "$out"; then
                 die "kvstrata bench-disk failed (exit $rc), no report"
             fi
@@ -156,7 +179,7 @@ done
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 echo
-echo "| block size | kvstrata callers × blocks per call | run | fio write GB/s | kvstrata write GB/s | write ratio | fio read GB/s | kvstrata read GB/s | read ratio | kvstrata p50 / p99 per call, write (ms) | read (ms) |"
+echo "| block size | kvstrata callers × blocks per call, or streaming | run | fio write GB/s | kvstrata write GB/s | write ratio | fio read GB/s | kvstrata read GB/s | read ratio | kvstrata p50 / p99 per call, write (ms) | read (ms) |"
 echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 declare -A COL=()
 declare -A RUN=()
@@ -164,7 +187,12 @@ for row in "${ROWS[@]}"; do
     IFS='|' read -r bs c per fw kw fr kr w50 w99 r50 r99 <<<"$row"
     k=$bs,$c
     RUN[$k]=$((${RUN[$k]:-0} + 1))
-    echo "| $bs | $c × $per | ${RUN[$k]} | $(fmt2 "$fw") | $(fmt2 "$kw") | $(ratio "$kw" "$fw") | $(fmt2 "$fr") | $(fmt2 "$kr") | $(ratio "$kr" "$fr") | $(fmt2 "$w50") / $(fmt2 "$w99") | $(fmt2 "$r50") / $(fmt2 "$r99") |"
+    if [[ $c == s ]]; then
+        lat="– (one call) | –"
+    else
+        lat="$(fmt2 "$w50") / $(fmt2 "$w99") | $(fmt2 "$r50") / $(fmt2 "$r99")"
+    fi
+    echo "| $bs | $(shape "$c") | ${RUN[$k]} | $(fmt2 "$fw") | $(fmt2 "$kw") | $(ratio "$kw" "$fw") | $(fmt2 "$fr") | $(fmt2 "$kr") | $(ratio "$kr" "$fr") | $lat |"
     COL[$k,fw]+=" $fw"
     COL[$k,kw]+=" $kw"
     COL[$k,fr]+=" $fr"
@@ -177,13 +205,13 @@ if ((REPEAT > 1)); then
         for c in $CALLERS; do
             k=$bs,$c
             m() { median <<<"${COL[$k,$1]}"; }
-            echo "| $bs | $c × $((QD / c)) | **median** | $(fmt2 "$(m fw)") | $(fmt2 "$(m kw)") | **$(fmt2 "$(m wr)")** | $(fmt2 "$(m fr)") | $(fmt2 "$(m kr)") | **$(fmt2 "$(m rr)")** | | |"
+            echo "| $bs | $(shape "$c") | **median** | $(fmt2 "$(m fw)") | $(fmt2 "$(m kw)") | **$(fmt2 "$(m wr)")** | $(fmt2 "$(m fr)") | $(fmt2 "$(m kr)") | **$(fmt2 "$(m rr)")** | | |"
         done
     done
 fi
 echo
 echo "machine: $(nproc) CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), kernel $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ), load average $(cut -d' ' -f1-3 /proc/loadavg); filesystem $FS."
 echo "fio: $FIO_VERSION, --direct=1 --ioengine=io_uring --iodepth=$QD --numjobs=1 --size=$SIZE, --rw=write on a fresh file, then --rw=randread of it."
-echo "kvstrata: bench-disk ${KVSTRATA_ARGS:+$KVSTRATA_ARGS }(engine $engine, fixed buffers ${fixed:-n/a}, checksum ${hash:-n/a}), C callers × $QD/C blocks per put_many / get_many call (at most $QD transfers in flight, as fio), $SIZE of distinct blocks into a fresh slot file, then every block read once in shuffled order and checked byte for byte."
+echo "kvstrata: bench-disk ${KVSTRATA_ARGS:+$KVSTRATA_ARGS }(engine $engine, fixed buffers ${fixed:-n/a}, checksum ${hash:-n/a}), C callers × $QD/C blocks per put_many / get_many call (at most $QD transfers in flight, as fio; each call drains the queue), or (\"1 streaming\") one caller whose single put_stream / get_stream call keeps up to $QD transfers in flight, starting the next as each completes (as fio's iodepth, never more), $SIZE of distinct blocks into a fresh slot file, then every block read once in shuffled order and checked byte for byte."
 echo "GB/s: payload bytes per second, decimal (the tier also moves a 4 KiB header per block). Each run is one fio pair, then kvstrata per caller count; ratios are kvstrata / fio of the same run; median rows take the median of each column (ratios: of the per-run ratios)."
 exit "$FAILED"

@@ -8,7 +8,13 @@
 //!    `--queue-depth` blocks per [`DiskTier::put_many`] call, from `--threads`
 //!    callers (call `c` goes to caller `c % threads`);
 //! 2. **read**: reads every block back once in a shuffled order (fixed seed),
-//!    `--queue-depth` blocks per [`DiskTier::get_many`] call. The tier uses
+//!    `--queue-depth` blocks per [`DiskTier::get_many`] call.
+//!
+//! With `--stream`, each caller instead makes one [`DiskTier::put_stream`]
+//! and one [`DiskTier::get_stream`] call over its share of the blocks
+//! (block `i` goes to caller `i % threads`), which keeps up to
+//! `--queue-depth` transfers in flight the whole time, starting the next as
+//! each completes (like fio's `iodepth`; never more). The tier uses
 //!    `O_DIRECT`, so these are cold reads that hit the drive, not the page
 //!    cache. Every block is checked byte for byte (on a separate verifier
 //!    thread, so checking does not stall the callers); a miss or a wrong
@@ -21,12 +27,16 @@
 //!
 //! Reported per phase: wall time, payload GB/s (decimal) and blocks/s, the
 //! bytes the tier moved on the drive (payload plus the 4 KiB slot header and
-//! padding), p50/p99 latency per call, and the share of the wall time the
+//! padding), p50/p99 latency per call (with `--stream`, one call per
+//! caller: the whole phase), and the share of the wall time the
 //! tier had transfers in flight ("I/O %": the rest is CPU work between
-//! transfers, the callers' and the tier's own checksums and copies). Sizes on the command line follow
+//! transfers, the callers' and the tier's own checksums and copies), and,
+//! when `--dir` is on a block device, what its block layer saw (requests,
+//! their mean size and time, mean requests in flight: [`DriveReport`]). Sizes on the command line follow
 //! fio: `256K`, `1M`, `4G` are binary (KiB, MiB, GiB); `256KiB` and `256KB`
 //! mean what they say.
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -37,7 +47,7 @@ use bytes::Bytes;
 use bytesize::ByteSize;
 use kvstrata_tiers::disk::file::align_up;
 use kvstrata_tiers::disk::header::HEADER_REGION;
-use kvstrata_tiers::disk::{DiskPut, DiskTier, DiskTierConfig, EngineChoice};
+use kvstrata_tiers::disk::{DiskPut, DiskTier, DiskTierConfig, EngineChoice, StreamPut};
 use kvstrata_tiers::{BlockKey, EventBus, NamespaceId, PutOutcome};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -101,9 +111,17 @@ pub struct DiskBenchArgs {
     #[arg(long, default_value = "4G", value_parser = parse_size)]
     pub total: ByteSize,
 
-    /// Blocks per put_many / get_many call.
+    /// Blocks per put_many / get_many call; with `--stream`, transfers
+    /// in flight per caller.
     #[arg(long, default_value_t = 16)]
     pub queue_depth: usize,
+
+    /// Each caller streams its blocks through one put_stream / get_stream
+    /// call with `--queue-depth` transfers in flight, refilled as each
+    /// completes, instead of put_many / get_many calls of `--queue-depth`
+    /// blocks that each drain the queue.
+    #[arg(long)]
+    pub stream: bool,
 
     /// Concurrent callers.
     #[arg(long, default_value_t = 1)]
@@ -130,6 +148,7 @@ impl Default for DiskBenchArgs {
             block_size: ByteSize::kib(256),
             total: ByteSize::gib(4),
             queue_depth: 16,
+            stream: false,
             threads: 1,
             engine: DiskEngine::Auto,
             fixed_buffers: true,
@@ -171,6 +190,7 @@ struct DiskPlan {
     block: usize,
     blocks: u64,
     queue_depth: usize,
+    stream: bool,
     threads: usize,
     /// Bytes of one slot on the drive (header region + payload rounded up).
     slot_bytes: u64,
@@ -229,6 +249,7 @@ impl DiskBenchArgs {
             block,
             blocks,
             queue_depth: self.queue_depth,
+            stream: self.stream,
             threads: self.threads,
             slot_bytes,
             segment_bytes,
@@ -250,9 +271,103 @@ pub struct DiskPhaseReport {
     /// (its own `read_busy` / `write_busy`); the rest went to the callers'
     /// and the tier's CPU work between transfers.
     pub io_busy_seconds: f64,
+    /// The drive's own counters over the phase (Linux block layer), when
+    /// the directory is on a block device.
+    pub drive: Option<DriveReport>,
     /// Calls (`rpcs`), blocks, payload rates and per-call latency.
     #[serde(flatten)]
     pub op: OpReport,
+}
+
+/// What the block layer saw of one phase's direction (reads in the read
+/// phase, writes in the write phase), from `/sys/dev/block/M:m/stat` of
+/// the device holding the directory. Counts the whole device, so other
+/// I/O on it during the run is included.
+///
+/// `in_flight` (device busy time summed over requests, per second of the
+/// phase; Little's law) tells whether the tier kept the drive as full as
+/// fio does (fio's equivalent: its IOPS times its mean completion
+/// latency). The same queue depth at a lower rate means the drive served
+/// the tier's requests more slowly (size, alignment), not that the tier
+/// left it idle.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DriveReport {
+    /// Block device (`MAJOR:MINOR`).
+    pub device: String,
+    /// Requests completed.
+    pub requests: u64,
+    /// Requests merged into others before they were issued.
+    pub merged: u64,
+    /// Mean request size, KiB.
+    pub mean_kib: f64,
+    /// Mean time per request in the block layer and the drive, ms.
+    pub mean_ms: f64,
+    /// Mean requests in flight over the phase.
+    pub in_flight: f64,
+}
+
+/// One direction of a block device's `stat` counters.
+#[derive(Debug, Clone, Copy, Default)]
+struct DriveCounters {
+    requests: u64,
+    merged: u64,
+    sectors: u64,
+    ticks_ms: u64,
+}
+
+/// The `stat` file of the block device holding `dir`, if there is one.
+fn drive_stat_path(dir: &Path) -> Option<(String, PathBuf)> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(dir).ok()?.dev();
+    // Linux's dev_t encoding (glibc's gnu_dev_major / gnu_dev_minor).
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let name = format!("{major}:{minor}");
+    let path = PathBuf::from(format!("/sys/dev/block/{name}/stat"));
+    path.exists().then_some((name, path))
+}
+
+/// Reads (`write` false) or writes counters of a block device `stat` file.
+fn drive_counters(path: &Path, write: bool) -> Option<DriveCounters> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let f: Vec<u64> = text
+        .split_whitespace()
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    let at = if write { 4 } else { 0 };
+    Some(DriveCounters {
+        requests: *f.get(at)?,
+        merged: *f.get(at + 1)?,
+        sectors: *f.get(at + 2)?,
+        ticks_ms: *f.get(at + 3)?,
+    })
+}
+
+fn drive_report(
+    device: &str,
+    before: DriveCounters,
+    after: DriveCounters,
+    elapsed: Duration,
+) -> DriveReport {
+    let requests = after.requests.saturating_sub(before.requests);
+    let sectors = after.sectors.saturating_sub(before.sectors);
+    let ticks = after.ticks_ms.saturating_sub(before.ticks_ms) as f64;
+    let per_request = |x: f64| {
+        if requests > 0 {
+            x / requests as f64
+        } else {
+            0.0
+        }
+    };
+    let ms = elapsed.as_secs_f64() * 1e3;
+    DriveReport {
+        device: device.to_string(),
+        requests,
+        merged: after.merged.saturating_sub(before.merged),
+        mean_kib: per_request(sectors as f64 * 512.0 / 1024.0),
+        mean_ms: per_request(ticks),
+        in_flight: if ms > 0.0 { ticks / ms } else { 0.0 },
+    }
 }
 
 /// Everything a run measured, with the settings it ran under.
@@ -272,7 +387,11 @@ pub struct DiskBenchReport {
     pub blocks: u64,
     /// Payload bytes per phase.
     pub total_bytes: u64,
+    /// Blocks per call, or with `stream` transfers in flight per caller.
     pub queue_depth: usize,
+    /// Whether each caller streamed its blocks (put_stream / get_stream,
+    /// `queue_depth` in flight) instead of calls of `queue_depth` blocks.
+    pub stream: bool,
     pub threads: usize,
     /// Size of the slot file.
     pub capacity_bytes: u64,
@@ -310,14 +429,18 @@ impl DiskBenchReport {
             self.checksum,
             self.dir
         ));
+        let shape = if self.stream {
+            format!("streamed, {} in flight per caller", self.queue_depth)
+        } else {
+            format!("{} per call", self.queue_depth)
+        };
         out.push_str(&format!(
-            "block {} ({} B, slot {} B), {} blocks ({} per phase), {} per call, {} caller{}\n\n",
+            "block {} ({} B, slot {} B), {} blocks ({} per phase), {shape}, {} caller{}\n\n",
             ByteSize::b(self.block_size).display().iec(),
             self.block_size,
             self.slot_bytes,
             self.blocks,
             ByteSize::b(self.total_bytes).display().iec(),
-            self.queue_depth,
             self.threads,
             if self.threads == 1 { "" } else { "s" }
         ));
@@ -359,6 +482,15 @@ impl DiskBenchReport {
                 p.op.max_us,
                 misses
             ));
+        }
+        for (name, p) in [("write", &self.write), ("read", &self.read)] {
+            if let Some(d) = &p.drive {
+                out.push_str(&format!(
+                    "drive {} ({name}s, block layer): {} requests ({} merged), {:.1} KiB, \
+                     {:.2} ms each, {:.1} in flight on average\n",
+                    d.device, d.requests, d.merged, d.mean_kib, d.mean_ms, d.in_flight
+                ));
+            }
         }
         if self.io_errors + self.timeouts + self.corrupt_blocks > 0 {
             out.push_str(&format!(
@@ -579,6 +711,179 @@ fn write_phase(
     Ok((total, elapsed))
 }
 
+/// A payload buffer of the write stream, handed back to its caller's
+/// free list when the tier has copied it (so a stream of any length uses
+/// about `--queue-depth` buffers, and filling one costs only its stamps).
+struct Recycled<'a> {
+    buf: Vec<u8>,
+    free: &'a RefCell<Vec<Vec<u8>>>,
+}
+
+impl AsRef<[u8]> for Recycled<'_> {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Recycled<'_> {
+    fn drop(&mut self) {
+        self.free.borrow_mut().push(std::mem::take(&mut self.buf));
+    }
+}
+
+/// The write phase with `--stream`: caller `t` streams blocks `t`,
+/// `t + threads`, ... through one put_stream call.
+fn write_stream_phase(
+    tier: &DiskTier,
+    plan: &DiskPlan,
+    pattern: &Pattern,
+    keys: &[BlockKey],
+) -> Result<(OpAccum, Duration), BenchError> {
+    let started = Instant::now();
+    let results: Vec<Result<OpAccum, BenchError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..plan.threads)
+            .map(|t| {
+                s.spawn(move || -> Result<OpAccum, BenchError> {
+                    let mut acc = OpAccum::new()?;
+                    let free: RefCell<Vec<Vec<u8>>> = RefCell::new(Vec::new());
+                    let mine: Vec<usize> = (t..keys.len()).step_by(plan.threads).collect();
+                    let items = mine.iter().map(|&i| {
+                        let mut buf = free
+                            .borrow_mut()
+                            .pop()
+                            .unwrap_or_else(|| pattern.base.clone());
+                        pattern.fill(i as u64, &mut buf);
+                        StreamPut {
+                            key: keys[i],
+                            parent: None,
+                            payload: Recycled { buf, free: &free },
+                        }
+                    });
+                    let mut failed: Option<(u64, PutOutcome)> = None;
+                    let t0 = Instant::now();
+                    tier.put_stream(&NAMESPACE, items, plan.queue_depth, |k, o| {
+                        if o == PutOutcome::Stored {
+                            acc.hits += 1;
+                            acc.bytes += plan.block as u64;
+                        } else {
+                            failed.get_or_insert((mine[k] as u64, o));
+                        }
+                    });
+                    acc.record_latency(t0.elapsed());
+                    acc.blocks += mine.len() as u64;
+                    if let Some((block, o)) = failed {
+                        return Err(BenchError::DiskPut {
+                            block,
+                            outcome: format!("{o:?}"),
+                        });
+                    }
+                    Ok(acc)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(BenchError::Thread("a writer panicked".into())))
+            })
+            .collect()
+    });
+    let elapsed = started.elapsed();
+    let mut total = OpAccum::new()?;
+    for r in results {
+        total.merge(&r?)?;
+    }
+    Ok((total, elapsed))
+}
+
+/// The read phase with `--stream`: caller `t` streams `order[t]`,
+/// `order[t + threads]`, ... through one get_stream call, handing the
+/// blocks to the verifier `--queue-depth` at a time.
+fn read_stream_phase(
+    tier: &DiskTier,
+    plan: &DiskPlan,
+    pattern: &Pattern,
+    keys: &[BlockKey],
+    order: &[u64],
+) -> Result<(OpAccum, Duration, Verified), BenchError> {
+    let (tx, rx) = mpsc::sync_channel::<Vec<(u64, Bytes)>>(4 * plan.threads);
+    let started = Instant::now();
+    let (results, elapsed, verified) = std::thread::scope(|s| {
+        let verifier = s.spawn(move || {
+            let mut v = Verified::default();
+            for batch in rx {
+                for (i, bytes) in batch {
+                    v.blocks += 1;
+                    if let Some(why) = pattern.check(i, &bytes) {
+                        v.failures += 1;
+                        v.first.get_or_insert(why);
+                    }
+                }
+            }
+            v
+        });
+        let handles: Vec<_> = (0..plan.threads)
+            .map(|t| {
+                let tx = tx.clone();
+                s.spawn(move || -> Result<OpAccum, BenchError> {
+                    let mut acc = OpAccum::new()?;
+                    let mine: Vec<u64> = order
+                        .iter()
+                        .skip(t)
+                        .step_by(plan.threads)
+                        .copied()
+                        .collect();
+                    let stream_keys: Vec<BlockKey> =
+                        mine.iter().map(|&i| keys[i as usize]).collect();
+                    let mut batch = Vec::with_capacity(plan.queue_depth);
+                    let mut verifier_gone = false;
+                    let t0 = Instant::now();
+                    tier.get_stream(&NAMESPACE, &stream_keys, plan.queue_depth, |k, g| {
+                        match g {
+                            Some(b) => {
+                                acc.hits += 1;
+                                acc.bytes += b.len() as u64;
+                                batch.push((mine[k], b));
+                            }
+                            None => acc.misses += 1,
+                        }
+                        if batch.len() >= plan.queue_depth && !verifier_gone {
+                            let full =
+                                std::mem::replace(&mut batch, Vec::with_capacity(plan.queue_depth));
+                            verifier_gone = tx.send(full).is_err();
+                        }
+                    });
+                    acc.record_latency(t0.elapsed());
+                    acc.blocks += mine.len() as u64;
+                    if verifier_gone || (!batch.is_empty() && tx.send(batch).is_err()) {
+                        return Err(BenchError::Thread("the verifier stopped".into()));
+                    }
+                    Ok(acc)
+                })
+            })
+            .collect();
+        drop(tx);
+        let results: Vec<Result<OpAccum, BenchError>> = handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(BenchError::Thread("a reader panicked".into())))
+            })
+            .collect();
+        let elapsed = started.elapsed();
+        let verified = verifier
+            .join()
+            .map_err(|_| BenchError::Thread("the verifier panicked".into()));
+        (results, elapsed, verified)
+    });
+    let mut total = OpAccum::new()?;
+    for r in results {
+        total.merge(&r?)?;
+    }
+    Ok((total, elapsed, verified?))
+}
+
 /// What the verifier found.
 #[derive(Debug, Default)]
 struct Verified {
@@ -676,6 +981,7 @@ fn phase_report(
     elapsed: Duration,
     device_bytes: u64,
     busy: Duration,
+    drive: Option<DriveReport>,
 ) -> DiskPhaseReport {
     let secs = elapsed.as_secs_f64();
     DiskPhaseReport {
@@ -683,6 +989,7 @@ fn phase_report(
         device_bytes,
         device_gb_per_s: gb_per_s(device_bytes, secs),
         io_busy_seconds: busy.as_secs_f64(),
+        drive,
         op: OpReport::from_accum(acc, secs),
     }
 }
@@ -721,12 +1028,35 @@ pub fn run_disk_bench(args: &DiskBenchArgs) -> Result<DiskBenchReport, BenchErro
     let pattern = Pattern::new(plan.block);
     let keys: Vec<BlockKey> = (0..plan.blocks).map(key_of).collect::<Result<_, _>>()?;
 
-    let (w, w_elapsed) = write_phase(&tier, &plan, &pattern, &keys)?;
+    let drive = drive_stat_path(&dir);
+    let sample = |write: bool| {
+        drive
+            .as_ref()
+            .and_then(|(_, path)| drive_counters(path, write))
+    };
+    let phase_drive = |before: Option<DriveCounters>, write: bool, elapsed: Duration| {
+        let (name, _) = drive.as_ref()?;
+        Some(drive_report(name, before?, sample(write)?, elapsed))
+    };
+
+    let w_before = sample(true);
+    let (w, w_elapsed) = if plan.stream {
+        write_stream_phase(&tier, &plan, &pattern, &keys)?
+    } else {
+        write_phase(&tier, &plan, &pattern, &keys)?
+    };
+    let w_drive = phase_drive(w_before, true, w_elapsed);
     let after_write = tier.disk_stats();
 
     let mut order: Vec<u64> = (0..plan.blocks).collect();
     order.shuffle(&mut StdRng::seed_from_u64(SEED));
-    let (r, r_elapsed, verified) = read_phase(&tier, &plan, &pattern, &keys, &order)?;
+    let r_before = sample(false);
+    let (r, r_elapsed, verified) = if plan.stream {
+        read_stream_phase(&tier, &plan, &pattern, &keys, &order)?
+    } else {
+        read_phase(&tier, &plan, &pattern, &keys, &order)?
+    };
+    let r_drive = phase_drive(r_before, false, r_elapsed);
     let stats = tier.disk_stats();
 
     let report = DiskBenchReport {
@@ -739,6 +1069,7 @@ pub fn run_disk_bench(args: &DiskBenchArgs) -> Result<DiskBenchReport, BenchErro
         blocks: plan.blocks,
         total_bytes: plan.blocks * plan.block as u64,
         queue_depth: plan.queue_depth,
+        stream: plan.stream,
         threads: plan.threads,
         capacity_bytes: plan.capacity,
         write: phase_report(
@@ -746,12 +1077,14 @@ pub fn run_disk_bench(args: &DiskBenchArgs) -> Result<DiskBenchReport, BenchErro
             w_elapsed,
             after_write.write_bytes,
             after_write.write_busy,
+            w_drive,
         ),
         read: phase_report(
             &r,
             r_elapsed,
             stats.read_bytes.saturating_sub(after_write.read_bytes),
             stats.read_busy.saturating_sub(after_write.read_busy),
+            r_drive,
         ),
         verified_blocks: verified.blocks,
         verify_failures: verified.failures,
@@ -835,7 +1168,8 @@ mod tests {
         let a = parse(&[]).unwrap();
         assert_eq!(a.block_size.as_u64(), 256 << 10);
         assert_eq!(a.total.as_u64(), 4 << 30);
-        assert_eq!((a.queue_depth, a.threads), (16, 1));
+        assert_eq!((a.queue_depth, a.threads, a.stream), (16, 1, false));
+        assert!(parse(&["--stream"]).unwrap().stream);
         assert_eq!(a.engine, DiskEngine::Auto);
         let a = parse(&[
             "--block-size",
@@ -930,16 +1264,19 @@ mod tests {
     fn small_run_reads_back_every_block() {
         // CARGO_TARGET_TMPDIR is set for integration tests only.
         let parent = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
-        for (engine, fixed_buffers) in [
-            (DiskEngine::Auto, true),
-            (DiskEngine::Auto, false),
-            (DiskEngine::Pread, true),
+        for (engine, fixed_buffers, stream) in [
+            (DiskEngine::Auto, true, false),
+            (DiskEngine::Auto, false, false),
+            (DiskEngine::Pread, true, false),
+            (DiskEngine::Auto, true, true),
+            (DiskEngine::Pread, true, true),
         ] {
             let args = DiskBenchArgs {
                 dir: Some(parent.clone()),
                 block_size: ByteSize::kib(20),
                 total: ByteSize::kib(20 * 50),
                 queue_depth: 8,
+                stream,
                 threads: 2,
                 engine,
                 fixed_buffers,
@@ -951,7 +1288,10 @@ mod tests {
             assert_eq!(r.read.op.hits, 50);
             assert_eq!(r.verified_blocks, 50);
             assert_eq!(r.verify_failures, 0);
-            assert_eq!(r.write.op.rpcs, 7);
+            // Calls of 8 blocks, or one stream per caller.
+            assert_eq!(r.write.op.rpcs, if stream { 2 } else { 7 });
+            assert_eq!(r.read.op.rpcs, if stream { 2 } else { 7 });
+            assert_eq!(r.stream, stream);
             assert_eq!(r.write.device_bytes, 50 * (4096 + 20480));
             assert_eq!(r.read.device_bytes, 50 * (4096 + 20480));
             assert!(!Path::new(&r.dir).exists(), "{} left behind", r.dir);
@@ -962,6 +1302,44 @@ mod tests {
             if r.engine == "pread" || !fixed_buffers {
                 assert!(!r.fixed_buffers);
             }
+            // On a block device the drive saw at least the tier's reads
+            // (adjacent ones may be merged into one request).
+            if let Some(d) = &r.read.drive {
+                assert!(d.requests + d.merged >= 50, "{d:?}");
+                assert!(r.human().contains("block layer"));
+            }
+        }
+    }
+
+    #[test]
+    fn drive_counters_per_phase() {
+        let c = |requests, sectors, ticks_ms| DriveCounters {
+            requests,
+            merged: 0,
+            sectors,
+            ticks_ms,
+        };
+        // 100 reads of 260 KiB, 300 ms of busy time summed, over 20 ms: 15 in flight.
+        let d = drive_report(
+            "254:0",
+            c(1000, 7, 50),
+            c(1100, 7 + 100 * 520, 350),
+            Duration::from_millis(20),
+        );
+        assert_eq!(d.requests, 100);
+        assert!((d.mean_kib - 260.0).abs() < 1e-9);
+        assert!((d.mean_ms - 3.0).abs() < 1e-9);
+        assert!((d.in_flight - 15.0).abs() < 1e-9);
+        // Nothing happened: no division by zero.
+        let idle = drive_report("254:0", c(5, 5, 5), c(5, 5, 5), Duration::ZERO);
+        assert_eq!(
+            (idle.mean_kib, idle.mean_ms, idle.in_flight),
+            (0.0, 0.0, 0.0)
+        );
+        // This machine's root, when it is a block device, parses.
+        if let Some((_, path)) = drive_stat_path(Path::new("/")) {
+            assert!(drive_counters(&path, false).is_some());
+            assert!(drive_counters(&path, true).is_some());
         }
     }
 }

@@ -179,10 +179,7 @@ impl CudaDevice {
         let stream = self.ctx.new_stream().map_err(driver("cuStreamCreate"))?;
         Ok(CudaStreamState {
             stream,
-            args: Mutex::new(ArgsState {
-                buf: None,
-                in_use: None,
-            }),
+            args: Mutex::new(ArgsState::new()),
         })
     }
 
@@ -297,7 +294,7 @@ impl CudaDevice {
         // SAFETY: the table is in mapped pinned memory held until the fence
         // below completes; the runs are the caller's contract.
         unsafe { launch.launch(config(grid)) }.map_err(driver("cuLaunchKernel"))?;
-        args.in_use = Some(self.record(s, false)?);
+        args.launched(self.record(s, false)?);
         Ok(())
     }
 
@@ -342,7 +339,7 @@ impl CudaDevice {
         // SAFETY: tables staged in mapped pinned memory held until the fence
         // below completes; the region and blocks are the caller's contract.
         unsafe { launch.launch(config(grid)) }.map_err(driver("cuLaunchKernel"))?;
-        args.in_use = Some(self.record(s, false)?);
+        args.launched(self.record(s, false)?);
         Ok(())
     }
 
@@ -418,25 +415,47 @@ pub(crate) struct CudaStreamState {
 
 /// The pinned buffer a stream stages kernel tables in, and the fence of the
 /// last launch that reads it.
+/// Kernel argument tables of one stream, staged in mapped pinned memory: a
+/// ring of [`ARG_RING`] buffers, so a launch waits for the launch that last
+/// used its buffer, not for the one before it (a caller can keep several
+/// batched copies queued while it works on finished ones).
 struct ArgsState {
+    ring: Vec<ArgSlot>,
+    next: usize,
+}
+
+#[derive(Default)]
+struct ArgSlot {
     buf: Option<PinnedBuffer>,
     in_use: Option<Event>,
 }
 
+/// Staging buffers per stream.
+const ARG_RING: usize = 8;
+
 impl ArgsState {
-    /// Copies `parts` into the staging buffer (each 16-byte aligned), after
-    /// the previous launch that read it has completed; returns each part's
-    /// device address.
+    fn new() -> Self {
+        ArgsState {
+            ring: (0..ARG_RING).map(|_| ArgSlot::default()).collect(),
+            next: 0,
+        }
+    }
+
+    /// Copies `parts` into the next staging buffer of the ring (each part
+    /// 16-byte aligned), after the launch that last read that buffer has
+    /// completed; returns each part's device address. The caller launches,
+    /// then hands the launch's event to [`ArgsState::launched`].
     fn stage(&mut self, dev: &CudaDevice, parts: &[&[u8]]) -> Result<Vec<u64>, GpuError> {
-        if let Some(e) = self.in_use.take() {
+        let slot = &mut self.ring[self.next];
+        if let Some(e) = slot.in_use.take() {
             e.wait()?;
         }
         let need: usize = parts.iter().map(|p| p.len().next_multiple_of(16)).sum();
-        if self.buf.as_ref().is_none_or(|b| b.len() < need) {
-            self.buf = None;
-            self.buf = Some(dev.alloc_pinned(need.next_power_of_two().max(64 << 10))?);
+        if slot.buf.as_ref().is_none_or(|b| b.len() < need) {
+            slot.buf = None;
+            slot.buf = Some(dev.alloc_pinned(need.next_power_of_two().max(64 << 10))?);
         }
-        let Some(buf) = self.buf.as_mut() else {
+        let Some(buf) = slot.buf.as_mut() else {
             return Err(GpuError::Unsupported {
                 what: "staging buffer",
             });
@@ -451,6 +470,13 @@ impl ArgsState {
             at += p.len().next_multiple_of(16);
         }
         Ok(out)
+    }
+
+    /// Marks the buffer last staged as read by the launch `done` follows,
+    /// and moves on to the next buffer of the ring.
+    fn launched(&mut self, done: Event) {
+        self.ring[self.next].in_use = Some(done);
+        self.next = (self.next + 1) % self.ring.len();
     }
 }
 

@@ -47,8 +47,12 @@
 //!   host tier (a T0 demotion checks, under the T0 lock, that its block is
 //!   still live before publishing it in T1, so it can never land after the
 //!   put); [`BlockCache::put_from_device`] removes the key from every tier
-//!   before it publishes the new block in T0; promotions run under the key's
-//!   stripe lock and copy the host tier's current bytes.
+//!   before it publishes the new block in T0. Promotions into T0 copy the
+//!   host tier's bytes in batches without holding stripe locks; each stripe
+//!   counts the puts and deletes under it (its *write epoch*), and a
+//!   promoted block is published, under its stripe lock, only if the epoch
+//!   it read with the bytes is unchanged, so a promotion never lands after,
+//!   and shadows, a newer put.
 //! - The CUDA-IPC data path: [`BlockCache::put_from_device`] reserves slots,
 //!   lets the caller's gather kernel fill them, checksums and publishes them;
 //!   [`BlockCache::get_to_device`] hands out device addresses of exact bytes
@@ -62,10 +66,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, MutexGuard, RwLock};
+use rayon::prelude::*;
 use tokio::sync::broadcast;
-use xxhash_rust::xxh3::xxh3_64;
 
+use crate::disk::checksum::xxh3_64;
 use crate::disk::{DiskError, DiskPut, DiskRead, DiskStats, DiskTier, DiskTierConfig};
 use crate::disk::{HeaderInspection, VerifyReport};
 use crate::error::CacheError;
@@ -234,6 +239,16 @@ impl EvictionSink for HostEvictions {
     }
 }
 
+/// A host-tier block lent by `get_to_device`, kept for its promotion.
+struct HostRead {
+    key: BlockKey,
+    bytes: Bytes,
+    parent: Option<BlockKey>,
+    checksum: u64,
+    /// The key's stripe epoch, read before the bytes.
+    epoch: u64,
+}
+
 /// A slot reserved by `put_from_device`.
 enum DeviceSlot {
     Hbm(HbmSlot),
@@ -261,7 +276,8 @@ pub struct BlockCache {
     gpus: Vec<Gpu>,
     disk: Option<DiskSide>,
     remote: Option<RemoteTier>,
-    stripes: Box<[Mutex<()>]>,
+    /// Per stripe, its write epoch: puts and deletes under it so far.
+    stripes: Box<[Mutex<u64>]>,
     tiers: Vec<Arc<dyn Tier>>,
     events: Arc<EventBus>,
     leases: Mutex<HashMap<u64, Lease>>,
@@ -365,7 +381,7 @@ impl BlockCache {
             gpus,
             disk,
             remote,
-            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            stripes: (0..STRIPES).map(|_| Mutex::new(0)).collect(),
             tiers,
             events,
             leases: Mutex::new(HashMap::new()),
@@ -432,11 +448,19 @@ impl BlockCache {
         }
     }
 
-    fn stripe(&self, ns: &NamespaceId, key: &BlockKey) -> &Mutex<()> {
+    fn stripe(&self, ns: &NamespaceId, key: &BlockKey) -> &Mutex<u64> {
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         h.update(ns.as_bytes());
         h.update(key.as_bytes());
         &self.stripes[(h.digest() as usize) % self.stripes.len()]
+    }
+
+    /// The key's stripe lock, taken by a writer (put or delete): its write
+    /// epoch moves on, so a promotion that read older bytes does not publish them.
+    fn write_stripe(&self, ns: &NamespaceId, key: &BlockKey) -> MutexGuard<'_, u64> {
+        let mut guard = self.stripe(ns, key).lock();
+        *guard += 1;
+        guard
     }
 
     /// Registers a namespace (idempotent) with the default policy, or keeps
@@ -594,7 +618,7 @@ impl BlockCache {
         Ok(items
             .iter()
             .map(|item| {
-                let _stripe = self.stripe(ns, &item.key).lock();
+                let _stripe = self.write_stripe(ns, &item.key);
                 // Before the host put: an eviction of the new block that races
                 // with this put then queues its write after this one.
                 if let Some(r) = &self.remote {
@@ -807,10 +831,14 @@ impl BlockCache {
                 .filter(|&i| matches!(slots[i], DeviceSlot::Hbm(_)))
                 .collect();
             let hbm_addrs: Vec<u64> = at.iter().map(|&i| addrs[i]).collect();
-            h.read_back(&hbm_addrs, len, |j, bytes| {
-                checksums[at[j]] = Some(xxh3_64(bytes));
-                if keep {
-                    copies[at[j]] = Some(Bytes::copy_from_slice(bytes));
+            h.read_back(&hbm_addrs, len, |first, blocks| {
+                // Hashed in parallel: a staging buffer holds many blocks.
+                let sums: Vec<u64> = blocks.par_iter().map(|b| xxh3_64(b)).collect();
+                for (j, (bytes, sum)) in blocks.iter().zip(sums).enumerate() {
+                    checksums[at[first + j]] = Some(sum);
+                    if keep {
+                        copies[at[first + j]] = Some(Bytes::copy_from_slice(bytes));
+                    }
                 }
             })
             .map_err(|e| CacheError::device("items", &e))?;
@@ -818,7 +846,7 @@ impl BlockCache {
 
         let mut out = Vec::with_capacity(items.len());
         for (i, ((key, parent), slot)) in items.iter().zip(slots).enumerate() {
-            let _stripe = self.stripe(ns, key).lock();
+            let _stripe = self.write_stripe(ns, key);
             // The older version leaves every tier first (T0 first, so no T0
             // demotion of it can reach the host tier afterwards); then the
             // new block is published.
@@ -888,12 +916,17 @@ impl BlockCache {
         keys: &[BlockKey],
         use_blocks: impl FnOnce(&[Option<(u64, TierKind)>]) -> R,
     ) -> Result<R, CacheError> {
+        let began = Instant::now();
         self.namespace("namespace_id", ns)?;
         let gpu = self.check_device(device)?;
         let hbm = self.hbm.get(device);
+        let promote_to = hbm.filter(|h| h.config().promote_on_device_get);
         let mut addrs: Vec<Option<(u64, TierKind)>> = vec![None; keys.len()];
         let mut hbm_reads: Vec<HbmRead> = Vec::new();
-        let mut host_reads: Vec<Bytes> = Vec::new();
+        // Host-tier blocks lent in place; with promotion on, with their
+        // metadata and stripe epoch (read first), so the promotion below
+        // reuses these reads.
+        let mut host_reads: Vec<HostRead> = Vec::new();
         let mut missed: Vec<usize> = Vec::new();
         for (i, k) in keys.iter().enumerate() {
             if let Some(read) = hbm.and_then(|h| h.acquire(ns, k)) {
@@ -901,11 +934,18 @@ impl BlockCache {
                 hbm_reads.push(read);
                 continue;
             }
-            if let Some(bytes) = self.host.get(ns, k)
+            let epoch = promote_to.map(|_| *self.stripe(ns, k).lock());
+            if let Some((bytes, meta)) = self.host.get_with_meta(ns, k)
                 && let Some(addr) = self.host.device_addr(&bytes)
             {
                 addrs[i] = Some((addr, TierKind::Host));
-                host_reads.push(bytes);
+                host_reads.push(HostRead {
+                    key: *k,
+                    bytes,
+                    parent: meta.parent,
+                    checksum: meta.checksum,
+                    epoch: epoch.unwrap_or(0),
+                });
                 continue;
             }
             missed.push(i);
@@ -933,31 +973,86 @@ impl BlockCache {
                 staging = Some(buf);
             }
         }
+        let looked_up = began.elapsed();
         let result = use_blocks(&addrs);
         drop(hbm_reads);
-        drop(host_reads);
         drop(staging);
-        if let Some(h) = hbm.filter(|h| h.config().promote_on_device_get) {
-            for (i, k) in keys.iter().enumerate() {
-                if addrs[i].is_some_and(|(_, t)| t != TierKind::Hbm) {
-                    self.promote_to_hbm(h, ns, k);
-                }
-            }
+        let used = began.elapsed();
+        if let Some(h) = promote_to {
+            // Served from the disk or remote tier: in the host tier now
+            // (their promotion on get), read again below.
+            let staged: Vec<BlockKey> = missed
+                .iter()
+                .filter(|&&i| addrs[i].is_some())
+                .map(|&i| keys[i])
+                .collect();
+            self.promote_to_hbm(h, ns, host_reads, &staged);
         }
+        tracing::debug!(
+            keys = keys.len(),
+            lookups_us = looked_up.as_micros() as u64,
+            total_us = began.elapsed().as_micros() as u64,
+            promotion_us = (began.elapsed() - used).as_micros() as u64,
+            "get_to_device"
+        );
         Ok(result)
     }
 
-    /// Copies a host-resident block into an HBM tier, unless that tier has
-    /// the key already. Under the key's stripe lock, so no put or delete
-    /// interleaves: the bytes copied are the host tier's current ones.
-    fn promote_to_hbm(&self, h: &HbmTier, ns: &NamespaceId, key: &BlockKey) {
-        let _stripe = self.stripe(ns, key).lock();
-        if h.contains(ns, key) {
-            return;
-        }
-        if let Some((bytes, meta)) = self.host.get_with_meta(ns, key) {
-            h.promote(ns, key, meta.parent.as_ref(), &bytes, meta.checksum);
-        }
+    /// Copies host-resident blocks into an HBM tier (those it lacks), in
+    /// batches ([`HbmTier::copy_in`]): the blocks `held` (read by the
+    /// caller, each with its stripe's write epoch read first), then the
+    /// `others`, read here lazily while earlier groups copy. A block is
+    /// published, under its stripe lock, only if no put or delete under that
+    /// stripe ran since its epoch was read, so the bytes promoted are the
+    /// host tier's current ones.
+    fn promote_to_hbm(
+        &self,
+        h: &HbmTier,
+        ns: &NamespaceId,
+        held: Vec<HostRead>,
+        others: &[BlockKey],
+    ) {
+        let reread = others.iter().filter_map(|k| {
+            let epoch = *self.stripe(ns, k).lock();
+            let (bytes, meta) = self.host.get_with_meta(ns, k)?;
+            Some(HostRead {
+                key: *k,
+                bytes,
+                parent: meta.parent,
+                checksum: meta.checksum,
+                epoch,
+            })
+        });
+        let mut seen = std::collections::HashSet::new();
+        let srcs = held
+            .into_iter()
+            .chain(reread)
+            .filter(|r| seen.insert(r.key) && !h.contains(ns, &r.key))
+            .map(|r| {
+                let device = self.host.device_addr(&r.bytes);
+                let HostRead {
+                    key,
+                    bytes,
+                    parent,
+                    checksum,
+                    epoch,
+                } = r;
+                ((key, parent, checksum, epoch), bytes, device)
+            });
+        // Each group is published while the next ones copy.
+        h.copy_in(srcs, |group| {
+            for ((key, parent, checksum, epoch), slot) in group {
+                let Some(slot) = slot else {
+                    continue;
+                };
+                let stripe = self.stripe(ns, &key).lock();
+                // A put or delete ran meanwhile (or another promotion won):
+                // the slot is freed unpublished.
+                if *stripe == epoch && !h.contains(ns, &key) {
+                    h.publish_promotion(slot, ns, &key, parent.as_ref(), checksum);
+                }
+            }
+        });
     }
 
     /// Deletes keys from every tier; returns how many blocks were removed.
@@ -965,7 +1060,7 @@ impl BlockCache {
         self.namespace("namespace_id", ns)?;
         let mut n = 0;
         for k in keys {
-            let _stripe = self.stripe(ns, k).lock();
+            let _stripe = self.write_stripe(ns, k);
             if let Some(r) = &self.remote {
                 r.enqueue_delete(ns, k);
             }
@@ -999,6 +1094,7 @@ impl BlockCache {
         keys: &[BlockKey],
         all: bool,
     ) -> Result<(u32, u32), CacheError> {
+        let began = Instant::now();
         self.namespace("namespace_id", ns)?;
         let keys: Vec<BlockKey> = if all {
             let mut v = Vec::new();
@@ -1013,11 +1109,42 @@ impl BlockCache {
             }
             v
         } else {
-            keys.to_vec()
+            // Each key once: a repeated key is not evicted two tiers down.
+            let mut seen = std::collections::HashSet::new();
+            keys.iter().filter(|k| seen.insert(**k)).copied().collect()
         };
         let (mut evicted, mut pinned) = (0, 0);
-        for k in &keys {
-            match self.evict_one(ns, k) {
+        // T0 blocks go one tier down in batches (one launch and fence per
+        // group, checksums in parallel; see `HbmTier::demote_many`). No
+        // stripe lock is needed: a put removes T0 copies under the T0 lock
+        // before it writes the host tier, and a drain publishes only a block
+        // still live.
+        tracing::debug!(
+            keys = keys.len(),
+            listing_us = began.elapsed().as_micros() as u64,
+            "evict"
+        );
+        let mut in_t0: Vec<Option<RemoveOutcome>> = vec![None; keys.len()];
+        for h in &self.hbm {
+            for (i, outcome) in h.demote_many(ns, &keys).into_iter().enumerate() {
+                // Pinned in any T0 wins; then removed from one.
+                in_t0[i] = match (in_t0[i], outcome) {
+                    (Some(RemoveOutcome::Pinned), _) | (_, RemoveOutcome::Pinned) => {
+                        Some(RemoveOutcome::Pinned)
+                    }
+                    (Some(RemoveOutcome::Removed), _) | (_, RemoveOutcome::Removed) => {
+                        Some(RemoveOutcome::Removed)
+                    }
+                    _ => None,
+                };
+            }
+        }
+        for (i, k) in keys.iter().enumerate() {
+            let outcome = match in_t0[i] {
+                Some(done) => done,
+                None => self.evict_one(ns, k),
+            };
+            match outcome {
                 RemoveOutcome::Removed => evicted += 1,
                 RemoveOutcome::Pinned => pinned += 1,
                 RemoveOutcome::Missing => {}
@@ -1282,8 +1409,8 @@ impl BlockCache {
                 && let Some(read) = h.acquire(ns, key)
             {
                 let mut payload_xxh3 = None;
-                h.read_back(&[read.addr()], read.len(), |_, b| {
-                    payload_xxh3 = Some(xxh3_64(b))
+                h.read_back(&[read.addr()], read.len(), |_, blocks| {
+                    payload_xxh3 = blocks.first().map(|b| xxh3_64(b))
                 })
                 .map_err(|e| CacheError::device("key", &e))?;
                 if let Some(payload_xxh3) = payload_xxh3 {

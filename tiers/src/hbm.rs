@@ -21,18 +21,23 @@
 //! # Demotion T0→T1
 //!
 //! When a size class has no free slot, victims are chosen by the shared
-//! policy and *drained*: each gets a host-tier slot ([`HostTier::reserve`]),
-//! a device→host copy on the demotion stream and a fence, and waits in the
-//! `draining` list. A draining block stays in the index and readable (readers
+//! policy and *drained*: each gets a host-tier slot ([`HostTier::reserve`])
+//! and a device→host copy on the demotion stream, and waits in the
+//! `draining` list. Drains move in groups of `move_group_bytes` (16 MiB by
+//! default): one batched-copy launch and one fence per group.
+//! [`HbmTier::demote_many`] (the cache's `evict`) keeps a few groups queued
+//! and reaps each as it completes, so hashing one group overlaps the copies
+//! of the next. A draining block stays in the index and readable (readers
 //! find it in T0 until it is published in T1), is no eviction candidate, and
 //! keeps its slot until its fence has completed. Reservation first *reaps*
 //! completed drains (oldest first), and waits on the oldest fence when that
 //! is the only way to get room; it chooses new victims only when nothing is
 //! draining, so it never evicts more than it needs.
 //!
-//! Reaping a drain, under this tier's lock: if the block is still the live
-//! one and unpinned, its host slot is published with the checksum recorded
-//! at put (a copy whose bytes hash otherwise is dropped and counted, never
+//! Reaping drains, under this tier's lock: the host copies of every
+//! completed drain are hashed in parallel (rayon); then, for each, if the
+//! block is still the live one and unpinned, its host slot is published if
+//! its hash equals the checksum recorded at put (a copy whose bytes hash otherwise is dropped and counted, never
 //! served), then the block leaves T0. A block deleted or replaced meanwhile
 //! is not published (its host slot is freed), so a demotion never lands
 //! after, and overwrites, a newer put: the cache removes T0 copies of a key
@@ -44,9 +49,12 @@
 //!
 //! # Promotion T1→T0
 //!
-//! [`HbmTier::promote`] copies a host-resident block in on the promotion
-//! stream, with the host tier's recorded checksum. The cache calls it under
-//! the key's stripe lock (`promote_on_device_get`).
+//! [`HbmTier::copy_in`] copies host-resident blocks into new slots on the
+//! promotion stream, a group per launch and fence with a few groups queued,
+//! and hands each completed group back unpublished; the cache publishes
+//! each block with the host tier's recorded checksum unless a put or delete
+//! of its stripe ran meanwhile (`promote_on_device_get`, see
+//! [`crate::cache`]). [`HbmTier::promote`] is the same for one block.
 //!
 //! # Device-side access
 //!
@@ -56,7 +64,7 @@
 //! ([`HbmTier::publish`]); reads take a reader count on a block
 //! ([`HbmTier::acquire`]) and hand out its device address.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -64,19 +72,53 @@ use bytes::Bytes;
 use kvstrata_kernels::{
     CopyOp, DEFAULT_DMA_THRESHOLD, DeviceBuffer, Fence, Gpu, GpuError, GpuStream, PinnedBuffer,
 };
-use parking_lot::{Mutex, MutexGuard};
-use xxhash_rust::xxh3::xxh3_64;
+use parking_lot::{Condvar, Mutex, MutexGuard};
+use rayon::prelude::*;
 
 use crate::arena::{SlotArena, SlotRef};
+use crate::disk::checksum::xxh3_64;
 use crate::events::{EventBus, EventKind, PendingEvent};
 use crate::eviction::choose_victims;
-use crate::host::{HostSlot, HostTier, SlotIndex};
+use crate::host::{ChecksumMismatch, HostSlot, HostTier, SlotIndex};
 use crate::key::BlockKey;
 use crate::namespace::NamespaceId;
 use crate::tier::{
     BlockMeta, PinToken, PutOutcome, RemoveOutcome, RemoveReason, Tier, TierCounters, TierKind,
     TierStats,
 };
+
+/// Default of [`HbmTierConfig::move_group_bytes`]: large enough that a
+/// fence's cost vanishes beside the copy (16 MiB take about 0.3 ms over
+/// PCIe Gen5), small enough that hashing one group overlaps the copy of the
+/// next.
+pub const DEFAULT_MOVE_GROUP_BYTES: u64 = 16 << 20;
+
+/// Groups a batched move keeps queued on its stream at once: the copies of
+/// the others run while the CPU finishes (hashes, publishes) one.
+const MOVE_WINDOW: usize = 4;
+
+/// xxh3-64 of every drain's host copy, in parallel on rayon's pool.
+fn hash_host_copies(drains: &[Drain]) -> Vec<u64> {
+    if drains.len() > 1 {
+        let slices: Vec<&[u8]> = drains.iter().map(|d| d.host.as_slice()).collect();
+        slices.par_iter().map(|s| xxh3_64(s)).collect()
+    } else {
+        drains.iter().map(|d| xxh3_64(d.host.as_slice())).collect()
+    }
+}
+
+/// How many of `ids` (from the front) make one move group of about
+/// `group_bytes` (at least one), and their bytes.
+fn one_group(index: &SlotIndex, ids: &[usize], group_bytes: usize) -> (usize, usize) {
+    let mut bytes = 0;
+    for (n, &id) in ids.iter().enumerate() {
+        if n > 0 && bytes >= group_bytes {
+            return (n, bytes);
+        }
+        bytes += index.entries.get(id).map_or(0, |e| e.len);
+    }
+    (ids.len(), bytes)
+}
 
 /// Configuration of the HBM tier (the same for every device).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,6 +140,10 @@ pub struct HbmTierConfig {
     /// (`cuMemcpyAsync`), smaller ones with the batched-copy kernel. Default
     /// [`DEFAULT_DMA_THRESHOLD`] (measured: docs/benchmarks.md, "GPU tiers").
     pub dma_threshold: u64,
+    /// Bytes of blocks moved between T0 and T1 per launch and fence
+    /// (demotion, and [`HbmTier::copy_in`]); a group holds at least one
+    /// block. Default [`DEFAULT_MOVE_GROUP_BYTES`].
+    pub move_group_bytes: u64,
 }
 
 impl Default for HbmTierConfig {
@@ -108,6 +154,7 @@ impl Default for HbmTierConfig {
             promote_on_device_get: true,
             staging_bytes: 16 << 20,
             dma_threshold: DEFAULT_DMA_THRESHOLD,
+            move_group_bytes: DEFAULT_MOVE_GROUP_BYTES,
         }
     }
 }
@@ -160,6 +207,9 @@ struct Meta {
     index: SlotIndex,
     /// In fence order (one demotion stream).
     draining: VecDeque<Drain>,
+    /// Drains taken off `draining` (copy complete) and not yet finished:
+    /// their slots are freed soon ([`Inner::reaped`] says when).
+    reaping: usize,
 }
 
 struct Inner {
@@ -167,6 +217,8 @@ struct Inner {
     device: usize,
     memory: DeviceBuffer,
     meta: Mutex<Meta>,
+    /// Signalled whenever drains taken off the queue are finished.
+    reaped: Condvar,
     host: Option<HostTier>,
     promote_stream: GpuStream,
     demote_stream: GpuStream,
@@ -224,7 +276,9 @@ impl HbmTier {
                 meta: Mutex::new(Meta {
                     index: SlotIndex::new(arena, TierKind::Hbm, first),
                     draining: VecDeque::new(),
+                    reaping: 0,
                 }),
+                reaped: Condvar::new(),
                 host,
                 staging: Mutex::new(None),
                 counters: TierCounters::default(),
@@ -351,9 +405,139 @@ impl HbmTier {
             .and_then(|f| f.wait());
         if let Err(e) = copied {
             gpu_failed("host-to-device copy", &e);
+            // Nothing may still write the slot when it is freed.
+            let _ = stream.synchronize();
             return PutOutcome::NoSpace;
         }
         self.publish(slot, ns, key, parent, checksum)
+    }
+
+    /// Copies host blocks into newly reserved slots of this tier, many per
+    /// launch on the promotion stream (the batched kernel for sources a
+    /// device reaches; DMA for others). `srcs` yields `(tag, bytes, device
+    /// address of the bytes if a device reaches them)` and is pulled lazily,
+    /// a group of [`HbmTierConfig::move_group_bytes`] at a time, with a few
+    /// groups queued: the caller's work producing the next sources overlaps
+    /// the copies already queued. Each group's `(tag, filled slot)` pairs go
+    /// to `done` as soon as its copies completed, unpublished (the slot is
+    /// `None` where none could be reserved or the copy failed), so the
+    /// caller publishes one group while the next ones copy. Slots reserved
+    /// by the call are nobody's victims, so when the tier cannot hold every
+    /// source the first ones that fit are copied. The bytes are held until
+    /// their group's copies have completed.
+    pub fn copy_in<T>(
+        &self,
+        srcs: impl IntoIterator<Item = (T, Bytes, Option<u64>)>,
+        mut done: impl FnMut(Vec<(T, Option<HbmSlot>)>),
+    ) {
+        let inner = &*self.inner;
+        let stream = &inner.promote_stream;
+        let group_bytes = inner.config.move_group_bytes.max(1) as usize;
+        type Group<T> = (Vec<(T, Option<HbmSlot>)>, Vec<Bytes>, Option<Fence>);
+        let mut in_flight: VecDeque<Group<T>> = VecDeque::new();
+        let finish = |(mut group, held, fence): Group<T>,
+                      done: &mut dyn FnMut(Vec<(T, Option<HbmSlot>)>)| {
+            let ok = match fence.map(|f| f.wait()) {
+                Some(Ok(())) => true,
+                Some(Err(e)) => {
+                    gpu_failed("host-to-device copy", &e);
+                    false
+                }
+                None => false,
+            };
+            if !ok {
+                // Nothing may still write these slots when they are freed.
+                let _ = stream.synchronize();
+                group.iter_mut().for_each(|(_, s)| *s = None);
+            }
+            drop(held);
+            done(group);
+        };
+        let began = std::time::Instant::now();
+        let mut finishing = std::time::Duration::ZERO;
+        let mut blocks = 0usize;
+        let mut srcs = srcs.into_iter().peekable();
+        while srcs.peek().is_some() {
+            let mut group = Vec::new();
+            let mut held = Vec::new();
+            let mut bytes = 0usize;
+            let mut kernel_ops = Vec::new();
+            let mut dma_ops = Vec::new();
+            while group.is_empty() || bytes < group_bytes {
+                let Some((tag, src, src_device)) = srcs.next() else {
+                    break;
+                };
+                let slot = self.reserve(src.len());
+                if let Some(slot) = &slot {
+                    let op = |from: u64| CopyOp {
+                        src: from,
+                        dst: slot.addr,
+                        len: src.len() as u64,
+                    };
+                    match src_device {
+                        Some(addr) => kernel_ops.push(op(addr)),
+                        None => dma_ops.push(op(src.as_ptr() as u64)),
+                    }
+                }
+                bytes += src.len();
+                group.push((tag, slot));
+                held.push(src);
+            }
+            // SAFETY: every destination is a slot reserved for this call
+            // alone; the sources are held (`held`) until the fence below has
+            // completed, and `Bytes` never moves or changes its data.
+            let fence = unsafe { stream.copy_blocks(&kernel_ops, inner.config.dma_threshold) }
+                .and_then(|()| {
+                    dma_ops
+                        .iter()
+                        .try_for_each(|op| unsafe { stream.copy(op.dst, op.src, op.len) })
+                })
+                .and_then(|()| stream.record());
+            let fence = match fence {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    gpu_failed("host-to-device copy", &e);
+                    None
+                }
+            };
+            blocks += group.len();
+            in_flight.push_back((group, held, fence));
+            if in_flight.len() >= MOVE_WINDOW
+                && let Some(oldest) = in_flight.pop_front()
+            {
+                let t = std::time::Instant::now();
+                finish(oldest, &mut done);
+                finishing += t.elapsed();
+            }
+        }
+        let t = std::time::Instant::now();
+        while let Some(oldest) = in_flight.pop_front() {
+            finish(oldest, &mut done);
+        }
+        finishing += t.elapsed();
+        tracing::debug!(
+            blocks,
+            total_us = began.elapsed().as_micros() as u64,
+            waiting_and_publishing_us = finishing.as_micros() as u64,
+            "hbm tier: batched copy in"
+        );
+    }
+
+    /// [`HbmTier::publish`] of a slot filled by [`HbmTier::copy_in`] from
+    /// the host tier, counted as a promotion.
+    pub fn publish_promotion(
+        &self,
+        slot: HbmSlot,
+        ns: &NamespaceId,
+        key: &BlockKey,
+        parent: Option<&BlockKey>,
+        checksum: u64,
+    ) -> PutOutcome {
+        let out = self.publish(slot, ns, key, parent, checksum);
+        if out == PutOutcome::Stored {
+            TierCounters::add(&self.inner.moves.promoted, 1);
+        }
+        out
     }
 
     /// Copies a host-resident block (its exact bytes `src`, with the checksum
@@ -415,13 +599,13 @@ impl HbmTier {
 
     /// Reads device-reachable blocks of `len` bytes each (slots of this tier
     /// or any address the device reaches) back to the host through the
-    /// staging buffer, a batch at a time, and hands each to `f` with its
-    /// position in `addrs`.
+    /// staging buffer, a batch at a time, and hands each batch to `f`: the
+    /// position in `addrs` of its first block, and the blocks' bytes.
     pub fn read_back(
         &self,
         addrs: &[u64],
         len: usize,
-        mut f: impl FnMut(usize, &[u8]),
+        mut f: impl FnMut(usize, &[&[u8]]),
     ) -> Result<(), GpuError> {
         if addrs.is_empty() || len == 0 {
             return Ok(());
@@ -457,72 +641,187 @@ impl HbmTier {
                     .copy_blocks(&ops, inner.config.dma_threshold)?
             };
             inner.read_stream.record()?.wait()?;
-            let bytes = buf.as_slice();
-            for i in 0..chunk.len() {
-                f(b * per_batch + i, &bytes[i * len..(i + 1) * len]);
-            }
+            let blocks: Vec<&[u8]> = buf.as_slice().chunks_exact(len).take(chunk.len()).collect();
+            f(b * per_batch, &blocks);
         }
         Ok(())
     }
 
-    /// Demotes one block to the host tier now (the cache's `evict`): its
-    /// bytes are copied out and it leaves this tier once they are published
-    /// there. `Pinned` leaves it in place.
+    /// Demotes one block to the host tier now: [`HbmTier::demote_many`] of
+    /// one key.
     pub fn demote(&self, ns: &NamespaceId, key: &BlockKey) -> RemoveOutcome {
+        self.demote_many(ns, std::slice::from_ref(key))
+            .pop()
+            .unwrap_or(RemoveOutcome::Missing)
+    }
+
+    /// Demotes blocks to the host tier now (the cache's `evict`): their
+    /// bytes are copied out, a group of [`HbmTierConfig::move_group_bytes`] per launch and
+    /// fence, and each leaves this tier once its copy is published there
+    /// (checksums verified in parallel, one group while the next copies).
+    /// Returns one outcome per key: `Removed`, `Missing`, or `Pinned` for a
+    /// block pinned (before or meanwhile) or replaced by a newer put while
+    /// it drained.
+    pub fn demote_many(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Vec<RemoveOutcome> {
         let inner = &*self.inner;
         let mut events = Vec::new();
-        let outcome = {
+        let mut out = vec![RemoveOutcome::Missing; keys.len()];
+        {
             let mut meta = inner.meta.lock();
-            let Some(&id) = meta.index.index.get(&(*ns, *key)) else {
-                return RemoveOutcome::Missing;
-            };
-            let (pinned, draining, incarnation) = match meta.index.entries.get(id) {
-                Some(e) => (e.pins > 0, e.draining, e.incarnation),
-                None => return RemoveOutcome::Missing,
-            };
-            if pinned {
-                return RemoveOutcome::Pinned;
-            }
-            if !draining {
-                inner.start_drain(&mut meta, id, &mut events);
-            }
-            // Wait for every drain up to this block's, then reap them.
-            while meta
-                .draining
-                .iter()
-                .any(|d| d.id == id && d.incarnation == incarnation)
-            {
-                let Some(fence) = meta.draining.back().map(|d| Arc::clone(&d.fence)) else {
-                    break;
+            let mut ours: HashSet<(usize, u64)> = HashSet::new();
+            let mut start = Vec::new();
+            for (i, key) in keys.iter().enumerate() {
+                let Some(&id) = meta.index.index.get(&(*ns, *key)) else {
+                    continue;
                 };
-                if let Err(e) = MutexGuard::unlocked(&mut meta, || fence.wait()) {
-                    gpu_failed("demotion copy", &e);
+                let Some(e) = meta.index.entries.get(id) else {
+                    continue;
+                };
+                if e.pins > 0 {
+                    out[i] = RemoveOutcome::Pinned;
+                    continue;
                 }
-                inner.reap(&mut meta, &mut events);
+                out[i] = RemoveOutcome::Removed;
+                if ours.insert((id, e.incarnation)) && !e.draining {
+                    start.push(id);
+                }
             }
-            if meta.index.index.contains_key(&(*ns, *key)) {
-                // Pinned meanwhile, or replaced by a newer block.
-                RemoveOutcome::Pinned
-            } else {
-                RemoveOutcome::Removed
+            // Keep MOVE_WINDOW groups of ours queued on the demotion stream.
+            // Each completed batch is taken off the queue and hashed with
+            // the lock released (rayon's pool), while this thread publishes
+            // the batch hashed before it: copies, hashing and publishing
+            // run at once. Groups complete in order (one stream).
+            let group_bytes = inner.config.move_group_bytes.max(1) as usize;
+            let window = MOVE_WINDOW * group_bytes;
+            let mut pending: &[usize] = &start;
+            let mut hashed: Vec<(Drain, u64)> = Vec::new();
+            loop {
+                let mut in_flight: usize = meta
+                    .draining
+                    .iter()
+                    .filter(|d| ours.contains(&(d.id, d.incarnation)))
+                    .map(|d| d.host.len())
+                    .sum();
+                while !pending.is_empty() && in_flight < window {
+                    let (take, bytes) = one_group(&meta.index, pending, group_bytes);
+                    inner.start_drains(&mut meta, &pending[..take], &mut events);
+                    pending = &pending[take..];
+                    in_flight += bytes;
+                }
+                let batch = inner.take_completed(&mut meta);
+                if !batch.is_empty() || !hashed.is_empty() {
+                    let publish = std::mem::take(&mut hashed);
+                    let mut published = Vec::new();
+                    let hashes = MutexGuard::unlocked(&mut meta, || {
+                        let (hashes, ()) = rayon::join(
+                            || hash_host_copies(&batch),
+                            || {
+                                let mut meta = inner.meta.lock();
+                                inner.finish_taken(&mut meta, publish, &mut published);
+                            },
+                        );
+                        hashes
+                    });
+                    events.append(&mut published);
+                    hashed = batch.into_iter().zip(hashes).collect();
+                    continue;
+                }
+                let fence = meta
+                    .draining
+                    .iter()
+                    .find(|d| ours.contains(&(d.id, d.incarnation)))
+                    .map(|d| Arc::clone(&d.fence));
+                if let Some(fence) = fence {
+                    if let Err(e) = MutexGuard::unlocked(&mut meta, || fence.wait()) {
+                        // A failed copy reads as done; its drain is checked
+                        // by checksum.
+                        gpu_failed("demotion copy", &e);
+                    }
+                    continue;
+                }
+                if !pending.is_empty() {
+                    continue;
+                }
+                // Ours taken by another thread's reap, not finished yet?
+                let moving = ours.iter().any(|&(id, incarnation)| {
+                    meta.index
+                        .entries
+                        .get(id)
+                        .is_some_and(|e| e.incarnation == incarnation && e.draining)
+                });
+                if !moving {
+                    break;
+                }
+                inner
+                    .reaped
+                    .wait_for(&mut meta, std::time::Duration::from_millis(10));
             }
-        };
+            for (i, key) in keys.iter().enumerate() {
+                if out[i] == RemoveOutcome::Removed && meta.index.index.contains_key(&(*ns, *key)) {
+                    // Pinned meanwhile, or replaced by a newer block.
+                    out[i] = RemoveOutcome::Pinned;
+                }
+            }
+        }
         inner.events.publish(events);
-        outcome
+        out
     }
 }
 
 impl Inner {
-    /// Finishes every drain whose copy has completed, oldest first.
-    fn reap(&self, meta: &mut Meta, events: &mut Vec<PendingEvent>) {
-        while meta.draining.front().is_some_and(|d| d.fence.is_done()) {
-            if let Some(d) = meta.draining.pop_front() {
-                self.finish_drain(meta, d, events);
-            }
+    /// Finishes every drain whose copy has completed, oldest first. The
+    /// host copies are hashed in parallel (rayon's pool) before any is
+    /// published.
+    fn reap(&self, meta: &mut MutexGuard<'_, Meta>, events: &mut Vec<PendingEvent>) {
+        let done = self.take_completed(meta);
+        if done.is_empty() {
+            return;
         }
+        let hashes = hash_host_copies(&done);
+        self.finish_taken(meta, done.into_iter().zip(hashes).collect(), events);
     }
 
-    fn finish_drain(&self, meta: &mut Meta, drain: Drain, events: &mut Vec<PendingEvent>) {
+    /// Takes every drain whose copy has completed off the queue, oldest
+    /// first; they count as `reaping` until [`Inner::finish_taken`].
+    fn take_completed(&self, meta: &mut Meta) -> Vec<Drain> {
+        let mut done = Vec::new();
+        while meta.draining.front().is_some_and(|d| d.fence.is_done()) {
+            if let Some(d) = meta.draining.pop_front() {
+                done.push(d);
+            }
+        }
+        meta.reaping += done.len();
+        done
+    }
+
+    /// Finishes drains taken by [`Inner::take_completed`], with their host
+    /// copies' hashes, and wakes whoever waits for them.
+    fn finish_taken(
+        &self,
+        meta: &mut Meta,
+        done: Vec<(Drain, u64)>,
+        events: &mut Vec<PendingEvent>,
+    ) {
+        if done.is_empty() {
+            return;
+        }
+        meta.reaping -= done.len();
+        for (d, hash) in done {
+            self.finish_drain(meta, d, hash, events);
+        }
+        self.reaped.notify_all();
+    }
+
+    /// Publishes a drained block in the host tier (its host copy hashed to
+    /// `hashed`), or frees the copy when the block was deleted, replaced or
+    /// pinned meanwhile, or its copy came out wrong.
+    fn finish_drain(
+        &self,
+        meta: &mut Meta,
+        drain: Drain,
+        hashed: u64,
+        events: &mut Vec<PendingEvent>,
+    ) {
         let index = &mut meta.index;
         let Some(e) = index.entries.get_mut(drain.id) else {
             return;
@@ -542,7 +841,15 @@ impl Inner {
         }
         // Drains start only with a host tier.
         if let Some(host) = &self.host {
-            match host.publish(drain.host, &ns, &key, parent.as_ref(), Some(checksum)) {
+            let published = if hashed == checksum {
+                host.publish_hashed(drain.host, &ns, &key, parent.as_ref(), hashed)
+            } else {
+                Err(ChecksumMismatch {
+                    expected: checksum,
+                    actual: hashed,
+                })
+            };
+            match published {
                 Ok(_) => TierCounters::add(&self.moves.demoted, 1),
                 Err(mismatch) => {
                     tracing::error!(namespace = %ns, key = %key, %mismatch, "hbm tier: demotion copy came out wrong; block dropped");
@@ -557,78 +864,121 @@ impl Inner {
         }
     }
 
-    /// Starts copying a block out to the host tier (or lets it go at once
+    /// Starts copying blocks out to the host tier, a group of
+    /// [`HbmTierConfig::move_group_bytes`] per launch and fence (or lets a block go at once
     /// when the host already holds its bytes, or cannot take them).
-    fn start_drain(&self, meta: &mut Meta, id: usize, events: &mut Vec<PendingEvent>) {
-        let index = &mut meta.index;
-        let Some(e) = index.entries.get(id) else {
-            return;
-        };
-        let (ns, key, len, checksum, slot) = (e.ns, e.key, e.len, e.checksum, e.slot);
-        let incarnation = e.incarnation;
-        let src = self.memory.ptr() + index.arena.offset(slot) as u64;
+    fn start_drains(&self, meta: &mut Meta, ids: &[usize], events: &mut Vec<PendingEvent>) {
         let host = self.host.as_ref();
-        let already =
-            host.is_some_and(|h| h.meta(&ns, &key).is_some_and(|m| m.checksum == checksum));
-        let started = if already {
-            TierCounters::add(&self.moves.demote_skipped, 1);
-            None
-        } else {
-            match host.and_then(|h| h.reserve(len)) {
-                Some(host_slot) => {
-                    let stream = &self.demote_stream;
-                    // A mapped pinned slot takes the batched kernel below the
-                    // DMA threshold (faster for small blocks); pageable memory
-                    // only DMA.
-                    let op = |dst| CopyOp {
-                        src,
-                        dst,
-                        len: len as u64,
-                    };
-                    // SAFETY: the host slot is reserved for this drain; the
-                    // source slot is not freed or reused before the fence
-                    // (the entry is draining until the drain is reaped).
-                    let copied = match host_slot.device_addr() {
-                        Some(dst) => unsafe {
-                            stream.copy_blocks(&[op(dst)], self.config.dma_threshold)
-                        },
-                        None => unsafe { stream.copy(host_slot.host_addr(), src, len as u64) },
-                    }
-                    .and_then(|()| stream.record());
-                    match copied {
-                        Ok(fence) => Some((host_slot, fence)),
-                        Err(err) => {
-                            gpu_failed("demotion copy", &err);
-                            // Make sure nothing is still reading the source.
-                            let _ = stream.synchronize();
-                            TierCounters::add(&self.moves.demote_dropped, 1);
-                            None
-                        }
-                    }
-                }
-                None => {
+        let mut group: Vec<(usize, u64, HostSlot)> = Vec::new();
+        let mut ops: Vec<CopyOp> = Vec::new();
+        let mut bytes = 0usize;
+        for &id in ids {
+            let index = &mut meta.index;
+            let Some(e) = index.entries.get(id) else {
+                continue;
+            };
+            if e.draining || !e.live {
+                continue;
+            }
+            let (ns, key, len, checksum, slot) = (e.ns, e.key, e.len, e.checksum, e.slot);
+            let incarnation = e.incarnation;
+            let src = self.memory.ptr() + index.arena.offset(slot) as u64;
+            let already =
+                host.is_some_and(|h| h.meta(&ns, &key).is_some_and(|m| m.checksum == checksum));
+            let host_slot = if already {
+                TierCounters::add(&self.moves.demote_skipped, 1);
+                None
+            } else {
+                let reserved = host.and_then(|h| h.reserve(len));
+                if reserved.is_none() {
                     TierCounters::add(&self.moves.demote_dropped, 1);
-                    None
                 }
-            }
-        };
-        match started {
-            Some((host, fence)) => {
-                index.set_remove(id);
-                if let Some(e) = index.entries.get_mut(id) {
-                    e.draining = true;
-                }
-                meta.draining.push_back(Drain {
-                    id,
-                    incarnation,
-                    host,
-                    fence: Arc::new(fence),
-                });
-            }
-            None => {
+                reserved
+            };
+            let Some(host_slot) = host_slot else {
                 if let Some(ev) = index.unlink(id, EventKind::Evicted) {
                     TierCounters::add(&self.counters.evictions, 1);
                     events.push(ev);
+                }
+                continue;
+            };
+            // Leaves the eviction candidates now: it is ours.
+            index.set_remove(id);
+            if let Some(e) = index.entries.get_mut(id) {
+                e.draining = true;
+            }
+            // A mapped pinned slot takes the batched kernel (or DMA above the
+            // threshold); pageable memory only DMA (`host_addr`).
+            ops.push(CopyOp {
+                src,
+                dst: host_slot.device_addr().unwrap_or(host_slot.host_addr()),
+                len: len as u64,
+            });
+            group.push((id, incarnation, host_slot));
+            bytes += len;
+            if bytes >= self.config.move_group_bytes as usize {
+                self.launch_drains(meta, std::mem::take(&mut group), &mut ops, events);
+                bytes = 0;
+            }
+        }
+        if !group.is_empty() {
+            self.launch_drains(meta, group, &mut ops, events);
+        }
+    }
+
+    /// Launches one group's copies and fence and queues its drains; a group
+    /// whose launch fails is dropped (its blocks leave T0 uncopied).
+    fn launch_drains(
+        &self,
+        meta: &mut Meta,
+        group: Vec<(usize, u64, HostSlot)>,
+        ops: &mut Vec<CopyOp>,
+        events: &mut Vec<PendingEvent>,
+    ) {
+        let stream = &self.demote_stream;
+        let (mut kernel, mut dma) = (Vec::new(), Vec::new());
+        for ((_, _, host), op) in group.iter().zip(ops.drain(..)) {
+            if host.device_addr().is_some() {
+                kernel.push(op);
+            } else {
+                dma.push(op);
+            }
+        }
+        // SAFETY: every host slot is reserved for its drain; every source
+        // slot is draining, so it is not freed or reused before its fence.
+        let launched = unsafe { stream.copy_blocks(&kernel, self.config.dma_threshold) }
+            .and_then(|()| {
+                dma.iter()
+                    .try_for_each(|op| unsafe { stream.copy(op.dst, op.src, op.len) })
+            })
+            .and_then(|()| stream.record());
+        match launched {
+            Ok(fence) => {
+                let fence = Arc::new(fence);
+                for (id, incarnation, host) in group {
+                    meta.draining.push_back(Drain {
+                        id,
+                        incarnation,
+                        host,
+                        fence: Arc::clone(&fence),
+                    });
+                }
+            }
+            Err(err) => {
+                gpu_failed("demotion copy", &err);
+                // Make sure nothing is still reading the sources.
+                let _ = stream.synchronize();
+                let index = &mut meta.index;
+                for (id, _, host) in group {
+                    drop(host);
+                    TierCounters::add(&self.moves.demote_dropped, 1);
+                    if let Some(e) = index.entries.get_mut(id) {
+                        e.draining = false;
+                    }
+                    if let Some(ev) = index.unlink(id, EventKind::Evicted) {
+                        TierCounters::add(&self.counters.evictions, 1);
+                        events.push(ev);
+                    }
                 }
             }
         }
@@ -654,10 +1004,14 @@ impl Inner {
                 }
                 continue;
             }
-            let victims = choose_victims(&meta.index, len)?;
-            for id in victims {
-                self.start_drain(meta, id, events);
+            if meta.reaping > 0 {
+                // Drains being finished by a batched demotion free slots soon.
+                self.reaped
+                    .wait_for(meta, std::time::Duration::from_millis(10));
+                continue;
             }
+            let victims = choose_victims(&meta.index, len)?;
+            self.start_drains(meta, &victims, events);
         }
     }
 }

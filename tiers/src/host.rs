@@ -41,11 +41,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use slab::Slab;
-use xxhash_rust::xxh3::xxh3_64;
 
 use kvstrata_kernels::{Gpu, GpuError};
 
 use crate::arena::{Region, SlotArena, SlotRef};
+use crate::disk::checksum::xxh3_64;
 use crate::events::{EventBus, EventKind, PendingEvent};
 use crate::eviction::{Evictable, LruSets, choose_victims};
 use crate::key::BlockKey;
@@ -277,16 +277,13 @@ impl HostTier {
     /// instead and the error says so (a copy that went wrong is never served).
     pub fn publish(
         &self,
-        mut slot: HostSlot,
+        slot: HostSlot,
         ns: &NamespaceId,
         key: &BlockKey,
         parent: Option<&BlockKey>,
         expected: Option<u64>,
     ) -> Result<u64, ChecksumMismatch> {
-        let inner = &*self.inner;
-        // SAFETY: the slot is reserved for this writer, whose device copy
-        // into it has completed (the caller's contract).
-        let checksum = xxh3_64(unsafe { inner.region.slice(slot.offset, slot.len) });
+        let checksum = xxh3_64(slot.as_slice());
         if let Some(expected) = expected
             && expected != checksum
         {
@@ -295,6 +292,21 @@ impl HostTier {
                 actual: checksum,
             });
         }
+        self.publish_hashed(slot, ns, key, parent, checksum)
+    }
+
+    /// [`HostTier::publish`] of a slot whose bytes the caller has already
+    /// hashed to `checksum` (after its copy into the slot completed): the
+    /// HBM tier's batched demotion hashes many slots at once, in parallel.
+    pub(crate) fn publish_hashed(
+        &self,
+        mut slot: HostSlot,
+        ns: &NamespaceId,
+        key: &BlockKey,
+        parent: Option<&BlockKey>,
+        checksum: u64,
+    ) -> Result<u64, ChecksumMismatch> {
+        let inner = &*self.inner;
         let Some(reserved) = slot.slot.take() else {
             return Err(ChecksumMismatch {
                 expected: checksum,

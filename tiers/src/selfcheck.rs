@@ -353,6 +353,9 @@ pub fn hbm_round_trips(gpu: Gpu) -> Result<String, String> {
             segment_bytes: 4 * block as u64,
             promote_on_device_get: true,
             staging_bytes: 4 * block as u64,
+            // Several groups per demotion and promotion, so their fences
+            // and the pipelined hashing run here too.
+            move_group_bytes: 3 * block as u64,
             ..HbmTierConfig::default()
         }),
         ..CacheConfig::default()

@@ -10,7 +10,11 @@
 //! until a deadline, either for all of them ([`Batch::wait`], one wake-up of
 //! the caller per batch; [`run`] is this) or for each as it completes
 //! ([`Batch::wait_each`], so a caller can verify finished reads while others
-//! are in flight). An operation still in flight at the deadline is
+//! are in flight). A [`Pipeline`] instead keeps a window of transfers in
+//! flight for as long as its caller keeps adding them: each transfer has its
+//! own deadline, and the caller starts the next one as each completes, so
+//! the queue never drains between batches. An operation still in flight at
+//! its deadline is
 //! *abandoned*: the caller gets [`IoFailure::Timeout`] at once, while the
 //! engine keeps the buffer until the kernel has finished with it and only
 //! then frees it and runs the operation's `on_late` hook (the disk tier uses
@@ -130,12 +134,46 @@ pub struct IoDone {
 /// Completion state of one batch, shared by its tickets and its waiter.
 struct BatchShared {
     state: Mutex<BatchState>,
-    /// Signalled once, when the last operation of the batch completes.
+    /// Signalled once, when the last operation of the batch completes (or
+    /// at every completion, when the waiter asked for that).
     all_done: Condvar,
 }
 
+impl BatchShared {
+    fn new(capacity: usize, each: bool) -> Arc<Self> {
+        Arc::new(BatchShared {
+            state: Mutex::new(BatchState::new(capacity, each)),
+            all_done: Condvar::new(),
+        })
+    }
+}
+
+fn make_job(shared: &Arc<BatchShared>, index: usize, op: IoOp) -> Job {
+    Job {
+        kind: op.kind,
+        fd: op.fd,
+        offset: op.offset,
+        buf: op.buf,
+        ticket: Ticket {
+            index,
+            batch: Arc::clone(shared),
+            on_late: op.on_late,
+            finished: false,
+        },
+    }
+}
+
 struct BatchState {
-    results: Vec<Option<IoDone>>,
+    /// Results by index - `base` (a [`Batch`] never trims, so `base` is 0).
+    results: VecDeque<Option<IoDone>>,
+    /// Index of `results[0]`: a [`Pipeline`] drops the entries of operations
+    /// it has handed out or abandoned from the front, so a long stream keeps
+    /// only its window here. Every index below `base` was handed out or
+    /// abandoned.
+    base: usize,
+    /// [`Pipeline`] only (empty for a [`Batch`]): the state of each
+    /// operation in `results`.
+    status: VecDeque<OpStatus>,
     /// Operations neither completed nor abandoned.
     left: usize,
     /// The waiter stopped waiting (deadline passed, or the batch was
@@ -145,6 +183,51 @@ struct BatchState {
     ready: VecDeque<usize>,
     /// The waiter wants a wake-up per completion, not only after the last.
     each: bool,
+}
+
+/// Where a [`Pipeline`]'s operation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpStatus {
+    /// Started (or staged), or completed and not yet handed out.
+    Open,
+    /// Completed and handed to the caller.
+    Handed,
+    /// Its deadline passed first: completing it now is late.
+    Abandoned,
+}
+
+impl BatchState {
+    fn new(capacity: usize, each: bool) -> Self {
+        BatchState {
+            results: VecDeque::with_capacity(capacity),
+            base: 0,
+            status: VecDeque::new(),
+            left: 0,
+            closed: false,
+            ready: VecDeque::with_capacity(capacity),
+            each,
+        }
+    }
+
+    /// Whether operation `index` completing now is late (its waiter gave up on it).
+    fn is_late(&self, index: usize) -> bool {
+        self.closed
+            || match index.checked_sub(self.base) {
+                // Below the window: handed out (it cannot complete twice) or abandoned.
+                None => true,
+                Some(pos) => self.status.get(pos) == Some(&OpStatus::Abandoned),
+            }
+    }
+
+    /// Adds an operation; returns its index.
+    fn add(&mut self, tracked: bool) -> usize {
+        self.results.push_back(None);
+        if tracked {
+            self.status.push_back(OpStatus::Open);
+        }
+        self.left += 1;
+        self.base + self.results.len() - 1
+    }
 }
 
 /// Completion side of one operation; completes exactly once (on drop at the latest).
@@ -163,10 +246,11 @@ impl Ticket {
         self.finished = true;
         let (late, wake) = {
             let mut st = self.batch.state.lock();
-            if st.closed {
+            if st.is_late(self.index) {
                 (Some(buf), false)
             } else {
-                if let Some(slot) = st.results.get_mut(self.index)
+                let pos = self.index - st.base;
+                if let Some(slot) = st.results.get_mut(pos)
                     && slot.is_none()
                 {
                     *slot = Some(IoDone { buf, result });
@@ -247,39 +331,14 @@ impl<'e> Batch<'e> {
     pub fn new(engine: &'e dyn IoEngine, capacity: usize) -> Self {
         Batch {
             engine,
-            shared: Arc::new(BatchShared {
-                state: Mutex::new(BatchState {
-                    results: Vec::with_capacity(capacity),
-                    left: 0,
-                    closed: false,
-                    ready: VecDeque::with_capacity(capacity),
-                    each: false,
-                }),
-                all_done: Condvar::new(),
-            }),
+            shared: BatchShared::new(capacity, false),
             staged: Vec::with_capacity(capacity),
         }
     }
 
     fn job(&mut self, op: IoOp) -> Job {
-        let index = {
-            let mut st = self.shared.state.lock();
-            st.results.push(None);
-            st.left += 1;
-            st.results.len() - 1
-        };
-        Job {
-            kind: op.kind,
-            fd: op.fd,
-            offset: op.offset,
-            buf: op.buf,
-            ticket: Ticket {
-                index,
-                batch: Arc::clone(&self.shared),
-                on_late: op.on_late,
-                finished: false,
-            },
-        }
+        let index = self.shared.state.lock().add(false);
+        make_job(&self.shared, index, op)
     }
 
     /// Adds `op`; it starts with the next [`Batch::flush`], [`Batch::submit`]
@@ -396,6 +455,142 @@ impl<'e> Batch<'e> {
 impl Drop for Batch<'_> {
     fn drop(&mut self) {
         // Whatever completes after this is late (after `wait`, nothing is left).
+        self.shared.state.lock().closed = true;
+    }
+}
+
+/// A window of transfers kept in flight continuously: the caller adds
+/// transfers ([`Pipeline::push`], each with its own deadline), waits for
+/// some to complete ([`Pipeline::wait_some`]) and adds the next ones at
+/// once, so the drive always has work queued, as with fio's `iodepth`,
+/// instead of draining at the end of every batch. How many are in flight is
+/// the caller's choice ([`Pipeline::open`] counts them).
+///
+/// An operation whose deadline passes before it completes is handed out as
+/// [`IoFailure::Timeout`] (no buffer) and abandoned alone; the engine keeps
+/// its buffer until the kernel is done with it and then runs its `on_late`
+/// hook, as for a [`Batch`]. Dropping the pipeline abandons everything still
+/// in flight the same way, and drops staged operations unstarted.
+///
+/// Bookkeeping is per window, not per stream: the state of operations
+/// already handed out or abandoned is dropped as the window moves on.
+pub struct Pipeline<'e> {
+    engine: &'e dyn IoEngine,
+    shared: Arc<BatchShared>,
+    staged: Vec<Job>,
+    /// Operations added and not yet handed out: (index, deadline).
+    open: Vec<(usize, Instant)>,
+}
+
+impl<'e> Pipeline<'e> {
+    /// An empty pipeline on `engine`, sized for `depth` operations in flight.
+    pub fn new(engine: &'e dyn IoEngine, depth: usize) -> Self {
+        Pipeline {
+            engine,
+            shared: BatchShared::new(depth, true),
+            staged: Vec::with_capacity(depth),
+            open: Vec::with_capacity(depth),
+        }
+    }
+
+    /// Adds `op`, to complete by `deadline`; it starts with the next
+    /// [`Pipeline::flush`] or [`Pipeline::wait_some`]. Returns its index
+    /// (indices count up from 0 and are never reused).
+    pub fn push(&mut self, op: IoOp, deadline: Instant) -> usize {
+        let index = self.shared.state.lock().add(true);
+        self.staged.push(make_job(&self.shared, index, op));
+        self.open.push((index, deadline));
+        index
+    }
+
+    /// Starts the staged operations.
+    pub fn flush(&mut self) {
+        if !self.staged.is_empty() {
+            let jobs = std::mem::take(&mut self.staged);
+            self.engine.submit(jobs);
+        }
+    }
+
+    /// Operations added and not yet handed out (in flight, staged, or
+    /// completed and waiting for [`Pipeline::wait_some`]).
+    pub fn open(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Starts the staged operations, waits until at least one operation
+    /// has completed or the earliest deadline has passed, and appends to
+    /// `out` every operation completed by now (in completion order) and
+    /// every one whose deadline has passed ([`IoFailure::Timeout`], no
+    /// buffer; abandoned). Returns at once when nothing is open.
+    pub fn wait_some(&mut self, out: &mut Vec<(usize, IoDone)>) {
+        self.flush();
+        let Some(earliest) = self.open.iter().map(|&(_, d)| d).min() else {
+            return;
+        };
+        let mut st = self.shared.state.lock();
+        while st.ready.is_empty() {
+            if self
+                .shared
+                .all_done
+                .wait_until(&mut st, earliest)
+                .timed_out()
+            {
+                break;
+            }
+        }
+        let before = out.len();
+        while let Some(index) = st.ready.pop_front() {
+            let Some(pos) = index.checked_sub(st.base) else {
+                continue;
+            };
+            let done = st.results.get_mut(pos).and_then(Option::take);
+            if let (Some(done), Some(status)) = (done, st.status.get_mut(pos)) {
+                *status = OpStatus::Handed;
+                out.push((index, done));
+            }
+        }
+        for &(index, _) in &out[before..] {
+            if let Some(k) = self.open.iter().position(|&(i, _)| i == index) {
+                self.open.swap_remove(k);
+            }
+        }
+        // What is still open now has not completed: abandon the overdue ones.
+        let now = Instant::now();
+        let mut k = 0;
+        while k < self.open.len() {
+            let (index, deadline) = self.open[k];
+            if deadline > now {
+                k += 1;
+                continue;
+            }
+            self.open.swap_remove(k);
+            if let Some(status) = index
+                .checked_sub(st.base)
+                .and_then(|pos| st.status.get_mut(pos))
+            {
+                *status = OpStatus::Abandoned;
+                st.left = st.left.saturating_sub(1);
+            }
+            out.push((
+                index,
+                IoDone {
+                    buf: None,
+                    result: Err(IoFailure::Timeout),
+                },
+            ));
+        }
+        // Forget the operations that are done with, from the front.
+        while st.status.front().is_some_and(|s| *s != OpStatus::Open) {
+            st.status.pop_front();
+            st.results.pop_front();
+            st.base += 1;
+        }
+    }
+}
+
+impl Drop for Pipeline<'_> {
+    fn drop(&mut self) {
+        // Whatever completes after this is late.
         self.shared.state.lock().closed = true;
     }
 }
@@ -1314,6 +1509,107 @@ mod tests {
             for _ in 0..2 {
                 rx.recv_timeout(Duration::from_secs(5)).unwrap();
             }
+            faults.set(FaultPlan::default());
+        }
+    }
+
+    /// A pipeline keeps a window of `depth` ops in flight, refilled as
+    /// each completes; every op is handed out once, its state is dropped
+    /// once handed out, and an overdue op is abandoned alone.
+    #[test]
+    fn pipeline_refills_its_window_and_abandons_each_op_alone() {
+        let faults = FaultCell::new(FaultPlan::default());
+        for engine in engines(&faults) {
+            let (_d, f) = tmpfile(64 * 1024);
+            let ops: Vec<_> = (0..8u8)
+                .map(|i| {
+                    let mut buf = AlignedBuf::zeroed(8192).unwrap();
+                    buf.as_mut_slice().fill(i + 1);
+                    IoOp {
+                        kind: OpKind::Write,
+                        fd: f.as_raw_fd(),
+                        offset: i as u64 * 8192,
+                        buf,
+                        on_late: None,
+                    }
+                })
+                .collect();
+            assert!(
+                run(&*engine, ops, Instant::now() + Duration::from_secs(5))
+                    .iter()
+                    .all(|d| d.result.is_ok())
+            );
+            let read = |i: u64, late: Option<Box<dyn FnOnce() + Send>>| IoOp {
+                kind: OpKind::Read,
+                fd: f.as_raw_fd(),
+                offset: (i % 8) * 8192,
+                buf: AlignedBuf::zeroed(8192).unwrap(),
+                on_late: late,
+            };
+            let depth = 3;
+            let total = 40u64;
+            let mut pipe = Pipeline::new(&*engine, depth);
+            let mut what = std::collections::HashMap::new();
+            let mut next = 0u64;
+            let mut seen = vec![0u8; total as usize];
+            let mut out = Vec::new();
+            while next < total || pipe.open() > 0 {
+                while pipe.open() < depth && next < total {
+                    let i = pipe.push(read(next, None), Instant::now() + Duration::from_secs(5));
+                    assert_eq!(i as u64, next, "indices count up from 0");
+                    what.insert(i, next);
+                    next += 1;
+                }
+                assert!(pipe.open() <= depth);
+                out.clear();
+                pipe.wait_some(&mut out);
+                assert!(!out.is_empty(), "{}", engine.name());
+                for (i, d) in out.drain(..) {
+                    let block = what[&i];
+                    seen[block as usize] += 1;
+                    assert!(d.result.is_ok(), "{}: {d:?}", engine.name());
+                    let want = (block % 8) as u8 + 1;
+                    assert!(d.buf.unwrap().as_slice().iter().all(|&b| b == want));
+                }
+                // Only the window's state is kept.
+                assert!(pipe.shared.state.lock().results.len() <= depth);
+            }
+            assert_eq!(seen, vec![1u8; total as usize], "{}", engine.name());
+            pipe.wait_some(&mut out);
+            assert!(out.is_empty());
+
+            // One op overdue, one not: the overdue one is handed out as a
+            // timeout on its own deadline, the other completes normally.
+            faults.set(FaultPlan {
+                delay_reads: Some(Duration::from_millis(400)),
+                ..FaultPlan::default()
+            });
+            let (tx, rx) = mpsc::channel();
+            let t0 = Instant::now();
+            let late = pipe.push(
+                read(
+                    0,
+                    Some(Box::new(move || {
+                        let _ = tx.send(());
+                    })),
+                ),
+                Instant::now() + Duration::from_millis(50),
+            );
+            let patient = pipe.push(read(1, None), Instant::now() + Duration::from_secs(5));
+            pipe.wait_some(&mut out);
+            assert_eq!(out.len(), 1, "{}", engine.name());
+            assert_eq!(out[0].0, late);
+            assert_eq!(out[0].1.result, Err(IoFailure::Timeout));
+            assert!(out[0].1.buf.is_none());
+            assert!(t0.elapsed() < Duration::from_millis(350));
+            assert_eq!(pipe.open(), 1);
+            out.clear();
+            pipe.wait_some(&mut out);
+            assert_eq!(out.len(), 1);
+            assert_eq!(out[0].0, patient);
+            assert!(out[0].1.result.is_ok(), "{}", engine.name());
+            // The abandoned op's hook ran once the kernel was done with it.
+            rx.recv_timeout(Duration::from_secs(5)).unwrap();
             faults.set(FaultPlan::default());
         }
     }

@@ -51,6 +51,24 @@
 //! `timeouts` and answers a miss, but leaves the block indexed: a transient
 //! fault must not empty the tier, and the next read verifies again.
 //!
+//! # Batches and streams
+//!
+//! [`DiskTier::put_many`] and [`DiskTier::read_many`] / [`DiskTier::get_many`]
+//! run one batch per call: all of the call's transfers are started together
+//! (bounded only by the ring's size), with one deadline for the whole call,
+//! and the call returns when its last transfer has completed. So every call
+//! starts with an empty queue and ends draining it; a single caller issuing
+//! calls of N blocks keeps fewer than N in flight on average.
+//! [`DiskTier::put_stream`] and [`DiskTier::read_stream`] /
+//! [`DiskTier::get_stream`] take a whole stream of blocks and a depth, keep
+//! up to that many transfers in flight from the first block to the last
+//! (an [`engine::Pipeline`]: the next transfer starts as each completes,
+//! before the finished one is verified or published), give each transfer
+//! its own deadline, and answer each block through a callback as it
+//! completes. Their checks are those of the batch calls: reads verified
+//! (corrupt: dropped, counted, a miss), writes published in index batches
+//! only after their data landed.
+//!
 //! # Eviction and access times
 //!
 //! Prefix-aware LRU as in the host tier: least recently used leaf first,
@@ -263,7 +281,18 @@ pub struct DiskPut<'a> {
     pub payload: &'a [u8],
 }
 
-/// One verified read of [`DiskTier::read_many`].
+/// One block of [`DiskTier::put_stream`]: as [`DiskPut`], with a payload
+/// the stream takes (`Bytes`, `Vec<u8>`, a borrowed slice, or any buffer
+/// the caller recycles on drop). It is needed only until the tier has
+/// copied it into its I/O buffer, when the block's write starts.
+#[derive(Debug, Clone)]
+pub struct StreamPut<P> {
+    pub key: BlockKey,
+    pub parent: Option<BlockKey>,
+    pub payload: P,
+}
+
+/// One verified read of [`DiskTier::read_many`] or [`DiskTier::read_stream`].
 #[derive(Debug, Clone)]
 pub struct DiskRead {
     pub payload: Bytes,
@@ -968,6 +997,70 @@ impl PlannedRead {
     }
 }
 
+/// Takes a reader count on block `id` (so its slot is not reused while
+/// read) and says what to read; touches it first if `touch`.
+fn plan_read(meta: &mut Meta, id: usize, touch: bool, now_ms: u64) -> Option<PlannedRead> {
+    if touch {
+        meta.touch(id, now_ms);
+    }
+    let e = meta.entries.get_mut(id)?;
+    if !e.live {
+        return None;
+    }
+    e.readers += 1;
+    Some(PlannedRead {
+        id,
+        incarnation: e.incarnation,
+        ns: e.ns,
+        key: e.key,
+        parent: e.parent,
+        file: e.file,
+        offset: e.offset,
+        slot_bytes: e.slot_bytes,
+        len: e.len,
+        checksum: e.checksum,
+        seq: e.seq,
+    })
+}
+
+/// Drops a reader count taken by [`plan_read`] (freeing the slot if the
+/// block was unlinked meanwhile and this was its last reader).
+fn release_read(meta: &mut Meta, id: usize, incarnation: u64) {
+    if let Some(e) = meta.entries.get_mut(id)
+        && e.incarnation == incarnation
+    {
+        e.readers = e.readers.saturating_sub(1);
+    }
+    meta.release_if_unused(id);
+}
+
+/// Judges a finished read of `p`'s slot: the header must match the index
+/// and the payload its xxh3 ([`header::verify`]).
+fn check_read(p: &PlannedRead, d: IoDone) -> ReadOutcome {
+    match (d.result, d.buf) {
+        (Ok(()), Some(buf)) => match header::verify(buf.as_slice(), &p.expected()) {
+            Ok(_) => ReadOutcome::Good(buf),
+            Err(kind) => ReadOutcome::Corrupt(kind),
+        },
+        (Ok(()), None) => ReadOutcome::Failed(IoFailure::Shutdown),
+        (Err(f), _) => ReadOutcome::Failed(f),
+    }
+}
+
+impl PlannedRead {
+    /// The verified payload, handed out without a copy.
+    fn verified_read(&self, buf: AlignedBuf) -> DiskRead {
+        DiskRead {
+            payload: Bytes::from_owner(Payload {
+                buf,
+                len: self.len as usize,
+            }),
+            parent: self.parent,
+            seq: self.seq,
+        }
+    }
+}
+
 enum ReadOutcome {
     Good(AlignedBuf),
     Corrupt(CorruptKind),
@@ -976,7 +1069,14 @@ enum ReadOutcome {
 
 /// A slot being written.
 struct PlannedWrite {
+    /// Position of the block in the caller's items.
     item: usize,
+    key: BlockKey,
+    parent: Option<BlockKey>,
+    /// Payload bytes.
+    len: u64,
+    /// xxh3-64 of the payload, once the buffer is filled.
+    checksum: u64,
     file: u16,
     slot: SlotRef,
     slot_bytes: usize,
@@ -1234,37 +1334,16 @@ impl DiskTier {
         {
             let mut meta = inner.meta.lock();
             for (i, it) in items.iter().enumerate() {
-                let len = it.payload.len() as u64;
-                if len == 0 || len > inner.max_payload {
-                    continue;
+                if let Some(p) = self.reserve_write(
+                    &mut meta,
+                    i,
+                    it.key,
+                    it.parent,
+                    it.payload.len(),
+                    &mut events,
+                ) {
+                    planned.push(p);
                 }
-                let slot_bytes = HEADER_REGION + align_up(it.payload.len());
-                let Some((file, slot)) = meta.reserve(slot_bytes, &mut events, &inner.counters)
-                else {
-                    continue;
-                };
-                let offset = meta.arenas[file as usize].offset(slot) as u64;
-                let seq = meta.next_seq;
-                meta.next_seq += 1;
-                if meta.next_seq >= meta.seq_watermark {
-                    let wm = meta.next_seq + SEQ_STEP;
-                    let mut b = IndexBatch::default();
-                    b.set_seq_watermark(wm);
-                    match inner.index.write(b) {
-                        Ok(()) => meta.seq_watermark = wm,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "disk tier: sequence watermark not written")
-                        }
-                    }
-                }
-                planned.push(PlannedWrite {
-                    item: i,
-                    file,
-                    slot,
-                    slot_bytes,
-                    offset,
-                    seq,
-                });
             }
         }
         let rejected = items.len() - planned.len();
@@ -1274,52 +1353,19 @@ impl DiskTier {
             return out;
         }
 
-        let mut checksums = Vec::with_capacity(planned.len());
         let mut batch = engine::Batch::new(&*inner.engine, planned.len());
         let mut lens = Vec::with_capacity(planned.len());
         let deadline = Instant::now() + inner.config.write_timeout;
         inner.disk.write_busy.enter();
         let mut no_buffer = Vec::new();
-        for (pi, p) in planned.iter().enumerate() {
-            let it = &items[p.item];
-            let Some(mut buf) = inner.pool.get(p.slot_bytes) else {
-                checksums.push(xxh3_64(it.payload));
+        for (pi, p) in planned.iter_mut().enumerate() {
+            let Some(op) = self.start_write(ns, p, items[p.item].payload) else {
                 no_buffer.push(pi);
                 continue;
             };
-            let b = buf.as_mut_slice();
-            let end = HEADER_REGION + it.payload.len();
-            // One pass over the payload: copied into the buffer and hashed.
-            let checksum = copy_and_xxh3_64(&mut b[HEADER_REGION..end], it.payload);
-            checksums.push(checksum);
-            let header = SlotHeader {
-                namespace: *ns,
-                key: it.key,
-                parent: it.parent,
-                payload_len: it.payload.len() as u64,
-                payload_xxh3: checksum,
-                seq: p.seq,
-            };
-            header.encode(&mut b[..HEADER_REGION]);
-            b[end..].fill(0);
-            let weak: Weak<Mutex<Meta>> = Arc::downgrade(&inner.meta);
-            let (file, slot) = (p.file, p.slot);
-            // Releases the slot once a write abandoned at its deadline has finished.
-            let on_late: Box<dyn FnOnce() + Send> = Box::new(move || {
-                if let Some(m) = weak.upgrade()
-                    && let Some(a) = m.lock().arenas.get_mut(file as usize)
-                {
-                    a.free(slot);
-                }
-            });
-            lens.push(buf.len());
-            batch.submit(IoOp {
-                kind: OpKind::Write,
-                fd: inner.files[p.file as usize].fd(),
-                offset: p.offset,
-                buf,
-                on_late: Some(on_late),
-            });
+            lens.push(op.buf.len());
+            // Each write starts as soon as its buffer is filled.
+            batch.submit(op);
         }
         let done_v = batch.wait(deadline);
         inner.disk.write_busy.exit();
@@ -1331,46 +1377,170 @@ impl DiskTier {
                 len,
             );
         }
-        let mut done: Vec<Option<IoDone>> = done_v.into_iter().map(Some).collect();
+        let mut results: Vec<Result<(), IoFailure>> =
+            done_v.into_iter().map(|d| d.result).collect();
         for &pi in &no_buffer {
-            done.insert(pi, None);
+            results.insert(pi, Err(IoFailure::Errno(libc::ENOMEM)));
         }
+        let written: Vec<(PlannedWrite, Result<(), IoFailure>)> =
+            planned.into_iter().zip(results).collect();
+        let stored = self.publish_writes(ns, &written, &|p| keep(p.item), false);
+        for &w in &stored {
+            let p = &written[w].0;
+            out[p.item] = PutOutcome::Stored;
+            self.stored_event(ns, p, &mut events);
+        }
+        let failed = written.len() - stored.len();
+        TierCounters::add(&inner.counters.rejected_puts, failed as u64);
+        inner.events.publish(events);
+        out
+    }
 
+    /// Reserves a slot for a block of `len` payload bytes (evicting as
+    /// needed) and assigns its write sequence number; `None` when the block
+    /// is empty, too large, or nothing can be evicted.
+    fn reserve_write(
+        &self,
+        meta: &mut Meta,
+        item: usize,
+        key: BlockKey,
+        parent: Option<BlockKey>,
+        len: usize,
+        events: &mut Vec<PendingEvent>,
+    ) -> Option<PlannedWrite> {
+        let inner = &*self.inner;
+        if len == 0 || len as u64 > inner.max_payload {
+            return None;
+        }
+        let slot_bytes = HEADER_REGION + align_up(len);
+        let (file, slot) = meta.reserve(slot_bytes, events, &inner.counters)?;
+        let offset = meta.arenas[file as usize].offset(slot) as u64;
+        let seq = meta.next_seq;
+        meta.next_seq += 1;
+        if meta.next_seq >= meta.seq_watermark {
+            let wm = meta.next_seq + SEQ_STEP;
+            let mut b = IndexBatch::default();
+            b.set_seq_watermark(wm);
+            match inner.index.write(b) {
+                Ok(()) => meta.seq_watermark = wm,
+                Err(e) => {
+                    tracing::warn!(error = %e, "disk tier: sequence watermark not written")
+                }
+            }
+        }
+        Some(PlannedWrite {
+            item,
+            key,
+            parent,
+            len: len as u64,
+            checksum: 0,
+            file,
+            slot,
+            slot_bytes,
+            offset,
+            seq,
+        })
+    }
+
+    /// Fills a buffer with the slot (header, payload, zero padding), hashing
+    /// the payload while copying it (into `p.checksum`), and returns the
+    /// write; `None` when no buffer can be had.
+    fn start_write(&self, ns: &NamespaceId, p: &mut PlannedWrite, payload: &[u8]) -> Option<IoOp> {
+        let inner = &*self.inner;
+        let Some(mut buf) = inner.pool.get(p.slot_bytes) else {
+            p.checksum = xxh3_64(payload);
+            return None;
+        };
+        let b = buf.as_mut_slice();
+        let end = HEADER_REGION + payload.len();
+        // One pass over the payload: copied into the buffer and hashed.
+        p.checksum = copy_and_xxh3_64(&mut b[HEADER_REGION..end], payload);
+        let header = SlotHeader {
+            namespace: *ns,
+            key: p.key,
+            parent: p.parent,
+            payload_len: payload.len() as u64,
+            payload_xxh3: p.checksum,
+            seq: p.seq,
+        };
+        header.encode(&mut b[..HEADER_REGION]);
+        b[end..].fill(0);
+        let weak: Weak<Mutex<Meta>> = Arc::downgrade(&inner.meta);
+        let (file, slot) = (p.file, p.slot);
+        // Releases the slot once a write abandoned at its deadline has finished.
+        let on_late: Box<dyn FnOnce() + Send> = Box::new(move || {
+            if let Some(m) = weak.upgrade()
+                && let Some(a) = m.lock().arenas.get_mut(file as usize)
+            {
+                a.free(slot);
+            }
+        });
+        Some(IoOp {
+            kind: OpKind::Write,
+            fd: inner.files[p.file as usize].fd(),
+            offset: p.offset,
+            buf,
+            on_late: Some(on_late),
+        })
+    }
+
+    /// Publishes finished writes: in memory, and as one index `WriteBatch`
+    /// (with any queued deletions), all under the metadata lock, and only
+    /// for writes whose data has landed. A write that failed frees its slot
+    /// (an abandoned one is freed by its late hook), as does one that `keep`
+    /// rejects or, with `newer_wins`, one whose key already holds a block of
+    /// a later sequence number (it was replaced by a later put and counts as
+    /// stored). With [`Durability::PowerLoss`] the WAL is synced before
+    /// anything counts as stored. Returns the positions in `writes` of the
+    /// blocks stored.
+    fn publish_writes(
+        &self,
+        ns: &NamespaceId,
+        writes: &[(PlannedWrite, Result<(), IoFailure>)],
+        keep: &dyn Fn(&PlannedWrite) -> bool,
+        newer_wins: bool,
+    ) -> Vec<usize> {
+        let inner = &*self.inner;
         let skip_index = inner.faults.get().drop_index_writes;
         let mut stored = Vec::new();
+        let mut superseded = Vec::new();
         {
             let mut meta = inner.meta.lock();
             let mut puts: Vec<(IndexKey, IndexEntry)> = Vec::new();
-            for ((p, d), checksum) in planned.iter().zip(done).zip(&checksums) {
-                let it = &items[p.item];
-                match d.map(|d| d.result) {
-                    Some(Ok(())) if !skip_index && keep(p.item) => {}
+            for (w, (p, result)) in writes.iter().enumerate() {
+                match result {
+                    Ok(()) if !skip_index && keep(p) => {}
                     // Abandoned: the late hook frees the slot.
-                    Some(Err(IoFailure::Timeout)) => continue,
+                    Err(IoFailure::Timeout) => continue,
                     _ => {
                         meta.arenas[p.file as usize].free(p.slot);
                         continue;
                     }
                 }
-                if let Some(old) = meta.lookup(ns, &it.key) {
+                if let Some(old) = meta.lookup(ns, &p.key) {
+                    if newer_wins && meta.entries.get(old).is_some_and(|e| e.seq > p.seq) {
+                        meta.arenas[p.file as usize].free(p.slot);
+                        superseded.push(w);
+                        continue;
+                    }
                     // A replaced block emits no event of its own.
                     let _ = meta.unlink(old, EventKind::Deleted);
                 }
                 meta.tick += 1;
                 let incarnation = meta.next_incarnation;
                 meta.next_incarnation += 1;
-                let hash = meta.index.hash(ns, &it.key);
+                let hash = meta.index.hash(ns, &p.key);
                 let entry = Entry {
                     ns: *ns,
-                    key: it.key,
+                    key: p.key,
                     hash,
-                    parent: it.parent,
+                    parent: p.parent,
                     file: p.file,
                     slot: p.slot,
                     slot_bytes: p.slot_bytes,
                     offset: p.offset,
-                    len: it.payload.len() as u64,
-                    checksum: *checksum,
+                    len: p.len,
+                    checksum: p.checksum,
                     seq: p.seq,
                     tick: meta.tick,
                     last_access_ms: now_ms(),
@@ -1380,15 +1550,15 @@ impl DiskTier {
                     live: true,
                     incarnation,
                 };
-                puts.push(((*ns, it.key), entry.index_entry()));
+                puts.push(((*ns, p.key), entry.index_entry()));
                 let id = meta.entries.insert(entry);
                 meta.slot_owner.set(p.file, p.slot, id);
                 meta.index.insert_new(hash, id);
-                if let Some(parent) = &it.parent {
+                if let Some(parent) = &p.parent {
                     meta.add_child(ns, parent);
                 }
                 meta.set_insert(id);
-                stored.push((p.item, id));
+                stored.push((w, id));
             }
             let mut batch = IndexBatch::default();
             meta.drain_deletes(&mut batch);
@@ -1414,22 +1584,170 @@ impl DiskTier {
                 let _ = meta.unlink(id, EventKind::Deleted);
             }
         }
-        for &(i, _) in &stored {
-            out[i] = PutOutcome::Stored;
-            let it = &items[i];
-            TierCounters::add(&inner.counters.bytes_in, it.payload.len() as u64);
-            events.push(PendingEvent {
-                kind: EventKind::Stored,
-                namespace: *ns,
-                key: it.key,
-                parent: it.parent,
-                tier: TierKind::Disk,
-            });
-        }
-        let failed = planned.len() - stored.len();
-        TierCounters::add(&inner.counters.rejected_puts, failed as u64);
-        inner.events.publish(events);
+        let mut out: Vec<usize> = stored.into_iter().map(|(w, _)| w).collect();
+        out.extend(superseded);
         out
+    }
+
+    /// Counts a stored block and queues its event.
+    fn stored_event(&self, ns: &NamespaceId, p: &PlannedWrite, events: &mut Vec<PendingEvent>) {
+        TierCounters::add(&self.inner.counters.bytes_in, p.len);
+        events.push(PendingEvent {
+            kind: EventKind::Stored,
+            namespace: *ns,
+            key: p.key,
+            parent: p.parent,
+            tier: TierKind::Disk,
+        });
+    }
+
+    /// Stores a stream of blocks with up to `depth` writes in flight the
+    /// whole time, like fio's `iodepth`: the window is filled at the start,
+    /// and each time writes complete the next blocks' writes start (their
+    /// slots reserved and buffers filled) before the finished ones are
+    /// published, so the drive never waits for the caller between blocks.
+    /// [`DiskTier::put_many`] instead starts with an empty queue and ends
+    /// with its slowest write, every call.
+    ///
+    /// `items` is pulled lazily, only when a place in the window is free,
+    /// and each payload is needed only until it has been copied into its
+    /// I/O buffer, so a caller can generate payloads on the fly.
+    /// `on_done(i, outcome)` answers item `i` (its position in `items`) as
+    /// soon as its outcome is known: in completion order, not item order.
+    /// `Stored` is answered only after the block's data has landed and its
+    /// index entry is written; finished writes are published together, one
+    /// index `WriteBatch` per wake-up, as in `put_many`. Each write has the
+    /// tier's `write_timeout` from its own start; a failed, timed-out or
+    /// refused block (empty, too large, no evictable space, no buffer)
+    /// answers `NoSpace`. If the same key occurs twice in the stream, the
+    /// later item's bytes are kept, whichever write completes first.
+    /// Returns the number of blocks stored.
+    pub fn put_stream<P, I>(
+        &self,
+        ns: &NamespaceId,
+        items: I,
+        depth: usize,
+        mut on_done: impl FnMut(usize, PutOutcome),
+    ) -> usize
+    where
+        I: IntoIterator<Item = StreamPut<P>>,
+        P: AsRef<[u8]>,
+    {
+        let inner = &*self.inner;
+        let depth = depth.max(1);
+        let timeout = inner.config.write_timeout;
+        let mut items = items.into_iter().enumerate();
+        let mut exhausted = false;
+        let mut pipe = engine::Pipeline::new(&*inner.engine, depth);
+        // Writes in flight, with their pipeline index.
+        let mut open: Vec<(usize, PlannedWrite)> = Vec::with_capacity(depth);
+        let mut finished: Vec<(PlannedWrite, Result<(), IoFailure>)> = Vec::new();
+        let mut done = Vec::with_capacity(depth);
+        let mut pulled: Vec<(usize, StreamPut<P>)> = Vec::with_capacity(depth);
+        let mut planned: Vec<Option<PlannedWrite>> = Vec::with_capacity(depth);
+        let mut refused: Vec<usize> = Vec::new();
+        let mut events = Vec::new();
+        let mut stored_total = 0usize;
+        inner.disk.write_busy.enter();
+        loop {
+            // Refill the window; a refused item does not take a place.
+            while !exhausted && open.len() < depth {
+                pulled.clear();
+                while open.len() + pulled.len() < depth {
+                    match items.next() {
+                        Some(it) => pulled.push(it),
+                        None => {
+                            exhausted = true;
+                            break;
+                        }
+                    }
+                }
+                if pulled.is_empty() {
+                    break;
+                }
+                planned.clear();
+                {
+                    let mut meta = inner.meta.lock();
+                    for (i, it) in &pulled {
+                        planned.push(self.reserve_write(
+                            &mut meta,
+                            *i,
+                            it.key,
+                            it.parent,
+                            it.payload.as_ref().len(),
+                            &mut events,
+                        ));
+                    }
+                }
+                for ((i, it), p) in pulled.drain(..).zip(planned.drain(..)) {
+                    let Some(mut p) = p else {
+                        refused.push(i);
+                        continue;
+                    };
+                    match self.start_write(ns, &mut p, it.payload.as_ref()) {
+                        Some(op) => {
+                            let index = pipe.push(op, Instant::now() + timeout);
+                            // Each write starts as soon as its buffer is filled.
+                            pipe.flush();
+                            open.push((index, p));
+                        }
+                        None => finished.push((p, Err(IoFailure::Errno(libc::ENOMEM)))),
+                    }
+                }
+            }
+            // The window is full again: now publish what finished.
+            if !refused.is_empty() {
+                TierCounters::add(&inner.counters.rejected_puts, refused.len() as u64);
+                for i in refused.drain(..) {
+                    on_done(i, PutOutcome::NoSpace);
+                }
+            }
+            if !finished.is_empty() {
+                let stored = self.publish_writes(ns, &finished, &|_| true, true);
+                let mut ok = vec![false; finished.len()];
+                for &w in &stored {
+                    ok[w] = true;
+                    self.stored_event(ns, &finished[w].0, &mut events);
+                }
+                stored_total += stored.len();
+                let failed = finished.len() - stored.len();
+                TierCounters::add(&inner.counters.rejected_puts, failed as u64);
+                for ((p, _), ok) in finished.drain(..).zip(ok) {
+                    let outcome = if ok {
+                        PutOutcome::Stored
+                    } else {
+                        PutOutcome::NoSpace
+                    };
+                    on_done(p.item, outcome);
+                }
+            }
+            if !events.is_empty() {
+                inner.events.publish(std::mem::take(&mut events));
+            }
+            if open.is_empty() {
+                if exhausted {
+                    break;
+                }
+                continue;
+            }
+            pipe.wait_some(&mut done);
+            for (index, d) in done.drain(..) {
+                let Some(k) = open.iter().position(|(i, _)| *i == index) else {
+                    continue;
+                };
+                let (_, p) = open.swap_remove(k);
+                let len = d.buf.as_ref().map_or(p.slot_bytes, |b| b.len());
+                self.count(
+                    d.result,
+                    &inner.disk.write_ops,
+                    &inner.disk.write_bytes,
+                    len,
+                );
+                finished.push((p, d.result));
+            }
+        }
+        inner.disk.write_busy.exit();
+        stored_total
     }
 
     /// Takes reader counts on the blocks to read (and touches them if `touch`).
@@ -1440,45 +1758,16 @@ impl DiskTier {
         touch: bool,
     ) -> Vec<PlannedRead> {
         let now = now_ms();
-        let mut out = Vec::new();
-        for id in ids {
-            if touch {
-                meta.touch(id, now);
-            }
-            let Some(e) = meta.entries.get_mut(id) else {
-                continue;
-            };
-            if !e.live {
-                continue;
-            }
-            e.readers += 1;
-            out.push(PlannedRead {
-                id,
-                incarnation: e.incarnation,
-                ns: e.ns,
-                key: e.key,
-                parent: e.parent,
-                file: e.file,
-                offset: e.offset,
-                slot_bytes: e.slot_bytes,
-                len: e.len,
-                checksum: e.checksum,
-                seq: e.seq,
-            });
-        }
-        out
+        ids.into_iter()
+            .filter_map(|id| plan_read(meta, id, touch, now))
+            .collect()
     }
 
     /// Drops the reader counts taken by [`DiskTier::plan_reads`].
     fn release_reads(&self, plans: &[PlannedRead]) {
         let mut meta = self.inner.meta.lock();
         for p in plans {
-            if let Some(e) = meta.entries.get_mut(p.id)
-                && e.incarnation == p.incarnation
-            {
-                e.readers = e.readers.saturating_sub(1);
-            }
-            meta.release_if_unused(p.id);
+            release_read(&mut meta, p.id, p.incarnation);
         }
     }
 
@@ -1514,14 +1803,7 @@ impl DiskTier {
             let p = &plans[i];
             let len = d.buf.as_ref().map_or(0, |b| b.len());
             self.count(d.result, &inner.disk.read_ops, &inner.disk.read_bytes, len);
-            outcomes[i] = Some(match (d.result, d.buf) {
-                (Ok(()), Some(buf)) => match header::verify(buf.as_slice(), &p.expected()) {
-                    Ok(_) => ReadOutcome::Good(buf),
-                    Err(kind) => ReadOutcome::Corrupt(kind),
-                },
-                (Ok(()), None) => ReadOutcome::Failed(IoFailure::Shutdown),
-                (Err(f), _) => ReadOutcome::Failed(f),
-            });
+            outcomes[i] = Some(check_read(p, d));
         });
         inner.disk.read_busy.exit();
         self.release_reads(plans);
@@ -1600,16 +1882,7 @@ impl DiskTier {
         let mut bad = Vec::new();
         for ((p, o), i) in plans.iter().zip(outcomes).zip(pos) {
             match o {
-                ReadOutcome::Good(buf) => {
-                    out[i] = Some(DiskRead {
-                        payload: Bytes::from_owner(Payload {
-                            buf,
-                            len: p.len as usize,
-                        }),
-                        parent: p.parent,
-                        seq: p.seq,
-                    });
-                }
+                ReadOutcome::Good(buf) => out[i] = Some(p.verified_read(buf)),
                 ReadOutcome::Corrupt(kind) => bad.push((p, kind)),
                 ReadOutcome::Failed(f) => {
                     tracing::debug!(key = %p.key, failure = ?f, "disk tier: read failed");
@@ -1623,6 +1896,155 @@ impl DiskTier {
         TierCounters::add(&inner.counters.misses, keys.len() as u64 - hits);
         TierCounters::add(&inner.counters.bytes_out, bytes);
         out
+    }
+
+    /// Reads a stream of blocks with up to `depth` reads in flight the
+    /// whole time, like fio's `iodepth`: each time reads complete, the next
+    /// ones start before the finished ones are verified and handed out, so
+    /// the drive never waits for the caller between blocks
+    /// ([`DiskTier::read_many`] instead starts with an empty queue and ends
+    /// with its slowest read, every call).
+    ///
+    /// `on_block(i, read)` answers `keys[i]` once: in completion order (a
+    /// key that is not on disk at once, when the stream reaches it), not
+    /// key order. Every answer is verified exactly as in `read_many`: the
+    /// exact bytes stored under the key, or `None` for a miss, a slot that
+    /// fails verification (dropped and counted in `corrupt_blocks`), an
+    /// I/O error or a read slower than the tier's `read_timeout` (counted;
+    /// the block stays indexed). Blocks are looked up (and their reader
+    /// counts taken) only when their read starts. Returns the number of hits.
+    pub fn read_stream(
+        &self,
+        ns: &NamespaceId,
+        keys: &[BlockKey],
+        depth: usize,
+        mut on_block: impl FnMut(usize, Option<DiskRead>),
+    ) -> usize {
+        let inner = &*self.inner;
+        let depth = depth.max(1);
+        let timeout = inner.config.read_timeout;
+        let mut next = 0usize;
+        let mut pipe = engine::Pipeline::new(&*inner.engine, depth);
+        // Reads in flight: (pipeline index, key index, plan).
+        let mut open: Vec<(usize, usize, PlannedRead)> = Vec::with_capacity(depth);
+        let mut planned: Vec<(usize, PlannedRead)> = Vec::with_capacity(depth);
+        let mut finished: Vec<(usize, PlannedRead, IoDone)> = Vec::with_capacity(depth);
+        // Reader counts to drop (reads that have finished): (id, incarnation).
+        let mut release: Vec<(usize, u64)> = Vec::with_capacity(depth);
+        let mut misses: Vec<usize> = Vec::new();
+        let mut done = Vec::with_capacity(depth);
+        let (mut hits, mut bytes) = (0u64, 0u64);
+        inner.disk.read_busy.enter();
+        loop {
+            // One lock: drop the reader counts of finished reads, plan the next ones.
+            let room = depth - open.len();
+            if !release.is_empty() || (room > 0 && next < keys.len()) {
+                let mut meta = inner.meta.lock();
+                for (id, incarnation) in release.drain(..) {
+                    release_read(&mut meta, id, incarnation);
+                }
+                let now = now_ms();
+                while planned.len() < room && next < keys.len() {
+                    let i = next;
+                    next += 1;
+                    match meta
+                        .lookup(ns, &keys[i])
+                        .and_then(|id| plan_read(&mut meta, id, true, now))
+                    {
+                        Some(p) => planned.push((i, p)),
+                        None => misses.push(i),
+                    }
+                }
+            }
+            for (i, p) in planned.drain(..) {
+                let want = HEADER_REGION + align_up(p.len as usize);
+                match inner.pool.get(want.min(p.slot_bytes)) {
+                    Some(buf) => {
+                        let op = IoOp {
+                            kind: OpKind::Read,
+                            fd: inner.files[p.file as usize].fd(),
+                            offset: p.offset,
+                            buf,
+                            on_late: None,
+                        };
+                        let index = pipe.push(op, Instant::now() + timeout);
+                        open.push((index, i, p));
+                    }
+                    None => {
+                        release.push((p.id, p.incarnation));
+                        let failed = IoDone {
+                            buf: None,
+                            result: Err(IoFailure::Errno(libc::ENOMEM)),
+                        };
+                        finished.push((i, p, failed));
+                    }
+                }
+            }
+            pipe.flush();
+            // The window is full again: now answer, verifying what finished.
+            for i in misses.drain(..) {
+                on_block(i, None);
+            }
+            for (i, p, d) in finished.drain(..) {
+                let read = match check_read(&p, d) {
+                    ReadOutcome::Good(buf) => Some(p.verified_read(buf)),
+                    ReadOutcome::Corrupt(kind) => {
+                        self.drop_corrupt(&[(&p, kind)]);
+                        None
+                    }
+                    ReadOutcome::Failed(f) => {
+                        tracing::debug!(key = %p.key, failure = ?f, "disk tier: read failed");
+                        None
+                    }
+                };
+                if let Some(r) = &read {
+                    hits += 1;
+                    bytes += r.payload.len() as u64;
+                }
+                on_block(i, read);
+            }
+            if open.is_empty() {
+                if next >= keys.len() {
+                    break;
+                }
+                continue;
+            }
+            pipe.wait_some(&mut done);
+            for (index, d) in done.drain(..) {
+                let Some(k) = open.iter().position(|(x, _, _)| *x == index) else {
+                    continue;
+                };
+                let (_, i, p) = open.swap_remove(k);
+                let len = d.buf.as_ref().map_or(0, |b| b.len());
+                self.count(d.result, &inner.disk.read_ops, &inner.disk.read_bytes, len);
+                // The read is over: its slot may be reused from now on.
+                release.push((p.id, p.incarnation));
+                finished.push((i, p, d));
+            }
+        }
+        inner.disk.read_busy.exit();
+        if !release.is_empty() {
+            let mut meta = inner.meta.lock();
+            for (id, incarnation) in release.drain(..) {
+                release_read(&mut meta, id, incarnation);
+            }
+        }
+        TierCounters::add(&inner.counters.hits, hits);
+        TierCounters::add(&inner.counters.misses, keys.len() as u64 - hits);
+        TierCounters::add(&inner.counters.bytes_out, bytes);
+        hits as usize
+    }
+
+    /// [`DiskTier::read_stream`] answering payloads only (as
+    /// [`DiskTier::get_many`] does for [`DiskTier::read_many`]).
+    pub fn get_stream(
+        &self,
+        ns: &NamespaceId,
+        keys: &[BlockKey],
+        depth: usize,
+        mut on_block: impl FnMut(usize, Option<Bytes>),
+    ) -> usize {
+        self.read_stream(ns, keys, depth, |i, r| on_block(i, r.map(|r| r.payload)))
     }
 
     /// Reads and verifies every indexed slot, 32 slots (one batch of
