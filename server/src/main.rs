@@ -187,6 +187,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         // The CLI error already carries its cause in one line.
         Command::GpuCheck(args) => {
+            // Logs only when asked for (stderr; `RUST_LOG=kvstrata_tiers=debug`
+            // shows the timings of each batched T0<->T1 move).
+            if std::env::var_os("RUST_LOG").is_some() {
+                init_logging("text", "warn");
+            }
             // The checks block (device work, a daemon child process): off the
             // async workers; the CUDA IPC check drives its client on this runtime.
             let rt = tokio::runtime::Handle::current();

@@ -108,16 +108,18 @@ fn hash_host_copies(drains: &[Drain]) -> Vec<u64> {
 }
 
 /// How many of `ids` (from the front) make one move group of about
-/// `group_bytes` (at least one), and their bytes.
-fn one_group(index: &SlotIndex, ids: &[usize], group_bytes: usize) -> (usize, usize) {
-    let mut bytes = 0;
-    for (n, &id) in ids.iter().enumerate() {
-        if n > 0 && bytes >= group_bytes {
-            return (n, bytes);
-        }
-        bytes += index.entries.get(id).map_or(0, |e| e.len);
+/// `group_bytes` (at least one), and their bytes. A group of at least
+/// `lanes` blocks holds a multiple of `lanes` (the hashing threads), so
+/// hashing it keeps every thread busy to the end (a block is one task).
+fn one_group(index: &SlotIndex, ids: &[usize], group_bytes: usize, lanes: usize) -> (usize, usize) {
+    let len_of = |id: usize| index.entries.get(id).map_or(0, |e| e.len);
+    let first = ids.first().map_or(1, |&id| len_of(id).max(1));
+    let mut n = (group_bytes / first).max(1);
+    if lanes > 1 && n >= lanes {
+        n -= n % lanes;
     }
-    (ids.len(), bytes)
+    let n = n.min(ids.len());
+    (n, ids[..n].iter().map(|&id| len_of(id)).sum())
 }
 
 /// Configuration of the HBM tier (the same for every device).
@@ -687,15 +689,32 @@ impl HbmTier {
                 }
             }
             // Keep MOVE_WINDOW groups of ours queued on the demotion stream.
-            // Each completed batch is taken off the queue and hashed with
-            // the lock released (rayon's pool), while this thread publishes
-            // the batch hashed before it: copies, hashing and publishing
-            // run at once. Groups complete in order (one stream).
+            // Each completed batch is taken off the queue and hashed on
+            // rayon's pool while this thread launches the next group and
+            // publishes the batch hashed before it: copying, hashing,
+            // launching and publishing run at once. Groups complete in
+            // order (one stream).
             let group_bytes = inner.config.move_group_bytes.max(1) as usize;
             let window = MOVE_WINDOW * group_bytes;
+            let lanes = rayon::current_num_threads();
             let mut pending: &[usize] = &start;
             let mut hashed: Vec<(Drain, u64)> = Vec::new();
+            let began = std::time::Instant::now();
+            let mut launching = std::time::Duration::ZERO;
+            let mut publishing = std::time::Duration::ZERO;
+            let mut hash_waits = std::time::Duration::ZERO;
+            let mut copy_waits = std::time::Duration::ZERO;
             loop {
+                let batch = inner.take_completed(&mut meta);
+                let hashing = (!batch.is_empty()).then(|| {
+                    let (tx, rx) = crossbeam_channel::bounded(1);
+                    rayon::spawn(move || {
+                        let hashes = hash_host_copies(&batch);
+                        let _ = tx.send((batch, hashes));
+                    });
+                    rx
+                });
+                let t = std::time::Instant::now();
                 let mut in_flight: usize = meta
                     .draining
                     .iter()
@@ -703,29 +722,27 @@ impl HbmTier {
                     .map(|d| d.host.len())
                     .sum();
                 while !pending.is_empty() && in_flight < window {
-                    let (take, bytes) = one_group(&meta.index, pending, group_bytes);
+                    let (take, bytes) = one_group(&meta.index, pending, group_bytes, lanes);
                     inner.start_drains(&mut meta, &pending[..take], &mut events);
                     pending = &pending[take..];
                     in_flight += bytes;
                 }
-                let batch = inner.take_completed(&mut meta);
-                if !batch.is_empty() || !hashed.is_empty() {
-                    let publish = std::mem::take(&mut hashed);
-                    let mut published = Vec::new();
-                    let hashes = MutexGuard::unlocked(&mut meta, || {
-                        let (hashes, ()) = rayon::join(
-                            || hash_host_copies(&batch),
-                            || {
-                                let mut meta = inner.meta.lock();
-                                inner.finish_taken(&mut meta, publish, &mut published);
-                            },
-                        );
-                        hashes
-                    });
-                    events.append(&mut published);
-                    hashed = batch.into_iter().zip(hashes).collect();
+                launching += t.elapsed();
+                let t = std::time::Instant::now();
+                inner.finish_taken(&mut meta, std::mem::take(&mut hashed), &mut events);
+                publishing += t.elapsed();
+                if let Some(rx) = hashing {
+                    let t = std::time::Instant::now();
+                    match MutexGuard::unlocked(&mut meta, || rx.recv()) {
+                        Ok((batch, hashes)) => hashed = batch.into_iter().zip(hashes).collect(),
+                        // Only if the hashing job died (rayon aborts on a
+                        // panic in a spawned job): its drains are lost.
+                        Err(_) => tracing::error!("hbm tier: a demotion hashing job vanished"),
+                    }
+                    hash_waits += t.elapsed();
                     continue;
                 }
+                let t = std::time::Instant::now();
                 let fence = meta
                     .draining
                     .iter()
@@ -737,6 +754,7 @@ impl HbmTier {
                         // by checksum.
                         gpu_failed("demotion copy", &e);
                     }
+                    copy_waits += t.elapsed();
                     continue;
                 }
                 if !pending.is_empty() {
@@ -756,6 +774,15 @@ impl HbmTier {
                     .reaped
                     .wait_for(&mut meta, std::time::Duration::from_millis(10));
             }
+            tracing::debug!(
+                blocks = start.len(),
+                total_us = began.elapsed().as_micros() as u64,
+                launching_us = launching.as_micros() as u64,
+                publishing_us = publishing.as_micros() as u64,
+                waiting_for_hashes_us = hash_waits.as_micros() as u64,
+                waiting_for_copies_us = copy_waits.as_micros() as u64,
+                "hbm tier: batched demotion"
+            );
             for (i, key) in keys.iter().enumerate() {
                 if out[i] == RemoveOutcome::Removed && meta.index.index.contains_key(&(*ns, *key)) {
                     // Pinned meanwhile, or replaced by a newer block.
