@@ -644,6 +644,24 @@ fn fresh_dir(parent: &Path) -> Result<PathBuf, BenchError> {
     })
 }
 
+/// A caller thread's result; a panic becomes `BenchError::Thread(what)`.
+fn joined(
+    h: std::thread::ScopedJoinHandle<'_, Result<OpAccum, BenchError>>,
+    what: &str,
+) -> Result<OpAccum, BenchError> {
+    h.join()
+        .unwrap_or_else(|_| Err(BenchError::Thread(what.into())))
+}
+
+/// The callers' results added up; the first error wins.
+fn merged(results: Vec<Result<OpAccum, BenchError>>) -> Result<OpAccum, BenchError> {
+    let mut total = OpAccum::new()?;
+    for r in results {
+        total.merge(&r?)?;
+    }
+    Ok(total)
+}
+
 /// Runs the write phase; returns the merged counters and the wall time.
 fn write_phase(
     tier: &DiskTier,
@@ -697,17 +715,11 @@ fn write_phase(
             .collect();
         handles
             .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(BenchError::Thread("a writer panicked".into())))
-            })
+            .map(|h| joined(h, "a writer panicked"))
             .collect()
     });
     let elapsed = started.elapsed();
-    let mut total = OpAccum::new()?;
-    for r in results {
-        total.merge(&r?)?;
-    }
+    let total = merged(results)?;
     Ok((total, elapsed))
 }
 
@@ -783,17 +795,11 @@ fn write_stream_phase(
             .collect();
         handles
             .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(BenchError::Thread("a writer panicked".into())))
-            })
+            .map(|h| joined(h, "a writer panicked"))
             .collect()
     });
     let elapsed = started.elapsed();
-    let mut total = OpAccum::new()?;
-    for r in results {
-        total.merge(&r?)?;
-    }
+    let total = merged(results)?;
     Ok((total, elapsed))
 }
 
@@ -866,10 +872,7 @@ fn read_stream_phase(
         drop(tx);
         let results: Vec<Result<OpAccum, BenchError>> = handles
             .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(BenchError::Thread("a reader panicked".into())))
-            })
+            .map(|h| joined(h, "a reader panicked"))
             .collect();
         let elapsed = started.elapsed();
         let verified = verifier
@@ -877,10 +880,7 @@ fn read_stream_phase(
             .map_err(|_| BenchError::Thread("the verifier panicked".into()));
         (results, elapsed, verified)
     });
-    let mut total = OpAccum::new()?;
-    for r in results {
-        total.merge(&r?)?;
-    }
+    let total = merged(results)?;
     Ok((total, elapsed, verified?))
 }
 
@@ -958,10 +958,7 @@ fn read_phase(
         drop(tx);
         let results: Vec<Result<OpAccum, BenchError>> = handles
             .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(BenchError::Thread("a reader panicked".into())))
-            })
+            .map(|h| joined(h, "a reader panicked"))
             .collect();
         let elapsed = started.elapsed();
         let verified = verifier
@@ -969,10 +966,7 @@ fn read_phase(
             .map_err(|_| BenchError::Thread("the verifier panicked".into()));
         (results, elapsed, verified)
     });
-    let mut total = OpAccum::new()?;
-    for r in results {
-        total.merge(&r?)?;
-    }
+    let total = merged(results)?;
     Ok((total, elapsed, verified?))
 }
 

@@ -13,7 +13,7 @@
 //! # Streams
 //!
 //! Three streams per device: *promotion* (host→device: [`Tier::put`] and
-//! [`HbmTier::promote`]), *demotion* (device→host copies of victims) and
+//! [`HbmTier::copy_in`]), *demotion* (device→host copies of victims) and
 //! *read* (device→host copies of [`Tier::get`] and checksum read-backs).
 //! Every copy is followed by a [`Fence`]; no slot is written, freed or
 //! reused while a copy that touches it is queued.
@@ -54,7 +54,7 @@
 //! and hands each completed group back unpublished; the cache publishes
 //! each block with the host tier's recorded checksum unless a put or delete
 //! of its stripe ran meanwhile (`promote_on_device_get`, see
-//! [`crate::cache`]). [`HbmTier::promote`] is the same for one block.
+//! [`crate::cache`]).
 //!
 //! # Device-side access
 //!
@@ -536,24 +536,6 @@ impl HbmTier {
         checksum: u64,
     ) -> PutOutcome {
         let out = self.publish(slot, ns, key, parent, checksum);
-        if out == PutOutcome::Stored {
-            TierCounters::add(&self.inner.moves.promoted, 1);
-        }
-        out
-    }
-
-    /// Copies a host-resident block (its exact bytes `src`, with the checksum
-    /// the host tier recorded) into this tier. The caller makes sure no put
-    /// or delete of the key runs meanwhile (the cache's stripe lock).
-    pub fn promote(
-        &self,
-        ns: &NamespaceId,
-        key: &BlockKey,
-        parent: Option<&BlockKey>,
-        src: &[u8],
-        checksum: u64,
-    ) -> PutOutcome {
-        let out = self.store(ns, key, parent, src, checksum);
         if out == PutOutcome::Stored {
             TierCounters::add(&self.inner.moves.promoted, 1);
         }

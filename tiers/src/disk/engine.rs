@@ -1259,24 +1259,29 @@ mod tests {
         v
     }
 
+    /// Writes of 8 KiB at offsets 0, 8 KiB, ... filled with 1, 2, ... 8.
+    fn eight_writes(fd: RawFd) -> Vec<IoOp> {
+        (0..8u8)
+            .map(|i| {
+                let mut buf = AlignedBuf::zeroed(8192).unwrap();
+                buf.as_mut_slice().fill(i + 1);
+                IoOp {
+                    kind: OpKind::Write,
+                    fd,
+                    offset: i as u64 * 8192,
+                    buf,
+                    on_late: None,
+                }
+            })
+            .collect()
+    }
+
     #[test]
     fn batch_write_then_read() {
         let faults = FaultCell::new(FaultPlan::default());
         for engine in engines(&faults) {
             let (_d, f) = tmpfile(64 * 1024);
-            let ops: Vec<_> = (0..8u8)
-                .map(|i| {
-                    let mut buf = AlignedBuf::zeroed(8192).unwrap();
-                    buf.as_mut_slice().fill(i + 1);
-                    IoOp {
-                        kind: OpKind::Write,
-                        fd: f.as_raw_fd(),
-                        offset: i as u64 * 8192,
-                        buf,
-                        on_late: None,
-                    }
-                })
-                .collect();
+            let ops = eight_writes(f.as_raw_fd());
             let done = run(&*engine, ops, Instant::now() + Duration::from_secs(5));
             assert!(
                 done.iter().all(|d| d.result.is_ok()),
@@ -1521,19 +1526,7 @@ mod tests {
         let faults = FaultCell::new(FaultPlan::default());
         for engine in engines(&faults) {
             let (_d, f) = tmpfile(64 * 1024);
-            let ops: Vec<_> = (0..8u8)
-                .map(|i| {
-                    let mut buf = AlignedBuf::zeroed(8192).unwrap();
-                    buf.as_mut_slice().fill(i + 1);
-                    IoOp {
-                        kind: OpKind::Write,
-                        fd: f.as_raw_fd(),
-                        offset: i as u64 * 8192,
-                        buf,
-                        on_late: None,
-                    }
-                })
-                .collect();
+            let ops = eight_writes(f.as_raw_fd());
             assert!(
                 run(&*engine, ops, Instant::now() + Duration::from_secs(5))
                     .iter()
