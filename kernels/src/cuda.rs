@@ -15,17 +15,22 @@ use crate::device::{
 use crate::error::GpuError;
 use crate::layout::PagedGeometry;
 use crate::reference::CopyOp;
+use crate::xxh3::HashRun;
 
 /// The kernel sources, each compiled with `common.cuh` in front.
 pub const COMMON_SOURCE: &str = include_str!("../cuda/common.cuh");
 pub const BATCHED_COPY_SOURCE: &str = include_str!("../cuda/batched_copy.cu");
 pub const PAGED_SOURCE: &str = include_str!("../cuda/paged.cu");
+pub const XXH3_SOURCE: &str = include_str!("../cuda/xxh3.cu");
 
 /// Threads per CTA of every kernel.
 const THREADS: u32 = 256;
 /// Longest run one CTA copies of a batched copy; longer runs are split so a
 /// large block spreads over many multiprocessors.
 const PIECE_BYTES: u64 = 64 << 10;
+
+// `kvs_xxh3` is written for 8 warps per CTA (its shared window layout).
+const _: () = assert!(THREADS == 256);
 
 fn driver(call: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> GpuError {
     move |source| GpuError::Driver { call, source }
@@ -76,6 +81,7 @@ pub(crate) struct CudaDevice {
     batched_copy: CudaFunction,
     gather: CudaFunction,
     scatter: CudaFunction,
+    xxh3: CudaFunction,
     ptx: Vec<(&'static str, String)>,
 }
 
@@ -100,11 +106,15 @@ impl CudaDevice {
             .map_err(driver("cuDeviceGetAttribute"))?;
         let copy_ptx = compile("batched_copy.cu", BATCHED_COPY_SOURCE, cc)?;
         let paged_ptx = compile("paged.cu", PAGED_SOURCE, cc)?;
+        let xxh3_ptx = compile("xxh3.cu", XXH3_SOURCE, cc)?;
         let copy_mod = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(copy_ptx.clone()))
             .map_err(driver("cuModuleLoadData"))?;
         let paged_mod = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(paged_ptx.clone()))
+            .map_err(driver("cuModuleLoadData"))?;
+        let xxh3_mod = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(xxh3_ptx.clone()))
             .map_err(driver("cuModuleLoadData"))?;
         let function = |m: &Arc<cudarc::driver::CudaModule>, name| {
             m.load_function(name).map_err(driver("cuModuleGetFunction"))
@@ -113,6 +123,7 @@ impl CudaDevice {
             batched_copy: function(&copy_mod, "kvs_batched_copy")?,
             gather: function(&paged_mod, "kvs_gather")?,
             scatter: function(&paged_mod, "kvs_scatter")?,
+            xxh3: function(&xxh3_mod, "kvs_xxh3")?,
             info: DeviceInfo {
                 backend: Backend::Cuda,
                 ordinal,
@@ -121,7 +132,11 @@ impl CudaDevice {
                 total_bytes: total as u64,
                 multiprocessors: sms.max(1) as u32,
             },
-            ptx: vec![("batched_copy.cu", copy_ptx), ("paged.cu", paged_ptx)],
+            ptx: vec![
+                ("batched_copy.cu", copy_ptx),
+                ("paged.cu", paged_ptx),
+                ("xxh3.cu", xxh3_ptx),
+            ],
             ctx,
         })
     }
@@ -343,6 +358,43 @@ impl CudaDevice {
         Ok(())
     }
 
+    /// # Safety
+    /// See `GpuStream::xxh3`.
+    pub(crate) unsafe fn xxh3(
+        &self,
+        s: &CudaStreamState,
+        runs: &[HashRun],
+        out: u64,
+    ) -> Result<(), GpuError> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let n = u32::try_from(runs.len()).map_err(|_| GpuError::Unsupported {
+            what: "kvs_xxh3 launches of 2^32 runs or more",
+        })?;
+        self.bind()?;
+        let mut args = s.args.lock();
+        let table = args.stage(self, &[bytemuck_runs(runs)])?;
+        // One CTA per run (grid-stride beyond 16 CTAs per multiprocessor).
+        let grid = n.min(self.info.multiprocessors * 16).max(1);
+        let mut launch = s.stream.launch_builder(&self.xxh3);
+        launch.arg(&table[0]).arg(&n).arg(&out);
+        // SAFETY: the table is in mapped pinned memory held until the fence
+        // below completes; the runs and `out` are the caller's contract.
+        unsafe { launch.launch(config(grid)) }.map_err(driver("cuLaunchKernel"))?;
+        args.launched(self.record(s, false)?);
+        Ok(())
+    }
+
+    /// Makes later work on `s` wait for `event` (`cuStreamWaitEvent`).
+    pub(crate) fn wait_event(&self, s: &CudaStreamState, event: &Event) -> Result<(), GpuError> {
+        self.bind()?;
+        // SAFETY: a live stream and event of this context.
+        unsafe { sys::cuStreamWaitEvent(s.stream.cu_stream(), event.ev, 0) }
+            .result()
+            .map_err(driver("cuStreamWaitEvent"))
+    }
+
     pub(crate) fn record(&self, s: &CudaStreamState, timed: bool) -> Result<Event, GpuError> {
         self.bind()?;
         let flags = if timed {
@@ -380,6 +432,11 @@ fn config(grid: u32) -> LaunchConfig {
 fn bytemuck_ops(ops: &[CopyOp]) -> &[u8] {
     // SAFETY: CopyOp is repr(C), three u64s, no padding.
     unsafe { std::slice::from_raw_parts(ops.as_ptr().cast::<u8>(), std::mem::size_of_val(ops)) }
+}
+
+fn bytemuck_runs(runs: &[HashRun]) -> &[u8] {
+    // SAFETY: HashRun is repr(C), two u64s, no padding.
+    unsafe { std::slice::from_raw_parts(runs.as_ptr().cast::<u8>(), std::mem::size_of_val(runs)) }
 }
 
 /// Kernel parameter block of `kvs_gather` / `kvs_scatter` (struct KvsPaged).

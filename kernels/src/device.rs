@@ -21,6 +21,7 @@ use crate::cuda::{CudaDevice, CudaStreamState};
 use crate::error::GpuError;
 use crate::layout::PagedGeometry;
 use crate::reference::{self, CopyOp};
+use crate::xxh3::HashRun;
 
 /// Which backend a [`Gpu`] runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -437,14 +438,17 @@ impl GpuStream {
         }
     }
 
-    /// Copies runs, each by the cheaper path: runs of at least
-    /// `dma_threshold` bytes with DMA, the rest in one batched-kernel launch.
+    /// Copies runs, each by the cheaper path: runs that continue each other
+    /// on both sides are merged first ([`reference::coalesce`]), then runs
+    /// of at least `dma_threshold` bytes go with DMA, the rest in one
+    /// batched-kernel launch.
     ///
     /// # Safety
     /// As [`GpuStream::batched_copy`].
     pub unsafe fn copy_blocks(&self, ops: &[CopyOp], dma_threshold: u64) -> Result<(), GpuError> {
-        let (large, small): (Vec<CopyOp>, Vec<CopyOp>) =
-            ops.iter().partition(|op| op.len >= dma_threshold);
+        let (large, small): (Vec<CopyOp>, Vec<CopyOp>) = reference::coalesce(ops)
+            .into_iter()
+            .partition(|op| op.len >= dma_threshold);
         for op in &large {
             // SAFETY: the caller's contract.
             unsafe { self.copy(op.dst, op.src, op.len)? };
@@ -542,6 +546,39 @@ impl GpuStream {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// xxh3-64 (seed 0, default secret) of every run, written as
+    /// little-endian u64s at `out` (`out + 8 * i` for run `i`), in one
+    /// `kvs_xxh3` launch.
+    ///
+    /// # Safety
+    /// Every run must be readable device-reachable memory, and
+    /// `out..out + 8 * runs.len()` writable device-reachable memory, until a
+    /// fence recorded after this completes; nothing may write the runs
+    /// meanwhile.
+    pub unsafe fn xxh3(&self, runs: &[HashRun], out: u64) -> Result<(), GpuError> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        match self.cuda() {
+            // SAFETY: the caller's contract.
+            Some((d, s)) => unsafe { d.xxh3(s, runs, out) },
+            None => {
+                // SAFETY: the caller's contract.
+                unsafe { crate::xxh3::xxh3_raw(runs, out) };
+                Ok(())
+            }
+        }
+    }
+
+    /// Makes everything queued on this stream from now on wait until
+    /// `fence` (of any stream of this device) has completed.
+    pub fn wait_for(&self, fence: &Fence) -> Result<(), GpuError> {
+        match (self.cuda(), &fence.event) {
+            (Some((d, s)), Some(e)) => d.wait_event(s, e),
+            _ => Ok(()),
         }
     }
 

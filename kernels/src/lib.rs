@@ -7,6 +7,8 @@
 //! - [`reference`]: the CPU references (batched copy, gather, scatter); CI
 //!   tests them against naive loops, the GPU checks compare the kernels with
 //!   them.
+//! - [`xxh3`]: xxh3-64 of blocks on the device (the HBM tier's demotion
+//!   check) and its CPU reference.
 //! - [`Gpu`]: a device with two backends, CUDA and CPU, behind one API
 //!   (memory, streams, fences, kernels, CUDA IPC). Without a GPU everything
 //!   runs on the CPU backend with the same results.
@@ -21,6 +23,7 @@ mod device;
 mod error;
 pub mod layout;
 pub mod reference;
+pub mod xxh3;
 
 pub use device::{
     Backend, DEFAULT_DMA_THRESHOLD, DeviceBuffer, DeviceInfo, Fence, Gpu, GpuStream, IpcHandle,
@@ -29,3 +32,4 @@ pub use device::{
 pub use error::GpuError;
 pub use layout::{ChunkCopy, GeometryError, PageLayout, PagedGeometry};
 pub use reference::{CopyOp, CopyTableError};
+pub use xxh3::HashRun;

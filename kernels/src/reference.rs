@@ -44,6 +44,27 @@ pub fn batched_copy(src: &[u8], dst: &mut [u8], table: &[CopyOp]) -> Result<(), 
     Ok(())
 }
 
+/// `ops` with every run that continues the one before it on both sides
+/// (its source and its destination start where the previous run's end)
+/// merged into that run, in order. Copying the result copies the same bytes
+/// to the same places; blocks that lie side by side in both memories then
+/// move as one long run (a single DMA above the threshold).
+pub fn coalesce(ops: &[CopyOp]) -> Vec<CopyOp> {
+    let mut out: Vec<CopyOp> = Vec::with_capacity(ops.len());
+    for op in ops.iter().filter(|op| op.len > 0) {
+        match out.last_mut() {
+            Some(last)
+                if last.src.checked_add(last.len) == Some(op.src)
+                    && last.dst.checked_add(last.len) == Some(op.dst) =>
+            {
+                last.len += op.len;
+            }
+            _ => out.push(*op),
+        }
+    }
+    out
+}
+
 fn check_blocks(
     geometry: &PagedGeometry,
     pages_per_block: u32,
@@ -181,6 +202,46 @@ mod tests {
             batched_copy(&src, &mut dst, &table).unwrap();
             assert_eq!(dst, want);
         }
+    }
+
+    #[test]
+    fn coalesce_merges_runs_adjacent_on_both_sides_only() {
+        let op = |src, dst, len| CopyOp { src, dst, len };
+        let ops = [
+            op(0, 1000, 10),
+            op(10, 1010, 5),  // continues both sides: merged
+            op(15, 2000, 5),  // source continues, destination does not
+            op(20, 2005, 0),  // empty: dropped
+            op(20, 2005, 7),  // continues the previous
+            op(100, 2012, 3), // destination continues, source does not
+            op(50, 500, 4),
+        ];
+        assert_eq!(
+            coalesce(&ops),
+            vec![
+                op(0, 1000, 15),
+                op(15, 2000, 12),
+                op(100, 2012, 3),
+                op(50, 500, 4)
+            ]
+        );
+        // Same bytes to the same places as the runs one by one.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let src = random_bytes(&mut rng, 4096);
+        let mut table = Vec::new();
+        let (mut s, mut d) = (0u64, 0u64);
+        while s < 4000 {
+            let len = rng.random_range(0..64u64);
+            table.push(op(s, d, len));
+            s += len + u64::from(rng.random_bool(0.3));
+            d += len + u64::from(rng.random_bool(0.3));
+        }
+        let (mut a, mut b) = (vec![9u8; 8192], vec![9u8; 8192]);
+        batched_copy(&src, &mut a, &table).unwrap();
+        let merged = coalesce(&table);
+        assert!(merged.len() < table.len());
+        batched_copy(&src, &mut b, &merged).unwrap();
+        assert_eq!(a, b);
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! `nvidia-cuda-nvrtc` wheel, see the Makefile) through `KVSTRATA_NVRTC_DIR`,
 //! so a syntax error in `kernels/cuda/` fails CI, not the GPU machine.
 
-use kvstrata_kernels::cuda::{BATCHED_COPY_SOURCE, PAGED_SOURCE, compile, nvrtc_library_present};
+use kvstrata_kernels::cuda::{
+    BATCHED_COPY_SOURCE, PAGED_SOURCE, XXH3_SOURCE, compile, nvrtc_library_present,
+};
 
 /// Loads libnvrtc from `KVSTRATA_NVRTC_DIR` (once loaded, the loader finds it
 /// by its soname when cudarc asks for it).
@@ -39,6 +41,7 @@ fn every_kernel_compiles_with_nvrtc() {
                 &["kvs_batched_copy"][..],
             ),
             ("paged.cu", PAGED_SOURCE, &["kvs_gather", "kvs_scatter"][..]),
+            ("xxh3.cu", XXH3_SOURCE, &["kvs_xxh3"][..]),
         ] {
             let ptx = compile(name, src, cc).unwrap_or_else(|e| panic!("{name} for {cc:?}: {e}"));
             for k in kernels {
@@ -47,9 +50,15 @@ fn every_kernel_compiles_with_nvrtc() {
                     "{name}: no entry {k} in the PTX"
                 );
             }
-            // 16-byte accesses in the copy loops.
+            // 16-byte accesses in the copy loops; xxh3 reads its chunks
+            // through the read-only path (`__ldg`).
+            let wide = if name == "xxh3.cu" {
+                &["ld.global.nc.v4.u32"][..]
+            } else {
+                &["ld.global.v4.u32", "ld.v4.u32"][..]
+            };
             assert!(
-                ptx.contains("ld.global.v4.u32") || ptx.contains("ld.v4.u32"),
+                wide.iter().any(|w| ptx.contains(w)),
                 "{name}: no 16-byte loads"
             );
         }

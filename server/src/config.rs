@@ -357,9 +357,13 @@ pub struct GpuConfig {
     #[serde(with = "crate::size")]
     pub hbm_bytes: ByteSize,
     /// Copies at least this long use DMA (`cuMemcpyAsync`), shorter ones the
-    /// batched kernel. Default 1 MiB.
+    /// batched kernel. Default 4 MiB.
     #[serde(with = "crate::size")]
     pub dma_threshold: ByteSize,
+    /// Bytes of blocks moved between the HBM tier and the host tier per
+    /// launch and fence (four such groups stay queued). Default 64 MiB.
+    #[serde(with = "crate::size")]
+    pub move_group_bytes: ByteSize,
     /// Unix socket (mode 0600) where engines register their KV memory (a CUDA
     /// IPC handle, or a memfd without a GPU) for `KvPages` requests. Empty: off. Default off.
     pub region_socket: String,
@@ -377,6 +381,7 @@ impl Default for GpuConfig {
             devices: vec![0],
             hbm_bytes: ByteSize::gib(8),
             dma_threshold: ByteSize::b(kvstrata_kernels::DEFAULT_DMA_THRESHOLD),
+            move_group_bytes: ByteSize::b(kvstrata_tiers::DEFAULT_MOVE_GROUP_BYTES),
             region_socket: String::new(),
             max_regions: 64,
             max_region_bytes: ByteSize::tib(1),
@@ -578,6 +583,9 @@ pub struct ServeArgs {
     /// gpu.dma_threshold: copies at least this long use DMA instead of the batched kernel.
     #[arg(long, env = "KVSTRATA_GPU_DMA_THRESHOLD")]
     pub gpu_dma_threshold: Option<ByteSize>,
+    /// gpu.move_group_bytes: bytes of blocks moved between the HBM and host tiers per launch.
+    #[arg(long, env = "KVSTRATA_GPU_MOVE_GROUP_BYTES")]
+    pub gpu_move_group_bytes: Option<ByteSize>,
     /// gpu.region_socket: Unix socket where engines register their paged KV memory (CUDA IPC or memfd).
     #[arg(long, env = "KVSTRATA_KV_REGION_SOCKET")]
     pub kv_region_socket: Option<String>,
@@ -735,6 +743,9 @@ impl Config {
         if let Some(v) = args.gpu_dma_threshold {
             g.dma_threshold = v;
         }
+        if let Some(v) = args.gpu_move_group_bytes {
+            g.move_group_bytes = v;
+        }
         if let Some(v) = &args.kv_region_socket {
             g.region_socket = socket_path(v);
         }
@@ -884,6 +895,9 @@ impl Config {
         }
         if self.gpu.dma_threshold.as_u64() == 0 {
             return bad("gpu.dma_threshold", "must be at least 1 byte".into());
+        }
+        if self.gpu.move_group_bytes.as_u64() == 0 {
+            return bad("gpu.move_group_bytes", "must be at least 1 byte".into());
         }
         if !self.sglang.socket.is_empty() && self.sglang.socket == self.shm.mempool_socket {
             return bad(

@@ -99,6 +99,7 @@ impl Daemon {
             cache_config.hbm = Some(kvstrata_tiers::HbmTierConfig {
                 capacity_bytes: config.gpu.hbm_bytes.as_u64(),
                 dma_threshold: config.gpu.dma_threshold.as_u64(),
+                move_group_bytes: config.gpu.move_group_bytes.as_u64(),
                 ..Default::default()
             });
         }

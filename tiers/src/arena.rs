@@ -10,7 +10,8 @@
 //! lives under the owning tier's metadata lock. Bytes are moved through
 //! [`Region`] outside that lock.
 
-use std::collections::{BTreeSet, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::io;
 
 use kvstrata_kernels::PinnedBuffer;
@@ -136,7 +137,8 @@ impl Region {
 struct Segment {
     /// Slot size of the class this segment serves; 0 while unassigned.
     slot_bytes: usize,
-    free: Vec<u32>,
+    /// Free slots, lowest first.
+    free: BinaryHeap<Reverse<u32>>,
     live: u32,
 }
 
@@ -152,7 +154,8 @@ struct Class {
 pub struct SlotArena {
     segment_bytes: usize,
     segments: Vec<Segment>,
-    free_segments: Vec<u32>,
+    /// Unassigned segments, lowest first.
+    free_segments: BinaryHeap<Reverse<u32>>,
     classes: HashMap<usize, Class>,
     used_bytes: u64,
 }
@@ -170,7 +173,7 @@ impl SlotArena {
             segment_bytes -= segment_bytes % SEGMENT_ALIGN;
         }
         let segments = (0..count).map(|_| Segment::default()).collect();
-        let free_segments = (0..count as u32).rev().collect();
+        let free_segments = (0..count as u32).map(Reverse).collect();
         let arena = SlotArena {
             segment_bytes,
             segments,
@@ -202,7 +205,10 @@ impl SlotArena {
     }
 
     /// Takes a free slot of `slot_bytes`, assigning a free segment to the class
-    /// if needed. `None` when the class is full and no segment is free.
+    /// if needed. The lowest free slot of the lowest partial segment goes
+    /// first (and the lowest free segment), so blocks allocated together lie
+    /// side by side whenever the arena allows, and their copies between
+    /// tiers coalesce into long runs. `None` when the class is full and no segment is free.
     pub fn alloc(&mut self, slot_bytes: usize) -> Option<SlotRef> {
         if slot_bytes == 0 || slot_bytes > self.segment_bytes {
             return None;
@@ -214,11 +220,11 @@ impl SlotArena {
         {
             Some(s) => s,
             None => {
-                let s = self.free_segments.pop()?;
+                let Reverse(s) = self.free_segments.pop()?;
                 let seg = &mut self.segments[s as usize];
                 let n = (self.segment_bytes / slot_bytes) as u32;
                 seg.slot_bytes = slot_bytes;
-                seg.free = (0..n).rev().collect();
+                seg.free = (0..n).map(Reverse).collect();
                 seg.live = 0;
                 let class = self.classes.entry(slot_bytes).or_default();
                 class.partial.insert(s);
@@ -227,7 +233,7 @@ impl SlotArena {
             }
         };
         let seg = &mut self.segments[seg_id as usize];
-        let index = seg.free.pop()?;
+        let Reverse(index) = seg.free.pop()?;
         seg.live += 1;
         if seg.free.is_empty()
             && let Some(class) = self.classes.get_mut(&slot_bytes)
@@ -246,14 +252,14 @@ impl SlotArena {
         let seg = &mut self.segments[slot.segment as usize];
         let slot_bytes = seg.slot_bytes;
         debug_assert!(slot_bytes > 0 && seg.live > 0);
-        seg.free.push(slot.index);
+        seg.free.push(Reverse(slot.index));
         seg.live -= 1;
         self.used_bytes -= slot_bytes as u64;
         let now_empty = seg.live == 0;
         if now_empty {
-            seg.free = Vec::new();
+            seg.free = BinaryHeap::new();
             seg.slot_bytes = 0;
-            self.free_segments.push(slot.segment);
+            self.free_segments.push(Reverse(slot.segment));
         }
         if let Some(class) = self.classes.get_mut(&slot_bytes) {
             if now_empty {
@@ -337,8 +343,8 @@ impl SlotArena {
         for (&seg_id, bits) in &taken {
             let seg = &mut self.segments[seg_id as usize];
             seg.free = (0..bits.len() as u32)
-                .rev()
                 .filter(|&i| !bits[i as usize])
+                .map(Reverse)
                 .collect();
             let class = self.classes.entry(seg.slot_bytes).or_default();
             class.segments += 1;
@@ -348,8 +354,8 @@ impl SlotArena {
         }
         let segments = &self.segments;
         self.free_segments = (0..segments.len() as u32)
-            .rev()
             .filter(|&s| segments[s as usize].slot_bytes == 0)
+            .map(Reverse)
             .collect();
         rejected
     }
@@ -373,6 +379,36 @@ mod tests {
         assert!(offs.iter().all(|o| o + 4096 <= len));
         a.free(slots[3]);
         assert_eq!(a.alloc(4096), Some(slots[3]));
+    }
+
+    #[test]
+    fn lowest_free_slot_goes_first_so_neighbours_stay_adjacent() {
+        let (mut a, _) = SlotArena::new(3 * 8 * 4096, 8 * 4096);
+        let slots: Vec<_> = (0..24).map(|_| a.alloc(4096).unwrap()).collect();
+        let offs: Vec<_> = slots.iter().map(|s| a.offset(*s)).collect();
+        assert!(offs.windows(2).all(|w| w[1] == w[0] + 4096), "{offs:?}");
+        // Freed in an arbitrary order, the slots come back lowest first:
+        // allocated together, they lie side by side again.
+        for i in [5, 1, 17, 3, 2, 16, 4, 18] {
+            a.free(slots[i]);
+        }
+        let again: Vec<_> = (0..8)
+            .map(|_| {
+                let s = a.alloc(4096).unwrap();
+                a.offset(s)
+            })
+            .collect();
+        let want: Vec<_> = [1, 2, 3, 4, 5, 16, 17, 18]
+            .iter()
+            .map(|&i| offs[i])
+            .collect();
+        assert_eq!(again, want);
+        // Emptied segments return to the pool and are reassigned lowest first.
+        for s in &slots[8..24] {
+            a.free(*s);
+        }
+        let next = a.alloc(8192).unwrap();
+        assert_eq!(a.offset(next), 8 * 4096);
     }
 
     #[test]

@@ -816,8 +816,9 @@ impl BlockCache {
         let addrs: Vec<u64> = slots.iter().map(DeviceSlot::addr).collect();
         fill(&addrs).map_err(DevicePutError::Fill)?;
 
-        // Checksums of the T0 slots, read back through pinned memory; their
-        // bytes are kept when a write-through policy needs them.
+        // Checksums of the T0 slots: hashed on the device, or read back
+        // through pinned memory when a write-through policy needs their
+        // bytes (kept) or the device cannot hash.
         let remote_wt = self
             .remote
             .as_ref()
@@ -831,17 +832,37 @@ impl BlockCache {
                 .filter(|&i| matches!(slots[i], DeviceSlot::Hbm(_)))
                 .collect();
             let hbm_addrs: Vec<u64> = at.iter().map(|&i| addrs[i]).collect();
-            h.read_back(&hbm_addrs, len, |first, blocks| {
-                // Hashed in parallel: a staging buffer holds many blocks.
-                let sums: Vec<u64> = blocks.par_iter().map(|b| xxh3_64(b)).collect();
-                for (j, (bytes, sum)) in blocks.iter().zip(sums).enumerate() {
-                    checksums[at[first + j]] = Some(sum);
-                    if keep {
-                        copies[at[first + j]] = Some(Bytes::copy_from_slice(bytes));
+            // Without a write-through the bytes stay on the device: hashed
+            // there, nothing is read back.
+            let on_device = match keep {
+                true => None,
+                false => match h.hash_on_device(&hbm_addrs, len) {
+                    Ok(sums) => Some(sums),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "hbm tier: device hashing failed; reading the blocks back to hash them");
+                        None
+                    }
+                },
+            };
+            match on_device {
+                Some(sums) => {
+                    for (&i, sum) in at.iter().zip(sums) {
+                        checksums[i] = Some(sum);
                     }
                 }
-            })
-            .map_err(|e| CacheError::device("items", &e))?;
+                None => h
+                    .read_back(&hbm_addrs, len, |first, blocks| {
+                        // Hashed in parallel: a staging buffer holds many blocks.
+                        let sums: Vec<u64> = blocks.par_iter().map(|b| xxh3_64(b)).collect();
+                        for (j, (bytes, sum)) in blocks.iter().zip(sums).enumerate() {
+                            checksums[at[first + j]] = Some(sum);
+                            if keep {
+                                copies[at[first + j]] = Some(Bytes::copy_from_slice(bytes));
+                            }
+                        }
+                    })
+                    .map_err(|e| CacheError::device("items", &e))?,
+            }
         }
 
         let mut out = Vec::with_capacity(items.len());
@@ -928,23 +949,43 @@ impl BlockCache {
         // reuses these reads.
         let mut host_reads: Vec<HostRead> = Vec::new();
         let mut missed: Vec<usize> = Vec::new();
-        for (i, k) in keys.iter().enumerate() {
-            if let Some(read) = hbm.and_then(|h| h.acquire(ns, k)) {
-                addrs[i] = Some((read.addr(), TierKind::Hbm));
-                hbm_reads.push(read);
-                continue;
+        // One lock per tier for the whole batch: HBM first, then the host
+        // tier for the rest (each stripe's epoch read before its block).
+        let mut in_host: Vec<usize> = Vec::new();
+        match hbm {
+            Some(h) => {
+                for (i, read) in h.acquire_many(ns, keys).into_iter().enumerate() {
+                    match read {
+                        Some(read) => {
+                            addrs[i] = Some((read.addr(), TierKind::Hbm));
+                            hbm_reads.push(read);
+                        }
+                        None => in_host.push(i),
+                    }
+                }
             }
-            let epoch = promote_to.map(|_| *self.stripe(ns, k).lock());
-            if let Some((bytes, meta)) = self.host.get_with_meta(ns, k)
+            None => in_host.extend(0..keys.len()),
+        }
+        let epochs: Vec<u64> = match promote_to {
+            Some(_) => in_host
+                .iter()
+                .map(|&i| *self.stripe(ns, &keys[i]).lock())
+                .collect(),
+            None => vec![0; in_host.len()],
+        };
+        let host_keys: Vec<BlockKey> = in_host.iter().map(|&i| keys[i]).collect();
+        let found = self.host.get_many_with_meta(ns, &host_keys);
+        for ((&i, epoch), hit) in in_host.iter().zip(epochs).zip(found) {
+            if let Some((bytes, meta)) = hit
                 && let Some(addr) = self.host.device_addr(&bytes)
             {
                 addrs[i] = Some((addr, TierKind::Host));
                 host_reads.push(HostRead {
-                    key: *k,
+                    key: keys[i],
                     bytes,
                     parent: meta.parent,
                     checksum: meta.checksum,
-                    epoch: epoch.unwrap_or(0),
+                    epoch,
                 });
                 continue;
             }

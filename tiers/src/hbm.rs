@@ -12,9 +12,10 @@
 //!
 //! # Streams
 //!
-//! Three streams per device: *promotion* (host→device: [`Tier::put`] and
-//! [`HbmTier::copy_in`]), *demotion* (device→host copies of victims) and
-//! *read* (device→host copies of [`Tier::get`] and checksum read-backs).
+//! Four streams per device: *promotion* (host→device: [`Tier::put`] and
+//! [`HbmTier::copy_in`]), *demotion* (device→host copies of victims),
+//! *hash* (the device's checks of the victims' bytes) and *read*
+//! (device→host copies of [`Tier::get`] and checksum read-backs).
 //! Every copy is followed by a [`Fence`]; no slot is written, freed or
 //! reused while a copy that touches it is queued.
 //!
@@ -23,7 +24,7 @@
 //! When a size class has no free slot, victims are chosen by the shared
 //! policy and *drained*: each gets a host-tier slot ([`HostTier::reserve`])
 //! and a device→host copy on the demotion stream, and waits in the
-//! `draining` list. Drains move in groups of `move_group_bytes` (16 MiB by
+//! `draining` list. Drains move in groups of `move_group_bytes` (64 MiB by
 //! default): one batched-copy launch and one fence per group.
 //! [`HbmTier::demote_many`] (the cache's `evict`) keeps a few groups queued
 //! and reaps each as it completes, so hashing one group overlaps the copies
@@ -34,11 +35,23 @@
 //! is the only way to get room; it chooses new victims only when nothing is
 //! draining, so it never evicts more than it needs.
 //!
-//! Reaping drains, under this tier's lock: the host copies of every
-//! completed drain are hashed in parallel (rayon); then, for each, if the
+//! Each group's sources are checked on the device while they copy: a
+//! `kvs_xxh3` launch on the *hash* stream hashes every source slot in HBM
+//! (at HBM speed, beside the PCIe-bound copy) into a pinned buffer, and the
+//! group's fence waits for it. The host's memory bandwidth goes to the copy
+//! alone; hashing the host copies on the CPU instead ran at 50-60 GB/s with
+//! the copies landing in the same memory, slower than PCIe
+//! (docs/benchmarks.md). A copy that completes without a device error is
+//! exact (the fence reports any error, and the group is then dropped), so a
+//! host copy of a source that hashes to the recorded checksum is the block.
+//! Where the device cannot hash (the launch fails), the host copies are
+//! hashed on the CPU (rayon), as before.
+//!
+//! Reaping drains, under this tier's lock: for each completed drain, if the
 //! block is still the live one and unpinned, its host slot is published if
-//! its hash equals the checksum recorded at put (a copy whose bytes hash otherwise is dropped and counted, never
-//! served), then the block leaves T0. A block deleted or replaced meanwhile
+//! its hash equals the checksum recorded at put (a block whose bytes hash
+//! otherwise, or whose copy failed, is dropped and counted, never served),
+//! then the block leaves T0. A block deleted or replaced meanwhile
 //! is not published (its host slot is freed), so a demotion never lands
 //! after, and overwrites, a newer put: the cache removes T0 copies of a key
 //! before it writes the host tier, and that removal takes this same lock. A
@@ -70,7 +83,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use kvstrata_kernels::{
-    CopyOp, DEFAULT_DMA_THRESHOLD, DeviceBuffer, Fence, Gpu, GpuError, GpuStream, PinnedBuffer,
+    CopyOp, DEFAULT_DMA_THRESHOLD, DeviceBuffer, Fence, Gpu, GpuError, GpuStream, HashRun,
+    PinnedBuffer,
 };
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use rayon::prelude::*;
@@ -87,24 +101,37 @@ use crate::tier::{
     TierStats,
 };
 
-/// Default of [`HbmTierConfig::move_group_bytes`]: large enough that a
-/// fence's cost vanishes beside the copy (16 MiB take about 0.3 ms over
-/// PCIe Gen5), small enough that hashing one group overlaps the copy of the
-/// next.
-pub const DEFAULT_MOVE_GROUP_BYTES: u64 = 16 << 20;
+/// Default of [`HbmTierConfig::move_group_bytes`]: large enough that the
+/// work per group (a fence, a launch, publishing) vanishes beside its copy
+/// (64 MiB take about 1.2 ms over PCIe Gen5). Measured on an H200
+/// (docs/benchmarks.md): promotion reached 0.84 of the pinned-copy ceiling
+/// with 16 MiB groups and 0.94 with 64 MiB; demotion 0.94 with either.
+pub const DEFAULT_MOVE_GROUP_BYTES: u64 = 64 << 20;
 
 /// Groups a batched move keeps queued on its stream at once: the copies of
 /// the others run while the CPU finishes (hashes, publishes) one.
 const MOVE_WINDOW: usize = 4;
 
-/// xxh3-64 of every drain's host copy, in parallel on rayon's pool.
-fn hash_host_copies(drains: &[Drain]) -> Vec<u64> {
-    if drains.len() > 1 {
-        let slices: Vec<&[u8]> = drains.iter().map(|d| d.host.as_slice()).collect();
-        slices.par_iter().map(|s| xxh3_64(s)).collect()
+/// What each completed drain's bytes hash to, to compare with the checksum
+/// recorded at put: the device's hash of its source ([`DrainGroup`]), or,
+/// for a group the device could not hash, xxh3-64 of its host copy, in
+/// parallel on rayon's pool. `None` for a drain whose copy failed.
+fn checked_hashes(drains: &[Drain]) -> Vec<Option<u64>> {
+    let on_host = |d: &Drain| match d.group.device_hash(d.member) {
+        Some(h) => Some(h),
+        None => Some(xxh3_64(d.host.as_slice())),
+    };
+    let hash = |d: &Drain| if d.group.copied() { on_host(d) } else { None };
+    if drains.iter().filter(|d| d.group.hashes.is_none()).count() > 1 {
+        drains.par_iter().map(hash).collect()
     } else {
-        drains.iter().map(|d| xxh3_64(d.host.as_slice())).collect()
+        drains.iter().map(hash).collect()
     }
+}
+
+/// Whether some completed drain needs its host copy hashed on the CPU.
+fn needs_host_hashing(drains: &[Drain]) -> bool {
+    drains.iter().any(|d| d.group.hashes.is_none())
 }
 
 /// How many of `ids` (from the front) make one move group of about
@@ -202,7 +229,61 @@ struct Drain {
     /// The entry's incarnation (entry ids are reused).
     incarnation: u64,
     host: HostSlot,
-    fence: Arc<Fence>,
+    /// The launch it belongs to, and its position there.
+    group: Arc<DrainGroup>,
+    member: usize,
+}
+
+/// A block joining a demotion group.
+struct GroupMember {
+    id: usize,
+    incarnation: u64,
+    host: HostSlot,
+    /// Recorded at put.
+    checksum: u64,
+}
+
+/// One launch of drains: the fence after their copies and the device's
+/// hashes of their sources.
+struct DrainGroup {
+    /// Completes after the copies and the hashes.
+    fence: Fence,
+    /// xxh3-64 of each member's source in device memory (`kvs_xxh3` on the
+    /// hash stream), a little-endian u64 per member in group order, each
+    /// poisoned with the complement of the recorded checksum before the
+    /// launch. `None` when the hash could not be launched: the host copies
+    /// are hashed on the CPU instead.
+    hashes: Option<PinnedBuffer>,
+    /// Where `hashes` goes back when the group is done.
+    pool: Arc<Mutex<Vec<PinnedBuffer>>>,
+}
+
+impl DrainGroup {
+    /// Whether the group's copies (and hashes) completed without a device
+    /// error. Call once the fence is done.
+    fn copied(&self) -> bool {
+        match self.fence.wait() {
+            Ok(()) => true,
+            Err(e) => {
+                gpu_failed("demotion copy", &e);
+                false
+            }
+        }
+    }
+
+    /// The device's hash of member `i`'s source, once the fence is done.
+    fn device_hash(&self, i: usize) -> Option<u64> {
+        let bytes = self.hashes.as_ref()?.as_slice().get(8 * i..8 * i + 8)?;
+        Some(u64::from_le_bytes(bytes.try_into().ok()?))
+    }
+}
+
+impl Drop for DrainGroup {
+    fn drop(&mut self) {
+        if let Some(buf) = self.hashes.take() {
+            self.pool.lock().push(buf);
+        }
+    }
 }
 
 struct Meta {
@@ -224,8 +305,15 @@ struct Inner {
     host: Option<HostTier>,
     promote_stream: GpuStream,
     demote_stream: GpuStream,
+    /// Hashes the sources of each demotion group while the demotion stream
+    /// copies them.
+    hash_stream: GpuStream,
     read_stream: GpuStream,
     staging: Mutex<Option<PinnedBuffer>>,
+    /// Pinned buffers the device writes demotion hashes into, for reuse.
+    hash_buffers: Arc<Mutex<Vec<PinnedBuffer>>>,
+    /// Whether a failed device hash has been logged (once).
+    hash_fallback_logged: std::sync::atomic::AtomicBool,
     counters: TierCounters,
     moves: MoveCounters,
     events: Arc<EventBus>,
@@ -271,6 +359,7 @@ impl HbmTier {
             inner: Arc::new(Inner {
                 promote_stream: gpu.stream()?,
                 demote_stream: gpu.stream()?,
+                hash_stream: gpu.stream()?,
                 read_stream: gpu.stream()?,
                 gpu,
                 device,
@@ -283,6 +372,8 @@ impl HbmTier {
                 reaped: Condvar::new(),
                 host,
                 staging: Mutex::new(None),
+                hash_buffers: Arc::new(Mutex::new(Vec::new())),
+                hash_fallback_logged: std::sync::atomic::AtomicBool::new(false),
                 counters: TierCounters::default(),
                 moves: MoveCounters::default(),
                 events,
@@ -423,10 +514,12 @@ impl HbmTier {
     /// the copies already queued. Each group's `(tag, filled slot)` pairs go
     /// to `done` as soon as its copies completed, unpublished (the slot is
     /// `None` where none could be reserved or the copy failed), so the
-    /// caller publishes one group while the next ones copy. Slots reserved
-    /// by the call are nobody's victims, so when the tier cannot hold every
-    /// source the first ones that fit are copied. The bytes are held until
-    /// their group's copies have completed.
+    /// caller publishes one group while the next ones copy. Within a group
+    /// the sources are copied in address order, into slots reserved in that
+    /// order, so neighbours move as one run. Slots reserved by the call are
+    /// nobody's victims, so when the tier cannot hold every source the
+    /// first ones that fit are copied. The bytes are held until their
+    /// group's copies have completed.
     pub fn copy_in<T>(
         &self,
         srcs: impl IntoIterator<Item = (T, Bytes, Option<u64>)>,
@@ -460,15 +553,24 @@ impl HbmTier {
         let mut blocks = 0usize;
         let mut srcs = srcs.into_iter().peekable();
         while srcs.peek().is_some() {
-            let mut group = Vec::new();
-            let mut held = Vec::new();
+            let mut pulled = Vec::new();
             let mut bytes = 0usize;
-            let mut kernel_ops = Vec::new();
-            let mut dma_ops = Vec::new();
-            while group.is_empty() || bytes < group_bytes {
-                let Some((tag, src, src_device)) = srcs.next() else {
+            while pulled.is_empty() || bytes < group_bytes {
+                let Some(src) = srcs.next() else {
                     break;
                 };
+                bytes += src.1.len();
+                pulled.push(src);
+            }
+            // In source order: slots are reserved in that order (lowest free
+            // first), so blocks side by side in host memory land side by
+            // side and move as one run.
+            pulled.sort_by_key(|(_, src, device)| device.unwrap_or(src.as_ptr() as u64));
+            let mut group = Vec::new();
+            let mut held = Vec::new();
+            let mut kernel_ops = Vec::new();
+            let mut dma_ops = Vec::new();
+            for (tag, src, src_device) in pulled {
                 let slot = self.reserve(src.len());
                 if let Some(slot) = &slot {
                     let op = |from: u64| CopyOp {
@@ -481,7 +583,6 @@ impl HbmTier {
                         None => dma_ops.push(op(src.as_ptr() as u64)),
                     }
                 }
-                bytes += src.len();
                 group.push((tag, slot));
                 held.push(src);
             }
@@ -545,40 +646,45 @@ impl HbmTier {
     /// Takes a reader count on a block: its slot keeps its bytes and is not
     /// reused until the returned guard drops. Counts as an access.
     pub fn acquire(&self, ns: &NamespaceId, key: &BlockKey) -> Option<HbmRead> {
+        self.acquire_many(ns, std::slice::from_ref(key))
+            .pop()
+            .flatten()
+    }
+
+    /// [`HbmTier::acquire`] of many keys under one lock, one answer per key.
+    pub fn acquire_many(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Vec<Option<HbmRead>> {
         let inner = &self.inner;
-        let found = {
+        let found: Vec<Option<(usize, usize, usize, u64)>> = {
             let mut meta = inner.meta.lock();
             let index = &mut meta.index;
-            match index.index.get(&(*ns, *key)).copied() {
-                Some(id) => {
+            keys.iter()
+                .map(|key| {
+                    let id = index.index.get(&(*ns, *key)).copied()?;
                     index.touch(id);
-                    let e = index.entries.get_mut(id);
-                    let found = e.map(|e| {
-                        e.readers += 1;
-                        (e.slot, e.len, e.checksum)
-                    });
-                    found.map(|(slot, len, checksum)| (id, index.arena.offset(slot), len, checksum))
-                }
-                None => None,
-            }
+                    let e = index.entries.get_mut(id)?;
+                    e.readers += 1;
+                    let (slot, len, checksum) = (e.slot, e.len, e.checksum);
+                    Some((id, index.arena.offset(slot), len, checksum))
+                })
+                .collect()
         };
-        match found {
-            Some((id, offset, len, checksum)) => {
-                TierCounters::add(&inner.counters.hits, 1);
-                TierCounters::add(&inner.counters.bytes_out, len as u64);
-                Some(HbmRead {
+        let hits = found.iter().flatten().count() as u64;
+        let bytes: usize = found.iter().flatten().map(|f| f.2).sum();
+        TierCounters::add(&inner.counters.hits, hits);
+        TierCounters::add(&inner.counters.misses, found.len() as u64 - hits);
+        TierCounters::add(&inner.counters.bytes_out, bytes as u64);
+        found
+            .into_iter()
+            .map(|f| {
+                f.map(|(id, offset, len, checksum)| HbmRead {
                     inner: Arc::clone(inner),
                     id,
                     addr: inner.memory.ptr() + offset as u64,
                     len,
                     checksum,
                 })
-            }
-            None => {
-                TierCounters::add(&inner.counters.misses, 1);
-                None
-            }
-        }
+            })
+            .collect()
     }
 
     /// Reads device-reachable blocks of `len` bytes each (slots of this tier
@@ -631,6 +737,44 @@ impl HbmTier {
         Ok(())
     }
 
+    /// xxh3-64 of device-reachable blocks of `len` bytes each, computed on
+    /// the device (`kvs_xxh3` on the hash stream) without copying them out:
+    /// the checksums of blocks an engine's kernel wrote into reserved slots.
+    pub fn hash_on_device(&self, addrs: &[u64], len: usize) -> Result<Vec<u64>, GpuError> {
+        if addrs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let inner = &*self.inner;
+        let runs: Vec<HashRun> = addrs
+            .iter()
+            .map(|&addr| HashRun {
+                addr,
+                len: len as u64,
+            })
+            .collect();
+        let buf = inner.hash_buffer(runs.len())?;
+        let hs = &inner.hash_stream;
+        // SAFETY: the blocks are the caller's readable, unchanging memory
+        // until this returns; the buffer is ours until the wait completes.
+        let hashed = unsafe { hs.xxh3(&runs, buf.device_ptr()) }
+            .and_then(|()| hs.record())
+            .and_then(|f| f.wait());
+        if let Err(e) = hashed {
+            // Nothing may still write the buffer when it is reused.
+            let _ = hs.synchronize();
+            inner.hash_buffers.lock().push(buf);
+            return Err(e);
+        }
+        let sums = buf
+            .as_slice()
+            .chunks_exact(8)
+            .take(runs.len())
+            .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+            .collect();
+        inner.hash_buffers.lock().push(buf);
+        Ok(sums)
+    }
+
     /// Demotes one block to the host tier now: [`HbmTier::demote_many`] of
     /// one key.
     pub fn demote(&self, ns: &NamespaceId, key: &BlockKey) -> RemoveOutcome {
@@ -670,6 +814,18 @@ impl HbmTier {
                     start.push(id);
                 }
             }
+            // In the order the blocks lie in HBM: their host slots are
+            // reserved in that order (lowest free first), so neighbours on
+            // both sides move as one run ([`GpuStream::copy_blocks`]).
+            {
+                let index = &meta.index;
+                start.sort_by_cached_key(|&id| {
+                    index
+                        .entries
+                        .get(id)
+                        .map_or(usize::MAX, |e| index.arena.offset(e.slot))
+                });
+            }
             // Keep MOVE_WINDOW groups of ours queued on the demotion stream.
             // Each completed batch is taken off the queue and hashed on
             // rayon's pool while this thread launches the next group and
@@ -680,7 +836,7 @@ impl HbmTier {
             let window = MOVE_WINDOW * group_bytes;
             let lanes = rayon::current_num_threads();
             let mut pending: &[usize] = &start;
-            let mut hashed: Vec<(Drain, u64)> = Vec::new();
+            let mut hashed: Vec<(Drain, Option<u64>)> = Vec::new();
             let began = std::time::Instant::now();
             let mut launching = std::time::Duration::ZERO;
             let mut publishing = std::time::Duration::ZERO;
@@ -688,14 +844,23 @@ impl HbmTier {
             let mut copy_waits = std::time::Duration::ZERO;
             loop {
                 let batch = inner.take_completed(&mut meta);
-                let hashing = (!batch.is_empty()).then(|| {
+                // Device-hashed groups are checked here at once; host copies
+                // are hashed as a rayon job.
+                let mut hashing = None;
+                if needs_host_hashing(&batch) {
                     let (tx, rx) = crossbeam_channel::bounded(1);
                     rayon::spawn(move || {
-                        let hashes = hash_host_copies(&batch);
+                        let hashes = checked_hashes(&batch);
                         let _ = tx.send((batch, hashes));
                     });
-                    rx
-                });
+                    hashing = Some(rx);
+                } else if !batch.is_empty() {
+                    let hashes = checked_hashes(&batch);
+                    let t = std::time::Instant::now();
+                    inner.finish_taken(&mut meta, std::mem::take(&mut hashed), &mut events);
+                    publishing += t.elapsed();
+                    hashed = batch.into_iter().zip(hashes).collect();
+                }
                 let t = std::time::Instant::now();
                 let mut in_flight: usize = meta
                     .draining
@@ -729,13 +894,11 @@ impl HbmTier {
                     .draining
                     .iter()
                     .find(|d| ours.contains(&(d.id, d.incarnation)))
-                    .map(|d| Arc::clone(&d.fence));
-                if let Some(fence) = fence {
-                    if let Err(e) = MutexGuard::unlocked(&mut meta, || fence.wait()) {
-                        // A failed copy reads as done; its drain is checked
-                        // by checksum.
-                        gpu_failed("demotion copy", &e);
-                    }
+                    .map(|d| Arc::clone(&d.group));
+                if let Some(group) = fence {
+                    // A failed copy reads as done; its group says so when it
+                    // is finished.
+                    let _ = MutexGuard::unlocked(&mut meta, || group.fence.wait());
                     copy_waits += t.elapsed();
                     continue;
                 }
@@ -786,7 +949,7 @@ impl Inner {
         if done.is_empty() {
             return;
         }
-        let hashes = hash_host_copies(&done);
+        let hashes = checked_hashes(&done);
         self.finish_taken(meta, done.into_iter().zip(hashes).collect(), events);
     }
 
@@ -794,7 +957,11 @@ impl Inner {
     /// first; they count as `reaping` until [`Inner::finish_taken`].
     fn take_completed(&self, meta: &mut Meta) -> Vec<Drain> {
         let mut done = Vec::new();
-        while meta.draining.front().is_some_and(|d| d.fence.is_done()) {
+        while meta
+            .draining
+            .front()
+            .is_some_and(|d| d.group.fence.is_done())
+        {
             if let Some(d) = meta.draining.pop_front() {
                 done.push(d);
             }
@@ -803,12 +970,12 @@ impl Inner {
         done
     }
 
-    /// Finishes drains taken by [`Inner::take_completed`], with their host
-    /// copies' hashes, and wakes whoever waits for them.
+    /// Finishes drains taken by [`Inner::take_completed`], with their
+    /// [`checked_hashes`], and wakes whoever waits for them.
     fn finish_taken(
         &self,
         meta: &mut Meta,
-        done: Vec<(Drain, u64)>,
+        done: Vec<(Drain, Option<u64>)>,
         events: &mut Vec<PendingEvent>,
     ) {
         if done.is_empty() {
@@ -821,14 +988,15 @@ impl Inner {
         self.reaped.notify_all();
     }
 
-    /// Publishes a drained block in the host tier (its host copy hashed to
-    /// `hashed`), or frees the copy when the block was deleted, replaced or
-    /// pinned meanwhile, or its copy came out wrong.
+    /// Publishes a drained block in the host tier (its bytes hashed to
+    /// `hashed`; `None` if its copy failed), or frees the copy when the
+    /// block was deleted, replaced or pinned meanwhile, or its copy failed
+    /// or its bytes do not match the recorded checksum.
     fn finish_drain(
         &self,
         meta: &mut Meta,
         drain: Drain,
-        hashed: u64,
+        hashed: Option<u64>,
         events: &mut Vec<PendingEvent>,
     ) {
         let index = &mut meta.index;
@@ -850,17 +1018,21 @@ impl Inner {
         }
         // Drains start only with a host tier.
         if let Some(host) = &self.host {
-            let published = if hashed == checksum {
-                host.publish_hashed(drain.host, &ns, &key, parent.as_ref(), hashed)
-            } else {
-                Err(ChecksumMismatch {
+            let published = match hashed {
+                Some(h) if h == checksum => {
+                    Some(host.publish_hashed(drain.host, &ns, &key, parent.as_ref(), h))
+                }
+                Some(h) => Some(Err(ChecksumMismatch {
                     expected: checksum,
-                    actual: hashed,
-                })
+                    actual: h,
+                })),
+                // The copy failed (logged with the device error).
+                None => None,
             };
             match published {
-                Ok(_) => TierCounters::add(&self.moves.demoted, 1),
-                Err(mismatch) => {
+                None => TierCounters::add(&self.moves.demote_dropped, 1),
+                Some(Ok(_)) => TierCounters::add(&self.moves.demoted, 1),
+                Some(Err(mismatch)) => {
                     tracing::error!(namespace = %ns, key = %key, %mismatch, "hbm tier: demotion copy came out wrong; block dropped");
                     TierCounters::add(&self.moves.checksum_failures, 1);
                     TierCounters::add(&self.moves.demote_dropped, 1);
@@ -878,7 +1050,7 @@ impl Inner {
     /// when the host already holds its bytes, or cannot take them).
     fn start_drains(&self, meta: &mut Meta, ids: &[usize], events: &mut Vec<PendingEvent>) {
         let host = self.host.as_ref();
-        let mut group: Vec<(usize, u64, HostSlot)> = Vec::new();
+        let mut group: Vec<GroupMember> = Vec::new();
         let mut ops: Vec<CopyOp> = Vec::new();
         let mut bytes = 0usize;
         for &id in ids {
@@ -923,7 +1095,12 @@ impl Inner {
                 dst: host_slot.device_addr().unwrap_or(host_slot.host_addr()),
                 len: len as u64,
             });
-            group.push((id, incarnation, host_slot));
+            group.push(GroupMember {
+                id,
+                incarnation,
+                host: host_slot,
+                checksum,
+            });
             bytes += len;
             if bytes >= self.config.move_group_bytes as usize {
                 self.launch_drains(meta, std::mem::take(&mut group), &mut ops, events);
@@ -940,14 +1117,21 @@ impl Inner {
     fn launch_drains(
         &self,
         meta: &mut Meta,
-        group: Vec<(usize, u64, HostSlot)>,
+        group: Vec<GroupMember>,
         ops: &mut Vec<CopyOp>,
         events: &mut Vec<PendingEvent>,
     ) {
         let stream = &self.demote_stream;
         let (mut kernel, mut dma) = (Vec::new(), Vec::new());
-        for ((_, _, host), op) in group.iter().zip(ops.drain(..)) {
-            if host.device_addr().is_some() {
+        let runs: Vec<HashRun> = ops
+            .iter()
+            .map(|op| HashRun {
+                addr: op.src,
+                len: op.len,
+            })
+            .collect();
+        for (member, op) in group.iter().zip(ops.drain(..)) {
+            if member.host.device_addr().is_some() {
                 kernel.push(op);
             } else {
                 dma.push(op);
@@ -960,16 +1144,25 @@ impl Inner {
                 dma.iter()
                     .try_for_each(|op| unsafe { stream.copy(op.dst, op.src, op.len) })
             })
-            .and_then(|()| stream.record());
+            .and_then(|()| {
+                let checksums: Vec<u64> = group.iter().map(|m| m.checksum).collect();
+                let hashes = self.hash_sources(&runs, &checksums);
+                Ok((stream.record()?, hashes))
+            });
         match launched {
-            Ok(fence) => {
-                let fence = Arc::new(fence);
-                for (id, incarnation, host) in group {
+            Ok((fence, hashes)) => {
+                let group_state = Arc::new(DrainGroup {
+                    fence,
+                    hashes,
+                    pool: Arc::clone(&self.hash_buffers),
+                });
+                for (member, m) in group.into_iter().enumerate() {
                     meta.draining.push_back(Drain {
-                        id,
-                        incarnation,
-                        host,
-                        fence: Arc::clone(&fence),
+                        id: m.id,
+                        incarnation: m.incarnation,
+                        host: m.host,
+                        group: Arc::clone(&group_state),
+                        member,
                     });
                 }
             }
@@ -978,7 +1171,7 @@ impl Inner {
                 // Make sure nothing is still reading the sources.
                 let _ = stream.synchronize();
                 let index = &mut meta.index;
-                for (id, _, host) in group {
+                for GroupMember { id, host, .. } in group {
                     drop(host);
                     TierCounters::add(&self.moves.demote_dropped, 1);
                     if let Some(e) = index.entries.get_mut(id) {
@@ -990,6 +1183,58 @@ impl Inner {
                     }
                 }
             }
+        }
+    }
+
+    /// Queues `kvs_xxh3` of a demotion group's sources on the hash stream,
+    /// into a pinned buffer poisoned with the complement of each recorded
+    /// checksum, and makes the demotion stream wait for it (the group's
+    /// fence then covers the hashes too; the copies run meanwhile). `None`
+    /// when it cannot be launched: the group's host copies are hashed on the
+    /// CPU instead.
+    fn hash_sources(&self, runs: &[HashRun], checksums: &[u64]) -> Option<PinnedBuffer> {
+        let mut buf = match self.hash_buffer(runs.len()) {
+            Ok(b) => b,
+            Err(e) => {
+                gpu_failed("pinned buffer for demotion hashes", &e);
+                return None;
+            }
+        };
+        for (out, c) in buf.as_mut_slice().chunks_exact_mut(8).zip(checksums) {
+            out.copy_from_slice(&(!c).to_le_bytes());
+        }
+        let hs = &self.hash_stream;
+        // SAFETY: every source slot is draining (not written, freed or
+        // reused before the group's fence, which waits for this hash); the
+        // buffer is held by the group until then.
+        let queued = unsafe { hs.xxh3(runs, buf.device_ptr()) }
+            .and_then(|()| hs.record())
+            .and_then(|hashed| self.demote_stream.wait_for(&hashed));
+        match queued {
+            Ok(()) => Some(buf),
+            Err(e) => {
+                // Nothing may still write the buffer when it is reused.
+                let _ = hs.synchronize();
+                if !self.hash_fallback_logged.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "hbm tier: cannot hash on the device; demotions hash their host copies instead");
+                }
+                self.hash_buffers.lock().push(buf);
+                None
+            }
+        }
+    }
+
+    /// A pinned buffer for `n` device hashes, from the pool or new.
+    fn hash_buffer(&self, n: usize) -> Result<PinnedBuffer, GpuError> {
+        let need = 8 * n;
+        let pooled = {
+            let mut pool = self.hash_buffers.lock();
+            let at = pool.iter().position(|b| b.len() >= need);
+            at.map(|i| pool.swap_remove(i))
+        };
+        match pooled {
+            Some(b) => Ok(b),
+            None => self.gpu.alloc_pinned(need.next_power_of_two().max(4096)),
         }
     }
 
@@ -1006,11 +1251,9 @@ impl Inner {
             if let Some(slot) = meta.index.arena.alloc(len) {
                 return Some(slot);
             }
-            if let Some(fence) = meta.draining.front().map(|d| Arc::clone(&d.fence)) {
-                if let Err(e) = MutexGuard::unlocked(meta, || fence.wait()) {
-                    // A failed copy reads as done; its drain is checked by checksum.
-                    gpu_failed("demotion copy", &e);
-                }
+            if let Some(group) = meta.draining.front().map(|d| Arc::clone(&d.group)) {
+                // A failed copy reads as done; its group says so when reaped.
+                let _ = MutexGuard::unlocked(meta, || group.fence.wait());
                 continue;
             }
             if meta.reaping > 0 {
@@ -1231,7 +1474,12 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // No copy may still touch the device memory or a host slot when
         // they are freed.
-        for s in [&self.promote_stream, &self.demote_stream, &self.read_stream] {
+        for s in [
+            &self.promote_stream,
+            &self.demote_stream,
+            &self.hash_stream,
+            &self.read_stream,
+        ] {
             if let Err(e) = s.synchronize() {
                 gpu_failed("stream synchronize at shutdown", &e);
             }

@@ -248,27 +248,52 @@ impl HostTier {
     /// [`Tier::get`] and [`Tier::meta`] of one block at once (the metadata
     /// describes exactly the bytes returned).
     pub fn get_with_meta(&self, ns: &NamespaceId, key: &BlockKey) -> Option<(Bytes, BlockMeta)> {
+        self.get_many_with_meta(ns, std::slice::from_ref(key))
+            .pop()
+            .flatten()
+    }
+
+    /// [`HostTier::get_with_meta`] of many keys under one lock, one answer
+    /// per key (hits are counted; a miss is left to the caller's next tier
+    /// read, as in `get_with_meta`).
+    pub fn get_many_with_meta(
+        &self,
+        ns: &NamespaceId,
+        keys: &[BlockKey],
+    ) -> Vec<Option<(Bytes, BlockMeta)>> {
         let inner = &self.inner;
-        let found = {
+        let found: Vec<Option<(usize, usize, usize, BlockMeta)>> = {
             let mut meta = inner.meta.lock();
-            let id = *meta.index.get(&(*ns, *key))?;
-            meta.touch(id);
-            let e = meta.entries.get_mut(id)?;
-            e.readers += 1;
-            let (slot, len) = (e.slot, e.len);
-            let block = meta.entries.get(id).map(|e| meta.meta_of(e))?;
-            (id, meta.arena.offset(slot), len, block)
+            keys.iter()
+                .map(|key| {
+                    let id = *meta.index.get(&(*ns, *key))?;
+                    meta.touch(id);
+                    let e = meta.entries.get_mut(id)?;
+                    e.readers += 1;
+                    let (slot, len) = (e.slot, e.len);
+                    let block = meta.entries.get(id).map(|e| meta.meta_of(e))?;
+                    Some((id, meta.arena.offset(slot), len, block))
+                })
+                .collect()
         };
-        let (id, offset, len, block) = found;
-        TierCounters::add(&inner.counters.hits, 1);
-        TierCounters::add(&inner.counters.bytes_out, len as u64);
-        let bytes = Bytes::from_owner(ReadGuard {
-            inner: Arc::clone(inner),
-            id,
-            offset,
-            len,
-        });
-        Some((bytes, block))
+        let hits = found.iter().flatten().count() as u64;
+        let bytes: usize = found.iter().flatten().map(|f| f.2).sum();
+        TierCounters::add(&inner.counters.hits, hits);
+        TierCounters::add(&inner.counters.bytes_out, bytes as u64);
+        found
+            .into_iter()
+            .map(|f| {
+                f.map(|(id, offset, len, block)| {
+                    let bytes = Bytes::from_owner(ReadGuard {
+                        inner: Arc::clone(inner),
+                        id,
+                        offset,
+                        len,
+                    });
+                    (bytes, block)
+                })
+            })
+            .collect()
     }
 
     /// Publishes a filled reservation under the key (replacing any block

@@ -36,7 +36,7 @@ pub use disk::{
 };
 pub use error::CacheError;
 pub use events::{CacheEvent, EventBus, EventKind};
-pub use hbm::{HbmRead, HbmSlot, HbmStats, HbmTier, HbmTierConfig};
+pub use hbm::{DEFAULT_MOVE_GROUP_BYTES, HbmRead, HbmSlot, HbmStats, HbmTier, HbmTierConfig};
 pub use host::{ChecksumMismatch, EvictionSink, HostSlot, HostTier, HostTierConfig, Victim};
 pub use key::{BlockKey, MAX_KEY_BYTES};
 pub use kvstrata_kernels::Gpu;

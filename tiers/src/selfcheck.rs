@@ -9,7 +9,8 @@
 //! (T1→T0) both run, and replacing, evicting and deleting keys are checked
 //! for stale reads; then threads with their own streams and keys run device
 //! and inline puts and reads at once, checked the same way, while the
-//! capacities are watched.
+//! capacities are watched; last, a block whose bytes are changed in T0 must
+//! fail its check on the way out to T1 and never be served.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -222,6 +223,65 @@ impl Check {
             }
         }
         Ok(())
+    }
+
+    /// Stores block `id` in T0 only, flips one of its bytes in device
+    /// memory, evicts it: its check on the way out must fail, and the block
+    /// must be gone from every tier, never served.
+    fn corrupt_then_evict(&mut self, id: usize) -> Result<String, String> {
+        let before = self
+            .cache
+            .stats()
+            .hbm
+            .first()
+            .map_or(0, |h| h.checksum_failures);
+        self.device_put(&[id])?;
+        let k = key(id)?;
+        let first = self.expected.get(&id).and_then(|p| p.first()).copied();
+        let first = first.ok_or("no payload recorded")?;
+        self.src.as_mut_slice()[0] = !first;
+        let (stream, src) = (&self.stream, &self.src);
+        self.cache
+            .get_to_device(&self.ns, 0, &[k], |addrs| -> Result<(), String> {
+                let Some(Some((addr, TierKind::Hbm))) = addrs.first().copied() else {
+                    return Err(format!("the fresh block is not in T0: {addrs:?}"));
+                };
+                // SAFETY: the block's first byte, while we hold its reader
+                // count; the source is our pinned buffer; we wait below.
+                unsafe { stream.copy(addr, src.device_ptr(), 1) }.map_err(gpu_err("corrupt"))?;
+                stream.synchronize().map_err(gpu_err("corrupt"))
+            })
+            .map_err(|e| format!("get_to_device: {e}"))??;
+        self.expected.remove(&id);
+        self.cache
+            .evict(&self.ns, &[k], false)
+            .map_err(|e| format!("evict: {e}"))?;
+        let after = self
+            .cache
+            .stats()
+            .hbm
+            .first()
+            .map_or(0, |h| h.checksum_failures);
+        if after != before + 1 {
+            return Err(format!(
+                "a block corrupted in T0 was evicted with {} checksum failures counted",
+                after - before
+            ));
+        }
+        let tiers = self
+            .cache
+            .lookup(&self.ns, &[k])
+            .map_err(|e| format!("lookup: {e}"))?;
+        let got = self
+            .cache
+            .get_batch(&self.ns, &[k])
+            .map_err(|e| format!("get_batch: {e}"))?;
+        if !tiers.is_empty() || got.iter().any(Option::is_some) {
+            return Err(format!(
+                "a block corrupted in T0 is still served (lookup {tiers:?})"
+            ));
+        }
+        Ok("a block corrupted in T0 was caught by the check on its way out and dropped".into())
     }
 
     fn in_hbm(&self) -> Result<Vec<usize>, String> {
@@ -496,6 +556,8 @@ pub fn hbm_round_trips(gpu: Gpu) -> Result<String, String> {
     if h.checksum_failures > 0 {
         return Err(format!("{} checksum failures", h.checksum_failures));
     }
+    let (demoted, promoted, skipped) = (h.demoted, h.promoted, h.demote_skipped);
+    let corrupt = c.corrupt_then_evict(total + 1)?;
     let mut summary = String::new();
     let _ = write!(
         summary,
@@ -505,9 +567,9 @@ pub fn hbm_round_trips(gpu: Gpu) -> Result<String, String> {
          threads; max used hbm {} of {} bytes, host {} of {}",
         block / 1024,
         stats.host_pinned,
-        h.demoted,
-        h.promoted,
-        h.demote_skipped,
+        demoted,
+        promoted,
+        skipped,
         c.served.get(&TierKind::Hbm).copied().unwrap_or(0),
         c.served.get(&TierKind::Host).copied().unwrap_or(0),
         concurrent_reads,
@@ -516,5 +578,7 @@ pub fn hbm_round_trips(gpu: Gpu) -> Result<String, String> {
         c.max_host_used.get(),
         HOST_BLOCKS * block as u64,
     );
+    summary.push_str("; ");
+    summary.push_str(&corrupt);
     Ok(summary)
 }

@@ -11,8 +11,12 @@
 //!   direction.
 //! - Gather and scatter of the default model's blocks from/to a paged layout
 //!   in device memory (read plus written bytes), ratio to the device copy.
+//! - `kvs_xxh3` over 720 KiB blocks in device memory, in launches of 16 MiB
+//!   (23 blocks; hashes to pinned memory), as the HBM tier verifies a
+//!   group; bytes read, ratio to the device copy, and microseconds per
+//!   launch.
 
-use crate::{CopyOp, Gpu, GpuStream, PageLayout, PagedGeometry};
+use crate::{CopyOp, Gpu, GpuStream, HashRun, PageLayout, PagedGeometry};
 use rand::Rng;
 use rand::seq::SliceRandom;
 
@@ -222,6 +226,51 @@ pub fn run(gpu: &Gpu, bytes: u64, repeat: usize) -> Result<(Vec<BenchRow>, Optio
                 ratio: v / d2d,
                 counted: "read + written".to_string(),
             });
+        }
+    }
+
+    // xxh3 of 720 KiB blocks in device memory, 16 MiB per launch.
+    {
+        let block = 720u64 << 10;
+        let per_launch = (16u64 << 20).div_ceil(block) as usize;
+        let n = (bytes / block) as usize;
+        if n > 0 {
+            let runs: Vec<HashRun> = (0..n as u64)
+                .map(|i| HashRun {
+                    addr: d + i * block,
+                    len: block,
+                })
+                .collect();
+            let out = Buf::alloc(gpu, true, 8 * n)?;
+            let o = out.addr();
+            let launches = n.div_ceil(per_launch);
+            let seconds = time(&stream, repeat, || {
+                for (k, group) in runs.chunks(per_launch).enumerate() {
+                    let at = o + 8 * (k * per_launch) as u64;
+                    // SAFETY: the runs lie in `dev`, the hashes in `out`,
+                    // both live past the synchronize below.
+                    unsafe { stream.xxh3(group, at) }.map_err(err)?;
+                }
+                Ok(())
+            })?;
+            let hashed = n as u64 * block;
+            let v = gbps(hashed, seconds);
+            rows.push(BenchRow {
+                path: format!("xxh3 kernel, device blocks, {per_launch} per launch"),
+                block: human(block),
+                gb_per_s: v,
+                ceiling: "device D2D".to_string(),
+                ceiling_gb_per_s: d2d,
+                ratio: v / d2d,
+                counted: format!(
+                    "bytes read; {:.1} us per launch of {} ({} launches)",
+                    seconds * 1e6 / launches as f64,
+                    human(per_launch as u64 * block),
+                    launches
+                ),
+            });
+            stream.synchronize().map_err(err)?;
+            drop(out);
         }
     }
     stream.synchronize().map_err(err)?;

@@ -3,7 +3,9 @@
 //! compared whole, so an unwritten byte or a byte written out of place fails.
 
 use crate::reference;
-use crate::{CopyOp, DeviceBuffer, Gpu, GpuStream, PageLayout, PagedGeometry, PinnedBuffer};
+use crate::{
+    CopyOp, DeviceBuffer, Gpu, GpuStream, HashRun, PageLayout, PagedGeometry, PinnedBuffer,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 
@@ -273,6 +275,117 @@ fn paged_round(
     Ok(format!("{n_blocks} blocks of {block_len} B"))
 }
 
+/// Lengths of every xxh3 length class and boundary, plus blocks of the
+/// sizes the HBM tier hashes and odd lengths.
+fn xxh3_lengths(rng: &mut StdRng) -> Vec<usize> {
+    let mut lens: Vec<usize> = (0..=300).collect();
+    lens.extend([
+        1023,
+        1024,
+        1025,
+        2047,
+        2048,
+        2049,
+        4095,
+        4096,
+        4097,
+        16 << 10,
+        64 << 10,
+    ]);
+    for k in [5, 16, 17, 63, 100, 877] {
+        lens.extend([64 * k - 1, 64 * k + 1]);
+    }
+    // Window boundaries of the kernel (56 chunks of 1 KiB).
+    for w in [1usize, 2] {
+        let c = crate::xxh3::WINDOW_CHUNKS * crate::xxh3::CHUNK_BYTES * w;
+        lens.extend([c - 1, c, c + 1, c + 1025]);
+    }
+    lens.extend([720 << 10, 720 << 10, 720 << 10, (720 << 10) + 1, 2 << 20]);
+    for _ in 0..40 {
+        lens.push(rng.random_range(241..(1 << 20)) | 1);
+    }
+    lens
+}
+
+/// One launch over runs of every length class, each in device or pinned
+/// memory at random (aligned and misaligned starts), `out` in pinned memory
+/// poisoned first; every hash against the CPU mirror and xxhash-rust.
+fn xxh3_round(gpu: &Gpu, stream: &GpuStream, rng: &mut StdRng) -> Result<String, String> {
+    let lens = xxh3_lengths(rng);
+    // Place the runs in two source buffers (device, pinned), 16-byte
+    // aligned starts for most, odd offsets for a quarter.
+    let mut places = Vec::with_capacity(lens.len()); // (pinned, offset, len)
+    let mut ends = [0usize; 2];
+    for &len in &lens {
+        let pinned = rng.random_bool(0.5);
+        let at = &mut ends[usize::from(pinned)];
+        let misalign = if rng.random_bool(0.25) {
+            rng.random_range(1..16)
+        } else {
+            0
+        };
+        let off = at.next_multiple_of(16) + misalign;
+        places.push((pinned, off, len));
+        *at = off + len;
+    }
+    let mut bufs = Vec::with_capacity(2);
+    let mut datas = Vec::with_capacity(2);
+    for (i, end) in ends.iter().enumerate() {
+        let len = end + 64;
+        let data = random_bytes(rng, len);
+        let mut b = Buf::alloc(gpu, i == 1, len)?;
+        b.upload(stream, &data)?;
+        bufs.push(b);
+        datas.push(data);
+    }
+    let runs: Vec<HashRun> = places
+        .iter()
+        .map(|&(pinned, off, len)| HashRun {
+            addr: bufs[usize::from(pinned)].addr() + off as u64,
+            len: len as u64,
+        })
+        .collect();
+    // Output: pinned, poisoned, with a poisoned guard before and after the
+    // hashes, which start 8-byte aligned or (one round in four) at an odd
+    // address.
+    let skip = if rng.random_bool(0.25) { 3 } else { 0 };
+    let out_len = skip + 8 * runs.len() + 64;
+    let poison = random_bytes(rng, out_len);
+    let mut out = Buf::alloc(gpu, true, out_len)?;
+    out.upload(stream, &poison)?;
+    // SAFETY: every run lies inside its buffer, `out` holds 8 bytes per run,
+    // and all buffers live past the download's synchronize.
+    unsafe { stream.xxh3(&runs, out.addr() + skip as u64) }.map_err(|e| e.to_string())?;
+    let got = out.download(stream)?;
+    for (i, &(pinned, off, len)) in places.iter().enumerate() {
+        let data = &datas[usize::from(pinned)][off..off + len];
+        let mirror = crate::xxh3::xxh3_64(data);
+        let upstream = xxhash_rust::xxh3::xxh3_64(data);
+        let mut h = [0u8; 8];
+        h.copy_from_slice(&got[skip + 8 * i..skip + 8 * i + 8]);
+        let h = u64::from_le_bytes(h);
+        if mirror != upstream {
+            return Err(format!(
+                "CPU mirror {mirror:#x} != xxhash-rust {upstream:#x} for {len} bytes"
+            ));
+        }
+        if h != mirror {
+            return Err(format!(
+                "run {i}: {len} bytes at offset {off} of {} memory (address % 16 = {}): kernel \
+                 {h:#018x}, CPU reference {mirror:#018x}",
+                if pinned { "pinned" } else { "device" },
+                runs[i].addr % 16
+            ));
+        }
+    }
+    let end = skip + 8 * runs.len();
+    if got[..skip] != poison[..skip] || got[end..] != poison[end..] {
+        return Err("the kernel wrote outside its outputs".to_string());
+    }
+    let bytes: usize = lens.iter().sum();
+    Ok(format!("{} runs, {} bytes", runs.len(), bytes))
+}
+
 /// Every kernel and the DMA path against the CPU references.
 pub fn kernel_checks(gpu: &Gpu, rounds: usize, rows: &mut Vec<CheckRow>) {
     let stream = match gpu.stream() {
@@ -308,6 +421,21 @@ pub fn kernel_checks(gpu: &Gpu, rounds: usize, rows: &mut Vec<CheckRow>) {
                 runs += batched_round(gpu, &stream, &mut rng, s, d, Some(64 << 10))?;
             }
             Ok(format!("{rounds} rounds, {runs} runs, bytes equal"))
+        },
+    );
+    check(
+        rows,
+        "xxh3 kernel vs CPU reference (every length class, device and pinned sources)",
+        || {
+            let mut rng = fresh_rng();
+            let mut last = String::new();
+            for _ in 0..rounds.max(1) {
+                last = xxh3_round(gpu, &stream, &mut rng)?;
+            }
+            Ok(format!(
+                "{} rounds, every hash equal to the CPU reference and xxhash-rust; last: {last}",
+                rounds.max(1)
+            ))
         },
     );
     for layout in [PageLayout::PerLayer, PageLayout::CrossLayer] {
