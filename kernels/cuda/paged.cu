@@ -15,9 +15,11 @@
 // One warp copies one chunk at a time (grid-stride over the work items): a
 // chunk is small (384 bytes for one token of the default model, 6 KiB for 16),
 // so warps rather than whole CTAs keep every lane busy. Chunks of at most 32
-// 16-byte words (`small16`, checked by the host) go four to a warp iteration,
-// each lane loading its word of all four before storing any, so that short
-// chunks (one-token pages) still keep enough loads in flight.
+// 16-byte words (`small16`, checked by the host) go eight to a warp
+// iteration, each lane loading its word of all eight before storing any, with
+// the addresses of 32 chunks worked out at once, one per lane, so that short
+// chunks (one-token pages) keep enough loads in flight and the index
+// arithmetic does not dominate.
 //
 // CPU references: kvstrata_kernels::reference::{gather, scatter}.
 
@@ -45,41 +47,53 @@ __device__ __forceinline__ void paged_item(const KvsPaged& p, u64 w, const u32* 
     *block_addr = blocks[b] + ((l * 2 + k) * p.ppb + j) * p.chunk;
 }
 
-// Four chunks per warp iteration, lane = 16-byte word; `gather` picks the
-// direction.
+// Short chunks (one-token pages), lane = 16-byte word. Each warp takes 32
+// consecutive work items at a time: lane i works out the addresses of item i
+// (the index arithmetic, with its 64-bit divisions, runs once per item rather
+// than once per lane per item), then the warp copies the 32 chunks eight at a
+// time, every lane loading its word of all eight before storing any, the
+// addresses passed round with shuffles. `gather` picks the direction.
+#define PAGED_SMALL_BATCH 8
+
 __device__ __forceinline__ void paged_small16(const KvsPaged& p, const u32* __restrict__ page_ids,
                                               const u64* __restrict__ blocks, bool gather) {
     const u64 items = (u64)p.n_blocks * p.layers * 2 * p.ppb;
     const u64 warps = (u64)gridDim.x * (blockDim.x / 32);
-    const u64 lane = threadIdx.x % 32;
+    const u32 lane = threadIdx.x % 32;
     const u64 words = p.chunk >> 4;
-    for (u64 w = (u64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; w < items; w += 4 * warps) {
-        const uint4* src[4];
-        uint4* dst[4];
-        bool live[4];
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const u64 item = w + i * warps;
-            live[i] = item < items && lane < words;
+    for (u64 base = ((u64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * 32; base < items;
+         base += 32 * warps) {
+        // This lane's item: its source and destination.
+        u64 my_src = 0, my_dst = 0;
+        const u64 mine = base + lane;
+        if (mine < items) {
             u64 off = 0, addr = 0;
-            if (item < items) {
-                paged_item(p, item, page_ids, blocks, &off, &addr);
-            }
+            paged_item(p, mine, page_ids, blocks, &off, &addr);
             const u64 engine = p.engine + off;
-            src[i] = (const uint4*)(gather ? engine : addr);
-            dst[i] = (uint4*)(gather ? addr : engine);
+            my_src = gather ? engine : addr;
+            my_dst = gather ? addr : engine;
         }
-        uint4 v[4];
+        const u32 n = (u32)min((u64)32, items - base);  // uniform across the warp
+        for (u32 g = 0; g < n; g += PAGED_SMALL_BATCH) {
+            const uint4* src[PAGED_SMALL_BATCH];
+            uint4* dst[PAGED_SMALL_BATCH];
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            if (live[i]) {
-                v[i] = src[i][lane];
+            for (int i = 0; i < PAGED_SMALL_BATCH; i++) {
+                src[i] = (const uint4*)__shfl_sync(0xffffffffu, my_src, (g + i) & 31);
+                dst[i] = (uint4*)__shfl_sync(0xffffffffu, my_dst, (g + i) & 31);
             }
-        }
+            uint4 v[PAGED_SMALL_BATCH];
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            if (live[i]) {
-                dst[i][lane] = v[i];
+            for (int i = 0; i < PAGED_SMALL_BATCH; i++) {
+                if (g + i < n && lane < words) {
+                    v[i] = src[i][lane];
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < PAGED_SMALL_BATCH; i++) {
+                if (g + i < n && lane < words) {
+                    dst[i][lane] = v[i];
+                }
             }
         }
     }

@@ -83,6 +83,9 @@ pub(crate) struct CudaDevice {
     scatter: CudaFunction,
     xxh3: CudaFunction,
     ptx: Vec<(&'static str, String)>,
+    /// Whether the driver has `cuMemcpyBatchAsync_v2` (CUDA 13.0 drivers):
+    /// many DMA copies in one call.
+    batch_dma: bool,
 }
 
 impl CudaDevice {
@@ -137,6 +140,8 @@ impl CudaDevice {
                 ("paged.cu", paged_ptx),
                 ("xxh3.cu", xxh3_ptx),
             ],
+            // SAFETY: looking a symbol up in the loaded driver library.
+            batch_dma: unsafe { sys::culib().get::<*const ()>(b"cuMemcpyBatchAsync_v2") }.is_ok(),
             ctx,
         })
     }
@@ -276,6 +281,66 @@ impl CudaDevice {
             .map_err(driver("cuMemcpyAsync"))
     }
 
+    /// Whether [`CudaDevice::memcpy_batch`] is one driver call.
+    pub(crate) fn has_batch_dma(&self) -> bool {
+        self.batch_dma
+    }
+
+    /// Every run with the DMA engines in one `cuMemcpyBatchAsync` call
+    /// (sources read in stream order), or one `cuMemcpyAsync` per run on
+    /// drivers without it.
+    ///
+    /// # Safety
+    /// See `GpuStream::dma_copies`.
+    pub(crate) unsafe fn memcpy_batch(
+        &self,
+        s: &CudaStreamState,
+        ops: &[CopyOp],
+    ) -> Result<(), GpuError> {
+        let ops: Vec<&CopyOp> = ops.iter().filter(|op| op.len > 0).collect();
+        if ops.is_empty() {
+            return Ok(());
+        }
+        if !self.batch_dma || ops.len() == 1 {
+            for op in ops {
+                // SAFETY: the caller's contract.
+                unsafe { self.memcpy(s, op.dst, op.src, op.len)? };
+            }
+            return Ok(());
+        }
+        self.bind()?;
+        let mut dsts: Vec<sys::CUdeviceptr> = ops.iter().map(|op| op.dst).collect();
+        let mut srcs: Vec<sys::CUdeviceptr> = ops.iter().map(|op| op.src).collect();
+        let mut sizes: Vec<usize> = ops.iter().map(|op| op.len as usize).collect();
+        let hint = sys::CUmemLocation {
+            type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_INVALID,
+            id: 0,
+        };
+        let mut attrs = [sys::CUmemcpyAttributes {
+            srcAccessOrder: sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
+            srcLocHint: hint,
+            dstLocHint: hint,
+            flags: 0,
+        }];
+        let mut attr_index = [0usize];
+        // SAFETY: the arrays live through the call (the driver reads them
+        // during it); the runs are the caller's contract.
+        unsafe {
+            sys::cuMemcpyBatchAsync_v2(
+                dsts.as_mut_ptr(),
+                srcs.as_mut_ptr(),
+                sizes.as_mut_ptr(),
+                ops.len(),
+                attrs.as_mut_ptr(),
+                attr_index.as_mut_ptr(),
+                1,
+                s.stream.cu_stream(),
+            )
+        }
+        .result()
+        .map_err(driver("cuMemcpyBatchAsync"))
+    }
+
     /// # Safety
     /// See `GpuStream::batched_copy`.
     pub(crate) unsafe fn batched_copy(
@@ -341,11 +406,13 @@ impl CudaDevice {
             n_blocks: blocks.len() as u32,
             small16: u32::from(small16(geometry, engine, blocks)),
         };
-        // One warp per (block, layer, K|V, page) chunk.
+        // One warp per (block, layer, K|V, page) chunk; on the short-chunk
+        // path, 32 chunks per warp at a time.
         let items = blocks.len() as u64 * geometry.layers as u64 * 2 * pages_per_block as u64;
+        let per_warp = if p.small16 == 1 { 32 } else { 1 };
         let warps_per_cta = (THREADS / 32) as u64;
         let grid = items
-            .div_ceil(warps_per_cta)
+            .div_ceil(warps_per_cta * per_warp)
             .min(self.info.multiprocessors as u64 * 16)
             .max(1) as u32;
         let f = if gather { &self.gather } else { &self.scatter };
@@ -454,7 +521,8 @@ struct PagedArgs {
 }
 
 /// Whether every chunk is at most 32 16-byte words at 16-byte aligned
-/// addresses on both sides (the kernels' four-chunks-per-warp path).
+/// addresses on both sides (the kernels' short-chunk path: 32 chunks per
+/// warp, eight loads in flight per lane).
 fn small16(g: &PagedGeometry, engine: u64, blocks: &[u64]) -> bool {
     let chunk = g.chunk_bytes();
     chunk <= 512

@@ -52,11 +52,13 @@ pub struct DeviceInfo {
 }
 
 /// Default size from which [`GpuStream::copy_blocks`] moves a run with DMA
-/// (`cuMemcpyAsync`) instead of the batched kernel. Measured on an H200
-/// (docs/benchmarks.md, "GPU tiers"): the kernel reaches 89-95 % of the
-/// pinned-copy ceiling from 16 KiB blocks up, per-block DMA 11 % at 16 KiB,
-/// 87-90 % at 1 MiB and 97-99 % from 4 MiB, where it overtakes the kernel.
-pub const DEFAULT_DMA_THRESHOLD: u64 = 4 << 20;
+/// (one `cuMemcpyBatchAsync` for all such runs) instead of the batched
+/// kernel. Measured on an H200 (docs/benchmarks.md, "GPU tiers"): the
+/// kernel reaches 86-95 % of the pinned-copy ceiling from 16 KiB blocks up;
+/// batched DMA 89-92 % at 256 KiB (even with the kernel), 96-98 % at 1 MiB
+/// and 99 % from 4 MiB; scattered 720 KiB blocks promoted through the HBM tier
+/// reached 93-94 % with DMA from 512 KiB against 86-88 % with the kernel.
+pub const DEFAULT_DMA_THRESHOLD: u64 = 512 << 10;
 
 #[derive(Clone)]
 pub struct Gpu {
@@ -438,10 +440,37 @@ impl GpuStream {
         }
     }
 
+    /// Copies every run with the DMA engines: one `cuMemcpyBatchAsync`
+    /// call where the driver has it (CUDA 13.0 drivers), else one
+    /// `cuMemcpyAsync` per run.
+    ///
+    /// # Safety
+    /// As [`GpuStream::batched_copy`].
+    pub unsafe fn dma_copies(&self, ops: &[CopyOp]) -> Result<(), GpuError> {
+        match self.cuda() {
+            // SAFETY: the caller's contract.
+            Some((d, s)) => unsafe { d.memcpy_batch(s, ops) },
+            None => {
+                for op in ops {
+                    // SAFETY: the caller's contract.
+                    unsafe { reference::copy_raw(op.src, op.dst, op.len) };
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether [`GpuStream::dma_copies`] issues one driver call for many
+    /// runs (true on the CPU backend, where nothing is issued).
+    pub fn has_batch_dma(&self) -> bool {
+        self.cuda().is_none_or(|(d, _)| d.has_batch_dma())
+    }
+
     /// Copies runs, each by the cheaper path: runs that continue each other
     /// on both sides are merged first ([`reference::coalesce`]), then runs
-    /// of at least `dma_threshold` bytes go with DMA, the rest in one
-    /// batched-kernel launch.
+    /// of at least `dma_threshold` bytes go with DMA (one batched driver
+    /// call, [`GpuStream::dma_copies`]), the rest in one batched-kernel
+    /// launch.
     ///
     /// # Safety
     /// As [`GpuStream::batched_copy`].
@@ -449,9 +478,9 @@ impl GpuStream {
         let (large, small): (Vec<CopyOp>, Vec<CopyOp>) = reference::coalesce(ops)
             .into_iter()
             .partition(|op| op.len >= dma_threshold);
-        for op in &large {
+        if !large.is_empty() {
             // SAFETY: the caller's contract.
-            unsafe { self.copy(op.dst, op.src, op.len)? };
+            unsafe { self.dma_copies(&large)? };
         }
         if !small.is_empty() {
             // SAFETY: the caller's contract.

@@ -13,8 +13,10 @@
 //!   (memory, streams, fences, kernels, CUDA IPC). Without a GPU everything
 //!   runs on the CPU backend with the same results.
 //!
-//! Data path of a batched copy: [`GpuStream::copy_blocks`] → runs of at least
-//! the DMA threshold go to `cuMemcpyAsync`, the rest to one
+//! Data path of a batched copy: [`GpuStream::copy_blocks`] → runs that
+//! continue each other are merged ([`reference::coalesce`]); runs of at least
+//! the DMA threshold go to the DMA engines (one `cuMemcpyBatchAsync` call, or
+//! `cuMemcpyAsync` per run on drivers without it), the rest to one
 //! `kvs_batched_copy` launch over a pointer table staged in pinned memory.
 
 pub mod check;

@@ -357,7 +357,7 @@ pub struct GpuConfig {
     #[serde(with = "crate::size")]
     pub hbm_bytes: ByteSize,
     /// Copies at least this long use DMA (`cuMemcpyAsync`), shorter ones the
-    /// batched kernel. Default 4 MiB.
+    /// batched kernel. Default 512 KiB.
     #[serde(with = "crate::size")]
     pub dma_threshold: ByteSize,
     /// Bytes of blocks moved between the HBM tier and the host tier per

@@ -25,9 +25,10 @@
 //! policy and *drained*: each gets a host-tier slot ([`HostTier::reserve`])
 //! and a device→host copy on the demotion stream, and waits in the
 //! `draining` list. Drains move in groups of `move_group_bytes` (64 MiB by
-//! default): one batched-copy launch and one fence per group.
-//! [`HbmTier::demote_many`] (the cache's `evict`) keeps a few groups queued
-//! and reaps each as it completes, so hashing one group overlaps the copies
+//! default): one copy launch (kernel or batched DMA, neighbours merged into
+//! one run) and one fence per group. [`HbmTier::demote_many`] (the cache's
+//! `evict`) takes its blocks in HBM order, keeps a few groups queued and
+//! reaps each as it completes, so publishing one group overlaps the copies
 //! of the next. A draining block stays in the index and readable (readers
 //! find it in T0 until it is published in T1), is no eviction candidate, and
 //! keeps its slot until its fence has completed. Reservation first *reaps*
@@ -136,8 +137,9 @@ fn needs_host_hashing(drains: &[Drain]) -> bool {
 
 /// How many of `ids` (from the front) make one move group of about
 /// `group_bytes` (at least one), and their bytes. A group of at least
-/// `lanes` blocks holds a multiple of `lanes` (the hashing threads), so
-/// hashing it keeps every thread busy to the end (a block is one task).
+/// `lanes` blocks holds a multiple of `lanes` (the CPU's hashing threads),
+/// so where the host copies are hashed on the CPU (the device cannot hash)
+/// every thread stays busy to the end (a block is one task).
 fn one_group(index: &SlotIndex, ids: &[usize], group_bytes: usize, lanes: usize) -> (usize, usize) {
     let len_of = |id: usize| index.entries.get(id).map_or(0, |e| e.len);
     let first = ids.first().map_or(1, |&id| len_of(id).max(1));
@@ -1139,18 +1141,18 @@ impl Inner {
         }
         // SAFETY: every host slot is reserved for its drain; every source
         // slot is draining, so it is not freed or reused before its fence.
-        let launched = unsafe { stream.copy_blocks(&kernel, self.config.dma_threshold) }
-            .and_then(|()| {
+        let copied =
+            unsafe { stream.copy_blocks(&kernel, self.config.dma_threshold) }.and_then(|()| {
                 dma.iter()
                     .try_for_each(|op| unsafe { stream.copy(op.dst, op.src, op.len) })
-            })
-            .and_then(|()| {
-                let checksums: Vec<u64> = group.iter().map(|m| m.checksum).collect();
-                let hashes = self.hash_sources(&runs, &checksums);
-                Ok((stream.record()?, hashes))
             });
-        match launched {
-            Ok((fence, hashes)) => {
+        let mut hashes = None;
+        if copied.is_ok() {
+            let checksums: Vec<u64> = group.iter().map(|m| m.checksum).collect();
+            hashes = self.hash_sources(&runs, &checksums);
+        }
+        match copied.and_then(|()| stream.record()) {
+            Ok(fence) => {
                 let group_state = Arc::new(DrainGroup {
                     fence,
                     hashes,
@@ -1168,8 +1170,13 @@ impl Inner {
             }
             Err(err) => {
                 gpu_failed("demotion copy", &err);
-                // Make sure nothing is still reading the sources.
+                // Make sure nothing is still reading the sources or writing
+                // the hash buffer.
                 let _ = stream.synchronize();
+                if let Some(buf) = hashes {
+                    let _ = self.hash_stream.synchronize();
+                    self.hash_buffers.lock().push(buf);
+                }
                 let index = &mut meta.index;
                 for GroupMember { id, host, .. } in group {
                     drop(host);

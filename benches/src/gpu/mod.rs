@@ -136,8 +136,13 @@ pub fn tier_movement_bench(
     ceilings: (f64, f64),
 ) -> Result<Vec<kvstrata_kernels::check::BenchRow>, String> {
     let mut rows = Vec::new();
-    for group in [16u64 << 20, 64 << 20] {
-        rows.extend(movement_through_cache(gpu, bytes, ceilings, group)?);
+    let default_dma = kvstrata_kernels::DEFAULT_DMA_THRESHOLD;
+    for (group, dma) in [
+        (16u64 << 20, default_dma),
+        (64 << 20, default_dma),
+        (64 << 20, 4 << 20),
+    ] {
+        rows.extend(movement_through_cache(gpu, bytes, ceilings, group, dma)?);
     }
     rows.extend(movement_parts(gpu, bytes, ceilings)?);
     Ok(rows)
@@ -318,6 +323,7 @@ fn movement_through_cache(
     bytes: u64,
     ceilings: (f64, f64),
     group: u64,
+    dma_threshold: u64,
 ) -> Result<Vec<kvstrata_kernels::check::BenchRow>, String> {
     use kvstrata_tiers::{
         BlockCache, CacheConfig, Dtype, HbmTierConfig, HostTierConfig, NamespaceSpec,
@@ -335,6 +341,7 @@ fn movement_through_cache(
         hbm: Some(HbmTierConfig {
             capacity_bytes: n as u64 * block + (64 << 20),
             move_group_bytes: group,
+            dma_threshold,
             ..HbmTierConfig::default()
         }),
         ..CacheConfig::default()
@@ -412,42 +419,44 @@ fn movement_through_cache(
         return Err(format!("{found} found of {n} blocks in random order"));
     }
     let moved = (n as u64 * block) as f64;
+    let dma_label = if dma_threshold == kvstrata_kernels::DEFAULT_DMA_THRESHOLD {
+        String::new()
+    } else {
+        format!(
+            ", DMA from {}",
+            kvstrata_kernels::check::human(dma_threshold)
+        )
+    };
+    let human = kvstrata_kernels::check::human;
+    let row = |what: &str, seconds: f64, ceiling: &str, ceiling_gb: f64| {
+        kvstrata_kernels::check::BenchRow {
+            path: format!("hbm tier {what}, {} groups{dma_label}", human(group)),
+            block: human(block),
+            gb_per_s: moved / seconds / 1e9,
+            ceiling: ceiling.to_string(),
+            ceiling_gb_per_s: ceiling_gb,
+            ratio: moved / seconds / 1e9 / ceiling_gb,
+            counted: "payload, wall clock".to_string(),
+        }
+    };
     Ok(vec![
-        kvstrata_kernels::check::BenchRow {
-            path: format!(
-                "hbm tier demotion T0->T1 (evict all), {} groups",
-                kvstrata_kernels::check::human(group)
-            ),
-            block: kvstrata_kernels::check::human(block),
-            gb_per_s: moved / demote / 1e9,
-            ceiling: "pinned D2H".to_string(),
-            ceiling_gb_per_s: ceilings.1,
-            ratio: moved / demote / 1e9 / ceilings.1,
-            counted: "payload, wall clock".to_string(),
-        },
-        kvstrata_kernels::check::BenchRow {
-            path: format!(
-                "hbm tier promotion T1->T0 (get_to_device), {} groups",
-                kvstrata_kernels::check::human(group)
-            ),
-            block: kvstrata_kernels::check::human(block),
-            gb_per_s: moved / promote / 1e9,
-            ceiling: "pinned H2D".to_string(),
-            ceiling_gb_per_s: ceilings.0,
-            ratio: moved / promote / 1e9 / ceilings.0,
-            counted: "payload, wall clock".to_string(),
-        },
-        kvstrata_kernels::check::BenchRow {
-            path: format!(
-                "hbm tier promotion T1->T0, keys in random order (no runs coalesce), {} groups",
-                kvstrata_kernels::check::human(group)
-            ),
-            block: kvstrata_kernels::check::human(block),
-            gb_per_s: moved / promote_scattered / 1e9,
-            ceiling: "pinned H2D".to_string(),
-            ceiling_gb_per_s: ceilings.0,
-            ratio: moved / promote_scattered / 1e9 / ceilings.0,
-            counted: "payload, wall clock".to_string(),
-        },
+        row(
+            "demotion T0->T1 (evict all)",
+            demote,
+            "pinned D2H",
+            ceilings.1,
+        ),
+        row(
+            "promotion T1->T0 (get_to_device)",
+            promote,
+            "pinned H2D",
+            ceilings.0,
+        ),
+        row(
+            "promotion T1->T0, keys in random order (no runs coalesce)",
+            promote_scattered,
+            "pinned H2D",
+            ceilings.0,
+        ),
     ])
 }

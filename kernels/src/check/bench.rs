@@ -153,10 +153,25 @@ pub fn run(gpu: &Gpu, bytes: u64, repeat: usize) -> Result<(Vec<BenchRow>, Optio
                     Ok(())
                 })?,
             );
-            if dma < kernel {
+            let batch_dma = gbps(
+                moved,
+                time(&stream, repeat, || {
+                    unsafe { stream.dma_copies(&ops) }.map_err(err)
+                })?,
+            );
+            if dma.max(batch_dma) < kernel {
                 dma_wins = false;
             }
-            for (how, v) in [("batched kernel", kernel), ("DMA per block", dma)] {
+            let batch_how = if stream.has_batch_dma() {
+                "DMA, one cuMemcpyBatchAsync"
+            } else {
+                "DMA, batch call missing (per block)"
+            };
+            for (how, v) in [
+                ("batched kernel", kernel),
+                ("DMA per block", dma),
+                (batch_how, batch_dma),
+            ] {
                 rows.push(BenchRow {
                     path: format!("block copy {dir}, {how}"),
                     block: human(block),
