@@ -21,6 +21,7 @@ use crate::cuda::{CudaDevice, CudaStreamState};
 use crate::error::GpuError;
 use crate::layout::PagedGeometry;
 use crate::reference::{self, CopyOp};
+use crate::staging::StagingBuffer;
 use crate::xxh3::HashRun;
 
 /// Which backend a [`Gpu`] runs on.
@@ -63,6 +64,8 @@ pub const DEFAULT_DMA_THRESHOLD: u64 = 512 << 10;
 #[derive(Clone)]
 pub struct Gpu {
     inner: Arc<GpuInner>,
+    /// Returned staging buffers ([`Gpu::staging`]).
+    staging: Arc<parking_lot::Mutex<crate::staging::StagingCache>>,
 }
 
 enum GpuInner {
@@ -80,6 +83,7 @@ impl Gpu {
     /// The CPU backend.
     pub fn cpu() -> Gpu {
         Gpu {
+            staging: Arc::default(),
             inner: Arc::new(GpuInner::Cpu(DeviceInfo {
                 backend: Backend::Cpu,
                 ordinal: 0,
@@ -98,6 +102,7 @@ impl Gpu {
     pub fn cuda(ordinal: usize) -> Result<Gpu, GpuError> {
         Ok(Gpu {
             inner: Arc::new(GpuInner::Cuda(CudaDevice::open(ordinal)?)),
+            staging: Arc::default(),
         })
     }
 
@@ -134,6 +139,27 @@ impl Gpu {
             Some(d) => d.alloc_pinned(bytes),
             None => PinnedBuffer::anonymous(bytes),
         }
+    }
+
+    /// `len` bytes of pinned memory lent for one request from this device's
+    /// staging cache (reused, not allocated, when a returned buffer fits;
+    /// see [`crate::staging`]).
+    pub fn staging(&self, len: usize) -> Result<StagingBuffer, GpuError> {
+        let cached = self.staging.lock().take(len);
+        let buf = match cached {
+            Some(b) => b,
+            None => self.alloc_pinned(crate::staging::allocation_for(len))?,
+        };
+        Ok(StagingBuffer {
+            buf: std::mem::ManuallyDrop::new(buf),
+            len,
+            cache: Arc::clone(&self.staging),
+        })
+    }
+
+    /// Bytes of returned staging buffers kept for reuse.
+    pub fn staging_cached_bytes(&self) -> usize {
+        self.staging.lock().cached_bytes()
     }
 
     /// A new stream (operations on one stream run in order).

@@ -25,6 +25,7 @@ mod device;
 mod error;
 pub mod layout;
 pub mod reference;
+pub mod staging;
 pub mod xxh3;
 
 pub use device::{
@@ -34,4 +35,5 @@ pub use device::{
 pub use error::GpuError;
 pub use layout::{ChunkCopy, GeometryError, PageLayout, PagedGeometry};
 pub use reference::{CopyOp, CopyTableError};
+pub use staging::{STAGING_CACHE_BYTES, StagingBuffer};
 pub use xxh3::HashRun;

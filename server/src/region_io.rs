@@ -44,7 +44,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use kvstrata_kernels::{GpuError, PinnedBuffer};
+use kvstrata_kernels::{GpuError, StagingBuffer};
 use kvstrata_tiers::{
     BlockCache, BlockKey, CacheError, DevicePutError, NamespaceId, PutOutcome, TierKind,
 };
@@ -67,7 +67,7 @@ pub enum RegionIoError {
 
 /// Pinned bytes behind a zero-copy `Bytes`.
 struct Staged {
-    buf: Arc<PinnedBuffer>,
+    buf: Arc<StagingBuffer>,
     range: Range<usize>,
 }
 
@@ -286,14 +286,18 @@ pub fn gather(
     let bb = block_bytes as usize;
     let staging = region
         .gpu()
-        .alloc_pinned(n * bb)
+        .staging(n * bb)
         .map_err(pages.device_error("allocating pinned staging memory"))?;
     let blocks: Vec<u64> = (0..n)
         .map(|i| staging.device_ptr() + (i * bb) as u64)
         .collect();
     // SAFETY: the staging buffer is ours alone, from the region's own
     // device, `bb` bytes per block, and outlives the call.
-    unsafe { pages.gather_into(&blocks) }?;
+    if let Err(e) = unsafe { pages.gather_into(&blocks) } {
+        // Nothing may still write the buffer when it goes back to the cache.
+        let _ = region.stream().synchronize();
+        return Err(e);
+    }
     let buf = Arc::new(staging);
     Ok((0..n)
         .map(|i| {
@@ -327,7 +331,7 @@ pub fn scatter(
     let bb = block_bytes as usize;
     let mut staging = region
         .gpu()
-        .alloc_pinned(n * bb)
+        .staging(n * bb)
         .map_err(pages.device_error("allocating pinned staging memory"))?;
     for (i, b) in blocks.iter().enumerate() {
         let m = bb.min(b.len());
@@ -338,9 +342,13 @@ pub fn scatter(
         .collect();
     // SAFETY: the staging buffer is ours alone, from the region's own
     // device, `bb` bytes per block, and lives until after the call.
-    unsafe { pages.scatter_from(&addrs) }?;
+    let scattered = unsafe { pages.scatter_from(&addrs) };
+    if scattered.is_err() {
+        // Nothing may still read the buffer when it goes back to the cache.
+        let _ = region.stream().synchronize();
+    }
     drop(staging);
-    Ok(())
+    scattered
 }
 
 #[cfg(test)]

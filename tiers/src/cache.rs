@@ -75,7 +75,7 @@ use crate::disk::{DiskError, DiskPut, DiskRead, DiskStats, DiskTier, DiskTierCon
 use crate::disk::{HeaderInspection, VerifyReport};
 use crate::error::CacheError;
 use crate::events::{CacheEvent, EventBus};
-use kvstrata_kernels::{Backend, Gpu, GpuError, PinnedBuffer};
+use kvstrata_kernels::{Backend, Gpu, GpuError, StagingBuffer};
 
 use crate::hbm::{HbmRead, HbmSlot, HbmStats, HbmTier, HbmTierConfig};
 use crate::host::{EvictionSink, HostSlot, Victim};
@@ -991,15 +991,16 @@ impl BlockCache {
             }
             missed.push(i);
         }
-        // The rest through the ordinary read path, staged in pinned memory.
-        let mut staging: Option<PinnedBuffer> = None;
+        // The rest through the ordinary read path, staged in pinned memory
+        // (lent from the device's staging cache).
+        let mut staging: Option<StagingBuffer> = None;
         if !missed.is_empty() {
             let miss_keys: Vec<BlockKey> = missed.iter().map(|&i| keys[i]).collect();
             let found = self.get_batch(ns, &miss_keys)?;
             let total: usize = found.iter().flatten().map(|(b, _)| b.len()).sum();
             if total > 0 {
                 let mut buf = gpu
-                    .alloc_pinned(total)
+                    .staging(total)
                     .map_err(|e| CacheError::device("keys", &e))?;
                 let base = buf.device_ptr();
                 let bytes = buf.as_mut_slice();

@@ -85,7 +85,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use kvstrata_kernels::{
     CopyOp, DEFAULT_DMA_THRESHOLD, DeviceBuffer, Fence, Gpu, GpuError, GpuStream, HashRun,
-    PinnedBuffer,
+    PinnedBuffer, StagingBuffer,
 };
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use rayon::prelude::*;
@@ -253,11 +253,10 @@ struct DrainGroup {
     /// xxh3-64 of each member's source in device memory (`kvs_xxh3` on the
     /// hash stream), a little-endian u64 per member in group order, each
     /// poisoned with the complement of the recorded checksum before the
-    /// launch. `None` when the hash could not be launched: the host copies
-    /// are hashed on the CPU instead.
-    hashes: Option<PinnedBuffer>,
-    /// Where `hashes` goes back when the group is done.
-    pool: Arc<Mutex<Vec<PinnedBuffer>>>,
+    /// launch (lent from the device's staging cache, back to it when the
+    /// group is done). `None` when the hash could not be launched: the host
+    /// copies are hashed on the CPU instead.
+    hashes: Option<StagingBuffer>,
 }
 
 impl DrainGroup {
@@ -277,14 +276,6 @@ impl DrainGroup {
     fn device_hash(&self, i: usize) -> Option<u64> {
         let bytes = self.hashes.as_ref()?.as_slice().get(8 * i..8 * i + 8)?;
         Some(u64::from_le_bytes(bytes.try_into().ok()?))
-    }
-}
-
-impl Drop for DrainGroup {
-    fn drop(&mut self) {
-        if let Some(buf) = self.hashes.take() {
-            self.pool.lock().push(buf);
-        }
     }
 }
 
@@ -312,8 +303,6 @@ struct Inner {
     hash_stream: GpuStream,
     read_stream: GpuStream,
     staging: Mutex<Option<PinnedBuffer>>,
-    /// Pinned buffers the device writes demotion hashes into, for reuse.
-    hash_buffers: Arc<Mutex<Vec<PinnedBuffer>>>,
     /// Whether a failed device hash has been logged (once).
     hash_fallback_logged: std::sync::atomic::AtomicBool,
     counters: TierCounters,
@@ -374,7 +363,6 @@ impl HbmTier {
                 reaped: Condvar::new(),
                 host,
                 staging: Mutex::new(None),
-                hash_buffers: Arc::new(Mutex::new(Vec::new())),
                 hash_fallback_logged: std::sync::atomic::AtomicBool::new(false),
                 counters: TierCounters::default(),
                 moves: MoveCounters::default(),
@@ -754,7 +742,7 @@ impl HbmTier {
                 len: len as u64,
             })
             .collect();
-        let buf = inner.hash_buffer(runs.len())?;
+        let buf = inner.gpu.staging(8 * runs.len())?;
         let hs = &inner.hash_stream;
         // SAFETY: the blocks are the caller's readable, unchanging memory
         // until this returns; the buffer is ours until the wait completes.
@@ -764,7 +752,7 @@ impl HbmTier {
         if let Err(e) = hashed {
             // Nothing may still write the buffer when it is reused.
             let _ = hs.synchronize();
-            inner.hash_buffers.lock().push(buf);
+            drop(buf);
             return Err(e);
         }
         let sums = buf
@@ -773,7 +761,6 @@ impl HbmTier {
             .take(runs.len())
             .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
             .collect();
-        inner.hash_buffers.lock().push(buf);
         Ok(sums)
     }
 
@@ -1153,11 +1140,7 @@ impl Inner {
         }
         match copied.and_then(|()| stream.record()) {
             Ok(fence) => {
-                let group_state = Arc::new(DrainGroup {
-                    fence,
-                    hashes,
-                    pool: Arc::clone(&self.hash_buffers),
-                });
+                let group_state = Arc::new(DrainGroup { fence, hashes });
                 for (member, m) in group.into_iter().enumerate() {
                     meta.draining.push_back(Drain {
                         id: m.id,
@@ -1175,7 +1158,7 @@ impl Inner {
                 let _ = stream.synchronize();
                 if let Some(buf) = hashes {
                     let _ = self.hash_stream.synchronize();
-                    self.hash_buffers.lock().push(buf);
+                    drop(buf);
                 }
                 let index = &mut meta.index;
                 for GroupMember { id, host, .. } in group {
@@ -1199,8 +1182,8 @@ impl Inner {
     /// fence then covers the hashes too; the copies run meanwhile). `None`
     /// when it cannot be launched: the group's host copies are hashed on the
     /// CPU instead.
-    fn hash_sources(&self, runs: &[HashRun], checksums: &[u64]) -> Option<PinnedBuffer> {
-        let mut buf = match self.hash_buffer(runs.len()) {
+    fn hash_sources(&self, runs: &[HashRun], checksums: &[u64]) -> Option<StagingBuffer> {
+        let mut buf = match self.gpu.staging(8 * runs.len()) {
             Ok(b) => b,
             Err(e) => {
                 gpu_failed("pinned buffer for demotion hashes", &e);
@@ -1225,23 +1208,9 @@ impl Inner {
                 if !self.hash_fallback_logged.swap(true, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "hbm tier: cannot hash on the device; demotions hash their host copies instead");
                 }
-                self.hash_buffers.lock().push(buf);
+                drop(buf);
                 None
             }
-        }
-    }
-
-    /// A pinned buffer for `n` device hashes, from the pool or new.
-    fn hash_buffer(&self, n: usize) -> Result<PinnedBuffer, GpuError> {
-        let need = 8 * n;
-        let pooled = {
-            let mut pool = self.hash_buffers.lock();
-            let at = pool.iter().position(|b| b.len() >= need);
-            at.map(|i| pool.swap_remove(i))
-        };
-        match pooled {
-            Some(b) => Ok(b),
-            None => self.gpu.alloc_pinned(need.next_power_of_two().max(4096)),
         }
     }
 
