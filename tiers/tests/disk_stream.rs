@@ -14,7 +14,7 @@ use bytes::Bytes;
 use disk_common::{config, flip_byte, key, ns, open, payload, tmp};
 use kvstrata_tiers::disk::header::HEADER_REGION;
 use kvstrata_tiers::disk::{DiskTierConfig, EngineChoice, FaultPlan, StreamPut};
-use kvstrata_tiers::{BlockKey, PutOutcome, Tier};
+use kvstrata_tiers::{BlockKey, PutOutcome, RemoveReason, Tier};
 
 both_engines!(
     stream_round_trip_with_a_small_buffer_pool,
@@ -23,6 +23,7 @@ both_engines!(
     read_faults_in_a_stream_are_misses_never_hangs,
     write_faults_in_a_stream_fail_the_put_never_hang,
     streams_answer_every_index_once_with_its_own_block,
+    a_panicking_callback_leaves_nothing_held,
 );
 
 fn slot_bytes(len: usize) -> u64 {
@@ -444,4 +445,77 @@ fn streams_answer_every_index_once_with_its_own_block(engine: EngineChoice) {
             (_, None) => panic!("key {i} ({name}) missed"),
         }
     }
+}
+
+/// A caller's callback that panics in the middle of a stream leaves nothing
+/// held: no reader count keeps the slot of a block deleted afterwards, and
+/// the busy clocks (`read_busy`, `write_busy`) run again for later streams.
+/// Before the stream state released itself on drop, a panic in `on_block`
+/// kept the reader counts of the reads in flight until restart.
+fn a_panicking_callback_leaves_nothing_held(engine: EngineChoice) {
+    let dir = tmp();
+    let n = 40;
+    let t = open(&config(dir.path(), 16 << 20, engine));
+    let out = put_all(&t, n, 8);
+    assert!(out.iter().all(|o| *o == PutOutcome::Stored), "{out:?}");
+    let keys: Vec<BlockKey> = (0..n).map(|i| key(&format!("s{i}"))).collect();
+
+    let mut answered = 0;
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        t.get_stream(&ns(), &keys, 8, |_, _| {
+            answered += 1;
+            assert!(answered < 5, "a caller's bug");
+        })
+    }));
+    assert!(read.is_err(), "the callback's panic reaches the caller");
+    let more = (n..n + 20).map(|i| StreamPut {
+        key: key(&format!("s{i}")),
+        parent: None,
+        payload: payload(i as u64, len_of(i)),
+    });
+    let write = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        t.put_stream(&ns(), more, 8, |_, _| panic!("a caller's bug"))
+    }));
+    assert!(write.is_err(), "the callback's panic reaches the caller");
+
+    // Later streams work, read the exact bytes, and are timed again.
+    let before = t.disk_stats();
+    let got = get_all(&t, &keys, 8);
+    for (i, g) in got.iter().enumerate() {
+        let b = g.as_ref().unwrap_or_else(|| panic!("s{i} missed"));
+        assert!(
+            b[..] == payload(i as u64, len_of(i))[..],
+            "s{i}: wrong bytes"
+        );
+    }
+    drop(got);
+    let again = put_all(&t, 4, 4);
+    assert!(again.iter().all(|o| *o == PutOutcome::Stored), "{again:?}");
+    let after = t.disk_stats();
+    assert!(
+        after.read_busy > before.read_busy,
+        "read_busy stuck at {:?}",
+        after.read_busy
+    );
+    assert!(
+        after.write_busy > before.write_busy,
+        "write_busy stuck at {:?}",
+        after.write_busy
+    );
+
+    // Every slot comes back once its block is deleted (writes the panic
+    // abandoned in flight free theirs when they complete).
+    for i in 0..n + 20 {
+        t.remove(&ns(), &key(&format!("s{i}")), RemoveReason::Delete);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while t.stats().used_bytes != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let s = t.stats();
+    assert_eq!(
+        (s.blocks, s.used_bytes),
+        (0, 0),
+        "slots still held after every block was deleted"
+    );
 }

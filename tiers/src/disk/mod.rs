@@ -886,6 +886,81 @@ impl BusyClock {
     fn get(&self) -> Duration {
         Duration::from_nanos(self.busy_ns.load(Ordering::Relaxed))
     }
+
+    /// Counts as busy until the guard drops (also when a caller's callback
+    /// panics meanwhile).
+    fn busy(&self) -> Busy<'_> {
+        self.enter();
+        Busy(self)
+    }
+}
+
+/// A transfer phase counted by a [`BusyClock`] ([`BusyClock::busy`]).
+struct Busy<'a>(&'a BusyClock);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.exit();
+    }
+}
+
+/// The writes a [`DiskTier::put_stream`] has in flight, each with its
+/// reserved slot. If the caller's callback panics, dropping this waits for
+/// them (each up to its deadline) and frees the slots of those that
+/// completed, unpublished; a write abandoned at its deadline frees its slot
+/// through its late hook, as always. On the normal path nothing is left.
+struct StreamWrites<'a, 'e> {
+    meta: &'a Mutex<Meta>,
+    pipe: engine::Pipeline<'e>,
+    /// (pipeline index, write).
+    open: Vec<(usize, PlannedWrite)>,
+}
+
+impl Drop for StreamWrites<'_, '_> {
+    fn drop(&mut self) {
+        let mut done = Vec::new();
+        while !self.open.is_empty() {
+            self.pipe.wait_some(&mut done);
+            for (index, d) in done.drain(..) {
+                let Some(k) = self.open.iter().position(|(i, _)| *i == index) else {
+                    continue;
+                };
+                let (_, p) = self.open.swap_remove(k);
+                // A timed-out write frees its slot through its late hook.
+                if !matches!(d.result, Err(IoFailure::Timeout))
+                    && let Some(a) = self.meta.lock().arenas.get_mut(p.file as usize)
+                {
+                    a.free(p.slot);
+                }
+            }
+        }
+    }
+}
+
+/// The reader counts a [`DiskTier::read_stream`] holds: reads in flight and
+/// reads finished but not yet released. Dropping it releases them all, so a
+/// caller's callback that panics leaves no slot pinned by a reader count (an
+/// abandoned read still in flight reads into a buffer the engine keeps, and
+/// nobody looks at what it reads).
+struct StreamReads<'a> {
+    meta: &'a Mutex<Meta>,
+    /// (pipeline index, key index, plan).
+    open: Vec<(usize, usize, PlannedRead)>,
+    /// (entry id, incarnation) of finished reads.
+    release: Vec<(usize, u64)>,
+}
+
+impl Drop for StreamReads<'_> {
+    fn drop(&mut self) {
+        if self.open.is_empty() && self.release.is_empty() {
+            return;
+        }
+        let mut meta = self.meta.lock();
+        let open = self.open.drain(..).map(|(_, _, p)| (p.id, p.incarnation));
+        for (id, incarnation) in self.release.drain(..).chain(open) {
+            release_read(&mut meta, id, incarnation);
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -1287,9 +1362,9 @@ impl DiskTier {
             ),
         };
         let lens: Vec<usize> = ops.iter().map(|o| o.buf.len()).collect();
-        clock.enter();
+        let busy = clock.busy();
         let done = engine::run(&*inner.engine, ops, Instant::now() + timeout);
-        clock.exit();
+        drop(busy);
         for (d_, len) in done.iter().zip(lens) {
             self.count(d_.result, ops_c, bytes_c, len);
         }
@@ -1356,7 +1431,7 @@ impl DiskTier {
         let mut batch = engine::Batch::new(&*inner.engine, planned.len());
         let mut lens = Vec::with_capacity(planned.len());
         let deadline = Instant::now() + inner.config.write_timeout;
-        inner.disk.write_busy.enter();
+        let busy = inner.disk.write_busy.busy();
         let mut no_buffer = Vec::new();
         for (pi, p) in planned.iter_mut().enumerate() {
             let Some(op) = self.start_write(ns, p, items[p.item].payload) else {
@@ -1368,7 +1443,7 @@ impl DiskTier {
             batch.submit(op);
         }
         let done_v = batch.wait(deadline);
-        inner.disk.write_busy.exit();
+        drop(busy);
         for (d_, len) in done_v.iter().zip(lens) {
             self.count(
                 d_.result,
@@ -1621,7 +1696,9 @@ impl DiskTier {
     /// refused block (empty, too large, no evictable space, no buffer)
     /// answers `NoSpace`. If the same key occurs twice in the stream, the
     /// later item's bytes are kept, whichever write completes first.
-    /// Returns the number of blocks stored.
+    /// Returns the number of blocks stored. If `on_done` panics, the panic
+    /// reaches the caller once the writes in flight have completed and the
+    /// slots of the unpublished ones are free again.
     pub fn put_stream<P, I>(
         &self,
         ns: &NamespaceId,
@@ -1638,9 +1715,14 @@ impl DiskTier {
         let timeout = inner.config.write_timeout;
         let mut items = items.into_iter().enumerate();
         let mut exhausted = false;
-        let mut pipe = engine::Pipeline::new(&*inner.engine, depth);
-        // Writes in flight, with their pipeline index.
-        let mut open: Vec<(usize, PlannedWrite)> = Vec::with_capacity(depth);
+        // Writes in flight, with their pipeline index; on a panic in
+        // `on_done`, their slots are given back when they complete.
+        let mut held = StreamWrites {
+            meta: &inner.meta,
+            pipe: engine::Pipeline::new(&*inner.engine, depth),
+            open: Vec::with_capacity(depth),
+        };
+        let StreamWrites { pipe, open, .. } = &mut held;
         let mut finished: Vec<(PlannedWrite, Result<(), IoFailure>)> = Vec::new();
         let mut done = Vec::with_capacity(depth);
         let mut pulled: Vec<(usize, StreamPut<P>)> = Vec::with_capacity(depth);
@@ -1648,7 +1730,7 @@ impl DiskTier {
         let mut refused: Vec<usize> = Vec::new();
         let mut events = Vec::new();
         let mut stored_total = 0usize;
-        inner.disk.write_busy.enter();
+        let busy = inner.disk.write_busy.busy();
         loop {
             // Refill the window; a refused item does not take a place.
             while !exhausted && open.len() < depth {
@@ -1746,7 +1828,7 @@ impl DiskTier {
                 finished.push((p, d.result));
             }
         }
-        inner.disk.write_busy.exit();
+        drop(busy);
         stored_total
     }
 
@@ -1797,7 +1879,7 @@ impl DiskTier {
         for op in ops {
             batch.push(op);
         }
-        inner.disk.read_busy.enter();
+        let busy = inner.disk.read_busy.busy();
         batch.wait_each(Instant::now() + inner.config.read_timeout, |k, d| {
             let i = op_of[k];
             let p = &plans[i];
@@ -1805,7 +1887,7 @@ impl DiskTier {
             self.count(d.result, &inner.disk.read_ops, &inner.disk.read_bytes, len);
             outcomes[i] = Some(check_read(p, d));
         });
-        inner.disk.read_busy.exit();
+        drop(busy);
         self.release_reads(plans);
         outcomes
             .into_iter()
@@ -1913,6 +1995,8 @@ impl DiskTier {
     /// I/O error or a read slower than the tier's `read_timeout` (counted;
     /// the block stays indexed). Blocks are looked up (and their reader
     /// counts taken) only when their read starts. Returns the number of hits.
+    /// If `on_block` panics, the panic reaches the caller with every reader
+    /// count of the stream released.
     pub fn read_stream(
         &self,
         ns: &NamespaceId,
@@ -1925,16 +2009,20 @@ impl DiskTier {
         let timeout = inner.config.read_timeout;
         let mut next = 0usize;
         let mut pipe = engine::Pipeline::new(&*inner.engine, depth);
-        // Reads in flight: (pipeline index, key index, plan).
-        let mut open: Vec<(usize, usize, PlannedRead)> = Vec::with_capacity(depth);
+        // Reads in flight, and reader counts to drop (reads that have
+        // finished); released on drop, also if `on_block` panics.
+        let mut held = StreamReads {
+            meta: &inner.meta,
+            open: Vec::with_capacity(depth),
+            release: Vec::with_capacity(depth),
+        };
+        let StreamReads { open, release, .. } = &mut held;
         let mut planned: Vec<(usize, PlannedRead)> = Vec::with_capacity(depth);
         let mut finished: Vec<(usize, PlannedRead, IoDone)> = Vec::with_capacity(depth);
-        // Reader counts to drop (reads that have finished): (id, incarnation).
-        let mut release: Vec<(usize, u64)> = Vec::with_capacity(depth);
         let mut misses: Vec<usize> = Vec::new();
         let mut done = Vec::with_capacity(depth);
         let (mut hits, mut bytes) = (0u64, 0u64);
-        inner.disk.read_busy.enter();
+        let busy = inner.disk.read_busy.busy();
         loop {
             // One lock: drop the reader counts of finished reads, plan the next ones.
             let room = depth - open.len();
@@ -2022,13 +2110,9 @@ impl DiskTier {
                 finished.push((i, p, d));
             }
         }
-        inner.disk.read_busy.exit();
-        if !release.is_empty() {
-            let mut meta = inner.meta.lock();
-            for (id, incarnation) in release.drain(..) {
-                release_read(&mut meta, id, incarnation);
-            }
-        }
+        drop(busy);
+        // The last reader counts go back.
+        drop(held);
         TierCounters::add(&inner.counters.hits, hits);
         TierCounters::add(&inner.counters.misses, keys.len() as u64 - hits);
         TierCounters::add(&inner.counters.bytes_out, bytes);
