@@ -257,19 +257,21 @@ struct DrainGroup {
     /// group is done). `None` when the hash could not be launched: the host
     /// copies are hashed on the CPU instead.
     hashes: Option<StagingBuffer>,
+    /// Whether the fence completed without a device error (asked once).
+    copied: std::sync::OnceLock<bool>,
 }
 
 impl DrainGroup {
     /// Whether the group's copies (and hashes) completed without a device
-    /// error. Call once the fence is done.
+    /// error (logged once per group). Call once the fence is done.
     fn copied(&self) -> bool {
-        match self.fence.wait() {
+        *self.copied.get_or_init(|| match self.fence.wait() {
             Ok(()) => true,
             Err(e) => {
                 gpu_failed("demotion copy", &e);
                 false
             }
-        }
+        })
     }
 
     /// The device's hash of member `i`'s source, once the fence is done.
@@ -1140,7 +1142,11 @@ impl Inner {
         }
         match copied.and_then(|()| stream.record()) {
             Ok(fence) => {
-                let group_state = Arc::new(DrainGroup { fence, hashes });
+                let group_state = Arc::new(DrainGroup {
+                    fence,
+                    hashes,
+                    copied: std::sync::OnceLock::new(),
+                });
                 for (member, m) in group.into_iter().enumerate() {
                     meta.draining.push_back(Drain {
                         id: m.id,
