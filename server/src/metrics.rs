@@ -502,6 +502,64 @@ impl Collector for CacheCollector {
                 single(&mut encoder, kind, name, help, v)?;
             }
         }
+        if !s.hbm.is_empty() {
+            // One sample per device, labelled by its ordinal.
+            let devices: Vec<String> = s.hbm.iter().map(|h| h.ordinal.to_string()).collect();
+            type Get = fn(&kvstrata_tiers::HbmStats) -> u64;
+            let hbm: [(Kind, &str, &str, Get); 7] = [
+                (
+                    Kind::Counter,
+                    "kvstrata_hbm_demoted_blocks",
+                    "Blocks copied from the HBM tier to the host tier",
+                    |h| h.demoted,
+                ),
+                (
+                    Kind::Counter,
+                    "kvstrata_hbm_demote_skipped_blocks",
+                    "Blocks that left the HBM tier without a copy (the host tier held the same bytes)",
+                    |h| h.demote_skipped,
+                ),
+                (
+                    Kind::Counter,
+                    "kvstrata_hbm_demote_dropped_blocks",
+                    "Blocks dropped on the way out of the HBM tier (no host room, failed copy or check)",
+                    |h| h.demote_dropped,
+                ),
+                (
+                    Kind::Counter,
+                    "kvstrata_hbm_promoted_blocks",
+                    "Blocks copied from the host tier into the HBM tier",
+                    |h| h.promoted,
+                ),
+                (
+                    Kind::Counter,
+                    "kvstrata_hbm_checksum_failures",
+                    "Blocks whose bytes did not match their checksum on the way out of the HBM tier (dropped)",
+                    |h| h.checksum_failures,
+                ),
+                (
+                    Kind::Gauge,
+                    "kvstrata_hbm_draining_blocks",
+                    "Blocks whose copy out of the HBM tier is in flight",
+                    |h| h.draining,
+                ),
+                (
+                    Kind::Gauge,
+                    "kvstrata_gpu_staging_cached_bytes",
+                    "Pinned staging buffers a device keeps for reuse",
+                    |h| h.staging_cached_bytes,
+                ),
+            ];
+            for (kind, name, help, get) in hbm {
+                let values: Vec<(&str, u64)> = s
+                    .hbm
+                    .iter()
+                    .zip(&devices)
+                    .map(|(h, d)| (d.as_str(), get(h)))
+                    .collect();
+                family(&mut encoder, kind, name, help, "device", &values)?;
+            }
+        }
         if let Some(r) = &s.remote {
             let remote: [(Kind, &str, &str, u64); 15] = [
                 (

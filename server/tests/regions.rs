@@ -850,6 +850,21 @@ async fn direct_path_round_trips_byte_for_byte_in_both_layouts() {
             )
         );
     }
+    // The HBM tier's movement, per device.
+    let m = r.metrics().await;
+    for family in [
+        "kvstrata_hbm_demoted_blocks_total{device=\"0\"}",
+        "kvstrata_hbm_promoted_blocks_total{device=\"0\"}",
+        "kvstrata_hbm_demote_dropped_blocks_total{device=\"0\"}",
+        "kvstrata_hbm_draining_blocks{device=\"0\"}",
+        "kvstrata_gpu_staging_cached_bytes{device=\"0\"}",
+    ] {
+        assert!(m.contains(family), "no {family} in\n{m}");
+    }
+    assert!(
+        m.contains("kvstrata_hbm_checksum_failures_total{device=\"0\"} 0"),
+        "{m}"
+    );
     r.stop().await;
 }
 

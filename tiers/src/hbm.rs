@@ -214,6 +214,9 @@ pub struct HbmStats {
     pub checksum_failures: u64,
     /// Blocks whose copy out is in flight now.
     pub draining: u64,
+    /// Bytes of pinned staging buffers the device keeps for reuse
+    /// ([`Gpu::staging`]).
+    pub staging_cached_bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -408,6 +411,7 @@ impl HbmTier {
             promoted: m.promoted.load(Ordering::Relaxed),
             checksum_failures: m.checksum_failures.load(Ordering::Relaxed),
             draining: inner.meta.lock().draining.len() as u64,
+            staging_cached_bytes: inner.gpu.staging_cached_bytes() as u64,
         }
     }
 
