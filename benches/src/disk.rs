@@ -670,47 +670,57 @@ fn write_phase(
     keys: &[BlockKey],
 ) -> Result<(OpAccum, Duration), BenchError> {
     let calls = keys.len().div_ceil(plan.queue_depth);
+    with_writers(plan, |t| {
+        let mut acc = OpAccum::new()?;
+        let mut bufs: Vec<Vec<u8>> = (0..plan.queue_depth)
+            .map(|_| pattern.base.clone())
+            .collect();
+        for c in (t..calls).step_by(plan.threads) {
+            let range = call_range(c, plan.queue_depth, keys.len());
+            for (buf, i) in bufs.iter_mut().zip(range.clone()) {
+                pattern.fill(i as u64, buf);
+            }
+            let items: Vec<DiskPut<'_>> = keys[range.clone()]
+                .iter()
+                .zip(&bufs)
+                .map(|(k, b)| DiskPut {
+                    key: *k,
+                    parent: None,
+                    payload: b,
+                })
+                .collect();
+            let t0 = Instant::now();
+            let outcomes = tier.put_many(&NAMESPACE, &items);
+            acc.record_latency(t0.elapsed());
+            acc.blocks += items.len() as u64;
+            for (i, o) in range.zip(outcomes) {
+                if o == PutOutcome::Stored {
+                    acc.hits += 1;
+                    acc.bytes += plan.block as u64;
+                } else {
+                    return Err(BenchError::DiskPut {
+                        block: i as u64,
+                        outcome: format!("{o:?}"),
+                    });
+                }
+            }
+        }
+        Ok(acc)
+    })
+}
+
+/// Runs `plan.threads` writers (`writer(t)`: writer `t`) at once; returns
+/// their merged counters and the wall time.
+fn with_writers<F>(plan: &DiskPlan, writer: F) -> Result<(OpAccum, Duration), BenchError>
+where
+    F: Fn(usize) -> Result<OpAccum, BenchError> + Sync,
+{
     let started = Instant::now();
     let results: Vec<Result<OpAccum, BenchError>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..plan.threads)
             .map(|t| {
-                s.spawn(move || -> Result<OpAccum, BenchError> {
-                    let mut acc = OpAccum::new()?;
-                    let mut bufs: Vec<Vec<u8>> = (0..plan.queue_depth)
-                        .map(|_| pattern.base.clone())
-                        .collect();
-                    for c in (t..calls).step_by(plan.threads) {
-                        let range = call_range(c, plan.queue_depth, keys.len());
-                        for (buf, i) in bufs.iter_mut().zip(range.clone()) {
-                            pattern.fill(i as u64, buf);
-                        }
-                        let items: Vec<DiskPut<'_>> = keys[range.clone()]
-                            .iter()
-                            .zip(&bufs)
-                            .map(|(k, b)| DiskPut {
-                                key: *k,
-                                parent: None,
-                                payload: b,
-                            })
-                            .collect();
-                        let t0 = Instant::now();
-                        let outcomes = tier.put_many(&NAMESPACE, &items);
-                        acc.record_latency(t0.elapsed());
-                        acc.blocks += items.len() as u64;
-                        for (i, o) in range.zip(outcomes) {
-                            if o == PutOutcome::Stored {
-                                acc.hits += 1;
-                                acc.bytes += plan.block as u64;
-                            } else {
-                                return Err(BenchError::DiskPut {
-                                    block: i as u64,
-                                    outcome: format!("{o:?}"),
-                                });
-                            }
-                        }
-                    }
-                    Ok(acc)
-                })
+                let writer = &writer;
+                s.spawn(move || writer(t))
             })
             .collect();
         handles
@@ -751,56 +761,42 @@ fn write_stream_phase(
     pattern: &Pattern,
     keys: &[BlockKey],
 ) -> Result<(OpAccum, Duration), BenchError> {
-    let started = Instant::now();
-    let results: Vec<Result<OpAccum, BenchError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..plan.threads)
-            .map(|t| {
-                s.spawn(move || -> Result<OpAccum, BenchError> {
-                    let mut acc = OpAccum::new()?;
-                    let free: RefCell<Vec<Vec<u8>>> = RefCell::new(Vec::new());
-                    let mine: Vec<usize> = (t..keys.len()).step_by(plan.threads).collect();
-                    let items = mine.iter().map(|&i| {
-                        let mut buf = free
-                            .borrow_mut()
-                            .pop()
-                            .unwrap_or_else(|| pattern.base.clone());
-                        pattern.fill(i as u64, &mut buf);
-                        StreamPut {
-                            key: keys[i],
-                            parent: None,
-                            payload: Recycled { buf, free: &free },
-                        }
-                    });
-                    let mut failed: Option<(u64, PutOutcome)> = None;
-                    let t0 = Instant::now();
-                    tier.put_stream(&NAMESPACE, items, plan.queue_depth, |k, o| {
-                        if o == PutOutcome::Stored {
-                            acc.hits += 1;
-                            acc.bytes += plan.block as u64;
-                        } else {
-                            failed.get_or_insert((mine[k] as u64, o));
-                        }
-                    });
-                    acc.record_latency(t0.elapsed());
-                    acc.blocks += mine.len() as u64;
-                    if let Some((block, o)) = failed {
-                        return Err(BenchError::DiskPut {
-                            block,
-                            outcome: format!("{o:?}"),
-                        });
-                    }
-                    Ok(acc)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| joined(h, "a writer panicked"))
-            .collect()
-    });
-    let elapsed = started.elapsed();
-    let total = merged(results)?;
-    Ok((total, elapsed))
+    with_writers(plan, |t| {
+        let mut acc = OpAccum::new()?;
+        let free: RefCell<Vec<Vec<u8>>> = RefCell::new(Vec::new());
+        let mine: Vec<usize> = (t..keys.len()).step_by(plan.threads).collect();
+        let items = mine.iter().map(|&i| {
+            let mut buf = free
+                .borrow_mut()
+                .pop()
+                .unwrap_or_else(|| pattern.base.clone());
+            pattern.fill(i as u64, &mut buf);
+            StreamPut {
+                key: keys[i],
+                parent: None,
+                payload: Recycled { buf, free: &free },
+            }
+        });
+        let mut failed: Option<(u64, PutOutcome)> = None;
+        let t0 = Instant::now();
+        tier.put_stream(&NAMESPACE, items, plan.queue_depth, |k, o| {
+            if o == PutOutcome::Stored {
+                acc.hits += 1;
+                acc.bytes += plan.block as u64;
+            } else {
+                failed.get_or_insert((mine[k] as u64, o));
+            }
+        });
+        acc.record_latency(t0.elapsed());
+        acc.blocks += mine.len() as u64;
+        if let Some((block, o)) = failed {
+            return Err(BenchError::DiskPut {
+                block,
+                outcome: format!("{o:?}"),
+            });
+        }
+        Ok(acc)
+    })
 }
 
 /// The read phase with `--stream`: caller `t` streams `order[t]`,
@@ -813,75 +809,39 @@ fn read_stream_phase(
     keys: &[BlockKey],
     order: &[u64],
 ) -> Result<(OpAccum, Duration, Verified), BenchError> {
-    let (tx, rx) = mpsc::sync_channel::<Vec<(u64, Bytes)>>(4 * plan.threads);
-    let started = Instant::now();
-    let (results, elapsed, verified) = std::thread::scope(|s| {
-        let verifier = s.spawn(move || {
-            let mut v = Verified::default();
-            for batch in rx {
-                for (i, bytes) in batch {
-                    v.blocks += 1;
-                    if let Some(why) = pattern.check(i, &bytes) {
-                        v.failures += 1;
-                        v.first.get_or_insert(why);
-                    }
+    with_verifier(plan, pattern, |t, tx| {
+        let mut acc = OpAccum::new()?;
+        let mine: Vec<u64> = order
+            .iter()
+            .skip(t)
+            .step_by(plan.threads)
+            .copied()
+            .collect();
+        let stream_keys: Vec<BlockKey> = mine.iter().map(|&i| keys[i as usize]).collect();
+        let mut batch = Vec::with_capacity(plan.queue_depth);
+        let mut verifier_gone = false;
+        let t0 = Instant::now();
+        tier.get_stream(&NAMESPACE, &stream_keys, plan.queue_depth, |k, g| {
+            match g {
+                Some(b) => {
+                    acc.hits += 1;
+                    acc.bytes += b.len() as u64;
+                    batch.push((mine[k], b));
                 }
+                None => acc.misses += 1,
             }
-            v
+            if batch.len() >= plan.queue_depth && !verifier_gone {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(plan.queue_depth));
+                verifier_gone = tx.send(full).is_err();
+            }
         });
-        let handles: Vec<_> = (0..plan.threads)
-            .map(|t| {
-                let tx = tx.clone();
-                s.spawn(move || -> Result<OpAccum, BenchError> {
-                    let mut acc = OpAccum::new()?;
-                    let mine: Vec<u64> = order
-                        .iter()
-                        .skip(t)
-                        .step_by(plan.threads)
-                        .copied()
-                        .collect();
-                    let stream_keys: Vec<BlockKey> =
-                        mine.iter().map(|&i| keys[i as usize]).collect();
-                    let mut batch = Vec::with_capacity(plan.queue_depth);
-                    let mut verifier_gone = false;
-                    let t0 = Instant::now();
-                    tier.get_stream(&NAMESPACE, &stream_keys, plan.queue_depth, |k, g| {
-                        match g {
-                            Some(b) => {
-                                acc.hits += 1;
-                                acc.bytes += b.len() as u64;
-                                batch.push((mine[k], b));
-                            }
-                            None => acc.misses += 1,
-                        }
-                        if batch.len() >= plan.queue_depth && !verifier_gone {
-                            let full =
-                                std::mem::replace(&mut batch, Vec::with_capacity(plan.queue_depth));
-                            verifier_gone = tx.send(full).is_err();
-                        }
-                    });
-                    acc.record_latency(t0.elapsed());
-                    acc.blocks += mine.len() as u64;
-                    if verifier_gone || (!batch.is_empty() && tx.send(batch).is_err()) {
-                        return Err(BenchError::Thread("the verifier stopped".into()));
-                    }
-                    Ok(acc)
-                })
-            })
-            .collect();
-        drop(tx);
-        let results: Vec<Result<OpAccum, BenchError>> = handles
-            .into_iter()
-            .map(|h| joined(h, "a reader panicked"))
-            .collect();
-        let elapsed = started.elapsed();
-        let verified = verifier
-            .join()
-            .map_err(|_| BenchError::Thread("the verifier panicked".into()));
-        (results, elapsed, verified)
-    });
-    let total = merged(results)?;
-    Ok((total, elapsed, verified?))
+        acc.record_latency(t0.elapsed());
+        acc.blocks += mine.len() as u64;
+        if verifier_gone || (!batch.is_empty() && tx.send(batch).is_err()) {
+            return Err(BenchError::Thread("the verifier stopped".into()));
+        }
+        Ok(acc)
+    })
 }
 
 /// What the verifier found.
@@ -902,8 +862,51 @@ fn read_phase(
     order: &[u64],
 ) -> Result<(OpAccum, Duration, Verified), BenchError> {
     let calls = order.len().div_ceil(plan.queue_depth);
-    // A few calls of slack per caller, so checking never stalls a caller
-    // but buffers are not held for long.
+    with_verifier(plan, pattern, |t, tx| {
+        let mut acc = OpAccum::new()?;
+        let mut batch_keys = Vec::with_capacity(plan.queue_depth);
+        for c in (t..calls).step_by(plan.threads) {
+            let idx = &order[call_range(c, plan.queue_depth, order.len())];
+            batch_keys.clear();
+            for &i in idx {
+                batch_keys.push(keys[i as usize]);
+            }
+            let t0 = Instant::now();
+            let got = tier.get_many(&NAMESPACE, &batch_keys);
+            acc.record_latency(t0.elapsed());
+            acc.blocks += idx.len() as u64;
+            let mut batch = Vec::with_capacity(idx.len());
+            for (&i, g) in idx.iter().zip(got) {
+                match g {
+                    Some(b) => {
+                        acc.hits += 1;
+                        acc.bytes += b.len() as u64;
+                        batch.push((i, b));
+                    }
+                    None => acc.misses += 1,
+                }
+            }
+            if tx.send(batch).is_err() {
+                return Err(BenchError::Thread("the verifier stopped".into()));
+            }
+        }
+        Ok(acc)
+    })
+}
+
+/// Runs `plan.threads` readers (`reader(t, tx)`: reader `t`, sending the
+/// blocks it read to `tx`) beside one verifier that checks every block
+/// against `pattern`; returns the merged counters, the wall time and what
+/// the verifier found. A few batches of slack per reader, so checking never
+/// stalls a reader but buffers are not held for long.
+fn with_verifier<F>(
+    plan: &DiskPlan,
+    pattern: &Pattern,
+    reader: F,
+) -> Result<(OpAccum, Duration, Verified), BenchError>
+where
+    F: Fn(usize, mpsc::SyncSender<Vec<(u64, Bytes)>>) -> Result<OpAccum, BenchError> + Sync,
+{
     let (tx, rx) = mpsc::sync_channel::<Vec<(u64, Bytes)>>(4 * plan.threads);
     let started = Instant::now();
     let (results, elapsed, verified) = std::thread::scope(|s| {
@@ -923,36 +926,8 @@ fn read_phase(
         let handles: Vec<_> = (0..plan.threads)
             .map(|t| {
                 let tx = tx.clone();
-                s.spawn(move || -> Result<OpAccum, BenchError> {
-                    let mut acc = OpAccum::new()?;
-                    let mut batch_keys = Vec::with_capacity(plan.queue_depth);
-                    for c in (t..calls).step_by(plan.threads) {
-                        let idx = &order[call_range(c, plan.queue_depth, order.len())];
-                        batch_keys.clear();
-                        for &i in idx {
-                            batch_keys.push(keys[i as usize]);
-                        }
-                        let t0 = Instant::now();
-                        let got = tier.get_many(&NAMESPACE, &batch_keys);
-                        acc.record_latency(t0.elapsed());
-                        acc.blocks += idx.len() as u64;
-                        let mut batch = Vec::with_capacity(idx.len());
-                        for (&i, g) in idx.iter().zip(got) {
-                            match g {
-                                Some(b) => {
-                                    acc.hits += 1;
-                                    acc.bytes += b.len() as u64;
-                                    batch.push((i, b));
-                                }
-                                None => acc.misses += 1,
-                            }
-                        }
-                        if tx.send(batch).is_err() {
-                            return Err(BenchError::Thread("the verifier stopped".into()));
-                        }
-                    }
-                    Ok(acc)
-                })
+                let reader = &reader;
+                s.spawn(move || reader(t, tx))
             })
             .collect();
         drop(tx);

@@ -85,7 +85,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use kvstrata_kernels::{
     CopyOp, DEFAULT_DMA_THRESHOLD, DeviceBuffer, Fence, Gpu, GpuError, GpuStream, HashRun,
-    PinnedBuffer, StagingBuffer,
+    StagingBuffer,
 };
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use rayon::prelude::*;
@@ -164,8 +164,9 @@ pub struct HbmTierConfig {
     /// served from the host tier into this device's HBM tier afterwards.
     /// Default true.
     pub promote_on_device_get: bool,
-    /// Size of the pinned buffer device slots are read back through to
-    /// compute their checksums (grown to one block if smaller). Default 16 MiB.
+    /// Bytes of device slots read back per batch through a pinned staging
+    /// buffer (at least one block), to compute their checksums when they
+    /// cannot be hashed on the device. Default 16 MiB.
     pub staging_bytes: u64,
     /// Blocks of at least this many bytes move between T0 and T1 with DMA
     /// (`cuMemcpyAsync`), smaller ones with the batched-copy kernel. Default
@@ -307,7 +308,6 @@ struct Inner {
     /// copies them.
     hash_stream: GpuStream,
     read_stream: GpuStream,
-    staging: Mutex<Option<PinnedBuffer>>,
     /// Whether a failed device hash has been logged (once).
     hash_fallback_logged: std::sync::atomic::AtomicBool,
     counters: TierCounters,
@@ -367,7 +367,6 @@ impl HbmTier {
                 }),
                 reaped: Condvar::new(),
                 host,
-                staging: Mutex::new(None),
                 hash_fallback_logged: std::sync::atomic::AtomicBool::new(false),
                 counters: TierCounters::default(),
                 moves: MoveCounters::default(),
@@ -684,8 +683,8 @@ impl HbmTier {
     }
 
     /// Reads device-reachable blocks of `len` bytes each (slots of this tier
-    /// or any address the device reaches) back to the host through the
-    /// staging buffer, a batch at a time, and hands each batch to `f`: the
+    /// or any address the device reaches) back to the host through a pinned
+    /// buffer lent by [`Gpu::staging`], `staging_bytes` at a time, and hands each batch to `f`: the
     /// position in `addrs` of its first block, and the blocks' bytes.
     pub fn read_back(
         &self,
@@ -697,18 +696,11 @@ impl HbmTier {
             return Ok(());
         }
         let inner = &self.inner;
-        let mut staging = inner.staging.lock();
-        let want = (inner.config.staging_bytes as usize).max(len);
-        if staging.as_ref().is_none_or(|b| b.len() < len) {
-            *staging = None;
-            *staging = Some(inner.gpu.alloc_pinned(want)?);
-        }
-        let Some(buf) = staging.as_ref() else {
-            return Err(GpuError::Unsupported {
-                what: "staging buffer",
-            });
-        };
-        let per_batch = (buf.len() / len).max(1);
+        let per_batch = (inner.config.staging_bytes as usize / len)
+            .max(1)
+            .min(addrs.len());
+        let buf = inner.gpu.staging(per_batch * len)?;
+        let stream = &inner.read_stream;
         for (b, chunk) in addrs.chunks(per_batch).enumerate() {
             let ops: Vec<CopyOp> = chunk
                 .iter()
@@ -719,14 +711,17 @@ impl HbmTier {
                     len: len as u64,
                 })
                 .collect();
-            // SAFETY: the staging buffer is ours (its lock), large enough for
-            // the chunk; the sources are the caller's readable blocks.
-            unsafe {
-                inner
-                    .read_stream
-                    .copy_blocks(&ops, inner.config.dma_threshold)?
-            };
-            inner.read_stream.record()?.wait()?;
+            // SAFETY: the staging buffer is lent to this call alone, large
+            // enough for the chunk; the sources are the caller's readable
+            // blocks.
+            let copied = unsafe { stream.copy_blocks(&ops, inner.config.dma_threshold) }
+                .and_then(|()| stream.record())
+                .and_then(|f| f.wait());
+            if let Err(e) = copied {
+                // Nothing may still write the buffer when it goes back.
+                let _ = stream.synchronize();
+                return Err(e);
+            }
             let blocks: Vec<&[u8]> = buf.as_slice().chunks_exact(len).take(chunk.len()).collect();
             f(b * per_batch, &blocks);
         }

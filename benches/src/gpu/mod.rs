@@ -391,13 +391,17 @@ fn movement_through_cache(
     let t = std::time::Instant::now();
     let (evicted, _) = cache.evict(&ns, &[], true).map_err(|e| e.to_string())?;
     let demote = t.elapsed().as_secs_f64();
-    let t = std::time::Instant::now();
-    let found = cache
-        .get_to_device(&ns, 0, &keys, |blocks| {
-            blocks.iter().filter(|b| b.is_some()).count()
-        })
-        .map_err(|e| e.to_string())?;
-    let promote = t.elapsed().as_secs_f64();
+    // `get_to_device` of `keys`: blocks found, seconds.
+    let promote_all = |keys: &[kvstrata_tiers::BlockKey]| -> Result<(usize, f64), String> {
+        let t = std::time::Instant::now();
+        let found = cache
+            .get_to_device(&ns, 0, keys, |blocks| {
+                blocks.iter().filter(|b| b.is_some()).count()
+            })
+            .map_err(|e| e.to_string())?;
+        Ok((found, t.elapsed().as_secs_f64()))
+    };
+    let (found, promote) = promote_all(&keys)?;
     if evicted as usize != n || found != n {
         return Err(format!("{evicted} demoted and {found} found of {n} blocks"));
     }
@@ -408,13 +412,7 @@ fn movement_through_cache(
     cache.evict(&ns, &[], true).map_err(|e| e.to_string())?;
     let mut shuffled = keys.clone();
     rand::seq::SliceRandom::shuffle(&mut shuffled[..], &mut rand::rng());
-    let t = std::time::Instant::now();
-    let found = cache
-        .get_to_device(&ns, 0, &shuffled, |blocks| {
-            blocks.iter().filter(|b| b.is_some()).count()
-        })
-        .map_err(|e| e.to_string())?;
-    let promote_scattered = t.elapsed().as_secs_f64();
+    let (found, promote_scattered) = promote_all(&shuffled)?;
     if found != n {
         return Err(format!("{found} found of {n} blocks in random order"));
     }
