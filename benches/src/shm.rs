@@ -16,8 +16,9 @@ use kvstrata_client::{Region, SharedPool};
 use kvstrata_proto::v1::{BatchGetRequest, BatchPutRequest, PutItem, PutStatus};
 
 use crate::error::BenchError;
+use crate::grpc_conn::Client;
 use crate::payload::HEADER_BYTES;
-use crate::runner::{Client, Outcome, Shared};
+use crate::runner::{Outcome, Shared};
 
 /// One task's gRPC client, pool and per-slot regions.
 pub(crate) struct ShmConn {

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use hyper_util::rt::TokioIo;
 use kvstrata_proto::v1 as proto;
 use kvstrata_proto::v1::kv_cache_client::KvCacheClient;
-use kvstrata_tiers::{Dtype, Layout, NamespaceId, NamespacePolicy, NamespaceSpec};
+use kvstrata_types::{NamespaceId, NamespacePolicy, NamespaceSpec, spec_to_proto};
 use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
@@ -240,44 +240,6 @@ pub struct RegisteredNamespace {
     pub block_bytes: u64,
     /// False when the namespace was already registered.
     pub created: bool,
-}
-
-/// The wire form of a spec (dtype and layout codes are the Rust enums' discriminants).
-pub fn spec_to_proto(spec: &NamespaceSpec) -> proto::NamespaceSpec {
-    proto::NamespaceSpec {
-        model_id: spec.model_id.clone(),
-        model_fingerprint: Bytes::copy_from_slice(&spec.model_fingerprint),
-        num_layers: spec.num_layers,
-        num_kv_heads: spec.num_kv_heads,
-        head_dim: spec.head_dim,
-        dtype: spec.dtype as i32,
-        block_tokens: spec.block_tokens,
-        layout: spec.layout as i32,
-        tp_rank: spec.tp_rank,
-        tp_size: spec.tp_size,
-        opaque_block_bytes: spec.opaque_block_bytes,
-    }
-}
-
-/// A spec from its wire form; unknown dtype or layout codes are an error.
-pub fn spec_from_proto(spec: &proto::NamespaceSpec) -> Result<NamespaceSpec, ClientError> {
-    let dtype = Dtype::from_code(spec.dtype)
-        .ok_or_else(|| ClientError::InvalidResponse(format!("unknown dtype {}", spec.dtype)))?;
-    let layout = Layout::from_code(spec.layout)
-        .ok_or_else(|| ClientError::InvalidResponse(format!("unknown layout {}", spec.layout)))?;
-    Ok(NamespaceSpec {
-        model_id: spec.model_id.clone(),
-        model_fingerprint: spec.model_fingerprint.to_vec(),
-        num_layers: spec.num_layers,
-        num_kv_heads: spec.num_kv_heads,
-        head_dim: spec.head_dim,
-        dtype,
-        block_tokens: spec.block_tokens,
-        layout,
-        tp_rank: spec.tp_rank,
-        tp_size: spec.tp_size,
-        opaque_block_bytes: spec.opaque_block_bytes,
-    })
 }
 
 fn ns_bytes(ns: &NamespaceId) -> Bytes {
@@ -846,50 +808,6 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn spec_round_trips_through_proto() {
-        let mut spec = NamespaceSpec::layer_major("m", 2, 3, 4, Dtype::Fp8E5m2, 16);
-        spec.model_fingerprint = vec![1, 2, 3];
-        spec.tp_rank = 1;
-        spec.tp_size = 4;
-        let wire = spec_to_proto(&spec);
-        assert_eq!(wire.dtype, proto::Dtype::Fp8E5m2 as i32);
-        assert_eq!(wire.layout, proto::Layout::LayerMajor as i32);
-        assert_eq!(spec_from_proto(&wire).unwrap(), spec);
-        let mut opaque = spec.clone();
-        opaque.layout = Layout::Opaque;
-        opaque.opaque_block_bytes = 4096;
-        let wire = spec_to_proto(&opaque);
-        assert_eq!(wire.layout, proto::Layout::Opaque as i32);
-        assert_eq!(spec_from_proto(&wire).unwrap(), opaque);
-    }
-
-    #[test]
-    fn enum_codes_match_the_wire() {
-        for (rust, wire) in [
-            (Dtype::F16, proto::Dtype::F16),
-            (Dtype::Bf16, proto::Dtype::Bf16),
-            (Dtype::F32, proto::Dtype::F32),
-            (Dtype::Fp8E4m3, proto::Dtype::Fp8E4m3),
-            (Dtype::Fp8E5m2, proto::Dtype::Fp8E5m2),
-            (Dtype::Int8, proto::Dtype::Int8),
-        ] {
-            assert_eq!(rust as i32, wire as i32);
-        }
-        assert_eq!(Layout::LayerMajor as i32, proto::Layout::LayerMajor as i32);
-        assert_eq!(Layout::Opaque as i32, proto::Layout::Opaque as i32);
-    }
-
-    #[test]
-    fn unknown_codes_are_refused() {
-        let mut wire = spec_to_proto(&NamespaceSpec::layer_major("m", 1, 1, 1, Dtype::F16, 1));
-        wire.dtype = 0;
-        assert!(spec_from_proto(&wire).is_err());
-        wire.dtype = 1;
-        wire.layout = 9;
-        assert!(spec_from_proto(&wire).is_err());
-    }
 
     #[test]
     fn put_item_without_parent_sends_empty_parent() {

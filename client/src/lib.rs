@@ -10,33 +10,29 @@
 //!   without a GPU) registered with the daemon, for [`Client::put_pages`] and
 //!   [`Client::get_pages`] (page ids instead of payloads; [`region`]).
 //! - [`hash`]: the canonical chained block hash (`docs/hashing.md`).
-//! - [`router`]: cache-aware routing over several daemons (follows their `Watch`
-//!   streams, picks the node with the best tier-weighted prefix; `docs/routing.md`).
-//! - [`cli`]: the command-line verbs (`stats`, `ls`, `get`, `put`, ...) as a
-//!   library, flattened into the `kvstrata` binary by the server crate.
+//! - [`NamespaceSpec`], [`NamespaceId`] and the other types the methods take
+//!   and return, [`spec_to_proto`] / [`spec_from_proto`] and the hash are
+//!   `kvstrata-types`' (re-exported here), shared with the daemon.
 //! - [`default_uds_path`] / [`default_target`]: where the daemon listens by default.
 
-pub mod cli;
 mod client;
 mod error;
-pub mod hash;
 pub mod pool;
 pub mod region;
-pub mod router;
 mod target;
 
 pub use client::{
     BearerToken, Client, ClientOptions, ClientStream, ClientTls, PutItem, RegionPutItem,
-    RegisteredNamespace, spec_from_proto, spec_to_proto,
+    RegisteredNamespace,
 };
 pub use error::ClientError;
-pub use hash::{BlockHash, block_keys, chain_keys, next_block_key};
+pub use kvstrata_types::hash::{self, BlockHash, block_keys, chain_keys, next_block_key};
+pub use kvstrata_types::{
+    Dtype, Layout, NamespaceId, NamespacePolicy, NamespaceSpec, PageLayout, PagedGeometry,
+    spec_from_proto, spec_to_proto,
+};
 pub use pool::{Region, SharedPool};
 pub use region::{KvRegion, KvRegionError, PagesPutItem};
-pub use router::{
-    Decision, InFlight, NodeSpec, NodeStatus, Router, RouterConfig, RouterError, RouterStats,
-    TierWeights,
-};
 pub use target::{DEFAULT_TCP_TARGET, Target, default_target, default_uds_path};
 
 /// The generated wire types of `kvstrata.v1`, re-exported for convenience.

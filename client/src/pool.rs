@@ -6,12 +6,13 @@
 //! pools"). [`SharedPool::create`] makes an anonymous memory file
 //! (`memfd_create`), maps it read-write, and registers it on the daemon's
 //! mempool socket (`kvstrata serve --mempool-socket PATH`) by passing the file
-//! descriptor with `SCM_RIGHTS`, in the wire format SGLang HiCache uses:
-//! 8 bytes little-endian magic `0x8DF6FBFD`, a u32 little-endian name length,
-//! the name, with the descriptor attached; the daemon answers a u32
-//! little-endian pool id. The registration connection stays open for the life
-//! of the [`SharedPool`]; dropping the pool closes it, and the daemon unmaps the
-//! pool (later requests naming it get `region_error` / `BadRegion`).
+//! descriptor with `SCM_RIGHTS`, in the wire format SGLang HiCache uses
+//! ([`kvstrata_types::wire::pool`]): 8 bytes little-endian magic `0x8DF6FBFD`,
+//! a u32 little-endian name length, the name, with the descriptor attached;
+//! the daemon answers a u32 little-endian pool id. The registration
+//! connection stays open for the life of the [`SharedPool`]; dropping the pool
+//! closes it, and the daemon unmaps the pool (later requests naming it get
+//! `region_error` / `BadRegion`).
 //!
 //! [`SharedPool::alloc`] hands out [`Region`]s: 64-byte aligned byte ranges of
 //! the pool (first fit, freed ranges are coalesced). A region frees itself when
@@ -28,7 +29,7 @@
 //! # async fn demo() -> Result<(), kvstrata_client::ClientError> {
 //! use kvstrata_client::{Client, RegionPutItem, SharedPool};
 //! use kvstrata_client::proto::PutStatus;
-//! use kvstrata_tiers::{Dtype, NamespaceSpec};
+//! use kvstrata_client::{Dtype, NamespaceSpec};
 //!
 //! let client = Client::connect("unix:///run/kvstrata/kvstrata.sock").await?;
 //! let spec = NamespaceSpec::layer_major("my-model", 30, 3, 64, Dtype::F16, 16);
@@ -63,6 +64,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use kvstrata_proto::v1 as proto;
+use kvstrata_types::wire::pool as wire;
 use memmap2::{MmapOptions, MmapRaw};
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
@@ -72,10 +74,6 @@ use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
 use crate::error::ClientError;
 use crate::target::Target;
 
-/// Magic that opens a pool registration (SGLang HiCache's mempool protocol).
-pub const POOL_MAGIC: u64 = 0x8DF6_FBFD;
-/// Longest pool name the daemon accepts, in bytes.
-pub const MAX_POOL_NAME_BYTES: usize = 240;
 /// Alignment of every [`Region`]'s offset, in bytes.
 pub const REGION_ALIGN: usize = 64;
 /// How long [`SharedPool::create`] waits for the daemon's answer.
@@ -134,10 +132,11 @@ impl SharedPool {
             name: name.to_string(),
             reason,
         };
-        if name.is_empty() || name.len() > MAX_POOL_NAME_BYTES {
+        if name.is_empty() || name.len() > wire::MAX_NAME_BYTES {
             return Err(invalid(format!(
-                "the name is {} bytes; it must be 1 to {MAX_POOL_NAME_BYTES}",
-                name.len()
+                "the name is {} bytes; it must be 1 to {}",
+                name.len(),
+                wire::MAX_NAME_BYTES
             )));
         }
         if name.contains('\0') {
@@ -264,11 +263,7 @@ fn register(
     conn.set_read_timeout(Some(REGISTER_TIMEOUT))
         .and_then(|()| conn.set_write_timeout(Some(REGISTER_TIMEOUT)))
         .map_err(|e| io("set socket timeouts", e))?;
-    let name_len = u32::try_from(name.len()).unwrap_or(u32::MAX).to_le_bytes();
-    let mut preamble = Vec::with_capacity(12 + name.len());
-    preamble.extend_from_slice(&POOL_MAGIC.to_le_bytes());
-    preamble.extend_from_slice(&name_len);
-    preamble.extend_from_slice(name.as_bytes());
+    let preamble = wire::encode_preamble(name);
     let fds = [file.as_raw_fd()];
     let cmsgs = [ControlMessage::ScmRights(&fds)];
     let iov = [IoSlice::new(&preamble)];
@@ -288,7 +283,7 @@ fn register(
             ),
         ));
     }
-    let mut answer = [0u8; 4];
+    let mut answer = [0u8; wire::REPLY_BYTES];
     match (&*conn).read_exact(&mut answer) {
         Ok(()) => {}
         Err(e)
@@ -310,14 +305,12 @@ fn register(
         }
         Err(e) => return Err(io("read the pool id", e)),
     }
-    let id = u32::from_le_bytes(answer);
-    if id == 0 {
-        return Err(ClientError::InvalidResponse(format!(
-            "mempool socket {} answered pool id 0 for pool {name:?}",
+    wire::parse_reply(answer).map_err(|e| {
+        ClientError::InvalidResponse(format!(
+            "mempool socket {} answered an invalid reply for pool {name:?}: {e}",
             path.display()
-        )));
-    }
-    Ok(id)
+        ))
+    })
 }
 
 /// A byte range of a [`SharedPool`], freed when dropped. It keeps the client's
@@ -536,6 +529,10 @@ mod tests {
             let magic = u64::from_le_bytes(buf[..8].try_into().unwrap());
             let len = u32::from_le_bytes(buf[8..12].try_into().unwrap()) as usize;
             let name = String::from_utf8(buf[12..12 + len].to_vec()).unwrap();
+            assert_eq!(
+                wire::parse_preamble(&buf[..n]),
+                Ok(wire::PreambleParse::Complete(name.clone()))
+            );
             if let Some(id) = answer {
                 conn.write_all(&id.to_le_bytes()).unwrap();
             }
@@ -556,7 +553,7 @@ mod tests {
         let target = format!("unix://{}", path.display());
         let pool = SharedPool::create(&target, "worker-0", 10_000).unwrap();
         let mut reg = daemon.join().unwrap();
-        assert_eq!(reg.magic, POOL_MAGIC);
+        assert_eq!(reg.magic, wire::MAGIC);
         assert_eq!(reg.name, "worker-0");
         assert_eq!(reg.bytes_in_one_message, 12 + "worker-0".len());
         assert_eq!(

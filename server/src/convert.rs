@@ -5,8 +5,8 @@ use kvstrata_proto::v1 as pb;
 use kvstrata_tiers::RemoteStats;
 use kvstrata_tiers::movement::MovementStats;
 use kvstrata_tiers::{
-    BlockKey, BlockMeta, CacheError, CacheEvent, DiskStats, Dtype, EventKind, HeaderInspection,
-    Layout, NamespaceId, NamespaceSpec, TierKind, VerifyReport,
+    BlockKey, BlockMeta, CacheError, CacheEvent, DiskStats, EventKind, HeaderInspection,
+    NamespaceId, NamespaceSpec, TierKind, VerifyReport,
 };
 use tonic::{Code, Status};
 
@@ -22,16 +22,17 @@ pub fn status(e: CacheError) -> Status {
             Code::FailedPrecondition
         }
         CacheError::Device { .. } => Code::Internal,
+        CacheError::Closed => Code::Unavailable,
     };
     Status::new(code, e.to_string())
 }
 
 pub fn namespace_id(field: &str, bytes: &[u8]) -> Result<NamespaceId, Status> {
-    NamespaceId::from_slice(field, bytes).map_err(status)
+    NamespaceId::from_slice(field, bytes).map_err(|e| status(e.into()))
 }
 
 pub fn key(field: &str, bytes: &[u8]) -> Result<BlockKey, Status> {
-    BlockKey::new(field, bytes).map_err(status)
+    BlockKey::new(field, bytes).map_err(|e| status(e.into()))
 }
 
 /// Keys of a batch, with the batch limit applied first.
@@ -63,30 +64,15 @@ pub fn optional_key(field: &str, bytes: &[u8]) -> Result<Option<BlockKey>, Statu
     }
 }
 
+/// A request's spec (`kvstrata_types::spec_from_proto`; the error names the field).
 pub fn spec_from_pb(spec: Option<pb::NamespaceSpec>) -> Result<NamespaceSpec, Status> {
-    let mut s = spec.ok_or_else(|| Status::invalid_argument("spec: missing"))?;
-    if Dtype::from_code(s.dtype).is_none() {
-        return Err(Status::invalid_argument(format!(
-            "spec.dtype: {} is not a known dtype (1 = f16 ... 6 = int8)",
-            s.dtype
-        )));
-    }
-    // LAYOUT_UNSPECIFIED reads as layer-major.
-    if s.layout == 0 {
-        s.layout = Layout::LayerMajor as i32;
-    }
-    if Layout::from_code(s.layout).is_none() {
-        return Err(Status::invalid_argument(format!(
-            "spec.layout: {} is not a known layout",
-            s.layout
-        )));
-    }
-    kvstrata_client::spec_from_proto(&s).map_err(|e| Status::invalid_argument(format!("spec: {e}")))
+    let s = spec.ok_or_else(|| Status::invalid_argument("spec: missing"))?;
+    kvstrata_types::spec_from_proto(&s).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 /// The wire form of a spec (shared with the client).
 pub fn spec_to_pb(s: &NamespaceSpec) -> pb::NamespaceSpec {
-    kvstrata_client::spec_to_proto(s)
+    kvstrata_types::spec_to_proto(s)
 }
 
 pub fn tier_to_pb(t: TierKind) -> pb::Tier {

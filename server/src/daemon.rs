@@ -1,10 +1,13 @@
 //! The running daemon: builds the cache, binds the TCP, Unix-socket and
 //! metrics listeners, runs the gRPC services (kvstrata, health, reflection) and
 //! the lease reaper, and stops them all through one cancellation token.
+//!
+//! [`Daemon::start`] is a list of steps, each a function of this file
+//! (open the cache, build the services, start the listeners, ...); binding
+//! sockets and the HTTP/2 settings are [`crate::transport`]'s.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,12 +15,13 @@ use kvstrata_proto::sglang::storage_server_server::StorageServerServer;
 use kvstrata_proto::v1::kv_cache_server::KvCacheServer;
 use kvstrata_tiers::{BlockCache, TierKind};
 use serde::Serialize;
-use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::server::Router;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic_health::server::HealthReporter;
 
 use crate::auth::{Auth, AuthInterceptor, Owners, Transport};
 use crate::config::{Config, GpuConfig, GpuMode, socket_path};
@@ -29,8 +33,7 @@ use crate::pool::{PoolLimits, PoolRegistry};
 use crate::region::{self, GpuSet, RegionLimits, RegionRegistry};
 use crate::service::{KvCacheService, Limits};
 use crate::sglang::SglangService;
-use crate::uds_authority::AuthorityFix;
-use tokio_stream::StreamExt;
+use crate::transport::{self, listeners};
 
 /// Where a started daemon listens (also written as JSON by `--ready-file`).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -69,335 +72,39 @@ pub struct Daemon {
     tasks: JoinSet<Result<(), DaemonError>>,
 }
 
-const HTTP2_STREAM_WINDOW: u32 = 16 << 20;
-const HTTP2_CONN_WINDOW: u32 = 64 << 20;
-const HTTP2_MAX_FRAME: u32 = (1 << 24) - 1;
+/// How often expired leases are ended.
 const LEASE_REAP_PERIOD: Duration = Duration::from_millis(100);
 /// How often disk access times are persisted (`BlockCache::maintain`).
 const UPKEEP_PERIOD: Duration = Duration::from_secs(5);
 
 impl Daemon {
     /// Starts every listener and task; returns once they are all bound.
+    ///
+    /// The steps, in order: check the configuration, open the cache (on the
+    /// GPUs found), build the services, bind the listeners, serve the
+    /// metrics, start the background tasks.
     pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         config.validate()?;
         config.check_exposure()?;
         let auth = Arc::new(start_auth(&config)?);
         let tls = server_tls(&config)?;
-        // GPU detection: CUDA is loaded at run time; without a library or a
-        // device the daemon runs with host and disk tiers only
-        // (`gpu.enabled = "on"` makes that a start-up error).
-        let gpu_config = config.gpu.clone();
-        let gpu_set = tokio::task::spawn_blocking(move || detect_gpus(&gpu_config))
-            .await
-            .map_err(|e| DaemonError::Task(format!("GPU detection: {e}")))??;
-        // The cache gets every GPU found: the host arena is page-locked with
-        // the first, and with gpu.hbm_bytes > 0 each gets an HBM tier (T0).
-        let cache_gpus: Vec<kvstrata_kernels::Gpu> = gpu_set.devices.clone();
-        let gpu_set = Arc::new(gpu_set);
-        let mut cache_config = config.cache_config()?;
-        if config.gpu.hbm_bytes.as_u64() > 0 && !cache_gpus.is_empty() {
-            cache_config.hbm = Some(kvstrata_tiers::HbmTierConfig {
-                capacity_bytes: config.gpu.hbm_bytes.as_u64(),
-                dma_threshold: config.gpu.dma_threshold.as_u64(),
-                move_group_bytes: config.gpu.move_group_bytes.as_u64(),
-                ..Default::default()
-            });
-        }
-        // Opening the disk tier reads its whole index (about 1 s per million
-        // blocks): off the async workers.
-        let cache = tokio::task::spawn_blocking(move || {
-            let cache = BlockCache::with_gpus(cache_config, cache_gpus)?;
-            // Give the cluster a moment, so the first requests do not all miss.
-            if let Some(r) = cache.remote()
-                && !r.wait_connected(r.config().connect_timeout)
-            {
-                tracing::warn!(nodes = ?r.config().nodes, "remote tier: not connected yet; reads miss until the cluster answers");
-            }
-            Ok::<_, kvstrata_tiers::OpenError>(cache)
-        })
-        .await
-            .map_err(|e| DaemonError::Task(format!("opening the cache: {e}")))??;
-        let cache = Arc::new(cache);
-        let shutdown = CancellationToken::new();
-        let pools = Arc::new(PoolRegistry::new(PoolLimits {
-            max_pools: config.shm.max_pools,
-            max_pool_bytes: config.shm.max_pool_bytes.as_u64(),
-        }));
-        let regions = Arc::new(RegionRegistry::new(
-            RegionLimits {
-                max_regions: config.gpu.max_regions,
-                max_region_bytes: config.gpu.max_region_bytes.as_u64(),
-            },
-            Arc::clone(&gpu_set),
-        ));
-        let mut metrics = Metrics::new(Arc::clone(&cache), Arc::clone(&pools));
-        metrics.register_collector(Box::new(auth.collector()));
-        metrics.register_collector(Box::new(metrics::RegionCollector::new(Arc::clone(
-            &regions,
-        ))));
-        let metrics = Arc::new(metrics);
+        let (cache, gpu_set) = open_cache(&config).await?;
+        let state = DaemonState::new(&config, cache, gpu_set, auth);
+        let services = GrpcServices::build(&config, &state).await?;
         let mut tasks = JoinSet::new();
-        // Overload protection and deadlines (src/limits.rs), shared by the
-        // kvstrata and SGLang services of this daemon.
-        let limiter = Limiter::new(
-            RequestLimits {
-                max_inflight: config.server.max_inflight_requests,
-                request_timeout: Duration::from_millis(config.server.request_timeout_ms),
-                max_blocking: config.server.max_blocking_tasks,
-            },
-            Arc::clone(&metrics),
-        );
-        let service = KvCacheService::new(
-            Arc::clone(&cache),
-            Arc::clone(&pools),
-            Limits {
-                max_batch: config.server.max_batch,
-                blocking: BlockingPool::new(
-                    config.server.max_blocking_tasks,
-                    metrics.blocking_gauge(),
-                ),
-            },
-            Arc::clone(&metrics),
-            shutdown.clone(),
-        )
-        .with_auth(Arc::clone(&auth))
-        .with_regions(Arc::clone(&regions));
-        let max_msg = config.server.max_message_bytes.as_u64() as usize;
-
-        let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter
-            .set_serving::<KvCacheServer<KvCacheService>>()
-            .await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(kvstrata_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| DaemonError::Reflection(e.to_string()))?;
-
-        // The KvCache service answers only callers the auth layer admits
-        // (bearer token on TCP, peer uid on the Unix socket); health and
-        // reflection stay open for probes.
-        let router = |transport: Transport, tls: Option<ServerTlsConfig>| {
-            let builder = match tls {
-                Some(t) => Server::builder()
-                    .tls_config(t)
-                    .map_err(|e| DaemonError::Config(format!("tls: {e}")))?,
-                None => Server::builder(),
-            };
-            Ok::<_, DaemonError>(
-                builder
-                    .initial_stream_window_size(HTTP2_STREAM_WINDOW)
-                    .initial_connection_window_size(HTTP2_CONN_WINDOW)
-                    .max_frame_size(HTTP2_MAX_FRAME)
-                    .max_concurrent_streams(config.server.max_concurrent_streams)
-                    .tcp_nodelay(true)
-                    .add_service(health_service.clone())
-                    .add_service(reflection.clone())
-                    .add_service(InterceptedService::new(
-                        Limited::new(
-                            KvCacheServer::new(service.clone())
-                                .max_decoding_message_size(max_msg)
-                                .max_encoding_message_size(max_msg),
-                            Arc::clone(&limiter),
-                        ),
-                        AuthInterceptor::new(Arc::clone(&auth), transport),
-                    )),
-            )
-        };
-
-        let mut addrs = BoundAddrs {
-            tcp: None,
-            uds: None,
-            metrics: None,
-            mempool: None,
-            sglang: None,
-            kv_region: None,
-        };
-        if !config.server.tcp_addr.is_empty() {
-            let listener = TcpListener::bind(&config.server.tcp_addr)
-                .await
-                .map_err(|source| DaemonError::Listen {
-                    what: format!("tcp {}", config.server.tcp_addr),
-                    source,
-                })?;
-            addrs.tcp = Some(listener.local_addr()?);
-            // Nagle's algorithm would hold back the last frame of a response
-            // waiting for an ACK (40 ms tails); the builder's tcp_nodelay only
-            // applies to listeners it binds itself.
-            let incoming =
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-            let token = shutdown.clone();
-            let r = router(Transport::Tcp, tls)?;
-            tasks.spawn(async move {
-                r.serve_with_incoming_shutdown(incoming, token.cancelled_owned())
-                    .await
-                    .map_err(|e| DaemonError::Task(format!("tcp listener: {e}")))
-            });
-        }
-        if !config.server.uds_path.is_empty() {
-            let path = PathBuf::from(&config.server.uds_path);
-            let listener = bind_unix(&path).await?;
-            addrs.uds = Some(path.clone());
-            let incoming = fixed_unix_incoming(listener);
-            let token = shutdown.clone();
-            let r = router(Transport::Unix, None)?;
-            tasks.spawn(async move {
-                let res = r
-                    .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
-                    .await
-                    .map_err(|e| DaemonError::Task(format!("unix listener: {e}")));
-                let _ = std::fs::remove_file(&path);
-                res
-            });
-        }
-        if !config.shm.mempool_socket.is_empty() {
-            let path = PathBuf::from(socket_path(&config.shm.mempool_socket));
-            let listener = bind_unix(&path).await?;
-            addrs.mempool = Some(path.clone());
-            let token = shutdown.clone();
-            let registry = Arc::clone(&pools);
-            let a = Arc::clone(&auth);
-            tasks.spawn(async move {
-                let res = mempool::serve_checked(listener, registry, token, Some(a))
-                    .await
-                    .map_err(|e| DaemonError::Task(format!("mempool socket: {e}")));
-                let _ = std::fs::remove_file(&path);
-                res
-            });
-        }
-        if !config.gpu.region_socket.is_empty() {
-            let path = PathBuf::from(socket_path(&config.gpu.region_socket));
-            let listener = bind_unix(&path).await?;
-            addrs.kv_region = Some(path.clone());
-            let token = shutdown.clone();
-            let registry = Arc::clone(&regions);
-            let a = Arc::clone(&auth);
-            tasks.spawn(async move {
-                let res = region::serve(listener, registry, token, Some(a))
-                    .await
-                    .map_err(|e| DaemonError::Task(format!("region socket: {e}")));
-                let _ = std::fs::remove_file(&path);
-                res
-            });
-        }
-        if !config.sglang.socket.is_empty() {
-            let path = PathBuf::from(socket_path(&config.sglang.socket));
-            let listener = bind_unix(&path).await?;
-            addrs.sglang = Some(path.clone());
-            let sglang = SglangService::new(
-                Arc::clone(&cache),
-                Arc::clone(&pools),
-                Arc::clone(&metrics),
-                Some(config.sglang.namespace.clone()),
-            );
-            let server = Server::builder()
-                .initial_stream_window_size(HTTP2_STREAM_WINDOW)
-                .initial_connection_window_size(HTTP2_CONN_WINDOW)
-                .max_concurrent_streams(config.server.max_concurrent_streams)
-                .add_service(health_service.clone())
-                .add_service(Limited::new(
-                    StorageServerServer::new(sglang)
-                        .max_decoding_message_size(max_msg)
-                        .max_encoding_message_size(max_msg),
-                    Arc::clone(&limiter),
-                ));
-            // Peers whose uid is not allowed are closed at accept time.
-            let a = Arc::clone(&auth);
-            let incoming = UnixListenerStream::new(listener)
-                .filter(move |r| {
-                    r.as_ref().is_err() || r.as_ref().is_ok_and(|s| a.admit_unix_peer("sglang", s))
-                })
-                .map(|r| r.map(AuthorityFix::new));
-            let token = shutdown.clone();
-            tasks.spawn(async move {
-                let res = server
-                    .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
-                    .await
-                    .map_err(|e| DaemonError::Task(format!("sglang socket: {e}")));
-                let _ = std::fs::remove_file(&path);
-                res
-            });
-        }
-        if !config.server.metrics_addr.is_empty() {
-            let (listener, bound) =
-                metrics::bind(&config.server.metrics_addr)
-                    .await
-                    .map_err(|source| DaemonError::Listen {
-                        what: format!("metrics {}", config.server.metrics_addr),
-                        source,
-                    })?;
-            addrs.metrics = Some(bound);
-            let token = shutdown.clone();
-            let m = Arc::clone(&metrics);
-            tasks.spawn(async move {
-                metrics::serve(listener, m, token)
-                    .await
-                    .map_err(DaemonError::Io)
-            });
-        }
-        {
-            let token = shutdown.clone();
-            let c = Arc::clone(&cache);
-            tasks.spawn(async move {
-                let mut tick = tokio::time::interval(LEASE_REAP_PERIOD);
-                let mut last_upkeep = std::time::Instant::now();
-                loop {
-                    tokio::select! {
-                        _ = token.cancelled() => return Ok(()),
-                        _ = tick.tick() => {
-                            let n = c.expire_leases();
-                            if n > 0 {
-                                tracing::debug!(expired = n, "leases expired");
-                            }
-                            if last_upkeep.elapsed() >= UPKEEP_PERIOD {
-                                last_upkeep = std::time::Instant::now();
-                                let c = Arc::clone(&c);
-                                let _ = tokio::task::spawn_blocking(move || c.maintain()).await;
-                            }
-                        }
-                    }
-                }
-            });
-        }
-        {
-            // Health turns NOT_SERVING as soon as shutdown starts.
-            let token = shutdown.clone();
-            let reporter = health_reporter.clone();
-            tasks.spawn(async move {
-                token.cancelled().await;
-                reporter
-                    .set_not_serving::<KvCacheServer<KvCacheService>>()
-                    .await;
-                reporter
-                    .set_service_status("", tonic_health::ServingStatus::NotServing)
-                    .await;
-                Ok(())
-            });
-        }
-        let stats = cache.stats();
-        let capacity = |kind: TierKind| {
-            stats
-                .tiers
-                .iter()
-                .find(|(k, _)| *k == kind)
-                .map(|(_, t)| t.capacity_bytes)
-        };
-        tracing::info!(
-            tcp = ?addrs.tcp,
-            uds = ?addrs.uds,
-            metrics = ?addrs.metrics,
-            mempool = ?addrs.mempool,
-            sglang = ?addrs.sglang,
-            kv_region = ?addrs.kv_region,
-            gpus = gpu_set.devices.len(),
-            hbm_capacity_per_device = capacity(TierKind::Hbm).unwrap_or(0),
-            host_pinned = stats.host_pinned,
-            host_capacity = capacity(TierKind::Host).unwrap_or(0),
-            disk_capacity = capacity(TierKind::Disk).unwrap_or(0),
-            disk_engine = stats.disk.as_ref().map(|d| d.engine).unwrap_or("none"),
-            disk_blocks = stats.disk.as_ref().map(|d| d.tier.blocks).unwrap_or(0),
-            "kvstrata serving"
-        );
+        let mut addrs = start_listeners(&config, tls, &state, &services, &mut tasks).await?;
+        addrs.metrics = serve_metrics(&config, &state, &mut tasks).await?;
+        spawn_lease_reaper(&state, &mut tasks);
+        spawn_health_on_shutdown(&state, services.health_reporter.clone(), &mut tasks);
+        log_serving(&addrs, &state);
+        let DaemonState {
+            cache,
+            pools,
+            regions,
+            auth,
+            shutdown,
+            ..
+        } = state;
         Ok(Daemon {
             addrs,
             cache,
@@ -465,6 +172,15 @@ impl Daemon {
                 first_err = Some(e);
             }
         }
+        // The listeners have drained: close the cache in order (movement
+        // drained, tiers stopped top to bottom); it blocks, so off the
+        // async workers.
+        let cache = Arc::clone(&self.cache);
+        if let Err(e) = tokio::task::spawn_blocking(move || cache.close()).await
+            && first_err.is_none()
+        {
+            first_err = Some(DaemonError::Task(format!("closing the cache: {e}")));
+        }
         tracing::info!("kvstrata stopped");
         first_err.map_or(Ok(()), Err)
     }
@@ -476,19 +192,411 @@ impl Daemon {
     }
 }
 
-/// Accepted Unix-socket connections, each wrapped so that grpc-core clients'
-/// socket-path `:authority` is accepted (see [`AuthorityFix`]).
-fn fixed_unix_incoming(
-    listener: UnixListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<AuthorityFix<tokio::net::UnixStream>>> {
-    UnixListenerStream::new(listener).map(|r| r.map(AuthorityFix::new))
+/// What the services, listeners and tasks of one daemon share.
+struct DaemonState {
+    cache: Arc<BlockCache>,
+    gpu_set: Arc<GpuSet>,
+    pools: Arc<PoolRegistry>,
+    regions: Arc<RegionRegistry>,
+    auth: Arc<Auth>,
+    metrics: Arc<Metrics>,
+    /// Overload protection and deadlines (src/limits.rs), shared by the
+    /// kvstrata and SGLang services of this daemon.
+    limiter: Arc<Limiter>,
+    shutdown: CancellationToken,
+}
+
+impl DaemonState {
+    /// The (empty) pool and KV-region registries, the metrics registry with
+    /// every collector, and the request limiter.
+    fn new(
+        config: &Config,
+        cache: Arc<BlockCache>,
+        gpu_set: Arc<GpuSet>,
+        auth: Arc<Auth>,
+    ) -> DaemonState {
+        let pools = Arc::new(PoolRegistry::new(PoolLimits {
+            max_pools: config.shm.max_pools,
+            max_pool_bytes: config.shm.max_pool_bytes.as_u64(),
+        }));
+        let regions = Arc::new(RegionRegistry::new(
+            RegionLimits {
+                max_regions: config.gpu.max_regions,
+                max_region_bytes: config.gpu.max_region_bytes.as_u64(),
+            },
+            Arc::clone(&gpu_set),
+        ));
+        let mut metrics = Metrics::new(Arc::clone(&cache), Arc::clone(&pools));
+        metrics.register_collector(Box::new(auth.collector()));
+        metrics.register_collector(Box::new(metrics::RegionCollector::new(Arc::clone(
+            &regions,
+        ))));
+        let metrics = Arc::new(metrics);
+        let limiter = Limiter::new(
+            RequestLimits {
+                max_inflight: config.server.max_inflight_requests,
+                request_timeout: Duration::from_millis(config.server.request_timeout_ms),
+                max_blocking: config.server.max_blocking_tasks,
+            },
+            Arc::clone(&metrics),
+        );
+        DaemonState {
+            cache,
+            gpu_set,
+            pools,
+            regions,
+            auth,
+            metrics,
+            limiter,
+            shutdown: CancellationToken::new(),
+        }
+    }
+}
+
+/// Finds the GPUs and opens the cache on them, both off the async workers.
+async fn open_cache(config: &Config) -> Result<(Arc<BlockCache>, Arc<GpuSet>), DaemonError> {
+    // GPU detection: CUDA is loaded at run time; without a library or a
+    // device the daemon runs with host and disk tiers only
+    // (`gpu.enabled = "on"` makes that a start-up error).
+    let gpu_config = config.gpu.clone();
+    let gpu_set = tokio::task::spawn_blocking(move || detect_gpus(&gpu_config))
+        .await
+        .map_err(|e| DaemonError::Task(format!("GPU detection: {e}")))??;
+    // The cache gets every GPU found: the host arena is page-locked with
+    // the first, and with gpu.hbm_bytes > 0 each gets an HBM tier (T0).
+    let cache_gpus: Vec<kvstrata_kernels::Gpu> = gpu_set.devices.clone();
+    let gpu_set = Arc::new(gpu_set);
+    let mut cache_config = config.cache_config()?;
+    if config.gpu.hbm_bytes.as_u64() > 0 && !cache_gpus.is_empty() {
+        cache_config.hbm = Some(kvstrata_tiers::HbmTierConfig {
+            capacity_bytes: config.gpu.hbm_bytes.as_u64(),
+            dma_threshold: config.gpu.dma_threshold.as_u64(),
+            move_group_bytes: config.gpu.move_group_bytes.as_u64(),
+            ..Default::default()
+        });
+    }
+    // Opening the disk tier reads its whole index (about 1 s per million
+    // blocks): off the async workers. The remote tier runs on this
+    // runtime.
+    let runtime = tokio::runtime::Handle::current();
+    let cache = tokio::task::spawn_blocking(move || {
+        let cache = BlockCache::open(cache_config, cache_gpus, Some(runtime))?;
+        // Give the cluster a moment, so the first requests do not all miss.
+        if let Some(r) = cache.remote()
+            && !r.wait_connected(r.config().connect_timeout)
+        {
+            tracing::warn!(nodes = ?r.config().nodes, "remote tier: not connected yet; reads miss until the cluster answers");
+        }
+        Ok::<_, kvstrata_tiers::OpenError>(cache)
+    })
+    .await
+        .map_err(|e| DaemonError::Task(format!("opening the cache: {e}")))??;
+    Ok((Arc::new(cache), gpu_set))
+}
+
+/// The gRPC services the listeners serve, built once and cloned into each.
+struct GrpcServices {
+    kv_cache: KvCacheService,
+    /// Health checking and server reflection: open to every caller, for probes.
+    probes: Routes,
+    /// Health checking alone.
+    health: Routes,
+    health_reporter: HealthReporter,
+    max_message_bytes: usize,
+}
+
+impl GrpcServices {
+    async fn build(config: &Config, state: &DaemonState) -> Result<GrpcServices, DaemonError> {
+        let kv_cache = KvCacheService::new(
+            Arc::clone(&state.cache),
+            Arc::clone(&state.pools),
+            Limits {
+                max_batch: config.server.max_batch,
+                blocking: BlockingPool::new(
+                    config.server.max_blocking_tasks,
+                    state.metrics.blocking_gauge(),
+                ),
+            },
+            Arc::clone(&state.metrics),
+            state.shutdown.clone(),
+        )
+        .with_auth(Arc::clone(&state.auth))
+        .with_regions(Arc::clone(&state.regions));
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<KvCacheServer<KvCacheService>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(kvstrata_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| DaemonError::Reflection(e.to_string()))?;
+        Ok(GrpcServices {
+            kv_cache,
+            probes: Routes::new(health_service.clone()).add_service(reflection),
+            health: Routes::new(health_service),
+            health_reporter,
+            max_message_bytes: config.server.max_message_bytes.as_u64() as usize,
+        })
+    }
+
+    /// The KvCache listener's router for callers arriving over `transport`.
+    /// The KvCache service answers only callers the auth layer admits
+    /// (bearer token on TCP, peer uid on the Unix socket); health and
+    /// reflection stay open for probes.
+    fn kv_cache_router(
+        &self,
+        config: &Config,
+        state: &DaemonState,
+        transport: Transport,
+        tls: Option<ServerTlsConfig>,
+    ) -> Result<Router, DaemonError> {
+        let max_msg = self.max_message_bytes;
+        Ok(
+            transport::kv_cache_server(config.server.max_concurrent_streams, tls)?
+                .add_routes(self.probes.clone())
+                .add_service(InterceptedService::new(
+                    Limited::new(
+                        KvCacheServer::new(self.kv_cache.clone())
+                            .max_decoding_message_size(max_msg)
+                            .max_encoding_message_size(max_msg),
+                        Arc::clone(&state.limiter),
+                    ),
+                    AuthInterceptor::new(Arc::clone(&state.auth), transport),
+                )),
+        )
+    }
+
+    /// The SGLang socket's router: the StorageServer service and health.
+    fn sglang_router(&self, config: &Config, state: &DaemonState) -> Router {
+        let max_msg = self.max_message_bytes;
+        let sglang = SglangService::new(
+            Arc::clone(&state.cache),
+            Arc::clone(&state.pools),
+            Arc::clone(&state.metrics),
+            Some(config.sglang.namespace.clone()),
+        );
+        transport::sglang_server(config.server.max_concurrent_streams)
+            .add_routes(self.health.clone())
+            .add_service(Limited::new(
+                StorageServerServer::new(sglang)
+                    .max_decoding_message_size(max_msg)
+                    .max_encoding_message_size(max_msg),
+                Arc::clone(&state.limiter),
+            ))
+    }
+}
+
+/// Binds every configured listener (TCP, Unix socket, mempool, KV region,
+/// SGLang) and runs its server as a task of `tasks`.
+async fn start_listeners(
+    config: &Config,
+    tls: Option<ServerTlsConfig>,
+    state: &DaemonState,
+    services: &GrpcServices,
+    tasks: &mut DaemonTasks,
+) -> Result<BoundAddrs, DaemonError> {
+    let mut addrs = BoundAddrs {
+        tcp: None,
+        uds: None,
+        metrics: None,
+        mempool: None,
+        sglang: None,
+        kv_region: None,
+    };
+    if !config.server.tcp_addr.is_empty() {
+        let (incoming, bound) = transport::bind_tcp(&config.server.tcp_addr).await?;
+        addrs.tcp = Some(bound);
+        let token = state.shutdown.clone();
+        let r = services.kv_cache_router(config, state, Transport::Tcp, tls)?;
+        tasks.spawn(async move {
+            r.serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+                .await
+                .map_err(|e| DaemonError::Task(format!("tcp listener: {e}")))
+        });
+    }
+    if !config.server.uds_path.is_empty() {
+        let path = PathBuf::from(&config.server.uds_path);
+        let listener = transport::bind_unix(&path).await?;
+        addrs.uds = Some(path.clone());
+        let incoming = listeners::authority_fixed(listener);
+        let token = state.shutdown.clone();
+        let r = services.kv_cache_router(config, state, Transport::Unix, None)?;
+        spawn_unix_server(tasks, path, "unix listener", async move {
+            r.serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+                .await
+        });
+    }
+    if !config.shm.mempool_socket.is_empty() {
+        let path = PathBuf::from(socket_path(&config.shm.mempool_socket));
+        let listener = transport::bind_unix(&path).await?;
+        addrs.mempool = Some(path.clone());
+        let token = state.shutdown.clone();
+        let registry = Arc::clone(&state.pools);
+        let a = Arc::clone(&state.auth);
+        spawn_unix_server(
+            tasks,
+            path,
+            "mempool socket",
+            mempool::serve_checked(listener, registry, token, Some(a)),
+        );
+    }
+    if !config.gpu.region_socket.is_empty() {
+        let path = PathBuf::from(socket_path(&config.gpu.region_socket));
+        let listener = transport::bind_unix(&path).await?;
+        addrs.kv_region = Some(path.clone());
+        let token = state.shutdown.clone();
+        let registry = Arc::clone(&state.regions);
+        let a = Arc::clone(&state.auth);
+        spawn_unix_server(
+            tasks,
+            path,
+            "region socket",
+            region::serve(listener, registry, token, Some(a)),
+        );
+    }
+    if !config.sglang.socket.is_empty() {
+        let path = PathBuf::from(socket_path(&config.sglang.socket));
+        let listener = transport::bind_unix(&path).await?;
+        addrs.sglang = Some(path.clone());
+        let server = services.sglang_router(config, state);
+        // Peers whose uid is not allowed are closed at accept time.
+        let incoming =
+            listeners::admitted_authority_fixed(listener, Arc::clone(&state.auth), "sglang");
+        let token = state.shutdown.clone();
+        spawn_unix_server(tasks, path, "sglang socket", async move {
+            server
+                .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+                .await
+        });
+    }
+    Ok(addrs)
+}
+
+/// The daemon's tasks: each listener's server and the background loops.
+type DaemonTasks = JoinSet<Result<(), DaemonError>>;
+
+/// Runs the server of the Unix socket at `path` as a task; the socket file is
+/// removed when it stops. A failure is reported as `what: error`.
+fn spawn_unix_server<E: std::fmt::Display>(
+    tasks: &mut DaemonTasks,
+    path: PathBuf,
+    what: &'static str,
+    server: impl Future<Output = Result<(), E>> + Send + 'static,
+) {
+    tasks.spawn(async move {
+        let res = server
+            .await
+            .map_err(|e| DaemonError::Task(format!("{what}: {e}")));
+        let _ = std::fs::remove_file(&path);
+        res
+    });
+}
+
+/// Serves `/metrics` on `server.metrics_addr` (off when empty).
+async fn serve_metrics(
+    config: &Config,
+    state: &DaemonState,
+    tasks: &mut DaemonTasks,
+) -> Result<Option<SocketAddr>, DaemonError> {
+    if config.server.metrics_addr.is_empty() {
+        return Ok(None);
+    }
+    let (listener, bound) = metrics::bind(&config.server.metrics_addr)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            what: format!("metrics {}", config.server.metrics_addr),
+            source,
+        })?;
+    let token = state.shutdown.clone();
+    let m = Arc::clone(&state.metrics);
+    tasks.spawn(async move {
+        metrics::serve(listener, m, token)
+            .await
+            .map_err(DaemonError::Io)
+    });
+    Ok(Some(bound))
+}
+
+/// Ends expired leases every [`LEASE_REAP_PERIOD`], and every
+/// [`UPKEEP_PERIOD`] runs the cache's upkeep on the blocking pool.
+fn spawn_lease_reaper(state: &DaemonState, tasks: &mut DaemonTasks) {
+    let token = state.shutdown.clone();
+    let c = Arc::clone(&state.cache);
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(LEASE_REAP_PERIOD);
+        let mut last_upkeep = std::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return Ok(()),
+                _ = tick.tick() => {
+                    let n = c.expire_leases();
+                    if n > 0 {
+                        tracing::debug!(expired = n, "leases expired");
+                    }
+                    if last_upkeep.elapsed() >= UPKEEP_PERIOD {
+                        last_upkeep = std::time::Instant::now();
+                        let c = Arc::clone(&c);
+                        let _ = tokio::task::spawn_blocking(move || c.maintain()).await;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Health turns NOT_SERVING as soon as shutdown starts.
+fn spawn_health_on_shutdown(
+    state: &DaemonState,
+    reporter: HealthReporter,
+    tasks: &mut DaemonTasks,
+) {
+    let token = state.shutdown.clone();
+    tasks.spawn(async move {
+        token.cancelled().await;
+        reporter
+            .set_not_serving::<KvCacheServer<KvCacheService>>()
+            .await;
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        Ok(())
+    });
+}
+
+/// The start-up line: where the daemon listens and what it holds.
+fn log_serving(addrs: &BoundAddrs, state: &DaemonState) {
+    let stats = state.cache.stats();
+    let capacity = |kind: TierKind| {
+        stats
+            .tiers
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, t)| t.capacity_bytes)
+    };
+    tracing::info!(
+        tcp = ?addrs.tcp,
+        uds = ?addrs.uds,
+        metrics = ?addrs.metrics,
+        mempool = ?addrs.mempool,
+        sglang = ?addrs.sglang,
+        kv_region = ?addrs.kv_region,
+        gpus = state.gpu_set.devices.len(),
+        hbm_capacity_per_device = capacity(TierKind::Hbm).unwrap_or(0),
+        host_pinned = stats.host_pinned,
+        host_capacity = capacity(TierKind::Host).unwrap_or(0),
+        disk_capacity = capacity(TierKind::Disk).unwrap_or(0),
+        disk_engine = stats.disk.as_ref().map(|d| d.engine).unwrap_or("none"),
+        disk_blocks = stats.disk.as_ref().map(|d| d.tier.blocks).unwrap_or(0),
+        "kvstrata serving"
+    );
 }
 
 /// Opens the configured GPUs. `off`: none. `auto`: those present; no CUDA
 /// library or no device is logged once and the daemon runs without. `on`:
 /// every configured device must open, else a start-up error.
 pub fn detect_gpus(config: &GpuConfig) -> Result<GpuSet, DaemonError> {
-    let mode = config.mode()?;
+    let mode = config.enabled;
     let hbm_bytes = config.hbm_bytes.as_u64();
     if mode == GpuMode::Off {
         tracing::info!("GPU disabled (gpu.enabled = off): running with host and disk tiers only");
@@ -613,54 +721,4 @@ fn flatten(r: Result<Result<(), DaemonError>, tokio::task::JoinError>) -> Option
         Ok(Err(e)) => Some(e),
         Err(e) => Some(DaemonError::Task(e.to_string())),
     }
-}
-
-/// Binds a Unix socket with mode 0600, creating its directory (0700) if
-/// needed and replacing a stale socket file left by a dead daemon.
-async fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
-    let what = || format!("unix {}", path.display());
-    if let Some(dir) = path.parent()
-        && !dir.as_os_str().is_empty()
-        && !dir.exists()
-    {
-        std::fs::create_dir_all(dir).map_err(|source| DaemonError::Listen {
-            what: what(),
-            source,
-        })?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(
-            |source| DaemonError::Listen {
-                what: what(),
-                source,
-            },
-        )?;
-    }
-    if path.exists() {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            return Err(DaemonError::SocketInUse(path.display().to_string()));
-        }
-        std::fs::remove_file(path).map_err(|source| DaemonError::Listen {
-            what: what(),
-            source,
-        })?;
-    }
-    // Create the socket with no group/other bits at all, then make it explicit.
-    let old = unsafe_umask(0o177);
-    let bound = UnixListener::bind(path);
-    unsafe_umask(old);
-    let listener = bound.map_err(|source| DaemonError::Listen {
-        what: what(),
-        source,
-    })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
-        DaemonError::Listen {
-            what: what(),
-            source,
-        }
-    })?;
-    Ok(listener)
-}
-
-fn unsafe_umask(mask: libc::mode_t) -> libc::mode_t {
-    // SAFETY: umask only swaps the process file-mode mask; it cannot fail.
-    unsafe { libc::umask(mask) }
 }

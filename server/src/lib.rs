@@ -1,26 +1,22 @@
 //! The kvstrata daemon as a library: configuration, the gRPC service, the
-//! listeners and metrics. `kvstrata serve` (src/main.rs) and the integration
+//! listeners and metrics. `kvstrata serve` (cli/src/main.rs) and the integration
 //! tests start it through [`Daemon::start`].
 
 pub mod auth;
 pub mod config;
 pub mod convert;
 pub mod daemon;
-pub mod demo;
 pub mod error;
-pub mod gpu_ipc_check;
 pub mod limits;
 pub mod mempool;
 pub mod metrics;
 pub mod pool;
 pub mod region;
 pub mod region_io;
-pub mod route;
 pub mod service;
 pub mod sglang;
 pub mod size;
-pub mod ttft;
-pub mod uds_authority;
+pub mod transport;
 
 pub use config::{Config, ServeArgs};
 pub use daemon::{BoundAddrs, Daemon};

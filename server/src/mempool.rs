@@ -1,12 +1,12 @@
 //! The mempool socket: where same-host clients register shared-memory pools.
 //!
 //! The wire format is SGLang HiCache's (docs/protocol.md, "Shared-memory
-//! pools"): the client sends an 8-byte little-endian magic `0x8DF6FBFD`, a u32
+//! pools"; constants and parser in [`kvstrata_types::wire::pool`]): the client sends an 8-byte little-endian magic `0x8DF6FBFD`, a u32
 //! little-endian name length and the name, with exactly one file descriptor
 //! attached (`SCM_RIGHTS`). The daemon maps the fd, answers the pool id as a
 //! u32 little-endian, and keeps the pool for as long as the connection stays
 //! open. Anything else — a wrong magic, no fd or several, a name over
-//! [`MAX_POOL_NAME_BYTES`], a preamble cut short or too slow, an fd that
+//! [`wire::MAX_NAME_BYTES`], a preamble cut short or too slow, an fd that
 //! cannot be mapped — closes the connection with a log line; nothing is
 //! registered and the daemon keeps serving.
 
@@ -15,30 +15,29 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
+use kvstrata_types::InvalidField;
+use kvstrata_types::wire::pool as wire;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::pool::{MAX_POOL_NAME_BYTES, PoolRegistry};
+use crate::pool::PoolRegistry;
 
-/// The registration magic, sent as 8 little-endian bytes.
-pub const MAGIC: u64 = 0x8DF6_FBFD;
+/// The preamble's magic and its parser, defined in [`kvstrata_types::wire::pool`].
+pub use kvstrata_types::wire::pool::{MAGIC, PreambleParse, parse_preamble};
+
 /// A client must finish its preamble within this time.
 pub const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Magic (8) + name length (4).
-const FIXED_BYTES: usize = 12;
 /// Room for this many fds in one message's control data; more are refused.
 const MAX_FDS_RECEIVED: usize = 64;
 
 /// Why a preamble was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PreambleError {
-    #[error("wrong magic {0:#018x} (expected {MAGIC:#x})")]
-    Magic(u64),
-    #[error("pool name of {0} bytes (1 to {MAX_POOL_NAME_BYTES} allowed)")]
-    NameLength(u32),
-    #[error("pool name is not UTF-8")]
-    NameNotUtf8,
+    /// The bytes are not a preamble ([`parse_preamble`]): the field names
+    /// the magic, the name length or the name.
+    #[error(transparent)]
+    Invalid(#[from] InvalidField),
     #[error("connection closed after {0} of the preamble's bytes")]
     Truncated(usize),
     #[error("{0} file descriptors attached (exactly one expected)")]
@@ -137,47 +136,12 @@ async fn handle(mut stream: UnixStream, registry: Arc<PoolRegistry>, shutdown: C
     tracing::info!(pool_id = id, pool_name = %name, "pool unregistered (connection closed)");
 }
 
-/// What the first bytes of a preamble say ([`parse_preamble`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PreambleParse {
-    /// Not complete yet: the preamble is this many bytes in all (12 until the
-    /// name length is known, then 12 + the name length; never more than
-    /// 12 + [`MAX_POOL_NAME_BYTES`]).
-    Need(usize),
-    /// A complete preamble: the pool name. Bytes past `12 + name length` are
-    /// not part of it and are ignored.
-    Complete(String),
-}
-
-/// Parses the bytes of a registration preamble received so far: magic, name
-/// length, name. Pure (no I/O), so it can be fuzzed; [`read_preamble`] reads
-/// exactly as many bytes as this asks for and attaches the fd check.
-pub fn parse_preamble(buf: &[u8]) -> Result<PreambleParse, PreambleError> {
-    let Some((fixed, rest)) = buf.split_first_chunk::<FIXED_BYTES>() else {
-        return Ok(PreambleParse::Need(FIXED_BYTES));
-    };
-    let (magic, name_len) = fixed.split_at(8);
-    let magic = u64::from_le_bytes(magic.try_into().unwrap_or_default());
-    if magic != MAGIC {
-        return Err(PreambleError::Magic(magic));
-    }
-    let name_len = u32::from_le_bytes(name_len.try_into().unwrap_or_default());
-    if name_len == 0 || name_len as usize > MAX_POOL_NAME_BYTES {
-        return Err(PreambleError::NameLength(name_len));
-    }
-    let Some(name) = rest.get(..name_len as usize) else {
-        return Ok(PreambleParse::Need(FIXED_BYTES + name_len as usize));
-    };
-    let name = std::str::from_utf8(name).map_err(|_| PreambleError::NameNotUtf8)?;
-    Ok(PreambleParse::Complete(name.to_owned()))
-}
-
 /// Reads the preamble and the fds sent with it.
 pub async fn read_preamble(stream: &UnixStream) -> Result<Preamble, PreambleError> {
-    let mut buf = vec![0u8; FIXED_BYTES];
+    let mut buf = vec![0u8; wire::FIXED_BYTES];
     let mut filled = 0usize;
     let mut fds: Vec<OwnedFd> = Vec::new();
-    let mut need = FIXED_BYTES;
+    let mut need = wire::FIXED_BYTES;
     loop {
         while filled < need {
             stream.readable().await?;
@@ -204,8 +168,8 @@ pub async fn read_preamble(stream: &UnixStream) -> Result<Preamble, PreambleErro
             }
             Ok(PreambleParse::Complete(name)) => Ok(name),
             // The fd count is checked before the name's encoding.
-            Err(PreambleError::NameNotUtf8) => Err(PreambleError::NameNotUtf8),
-            Err(e) => return Err(e),
+            Err(e) if e.field == "name" => Err(PreambleError::Invalid(e)),
+            Err(e) => return Err(e.into()),
         };
         if fds.len() != 1 {
             return Err(PreambleError::FdCount(fds.len()));

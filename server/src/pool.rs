@@ -32,9 +32,9 @@ use bytes::Bytes;
 use memmap2::MmapRaw;
 use parking_lot::RwLock;
 
-/// Longest pool name accepted, in bytes (SGLang names are short; the name also
-/// becomes part of a namespace's model id).
-pub const MAX_POOL_NAME_BYTES: usize = 240;
+/// Longest pool name accepted, in bytes (defined with the preamble in
+/// [`kvstrata_types::wire::pool`]).
+pub use kvstrata_types::wire::pool::MAX_NAME_BYTES as MAX_POOL_NAME_BYTES;
 
 /// Why a registration was refused. Each is logged with the connection.
 #[derive(Debug, thiserror::Error)]

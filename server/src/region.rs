@@ -13,9 +13,10 @@
 //!    runs the same gather/scatter logic on the CPU backend. It is the CPU
 //!    fallback that CI tests, and it works without a GPU.
 //!
-//! The wire format is a fixed 128-byte little-endian header and a name
-//! ([`parse_preamble`]); the daemon answers a status, a region id and a
-//! message ([`encode_reply`]) and keeps the connection open. When the engine
+//! The wire format ([`kvstrata_types::wire::kv_region`]) is a fixed 128-byte
+//! little-endian header and a name ([`parse_preamble`]); the daemon answers a
+//! status, a region id and a message ([`encode_reply`]) and keeps the
+//! connection open. When the engine
 //! closes it (or dies), the region leaves the [`RegionRegistry`] at once —
 //! later requests naming it fail — and is unmapped once the last request still
 //! copying from or into it is done (each request holds an `Arc`). A refused
@@ -29,78 +30,26 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use kvstrata_kernels::{DeviceBuffer, Gpu, GpuStream, IpcHandle, PageLayout, PagedGeometry};
+use kvstrata_kernels::{DeviceBuffer, Gpu, GpuStream, IpcHandle, PagedGeometry};
+use kvstrata_types::InvalidField;
+use kvstrata_types::wire::kv_region as wire;
 use memmap2::MmapRaw;
 use parking_lot::RwLock;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-/// The first 8 bytes of a registration.
-pub const MAGIC: [u8; 8] = *b"KVSREGN\0";
-/// The preamble version this daemon speaks.
-pub const VERSION: u16 = 1;
-/// Bytes of the fixed part of a preamble (the name follows).
-pub const HEADER_BYTES: usize = 128;
-/// Longest region name, in bytes.
-pub const MAX_REGION_NAME_BYTES: usize = 240;
+/// The preamble's constants, the parsed preamble, the refusal codes and the
+/// reply encoder, defined in [`kvstrata_types::wire::kv_region`].
+pub use kvstrata_types::wire::kv_region::{
+    HEADER_BYTES, KIND_CUDA_IPC, KIND_MEMFD, PreambleParse, RefuseReason, RegionPreamble,
+    encode_reply,
+};
+
 /// A client must finish its preamble within this time.
 pub const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Room for this many fds in one message's control data; more are refused.
 const MAX_FDS_RECEIVED: usize = 16;
-
-/// Kind 1: a CUDA IPC handle of device memory.
-pub const KIND_CUDA_IPC: u16 = 1;
-/// Kind 2: a memfd (host memory) passed with `SCM_RIGHTS`.
-pub const KIND_MEMFD: u16 = 2;
-/// Layout codes of the preamble.
-pub const LAYOUT_PER_LAYER: u32 = 1;
-pub const LAYOUT_CROSS_LAYER: u32 = 2;
-
-/// Why a registration was refused; the reply's status code and the label of
-/// the `kvstrata_kv_regions_refused` metric.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u32)]
-pub enum RefuseReason {
-    /// Malformed preamble: magic, version, kind, name, fds, cut short, too slow.
-    Preamble = 1,
-    /// The geometry is invalid or does not fit in the announced bytes.
-    Geometry = 2,
-    /// `gpu.max_regions` or `gpu.max_region_bytes` reached.
-    Limit = 3,
-    /// The memory could not be mapped (fd too small, not a file, IPC open failed).
-    Map = 4,
-    /// A CUDA IPC region without a GPU, or on a device the daemon does not use.
-    NoGpu = 5,
-    /// The peer's uid is not in `auth.uid_allow` (closed without a reply).
-    Uid = 6,
-}
-
-impl RefuseReason {
-    pub const ALL: [RefuseReason; 6] = [
-        RefuseReason::Preamble,
-        RefuseReason::Geometry,
-        RefuseReason::Limit,
-        RefuseReason::Map,
-        RefuseReason::NoGpu,
-        RefuseReason::Uid,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            RefuseReason::Preamble => "preamble",
-            RefuseReason::Geometry => "geometry",
-            RefuseReason::Limit => "limit",
-            RefuseReason::Map => "map",
-            RefuseReason::NoGpu => "no_gpu",
-            RefuseReason::Uid => "uid",
-        }
-    }
-
-    pub fn code(self) -> u32 {
-        self as u32
-    }
-}
 
 /// A refused registration: the reason and a message naming the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -123,148 +72,19 @@ impl Refusal {
     }
 }
 
-/// A parsed registration (without its fd).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RegionPreamble {
-    pub kind: u16,
-    /// CUDA device ordinal (kind 1).
-    pub device: u32,
-    /// Bytes of the region (at least `geometry.region_bytes()`).
-    pub bytes: u64,
-    /// The CUDA IPC handle (kind 1; zeros for kind 2).
-    pub handle: [u8; 64],
-    pub geometry: PagedGeometry,
-    pub name: String,
+/// A preamble [`wire::parse_preamble`] refused: [`RefuseReason::Geometry`]
+/// for the layout, [`RefuseReason::Preamble`] for every other field.
+impl From<InvalidField> for Refusal {
+    fn from(e: InvalidField) -> Self {
+        Refusal::new(RefuseReason::of_preamble_field(&e), e.to_string())
+    }
 }
 
-/// What the bytes received so far say ([`parse_preamble`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PreambleParse {
-    /// Not complete: the preamble is this many bytes in all.
-    Need(usize),
-    Complete(Box<RegionPreamble>),
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    let mut a = [0u8; 2];
-    a.copy_from_slice(&b[at..at + 2]);
-    u16::from_le_bytes(a)
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
-/// Parses a registration preamble (pure, so it can be fuzzed). Layout, all
-/// little-endian (docs/protocol.md, "CUDA IPC regions"):
-///
-/// | offset | bytes | field |
-/// |---|---|---|
-/// | 0 | 8 | magic `KVSREGN\0` |
-/// | 8 | 2 | version (1) |
-/// | 10 | 2 | kind (1 CUDA IPC, 2 memfd) |
-/// | 12 | 4 | device ordinal (kind 1) |
-/// | 16 | 8 | region bytes |
-/// | 24 | 64 | CUDA IPC handle (kind 1; zeros otherwise) |
-/// | 88 | 4 | layout (1 per-layer, 2 cross-layer) |
-/// | 92 | 4 | layers |
-/// | 96 | 4 | page_tokens |
-/// | 100 | 4 | kv_heads |
-/// | 104 | 4 | head_dim |
-/// | 108 | 4 | dtype_bytes |
-/// | 112 | 4 | num_pages |
-/// | 116 | 4 | name length (1..=240) |
-/// | 120 | 8 | layer_stride (per-layer; 0 = packed) |
-/// | 128 | n | name (UTF-8) |
+/// Parses a registration preamble received so far
+/// ([`kvstrata_types::wire::kv_region::parse_preamble`]), its refusal
+/// classified for the reply.
 pub fn parse_preamble(buf: &[u8]) -> Result<PreambleParse, Refusal> {
-    if buf.len() < 8 {
-        return Ok(PreambleParse::Need(HEADER_BYTES));
-    }
-    if buf[..8] != MAGIC {
-        return Err(Refusal::preamble(format!(
-            "magic: {:02x?} is not {:?} (is this the region socket?)",
-            &buf[..8],
-            String::from_utf8_lossy(&MAGIC[..7])
-        )));
-    }
-    if buf.len() < HEADER_BYTES {
-        return Ok(PreambleParse::Need(HEADER_BYTES));
-    }
-    let version = u16_at(buf, 8);
-    if version != VERSION {
-        return Err(Refusal::preamble(format!(
-            "version: {version} is not supported (this daemon speaks {VERSION})"
-        )));
-    }
-    let kind = u16_at(buf, 10);
-    if kind != KIND_CUDA_IPC && kind != KIND_MEMFD {
-        return Err(Refusal::preamble(format!(
-            "kind: {kind} is neither {KIND_CUDA_IPC} (CUDA IPC handle) nor {KIND_MEMFD} (memfd)"
-        )));
-    }
-    let name_len = u32_at(buf, 116) as usize;
-    if name_len == 0 || name_len > MAX_REGION_NAME_BYTES {
-        return Err(Refusal::preamble(format!(
-            "name: {name_len} bytes (1 to {MAX_REGION_NAME_BYTES} allowed)"
-        )));
-    }
-    let Some(name) = buf.get(HEADER_BYTES..HEADER_BYTES + name_len) else {
-        return Ok(PreambleParse::Need(HEADER_BYTES + name_len));
-    };
-    let name = std::str::from_utf8(name)
-        .map_err(|_| Refusal::preamble("name: not UTF-8"))?
-        .to_owned();
-    let layout = match u32_at(buf, 88) {
-        LAYOUT_PER_LAYER => PageLayout::PerLayer,
-        LAYOUT_CROSS_LAYER => PageLayout::CrossLayer,
-        other => {
-            return Err(Refusal::new(
-                RefuseReason::Geometry,
-                format!(
-                    "layout: {other} is neither {LAYOUT_PER_LAYER} (per-layer) nor {LAYOUT_CROSS_LAYER} (cross-layer)"
-                ),
-            ));
-        }
-    };
-    let mut handle = [0u8; 64];
-    handle.copy_from_slice(&buf[24..88]);
-    Ok(PreambleParse::Complete(Box::new(RegionPreamble {
-        kind,
-        device: u32_at(buf, 12),
-        bytes: u64_at(buf, 16),
-        handle,
-        geometry: PagedGeometry {
-            layout,
-            layers: u32_at(buf, 92),
-            page_tokens: u32_at(buf, 96),
-            kv_heads: u32_at(buf, 100),
-            head_dim: u32_at(buf, 104),
-            dtype_bytes: u32_at(buf, 108),
-            num_pages: u32_at(buf, 112),
-            layer_stride: u64_at(buf, 120),
-        },
-        name,
-    })))
-}
-
-/// The reply: u32 status (0 registered, else a [`RefuseReason`] code), u32
-/// region id (0 when refused), u32 message length, the message (UTF-8).
-pub fn encode_reply(status: u32, region_id: u32, message: &str) -> Vec<u8> {
-    let msg = &message.as_bytes()[..message.len().min(4096)];
-    let mut out = Vec::with_capacity(12 + msg.len());
-    out.extend_from_slice(&status.to_le_bytes());
-    out.extend_from_slice(&region_id.to_le_bytes());
-    out.extend_from_slice(&(msg.len() as u32).to_le_bytes());
-    out.extend_from_slice(msg);
-    out
+    wire::parse_preamble(buf).map_err(Refusal::from)
 }
 
 /// Where a region's bytes live in the daemon.
@@ -863,31 +683,10 @@ async fn read_preamble(
 mod tests {
     use super::*;
 
+    use kvstrata_kernels::PageLayout;
+
     pub(crate) fn header(kind: u16, bytes: u64, g: &PagedGeometry, name: &str) -> Vec<u8> {
-        let mut b = vec![0u8; HEADER_BYTES];
-        b[..8].copy_from_slice(&MAGIC);
-        b[8..10].copy_from_slice(&VERSION.to_le_bytes());
-        b[10..12].copy_from_slice(&kind.to_le_bytes());
-        b[16..24].copy_from_slice(&bytes.to_le_bytes());
-        let layout = match g.layout {
-            PageLayout::PerLayer => LAYOUT_PER_LAYER,
-            PageLayout::CrossLayer => LAYOUT_CROSS_LAYER,
-        };
-        for (at, v) in [
-            (88, layout),
-            (92, g.layers),
-            (96, g.page_tokens),
-            (100, g.kv_heads),
-            (104, g.head_dim),
-            (108, g.dtype_bytes),
-            (112, g.num_pages),
-            (116, name.len() as u32),
-        ] {
-            b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-        }
-        b[120..128].copy_from_slice(&g.layer_stride.to_le_bytes());
-        b.extend_from_slice(name.as_bytes());
-        b
+        wire::encode_preamble(kind, 0, bytes, &[0; 64], g, name)
     }
 
     fn geometry() -> PagedGeometry {

@@ -23,7 +23,7 @@
 //!   a CPU-backend (memfd) region can never use a CUDA device's slots, nor
 //!   the other way round.
 //!
-//! Atomicity of a `BatchPut` (the service, `server/src/service.rs`): the
+//! Atomicity of a `BatchPut` (the service, `server/src/service/put.rs`): the
 //! items are validated first (payload sizes, parents), then every staged
 //! gather runs, then the direct put (its gather failing stores nothing and
 //! fails the request), then `put_batch` of the rest. So a failed gather,

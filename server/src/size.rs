@@ -25,6 +25,14 @@ pub fn serialize<S: Serializer>(size: &ByteSize, s: S) -> Result<S::Ok, S::Error
     s.serialize_str(&format(*size))
 }
 
+/// [`serialize`] for an optional size (a flag): `None` is written as `null`.
+pub fn serialize_option<S: Serializer>(size: &Option<ByteSize>, s: S) -> Result<S::Ok, S::Error> {
+    match size {
+        Some(size) => serialize(size, s),
+        None => s.serialize_none(),
+    }
+}
+
 pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
     ByteSize::deserialize(d)
 }

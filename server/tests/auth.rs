@@ -1,7 +1,8 @@
 //! Authentication and tenancy against a real daemon: bearer tokens on TCP
 //! (rotation, SIGHUP reload), peer uid on the Unix sockets, tenants bound to
 //! namespaces, the non-loopback start-up guard, TLS with and without client
-//! certificates, and the CLI's token flags.
+//! certificates. (The CLI's token flags and SIGHUP reload of the real binary
+//! are cli/tests/auth.rs.)
 
 mod common;
 
@@ -16,7 +17,6 @@ use tokio_stream::StreamExt;
 
 use common::{config, payload, small_spec};
 
-const BIN: &str = env!("CARGO_BIN_EXE_kvstrata");
 const ADMIN: &str = "admin-token-0123456789abcdef";
 const ADMIN2: &str = "admin-token-second-0123456789";
 const TENANT_A: &str = "tenant-a-token-0123456789abcdef";
@@ -532,86 +532,6 @@ async fn auth_tls_with_and_without_client_certificates() {
     d.shutdown().await.unwrap();
 }
 
-#[test]
-fn auth_cli_token_file_and_sighup_reload_of_the_real_binary() {
-    let dir = tempfile::tempdir().unwrap();
-    let tokens = dir.path().join("tokens");
-    write_tokens(&tokens, &format!("# admin\n{ADMIN}\n"));
-    let client_token = dir.path().join("client-token");
-    std::fs::write(&client_token, format!("{ADMIN}\n")).unwrap();
-    let ready = dir.path().join("ready.json");
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--tcp-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "",
-            "--log-level",
-            "warn",
-        ])
-        .arg("--uds-path")
-        .arg(dir.path().join("kv.sock"))
-        .arg("--token-file")
-        .arg(&tokens)
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ready.exists() {
-        assert!(Instant::now() < deadline, "daemon did not become ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let info: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
-    let addr = format!("http://{}", info["tcp"].as_str().unwrap());
-    let kv = |extra: &[&str]| {
-        Command::new(BIN)
-            .env_remove("KVSTRATA_TOKEN")
-            .env_remove("KVSTRATA_TOKEN_FILE")
-            .arg("--addr")
-            .arg(&addr)
-            .args(extra)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
-    let token_file = client_token.display().to_string();
-    let o = kv(&["--token-file", &token_file, "stats"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = kv(&["stats"]);
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(
-        err.starts_with("error: Unauthenticated") && err.contains("authorization"),
-        "{err}"
-    );
-
-    // Rotate to a new token and send SIGHUP: the new one works, the old one stops.
-    write_tokens(&tokens, &format!("{ADMIN2}\n"));
-    // SAFETY: kill only sends a signal to our own child process.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if kv(&["--token", ADMIN2, "stats"]).status.success() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "SIGHUP did not reload the tokens"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(!kv(&["--token-file", &token_file, "stats"]).status.success());
-    // SAFETY: as above.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
-    assert!(status.success(), "{status:?}");
-}
-
 #[tokio::test]
 async fn auth_tenant_bindings_survive_a_restart_with_the_disk_tier() {
     // O_DIRECT slot files need a real file system (not tmpfs).
@@ -624,7 +544,7 @@ async fn auth_tenant_bindings_survive_a_restart_with_the_disk_tier() {
         &format!("{TENANT_A} tenant-a\n{TENANT_B} tenant-b\n"),
     );
     c.disk.paths = vec![format!("{}=8MiB", dir.path().join("slots.kvs").display())];
-    c.disk.engine = "pread".into();
+    c.disk.engine = kvstrata_server::config::DiskIoEngine::Pread;
     c.disk.segment_bytes = bytesize::ByteSize::mib(1);
     let d = Daemon::start(c.clone()).await.unwrap();
     let a = with_token(&d.addrs().tcp_target().unwrap(), Some(TENANT_A)).await;

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvstrata_proto::v1 as pb;
-use kvstrata_server::mempool::{MAGIC, PreambleError, PreambleParse, parse_preamble};
+use kvstrata_server::mempool::{MAGIC, PreambleParse, parse_preamble};
 use kvstrata_server::pool::MAX_POOL_NAME_BYTES;
 use kvstrata_server::{Config, Daemon};
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
@@ -219,12 +219,20 @@ fn check_parse(bytes: &[u8]) -> TestCaseResult {
     let magic = u64::from_le_bytes(bytes[..8].try_into().unwrap_or_default());
     let len = u32::from_le_bytes(bytes[8..12].try_into().unwrap_or_default()) as usize;
     match r {
-        Err(PreambleError::Magic(m)) => prop_assert!(m == magic && magic != MAGIC),
-        Err(PreambleError::NameLength(n)) => {
-            prop_assert!(magic == MAGIC && n as usize == len);
+        Err(e) if e.field == "magic" => prop_assert!(
+            magic != MAGIC && e.reason.starts_with(&format!("{magic:#018x} ")),
+            "{}",
+            e
+        ),
+        Err(e) if e.field == "name_length" => {
+            prop_assert!(
+                magic == MAGIC && e.reason.starts_with(&format!("{len} bytes ")),
+                "{}",
+                e
+            );
             prop_assert!(len == 0 || len > MAX_POOL_NAME_BYTES);
         }
-        Err(PreambleError::NameNotUtf8) => {
+        Err(e) if e.field == "name" => {
             prop_assert!(std::str::from_utf8(&bytes[12..12 + len]).is_err());
         }
         Err(e) => prop_assert!(false, "a pure parse cannot fail with {}", e),

@@ -234,7 +234,7 @@ async fn thirty_two_clients_read_exact_bytes_within_capacity() {
         dir.path().join("slots.kvs").display(),
         1 << 20
     )];
-    config.disk.engine = "pread".into();
+    config.disk.engine = kvstrata_server::config::DiskIoEngine::Pread;
     config.disk.segment_bytes = ByteSize::mib(1);
     let daemon = Daemon::start(config).await.expect("daemon starts");
     let target = daemon.addrs().uds_target().expect("uds");

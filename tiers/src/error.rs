@@ -41,6 +41,21 @@ pub enum CacheError {
     /// A GPU operation failed (allocation, copy, stream). → `Internal`.
     #[error("{field}: GPU operation failed: {reason}")]
     Device { field: String, reason: String },
+    /// A write after [`crate::BlockCache::close`]: the cache is shutting
+    /// down and takes no more puts, deletes or evictions. → `Unavailable`.
+    #[error("the cache is closed (the daemon is shutting down)")]
+    Closed,
+}
+
+/// A key, namespace id or spec that `kvstrata-types` refused: the same field
+/// and reason, as [`CacheError::InvalidArgument`].
+impl From<kvstrata_types::InvalidField> for CacheError {
+    fn from(e: kvstrata_types::InvalidField) -> Self {
+        CacheError::InvalidArgument {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
 }
 
 impl CacheError {
@@ -72,6 +87,25 @@ impl CacheError {
                 "FailedPrecondition"
             }
             CacheError::Device { .. } => "Internal",
+            CacheError::Closed => "Unavailable",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_of_types_keep_their_field_and_message() {
+        let e = kvstrata_types::BlockKey::new("items[2].key", &[]).unwrap_err();
+        let message = e.to_string();
+        let c = CacheError::from(e);
+        assert_eq!(
+            c,
+            CacheError::invalid("items[2].key", "key must not be empty")
+        );
+        assert_eq!(c.to_string(), message);
+        assert_eq!(c.code_name(), "InvalidArgument");
     }
 }

@@ -4,13 +4,14 @@
 //!
 //! Data path: [`BlockCache::put_batch`] → [`Tier::put`] of the
 //! [`HostTier`] → [`arena::SlotArena`] reservation, copy, publish;
-//! [`BlockCache::get_batch`] → [`Tier::get`] → a `Bytes` that borrows the slot.
+//! [`BlockCache::get_batch`] → [`Tier::read_batch`] of each tier in the
+//! cache's list (HBM, host, disk, remote) for what the faster ones missed →
+//! a `Bytes` that borrows the host slot (or owns a copy from below).
 //!
 //! With GPUs ([`BlockCache::with_gpus`]): an [`HbmTier`] per device in front
 //! of the host tier, whose arena is then pinned memory; the CUDA-IPC data
 //! path goes through [`BlockCache::put_from_device`] and
-//! [`BlockCache::get_to_device`]. [`selfcheck`] runs the HBM scenario on any
-//! backend.
+//! [`BlockCache::get_to_device`].
 
 pub mod arena;
 pub mod cache;
@@ -20,19 +21,20 @@ pub mod events;
 mod eviction;
 pub mod hbm;
 pub mod host;
-pub mod key;
+pub use kvstrata_types::key;
 pub mod movement;
-pub mod namespace;
+pub use kvstrata_types::namespace;
 pub mod remote;
-pub mod selfcheck;
 pub mod tier;
 
 pub use cache::{
     BlockCache, CacheConfig, CacheStats, DevicePutError, Inspection, LeaseInfo, OpenError, PutBlock,
 };
+#[cfg(feature = "testing")]
+pub use disk::FaultPlan;
 pub use disk::{
     DiskError, DiskFileConfig, DiskPut, DiskStats, DiskTier, DiskTierConfig, Durability,
-    EngineChoice, FaultPlan, HeaderInspection, VerifyReport,
+    EngineChoice, HeaderInspection, VerifyReport,
 };
 pub use error::CacheError;
 pub use events::{CacheEvent, EventBus, EventKind};
@@ -43,4 +45,7 @@ pub use kvstrata_kernels::Gpu;
 pub use movement::{MovementConfig, MovementStats};
 pub use namespace::{Dtype, Layout, Namespace, NamespaceId, NamespacePolicy, NamespaceSpec};
 pub use remote::{RemoteError, RemoteStats, RemoteTier, RemoteTierConfig};
-pub use tier::{BlockMeta, PutOutcome, RemoveOutcome, RemoveReason, Tier, TierKind, TierStats};
+pub use tier::{
+    BlockMeta, PutOutcome, RemoveOutcome, RemoveReason, Tier, TierInspection, TierKind, TierRead,
+    TierStats,
+};

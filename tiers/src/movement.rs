@@ -1,6 +1,8 @@
-//! Movement between the host tier and the disk tier: the demotion queue.
+//! Movement out of the host tier: where its evictions go (`Demotions`:
+//! the disk's demotion queue and the remote tier's write queue), and the
+//! demotion queue itself (`Demoter`).
 //!
-//! Host-tier evictions (and write-through puts) become [`DemoteItem`]s on a
+//! Host-tier evictions (and write-through puts) become `DemoteItem`s on a
 //! queue bounded in bytes; one writer thread drains it in batches into
 //! [`DiskTier::put_many_if`]. A full queue drops the block (counted in
 //! `demote_dropped`) instead of making a put wait for the disk.
@@ -9,7 +11,7 @@
 //!
 //! Every queued item carries a ticket, recorded in `pending` under its
 //! (namespace, key). A put or delete of the key removes that record
-//! ([`Demoter::forget`]) before it removes the key from disk; the writer
+//! (`Demoter::forget`) before it removes the key from disk; the writer
 //! publishes an item only if its ticket is still the recorded one, checked
 //! under the disk tier's lock in the same critical section that publishes the
 //! block. So a demotion can never land after, and overwrite, a newer put.
@@ -27,6 +29,7 @@ use crate::disk::{DiskPut, DiskTier};
 use crate::host::{EvictionSink, Victim};
 use crate::key::BlockKey;
 use crate::namespace::NamespaceId;
+use crate::remote::RemoteTier;
 use crate::tier::PutOutcome;
 
 /// Movement settings.
@@ -111,7 +114,7 @@ struct Shared {
 }
 
 /// The demotion queue and its writer thread.
-pub struct Demoter {
+pub(crate) struct Demoter {
     shared: Arc<Shared>,
     tx: Mutex<Option<Sender<DemoteItem>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -147,10 +150,6 @@ impl Demoter {
             tx: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
         }))
-    }
-
-    pub fn config(&self) -> &MovementConfig {
-        &self.shared.config
     }
 
     /// Queues a copy of a block for the disk; `false` if it was dropped
@@ -250,7 +249,9 @@ impl Demoter {
     }
 
     /// Waits until everything queued so far has been written or dropped
-    /// (tests and orderly shutdown). Polls; returns `false` after `timeout`.
+    /// (a test hook; [`Demoter::close`] drains the queue itself). Polls;
+    /// returns `false` after `timeout`.
+    #[cfg(feature = "testing")]
     pub fn flush(&self, timeout: std::time::Duration) -> bool {
         let until = std::time::Instant::now() + timeout;
         while self.shared.counters.queued_bytes.load(Ordering::Acquire) > 0 {
@@ -288,15 +289,47 @@ impl Demoter {
     }
 }
 
-impl EvictionSink for Demoter {
-    fn evicted(&self, v: Victim<'_>) {
-        if self.wants(&v) {
-            self.enqueue(
-                v.namespace,
-                v.key,
-                v.parent,
-                Bytes::copy_from_slice(v.payload),
-            );
+/// Where the host tier's victims go ([`EvictionSink`]): the disk's
+/// demotion queue and, with `demote` set, the remote tier's write queue.
+/// Each victim's bytes are copied once, and only if one of them takes it.
+/// Runs with the host tier's lock released (see [`crate::host`]).
+pub(crate) struct Demotions {
+    pub(crate) demoter: Option<Arc<Demoter>>,
+    pub(crate) remote: Option<RemoteTier>,
+}
+
+impl Demotions {
+    /// Whether any victim would go anywhere.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.demoter.is_none() && self.remote.is_none()
+    }
+
+    fn hand_on_one(&self, v: &Victim<'_>) {
+        let to_disk = self.demoter.as_ref().filter(|d| d.wants(v));
+        let to_remote = self.remote.as_ref().filter(|r| {
+            let room = r.has_room(v.payload.len() as u64);
+            if !room {
+                r.count_dropped();
+            }
+            room
+        });
+        if to_disk.is_none() && to_remote.is_none() {
+            return;
+        }
+        let bytes = Bytes::copy_from_slice(v.payload);
+        if let Some(r) = to_remote {
+            r.enqueue_put(v.namespace, v.key, v.parent, bytes.clone(), false);
+        }
+        if let Some(d) = to_disk {
+            d.enqueue(v.namespace, v.key, v.parent, bytes);
+        }
+    }
+}
+
+impl EvictionSink for Demotions {
+    fn hand_on(&self, victims: &[Victim<'_>]) {
+        for v in victims {
+            self.hand_on_one(v);
         }
     }
 }

@@ -1,10 +1,18 @@
-//! The `Tier` trait: what every tier (HBM, host, disk) offers the cache, and
-//! the types it speaks in.
+//! The `Tier` trait: what every tier (HBM, host, disk, remote) offers the
+//! cache, and the types it speaks in.
+//!
+//! The cache keeps its tiers in one list, fastest first (HBM per device,
+//! host, disk, remote), and its reads, lookups, pins, inspections, listings
+//! and deletes walk that list through this trait, one call per tier and
+//! batch ([`Tier::read_batch`], [`Tier::contains_batch`]). What only one tier
+//! does (device copies, disk streams, queued writes) stays on its own type.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 
+use crate::disk::checksum::xxh3_64;
+use crate::error::CacheError;
 use crate::key::BlockKey;
 use crate::namespace::NamespaceId;
 
@@ -90,6 +98,36 @@ pub struct PinToken {
     pub key: BlockKey,
     pub tier: TierKind,
     pub incarnation: u64,
+}
+
+/// One block read by [`Tier::read_batch`]: its exact bytes, and what the
+/// cache needs to copy it into a faster tier.
+#[derive(Debug, Clone)]
+pub struct TierRead {
+    pub payload: Bytes,
+    pub parent: Option<BlockKey>,
+    /// The version of the copy read, for [`Tier::is_current`] (the disk
+    /// tier's write sequence; 0 where a tier keeps none).
+    pub version: u64,
+}
+
+impl TierRead {
+    /// A read of a tier that keeps no versions.
+    pub fn unversioned(payload: Bytes, parent: Option<BlockKey>) -> Self {
+        TierRead {
+            payload,
+            parent,
+            version: 0,
+        }
+    }
+}
+
+/// A block's metadata with the xxh3-64 of its bytes computed now
+/// ([`Tier::inspect`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierInspection {
+    pub meta: BlockMeta,
+    pub payload_xxh3: u64,
 }
 
 /// Occupancy and counters of one tier.
@@ -184,4 +222,54 @@ pub trait Tier: Send + Sync {
     fn keys_of(&self, ns: &NamespaceId) -> Vec<BlockKey>;
 
     fn stats(&self) -> TierStats;
+
+    /// [`Tier::get`] of many keys, one answer per key in order, each with
+    /// its parent and version. `block_bytes` is the namespace's block size
+    /// (a tier that verifies lengths checks it). Tiers answer a batch under
+    /// one lock or one submission where they can.
+    fn read_batch(
+        &self,
+        ns: &NamespaceId,
+        keys: &[BlockKey],
+        block_bytes: u64,
+    ) -> Vec<Option<TierRead>> {
+        let _ = block_bytes;
+        keys.iter()
+            .map(|k| {
+                let payload = self.get(ns, k)?;
+                let parent = self.meta(ns, k).and_then(|m| m.parent);
+                Some(TierRead::unversioned(payload, parent))
+            })
+            .collect()
+    }
+
+    /// [`Tier::contains`] of many keys, one answer per key in order.
+    fn contains_batch(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Vec<bool> {
+        keys.iter().map(|k| self.contains(ns, k)).collect()
+    }
+
+    /// Whether the copy [`Tier::read_batch`] returned at `version` is still
+    /// the one stored under the key (the cache promotes it only then).
+    /// Tiers that keep no versions: always.
+    fn is_current(&self, ns: &NamespaceId, key: &BlockKey, version: u64) -> bool {
+        let _ = (ns, key, version);
+        true
+    }
+
+    /// The block's metadata and the xxh3-64 of its bytes now, for `Inspect`
+    /// (reports only: a tier whose read path drops corrupt blocks reads
+    /// around it). Default: [`Tier::meta`] and a [`Tier::get`].
+    fn inspect(
+        &self,
+        ns: &NamespaceId,
+        key: &BlockKey,
+    ) -> Result<Option<TierInspection>, CacheError> {
+        let Some(meta) = self.meta(ns, key) else {
+            return Ok(None);
+        };
+        Ok(self.get(ns, key).map(|bytes| TierInspection {
+            meta,
+            payload_xxh3: xxh3_64(&bytes),
+        }))
+    }
 }

@@ -3,10 +3,10 @@
 //! or a miss under corruption, wrong namespaces, superseded and deleted
 //! blocks, a killed node and a cluster that is not there.
 
-#[path = "../../server/tests/common/redis_cluster.rs"]
+#[path = "../../cli/tests/common/redis_cluster.rs"]
 mod redis_cluster;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,6 +21,23 @@ use redis_cluster::RedisCluster;
 /// 2 layers × 1 head × dim 64 × f16 × 16 tokens × K,V = 8 KiB blocks.
 fn spec(model: &str) -> NamespaceSpec {
     NamespaceSpec::layer_major(model, 2, 1, 64, Dtype::F16, 16)
+}
+
+/// The runtime the remote tiers of these tests run on (the daemon passes
+/// its own); it outlives every cache.
+fn runtime() -> tokio::runtime::Handle {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("remote-tier-test")
+                .enable_all()
+                .build()
+                .expect("test runtime")
+        })
+        .handle()
+        .clone()
 }
 
 fn remote_config(cluster: &RedisCluster) -> RemoteTierConfig {
@@ -39,14 +56,18 @@ fn cache(
 ) -> BlockCache {
     let mut rc = remote_config(cluster);
     tweak(&mut rc);
-    let c = BlockCache::new(CacheConfig {
-        host: HostTierConfig {
-            capacity_bytes: host_bytes,
-            segment_bytes: 1 << 20,
+    let c = BlockCache::open(
+        CacheConfig {
+            host: HostTierConfig {
+                capacity_bytes: host_bytes,
+                segment_bytes: 1 << 20,
+            },
+            remote: Some(rc),
+            ..CacheConfig::default()
         },
-        remote: Some(rc),
-        ..CacheConfig::default()
-    })
+        Vec::new(),
+        Some(runtime()),
+    )
     .expect("cache opens");
     assert!(
         c.remote()
@@ -331,6 +352,7 @@ fn no_cluster_means_quick_misses_and_counted_connect_failures() {
             ..RemoteTierConfig::default()
         },
         Arc::new(EventBus::new(16)),
+        runtime(),
     )
     .expect("opens without the cluster");
     assert!(!tier.wait_connected(Duration::from_millis(500)));
@@ -352,6 +374,7 @@ fn no_cluster_means_quick_misses_and_counted_connect_failures() {
             ..RemoteTierConfig::default()
         },
         Arc::new(EventBus::new(16)),
+        runtime(),
     )
     .unwrap_err();
     assert!(e.to_string().contains("remote.nodes"), "{e}");
@@ -459,4 +482,62 @@ fn the_tier_reconnects_when_a_dead_node_returns() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+}
+
+/// The tier runs on the runtime it was given: its blocking reads work from
+/// that runtime's own workers (without starving it) and its async reads
+/// from tasks; closing the cache drains the queue and stops the tasks.
+#[test]
+fn reads_from_the_runtime_itself_and_an_ordered_close() {
+    let cluster = RedisCluster::start(3);
+    let c = Arc::new(cache(&cluster, 1 << 20, |r| r.write_through = true));
+    let (ns, _) = c.register_namespace(spec("runtime")).unwrap();
+    let items = chain(8, 1, ns.block_bytes as usize);
+    c.put_batch(&ns.id, &items).unwrap();
+    assert!(c.flush_remote(Duration::from_secs(10)));
+    let keys: Vec<BlockKey> = items.iter().map(|i| i.key).collect();
+    let other = c.register_namespace(spec("runtime-other")).unwrap().0.id;
+    let (ns_id, block_bytes) = (ns.id, ns.block_bytes);
+
+    // From tasks on the tier's own runtime, several at once: the blocking
+    // form (a lookup missing every local tier) and the async one.
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let (c, keys) = (Arc::clone(&c), keys.clone());
+            runtime().spawn(async move {
+                let remote = c.remote().expect("remote tier").clone();
+                let tiers = c.lookup(&other, &keys).unwrap();
+                let got = remote.get_many_async(&ns_id, &keys, block_bytes).await;
+                let exists = remote.exists_many_async(&ns_id, &keys).await;
+                (tiers, got, exists)
+            })
+        })
+        .collect();
+    for task in tasks {
+        let (tiers, got, exists) = runtime().block_on(task).unwrap();
+        assert!(tiers.is_empty(), "nothing of the other namespace is cached");
+        assert!(exists.iter().all(|e| *e));
+        for (g, item) in got.iter().zip(&items) {
+            assert_eq!(g.as_ref().map(|b| &b.payload), Some(&item.payload));
+        }
+    }
+
+    // Written through after the close started: refused; queued before: on
+    // the cluster afterwards.
+    let late = chain(9, 2, ns.block_bytes as usize);
+    c.put_batch(&ns.id, &late[8..]).unwrap();
+    c.close();
+    assert_eq!(
+        c.put_batch(&ns.id, &late[..1]).unwrap_err(),
+        kvstrata_tiers::CacheError::Closed
+    );
+    let mut conn = raw(&cluster);
+    let v: Option<Vec<u8>> = conn.get(redis_key(&ns.id, &late[8].key)).unwrap();
+    assert!(
+        v.is_some(),
+        "the queued write reached the cluster before the close returned"
+    );
+    let remote = c.remote().unwrap();
+    assert!(!remote.is_connected());
+    assert_eq!(remote.stats().queued_bytes, 0);
 }

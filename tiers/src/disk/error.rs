@@ -16,7 +16,7 @@
 //! out read is a miss, a failed write a failed put, each counted in
 //! [`DiskStats`](super::DiskStats) (`io_errors`, `timeouts`), and a slot that
 //! fails verification is dropped and counted (`corrupt_blocks`); see
-//! [`IoFailure`](super::engine::IoFailure) and
+//! [`IoFailure`](super::io::IoFailure) and
 //! [`CorruptKind`](super::header::CorruptKind).
 
 use std::path::PathBuf;
@@ -48,7 +48,7 @@ pub enum DiskError {
     #[error("block is not on the disk tier")]
     NotFound,
     #[error("reading the slot failed: {0:?}")]
-    ReadFailed(super::engine::IoFailure),
+    ReadFailed(super::io::IoFailure),
 }
 
 impl DiskError {

@@ -287,8 +287,10 @@ impl IndexStore {
         Ok(())
     }
 
-    /// Test and benchmark support: writes entries straight into the index
-    /// (no slot data), in batches of 10 000 without the WAL, then flushes.
+    /// Test support (`testing` feature): writes entries straight into the
+    /// index (no slot data), in batches of 10 000 without the WAL, then
+    /// flushes.
+    #[cfg(feature = "testing")]
     pub fn insert_synthetic(
         &self,
         entries: impl IntoIterator<Item = (NamespaceId, BlockKey, IndexEntry)>,

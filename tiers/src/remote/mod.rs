@@ -11,7 +11,7 @@
 //!   A value is served only if its self-describing header and payload
 //!   checksum verify ([`record`]); a value that fails is a miss, counted in
 //!   `corrupt_blocks`, and deleted. An error or a timeout is a miss too.
-//! - **Writes** go through a queue bounded in bytes ([`writer`]): host-tier
+//! - **Writes** go through a queue bounded in bytes (`writer.rs`): host-tier
 //!   evictions and write-through puts are written in the background, a full
 //!   queue drops a write (counted) rather than making a put wait. Deletes
 //!   (a client's `Delete`, or a put that supersedes the cluster's copy) are
@@ -24,10 +24,34 @@
 //!   itself; while the cluster is unreachable every read is a quick miss and
 //!   the local tiers are unaffected.
 //!
-//! The synchronous methods may be called from any thread, inside or outside
-//! a tokio runtime: the commands run on the tier's own small runtime.
+//! # Runtime
+//!
+//! The tier runs on a tokio runtime it is given ([`RemoteTier::open`]; the
+//! daemon passes its own): its connection upkeep and its writer are tasks
+//! there, and every command runs there. Each read has an async form
+//! ([`RemoteTier::get_many_async`], [`RemoteTier::exists_many_async`],
+//! [`RemoteTier::put_many_async`]) and a blocking one for the cache's
+//! synchronous callers, which drives the command on the runtime from the
+//! calling thread: on a plain thread directly, on a worker of a
+//! multi-thread runtime inside `block_in_place` (so the worker's other
+//! tasks move on meanwhile). A current-thread runtime's own thread cannot
+//! block: there the command runs as a task and the caller waits at most its
+//! deadline (a miss if the runtime cannot run it meanwhile); async callers
+//! there use the async forms.
+//!
+//! [`RemoteTier::close`] drains the write queue (bounded), stops the tasks
+//! and waits for them; dropping the last clone stops them without waiting.
+//!
+//! # Files
+//!
+//! - [`record`]: the Redis key and value of a block.
+//! - `writer.rs`: the write queue and its writer task.
+//! - `read.rs`: reads (gets and existence checks) and direct writes.
+//! - `tier_impl.rs`: the [`crate::Tier`] trait.
 
+mod read;
 pub mod record;
+mod tier_impl;
 mod writer;
 
 use std::sync::Arc;
@@ -38,6 +62,9 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
+use tokio::runtime::{Handle, RuntimeFlavor};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::events::{EventBus, EventKind, PendingEvent};
 use crate::key::BlockKey;
@@ -152,8 +179,11 @@ pub enum RemoteError {
     BadNode { node: String, reason: String },
     #[error("remote.{field}: {reason}")]
     Invalid { field: &'static str, reason: String },
-    #[error("remote tier: cannot start its runtime: {0}")]
-    Runtime(#[source] std::io::Error),
+    /// The cache was opened with a remote tier but no runtime to run it on.
+    #[error(
+        "remote tier: no tokio runtime to run on (open the cache with one, see BlockCache::open)"
+    )]
+    NoRuntime,
 }
 
 /// Counters and state of the remote tier.
@@ -202,9 +232,6 @@ pub(crate) struct Counters {
 fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
-
-/// One command's result: `Err` when it ran past the deadline.
-type CommandOutcome<T> = Result<redis::RedisResult<T>, tokio::time::error::Elapsed>;
 
 /// What the tier's tasks share.
 pub(crate) struct Shared {
@@ -270,8 +297,9 @@ impl Shared {
 #[derive(Clone)]
 pub struct RemoteTier {
     shared: Arc<Shared>,
-    runtime: Arc<RuntimeGuard>,
     writer: Arc<Writer>,
+    tasks: Arc<Tasks>,
+    runtime: Handle,
 }
 
 impl std::fmt::Debug for RemoteTier {
@@ -282,28 +310,44 @@ impl std::fmt::Debug for RemoteTier {
     }
 }
 
-/// Owns the tier's runtime; dropping it shuts the runtime down without
-/// waiting (the tasks only hold network connections).
-struct RuntimeGuard(Option<tokio::runtime::Runtime>);
-
-impl RuntimeGuard {
-    fn handle(&self) -> Option<&tokio::runtime::Handle> {
-        self.0.as_ref().map(|r| r.handle())
-    }
+/// The tier's tasks on the runtime, and the signal that stops them (sent
+/// by [`RemoteTier::close`], or when the last clone drops).
+struct Tasks {
+    stop: watch::Sender<bool>,
+    handles: Mutex<Vec<JoinHandle<()>>>,
 }
 
-impl Drop for RuntimeGuard {
-    fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
-            rt.shutdown_background();
+impl Tasks {
+    /// Signals every task to stop and waits up to `timeout` for them.
+    fn stop_and_wait(&self, timeout: Duration) {
+        self.stop.send_replace(true);
+        let handles = std::mem::take(&mut *self.handles.lock());
+        let end = Instant::now() + timeout;
+        while handles.iter().any(|h| !h.is_finished()) {
+            if Instant::now() >= end {
+                tracing::warn!("remote tier: tasks still running at close");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 }
 
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
 impl RemoteTier {
-    /// Checks the configuration and starts connecting in the background;
-    /// does not wait for the cluster (see [`RemoteTier::wait_connected`]).
-    pub fn open(config: RemoteTierConfig, events: Arc<EventBus>) -> Result<Self, RemoteError> {
+    /// Checks the configuration and starts connecting in the background on
+    /// `runtime` (the tier's tasks and commands run there); does not wait
+    /// for the cluster (see [`RemoteTier::wait_connected`]).
+    pub fn open(
+        config: RemoteTierConfig,
+        events: Arc<EventBus>,
+        runtime: Handle,
+    ) -> Result<Self, RemoteError> {
         config.validate()?;
         let client = ClusterClientBuilder::new(config.nodes.clone())
             .connection_timeout(config.connect_timeout)
@@ -316,12 +360,6 @@ impl RemoteTier {
                 node: config.nodes.join(","),
                 reason: e.to_string(),
             })?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("kvstrata-remote")
-            .enable_all()
-            .build()
-            .map_err(RemoteError::Runtime)?;
         let shared = Arc::new(Shared {
             config,
             client,
@@ -339,12 +377,17 @@ impl RemoteTier {
                     .unwrap_or(1),
             ),
         });
-        let writer = Writer::start(Arc::clone(&shared), runtime.handle());
-        runtime.spawn(connect_loop(Arc::clone(&shared)));
+        let (stop, stopped) = watch::channel(false);
+        let (writer, write_task) = Writer::start(Arc::clone(&shared), &runtime, stopped.clone());
+        let connect_task = runtime.spawn(connect_loop(Arc::clone(&shared), stopped));
         Ok(RemoteTier {
             shared,
-            runtime: Arc::new(RuntimeGuard(Some(runtime))),
             writer: Arc::new(writer),
+            tasks: Arc::new(Tasks {
+                stop,
+                handles: Mutex::new(vec![write_task, connect_task]),
+            }),
+            runtime,
         })
     }
 
@@ -357,7 +400,8 @@ impl RemoteTier {
         self.shared.connected.load(Ordering::Acquire)
     }
 
-    /// Waits up to `timeout` for the first connection.
+    /// Waits up to `timeout` for the first connection (blocks the calling
+    /// thread).
     pub fn wait_connected(&self, timeout: Duration) -> bool {
         let end = Instant::now() + timeout;
         while !self.is_connected() {
@@ -369,155 +413,32 @@ impl RemoteTier {
         true
     }
 
-    /// Runs `fut` on the tier's runtime and waits for it at most `wait`.
-    fn run<T: Send + 'static>(
+    /// Runs `fut` on the tier's runtime and waits for it from this
+    /// (synchronous) thread; see the module docs. `None` only where the
+    /// caller is a current-thread runtime's thread and `fut` did not finish
+    /// within `wait`.
+    fn block_on<T: Send + 'static>(
         &self,
         wait: Duration,
         fut: impl std::future::Future<Output = T> + Send + 'static,
     ) -> Option<T> {
-        let handle = self.runtime.handle()?;
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        let task = handle.spawn(async move {
-            let _ = tx.send(fut.await);
-        });
-        let out = rx.recv_timeout(wait).ok();
-        if out.is_none() {
-            task.abort();
-        }
-        out
-    }
-
-    /// Runs `command KEY` for every key at once, each bounded by the
-    /// deadline; `(position in keys, outcome)` per command that finished, or
-    /// `None` when the whole batch ran past the deadline.
-    fn each_key<T: redis::FromRedisValue + Send + 'static>(
-        &self,
-        conn: ClusterConnection,
-        command: &'static str,
-        keys: Vec<String>,
-    ) -> Option<Vec<(usize, CommandOutcome<T>)>> {
-        let deadline = self.shared.config.deadline;
-        self.run(deadline + Duration::from_millis(50), async move {
-            let mut set = tokio::task::JoinSet::new();
-            for (slot, key) in keys.into_iter().enumerate() {
-                let mut conn = conn.clone();
-                set.spawn(async move {
-                    let mut cmd = redis::cmd(command);
-                    cmd.arg(&key);
-                    let query = cmd.query_async::<T>(&mut conn);
-                    (slot, tokio::time::timeout(deadline, query).await)
+        match Handle::try_current() {
+            Err(_) => Some(self.runtime.block_on(fut)),
+            Ok(current) if current.runtime_flavor() == RuntimeFlavor::MultiThread => {
+                Some(tokio::task::block_in_place(|| self.runtime.block_on(fut)))
+            }
+            Ok(_) => {
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                let task = self.runtime.spawn(async move {
+                    let _ = tx.send(fut.await);
                 });
-            }
-            let mut got = Vec::new();
-            while let Some(r) = set.join_next().await {
-                if let Ok(r) = r {
-                    got.push(r);
+                let out = rx.recv_timeout(wait).ok();
+                if out.is_none() {
+                    task.abort();
                 }
-            }
-            got
-        })
-    }
-
-    /// Reads blocks of `block_bytes` each; `None` for a miss (absent, failed
-    /// verification, error or deadline). Answers from the write queue first.
-    pub fn get_many(
-        &self,
-        ns: &NamespaceId,
-        keys: &[BlockKey],
-        block_bytes: u64,
-    ) -> Vec<Option<RemoteBlock>> {
-        let mut out: Vec<Option<RemoteBlock>> = vec![None; keys.len()];
-        let mut ask = Vec::new();
-        {
-            let pending = self.shared.pending.lock();
-            for (i, k) in keys.iter().enumerate() {
-                match pending.latest(ns, k) {
-                    Some(Op::Set {
-                        payload, parent, ..
-                    }) if payload.len() as u64 == block_bytes => {
-                        out[i] = Some(RemoteBlock {
-                            payload: payload.clone(),
-                            parent: *parent,
-                            seq: 0,
-                        });
-                    }
-                    Some(_) => {}
-                    None => ask.push(i),
-                }
+                out
             }
         }
-        let c = &self.shared.counters;
-        let Some(conn) = self.shared.conn().filter(|_| !ask.is_empty()) else {
-            bump(&c.misses, ask.len() as u64);
-            return out;
-        };
-        let redis_keys = ask.iter().map(|&i| self.shared.key(ns, &keys[i])).collect();
-        let fetched = self.each_key::<Option<Vec<u8>>>(conn, "GET", redis_keys);
-        let Some(fetched) = fetched else {
-            self.shared.failed(true, "read batch past its deadline");
-            bump(&c.misses, ask.len() as u64);
-            return out;
-        };
-        let mut answered = 0u64;
-        for (slot, r) in fetched {
-            let i = ask[slot];
-            match r {
-                Ok(Ok(Some(value))) => {
-                    match record::decode(Bytes::from(value), ns, &keys[i], block_bytes) {
-                        Ok(b) => {
-                            bump(&c.read_bytes, b.payload.len() as u64);
-                            out[i] = Some(b);
-                            answered += 1;
-                        }
-                        Err(kind) => {
-                            bump(&c.corrupt, 1);
-                            tracing::warn!(namespace = %ns, key = %keys[i], check = kind.name(), "remote tier: value failed verification; dropped");
-                            self.writer.enqueue(&self.shared, ns, &keys[i], Op::Delete);
-                        }
-                    }
-                }
-                Ok(Ok(None)) => {}
-                Ok(Err(e)) => self.shared.redis_failed(&e),
-                Err(_) => self.shared.failed(true, "read past its deadline"),
-            }
-        }
-        bump(&c.hits, answered);
-        bump(&c.misses, ask.len() as u64 - answered);
-        out
-    }
-
-    /// Whether each key is on the cluster (or queued for it). Errors and
-    /// timeouts answer false.
-    pub fn exists_many(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Vec<bool> {
-        let mut out = vec![false; keys.len()];
-        let mut ask = Vec::new();
-        {
-            let pending = self.shared.pending.lock();
-            for (i, k) in keys.iter().enumerate() {
-                match pending.latest(ns, k) {
-                    Some(Op::Set { .. }) => out[i] = true,
-                    Some(Op::Delete) => {}
-                    None => ask.push(i),
-                }
-            }
-        }
-        let Some(conn) = self.shared.conn().filter(|_| !ask.is_empty()) else {
-            return out;
-        };
-        let redis_keys = ask.iter().map(|&i| self.shared.key(ns, &keys[i])).collect();
-        let fetched = self.each_key::<i64>(conn, "EXISTS", redis_keys);
-        let Some(fetched) = fetched else {
-            self.shared.failed(true, "exists batch past its deadline");
-            return out;
-        };
-        for (slot, r) in fetched {
-            match r {
-                Ok(Ok(n)) => out[ask[slot]] = n > 0,
-                Ok(Err(e)) => self.shared.redis_failed(&e),
-                Err(_) => self.shared.failed(true, "exists past its deadline"),
-            }
-        }
-        out
     }
 
     /// Queues a block for the cluster (`write_through`: a put, else a
@@ -549,7 +470,7 @@ impl RemoteTier {
     }
 
     /// Whether a payload of `len` bytes fits the queue now (checked before
-    /// copying a victim's bytes under the host lock).
+    /// copying an evicted block's bytes).
     pub fn has_room(&self, len: u64) -> bool {
         self.shared.counters.queued_bytes.load(Ordering::Acquire) + len
             <= self.shared.config.queue_bytes
@@ -565,44 +486,9 @@ impl RemoteTier {
         self.writer.enqueue(&self.shared, ns, key, Op::Delete);
     }
 
-    /// Writes blocks now (not through the queue) and waits for them; `true`
-    /// per block written. For benchmarks and tests.
-    pub fn put_many(
-        &self,
-        ns: &NamespaceId,
-        items: &[(BlockKey, Option<BlockKey>, Bytes)],
-    ) -> Vec<bool> {
-        let Some(conn) = self.shared.conn() else {
-            return vec![false; items.len()];
-        };
-        let shared = Arc::clone(&self.shared);
-        let ns = *ns;
-        let items: Vec<_> = items.to_vec();
-        let n = items.len();
-        let deadline = shared.config.deadline;
-        self.run(deadline + Duration::from_millis(50), async move {
-            let mut set = tokio::task::JoinSet::new();
-            for (slot, (key, parent, payload)) in items.into_iter().enumerate() {
-                let conn = conn.clone();
-                let shared = Arc::clone(&shared);
-                set.spawn(async move {
-                    let ok = writer::set_block(&shared, conn, &ns, &key, parent.as_ref(), &payload)
-                        .await;
-                    (slot, ok)
-                });
-            }
-            let mut out = vec![false; n];
-            while let Some(r) = set.join_next().await {
-                if let Ok((slot, ok)) = r {
-                    out[slot] = ok;
-                }
-            }
-            out
-        })
-        .unwrap_or_else(|| vec![false; n])
-    }
-
-    /// Waits until the write queue is empty; `false` on timeout.
+    /// Waits until the write queue is empty; `false` on timeout. A test
+    /// hook (the cache drains the queue itself when it closes).
+    #[cfg(feature = "testing")]
     pub fn flush(&self, timeout: Duration) -> bool {
         self.writer.flush(&self.shared, timeout)
     }
@@ -637,25 +523,35 @@ impl RemoteTier {
         }
     }
 
-    /// Stops the writer after it has drained the queue (at most `timeout`).
+    /// Stops the tier: waits up to `timeout` for the write queue to drain,
+    /// then stops its tasks (writer, connection upkeep) and waits up to
+    /// `timeout` for them. Idempotent; blocks the calling thread. Reads
+    /// afterwards miss; writes queued afterwards are not sent.
     pub fn close(&self, timeout: Duration) {
-        self.writer.flush(&self.shared, timeout);
-        self.shared.closed.store(true, Ordering::Release);
+        if !self.shared.closed.load(Ordering::Acquire) {
+            self.writer.flush(&self.shared, timeout);
+            self.shared.closed.store(true, Ordering::Release);
+        }
+        self.tasks.stop_and_wait(timeout);
+        *self.shared.conn.write() = None;
+        self.shared.connected.store(false, Ordering::Release);
     }
 }
 
-/// Connects, and reconnects after a failed attempt, until the tier closes.
+/// Connects, and reconnects after a failed attempt, until the tier stops.
 /// Once connected, the cluster connection itself follows topology changes
 /// and reconnects to nodes that come back.
-async fn connect_loop(shared: Arc<Shared>) {
+async fn connect_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut logged_down = false;
-    while !shared.closed.load(Ordering::Acquire) {
+    while !*stop.borrow() {
         if shared.conn.read().is_none() {
-            let attempt = tokio::time::timeout(
-                shared.config.connect_timeout * 2,
-                shared.client.get_async_connection(),
-            )
-            .await;
+            let attempt = tokio::select! {
+                a = tokio::time::timeout(
+                    shared.config.connect_timeout * 2,
+                    shared.client.get_async_connection(),
+                ) => a,
+                _ = stop.changed() => return,
+            };
             match attempt {
                 Ok(Ok(conn)) => {
                     *shared.conn.write() = Some(conn);
@@ -677,6 +573,9 @@ async fn connect_loop(shared: Arc<Shared>) {
                 }
             }
         }
-        tokio::time::sleep(shared.config.retry_interval).await;
+        tokio::select! {
+            _ = tokio::time::sleep(shared.config.retry_interval) => {}
+            _ = stop.changed() => return,
+        }
     }
 }

@@ -70,6 +70,17 @@ pub fn decode(
     key: &BlockKey,
     block_bytes: u64,
 ) -> Result<RemoteBlock, CorruptKind> {
+    decode_checked(value, ns, key, Some(block_bytes))
+}
+
+/// [`decode`] with the payload length to expect, if known (`None`: the
+/// length the header records, still checked against the value's).
+pub(crate) fn decode_checked(
+    value: Bytes,
+    ns: &NamespaceId,
+    key: &BlockKey,
+    block_bytes: Option<u64>,
+) -> Result<RemoteBlock, CorruptKind> {
     let header = SlotHeader::decode(&value)?;
     if header.namespace != *ns {
         return Err(CorruptKind::Namespace);
@@ -78,7 +89,7 @@ pub fn decode(
         return Err(CorruptKind::Key);
     }
     let payload_len = (value.len() - HEADER_LEN) as u64;
-    if header.payload_len != payload_len || payload_len != block_bytes {
+    if header.payload_len != payload_len || block_bytes.is_some_and(|len| len != payload_len) {
         return Err(CorruptKind::Length);
     }
     let payload = value.slice(HEADER_LEN..);

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use redis::cluster_async::ClusterConnection;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use super::{Shared, bump, record};
 use crate::events::EventKind;
@@ -131,10 +133,15 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub fn start(shared: Arc<Shared>, handle: &tokio::runtime::Handle) -> Writer {
+    /// Starts the writer task on `handle`; it runs until `stop` says so.
+    pub fn start(
+        shared: Arc<Shared>,
+        handle: &tokio::runtime::Handle,
+        stop: watch::Receiver<bool>,
+    ) -> (Writer, JoinHandle<()>) {
         let (tx, rx) = unbounded_channel();
-        handle.spawn(write_loop(shared, rx, tx.clone()));
-        Writer { tx }
+        let task = handle.spawn(write_loop(shared, rx, tx.clone(), stop));
+        (Writer { tx }, task)
     }
 
     /// Queues `op` for the key. A write that does not fit the byte budget
@@ -169,7 +176,8 @@ impl Writer {
         queued
     }
 
-    /// Waits until nothing is queued; `false` on timeout.
+    /// Waits until nothing is queued; `false` on timeout (polls; blocks the
+    /// calling thread).
     pub fn flush(&self, shared: &Shared, timeout: Duration) -> bool {
         let end = Instant::now() + timeout;
         loop {
@@ -260,10 +268,18 @@ async fn write_loop(
     shared: Arc<Shared>,
     mut rx: UnboundedReceiver<Item>,
     tx: UnboundedSender<Item>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let max = shared.config.write_concurrency.max(1);
     let mut batch = Vec::with_capacity(max);
-    while rx.recv_many(&mut batch, max).await > 0 {
+    loop {
+        let received = tokio::select! {
+            n = rx.recv_many(&mut batch, max) => n,
+            _ = stop.changed() => return,
+        };
+        if received == 0 || *stop.borrow() {
+            return;
+        }
         let mut set = tokio::task::JoinSet::new();
         for item in batch.drain(..) {
             let Some(op) = shared

@@ -1,0 +1,157 @@
+//! `--mode grpc` (the default): payloads travel inline in `BatchGet` /
+//! `BatchPut` messages. Also how the daemon's modes (grpc and shm) open
+//! their gRPC clients and register the benchmark's opaque namespace.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use kvstrata_proto::v1::kv_cache_client::KvCacheClient;
+use kvstrata_proto::v1::{
+    BatchGetRequest, BatchPutRequest, Dtype, Layout, NamespaceSpec, PutItem,
+    RegisterNamespaceRequest,
+};
+use tonic::transport::Channel;
+
+use crate::args::{BenchArgs, Plan};
+use crate::connect::{client, connect_channel};
+use crate::error::BenchError;
+use crate::runner::{Outcome, Shared};
+
+/// Model id of the benchmark's namespace.
+pub const BENCH_MODEL_ID: &str = "kvstrata-bench";
+
+pub(crate) type Client = KvCacheClient<Channel>;
+
+/// One `BatchPut` of the blocks at `indices`, each with a fresh version.
+pub(crate) async fn put_batch(
+    client: &mut Client,
+    sh: &Shared,
+    indices: &[u64],
+) -> Result<Outcome, BenchError> {
+    let versions = sh.issue_versions(indices);
+    let items = indices
+        .iter()
+        .zip(&versions)
+        .map(|(&i, &v)| PutItem {
+            key: sh.key(i),
+            parent: Bytes::new(),
+            payload: sh.payloads.block(i, v),
+            region: None,
+            pages: None,
+        })
+        .collect();
+    let req = BatchPutRequest {
+        namespace_id: sh.namespace_id.clone(),
+        items,
+    };
+    let t0 = Instant::now();
+    let resp = client
+        .batch_put(req)
+        .await
+        .map_err(|s| BenchError::rpc("BatchPut", s))?
+        .into_inner();
+    sh.put_outcome("BatchPut", indices, &versions, t0.elapsed(), &resp.results)
+}
+
+/// One `BatchGet` of the blocks at `indices`; every found block is checked.
+pub(crate) async fn get_batch(
+    client: &mut Client,
+    sh: &Shared,
+    indices: &[u64],
+) -> Result<Outcome, BenchError> {
+    let floors = sh.read_floors(indices);
+    let req = BatchGetRequest {
+        namespace_id: sh.namespace_id.clone(),
+        keys: indices.iter().map(|&i| sh.key(i)).collect(),
+        regions: Vec::new(),
+        pages: Vec::new(),
+    };
+    let t0 = Instant::now();
+    let resp = client
+        .batch_get(req)
+        .await
+        .map_err(|s| BenchError::rpc("BatchGet", s))?
+        .into_inner();
+    let latency = t0.elapsed();
+    if resp.results.len() != indices.len() {
+        return Err(BenchError::Protocol {
+            op: "BatchGet",
+            reason: format!("{} results for {} keys", resp.results.len(), indices.len()),
+        });
+    }
+    let mut out = Outcome {
+        latency,
+        blocks: indices.len() as u64,
+        ..Outcome::default()
+    };
+    for ((&i, &floor), r) in indices.iter().zip(&floors).zip(&resp.results) {
+        if r.found {
+            let key_ok = r.key == sh.keys[i as usize];
+            sh.check_hit(&mut out, i, floor, key_ok, &r.payload);
+        } else {
+            out.misses += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// One gRPC client per task (`n`), each on its own connection or, with
+/// `--shared-connection`, all on one.
+pub(crate) async fn open_clients(args: &BenchArgs, n: usize) -> Result<Vec<Client>, BenchError> {
+    let mut clients = Vec::with_capacity(n);
+    if args.shared_connection {
+        let ch = connect_channel(&args.addr).await?;
+        clients.extend((0..n).map(|_| client(ch.clone())));
+    } else {
+        for _ in 0..n {
+            clients.push(client(connect_channel(&args.addr).await?));
+        }
+    }
+    Ok(clients)
+}
+
+/// Registers the benchmark's opaque namespace of `plan.block_size` bytes.
+pub(crate) async fn register_namespace(
+    clients: &mut [Client],
+    plan: &Plan,
+) -> Result<Bytes, BenchError> {
+    let spec = NamespaceSpec {
+        model_id: BENCH_MODEL_ID.to_string(),
+        dtype: Dtype::F16 as i32,
+        layout: Layout::Opaque as i32,
+        opaque_block_bytes: plan.block_size as u64,
+        tp_rank: 0,
+        tp_size: 1,
+        ..NamespaceSpec::default()
+    };
+    let Some(first) = clients.first_mut() else {
+        return Err(BenchError::InvalidArg {
+            field: "--concurrency",
+            reason: "must be at least 1".into(),
+        });
+    };
+    let reg = first
+        .register_namespace(RegisterNamespaceRequest {
+            spec: Some(spec),
+            policy: None,
+        })
+        .await
+        .map_err(|s| BenchError::rpc("RegisterNamespace", s))?
+        .into_inner();
+    if reg.block_bytes != plan.block_size as u64 {
+        return Err(BenchError::Protocol {
+            op: "RegisterNamespace",
+            reason: format!(
+                "block_bytes {} for an opaque namespace of {} bytes",
+                reg.block_bytes, plan.block_size
+            ),
+        });
+    }
+    if reg.namespace_id.is_empty() {
+        return Err(BenchError::Protocol {
+            op: "RegisterNamespace",
+            reason: "empty namespace_id".into(),
+        });
+    }
+    Ok(reg.namespace_id)
+}

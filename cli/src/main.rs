@@ -1,0 +1,243 @@
+//! `kvstrata`: the daemon (`serve`), the load generator (`bench`) and the
+//! client verbs (`stats`, `ls`, `put`, `get`, ...), in one binary.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use kvstrata_cli::client_verbs::{ClientCommand, GlobalArgs};
+use kvstrata_server::{Config, Daemon, ServeArgs};
+use tracing_subscriber::EnvFilter;
+
+/// kvstrata: a hierarchical KV-cache store for LLM inference.
+#[derive(Debug, Parser)]
+#[command(
+    name = "kvstrata",
+    version,
+    about = "kvstrata: a hierarchical KV-cache store for LLM inference",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon (gRPC on TCP and a Unix socket, Prometheus metrics)
+    Serve(Box<ServeArgs>),
+    /// Load generator: ops/s, GB/s and latency percentiles against a running daemon
+    /// (`bench ttft`: time to first token with and without cached KV)
+    Bench(Box<BenchCommand>),
+    /// Disk-tier throughput in-process (write, then cold reads), for comparison with fio
+    #[command(name = "bench-disk")]
+    BenchDisk(kvstrata_benches::DiskBenchArgs),
+    /// Remote-tier (Redis Cluster) throughput and latency vs the same cluster used directly
+    #[command(name = "bench-remote")]
+    BenchRemote(kvstrata_benches::RemoteBenchArgs),
+    /// Prefill a prompt with the built-in engine: reuse cached KV, store the new blocks,
+    /// write a hand-off for `kvstrata decode`
+    Prefill(Box<kvstrata_cli::engine_verbs::PrefillArgs>),
+    /// Decode from a prefill's hand-off: load its KV from kvstrata, generate, stream text
+    Decode(Box<kvstrata_cli::engine_verbs::DecodeArgs>),
+    /// Interactive multi-turn chat through the prefill and decode engines
+    Chat(Box<kvstrata_cli::engine_verbs::ChatArgs>),
+    /// Multi-turn RAG through an in-process daemon: TTFT with the cache vs a full recompute
+    Demo(Box<kvstrata_cli::demo::DemoArgs>),
+    /// Cache-aware routing: follow several daemons' Watch streams and pick the node
+    /// with the best tier-weighted cached prefix, minus load (`--serve`: over HTTP)
+    Route(Box<kvstrata_router::RouteArgs>),
+    /// GPU checks and benchmarks (kernels vs their CPU references, HBM tier, CUDA IPC,
+    /// copy ceilings): what `scripts/gpu-check.sh` runs on a GPU machine
+    #[command(name = "gpu-check")]
+    GpuCheck(kvstrata_gpucheck::GpuCheckArgs),
+    #[command(flatten)]
+    Client(ClientCommand),
+}
+
+/// `kvstrata bench`: the load generator, or a benchmark named by a subcommand.
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BenchCommand {
+    #[command(subcommand)]
+    which: Option<BenchWhich>,
+    #[command(flatten)]
+    load: kvstrata_benches::BenchArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchWhich {
+    /// Time to first token for 512..4k-token contexts, 0/50/100% cached, host and disk tier
+    Ttft(Box<kvstrata_cli::ttft::TtftArgs>),
+}
+
+fn init_logging(format: &str, level: &str) {
+    // The redis crate logs every failed reconnect attempt to a dead cluster node
+    // (many per second); the remote tier counts and reports those itself
+    // (`kvstrata stats`, kvstrata_remote_* metrics), so it is quiet unless asked for.
+    let level = if level.contains("redis") {
+        level.to_string()
+    } else {
+        format!("{level},redis=off")
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args)?;
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
+    init_logging(config.log.format.as_str(), &config.log.level);
+    // Caught from before start-up on, so an early SIGHUP never kills the daemon.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("listening for SIGHUP")?;
+    let daemon = Daemon::start(config).await?;
+    if let Some(path) = &args.ready_file {
+        let json = serde_json::to_string(daemon.addrs())?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    }
+    // SIGHUP re-reads auth.token_file (a bad file keeps the old tokens).
+    let auth = std::sync::Arc::clone(daemon.auth());
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading auth tokens");
+            let _ = auth.reload();
+        }
+    });
+    let token = daemon.shutdown_token();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        }
+        token.cancel();
+    });
+    daemon.run_until_stopped().await?;
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(*args).await,
+        Command::Bench(cmd) => match cmd.which {
+            Some(BenchWhich::Ttft(args)) => {
+                kvstrata_cli::ttft::run_ttft(*args, cli.global.json).await
+            }
+            None => {
+                kvstrata_benches::run_and_print(cmd.load).await?;
+                Ok(())
+            }
+        },
+        Command::Prefill(args) => {
+            let options = cli.global.client_options()?;
+            Ok(kvstrata_cli::engine_verbs::run_prefill(
+                *args,
+                &cli.global.addr,
+                options,
+                cli.global.json,
+            )
+            .await?)
+        }
+        Command::Decode(args) => {
+            let options = cli.global.client_options()?;
+            Ok(kvstrata_cli::engine_verbs::run_decode(
+                *args,
+                &cli.global.addr,
+                options,
+                cli.global.json,
+            )
+            .await?)
+        }
+        Command::Chat(args) => {
+            let options = cli.global.client_options()?;
+            Ok(kvstrata_cli::engine_verbs::run_chat(*args, &cli.global.addr, options).await?)
+        }
+        Command::Demo(args) => kvstrata_cli::demo::run_demo(*args, cli.global.json).await,
+        Command::Route(args) => kvstrata_cli::route::run(*args, cli.global.json).await,
+        // The disk tier's calls block: run them off the async workers.
+        Command::BenchDisk(args) => {
+            tokio::task::spawn_blocking(move || kvstrata_benches::run_disk_and_print(&args))
+                .await??;
+            Ok(())
+        }
+        Command::BenchRemote(args) => {
+            kvstrata_benches::run_remote_and_print(&args, cli.global.json).await?;
+            Ok(())
+        }
+        // The CLI error already carries its cause in one line.
+        Command::GpuCheck(args) => {
+            // Logs only when asked for (stderr; `RUST_LOG=kvstrata_tiers=debug`
+            // shows the timings of each batched T0<->T1 move).
+            if std::env::var_os("RUST_LOG").is_some() {
+                init_logging("text", "warn");
+            }
+            // The checks block (device work, a daemon child process): off the
+            // async workers; the CUDA IPC check drives its client on this runtime.
+            let rt = tokio::runtime::Handle::current();
+            let report =
+                tokio::task::spawn_blocking(move || kvstrata_gpucheck::run(&args, &rt)).await??;
+            report.print();
+            if !report.passed() {
+                anyhow::bail!("gpu-check: some checks failed");
+            }
+            Ok(())
+        }
+        Command::Client(cmd) => kvstrata_cli::client_verbs::run(cmd, &cli.global)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and those causes it does not already spell out.
+            let mut msg = String::new();
+            for cause in e.chain() {
+                let text = cause.to_string();
+                if !msg.contains(&text) {
+                    if !msg.is_empty() {
+                        msg.push_str(": ");
+                    }
+                    msg.push_str(&text);
+                }
+            }
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

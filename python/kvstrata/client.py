@@ -1,0 +1,482 @@
+"""`Client`: every RPC of `kvstrata.v1.KvCache` (docs/protocol.md), synchronous.
+
+A `Client` holds one gRPC channel (thread-safe: share it between threads). Calls take
+an optional `timeout` in seconds (default: the client's `timeout`). Every refusal raises
+an `RpcError` subclass carrying the gRPC code and the field the daemon named.
+Payload-free data paths: `batch_put_regions` / `batch_get_into` (shared-memory pools,
+`kvstrata.SharedPool`) and `batch_put_pages` / `batch_get_pages` (KV regions,
+`kvstrata.KvRegion`).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union, cast
+
+import grpc
+
+from . import hashing
+from .errors import KvstrataError, RpcError, rpc_error
+from .target import Target, parse_target
+from .v1 import kvstrata_pb2 as pb
+from .v1 import kvstrata_pb2_grpc as pb_grpc
+
+MIB = 1 << 20
+DEFAULT_MAX_MESSAGE_BYTES = 512 * MIB
+NAMESPACE_ID_BYTES = 16
+
+#: `kvstrata.v1` enums, re-exported.
+Dtype = pb.Dtype
+Layout = pb.Layout
+Tier = pb.Tier
+PutStatus = pb.PutStatus
+EventKind = pb.EventKind
+
+
+@dataclass(frozen=True)
+class NamespaceSpec:
+    """One KV geometry (`kvstrata.v1.NamespaceSpec`). `dtype` takes a name ("bf16") or
+    wire code; `layout` "layer_major" (default) or "opaque" or a code."""
+
+    model_id: str
+    num_layers: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    dtype: Union[str, int] = "f16"
+    block_tokens: int = 0
+    layout: Union[str, int] = "layer_major"
+    tp_rank: int = 0
+    tp_size: int = 1
+    opaque_block_bytes: int = 0
+    model_fingerprint: bytes = b""
+
+    @staticmethod
+    def opaque(model_id: str, block_bytes: int, *, dtype: Union[str, int] = "int8",
+               block_tokens: int = 0, tp_rank: int = 0, tp_size: int = 1,
+               model_fingerprint: bytes = b"") -> "NamespaceSpec":
+        """An opaque namespace: blocks of `block_bytes` bytes the daemon never interprets."""
+        return NamespaceSpec(model_id=model_id, dtype=dtype, block_tokens=block_tokens,
+                             layout="opaque", tp_rank=tp_rank, tp_size=tp_size,
+                             opaque_block_bytes=block_bytes, model_fingerprint=model_fingerprint)
+
+    @property
+    def dtype_code(self) -> int:
+        if isinstance(self.dtype, str):
+            try:
+                return hashing.DTYPES[self.dtype.lower()]
+            except KeyError:
+                raise ValueError(f"spec.dtype: {self.dtype!r} is not one of {sorted(hashing.DTYPES)}") from None
+        return int(self.dtype)
+
+    @property
+    def layout_code(self) -> int:
+        if isinstance(self.layout, str):
+            try:
+                return hashing.LAYOUTS[self.layout.lower()]
+            except KeyError:
+                raise ValueError(f"spec.layout: {self.layout!r} is not one of {sorted(hashing.LAYOUTS)}") from None
+        return int(self.layout)
+
+    def canonical_encoding(self) -> bytes:
+        return hashing.canonical_encoding(
+            self.model_id, self.model_fingerprint, self.num_layers, self.num_kv_heads,
+            self.head_dim, self.dtype_code, self.block_tokens, self.layout_code,
+            self.tp_rank, self.tp_size, self.opaque_block_bytes)
+
+    def namespace_id(self) -> bytes:
+        """The 16-byte id the daemon will answer for this spec (docs/hashing.md)."""
+        return hashing.namespace_id_of_encoding(self.canonical_encoding())
+
+    def block_bytes(self) -> int:
+        """Payload bytes of one block."""
+        if self.layout_code == 2:
+            return self.opaque_block_bytes
+        return (self.num_layers * 2 * self.block_tokens * self.num_kv_heads * self.head_dim
+                * hashing.DTYPE_BYTES.get(self.dtype_code, 0))
+
+    def to_proto(self) -> pb.NamespaceSpec:
+        return pb.NamespaceSpec(
+            model_id=self.model_id, model_fingerprint=self.model_fingerprint,
+            num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            dtype=cast(Any, self.dtype_code), block_tokens=self.block_tokens, layout=cast(Any, self.layout_code),
+            tp_rank=self.tp_rank, tp_size=self.tp_size, opaque_block_bytes=self.opaque_block_bytes)
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """A registered namespace: its `id` (16 bytes), `block_bytes`, and the spec."""
+
+    id: bytes
+    block_bytes: int
+    spec: Optional[NamespaceSpec] = None
+    created: bool = False
+
+    def block_keys(self, tokens: Sequence[int]) -> list[bytes]:
+        """Canonical chained keys of every full block of `tokens` (needs the spec's block_tokens)."""
+        if self.spec is None or self.spec.block_tokens < 1:
+            raise ValueError("block_tokens: this namespace has no block_tokens; use kvstrata.block_keys")
+        return hashing.block_keys(self.id, tokens, self.spec.block_tokens)
+
+    @property
+    def hex(self) -> str:
+        return self.id.hex()
+
+
+NamespaceRef = Union[Namespace, bytes]
+
+
+def _ns_id(ns: NamespaceRef) -> bytes:
+    return ns.id if isinstance(ns, Namespace) else bytes(ns)
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """`matched` leading keys are cached; `tiers[i]` is where key i lives."""
+
+    matched: int
+    tiers: list[int] = field(default_factory=list)
+
+
+def _parents(keys: Sequence[bytes], parents: Union[None, str, Sequence[Optional[bytes]]],
+             first_parent: Optional[bytes]) -> list[bytes]:
+    if parents is None:
+        return [b""] * len(keys)
+    if parents == "chain":
+        out: list[bytes] = []
+        prev = first_parent or b""
+        for k in keys:
+            out.append(prev)
+            prev = bytes(k)
+        return out
+    if isinstance(parents, str):
+        raise ValueError("parents: None, 'chain' or one parent per key")
+    if len(parents) != len(keys):
+        raise ValueError(f"parents: {len(parents)} parents for {len(keys)} keys")
+    return [bytes(p or b"") for p in parents]
+
+
+class Lease:
+    """A pin's lease, a context manager: `with client.pin(ns, keys): ...` unpins on exit."""
+
+    def __init__(self, client: "Client", lease_id: int, deadline_unix_ms: int) -> None:
+        self.client = client
+        self.lease_id = lease_id
+        self.deadline_unix_ms = deadline_unix_ms
+        self.released = False
+
+    def release(self) -> None:
+        """Ends the lease (idempotent; an already expired lease is not an error here)."""
+        if self.released:
+            return
+        self.released = True
+        try:
+            self.client.unpin(self.lease_id)
+        except RpcError as e:
+            if e.code != grpc.StatusCode.NOT_FOUND:
+                raise
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+class Watch:
+    """An iterator of `WatchEvent`s; `cancel()` (or leaving a `with` block) ends it."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def __iter__(self) -> "Watch":
+        return self
+
+    def __next__(self) -> pb.WatchEvent:
+        try:
+            return next(self._call)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise rpc_error("Watch", e) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def __enter__(self) -> "Watch":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cancel()
+
+
+def _read(path: Optional[str]) -> Optional[bytes]:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _token_from_file(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                return line.split()[0]
+    raise KvstrataError(f"token_file: {path} holds no token line")
+
+
+class Client:
+    """A connection to the daemon. See the module docs.
+
+    target: see `kvstrata.target` (None: `KVSTRATA_ADDR`, the default socket, 127.0.0.1:50051).
+    token / token_file: bearer token sent on every call (default: `KVSTRATA_TOKEN`,
+    `KVSTRATA_TOKEN_FILE`). tls_ca, tls_cert, tls_key: PEM files for an `https://` target
+    (default: `KVSTRATA_TLS_CA`, `KVSTRATA_CLIENT_CERT`, `KVSTRATA_CLIENT_KEY`).
+    timeout: seconds each unary call may take (None: no deadline).
+    """
+
+    def __init__(self, target: Optional[str] = None, *, token: Optional[str] = None,
+                 token_file: Optional[str] = None, tls_ca: Optional[str] = None,
+                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
+                 tls_domain: Optional[str] = None, timeout: Optional[float] = 30.0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 options: Sequence[tuple[str, Any]] = ()) -> None:
+        import os
+        self.target: Target = parse_target(target)
+        self.timeout = timeout
+        token = token or os.environ.get("KVSTRATA_TOKEN") or None
+        token_file = token_file or os.environ.get("KVSTRATA_TOKEN_FILE") or None
+        if token is None and token_file is not None:
+            token = _token_from_file(token_file)
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ())
+        opts = [("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.enable_retries", 0),
+                # a restarted daemon is found again within seconds, not grpc's 2-minute backoff
+                ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+                ("grpc.max_reconnect_backoff_ms", 2000)] + list(options)
+        if self.target.kind == "https":
+            tls_ca = tls_ca or os.environ.get("KVSTRATA_TLS_CA") or None
+            tls_cert = tls_cert or os.environ.get("KVSTRATA_CLIENT_CERT") or None
+            tls_key = tls_key or os.environ.get("KVSTRATA_CLIENT_KEY") or None
+            if (tls_cert is None) != (tls_key is None):
+                raise KvstrataError("tls_cert and tls_key: give both or neither")
+            creds = grpc.ssl_channel_credentials(root_certificates=_read(tls_ca),
+                                                 private_key=_read(tls_key),
+                                                 certificate_chain=_read(tls_cert))
+            if tls_domain:
+                opts.append(("grpc.ssl_target_name_override", tls_domain))
+            self._channel = grpc.secure_channel(self.target.grpc_target(), creds, options=opts)
+        else:
+            if tls_ca or tls_cert:
+                raise KvstrataError(f"tls_ca / tls_cert given, but target {self.target} is not https://")
+            self._channel = grpc.insecure_channel(self.target.grpc_target(), options=opts)
+        self.stub = pb_grpc.KvCacheStub(self._channel)
+        self._lock = threading.Lock()
+
+    # --- plumbing ---------------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({str(self.target)!r})"
+
+    def _call(self, method: str, request: Any, timeout: Optional[float]) -> Any:
+        fn: Callable[..., Any] = getattr(self.stub, method)
+        try:
+            return fn(request, timeout=self.timeout if timeout is None else timeout,
+                      metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise rpc_error(method, e) from None
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Blocks until the channel is connected; raises `Unavailable` after `timeout`."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            from .errors import Unavailable
+            raise Unavailable("connect", grpc.StatusCode.UNAVAILABLE,
+                              f"target: no daemon answered at {self.target} within {timeout} s") from None
+
+    # --- namespaces ---------------------------------------------------------------
+
+    def register_namespace(self, spec: NamespaceSpec, *, write_through: Optional[bool] = None,
+                           remote_write_through: Optional[bool] = None,
+                           timeout: Optional[float] = None) -> Namespace:
+        """Registers a geometry (idempotent). Policy fields given replace the policy."""
+        req = pb.RegisterNamespaceRequest(spec=spec.to_proto())
+        if write_through is not None or remote_write_through is not None:
+            req.policy.CopyFrom(pb.NamespacePolicy(write_through=bool(write_through),
+                                                   remote_write_through=bool(remote_write_through)))
+        resp = self._call("RegisterNamespace", req, timeout)
+        return Namespace(id=bytes(resp.namespace_id), block_bytes=resp.block_bytes, spec=spec,
+                         created=resp.created)
+
+    def list_namespaces(self, *, timeout: Optional[float] = None) -> list[pb.NamespaceInfo]:
+        return list(self._call("ListNamespaces", pb.ListNamespacesRequest(), timeout).namespaces)
+
+    # --- data --------------------------------------------------------------------
+
+    def lookup(self, ns: NamespaceRef, keys: Sequence[bytes], *,
+               timeout: Optional[float] = None) -> LookupResult:
+        """Longest cached prefix of a chain of keys (one call, no hit counters)."""
+        resp = self._call("Lookup", pb.LookupRequest(namespace_id=_ns_id(ns), keys=list(keys)), timeout)
+        return LookupResult(matched=resp.matched, tiers=list(resp.tiers))
+
+    def batch_put(self, ns: NamespaceRef, keys: Sequence[bytes], payloads: Sequence[Any], *,
+                  parents: Union[None, str, Sequence[Optional[bytes]]] = None,
+                  first_parent: Optional[bytes] = None,
+                  timeout: Optional[float] = None) -> pb.BatchPutResponse:
+        """Stores blocks with inline payloads (bytes, bytearray, memoryview or numpy
+        arrays). `parents="chain"` makes each key the parent of the next (the first one's
+        parent is `first_parent`). Returns the response: `results` (one `PutStatus` per
+        key) and `stored`."""
+        if len(payloads) != len(keys):
+            raise ValueError(f"payloads: {len(payloads)} payloads for {len(keys)} keys")
+        ps = _parents(keys, parents, first_parent)
+        items = [pb.PutItem(key=bytes(k), parent=p, payload=_as_bytes(v))
+                 for k, p, v in zip(keys, ps, payloads)]
+        return self._call("BatchPut", pb.BatchPutRequest(namespace_id=_ns_id(ns), items=items), timeout)
+
+    def batch_put_regions(self, ns: NamespaceRef, keys: Sequence[bytes],
+                          regions: Sequence[pb.PoolRegion], *,
+                          parents: Union[None, str, Sequence[Optional[bytes]]] = None,
+                          first_parent: Optional[bytes] = None,
+                          timeout: Optional[float] = None) -> pb.BatchPutResponse:
+        """Stores blocks whose bytes lie in shared-memory pool regions (no payload bytes
+        in the message)."""
+        if len(regions) != len(keys):
+            raise ValueError(f"regions: {len(regions)} regions for {len(keys)} keys")
+        ps = _parents(keys, parents, first_parent)
+        items = [pb.PutItem(key=bytes(k), parent=p, region=r) for k, p, r in zip(keys, ps, regions)]
+        return self._call("BatchPut", pb.BatchPutRequest(namespace_id=_ns_id(ns), items=items), timeout)
+
+    def batch_put_pages(self, ns: NamespaceRef, keys: Sequence[bytes], pages: Sequence[pb.KvPages], *,
+                        parents: Union[None, str, Sequence[Optional[bytes]]] = None,
+                        first_parent: Optional[bytes] = None,
+                        timeout: Optional[float] = None) -> pb.BatchPutResponse:
+        """Stores blocks gathered by the daemon from the pages of a registered KV region."""
+        if len(pages) != len(keys):
+            raise ValueError(f"pages: {len(pages)} page lists for {len(keys)} keys")
+        ps = _parents(keys, parents, first_parent)
+        items = [pb.PutItem(key=bytes(k), parent=p, pages=g) for k, p, g in zip(keys, ps, pages)]
+        return self._call("BatchPut", pb.BatchPutRequest(namespace_id=_ns_id(ns), items=items), timeout)
+
+    def batch_get_results(self, ns: NamespaceRef, keys: Sequence[bytes], *,
+                          regions: Sequence[pb.PoolRegion] = (), pages: Sequence[pb.KvPages] = (),
+                          timeout: Optional[float] = None) -> list[pb.GetResult]:
+        """`BatchGet` as is: one `GetResult` per key."""
+        req = pb.BatchGetRequest(namespace_id=_ns_id(ns), keys=list(keys), regions=list(regions),
+                                 pages=list(pages))
+        return list(self._call("BatchGet", req, timeout).results)
+
+    def batch_get(self, ns: NamespaceRef, keys: Sequence[bytes], *,
+                  timeout: Optional[float] = None) -> list[Optional[bytes]]:
+        """Reads blocks inline: each key's payload, or None for a miss."""
+        return [bytes(r.payload) if r.found else None
+                for r in self.batch_get_results(ns, keys, timeout=timeout)]
+
+    def batch_get_into(self, ns: NamespaceRef, keys: Sequence[bytes], regions: Sequence[pb.PoolRegion], *,
+                       timeout: Optional[float] = None) -> list[bool]:
+        """Reads blocks into pool regions (one per key); True where a block was written."""
+        if len(regions) != len(keys):
+            raise ValueError(f"regions: {len(regions)} regions for {len(keys)} keys")
+        return [r.found for r in self.batch_get_results(ns, keys, regions=regions, timeout=timeout)]
+
+    def batch_get_pages(self, ns: NamespaceRef, keys: Sequence[bytes], pages: Sequence[pb.KvPages], *,
+                        timeout: Optional[float] = None) -> list[bool]:
+        """Scatters found blocks into KV-region pages (one page list per key)."""
+        if len(pages) != len(keys):
+            raise ValueError(f"pages: {len(pages)} page lists for {len(keys)} keys")
+        return [r.found for r in self.batch_get_results(ns, keys, pages=pages, timeout=timeout)]
+
+    def put_stream(self, requests: Iterable[pb.BatchPutRequest], *,
+                   timeout: Optional[float] = None) -> list[pb.BatchPutResponse]:
+        """`PutStream`: one response per request message, in order."""
+        try:
+            return list(self.stub.PutStream(iter(requests), timeout=timeout, metadata=self._metadata))
+        except grpc.RpcError as e:
+            raise rpc_error("PutStream", e) from None
+
+    def get_stream(self, ns: NamespaceRef, keys: Sequence[bytes], *,
+                   timeout: Optional[float] = None) -> Iterator[pb.GetResult]:
+        """`GetStream`: one `GetResult` per key, in order, read a few ahead."""
+        call = self.stub.GetStream(pb.BatchGetRequest(namespace_id=_ns_id(ns), keys=list(keys)),
+                                   timeout=timeout, metadata=self._metadata)
+        try:
+            yield from call
+        except grpc.RpcError as e:
+            raise rpc_error("GetStream", e) from None
+
+    def delete(self, ns: NamespaceRef, keys: Sequence[bytes], *, timeout: Optional[float] = None) -> int:
+        return self._call("Delete", pb.DeleteRequest(namespace_id=_ns_id(ns), keys=list(keys)), timeout).deleted
+
+    def evict(self, ns: NamespaceRef, keys: Sequence[bytes] = (), *, all: bool = False,
+              timeout: Optional[float] = None) -> pb.EvictResponse:
+        return self._call("Evict", pb.EvictRequest(namespace_id=_ns_id(ns), keys=list(keys), all=all), timeout)
+
+    def pin(self, ns: NamespaceRef, keys: Sequence[bytes], lease_ms: int = 30_000, *,
+            timeout: Optional[float] = None) -> Lease:
+        """Pins blocks (all or none) under a lease; use as a context manager."""
+        resp = self._call("Pin", pb.PinRequest(namespace_id=_ns_id(ns), keys=list(keys), lease_ms=lease_ms), timeout)
+        return Lease(self, resp.lease_id, resp.deadline_unix_ms)
+
+    def unpin(self, lease_id: int, *, timeout: Optional[float] = None) -> None:
+        self._call("Unpin", pb.UnpinRequest(lease_id=lease_id), timeout)
+
+    # --- inspection --------------------------------------------------------------
+
+    def stats(self, *, timeout: Optional[float] = None) -> pb.StatsResponse:
+        return self._call("Stats", pb.StatsRequest(), timeout)
+
+    def list_blocks(self, ns: Optional[NamespaceRef] = None, *, tier: int = 0, page_size: int = 0,
+                    timeout: Optional[float] = None) -> Iterator[pb.BlockInfo]:
+        """Every cached block (pages through `ListBlocks`)."""
+        token = b""
+        while True:
+            resp = self._call("ListBlocks", pb.ListBlocksRequest(
+                namespace_id=_ns_id(ns) if ns is not None else b"", tier=cast(Any, tier),
+                page_size=page_size, page_token=token), timeout)
+            yield from resp.blocks
+            token = resp.next_page_token
+            if not token:
+                return
+
+    def inspect(self, ns: NamespaceRef, key: bytes, *, timeout: Optional[float] = None) -> pb.InspectResponse:
+        return self._call("Inspect", pb.InspectRequest(namespace_id=_ns_id(ns), key=bytes(key)), timeout)
+
+    def verify(self, drop_corrupt: bool = False, *, timeout: Optional[float] = None) -> pb.VerifyResponse:
+        return self._call("Verify", pb.VerifyRequest(drop_corrupt=drop_corrupt), timeout)
+
+    def watch(self, ns: Optional[NamespaceRef] = None) -> Watch:
+        """Events from now on (no history), until `cancel()`."""
+        call = self.stub.Watch(pb.WatchRequest(namespace_id=_ns_id(ns) if ns is not None else b""),
+                               metadata=self._metadata)
+        return Watch(call)
+
+
+def _as_bytes(v: Any) -> bytes:
+    if isinstance(v, bytes):
+        return v
+    if hasattr(v, "tobytes"):
+        return v.tobytes()
+    return bytes(v)
+
+
+def pool_region(pool_id: int, offset: int, length: int) -> pb.PoolRegion:
+    """A `PoolRegion` message."""
+    return pb.PoolRegion(pool_id=pool_id, offset=offset, length=length)
+
+
+def kv_pages(region_id: int, page_ids: Sequence[int]) -> pb.KvPages:
+    """A `KvPages` message."""
+    return pb.KvPages(region_id=region_id, page_ids=list(page_ids))

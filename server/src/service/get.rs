@@ -1,0 +1,251 @@
+//! `BatchGet` and `GetStream`: blocks read from the cache and returned
+//! inline, written into the caller's shared-memory pool ranges, or (through
+//! [`super::kv_pages`]) scattered into KV-region pages.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use kvstrata_proto::v1 as pb;
+use kvstrata_tiers::{BlockCache, BlockKey, NamespaceId, TierKind};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Status};
+
+use super::{BoxStream, KvCacheService, check_pools, check_region_length};
+use crate::auth::Caller;
+use crate::convert::{self, status};
+use crate::limits::{Deadline, InflightPermit};
+use crate::pool::{Pool, RegionError};
+
+/// GetStream accepts this many times `max_batch` keys.
+const STREAM_BATCH_FACTOR: usize = 16;
+
+/// Where one key of a get goes: the pool and offset, or why its region
+/// cannot be used.
+type GetTarget = Result<(Arc<Pool>, u64), RegionError>;
+
+impl KvCacheService {
+    pub(super) async fn handle_batch_get(
+        &self,
+        request: Request<pb::BatchGetRequest>,
+    ) -> Result<pb::BatchGetResponse, Status> {
+        let caller = Caller::of(&request);
+        let uses_pools =
+            !request.get_ref().regions.is_empty() || !request.get_ref().pages.is_empty();
+        self.check_ns(&caller, &request.get_ref().namespace_id)?;
+        check_pools(&caller, "regions", uses_pools)?;
+        let results = self
+            .get(request.into_inner(), self.limits.max_batch)
+            .await?;
+        Ok(pb::BatchGetResponse { results })
+    }
+
+    /// Answers one result per key, in order, from a task that reads the keys
+    /// one at a time (a long list need not fit one response). The stream
+    /// holds its in-flight slot until it ends, and stops at the client's
+    /// deadline.
+    pub(super) fn handle_get_stream(
+        &self,
+        request: Request<pb::BatchGetRequest>,
+    ) -> Result<BoxStream<pb::GetResult>, Status> {
+        let caller = Caller::of(&request);
+        self.check_ns(&caller, &request.get_ref().namespace_id)?;
+        let permit = request.extensions().get::<InflightPermit>().cloned();
+        let deadline = request.extensions().get::<Deadline>().copied();
+        let req = request.into_inner();
+        let max = self.limits.max_batch.saturating_mul(STREAM_BATCH_FACTOR);
+        if !req.regions.is_empty() {
+            return Err(Status::invalid_argument(
+                "regions: GetStream returns payloads inline; use BatchGet to read into pools",
+            ));
+        }
+        if !req.pages.is_empty() {
+            return Err(Status::invalid_argument(
+                "pages: GetStream returns payloads inline; use BatchGet to read into KV pages",
+            ));
+        }
+        let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
+        let keys = convert::keys("keys", &req.keys, max)?;
+        self.cache.namespace("namespace_id", &ns).map_err(status)?;
+        let (tx, rx) = mpsc::channel::<Result<pb::GetResult, Status>>(4);
+        let svc = self.clone();
+        tokio::spawn(async move {
+            // Held until the stream ends (or the client leaves).
+            let _permit = permit;
+            svc.stream_gets(ns, keys, req.keys, deadline, tx).await;
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
+    /// Reads `keys` one at a time and sends each result to `tx`, until the
+    /// last key, the client leaving, `deadline` or shutdown.
+    async fn stream_gets(
+        &self,
+        ns: NamespaceId,
+        keys: Vec<BlockKey>,
+        wire_keys: Vec<Bytes>,
+        deadline: Option<Deadline>,
+        tx: mpsc::Sender<Result<pb::GetResult, Status>>,
+    ) {
+        for (key, wire_key) in keys.into_iter().zip(wire_keys) {
+            if self.shutdown.is_cancelled() {
+                break;
+            }
+            if let Some(d) = deadline.filter(|d| d.passed()) {
+                self.metrics.record_rejected("deadline");
+                let _ = tx.send(Err(d.status())).await;
+                break;
+            }
+            let c = Arc::clone(&self.cache);
+            let hit = self
+                .limits
+                .blocking
+                .run("get", move || c.get_batch(&ns, std::slice::from_ref(&key)))
+                .await;
+            let msg = match hit {
+                Ok(Ok(mut v)) => match v.pop().flatten() {
+                    Some((payload, tier)) => Ok(hit_result(wire_key, payload, tier)),
+                    None => Ok(miss_result(wire_key, String::new())),
+                },
+                Ok(Err(e)) => Err(status(e)),
+                Err(s) => Err(s),
+            };
+            if tx.send(msg).await.is_err() {
+                break; // client went away
+            }
+        }
+    }
+
+    /// A BatchGet of at most `max` keys: inline payloads, pool ranges or KV
+    /// pages, one result per key in order.
+    async fn get(
+        &self,
+        req: pb::BatchGetRequest,
+        max: usize,
+    ) -> Result<Vec<pb::GetResult>, Status> {
+        let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
+        let keys = convert::keys("keys", &req.keys, max)?;
+        if !req.pages.is_empty() {
+            if !req.regions.is_empty() {
+                return Err(Status::invalid_argument(
+                    "regions: give pool regions or KV pages, not both",
+                ));
+            }
+            return self.get_pages(ns, keys, req.keys, &req.pages).await;
+        }
+        let targets = if req.regions.is_empty() {
+            None
+        } else {
+            Some(self.get_targets(&ns, keys.len(), &req.regions)?)
+        };
+        let cache = Arc::clone(&self.cache);
+        let wire_keys = req.keys;
+        self.limits
+            .blocking
+            .run("get", move || match targets {
+                None => get_inline(&cache, &ns, &keys, wire_keys),
+                Some(targets) => get_into_pools(&cache, &ns, &keys, wire_keys, targets),
+            })
+            .await?
+            .map_err(status)
+    }
+
+    /// Where each key's block goes when the request names pool regions: the
+    /// pool and offset, or why that region cannot be used.
+    fn get_targets(
+        &self,
+        ns: &NamespaceId,
+        key_count: usize,
+        regions: &[pb::PoolRegion],
+    ) -> Result<Vec<GetTarget>, Status> {
+        if regions.len() != key_count {
+            return Err(Status::invalid_argument(format!(
+                "regions: {} given for {key_count} keys; give one per key, or none for inline payloads",
+                regions.len()
+            )));
+        }
+        let namespace = self.cache.namespace("namespace_id", ns).map_err(status)?;
+        regions
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                check_region_length(&format!("regions[{i}].length"), r, namespace.block_bytes)?;
+                Ok(self.pools.get(r.pool_id).and_then(|pool| {
+                    pool.range(r.offset, r.length)?;
+                    Ok((pool, r.offset))
+                }))
+            })
+            .collect()
+    }
+}
+
+/// Reads `keys` and answers their payloads inline.
+fn get_inline(
+    cache: &BlockCache,
+    ns: &NamespaceId,
+    keys: &[BlockKey],
+    wire_keys: Vec<Bytes>,
+) -> Result<Vec<pb::GetResult>, kvstrata_tiers::CacheError> {
+    let found = cache.get_batch(ns, keys)?;
+    Ok(wire_keys
+        .into_iter()
+        .zip(found)
+        .map(|(key, hit)| match hit {
+            Some((payload, tier)) => hit_result(key, payload, tier),
+            None => miss_result(key, String::new()),
+        })
+        .collect())
+}
+
+/// Reads the keys whose pool range is usable and writes each found block
+/// into its range; a key whose range is not usable is a miss naming why.
+fn get_into_pools(
+    cache: &BlockCache,
+    ns: &NamespaceId,
+    keys: &[BlockKey],
+    wire_keys: Vec<Bytes>,
+    targets: Vec<GetTarget>,
+) -> Result<Vec<pb::GetResult>, kvstrata_tiers::CacheError> {
+    // Only keys with a usable region are read.
+    let wanted: Vec<BlockKey> = keys
+        .iter()
+        .zip(&targets)
+        .filter(|(_, t)| t.is_ok())
+        .map(|(k, _)| *k)
+        .collect();
+    let mut found = cache.get_batch(ns, &wanted)?.into_iter();
+    Ok(wire_keys
+        .into_iter()
+        .zip(targets)
+        .map(|(key, target)| match target {
+            Err(e) => miss_result(key, e.to_string()),
+            Ok((pool, offset)) => match found.next().flatten() {
+                Some((payload, tier)) => match pool.write(offset, &payload) {
+                    Ok(()) => hit_result(key, Bytes::new(), tier),
+                    Err(e) => miss_result(key, e.to_string()),
+                },
+                None => miss_result(key, String::new()),
+            },
+        })
+        .collect())
+}
+
+pub(super) fn hit_result(key: Bytes, payload: Bytes, tier: TierKind) -> pb::GetResult {
+    pb::GetResult {
+        key,
+        found: true,
+        payload,
+        tier: convert::tier_to_pb(tier) as i32,
+        region_error: String::new(),
+    }
+}
+
+pub(super) fn miss_result(key: Bytes, region_error: String) -> pb::GetResult {
+    pb::GetResult {
+        key,
+        found: false,
+        payload: Bytes::new(),
+        tier: pb::Tier::Unspecified as i32,
+        region_error,
+    }
+}

@@ -1,0 +1,561 @@
+//! Blocks that move between the cache and engines' KV-region pages (the
+//! `pages` of a BatchPut item or a BatchGet): each request's page list is
+//! checked against its region's geometry and the namespace, then the blocks
+//! either move directly between the region and a cache device that reaches
+//! it (`region_io::put_direct` / `get_direct`), or are staged: gathered into
+//! blocks before a put, scattered from found blocks after a get, one launch
+//! per region (`region_io::gather` / `scatter`).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use kvstrata_proto::v1 as pb;
+use kvstrata_tiers::{
+    BlockCache, BlockKey, CacheError, Namespace, NamespaceId, PutBlock, TierKind,
+};
+use tonic::Status;
+
+use super::KvCacheService;
+use super::get::{hit_result, miss_result};
+use super::put::{ParsedItem, Planned, PutPlan};
+use crate::convert::status;
+use crate::region::{KvRegion, RegionRegistry};
+use crate::region_io;
+
+/// Checked KV pages of one block.
+pub(super) struct PagesTarget {
+    region: Arc<KvRegion>,
+    pages_per_block: u32,
+    page_ids: Vec<u32>,
+}
+
+/// Blocks of one region that move directly between its memory and device
+/// `device` of the cache (`region_io::put_direct` / `get_direct`).
+pub(super) struct DirectGroup {
+    pub(super) device: usize,
+    region: Arc<KvRegion>,
+    pages_per_block: u32,
+    /// Indices of the items (keys), in order.
+    pub(super) items: Vec<usize>,
+    /// Key and parent of each block (no parent on a get).
+    pub(super) keys: Vec<(BlockKey, Option<BlockKey>)>,
+    page_ids: Vec<u32>,
+}
+
+impl DirectGroup {
+    fn new(device: usize, target: &PagesTarget) -> Self {
+        DirectGroup {
+            device,
+            region: Arc::clone(&target.region),
+            pages_per_block: target.pages_per_block,
+            items: Vec::new(),
+            keys: Vec::new(),
+            page_ids: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, item: usize, key: BlockKey, parent: Option<BlockKey>, page_ids: &[u32]) {
+        self.items.push(item);
+        self.keys.push((key, parent));
+        self.page_ids.extend_from_slice(page_ids);
+    }
+
+    pub(super) fn pages(&self) -> region_io::RegionPages<'_> {
+        region_io::RegionPages {
+            region: &self.region,
+            pages_per_block: self.pages_per_block,
+            page_ids: &self.page_ids,
+        }
+    }
+
+    fn block_keys(&self) -> Vec<BlockKey> {
+        self.keys.iter().map(|(k, _)| *k).collect()
+    }
+}
+
+/// Put items bound for one region, gathered in one launch (staged path).
+struct GatherGroup {
+    region: Arc<KvRegion>,
+    pages_per_block: u32,
+    /// Indices of the items, in order.
+    items: Vec<usize>,
+    page_ids: Vec<u32>,
+}
+
+/// Found blocks of one BatchGet bound for one region (the staged path).
+struct ScatterGroup {
+    region: Arc<KvRegion>,
+    pages_per_block: u32,
+    /// Indices of the keys, in order.
+    keys: Vec<usize>,
+    page_ids: Vec<u32>,
+    blocks: Vec<Bytes>,
+}
+
+/// How the keys of a BatchGet into pages are read.
+struct GetPagesPlan<'a> {
+    /// Keys bound for regions the cache's devices reach, per region (read
+    /// and scattered directly).
+    direct: Vec<DirectGroup>,
+    /// The other keys: index and pages of each, read then scattered.
+    staged: Vec<(usize, &'a PagesTarget)>,
+    /// The keys of `staged`, in the same order.
+    staged_keys: Vec<BlockKey>,
+}
+
+/// What became of one key of a BatchGet into pages: `Ok(Some(tier))` a hit,
+/// `Ok(None)` a miss, `Err` a problem with its region.
+type PageOutcome = Result<Option<TierKind>, String>;
+
+impl KvCacheService {
+    /// The region a request's `KvPages` names, after checking the page list
+    /// against its geometry and the namespace (errors name `field`). An
+    /// unknown or closed region is the item's own problem (`Ok(Err(..))`).
+    pub(super) fn region_pages(
+        &self,
+        field: &str,
+        pages: &pb::KvPages,
+        namespace: &Namespace,
+    ) -> Result<Result<PagesTarget, String>, Status> {
+        let Some(registry) = &self.regions else {
+            return Ok(Err(format!(
+                "KV region {} is not registered (this daemon has no region socket: gpu.region_socket)",
+                pages.region_id
+            )));
+        };
+        let region = match registry.get(pages.region_id) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        let ppb = check_pages_fit(field, &region, namespace, &pages.page_ids)?;
+        Ok(Ok(PagesTarget {
+            region,
+            pages_per_block: ppb,
+            page_ids: pages.page_ids.clone(),
+        }))
+    }
+
+    /// A BatchGet whose found blocks are scattered into KV-region pages.
+    pub(super) async fn get_pages(
+        &self,
+        ns: NamespaceId,
+        keys: Vec<BlockKey>,
+        wire_keys: Vec<Bytes>,
+        pages: &[pb::KvPages],
+    ) -> Result<Vec<pb::GetResult>, Status> {
+        if pages.len() != keys.len() {
+            return Err(Status::invalid_argument(format!(
+                "pages: {} given for {} keys; give one per key, or none",
+                pages.len(),
+                keys.len()
+            )));
+        }
+        let namespace = self.cache.namespace("namespace_id", &ns).map_err(status)?;
+        let targets = pages
+            .iter()
+            .enumerate()
+            .map(|(i, p)| self.region_pages(&format!("pages[{i}]"), p, &namespace))
+            .collect::<Result<Vec<_>, Status>>()?;
+        let cache = Arc::clone(&self.cache);
+        let registry = self.regions.clone();
+        let block_bytes = namespace.block_bytes;
+        self.limits
+            .blocking
+            .run("get", move || {
+                let outcome = read_into_pages(
+                    &cache,
+                    &ns,
+                    &keys,
+                    &targets,
+                    block_bytes,
+                    registry.as_deref(),
+                )?;
+                Ok::<_, CacheError>(
+                    wire_keys
+                        .into_iter()
+                        .zip(outcome)
+                        .map(|(key, o)| match o {
+                            Ok(Some(tier)) => hit_result(key, Bytes::new(), tier),
+                            Ok(None) => miss_result(key, String::new()),
+                            Err(e) => miss_result(key, e),
+                        })
+                        .collect(),
+                )
+            })
+            .await?
+            .map_err(status)
+    }
+}
+
+/// Reads `keys` and scatters the found blocks into their pages (`targets`,
+/// one per key): first the staged keys, then each direct group. Returns what
+/// became of each key, in order, and counts the bytes scattered.
+fn read_into_pages(
+    cache: &BlockCache,
+    ns: &NamespaceId,
+    keys: &[BlockKey],
+    targets: &[Result<PagesTarget, String>],
+    block_bytes: u64,
+    registry: Option<&RegionRegistry>,
+) -> Result<Vec<PageOutcome>, CacheError> {
+    let mut outcome: Vec<PageOutcome> = targets
+        .iter()
+        .map(|t| match t {
+            Ok(_) => Ok(None),
+            Err(e) => Err(e.clone()),
+        })
+        .collect();
+    let plan = plan_get_pages(cache, keys, targets);
+    let mut scattered = scatter_staged(cache, ns, &plan, block_bytes, &mut outcome)?;
+    for g in &plan.direct {
+        scattered += get_direct_group(cache, ns, g, &mut outcome)?;
+    }
+    if let Some(r) = registry {
+        r.count_moved(0, scattered);
+    }
+    Ok(outcome)
+}
+
+/// Sorts the keys with usable pages into direct groups (one per region a
+/// cache device reaches) and staged keys.
+fn plan_get_pages<'a>(
+    cache: &BlockCache,
+    keys: &[BlockKey],
+    targets: &'a [Result<PagesTarget, String>],
+) -> GetPagesPlan<'a> {
+    let mut plan = GetPagesPlan {
+        direct: Vec::new(),
+        staged: Vec::new(),
+        staged_keys: Vec::new(),
+    };
+    for (i, (t, key)) in targets.iter().zip(keys).enumerate() {
+        let Ok(t) = t else { continue };
+        if let Some(g) = plan
+            .direct
+            .iter_mut()
+            .find(|g| Arc::ptr_eq(&g.region, &t.region))
+        {
+            g.push(i, *key, None, &t.page_ids);
+            continue;
+        }
+        match region_io::direct_device(cache, &t.region) {
+            Some(device) => {
+                let mut g = DirectGroup::new(device, t);
+                g.push(i, *key, None, &t.page_ids);
+                plan.direct.push(g);
+            }
+            None => {
+                plan.staged.push((i, t));
+                plan.staged_keys.push(*key);
+            }
+        }
+    }
+    plan
+}
+
+/// Reads the staged keys and scatters the found blocks, one launch per
+/// region; returns the bytes scattered. A failed scatter turns its keys'
+/// outcomes into that error.
+fn scatter_staged(
+    cache: &BlockCache,
+    ns: &NamespaceId,
+    plan: &GetPagesPlan<'_>,
+    block_bytes: u64,
+    outcome: &mut [PageOutcome],
+) -> Result<u64, CacheError> {
+    let found = if plan.staged_keys.is_empty() {
+        Vec::new()
+    } else {
+        cache.get_batch(ns, &plan.staged_keys)?
+    };
+    // Found blocks grouped by region, scattered one launch per region.
+    let mut groups: Vec<ScatterGroup> = Vec::new();
+    for (&(i, t), hit) in plan.staged.iter().zip(found) {
+        let Some((payload, tier)) = hit else {
+            continue;
+        };
+        outcome[i] = Ok(Some(tier));
+        let at = match groups
+            .iter()
+            .position(|g| Arc::ptr_eq(&g.region, &t.region))
+        {
+            Some(at) => at,
+            None => {
+                groups.push(ScatterGroup {
+                    region: Arc::clone(&t.region),
+                    pages_per_block: t.pages_per_block,
+                    keys: Vec::new(),
+                    page_ids: Vec::new(),
+                    blocks: Vec::new(),
+                });
+                groups.len() - 1
+            }
+        };
+        let g = &mut groups[at];
+        g.keys.push(i);
+        g.page_ids.extend_from_slice(&t.page_ids);
+        g.blocks.push(payload);
+    }
+    let mut scattered = 0u64;
+    for g in &groups {
+        if let Err(e) = region_io::scatter(
+            &g.region,
+            g.pages_per_block,
+            &g.page_ids,
+            &g.blocks,
+            block_bytes,
+        ) {
+            tracing::warn!(region_id = g.region.id(), error = %e, "scatter into a KV region failed");
+            for &i in &g.keys {
+                outcome[i] = Err(e.to_string());
+            }
+        } else {
+            scattered += g.blocks.len() as u64 * block_bytes;
+        }
+    }
+    Ok(scattered)
+}
+
+/// Reads one direct group's keys straight into its region's pages; returns
+/// the bytes scattered. A failed scatter turns its found keys' outcomes into
+/// that error.
+fn get_direct_group(
+    cache: &BlockCache,
+    ns: &NamespaceId,
+    g: &DirectGroup,
+    outcome: &mut [PageOutcome],
+) -> Result<u64, CacheError> {
+    let done = region_io::get_direct(cache, ns, g.device, g.pages(), &g.block_keys())?;
+    for (&i, tier) in g.items.iter().zip(&done.found) {
+        outcome[i] = Ok(*tier);
+    }
+    match done.scatter {
+        Ok(bytes) => Ok(bytes),
+        Err(e) => {
+            tracing::warn!(region_id = g.region.id(), error = %e, "scatter into a KV region failed");
+            for (&i, tier) in g.items.iter().zip(&done.found) {
+                if tier.is_some() {
+                    outcome[i] = Err(e.to_string());
+                }
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// The status of a failed gather of item `first`'s region.
+pub(super) fn gather_status(first: usize, e: region_io::RegionIoError) -> Status {
+    match e {
+        region_io::RegionIoError::Region(e) => {
+            Status::failed_precondition(format!("items[{first}].pages.region_id: {e}"))
+        }
+        e => Status::internal(format!("items[{first}].pages: {e}")),
+    }
+}
+
+/// Checks what `put_batch` (and `put_from_device`) would refuse, naming the
+/// request's own item indices, so that nothing is stored when the request
+/// fails: the payload sizes and that no block is its own parent.
+fn check_put_items(parsed: &[ParsedItem], block_bytes: u64) -> Result<(), Status> {
+    for (i, p) in parsed.iter().enumerate() {
+        let (key, parent) = match p {
+            ParsedItem::Ready(b) => {
+                if b.payload.len() as u64 != block_bytes {
+                    return Err(Status::invalid_argument(format!(
+                        "items[{i}].payload: {} bytes, but the namespace stores blocks of exactly {block_bytes} bytes",
+                        b.payload.len()
+                    )));
+                }
+                (&b.key, &b.parent)
+            }
+            ParsedItem::Pages { key, parent, .. } => (key, parent),
+            ParsedItem::Bad(_) => continue,
+        };
+        if parent.as_ref() == Some(key) {
+            return Err(Status::invalid_argument(format!(
+                "items[{i}].parent: a block cannot be its own parent"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Plans a put: the staged `Pages` items are gathered (one launch per
+/// region) into blocks; the items of the first region the cache's devices
+/// reach are left for the direct put; every other item is its block or the
+/// reason it alone is refused.
+pub(super) fn gather_pages(
+    cache: &BlockCache,
+    ns: &NamespaceId,
+    parsed: Vec<ParsedItem>,
+    registry: Option<&RegionRegistry>,
+) -> Result<PutPlan, Status> {
+    if !parsed.iter().any(|p| matches!(p, ParsedItem::Pages { .. })) {
+        return Ok(PutPlan {
+            items: parsed
+                .into_iter()
+                .map(|p| match p {
+                    ParsedItem::Ready(b) => Planned::Block(b),
+                    ParsedItem::Bad(e) => Planned::Bad(e),
+                    ParsedItem::Pages { .. } => Planned::Bad(String::new()),
+                })
+                .collect(),
+            direct: None,
+        });
+    }
+    let block_bytes = cache
+        .namespace("namespace_id", ns)
+        .map_err(status)?
+        .block_bytes;
+    check_put_items(&parsed, block_bytes)?;
+    let (groups, direct) = group_put_pages(cache, &parsed);
+    let mut gathered: Vec<Option<Bytes>> = vec![None; parsed.len()];
+    let mut total = 0u64;
+    for g in &groups {
+        let blocks = region_io::gather(&g.region, g.pages_per_block, &g.page_ids, block_bytes)
+            .map_err(|e| gather_status(g.items.first().copied().unwrap_or(0), e))?;
+        total += blocks.len() as u64 * block_bytes;
+        for (&i, b) in g.items.iter().zip(blocks) {
+            gathered[i] = Some(b);
+        }
+    }
+    if let Some(r) = registry {
+        r.count_moved(total, 0);
+    }
+    let mut is_direct = vec![false; parsed.len()];
+    for &i in direct.iter().flat_map(|d| &d.items) {
+        is_direct[i] = true;
+    }
+    let items = parsed
+        .into_iter()
+        .zip(gathered)
+        .enumerate()
+        .map(|(i, (p, g))| match p {
+            ParsedItem::Ready(b) => Planned::Block(b),
+            ParsedItem::Bad(e) => Planned::Bad(e),
+            ParsedItem::Pages { .. } if is_direct[i] => Planned::Direct,
+            ParsedItem::Pages { key, parent, .. } => match g {
+                Some(payload) => Planned::Block(PutBlock {
+                    key,
+                    parent,
+                    payload,
+                }),
+                None => Planned::Bad("not gathered".to_string()),
+            },
+        })
+        .collect();
+    Ok(PutPlan { items, direct })
+}
+
+/// The `Pages` items per region, in order, to be gathered; those of the
+/// first region the cache's devices reach go direct instead.
+fn group_put_pages(
+    cache: &BlockCache,
+    parsed: &[ParsedItem],
+) -> (Vec<GatherGroup>, Option<DirectGroup>) {
+    let mut groups: Vec<GatherGroup> = Vec::new();
+    let mut direct: Option<DirectGroup> = None;
+    for (i, p) in parsed.iter().enumerate() {
+        let ParsedItem::Pages {
+            key,
+            parent,
+            target,
+        } = p
+        else {
+            continue;
+        };
+        match &mut direct {
+            Some(d) if Arc::ptr_eq(&d.region, &target.region) => {
+                d.push(i, *key, *parent, &target.page_ids);
+                continue;
+            }
+            Some(_) => {}
+            None => {
+                if let Some(device) = region_io::direct_device(cache, &target.region) {
+                    let mut d = DirectGroup::new(device, target);
+                    d.push(i, *key, *parent, &target.page_ids);
+                    direct = Some(d);
+                    continue;
+                }
+            }
+        }
+        match groups
+            .iter_mut()
+            .find(|g| Arc::ptr_eq(&g.region, &target.region))
+        {
+            Some(g) => {
+                g.items.push(i);
+                g.page_ids.extend_from_slice(&target.page_ids);
+            }
+            None => groups.push(GatherGroup {
+                region: Arc::clone(&target.region),
+                pages_per_block: target.pages_per_block,
+                items: vec![i],
+                page_ids: target.page_ids.clone(),
+            }),
+        }
+    }
+    (groups, direct)
+}
+
+/// Checks a block's KV pages against the region's geometry and the
+/// namespace; returns pages_per_block. Errors name `field`
+/// (`items[3].pages.page_ids[1]`).
+fn check_pages_fit(
+    field: &str,
+    region: &KvRegion,
+    namespace: &Namespace,
+    page_ids: &[u32],
+) -> Result<u32, Status> {
+    let g = region.geometry();
+    let spec = &namespace.spec;
+    let id = region.id();
+    let bad = |what: String| {
+        Err(Status::invalid_argument(format!(
+            "{field}.region_id: {what}"
+        )))
+    };
+    if spec.layout != kvstrata_tiers::Layout::LayerMajor {
+        return bad(format!(
+            "KV pages are gathered into layer-major blocks, but namespace {} is opaque",
+            spec.model_id
+        ));
+    }
+    for (what, region_v, ns_v) in [
+        ("layers", g.layers as u64, spec.num_layers as u64),
+        ("kv_heads", g.kv_heads as u64, spec.num_kv_heads as u64),
+        ("head_dim", g.head_dim as u64, spec.head_dim as u64),
+        ("dtype_bytes", g.dtype_bytes as u64, spec.dtype.size()),
+    ] {
+        if region_v != ns_v {
+            return bad(format!(
+                "KV region {id} has {what} {region_v}, but the namespace's blocks have {ns_v}"
+            ));
+        }
+    }
+    if !spec.block_tokens.is_multiple_of(g.page_tokens) {
+        return bad(format!(
+            "the namespace's blocks of {} tokens are not a whole number of region {id}'s pages of {} tokens",
+            spec.block_tokens, g.page_tokens
+        ));
+    }
+    let ppb = spec.block_tokens / g.page_tokens;
+    if g.block_bytes(ppb) != namespace.block_bytes {
+        return bad(format!(
+            "{ppb} pages of region {id} make {} bytes, but the namespace stores blocks of exactly {} bytes",
+            g.block_bytes(ppb),
+            namespace.block_bytes
+        ));
+    }
+    if page_ids.len() != ppb as usize {
+        return Err(Status::invalid_argument(format!(
+            "{field}.page_ids: {} page ids, but one block is {ppb} pages of region {id} ({} tokens / {} per page)",
+            page_ids.len(),
+            spec.block_tokens,
+            g.page_tokens
+        )));
+    }
+    g.check_pages(&format!("{field}.page_ids"), ppb, page_ids)
+        .map_err(|e| Status::invalid_argument(format!("{}: {}", e.field, e.reason)))?;
+    Ok(ppb)
+}

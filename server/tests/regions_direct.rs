@@ -1,0 +1,342 @@
+//! The direct path of KV regions against a real daemon: with `gpu.enabled =
+//! "cpu"` the cache runs on the CPU backend (an HBM tier in host memory), so
+//! memfd regions are on the cache's own device and their blocks are gathered
+//! straight into HBM slots and scattered straight from them, the path CUDA IPC
+//! regions take on a GPU. Staged regions are regions.rs.
+
+mod common;
+#[path = "common/regions.rs"]
+mod regions_support;
+
+use bytes::Bytes;
+use kvstrata_client::PagesPutItem;
+use kvstrata_client::region::{KIND_MEMFD, encode_preamble};
+use kvstrata_gpucheck::{check_pages_round_trip, nonzero_bytes};
+use kvstrata_proto::v1 as pb;
+use regions_support::*;
+use tonic::Code;
+
+/// A daemon whose cache runs on the CPU backend (`gpu.enabled = "cpu"`, an
+/// HBM tier in host memory): memfd regions are then on the cache's own
+/// device, so their blocks take the direct path (gathered straight into HBM
+/// slots, scattered straight from them) — the path a CUDA IPC region takes
+/// on a GPU.
+async fn start_direct() -> Running {
+    start_with(|c| {
+        c.gpu.enabled = kvstrata_server::config::GpuMode::Cpu;
+        c.gpu.hbm_bytes = bytesize::ByteSize::mib(1);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn direct_path_round_trips_byte_for_byte_in_both_layouts() {
+    let r = start_direct().await;
+    let s = r.stats().await;
+    assert!(
+        s.tiers.iter().any(|t| t.tier == pb::Tier::Hbm as i32),
+        "an HBM tier on the CPU backend: {s:?}"
+    );
+    for (i, (g, ppb)) in [(per_layer(), 2), (cross_layer(), 1), (cross_layer(), 3)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut region = r.region(&format!("direct-{i}"), g);
+        let report = check_pages_round_trip(&r.client, &mut region, None, ppb, 3, 2000 + i as u64)
+            .await
+            .unwrap_or_else(|e| panic!("{:?} ppb {ppb}: {e}", g.layout));
+        let s = r.stats().await;
+        let info = s
+            .kv_regions
+            .iter()
+            .find(|x| x.region_id == region.id())
+            .expect("region listed");
+        assert_eq!(
+            (info.bytes_gathered, info.bytes_scattered),
+            (
+                report.blocks as u64 * report.block_bytes,
+                report.blocks as u64 * report.block_bytes
+            )
+        );
+    }
+    // The HBM tier's movement, per device.
+    let m = r.metrics().await;
+    for family in [
+        "kvstrata_hbm_demoted_blocks_total{device=\"0\"}",
+        "kvstrata_hbm_promoted_blocks_total{device=\"0\"}",
+        "kvstrata_hbm_demote_dropped_blocks_total{device=\"0\"}",
+        "kvstrata_hbm_draining_blocks{device=\"0\"}",
+        "kvstrata_gpu_staging_cached_bytes{device=\"0\"}",
+    ] {
+        assert!(m.contains(family), "no {family} in\n{m}");
+    }
+    assert!(
+        m.contains("kvstrata_hbm_checksum_failures_total{device=\"0\"} 0"),
+        "{m}"
+    );
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn direct_and_staged_regions_in_one_request_keep_every_convention() {
+    let r = start_direct().await;
+    let g = per_layer();
+    let bb = g.block_bytes(2) as usize;
+    let mut a = r.region("first", g);
+    let mut b = r.region("second", g);
+    let fill_a = nonzero_bytes(31, a.len() as usize);
+    let fill_b = nonzero_bytes(32, b.len() as usize);
+    a.as_mut_slice().expect("memfd").copy_from_slice(&fill_a);
+    b.as_mut_slice().expect("memfd").copy_from_slice(&fill_b);
+    let (ns, block) = ns_for(&r.client, "mixed", &g, 2).await;
+    assert_eq!(block, bb);
+    let inline = nonzero_bytes(33, bb);
+    let item =
+        |k: &str, pages: pb::KvPages| -> pb::PutItem { PagesPutItem::new(key(k), pages).into() };
+    let put = |items: Vec<pb::PutItem>| {
+        let mut raw = r.client.raw();
+        let ns = Bytes::copy_from_slice(ns.as_bytes());
+        async move {
+            raw.batch_put(pb::BatchPutRequest {
+                namespace_id: ns,
+                items,
+            })
+            .await
+        }
+    };
+    // Region "first" is the first direct-capable region named: its blocks go
+    // direct (HBM); "second" is staged (host tier), as is the inline block;
+    // an unknown region is refused for its item alone.
+    let mut a1 = item("a1", a.pages(vec![5, 5]));
+    a1.parent = key("a0");
+    let items = vec![
+        item("a0", a.pages(vec![12, 0])),
+        item("b0", b.pages(vec![1, 2])),
+        pb::PutItem {
+            key: key("inline"),
+            payload: Bytes::from(inline.clone()),
+            ..Default::default()
+        },
+        a1,
+        item(
+            "gone",
+            pb::KvPages {
+                region_id: 999,
+                page_ids: vec![0, 1],
+            },
+        ),
+    ];
+    let resp = put(items).await.expect("put").into_inner();
+    let stored = pb::PutStatus::Stored as i32;
+    assert_eq!(
+        resp.results,
+        vec![
+            stored,
+            stored,
+            stored,
+            stored,
+            pb::PutStatus::BadRegion as i32
+        ]
+    );
+    assert_eq!(resp.stored, 4);
+    for (k, tier) in [
+        ("a0", pb::Tier::Hbm),
+        ("a1", pb::Tier::Hbm),
+        ("b0", pb::Tier::Host),
+        ("inline", pb::Tier::Host),
+    ] {
+        let l = r.client.lookup(&ns, &[k]).await.expect("lookup");
+        assert_eq!((l.matched, l.tiers), (1, vec![tier as i32]), "{k}");
+    }
+    let got = r
+        .client
+        .batch_get(&ns, &[&b"a0"[..], b"a1", b"b0"])
+        .await
+        .expect("get");
+    for (res, (fill, pages)) in
+        got.iter()
+            .zip([(&fill_a, [12u32, 0]), (&fill_a, [5, 5]), (&fill_b, [1, 2])])
+    {
+        let mut want = vec![0u8; bb];
+        kvstrata_kernels::reference::gather(&g, 2, &pages, fill, &mut want).expect("reference");
+        assert!(res.found, "{res:?}");
+        assert!(res.payload == want, "block of pages {pages:?} differs");
+    }
+    let s = r.stats().await;
+    let info = |id: u32| {
+        s.kv_regions
+            .iter()
+            .find(|x| x.region_id == id)
+            .expect("region listed")
+            .clone()
+    };
+    assert_eq!(info(a.id()).bytes_gathered, 2 * bb as u64);
+    assert_eq!(info(b.id()).bytes_gathered, bb as u64);
+
+    // A second request names "second" first: now its blocks go direct.
+    let resp = put(vec![
+        item("b1", b.pages(vec![7, 8])),
+        item("a2", a.pages(vec![3, 4])),
+    ])
+    .await
+    .expect("put")
+    .into_inner();
+    assert_eq!(resp.results, vec![stored, stored]);
+    let l = r.client.lookup(&ns, &["b1"]).await.expect("lookup");
+    assert_eq!(l.tiers, vec![pb::Tier::Hbm as i32]);
+    let l = r.client.lookup(&ns, &["a2"]).await.expect("lookup");
+    assert_eq!(l.tiers, vec![pb::Tier::Host as i32]);
+
+    // Gets: every region reached directly, from HBM and host slots alike;
+    // misses and unknown regions leave their pages alone.
+    let poison_a = nonzero_bytes(34, a.len() as usize);
+    let poison_b = nonzero_bytes(35, b.len() as usize);
+    a.as_mut_slice().expect("memfd").copy_from_slice(&poison_a);
+    b.as_mut_slice().expect("memfd").copy_from_slice(&poison_b);
+    let keys: [&[u8]; 6] = [b"a0", b"inline", b"missing", b"b0", b"a1", b"gone"];
+    let pages = [
+        b.pages(vec![3, 9]),
+        a.pages(vec![8, 1]),
+        a.pages(vec![2, 6]),
+        a.pages(vec![10, 11]),
+        b.pages(vec![0, 0]),
+        pb::KvPages {
+            region_id: 999,
+            page_ids: vec![0, 1],
+        },
+    ];
+    let got = r.client.get_pages(&ns, &keys, &pages).await.expect("get");
+    let found: Vec<(bool, i32, bool)> = got
+        .iter()
+        .map(|x| (x.found, x.tier, x.region_error.is_empty()))
+        .collect();
+    let (hbm, host) = (pb::Tier::Hbm as i32, pb::Tier::Host as i32);
+    assert_eq!(
+        found,
+        vec![
+            (true, hbm, true),
+            (true, host, true),
+            (false, 0, true),
+            (true, host, true),
+            (true, hbm, true),
+            (false, 0, false),
+        ],
+        "{got:?}"
+    );
+    let block_of = |fill: &[u8], pages: [u32; 2]| {
+        let mut v = vec![0u8; bb];
+        kvstrata_kernels::reference::gather(&g, 2, &pages, fill, &mut v).expect("reference");
+        v
+    };
+    let a0 = block_of(&fill_a, [12, 0]);
+    let a1 = block_of(&fill_a, [5, 5]);
+    let b0 = block_of(&fill_b, [1, 2]);
+    let mut want_a = poison_a.clone();
+    let mut want_b = poison_b.clone();
+    let scatter = |want: &mut Vec<u8>, pages: [u32; 2], blk: &[u8]| {
+        kvstrata_kernels::reference::scatter(&g, 2, &pages, blk, want).expect("reference")
+    };
+    scatter(&mut want_b, [3, 9], &a0);
+    scatter(&mut want_a, [8, 1], &inline);
+    scatter(&mut want_a, [10, 11], &b0);
+    scatter(&mut want_b, [0, 0], &a1);
+    assert!(
+        a.as_slice().expect("memfd") == &want_a[..],
+        "region \"first\" differs from the reference scatter"
+    );
+    assert!(
+        b.as_slice().expect("memfd") == &want_b[..],
+        "region \"second\" differs from the reference scatter"
+    );
+    // Host-tier blocks a direct get served were promoted into HBM.
+    let l = r.client.lookup(&ns, &["inline"]).await.expect("lookup");
+    assert_eq!(l.tiers, vec![hbm]);
+    let s = r.stats().await;
+    let info = |id: u32| {
+        s.kv_regions
+            .iter()
+            .find(|x| x.region_id == id)
+            .expect("region listed")
+            .clone()
+    };
+    assert_eq!(info(a.id()).bytes_scattered, 2 * bb as u64);
+    assert_eq!(info(b.id()).bytes_scattered, 2 * bb as u64);
+    let m = r.metrics().await;
+    assert!(
+        m.contains(&format!(
+            "kvstrata_kv_region_gathered_bytes_total {}",
+            5 * bb
+        )),
+        "{m}"
+    );
+    drop((a, b));
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn direct_gather_failure_stores_nothing_not_even_staged_or_inline_blocks() {
+    let r = start_direct().await;
+    let g = per_layer();
+    let need = g.region_bytes();
+    // A memfd created without MFD_ALLOW_SEALING: the daemon cannot seal it
+    // against shrinking, so it checks its size before every copy.
+    let file = memfd_file("kvs-shrinks", need);
+    let (conn, id) = r.raw(
+        &encode_preamble(KIND_MEMFD, 0, need, &[0u8; 64], &g, "shrinks"),
+        Some(&file),
+    );
+    let id = id.expect("registered");
+    let mut staged = r.region("staged", g);
+    let fill = nonzero_bytes(41, staged.len() as usize);
+    staged.as_mut_slice().expect("memfd").copy_from_slice(&fill);
+    let (ns, bb) = ns_for(&r.client, "atomic", &g, 2).await;
+    file.set_len(0).expect("truncate");
+    let direct = pb::KvPages {
+        region_id: id,
+        page_ids: vec![0, 1],
+    };
+    let items: Vec<pb::PutItem> = vec![
+        PagesPutItem::new(key("d0"), direct).into(),
+        PagesPutItem::new(key("s0"), staged.pages(vec![2, 3])).into(),
+        pb::PutItem {
+            key: key("i0"),
+            payload: Bytes::from(nonzero_bytes(42, bb)),
+            ..Default::default()
+        },
+    ];
+    let e = r
+        .client
+        .raw()
+        .batch_put(pb::BatchPutRequest {
+            namespace_id: Bytes::copy_from_slice(ns.as_bytes()),
+            items,
+        })
+        .await
+        .expect_err("the direct gather fails");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().starts_with("items[0].pages.region_id: ") && e.message().contains("truncated"),
+        "{}",
+        e.message()
+    );
+    for k in ["d0", "s0", "i0"] {
+        let l = r.client.lookup(&ns, &[k]).await.expect("lookup");
+        assert_eq!(l.matched, 0, "{k} must not be stored");
+    }
+    let s = r.stats().await;
+    let hbm = s
+        .tiers
+        .iter()
+        .find(|t| t.tier == pb::Tier::Hbm as i32)
+        .expect("HBM tier");
+    assert_eq!((hbm.blocks, hbm.used_bytes), (0, 0), "reserved slots freed");
+    // The staged gather ran first (and was thrown away).
+    let info = s
+        .kv_regions
+        .iter()
+        .find(|x| x.region_id == staged.id())
+        .expect("region listed");
+    assert_eq!(info.bytes_gathered, bb as u64);
+    drop(conn);
+    r.stop().await;
+}

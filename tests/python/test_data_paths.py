@@ -1,0 +1,288 @@
+"""SharedPool, KvRegion and the engine layouts against the real daemon: byte-exact round
+trips with no payload in the messages, and bad input refused clearly."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+import kvstrata
+from kvstrata import layouts, pb
+from kvstrata.region import KIND_MEMFD, PagedGeometry, encode_preamble, register_raw
+from kvdaemon import Daemon, workdir
+
+# The CPU backend stands in for a GPU, so KV regions take the daemon's direct path (its
+# gather / scatter kernels' CPU twins), as a CUDA IPC region would on a GPU.
+DAEMON_EXTRA = ("--gpu", "cpu")
+
+STORED = pb.PUT_STATUS_STORED
+BAD_REGION = pb.PUT_STATUS_BAD_REGION
+
+# A small paged geometry: 3 layers, 4-token pages, 2 KV heads of 8 dims, 2-byte elements.
+L, PT, H, D, E = 3, 4, 2, 8, 2
+PAGES = 16
+
+
+def spec(block_tokens, model="pytest-paged"):
+    return kvstrata.NamespaceSpec(model_id=model, num_layers=L, num_kv_heads=H, head_dim=D,
+                                  dtype="bf16", block_tokens=block_tokens)
+
+
+def test_shared_pool_round_trip_without_payloads(client, daemon, rng):
+    ns = client.register_namespace(kvstrata.NamespaceSpec.opaque("pytest-pool", 4096))
+    before = client.stats().pools
+    with kvstrata.SharedPool.create(daemon.mempool_path, "pytest-pool", 1 << 20) as pool:
+        assert pool.id >= 1 and client.stats().pools == before + 1
+        src = [pool.alloc(4096) for _ in range(8)]
+        dst = [pool.alloc(4096) for _ in range(8)]
+        data = [rng.randbytes(4096) for _ in range(8)]
+        for s, d in zip(src, data):
+            s.array()[:] = np.frombuffer(d, dtype=np.uint8)  # written through the numpy view
+        put = client.batch_put_regions(ns, [b"p%d" % i for i in range(8)], [s.region() for s in src])
+        assert list(put.results) == [STORED] * 8
+        for d in dst:
+            d.array()[:] = 0xAA
+        found = client.batch_get_into(ns, [b"p%d" % i for i in range(8)] + [b"miss"],
+                                      [d.region() for d in dst] + [dst[0].region()])
+        assert found == [True] * 8 + [False]
+        assert [d.array().tobytes() for d in dst] == data
+        assert client.batch_get(ns, [b"p3"]) == [data[3]]  # the same block, inline
+        # the views are the pool's memory: writes through one show in the other
+        view = pool.array(np.uint32, offset=src[0].offset, nbytes=4096)
+        view[0] = 0xDEADBEEF
+        assert bytes(pool.buffer[src[0].offset:src[0].offset + 4]) == (0xDEADBEEF).to_bytes(4, "little")
+        # regions of the wrong length fail the request, naming the field
+        with pytest.raises(kvstrata.InvalidArgument) as e:
+            client.batch_put_regions(ns, [b"x"], [pool.region(0, 100)])
+        assert e.value.field.startswith("items[0].region")
+        # outside the pool: refused for that block only
+        r = client.batch_put_regions(ns, [b"x", b"y"], [pool.region((1 << 20) - 64, 4096), src[1].region()])
+        assert list(r.results) == [BAD_REGION, STORED]
+        for s in src + dst:
+            s.free()
+        assert pool.alloc(1 << 20).length == 1 << 20  # freed ranges coalesced
+        old = pool.region(0, 4096)
+    # closed: the daemon unregisters it (as soon as it sees the connection close); later
+    # requests naming it are refused per block
+    deadline = time.monotonic() + 5
+    while client.stats().pools != before:
+        assert time.monotonic() < deadline, "the daemon did not unregister the closed pool"
+        time.sleep(0.02)
+    r = client.batch_put_regions(ns, [b"z"], [old])
+    assert list(r.results) == [BAD_REGION]
+
+
+def test_shared_pool_bad_registrations(daemon, tmp_path):
+    with pytest.raises(kvstrata.PoolError, match="name"):
+        kvstrata.SharedPool.create(daemon.mempool_path, "", 4096)
+    with pytest.raises(kvstrata.PoolError, match="mempool socket"):
+        kvstrata.SharedPool.create(str(tmp_path / "no.sock"), "p", 4096)
+    with pytest.raises(kvstrata.TargetError):
+        kvstrata.SharedPool.create("127.0.0.1:1", "p", 4096)
+    # a read-only fd cannot be mapped read-write: the daemon closes without an answer
+    path = tmp_path / "ro"
+    path.write_bytes(b"\0" * 4096)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(kvstrata.PoolError, match="refused"):
+            kvstrata.SharedPool.register(daemon.mempool_path, fd, "read-only")
+    finally:
+        os.close(fd)
+
+
+def fill_random(arr, rng):
+    flat = arr.reshape(-1).view(np.uint8)
+    flat[:] = np.frombuffer(rng.randbytes(flat.size), dtype=np.uint8)
+
+
+def test_kv_region_memfd_pages(client, daemon, rng):
+    geo = PagedGeometry("per_layer", layers=L, page_tokens=PT, kv_heads=H, head_dim=D, dtype_bytes=E,
+                        num_pages=PAGES)
+    ns = client.register_namespace(spec(2 * PT))  # 2 pages per block
+    with kvstrata.KvRegion.create_memfd(daemon.region_path, geo, "pytest-region") as region:
+        arr = region.array(np.uint16)
+        assert arr.shape == (L, PAGES, 2, PT, H, D)
+        fill_random(arr, rng)
+        stats = {r.region_id: r for r in client.stats().kv_regions}
+        assert stats[region.id].num_pages == PAGES and stats[region.id].kind == "memfd"
+        blocks = [[3, 7], [0, 15], [9, 9]]
+        keys = [b"r0", b"r1", b"r2"]
+        put = client.batch_put_pages(ns, keys, [region.pages(b) for b in blocks], parents="chain")
+        assert list(put.results) == [STORED] * 3
+        # the daemon's gather equals this package's reading of its layout
+        ref = layouts.DaemonPerLayerLayout(arr)
+        inline = client.batch_get(ns, keys)
+        for b, got in zip(blocks, inline):
+            want = np.empty(ns.block_bytes, dtype=np.uint8)
+            ref.gather(b, want)
+            assert got == want.tobytes()
+        # scatter into other pages, byte-exact, and nothing else touched
+        snapshot = arr.copy()
+        targets = [[1, 2], [4, 5], [6, 8]]
+        found = client.batch_get_pages(ns, keys + [b"miss"], [region.pages(t) for t in targets] + [region.pages([10, 11])])
+        assert found == [True, True, True, False]
+        for src, dst in zip(blocks, targets):
+            for s, d in zip(src, dst):
+                assert np.array_equal(arr[:, d], snapshot[:, s])
+        untouched = [p for p in range(PAGES) if p not in {1, 2, 4, 5, 6, 8}]
+        assert np.array_equal(arr[:, untouched], snapshot[:, untouched])
+        # page ids out of range, wrong page counts: refused whole, naming the field
+        with pytest.raises(kvstrata.InvalidArgument) as e:
+            client.batch_put_pages(ns, [b"bad"], [region.pages([0, PAGES])])
+        assert e.value.field == "items[0].pages.page_ids[1]"
+        with pytest.raises(kvstrata.InvalidArgument) as e:
+            client.batch_put_pages(ns, [b"bad"], [region.pages([0])])
+        assert e.value.field.startswith("items[0].pages")
+        # a namespace whose geometry the region cannot make
+        other = client.register_namespace(kvstrata.NamespaceSpec(model_id="pytest-other", num_layers=L + 1,
+                                                                  num_kv_heads=H, head_dim=D, dtype="bf16",
+                                                                  block_tokens=PT))
+        with pytest.raises(kvstrata.InvalidArgument) as e:
+            client.batch_put_pages(other, [b"bad"], [region.pages([0])])
+        assert e.value.field == "items[0].pages.region_id"
+        rid = region.id
+    deadline = time.monotonic() + 5
+    while any(r.region_id == rid for r in client.stats().kv_regions):
+        assert time.monotonic() < deadline, "the daemon did not unregister the closed region"
+        time.sleep(0.02)
+    put = client.batch_put_pages(ns, [b"gone"], [pb.KvPages(region_id=rid, page_ids=[0, 1])])
+    assert list(put.results) == [BAD_REGION]
+
+
+def test_kv_region_refusals(daemon, tmp_path):
+    geo = PagedGeometry("cross_layer", layers=L, page_tokens=PT, kv_heads=H, head_dim=D, dtype_bytes=E, num_pages=4)
+    fd = os.memfd_create("short")
+    os.ftruncate(fd, 64)
+    try:
+        # announced bytes below the geometry's end
+        with pytest.raises(kvstrata.RegionError) as e:
+            register_raw(daemon.region_path, encode_preamble(KIND_MEMFD, 0, 64, bytes(64), geo, "short"), fd, "short")
+        assert e.value.status == 2 and e.value.reason == "geometry" and "bytes" in e.value.message
+        # an fd smaller than the region
+        with pytest.raises(kvstrata.RegionError) as e:
+            register_raw(daemon.region_path, encode_preamble(KIND_MEMFD, 0, geo.end_bytes, bytes(64), geo, "small"),
+                         fd, "small")
+        assert e.value.status == 4 and e.value.reason == "map"
+        # a CUDA IPC region on a daemon without a GPU (the CPU backend is not a CUDA device)
+        with pytest.raises(kvstrata.RegionError) as e:
+            register_raw(daemon.region_path,
+                         encode_preamble(1, 0, geo.end_bytes, b"\1" * 64, geo, "ipc"), None, "ipc")
+        assert e.value.status in (4, 5)
+    finally:
+        os.close(fd)
+    with pytest.raises(kvstrata.RegionError, match="head_dim"):
+        PagedGeometry("per_layer", layers=1, page_tokens=1, kv_heads=1, head_dim=0, dtype_bytes=2, num_pages=1)
+    with pytest.raises(kvstrata.RegionError, match="layout"):
+        PagedGeometry("diagonal", layers=1, page_tokens=1, kv_heads=1, head_dim=1, dtype_bytes=2, num_pages=1)
+
+
+# --- engine layouts ----------------------------------------------------------------------
+
+
+def logical_kv(rng, tokens):
+    """Random KV of `tokens` tokens: [layer][K|V][token][head][dim] (u16 = bf16 bits)."""
+    kv = np.empty((L, 2, tokens, H, D), dtype=np.uint16)
+    fill_random(kv, rng)
+    return kv
+
+
+def engine_layouts(kv, page_ids):
+    """Each engine layout holding the pages `page_ids` with the logical KV (token order),
+    as (name, descriptor, buffer) — buffers random elsewhere."""
+    n_pages = PAGES
+    tok = lambda i: slice(i * PT, (i + 1) * PT)  # noqa: E731
+    out = []
+    for hnd in (False, True):
+        layers = []
+        for l in range(L):
+            t = np.full((2, n_pages, H, PT, D) if hnd else (2, n_pages, PT, H, D), 0x5A5A, dtype=np.uint16)
+            for j, p in enumerate(page_ids):
+                page = kv[l, :, tok(j)]  # (2, PT, H, D)
+                t[:, p] = page.transpose(0, 2, 1, 3) if hnd else page
+            layers.append(t)
+        out.append((f"vllm-{'hnd' if hnd else 'nhd'}", layouts.VllmLayout(layers, hnd=hnd), layers))
+    lf = np.full((2, L, n_pages * PT, H, D), 0x5A5A, dtype=np.uint16)
+    pf = np.full((2, n_pages * PT, L, H, D), 0x5A5A, dtype=np.uint16)
+    pfd = np.full((2, n_pages, L, PT, H, D), 0x5A5A, dtype=np.uint16)
+    for j, p in enumerate(page_ids):
+        page = kv[:, :, tok(j)]  # (L, 2, PT, H, D)
+        lf[:, :, p * PT:(p + 1) * PT] = page.transpose(1, 0, 2, 3, 4)
+        pf[:, p * PT:(p + 1) * PT] = page.transpose(1, 2, 0, 3, 4)
+        pfd[:, p] = page.transpose(1, 0, 2, 3, 4)
+    for name, buf in (("layer_first", lf), ("page_first", pf), ("page_first_direct", pfd)):
+        out.append((f"sglang-{name}", layouts.SglangHostLayout(buf, name, page_size=PT, layers=L), buf))
+    return out
+
+
+def test_engine_layouts_round_trip_through_a_pool(client, daemon, rng):
+    """Every engine layout gathers the same block bytes (the daemon's layer-major format),
+    stores them through a pool with no payload in the message, and scatters them back
+    byte-exact into other pages."""
+    ns = client.register_namespace(spec(2 * PT, model="pytest-layouts"))
+    kv = logical_kv(rng, 2 * PT)
+    want = kv.tobytes()
+    assert len(want) == ns.block_bytes
+    with kvstrata.SharedPool.create(daemon.mempool_path, "pytest-layouts", 1 << 20) as pool:
+        for name, layout, bufs in engine_layouts(kv, [5, 2]):
+            slot = pool.alloc(ns.block_bytes)
+            layout.gather([5, 2], slot.array())
+            assert slot.array().tobytes() == want, name
+            key = name.encode()
+            assert list(client.batch_put_regions(ns, [key], [slot.region()]).results) == [STORED], name
+            slot.array()[:] = 0
+            assert client.batch_get_into(ns, [key], [slot.region()]) == [True]
+            before = [np.array(b, copy=True) for b in (bufs if isinstance(bufs, list) else [bufs])]
+            layout.scatter([9, 12], slot.array())
+            check = np.empty(ns.block_bytes, dtype=np.uint8)
+            layout.gather([9, 12], check)
+            assert check.tobytes() == want, name
+            layout.gather([5, 2], check)  # the source pages are unchanged
+            assert check.tobytes() == want, name
+            after = bufs if isinstance(bufs, list) else [bufs]
+            changed = sum(int(np.count_nonzero(a != b)) for a, b in zip(after, before))
+            assert 0 < changed <= kv.size, name  # only the two target pages were written
+            slot.free()
+
+
+def test_layouts_refuse_bad_input():
+    with pytest.raises(kvstrata.RegionError, match="vLLM"):
+        layouts.VllmLayout([np.zeros((3, 4, 4, 2, 8), dtype=np.uint16)])
+    with pytest.raises(kvstrata.RegionError, match=r"kv_caches\[1\]"):
+        layouts.VllmLayout([np.zeros((2, 4, 4, 2, 8), dtype=np.uint16), np.zeros((2, 5, 4, 2, 8), dtype=np.uint16)])
+    lay = layouts.VllmLayout([np.zeros((2, 4, 4, 2, 8), dtype=np.uint16)])
+    out = np.empty(lay.block_bytes(1), dtype=np.uint8)
+    with pytest.raises(kvstrata.RegionError, match=r"page_ids\[0\]: page 4"):
+        lay.gather([4], out)
+    with pytest.raises(kvstrata.RegionError, match="out"):
+        lay.gather([0], np.empty(3, dtype=np.uint8))
+    with pytest.raises(kvstrata.RegionError, match="layout"):
+        layouts.SglangHostLayout(np.zeros((2, 2, 8, 2, 8), dtype=np.uint16), "token_first", page_size=4, layers=2)
+    with pytest.raises(kvstrata.RegionError, match="layers"):
+        layouts.SglangHostLayout(np.zeros((2, 2, 8, 2, 8), dtype=np.uint16), "layer_first", page_size=4, layers=3)
+
+
+def test_pools_and_regions_see_the_daemon_go_away():
+    """A restarted daemon numbers pools and regions from 1 again, so a client must notice the
+    old registration is gone before it names an id: is_registered() turns False."""
+    d = workdir("gone-")
+    daemon = Daemon(d)
+    try:
+        pool = kvstrata.SharedPool.create(daemon.mempool_path, "gone", 4096)
+        geo = PagedGeometry("per_layer", layers=1, page_tokens=1, kv_heads=1, head_dim=8, dtype_bytes=2, num_pages=2)
+        region = kvstrata.KvRegion.create_memfd(daemon.region_path, geo, "gone")
+        assert pool.is_registered() and region.is_registered()
+        daemon.kill()
+        deadline = time.monotonic() + 5
+        while pool.is_registered() or region.is_registered():
+            assert time.monotonic() < deadline, "a dead daemon's registrations still look open"
+            time.sleep(0.02)
+        pool.close()
+        region.close()
+        assert not pool.is_registered() and not region.is_registered()
+    finally:
+        daemon.stop()
+        shutil.rmtree(d, ignore_errors=True)

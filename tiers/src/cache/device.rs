@@ -1,0 +1,512 @@
+//! The CUDA-IPC data path: blocks a device writes into reserved slots
+//! ([`BlockCache::put_from_device`]) and blocks lent to a device by address
+//! ([`BlockCache::get_to_device`]), then promoted into its HBM tier
+//! ([`BlockCache::promote_to_hbm`]).
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use bytes::Bytes;
+use kvstrata_kernels::{Gpu, StagingBuffer};
+use rayon::prelude::*;
+
+use super::{BlockCache, DevicePutError};
+use crate::disk::checksum::xxh3_64;
+use crate::error::CacheError;
+use crate::hbm::{HbmRead, HbmSlot, HbmTier};
+use crate::host::HostSlot;
+use crate::key::BlockKey;
+use crate::namespace::{Namespace, NamespaceId};
+use crate::tier::{PutOutcome, RemoveReason, Tier, TierKind};
+
+/// A host-tier block lent by `get_to_device`, kept for its promotion.
+struct HostRead {
+    key: BlockKey,
+    bytes: Bytes,
+    parent: Option<BlockKey>,
+    checksum: u64,
+    /// The key's stripe epoch, read before the bytes.
+    epoch: u64,
+}
+
+/// A slot reserved by `put_from_device`.
+enum DeviceSlot {
+    Hbm(HbmSlot),
+    Host(HostSlot),
+}
+
+impl DeviceSlot {
+    fn addr(&self) -> u64 {
+        match self {
+            DeviceSlot::Hbm(s) => s.addr(),
+            DeviceSlot::Host(s) => s.device_addr().unwrap_or(s.host_addr()),
+        }
+    }
+}
+
+/// Where a device put's bytes must also go: the write-through policies.
+#[derive(Clone, Copy)]
+struct WriteThrough {
+    remote: bool,
+    disk: bool,
+}
+
+impl WriteThrough {
+    /// Whether the blocks' bytes are needed on the host (kept as copies).
+    fn keeps_bytes(self) -> bool {
+        self.remote || self.disk
+    }
+}
+
+/// Blocks lent in place by `get_to_device`, and the keys it must stage.
+#[derive(Default)]
+struct InPlace {
+    addrs: Vec<Option<(u64, TierKind)>>,
+    hbm_reads: Vec<HbmRead>,
+    /// With promotion on, with their metadata and stripe epoch (read
+    /// first), so the promotion reuses these reads.
+    host_reads: Vec<HostRead>,
+    /// Positions found in neither.
+    missed: Vec<usize>,
+}
+
+impl BlockCache {
+    fn check_device(&self, device: usize) -> Result<&Gpu, CacheError> {
+        self.gpus.get(device).ok_or_else(|| {
+            CacheError::invalid(
+                "device",
+                format!(
+                    "device {device} does not exist (the daemon has {} GPU{})",
+                    self.gpus.len(),
+                    if self.gpus.len() == 1 { "" } else { "s" }
+                ),
+            )
+        })
+    }
+
+    /// Stores blocks whose bytes a device writes (the CUDA-IPC data path).
+    ///
+    /// Reserves a slot per item — in device `device`'s HBM tier, or in the
+    /// (pinned) host tier when there is no HBM tier or it has no room —
+    /// then calls `fill` once with the device-reachable address of every
+    /// slot, in item order (`block_bytes` of the namespace each). `fill` must
+    /// have written them all, and waited for its copies to complete, when it
+    /// returns. The slots are then read back for their xxh3-64 checksums
+    /// and published; any older version of each key leaves every tier, as
+    /// with [`BlockCache::put_batch`] (and the namespace's write-through
+    /// policies apply).
+    ///
+    /// All or nothing: when some slot cannot be reserved (everything
+    /// evictable is pinned or being read) `fill` is not called and every item
+    /// answers `NoSpace`; when `fill` fails every slot is freed and its error
+    /// returned. Items are validated first (a block cannot be its own
+    /// parent; `device` must exist); an empty batch does not call `fill`.
+    pub fn put_from_device<E>(
+        &self,
+        ns: &NamespaceId,
+        device: usize,
+        items: &[(BlockKey, Option<BlockKey>)],
+        fill: impl FnOnce(&[u64]) -> Result<(), E>,
+    ) -> Result<Vec<PutOutcome>, DevicePutError<E>> {
+        let namespace = self.namespace("namespace_id", ns)?;
+        self.check_device(device)?;
+        for (i, (key, parent)) in items.iter().enumerate() {
+            if parent.as_ref() == Some(key) {
+                return Err(CacheError::invalid(
+                    format!("items[{i}].parent"),
+                    "a block cannot be its own parent",
+                )
+                .into());
+            }
+        }
+        let _open = self.admit_write()?;
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let len = namespace.block_bytes as usize;
+        let hbm = self.hbm.get(device);
+        let Some(slots) = self.reserve_device_slots(hbm, len, items.len()) else {
+            return Ok(vec![PutOutcome::NoSpace; items.len()]);
+        };
+        let addrs: Vec<u64> = slots.iter().map(DeviceSlot::addr).collect();
+        fill(&addrs).map_err(DevicePutError::Fill)?;
+        let through = self.write_through_of(&namespace);
+        let (checksums, mut copies) = device_checksums(hbm, &slots, &addrs, len, through)?;
+        let mut out = Vec::with_capacity(items.len());
+        for (i, ((key, parent), slot)) in items.iter().zip(slots).enumerate() {
+            let copy = copies[i].take();
+            out.push(self.publish_device_put(
+                ns,
+                hbm,
+                (key, parent.as_ref()),
+                slot,
+                checksums[i],
+                copy,
+                through,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// A slot per item: in the HBM tier if it has room, else in the pinned
+    /// host tier; `None` (the reserved ones freed) when one cannot be had.
+    fn reserve_device_slots(
+        &self,
+        hbm: Option<&HbmTier>,
+        len: usize,
+        n: usize,
+    ) -> Option<Vec<DeviceSlot>> {
+        let mut slots: Vec<DeviceSlot> = Vec::with_capacity(n);
+        for _ in 0..n {
+            let slot = match hbm.and_then(|h| h.reserve(len)) {
+                Some(s) => DeviceSlot::Hbm(s),
+                None => self
+                    .host
+                    .reserve(len)
+                    .and_then(|s| s.device_addr().is_some().then_some(DeviceSlot::Host(s)))?,
+            };
+            slots.push(slot);
+        }
+        Some(slots)
+    }
+
+    fn write_through_of(&self, namespace: &Namespace) -> WriteThrough {
+        WriteThrough {
+            remote: self
+                .remote
+                .as_ref()
+                .is_some_and(|r| namespace.policy.remote_write_through || r.config().write_through),
+            disk: self.disk.is_some() && namespace.policy.write_through,
+        }
+    }
+
+    /// Publishes one filled device slot under its key's stripe lock, after
+    /// the older version left every tier (T0 first, so no T0 demotion of it
+    /// can reach the host tier afterwards); queues the write-throughs.
+    #[allow(clippy::too_many_arguments)]
+    fn publish_device_put(
+        &self,
+        ns: &NamespaceId,
+        hbm: Option<&HbmTier>,
+        (key, parent): (&BlockKey, Option<&BlockKey>),
+        slot: DeviceSlot,
+        checksum: Option<u64>,
+        mut copy: Option<Bytes>,
+        through: WriteThrough,
+    ) -> PutOutcome {
+        let _stripe = self.write_stripe(ns, key);
+        self.drop_hbm_copies(ns, key, None);
+        // Waits for a host eviction handing the old block on.
+        self.host.remove(ns, key, RemoveReason::Delete);
+        if let Some(d) = &self.disk {
+            d.demoter.forget(ns, key);
+            if d.tier.contains(ns, key) {
+                d.tier.remove(ns, key, RemoveReason::Delete);
+            }
+        }
+        if let DeviceSlot::Host(s) = &slot
+            && through.keeps_bytes()
+        {
+            copy = Some(Bytes::copy_from_slice(s.as_slice()));
+        }
+        // Before the publish: the old block can no longer be evicted, and a
+        // demotion of the new block that races with this put then queues its
+        // write after this.
+        if let Some(r) = &self.remote {
+            match copy.clone().filter(|_| through.remote) {
+                Some(bytes) => {
+                    r.enqueue_put(ns, key, parent, bytes, true);
+                }
+                None => r.enqueue_delete(ns, key),
+            }
+        }
+        let outcome = match slot {
+            DeviceSlot::Hbm(s) => match (hbm, checksum) {
+                (Some(h), Some(c)) => h.publish(s, ns, key, parent, c),
+                _ => PutOutcome::NoSpace,
+            },
+            DeviceSlot::Host(s) => match self.host.publish(s, ns, key, parent, None) {
+                Ok(_) => PutOutcome::Stored,
+                Err(_) => PutOutcome::NoSpace,
+            },
+        };
+        if let (Some(d), Some(bytes)) = (&self.disk, copy.filter(|_| through.disk)) {
+            d.demoter.write_through(ns, key, parent, bytes);
+        }
+        outcome
+    }
+
+    /// Lends device-reachable addresses of the exact bytes of `keys` to
+    /// `use_blocks` (the CUDA-IPC data path: the caller scatters from them
+    /// into an engine's pages and waits for its copies before returning).
+    ///
+    /// For each key, `Some((address, tier))` of `block_bytes` bytes, or
+    /// `None` for a miss: device `device`'s HBM slot (held by a reader
+    /// count), else the pinned host slot (held likewise), else the bytes of
+    /// another device's HBM tier, the disk or the remote tier staged in one
+    /// pinned buffer from [`Gpu::alloc_pinned`]. Every address stays valid
+    /// and unchanged until `use_blocks` returns. Afterwards, with the HBM
+    /// tier's `promote_on_device_get`, the blocks now in the host tier are
+    /// copied into device `device`'s HBM tier.
+    ///
+    /// Checksums: staged bytes were verified by their tier's read path (the
+    /// disk and remote tiers check theirs, an HBM tier's `get` checks its
+    /// copy); a slot lent in place is the one published with its checksum
+    /// and never written while lent, and is not re-hashed (that would cost
+    /// a read-back of every block).
+    pub fn get_to_device<R>(
+        &self,
+        ns: &NamespaceId,
+        device: usize,
+        keys: &[BlockKey],
+        use_blocks: impl FnOnce(&[Option<(u64, TierKind)>]) -> R,
+    ) -> Result<R, CacheError> {
+        let began = Instant::now();
+        self.namespace("namespace_id", ns)?;
+        let gpu = self.check_device(device)?;
+        let hbm = self.hbm.get(device);
+        let promote_to = hbm.filter(|h| h.config().promote_on_device_get);
+        let mut lent = self.lend_in_place(ns, hbm, keys, promote_to.is_some());
+        // The rest through the ordinary read path, staged in pinned memory
+        // (lent from the device's staging cache).
+        let staging = self.stage_misses(ns, gpu, keys, &lent.missed, &mut lent.addrs)?;
+        let looked_up = began.elapsed();
+        let result = use_blocks(&lent.addrs);
+        let InPlace {
+            addrs,
+            hbm_reads,
+            host_reads,
+            missed,
+        } = lent;
+        drop(hbm_reads);
+        drop(staging);
+        let used = began.elapsed();
+        if let Some(h) = promote_to {
+            // Served from the disk or remote tier: in the host tier now
+            // (their promotion on get), read again below.
+            let staged: Vec<BlockKey> = missed
+                .iter()
+                .filter(|&&i| addrs[i].is_some())
+                .map(|&i| keys[i])
+                .collect();
+            self.promote_to_hbm(h, ns, host_reads, &staged);
+        }
+        tracing::debug!(
+            keys = keys.len(),
+            lookups_us = looked_up.as_micros() as u64,
+            total_us = began.elapsed().as_micros() as u64,
+            promotion_us = (began.elapsed() - used).as_micros() as u64,
+            "get_to_device"
+        );
+        Ok(result)
+    }
+
+    /// The blocks `get_to_device` lends where they lie: one lock per tier
+    /// for the whole batch, the device's HBM tier first, then the host tier
+    /// for the rest (with `promote`, each stripe's epoch read before its
+    /// block).
+    fn lend_in_place(
+        &self,
+        ns: &NamespaceId,
+        hbm: Option<&HbmTier>,
+        keys: &[BlockKey],
+        promote: bool,
+    ) -> InPlace {
+        let mut lent = InPlace {
+            addrs: vec![None; keys.len()],
+            ..InPlace::default()
+        };
+        let mut in_host: Vec<usize> = Vec::new();
+        match hbm {
+            Some(h) => {
+                for (i, read) in h.acquire_many(ns, keys).into_iter().enumerate() {
+                    match read {
+                        Some(read) => {
+                            lent.addrs[i] = Some((read.addr(), TierKind::Hbm));
+                            lent.hbm_reads.push(read);
+                        }
+                        None => in_host.push(i),
+                    }
+                }
+            }
+            None => in_host.extend(0..keys.len()),
+        }
+        let epochs: Vec<u64> = match promote {
+            true => in_host
+                .iter()
+                .map(|&i| *self.stripe(ns, &keys[i]).lock())
+                .collect(),
+            false => vec![0; in_host.len()],
+        };
+        let host_keys: Vec<BlockKey> = in_host.iter().map(|&i| keys[i]).collect();
+        let found = self.host.get_many_with_meta(ns, &host_keys);
+        for ((&i, epoch), hit) in in_host.iter().zip(epochs).zip(found) {
+            if let Some((bytes, meta)) = hit
+                && let Some(addr) = self.host.device_addr(&bytes)
+            {
+                lent.addrs[i] = Some((addr, TierKind::Host));
+                lent.host_reads.push(HostRead {
+                    key: keys[i],
+                    bytes,
+                    parent: meta.parent,
+                    checksum: meta.checksum,
+                    epoch,
+                });
+                continue;
+            }
+            lent.missed.push(i);
+        }
+        lent
+    }
+
+    /// Reads the `missed` keys through [`BlockCache::get_batch`] and copies
+    /// the hits into one pinned buffer from the device's staging cache,
+    /// setting their addresses; the buffer must outlive their use.
+    fn stage_misses(
+        &self,
+        ns: &NamespaceId,
+        gpu: &Gpu,
+        keys: &[BlockKey],
+        missed: &[usize],
+        addrs: &mut [Option<(u64, TierKind)>],
+    ) -> Result<Option<StagingBuffer>, CacheError> {
+        if missed.is_empty() {
+            return Ok(None);
+        }
+        let miss_keys: Vec<BlockKey> = missed.iter().map(|&i| keys[i]).collect();
+        let found = self.get_batch(ns, &miss_keys)?;
+        let total: usize = found.iter().flatten().map(|(b, _)| b.len()).sum();
+        if total == 0 {
+            return Ok(None);
+        }
+        let mut buf = gpu
+            .staging(total)
+            .map_err(|e| CacheError::device("keys", &e))?;
+        let base = buf.device_ptr();
+        let bytes = buf.as_mut_slice();
+        let mut at = 0;
+        for (&i, hit) in missed.iter().zip(&found) {
+            if let Some((b, tier)) = hit {
+                bytes[at..at + b.len()].copy_from_slice(b);
+                addrs[i] = Some((base + at as u64, *tier));
+                at += b.len();
+            }
+        }
+        Ok(Some(buf))
+    }
+
+    /// Copies host-resident blocks into an HBM tier (those it lacks), in
+    /// batches ([`HbmTier::copy_in`]): the blocks `held` (read by the
+    /// caller, each with its stripe's write epoch read first), then the
+    /// `others`, read here lazily while earlier groups copy. A block is
+    /// published, under its stripe lock, only if no put or delete under that
+    /// stripe ran since its epoch was read, so the bytes promoted are the
+    /// host tier's current ones.
+    fn promote_to_hbm(
+        &self,
+        h: &HbmTier,
+        ns: &NamespaceId,
+        held: Vec<HostRead>,
+        others: &[BlockKey],
+    ) {
+        let reread = others.iter().filter_map(|k| {
+            let epoch = *self.stripe(ns, k).lock();
+            let (bytes, meta) = self.host.get_with_meta(ns, k)?;
+            Some(HostRead {
+                key: *k,
+                bytes,
+                parent: meta.parent,
+                checksum: meta.checksum,
+                epoch,
+            })
+        });
+        let mut seen = HashSet::new();
+        let srcs = held
+            .into_iter()
+            .chain(reread)
+            .filter(|r| seen.insert(r.key) && !h.contains(ns, &r.key))
+            .map(|r| {
+                let device = self.host.device_addr(&r.bytes);
+                let HostRead {
+                    key,
+                    bytes,
+                    parent,
+                    checksum,
+                    epoch,
+                } = r;
+                ((key, parent, checksum, epoch), bytes, device)
+            });
+        // Each group is published while the next ones copy.
+        h.copy_in(srcs, |group| {
+            for ((key, parent, checksum, epoch), slot) in group {
+                let Some(slot) = slot else {
+                    continue;
+                };
+                let stripe = self.stripe(ns, &key).lock();
+                // A put or delete ran meanwhile (or another promotion won):
+                // the slot is freed unpublished.
+                if *stripe == epoch && !h.contains(ns, &key) {
+                    h.publish_promotion(slot, ns, &key, parent.as_ref(), checksum);
+                }
+            }
+        });
+    }
+}
+
+/// Per item of a device put, its bytes when a write-through needs them.
+type KeptBytes = Vec<Option<Bytes>>;
+
+/// Checksums of the T0 slots of a device put: hashed on the device, or
+/// read back through pinned memory when a write-through policy needs their
+/// bytes (kept, as `copies`) or the device cannot hash. Host slots are
+/// hashed when published.
+fn device_checksums(
+    hbm: Option<&HbmTier>,
+    slots: &[DeviceSlot],
+    addrs: &[u64],
+    len: usize,
+    through: WriteThrough,
+) -> Result<(Vec<Option<u64>>, KeptBytes), CacheError> {
+    let keep = through.keeps_bytes();
+    let mut checksums: Vec<Option<u64>> = vec![None; slots.len()];
+    let mut copies: Vec<Option<Bytes>> = vec![None; slots.len()];
+    let Some(h) = hbm else {
+        return Ok((checksums, copies));
+    };
+    let at: Vec<usize> = (0..slots.len())
+        .filter(|&i| matches!(slots[i], DeviceSlot::Hbm(_)))
+        .collect();
+    let hbm_addrs: Vec<u64> = at.iter().map(|&i| addrs[i]).collect();
+    // Without a write-through the bytes stay on the device: hashed
+    // there, nothing is read back.
+    let on_device = match keep {
+        true => None,
+        false => match h.hash_on_device(&hbm_addrs, len) {
+            Ok(sums) => Some(sums),
+            Err(e) => {
+                tracing::warn!(error = %e, "hbm tier: device hashing failed; reading the blocks back to hash them");
+                None
+            }
+        },
+    };
+    match on_device {
+        Some(sums) => {
+            for (&i, sum) in at.iter().zip(sums) {
+                checksums[i] = Some(sum);
+            }
+        }
+        None => h
+            .read_back(&hbm_addrs, len, |first, blocks| {
+                // Hashed in parallel: a staging buffer holds many blocks.
+                let sums: Vec<u64> = blocks.par_iter().map(|b| xxh3_64(b)).collect();
+                for (j, (bytes, sum)) in blocks.iter().zip(sums).enumerate() {
+                    checksums[at[first + j]] = Some(sum);
+                    if keep {
+                        copies[at[first + j]] = Some(Bytes::copy_from_slice(bytes));
+                    }
+                }
+            })
+            .map_err(|e| CacheError::device("items", &e))?,
+    }
+    Ok((checksums, copies))
+}

@@ -1,0 +1,514 @@
+//! The block index of a slot-arena tier ([`SlotIndex`]), shared by the host
+//! and HBM tiers: which block lives in which slot, LRU order, prefix
+//! structure (child counts), pins, readers, and blocks on their way out.
+//! It lives under the owning tier's metadata lock; nothing here moves bytes.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use slab::Slab;
+
+use super::IndexKey;
+use crate::arena::{SlotArena, SlotRef};
+use crate::events::{EventKind, PendingEvent};
+use crate::eviction::{Evictable, LruSets, choose_victims};
+use crate::key::BlockKey;
+use crate::namespace::NamespaceId;
+use crate::tier::{BlockMeta, PinToken, RemoveOutcome, RemoveReason, TierCounters, TierKind};
+
+/// One block of a [`SlotIndex`].
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub(crate) ns: NamespaceId,
+    pub(crate) key: BlockKey,
+    pub(crate) parent: Option<BlockKey>,
+    pub(crate) slot: SlotRef,
+    pub(crate) len: usize,
+    pub(crate) checksum: u64,
+    pub(crate) tick: u64,
+    pub(crate) last_access: Instant,
+    pub(crate) pins: u32,
+    pub(crate) readers: u32,
+    /// False once removed from the index while readers still hold its slot.
+    pub(crate) live: bool,
+    /// Its bytes are on their way out of the slot (an HBM demotion's copy,
+    /// or a host eviction being handed on): it is no eviction candidate, and
+    /// its slot is not freed until that is done.
+    pub(crate) draining: bool,
+    pub(crate) incarnation: u64,
+}
+
+/// The block index of a slot-arena tier (host and HBM): which block lives in
+/// which slot, LRU order, prefix structure, pins and readers. Lives under the
+/// tier's metadata lock.
+pub(crate) struct SlotIndex {
+    pub(crate) kind: TierKind,
+    pub(crate) arena: SlotArena,
+    pub(crate) entries: Slab<Entry>,
+    pub(crate) index: HashMap<IndexKey, usize>,
+    /// Cached blocks per parent key (whether or not the parent is cached).
+    child_count: HashMap<IndexKey, u32>,
+    /// Eviction candidates (live, unpinned, not draining) per slot size.
+    sets: LruSets,
+    slot_owner: HashMap<SlotRef, usize>,
+    tick: u64,
+    next_incarnation: u64,
+    pub(crate) pinned_blocks: u64,
+}
+
+/// What [`SlotIndex::reserve`] found.
+#[derive(Debug)]
+pub(crate) enum Reservation {
+    /// A free slot, now the caller's.
+    Slot(SlotRef),
+    /// No free slot: these blocks were chosen to make room and are leaving
+    /// (still indexed and readable, no eviction candidates, their slots
+    /// held). Hand them on, [`SlotIndex::finish_leaving`] them, reserve again.
+    Leaving(Vec<usize>),
+    /// Nothing can go: everything is pinned, being read or leaving.
+    Full,
+}
+
+impl SlotIndex {
+    /// An empty index over `arena`; incarnations start at `first_incarnation`
+    /// (tiers of one kind use disjoint ranges, so a pin token of one never
+    /// matches a block of another).
+    pub(crate) fn new(arena: SlotArena, kind: TierKind, first_incarnation: u64) -> Self {
+        SlotIndex {
+            kind,
+            arena,
+            entries: Slab::new(),
+            index: HashMap::new(),
+            child_count: HashMap::new(),
+            sets: LruSets::default(),
+            slot_owner: HashMap::new(),
+            tick: 0,
+            next_incarnation: first_incarnation,
+            pinned_blocks: 0,
+        }
+    }
+
+    fn is_leaf(&self, ns: &NamespaceId, key: &BlockKey) -> bool {
+        self.child_count.get(&(*ns, *key)).copied().unwrap_or(0) == 0
+    }
+
+    pub(crate) fn set_insert(&mut self, id: usize) {
+        let Some(e) = self.entries.get(id) else {
+            return;
+        };
+        if !e.live || e.pins > 0 || e.draining {
+            return;
+        }
+        let leaf = self.is_leaf(&e.ns, &e.key);
+        let (class, tick) = (e.len, e.tick);
+        self.sets.insert(class, tick, id, leaf);
+    }
+
+    pub(crate) fn set_remove(&mut self, id: usize) {
+        let Some(e) = self.entries.get(id) else {
+            return;
+        };
+        let (class, tick) = (e.len, e.tick);
+        self.sets.remove(class, tick);
+    }
+
+    pub(crate) fn touch(&mut self, id: usize) {
+        self.set_remove(id);
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some(e) = self.entries.get_mut(id) {
+            e.tick = tick;
+            e.last_access = Instant::now();
+        }
+        self.set_insert(id);
+    }
+
+    /// Moves a cached parent between the leaf and inner sets after its child count changed.
+    fn reclassify(&mut self, ns: &NamespaceId, key: &BlockKey) {
+        if let Some(&pid) = self.index.get(&(*ns, *key)) {
+            self.set_remove(pid);
+            self.set_insert(pid);
+        }
+    }
+
+    fn add_child(&mut self, ns: &NamespaceId, parent: &BlockKey) {
+        let c = self.child_count.entry((*ns, *parent)).or_insert(0);
+        *c += 1;
+        if *c == 1 {
+            self.reclassify(ns, parent);
+        }
+    }
+
+    fn remove_child(&mut self, ns: &NamespaceId, parent: &BlockKey) {
+        let k = (*ns, *parent);
+        if let Some(c) = self.child_count.get_mut(&k) {
+            *c -= 1;
+            if *c == 0 {
+                self.child_count.remove(&k);
+                self.reclassify(ns, parent);
+            }
+        }
+    }
+
+    /// Takes a block out of the index. Its slot is freed now, or by its last
+    /// reader (or, while draining, when the copy out of it is done). Returns
+    /// the event to publish.
+    pub(crate) fn unlink(&mut self, id: usize, kind: EventKind) -> Option<PendingEvent> {
+        self.set_remove(id);
+        let (ns, key, parent, pins) = {
+            let e = self.entries.get_mut(id)?;
+            if !e.live {
+                return None;
+            }
+            e.live = false;
+            (e.ns, e.key, e.parent, e.pins)
+        };
+        if pins > 0 {
+            self.pinned_blocks -= 1;
+        }
+        self.index.remove(&(ns, key));
+        if let Some(p) = parent {
+            self.remove_child(&ns, &p);
+        }
+        self.release_if_unused(id);
+        Some(PendingEvent {
+            kind,
+            namespace: ns,
+            key,
+            parent,
+            tier: self.kind,
+        })
+    }
+
+    /// Frees the slot of an unlinked block nobody reads or copies out of.
+    pub(crate) fn release_if_unused(&mut self, id: usize) {
+        let free =
+            matches!(self.entries.get(id), Some(e) if !e.live && e.readers == 0 && !e.draining);
+        if free {
+            let e = self.entries.remove(id);
+            self.slot_owner.remove(&e.slot);
+            self.arena.free(e.slot);
+        }
+    }
+
+    /// Publishes a filled slot under the key, replacing (without an event of
+    /// its own) any block stored under it. Returns the new entry's id.
+    pub(crate) fn publish(
+        &mut self,
+        ns: &NamespaceId,
+        key: &BlockKey,
+        parent: Option<&BlockKey>,
+        slot: SlotRef,
+        len: usize,
+        checksum: u64,
+    ) -> usize {
+        if let Some(&old) = self.index.get(&(*ns, *key)) {
+            // Replaced blocks emit no event of their own: the new STORED says it.
+            let _ = self.unlink(old, EventKind::Deleted);
+        }
+        self.tick += 1;
+        let incarnation = self.next_incarnation;
+        self.next_incarnation += 1;
+        let entry = Entry {
+            ns: *ns,
+            key: *key,
+            parent: parent.copied(),
+            slot,
+            len,
+            checksum,
+            tick: self.tick,
+            last_access: Instant::now(),
+            pins: 0,
+            readers: 0,
+            live: true,
+            draining: false,
+            incarnation,
+        };
+        let id = self.entries.insert(entry);
+        self.slot_owner.insert(slot, id);
+        self.index.insert((*ns, *key), id);
+        if let Some(p) = parent {
+            self.add_child(ns, p);
+        }
+        self.set_insert(id);
+        id
+    }
+
+    /// Whether every block of a segment can be evicted now.
+    fn evictable_now(&self, id: usize) -> bool {
+        self.entries
+            .get(id)
+            .is_some_and(|e| e.live && e.pins == 0 && e.readers == 0 && !e.draining)
+    }
+
+    /// A segment of another class whose blocks can all be evicted now, with
+    /// the fewest live blocks.
+    fn pick_reclaim(&self, slot_bytes: usize) -> Option<Vec<usize>> {
+        let mut best: Option<(u32, Vec<usize>)> = None;
+        for (seg, seg_slot_bytes, live) in self.arena.foreign_segments(slot_bytes) {
+            if best.as_ref().is_some_and(|(n, _)| *n <= live) {
+                continue;
+            }
+            let mut owners = Vec::with_capacity(live as usize);
+            let mut ok = true;
+            for index in 0..self.arena.slots_per_segment(seg_slot_bytes) {
+                if let Some(&id) = self.slot_owner.get(&SlotRef {
+                    segment: seg,
+                    index,
+                }) {
+                    if self.evictable_now(id) {
+                        owners.push(id);
+                    } else {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            // Slots without an owner but counted live are reserved by writers.
+            if ok && owners.len() as u32 == live {
+                best = Some((live, owners));
+            }
+        }
+        best.map(|(_, owners)| owners)
+    }
+
+    /// A free slot of `len` bytes, evicting as needed (see [`Reservation`]).
+    /// With `hand_on`, victims are not unlinked here: they are marked
+    /// leaving and returned, for the caller to hand on with the lock
+    /// released; without, they leave at once.
+    pub(crate) fn reserve(
+        &mut self,
+        len: usize,
+        events: &mut Vec<PendingEvent>,
+        counters: &TierCounters,
+        hand_on: bool,
+    ) -> Reservation {
+        loop {
+            if let Some(slot) = self.arena.alloc(len) {
+                return Reservation::Slot(slot);
+            }
+            let Some(victims) = choose_victims(self, len) else {
+                return Reservation::Full;
+            };
+            if hand_on {
+                for &id in &victims {
+                    self.set_remove(id);
+                    if let Some(e) = self.entries.get_mut(id) {
+                        e.draining = true;
+                    }
+                }
+                return Reservation::Leaving(victims);
+            }
+            for id in victims {
+                self.evict(id, events, counters);
+            }
+        }
+    }
+
+    /// Ends the leave of blocks [`SlotIndex::reserve`] returned, once they
+    /// have been handed on: each leaves the index (an eviction), unless it
+    /// was pinned meanwhile (it stays, a candidate again).
+    pub(crate) fn finish_leaving(
+        &mut self,
+        ids: &[usize],
+        events: &mut Vec<PendingEvent>,
+        counters: &TierCounters,
+    ) {
+        for &id in ids {
+            let Some(e) = self.entries.get_mut(id) else {
+                continue;
+            };
+            e.draining = false;
+            let (live, pinned) = (e.live, e.pins > 0);
+            if !live {
+                self.release_if_unused(id);
+            } else if pinned {
+                self.set_insert(id);
+            } else {
+                self.evict(id, events, counters);
+            }
+        }
+    }
+
+    /// Whether the block stored under the key is on its way out (see
+    /// [`Entry::draining`]).
+    pub(crate) fn is_leaving(&self, ns: &NamespaceId, key: &BlockKey) -> bool {
+        self.index
+            .get(&(*ns, *key))
+            .and_then(|&id| self.entries.get(id))
+            .is_some_and(|e| e.draining)
+    }
+
+    /// Unlinks a victim of pressure: an `Evicted` event and the count.
+    fn evict(&mut self, id: usize, events: &mut Vec<PendingEvent>, counters: &TierCounters) {
+        if let Some(ev) = self.unlink(id, EventKind::Evicted) {
+            TierCounters::add(&counters.evictions, 1);
+            events.push(ev);
+        }
+    }
+
+    /// Every block of the segment holding `id`, if all of them can be evicted now.
+    fn reclaimable_segment_of(&self, id: usize) -> Option<Vec<usize>> {
+        let e = self.entries.get(id)?;
+        let segment = e.slot.segment;
+        let mut owners = Vec::new();
+        for index in 0..self.arena.slots_per_segment(e.len) {
+            if let Some(&owner) = self.slot_owner.get(&SlotRef { segment, index }) {
+                if !self.evictable_now(owner) {
+                    return None;
+                }
+                owners.push(owner);
+            }
+        }
+        // Slots counted live without an owner are reserved by writers.
+        (owners.len() as u32 == self.arena.segment_live(segment)).then_some(owners)
+    }
+
+    pub(crate) fn meta_of(&self, e: &Entry) -> BlockMeta {
+        BlockMeta {
+            namespace: e.ns,
+            key: e.key,
+            parent: e.parent,
+            tier: self.kind,
+            payload_bytes: e.len as u64,
+            children: self.child_count.get(&(e.ns, e.key)).copied().unwrap_or(0),
+            pins: e.pins,
+            idle_ms: e.last_access.elapsed().as_millis() as u64,
+            checksum: e.checksum,
+        }
+    }
+
+    pub(crate) fn block_meta(&self, ns: &NamespaceId, key: &BlockKey) -> Option<BlockMeta> {
+        let id = *self.index.get(&(*ns, *key))?;
+        self.entries.get(id).map(|e| self.meta_of(e))
+    }
+
+    /// [`Tier::remove`] under the lock: the outcome and the event to publish.
+    pub(crate) fn remove(
+        &mut self,
+        ns: &NamespaceId,
+        key: &BlockKey,
+        reason: RemoveReason,
+    ) -> (RemoveOutcome, Option<PendingEvent>) {
+        let Some(&id) = self.index.get(&(*ns, *key)) else {
+            return (RemoveOutcome::Missing, None);
+        };
+        let pinned = self.entries.get(id).is_some_and(|e| e.pins > 0);
+        if pinned && reason == RemoveReason::Evict {
+            return (RemoveOutcome::Pinned, None);
+        }
+        let kind = match reason {
+            RemoveReason::Evict => EventKind::Evicted,
+            RemoveReason::Delete => EventKind::Deleted,
+        };
+        (RemoveOutcome::Removed, self.unlink(id, kind))
+    }
+
+    /// [`Tier::pin`] under the lock.
+    pub(crate) fn pin(
+        &mut self,
+        ns: &NamespaceId,
+        keys: &[BlockKey],
+    ) -> Result<Vec<PinToken>, usize> {
+        let mut ids = Vec::with_capacity(keys.len());
+        for (i, k) in keys.iter().enumerate() {
+            match self.index.get(&(*ns, *k)) {
+                Some(&id) => ids.push(id),
+                None => return Err(i),
+            }
+        }
+        let mut tokens = Vec::with_capacity(ids.len());
+        for id in ids {
+            self.set_remove(id);
+            let mut newly_pinned = false;
+            if let Some(e) = self.entries.get_mut(id) {
+                e.pins += 1;
+                newly_pinned = e.pins == 1;
+                tokens.push(PinToken {
+                    namespace: e.ns,
+                    key: e.key,
+                    tier: self.kind,
+                    incarnation: e.incarnation,
+                });
+            }
+            if newly_pinned {
+                self.pinned_blocks += 1;
+            }
+        }
+        Ok(tokens)
+    }
+
+    /// [`Tier::unpin`] under the lock.
+    pub(crate) fn unpin(&mut self, token: &PinToken) {
+        let Some(&id) = self.index.get(&(token.namespace, token.key)) else {
+            return;
+        };
+        let mut now_free = false;
+        if let Some(e) = self.entries.get_mut(id) {
+            if e.incarnation != token.incarnation || e.pins == 0 {
+                return;
+            }
+            e.pins -= 1;
+            now_free = e.pins == 0;
+        }
+        if now_free {
+            self.pinned_blocks -= 1;
+            self.set_insert(id);
+        }
+    }
+
+    /// [`Tier::list`] under the lock.
+    pub(crate) fn list(
+        &self,
+        ns: Option<&NamespaceId>,
+        cursor: u64,
+        limit: usize,
+    ) -> (Vec<BlockMeta>, Option<u64>) {
+        let mut out = Vec::new();
+        let end = self.entries.capacity();
+        let mut pos = cursor as usize;
+        while pos < end {
+            if out.len() >= limit {
+                return (out, Some(pos as u64));
+            }
+            if let Some(e) = self.entries.get(pos)
+                && e.live
+                && ns.is_none_or(|n| *n == e.ns)
+            {
+                out.push(self.meta_of(e));
+            }
+            pos += 1;
+        }
+        (out, None)
+    }
+
+    /// [`Tier::keys_of`] under the lock.
+    pub(crate) fn keys_of(&self, ns: &NamespaceId) -> Vec<BlockKey> {
+        self.index
+            .keys()
+            .filter(|(n, _)| n == ns)
+            .map(|(_, k)| *k)
+            .collect()
+    }
+}
+
+impl Evictable for SlotIndex {
+    fn sets(&self) -> &LruSets {
+        &self.sets
+    }
+
+    fn idle(&self, id: usize) -> bool {
+        self.entries
+            .get(id)
+            .is_some_and(|e| e.readers == 0 && !e.draining)
+    }
+
+    /// Every segment holds slots up to the segment size: any class fits.
+    fn whole_segment_of(&self, id: usize, _class: usize) -> Option<Vec<usize>> {
+        self.reclaimable_segment_of(id)
+    }
+
+    fn any_reclaimable_segment(&self, class: usize) -> Option<Vec<usize>> {
+        self.pick_reclaim(class)
+    }
+}

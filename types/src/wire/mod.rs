@@ -1,0 +1,15 @@
+//! The byte formats of kvstrata's two registration sockets, each defined
+//! once here and used by both ends (the client encodes and the daemon
+//! parses; tests do both):
+//!
+//! - [`pool`]: the shared-memory pool preamble of the mempool socket
+//!   (SGLang HiCache's format) and its reply, the pool id;
+//! - [`kv_region`]: the KV-region preamble of the region socket (a 128-byte
+//!   header and a name) and its reply (status, region id, message).
+//!
+//! Parsers are pure (no I/O, no panics on any input), so they can be fuzzed;
+//! each refusal is an [`InvalidField`](crate::InvalidField) naming the field.
+//! `docs/protocol.md` documents both formats.
+
+pub mod kv_region;
+pub mod pool;
