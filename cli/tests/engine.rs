@@ -4,6 +4,7 @@
 //! The model is fetched on first use (CI has the network); a failed fetch fails these
 //! tests, it never skips them.
 
+#[path = "../../server/tests/common/mod.rs"]
 mod common;
 
 use std::path::PathBuf;

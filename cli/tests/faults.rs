@@ -4,6 +4,7 @@
 //!
 //! The test prints its counts (`eprintln!`) for docs/reliability.md.
 
+#[path = "../../server/tests/common/mod.rs"]
 mod common;
 
 use std::collections::HashMap;

@@ -10,6 +10,7 @@
 //!   tokens: blocks on the dead node are misses (recomputed), never errors.
 //! - Bad remote configuration is refused at start with the key named.
 
+#[path = "../../server/tests/common/mod.rs"]
 mod common;
 #[path = "common/redis_cluster.rs"]
 mod redis_cluster;

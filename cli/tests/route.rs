@@ -4,6 +4,7 @@
 //! node that goes away; and `kvstrata route` (one-shot, `--json`, `--serve`) as
 //! a real process.
 
+#[path = "../../server/tests/common/mod.rs"]
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use bytesize::ByteSize;
 use kvstrata_client::{Client, PutItem};
 use kvstrata_server::{Config, Daemon};
-use kvstrata_tiers::{Dtype, NamespaceId, NamespaceSpec};
+use kvstrata_types::{Dtype, NamespaceId, NamespaceSpec};
 
 pub struct TestDaemon {
     pub daemon: Option<Daemon>,
