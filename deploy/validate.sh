@@ -115,6 +115,37 @@ else
   ok "a Dockerfile running as root is refused (DL3002)"
 fi
 
+if "$HADOLINT" --no-color deploy/sglang-engine.Dockerfile; then
+  ok "deploy/sglang-engine.Dockerfile"
+else
+  fail "hadolint reports problems in deploy/sglang-engine.Dockerfile"
+fi
+# The sidecar's SGLang flags: the dynamic backend's extra config must be JSON naming the class the
+# package really has, with keys KvstrataStorage (or SGLang itself) reads, and the socket paths the
+# daemon's config in the same manifest binds.
+if out=$(python3 - deploy/kubernetes/sidecar.yaml python/kvstrata/sglang.py <<'PY' 2>&1
+import json, re, sys
+manifest, module = open(sys.argv[1]).read(), open(sys.argv[2]).read()
+m = re.search(r"--hicache-storage-backend-extra-config=(\{.*\})", manifest)
+assert m, "no --hicache-storage-backend-extra-config in the sidecar"
+cfg = json.loads(m.group(1))
+assert "--hicache-storage-backend=dynamic" in manifest, "the sidecar must use the dynamic backend"
+assert cfg.get("module_path") == "kvstrata.sglang", cfg.get("module_path")
+assert re.search(r"^class %s\(" % re.escape(cfg.get("class_name", "")), module, re.M), cfg.get("class_name")
+sglang_keys = {"backend_name", "module_path", "class_name", "interface_v1", "allocator"}
+unknown = [k for k in cfg if k not in sglang_keys and not re.search(r'extra\.get\("%s"' % re.escape(k), module)]
+assert not unknown, "keys nobody reads: %s" % unknown
+for key, toml_key in (("addr", "uds_path"), ("mempool_socket", "mempool_socket")):
+    path = cfg[key].removeprefix("unix://")
+    assert re.search(r'%s = "%s"' % (toml_key, re.escape(path)), manifest), "%s %s not bound by the daemon" % (key, path)
+print("dynamic backend, kvstrata.sglang.%s, sockets match the daemon's config" % cfg["class_name"])
+PY
+); then
+  ok "sidecar SGLang flags: $out"
+else
+  fail "sidecar SGLang flags: $out"
+fi
+
 # ---- 3. systemd unit -------------------------------------------------------------------------
 # verify checks that ExecStart's binary exists: point it at the built one in a copy.
 check_unit() { # FILE -> 0 if clean; prints the findings
