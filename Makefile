@@ -11,7 +11,8 @@
 #   make deploy-check  validate deploy/ (Kubernetes schemas, hadolint, systemd unit, flags and
 #               configs against the debug binary; deploy/validate.sh, docs/deploy.md)
 #   make soak   the fault and stress tests (server/tests/faults.rs, stress.rs) with a longer
-#               stress run (SOAK_SECS, default 120; `make test` runs them with 15 s)
+#               stress run (SOAK_SECS, default 120; `make test` runs them with 15 s), then the
+#               SIGKILL soak (cli/tests/soak.rs) with SOAK_KILLS rounds (default 120; `make test`: 7)
 #   make fuzz   the property-based fuzz targets (prop_*) with 100,000 cases each instead of
 #               CI's few seconds per target (docs/fuzzing.md)
 #   make demo   build, then `kvstrata demo`: multi-turn RAG on the default model through an
@@ -84,11 +85,14 @@ test: deps fmt-check arch-check clippy unit pytest deploy-check
 fuzz: deps
 	PROPTEST_CASES=$${PROPTEST_CASES:-100000} $(CARGO) test --workspace prop_ -- --nocapture
 
-# Fault injection and 32-client stress, longer than in `make test` (docs/reliability.md).
+# Fault injection and 32-client stress, longer than in `make test`; then SOAK_KILLS rounds of
+# SIGKILL under mixed load with slot records corrupted while down (docs/reliability.md).
 SOAK_SECS ?= 120
+SOAK_KILLS ?= 120
 soak: deps
 	KVSTRATA_STRESS_SECS=$(SOAK_SECS) $(CARGO) test --workspace -- --nocapture \
 	  thirty_two_clients overload_ deadlines_ disconnect disk_enospc slot_file_larger sigkill_
+	SOAK_KILLS=$(SOAK_KILLS) $(CARGO) test --workspace --test soak -- --nocapture
 
 # The engines' numeric crates are built with opt-level 3 even in debug (Cargo.toml).
 demo: build

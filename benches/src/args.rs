@@ -110,6 +110,11 @@ pub struct BenchArgs {
     /// Skip checking the bytes of every read.
     #[arg(long)]
     pub no_verify: bool,
+
+    /// Bearer token sent on every call (a daemon with `auth.token_file`): the
+    /// binary's global `--token` / `--token-file` (`kvstrata --token-file F bench`).
+    #[arg(skip)]
+    pub token: Option<kvstrata_client::BearerToken>,
 }
 
 impl Default for BenchArgs {
@@ -130,6 +135,7 @@ impl Default for BenchArgs {
             memcpy_duration: Duration::from_secs(1),
             json: false,
             no_verify: false,
+            token: None,
         }
     }
 }

@@ -10,8 +10,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
+use kvstrata_client::BearerToken;
 use kvstrata_proto::v1::kv_cache_client::KvCacheClient;
 use tokio::net::UnixStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::args::MAX_MESSAGE_BYTES;
@@ -125,16 +127,36 @@ pub async fn connect_channel(addr: &str) -> Result<Channel, BenchError> {
     }
 }
 
-/// Wraps a channel in the generated client with 512 MiB message limits.
-pub fn client(channel: Channel) -> KvCacheClient<Channel> {
-    KvCacheClient::new(channel)
+/// Adds the bearer token, if any, to every call (`authorization: Bearer …`).
+#[derive(Debug, Clone, Default)]
+pub struct Bearer(pub Option<BearerToken>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            t.apply(&mut req);
+        }
+        Ok(req)
+    }
+}
+
+/// A channel whose calls carry the bearer token.
+pub type BearerChannel = InterceptedService<Channel, Bearer>;
+
+/// Wraps a channel in the generated client with 512 MiB message limits,
+/// sending `token` on every call.
+pub fn client(channel: Channel, token: Option<&BearerToken>) -> KvCacheClient<BearerChannel> {
+    KvCacheClient::with_interceptor(channel, Bearer(token.cloned()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 /// Opens one connection to `addr` and returns the generated client on it.
-pub async fn connect(addr: &str) -> Result<KvCacheClient<Channel>, BenchError> {
-    Ok(client(connect_channel(addr).await?))
+pub async fn connect(
+    addr: &str,
+    token: Option<&BearerToken>,
+) -> Result<KvCacheClient<BearerChannel>, BenchError> {
+    Ok(client(connect_channel(addr).await?, token))
 }
 
 #[cfg(test)]
@@ -192,7 +214,7 @@ mod tests {
     async fn connecting_to_a_missing_socket_fails_cleanly() {
         let dir =
             std::env::temp_dir().join(format!("kvstrata-bench-nosock-{}", std::process::id()));
-        let err = connect(&format!("unix://{}/none.sock", dir.display()))
+        let err = connect(&format!("unix://{}/none.sock", dir.display()), None)
             .await
             .unwrap_err();
         assert!(matches!(err, BenchError::Connect { .. }), "{err}");

@@ -10,17 +10,16 @@ use kvstrata_proto::v1::{
     BatchGetRequest, BatchPutRequest, Dtype, Layout, NamespaceSpec, PutItem,
     RegisterNamespaceRequest,
 };
-use tonic::transport::Channel;
 
 use crate::args::{BenchArgs, Plan};
-use crate::connect::{client, connect_channel};
+use crate::connect::{BearerChannel, client, connect_channel};
 use crate::error::BenchError;
 use crate::runner::{Outcome, Shared};
 
 /// Model id of the benchmark's namespace.
 pub const BENCH_MODEL_ID: &str = "kvstrata-bench";
 
-pub(crate) type Client = KvCacheClient<Channel>;
+pub(crate) type Client = KvCacheClient<BearerChannel>;
 
 /// One `BatchPut` of the blocks at `indices`, each with a fresh version.
 pub(crate) async fn put_batch(
@@ -101,10 +100,13 @@ pub(crate) async fn open_clients(args: &BenchArgs, n: usize) -> Result<Vec<Clien
     let mut clients = Vec::with_capacity(n);
     if args.shared_connection {
         let ch = connect_channel(&args.addr).await?;
-        clients.extend((0..n).map(|_| client(ch.clone())));
+        clients.extend((0..n).map(|_| client(ch.clone(), args.token.as_ref())));
     } else {
         for _ in 0..n {
-            clients.push(client(connect_channel(&args.addr).await?));
+            clients.push(client(
+                connect_channel(&args.addr).await?,
+                args.token.as_ref(),
+            ));
         }
     }
     Ok(clients)

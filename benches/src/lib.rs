@@ -31,7 +31,7 @@
 //!
 //! It talks to the daemon with the generated tonic client
 //! ([`kvstrata_proto::v1::kv_cache_client::KvCacheClient`]) over TCP or a Unix
-//! socket; see [`connect()`].
+//! socket, with [`BenchArgs::token`] on every call; see [`connect()`].
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), kvstrata_benches::BenchError> {

@@ -93,17 +93,74 @@ fn init_logging(format: &str, level: &str) {
     }
 }
 
+/// The signals `serve` acts on, caught from its first moment: SIGTERM and
+/// SIGINT stop the daemon (one that arrives during start-up stops it as soon
+/// as start-up completes, cleanly), SIGHUP reloads the token file.
+struct Signals {
+    /// SIGHUPs (one that came during start-up is seen once started).
+    hup: tokio::signal::unix::Signal,
+    /// The name of the first stop signal, once one arrived.
+    stop: tokio::sync::watch::Receiver<Option<&'static str>>,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+        let hup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+        // Handled from here on: let in what main() held back (a signal
+        // that came meanwhile is delivered now).
+        set_stop_signals_blocked(false);
+        let (stop_tx, stop) = tokio::sync::watch::channel(None);
+        tokio::spawn(async move {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            let _ = stop_tx.send(Some(name));
+        });
+        Ok(Signals { hup, stop })
+    }
+}
+
+/// Blocks (or unblocks) SIGTERM, SIGINT and SIGHUP for the calling thread
+/// and the threads it starts afterwards.
+fn set_stop_signals_blocked(blocked: bool) {
+    // SAFETY: sigemptyset/sigaddset fill a local set; pthread_sigmask only
+    // changes this thread's signal mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        let how = if blocked {
+            libc::SIG_BLOCK
+        } else {
+            libc::SIG_UNBLOCK
+        };
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // First of all, so that no moment of start-up is left to a signal's
+    // default action (death, with the Unix socket left behind).
+    let Signals { mut hup, stop } = Signals::install()?;
     let config = Config::load(&args)?;
     if args.print_config {
         print!("{}", config.to_toml());
         return Ok(());
     }
     init_logging(config.log.format.as_str(), &config.log.level);
-    // Caught from before start-up on, so an early SIGHUP never kills the daemon.
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("listening for SIGHUP")?;
     let daemon = Daemon::start(config).await?;
+    let stopped_early = *stop.borrow();
+    if let Some(name) = stopped_early {
+        tracing::info!("{name} during start-up: shutting down");
+        daemon.shutdown().await?;
+        return Ok(());
+    }
     if let Some(path) = &args.ready_file {
         let json = serde_json::to_string(daemon.addrs())?;
         let tmp = path.with_extension("tmp");
@@ -119,20 +176,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     });
     let token = daemon.shutdown_token();
+    let mut stop = stop;
     tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for SIGTERM");
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        if let Ok(name) = stop.wait_for(Option::is_some).await {
+            tracing::info!("{}: shutting down", name.unwrap_or("signal"));
+            token.cancel();
         }
-        token.cancel();
     });
     daemon.run_until_stopped().await?;
     Ok(())
@@ -142,11 +191,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Bench(cmd) => match cmd.which {
+            // In-process daemons on private Unix sockets: no token to send.
             Some(BenchWhich::Ttft(args)) => {
                 kvstrata_cli::ttft::run_ttft(*args, cli.global.json).await
             }
             None => {
-                kvstrata_benches::run_and_print(cmd.load).await?;
+                let mut load = cmd.load;
+                let options = cli.global.client_options()?;
+                if options.tls.is_some() {
+                    anyhow::bail!(
+                        "bench: TLS is not supported by the load generator (--tls-ca, --tls-cert); use an http:// or unix:// address"
+                    );
+                }
+                load.token = options.token;
+                kvstrata_benches::run_and_print(load).await?;
                 Ok(())
             }
         },
@@ -175,7 +233,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(kvstrata_cli::engine_verbs::run_chat(*args, &cli.global.addr, options).await?)
         }
         Command::Demo(args) => kvstrata_cli::demo::run_demo(*args, cli.global.json).await,
-        Command::Route(args) => kvstrata_cli::route::run(*args, cli.global.json).await,
+        Command::Route(args) => {
+            let options = cli.global.client_options()?;
+            kvstrata_cli::route::run(*args, options, cli.global.json).await
+        }
         // The disk tier's calls block: run them off the async workers.
         Command::BenchDisk(args) => {
             tokio::task::spawn_blocking(move || kvstrata_benches::run_disk_and_print(&args))
@@ -212,6 +273,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Serve(_)) {
+        // Until serve() has its handlers in place, a stop signal waits
+        // (blocked) instead of killing the daemon half started; the
+        // runtime's threads inherit the mask, serve() lifts it.
+        set_stop_signals_blocked(true);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

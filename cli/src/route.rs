@@ -2,7 +2,8 @@
 //! line (one decision, as a table or JSON) or as a small HTTP service
 //! (`--serve ADDR`: `POST /route`, `GET /metrics`, `GET /stats`, `GET /healthz`).
 //! The routing and the HTTP service are `kvstrata_router`; `docs/routing.md` has
-//! the score, the defaults and the metrics.
+//! the score, the defaults and the metrics. The global connection flags
+//! (`--token`, `--token-file`, `--tls-*`) apply to every node.
 
 use std::io::Write;
 use std::time::Duration;
@@ -19,14 +20,19 @@ use kvstrata_router::{
 use kvstrata_types::NamespaceId;
 use serde_json::json;
 
-/// Runs `kvstrata route`. Errors are one line each.
-pub async fn run(args: RouteArgs, json_out: bool) -> anyhow::Result<()> {
+/// Runs `kvstrata route`, reaching every node with `connection`'s bearer
+/// token and TLS settings. Errors are one line each.
+pub async fn run(args: RouteArgs, connection: ClientOptions, json_out: bool) -> anyhow::Result<()> {
     let nodes = args
         .nodes
         .iter()
         .map(|n| NodeSpec::parse(n))
         .collect::<Result<Vec<_>, _>>()?;
-    let config = args.config();
+    let config = RouterConfig {
+        token: connection.token.clone(),
+        tls: connection.tls.clone(),
+        ..args.config()
+    };
     config.validate()?;
     if args.serve.is_none() {
         if args.namespace.is_none() {
@@ -56,9 +62,9 @@ pub async fn run(args: RouteArgs, json_out: bool) -> anyhow::Result<()> {
     let ns_arg = args.namespace.as_deref().unwrap_or_default();
     let synced = synced_targets(&router);
     let (ns, keys) = if tokens.is_empty() {
-        (resolve_namespace(ns_arg, &synced).await?, keys)
+        (resolve_namespace(ns_arg, &synced, &connection).await?, keys)
     } else {
-        let (ns, block_tokens) = namespace_block_tokens(ns_arg, &synced).await?;
+        let (ns, block_tokens) = namespace_block_tokens(ns_arg, &synced, &connection).await?;
         (ns, key_vec(block_keys(&ns, &tokens, block_tokens as usize)))
     };
     let decision = router.route(&ns, &keys);
@@ -147,11 +153,12 @@ fn node_errors(stats: &RouterStats) -> String {
 /// The namespaces of the first synced node that answers.
 async fn list_namespaces(
     nodes: &[(String, String)],
+    connection: &ClientOptions,
 ) -> anyhow::Result<Vec<Vec<proto::NamespaceInfo>>> {
     let options = ClientOptions {
         connect_timeout: Duration::from_secs(2),
         request_timeout: Some(Duration::from_secs(5)),
-        ..ClientOptions::default()
+        ..connection.clone()
     };
     let mut all = Vec::new();
     let mut errors = Vec::new();
@@ -177,11 +184,15 @@ async fn list_namespaces(
 
 /// A namespace argument: 32 hex digits are an id; anything else is a model id
 /// that must name one namespace on the nodes.
-async fn resolve_namespace(arg: &str, nodes: &[(String, String)]) -> anyhow::Result<NamespaceId> {
+async fn resolve_namespace(
+    arg: &str,
+    nodes: &[(String, String)],
+    connection: &ClientOptions,
+) -> anyhow::Result<NamespaceId> {
     if let Some(id) = hex_namespace(arg) {
         return Ok(id);
     }
-    let lists = list_namespaces(nodes).await?;
+    let lists = list_namespaces(nodes, connection).await?;
     find_model(arg, &lists)
 }
 
@@ -212,8 +223,9 @@ fn find_model(model: &str, lists: &[Vec<proto::NamespaceInfo>]) -> anyhow::Resul
 async fn namespace_block_tokens(
     arg: &str,
     nodes: &[(String, String)],
+    connection: &ClientOptions,
 ) -> anyhow::Result<(NamespaceId, u32)> {
-    let lists = list_namespaces(nodes).await?;
+    let lists = list_namespaces(nodes, connection).await?;
     let ns = match hex_namespace(arg) {
         Some(id) => id,
         None => find_model(arg, &lists)?,

@@ -95,6 +95,14 @@ impl BearerToken {
     }
 }
 
+impl BearerToken {
+    /// Adds `authorization: Bearer <token>` to a request built by hand (calls
+    /// through [`Client::raw`] or another generated client).
+    pub fn apply<T>(&self, req: &mut tonic::Request<T>) {
+        req.metadata_mut().insert("authorization", self.0.clone());
+    }
+}
+
 impl std::fmt::Debug for BearerToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("BearerToken(<redacted>)")
@@ -404,6 +412,7 @@ impl Client {
             policy: policy.map(|p| proto::NamespacePolicy {
                 write_through: p.write_through,
                 remote_write_through: p.remote_write_through,
+                sync_write_through: p.sync_write_through,
             }),
         };
         let mut c = self.inner.clone();

@@ -42,7 +42,8 @@ pub enum ClientError {
     },
     /// The daemon closed the registration connection instead of answering a pool id.
     #[error(
-        "shared-memory pool {name:?}: daemon refused the pool registration on {socket} (see its log)"
+        "shared-memory pool {name:?}: daemon refused the pool registration on {socket} (see its log; \
+         a daemon older than 64-bit pool ids refuses this client's preamble too)"
     )]
     PoolRefused { name: String, socket: String },
     /// No free range of the pool is large enough for the allocation.

@@ -6,13 +6,17 @@
 //! pools"). [`SharedPool::create`] makes an anonymous memory file
 //! (`memfd_create`), maps it read-write, and registers it on the daemon's
 //! mempool socket (`kvstrata serve --mempool-socket PATH`) by passing the file
-//! descriptor with `SCM_RIGHTS`, in the wire format SGLang HiCache uses
-//! ([`kvstrata_types::wire::pool`]): 8 bytes little-endian magic `0x8DF6FBFD`,
-//! a u32 little-endian name length, the name, with the descriptor attached;
-//! the daemon answers a u32 little-endian pool id. The registration
-//! connection stays open for the life of the [`SharedPool`]; dropping the pool
-//! closes it, and the daemon unmaps the pool (later requests naming it get
-//! `region_error` / `BadRegion`).
+//! descriptor with `SCM_RIGHTS`, in kvstrata's wide format
+//! ([`kvstrata_types::wire::pool`]): 8 bytes little-endian magic
+//! `0x2_8DF6FBFD`, a u32 little-endian name length, the name, with the
+//! descriptor attached; the daemon answers a u64 little-endian pool id. The
+//! registration connection stays open for the life of the [`SharedPool`];
+//! dropping the pool closes it, and the daemon unmaps the pool (later requests
+//! naming it get `region_error` / `BadRegion`).
+//!
+//! Pool ids are unique to one run of the daemon: after a daemon restart the
+//! old id names no pool (requests naming it are refused the same way), so a
+//! client that sees its registration connection closed registers a new pool.
 //!
 //! [`SharedPool::alloc`] hands out [`Region`]s: 64-byte aligned byte ranges of
 //! the pool (first fit, freed ranges are coalesced). A region frees itself when
@@ -81,7 +85,7 @@ pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The mapping and the allocator, shared by a pool and its regions.
 struct PoolShared {
-    id: u32,
+    id: u64,
     name: String,
     map: MmapRaw,
     free: Mutex<FreeList>,
@@ -197,8 +201,9 @@ impl SharedPool {
         })
     }
 
-    /// The pool id the daemon assigned (from 1).
-    pub fn id(&self) -> u32 {
+    /// The pool id the daemon assigned: 64 bits, unique to this run of the
+    /// daemon.
+    pub fn id(&self) -> u64 {
         self.shared.id
     }
 
@@ -254,7 +259,7 @@ fn register(
     file: &File,
     name: &str,
     path: &std::path::Path,
-) -> Result<u32, ClientError> {
+) -> Result<u64, ClientError> {
     let io = |what: &str, source: std::io::Error| ClientError::PoolIo {
         name: name.to_string(),
         what: format!("{what} (mempool socket {})", path.display()),
@@ -263,7 +268,8 @@ fn register(
     conn.set_read_timeout(Some(REGISTER_TIMEOUT))
         .and_then(|()| conn.set_write_timeout(Some(REGISTER_TIMEOUT)))
         .map_err(|e| io("set socket timeouts", e))?;
-    let preamble = wire::encode_preamble(name);
+    let format = wire::PoolFormat::Wide;
+    let preamble = wire::encode_preamble(format, name);
     let fds = [file.as_raw_fd()];
     let cmsgs = [ControlMessage::ScmRights(&fds)];
     let iov = [IoSlice::new(&preamble)];
@@ -283,7 +289,7 @@ fn register(
             ),
         ));
     }
-    let mut answer = [0u8; wire::REPLY_BYTES];
+    let mut answer = [0u8; wire::WIDE_REPLY_BYTES];
     match (&*conn).read_exact(&mut answer) {
         Ok(()) => {}
         Err(e)
@@ -305,7 +311,7 @@ fn register(
         }
         Err(e) => return Err(io("read the pool id", e)),
     }
-    wire::parse_reply(answer).map_err(|e| {
+    wire::parse_reply(format, &answer).map_err(|e| {
         ClientError::InvalidResponse(format!(
             "mempool socket {} answered an invalid reply for pool {name:?}: {e}",
             path.display()
@@ -336,7 +342,7 @@ impl fmt::Debug for Region {
 
 impl Region {
     /// Id of the pool the region lies in.
-    pub fn pool_id(&self) -> u32 {
+    pub fn pool_id(&self) -> u64 {
         self.pool.id
     }
 
@@ -501,7 +507,7 @@ mod tests {
     /// without answering when `None`).
     fn fake_daemon(
         path: &std::path::Path,
-        answer: Option<u32>,
+        answer: Option<u64>,
     ) -> std::thread::JoinHandle<Registration> {
         let listener = UnixListener::bind(path).unwrap();
         std::thread::spawn(move || {
@@ -531,7 +537,10 @@ mod tests {
             let name = String::from_utf8(buf[12..12 + len].to_vec()).unwrap();
             assert_eq!(
                 wire::parse_preamble(&buf[..n]),
-                Ok(wire::PreambleParse::Complete(name.clone()))
+                Ok(wire::PreambleParse::Complete(wire::PoolPreamble {
+                    name: name.clone(),
+                    format: wire::PoolFormat::Wide
+                }))
             );
             if let Some(id) = answer {
                 conn.write_all(&id.to_le_bytes()).unwrap();
@@ -547,18 +556,19 @@ mod tests {
     }
 
     #[test]
-    fn registers_with_the_sglang_preamble_and_shares_memory() {
+    fn registers_with_the_wide_preamble_and_shares_memory() {
         let path = socket_path("ok");
-        let daemon = fake_daemon(&path, Some(7));
+        let id = 0x9e37_79b9_7f4a_7c15;
+        let daemon = fake_daemon(&path, Some(id));
         let target = format!("unix://{}", path.display());
         let pool = SharedPool::create(&target, "worker-0", 10_000).unwrap();
         let mut reg = daemon.join().unwrap();
-        assert_eq!(reg.magic, wire::MAGIC);
+        assert_eq!(reg.magic, wire::MAGIC_WIDE);
         assert_eq!(reg.name, "worker-0");
         assert_eq!(reg.bytes_in_one_message, 12 + "worker-0".len());
         assert_eq!(
             (pool.id(), pool.name(), pool.len()),
-            (7, "worker-0", 10_000)
+            (id, "worker-0", 10_000)
         );
         assert_eq!(reg.file.metadata().unwrap().len(), 10_000);
 
@@ -570,7 +580,7 @@ mod tests {
         assert_eq!(
             b.to_proto(),
             proto::PoolRegion {
-                pool_id: 7,
+                pool_id: id,
                 offset: 1024,
                 length: 5000
             }
@@ -628,6 +638,19 @@ mod tests {
                 .contains("daemon refused the pool registration"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_id_outside_the_wide_range_is_an_invalid_response() {
+        // A 32-bit id counted from 1 is what daemons before 64-bit pool ids
+        // answered; the client refuses it rather than naming a pool by it.
+        let path = socket_path("narrow");
+        let daemon = fake_daemon(&path, Some(7));
+        let target = path.display().to_string();
+        let e = SharedPool::create(&target, "p", 4096).unwrap_err();
+        drop(daemon.join().unwrap());
+        assert!(matches!(e, ClientError::InvalidResponse(_)), "{e:?}");
+        assert!(e.to_string().contains("pool_id: 7 is not"), "{e}");
     }
 
     #[test]

@@ -15,7 +15,9 @@
 //!
 //! The registration connection stays open for the life of the [`KvRegion`];
 //! dropping it unregisters the region (later requests naming it get
-//! `PutStatus::BadRegion` / `region_error`). [`Client::put_pages`] stores
+//! `PutStatus::BadRegion` / `region_error`). Region ids are 64-bit and unique
+//! to one run of the daemon: after a daemon restart the old id names no
+//! region (requests naming it are refused the same way), so register again. [`Client::put_pages`] stores
 //! blocks gathered from pages, [`Client::get_pages`] scatters found blocks
 //! into pages. A block is `block_tokens / page_tokens` pages of the region,
 //! listed in token order ([`KvRegion::pages`]).
@@ -94,7 +96,7 @@ pub fn register_raw(
     fd: Option<&File>,
     name: &str,
     socket: &str,
-) -> Result<u32, KvRegionError> {
+) -> Result<u64, KvRegionError> {
     let io = |what: &str, source: std::io::Error| KvRegionError::Io {
         name: name.to_string(),
         what: format!("{what} (region socket {socket})"),
@@ -143,7 +145,6 @@ pub fn register_raw(
     }
     let wire::ReplyHeader {
         status,
-        region_id: id,
         message_len,
     } = wire::parse_reply_header(&head);
     let mut msg = vec![0u8; (message_len as usize).min(wire::MAX_REPLY_MESSAGE_BYTES)];
@@ -159,17 +160,20 @@ pub fn register_raw(
             message,
         });
     }
-    if id == 0 {
-        return Err(KvRegionError::Check(format!(
-            "region socket {socket} answered region id 0 for {name:?}"
-        )));
-    }
-    Ok(id)
+    let mut id = [0u8; wire::REPLY_ID_BYTES];
+    (&*conn)
+        .read_exact(&mut id)
+        .map_err(|e| io("read the region id", e))?;
+    wire::parse_reply_id(&id).map_err(|e| {
+        KvRegionError::Check(format!(
+            "region socket {socket} answered an invalid region id for {name:?}: {e}"
+        ))
+    })
 }
 
 /// A KV region registered with the daemon. See the [module docs](self).
 pub struct KvRegion {
-    id: u32,
+    id: u64,
     name: String,
     geometry: PagedGeometry,
     bytes: u64,
@@ -305,8 +309,9 @@ impl KvRegion {
         })
     }
 
-    /// The region id the daemon assigned (from 1).
-    pub fn id(&self) -> u32 {
+    /// The region id the daemon assigned: 64 bits, unique to this run of the
+    /// daemon.
+    pub fn id(&self) -> u64 {
         self.id
     }
 

@@ -93,7 +93,7 @@ impl RegionBytes for DeviceBytes<'_> {
 /// What [`check_pages_round_trip`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PagesCheckReport {
-    pub region_id: u32,
+    pub region_id: u64,
     pub pages_per_block: u32,
     pub block_bytes: u64,
     /// Blocks put by pages (and as many got into other pages).

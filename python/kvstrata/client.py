@@ -311,12 +311,17 @@ class Client:
 
     def register_namespace(self, spec: NamespaceSpec, *, write_through: Optional[bool] = None,
                            remote_write_through: Optional[bool] = None,
+                           sync_write_through: Optional[bool] = None,
                            timeout: Optional[float] = None) -> Namespace:
-        """Registers a geometry (idempotent). Policy fields given replace the policy."""
+        """Registers a geometry (idempotent). Policy fields given replace the policy (those
+        not given are off). `sync_write_through`: every put is on disk when it answers; a put
+        whose disk write fails answers `PUT_STATUS_DISK_FAILED` and is not stored."""
         req = pb.RegisterNamespaceRequest(spec=spec.to_proto())
-        if write_through is not None or remote_write_through is not None:
+        policy = (write_through, remote_write_through, sync_write_through)
+        if any(p is not None for p in policy):
             req.policy.CopyFrom(pb.NamespacePolicy(write_through=bool(write_through),
-                                                   remote_write_through=bool(remote_write_through)))
+                                                   remote_write_through=bool(remote_write_through),
+                                                   sync_write_through=bool(sync_write_through)))
         resp = self._call("RegisterNamespace", req, timeout)
         return Namespace(id=bytes(resp.namespace_id), block_bytes=resp.block_bytes, spec=spec,
                          created=resp.created)

@@ -1,11 +1,15 @@
 """`SharedPool`: a memfd registered on the daemon's mempool socket, so requests name
 byte ranges of it (`PoolRegion`) instead of carrying payloads.
 
-Wire format (docs/protocol.md, "Shared-memory pools"; SGLang HiCache's): 8 bytes
-little-endian magic 0x8DF6FBFD, a u32 little-endian name length, the name, with the
-file descriptor attached (`SCM_RIGHTS`); the daemon answers a u32 little-endian pool id,
+Wire format (docs/protocol.md, "Shared-memory pools"; kvstrata's wide format): 8 bytes
+little-endian magic 0x2_8DF6FBFD, a u32 little-endian name length, the name, with the
+file descriptor attached (`SCM_RIGHTS`); the daemon answers a u64 little-endian pool id,
 or closes the connection (its log says why). The pool stays registered while the
 connection is open: `close()` (or the process's death) unregisters it.
+
+Pool ids are unique to one run of the daemon (a random base per run): after a daemon
+restart the old id names no pool, and requests naming it are refused per block
+(`BAD_REGION` / `region_error`) instead of reaching another client's pool.
 
 numpy (and torch, where installed) views of the pool are views of the mapping itself:
 no copy. Do not touch a region between sending a request that names it and its answer.
@@ -27,7 +31,13 @@ from .errors import PoolError
 from .target import unix_socket_path
 from .v1 import kvstrata_pb2 as pb
 
-POOL_MAGIC = 0x8DF6FBFD
+#: kvstrata's preamble magic (SGLang HiCache's 0x8DF6FBFD with 2 in its upper half):
+#: the daemon answers a u64 pool id.
+POOL_MAGIC = 0x2_8DF6FBFD
+#: SGLang HiCache's magic: the daemon answers a u32 id of at most 31 bits.
+SGLANG_POOL_MAGIC = 0x8DF6FBFD
+#: Wide pool ids start here (SGLang-format ids are below it).
+MIN_WIDE_POOL_ID = 1 << 31
 MAX_NAME_BYTES = 240
 REGISTER_TIMEOUT = 10.0
 ALIGN = 64
@@ -60,15 +70,20 @@ def register_fd(socket_target: str, fd: int, name: str, timeout: float = REGISTE
     try:
         sock.connect(path)
         socket.send_fds(sock, [struct.pack("<QI", POOL_MAGIC, len(raw)) + raw], [fd])
-        reply = _recv_exact(sock, 4)
+        reply = _recv_exact(sock, 8)
     except OSError as e:
         sock.close()
         raise PoolError(f"registering pool {name!r} on the mempool socket {path}: {e}") from e
-    if len(reply) != 4:
+    if len(reply) != 8:
         sock.close()
         raise PoolError(
-            f"the daemon refused pool {name!r} on {path} (closed the connection; its log says why)")
-    (pool_id,) = struct.unpack("<I", reply)
+            f"the daemon refused pool {name!r} on {path} (closed the connection; its log says why; "
+            "a daemon older than 64-bit pool ids refuses this client's preamble too)")
+    (pool_id,) = struct.unpack("<Q", reply)
+    if pool_id < MIN_WIDE_POOL_ID:
+        sock.close()
+        raise PoolError(f"pool_id: the mempool socket {path} answered {pool_id} for {name!r}, "
+                        f"not a 64-bit pool id (at least {MIN_WIDE_POOL_ID})")
     return pool_id, sock
 
 
@@ -219,8 +234,8 @@ class SharedPool:
 
     def is_registered(self) -> bool:
         """False once the registration connection is closed: by `close()`, or by the daemon
-        (it died or restarted). A restarted daemon numbers pools from 1 again, so an old pool
-        id may name another client's pool: register again before naming this pool."""
+        (it died or restarted). A restarted daemon refuses the old pool id (ids are unique to
+        a daemon run): register again to go on using the memory."""
         return self._mmap is not None and connection_open(self._conn)
 
     @property

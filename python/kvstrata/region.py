@@ -18,9 +18,11 @@ SGLang's host-pool layouts) use `kvstrata.layouts` instead: one gather or scatte
 per batch between their memory and a `SharedPool`.
 
 Registration preamble (128 bytes, little-endian, then the name): magic `KVSREGN\\0`,
-version 1, kind (1 CUDA IPC, 2 memfd), device, region bytes, the 64-byte IPC handle,
+version 2, kind (1 CUDA IPC, 2 memfd), device, region bytes, the 64-byte IPC handle,
 layout, layers, page_tokens, kv_heads, head_dim, dtype_bytes, num_pages, name length,
-layer_stride. Answer: status, region id, message length, message.
+layer_stride. Answer: status, 4 zero bytes, message length, message, and on success the
+u64 region id. Region ids are unique to one run of the daemon (a random base per run): an
+id kept across a daemon restart is refused per block, never another engine's pages.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from .target import unix_socket_path
 from .v1 import kvstrata_pb2 as pb
 
 REGION_MAGIC = b"KVSREGN\0"
-REGION_VERSION = 1
+REGION_VERSION = 2
 HEADER_BYTES = 128
 KIND_CUDA_IPC = 1
 KIND_MEMFD = 2
@@ -133,17 +135,19 @@ def register_raw(socket_target: str, preamble: bytes, fd: Optional[int], name: s
             sock.close()
             raise RegionError(f"the region socket {path} closed the registration of {name!r} without an answer",
                               status=6, reason="uid")
-        status, region_id, n = struct.unpack("<III", head)
+        status, _, n = struct.unpack("<III", head)
         message = _recv_exact(sock, min(n, 4096)).decode("utf-8", "replace")
+        if status != 0:
+            sock.close()
+            raise RegionError(message, status=status, reason=REFUSAL_REASONS.get(status, "unknown"))
+        tail = _recv_exact(sock, 8)
     except OSError as e:
         sock.close()
         raise RegionError(f"registering KV region {name!r} on {path}: {e}") from e
-    if status != 0:
-        sock.close()
-        raise RegionError(message, status=status, reason=REFUSAL_REASONS.get(status, "unknown"))
+    region_id = struct.unpack("<Q", tail)[0] if len(tail) == 8 else 0
     if region_id == 0:
         sock.close()
-        raise RegionError(f"the region socket {path} answered region id 0 for {name!r}")
+        raise RegionError(f"region_id: the region socket {path} answered no region id for {name!r}")
     return region_id, sock
 
 
@@ -227,7 +231,7 @@ class KvRegion:
 
     def is_registered(self) -> bool:
         """False once the registration connection is closed (by `close()`, or by the daemon
-        dying or restarting: region ids start from 1 again, so register again)."""
+        dying or restarting: the new daemon refuses the old region id, so register again)."""
         return connection_open(self._conn)
 
     def pages(self, page_ids: Sequence[int]) -> pb.KvPages:

@@ -157,9 +157,9 @@ class KvstrataStorage(HiCacheStorage):
                                     tp_rank=0 if mla else c.tp_rank, tp_size=1 if mla else c.tp_size)
 
     def _ensure(self) -> None:
-        """Registers the namespaces and pools (again after a daemon restart: a restarted
-        daemon numbers pools from 1 again, so a stale pool id could name another client's
-        pool; a closed registration connection is how the restart shows)."""
+        """Registers the namespaces and pools (again after a daemon restart: the restarted
+        daemon refuses the old pool ids, which are unique to a daemon run; a closed
+        registration connection is how the restart shows)."""
         if self._ready:
             pools = [p for p in (self._host_pool, self._staging) if p is not None]
             if all(p.is_registered() for p in pools):

@@ -361,7 +361,7 @@ class KvstrataConnector(KVConnectorBase_V1):
         if (self._stale or self._load_pool is None or self._save_pool is None
                 or not self._load_pool.is_registered() or not self._save_pool.is_registered()):
             self._stale = False
-            # (a restarted daemon numbers pools from 1 again: never name a stale pool id)
+            # (a restarted daemon refuses the old pool ids: they are unique to a daemon run)
             self._registered.clear()
             for p in (self._load_pool, self._save_pool):
                 if p is not None and not p.closed:

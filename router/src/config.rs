@@ -5,7 +5,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use kvstrata_client::Target;
+use kvstrata_client::{BearerToken, ClientTls, Target};
 use kvstrata_proto::v1 as proto;
 use serde::Serialize;
 
@@ -181,6 +181,10 @@ pub struct RouterConfig {
     pub connect_timeout: Duration,
     /// Bound on each `ListBlocks` call of a snapshot and on opening the `Watch` stream (default 10 s).
     pub request_timeout: Duration,
+    /// Bearer token sent to every node (daemons with `auth.token_file`; default none).
+    pub token: Option<BearerToken>,
+    /// TLS settings for `https://` nodes (default none).
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for RouterConfig {
@@ -192,6 +196,8 @@ impl Default for RouterConfig {
             snapshot_page_size: 1000,
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),
+            token: None,
+            tls: None,
         }
     }
 }

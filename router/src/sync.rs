@@ -179,6 +179,8 @@ async fn follow_node(shared: &Shared, i: usize) -> SyncEnd {
     let options = ClientOptions {
         connect_timeout: cfg.connect_timeout,
         request_timeout: Some(cfg.request_timeout),
+        token: cfg.token.clone(),
+        tls: cfg.tls.clone(),
         ..ClientOptions::default()
     };
     let client = match Client::connect_with(&node.spec.target, options).await {

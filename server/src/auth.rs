@@ -11,8 +11,10 @@
 //!   connection.
 //! - Tenancy: a token may name a tenant. A namespace registered with a
 //!   tenant's token is bound to that tenant ([`Owners`]); any other tenant
-//!   naming it gets `PermissionDenied`. Unix-socket peers and tokens without a
-//!   tenant are admins and may use every namespace.
+//!   naming it (or a lease on it) gets `PermissionDenied`. Unix-socket peers
+//!   and tokens without a tenant are admins and may use every namespace.
+//! - `/metrics`, with `auth.metrics_require_token`: an admin token
+//!   ([`Auth::check_metrics_scrape`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -355,16 +357,21 @@ impl Auth {
 
     /// The caller of a TCP request, from its `authorization` metadata.
     fn tcp_caller(&self, md: &MetadataMap) -> Result<Caller, Status> {
+        self.bearer_caller(md.get("authorization").map(|v| v.as_bytes()))
+    }
+
+    /// The caller an `authorization` value (`Bearer <token>`) makes; an admin
+    /// when the daemon has no tokens.
+    fn bearer_caller(&self, authorization: Option<&[u8]>) -> Result<Caller, Status> {
         let Some(tokens) = self.tokens.read().clone() else {
             return Ok(Caller::Admin);
         };
-        let Some(value) = md.get("authorization") else {
+        let Some(bytes) = authorization else {
             self.counters.failure(FailureReason::Missing);
             return Err(Status::unauthenticated(
                 "authorization: missing; send the metadata `authorization: Bearer <token>` (kvstrata --token-file)",
             ));
         };
-        let bytes = value.as_bytes();
         let token = bytes
             .strip_prefix(b"Bearer ")
             .or_else(|| bytes.strip_prefix(b"bearer "))
@@ -417,6 +424,22 @@ impl Auth {
                 Err(Status::permission_denied(format!(
                     "namespace_id: namespace {} is not bound to tenant {t:?}; register it with this token first",
                     hex::encode(ns.as_bytes())
+                )))
+            }
+        }
+    }
+
+    /// Whether a scrape of `/metrics` with this `Authorization` header may
+    /// read the daemon-wide metrics: an admin token of `auth.token_file`
+    /// (`UNAUTHENTICATED` without a known one, `PERMISSION_DENIED` for a
+    /// tenant's). Counted like refused calls.
+    pub fn check_metrics_scrape(&self, authorization: Option<&[u8]>) -> Result<(), Status> {
+        match self.bearer_caller(authorization)? {
+            Caller::Admin => Ok(()),
+            Caller::Tenant(t) => {
+                self.counters.failure(FailureReason::WrongTenant);
+                Err(Status::permission_denied(format!(
+                    "authorization: /metrics describes every tenant; tenant {t:?} may not read it (use an admin token)"
                 )))
             }
         }

@@ -187,6 +187,7 @@ pub fn movement_to_pb(m: &MovementStats) -> pb::MovementStats {
         demote_queued_bytes: m.queued_bytes,
         promoted: m.promoted,
         write_through: m.write_through,
+        sync_write_failed: m.sync_write_failed,
     }
 }
 

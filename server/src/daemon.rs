@@ -19,7 +19,6 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::Router;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
 
@@ -28,12 +27,14 @@ use crate::config::{Config, GpuConfig, GpuMode, socket_path};
 use crate::error::DaemonError;
 use crate::limits::{BlockingPool, Limited, Limiter, RequestLimits};
 use crate::mempool;
-use crate::metrics::{self, Metrics};
+use crate::metrics::{self, ConnCounters, ConnListener, Metrics};
 use crate::pool::{PoolLimits, PoolRegistry};
 use crate::region::{self, GpuSet, RegionLimits, RegionRegistry};
 use crate::service::{KvCacheService, Limits};
 use crate::sglang::SglangService;
-use crate::transport::{self, listeners};
+use crate::transport::{
+    self, ConnLimiter, ConnSettings, GrpcGuardLayer, GrpcRouter, Incoming, TcpAccept, UnixAccept,
+};
 
 /// Where a started daemon listens (also written as JSON by `--ready-file`).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -203,6 +204,8 @@ struct DaemonState {
     /// Overload protection and deadlines (src/limits.rs), shared by the
     /// kvstrata and SGLang services of this daemon.
     limiter: Arc<Limiter>,
+    /// The connection limits and deadlines of the gRPC listeners.
+    conns: Arc<ConnLimiter>,
     shutdown: CancellationToken,
 }
 
@@ -231,10 +234,14 @@ impl DaemonState {
         metrics.register_collector(Box::new(metrics::RegionCollector::new(Arc::clone(
             &regions,
         ))));
+        let conn_counters = Arc::new(ConnCounters::default());
+        metrics.register_collector(Box::new(conn_counters.collector()));
+        let conns = ConnLimiter::new(ConnSettings::from_config(&config.server), conn_counters);
         let metrics = Arc::new(metrics);
         let limiter = Limiter::new(
             RequestLimits {
                 max_inflight: config.server.max_inflight_requests,
+                max_inflight_per_peer: config.server.inflight_per_peer(),
                 request_timeout: Duration::from_millis(config.server.request_timeout_ms),
                 max_blocking: config.server.max_blocking_tasks,
             },
@@ -248,6 +255,7 @@ impl DaemonState {
             auth,
             metrics,
             limiter,
+            conns,
             shutdown: CancellationToken::new(),
         }
     }
@@ -303,6 +311,8 @@ struct GrpcServices {
     health: Routes,
     health_reporter: HealthReporter,
     max_message_bytes: usize,
+    /// The first layer of every gRPC server (see [`GrpcGuardLayer`]).
+    guard: GrpcGuardLayer,
 }
 
 impl GrpcServices {
@@ -337,6 +347,13 @@ impl GrpcServices {
             health: Routes::new(health_service),
             health_reporter,
             max_message_bytes: config.server.max_message_bytes.as_u64() as usize,
+            guard: GrpcGuardLayer::new(
+                Arc::new(transport::grpc_guard::one_message_methods(&[
+                    kvstrata_proto::FILE_DESCRIPTOR_SET,
+                    tonic_health::pb::FILE_DESCRIPTOR_SET,
+                ])),
+                Arc::clone(state.conns.counters()),
+            ),
         })
     }
 
@@ -350,25 +367,28 @@ impl GrpcServices {
         state: &DaemonState,
         transport: Transport,
         tls: Option<ServerTlsConfig>,
-    ) -> Result<Router, DaemonError> {
+    ) -> Result<GrpcRouter, DaemonError> {
         let max_msg = self.max_message_bytes;
-        Ok(
-            transport::kv_cache_server(config.server.max_concurrent_streams, tls)?
-                .add_routes(self.probes.clone())
-                .add_service(InterceptedService::new(
-                    Limited::new(
-                        KvCacheServer::new(self.kv_cache.clone())
-                            .max_decoding_message_size(max_msg)
-                            .max_encoding_message_size(max_msg),
-                        Arc::clone(&state.limiter),
-                    ),
-                    AuthInterceptor::new(Arc::clone(&state.auth), transport),
-                )),
-        )
+        Ok(transport::kv_cache_server(
+            config.server.max_concurrent_streams,
+            state.conns.settings(),
+            self.guard.clone(),
+            tls,
+        )?
+        .add_routes(self.probes.clone())
+        .add_service(InterceptedService::new(
+            Limited::new(
+                KvCacheServer::new(self.kv_cache.clone())
+                    .max_decoding_message_size(max_msg)
+                    .max_encoding_message_size(max_msg),
+                Arc::clone(&state.limiter),
+            ),
+            AuthInterceptor::new(Arc::clone(&state.auth), transport),
+        )))
     }
 
     /// The SGLang socket's router: the StorageServer service and health.
-    fn sglang_router(&self, config: &Config, state: &DaemonState) -> Router {
+    fn sglang_router(&self, config: &Config, state: &DaemonState) -> GrpcRouter {
         let max_msg = self.max_message_bytes;
         let sglang = SglangService::new(
             Arc::clone(&state.cache),
@@ -376,14 +396,18 @@ impl GrpcServices {
             Arc::clone(&state.metrics),
             Some(config.sglang.namespace.clone()),
         );
-        transport::sglang_server(config.server.max_concurrent_streams)
-            .add_routes(self.health.clone())
-            .add_service(Limited::new(
-                StorageServerServer::new(sglang)
-                    .max_decoding_message_size(max_msg)
-                    .max_encoding_message_size(max_msg),
-                Arc::clone(&state.limiter),
-            ))
+        transport::sglang_server(
+            config.server.max_concurrent_streams,
+            state.conns.settings(),
+            self.guard.clone(),
+        )
+        .add_routes(self.health.clone())
+        .add_service(Limited::new(
+            StorageServerServer::new(sglang)
+                .max_decoding_message_size(max_msg)
+                .max_encoding_message_size(max_msg),
+            Arc::clone(&state.limiter),
+        ))
     }
 }
 
@@ -404,9 +428,16 @@ async fn start_listeners(
         sglang: None,
         kv_region: None,
     };
+    check_open_file_limit(config);
     if !config.server.tcp_addr.is_empty() {
-        let (incoming, bound) = transport::bind_tcp(&config.server.tcp_addr).await?;
+        let (listener, bound) = transport::bind_tcp(&config.server.tcp_addr).await?;
         addrs.tcp = Some(bound);
+        let incoming = Incoming::new(
+            TcpAccept(listener),
+            ConnListener::Tcp,
+            Arc::clone(&state.conns),
+            tls.is_some(),
+        );
         let token = state.shutdown.clone();
         let r = services.kv_cache_router(config, state, Transport::Tcp, tls)?;
         tasks.spawn(async move {
@@ -419,7 +450,15 @@ async fn start_listeners(
         let path = PathBuf::from(&config.server.uds_path);
         let listener = transport::bind_unix(&path).await?;
         addrs.uds = Some(path.clone());
-        let incoming = listeners::authority_fixed(listener);
+        let incoming = Incoming::new(
+            UnixAccept {
+                listener,
+                auth: None,
+            },
+            ConnListener::Unix,
+            Arc::clone(&state.conns),
+            false,
+        );
         let token = state.shutdown.clone();
         let r = services.kv_cache_router(config, state, Transport::Unix, None)?;
         spawn_unix_server(tasks, path, "unix listener", async move {
@@ -461,8 +500,15 @@ async fn start_listeners(
         addrs.sglang = Some(path.clone());
         let server = services.sglang_router(config, state);
         // Peers whose uid is not allowed are closed at accept time.
-        let incoming =
-            listeners::admitted_authority_fixed(listener, Arc::clone(&state.auth), "sglang");
+        let incoming = Incoming::new(
+            UnixAccept {
+                listener,
+                auth: Some((Arc::clone(&state.auth), "sglang")),
+            },
+            ConnListener::Sglang,
+            Arc::clone(&state.conns),
+            false,
+        );
         let token = state.shutdown.clone();
         spawn_unix_server(tasks, path, "sglang socket", async move {
             server
@@ -471,6 +517,23 @@ async fn start_listeners(
         });
     }
     Ok(addrs)
+}
+
+/// Raises the open-file limit to its hard limit and warns when
+/// `server.max_connections` is not far enough below it for the connection
+/// limit to be the one that bites.
+fn check_open_file_limit(config: &Config) {
+    let Some(nofile) = transport::listeners::raise_open_file_limit() else {
+        return;
+    };
+    let max = config.server.max_connections as u64;
+    if max.saturating_add(256) > nofile {
+        tracing::warn!(
+            max_connections = max,
+            open_file_limit = nofile,
+            "server.max_connections is close to or above the open-file limit (RLIMIT_NOFILE): connections beyond the file limit fail at accept (kvstrata_connection_accept_errors_total); lower server.max_connections or raise the limit (LimitNOFILE)"
+        );
+    }
 }
 
 /// The daemon's tasks: each listener's server and the background loops.
@@ -510,8 +573,15 @@ async fn serve_metrics(
         })?;
     let token = state.shutdown.clone();
     let m = Arc::clone(&state.metrics);
+    let auth = config
+        .auth
+        .metrics_require_token
+        .then(|| Arc::clone(&state.auth));
+    if auth.is_none() && !crate::auth::is_loopback(&bound.to_string()) {
+        tracing::info!(metrics = %bound, "/metrics is reachable from other hosts and takes no token (auth.metrics_require_token is off)");
+    }
     tasks.spawn(async move {
-        metrics::serve(listener, m, token)
+        metrics::serve(listener, m, auth, token)
             .await
             .map_err(DaemonError::Io)
     });

@@ -6,6 +6,11 @@
 //! - refuses a request at once with `RESOURCE_EXHAUSTED` ("overloaded: N
 //!   requests in flight") when `server.max_inflight_requests` requests are
 //!   already executing — nothing queues without bound;
+//! - refuses it the same way ("overloaded: per-peer limit: this client (…)
+//!   has N requests in flight") when its [`Peer`] — the client's IP address on
+//!   TCP, its process on a Unix socket — already holds
+//!   `server.max_inflight_per_peer` of them, so that one client holding its
+//!   share (idle streams, say) leaves room for every other;
 //! - bounds the request by its deadline: the client's `grpc-timeout` or
 //!   `server.request_timeout_ms`, whichever is shorter. A unary request past
 //!   it ends with `DEADLINE_EXCEEDED` (a tenth, at most 50 ms, before a client
@@ -17,22 +22,36 @@
 //! The permit of a streaming call travels in the request extensions
 //! ([`InflightPermit`]) so the service can keep it until the stream ends.
 //!
+//! A request message that does not decode is the client's fault, but tonic
+//! answers it `INTERNAL` (prost's "failed to decode Protobuf message: …"):
+//! [`Limited`] turns such answers — in the headers of a unary or
+//! server-streaming call, in the trailers of `PutStream` — into
+//! `INVALID_ARGUMENT`, naming the call and keeping prost's account of which
+//! field failed ([`client_fault`]).
+//!
 //! [`BlockingPool`] bounds the cache work the services run on tokio's blocking
 //! pool: at most `server.max_blocking_tasks` run at once; the others wait
 //! (asynchronously, each within its request's deadline, and their number is
 //! bounded by the in-flight cap).
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::convert::Infallible;
+use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use bytes::Bytes;
+use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tonic::Status;
 use tonic::codegen::http;
 use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
+use tonic::transport::server::{TcpConnectInfo, UdsConnectInfo};
+use tonic::{Code, Status};
 
 use crate::metrics::Metrics;
 use prometheus_client::metrics::gauge::Gauge;
@@ -42,15 +61,91 @@ use prometheus_client::metrics::gauge::Gauge;
 pub struct RequestLimits {
     /// Requests executing at once (streams count until they end); beyond, refused.
     pub max_inflight: usize,
+    /// Requests one [`Peer`] may have executing at once; beyond, refused.
+    pub max_inflight_per_peer: usize,
     /// Deadline of a unary request that names none (or a longer one).
     pub request_timeout: Duration,
     /// Cache calls running on the blocking pool at once.
     pub max_blocking: usize,
 }
 
-/// Holds one in-flight slot; a streaming handler clones it into its task.
+/// Holds one in-flight slot (and its peer's share); a streaming handler
+/// clones it into its task.
 #[derive(Debug, Clone)]
-pub struct InflightPermit(#[allow(dead_code)] Arc<Slot>);
+pub struct InflightPermit(#[allow(dead_code)] Arc<Held>);
+
+/// What an in-flight request holds: a slot of the daemon-wide cap, and one
+/// of its peer's share when the peer is known.
+#[derive(Debug)]
+pub struct Held {
+    _slot: Slot,
+    _peer: Option<PeerSlot>,
+}
+
+/// Who a request comes from, for the per-peer share of the in-flight cap
+/// (`server.max_inflight_per_peer`).
+///
+/// A TCP client is its IP address: every connection from one host is one
+/// peer, whatever its port or token (clients behind one NAT share a share).
+/// A Unix-socket client is its process (`SO_PEERCRED`), since every local
+/// client usually runs as the daemon's own uid. The bearer token's tenant is
+/// not the key: one tenant's many engines on many hosts each get a share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Peer {
+    /// A TCP client, by source address.
+    Ip(IpAddr),
+    /// A Unix-socket client, by process id.
+    Process(i32),
+    /// A Unix-socket client whose pid the kernel did not report, by uid.
+    User(u32),
+}
+
+impl Peer {
+    /// The peer of a request, from the connection info the server attaches
+    /// (`None` when there is none, e.g. a service called in-process).
+    pub fn of<B>(req: &http::Request<B>) -> Option<Peer> {
+        let ext = req.extensions();
+        // With TLS, tonic attaches the inner TcpConnectInfo too.
+        if let Some(tcp) = ext.get::<TcpConnectInfo>() {
+            return tcp.remote_addr().map(|a| Peer::Ip(a.ip().to_canonical()));
+        }
+        let cred = ext.get::<UdsConnectInfo>()?.peer_cred?;
+        Some(cred.pid().map_or(Peer::User(cred.uid()), Peer::Process))
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Ip(a) => write!(f, "{a}"),
+            Peer::Process(p) => write!(f, "pid {p}"),
+            Peer::User(u) => write!(f, "uid {u}"),
+        }
+    }
+}
+
+/// Requests in flight per peer (peers with none are not kept).
+#[derive(Debug, Default)]
+struct PeerCounts(Mutex<HashMap<Peer, usize>>);
+
+/// One in-flight request of a peer, given back when dropped.
+#[derive(Debug)]
+pub struct PeerSlot {
+    counts: Arc<PeerCounts>,
+    peer: Peer,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.0.lock();
+        if let Entry::Occupied(mut e) = map.entry(self.peer) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+}
 
 /// An in-flight slot, counted in the `kvstrata_requests_in_flight` gauge.
 #[derive(Debug)]
@@ -93,6 +188,7 @@ impl Deadline {
 #[derive(Debug)]
 pub struct Limiter {
     inflight: Arc<Semaphore>,
+    peers: Arc<PeerCounts>,
     limits: RequestLimits,
     metrics: Arc<Metrics>,
 }
@@ -101,6 +197,7 @@ impl Limiter {
     pub fn new(limits: RequestLimits, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Limiter {
             inflight: Arc::new(Semaphore::new(limits.max_inflight)),
+            peers: Arc::default(),
             limits,
             metrics,
         })
@@ -111,6 +208,55 @@ impl Limiter {
         self.limits
             .max_inflight
             .saturating_sub(self.inflight.available_permits())
+    }
+
+    /// Requests `peer` has executing now.
+    pub fn in_flight_of(&self, peer: Peer) -> usize {
+        self.peers.0.lock().get(&peer).copied().unwrap_or(0)
+    }
+
+    /// Takes one of `peer`'s share, or `Err` with the requests it holds.
+    fn take_peer_slot(&self, peer: Peer) -> Result<PeerSlot, usize> {
+        let mut map = self.peers.0.lock();
+        let n = map.entry(peer).or_insert(0);
+        if *n >= self.limits.max_inflight_per_peer {
+            return Err(*n);
+        }
+        *n += 1;
+        Ok(PeerSlot {
+            counts: Arc::clone(&self.peers),
+            peer,
+        })
+    }
+
+    /// The in-flight slots for a request from `peer`, or the refusal
+    /// (counted). The daemon-wide cap is checked first: when it is full,
+    /// that is what every caller is told.
+    fn admit(&self, peer: Option<Peer>, path: &str) -> Result<InflightPermit, Status> {
+        let Ok(permit) = Arc::clone(&self.inflight).try_acquire_owned() else {
+            self.metrics.record_rejected("overloaded");
+            let n = self.limits.max_inflight;
+            tracing::debug!(path, "refused: overloaded");
+            return Err(Status::resource_exhausted(format!(
+                "overloaded: {n} requests in flight (server.max_inflight_requests); retry later"
+            )));
+        };
+        let peer_slot = match peer.map(|p| (p, self.take_peer_slot(p))) {
+            None => None,
+            Some((_, Ok(s))) => Some(s),
+            Some((p, Err(n))) => {
+                self.metrics.record_rejected("peer_limit");
+                tracing::debug!(path, peer = %p, in_flight = n, "refused: per-peer limit");
+                return Err(Status::resource_exhausted(format!(
+                    "overloaded: per-peer limit: this client ({p}) has {n} requests in flight \
+                     (server.max_inflight_per_peer); retry later, or end idle streams"
+                )));
+            }
+        };
+        Ok(InflightPermit(Arc::new(Held {
+            _slot: Slot::new(permit, self.metrics.in_flight_gauge()),
+            _peer: peer_slot,
+        })))
     }
 }
 
@@ -184,18 +330,11 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let limiter = Arc::clone(&self.limiter);
-        let permit = match Arc::clone(&limiter.inflight).try_acquire_owned() {
-            Ok(p) => InflightPermit(Arc::new(Slot::new(p, limiter.metrics.in_flight_gauge()))),
-            Err(_) => {
-                limiter.metrics.record_rejected("overloaded");
-                let n = limiter.limits.max_inflight;
-                tracing::debug!(path = req.uri().path(), "refused: overloaded");
-                let status = Status::resource_exhausted(format!(
-                    "overloaded: {n} requests in flight (server.max_inflight_requests); retry later"
-                ));
-                return Box::pin(async move { Ok(status.into_http()) });
-            }
+        let permit = match limiter.admit(Peer::of(&req), req.uri().path()) {
+            Ok(p) => p,
+            Err(status) => return Box::pin(async move { Ok(status.into_http()) }),
         };
+        let uri = req.uri().clone();
         let client_timeout = req
             .headers()
             .get("grpc-timeout")
@@ -220,10 +359,10 @@ where
             let _permit = permit;
             let fut = inner.call(req);
             let Some(t) = timeout else {
-                return fut.await;
+                return fut.await.map(|r| answer_client_faults(r, uri));
             };
             match tokio::time::timeout_at(now + t, fut).await {
-                Ok(r) => r,
+                Ok(r) => r.map(|r| answer_client_faults(r, uri)),
                 Err(_) => {
                     limiter.metrics.record_rejected("deadline");
                     Ok(Status::deadline_exceeded(format!(
@@ -234,6 +373,106 @@ where
                 }
             }
         })
+    }
+}
+
+/// The `INVALID_ARGUMENT` that a decoding failure of the request (the
+/// client's fault, which tonic answers `INTERNAL`) becomes; `None` for every
+/// other status. `call` is the method (`BatchPut`).
+pub fn client_fault(status: &Status, call: &str) -> Option<Status> {
+    if status.code() != Code::Internal {
+        return None;
+    }
+    let m = status.message();
+    let what = if m.starts_with("failed to decode Protobuf message")
+        || m.starts_with("protocol error:")
+        || m == "Unexpected EOF decoding stream."
+    {
+        m
+    } else if m == "Missing request message." {
+        "no message"
+    } else {
+        return None;
+    };
+    Some(Status::invalid_argument(format!(
+        "request: the {call} request does not decode: {what}"
+    )))
+}
+
+/// The method named by a gRPC path (`/kvstrata.v1.KvCache/BatchPut`).
+fn method_of(uri: &http::Uri) -> &str {
+    uri.path().rsplit('/').next().unwrap_or_default()
+}
+
+/// Rewrites a decode failure in `headers` (a trailers-only answer, or the
+/// trailers of a stream) as [`client_fault`] says.
+fn rewrite_client_fault(headers: &mut http::HeaderMap, uri: &http::Uri) {
+    if headers.get("grpc-status").is_none_or(|v| v != "13") {
+        return;
+    }
+    let Some(fault) =
+        Status::from_header_map(headers).and_then(|s| client_fault(&s, method_of(uri)))
+    else {
+        return;
+    };
+    for h in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+        headers.remove(h);
+    }
+    if fault.add_header(headers).is_err() {
+        tracing::warn!(call = method_of(uri), "cannot encode a decode-error status");
+    }
+}
+
+/// An answer with its decode failures rewritten: a unary or server-streaming
+/// call fails to decode its one request before the handler runs, answered in
+/// the headers; a client stream (`PutStream`) fails in its trailers.
+fn answer_client_faults(
+    mut resp: http::Response<tonic::body::Body>,
+    uri: http::Uri,
+) -> http::Response<tonic::body::Body> {
+    if resp.headers().contains_key("grpc-status") {
+        rewrite_client_fault(resp.headers_mut(), &uri);
+        return resp;
+    }
+    if !uri.path().ends_with("/PutStream") {
+        return resp;
+    }
+    resp.map(|inner| tonic::body::Body::new(FaultTrailers { inner, uri }))
+}
+
+/// A response body whose trailers go through [`rewrite_client_fault`].
+struct FaultTrailers {
+    inner: tonic::body::Body,
+    uri: http::Uri,
+}
+
+impl http_body::Body for FaultTrailers {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        let this = self.get_mut();
+        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => match frame.into_trailers() {
+                Ok(mut trailers) => {
+                    rewrite_client_fault(&mut trailers, &this.uri);
+                    Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+                }
+                Err(frame) => Poll::Ready(Some(Ok(frame))),
+            },
+            other => Poll::Ready(other),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -322,6 +561,116 @@ mod tests {
             ),
             (30_000, 1024, 64)
         );
+    }
+
+    #[test]
+    fn the_per_peer_share_is_half_the_cap_by_default_and_checked() {
+        let mut c = crate::Config::default();
+        assert_eq!(c.server.inflight_per_peer(), 512);
+        c.server.max_inflight_requests = 3;
+        assert_eq!(c.server.inflight_per_peer(), 2);
+        c.server.max_inflight_per_peer = 3;
+        assert_eq!(c.server.inflight_per_peer(), 3);
+        c.validate().unwrap();
+        c.server.max_inflight_per_peer = 4;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("server.max_inflight_per_peer"), "{e}");
+    }
+
+    fn limiter(max_inflight: usize, per_peer: usize) -> Arc<Limiter> {
+        let config = kvstrata_tiers::CacheConfig {
+            host: kvstrata_tiers::HostTierConfig {
+                capacity_bytes: 1 << 20,
+                segment_bytes: 1 << 20,
+            },
+            ..Default::default()
+        };
+        let cache = kvstrata_tiers::BlockCache::open(config, Vec::new(), None).unwrap();
+        let pools = Arc::new(crate::pool::PoolRegistry::new(crate::pool::PoolLimits {
+            max_pools: 1,
+            max_pool_bytes: 1,
+        }));
+        Limiter::new(
+            RequestLimits {
+                max_inflight,
+                max_inflight_per_peer: per_peer,
+                request_timeout: Duration::from_secs(1),
+                max_blocking: 1,
+            },
+            Arc::new(Metrics::new(Arc::new(cache), pools)),
+        )
+    }
+
+    #[test]
+    fn each_peer_gets_its_share_and_gives_it_back() {
+        let l = limiter(5, 2);
+        let pid1 = Peer::Process(1);
+        let (a, b) = (Some(pid1), Some(Peer::Ip(IpAddr::from([127, 0, 0, 1]))));
+        let a1 = l.admit(a, "/x").unwrap();
+        let a2 = l.admit(a, "/x").unwrap();
+        let e = l.admit(a, "/x").unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted);
+        assert!(
+            e.message()
+                .contains("per-peer limit: this client (pid 1) has 2"),
+            "{e:?}"
+        );
+        let b1 = l.admit(b, "/x").unwrap();
+        let b2 = l.admit(b, "/x").unwrap();
+        // An unknown peer has the daemon-wide cap only.
+        let u = l.admit(None, "/x").unwrap();
+        let e = l.admit(None, "/x").unwrap_err();
+        assert!(
+            e.message().contains("overloaded: 5 requests in flight"),
+            "{e:?}"
+        );
+        assert_eq!((l.in_flight(), l.in_flight_of(pid1)), (5, 2));
+        // A clone held by a stream keeps the slot until the last one goes.
+        let a1_stream = a1.clone();
+        drop(a1);
+        assert_eq!(l.in_flight_of(pid1), 2);
+        drop(a1_stream);
+        assert_eq!(l.in_flight_of(pid1), 1);
+        drop((a2, b1, b2, u));
+        assert_eq!((l.in_flight(), l.in_flight_of(pid1)), (0, 0));
+        assert!(l.peers.0.lock().is_empty());
+        assert_eq!(
+            (
+                l.metrics.rejected("peer_limit"),
+                l.metrics.rejected("overloaded")
+            ),
+            (1, 1)
+        );
+    }
+
+    #[test]
+    fn decode_failures_are_the_clients_fault() {
+        let s = Status::internal(
+            "failed to decode Protobuf message: BatchGetRequest.keys: invalid wire type",
+        );
+        let f = client_fault(&s, "BatchGet").unwrap();
+        assert_eq!(f.code(), Code::InvalidArgument);
+        assert_eq!(
+            f.message(),
+            "request: the BatchGet request does not decode: failed to decode Protobuf message: BatchGetRequest.keys: invalid wire type"
+        );
+        let f = client_fault(&Status::internal("Missing request message."), "Stats").unwrap();
+        assert_eq!(
+            f.message(),
+            "request: the Stats request does not decode: no message"
+        );
+        assert!(client_fault(&Status::internal("put task failed: x"), "BatchPut").is_none());
+        assert!(
+            client_fault(&Status::not_found("failed to decode Protobuf message"), "X").is_none()
+        );
+        // In headers (a trailers-only answer).
+        let mut h = http::HeaderMap::new();
+        s.add_header(&mut h).unwrap();
+        let uri: http::Uri = "/kvstrata.v1.KvCache/BatchGet".parse().unwrap();
+        rewrite_client_fault(&mut h, &uri);
+        let back = Status::from_header_map(&h).unwrap();
+        assert_eq!(back.code(), Code::InvalidArgument);
+        assert!(back.message().contains("the BatchGet request"), "{back:?}");
     }
 
     #[test]

@@ -1,11 +1,14 @@
 //! The mempool socket: where same-host clients register shared-memory pools.
 //!
-//! The wire format is SGLang HiCache's (docs/protocol.md, "Shared-memory
-//! pools"; constants and parser in [`kvstrata_types::wire::pool`]): the client sends an 8-byte little-endian magic `0x8DF6FBFD`, a u32
-//! little-endian name length and the name, with exactly one file descriptor
-//! attached (`SCM_RIGHTS`). The daemon maps the fd, answers the pool id as a
-//! u32 little-endian, and keeps the pool for as long as the connection stays
-//! open. Anything else — a wrong magic, no fd or several, a name over
+//! The wire format (docs/protocol.md, "Shared-memory pools"; constants and
+//! parser in [`kvstrata_types::wire::pool`]): the client sends an 8-byte
+//! little-endian magic, a u32 little-endian name length and the name, with
+//! exactly one file descriptor attached (`SCM_RIGHTS`). The daemon maps the
+//! fd, answers the pool id — a u64 for kvstrata's magic `0x2_8DF6FBFD`, a u32
+//! of at most 31 bits for SGLang HiCache's `0x8DF6FBFD` — and keeps the pool
+//! for as long as the connection stays open. Ids are unique to the daemon
+//! run ([`crate::pool::IdSequence`]). Anything else — a wrong magic, no fd or
+//! several, a name over
 //! [`wire::MAX_NAME_BYTES`], a preamble cut short or too slow, an fd that
 //! cannot be mapped — closes the connection with a log line; nothing is
 //! registered and the daemon keeps serving.
@@ -21,10 +24,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::pool::PoolRegistry;
+use crate::pool::{PoolRegistry, Registrant};
 
 /// The preamble's magic and its parser, defined in [`kvstrata_types::wire::pool`].
-pub use kvstrata_types::wire::pool::{MAGIC, PreambleParse, parse_preamble};
+pub use kvstrata_types::wire::pool::{
+    MAGIC, MAGIC_WIDE, PoolFormat, PoolPreamble, PreambleParse, parse_preamble,
+};
 
 /// A client must finish its preamble within this time.
 pub const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -54,6 +59,8 @@ pub enum PreambleError {
 #[derive(Debug)]
 pub struct Preamble {
     pub name: String,
+    /// The preamble's format: the width of the id answered.
+    pub format: PoolFormat,
     pub fd: OwnedFd,
 }
 
@@ -105,7 +112,12 @@ async fn handle(mut stream: UnixStream, registry: Arc<PoolRegistry>, shutdown: C
         }
     };
     let name = preamble.name.clone();
-    let pool = match registry.register(preamble.name, preamble.fd) {
+    let format = preamble.format;
+    let who = Registrant {
+        format,
+        peer_pid: peer,
+    };
+    let pool = match registry.register(preamble.name, preamble.fd, who) {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(peer_pid = peer, pool_name = %name, error = %e, "mempool socket: registration refused");
@@ -116,12 +128,17 @@ async fn handle(mut stream: UnixStream, registry: Arc<PoolRegistry>, shutdown: C
     let bytes = pool.len();
     let sealed = pool.sealed();
     drop(pool);
-    if let Err(e) = stream.write_all(&id.to_le_bytes()).await {
+    let sent = match wire::encode_reply(format, id) {
+        Ok(reply) => stream.write_all(&reply).await,
+        // The registry draws each format's ids from its own range.
+        Err(e) => Err(io::Error::other(e.to_string())),
+    };
+    if let Err(e) = sent {
         registry.unregister(id);
         tracing::warn!(peer_pid = peer, pool_id = id, error = %e, "mempool socket: cannot answer the pool id; pool dropped");
         return;
     }
-    tracing::info!(peer_pid = peer, pool_id = id, pool_name = %name, bytes, sealed, "pool registered");
+    tracing::info!(peer_pid = peer, pool_id = id, pool_name = %name, ?format, bytes, sealed, "pool registered");
     let mut buf = [0u8; 256];
     loop {
         tokio::select! {
@@ -166,7 +183,7 @@ pub async fn read_preamble(stream: &UnixStream) -> Result<Preamble, PreambleErro
                 buf.resize(need, 0);
                 continue;
             }
-            Ok(PreambleParse::Complete(name)) => Ok(name),
+            Ok(PreambleParse::Complete(p)) => Ok(p),
             // The fd count is checked before the name's encoding.
             Err(e) if e.field == "name" => Err(PreambleError::Invalid(e)),
             Err(e) => return Err(e.into()),
@@ -174,9 +191,9 @@ pub async fn read_preamble(stream: &UnixStream) -> Result<Preamble, PreambleErro
         if fds.len() != 1 {
             return Err(PreambleError::FdCount(fds.len()));
         }
-        let name = name?;
+        let PoolPreamble { name, format } = name?;
         let fd = fds.pop().ok_or(PreambleError::FdCount(0))?;
-        return Ok(Preamble { name, fd });
+        return Ok(Preamble { name, format, fd });
     }
 }
 

@@ -20,13 +20,21 @@
 //! first checks the file's current size, so a client that truncated its pool
 //! gets refusals instead of crashing the daemon (only a truncation racing a
 //! copy in flight still can).
+//!
+//! Pool ids are unique to one run of the daemon ([`IdSequence`]): each run
+//! counts from a random base, so a client that kept its id across a daemon
+//! restart names no pool of the new run — its requests are refused
+//! ([`RegionError::UnknownPool`]) instead of reaching another client's
+//! memory. Pools registered in SGLang's format get ids that fit its `int32`
+//! (31 bits, [`IdSpace::Sglang`]); kvstrata's own clients get 64-bit ids
+//! ([`IdSpace::Wide`]). The two ranges do not overlap.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use memmap2::MmapRaw;
@@ -35,6 +43,109 @@ use parking_lot::RwLock;
 /// Longest pool name accepted, in bytes (defined with the preamble in
 /// [`kvstrata_types::wire::pool`]).
 pub use kvstrata_types::wire::pool::MAX_NAME_BYTES as MAX_POOL_NAME_BYTES;
+pub use kvstrata_types::wire::pool::{MAX_SGLANG_POOL_ID, MIN_WIDE_POOL_ID, PoolFormat};
+
+/// The ranges ids are drawn from ([`IdSequence`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdSpace {
+    /// 1 to [`MAX_SGLANG_POOL_ID`] (2^31 - 1): ids that SGLang's `int32
+    /// pool_id` can carry.
+    Sglang,
+    /// [`MIN_WIDE_POOL_ID`] (2^31) to `u64::MAX`: kvstrata's 64-bit pool and
+    /// KV-region ids.
+    Wide,
+}
+
+impl IdSpace {
+    /// Whether `id` lies in this range.
+    pub fn holds(self, id: u64) -> bool {
+        match self {
+            IdSpace::Sglang => (1..=MAX_SGLANG_POOL_ID).contains(&id),
+            IdSpace::Wide => id >= MIN_WIDE_POOL_ID,
+        }
+    }
+}
+
+/// The ids of one registry in one daemon run: a base drawn from the OS's
+/// random source when the daemon starts, plus a counter, wrapping around
+/// inside the [`IdSpace`]. Consecutive ids of a run are consecutive numbers
+/// (never 0); two runs start at independent random points, so an id of an
+/// earlier run falls among the `n` ids a later run has handed out with
+/// probability about `n / 2^31` ([`IdSpace::Sglang`]) or `n / 2^64`
+/// ([`IdSpace::Wide`]). The base guards against accidents (a client that was
+/// not restarted with the daemon), not against a malicious client of the
+/// same uid, which can name any id.
+#[derive(Debug)]
+pub struct IdSequence {
+    space: IdSpace,
+    base: u64,
+    next: AtomicU64,
+}
+
+impl IdSequence {
+    /// A sequence starting at a random point of `space`.
+    pub fn random(space: IdSpace) -> Self {
+        IdSequence::with_base(space, os_random_u64())
+    }
+
+    /// A sequence whose first id is derived from `base` (tests).
+    pub fn with_base(space: IdSpace, base: u64) -> Self {
+        IdSequence {
+            space,
+            base,
+            next: AtomicU64::new(0),
+        }
+    }
+
+    pub fn space(&self) -> IdSpace {
+        self.space
+    }
+
+    /// The next id: in the space (so never 0), one past the previous one,
+    /// wrapping from the top of the space to its bottom.
+    pub fn next_id(&self) -> u64 {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let (first, span) = match self.space {
+            IdSpace::Sglang => (1u128, u128::from(MAX_SGLANG_POOL_ID)),
+            IdSpace::Wide => (
+                u128::from(MIN_WIDE_POOL_ID),
+                u128::from(u64::MAX - MIN_WIDE_POOL_ID) + 1,
+            ),
+        };
+        // Below 2^64 by construction: `first + span - 1` is the space's top.
+        (first + (u128::from(self.base) + u128::from(n)) % span) as u64
+    }
+}
+
+/// 8 random bytes from the kernel (`getrandom(2)`, which waits for the
+/// entropy pool once at boot). Should that fail, std's randomly keyed hasher
+/// mixes the time and the pid, with a warning: the ids then still differ
+/// between runs, only less surely.
+pub fn os_random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    loop {
+        // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
+        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+        if n == b.len() as isize {
+            return u64::from_ne_bytes(b);
+        }
+        let e = std::io::Error::last_os_error();
+        if n < 0 && e.kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        tracing::warn!(error = %e, "getrandom failed: id bases come from the clock and the pid");
+        break;
+    }
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    h.write_u128(now);
+    h.write_u32(std::process::id());
+    h.finish()
+}
 
 /// Why a registration was refused. Each is logged with the connection.
 #[derive(Debug, thiserror::Error)]
@@ -56,19 +167,22 @@ pub enum RegisterError {
 /// Why a request's pool region cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegionError {
-    #[error("pool {0} is not registered (never, or its connection closed)")]
-    UnknownPool(u32),
+    #[error(
+        "pool {0} is not registered with this daemon (never, its connection closed, or an id \
+         from before a daemon restart: register the pool again)"
+    )]
+    UnknownPool(u64),
     #[error(
         "pool {pool_id} was truncated below {offset}+{length} by its client (pools must not shrink)"
     )]
     Shrunk {
-        pool_id: u32,
+        pool_id: u64,
         offset: u64,
         length: u64,
     },
     #[error("bytes {offset}..{offset}+{length} lie outside pool {pool_id} of {size} bytes")]
     OutOfBounds {
-        pool_id: u32,
+        pool_id: u64,
         offset: u64,
         length: u64,
         size: u64,
@@ -77,8 +191,12 @@ pub enum RegionError {
 
 /// One mapped pool.
 pub struct Pool {
-    id: u32,
+    id: u64,
     name: String,
+    format: PoolFormat,
+    /// The pid of the process that registered the pool, where the kernel
+    /// told (`SO_PEERCRED`; 0 or unknown: `None`).
+    peer_pid: Option<i32>,
     file: File,
     /// The current mapping; replaced by a larger one when the file grows.
     /// Requests in flight keep the mapping they started with.
@@ -92,6 +210,8 @@ impl std::fmt::Debug for Pool {
         f.debug_struct("Pool")
             .field("id", &self.id)
             .field("name", &self.name)
+            .field("format", &self.format)
+            .field("peer_pid", &self.peer_pid)
             .field("len", &self.len())
             .field("sealed", &self.sealed)
             .finish()
@@ -99,8 +219,18 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    pub fn id(&self) -> u32 {
+    pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The preamble format the pool was registered with.
+    pub fn format(&self) -> PoolFormat {
+        self.format
+    }
+
+    /// The pid of the registering process, if known.
+    pub fn peer_pid(&self) -> Option<i32> {
+        self.peer_pid
     }
 
     pub fn name(&self) -> &str {
@@ -263,36 +393,80 @@ pub struct PoolStats {
     pub refused: u64,
     pub unregistered: u64,
     pub unsealed: u64,
+    /// Lookups of an id that names no registered pool (a closed pool, or a
+    /// stale id from before a daemon restart).
+    pub unknown_ids: u64,
 }
 
-/// Every registered pool, by id. Ids start at 1 and are never reused.
+/// Every registered pool, by id. Ids are unique to this run of the daemon
+/// ([`IdSequence`]; never two live pools with one id, even after the counter
+/// wraps).
 #[derive(Debug)]
 pub struct PoolRegistry {
     limits: PoolLimits,
-    next_id: AtomicU32,
-    pools: RwLock<HashMap<u32, Arc<Pool>>>,
+    /// Ids of [`PoolFormat::Wide`] pools.
+    wide_ids: IdSequence,
+    /// Ids of [`PoolFormat::Sglang`] pools.
+    sglang_ids: IdSequence,
+    pools: RwLock<HashMap<u64, Arc<Pool>>>,
     registered: AtomicU64,
     refused: AtomicU64,
     unregistered: AtomicU64,
     unsealed: AtomicU64,
+    unknown_ids: AtomicU64,
+}
+
+/// Who registers a pool, and how its id is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registrant {
+    /// The preamble's format: which id range the pool's id comes from.
+    pub format: PoolFormat,
+    /// The registering process (`SO_PEERCRED`), if known.
+    pub peer_pid: Option<i32>,
+}
+
+impl Registrant {
+    /// A kvstrata client of unknown pid.
+    pub const WIDE: Registrant = Registrant {
+        format: PoolFormat::Wide,
+        peer_pid: None,
+    };
 }
 
 impl PoolRegistry {
+    /// A registry whose id sequences start at random points.
     pub fn new(limits: PoolLimits) -> Self {
+        PoolRegistry::with_ids(
+            limits,
+            IdSequence::random(IdSpace::Wide),
+            IdSequence::random(IdSpace::Sglang),
+        )
+    }
+
+    /// A registry with the given id sequences (tests pin them).
+    pub fn with_ids(limits: PoolLimits, wide_ids: IdSequence, sglang_ids: IdSequence) -> Self {
         PoolRegistry {
             limits,
-            next_id: AtomicU32::new(1),
+            wide_ids,
+            sglang_ids,
             pools: RwLock::new(HashMap::new()),
             registered: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             unregistered: AtomicU64::new(0),
             unsealed: AtomicU64::new(0),
+            unknown_ids: AtomicU64::new(0),
         }
     }
 
-    /// Maps `fd` read-write and registers it under a new id.
-    pub fn register(&self, name: String, fd: OwnedFd) -> Result<Arc<Pool>, RegisterError> {
-        let r = self.try_register(name, fd);
+    /// Maps `fd` read-write and registers it under a new id of the
+    /// registrant's format.
+    pub fn register(
+        &self,
+        name: String,
+        fd: OwnedFd,
+        who: Registrant,
+    ) -> Result<Arc<Pool>, RegisterError> {
+        let r = self.try_register(name, fd, who);
         match &r {
             Ok(_) => self.registered.fetch_add(1, Ordering::Relaxed),
             Err(_) => self.refused.fetch_add(1, Ordering::Relaxed),
@@ -306,7 +480,12 @@ impl PoolRegistry {
         self.refused.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn try_register(&self, name: String, fd: OwnedFd) -> Result<Arc<Pool>, RegisterError> {
+    fn try_register(
+        &self,
+        name: String,
+        fd: OwnedFd,
+        who: Registrant,
+    ) -> Result<Arc<Pool>, RegisterError> {
         let file = File::from(fd);
         let meta = file.metadata().map_err(RegisterError::Stat)?;
         if !meta.file_type().is_file() {
@@ -336,21 +515,38 @@ impl PoolRegistry {
             .len(size as usize)
             .map_raw(&file)
             .map_err(RegisterError::Map)?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let ids = match who.format {
+            PoolFormat::Wide => &self.wide_ids,
+            PoolFormat::Sglang => &self.sglang_ids,
+        };
+        let mut pools = self.pools.write();
+        // Checked again under the lock: two registrations may race.
+        if pools.len() >= self.limits.max_pools {
+            return Err(RegisterError::TooManyPools { count: pools.len() });
+        }
+        // Skips an id still in use (possible only once a counter wrapped).
+        let id = loop {
+            let id = ids.next_id();
+            if !pools.contains_key(&id) {
+                break id;
+            }
+        };
         let pool = Arc::new(Pool {
             id,
             name,
+            format: who.format,
+            peer_pid: who.peer_pid.filter(|&p| p > 0),
             file,
             map: RwLock::new(Arc::new(map)),
             max_bytes: self.limits.max_pool_bytes,
             sealed,
         });
-        self.pools.write().insert(id, Arc::clone(&pool));
+        pools.insert(id, Arc::clone(&pool));
         Ok(pool)
     }
 
     /// Removes a pool; it is unmapped when the last request using it is done.
-    pub fn unregister(&self, id: u32) -> bool {
+    pub fn unregister(&self, id: u64) -> bool {
         let removed = self.pools.write().remove(&id).is_some();
         if removed {
             self.unregistered.fetch_add(1, Ordering::Relaxed);
@@ -358,13 +554,14 @@ impl PoolRegistry {
         removed
     }
 
-    /// The pool registered under `id`.
-    pub fn get(&self, id: u32) -> Result<Arc<Pool>, RegionError> {
-        self.pools
-            .read()
-            .get(&id)
-            .cloned()
-            .ok_or(RegionError::UnknownPool(id))
+    /// The pool registered under `id`. An unknown id is counted
+    /// ([`PoolStats::unknown_ids`]).
+    pub fn get(&self, id: u64) -> Result<Arc<Pool>, RegionError> {
+        let found = self.pools.read().get(&id).cloned();
+        found.ok_or_else(|| {
+            self.unknown_ids.fetch_add(1, Ordering::Relaxed);
+            RegionError::UnknownPool(id)
+        })
     }
 
     /// Names of the registered pools (sorted, without duplicates).
@@ -384,6 +581,7 @@ impl PoolRegistry {
             refused: self.refused.load(Ordering::Relaxed),
             unregistered: self.unregistered.load(Ordering::Relaxed),
             unsealed: self.unsealed.load(Ordering::Relaxed),
+            unknown_ids: self.unknown_ids.load(Ordering::Relaxed),
         }
     }
 }
@@ -418,8 +616,10 @@ mod tests {
     #[test]
     fn ranges_are_checked_and_copies_are_exact() {
         let reg = registry();
-        let pool = reg.register("p".into(), memfd(&[7u8; 4096])).unwrap();
-        assert_eq!(pool.id(), 1);
+        let pool = reg
+            .register("p".into(), memfd(&[7u8; 4096]), Registrant::WIDE)
+            .unwrap();
+        assert!(pool.id() >= MIN_WIDE_POOL_ID);
         assert_eq!(pool.range(4000, 96).unwrap(), 4000..4096);
         assert!(matches!(
             pool.range(4000, 97),
@@ -436,21 +636,87 @@ mod tests {
     }
 
     #[test]
-    fn ids_increase_and_limits_hold() {
+    fn ids_follow_a_random_base_in_their_space_and_never_repeat_while_live() {
+        // Wide ids: consecutive from the base, wrapping past the 31-bit range.
+        let seq = IdSequence::with_base(IdSpace::Wide, u64::MAX - MIN_WIDE_POOL_ID - 1);
+        let ids: Vec<u64> = (0..3).map(|_| seq.next_id()).collect();
+        assert_eq!(ids, vec![u64::MAX - 1, u64::MAX, MIN_WIDE_POOL_ID]);
+        // SGLang ids: 1 to 2^31 - 1, wrapping to 1, never 0.
+        let seq = IdSequence::with_base(IdSpace::Sglang, MAX_SGLANG_POOL_ID - 2);
+        let ids: Vec<u64> = (0..4).map(|_| seq.next_id()).collect();
+        assert_eq!(ids, vec![MAX_SGLANG_POOL_ID - 1, MAX_SGLANG_POOL_ID, 1, 2]);
+        // Random bases differ between "runs" (2^-64 to fail).
+        let a = IdSequence::random(IdSpace::Wide).next_id();
+        let b = IdSequence::random(IdSpace::Wide).next_id();
+        assert_ne!(a, b);
+        assert!(IdSpace::Wide.holds(a) && !IdSpace::Sglang.holds(a));
+        // A wrapped counter skips the ids of live pools.
+        let limits = PoolLimits {
+            max_pools: 8,
+            max_pool_bytes: 1 << 20,
+        };
+        let reg = PoolRegistry::with_ids(
+            limits,
+            IdSequence::with_base(IdSpace::Wide, 0),
+            IdSequence::with_base(IdSpace::Sglang, MAX_SGLANG_POOL_ID - 1),
+        );
+        let sglang = Registrant {
+            format: PoolFormat::Sglang,
+            peer_pid: Some(42),
+        };
+        let p = reg.register("s".into(), memfd(&[0; 10]), sglang).unwrap();
+        assert_eq!(
+            (p.id(), p.format(), p.peer_pid()),
+            (MAX_SGLANG_POOL_ID, PoolFormat::Sglang, Some(42))
+        );
+        let q = reg.register("s".into(), memfd(&[0; 10]), sglang).unwrap();
+        assert_eq!(q.id(), 1);
+        let w = reg
+            .register("w".into(), memfd(&[0; 10]), Registrant::WIDE)
+            .unwrap();
+        assert_eq!(
+            (w.id(), w.format(), w.peer_pid()),
+            (MIN_WIDE_POOL_ID, PoolFormat::Wide, None)
+        );
+        let reg = PoolRegistry::with_ids(
+            limits,
+            IdSequence::with_base(IdSpace::Wide, MIN_WIDE_POOL_ID),
+            IdSequence::with_base(IdSpace::Sglang, 0),
+        );
+        let first = reg.register("s".into(), memfd(&[0; 10]), sglang).unwrap();
+        assert_eq!(first.id(), 1);
+        // The counter comes round to 1 again after 2^31 - 1 ids.
+        reg.sglang_ids
+            .next
+            .store(MAX_SGLANG_POOL_ID, Ordering::Relaxed);
+        let next = reg.register("s".into(), memfd(&[0; 10]), sglang).unwrap();
+        assert_eq!(next.id(), 2, "id 1 is still live");
+    }
+
+    #[test]
+    fn ids_are_unique_and_limits_hold() {
         let reg = registry();
-        let a = reg.register("a".into(), memfd(&[0; 10])).unwrap();
+        let a = reg
+            .register("a".into(), memfd(&[0; 10]), Registrant::WIDE)
+            .unwrap();
         assert!(matches!(
-            reg.register("e".into(), memfd(&[])),
+            reg.register("e".into(), memfd(&[]), Registrant::WIDE),
             Err(RegisterError::Empty)
         ));
         assert!(matches!(
-            reg.register("big".into(), memfd(&vec![0; (1 << 20) + 1])),
+            reg.register(
+                "big".into(),
+                memfd(&vec![0; (1 << 20) + 1]),
+                Registrant::WIDE
+            ),
             Err(RegisterError::TooLarge { .. })
         ));
-        let b = reg.register("b".into(), memfd(&[0; 10])).unwrap();
-        assert!(b.id() > a.id());
+        let b = reg
+            .register("b".into(), memfd(&[0; 10]), Registrant::WIDE)
+            .unwrap();
+        assert_ne!(b.id(), a.id());
         assert!(matches!(
-            reg.register("c".into(), memfd(&[0; 10])),
+            reg.register("c".into(), memfd(&[0; 10]), Registrant::WIDE),
             Err(RegisterError::TooManyPools { .. })
         ));
         assert!(reg.unregister(a.id()));
@@ -459,10 +725,13 @@ mod tests {
             reg.get(a.id()).unwrap_err(),
             RegionError::UnknownPool(a.id())
         );
-        let c = reg.register("c".into(), memfd(&[0; 10])).unwrap();
-        assert!(c.id() > b.id());
+        let c = reg
+            .register("c".into(), memfd(&[0; 10]), Registrant::WIDE)
+            .unwrap();
+        assert!(c.id() != b.id() && c.id() != a.id());
         let s = reg.stats();
         assert_eq!((s.pools, s.bytes, s.registered, s.refused), (2, 20, 3, 3));
+        assert_eq!(s.unknown_ids, 1);
         assert_eq!(reg.names(), vec!["b".to_string(), "c".to_string()]);
     }
 
@@ -472,7 +741,11 @@ mod tests {
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(&[1u8; 4096]).unwrap();
         let pool = reg
-            .register("grow".into(), OwnedFd::from(f.try_clone().unwrap()))
+            .register(
+                "grow".into(),
+                OwnedFd::from(f.try_clone().unwrap()),
+                Registrant::WIDE,
+            )
             .unwrap();
         assert!(pool.range(4096, 4096).is_err());
         f.write_all(&[2u8; 4096]).unwrap();
@@ -490,7 +763,11 @@ mod tests {
         let f = tempfile::tempfile().unwrap();
         f.set_len(8192).unwrap();
         let pool = reg
-            .register("shrink".into(), OwnedFd::from(f.try_clone().unwrap()))
+            .register(
+                "shrink".into(),
+                OwnedFd::from(f.try_clone().unwrap()),
+                Registrant::WIDE,
+            )
             .unwrap();
         assert!(!pool.sealed(), "a plain file cannot be sealed");
         pool.write(4096, b"ok").unwrap();
@@ -507,7 +784,7 @@ mod tests {
         let (r, _w) = std::io::pipe().unwrap();
         let reg = registry();
         assert!(matches!(
-            reg.register("p".into(), OwnedFd::from(r)),
+            reg.register("p".into(), OwnedFd::from(r), Registrant::WIDE),
             Err(RegisterError::NotAFile)
         ));
     }

@@ -15,8 +15,11 @@
 //!
 //! The wire format ([`kvstrata_types::wire::kv_region`]) is a fixed 128-byte
 //! little-endian header and a name ([`parse_preamble`]); the daemon answers a
-//! status, a region id and a message ([`encode_reply`]) and keeps the
-//! connection open. When the engine
+//! status, a message and a 64-bit region id ([`encode_reply`]) and keeps the
+//! connection open. Region ids are unique to one run of the daemon (a random
+//! base plus a counter, [`crate::pool::IdSequence`]), so an engine that kept
+//! its id across a daemon restart names no region of the new run and its
+//! requests are refused ([`RegionLookupError::Unknown`]). When the engine
 //! closes it (or dies), the region leaves the [`RegionRegistry`] at once —
 //! later requests naming it fail — and is unmapped once the last request still
 //! copying from or into it is done (each request holds an `Arc`). A refused
@@ -27,7 +30,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use kvstrata_kernels::{DeviceBuffer, Gpu, GpuStream, IpcHandle, PagedGeometry};
@@ -38,6 +41,8 @@ use parking_lot::RwLock;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
+
+use crate::pool::{IdSequence, IdSpace};
 
 /// The preamble's constants, the parsed preamble, the refusal codes and the
 /// reply encoder, defined in [`kvstrata_types::wire::kv_region`].
@@ -102,7 +107,7 @@ enum Memory {
 /// One registered region. Requests hold an `Arc`; the memory is unmapped
 /// when the registry and every request have let go.
 pub struct KvRegion {
-    id: u32,
+    id: u64,
     name: String,
     kind: u16,
     device: u32,
@@ -132,14 +137,17 @@ impl std::fmt::Debug for KvRegion {
 /// Why a request's KV pages cannot be used (answered per item, as for pools).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegionLookupError {
-    #[error("KV region {0} is not registered (never, or its connection closed)")]
-    Unknown(u32),
+    #[error(
+        "KV region {0} is not registered with this daemon (never, its connection closed, or an id \
+         from before a daemon restart: register the region again)"
+    )]
+    Unknown(u64),
     #[error("KV region {0} was truncated by its client (regions must not shrink)")]
-    Shrunk(u32),
+    Shrunk(u64),
 }
 
 impl KvRegion {
-    pub fn id(&self) -> u32 {
+    pub fn id(&self) -> u64 {
         self.id
     }
 
@@ -215,7 +223,7 @@ impl KvRegion {
 /// A region as `Stats` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegionInfo {
-    pub id: u32,
+    pub id: u64,
     pub name: String,
     pub kind: &'static str,
     pub device: u32,
@@ -265,37 +273,49 @@ pub struct RegionStats {
     /// Bytes gathered out of / scattered into regions, over all regions ever.
     pub gathered: u64,
     pub scattered: u64,
+    /// Lookups of an id that names no registered region (a closed region, or
+    /// a stale id from before a daemon restart).
+    pub unknown_ids: u64,
 }
 
-/// Every registered region, by id. Ids start at 1 and are never reused.
+/// Every registered region, by id. Ids are 64-bit and unique to this run of
+/// the daemon ([`IdSequence`]; never two live regions with one id).
 #[derive(Debug)]
 pub struct RegionRegistry {
     limits: RegionLimits,
     gpus: Arc<GpuSet>,
     /// The backend of memfd regions.
     cpu: Gpu,
-    next_id: AtomicU32,
-    regions: RwLock<HashMap<u32, Arc<KvRegion>>>,
+    ids: IdSequence,
+    regions: RwLock<HashMap<u64, Arc<KvRegion>>>,
     registered: AtomicU64,
     unregistered: AtomicU64,
     refused: [AtomicU64; RefuseReason::ALL.len()],
     gathered: AtomicU64,
     scattered: AtomicU64,
+    unknown_ids: AtomicU64,
 }
 
 impl RegionRegistry {
+    /// A registry whose ids start at a random point.
     pub fn new(limits: RegionLimits, gpus: Arc<GpuSet>) -> Self {
+        RegionRegistry::with_ids(limits, gpus, IdSequence::random(IdSpace::Wide))
+    }
+
+    /// A registry with the given id sequence (tests pin it).
+    pub fn with_ids(limits: RegionLimits, gpus: Arc<GpuSet>, ids: IdSequence) -> Self {
         RegionRegistry {
             limits,
             gpus,
             cpu: Gpu::cpu(),
-            next_id: AtomicU32::new(1),
+            ids,
             regions: RwLock::new(HashMap::new()),
             registered: AtomicU64::new(0),
             unregistered: AtomicU64::new(0),
             refused: Default::default(),
             gathered: AtomicU64::new(0),
             scattered: AtomicU64::new(0),
+            unknown_ids: AtomicU64::new(0),
         }
     }
 
@@ -421,7 +441,13 @@ impl RegionRegistry {
                 ),
             ));
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Skips an id still in use (possible only once the counter wrapped).
+        let id = loop {
+            let id = self.ids.next_id();
+            if !regions.contains_key(&id) {
+                break id;
+            }
+        };
         let region = Arc::new(KvRegion {
             id,
             name: p.name,
@@ -440,7 +466,7 @@ impl RegionRegistry {
     }
 
     /// Removes a region; it is unmapped when the last request using it is done.
-    pub fn unregister(&self, id: u32) -> bool {
+    pub fn unregister(&self, id: u64) -> bool {
         let removed = self.regions.write().remove(&id).is_some();
         if removed {
             self.unregistered.fetch_add(1, Ordering::Relaxed);
@@ -448,13 +474,14 @@ impl RegionRegistry {
         removed
     }
 
-    /// The region registered under `id`.
-    pub fn get(&self, id: u32) -> Result<Arc<KvRegion>, RegionLookupError> {
-        self.regions
-            .read()
-            .get(&id)
-            .cloned()
-            .ok_or(RegionLookupError::Unknown(id))
+    /// The region registered under `id`. An unknown id is counted
+    /// ([`RegionStats::unknown_ids`]).
+    pub fn get(&self, id: u64) -> Result<Arc<KvRegion>, RegionLookupError> {
+        let found = self.regions.read().get(&id).cloned();
+        found.ok_or_else(|| {
+            self.unknown_ids.fetch_add(1, Ordering::Relaxed);
+            RegionLookupError::Unknown(id)
+        })
     }
 
     /// The regions registered now, by id.
@@ -478,6 +505,7 @@ impl RegionRegistry {
                 .collect(),
             gathered: self.gathered.load(Ordering::Relaxed),
             scattered: self.scattered.load(Ordering::Relaxed),
+            unknown_ids: self.unknown_ids.load(Ordering::Relaxed),
         }
     }
 }
@@ -760,17 +788,26 @@ mod tests {
         let reply = encode_reply(2, 0, "layers: must be at least 1");
         assert_eq!(&reply[..4], &2u32.to_le_bytes());
         assert_eq!(reply.len(), 12 + 26);
+        let mut v1 = b.clone();
+        v1[8] = 1;
+        let e = parse_preamble(&v1).unwrap_err();
+        assert!(
+            e.message.starts_with("version: 1 is not supported")
+                && e.reason == RefuseReason::Preamble,
+            "{e}"
+        );
     }
 
     #[test]
     fn registry_validates_maps_and_unregisters() {
         use std::io::Write;
-        let reg = RegionRegistry::new(
+        let reg = RegionRegistry::with_ids(
             RegionLimits {
                 max_regions: 1,
                 max_region_bytes: 1 << 20,
             },
             Arc::new(GpuSet::default()),
+            IdSequence::with_base(IdSpace::Wide, 41),
         );
         let g = geometry();
         let memfd = |len: usize| {
@@ -817,15 +854,17 @@ mod tests {
         let r = reg
             .register(p(need, g), Some(memfd(need as usize)))
             .unwrap();
-        assert_eq!(r.id(), 1);
+        let id = crate::pool::MIN_WIDE_POOL_ID + 41;
+        assert_eq!(r.id(), id);
         assert_eq!(
             reg.register(p(need, g), Some(memfd(need as usize)))
                 .unwrap_err()
                 .reason,
             RefuseReason::Limit
         );
-        assert!(reg.unregister(1));
-        assert_eq!(reg.get(1).unwrap_err(), RegionLookupError::Unknown(1));
+        assert!(reg.unregister(id));
+        assert_eq!(reg.get(id).unwrap_err(), RegionLookupError::Unknown(id));
+        assert_eq!(reg.stats().unknown_ids, 1);
         // The request holding the Arc still reaches the memory.
         assert!(r.base().is_ok());
         let s = reg.stats();

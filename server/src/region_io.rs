@@ -58,7 +58,7 @@ pub enum RegionIoError {
     Region(#[from] RegionLookupError),
     #[error("KV region {region}: {what} failed: {source}")]
     Device {
-        region: u32,
+        region: u64,
         what: &'static str,
         #[source]
         source: GpuError,

@@ -8,6 +8,14 @@
 //! `sglang.namespace`) whose block size is the payload's length, so a reader
 //! must ask for the same length to hit. Results are per transfer ([`Code`]);
 //! only a malformed request as a whole (none today) would be an RPC error.
+//!
+//! SGLang's `Transfer.pool_id` is an `int32`, so its pools (registered with
+//! SGLang's preamble) get 31-bit ids from a random per-run base
+//! ([`crate::pool::IdSequence`]). On top of that, a transfer may name only a
+//! pool that the calling process registered itself (peer pids from
+//! `SO_PEERCRED`, where the kernel reports both), so a worker that kept its
+//! pool id across a daemon restart cannot reach another worker's new pool
+//! even when the 31-bit ids collide.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,6 +29,7 @@ use kvstrata_tiers::{
 };
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
+use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::metrics::Metrics;
@@ -91,6 +100,28 @@ pub fn namespace_spec(name: &str, bytes: u64) -> NamespaceSpec {
     }
 }
 
+/// The pid of the process on the other end of a request's Unix socket, where
+/// the kernel reports one (0, a pid outside the daemon's pid namespace, is
+/// none).
+fn caller_pid<T>(request: &Request<T>) -> Option<i32> {
+    request
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .and_then(|c| c.pid())
+        .filter(|&p| p > 0)
+}
+
+/// Whether a transfer from process `caller` may name a pool that process
+/// `owner` registered: the same process, or either pid unknown (then only the
+/// random 31-bit id base stands between a stale id and another pool).
+pub fn same_process(owner: Option<i32>, caller: Option<i32>) -> bool {
+    match (owner, caller) {
+        (Some(o), Some(c)) => o == c,
+        _ => true,
+    }
+}
+
 /// The StorageServer service.
 #[derive(Clone)]
 pub struct SglangService {
@@ -136,9 +167,24 @@ impl SglangService {
     }
 
     /// The transfer's pool and total length, with every iovec bounds-checked.
-    fn check_transfer(&self, t: &pb::Transfer) -> Result<(Arc<Pool>, u64), Code> {
-        let pool_id = u32::try_from(t.pool_id).map_err(|_| Code::BadPool)?;
+    /// A pool registered by another process than `caller` is refused
+    /// ([`same_process`]).
+    fn check_transfer(
+        &self,
+        t: &pb::Transfer,
+        caller: Option<i32>,
+    ) -> Result<(Arc<Pool>, u64), Code> {
+        let pool_id = u64::try_from(t.pool_id).map_err(|_| Code::BadPool)?;
         let pool = self.pools.get(pool_id).map_err(|_| Code::BadPool)?;
+        if !same_process(pool.peer_pid(), caller) {
+            tracing::debug!(
+                pool_id,
+                pool_pid = pool.peer_pid(),
+                caller_pid = caller,
+                "sglang: a transfer names a pool another process registered: bad pool"
+            );
+            return Err(Code::BadPool);
+        }
         let mut total = 0u64;
         for v in &t.iovec {
             pool.range(v.offset, v.length as u64)
@@ -151,12 +197,12 @@ impl SglangService {
         Ok((pool, total))
     }
 
-    fn put_one(&self, t: &pb::Transfer) -> Code {
+    fn put_one(&self, t: &pb::Transfer, caller: Option<i32>) -> Code {
         let key = match block_key(&t.id) {
             Ok(k) => k,
             Err(c) => return c,
         };
-        let (pool, total) = match self.check_transfer(t) {
+        let (pool, total) = match self.check_transfer(t, caller) {
             Ok(v) => v,
             Err(c) => return c,
         };
@@ -204,12 +250,12 @@ impl SglangService {
         }
     }
 
-    fn get_one(&self, t: &pb::Transfer) -> Code {
+    fn get_one(&self, t: &pb::Transfer, caller: Option<i32>) -> Code {
         let key = match block_key(&t.id) {
             Ok(k) => k,
             Err(c) => return c,
         };
-        let (pool, total) = match self.check_transfer(t) {
+        let (pool, total) = match self.check_transfer(t, caller) {
             Ok(v) => v,
             Err(c) => return c,
         };
@@ -277,13 +323,14 @@ impl SglangService {
         &self,
         method: &'static str,
         transfers: Vec<pb::Transfer>,
-        one: fn(&SglangService, &pb::Transfer) -> Code,
+        caller: Option<i32>,
+        one: fn(&SglangService, &pb::Transfer, Option<i32>) -> Code,
     ) -> Result<Vec<i32>, Status> {
         let svc = self.clone();
         let codes = tokio::task::spawn_blocking(move || {
             transfers
                 .iter()
-                .map(|t| one(&svc, t))
+                .map(|t| one(&svc, t, caller))
                 .collect::<Vec<Code>>()
         })
         .await
@@ -325,10 +372,12 @@ impl StorageServer for SglangService {
         &self,
         request: Request<pb::BatchPutRequest>,
     ) -> Result<Response<pb::BatchPutResponse>, Status> {
+        let caller = caller_pid(&request);
         let r = self
             .transfers(
                 "sglang.BatchPut",
                 request.into_inner().puts,
+                caller,
                 SglangService::put_one,
             )
             .await
@@ -340,10 +389,12 @@ impl StorageServer for SglangService {
         &self,
         request: Request<pb::BatchGetRequest>,
     ) -> Result<Response<pb::BatchGetResponse>, Status> {
+        let caller = caller_pid(&request);
         let r = self
             .transfers(
                 "sglang.BatchGet",
                 request.into_inner().gets,
+                caller,
                 SglangService::get_one,
             )
             .await
@@ -370,6 +421,14 @@ mod tests {
         assert_eq!(long_a.as_bytes()[0], 0xFF);
         assert_ne!(long_a, long_b);
         assert_eq!(block_key(&[b'a'; 65]).unwrap(), long_a);
+    }
+
+    #[test]
+    fn only_the_registering_process_may_name_a_pool() {
+        assert!(same_process(Some(10), Some(10)));
+        assert!(!same_process(Some(10), Some(11)));
+        assert!(same_process(None, Some(11)));
+        assert!(same_process(Some(10), None));
     }
 
     #[test]

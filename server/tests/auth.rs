@@ -558,10 +558,14 @@ async fn auth_tenant_bindings_survive_a_restart_with_the_disk_tier() {
         .unwrap();
     let len = reg.block_bytes as usize;
     common::put(&a, &reg.id, "k", None, len).await;
-    // Wait for the write-through copy to reach the disk tier.
+    // Wait for the write-through copy to reach the disk tier (an admin's
+    // Stats: a tenant's shows no occupancy).
+    let admin = Client::connect(&d.addrs().uds_target().unwrap())
+        .await
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let s = a.stats().await.unwrap();
+        let s = admin.stats().await.unwrap();
         let on_disk = s
             .tiers
             .iter()
@@ -575,6 +579,7 @@ async fn auth_tenant_bindings_survive_a_restart_with_the_disk_tier() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    drop(admin);
     d.shutdown().await.unwrap();
 
     let d = Daemon::start(c).await.unwrap();
@@ -592,5 +597,186 @@ async fn auth_tenant_bindings_survive_a_restart_with_the_disk_tier() {
     let seen: Vec<_> = a.list_namespaces().await.unwrap();
     assert_eq!(seen.len(), 1);
     assert!(b.list_namespaces().await.unwrap().is_empty());
+    d.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn auth_a_tenant_may_unpin_only_leases_on_its_own_namespaces() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, _) = token_config(
+        dir.path(),
+        &format!("{TENANT_A} tenant-a\n{TENANT_B} tenant-b\n"),
+    );
+    let d = Daemon::start(c).await.unwrap();
+    let target = d.addrs().tcp_target().unwrap();
+    let a = with_token(&target, Some(TENANT_A)).await;
+    let b = with_token(&target, Some(TENANT_B)).await;
+    let admin = Client::connect(&d.addrs().uds_target().unwrap())
+        .await
+        .unwrap();
+    let reg = a.register_namespace(&small_spec("lease-a")).await.unwrap();
+    let (ns, len) = (reg.id, reg.block_bytes as usize);
+    common::put(&a, &ns, "k1", None, len).await;
+    let lease = a.pin(&ns, &[b"k1"], Duration::from_secs(60)).await.unwrap();
+    let pins =
+        |blocks: Vec<kvstrata_client::proto::BlockInfo>| blocks.iter().map(|b| b.pins).sum::<u32>();
+
+    // B cannot end A's lease: refused, naming lease_id; the pin holds.
+    let before = d.auth().counters().failures(FailureReason::WrongTenant);
+    let e = b.unpin(lease.lease_id).await.unwrap_err();
+    assert_eq!(code(&e), Some(tonic::Code::PermissionDenied), "{e}");
+    assert!(e.to_string().contains("lease_id"), "{e}");
+    assert_eq!(
+        d.auth().counters().failures(FailureReason::WrongTenant),
+        before + 1
+    );
+    assert_eq!(
+        pins(admin.list_all_blocks(Some(&ns), None, None).await.unwrap()),
+        1
+    );
+    let r = admin.evict(&ns, &[b"k1"], false).await.unwrap();
+    assert_eq!((r.evicted, r.skipped_pinned), (0, 1));
+    // A lease on an admin's (unbound) namespace is not B's either.
+    let (admin_ns, _) = common::register(&admin, "lease-admin").await;
+    common::put(&admin, &admin_ns, "k", None, len).await;
+    let admin_lease = admin
+        .pin(&admin_ns, &[b"k"], Duration::from_secs(60))
+        .await
+        .unwrap();
+    let e = b.unpin(admin_lease.lease_id).await.unwrap_err();
+    assert_eq!(code(&e), Some(tonic::Code::PermissionDenied), "{e}");
+    // An unknown lease stays NOT_FOUND for a tenant too.
+    let e = b.unpin(999_999).await.unwrap_err();
+    assert_eq!(code(&e), Some(tonic::Code::NotFound), "{e}");
+
+    // A ends its own lease; the admin may end any.
+    a.unpin(lease.lease_id).await.unwrap();
+    assert_eq!(
+        pins(admin.list_all_blocks(Some(&ns), None, None).await.unwrap()),
+        0
+    );
+    admin.unpin(admin_lease.lease_id).await.unwrap();
+    assert!(common::present(&a, &ns, "k1", len).await);
+    d.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn auth_a_tenants_stats_show_the_daemons_shape_not_others_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, _) = token_config(
+        dir.path(),
+        &format!("{TENANT_A} tenant-a\n{TENANT_B} tenant-b\n{ADMIN}\n"),
+    );
+    let d = Daemon::start(c).await.unwrap();
+    let target = d.addrs().tcp_target().unwrap();
+    let a = with_token(&target, Some(TENANT_A)).await;
+    let b = with_token(&target, Some(TENANT_B)).await;
+    let admin = with_token(&target, Some(ADMIN)).await;
+    let reg = a.register_namespace(&small_spec("stats-a")).await.unwrap();
+    let (ns, len) = (reg.id, reg.block_bytes as usize);
+    for k in ["k1", "k2", "k3"] {
+        common::put(&a, &ns, k, None, len).await;
+    }
+    assert!(common::present(&a, &ns, "k1", len).await);
+    a.pin(&ns, &[b"k2"], Duration::from_secs(60)).await.unwrap();
+
+    // The admin sees the traffic.
+    let full = admin.stats().await.unwrap();
+    let host = |s: &kvstrata_client::proto::StatsResponse| {
+        s.tiers
+            .iter()
+            .find(|t| t.tier == kvstrata_client::proto::Tier::Host as i32)
+            .cloned()
+            .unwrap()
+    };
+    let h = host(&full);
+    assert_eq!((h.blocks, h.hits, h.bytes_in), (3, 1, 3 * len as u64));
+    assert_eq!((full.namespaces, full.active_leases), (1, 1));
+    assert!(full.event_seq >= 3);
+
+    // Tenant B, who stored nothing, learns none of it: only the daemon's
+    // shape (tiers and capacities, version, uptime) and its own namespaces.
+    let seen = b.stats().await.unwrap();
+    let h = host(&seen);
+    assert_eq!(h.capacity_bytes, host(&full).capacity_bytes);
+    assert_eq!(
+        (
+            h.blocks,
+            h.used_bytes,
+            h.hits,
+            h.misses,
+            h.bytes_in,
+            h.pinned_blocks
+        ),
+        (0, 0, 0, 0, 0, 0)
+    );
+    assert_eq!(seen.tiers.len(), full.tiers.len());
+    assert_eq!(
+        (seen.namespaces, seen.active_leases, seen.event_seq),
+        (0, 0, 0)
+    );
+    assert_eq!(seen.version, full.version);
+    assert!(seen.kv_regions.is_empty() && seen.remote.is_none());
+    // A counts its own namespace, and no one's traffic either.
+    let own = a.stats().await.unwrap();
+    assert_eq!((own.namespaces, host(&own).blocks), (1, 0));
+    d.shutdown().await.unwrap();
+}
+
+/// `GET path` on the metrics port with `authorization` (if any): the status
+/// code and the body.
+async fn scrape(d: &Daemon, path: &str, authorization: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = d.addrs().metrics.unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = authorization
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, out)
+}
+
+#[tokio::test]
+async fn auth_metrics_can_require_an_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    // Without a token file the setting is refused, naming it.
+    let mut c = config(dir.path(), 8 << 20, 4096);
+    c.auth.metrics_require_token = true;
+    let e = Daemon::start(c).await.err().expect("refused").to_string();
+    assert!(e.contains("auth.metrics_require_token"), "{e}");
+
+    let (mut c, _) = token_config(dir.path(), &format!("{ADMIN}\n{TENANT_A} tenant-a\n"));
+    c.auth.metrics_require_token = true;
+    let d = Daemon::start(c).await.unwrap();
+    let (code, body) = scrape(&d, "/metrics", None).await;
+    assert_eq!(code, 401, "{body}");
+    assert!(!body.contains("kvstrata_requests_in_flight"), "{body}");
+    let (code, body) = scrape(&d, "/metrics", Some("Bearer wrong-token-0123456789abcdef")).await;
+    assert_eq!(code, 401, "{body}");
+    let (code, body) = scrape(&d, "/metrics", Some(&format!("Bearer {TENANT_A}"))).await;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("tenant"), "{body}");
+    // Health stays open for probes.
+    let (code, body) = scrape(&d, "/healthz", None).await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = scrape(&d, "/metrics", Some(&format!("Bearer {ADMIN}"))).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("kvstrata_auth_failures_total{reason=\"missing\"} 1")
+            && body.contains("kvstrata_auth_failures_total{reason=\"unknown_token\"} 1")
+            && body.contains("kvstrata_auth_failures_total{reason=\"wrong_tenant\"} 1"),
+        "{body}"
+    );
     d.shutdown().await.unwrap();
 }

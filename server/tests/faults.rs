@@ -96,15 +96,26 @@ impl Running {
 
     /// Waits until the in-flight gauge reads `n`.
     async fn wait_in_flight(&self, n: f64) {
+        self.wait_gauge("kvstrata_requests_in_flight", n).await;
+    }
+
+    /// Waits until the blocking-pool gauge (cache calls holding one of
+    /// `server.max_blocking_tasks` slots) reads `n`.
+    async fn wait_blocking(&self, n: f64) {
+        self.wait_gauge("kvstrata_blocking_tasks", n).await;
+    }
+
+    /// Waits until the gauge `series` reads `n`.
+    async fn wait_gauge(&self, series: &str, n: f64) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let v = self.metric("kvstrata_requests_in_flight").await;
+            let v = self.metric(series).await;
             if v == n {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "in-flight gauge stuck at {v}, expected {n}"
+                "{series} stuck at {v}, expected {n}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -179,6 +190,8 @@ async fn overload_is_refused_at_once_and_service_resumes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = host_config(dir.path(), 16 << 20);
     config.server.max_inflight_requests = 2;
+    // One client holds both slots here (the per-peer share is peer_limits.rs's).
+    config.server.max_inflight_per_peer = 2;
     let d = start(config).await;
     let ns = put_big(&d.client).await;
     let (small, _) = common::register(&d.client, "faults-small").await;
@@ -395,7 +408,7 @@ async fn deadlines_end_slow_requests_and_half_apply_nothing() {
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
     assert!(took < Duration::from_millis(1000), "took {took:?}");
     // Wait for that read to free the blocking slot.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    d.wait_blocking(0.0).await;
 
     // 2. No client deadline: server.request_timeout_ms (700) ends it. Its read
     // keeps the only blocking slot for 1.5 s...
@@ -406,7 +419,7 @@ async fn deadlines_end_slow_requests_and_half_apply_nothing() {
             (c.batch_get(&ns, &["slow-1"]).await, t0.elapsed())
         })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    d.wait_blocking(1.0).await;
     // 3. ...so a put with a 200 ms deadline waits for the slot and expires
     // before it starts: none of its blocks is stored.
     let items: Vec<pb::PutItem> = (0..4)
@@ -470,7 +483,8 @@ async fn deadlines_end_slow_requests_and_half_apply_nothing() {
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
 
     disk.set_fault_plan(FaultPlan::default());
-    tokio::time::sleep(Duration::from_millis(1600)).await;
+    // The slow reads end (the gets below need the only blocking slot).
+    d.wait_blocking(0.0).await;
     // Nothing half-applied; the slow blocks are intact.
     for i in 0..4 {
         assert!(

@@ -354,7 +354,7 @@ async fn bad_preambles_and_limits_are_refused_with_a_reason() {
     let pre = |kind: u16, bytes: u64, g: &PagedGeometry| {
         encode_preamble(kind, 0, bytes, &[0u8; 64], g, "raw")
     };
-    let refused = |res: Result<u32, KvRegionError>, status: u32, field: &str| match res {
+    let refused = |res: Result<u64, KvRegionError>, status: u32, field: &str| match res {
         Err(KvRegionError::Refused {
             status: s, message, ..
         }) => {
@@ -368,8 +368,19 @@ async fn bad_preambles_and_limits_are_refused_with_a_reason() {
     b[0] = b'X';
     refused(r.raw(&b, Some(&file)).1, 1, "magic");
     let mut b = pre(KIND_MEMFD, need, &g);
-    b[8] = 2;
+    b[8] = 3;
     refused(r.raw(&b, Some(&file)).1, 1, "version");
+    // A version-1 client (32-bit ids counted from 1 in every run) is told why.
+    b[8] = 1;
+    match r.raw(&b, Some(&file)).1 {
+        Err(KvRegionError::Refused {
+            status: 1, message, ..
+        }) => assert!(
+            message.starts_with("version: 1 is not supported") && message.contains("64-bit"),
+            "{message}"
+        ),
+        other => panic!("want a version refusal, got {other:?}"),
+    }
     let mut b = pre(KIND_MEMFD, need, &g);
     b[10] = 9;
     refused(r.raw(&b, Some(&file)).1, 1, "kind");
@@ -431,10 +442,11 @@ async fn bad_preambles_and_limits_are_refused_with_a_reason() {
         }
         other => panic!("want the limit, got {other:?}"),
     }
+    let a_id = a.id();
     drop(a);
     r.wait_regions(1).await;
     let c = r.region("limit-c", g);
-    assert!(c.id() > b.id());
+    assert!(c.id() != b.id() && c.id() != a_id);
     let s = r.stats().await;
     assert_eq!(s.kv_regions.len(), 2);
     let m = r.metrics().await;
@@ -535,7 +547,7 @@ async fn a_killed_engine_leaks_no_region() {
         .spawn()
         .expect("spawn the engine process");
     let stdout = child.stdout.take().expect("stdout");
-    let id: u32 = tokio::task::block_in_place(|| {
+    let id: u64 = tokio::task::block_in_place(|| {
         BufReader::new(stdout)
             .lines()
             .map_while(Result::ok)

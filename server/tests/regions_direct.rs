@@ -163,7 +163,7 @@ async fn direct_and_staged_regions_in_one_request_keep_every_convention() {
         assert!(res.payload == want, "block of pages {pages:?} differs");
     }
     let s = r.stats().await;
-    let info = |id: u32| {
+    let info = |id: u64| {
         s.kv_regions
             .iter()
             .find(|x| x.region_id == id)
@@ -252,7 +252,7 @@ async fn direct_and_staged_regions_in_one_request_keep_every_convention() {
     let l = r.client.lookup(&ns, &["inline"]).await.expect("lookup");
     assert_eq!(l.tiers, vec![hbm]);
     let s = r.stats().await;
-    let info = |id: u32| {
+    let info = |id: u64| {
         s.kv_regions
             .iter()
             .find(|x| x.region_id == id)

@@ -266,8 +266,8 @@ def test_layouts_refuse_bad_input():
 
 
 def test_pools_and_regions_see_the_daemon_go_away():
-    """A restarted daemon numbers pools and regions from 1 again, so a client must notice the
-    old registration is gone before it names an id: is_registered() turns False."""
+    """A client notices that the daemon dropped its registrations (it died or restarted):
+    is_registered() turns False, and it registers again before naming the memory."""
     d = workdir("gone-")
     daemon = Daemon(d)
     try:
@@ -283,6 +283,50 @@ def test_pools_and_regions_see_the_daemon_go_away():
         pool.close()
         region.close()
         assert not pool.is_registered() and not region.is_registered()
+    finally:
+        daemon.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_ids_from_before_a_restart_reach_no_new_memory(rng):
+    """Pool and region ids are unique to a daemon run: a client that kept its ids across a
+    restart is refused per block (BAD_REGION, region_error), and the pool and region another
+    client registered with the new daemon stay byte for byte as they were."""
+    d = workdir("ids-")
+    daemon = Daemon(d)
+    geo = PagedGeometry("cross_layer", layers=L, page_tokens=PT, kv_heads=H, head_dim=D, dtype_bytes=E,
+                        num_pages=4)
+    try:
+        stale_pool = kvstrata.SharedPool.create(daemon.mempool_path, "worker", 64 * 1024)
+        stale_region = kvstrata.KvRegion.create_memfd(daemon.region_path, geo, "engine")
+        assert stale_pool.id >= kvstrata.pool.MIN_WIDE_POOL_ID and stale_region.id > 0
+        old_slice = stale_pool.region(0, 4096)
+        old_pages = stale_region.pages([1])
+        daemon.restart()  # the same socket paths; the stale client does not register again
+        with kvstrata.Client(daemon.uds_target, timeout=20) as client, \
+                kvstrata.SharedPool.create(daemon.mempool_path, "worker", 64 * 1024) as pool, \
+                kvstrata.KvRegion.create_memfd(daemon.region_path, geo, "engine") as region:
+            fill_random(pool.array(), rng)
+            fill_random(region.array(np.uint8), rng)
+            pool_before, region_before = pool.array().copy(), region.array(np.uint8).copy()
+            flat = client.register_namespace(kvstrata.NamespaceSpec.opaque("pytest-ids", 4096))
+            paged = client.register_namespace(spec(PT, model="pytest-ids-paged"))
+            client.batch_put(flat, [b"k"], [rng.randbytes(4096)])
+            client.batch_put(paged, [b"k"], [rng.randbytes(paged.block_bytes)])
+            got = client.batch_get_results(flat, [b"k"], regions=[old_slice])
+            assert not got[0].found and f"pool {stale_pool.id} is not registered" in got[0].region_error
+            got = client.batch_get_results(paged, [b"k"], pages=[old_pages])
+            assert not got[0].found and f"KV region {stale_region.id} is not registered" in got[0].region_error
+            assert list(client.batch_put_regions(flat, [b"s"], [old_slice]).results) == [BAD_REGION]
+            assert list(client.batch_put_pages(paged, [b"s"], [old_pages]).results) == [BAD_REGION]
+            assert client.batch_get(flat, [b"s"]) == [None] and client.batch_get(paged, [b"s"]) == [None]
+            assert np.array_equal(pool.array(), pool_before), "another client's pool changed"
+            assert np.array_equal(region.array(np.uint8), region_before), "another client's region changed"
+            # the new registrations' own ids work
+            assert client.batch_get_into(flat, [b"k"], [pool.region(0, 4096)]) == [True]
+            assert client.batch_get_pages(paged, [b"k"], [region.pages([1])]) == [True]
+        stale_pool.close()
+        stale_region.close()
     finally:
         daemon.stop()
         shutil.rmtree(d, ignore_errors=True)

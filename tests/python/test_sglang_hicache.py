@@ -35,6 +35,7 @@ from kvstrata.v1 import kvstrata_pb2, kvstrata_pb2_grpc
 from sglang.runtime import hicache_pb2, hicache_pb2_grpc
 
 MAGIC = 0x8DF6FBFD
+MAX_SGLANG_POOL_ID = (1 << 31) - 1  # SGLang's Transfer.pool_id is an int32
 MIB = 1 << 20
 POOL_BYTES = 64 * MIB
 POOL_NAME = "sglang-test-pool"
@@ -312,7 +313,7 @@ class SglangHicacheTest(unittest.TestCase):
         cls.proc = cls.daemon.proc
         cls.hicache = cls.daemon.hicache
         cls.kv = cls.daemon.kv
-        cls.max_pool_id = 0
+        cls.seen_pool_ids = set()
 
     @classmethod
     def tearDownClass(cls):
@@ -324,10 +325,9 @@ class SglangHicacheTest(unittest.TestCase):
     def pool(self, name=POOL_NAME, size=POOL_BYTES):
         p = Pool(self.mempool_path, name=name, size=size, seed=SEED ^ next(Pool.serial))
         self.addCleanup(p.release)
-        self.assertGreater(
-            p.id, type(self).max_pool_id, f"pool ids must increase; got {p.id} for {name!r}"
-        )
-        type(self).max_pool_id = p.id
+        self.assertTrue(1 <= p.id <= MAX_SGLANG_POOL_ID, f"{p.id} does not fit SGLang's int32")
+        self.assertNotIn(p.id, type(self).seen_pool_ids, f"pool id {p.id} reused for {name!r}")
+        type(self).seen_pool_ids.add(p.id)
         return p
 
     def stats(self):
@@ -445,9 +445,8 @@ class SglangHicacheTest(unittest.TestCase):
 
     def test_02_register_pools(self):
         a = self.pool()
-        self.assertGreaterEqual(a.id, 1)
         b = self.pool()
-        self.assertGreater(b.id, a.id)
+        self.assertNotEqual(b.id, a.id)
         s = self.stats()
         self.assertEqual(s.pools, 2)
         self.assertEqual(s.pool_bytes, 2 * POOL_BYTES)
@@ -853,6 +852,105 @@ class SglangWriteThroughRestartTest(unittest.TestCase):
             wrong, [], f"{len(wrong)} of {len(ids)} pages did not come back from disk as put"
         )
         self.assertEqual(d2.terminate(), 0)
+
+
+# A worker in another process: registers an SGLang pool filled with FILL, prints its id,
+# then on a line from stdin prints whether its pool still holds FILL only.
+OTHER_WORKER = r"""
+import mmap, os, socket, struct, sys
+path, name, size, fill = sys.argv[1], sys.argv[2].encode(), int(sys.argv[3]), int(sys.argv[4])
+fd = os.memfd_create("kvs-other-worker", os.MFD_CLOEXEC)
+os.ftruncate(fd, size)
+mem = mmap.mmap(fd, size)
+mem[:] = bytes([fill]) * size
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(path)
+socket.send_fds(s, [struct.pack("<QI", 0x8DF6FBFD, len(name)) + name], [fd])
+reply = b""
+while len(reply) < 4:
+    chunk = s.recv(4 - len(reply))
+    if not chunk:
+        sys.exit("registration refused")
+    reply += chunk
+print("registered", struct.unpack("<I", reply)[0], flush=True)
+sys.stdin.readline()
+print("intact", mem[:] == bytes([fill]) * size, flush=True)
+"""
+
+
+class SglangStalePoolIdTest(unittest.TestCase):
+    """A pool id is good for one daemon run, and only for the process that registered
+    the pool: a worker that kept its id across a daemon restart, or names another
+    worker's pool, gets BAD_POOL and the other pool's bytes stay as they were."""
+
+    def setUp(self):
+        self.workdir = make_workdir("sglang-ids-")
+
+    def start(self):
+        d = Daemon(self.workdir)
+        FAILED_LOGS.append(d)
+        self.addCleanup(d.kill)
+        return d
+
+    def pool(self, d, seed):
+        p = Pool(d.mempool_path, name="ids-pool", size=4 * MIB, seed=SEED ^ seed)
+        self.addCleanup(p.release)
+        return p
+
+    def test_a_stale_id_after_a_restart_is_refused(self):
+        d1 = self.start()
+        stale = self.pool(d1, 0x91)
+        stale_spans = stale.spans(PAGE)
+        self.assertEqual(d1.terminate(), 0)
+        d1.kill()
+        # The same socket paths; the stale worker does not register again.
+        d2 = self.start()
+        fresh = self.pool(d2, 0x92)
+        rng = random.Random(SEED ^ 0x93)
+        spans = fresh.spans(PAGE)
+        fresh.write(spans, rng.randbytes(PAGE))
+        put = lambda ts: list(d2.hicache.BatchPut(hicache_pb2.BatchPutRequest(puts=ts), timeout=RPC_TIMEOUT).results)
+        get = lambda ts: list(d2.hicache.BatchGet(hicache_pb2.BatchGetRequest(gets=ts), timeout=RPC_TIMEOUT).results)
+        self.assertEqual(put([transfer(b"page", spans, fresh.id)]), [OK])
+        # Fill the fresh pool's start (where the stale spans point) and snapshot it all.
+        fresh.mem[: 2 * PAGE] = rng.randbytes(2 * PAGE)
+        before = bytes(fresh.mem)
+        # (The two runs' 31-bit ids collide with a chance of about 2^-31.)
+        self.assertEqual(get([transfer(b"page", stale_spans, stale.id)]), [BAD_POOL])
+        self.assertEqual(put([transfer(b"stale", stale_spans, stale.id)]), [BAD_POOL])
+        exist = d2.hicache.Exist(hicache_pb2.ExistRequest(id=[b"stale"]), timeout=RPC_TIMEOUT)
+        self.assertEqual(list(exist.results), [False])
+        self.assertTrue(bytes(fresh.mem) == before, "the fresh worker's pool changed")
+        # The fresh worker's own id works.
+        dest = fresh.spans(PAGE)
+        self.assertEqual(get([transfer(b"page", dest, fresh.id)]), [OK])
+        self.assertEqual(d2.terminate(), 0)
+
+    def test_another_process_pool_is_refused(self):
+        d = self.start()
+        size = 2 * PAGE
+        other = subprocess.Popen(
+            [sys.executable, "-c", OTHER_WORKER, d.mempool_path, "ids-pool", str(size), "90"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.addCleanup(other.kill)
+        line = other.stdout.readline().split()
+        self.assertEqual(line[:1], ["registered"], f"the other worker said {line}")
+        other_id = int(line[1])
+        mine = self.pool(d, 0x94)
+        rng = random.Random(SEED ^ 0x95)
+        spans = mine.spans(PAGE)
+        mine.write(spans, rng.randbytes(PAGE))
+        put = lambda ts: list(d.hicache.BatchPut(hicache_pb2.BatchPutRequest(puts=ts), timeout=RPC_TIMEOUT).results)
+        get = lambda ts: list(d.hicache.BatchGet(hicache_pb2.BatchGetRequest(gets=ts), timeout=RPC_TIMEOUT).results)
+        self.assertEqual(put([transfer(b"mine", spans, mine.id)]), [OK])
+        # The other worker's id is live, but not this process's pool.
+        theirs = [(0, PAGE)]
+        self.assertEqual(get([transfer(b"mine", theirs, other_id)]), [BAD_POOL])
+        self.assertEqual(put([transfer(b"theirs", theirs, other_id)]), [BAD_POOL])
+        out, _ = other.communicate("check\n", timeout=30)
+        self.assertEqual(out.split(), ["intact", "True"], "the other worker's pool changed")
+        self.assertEqual(d.terminate(), 0)
 
 
 def main():

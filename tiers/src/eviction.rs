@@ -16,6 +16,12 @@
 //!
 //! Blocks being read are skipped (the `idle` predicate); pinned blocks are
 //! never in the sets.
+//!
+//! Steps 2 and 4 are the tier's answer ([`Evictable::whole_segment_of`],
+//! [`Evictable::any_reclaimable_segment`]): the disk tier's fixed segments
+//! give the whole segment; the host and HBM tiers' slab arena gives the
+//! slabs of the window of arena whose newest block is oldest, or the class's
+//! own oldest block if that is older still (`SlotIndex::make_room`).
 
 use std::collections::{BTreeMap, HashMap};
 

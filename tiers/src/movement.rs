@@ -15,14 +15,33 @@
 //! publishes an item only if its ticket is still the recorded one, checked
 //! under the disk tier's lock in the same critical section that publishes the
 //! block. So a demotion can never land after, and overwrite, a newer put.
+//!
+//! # Reads of queued blocks
+//!
+//! The record also holds the queued bytes, so a get or lookup that misses
+//! the host tier finds a block on its way to disk ([`Demoter::queued`])
+//! instead of missing it: the host tier queues a victim before the victim
+//! leaves its index, and the writer drops the record only after the disk
+//! tier has published the block (or refused it, counted in
+//! `demote_failed`), so the cache asks the queue after the host tier and
+//! before the disk tier and a queued block is never missed.
+//!
+//! # Closing
+//!
+//! [`Demoter::close`] stops taking items and lets the writer drain what is
+//! queued, for at most `drain_on_stop`; what is still queued then is dropped
+//! (counted in `stop_dropped`), so a stop on a slow or failing disk ends in
+//! bounded time. It reports what it wrote, what the disk refused and what
+//! it dropped ([`DrainReport`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use parking_lot::Mutex;
 
 use crate::disk::{DiskPut, DiskTier};
@@ -43,6 +62,14 @@ pub struct MovementConfig {
     /// Whether a get served from disk copies the block into the host tier.
     /// Default true.
     pub promote_on_get: bool,
+    /// How long a close lets the writer drain the queue (write-through
+    /// copies and demotions); what is still queued then is dropped.
+    /// Default 5 s.
+    pub drain_on_stop: Duration,
+    /// How long a close spends writing the host tier's blocks that the disk
+    /// lacks to the disk (hottest first), so a restart finds them; zero:
+    /// not at all. Default 10 s.
+    pub persist_on_stop: Duration,
 }
 
 impl Default for MovementConfig {
@@ -51,6 +78,8 @@ impl Default for MovementConfig {
             demote_queue_bytes: 256 << 20,
             demote_batch: 32,
             promote_on_get: true,
+            drain_on_stop: Duration::from_secs(5),
+            persist_on_stop: Duration::from_secs(10),
         }
     }
 }
@@ -72,6 +101,27 @@ pub struct MovementStats {
     pub promoted: u64,
     /// Write-through copies queued.
     pub write_through: u64,
+    /// Puts of `sync_write_through` namespaces whose disk write failed.
+    pub sync_write_failed: u64,
+    /// Queued blocks dropped because the close's drain deadline passed.
+    pub stop_dropped: u64,
+    /// Host-tier blocks the close wrote to disk.
+    pub stop_persisted: u64,
+}
+
+/// What [`Demoter::close`] did with the queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Blocks queued when the close began.
+    pub queued: u64,
+    /// Of those (and of any queued during the close), written to disk.
+    pub written: u64,
+    /// Refused by the disk (no room, I/O error) or made stale by a newer put.
+    pub failed: u64,
+    /// Dropped unwritten: the deadline passed.
+    pub dropped: u64,
+    /// How long the drain took.
+    pub took: Duration,
 }
 
 /// One block on its way to disk.
@@ -93,6 +143,11 @@ struct Counters {
     queued_bytes: AtomicU64,
     promoted: AtomicU64,
     write_through: AtomicU64,
+    /// Items in the queue now (sent, not yet written or dropped).
+    queued_items: AtomicU64,
+    sync_write_failed: AtomicU64,
+    stop_dropped: AtomicU64,
+    stop_persisted: AtomicU64,
 }
 
 impl Counters {
@@ -103,7 +158,14 @@ impl Counters {
     }
 }
 
-type Pending = Mutex<HashMap<(NamespaceId, BlockKey), u64>>;
+/// A queued demotion's record: its ticket, and the bytes a read of the
+/// key is served until the disk has the block.
+struct Queued {
+    ticket: u64,
+    payload: Bytes,
+}
+
+type Pending = Mutex<HashMap<(NamespaceId, BlockKey), Queued>>;
 
 struct Shared {
     disk: DiskTier,
@@ -111,6 +173,9 @@ struct Shared {
     pending: Pending,
     next_ticket: AtomicU64,
     counters: Counters,
+    /// Set when a close's drain deadline passed: the writer drops what it
+    /// receives from then on.
+    stop: AtomicBool,
 }
 
 /// The demotion queue and its writer thread.
@@ -118,6 +183,8 @@ pub(crate) struct Demoter {
     shared: Arc<Shared>,
     tx: Mutex<Option<Sender<DemoteItem>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Disconnected when the writer thread ends (it holds the sender).
+    writer_done: Receiver<()>,
 }
 
 impl std::fmt::Debug for Demoter {
@@ -137,18 +204,24 @@ impl Demoter {
             pending: Mutex::new(HashMap::new()),
             next_ticket: AtomicU64::new(1),
             counters: Counters::default(),
+            stop: AtomicBool::new(false),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
+        let (done_tx, writer_done) = crossbeam_channel::bounded::<()>(0);
         let writer = {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("kvstrata-demote".into())
-                .spawn(move || write_loop(&shared, &rx))?
+                .spawn(move || {
+                    let _done = done_tx;
+                    write_loop(&shared, &rx);
+                })?
         };
         Ok(Arc::new(Demoter {
             shared,
             tx: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
+            writer_done,
         }))
     }
 
@@ -169,7 +242,12 @@ impl Demoter {
             return false;
         }
         let ticket = s.next_ticket.fetch_add(1, Ordering::Relaxed);
-        s.pending.lock().insert((*ns, *key), ticket);
+        let queued = Queued {
+            ticket,
+            payload: payload.clone(),
+        };
+        s.pending.lock().insert((*ns, *key), queued);
+        s.counters.queued_items.fetch_add(1, Ordering::AcqRel);
         let item = DemoteItem {
             ns: *ns,
             key: *key,
@@ -186,6 +264,7 @@ impl Demoter {
         };
         if !sent {
             s.counters.unqueue_dropped(len);
+            s.counters.queued_items.fetch_sub(1, Ordering::AcqRel);
             forget_ticket(&s.pending, ns, key, ticket);
         }
         sent
@@ -215,12 +294,36 @@ impl Demoter {
         self.shared.pending.lock().remove(&(*ns, *key));
     }
 
+    /// The bytes of each key's block waiting in the queue (evicted from the
+    /// host tier, not yet published on disk), `None` where none is: see
+    /// "Reads of queued blocks" in the module docs. A put or delete of the
+    /// key ([`Demoter::forget`]) ends it.
+    pub fn queued(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Vec<Option<Bytes>> {
+        let p = self.shared.pending.lock();
+        keys.iter()
+            .map(|k| p.get(&(*ns, *k)).map(|q| q.payload.clone()))
+            .collect()
+    }
+
     /// Counts a promotion (done by the cache).
     pub fn count_promotion(&self) {
         self.shared
             .counters
             .promoted
             .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts puts of `sync_write_through` namespaces whose disk write
+    /// failed (done by the cache).
+    pub fn count_sync_failed(&self, n: u64) {
+        let c = &self.shared.counters;
+        c.sync_write_failed.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts host-tier blocks a close wrote to disk (done by the cache).
+    pub fn count_persisted(&self, n: u64) {
+        let c = &self.shared.counters;
+        c.stop_persisted.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn stats(&self) -> MovementStats {
@@ -234,17 +337,38 @@ impl Demoter {
             queued_bytes: get(&c.queued_bytes),
             promoted: get(&c.promoted),
             write_through: get(&c.write_through),
+            sync_write_failed: get(&c.sync_write_failed),
+            stop_dropped: get(&c.stop_dropped),
+            stop_persisted: get(&c.stop_persisted),
         }
     }
 
-    /// Stops taking items, lets the writer finish what is queued, and waits
-    /// for it. Idempotent.
-    pub fn close(&self) {
+    /// Stops taking items and lets the writer drain the queue for at most
+    /// `deadline`; then it drops what is left, and this waits for the
+    /// writer to end (after the batch it is writing, which its own write
+    /// timeout bounds). Idempotent: a second call reports nothing.
+    pub fn close(&self, deadline: Duration) -> DrainReport {
+        let began = Instant::now();
+        let c = &self.shared.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Acquire);
+        let (written, failed, dropped) = (get(&c.demoted), get(&c.failed), get(&c.stop_dropped));
+        let queued = get(&c.queued_items);
         drop(self.tx.lock().take());
-        if let Some(h) = self.writer.lock().take()
-            && h.join().is_err()
-        {
+        let Some(writer) = self.writer.lock().take() else {
+            return DrainReport::default();
+        };
+        if let Err(RecvTimeoutError::Timeout) = self.writer_done.recv_timeout(deadline) {
+            self.shared.stop.store(true, Ordering::Release);
+        }
+        if writer.join().is_err() {
             tracing::error!("demotion writer panicked");
+        }
+        DrainReport {
+            queued,
+            written: get(&c.demoted) - written,
+            failed: get(&c.failed) - failed,
+            dropped: get(&c.stop_dropped) - dropped,
+            took: began.elapsed(),
         }
     }
 
@@ -266,7 +390,7 @@ impl Demoter {
 
 impl Drop for Demoter {
     fn drop(&mut self) {
-        self.close();
+        self.close(self.shared.config.drain_on_stop);
     }
 }
 
@@ -336,9 +460,17 @@ impl EvictionSink for Demotions {
 
 fn forget_ticket(pending: &Pending, ns: &NamespaceId, key: &BlockKey, ticket: u64) {
     let mut p = pending.lock();
-    if p.get(&(*ns, *key)) == Some(&ticket) {
+    if p.get(&(*ns, *key)).is_some_and(|q| q.ticket == ticket) {
         p.remove(&(*ns, *key));
     }
+}
+
+/// Whether `ticket` is still the key's recorded demotion.
+fn is_current(pending: &Pending, ns: &NamespaceId, key: &BlockKey, ticket: u64) -> bool {
+    pending
+        .lock()
+        .get(&(*ns, *key))
+        .is_some_and(|q| q.ticket == ticket)
 }
 
 fn write_loop(s: &Shared, rx: &Receiver<DemoteItem>) {
@@ -350,6 +482,10 @@ fn write_loop(s: &Shared, rx: &Receiver<DemoteItem>) {
                 Ok(item) => batch.push(item),
                 Err(_) => break,
             }
+        }
+        if s.stop.load(Ordering::Acquire) {
+            drop_at_stop(s, &batch);
+            continue;
         }
         // One put_many per namespace, in arrival order.
         batch.sort_by_key(|i| i.ns);
@@ -375,17 +511,32 @@ fn write_group(s: &Shared, group: &[DemoteItem]) {
     let keep = |i: usize| {
         group
             .get(i)
-            .is_some_and(|it| s.pending.lock().get(&(it.ns, it.key)) == Some(&it.ticket))
+            .is_some_and(|it| is_current(&s.pending, &it.ns, &it.key, it.ticket))
     };
     let outcomes = s.disk.put_many_if(&ns, &puts, &keep);
     let c = &s.counters;
     for (item, outcome) in group.iter().zip(outcomes) {
         match outcome {
             PutOutcome::Stored => c.demoted.fetch_add(1, Ordering::Relaxed),
-            PutOutcome::NoSpace => c.failed.fetch_add(1, Ordering::Relaxed),
+            PutOutcome::NoSpace | PutOutcome::DiskFailed => {
+                c.failed.fetch_add(1, Ordering::Relaxed)
+            }
         };
         forget_ticket(&s.pending, &item.ns, &item.key, item.ticket);
         c.queued_bytes
             .fetch_sub(item.payload.len() as u64, Ordering::AcqRel);
+        c.queued_items.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Drops queued items unwritten: a close's drain deadline passed.
+fn drop_at_stop(s: &Shared, batch: &[DemoteItem]) {
+    let c = &s.counters;
+    for item in batch {
+        forget_ticket(&s.pending, &item.ns, &item.key, item.ticket);
+        c.queued_bytes
+            .fetch_sub(item.payload.len() as u64, Ordering::AcqRel);
+        c.queued_items.fetch_sub(1, Ordering::AcqRel);
+        c.stop_dropped.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -54,6 +54,10 @@ pub enum PutOutcome {
     Stored,
     /// No room: everything that could be evicted is pinned or being read.
     NoSpace,
+    /// Not stored: the namespace's policy writes every put to disk before
+    /// the acknowledgement (`sync_write_through`) and that write failed; an
+    /// older block under the key was replaced (the key reads as a miss).
+    DiskFailed,
 }
 
 /// Result of removing one block.

@@ -10,6 +10,7 @@
 //! - [`geometry`]: an engine's paged KV geometry ([`PagedGeometry`]) and how
 //!   its pages map onto kvstrata's layer-major blocks.
 //! - [`convert`]: [`NamespaceSpec`] to and from its protobuf form.
+//! - [`default_uds_path`]: where the daemon's gRPC Unix socket is by default.
 //! - [`wire`]: the byte formats of the two registration sockets (the
 //!   shared-memory pool preamble and the KV-region preamble and reply),
 //!   encoders and parsers both, so client and daemon share one definition.
@@ -22,6 +23,7 @@ pub mod geometry;
 pub mod hash;
 pub mod key;
 pub mod namespace;
+mod socket_path;
 pub mod wire;
 
 pub use convert::{spec_from_proto, spec_to_proto};
@@ -30,3 +32,4 @@ pub use geometry::{ChunkCopy, GeometryError, PageLayout, PagedGeometry};
 pub use hash::{BlockHash, block_keys, chain_keys, next_block_key};
 pub use key::{BlockKey, MAX_KEY_BYTES};
 pub use namespace::{Dtype, Layout, Namespace, NamespaceId, NamespacePolicy, NamespaceSpec};
+pub use socket_path::default_uds_path;

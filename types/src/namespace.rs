@@ -360,6 +360,19 @@ pub struct NamespacePolicy {
     pub write_through: bool,
     /// Every put is also written to the remote tier in the background.
     pub remote_write_through: bool,
+    /// Every put is written to the disk tier before it is acknowledged (a
+    /// synchronous write-through, whatever `write_through` says): an
+    /// acknowledged block survives a crash of the daemon at once. A put
+    /// whose disk write fails is not stored.
+    pub sync_write_through: bool,
+}
+
+impl NamespacePolicy {
+    /// Whether puts are written to the disk tier (in the background or
+    /// before the acknowledgement).
+    pub fn writes_to_disk(&self) -> bool {
+        self.write_through || self.sync_write_through
+    }
 }
 
 /// A registered namespace: its spec, id, block size and policy.
@@ -388,12 +401,16 @@ impl Namespace {
         })
     }
 
-    /// The persisted form: magic, a flags byte (bit 0: write-through), then
-    /// the spec's canonical encoding.
+    /// The persisted form: magic, a flags byte (bit 0: write-through, bit
+    /// 1: remote write-through, bit 2: sync write-through), then the spec's
+    /// canonical encoding.
     pub fn record(&self) -> Vec<u8> {
         let mut out = RECORD_MAGIC.to_vec();
+        let p = &self.policy;
         out.push(
-            u8::from(self.policy.write_through) | (u8::from(self.policy.remote_write_through) << 1),
+            u8::from(p.write_through)
+                | (u8::from(p.remote_write_through) << 1)
+                | (u8::from(p.sync_write_through) << 2),
         );
         out.extend_from_slice(&self.spec.canonical_encoding());
         out
@@ -404,13 +421,14 @@ impl Namespace {
     pub fn from_record(bytes: &[u8]) -> Option<Self> {
         let rest = bytes.strip_prefix(RECORD_MAGIC)?;
         let (&flags, enc) = rest.split_first()?;
-        if flags & !3 != 0 {
+        if flags & !7 != 0 {
             return None;
         }
         let spec = NamespaceSpec::from_canonical_encoding(enc)?;
         let mut ns = Namespace::new(spec).ok()?;
         ns.policy.write_through = flags & 1 != 0;
         ns.policy.remote_write_through = flags & 2 != 0;
+        ns.policy.sync_write_through = flags & 4 != 0;
         Some(ns)
     }
 }
@@ -457,6 +475,11 @@ mod tests {
         assert_eq!(Namespace::from_record(&ns.record()), Some(ns.clone()));
         ns.policy.write_through = false;
         assert_eq!(Namespace::from_record(&ns.record()), Some(ns.clone()));
+        ns.policy.sync_write_through = true;
+        assert_eq!(Namespace::from_record(&ns.record()), Some(ns.clone()));
+        let mut unknown = ns.record();
+        unknown[RECORD_MAGIC.len()] |= 8;
+        assert_eq!(Namespace::from_record(&unknown), None);
         assert_eq!(Namespace::from_record(&ns.record()[1..]), None);
     }
 

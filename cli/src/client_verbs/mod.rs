@@ -267,10 +267,15 @@ pub struct RegisterArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub write_through: Option<bool>,
     /// Write every put to the remote tier (the shared cluster) too, in the background
-    /// (needs a remote tier). Either flag sets the whole policy: the other one is off
+    /// (needs a remote tier). Any policy flag sets the whole policy: the others are off
     /// unless given as well.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub remote_write_through: Option<bool>,
+    /// Write every put to the disk tier before acknowledging it (needs a disk tier):
+    /// an acknowledged block survives a crash of the daemon right after the answer;
+    /// a put whose disk write fails answers DISK_FAILED and is not stored.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub sync_write_through: Option<bool>,
 }
 
 /// Arguments of `put`.
@@ -461,6 +466,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(a.write_through, Some(false));
+        assert_eq!(a.sync_write_through, None);
+        let a = register("m", ["1", "1", "1", "int8", "4"], &["--sync-write-through"]).unwrap();
+        assert_eq!(a.sync_write_through, Some(true));
         assert!(register("m", ["1", "1", "1", "f64", "4"], &[]).is_err());
     }
 

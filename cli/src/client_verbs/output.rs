@@ -175,6 +175,7 @@ pub fn namespace_json(n: &proto::NamespaceInfo) -> Value {
         "block_bytes": n.block_bytes,
         "write_through": n.policy.as_ref().is_some_and(|p| p.write_through),
         "remote_write_through": n.policy.as_ref().is_some_and(|p| p.remote_write_through),
+        "sync_write_through": n.policy.as_ref().is_some_and(|p| p.sync_write_through),
     })
 }
 
@@ -248,6 +249,7 @@ pub fn movement_json(m: &proto::MovementStats) -> Value {
         "demote_queued_bytes": m.demote_queued_bytes,
         "promoted": m.promoted,
         "write_through": m.write_through,
+        "sync_write_failed": m.sync_write_failed,
     })
 }
 

@@ -45,11 +45,16 @@ async fn namespace(c: &Client, arg: &str) -> Result<NamespaceId, CliError> {
 
 async fn ns_register(c: &Client, g: &GlobalArgs, a: &super::RegisterArgs) -> Result<(), CliError> {
     let spec = super::spec_from_args(a)?;
-    let policy =
-        (a.write_through.is_some() || a.remote_write_through.is_some()).then(|| NamespacePolicy {
-            write_through: a.write_through.unwrap_or(false),
-            remote_write_through: a.remote_write_through.unwrap_or(false),
-        });
+    let given = [
+        a.write_through,
+        a.remote_write_through,
+        a.sync_write_through,
+    ];
+    let policy = given.iter().any(Option::is_some).then(|| NamespacePolicy {
+        write_through: a.write_through.unwrap_or(false),
+        remote_write_through: a.remote_write_through.unwrap_or(false),
+        sync_write_through: a.sync_write_through.unwrap_or(false),
+    });
     let r = c.register_namespace_with(&spec, policy).await?;
     if g.json {
         return out::json_doc(&json!({
@@ -58,6 +63,7 @@ async fn ns_register(c: &Client, g: &GlobalArgs, a: &super::RegisterArgs) -> Res
             "created": r.created,
             "write_through": a.write_through,
             "remote_write_through": a.remote_write_through,
+            "sync_write_through": a.sync_write_through,
         }));
     }
     line(r.id)?;
@@ -210,14 +216,15 @@ async fn stats(c: &Client, g: &GlobalArgs) -> Result<(), CliError> {
     }
     if let Some(m) = &s.movement {
         line(format!(
-            "movement: demoted {}  dropped (queue full) {}  failed {}  skipped (already on disk) {}  queued {}  promoted {}  write-through {}",
+            "movement: demoted {}  dropped (queue full) {}  failed {}  skipped (already on disk) {}  queued {}  promoted {}  write-through {}  sync write-through failed {}",
             m.demoted,
             m.demote_dropped,
             m.demote_failed,
             m.demote_skipped,
             out::size(m.demote_queued_bytes),
             m.promoted,
-            m.write_through
+            m.write_through,
+            m.sync_write_failed
         ))?;
     }
     if let Some(r) = &s.remote {
@@ -513,6 +520,11 @@ async fn put(c: &Client, g: &GlobalArgs, a: &PutArgs) -> Result<(), CliError> {
     } else if status == proto::PutStatus::NoSpace as i32 {
         Err(CliError::NotStored(format!(
             "{} not stored: no space (every block that could make room is pinned or being read)",
+            out::key(&key)
+        )))
+    } else if status == proto::PutStatus::DiskFailed as i32 {
+        Err(CliError::NotStored(format!(
+            "{} not stored: the namespace writes through to disk synchronously and the disk write failed (see the daemon's log)",
             out::key(&key)
         )))
     } else {

@@ -100,9 +100,31 @@ pub struct ServerFlags {
     /// server.max_inflight_requests: requests executing at once; beyond, RESOURCE_EXHAUSTED.
     #[arg(long, env = "KVSTRATA_MAX_INFLIGHT_REQUESTS")]
     pub max_inflight_requests: Option<usize>,
+    /// server.max_inflight_per_peer: requests one client (IP address, or process on the
+    /// Unix socket) may have executing at once (0: half of max_inflight_requests).
+    #[arg(long, env = "KVSTRATA_MAX_INFLIGHT_PER_PEER")]
+    pub max_inflight_per_peer: Option<usize>,
     /// server.max_blocking_tasks: cache calls on the blocking pool at once.
     #[arg(long, env = "KVSTRATA_MAX_BLOCKING_TASKS")]
     pub max_blocking_tasks: Option<usize>,
+    /// server.max_connections: gRPC connections open at once; beyond, closed at accept.
+    #[arg(long, env = "KVSTRATA_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// server.max_connections_per_peer: connections of one IP address (TCP) or process (Unix).
+    #[arg(long, env = "KVSTRATA_MAX_CONNECTIONS_PER_PEER")]
+    pub max_connections_per_peer: Option<usize>,
+    /// server.handshake_timeout_ms: time a new connection has for its TLS and HTTP/2 handshake.
+    #[arg(long, env = "KVSTRATA_HANDSHAKE_TIMEOUT_MS")]
+    pub handshake_timeout_ms: Option<u64>,
+    /// server.idle_timeout_ms: a connection with no call open this long is closed (0: never).
+    #[arg(long, env = "KVSTRATA_IDLE_TIMEOUT_MS")]
+    pub idle_timeout_ms: Option<u64>,
+    /// server.keepalive_interval_ms: HTTP/2 PING to a peer silent this long (0: off).
+    #[arg(long, env = "KVSTRATA_KEEPALIVE_INTERVAL_MS")]
+    pub keepalive_interval_ms: Option<u64>,
+    /// server.keepalive_timeout_ms: a peer not answering a PING this long is dropped.
+    #[arg(long, env = "KVSTRATA_KEEPALIVE_TIMEOUT_MS")]
+    pub keepalive_timeout_ms: Option<u64>,
 }
 
 /// Overrides of `[host]`.
@@ -159,6 +181,14 @@ pub struct DiskFlags {
         serialize_with = "crate::size::serialize_option"
     )]
     pub disk_demote_queue: Option<ByteSize>,
+    /// disk.drain_on_stop_ms: on a graceful stop, how long the disk write queue may drain.
+    #[arg(long, env = "KVSTRATA_DISK_DRAIN_ON_STOP_MS")]
+    #[serde(rename = "drain_on_stop_ms")]
+    pub disk_drain_on_stop_ms: Option<u64>,
+    /// disk.persist_on_stop_ms: on a graceful stop, how long host-tier blocks may be written to disk (0: off).
+    #[arg(long, env = "KVSTRATA_DISK_PERSIST_ON_STOP_MS")]
+    #[serde(rename = "persist_on_stop_ms")]
+    pub disk_persist_on_stop_ms: Option<u64>,
 }
 
 /// Overrides of `[remote]`.
@@ -274,6 +304,14 @@ pub struct AuthFlags {
     /// auth.insecure: allow a non-loopback --tcp-addr without a token file.
     #[arg(long, env = "KVSTRATA_INSECURE", num_args = 0..=1, default_missing_value = "true")]
     pub insecure: Option<bool>,
+    /// auth.metrics_require_token: /metrics needs an admin bearer token of --token-file.
+    #[arg(
+        long,
+        env = "KVSTRATA_METRICS_REQUIRE_TOKEN",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub metrics_require_token: Option<bool>,
 }
 
 /// Overrides of `[tls]`.

@@ -81,6 +81,8 @@ impl Config {
             movement: MovementConfig {
                 promote_on_get: self.disk.promote_on_get,
                 demote_queue_bytes: self.disk.demote_queue.as_u64(),
+                drain_on_stop: Duration::from_millis(self.disk.drain_on_stop_ms),
+                persist_on_stop: Duration::from_millis(self.disk.persist_on_stop_ms),
                 ..MovementConfig::default()
             },
             max_lease: Duration::from_millis(self.server.max_lease_ms),

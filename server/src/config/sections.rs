@@ -40,16 +40,40 @@ pub struct ServerConfig {
     /// PutStream streams count until they end); beyond, a request is refused
     /// at once with RESOURCE_EXHAUSTED. Default 1024.
     pub max_inflight_requests: usize,
+    /// Requests one client may have executing at once (a TCP client by its
+    /// IP address, a Unix-socket client by its process), so that one client
+    /// cannot take every in-flight slot; beyond, RESOURCE_EXHAUSTED.
+    /// 0: half of `max_inflight_requests`, rounded up. Default 0 (512).
+    pub max_inflight_per_peer: usize,
     /// Cache calls (copies, disk reads) running on the blocking pool at once;
     /// further requests wait for a slot within their deadline. Default 64.
     pub max_blocking_tasks: usize,
+    /// gRPC connections open at once over the TCP, Unix and SGLang
+    /// listeners; a connection beyond is closed at accept. Default 4096.
+    pub max_connections: usize,
+    /// gRPC connections one peer may hold open (a TCP client by its IP
+    /// address, a Unix-socket client by its process). Default 512.
+    pub max_connections_per_peer: usize,
+    /// A new connection must complete its handshake (TLS, then the HTTP/2
+    /// preface and SETTINGS) within this many milliseconds, else it is
+    /// closed. Default 10000.
+    pub handshake_timeout_ms: u64,
+    /// A connection with no call open for this many milliseconds is closed
+    /// (clients reconnect on their next call). 0: never. Default 300000.
+    pub idle_timeout_ms: u64,
+    /// HTTP/2 PING sent to a peer silent for this many milliseconds. 0: no
+    /// pings. Default 60000.
+    pub keepalive_interval_ms: u64,
+    /// A peer that does not answer a PING within this many milliseconds is
+    /// dropped. Default 20000.
+    pub keepalive_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             tcp_addr: "127.0.0.1:50051".into(),
-            uds_path: kvstrata_client::default_uds_path().display().to_string(),
+            uds_path: kvstrata_types::default_uds_path().display().to_string(),
             metrics_addr: "127.0.0.1:9091".into(),
             max_message_bytes: ByteSize::mib(512),
             max_batch: 4096,
@@ -57,7 +81,25 @@ impl Default for ServerConfig {
             max_concurrent_streams: 256,
             request_timeout_ms: 30_000,
             max_inflight_requests: 1024,
+            max_inflight_per_peer: 0,
             max_blocking_tasks: 64,
+            max_connections: 4096,
+            max_connections_per_peer: 512,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 300_000,
+            keepalive_interval_ms: 60_000,
+            keepalive_timeout_ms: 20_000,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The per-peer share in effect: `max_inflight_per_peer`, or half of
+    /// `max_inflight_requests` (rounded up) when it is 0.
+    pub fn inflight_per_peer(&self) -> usize {
+        match self.max_inflight_per_peer {
+            0 => self.max_inflight_requests.div_ceil(2),
+            n => n.min(self.max_inflight_requests),
         }
     }
 }
@@ -115,6 +157,14 @@ pub struct DiskConfig {
     /// Payload bytes waiting to be demoted at most; beyond, evictions are dropped. Default 256 MiB.
     #[serde(with = "crate::size")]
     pub demote_queue: ByteSize,
+    /// On a graceful stop, how long the write queue (write-through copies
+    /// and demotions) may drain into the disk tier, in milliseconds; what is
+    /// still queued then is dropped (logged and counted). Default 5000.
+    pub drain_on_stop_ms: u64,
+    /// On a graceful stop (after the drain), how long the host tier's blocks
+    /// that the disk lacks may be written to it, hottest first, in
+    /// milliseconds, so a restart finds them; 0: not at all. Default 10000.
+    pub persist_on_stop_ms: u64,
 }
 
 impl Default for DiskConfig {
@@ -134,6 +184,8 @@ impl Default for DiskConfig {
             segment_bytes: ByteSize::b(d.segment_bytes),
             promote_on_get: m.promote_on_get,
             demote_queue: ByteSize::b(m.demote_queue_bytes),
+            drain_on_stop_ms: m.drain_on_stop.as_millis() as u64,
+            persist_on_stop_ms: m.persist_on_stop.as_millis() as u64,
         }
     }
 }
@@ -364,6 +416,11 @@ pub struct AuthConfig {
     pub uid_allow: Vec<u32>,
     /// Allow a non-loopback `server.tcp_addr` without tokens. Default false.
     pub insecure: bool,
+    /// `/metrics` answers only `Authorization: Bearer <admin token>` (a
+    /// token of `token_file` without a tenant); `/healthz` stays open. Needs
+    /// `token_file`. Default false (open: keep `server.metrics_addr` on
+    /// loopback or a trusted network).
+    pub metrics_require_token: bool,
 }
 
 impl Default for AuthConfig {
@@ -372,6 +429,7 @@ impl Default for AuthConfig {
             token_file: String::new(),
             uid_allow: vec![crate::auth::own_uid()],
             insecure: false,
+            metrics_require_token: false,
         }
     }
 }

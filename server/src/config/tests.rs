@@ -219,6 +219,7 @@ fn every_flag_lands_on_its_key() {
         "--disk-index-dir", "/d/index", "--disk-engine", "io_uring",
         "--disk-durability", "power-loss", "--disk-read-timeout-ms", "17",
         "--disk-promote-on-get", "false", "--disk-demote-queue", "5MiB",
+        "--disk-drain-on-stop-ms", "1234", "--disk-persist-on-stop-ms", "0",
         "--remote-node", "redis://a:1,redis://b:2", "--remote-deadline-ms", "18",
         "--remote-write-through", "true", "--remote-demote", "false",
         "--remote-key-prefix", "kv",
@@ -269,6 +270,10 @@ fn every_flag_lands_on_its_key() {
     );
     assert_eq!((d.read_timeout_ms, d.promote_on_get), (17, false));
     assert_eq!(d.demote_queue, ByteSize::mib(5));
+    assert_eq!((d.drain_on_stop_ms, d.persist_on_stop_ms), (1234, 0));
+    let m = c.cache_config().unwrap().movement;
+    assert_eq!(m.drain_on_stop, Duration::from_millis(1234));
+    assert!(m.persist_on_stop.is_zero());
     let r = &c.remote;
     assert_eq!(r.nodes, vec!["redis://a:1", "redis://b:2"]);
     assert_eq!(
@@ -329,4 +334,71 @@ fn every_flag_lands_on_its_key() {
             .contains("disk.engine: \"aio\" is not auto, io_uring or pread"),
         "{e}"
     );
+}
+
+#[test]
+fn connection_settings_read_flags_and_refuse_bad_values() {
+    let argv = [
+        "serve",
+        "--max-connections",
+        "100",
+        "--max-connections-per-peer",
+        "10",
+        "--handshake-timeout-ms",
+        "1500",
+        "--idle-timeout-ms",
+        "0",
+        "--keepalive-interval-ms",
+        "2000",
+        "--keepalive-timeout-ms",
+        "700",
+    ];
+    let c = Config::load(&Serve::try_parse_from(argv).unwrap().args).unwrap();
+    let s = &c.server;
+    assert_eq!((s.max_connections, s.max_connections_per_peer), (100, 10));
+    assert_eq!(
+        (
+            s.handshake_timeout_ms,
+            s.idle_timeout_ms,
+            s.keepalive_interval_ms,
+            s.keepalive_timeout_ms
+        ),
+        (1500, 0, 2000, 700)
+    );
+    let d = ServerConfig::default();
+    assert_eq!(
+        (
+            d.max_connections,
+            d.max_connections_per_peer,
+            d.handshake_timeout_ms,
+            d.idle_timeout_ms,
+            d.keepalive_interval_ms,
+            d.keepalive_timeout_ms
+        ),
+        (4096, 512, 10_000, 300_000, 60_000, 20_000)
+    );
+    let refused = |edit: &dyn Fn(&mut Config), key: &str| {
+        let mut c = Config::default();
+        edit(&mut c);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains(key), "{e}");
+    };
+    refused(&|c| c.server.max_connections = 0, "server.max_connections");
+    refused(
+        &|c| c.server.max_connections_per_peer = 5000,
+        "server.max_connections_per_peer",
+    );
+    refused(
+        &|c| c.server.handshake_timeout_ms = 0,
+        "server.handshake_timeout_ms",
+    );
+    refused(
+        &|c| c.server.keepalive_timeout_ms = 0,
+        "server.keepalive_timeout_ms",
+    );
+    // No keepalive pings: no timeout needed.
+    let mut c = Config::default();
+    c.server.keepalive_interval_ms = 0;
+    c.server.keepalive_timeout_ms = 0;
+    c.validate().unwrap();
 }

@@ -16,6 +16,34 @@ impl Config {
         self.check_access()
     }
 
+    /// `[server]`'s connection settings: limits of at least 1, a handshake
+    /// deadline, and keepalive timeouts that can be met.
+    fn check_connections(&self) -> Result<(), DaemonError> {
+        let s = &self.server;
+        if s.max_connections == 0 {
+            return bad("server.max_connections", "must be at least 1".into());
+        }
+        if s.max_connections_per_peer == 0 || s.max_connections_per_peer > s.max_connections {
+            return bad(
+                "server.max_connections_per_peer",
+                format!(
+                    "must be between 1 and server.max_connections ({})",
+                    s.max_connections
+                ),
+            );
+        }
+        if s.handshake_timeout_ms == 0 {
+            return bad("server.handshake_timeout_ms", "must be at least 1".into());
+        }
+        if s.keepalive_interval_ms > 0 && s.keepalive_timeout_ms == 0 {
+            return bad(
+                "server.keepalive_timeout_ms",
+                "must be at least 1 while server.keepalive_interval_ms is on".into(),
+            );
+        }
+        Ok(())
+    }
+
     /// `[server]`: something to listen on, parseable addresses, limits in range.
     fn check_server(&self) -> Result<(), DaemonError> {
         if self.server.tcp_addr.is_empty() && self.server.uds_path.is_empty() {
@@ -60,12 +88,22 @@ impl Config {
                 "must be at least 1 (and below 2^61)".into(),
             );
         }
+        if self.server.max_inflight_per_peer > self.server.max_inflight_requests {
+            return bad(
+                "server.max_inflight_per_peer",
+                format!(
+                    "{} exceeds server.max_inflight_requests ({}); 0 means half of it",
+                    self.server.max_inflight_per_peer, self.server.max_inflight_requests
+                ),
+            );
+        }
         if self.server.max_blocking_tasks == 0 || self.server.max_blocking_tasks > 100_000 {
             return bad(
                 "server.max_blocking_tasks",
                 "must be between 1 and 100000".into(),
             );
         }
+        self.check_connections()?;
         Ok(())
     }
 
@@ -184,6 +222,12 @@ impl Config {
             || !self.shm.mempool_socket.is_empty()
             || !self.sglang.socket.is_empty()
             || !self.gpu.region_socket.is_empty();
+        if self.auth.metrics_require_token && self.auth.token_file.is_empty() {
+            return bad(
+                "auth.metrics_require_token",
+                "needs auth.token_file (the admin tokens /metrics accepts)".into(),
+            );
+        }
         if self.auth.uid_allow.is_empty() && unix_sockets_on {
             return bad(
                 "auth.uid_allow",

@@ -179,7 +179,7 @@ fn encode_disk(encoder: &mut DescriptorEncoder, d: &DiskStats) -> EncodeResult {
 
 /// Blocks moving between the host and disk tiers.
 fn encode_movement(encoder: &mut DescriptorEncoder, m: &MovementStats) -> EncodeResult {
-    let movement: [(Kind, &str, &str, u64); 7] = [
+    let movement: [(Kind, &str, &str, u64); 8] = [
         (
             Kind::Counter,
             "kvstrata_demoted_blocks",
@@ -221,6 +221,12 @@ fn encode_movement(encoder: &mut DescriptorEncoder, m: &MovementStats) -> Encode
             "kvstrata_write_through_blocks",
             "Write-through copies queued",
             m.write_through,
+        ),
+        (
+            Kind::Counter,
+            "kvstrata_sync_write_failed_blocks",
+            "Puts of sync_write_through namespaces not stored: the disk write failed",
+            m.sync_write_failed,
         ),
     ];
     for (kind, name, help, v) in movement {

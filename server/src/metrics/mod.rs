@@ -8,9 +8,13 @@
 //! the helpers of `family.rs`.
 
 mod cache;
+mod connections;
 mod family;
 mod registries;
 
+pub use connections::{
+    ConnClosed, ConnCollector, ConnCounters, ConnListener, ConnRefused, Malformed,
+};
 pub use registries::RegionCollector;
 
 use std::net::SocketAddr;
@@ -85,7 +89,7 @@ impl Metrics {
         let rejected = Family::<RejectLabels, Counter>::default();
         registry.register(
             "kvstrata_requests_rejected",
-            "Requests refused by the limits: overloaded (server.max_inflight_requests) or deadline (past grpc-timeout / server.request_timeout_ms)",
+            "Requests refused by the limits: overloaded (server.max_inflight_requests), peer_limit (server.max_inflight_per_peer) or deadline (past grpc-timeout / server.request_timeout_ms)",
             rejected.clone(),
         );
         let in_flight = Gauge::default();
@@ -119,7 +123,7 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts one request refused by the limits (`overloaded`, `deadline`).
+    /// Counts one request refused by the limits (`overloaded`, `peer_limit`, `deadline`).
     pub fn record_rejected(&self, reason: &'static str) {
         self.rejected.get_or_create(&RejectLabels { reason }).inc();
     }
@@ -161,7 +165,40 @@ impl Metrics {
     }
 }
 
-async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+/// What `/metrics` serves: the metrics, and the auth state when a scrape
+/// needs an admin token (`auth.metrics_require_token`).
+#[derive(Clone)]
+struct Scrape {
+    metrics: Arc<Metrics>,
+    auth: Option<Arc<crate::auth::Auth>>,
+}
+
+async fn metrics_handler(
+    State(scrape): State<Scrape>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    if let Some(auth) = &scrape.auth {
+        let presented = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+        if let Err(s) = auth.check_metrics_scrape(presented) {
+            let code = match s.code() {
+                tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            return (
+                code,
+                [
+                    (header::CONTENT_TYPE, "text/plain"),
+                    (header::WWW_AUTHENTICATE, "Bearer"),
+                ],
+                format!("{}\n", s.message()),
+            )
+                .into_response();
+        }
+    }
+    render_metrics(&scrape.metrics).into_response()
+}
+
+fn render_metrics(metrics: &Metrics) -> impl IntoResponse {
     match metrics.render() {
         Ok(body) => (
             StatusCode::OK,
@@ -179,16 +216,18 @@ async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoRespon
     }
 }
 
-/// Serves `/metrics` (and `/healthz`) until `shutdown` is cancelled.
+/// Serves `/metrics` (and `/healthz`) until `shutdown` is cancelled; with
+/// `auth`, a scrape needs an admin bearer token (`/healthz` stays open).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
+    auth: Option<Arc<crate::auth::Auth>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(metrics);
+        .with_state(Scrape { metrics, auth });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

@@ -48,6 +48,13 @@ impl Collector for PoolCollector {
             "kvstrata_pools_unsealed",
             "Pools registered without a shrink seal (a client truncating one would fault the daemon)",
             s.unsealed,
+        )?;
+        single(
+            &mut encoder,
+            Kind::Counter,
+            "kvstrata_pool_unknown_ids",
+            "Requests naming a pool id not registered in this daemon run (closed, or kept across a restart)",
+            s.unknown_ids,
         )
     }
 }
@@ -116,6 +123,13 @@ impl Collector for RegionCollector {
             "kvstrata_kv_region_scattered_bytes",
             "Block bytes scattered into KV-region pages (gets)",
             s.scattered,
+        )?;
+        single(
+            &mut encoder,
+            Kind::Counter,
+            "kvstrata_kv_region_unknown_ids",
+            "Requests naming a KV region id not registered in this daemon run (closed, or kept across a restart)",
+            s.unknown_ids,
         )
     }
 }

@@ -1,6 +1,7 @@
 //! The operator's methods: `Delete` and `Evict` (blocks leave the cache),
 //! `Stats`, `ListBlocks` and `Inspect` (what the cache holds), and `Verify`
-//! (a check of every disk slot, admins only).
+//! (a check of every disk slot, admins only). A tenant's `Stats` shows the
+//! daemon's shape only, not what other tenants do ([`tenant_view`]).
 
 use std::sync::Arc;
 
@@ -64,8 +65,9 @@ impl KvCacheService {
 
     pub(super) fn handle_stats(
         &self,
-        _request: Request<pb::StatsRequest>,
+        request: Request<pb::StatsRequest>,
     ) -> Result<pb::StatsResponse, Status> {
+        let caller = Caller::of(&request);
         let s = self.cache.stats();
         let tiers = s
             .tiers
@@ -114,6 +116,21 @@ impl KvCacheService {
                 resp.kv_regions = r.list().iter().map(convert::region_to_pb).collect();
             }
             None => resp.gpu_status = "unknown (no GPU state given to the service)".into(),
+        }
+        // A node URL may carry the cluster's password (`redis://user:pass@host`).
+        if let Some(r) = &mut resp.remote {
+            for n in &mut r.nodes {
+                *n = redact_password(n);
+            }
+        }
+        if caller.tenant().is_some() {
+            let own = self
+                .cache
+                .namespaces()
+                .iter()
+                .filter(|ns| self.visible(&caller, &ns.id))
+                .count() as u32;
+            return Ok(tenant_view(resp, own));
         }
         Ok(resp)
     }
@@ -198,6 +215,46 @@ impl KvCacheService {
     }
 }
 
+/// What a tenant's `Stats` shows: the daemon's shape (tiers and their
+/// capacities, GPUs, version, uptime) and the number of its own namespaces.
+/// Daemon-wide counters, occupancy, leases, events, pools, KV regions and the
+/// remote tier describe every tenant's traffic together, so they stay zero
+/// (a tenant counts its own traffic on its side).
+fn tenant_view(full: pb::StatsResponse, own_namespaces: u32) -> pb::StatsResponse {
+    pb::StatsResponse {
+        tiers: full
+            .tiers
+            .iter()
+            .map(|t| pb::TierStats {
+                tier: t.tier,
+                capacity_bytes: t.capacity_bytes,
+                ..pb::TierStats::default()
+            })
+            .collect(),
+        namespaces: own_namespaces,
+        uptime_ms: full.uptime_ms,
+        version: full.version,
+        gpus: full.gpus,
+        gpu_status: full.gpu_status,
+        ..pb::StatsResponse::default()
+    }
+}
+
+/// A Redis URL with the password of its user info replaced by `***`.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+        None => url.to_string(),
+    }
+}
+
 /// The ListBlocks page size asked for (0: the default).
 fn page_size(requested: u32) -> Result<usize, Status> {
     match requested as usize {
@@ -218,5 +275,25 @@ fn page_cursor(token: &[u8]) -> Result<Option<u64>, Status> {
         Err(_) => Err(Status::invalid_argument(
             "page_token: not a token from a previous response",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_in_node_urls_are_redacted() {
+        assert_eq!(
+            redact_password("redis://kv:s3cret@10.0.0.1:6379"),
+            "redis://kv:***@10.0.0.1:6379"
+        );
+        assert_eq!(redact_password("rediss://:pw@h:1/0"), "rediss://:***@h:1/0");
+        assert_eq!(redact_password("redis://h:6379"), "redis://h:6379");
+        assert_eq!(
+            redact_password("redis://user@h:6379"),
+            "redis://user@h:6379"
+        );
+        assert_eq!(redact_password("h:6379"), "h:6379");
     }
 }

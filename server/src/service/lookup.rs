@@ -1,6 +1,7 @@
 //! `Lookup` (how long a prefix of keys is cached, and in which tiers) and
-//! the leases of `Pin` / `Unpin`, which keep blocks from being evicted.
-//! They call the cache directly, not through the blocking pool.
+//! the leases of `Pin` / `Unpin`, which keep blocks from being evicted; a
+//! tenant pins and unpins only on its own namespaces. They call the cache
+//! directly, not through the blocking pool.
 
 use std::time::Duration;
 
@@ -48,12 +49,25 @@ impl KvCacheService {
         })
     }
 
+    /// A tenant may end only the leases on its own namespaces, as it may take
+    /// leases only there (an unknown lease is the cache's `NOT_FOUND`).
     pub(super) fn handle_unpin(
         &self,
         request: Request<pb::UnpinRequest>,
     ) -> Result<pb::UnpinResponse, Status> {
+        let caller = Caller::of(&request);
+        let lease_id = request.into_inner().lease_id;
+        if let (Caller::Tenant(t), Some(auth)) = (&caller, &self.auth)
+            && let Some(ns) = self.cache.lease_namespace(lease_id)
+        {
+            auth.authorize(&caller, &ns, true).map_err(|_| {
+                Status::permission_denied(format!(
+                    "lease_id: lease {lease_id} pins blocks of a namespace that is not tenant {t:?}'s"
+                ))
+            })?;
+        }
         self.cache
-            .unpin(request.into_inner().lease_id)
+            .unpin(lease_id)
             .map(|_| pb::UnpinResponse {})
             .map_err(status)
     }

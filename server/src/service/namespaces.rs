@@ -23,6 +23,7 @@ impl KvCacheService {
         let policy = req.policy.map(|p| NamespacePolicy {
             write_through: p.write_through,
             remote_write_through: p.remote_write_through,
+            sync_write_through: p.sync_write_through,
         });
         self.register_as(&caller, spec, policy).await
     }
@@ -44,6 +45,7 @@ impl KvCacheService {
                 policy: Some(pb::NamespacePolicy {
                     write_through: ns.policy.write_through,
                     remote_write_through: ns.policy.remote_write_through,
+                    sync_write_through: ns.policy.sync_write_through,
                 }),
             })
             .collect();

@@ -309,6 +309,7 @@ fn store_put(
     let mut outcomes = cache.put_batch(ns, &blocks).map_err(status)?.into_iter();
     let code = |o: Option<PutOutcome>| match o {
         Some(PutOutcome::Stored) => pb::PutStatus::Stored,
+        Some(PutOutcome::DiskFailed) => pb::PutStatus::DiskFailed,
         Some(PutOutcome::NoSpace) | None => pb::PutStatus::NoSpace,
     };
     Ok(plan

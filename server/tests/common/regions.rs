@@ -70,7 +70,7 @@ impl Running {
         &self,
         preamble: &[u8],
         fd: Option<&File>,
-    ) -> (UnixStream, Result<u32, KvRegionError>) {
+    ) -> (UnixStream, Result<u64, KvRegionError>) {
         tokio::task::block_in_place(|| {
             let conn = UnixStream::connect(&self.socket).expect("connect");
             let r = register_raw(&conn, preamble, fd, "raw", self.socket());

@@ -10,7 +10,9 @@ use bytes::Bytes;
 use kvstrata_kernels::{Gpu, StagingBuffer};
 use rayon::prelude::*;
 
+use super::put::drop_disk_copy;
 use super::{BlockCache, DevicePutError};
+use crate::disk::DiskPut;
 use crate::disk::checksum::xxh3_64;
 use crate::error::CacheError;
 use crate::hbm::{HbmRead, HbmSlot, HbmTier};
@@ -49,6 +51,8 @@ impl DeviceSlot {
 struct WriteThrough {
     remote: bool,
     disk: bool,
+    /// The disk write runs before the put answers (`sync_write_through`).
+    sync: bool,
 }
 
 impl WriteThrough {
@@ -176,13 +180,17 @@ impl BlockCache {
                 .remote
                 .as_ref()
                 .is_some_and(|r| namespace.policy.remote_write_through || r.config().write_through),
-            disk: self.disk.is_some() && namespace.policy.write_through,
+            disk: self.disk.is_some() && namespace.policy.writes_to_disk(),
+            sync: self.disk.is_some() && namespace.policy.sync_write_through,
         }
     }
 
     /// Publishes one filled device slot under its key's stripe lock, after
     /// the older version left every tier (T0 first, so no T0 demotion of it
-    /// can reach the host tier afterwards); queues the write-throughs.
+    /// can reach the host tier afterwards); queues the write-throughs of a
+    /// stored block (none of a refused one), or with `sync` writes it to
+    /// disk first: a failed disk write takes it out of every tier again
+    /// (`DiskFailed`).
     #[allow(clippy::too_many_arguments)]
     fn publish_device_put(
         &self,
@@ -211,16 +219,19 @@ impl BlockCache {
         }
         // Before the publish: the old block can no longer be evicted, and a
         // demotion of the new block that races with this put then queues its
-        // write after this.
+        // write after this. A write-through that must wait for the outcome
+        // (a sync put, or a refused one) is queued after the publish, over
+        // a delete queued now.
+        let remote_now = through.remote && !through.sync;
         if let Some(r) = &self.remote {
-            match copy.clone().filter(|_| through.remote) {
+            match copy.clone().filter(|_| remote_now) {
                 Some(bytes) => {
                     r.enqueue_put(ns, key, parent, bytes, true);
                 }
                 None => r.enqueue_delete(ns, key),
             }
         }
-        let outcome = match slot {
+        let mut outcome = match slot {
             DeviceSlot::Hbm(s) => match (hbm, checksum) {
                 (Some(h), Some(c)) => h.publish(s, ns, key, parent, c),
                 _ => PutOutcome::NoSpace,
@@ -230,8 +241,48 @@ impl BlockCache {
                 Err(_) => PutOutcome::NoSpace,
             },
         };
-        if let (Some(d), Some(bytes)) = (&self.disk, copy.filter(|_| through.disk)) {
-            d.demoter.write_through(ns, key, parent, bytes);
+        if outcome != PutOutcome::Stored {
+            // Not stored: nothing is queued for it (and a write-through
+            // queued above is superseded).
+            if let Some(r) = self.remote.as_ref().filter(|_| remote_now) {
+                r.enqueue_delete(ns, key);
+            }
+            return outcome;
+        }
+        let Some(d) = &self.disk else {
+            return outcome;
+        };
+        let bytes = copy.filter(|_| through.disk);
+        match bytes {
+            Some(bytes) if through.sync => {
+                let put = DiskPut {
+                    key: *key,
+                    parent: parent.copied(),
+                    payload: &bytes,
+                };
+                if d.tier.put_many(ns, &[put]).first() != Some(&PutOutcome::Stored) {
+                    // Out of every tier again (waiting for an eviction
+                    // handing it on; then its queued or written copy goes).
+                    self.drop_hbm_copies(ns, key, None);
+                    self.host.remove(ns, key, RemoveReason::Delete);
+                    drop_disk_copy(d, ns, key);
+                    d.demoter.count_sync_failed(1);
+                    tracing::warn!(namespace = %ns, "sync write-through: disk write failed; the block was not stored");
+                    outcome = PutOutcome::DiskFailed;
+                }
+                let stored = outcome == PutOutcome::Stored;
+                if let Some(r) = self.remote.as_ref().filter(|_| through.remote) {
+                    if stored {
+                        r.enqueue_put(ns, key, parent, bytes.clone(), true);
+                    } else {
+                        r.enqueue_delete(ns, key);
+                    }
+                }
+            }
+            Some(bytes) => {
+                d.demoter.write_through(ns, key, parent, bytes);
+            }
+            None => {}
         }
         outcome
     }

@@ -2,7 +2,10 @@
 //! [`BlockCache::get_batch`]): each tier is asked, in one batch, for what
 //! the faster tiers missed. A hit below the host tier is copied into it
 //! (promotion on get) unless a faster tier got the key meanwhile or the
-//! copy read is no longer the tier's current one.
+//! copy read is no longer the tier's current one. Before the disk tier,
+//! the demotion queue is asked: a block evicted from the host tier and not
+//! yet on disk is served from it (as the disk tier's, not promoted), so no
+//! read misses a block between the two (see [`crate::movement`]).
 
 use std::borrow::Cow;
 use std::sync::atomic::Ordering;
@@ -30,8 +33,16 @@ impl BlockCache {
             if missed.is_empty() {
                 break;
             }
-            let held = tier.contains_batch(ns, &miss_keys);
             let kind = tier.kind();
+            if let Some(queued) = self.queued_before(kind, ns, &miss_keys) {
+                let held: Vec<bool> = queued.iter().map(Option::is_some).collect();
+                missed = keep_misses(&missed, &held, |i| found[i] = Some(kind));
+                miss_keys = Cow::Owned(missed.iter().map(|&i| keys[i]).collect());
+                if missed.is_empty() {
+                    break;
+                }
+            }
+            let held = tier.contains_batch(ns, &miss_keys);
             missed = keep_misses(&missed, &held, |i| found[i] = Some(kind));
             miss_keys = Cow::Owned(missed.iter().map(|&i| keys[i]).collect());
         }
@@ -53,8 +64,22 @@ impl BlockCache {
             if missed.is_empty() {
                 break;
             }
-            let reads = tier.read_batch(ns, &miss_keys, namespace.block_bytes);
             let kind = tier.kind();
+            if let Some(queued) = self.queued_before(kind, ns, &miss_keys) {
+                let mut still = Vec::new();
+                for (&i, q) in missed.iter().zip(queued) {
+                    match q {
+                        Some(payload) => out[i] = Some((payload, kind)),
+                        None => still.push(i),
+                    }
+                }
+                missed = still;
+                miss_keys = Cow::Owned(missed.iter().map(|&i| keys[i]).collect());
+                if missed.is_empty() {
+                    break;
+                }
+            }
+            let reads = tier.read_batch(ns, &miss_keys, namespace.block_bytes);
             let promote = self.promotes_on_get(kind);
             let mut still = Vec::new();
             for ((&i, key), read) in missed.iter().zip(miss_keys.iter()).zip(reads) {
@@ -72,6 +97,23 @@ impl BlockCache {
             miss_keys = Cow::Owned(missed.iter().map(|&i| keys[i]).collect());
         }
         Ok(out)
+    }
+
+    /// Before the disk tier (`kind`), the blocks of `keys` waiting in the
+    /// demotion queue ([`crate::movement::Demoter::queued`]); `None` before
+    /// any other tier. The queue drops a block only once the disk tier has
+    /// published it (or refused it, counted in `demote_failed`), so a
+    /// queued key missed here is found by the disk tier's read that follows.
+    fn queued_before(
+        &self,
+        kind: TierKind,
+        ns: &NamespaceId,
+        keys: &[BlockKey],
+    ) -> Option<Vec<Option<Bytes>>> {
+        match (&self.disk, kind) {
+            (Some(d), TierKind::Disk) if !keys.is_empty() => Some(d.demoter.queued(ns, keys)),
+            _ => None,
+        }
     }
 
     /// Whether a get that hits in a tier of `kind` copies the block into

@@ -11,6 +11,19 @@ use crate::key::BlockKey;
 use crate::namespace::NamespaceId;
 use crate::tier::PinToken;
 
+/// The first lease id of a cache: a random point in 1..2^63 (std's randomly
+/// keyed hasher, seeded from the OS), so a lease id a client kept across a
+/// daemon restart names no lease of the new run (odds about n / 2^63 after n
+/// pins) and cannot end another client's pins. Counting up from there never
+/// reaches 0.
+pub(super) fn first_lease_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (random >> 1).max(1)
+}
+
 /// A granted lease: the pins it holds and when it ends.
 pub(super) struct Lease {
     tokens: Vec<PinToken>,
@@ -85,6 +98,16 @@ impl BlockCache {
         for t in self.tiers.iter().filter(|t| t.kind() == token.tier) {
             t.unpin(token);
         }
+    }
+
+    /// The namespace whose blocks a lease pins (a lease pins in one
+    /// namespace); `None` for an unknown, ended or expired lease.
+    pub fn lease_namespace(&self, lease_id: u64) -> Option<NamespaceId> {
+        let leases = self.leases.lock();
+        leases
+            .get(&lease_id)
+            .and_then(|l| l.tokens.first())
+            .map(|t| t.namespace)
     }
 
     /// Ends a lease.

@@ -21,6 +21,8 @@
 //! - `device.rs`: the CUDA-IPC data path (device puts and gets, promotion
 //!   into HBM).
 //! - `lease.rs`: pins and leases.
+//! - `stop.rs`: [`BlockCache::close`]: the ordered shutdown, the write
+//!   queue's drain and the host tier persisted to disk.
 //!
 //! # Movement (with a disk tier)
 //!
@@ -31,6 +33,10 @@
 //!   batch in one submission) and, with `promote_on_get`, copies each hit
 //!   into the host tier. The disk keeps its copy (the tiers are inclusive),
 //!   so evicting a promoted block again costs no write.
+//! - A block between the two (evicted from the host tier, still in the
+//!   demotion queue) is served from the queue by gets and lookups (as the
+//!   disk tier's, not promoted), so no read misses it while the writer is
+//!   behind (`get.rs`, [`crate::movement`]).
 //! - A put or delete of a key makes every older copy unreachable: it takes
 //!   the key's stripe lock, writes the host tier, drops any queued demotion
 //!   of the key and removes it from disk. The host tier hands its victims
@@ -41,7 +47,9 @@
 //!   holds the version it read, so a get never resurrects bytes older than
 //!   a completed put.
 //! - With a namespace's `write_through` policy every put is also queued for
-//!   the disk.
+//!   the disk; with `sync_write_through` it is written to disk before the
+//!   put answers (a failed disk write: the put is not stored).
+//! - A put the host tier refuses changes no tier (see `put.rs`).
 //! - Namespace registrations are saved in the disk index, so a restarted
 //!   daemon knows the namespaces of the blocks it serves.
 //!
@@ -93,15 +101,21 @@
 //! [`BlockCache::close`] shuts the cache down in order: it stops taking
 //! writes (waiting for those in flight; later ones fail with
 //! [`CacheError::Closed`]), finishes the HBM tiers' copies (top to bottom),
-//! drains the demotion queue into the disk tier and joins its writer,
-//! persists the disk tier's access times, then drains the remote tier's
-//! write queue and stops its tasks. Dropping the cache closes it too, if
-//! `close` was not called.
+//! drains the demotion queue into the disk tier for at most
+//! `movement.drain_on_stop` and joins its writer, writes the host tier's
+//! blocks that the disk lacks to it (hottest first, for at most
+//! `movement.persist_on_stop`), persists the disk tier's access times, then
+//! drains the remote tier's write queue and stops its tasks. It reports
+//! (log and [`StopReport`]) what was written and what was left. Dropping the
+//! cache closes it too, if `close` was not called.
 
 mod device;
 mod get;
 mod lease;
 mod put;
+mod stop;
+
+pub use stop::{PersistReport, StopReport};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -246,10 +260,6 @@ struct DiskSide {
 /// Stripe locks ordering puts, deletes and promotions of one key.
 const STRIPES: usize = 256;
 
-/// Longest a close waits for the remote tier's write queue to drain (and
-/// then for its tasks to stop).
-const REMOTE_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-
 /// The cache: namespaces, tiers, leases, events.
 pub struct BlockCache {
     namespaces: RwLock<HashMap<NamespaceId, Arc<Namespace>>>,
@@ -375,7 +385,7 @@ impl BlockCache {
             closed: RwLock::new(false),
             events,
             leases: Mutex::new(HashMap::new()),
-            next_lease: AtomicU64::new(1),
+            next_lease: AtomicU64::new(lease::first_lease_id()),
             lookups: AtomicU64::new(0),
             config,
             started: Instant::now(),
@@ -441,10 +451,36 @@ impl BlockCache {
     }
 
     fn stripe(&self, ns: &NamespaceId, key: &BlockKey) -> &Mutex<u64> {
+        &self.stripes[self.stripe_index(ns, key)]
+    }
+
+    fn stripe_index(&self, ns: &NamespaceId, key: &BlockKey) -> usize {
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         h.update(ns.as_bytes());
         h.update(key.as_bytes());
-        &self.stripes[(h.digest() as usize) % self.stripes.len()]
+        (h.digest() as usize) % self.stripes.len()
+    }
+
+    /// The stripe locks of every key, each once, taken as writers do
+    /// ([`BlockCache::write_stripe`]) in stripe order. The only holder of
+    /// several stripes at once: every other writer holds one at a time and
+    /// never waits for another while holding it, and two holders of several
+    /// take theirs in the same order, so no wait can close a cycle.
+    fn write_stripes<'k>(
+        &self,
+        ns: &NamespaceId,
+        keys: impl Iterator<Item = &'k BlockKey>,
+    ) -> Vec<MutexGuard<'_, u64>> {
+        let mut idx: Vec<usize> = keys.map(|k| self.stripe_index(ns, k)).collect();
+        idx.sort_unstable();
+        idx.dedup();
+        idx.into_iter()
+            .map(|i| {
+                let mut guard = self.stripes[i].lock();
+                *guard += 1;
+                guard
+            })
+            .collect()
     }
 
     /// The key's stripe lock, taken by a writer (put or delete): its write
@@ -501,6 +537,12 @@ impl BlockCache {
                 tier: "disk",
             });
         }
+        if policy.is_some_and(|p| p.sync_write_through) && self.disk.is_none() {
+            return Err(CacheError::TierNotConfigured {
+                field: "policy.sync_write_through".into(),
+                tier: "disk",
+            });
+        }
         if policy.is_some_and(|p| p.remote_write_through) && self.remote.is_none() {
             return Err(CacheError::TierNotConfigured {
                 field: "policy.remote_write_through".into(),
@@ -523,7 +565,7 @@ impl BlockCache {
         }
         let ns = Arc::new(ns);
         map.insert(ns.id, Arc::clone(&ns));
-        tracing::info!(namespace = %ns.id, model = %ns.spec.model_id, block_bytes = ns.block_bytes, write_through = ns.policy.write_through, "namespace registered");
+        tracing::info!(namespace = %ns.id, model = %ns.spec.model_id, block_bytes = ns.block_bytes, write_through = ns.policy.write_through, sync_write_through = ns.policy.sync_write_through, "namespace registered");
         Ok((ns, existing.is_none()))
     }
 
@@ -645,38 +687,6 @@ impl BlockCache {
 
     pub fn subscribe(&self) -> broadcast::Receiver<CacheEvent> {
         self.events.subscribe()
-    }
-
-    /// Shuts the cache down in order (see the module docs), once: later
-    /// calls return at once. Blocks until done, the remote tier's queue
-    /// bounded by a couple of seconds; call it from a thread that may block
-    /// (the daemon runs it through `spawn_blocking` after its listeners
-    /// have drained). Reads still answer afterwards, from what the tiers
-    /// hold; writes fail with [`CacheError::Closed`]. The disk tier's I/O
-    /// threads end when the cache is dropped.
-    pub fn close(&self) {
-        {
-            // Waits for the writes in flight.
-            let mut closed = self.closed.write();
-            if *closed {
-                return;
-            }
-            *closed = true;
-        }
-        let began = Instant::now();
-        for h in &self.hbm {
-            h.close();
-        }
-        if let Some(d) = &self.disk {
-            d.demoter.close();
-            if let Err(e) = d.tier.persist_access() {
-                tracing::warn!(error = %e, "disk tier: access times not persisted at close");
-            }
-        }
-        if let Some(r) = &self.remote {
-            r.close(REMOTE_CLOSE_TIMEOUT);
-        }
-        tracing::info!(took_ms = began.elapsed().as_millis() as u64, "cache closed");
     }
 }
 

@@ -4,13 +4,23 @@
 //! the host tier is written, then any queued demotion of the key is dropped
 //! and the disk copy removed; the remote tier's write or delete is queued
 //! after the host write.
+//!
+//! A put the host tier refuses (`NoSpace`: everything evictable is pinned
+//! or being read) changes nothing below it: no write-through is queued, no
+//! older copy is removed, so a block it would have replaced (pinned, say)
+//! stays exactly as it was in every tier, and the refused bytes are never
+//! served, now or after a restart.
+//!
+//! A namespace with `sync_write_through` writes its puts to the disk tier
+//! before answering ([`BlockCache::put_batch`]); a block whose disk write
+//! fails leaves every tier and answers `DiskFailed`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::{BlockCache, PutBlock};
+use super::{BlockCache, DiskSide, PutBlock};
 use crate::disk::DiskPut;
 use crate::error::CacheError;
 use crate::hbm::HbmTier;
@@ -23,6 +33,12 @@ impl BlockCache {
     /// other than the block itself); on error nothing is stored. Parents are
     /// keys of the same namespace. A put under a cached key replaces the old
     /// block, pinned or not; pins held on the old block then cover nothing.
+    /// An item the host tier refuses (`NoSpace`) changes nothing.
+    ///
+    /// With the namespace's `sync_write_through`, the stored items are
+    /// written to the disk tier (in one submission) before this returns;
+    /// an item whose disk write fails is removed from every tier again and
+    /// answers `DiskFailed`.
     pub fn put_batch(
         &self,
         ns: &NamespaceId,
@@ -31,6 +47,11 @@ impl BlockCache {
         let namespace = self.namespace("namespace_id", ns)?;
         validate_puts(ns, &namespace, items)?;
         let _open = self.admit_write()?;
+        if namespace.policy.sync_write_through
+            && let Some(d) = &self.disk
+        {
+            return Ok(self.put_sync(ns, &namespace, items, d));
+        }
         Ok(items
             .iter()
             .map(|item| self.put_one(ns, &namespace, item))
@@ -46,28 +67,130 @@ impl BlockCache {
         // Replaces the old block; if a host eviction is handing the old
         // block on, this waits until it has queued it.
         let out = self.host.put(ns, key, parent, &item.payload);
+        if out != PutOutcome::Stored {
+            // Refused: the old block (if any) is still the host tier's, so
+            // its disk and remote copies, and any queued write of it, stay
+            // as they are; the refused bytes are queued nowhere.
+            return out;
+        }
         // After the host write: it supersedes any write of the old block a
         // host eviction queued (an eviction of the new block racing this
         // put may be superseded too: a miss on the cluster, never old bytes).
-        if let Some(r) = &self.remote {
-            if namespace.policy.remote_write_through || r.config().write_through {
-                r.enqueue_put(ns, key, parent, Bytes::copy_from_slice(&item.payload), true);
-            } else {
-                r.enqueue_delete(ns, key);
-            }
-        }
+        self.queue_remote(ns, namespace, key, parent, Some(&item.payload[..]));
         if let Some(d) = &self.disk {
-            d.demoter.forget(ns, key);
-            if d.tier.contains(ns, key) {
-                d.tier.remove(ns, key, RemoveReason::Delete);
-            }
-            if namespace.policy.write_through {
+            drop_disk_copy(d, ns, key);
+            if namespace.policy.writes_to_disk() {
                 // The disk write runs after this call returns: it gets
                 // its own copy, never the caller's buffer (which may be
                 // a client's shared-memory pool, reused at once).
                 d.demoter
                     .write_through(ns, key, parent, Bytes::copy_from_slice(&item.payload));
             }
+        }
+        out
+    }
+
+    /// Queues the remote tier's part of a put under the key's stripe lock,
+    /// after the host write: the block's write (with write-through) or a
+    /// delete of the cluster's copy; `payload` `None` (a put that failed):
+    /// a delete.
+    pub(super) fn queue_remote(
+        &self,
+        ns: &NamespaceId,
+        namespace: &Namespace,
+        key: &BlockKey,
+        parent: Option<&BlockKey>,
+        payload: Option<&[u8]>,
+    ) {
+        let Some(r) = &self.remote else {
+            return;
+        };
+        let through = namespace.policy.remote_write_through || r.config().write_through;
+        match payload.filter(|_| through) {
+            Some(bytes) => {
+                r.enqueue_put(ns, key, parent, Bytes::copy_from_slice(bytes), true);
+            }
+            None => r.enqueue_delete(ns, key),
+        }
+    }
+
+    /// `put_batch` of a `sync_write_through` namespace. Holds the stripe
+    /// locks of every key of the batch (in stripe order) for the whole
+    /// call, so no other write of these keys runs between the host write
+    /// and the disk write: each stored item's older disk copy goes as in
+    /// `put_one`, then one disk write of the last stored item of each key
+    /// (an earlier one of the same key was replaced by it). A key whose
+    /// disk write failed leaves the host tier again (and a copy a racing
+    /// demotion queued or wrote), so a failed put is never served; its
+    /// items answer `DiskFailed`. The remote tier's writes are queued once
+    /// the outcome is known.
+    fn put_sync(
+        &self,
+        ns: &NamespaceId,
+        namespace: &Namespace,
+        items: &[PutBlock],
+        d: &DiskSide,
+    ) -> Vec<PutOutcome> {
+        let _stripes = self.write_stripes(ns, items.iter().map(|i| &i.key));
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            self.drop_hbm_copies(ns, &item.key, None);
+            let o = self
+                .host
+                .put(ns, &item.key, item.parent.as_ref(), &item.payload);
+            if o == PutOutcome::Stored {
+                drop_disk_copy(d, ns, &item.key);
+            }
+            out.push(o);
+        }
+        let mut last: HashMap<BlockKey, usize> = HashMap::new();
+        for (i, (item, o)) in items.iter().zip(&out).enumerate() {
+            if *o == PutOutcome::Stored {
+                last.insert(item.key, i);
+            }
+        }
+        let mut order: Vec<usize> = last.into_values().collect();
+        order.sort_unstable();
+        let writes: Vec<DiskPut<'_>> = order
+            .iter()
+            .map(|&i| DiskPut {
+                key: items[i].key,
+                parent: items[i].parent,
+                payload: &items[i].payload,
+            })
+            .collect();
+        let written = d.tier.put_many(ns, &writes);
+        let failed: HashSet<BlockKey> = order
+            .iter()
+            .zip(&written)
+            .filter(|(_, o)| **o != PutOutcome::Stored)
+            .map(|(&i, _)| items[i].key)
+            .collect();
+        for key in &failed {
+            // Waits for a host eviction handing the block on; then the
+            // demotion it queued is dropped, and a copy it wrote removed.
+            self.host.remove(ns, key, RemoveReason::Delete);
+            drop_disk_copy(d, ns, key);
+        }
+        for (item, o) in items.iter().zip(out.iter_mut()) {
+            if *o != PutOutcome::Stored {
+                continue;
+            }
+            let ok = !failed.contains(&item.key);
+            if !ok {
+                *o = PutOutcome::DiskFailed;
+            }
+            let payload = ok.then_some(&item.payload[..]);
+            self.queue_remote(ns, namespace, &item.key, item.parent.as_ref(), payload);
+        }
+        if !failed.is_empty() {
+            let n = out.iter().filter(|o| **o == PutOutcome::DiskFailed).count();
+            d.demoter.count_sync_failed(n as u64);
+            tracing::warn!(
+                namespace = %ns,
+                blocks = n,
+                "sync write-through: disk write failed; the blocks were not stored"
+            );
         }
         out
     }
@@ -211,6 +334,15 @@ impl BlockCache {
             r.enqueue_put(ns, key, meta.parent.as_ref(), copy, false);
         }
         self.host.remove(ns, key, RemoveReason::Evict)
+    }
+}
+
+/// Makes every older disk copy of a key unreachable (a put or delete of it
+/// ran): a queued demotion is dropped, then the disk's copy removed.
+pub(super) fn drop_disk_copy(d: &DiskSide, ns: &NamespaceId, key: &BlockKey) {
+    d.demoter.forget(ns, key);
+    if d.tier.contains(ns, key) {
+        d.tier.remove(ns, key, RemoveReason::Delete);
     }
 }
 

@@ -114,8 +114,9 @@ fn close_drains_demotions_then_refuses_writes() {
     for item in &items {
         c.put_batch(&ns.id, std::slice::from_ref(item)).unwrap();
     }
-    c.close();
-    // Every demotion queued before the close reached the disk.
+    let report = c.close();
+    // Every demotion queued before the close reached the disk, and the two
+    // blocks still in the host tier were written there too.
     let movement = c.stats().movement.unwrap();
     assert_eq!(movement.queued_bytes, 0);
     assert_eq!(
@@ -123,6 +124,11 @@ fn close_drains_demotions_then_refuses_writes() {
         10,
         "{movement:?}"
     );
+    let drain = report.drain.expect("a drain report");
+    assert_eq!(drain.dropped, 0, "{report:?}");
+    let persist = report.persist.expect("a persist report");
+    assert_eq!((persist.host_blocks, persist.written), (2, 2), "{report:?}");
+    assert_eq!(movement.stop_persisted, 2);
     // Reads still answer, exactly; writes are refused.
     let keys: Vec<BlockKey> = items.iter().map(|i| i.key).collect();
     for (got, item) in c.get_batch(&ns.id, &keys).unwrap().iter().zip(&items) {
@@ -143,12 +149,116 @@ fn close_drains_demotions_then_refuses_writes() {
         c.evict(&ns.id, &keys[..1], false).unwrap_err(),
         CacheError::Closed
     );
-    c.close();
+    assert_eq!(
+        c.close(),
+        StopReport::default(),
+        "a second close does nothing"
+    );
     drop(c);
     // The disk tier was released: the same paths open again, with the blocks.
     let again = BlockCache::new(cfg).unwrap();
     let got = again.get_batch(&ns.id, &keys).unwrap();
-    assert_eq!(got.iter().flatten().count(), 10);
+    assert_eq!(got.iter().flatten().count(), 12);
+    for (got, item) in got.iter().zip(&items) {
+        assert_eq!(got.as_ref().map(|g| &g.0), Some(&item.payload));
+    }
+}
+
+/// A cache over a slot file in `dir`: a host tier of `host_blocks` blocks
+/// of 8 KiB, a disk of `disk_bytes`, the given movement settings.
+fn disk_cache(
+    dir: &std::path::Path,
+    host_blocks: u64,
+    disk_bytes: u64,
+    movement: MovementConfig,
+) -> (BlockCache, Arc<Namespace>) {
+    let cfg = CacheConfig {
+        host: HostTierConfig {
+            capacity_bytes: host_blocks * 8192,
+            segment_bytes: 64 << 20,
+        },
+        disk: Some(DiskTierConfig::in_dir(dir, disk_bytes)),
+        movement,
+        ..CacheConfig::default()
+    };
+    let c = BlockCache::new(cfg).unwrap();
+    let (ns, _) = c
+        .register_namespace(NamespaceSpec::layer_major("m", 2, 1, 64, Dtype::F16, 16))
+        .unwrap();
+    (c, ns)
+}
+
+fn block(i: u32, version: u8, len: u64) -> PutBlock {
+    let mut payload = vec![version; len as usize];
+    payload[..4].copy_from_slice(&i.to_le_bytes());
+    PutBlock {
+        key: k(&format!("b{i}")),
+        parent: None,
+        payload: Bytes::from(payload),
+    }
+}
+
+#[test]
+fn close_persists_the_hottest_host_blocks_that_fit_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    // 128 host blocks; a disk of 1 MiB holds 85 slots of 12 KiB.
+    let (c, ns) = disk_cache(dir.path(), 128, 1 << 20, MovementConfig::default());
+    let items: Vec<PutBlock> = (0..128).map(|i| block(i, 1, ns.block_bytes)).collect();
+    c.put_batch(&ns.id, &items).unwrap();
+    // Distinct access times: the 40 read next are the hottest.
+    std::thread::sleep(Duration::from_millis(20));
+    let hot: Vec<BlockKey> = items[50..90].iter().map(|i| i.key).collect();
+    assert!(
+        c.get_batch(&ns.id, &hot)
+            .unwrap()
+            .iter()
+            .all(Option::is_some)
+    );
+    let report = c.close();
+    let persist = report.persist.expect("persisted");
+    assert_eq!(persist.host_blocks, 128, "{report:?}");
+    assert_eq!(persist.written, 85, "{report:?}");
+    assert_eq!(persist.left, 43, "{report:?}");
+    drop(c);
+    let (again, _) = disk_cache(dir.path(), 128, 1 << 20, MovementConfig::default());
+    let got = again.get_batch(&ns.id, &hot).unwrap();
+    for (got, item) in got.iter().zip(&items[50..90]) {
+        assert_eq!(got.as_ref().map(|g| &g.0), Some(&item.payload));
+    }
+    let all: Vec<BlockKey> = items.iter().map(|i| i.key).collect();
+    let got = again.get_batch(&ns.id, &all).unwrap();
+    assert_eq!(got.iter().flatten().count(), 85);
+    for (got, item) in got.iter().zip(&items) {
+        if let Some((bytes, _)) = got {
+            assert_eq!(bytes, &item.payload);
+        }
+    }
+}
+
+#[test]
+fn close_without_persisting_leaves_the_host_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let movement = MovementConfig {
+        persist_on_stop: Duration::ZERO,
+        ..MovementConfig::default()
+    };
+    let (c, ns) = disk_cache(dir.path(), 16, 1 << 20, movement);
+    let items: Vec<PutBlock> = (0..8).map(|i| block(i, 1, ns.block_bytes)).collect();
+    c.put_batch(&ns.id, &items).unwrap();
+    let report = c.close();
+    assert_eq!(report.persist, None);
+    drop(c);
+    let (again, _) = disk_cache(dir.path(), 16, 1 << 20, movement);
+    let keys: Vec<BlockKey> = items.iter().map(|i| i.key).collect();
+    assert_eq!(
+        again
+            .get_batch(&ns.id, &keys)
+            .unwrap()
+            .iter()
+            .flatten()
+            .count(),
+        0
+    );
 }
 
 #[test]

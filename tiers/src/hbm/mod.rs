@@ -4,8 +4,8 @@
 //! # Memory
 //!
 //! One [`Gpu::alloc_device`] allocation per device (plain `cuMemAlloc` on
-//! CUDA, so CUDA IPC works on it), carved by a [`SlotArena`] exactly as the
-//! host arena is: the capacity is a hard limit, size classes share segments.
+//! CUDA, so CUDA IPC works on it), carved by a [`SlabArena`] exactly as the
+//! host arena is: the capacity is a hard limit, size classes share it in slabs.
 //! The block index is the host tier's `SlotIndex` (prefix-aware LRU from
 //! `eviction.rs`, pins, readers), so pinned blocks and blocks being read are
 //! never evicted.
@@ -102,7 +102,7 @@ use std::time::Duration;
 use kvstrata_kernels::{DEFAULT_DMA_THRESHOLD, DeviceBuffer, Gpu, GpuError, GpuStream};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
-use crate::arena::{SlotArena, SlotRef};
+use crate::arena::{SlabArena, SlotRef};
 use crate::events::{EventBus, EventKind, PendingEvent};
 use crate::host::{HostTier, SlotIndex};
 use crate::key::BlockKey;
@@ -127,9 +127,8 @@ const MOVE_WINDOW: usize = 4;
 pub struct HbmTierConfig {
     /// Hard limit on the bytes of block payloads held per device. Default 1 GiB.
     pub capacity_bytes: u64,
-    /// Size of the arena's segments (each holds slots of one block size; the
-    /// largest block the tier accepts). Default 64 MiB; a smaller capacity
-    /// makes one segment of the whole capacity.
+    /// The largest block the tier accepts (and the largest slab of the
+    /// arena). Default 64 MiB; a smaller capacity makes it the capacity.
     pub segment_bytes: u64,
     /// Whether [`crate::BlockCache::get_to_device`] copies the blocks it
     /// served from the host tier into this device's HBM tier afterwards.
@@ -261,7 +260,7 @@ impl HbmTier {
         host: Option<HostTier>,
         events: Arc<EventBus>,
     ) -> Result<Self, GpuError> {
-        let (arena, region_len) = SlotArena::new(config.capacity_bytes, config.segment_bytes);
+        let (arena, region_len) = SlabArena::new(config.capacity_bytes, config.segment_bytes);
         let memory = gpu.alloc_device(region_len)?;
         // Incarnations of device d start at (d + 1) << 48: the host tier's
         // start at 1, so no pin token matches a block of another tier.

@@ -9,7 +9,7 @@ use std::time::Instant;
 use slab::Slab;
 
 use super::IndexKey;
-use crate::arena::{SlotArena, SlotRef};
+use crate::arena::{SlabArena, SlabCost, SlotRef};
 use crate::events::{EventKind, PendingEvent};
 use crate::eviction::{Evictable, LruSets, choose_victims};
 use crate::key::BlockKey;
@@ -43,7 +43,7 @@ pub(crate) struct Entry {
 /// tier's metadata lock.
 pub(crate) struct SlotIndex {
     pub(crate) kind: TierKind,
-    pub(crate) arena: SlotArena,
+    pub(crate) arena: SlabArena,
     pub(crate) entries: Slab<Entry>,
     pub(crate) index: HashMap<IndexKey, usize>,
     /// Cached blocks per parent key (whether or not the parent is cached).
@@ -73,7 +73,7 @@ impl SlotIndex {
     /// An empty index over `arena`; incarnations start at `first_incarnation`
     /// (tiers of one kind use disjoint ranges, so a pin token of one never
     /// matches a block of another).
-    pub(crate) fn new(arena: SlotArena, kind: TierKind, first_incarnation: u64) -> Self {
+    pub(crate) fn new(arena: SlabArena, kind: TierKind, first_incarnation: u64) -> Self {
         SlotIndex {
             kind,
             arena,
@@ -119,6 +119,8 @@ impl SlotIndex {
         if let Some(e) = self.entries.get_mut(id) {
             e.tick = tick;
             e.last_access = Instant::now();
+            let slot = e.slot;
+            self.arena.note_use(slot, tick);
         }
         self.set_insert(id);
     }
@@ -225,6 +227,7 @@ impl SlotIndex {
             incarnation,
         };
         let id = self.entries.insert(entry);
+        self.arena.note_use(slot, self.tick);
         self.slot_owner.insert(slot, id);
         self.index.insert((*ns, *key), id);
         if let Some(p) = parent {
@@ -241,35 +244,77 @@ impl SlotIndex {
             .is_some_and(|e| e.live && e.pins == 0 && e.readers == 0 && !e.draining)
     }
 
-    /// A segment of another class whose blocks can all be evicted now, with
-    /// the fewest live blocks.
-    fn pick_reclaim(&self, slot_bytes: usize) -> Option<Vec<usize>> {
-        let mut best: Option<(u32, Vec<usize>)> = None;
-        for (seg, seg_slot_bytes, live) in self.arena.foreign_segments(slot_bytes) {
-            if best.as_ref().is_some_and(|(n, _)| *n <= live) {
-                continue;
-            }
-            let mut owners = Vec::with_capacity(live as usize);
-            let mut ok = true;
-            for index in 0..self.arena.slots_per_segment(seg_slot_bytes) {
-                if let Some(&id) = self.slot_owner.get(&SlotRef {
-                    segment: seg,
-                    index,
-                }) {
-                    if self.evictable_now(id) {
-                        owners.push(id);
-                    } else {
-                        ok = false;
-                        break;
-                    }
+    /// What emptying a slab costs (its newest block's tick, its bytes), or
+    /// `None` if one of its slots is pinned, read, leaving or reserved by a
+    /// writer.
+    fn slab_cost(&self, slab: u32) -> Option<SlabCost> {
+        let (_, slots, live) = self.arena.slab_info(slab)?;
+        let mut cost = SlabCost {
+            newest: 0,
+            bytes: 0,
+        };
+        let mut owned = 0;
+        for index in 0..slots {
+            if let Some(&id) = self.slot_owner.get(&SlotRef {
+                segment: slab,
+                index,
+            }) {
+                if !self.evictable_now(id) {
+                    return None;
                 }
-            }
-            // Slots without an owner but counted live are reserved by writers.
-            if ok && owners.len() as u32 == live {
-                best = Some((live, owners));
+                let e = self.entries.get(id)?;
+                cost.newest = cost.newest.max(e.tick);
+                cost.bytes += e.len as u64;
+                owned += 1;
             }
         }
-        best.map(|(_, owners)| owners)
+        // Slots counted live without an owner are reserved by writers.
+        (owned == live).then_some(cost)
+    }
+
+    /// Every block of the slabs `reclaim` chose.
+    fn owners_of(&self, slabs: &[u32]) -> Vec<usize> {
+        let mut owners = Vec::new();
+        for &slab in slabs {
+            let slots = self.arena.slab_info(slab).map_or(0, |(_, n, _)| n);
+            owners.extend((0..slots).filter_map(|index| {
+                self.slot_owner.get(&SlotRef {
+                    segment: slab,
+                    index,
+                })
+            }));
+        }
+        owners
+    }
+
+    /// The blocks to evict so that a slot of `class` fits, when no free
+    /// extent holds one and another class holds the least recently used
+    /// block: the slabs of the window whose newest block is oldest
+    /// ([`SlabArena::reclaim`]), unless the class's own least recently used
+    /// idle block is older than that (then that block alone). Either way,
+    /// the newest block evicted is as old as it can be.
+    fn make_room(&self, class: usize) -> Option<Vec<usize>> {
+        let own = self
+            .sets
+            .victim(class, |id| self.idle(id))
+            .and_then(|id| Some((self.entries.get(id)?.tick, id)));
+        // Older than every slab's newest use: no window can beat it (the
+        // usual case once classes have settled; saves the O(slabs) search).
+        if let Some((tick, id)) = own
+            && self
+                .arena
+                .oldest_slab_use()
+                .is_none_or(|oldest| tick < oldest)
+        {
+            return Some(vec![id]);
+        }
+        let window = self.arena.reclaim(class, |slab| self.slab_cost(slab));
+        match (window, own) {
+            (Some((cost, _)), Some((tick, id))) if tick < cost.newest => Some(vec![id]),
+            (Some((_, slabs)), _) => Some(self.owners_of(&slabs)),
+            (None, Some((_, id))) => Some(vec![id]),
+            (None, None) => None,
+        }
     }
 
     /// A free slot of `len` bytes, evicting as needed (see [`Reservation`]).
@@ -345,23 +390,6 @@ impl SlotIndex {
             TierCounters::add(&counters.evictions, 1);
             events.push(ev);
         }
-    }
-
-    /// Every block of the segment holding `id`, if all of them can be evicted now.
-    fn reclaimable_segment_of(&self, id: usize) -> Option<Vec<usize>> {
-        let e = self.entries.get(id)?;
-        let segment = e.slot.segment;
-        let mut owners = Vec::new();
-        for index in 0..self.arena.slots_per_segment(e.len) {
-            if let Some(&owner) = self.slot_owner.get(&SlotRef { segment, index }) {
-                if !self.evictable_now(owner) {
-                    return None;
-                }
-                owners.push(owner);
-            }
-        }
-        // Slots counted live without an owner are reserved by writers.
-        (owners.len() as u32 == self.arena.segment_live(segment)).then_some(owners)
     }
 
     pub(crate) fn meta_of(&self, e: &Entry) -> BlockMeta {
@@ -503,12 +531,14 @@ impl Evictable for SlotIndex {
             .is_some_and(|e| e.readers == 0 && !e.draining)
     }
 
-    /// Every segment holds slots up to the segment size: any class fits.
-    fn whole_segment_of(&self, id: usize, _class: usize) -> Option<Vec<usize>> {
-        self.reclaimable_segment_of(id)
+    /// Another class holds the least recently used leaf: room by
+    /// [`SlotIndex::make_room`] (a window of slabs, or the class's own
+    /// oldest block if that is older).
+    fn whole_segment_of(&self, _id: usize, class: usize) -> Option<Vec<usize>> {
+        self.make_room(class)
     }
 
     fn any_reclaimable_segment(&self, class: usize) -> Option<Vec<usize>> {
-        self.pick_reclaim(class)
+        self.make_room(class)
     }
 }

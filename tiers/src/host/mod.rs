@@ -1,4 +1,4 @@
-//! `HostTier` (T1): blocks in a host-memory [`SlotArena`], with a hard byte
+//! `HostTier` (T1): blocks in a host-memory [`SlabArena`], with a hard byte
 //! capacity and prefix-aware LRU eviction.
 //!
 //! # Concurrency
@@ -13,11 +13,19 @@
 //!
 //! # Eviction
 //!
-//! When a size class has no free slot, the tier evicts by the policy it shares
-//! with the disk tier (`eviction.rs`): least recently used *leaves* (blocks no
-//! cached block names as parent) before inner blocks, pinned blocks and blocks
-//! being read never, and whole segments of another size class when that class
-//! holds the least recently used data, so capacity follows recency.
+//! Each block size is a size class; a class takes slabs of the arena (runs
+//! of about 1/256 of the capacity, fewer bytes with many classes, at least
+//! one block) from free space as it needs them and gives them back when they
+//! empty, so any number of classes fill the tier before anything is evicted.
+//! When a class has no free slot and no free extent holds one, the tier
+//! evicts by the policy it shares with the disk tier (`eviction.rs`): least
+//! recently used *leaves* (blocks no cached block names as parent) before
+//! inner blocks, pinned blocks and blocks being read never. When another
+//! class holds the least recently used leaf, the tier empties one slab's
+//! length of the arena, the window whose newest block is oldest, or evicts
+//! the class's own oldest block if that is older still
+//! (`SlotIndex::make_room`): the newest block evicted is as old as it can
+//! be, so capacity follows recency across classes.
 //!
 //! With an [`EvictionSink`] set (the cache's demotion to disk and to the
 //! remote tier), eviction runs in three steps (`evict.rs`): under the lock the
@@ -60,7 +68,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use kvstrata_kernels::{Gpu, GpuError};
 
-use crate::arena::{Region, SlotArena, SlotRef};
+use crate::arena::{Region, SlabArena, SlotRef};
 use crate::disk::checksum::xxh3_64;
 use crate::events::{EventBus, EventKind, PendingEvent};
 use crate::key::BlockKey;
@@ -75,9 +83,10 @@ pub(crate) use index::{Entry, SlotIndex};
 pub struct HostTierConfig {
     /// Hard limit on the bytes of block payloads held. Default 4 GiB.
     pub capacity_bytes: u64,
-    /// Size of the arena's segments (each holds slots of one block size; the
-    /// largest block the tier accepts). Default 64 MiB; a smaller capacity
-    /// makes one segment of the whole capacity.
+    /// The largest block the tier accepts (and the largest slab of the
+    /// arena: block sizes share the capacity in slabs of about 1/256 of it
+    /// or less, see [`SlabArena`]). Default 64 MiB; a smaller capacity makes
+    /// it the capacity.
     pub segment_bytes: u64,
 }
 
@@ -120,7 +129,7 @@ impl std::fmt::Debug for HostTier {
 impl HostTier {
     /// Reserves the arena (anonymous memory, committed as it is written).
     pub fn new(config: &HostTierConfig, events: Arc<EventBus>) -> std::io::Result<Self> {
-        let (arena, region_len) = SlotArena::new(config.capacity_bytes, config.segment_bytes);
+        let (arena, region_len) = SlabArena::new(config.capacity_bytes, config.segment_bytes);
         let region = Region::anonymous(region_len)?;
         Ok(Self::with_region(config, events, arena, region))
     }
@@ -132,7 +141,7 @@ impl HostTier {
         events: Arc<EventBus>,
         gpu: &Gpu,
     ) -> Result<Self, GpuError> {
-        let (arena, region_len) = SlotArena::new(config.capacity_bytes, config.segment_bytes);
+        let (arena, region_len) = SlabArena::new(config.capacity_bytes, config.segment_bytes);
         let region = Region::pinned(gpu.alloc_pinned(region_len)?, region_len);
         Ok(Self::with_region(config, events, arena, region))
     }
@@ -140,7 +149,7 @@ impl HostTier {
     fn with_region(
         config: &HostTierConfig,
         events: Arc<EventBus>,
-        arena: SlotArena,
+        arena: SlabArena,
         region: Region,
     ) -> Self {
         HostTier {

@@ -4,14 +4,21 @@
 //!
 //! The preamble is a fixed [`HEADER_BYTES`]-byte little-endian header and a
 //! name ([`encode_preamble`], [`parse_preamble`]); a memfd region (kind 2)
-//! sends its fd with it (`SCM_RIGHTS`). The daemon answers a status, a region
-//! id and a message ([`encode_reply`], [`parse_reply_header`]): status 0 is
-//! success, any other is a [`RefuseReason`] code.
+//! sends its fd with it (`SCM_RIGHTS`). The daemon answers a status and a
+//! message, and on success the region id ([`encode_reply`],
+//! [`parse_reply_header`], [`parse_reply_id`]): status 0 is success, any other
+//! is a [`RefuseReason`] code.
+//!
+//! Region ids are 64-bit and unique to one run of the daemon (a random base
+//! drawn at start-up plus a counter), so an id kept across a daemon restart
+//! names no region of the new run. Version 1 of the preamble answered a
+//! 32-bit id counted from 1 in every run; the daemon refuses it, in a reply a
+//! version-1 client reads ([`VERSION_1`]).
 //!
 //! | offset | bytes | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `KVSREGN\0` |
-//! | 8 | 2 | version (1) |
+//! | 8 | 2 | version (2) |
 //! | 10 | 2 | kind (1 CUDA IPC, 2 memfd) |
 //! | 12 | 4 | device ordinal (kind 1) |
 //! | 16 | 8 | region bytes |
@@ -32,8 +39,11 @@ use crate::geometry::{PageLayout, PagedGeometry};
 
 /// The first 8 bytes of a registration.
 pub const MAGIC: [u8; 8] = *b"KVSREGN\0";
-/// The preamble version.
-pub const VERSION: u16 = 1;
+/// The preamble version: 2, whose reply carries a 64-bit region id.
+pub const VERSION: u16 = 2;
+/// The first version, refused since region ids became 64-bit: its reply held
+/// a 32-bit id that every daemon run counted from 1.
+pub const VERSION_1: u16 = 1;
 /// Bytes of the fixed part of a preamble (the name follows).
 pub const HEADER_BYTES: usize = 128;
 /// Longest region name, in bytes.
@@ -46,8 +56,11 @@ pub const KIND_MEMFD: u16 = 2;
 pub const LAYOUT_PER_LAYER: u32 = 1;
 /// Layout code of [`PageLayout::CrossLayer`].
 pub const LAYOUT_CROSS_LAYER: u32 = 2;
-/// Bytes of the reply before its message: status, region id, message length.
+/// Bytes of the reply before its message: status, 4 reserved bytes (0; the
+/// region id of version 1), message length.
 pub const REPLY_HEADER_BYTES: usize = 12;
+/// Bytes of the region id that follows the message of a success reply.
+pub const REPLY_ID_BYTES: usize = 8;
 /// Longest reply message, in bytes (longer ones are cut).
 pub const MAX_REPLY_MESSAGE_BYTES: usize = 4096;
 
@@ -168,6 +181,15 @@ pub fn parse_preamble(buf: &[u8]) -> Result<PreambleParse, InvalidField> {
         return Ok(PreambleParse::Need(HEADER_BYTES));
     }
     let version = u16_at(buf, 8);
+    if version == VERSION_1 {
+        return Err(InvalidField::new(
+            "version",
+            format!(
+                "{VERSION_1} is not supported (this daemon speaks {VERSION}, with 64-bit region ids \
+                 unique to each daemon run): upgrade the client"
+            ),
+        ));
+    }
     if version != VERSION {
         return Err(InvalidField::new(
             "version",
@@ -288,26 +310,30 @@ impl RefuseReason {
     }
 }
 
-/// The reply: u32 status (0 registered, else a [`RefuseReason`] code), u32
-/// region id (0 when refused), u32 message length, the message (UTF-8, cut
-/// at [`MAX_REPLY_MESSAGE_BYTES`]).
-pub fn encode_reply(status: u32, region_id: u32, message: &str) -> Vec<u8> {
+/// The reply: u32 status (0 registered, else a [`RefuseReason`] code), 4
+/// bytes of 0, u32 message length, the message (UTF-8, cut at
+/// [`MAX_REPLY_MESSAGE_BYTES`]), and with status 0 the u64 region id. A
+/// refusal is byte for byte what version 1 answered, so a client of either
+/// version reads it; `region_id` is ignored unless `status` is 0.
+pub fn encode_reply(status: u32, region_id: u64, message: &str) -> Vec<u8> {
     let msg = &message.as_bytes()[..message.len().min(MAX_REPLY_MESSAGE_BYTES)];
-    let mut out = Vec::with_capacity(REPLY_HEADER_BYTES + msg.len());
+    let mut out = Vec::with_capacity(REPLY_HEADER_BYTES + msg.len() + REPLY_ID_BYTES);
     out.extend_from_slice(&status.to_le_bytes());
-    out.extend_from_slice(&region_id.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
     out.extend_from_slice(&(msg.len() as u32).to_le_bytes());
     out.extend_from_slice(msg);
+    if status == 0 {
+        out.extend_from_slice(&region_id.to_le_bytes());
+    }
     out
 }
 
-/// The fixed part of a reply; the message of `message_len` bytes follows.
+/// The fixed part of a reply; the message of `message_len` bytes follows,
+/// then, with status 0, the region id ([`parse_reply_id`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplyHeader {
     /// 0 when registered, else a [`RefuseReason`] code.
     pub status: u32,
-    /// The region id (from 1) when registered, else 0.
-    pub region_id: u32,
     /// Bytes of the message that follows.
     pub message_len: u32,
 }
@@ -316,8 +342,16 @@ pub struct ReplyHeader {
 pub fn parse_reply_header(b: &[u8; REPLY_HEADER_BYTES]) -> ReplyHeader {
     ReplyHeader {
         status: u32_at(b, 0),
-        region_id: u32_at(b, 4),
         message_len: u32_at(b, 8),
+    }
+}
+
+/// The region id at the end of a success reply; 0 is not a region id
+/// (`region_id` names it).
+pub fn parse_reply_id(b: &[u8; REPLY_ID_BYTES]) -> Result<u64, InvalidField> {
+    match u64_at(b, 0) {
+        0 => Err(InvalidField::new("region_id", "0 is not a region id")),
+        id => Ok(id),
     }
 }
 
@@ -418,6 +452,10 @@ mod tests {
         assert_eq!(field_of(0, b'X').field, "magic");
         assert!(field_of(0, b'X').to_string().starts_with("magic: "));
         assert_eq!(field_of(8, 9).field, "version");
+        // A version-1 client is told why, in a reply it can read.
+        let e = field_of(8, 1);
+        assert_eq!(e.field, "version");
+        assert!(e.reason.contains("64-bit region ids"), "{e}");
         assert_eq!(field_of(10, 3).field, "kind");
         let e = field_of(88, 7);
         assert_eq!(e.field, "layout");
@@ -433,21 +471,40 @@ mod tests {
 
     #[test]
     fn replies_round_trip() {
-        let reply = encode_reply(2, 0, "layers: must be at least 1");
+        let reply = encode_reply(2, 77, "layers: must be at least 1");
         assert_eq!(&reply[..4], &2u32.to_le_bytes());
+        // A refusal is version 1's: status, a zero id, the message, nothing after.
+        assert_eq!(&reply[4..8], &[0; 4]);
         assert_eq!(reply.len(), REPLY_HEADER_BYTES + 26);
         let head = parse_reply_header(reply[..REPLY_HEADER_BYTES].try_into().unwrap());
         assert_eq!(
             head,
             ReplyHeader {
                 status: 2,
-                region_id: 0,
                 message_len: 26
             }
         );
         assert_eq!(&reply[REPLY_HEADER_BYTES..], b"layers: must be at least 1");
+        let id = 0xfedc_ba98_7654_3210u64;
+        let ok = encode_reply(0, id, "");
+        assert_eq!(ok.len(), REPLY_HEADER_BYTES + REPLY_ID_BYTES);
+        assert_eq!(
+            parse_reply_header(ok[..REPLY_HEADER_BYTES].try_into().unwrap()),
+            ReplyHeader {
+                status: 0,
+                message_len: 0
+            }
+        );
+        assert_eq!(
+            parse_reply_id(ok[REPLY_HEADER_BYTES..].try_into().unwrap()),
+            Ok(id)
+        );
+        assert_eq!(parse_reply_id(&[0; 8]).unwrap_err().field, "region_id");
         let long = encode_reply(0, 9, &"m".repeat(5000));
-        assert_eq!(long.len(), REPLY_HEADER_BYTES + MAX_REPLY_MESSAGE_BYTES);
+        assert_eq!(
+            long.len(),
+            REPLY_HEADER_BYTES + MAX_REPLY_MESSAGE_BYTES + REPLY_ID_BYTES
+        );
         for r in RefuseReason::ALL {
             assert_eq!(RefuseReason::from_code(r.code()), Some(r));
         }

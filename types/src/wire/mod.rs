@@ -3,9 +3,13 @@
 //! parses; tests do both):
 //!
 //! - [`pool`]: the shared-memory pool preamble of the mempool socket
-//!   (SGLang HiCache's format) and its reply, the pool id;
+//!   (kvstrata's wide format and SGLang HiCache's) and its reply, the pool id;
 //! - [`kv_region`]: the KV-region preamble of the region socket (a 128-byte
-//!   header and a name) and its reply (status, region id, message).
+//!   header and a name) and its reply (status, message, region id).
+//!
+//! Pool and region ids are unique to one run of the daemon (a random base
+//! per run), so an id a client kept across a daemon restart is refused
+//! rather than naming another client's memory.
 //!
 //! Parsers are pure (no I/O, no panics on any input), so they can be fuzzed;
 //! each refusal is an [`InvalidField`](crate::InvalidField) naming the field.
