@@ -57,6 +57,11 @@ clippy: deps
 # the daemon library's trees must never contain (cargo metadata only, no build).
 arch-check:
 	python3 scripts/check-architecture.py
+	@if cargo hakari --version >/dev/null 2>&1; then \
+	  cargo hakari generate --diff >/dev/null 2>&1 && cargo hakari manage-deps --dry-run >/dev/null 2>&1 \
+	    || { echo "workspace-hack is stale: run cargo hakari generate && cargo hakari manage-deps"; exit 1; }; \
+	  echo "workspace-hack: up to date"; \
+	else echo "workspace-hack: cargo-hakari not installed, staleness not checked (cargo install cargo-hakari)"; fi
 
 # NVRTC (the CUDA run-time compiler, no GPU needed) from its PyPI wheel, so
 # kernels/tests/nvrtc_compile.rs compiles every kernel in CI (docs/gpu.md).
