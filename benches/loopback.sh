@@ -1,22 +1,35 @@
 #!/usr/bin/env bash
-# kvstrata vs. redis on one machine, loopback only.
+# kvstrata's inline gRPC path vs. Redis on one machine, loopback only, in one run.
 #
-# Starts the release `kvstrata` daemon (TCP on 127.0.0.1 and a Unix socket),
-# runs `kvstrata bench` for each block size over TCP and over UDS (100 % reads
-# after population, then a 50/50 get/put mix), then starts `redis-server` on a
-# Unix socket and runs `redis-benchmark -t get,set` with values of the same
-# sizes. Prints one markdown table on stdout; progress goes to stderr.
+# Starts the release `kvstrata` daemon (TCP on 127.0.0.1 and a Unix socket)
+# and runs `kvstrata bench --mode grpc` for every block size, client count and
+# transport: 100 % reads after population (GET), then 100 % writes (PUT).
+# Then starts `redis-server` (TCP and a Unix socket) and runs
+# `redis-benchmark -t set,get -c N` with values of the same sizes, once as
+# it is and once with io-threads. With BASELINE=1 the kvstrata runs are
+# repeated first against a daemon started with KVSTRATA_GRPC_PATH=tonic (the
+# inline path before issue 22: tonic's generated encode/decode, default Unix
+# socket buffers), so the table also shows the speed-up in the same run.
+#
+# Prints markdown tables on stdout (throughput and p99 per row with the
+# same-run ratios, then the issue-22 targets, each checked); progress goes to
+# stderr. Every kvstrata read is verified byte for byte; a verify failure
+# fails the script.
 #
 # Usage (from anywhere; paths are relative to the repository root):
 #   cargo build --release -p kvstrata-cli && benches/loopback.sh
 #
 # Environment:
-#   KVSTRATA_BIN         kvstrata binary            (target/release/kvstrata; built if missing)
-#   KVSTRATA_SERVE_ARGS  extra `kvstrata serve` flags (none)
-#   SIZES                block sizes                 ("256KiB 1MiB")
-#   DURATION / WARMUP    per kvstrata run            (10s / 2s)
-#   CONCURRENCY / BATCH  client tasks / blocks per RPC (4 / 4)
-#   REDIS_BYTES          bytes each redis-benchmark test moves at least (5000000000)
+#   KVSTRATA_BIN         kvstrata binary              (target/release/kvstrata; built if missing)
+#   KVSTRATA_SERVE_ARGS  extra `kvstrata serve` flags   (none)
+#   SIZES                block sizes                   ("256KiB 1MiB")
+#   CLIENTS              client counts                 ("1 4 16 64")
+#   TRANSPORTS           kvstrata transports           ("tcp uds")
+#   DURATION / WARMUP    per kvstrata run              (6s / 2s)
+#   BATCH                blocks per RPC                (4)
+#   BASELINE=1           also run the pre-issue-22 path (KVSTRATA_GRPC_PATH=tonic)
+#   REDIS_BYTES          bytes each redis-benchmark test moves at least (2000000000)
+#   REDIS_IO_THREADS     io-threads of the second Redis (2; 0 skips that Redis)
 #   KEEP_WORKDIR=1       keep the temporary directory (logs, JSON reports)
 set -euo pipefail
 
@@ -26,11 +39,14 @@ cd "$ROOT"
 BIN=${KVSTRATA_BIN:-target/release/kvstrata}
 read -r -a SERVE_EXTRA <<<"${KVSTRATA_SERVE_ARGS:-}"
 SIZES=${SIZES:-"256KiB 1MiB"}
-DURATION=${DURATION:-10s}
+CLIENTS=${CLIENTS:-"1 4 16 64"}
+TRANSPORTS=${TRANSPORTS:-"tcp uds"}
+DURATION=${DURATION:-6s}
 WARMUP=${WARMUP:-2s}
-CONCURRENCY=${CONCURRENCY:-4}
 BATCH=${BATCH:-4}
-REDIS_BYTES=${REDIS_BYTES:-5000000000}
+BASELINE=${BASELINE:-0}
+REDIS_BYTES=${REDIS_BYTES:-2000000000}
+REDIS_IO_THREADS=${REDIS_IO_THREADS:-2}
 WORKING_SET_BYTES=$((1 << 30)) # the bench's default working set; redis gets the same
 
 LOG_TAG=loopback
@@ -50,106 +66,221 @@ if [[ ! -x $BIN ]]; then
 fi
 [[ -x $BIN ]] || die "no $BIN"
 
-# ------------------------------------------------------------------ kvstrata
-PORT=$(free_port) || die "no free TCP port"
-SOCK=$WORK/kv.sock
-log "starting kvstrata daemon (tcp 127.0.0.1:$PORT, uds $SOCK)"
-start_bg "$WORK/kvstrata.log" "$BIN" serve --tcp-addr "127.0.0.1:$PORT" --uds-path "$SOCK" \
-    --metrics-addr 127.0.0.1:0 --host-capacity 4GiB "${SERVE_EXTRA[@]}"
-KV_PID=$BG_PID
-# shellcheck disable=SC2329 # called through wait_for
-kv_ready() { [[ -S $SOCK ]] && tcp_open "$PORT"; }
-wait_for "$KV_PID" "$WORK/kvstrata.log" kv_ready || die "kvstrata daemon did not start"
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 
-declare -A ADDR=([tcp]="http://127.0.0.1:$PORT" [uds]="unix://$SOCK")
-ROWS=()  # "kind|transport|size|gbps|p50|p99" ; ratios are filled in at the end
+# Results, keyed "variant|op|transport|size|clients" (variant: kv, base,
+# redis, redis-io; op: GET or PUT): GB/s, p50 and p99 in µs.
+declare -A GBPS=() P50=() P99=()
 NOTES=()
 FAILED=0
 
+# ------------------------------------------------------------------ kvstrata
+# run_kvstrata VARIANT [ENV=VALUE...]: one daemon, every size/clients/transport.
+run_kvstrata() {
+    local variant=$1
+    shift
+    local port sock pid
+    port=$(free_port) || die "no free TCP port"
+    sock=$WORK/kv-$variant.sock
+    log "starting kvstrata daemon ($variant: tcp 127.0.0.1:$port, uds $sock)"
+    start_bg "$WORK/kvstrata-$variant.log" env "$@" "$BIN" serve --tcp-addr "127.0.0.1:$port" \
+        --uds-path "$sock" --metrics-addr 127.0.0.1:0 --host-capacity 4GiB "${SERVE_EXTRA[@]}"
+    pid=$BG_PID
+    # shellcheck disable=SC2329 # called through wait_for
+    kv_ready() { [[ -S $1 ]] && tcp_open "$2"; }
+    wait_for "$pid" "$WORK/kvstrata-$variant.log" kv_ready "$sock" "$port" ||
+        die "kvstrata daemon did not start"
+    local -A addr=([tcp]="http://127.0.0.1:$port" [uds]="unix://$sock")
+    local size clients transport ratio op out rc vf misses key
+    for size in $SIZES; do
+        for clients in $CLIENTS; do
+            for transport in $TRANSPORTS; do
+                for ratio in 1.0 0.0; do
+                    op=GET
+                    [[ $ratio == 1.0 ]] || op=PUT
+                    out=$WORK/bench-$variant-$transport-$size-$clients-$op.json
+                    log "kvstrata ($variant) $op: $transport, $size, $clients clients, $DURATION (load $(cut -d' ' -f1 /proc/loadavg))"
+                    rc=0
+                    run_to "$out" "$BIN" bench --mode grpc --addr "${addr[$transport]}" \
+                        --block-size "$size" --batch "$BATCH" --concurrency "$clients" \
+                        --read-ratio "$ratio" --duration "$DURATION" --warmup "$WARMUP" \
+                        --memcpy-duration 0s --json || rc=$?
+                    key="$variant|$op|$transport|$size|$clients"
+                    if ! jq -e '.get' "$out" >/dev/null 2>&1; then
+                        log "kvstrata bench failed (exit $rc), no report"
+                        NOTES+=("kvstrata ($variant) $op $transport $size $clients clients: FAILED (exit $rc), see the daemon log")
+                        FAILED=1
+                        continue
+                    fi
+                    ((rc == 0)) || FAILED=1
+                    vf=$(jq -r '.verify_failures' "$out")
+                    if [[ $vf != 0 ]]; then
+                        NOTES+=("kvstrata ($variant) $op $transport $size $clients clients: **$vf VERIFY FAILURES**: $(jq -r '.first_failure' "$out")")
+                        FAILED=1
+                    fi
+                    if [[ $op == GET ]]; then
+                        misses=$(jq -r '.get.misses' "$out")
+                        if [[ $misses != 0 ]]; then
+                            NOTES+=("kvstrata ($variant) $op $transport $size $clients clients: $misses of $(jq -r '.get.blocks' "$out") gets missed")
+                        fi
+                        GBPS[$key]=$(jq -r '.get.gb_per_s' "$out")
+                        P50[$key]=$(jq -r '.get.p50_us' "$out")
+                        P99[$key]=$(jq -r '.get.p99_us' "$out")
+                    else
+                        GBPS[$key]=$(jq -r '.put.gb_per_s' "$out")
+                        P50[$key]=$(jq -r '.put.p50_us' "$out")
+                        P99[$key]=$(jq -r '.put.p99_us' "$out")
+                    fi
+                done
+            done
+        done
+    done
+    stop_pid "$pid"
+}
+
+if [[ $BASELINE == 1 ]]; then
+    run_kvstrata base KVSTRATA_GRPC_PATH=tonic
+fi
+run_kvstrata kv KVSTRATA_GRPC_PATH=inline
+
+# --------------------------------------------------------------------- redis
+# run_redis VARIANT [redis-server flags...]: redis-benchmark over TCP and UDS.
+run_redis() {
+    local variant=$1
+    shift
+    local port sock pid
+    port=$(free_port) || die "no free TCP port"
+    sock=$WORK/redis-$variant.sock
+    log "starting redis-server ($variant: tcp 127.0.0.1:$port, uds $sock) $*"
+    start_bg "$WORK/redis-$variant.log" redis-server --port "$port" --bind 127.0.0.1 \
+        --unixsocket "$sock" --unixsocketperm 700 --save "" --appendonly no --dir "$WORK" \
+        --daemonize no --protected-mode no "$@"
+    pid=$BG_PID
+    # shellcheck disable=SC2329 # called through wait_for
+    redis_ready() { [[ -S $1 ]] && redis-cli -s "$1" ping | grep -q PONG; }
+    wait_for "$pid" "$WORK/redis-$variant.log" redis_ready "$sock" || die "redis-server did not start"
+    local -A where=([tcp]="-h 127.0.0.1 -p $port" [uds]="-s $sock")
+    local size bytes keys n clients transport csv test line rps p50 p99 gbps
+    for size in $SIZES; do
+        bytes=$(to_bytes "$size")
+        keys=$((WORKING_SET_BYTES / bytes))
+        ((keys >= 1)) || keys=1
+        # Enough requests to move REDIS_BYTES, and at least 4 per key so that
+        # nearly every GET finds a value the SET test stored.
+        n=$((REDIS_BYTES / bytes))
+        ((n >= 4 * keys)) || n=$((4 * keys))
+        for clients in $CLIENTS; do
+            for transport in $TRANSPORTS; do
+                redis-cli -s "$sock" flushall >/dev/null
+                log "redis-benchmark ($variant): $transport -d $bytes -c $clients -n $n -r $keys (load $(cut -d' ' -f1 /proc/loadavg))"
+                csv=$WORK/redis-$variant-$transport-$size-$clients.csv
+                # shellcheck disable=SC2086 # where holds several words
+                run_to "$csv" redis-benchmark ${where[$transport]} -t set,get -d "$bytes" \
+                    -c "$clients" -n "$n" -r "$keys" --csv ||
+                    die "redis-benchmark failed: $(cat "$csv")"
+                for test in SET GET; do
+                    # Redis 7 columns: test, rps, avg, min, p50, p95, p99, max (ms).
+                    line=$(awk -F, -v t="\"$test\"" '$1 == t { gsub(/"/, ""); print; exit }' "$csv")
+                    [[ -n $line ]] || die "no $test line in redis-benchmark output: $(cat "$csv")"
+                    IFS=, read -r _ rps _ _ p50 _ p99 _ <<<"$line"
+                    gbps=$(awk -v r="$rps" -v b="$bytes" 'BEGIN { printf "%.6f", r * b / 1e9 }')
+                    local op=GET
+                    [[ $test == GET ]] || op=PUT
+                    local key="$variant|$op|$transport|$size|$clients"
+                    GBPS[$key]=$gbps
+                    P50[$key]=$(ms_to_us "${p50:-}")
+                    P99[$key]=$(ms_to_us "${p99:-}")
+                done
+            done
+        done
+    done
+    stop_pid "$pid"
+}
+
+run_redis redis
+if ((REDIS_IO_THREADS > 0)); then
+    run_redis redis-io --io-threads "$REDIS_IO_THREADS" --io-threads-do-reads yes
+fi
+
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ---------------------------------------------------------------------- table
+num() { if [[ -n ${1:-} ]]; then fmt2 "$1"; else echo "-"; fi; }
+int() { if [[ -n ${1:-} && $1 != "-" ]]; then fmt0 "$1"; else echo "-"; fi; }
+# ge A B: 1 when A >= B (both numbers), else 0.
+ge() { awk -v a="${1:-}" -v b="${2:-}" 'BEGIN { print (a != "" && b != "" && a != "-" && b != "-" && a + 0 >= b + 0) ? 1 : 0 }'; }
+
+echo
+header="| op | transport | block | clients | kvstrata GB/s | Redis GB/s | ×Redis | Redis io-threads GB/s | ×Redis-io | kvstrata p99 (µs) | Redis p99 ×$BATCH (µs) | p99 ratio |"
+sep="|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+if [[ $BASELINE == 1 ]]; then
+    header+=" before (tonic) GB/s | after/before |"
+    sep+="---:|---:|"
+fi
+echo "$header"
+echo "$sep"
+CHECKS=()
 for size in $SIZES; do
-    for transport in tcp uds; do
-        for ratio in 1.0 0.5; do
-            out=$WORK/bench-$transport-$size-$ratio.json
-            log "kvstrata bench: $transport, $size, read ratio $ratio, $DURATION"
-            rc=0
-            run_to "$out" "$BIN" bench --mode grpc --addr "${ADDR[$transport]}" --block-size "$size" \
-                --batch "$BATCH" --concurrency "$CONCURRENCY" --read-ratio "$ratio" \
-                --duration "$DURATION" --warmup "$WARMUP" --json || rc=$?
-            if ! jq -e '.get' "$out" >/dev/null 2>&1; then
-                log "kvstrata bench failed (exit $rc), no report"
-                NOTES+=("kvstrata $transport $size read $ratio: FAILED (exit $rc), see the daemon log")
-                FAILED=1
-                continue
-            fi
-            if ((rc != 0)); then
-                FAILED=1
-            fi
-            vf=$(jq -r '.verify_failures' "$out")
-            if [[ $vf != 0 ]]; then
-                NOTES+=("kvstrata $transport $size read $ratio: **$vf VERIFY FAILURES**: $(jq -r '.first_failure' "$out")")
-                FAILED=1
-            fi
-            misses=$(jq -r '.get.misses' "$out")
-            if [[ $misses != 0 ]]; then
-                NOTES+=("kvstrata $transport $size read $ratio: $misses of $(jq -r '.get.blocks' "$out") gets missed")
-            fi
-            if [[ $ratio == 1.0 ]]; then
-                ROWS+=("kvstrata get (read 1.0)|$transport|$size|$(jq -r '.get.gb_per_s' "$out")|$(fmt0 "$(jq -r '.get.p50_us' "$out")")|$(fmt0 "$(jq -r '.get.p99_us' "$out")")")
-            else
-                ROWS+=("kvstrata get+put (read 0.5)|$transport|$size|$(jq -r '.total_gb_per_s' "$out")|$(fmt0 "$(jq -r '.get.p50_us' "$out")") / $(fmt0 "$(jq -r '.put.p50_us' "$out")")|$(fmt0 "$(jq -r '.get.p99_us' "$out")") / $(fmt0 "$(jq -r '.put.p99_us' "$out")")")
+    for clients in $CLIENTS; do
+        for op in GET PUT; do
+            for transport in $TRANSPORTS; do
+                k="$op|$transport|$size|$clients"
+                kv=${GBPS[kv|$k]:-}
+                rd=${GBPS[redis|$k]:-}
+                ri=${GBPS[redis-io|$k]:-}
+                kp99=${P99[kv|$k]:-}
+                rp99=${P99[redis|$k]:-}
+                rp99b=-
+                if [[ -n $rp99 && $rp99 != "-" ]]; then
+                    rp99b=$((rp99 * BATCH))
+                fi
+                row="| $op | $transport | $size | $clients | $(num "$kv") | $(num "$rd") | $(ratio "$kv" "$rd") | $(num "$ri") | $(ratio "$kv" "$ri") | $(int "$kp99") | $rp99b | $(ratio "$kp99" "$rp99b") |"
+                if [[ $BASELINE == 1 ]]; then
+                    base=${GBPS[base|$k]:-}
+                    row+=" $(num "$base") | $(ratio "$kv" "$base") |"
+                fi
+                echo "$row"
+                # Issue-22 targets: GET >= 1.2x and PUT >= 1.0x Redis at 4 and 16
+                # clients; p99 <= 2x Redis's for the same bytes.
+                if [[ $clients == 4 || $clients == 16 ]]; then
+                    want=1.2
+                    [[ $op == GET ]] || want=1.0
+                    r=$(ratio "$kv" "$rd")
+                    if [[ $(ge "$r" "$want") == 1 ]]; then v=met; else v="NOT met"; fi
+                    CHECKS+=("$op $transport $size $clients clients: ×Redis $r (target ≥ $want): $v")
+                fi
+                pr=$(ratio "$kp99" "$rp99b")
+                if [[ $pr != "-" ]]; then
+                    if [[ $(ge 2 "$pr") == 1 ]]; then v=met; else v="NOT met"; fi
+                    CHECKS+=("$op $transport $size $clients clients: p99 ratio $pr (target ≤ 2): $v")
+                fi
+            done
+            tcp=${GBPS[kv|$op|tcp|$size|$clients]:-}
+            uds=${GBPS[kv|$op|uds|$size|$clients]:-}
+            if [[ -n $tcp && -n $uds ]]; then
+                r=$(ratio "$uds" "$tcp")
+                if [[ $(ge "$r" 1.0) == 1 ]]; then v=met; else v="NOT met"; fi
+                CHECKS+=("$op $size $clients clients: UDS/TCP $r (target ≥ 1.0): $v")
             fi
         done
     done
 done
-
-stop_pid "$KV_PID"
-
-# --------------------------------------------------------------------- redis
-RSOCK=$WORK/redis.sock
-start_redis_uds "$RSOCK"
-
-declare -A REDIS_GET_GBPS=()
-for size in $SIZES; do
-    bytes=$(to_bytes "$size")
-    keys=$((WORKING_SET_BYTES / bytes))
-    ((keys >= 1)) || keys=1
-    # Enough requests to move REDIS_BYTES, and at least 10 per key so that
-    # (nearly) every GET finds a value the SET test stored.
-    n=$((REDIS_BYTES / bytes))
-    ((n >= 10 * keys)) || n=$((10 * keys))
-    redis-cli -s "$RSOCK" flushall >/dev/null
-    log "redis-benchmark: -d $bytes -c $CONCURRENCY -n $n -r $keys"
-    csv=$WORK/redis-$size.csv
-    run_to "$csv" redis-benchmark -s "$RSOCK" -t set,get -d "$bytes" -c "$CONCURRENCY" \
-        -n "$n" -r "$keys" --csv || die "redis-benchmark failed: $(cat "$csv")"
-    for test in SET GET; do
-        # Redis 7 columns: test, rps, avg, min, p50, p95, p99, max (latencies in ms).
-        line=$(awk -F, -v t="\"$test\"" '$1 == t { gsub(/"/, ""); print; exit }' "$csv")
-        [[ -n $line ]] || die "no $test line in redis-benchmark output: $(cat "$csv")"
-        IFS=, read -r _ rps _ _ p50 _ p99 _ <<<"$line"
-        gbps=$(awk -v r="$rps" -v b="$bytes" 'BEGIN { printf "%.6f", r * b / 1e9 }')
-        ROWS+=("redis $test|uds|$size|$gbps|$(ms_to_us "${p50:-}")|$(ms_to_us "${p99:-}")")
-        if [[ $test == GET ]]; then
-            REDIS_GET_GBPS[$size]=$gbps
-        fi
-    done
-done
-
-# ---------------------------------------------------------------------- table
 echo
-echo "| mode | transport | block size | GB/s | p50 (µs) | p99 (µs) | kvstrata/redis GET |"
-echo "|---|---|---|---:|---:|---:|---:|"
-for row in "${ROWS[@]}"; do
-    IFS='|' read -r kind transport size gbps p50 p99 <<<"$row"
-    ratio="-"
-    if [[ $kind == "kvstrata get (read 1.0)" && -n ${REDIS_GET_GBPS[$size]:-} ]]; then
-        ratio=$(awk -v a="$gbps" -v b="${REDIS_GET_GBPS[$size]}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
-    fi
-    echo "| $kind | $transport | $size | $(fmt2 "$gbps") | $p50 | $p99 | $ratio |"
+echo "kvstrata: \`kvstrata bench --mode grpc\`, one connection per client, $BATCH blocks per RPC, $DURATION measured after $WARMUP warm-up, 1 GiB working set, every read verified; GET = read ratio 1.0, PUT = read ratio 0.0; p99 per RPC."
+echo "Redis: \`redis-benchmark -t set,get -c N\` (one value per request, 1 GiB keyspace), as it is and with \`--io-threads $REDIS_IO_THREADS --io-threads-do-reads yes\`; GB/s = requests/s × value size; its p99 per request × $BATCH stands for the same bytes as one kvstrata RPC. Both on the same transport as the row."
+echo "Load average (1/5/15 min): $LOAD_BEFORE before, $LOAD_AFTER after; $(nproc) CPUs."
+echo
+echo "Targets of issue 22:"
+echo
+met=0
+total=0
+for c in "${CHECKS[@]}"; do
+    echo "- $c"
+    total=$((total + 1))
+    [[ $c == *": met" ]] && met=$((met + 1))
 done
 echo
-echo "kvstrata: $CONCURRENCY client tasks, one connection each, $BATCH blocks per RPC, $DURATION measured after $WARMUP warm-up, 1 GiB working set, every read verified; latencies are per RPC (get / put for the mix), GB/s counts payload bytes (decimal)."
-echo "redis: redis-benchmark, $CONCURRENCY clients, one value per request, 1 GiB keyspace; GB/s = requests/s × value size."
+echo "$met of $total target checks met."
 for note in "${NOTES[@]}"; do
     echo "- $note"
 done

@@ -5,7 +5,7 @@
 # --mempool-socket, host tier 4 GiB) and redis-server on a Unix socket, then
 # for each block size runs `kvstrata bench` with 100 % reads after populating
 # a 1 GiB working set: --mode grpc (inline payloads over the Unix socket),
-# --mode shm (pool regions) and --mode redis (MGET; MSET to populate), all
+# --mode shm (pool ranges) and --mode redis (MGET; MSET to populate), all
 # with the same keys, batch, concurrency and byte-for-byte verification.
 # Then, per block size, a fresh daemon with a 64 MiB host tier and a 4 GiB
 # slot file (no promotion on get) serves the working set from disk, for grpc

@@ -10,6 +10,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["."])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("kvstrata_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().bytes(".").compile_fds(fds)?;
+    // Every `bytes` field is a `bytes::Bytes` (decoded as a slice of the
+    // received buffer, not a copy); the codec reserves before encoding
+    // (src/codec.rs).
+    tonic_prost_build::configure()
+        .bytes(".")
+        .codec_path("crate::codec::KvCodec")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::error::BenchError;
 use crate::payload::HEADER_BYTES;
+use crate::plan_checks;
 
 /// Default working set when `--keys` is not given: as many blocks as fit here.
 pub const DEFAULT_WORKING_SET_BYTES: u64 = 1 << 30;
@@ -27,7 +28,7 @@ pub enum Mode {
     #[default]
     Grpc,
     /// Payloads in a shared-memory pool per client task, registered on the
-    /// daemon's `--mempool-socket`; `BatchGet` / `BatchPut` carry pool regions.
+    /// daemon's `--mempool-socket`; `BatchGet` / `BatchPut` carry pool ranges.
     Shm,
     /// Not kvstrata: Redis `MSET` / `MGET` on `--redis-url`, same working set,
     /// batches, concurrency and verification (one connection per task).
@@ -174,21 +175,14 @@ impl BenchArgs {
         let bad =
             |field: &'static str, reason: String| Err(BenchError::InvalidArg { field, reason });
         let bs = self.block_size.as_u64();
-        if bs < HEADER_BYTES as u64 {
-            return bad(
-                "--block-size",
-                format!("{bs} bytes; at least {HEADER_BYTES} (the verification header)"),
-            );
-        }
-        if bs > MAX_BLOCK_BYTES {
-            return bad(
-                "--block-size",
-                format!("{bs} bytes; at most {MAX_BLOCK_BYTES}"),
-            );
-        }
-        if self.batch == 0 {
-            return bad("--batch", "must be at least 1".into());
-        }
+        let block_size = plan_checks::block_size(
+            "--block-size",
+            bs,
+            HEADER_BYTES as u64,
+            "the verification header",
+            MAX_BLOCK_BYTES,
+        )?;
+        plan_checks::at_least_one("--batch", self.batch as u64)?;
         let message = bs.saturating_mul(self.batch as u64);
         if message > MAX_MESSAGE_BYTES as u64 - MESSAGE_HEADROOM_BYTES {
             return bad(
@@ -200,9 +194,7 @@ impl BenchArgs {
                 ),
             );
         }
-        if self.concurrency == 0 {
-            return bad("--concurrency", "must be at least 1".into());
-        }
+        plan_checks::at_least_one("--concurrency", self.concurrency as u64)?;
         if !(0.0..=1.0).contains(&self.read_ratio) {
             return bad(
                 "--read-ratio",
@@ -235,10 +227,6 @@ impl BenchArgs {
         if usize::try_from(keys).is_err() {
             return bad("--keys", format!("{keys} is too large"));
         }
-        let block_size = usize::try_from(bs).map_err(|_| BenchError::InvalidArg {
-            field: "--block-size",
-            reason: format!("{bs} bytes does not fit in memory"),
-        })?;
         Ok(Plan {
             block_size,
             batch: self.batch,

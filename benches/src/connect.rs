@@ -118,11 +118,36 @@ pub async fn connect_channel(addr: &str) -> Result<Channel, BenchError> {
                 .connect_with_connector(tower::service_fn(move |_: Uri| {
                     let path = path.clone();
                     async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
+                        let stream = UnixStream::connect(path).await?;
+                        raise_unix_buffers(&stream);
+                        Ok::<_, std::io::Error>(TokioIo::new(stream))
                     }
                 }))
                 .await
                 .map_err(connect_err)
+        }
+    }
+}
+
+/// Send and receive buffer asked for on a Unix-socket connection, as the
+/// client library and the daemon do (the default, about 208 KiB, caps what
+/// one write may queue; the kernel caps the value at `net.core.wmem_max`).
+const UNIX_SOCKET_BUFFER_BYTES: libc::c_int = 4 << 20;
+
+/// Asks for larger socket buffers (best effort: a refusal keeps the defaults).
+fn raise_unix_buffers(stream: &UnixStream) {
+    use std::os::fd::AsRawFd;
+    for option in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt reads the c_int for the duration of the call;
+        // the descriptor is the stream's own.
+        unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&UNIX_SOCKET_BUFFER_BYTES as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
         }
     }
 }

@@ -11,15 +11,46 @@ use kvstrata_proto::v1::{
     RegisterNamespaceRequest,
 };
 
-use crate::args::{BenchArgs, Plan};
-use crate::connect::{BearerChannel, client, connect_channel};
+use kvstrata_client::BearerToken;
+use tonic::transport::Channel;
+
+use crate::args::{BenchArgs, MAX_MESSAGE_BYTES, Plan};
+use crate::connect::{Bearer, BearerChannel, client, connect_channel};
 use crate::error::BenchError;
 use crate::runner::{Outcome, Shared};
 
 /// Model id of the benchmark's namespace.
 pub const BENCH_MODEL_ID: &str = "kvstrata-bench";
 
-pub(crate) type Client = KvCacheClient<BearerChannel>;
+/// One task's gRPC client: the generated one (puts, registration, the shm
+/// mode), and its channel for BatchGet, whose answers are decoded where the
+/// frames arrived ([`kvstrata_client::inline`]) as the client library does.
+pub(crate) struct Client {
+    rpc: KvCacheClient<BearerChannel>,
+    channel: BearerChannel,
+}
+
+impl Client {
+    fn new(channel: Channel, token: Option<&BearerToken>) -> Client {
+        let rpc = client(channel.clone(), token);
+        let channel = BearerChannel::new(channel, Bearer(token.cloned()));
+        Client { rpc, channel }
+    }
+}
+
+impl std::ops::Deref for Client {
+    type Target = KvCacheClient<BearerChannel>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.rpc
+    }
+}
+
+impl std::ops::DerefMut for Client {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.rpc
+    }
+}
 
 /// One `BatchPut` of the blocks at `indices`, each with a fresh version.
 pub(crate) async fn put_batch(
@@ -35,7 +66,7 @@ pub(crate) async fn put_batch(
             key: sh.key(i),
             parent: Bytes::new(),
             payload: sh.payloads.block(i, v),
-            region: None,
+            range: None,
             pages: None,
         })
         .collect();
@@ -62,15 +93,18 @@ pub(crate) async fn get_batch(
     let req = BatchGetRequest {
         namespace_id: sh.namespace_id.clone(),
         keys: indices.iter().map(|&i| sh.key(i)).collect(),
-        regions: Vec::new(),
+        ranges: Vec::new(),
         pages: Vec::new(),
     };
     let t0 = Instant::now();
-    let resp = client
-        .batch_get(req)
-        .await
-        .map_err(|s| BenchError::rpc("BatchGet", s))?
-        .into_inner();
+    let resp = kvstrata_client::inline::batch_get(
+        &mut client.channel,
+        tonic::Request::new(req),
+        MAX_MESSAGE_BYTES,
+    )
+    .await
+    .map_err(|s| BenchError::rpc("BatchGet", s))?
+    .into_inner();
     let latency = t0.elapsed();
     if resp.results.len() != indices.len() {
         return Err(BenchError::Protocol {
@@ -100,10 +134,10 @@ pub(crate) async fn open_clients(args: &BenchArgs, n: usize) -> Result<Vec<Clien
     let mut clients = Vec::with_capacity(n);
     if args.shared_connection {
         let ch = connect_channel(&args.addr).await?;
-        clients.extend((0..n).map(|_| client(ch.clone(), args.token.as_ref())));
+        clients.extend((0..n).map(|_| Client::new(ch.clone(), args.token.as_ref())));
     } else {
         for _ in 0..n {
-            clients.push(client(
+            clients.push(Client::new(
                 connect_channel(&args.addr).await?,
                 args.token.as_ref(),
             ));

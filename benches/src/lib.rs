@@ -55,6 +55,7 @@ mod grpc_conn;
 pub mod memcpy;
 mod pattern;
 pub mod payload;
+mod plan_checks;
 mod redis_conn;
 pub mod remote;
 pub mod report;

@@ -207,7 +207,7 @@ pub(crate) struct Outcome {
 
 /// One client task's connection, per data path.
 pub(crate) enum Conn {
-    Grpc(Client),
+    Grpc(Box<Client>),
     Shm(Box<ShmConn>),
     Redis(RedisConn),
 }
@@ -434,7 +434,10 @@ async fn open_conns(args: &BenchArgs, plan: &Plan, run_id: u64) -> Result<Opened
                 }
                 conns
             } else {
-                clients.into_iter().map(Conn::Grpc).collect()
+                clients
+                    .into_iter()
+                    .map(|c| Conn::Grpc(Box::new(c)))
+                    .collect()
             };
             let connections = if args.shared_connection {
                 1

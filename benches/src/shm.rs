@@ -1,18 +1,18 @@
 //! `--mode shm`: payloads travel through a shared-memory pool per client task.
 //!
 //! Each task registers its own [`SharedPool`] on the daemon's mempool socket,
-//! sized for one batch, and allocates one block-size [`Region`] per batch slot
-//! once. A put copies each payload into its slot's region and sends `BatchPut`
-//! with regions instead of payloads; a get sends `BatchGet` with one region per
+//! sized for one batch, and allocates one block-size [`PoolRange`] per batch slot
+//! once. A put copies each payload into its slot's range and sends `BatchPut`
+//! with ranges instead of payloads; a get sends `BatchGet` with one range per
 //! key, and the daemon writes found blocks there. Reads are verified in the
-//! region exactly as the gRPC mode verifies inline payloads; before each get
-//! the regions' headers are zeroed, so a block reported found but never
+//! range exactly as the gRPC mode verifies inline payloads; before each get
+//! the ranges' headers are zeroed, so a block reported found but never
 //! written reads as version 0 and fails verification.
 
 use std::time::Instant;
 
 use bytes::Bytes;
-use kvstrata_client::{Region, SharedPool};
+use kvstrata_client::{PoolRange, SharedPool};
 use kvstrata_proto::v1::{BatchGetRequest, BatchPutRequest, PutItem, PutStatus};
 
 use crate::error::BenchError;
@@ -20,16 +20,16 @@ use crate::grpc_conn::Client;
 use crate::payload::HEADER_BYTES;
 use crate::runner::{Outcome, Shared};
 
-/// One task's gRPC client, pool and per-slot regions.
+/// One task's gRPC client, pool and per-slot ranges.
 pub(crate) struct ShmConn {
     client: Client,
-    regions: Vec<Region>,
+    ranges: Vec<PoolRange>,
     /// Dropped last: closing it unregisters the pool on the daemon.
     _pool: SharedPool,
 }
 
 impl ShmConn {
-    /// Registers a pool named `name` of `batch` block-size regions on `socket`.
+    /// Registers a pool named `name` of `batch` block-size ranges on `socket`.
     pub(crate) async fn open(
         client: Client,
         socket: &str,
@@ -38,7 +38,7 @@ impl ShmConn {
         batch: usize,
     ) -> Result<ShmConn, BenchError> {
         let slot = block_size
-            .checked_next_multiple_of(kvstrata_client::pool::REGION_ALIGN)
+            .checked_next_multiple_of(kvstrata_client::pool::RANGE_ALIGN)
             .ok_or_else(|| BenchError::InvalidArg {
                 field: "--block-size",
                 reason: format!("{block_size} bytes is too large"),
@@ -53,12 +53,12 @@ impl ShmConn {
         // Registration blocks (connect, sendmsg, read the id): off the runtime.
         let pool = tokio::task::spawn_blocking(move || SharedPool::create(&socket, &name, bytes))
             .await??;
-        let regions = (0..batch)
+        let ranges = (0..batch)
             .map(|_| pool.alloc(block_size))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(ShmConn {
             client,
-            regions,
+            ranges,
             _pool: pool,
         })
     }
@@ -70,23 +70,23 @@ impl ShmConn {
     ) -> Result<Outcome, BenchError> {
         let versions = sh.issue_versions(indices);
         let mut items = Vec::with_capacity(indices.len());
-        for ((&i, &v), region) in indices.iter().zip(&versions).zip(&mut self.regions) {
+        for ((&i, &v), range) in indices.iter().zip(&versions).zip(&mut self.ranges) {
             sh.payloads
-                .write_block(region.as_mut_slice(), i, v)
+                .write_block(range.as_mut_slice(), i, v)
                 .map_err(|e| BenchError::Protocol {
                     op: "BatchPut",
-                    reason: format!("region of key #{i}: {e}"),
+                    reason: format!("range of key #{i}: {e}"),
                 })?;
             items.push(PutItem {
                 key: sh.key(i),
                 parent: Bytes::new(),
                 payload: Bytes::new(),
-                region: Some(region.to_proto()),
+                range: Some(range.to_proto()),
                 pages: None,
             });
         }
         if items.len() != indices.len() {
-            return Err(too_many(indices.len(), self.regions.len()));
+            return Err(too_many(indices.len(), self.ranges.len()));
         }
         let req = BatchPutRequest {
             namespace_id: sh.namespace_id.clone(),
@@ -109,7 +109,7 @@ impl ShmConn {
                 op: "BatchPut",
                 reason: format!(
                     "BAD_REGION for item {pos} ({:?}) of a registered pool",
-                    self.regions.get(pos).map(Region::to_proto)
+                    self.ranges.get(pos).map(PoolRange::to_proto)
                 ),
             });
         }
@@ -121,11 +121,11 @@ impl ShmConn {
         sh: &Shared,
         indices: &[u64],
     ) -> Result<Outcome, BenchError> {
-        if indices.len() > self.regions.len() {
-            return Err(too_many(indices.len(), self.regions.len()));
+        if indices.len() > self.ranges.len() {
+            return Err(too_many(indices.len(), self.ranges.len()));
         }
-        let regions = &mut self.regions[..indices.len()];
-        for r in regions.iter_mut() {
+        let ranges = &mut self.ranges[..indices.len()];
+        for r in ranges.iter_mut() {
             if let Some(h) = r.as_mut_slice().get_mut(..HEADER_BYTES) {
                 h.fill(0);
             }
@@ -134,7 +134,7 @@ impl ShmConn {
         let req = BatchGetRequest {
             namespace_id: sh.namespace_id.clone(),
             keys: indices.iter().map(|&i| sh.key(i)).collect(),
-            regions: regions.iter().map(Region::to_proto).collect(),
+            ranges: ranges.iter().map(PoolRange::to_proto).collect(),
             pages: Vec::new(),
         };
         let t0 = Instant::now();
@@ -156,18 +156,18 @@ impl ShmConn {
             blocks: indices.len() as u64,
             ..Outcome::default()
         };
-        for (((&i, &floor), r), region) in indices
+        for (((&i, &floor), r), range) in indices
             .iter()
             .zip(&floors)
             .zip(&resp.results)
-            .zip(regions.iter())
+            .zip(ranges.iter())
         {
             if !r.region_error.is_empty() {
                 return Err(BenchError::Protocol {
                     op: "BatchGet",
                     reason: format!(
                         "region_error for key #{i} ({:?}) of a registered pool: {}",
-                        region.to_proto(),
+                        range.to_proto(),
                         r.region_error
                     ),
                 });
@@ -176,14 +176,14 @@ impl ShmConn {
                 return Err(BenchError::Protocol {
                     op: "BatchGet",
                     reason: format!(
-                        "key #{i}: {} payload bytes inline although a region was given",
+                        "key #{i}: {} payload bytes inline although a range was given",
                         r.payload.len()
                     ),
                 });
             }
             if r.found {
                 let key_ok = r.key == sh.keys[i as usize];
-                sh.check_hit(&mut out, i, floor, key_ok, region.as_slice());
+                sh.check_hit(&mut out, i, floor, key_ok, range.as_slice());
             } else {
                 out.misses += 1;
             }

@@ -5,12 +5,15 @@
 //! binary; its host tier is small, so most blocks reach disk by demotion,
 //! the rest by write-through.
 
+#[path = "../../server/tests/common/mod.rs"]
+mod common;
+
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
+use common::process::{ServeProcess, spawn_serve};
 use kvstrata_client::{Client, PutItem};
 use kvstrata_types::{Dtype, NamespaceId, NamespacePolicy, NamespaceSpec};
 use rand::{Rng, SeedableRng};
@@ -41,24 +44,11 @@ fn key(k: u32) -> Bytes {
     Bytes::from(format!("key-{k:04}"))
 }
 
-/// A daemon process, SIGKILLed when dropped (also when a check panics).
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts the daemon on `dir`'s slot file and index; returns it and its socket.
-fn serve(dir: &Path, engine: &str) -> (Daemon, String) {
-    let sock = dir.join("kv.sock");
-    let ready = dir.join("ready.json");
-    let _ = std::fs::remove_file(&ready);
-    let child = Command::new(BIN)
-        .args([
-            "serve",
+/// Starts the daemon on `dir`'s slot file and index; returns it (SIGKILLed
+/// when dropped) and its socket.
+fn serve(dir: &Path, engine: &str) -> (ServeProcess, String) {
+    let daemon = spawn_serve(BIN, dir, Duration::from_secs(30), None, |cmd| {
+        cmd.args([
             "--tcp-addr",
             "",
             "--metrics-addr",
@@ -75,20 +65,10 @@ fn serve(dir: &Path, engine: &str) -> (Daemon, String) {
             engine,
         ])
         .arg("--disk-path")
-        .arg(dir.join("slots.kvs"))
-        .arg("--uds-path")
-        .arg(&sock)
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn kvstrata serve");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ready.exists() {
-        assert!(Instant::now() < deadline, "daemon did not become ready");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    (Daemon(child), format!("unix://{}", sock.display()))
+        .arg(dir.join("slots.kvs"));
+    });
+    let target = daemon.target.clone();
+    (daemon, target)
 }
 
 /// What may be stored under each key: the last acknowledged version and

@@ -17,11 +17,11 @@
 #[path = "../../server/tests/common/mod.rs"]
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::process::{ServeProcess, read_log, spawn_serve};
 use common::{payload, small_spec};
 use kvstrata_client::{Client, PutItem};
 use kvstrata_proto::v1 as pb;
@@ -38,97 +38,21 @@ fn disk_dir() -> tempfile::TempDir {
         .expect("tempdir")
 }
 
-/// A daemon process, SIGKILLed when dropped (also when a check panics).
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    /// SIGTERM, then waits (at most a minute) for the exit.
-    fn sigterm(mut self) -> ExitStatus {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid");
-        // SAFETY: kill(2) on the pid of our own child, which has not been
-        // waited for yet (so the pid is still ours).
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "no exit within 60 s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// The daemon's log so far.
-    fn log(&self) -> String {
-        read_log(&self.log)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A daemon log without its ANSI colour sequences.
-fn read_log(path: &Path) -> String {
-    let raw = std::fs::read_to_string(path).unwrap_or_default();
-    let mut out = String::with_capacity(raw.len());
-    let mut chars = raw.chars();
-    while let Some(ch) = chars.next() {
-        if ch == '\u{1b}' {
-            // ESC [ ... letter
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(ch);
-        }
-    }
-    out
-}
-
 /// Starts the daemon on `dir`'s slot file and index with a host tier of
 /// `host_blocks` 8 KiB blocks; its log (level info) goes to `dir/<n>.log`.
-fn serve(dir: &Path, host_blocks: u64, run: u32) -> (Proc, String) {
-    let sock = dir.join("kv.sock");
-    let ready = dir.join("ready.json");
+fn serve(dir: &Path, host_blocks: u64, run: u32) -> (ServeProcess, String) {
     let log = dir.join(format!("{run}.log"));
-    let _ = std::fs::remove_file(&ready);
     let host = format!("{}KiB", host_blocks * 8);
-    let child = Command::new(BIN)
-        .args(["serve", "--tcp-addr", "", "--metrics-addr", ""])
-        .args(["--log-level", "info"])
-        .args(["--host-capacity", &host, "--host-segment-bytes", &host])
-        .args(["--disk-size", "32MiB", "--disk-engine", "auto"])
-        .arg("--disk-path")
-        .arg(dir.join("slots.kvs"))
-        .arg("--uds-path")
-        .arg(&sock)
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("spawn kvstrata serve");
-    let proc = Proc { child, log };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ready.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "daemon did not become ready: {}",
-            proc.log()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    (proc, format!("unix://{}", sock.display()))
+    let daemon = spawn_serve(BIN, dir, Duration::from_secs(30), Some(&log), |cmd| {
+        cmd.args(["--tcp-addr", "", "--metrics-addr", ""])
+            .args(["--log-level", "info"])
+            .args(["--host-capacity", &host, "--host-segment-bytes", &host])
+            .args(["--disk-size", "32MiB", "--disk-engine", "auto"])
+            .arg("--disk-path")
+            .arg(dir.join("slots.kvs"));
+    });
+    let target = daemon.target.clone();
+    (daemon, target)
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -9,10 +9,10 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
+use common::process::{ServeProcess, spawn_serve};
 use common::{payload, small_spec};
 use kvstrata_client::{Client, PutItem};
 use kvstrata_proto::v1 as pb;
@@ -32,23 +32,11 @@ fn disk_dir() -> tempfile::TempDir {
 const BIN: &str = env!("CARGO_BIN_EXE_kvstrata");
 const KILL_KEYS: u32 = 200;
 
-/// A daemon process, SIGKILLed when dropped (also when a check panics).
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(dir: &Path) -> (Proc, String) {
-    let sock = dir.join("kv.sock");
-    let ready = dir.join("ready.json");
-    let _ = std::fs::remove_file(&ready);
-    let child = Command::new(BIN)
-        .args([
-            "serve",
+/// Starts the daemon on `dir`'s slot file; returns it (SIGKILLed when
+/// dropped) and its socket.
+fn serve(dir: &Path) -> (ServeProcess, String) {
+    let daemon = spawn_serve(BIN, dir, Duration::from_secs(30), None, |cmd| {
+        cmd.args([
             "--tcp-addr",
             "",
             "--metrics-addr",
@@ -65,20 +53,10 @@ fn serve(dir: &Path) -> (Proc, String) {
             "pread",
         ])
         .arg("--disk-path")
-        .arg(dir.join("slots.kvs"))
-        .arg("--uds-path")
-        .arg(&sock)
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn kvstrata serve");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ready.exists() {
-        assert!(Instant::now() < deadline, "daemon did not become ready");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    (Proc(child), format!("unix://{}", sock.display()))
+        .arg(dir.join("slots.kvs"));
+    });
+    let target = daemon.target.clone();
+    (daemon, target)
 }
 
 fn kill_key(k: u32) -> String {

@@ -32,12 +32,12 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::process::{ServeProcess, spawn_serve};
 use common::{payload, small_spec};
 use kvstrata_client::{Client, PutItem};
 use kvstrata_proto::v1 as pb;
@@ -264,14 +264,12 @@ fn slot_file(dir: &Path) -> PathBuf {
     dir.join("slots.kvs")
 }
 
-fn serve(dir: &Path, engine: &str) -> Child {
-    let sock = dir.join("kv.sock");
-    let ready = dir.join("ready.json");
-    let _ = std::fs::remove_file(&ready);
+/// Starts the daemon (`SOAK_BIN`, else this build's) on `dir`'s slot file;
+/// SIGKILLed when dropped.
+fn serve(dir: &Path, engine: &str) -> ServeProcess {
     let bin = std::env::var("SOAK_BIN").unwrap_or_else(|_| BIN.to_string());
-    let mut child = Command::new(bin)
-        .args([
-            "serve",
+    spawn_serve(bin, dir, Duration::from_secs(60), None, |cmd| {
+        cmd.args([
             "--tcp-addr",
             "",
             "--metrics-addr",
@@ -288,39 +286,8 @@ fn serve(dir: &Path, engine: &str) -> Child {
             engine,
         ])
         .arg("--disk-path")
-        .arg(slot_file(dir))
-        .arg("--uds-path")
-        .arg(&sock)
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn kvstrata serve");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !ready.exists() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("daemon exited before ready: {status}");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("daemon did not become ready");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child
-}
-
-/// SIGKILLs the daemon when dropped (also when a check panics).
-struct Proc(Option<Child>);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+        .arg(slot_file(dir));
+    })
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -715,7 +682,7 @@ fn soak_mixed_load_kills_and_corruption() {
     let mut daemon_died = 0u64;
     for round in 0..=kills {
         let engine = if round % 2 == 0 { "pread" } else { "auto" };
-        let mut daemon = Proc(Some(serve(dir.path(), engine)));
+        let daemon = serve(dir.path(), engine);
         let sock = dir.path().join("kv.sock");
         let addr = format!("unix://{}", sock.display());
         rt.block_on(register(&addr, &mut nss));
@@ -756,7 +723,7 @@ fn soak_mixed_load_kills_and_corruption() {
         let killed = Arc::new(AtomicBool::new(false));
         let ids: Vec<NamespaceId> = nss.iter().map(|n| n.id.expect("registered")).collect();
         let shared = Arc::new(Mutex::new(std::mem::take(&mut oracle)));
-        let child = daemon.0.take().expect("daemon");
+        let child = daemon.into_child();
         let killer = {
             let killed = killed.clone();
             std::thread::spawn(move || {

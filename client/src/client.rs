@@ -158,6 +158,33 @@ impl ClientTls {
 const STREAM_WINDOW_BYTES: u32 = 16 << 20;
 /// HTTP/2 per-connection flow-control window.
 const CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
+/// Largest HTTP/2 frame the client accepts (SETTINGS_MAX_FRAME_SIZE): with
+/// the 16 KiB default a 1 MiB block arrives in 64 frames, each one a wake-up
+/// and a buffer of its own.
+const MAX_FRAME_BYTES: u32 = 4 << 20;
+/// Send and receive buffer asked for on a Unix-socket connection (the
+/// daemon asks the same on its side; the kernel caps it at
+/// `net.core.wmem_max` / `rmem_max`).
+const UNIX_SOCKET_BUFFER_BYTES: libc::c_int = 4 << 20;
+
+/// Asks for larger socket buffers on a Unix stream (best effort: a refusal
+/// keeps the defaults, which only cost speed).
+fn raise_unix_buffers(stream: &tokio::net::UnixStream) {
+    use std::os::fd::AsRawFd;
+    for option in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt reads the c_int for the duration of the call;
+        // the descriptor is the stream's own.
+        unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&UNIX_SOCKET_BUFFER_BYTES as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
 
 /// One block to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,31 +220,31 @@ impl From<PutItem> for proto::PutItem {
             key: item.key,
             parent: item.parent.unwrap_or_default(),
             payload: item.payload,
-            region: None,
+            range: None,
             pages: None,
         }
     }
 }
 
-/// One block to store from a shared-memory pool region ([`Client::batch_put_regions`]).
+/// One block to store from a shared-memory pool range ([`Client::batch_put_ranges`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RegionPutItem {
+pub struct RangePutItem {
     /// The block key (1 to 64 bytes).
     pub key: Bytes,
     /// The key of the previous block in the chain, if any.
     pub parent: Option<Bytes>,
     /// Where the block's bytes lie: `length` must be `block_bytes` of the namespace
-    /// (see [`crate::Region::to_proto`]).
-    pub region: proto::PoolRegion,
+    /// (see [`crate::PoolRange::to_proto`]).
+    pub range: proto::PoolRange,
 }
 
-impl RegionPutItem {
+impl RangePutItem {
     /// A block without a parent.
-    pub fn new(key: impl Into<Bytes>, region: proto::PoolRegion) -> Self {
-        RegionPutItem {
+    pub fn new(key: impl Into<Bytes>, range: proto::PoolRange) -> Self {
+        RangePutItem {
             key: key.into(),
             parent: None,
-            region,
+            range,
         }
     }
 
@@ -228,13 +255,13 @@ impl RegionPutItem {
     }
 }
 
-impl From<RegionPutItem> for proto::PutItem {
-    fn from(item: RegionPutItem) -> Self {
+impl From<RangePutItem> for proto::PutItem {
+    fn from(item: RangePutItem) -> Self {
         proto::PutItem {
             key: item.key,
             parent: item.parent.unwrap_or_default(),
             payload: Bytes::new(),
-            region: Some(item.region),
+            range: Some(item.range),
             pages: None,
         }
     }
@@ -270,6 +297,8 @@ fn lease_millis(lease: Duration) -> u64 {
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: KvCacheClient<Channel>,
+    /// The channel under `inner`, for the calls decoded by hand ([`crate::inline`]).
+    channel: Channel,
     options: ClientOptions,
 }
 
@@ -295,6 +324,7 @@ impl Client {
             .connect_timeout(options.connect_timeout)
             .initial_stream_window_size(STREAM_WINDOW_BYTES)
             .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+            .max_frame_size(MAX_FRAME_BYTES)
             .tcp_nodelay(true)
             .keep_alive_while_idle(false);
         let endpoint = match &parsed {
@@ -334,6 +364,7 @@ impl Client {
                         let path = path.clone();
                         async move {
                             let stream = tokio::net::UnixStream::connect(path).await?;
+                            raise_unix_buffers(&stream);
                             Ok::<_, std::io::Error>(TokioIo::new(stream))
                         }
                     }))
@@ -349,10 +380,14 @@ impl Client {
 
     /// Wraps an existing channel (for example one built by a test harness).
     pub fn from_channel(channel: Channel, options: ClientOptions) -> Client {
-        let inner = KvCacheClient::new(channel)
+        let inner = KvCacheClient::new(channel.clone())
             .max_decoding_message_size(options.max_message_bytes)
             .max_encoding_message_size(options.max_message_bytes);
-        Client { inner, options }
+        Client {
+            inner,
+            channel,
+            options,
+        }
     }
 
     /// The generated tonic client, with this client's message limits.
@@ -461,7 +496,7 @@ impl Client {
             .await
     }
 
-    /// BatchPut of items already in wire form (inline, pool regions or KV pages).
+    /// BatchPut of items already in wire form (inline, pool ranges or KV pages).
     async fn put_items(
         &self,
         ns: &NamespaceId,
@@ -475,7 +510,7 @@ impl Client {
         self.call(c.batch_put(self.request(req, true))).await
     }
 
-    /// BatchGet whose blocks go to pool regions or KV pages (one per key):
+    /// BatchGet whose blocks go to pool ranges or KV pages (one per key):
     /// checks that the daemon answered one result per key.
     async fn get_into(
         &self,
@@ -505,50 +540,56 @@ impl Client {
         let req = proto::BatchGetRequest {
             namespace_id: ns_bytes(ns),
             keys: keys_bytes(keys),
-            regions: Vec::new(),
+            ranges: Vec::new(),
             pages: Vec::new(),
         };
-        let mut c = self.inner.clone();
+        // Decoded where the frames arrived: each payload is its own frame.
+        let mut channel = self.channel.clone();
+        let max = self.options.max_message_bytes;
         Ok(self
-            .call(c.batch_get(self.request(req, true)))
+            .call(crate::inline::batch_get(
+                &mut channel,
+                self.request(req, true),
+                max,
+            ))
             .await?
             .results)
     }
 
     /// Stores blocks whose bytes the daemon copies out of registered
     /// shared-memory pools ([`crate::SharedPool`]); one result per item, same
-    /// order. An item whose region names no registered pool or lies outside
+    /// order. An item whose range names no registered pool or lies outside
     /// its pool gets `PutStatus::BadRegion`; the others are stored as usual.
-    /// Keep the regions untouched until this returns.
-    pub async fn batch_put_regions(
+    /// Keep the ranges untouched until this returns.
+    pub async fn batch_put_ranges(
         &self,
         ns: &NamespaceId,
-        items: Vec<RegionPutItem>,
+        items: Vec<RangePutItem>,
     ) -> Result<proto::BatchPutResponse, ClientError> {
         self.put_items(ns, items.into_iter().map(Into::into).collect())
             .await
     }
 
-    /// Reads blocks straight into shared-memory pool regions, one region per
+    /// Reads blocks straight into shared-memory pool ranges, one range per
     /// key (each `length` = `block_bytes`); one result per key, same order.
-    /// A found block's bytes are in its region and `payload` is empty; a
-    /// result with `region_error` set (and `found` false) names a region the
+    /// A found block's bytes are in its range and `payload` is empty; a
+    /// result with `region_error` set (and `found` false) names a range the
     /// daemon could not write (unknown or closed pool, outside the pool).
-    /// Regions of keys not found are left as they were. Keep the regions
+    /// Ranges of keys not found are left as they were. Keep the ranges
     /// untouched until this returns.
     pub async fn batch_get_into(
         &self,
         ns: &NamespaceId,
         keys: &[impl AsRef<[u8]>],
-        regions: &[proto::PoolRegion],
+        ranges: &[proto::PoolRange],
     ) -> Result<Vec<proto::GetResult>, ClientError> {
-        if keys.len() != regions.len() {
-            // An empty `regions` would silently turn this into an inline get.
+        if keys.len() != ranges.len() {
+            // An empty `ranges` would silently turn this into an inline get.
             return Err(ClientError::InvalidArgument {
-                field: "regions",
+                field: "ranges",
                 reason: format!(
-                    "{} regions for {} keys; exactly one region per key",
-                    regions.len(),
+                    "{} ranges for {} keys; exactly one range per key",
+                    ranges.len(),
                     keys.len()
                 ),
             });
@@ -556,7 +597,7 @@ impl Client {
         let req = proto::BatchGetRequest {
             namespace_id: ns_bytes(ns),
             keys: keys_bytes(keys),
-            regions: regions.to_vec(),
+            ranges: ranges.to_vec(),
             pages: Vec::new(),
         };
         self.get_into(req).await
@@ -601,7 +642,7 @@ impl Client {
         let req = proto::BatchGetRequest {
             namespace_id: ns_bytes(ns),
             keys: keys_bytes(keys),
-            regions: Vec::new(),
+            ranges: Vec::new(),
             pages: pages.to_vec(),
         };
         self.get_into(req).await
@@ -651,7 +692,7 @@ impl Client {
         let req = proto::BatchGetRequest {
             namespace_id: ns_bytes(ns),
             keys: keys_bytes(keys),
-            regions: Vec::new(),
+            ranges: Vec::new(),
             pages: Vec::new(),
         };
         let mut c = self.inner.clone();
@@ -829,16 +870,16 @@ mod tests {
     }
 
     #[test]
-    fn region_put_item_sends_the_region_and_no_payload() {
-        let region = proto::PoolRegion {
+    fn range_put_item_sends_the_range_and_no_payload() {
+        let range = proto::PoolRange {
             pool_id: 3,
             offset: 128,
             length: 4096,
         };
-        let w: proto::PutItem = RegionPutItem::new(&b"k"[..], region).into();
+        let w: proto::PutItem = RangePutItem::new(&b"k"[..], range).into();
         assert!(w.payload.is_empty() && w.parent.is_empty());
-        assert_eq!(w.region, Some(region));
-        let w: proto::PutItem = RegionPutItem::new(&b"k"[..], region)
+        assert_eq!(w.range, Some(range));
+        let w: proto::PutItem = RangePutItem::new(&b"k"[..], range)
             .with_parent(&b"p"[..])
             .into();
         assert_eq!(&w.parent[..], b"p");
@@ -846,26 +887,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn batch_get_into_needs_one_region_per_key() {
+    async fn batch_get_into_needs_one_range_per_key() {
         // A lazily connected channel: the check fails before anything is sent.
         let channel = Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
         let client = Client::from_channel(channel, ClientOptions::default());
         let ns = NamespaceId::from_slice("ns", &[1; 16]).unwrap();
         let e = client
-            .batch_get_into(&ns, &[b"a", b"b"], &[proto::PoolRegion::default()])
+            .batch_get_into(&ns, &[b"a", b"b"], &[proto::PoolRange::default()])
             .await
             .unwrap_err();
         assert!(
             matches!(
                 e,
                 ClientError::InvalidArgument {
-                    field: "regions",
+                    field: "ranges",
                     ..
                 }
             ),
             "{e:?}"
         );
-        assert!(e.to_string().contains("1 regions for 2 keys"), "{e}");
+        assert!(e.to_string().contains("1 ranges for 2 keys"), "{e}");
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! - [`Client`]: typed async methods for every RPC of `kvstrata.v1.KvCache`, over
 //!   TCP (`http://host:port`, `host:port`) or a Unix socket (`unix:///path`,
 //!   `/path`), with message limits and HTTP/2 windows sized for large KV blocks.
-//! - [`SharedPool`] / [`Region`]: shared-memory pools registered with the daemon,
-//!   for [`Client::batch_put_regions`] and [`Client::batch_get_into`] (no payload
+//! - [`SharedPool`] / [`PoolRange`]: shared-memory pools registered with the daemon,
+//!   for [`Client::batch_put_ranges`] and [`Client::batch_get_into`] (no payload
 //!   bytes in the gRPC messages; same host only).
 //! - [`KvRegion`]: an engine's paged KV memory (a CUDA IPC handle, or a memfd
 //!   without a GPU) registered with the daemon, for [`Client::put_pages`] and
@@ -17,12 +17,13 @@
 
 mod client;
 mod error;
+pub mod inline;
 pub mod pool;
 pub mod region;
 mod target;
 
 pub use client::{
-    BearerToken, Client, ClientOptions, ClientStream, ClientTls, PutItem, RegionPutItem,
+    BearerToken, Client, ClientOptions, ClientStream, ClientTls, PutItem, RangePutItem,
     RegisteredNamespace,
 };
 pub use error::ClientError;
@@ -31,7 +32,7 @@ pub use kvstrata_types::{
     Dtype, Layout, NamespaceId, NamespacePolicy, NamespaceSpec, PageLayout, PagedGeometry,
     spec_from_proto, spec_to_proto,
 };
-pub use pool::{Region, SharedPool};
+pub use pool::{PoolRange, SharedPool};
 pub use region::{KvRegion, KvRegionError, PagesPutItem};
 pub use target::{DEFAULT_TCP_TARGET, Target, default_target, default_uds_path};
 

@@ -1,5 +1,5 @@
 //! [`SharedPool`]: a shared-memory pool registered with the daemon, and
-//! [`Region`]s allocated in it.
+//! [`PoolRange`]s allocated in it.
 //!
 //! A client on the same host as the daemon can move block payloads through
 //! shared memory instead of gRPC messages (`docs/protocol.md`, "Shared-memory
@@ -18,20 +18,20 @@
 //! old id names no pool (requests naming it are refused the same way), so a
 //! client that sees its registration connection closed registers a new pool.
 //!
-//! [`SharedPool::alloc`] hands out [`Region`]s: 64-byte aligned byte ranges of
-//! the pool (first fit, freed ranges are coalesced). A region frees itself when
-//! dropped. [`Region::to_proto`] is what
-//! [`Client::batch_put_regions`](crate::Client::batch_put_regions) and
+//! [`SharedPool::alloc`] hands out [`PoolRange`]s: 64-byte aligned byte ranges of
+//! the pool (first fit, freed ranges are coalesced). A range frees itself when
+//! dropped. [`PoolRange::to_proto`] is what
+//! [`Client::batch_put_ranges`](crate::Client::batch_put_ranges) and
 //! [`Client::batch_get_into`](crate::Client::batch_get_into) send: a put reads
-//! the block from the region, a get writes a found block into it.
+//! the block from the range, a get writes a found block into it.
 //!
 //! The daemon reads and writes the pool's memory while a request that names a
-//! region is in flight; do not touch a region between sending such a request and
+//! range is in flight; do not touch a range between sending such a request and
 //! its answer (the borrow rules do not see the other process).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), kvstrata_client::ClientError> {
-//! use kvstrata_client::{Client, RegionPutItem, SharedPool};
+//! use kvstrata_client::{Client, RangePutItem, SharedPool};
 //! use kvstrata_client::proto::PutStatus;
 //! use kvstrata_client::{Dtype, NamespaceSpec};
 //!
@@ -42,18 +42,18 @@
 //!
 //! // One pool per process (or per thread), sized for the blocks in flight.
 //! let pool = SharedPool::create("unix:///run/kvstrata/mempool.sock", "worker-0", 4 * block)?;
-//! let mut region = pool.alloc(block)?;
-//! region.as_mut_slice().fill(7); // the block's bytes
+//! let mut range = pool.alloc(block)?;
+//! range.as_mut_slice().fill(7); // the block's bytes
 //!
 //! let put = client
-//!     .batch_put_regions(&ns.id, vec![RegionPutItem::new(&b"key-0"[..], region.to_proto())])
+//!     .batch_put_ranges(&ns.id, vec![RangePutItem::new(&b"key-0"[..], range.to_proto())])
 //!     .await?;
 //! assert_eq!(put.results, vec![PutStatus::Stored as i32]);
 //!
-//! // Read it back into the same region (or any other of the same length).
-//! let got = client.batch_get_into(&ns.id, &[b"key-0"], &[region.to_proto()]).await?;
+//! // Read it back into the same range (or any other of the same length).
+//! let got = client.batch_get_into(&ns.id, &[b"key-0"], &[range.to_proto()]).await?;
 //! assert!(got[0].found && got[0].region_error.is_empty());
-//! assert!(region.as_slice().iter().all(|&b| b == 7));
+//! assert!(range.as_slice().iter().all(|&b| b == 7));
 //! # Ok(())
 //! # }
 //! ```
@@ -78,12 +78,12 @@ use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
 use crate::error::ClientError;
 use crate::target::Target;
 
-/// Alignment of every [`Region`]'s offset, in bytes.
-pub const REGION_ALIGN: usize = 64;
+/// Alignment of every [`PoolRange`]'s offset, in bytes.
+pub const RANGE_ALIGN: usize = 64;
 /// How long [`SharedPool::create`] waits for the daemon's answer.
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The mapping and the allocator, shared by a pool and its regions.
+/// The mapping and the allocator, shared by a pool and its ranges.
 struct PoolShared {
     id: u64,
     name: String,
@@ -102,7 +102,7 @@ impl PoolShared {
 /// A shared-memory pool registered with the daemon. See the [module docs](self).
 ///
 /// Dropping it closes the registration connection, which unregisters the pool
-/// on the daemon; [`Region`]s still alive keep the client's own mapping valid.
+/// on the daemon; [`PoolRange`]s still alive keep the client's own mapping valid.
 pub struct SharedPool {
     shared: Arc<PoolShared>,
     /// The registration connection: open for as long as the pool is registered.
@@ -222,18 +222,18 @@ impl SharedPool {
         self.shared.map.len() == 0
     }
 
-    /// Bytes not held by any region.
+    /// Bytes not held by any range.
     pub fn free_bytes(&self) -> usize {
         self.shared.free_list().free_bytes()
     }
 
     /// Allocates `len` bytes at a 64-byte aligned offset (first fit). Fails
     /// with [`ClientError::PoolExhausted`] when no free range is large enough.
-    pub fn alloc(&self, len: usize) -> Result<Region, ClientError> {
+    pub fn alloc(&self, len: usize) -> Result<PoolRange, ClientError> {
         if len == 0 {
             return Err(ClientError::PoolInvalid {
                 name: self.shared.name.clone(),
-                reason: "cannot allocate a region of 0 bytes".into(),
+                reason: "cannot allocate a range of 0 bytes".into(),
             });
         }
         let mut free = self.shared.free_list();
@@ -244,7 +244,7 @@ impl SharedPool {
             largest: free.largest(),
         })?;
         drop(free);
-        Ok(Region {
+        Ok(PoolRange {
             pool: self.shared.clone(),
             offset,
             len,
@@ -321,18 +321,18 @@ fn register(
 
 /// A byte range of a [`SharedPool`], freed when dropped. It keeps the client's
 /// mapping of the pool alive, even after the pool itself is dropped (the daemon
-/// then no longer knows the pool, so requests naming the region fail).
-pub struct Region {
+/// then no longer knows the pool, so requests naming the range fail).
+pub struct PoolRange {
     pool: Arc<PoolShared>,
     offset: usize,
     len: usize,
-    /// Bytes reserved: `len` rounded up to [`REGION_ALIGN`] (less at the end of the pool).
+    /// Bytes reserved: `len` rounded up to [`RANGE_ALIGN`] (less at the end of the pool).
     extent: usize,
 }
 
-impl fmt::Debug for Region {
+impl fmt::Debug for PoolRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Region")
+        f.debug_struct("PoolRange")
             .field("pool_id", &self.pool.id)
             .field("offset", &self.offset)
             .field("len", &self.len)
@@ -340,8 +340,8 @@ impl fmt::Debug for Region {
     }
 }
 
-impl Region {
-    /// Id of the pool the region lies in.
+impl PoolRange {
+    /// Id of the pool the range lies in.
     pub fn pool_id(&self) -> u64 {
         self.pool.id
     }
@@ -356,23 +356,23 @@ impl Region {
         self.len
     }
 
-    /// Always false: regions have at least one byte.
+    /// Always false: ranges have at least one byte.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
-    /// The region's bytes.
+    /// The range's bytes.
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: [offset, offset + len) lies inside the mapping (the
         // allocator hands out only such ranges, and the file's size is sealed),
-        // the mapping lives as long as `self.pool`, and no other `Region`
+        // the mapping lives as long as `self.pool`, and no other `PoolRange`
         // covers these bytes, so no `&mut` to them exists while `&self` is
         // borrowed. The daemon may write them during a request naming this
-        // region; the module docs forbid touching the region meanwhile.
+        // range; the module docs forbid touching the range meanwhile.
         unsafe { std::slice::from_raw_parts(self.pool.map.as_ptr().add(self.offset), self.len) }
     }
 
-    /// The region's bytes, writable.
+    /// The range's bytes, writable.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in `as_slice`; `&mut self` makes this the only reference.
         unsafe {
@@ -380,9 +380,9 @@ impl Region {
         }
     }
 
-    /// The wire form, for `PutItem.region` and `BatchGetRequest.regions`.
-    pub fn to_proto(&self) -> proto::PoolRegion {
-        proto::PoolRegion {
+    /// The wire form, for `PutItem.range` and `BatchGetRequest.ranges`.
+    pub fn to_proto(&self) -> proto::PoolRange {
+        proto::PoolRange {
             pool_id: self.pool.id,
             offset: self.offset as u64,
             length: self.len as u64,
@@ -390,13 +390,13 @@ impl Region {
     }
 }
 
-impl From<&Region> for proto::PoolRegion {
-    fn from(r: &Region) -> Self {
+impl From<&PoolRange> for proto::PoolRange {
+    fn from(r: &PoolRange) -> Self {
         r.to_proto()
     }
 }
 
-impl Drop for Region {
+impl Drop for PoolRange {
     fn drop(&mut self) {
         self.pool.free_list().free(self.offset, self.extent);
     }
@@ -406,7 +406,7 @@ impl Drop for Region {
 /// offsets, coalescing on free.
 ///
 /// Invariants: ranges are disjoint, never adjacent (adjacent ones are merged),
-/// start at multiples of [`REGION_ALIGN`], and have lengths that are multiples
+/// start at multiples of [`RANGE_ALIGN`], and have lengths that are multiples
 /// of it, except a range that ends at the end of the pool.
 #[derive(Debug)]
 struct FreeList {
@@ -439,7 +439,7 @@ impl FreeList {
 
     /// Reserves `len` (> 0) bytes; returns (offset, bytes reserved).
     fn alloc(&mut self, len: usize) -> Option<(usize, usize)> {
-        let want = len.checked_next_multiple_of(REGION_ALIGN)?;
+        let want = len.checked_next_multiple_of(RANGE_ALIGN)?;
         let (&offset, &range) = self.ranges.iter().find(|&(_, &r)| r >= len)?;
         // A range shorter than `want` but at least `len` long is the one at the
         // end of the pool (all others have aligned lengths): take all of it.
@@ -579,7 +579,7 @@ mod tests {
         assert_eq!((a.offset(), b.offset()), (0, 1024));
         assert_eq!(
             b.to_proto(),
-            proto::PoolRegion {
+            proto::PoolRange {
                 pool_id: id,
                 offset: 1024,
                 length: 5000
@@ -611,7 +611,7 @@ mod tests {
         assert_eq!(pool.alloc(1024).unwrap().offset(), 0);
         assert_eq!(pool.free_bytes(), 10_000 - 5056);
 
-        // Dropping the pool closes the registration connection; the region
+        // Dropping the pool closes the registration connection; the range
         // stays readable.
         drop(pool);
         let mut rest = Vec::new();
@@ -693,7 +693,7 @@ mod tests {
         assert_eq!(b, (64, 128));
         assert_eq!(c, (192, 64));
         for (o, _) in [a, b, c] {
-            assert_eq!(o % REGION_ALIGN, 0);
+            assert_eq!(o % RANGE_ALIGN, 0);
         }
         assert_eq!(f.free_bytes(), 1000 - 256);
         // Free the middle one: the next small allocation reuses it (first fit).
@@ -787,7 +787,7 @@ mod tests {
             if live.is_empty() || rng.random_bool(0.55) {
                 let len = rng.random_range(1..3000);
                 if let Some((o, e)) = f.alloc(len) {
-                    assert_eq!(o % REGION_ALIGN, 0);
+                    assert_eq!(o % RANGE_ALIGN, 0);
                     assert!(e >= len && o + e <= total);
                     live.push((o, e));
                 }

@@ -5,7 +5,9 @@
 //! An engine registers its KV cache once on the daemon's region socket
 //! (`kvstrata serve --kv-region-socket PATH`), describing it with a
 //! [`PagedGeometry`] (layout, layers, page_tokens, kv_heads, head_dim,
-//! dtype_bytes, num_pages, layer_stride):
+//! dtype_bytes, num_pages, and for per-layer regions the layer, page and K/V
+//! strides, so that layouts like vLLM's `(2, num_pages, page_tokens, heads,
+//! dim)` tensors register as they are):
 //!
 //! - [`KvRegion::register_cuda_ipc`]: the 64-byte `cuIpcGetMemHandle` handle of
 //!   a `cuMemAlloc` buffer and its device ordinal (the daemon opens it on that
@@ -47,9 +49,12 @@ use crate::client::Client;
 use crate::error::ClientError;
 use crate::target::Target;
 
-/// The registration preamble's kinds and its encoder (defined in
-/// [`kvstrata_types::wire::kv_region`]), for hand-made preambles ([`register_raw`]).
-pub use kvstrata_types::wire::kv_region::{KIND_CUDA_IPC, KIND_MEMFD, encode_preamble};
+/// The registration preamble's kinds and its encoders (defined in
+/// [`kvstrata_types::wire::kv_region`]; `encode_preamble_v2` writes what
+/// clients before the strides sent), for hand-made preambles ([`register_raw`]).
+pub use kvstrata_types::wire::kv_region::{
+    KIND_CUDA_IPC, KIND_MEMFD, encode_preamble, encode_preamble_v2,
+};
 
 /// How long a registration waits for the daemon's answer.
 pub const REGION_REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -395,7 +400,7 @@ impl From<PagesPutItem> for proto::PutItem {
             key: item.key,
             parent: item.parent.unwrap_or_default(),
             payload: Bytes::new(),
-            region: None,
+            range: None,
             pages: Some(item.pages),
         }
     }

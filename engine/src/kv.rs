@@ -7,8 +7,17 @@
 //! loading a block is one copy into a page, with no reshuffling on either side.
 //!
 //! The last page may be partly filled; only full pages become blocks.
+//!
+//! Beside the pages, [`PagedKv`] keeps the same K and V widened to f32, per layer and
+//! head-major (`[kv_head][position][head_dim]`, room for a growing number of
+//! positions): what attention reads. Each position is widened once, when it is written
+//! or loaded, so a decode step converts only its own new row instead of the whole
+//! context, and hands attention one contiguous copy per layer. The widening is exact
+//! (every f16 is an f32), so attention sees exactly the f16 values of the pages. It
+//! costs twice the pages' memory.
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::error::{EngineError, Result};
 
@@ -50,6 +59,18 @@ pub struct PagedKv {
     pages: Vec<Vec<f16>>,
     /// Positions whose K and V are complete in every layer.
     len: usize,
+    /// The pages' K and V widened to f32, per layer (module docs).
+    wide: Vec<WideLayer>,
+    /// Positions each [`WideLayer`] has room for.
+    wide_cap: usize,
+}
+
+/// One layer's K and V as f32, `[kv_head][position][head_dim]` with room for
+/// `PagedKv::wide_cap` positions per head.
+#[derive(Debug, Clone, Default)]
+struct WideLayer {
+    k: Vec<f32>,
+    v: Vec<f32>,
 }
 
 impl PagedKv {
@@ -64,6 +85,8 @@ impl PagedKv {
             geometry,
             pages: Vec::new(),
             len: 0,
+            wide: vec![WideLayer::default(); geometry.num_layers],
+            wide_cap: 0,
         })
     }
 
@@ -116,6 +139,19 @@ impl PagedKv {
         }
         let mut page = vec![f16::ZERO; g.page_elems()];
         bytemuck::cast_slice_mut::<f16, u8>(&mut page).copy_from_slice(payload);
+        let first = self.len;
+        self.grow_wide(first + g.block_tokens);
+        let rows = g.block_tokens * g.row_elems();
+        for layer in 0..g.num_layers {
+            let k_at = g.row_offset(layer, 0, 0);
+            let v_at = g.row_offset(layer, 1, 0);
+            self.widen(
+                layer,
+                first,
+                &page[k_at..k_at + rows],
+                &page[v_at..v_at + rows],
+            );
+        }
         self.pages.push(page);
         self.len += g.block_tokens;
         Ok(())
@@ -136,7 +172,47 @@ impl PagedKv {
         while self.pages.len() < need {
             self.pages.push(vec![f16::ZERO; self.geometry.page_elems()]);
         }
+        self.grow_wide(self.len + n);
         Ok(())
+    }
+
+    /// Gives every [`WideLayer`] room for `positions` (at least doubling, so a
+    /// decode's one position per step moves the rows only now and then).
+    fn grow_wide(&mut self, positions: usize) {
+        if positions <= self.wide_cap {
+            return;
+        }
+        let g = self.geometry;
+        let (heads, dim) = (g.num_kv_heads, g.head_dim);
+        let cap = positions.max(2 * self.wide_cap).max(g.block_tokens);
+        let old = self.wide_cap;
+        for layer in &mut self.wide {
+            for rows in [&mut layer.k, &mut layer.v] {
+                let mut grown = vec![0f32; heads * cap * dim];
+                for h in 0..heads {
+                    grown[h * cap * dim..(h * cap + old) * dim]
+                        .copy_from_slice(&rows[h * old * dim..(h + 1) * old * dim]);
+                }
+                *rows = grown;
+            }
+        }
+        self.wide_cap = cap;
+    }
+
+    /// Widens K and V rows (`[n][kv_heads][head_dim]` each) of `layer` into the
+    /// positions `start..start + n` of its [`WideLayer`] (which has room for them).
+    fn widen(&mut self, layer: usize, start: usize, k_rows: &[f16], v_rows: &[f16]) {
+        let g = self.geometry;
+        let (heads, dim, cap) = (g.num_kv_heads, g.head_dim, self.wide_cap);
+        let wide = &mut self.wide[layer];
+        for (src, dst) in [(k_rows, &mut wide.k), (v_rows, &mut wide.v)] {
+            for (i, row) in src.chunks_exact(heads * dim).enumerate() {
+                for (h, head) in row.chunks_exact(dim).enumerate() {
+                    let at = (h * cap + start + i) * dim;
+                    head.convert_to_f32_slice(&mut dst[at..at + dim]);
+                }
+            }
+        }
     }
 
     /// Marks `n` more positions complete (after every layer wrote them).
@@ -185,10 +261,35 @@ impl PagedKv {
             let v_at = g.row_offset(layer, 1, t);
             page[v_at..v_at + row].copy_from_slice(&v_rows[i * row..(i + 1) * row]);
         }
+        self.widen(layer, start, k_rows, v_rows);
         Ok(())
     }
 
-    /// K and V rows of `layer` for positions `0..total` (`[total][kv_heads][head_dim]` each).
+    /// K and V of `layer` for positions `0..total` as f32, head-major and contiguous
+    /// (`[kv_heads][total][head_dim]` each): exactly the pages' f16 values, widened
+    /// when they were written or loaded. One copy; no conversion.
+    pub(crate) fn layer_f32(&self, layer: usize, total: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let g = self.geometry;
+        if layer >= g.num_layers || total > self.wide_cap {
+            return Err(EngineError::Kv(format!(
+                "read of layer {layer} for {total} positions past the reserved ones"
+            )));
+        }
+        let (heads, dim, cap) = (g.num_kv_heads, g.head_dim, self.wide_cap);
+        let wide = &self.wide[layer];
+        let gather = |rows: &[f32]| -> Vec<f32> {
+            let mut out = Vec::with_capacity(heads * total * dim);
+            for h in 0..heads {
+                out.extend_from_slice(&rows[h * cap * dim..(h * cap + total) * dim]);
+            }
+            out
+        };
+        Ok((gather(&wide.k), gather(&wide.v)))
+    }
+
+    /// K and V rows of `layer` for positions `0..total` (`[total][kv_heads][head_dim]` each),
+    /// from the pages (tests compare the wide copy with it).
+    #[cfg(test)]
     pub(crate) fn read_layer(&self, layer: usize, total: usize) -> Result<(Vec<f16>, Vec<f16>)> {
         let g = self.geometry;
         let row = g.row_elems();
@@ -311,6 +412,67 @@ mod tests {
         assert_eq!(short.len(), 0);
         assert!(loaded.push_block(computed.page_bytes(0).unwrap()).is_err());
         assert_eq!(loaded.len(), 11);
+    }
+
+    /// `read_layer`'s rows widened and made head-major: what attention read before the
+    /// wide copy existed.
+    fn widened(kv: &PagedKv, layer: usize, total: usize) -> (Vec<f32>, Vec<f32>) {
+        let g = *kv.geometry();
+        let (k, v) = kv.read_layer(layer, total).unwrap();
+        let head_major = |rows: Vec<f16>| -> Vec<f32> {
+            let mut out = Vec::new();
+            for h in 0..g.num_kv_heads {
+                for p in 0..total {
+                    let at = (p * g.num_kv_heads + h) * g.head_dim;
+                    out.extend(rows[at..at + g.head_dim].iter().map(|x| x.to_f32()));
+                }
+            }
+            out
+        };
+        (head_major(k), head_major(v))
+    }
+
+    #[test]
+    fn wide_copy_equals_the_pages() {
+        let g = geo();
+        let mut computed = PagedKv::new(g).unwrap();
+        // One position at a time (decode), across pages and capacity growth.
+        fill(&mut computed, 0, 3);
+        for p in 3..23 {
+            fill(&mut computed, p, 1);
+            for l in 0..g.num_layers {
+                assert_eq!(
+                    computed.layer_f32(l, p + 1).unwrap(),
+                    widened(&computed, l, p + 1)
+                );
+            }
+        }
+        // Loaded blocks, then computed positions after them.
+        let mut loaded = PagedKv::new(g).unwrap();
+        for p in 0..3 {
+            loaded.push_block(computed.page_bytes(p).unwrap()).unwrap();
+        }
+        fill(&mut loaded, 15, 8);
+        for l in 0..g.num_layers {
+            assert_eq!(
+                loaded.layer_f32(l, 23).unwrap(),
+                computed.layer_f32(l, 23).unwrap()
+            );
+        }
+        // Truncated and written again: the new values.
+        loaded.truncate(7);
+        loaded.reserve_tokens(2).unwrap();
+        let row = g.row_elems();
+        let k: Vec<f16> = (0..2 * row).map(|i| f16::from_f32(-(i as f32))).collect();
+        for l in 0..g.num_layers {
+            loaded.write_layer(l, 7, &k, &k).unwrap();
+        }
+        loaded.commit_tokens(2).unwrap();
+        for l in 0..g.num_layers {
+            assert_eq!(loaded.layer_f32(l, 9).unwrap(), widened(&loaded, l, 9));
+        }
+        assert!(loaded.layer_f32(3, 9).is_err());
+        assert!(loaded.layer_f32(0, 10_000).is_err());
     }
 
     #[test]

@@ -11,8 +11,13 @@
 //! ([`store::BlockStore`]) → [`model::LlamaModel::forward`] on the rest → store the new
 //! full blocks → first token. [`engine::Engine::decode`] loads the blocks again and
 //! generates.
+//!
+//! [`cuda`] is the same model on a CUDA device (cuBLAS and NVRTC-compiled kernels,
+//! KV pages in GPU memory); [`synthetic`] makes seeded random weights in real
+//! geometries (Llama-3-8B, Qwen3-8B, ...) for performance work.
 
 pub mod chat;
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod fetch;
@@ -21,6 +26,7 @@ pub mod model;
 pub mod rag;
 pub mod sampling;
 pub mod store;
+pub mod synthetic;
 pub mod tokenizer;
 
 pub use error::{EngineError, Result};

@@ -5,9 +5,11 @@
 //! matmuls as candle supports them) or from safetensors + `config.json`.
 //!
 //! The KV of every position lives in a [`PagedKv`] in f16 and attention always reads it
-//! back from there, also for the positions computed in the same call. So the keys and
-//! values a forward pass attends to are the same whether they were computed just now or
-//! loaded from kvstrata: a cached prefix changes nothing but the time it takes.
+//! back from there (from its exact f32 widening, kept beside the pages, so a decode step
+//! converts only its own row), also for the positions computed in the same call. So the
+//! keys and values a forward pass attends to are the same whether they were computed
+//! just now or loaded from kvstrata: a cached prefix changes nothing but the time it
+//! takes.
 //!
 //! GGUF files written by llama.cpp store the query and key projections permuted for the
 //! interleaved ("GPT-J") rotary layout, safetensors checkpoints for the half-split
@@ -478,17 +480,12 @@ impl LlamaModel {
                 .to_vec1::<half::f16>()
         };
         kv.write_layer(li, start, &to_rows(&k)?, &to_rows(&v)?)?;
-        // Attend over everything in the pages, including what was just written.
+        // Attend over everything in the pages, including what was just written (their
+        // f32 widening: no conversion of the context per step).
         let total = start + n;
-        let (k_all, v_all) = kv.read_layer(li, total)?;
-        let k_all = Tensor::from_vec(k_all, (total, nkv, hd), &self.device)?
-            .to_dtype(DType::F32)?
-            .transpose(0, 1)?
-            .contiguous()?; // [nkv, total, hd]
-        let v_all = Tensor::from_vec(v_all, (total, nkv, hd), &self.device)?
-            .to_dtype(DType::F32)?
-            .transpose(0, 1)?
-            .contiguous()?;
+        let (k_all, v_all) = kv.layer_f32(li, total)?;
+        let k_all = Tensor::from_vec(k_all, (nkv, total, hd), &self.device)?; // [nkv, total, hd]
+        let v_all = Tensor::from_vec(v_all, (nkv, total, hd), &self.device)?;
         let group = nh / nkv;
         // Heads h*group .. h*group+group share kv head h: fold them into the row axis.
         let q = q.reshape((nkv, group * n, hd))?;

@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kvstrata_client::{BlockHash, Client, PutItem, RegionPutItem, SharedPool, block_keys, proto};
+use kvstrata_client::{BlockHash, Client, PutItem, RangePutItem, SharedPool, block_keys, proto};
 use kvstrata_types::{NamespaceId, NamespaceSpec};
 
 use crate::error::{EngineError, Result};
@@ -149,19 +149,19 @@ impl BlockStore {
         for chunk in keys.chunks(BLOCKS_PER_BATCH) {
             let complete = match &self.pool {
                 Some(pool) => {
-                    let mut regions = Vec::with_capacity(chunk.len());
+                    let mut ranges = Vec::with_capacity(chunk.len());
                     for _ in chunk {
-                        regions.push(pool.alloc(block_bytes)?);
+                        ranges.push(pool.alloc(block_bytes)?);
                     }
-                    let protos: Vec<_> = regions.iter().map(|r| r.to_proto()).collect();
+                    let protos: Vec<_> = ranges.iter().map(|r| r.to_proto()).collect();
                     let results = self.client.batch_get_into(&self.ns, chunk, &protos).await?;
                     let mut all = true;
-                    for ((key, result), region) in chunk.iter().zip(&results).zip(&regions) {
+                    for ((key, result), range) in chunk.iter().zip(&results).zip(&ranges) {
                         if !result.found {
                             all = false;
                             break;
                         }
-                        push_checked(kv, key, region.as_slice())?;
+                        push_checked(kv, key, range.as_slice())?;
                         report.blocks += 1;
                         report.tiers.push(tier_of(result));
                     }
@@ -208,20 +208,20 @@ impl BlockStore {
             let resp = match &self.pool {
                 Some(pool) => {
                     let mut items = Vec::with_capacity(batch_end - index);
-                    let mut regions = Vec::with_capacity(batch_end - index);
+                    let mut ranges = Vec::with_capacity(batch_end - index);
                     for (i, key) in keys.iter().enumerate().take(batch_end).skip(index) {
-                        let mut region = pool.alloc(self.geometry.block_bytes())?;
-                        region.as_mut_slice().copy_from_slice(kv.page_bytes(i)?);
+                        let mut range = pool.alloc(self.geometry.block_bytes())?;
+                        range.as_mut_slice().copy_from_slice(kv.page_bytes(i)?);
                         let mut item =
-                            RegionPutItem::new(Bytes::copy_from_slice(key), region.to_proto());
+                            RangePutItem::new(Bytes::copy_from_slice(key), range.to_proto());
                         if let Some(p) = parent(i) {
                             item = item.with_parent(p);
                         }
                         items.push(item);
-                        regions.push(region);
+                        ranges.push(range);
                     }
-                    let resp = self.client.batch_put_regions(&self.ns, items).await?;
-                    drop(regions);
+                    let resp = self.client.batch_put_ranges(&self.ns, items).await?;
+                    drop(ranges);
                     resp
                 }
                 None => {

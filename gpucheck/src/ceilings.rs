@@ -205,6 +205,8 @@ pub fn run(gpu: &Gpu, bytes: u64, repeat: usize) -> Result<(Vec<BenchRow>, Optio
             dtype_bytes: 2,
             num_pages: 1,
             layer_stride: 0,
+            page_stride: 0,
+            kv_stride: 0,
         };
         let per_page = g.layers as u64 * 2 * g.chunk_bytes();
         g.num_pages = ((bytes / 2) / per_page) as u32;

@@ -112,6 +112,8 @@ async fn engine_round_trip(
         dtype_bytes: 2,
         num_pages: 4096 / page_tokens.max(1) * 4,
         layer_stride: 0,
+        page_stride: 0,
+        kv_stride: 0,
     };
     let bytes = geometry.region_bytes() as usize;
     let buffer = gpu.alloc_device(bytes).map_err(|e| e.to_string())?;

@@ -197,6 +197,8 @@ fn random_geometry(rng: &mut StdRng, layout: PageLayout, aligned: bool) -> Paged
             dtype_bytes: 2,
             num_pages: rng.random_range(64..256),
             layer_stride: 0,
+            page_stride: 0,
+            kv_stride: 0,
         }
     } else {
         PagedGeometry {
@@ -208,10 +210,17 @@ fn random_geometry(rng: &mut StdRng, layout: PageLayout, aligned: bool) -> Paged
             dtype_bytes: [1, 2, 4][rng.random_range(0..3)],
             num_pages: rng.random_range(8..64),
             layer_stride: 0,
+            page_stride: 0,
+            kv_stride: 0,
         }
     };
     if layout == PageLayout::PerLayer && rng.random_bool(0.3) {
         g.layer_stride = g.num_pages as u64 * g.page_stride() + rng.random_range(1..5) * 16;
+    } else if layout == PageLayout::PerLayer && rng.random_bool(0.4) {
+        // vLLM's (2, num_pages, page_tokens, heads, dim) tensors: K of every
+        // page, then V of every page.
+        g.page_stride = g.chunk_bytes();
+        g.kv_stride = g.num_pages as u64 * g.chunk_bytes();
     }
     g
 }

@@ -8,6 +8,9 @@
 //!     random data, with poisoned outputs;
 //!   - [`hbm`]: the HBM tier's round trips under demotion/promotion pressure,
 //!     through a real `BlockCache`;
+//!   - [`engine`]: the GPU engine's kernels and forward pass against their CPU
+//!     references and the CPU engine, cached vs recomputed prefixes, and the
+//!     first TTFT numbers of the synthetic 8B geometry (CUDA only);
 //!   - [`ipc`]: the two-process CUDA IPC path (this process plays the engine,
 //!     a `kvstrata serve` child process the daemon), by the KV-region round
 //!     trip of [`pages`].
@@ -24,6 +27,7 @@
 //! backend (useful only to test this command itself; CI does).
 
 pub mod ceilings;
+pub mod engine;
 mod error;
 pub mod hbm;
 pub mod ipc;
@@ -66,6 +70,8 @@ pub struct GpuCheckArgs {
     /// Write the results as JSON to this file
     #[arg(long)]
     pub json_out: Option<PathBuf>,
+    #[command(flatten)]
+    pub engine: engine::EngineCheckArgs,
 }
 
 /// Opens the device (or the CPU backend) and runs every check, then every
@@ -88,18 +94,24 @@ pub fn run(
         info.multiprocessors
     );
     let mut rows = Vec::new();
-    kernels::kernel_checks(&gpu, args.rounds, &mut rows);
-    report::check(
-        &mut rows,
-        "hbm tier: round trips under demotion/promotion pressure",
-        || hbm::hbm_round_trips(gpu.clone()),
-    );
-    ipc::ipc_checks(&gpu, &mut rows, rt);
-    let (bench, threshold) = if args.no_bench || info.backend == Backend::Cpu {
-        (Vec::new(), None)
-    } else {
-        run_benchmarks(&gpu, args, &mut rows)
-    };
+    if !args.engine.engine_only {
+        kernels::kernel_checks(&gpu, args.rounds, &mut rows);
+        report::check(
+            &mut rows,
+            "hbm tier: round trips under demotion/promotion pressure",
+            || hbm::hbm_round_trips(gpu.clone()),
+        );
+        ipc::ipc_checks(&gpu, &mut rows, rt);
+    }
+    if info.backend == Backend::Cuda {
+        engine::engine_checks(info.ordinal, &args.engine, &mut rows);
+    }
+    let (bench, threshold) =
+        if args.no_bench || args.engine.engine_only || info.backend == Backend::Cpu {
+            (Vec::new(), None)
+        } else {
+            run_benchmarks(&gpu, args, &mut rows)
+        };
     let mut report = GpuCheckReport::new(&info);
     report.checks = rows;
     report.bench = bench;

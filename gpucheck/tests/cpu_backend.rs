@@ -16,6 +16,13 @@ fn every_check_passes_on_the_cpu_backend() {
         repeat: 1,
         rounds: 2,
         json_out: Some(json.clone()),
+        engine: kvstrata_gpucheck::engine::EngineCheckArgs {
+            no_engine: true,
+            engine_gguf: None,
+            engine_synthetic: "llama3-8b".into(),
+            engine_contexts: Vec::new(),
+            engine_only: false,
+        },
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let report = run(&args, rt.handle()).unwrap();

@@ -1,16 +1,20 @@
 // Gather and scatter between an engine's paged KV cache and kvstrata's
 // layer-major blocks ([layer][K|V][token][kv_head][head_dim]).
 //
-// The engine's memory is addressed by strides, so one kernel serves both
-// layouts the engines use:
+// The engine's memory is addressed by strides, so one kernel serves every
+// layout the engines use:
 //   per-layer tensors [num_pages, 2, page_tokens, heads, dim] (one tensor per
-//   layer, `layer_stride` apart): page_stride = 2 * chunk, layer_stride >= num_pages * page_stride;
+//   layer, `layer_stride` apart): page_stride = 2 * chunk, kv_stride = chunk;
+//   per-layer tensors [2, num_pages, page_tokens, heads, dim] (vLLM's K of
+//   every page, then V of every page): page_stride = chunk,
+//   kv_stride = num_pages * chunk;
 //   cross-layer pages [num_pages, layers, 2, page_tokens, heads, dim]:
-//   layer_stride = 2 * chunk, page_stride = layers * 2 * chunk.
+//   layer_stride = 2 * chunk, page_stride = layers * 2 * chunk, kv_stride = chunk.
+// The host checks that no two chunks overlap (PagedGeometry::validate).
 // A chunk is the page_tokens * heads * dim * dtype bytes of one (layer, K|V,
 // page): contiguous on both sides. A block is `ppb` pages; work item w names
 // (block b, layer l, K|V k, page j of the block):
-//   engine offset = l * layer_stride + page_ids[b * ppb + j] * page_stride + k * chunk
+//   engine offset = l * layer_stride + page_ids[b * ppb + j] * page_stride + k * kv_stride
 //   block offset  = ((l * 2 + k) * ppb + j) * chunk
 // One warp copies one chunk at a time (grid-stride over the work items): a
 // chunk is small (384 bytes for one token of the default model, 6 KiB for 16),
@@ -27,6 +31,7 @@ struct KvsPaged {
     u64 engine;        // base address of the engine's region
     u64 layer_stride;  // bytes
     u64 page_stride;   // bytes
+    u64 kv_stride;     // bytes from a page's K chunk to its V chunk
     u64 chunk;         // bytes of one (layer, K|V, page) run
     u32 layers;
     u32 ppb;           // pages per block
@@ -43,7 +48,7 @@ __device__ __forceinline__ void paged_item(const KvsPaged& p, u64 w, const u32* 
     const u64 l = rest % p.layers;
     const u64 b = rest / p.layers;
     const u64 page = page_ids[b * p.ppb + j];
-    *engine_off = l * p.layer_stride + page * p.page_stride + k * p.chunk;
+    *engine_off = l * p.layer_stride + page * p.page_stride + k * p.kv_stride;
     *block_addr = blocks[b] + ((l * 2 + k) * p.ppb + j) * p.chunk;
 }
 

@@ -400,6 +400,7 @@ impl CudaDevice {
             engine,
             layer_stride: geometry.effective_layer_stride(),
             page_stride: geometry.page_stride(),
+            kv_stride: geometry.effective_kv_stride(),
             chunk: geometry.chunk_bytes(),
             layers: geometry.layers,
             ppb: pages_per_block,
@@ -513,6 +514,7 @@ struct PagedArgs {
     engine: u64,
     layer_stride: u64,
     page_stride: u64,
+    kv_stride: u64,
     chunk: u64,
     layers: u32,
     ppb: u32,
@@ -526,7 +528,8 @@ struct PagedArgs {
 fn small16(g: &PagedGeometry, engine: u64, blocks: &[u64]) -> bool {
     let chunk = g.chunk_bytes();
     chunk <= 512
-        && (chunk | engine | g.page_stride() | g.effective_layer_stride()).is_multiple_of(16)
+        && (chunk | engine | g.page_stride() | g.effective_kv_stride() | g.effective_layer_stride())
+            .is_multiple_of(16)
         && blocks.iter().all(|b| b.is_multiple_of(16))
 }
 

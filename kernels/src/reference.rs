@@ -289,15 +289,25 @@ mod tests {
             g.layers as usize,
             g.num_pages as usize,
         );
+        let chunk = pt * row;
         match g.layout {
-            // [layer] -> [num_pages, 2, page_tokens, heads*dim*dtype]
+            // [layer] -> [num_pages, 2, page_tokens, heads*dim*dtype] by
+            // default; with strides, chunk (kv, page) of layer l at
+            // l * layer_stride + page * page_stride + kv * kv_stride.
             PageLayout::PerLayer => {
-                let layer_stride = if g.layer_stride == 0 {
-                    np * 2 * pt * row
-                } else {
-                    g.layer_stride as usize
+                let page_stride = match g.page_stride {
+                    0 => 2 * chunk,
+                    s => s as usize,
                 };
-                l * layer_stride + ((page * 2 + kv) * pt + t) * row + e
+                let kv_stride = match g.kv_stride {
+                    0 => chunk,
+                    s => s as usize,
+                };
+                let layer_stride = match g.layer_stride {
+                    0 => (np - 1) * page_stride + kv_stride + chunk,
+                    s => s as usize,
+                };
+                l * layer_stride + page * page_stride + kv * kv_stride + t * row + e
             }
             // [num_pages, layers, 2, page_tokens, heads*dim*dtype]
             PageLayout::CrossLayer => (((page * layers + l) * 2 + kv) * pt + t) * row + e,
@@ -320,19 +330,40 @@ mod tests {
         b * block_bytes + ((l * 2 + kv) * block_tokens + tok) * row + e
     }
 
+    /// A random geometry of `layout`; per-layer ones in one of four stride
+    /// variants: packed, padded layers, K of every page then V of every page
+    /// (vLLM's `(2, num_pages, …)` tensors, padded or not), padded pages.
     fn random_geometry(rng: &mut impl Rng, layout: PageLayout) -> PagedGeometry {
-        let mut g = PagedGeometry {
+        let mut g = PagedGeometry::packed(
             layout,
-            layers: rng.random_range(1..5),
-            page_tokens: rng.random_range(1..6),
-            kv_heads: rng.random_range(1..4),
-            head_dim: rng.random_range(1..9),
-            dtype_bytes: [1, 2, 4][rng.random_range(0..3)],
-            num_pages: rng.random_range(1..13),
-            layer_stride: 0,
-        };
-        if layout == PageLayout::PerLayer && rng.random_bool(0.5) {
-            g.layer_stride = g.num_pages as u64 * g.page_stride() + rng.random_range(1..100);
+            rng.random_range(1..5),
+            rng.random_range(1..6),
+            rng.random_range(1..4),
+            rng.random_range(1..9),
+            [1, 2, 4][rng.random_range(0..3)],
+            rng.random_range(1..13),
+        );
+        if layout == PageLayout::CrossLayer {
+            return g;
+        }
+        let chunk = g.chunk_bytes();
+        fn pad(rng: &mut impl Rng) -> u64 {
+            rng.random_range(0..40u64)
+        }
+        match rng.random_range(0..4) {
+            0 => {}
+            1 => g.layer_stride = g.num_pages as u64 * g.page_stride() + 1 + pad(rng),
+            2 => {
+                g.page_stride = chunk + pad(rng);
+                g.kv_stride = g.num_pages as u64 * g.page_stride + pad(rng);
+                if rng.random_bool(0.5) {
+                    g.layer_stride = g.kv_stride * 2 + pad(rng);
+                }
+            }
+            _ => {
+                g.kv_stride = chunk + pad(rng);
+                g.page_stride = g.kv_stride + chunk + pad(rng);
+            }
         }
         g
     }
@@ -340,7 +371,7 @@ mod tests {
     #[test]
     fn gather_and_scatter_match_naive_loops_on_odd_sizes() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        for round in 0..200 {
+        for round in 0..400 {
             let layout = if round % 2 == 0 {
                 PageLayout::PerLayer
             } else {
@@ -407,16 +438,7 @@ mod tests {
 
     #[test]
     fn gather_refuses_bad_requests_and_writes_nothing() {
-        let g = PagedGeometry {
-            layout: PageLayout::PerLayer,
-            layers: 2,
-            page_tokens: 2,
-            kv_heads: 1,
-            head_dim: 4,
-            dtype_bytes: 2,
-            num_pages: 4,
-            layer_stride: 0,
-        };
+        let g = PagedGeometry::packed(PageLayout::PerLayer, 2, 2, 1, 4, 2, 4);
         let region = vec![7u8; g.region_bytes() as usize];
         let mut blocks = vec![0u8; g.block_bytes(1) as usize];
         assert_eq!(

@@ -3,6 +3,8 @@
 //! reflection service publishes.
 #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
 
+pub mod codec;
+
 /// `kvstrata.v1`: the KV-block cache service.
 pub mod v1 {
     tonic::include_proto!("kvstrata.v1");

@@ -22,7 +22,7 @@ from .client import (
     Tier,
     Watch,
     kv_pages,
-    pool_region,
+    pool_range,
 )
 from .errors import (
     DeadlineExceeded,
@@ -49,7 +49,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Client", "Dtype", "EventKind", "Layout", "Lease", "LookupResult", "Namespace",
-    "NamespaceSpec", "PutStatus", "Tier", "Watch", "kv_pages", "pool_region",
+    "NamespaceSpec", "PutStatus", "Tier", "Watch", "kv_pages", "pool_range",
     "DeadlineExceeded", "FailedPrecondition", "InvalidArgument", "KvstrataError", "NotFound",
     "PermissionDenied", "PoolError", "RegionError", "ResourceExhausted", "RpcError",
     "TargetError", "Unauthenticated", "Unavailable", "block_keys", "chain_keys",

@@ -3,7 +3,7 @@
 A `Client` holds one gRPC channel (thread-safe: share it between threads). Calls take
 an optional `timeout` in seconds (default: the client's `timeout`). Every refusal raises
 an `RpcError` subclass carrying the gRPC code and the field the daemon named.
-Payload-free data paths: `batch_put_regions` / `batch_get_into` (shared-memory pools,
+Payload-free data paths: `batch_put_ranges` / `batch_get_into` (shared-memory pools,
 `kvstrata.SharedPool`) and `batch_put_pages` / `batch_get_pages` (KV regions,
 `kvstrata.KvRegion`).
 """
@@ -352,17 +352,17 @@ class Client:
                  for k, p, v in zip(keys, ps, payloads)]
         return self._call("BatchPut", pb.BatchPutRequest(namespace_id=_ns_id(ns), items=items), timeout)
 
-    def batch_put_regions(self, ns: NamespaceRef, keys: Sequence[bytes],
-                          regions: Sequence[pb.PoolRegion], *,
-                          parents: Union[None, str, Sequence[Optional[bytes]]] = None,
-                          first_parent: Optional[bytes] = None,
-                          timeout: Optional[float] = None) -> pb.BatchPutResponse:
-        """Stores blocks whose bytes lie in shared-memory pool regions (no payload bytes
+    def batch_put_ranges(self, ns: NamespaceRef, keys: Sequence[bytes],
+                         ranges: Sequence[pb.PoolRange], *,
+                         parents: Union[None, str, Sequence[Optional[bytes]]] = None,
+                         first_parent: Optional[bytes] = None,
+                         timeout: Optional[float] = None) -> pb.BatchPutResponse:
+        """Stores blocks whose bytes lie in shared-memory pool ranges (no payload bytes
         in the message)."""
-        if len(regions) != len(keys):
-            raise ValueError(f"regions: {len(regions)} regions for {len(keys)} keys")
+        if len(ranges) != len(keys):
+            raise ValueError(f"ranges: {len(ranges)} ranges for {len(keys)} keys")
         ps = _parents(keys, parents, first_parent)
-        items = [pb.PutItem(key=bytes(k), parent=p, region=r) for k, p, r in zip(keys, ps, regions)]
+        items = [pb.PutItem(key=bytes(k), parent=p, range=r) for k, p, r in zip(keys, ps, ranges)]
         return self._call("BatchPut", pb.BatchPutRequest(namespace_id=_ns_id(ns), items=items), timeout)
 
     def batch_put_pages(self, ns: NamespaceRef, keys: Sequence[bytes], pages: Sequence[pb.KvPages], *,
@@ -377,10 +377,10 @@ class Client:
         return self._call("BatchPut", pb.BatchPutRequest(namespace_id=_ns_id(ns), items=items), timeout)
 
     def batch_get_results(self, ns: NamespaceRef, keys: Sequence[bytes], *,
-                          regions: Sequence[pb.PoolRegion] = (), pages: Sequence[pb.KvPages] = (),
+                          ranges: Sequence[pb.PoolRange] = (), pages: Sequence[pb.KvPages] = (),
                           timeout: Optional[float] = None) -> list[pb.GetResult]:
         """`BatchGet` as is: one `GetResult` per key."""
-        req = pb.BatchGetRequest(namespace_id=_ns_id(ns), keys=list(keys), regions=list(regions),
+        req = pb.BatchGetRequest(namespace_id=_ns_id(ns), keys=list(keys), ranges=list(ranges),
                                  pages=list(pages))
         return list(self._call("BatchGet", req, timeout).results)
 
@@ -390,12 +390,12 @@ class Client:
         return [bytes(r.payload) if r.found else None
                 for r in self.batch_get_results(ns, keys, timeout=timeout)]
 
-    def batch_get_into(self, ns: NamespaceRef, keys: Sequence[bytes], regions: Sequence[pb.PoolRegion], *,
+    def batch_get_into(self, ns: NamespaceRef, keys: Sequence[bytes], ranges: Sequence[pb.PoolRange], *,
                        timeout: Optional[float] = None) -> list[bool]:
-        """Reads blocks into pool regions (one per key); True where a block was written."""
-        if len(regions) != len(keys):
-            raise ValueError(f"regions: {len(regions)} regions for {len(keys)} keys")
-        return [r.found for r in self.batch_get_results(ns, keys, regions=regions, timeout=timeout)]
+        """Reads blocks into pool ranges (one per key); True where a block was written."""
+        if len(ranges) != len(keys):
+            raise ValueError(f"ranges: {len(ranges)} ranges for {len(keys)} keys")
+        return [r.found for r in self.batch_get_results(ns, keys, ranges=ranges, timeout=timeout)]
 
     def batch_get_pages(self, ns: NamespaceRef, keys: Sequence[bytes], pages: Sequence[pb.KvPages], *,
                         timeout: Optional[float] = None) -> list[bool]:
@@ -477,9 +477,9 @@ def _as_bytes(v: Any) -> bytes:
     return bytes(v)
 
 
-def pool_region(pool_id: int, offset: int, length: int) -> pb.PoolRegion:
-    """A `PoolRegion` message."""
-    return pb.PoolRegion(pool_id=pool_id, offset=offset, length=length)
+def pool_range(pool_id: int, offset: int, length: int) -> pb.PoolRange:
+    """A `PoolRange` message."""
+    return pb.PoolRange(pool_id=pool_id, offset=offset, length=length)
 
 
 def kv_pages(region_id: int, page_ids: Sequence[int]) -> pb.KvPages:

@@ -20,15 +20,25 @@ pages. Page ids out of range are refused before anything is written.
 
 MLA pools (one latent vector per token, no separate V) use `kv=1`: blocks are then
 `[layer][token][1][dim]`, stored in an opaque namespace.
+
+`vllm_region_geometry` is the zero-copy alternative for vLLM: it reads the strides of
+vLLM's per-layer KV tensors (views of one buffer) and returns the daemon's
+`PagedGeometry` for them, so the buffer registers as one `KvRegion` (CUDA IPC on a GPU)
+and the daemon gathers and scatters pages itself. It takes the classic `(2, num_blocks,
+block_size, kv_heads, head_size)` tensors (K of every page, then V: the K/V stride; NHD or
+HND), and the `[num_blocks, kv_heads, block_size, 2 * head_size]` views vLLM 0.32 gives
+every backend, whose pages (in any of vLLM's physical layouts, layer- or block-outermost)
+hold K and V of each token side by side.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from .errors import RegionError
+from .region import PagedGeometry
 
 SGLANG_LAYOUTS = ("layer_first", "page_first", "page_first_direct")
 
@@ -222,3 +232,98 @@ class DaemonPerLayerLayout(KvLayout):
         o = self._out_view(block, len(ids))
         src = o.reshape(self.layers, 2, len(ids), self.page_tokens, self.kv_heads, self.head_dim)
         self.buffer[:, ids] = src.transpose(0, 2, 1, 3, 4, 5)
+
+
+def _strided_meta(t: Any) -> tuple[tuple[int, ...], tuple[int, ...], int, int]:
+    """(shape, byte strides, element size, address of the first element) of a torch
+    tensor or numpy array."""
+    if hasattr(t, "data_ptr") and hasattr(t, "element_size"):
+        e = int(t.element_size())
+        return tuple(int(n) for n in t.shape), tuple(int(x) * e for x in t.stride()), e, int(t.data_ptr())
+    a = np.asarray(t)
+    return tuple(a.shape), tuple(int(x) for x in a.strides), a.dtype.itemsize, int(a.ctypes.data)
+
+
+def _dense_bytes(shape: Sequence[int], strides: Sequence[int], e: int) -> Optional[int]:
+    """The bytes of a view whose elements fill one contiguous run, in some order of its
+    axes (the strides of its axes longer than 1, largest first, each the product of the
+    sizes inside it); None when there are gaps or overlaps."""
+    dims = sorted(((st, n) for n, st in zip(shape, strides) if n > 1), reverse=True)
+    want = e
+    for st, n in reversed(dims):
+        if st != want:
+            return None
+        want *= n
+    return want
+
+
+def vllm_region_geometry(layer_tensors: Sequence[Any], *, num_blocks: int, block_size: int, kv_heads: int,
+                         head_size: int) -> PagedGeometry:
+    """The daemon's per-layer `PagedGeometry` of vLLM's KV tensors, one per layer, in layer
+    order, addressed from layer 0's first element (register that tensor with
+    `KvRegion.from_cuda_tensor`, or a memfd holding them with `KvRegion.create_memfd`).
+
+    Two shapes are understood (torch tensors or numpy arrays, any strides):
+
+    - `(2, num_blocks, …)`: K of every block, then V (vLLM's classic FlashAttention layout,
+      NHD `(2, B, block_size, heads, dim)` or HND `(2, B, heads, block_size, dim)`):
+      `kv_stride` is the distance between the halves, `page_stride` between blocks;
+    - `(num_blocks, …)` whose block holds K and V together (vLLM 0.32's `[B, heads,
+      block_size, 2 * dim]` views in any physical order): a block's bytes are split in two
+      halves that the daemon copies as they are.
+
+    Each layer's (K or V) block must be one contiguous run of `block_size * kv_heads *
+    head_size * element size` bytes (twice that for the second shape), in whatever order
+    of its axes: the daemon copies runs, so the blocks it stores hold the page bytes in
+    vLLM's memory order (the namespace must say which layout they came from). The layers
+    must lie a constant stride apart, in order. Anything else is a `RegionError` naming the
+    tensor."""
+    if not layer_tensors:
+        raise RegionError("kv_caches: no layers")
+    metas = [_strided_meta(t) for t in layer_tensors]
+    shape, strides, e, base = metas[0]
+    for i, (sh, st, ei, _) in enumerate(metas):
+        if (sh, st, ei) != (shape, strides, e):
+            raise RegionError(f"kv_caches[{i}]: shape {sh}, byte strides {st}, element size {ei}; layer 0 has "
+                              f"{shape}, {strides}, {e}")
+    if any(st < 0 for st in strides):
+        raise RegionError(f"kv_caches[0]: negative strides {strides}")
+    chunk = block_size * kv_heads * head_size * e
+    if len(shape) >= 2 and shape[0] == 2 and shape[1] == num_blocks:
+        kv_stride, page_stride = strides[0], strides[1]
+        inner = (shape[2:], strides[2:])
+        inner_bytes = chunk
+    elif len(shape) >= 1 and shape[0] == num_blocks:
+        page_stride, kv_stride = strides[0], chunk
+        inner = (shape[1:], strides[1:])
+        inner_bytes = 2 * chunk
+    else:
+        raise RegionError(f"kv_caches[0]: shape {shape} has neither (2, {num_blocks}, ...) nor ({num_blocks}, ...) "
+                          "leading axes (vLLM's KV layouts)")
+    dense = _dense_bytes(inner[0], inner[1], e)
+    if dense != inner_bytes:
+        raise RegionError(f"kv_caches[0]: a block of shape {inner[0]} and byte strides {inner[1]} is not one "
+                          f"contiguous run of {inner_bytes} bytes ({block_size} tokens x {kv_heads} heads x "
+                          f"{head_size} dims x {e} bytes{', K and V' if inner_bytes == 2 * chunk else ''})")
+    layer_stride = 0
+    if len(metas) > 1:
+        layer_stride = metas[1][3] - base
+        for i in range(1, len(metas)):
+            if metas[i][3] - metas[i - 1][3] != layer_stride:
+                raise RegionError(f"kv_caches[{i}]: starts {metas[i][3] - metas[i - 1][3]} bytes after layer "
+                                  f"{i - 1}, but layer 1 starts {layer_stride} bytes after layer 0: the layers "
+                                  "must be a constant stride apart, in order")
+        if layer_stride <= 0:
+            raise RegionError(f"kv_caches[1]: starts {layer_stride} bytes from layer 0; the layers must follow "
+                              "each other in memory, in order")
+    return PagedGeometry("per_layer", layers=len(metas), page_tokens=block_size, kv_heads=kv_heads,
+                         head_dim=head_size, dtype_bytes=e, num_pages=num_blocks, layer_stride=layer_stride,
+                         page_stride=page_stride, kv_stride=kv_stride)
+
+
+def memory_order(t: Any) -> Any:
+    """`t` (torch) with its axes permuted into memory order (largest stride first), so that
+    a contiguous copy of it holds its bytes in the order they lie in memory: the byte order
+    of the blocks the daemon gathers from a region of `vllm_region_geometry`."""
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+    return t.permute(*order)

@@ -1,5 +1,5 @@
 """`SharedPool`: a memfd registered on the daemon's mempool socket, so requests name
-byte ranges of it (`PoolRegion`) instead of carrying payloads.
+byte ranges of it (`PoolRange`) instead of carrying payloads.
 
 Wire format (docs/protocol.md, "Shared-memory pools"; kvstrata's wide format): 8 bytes
 little-endian magic 0x2_8DF6FBFD, a u32 little-endian name length, the name, with the
@@ -12,7 +12,7 @@ restart the old id names no pool, and requests naming it are refused per block
 (`BAD_REGION` / `region_error`) instead of reaching another client's pool.
 
 numpy (and torch, where installed) views of the pool are views of the mapping itself:
-no copy. Do not touch a region between sending a request that names it and its answer.
+no copy. Do not touch a range between sending a request that names it and its answer.
 """
 
 from __future__ import annotations
@@ -112,8 +112,8 @@ class PoolSlice:
         self.length = length
         self._extent = extent
 
-    def region(self) -> pb.PoolRegion:
-        return pb.PoolRegion(pool_id=self.pool.id, offset=self.offset, length=self.length)
+    def range(self) -> pb.PoolRange:
+        return pb.PoolRange(pool_id=self.pool.id, offset=self.offset, length=self.length)
 
     def array(self, dtype: Any = np.uint8, shape: Optional[Sequence[int]] = None) -> np.ndarray:
         return self.pool.array(dtype, shape, offset=self.offset, nbytes=self.length)
@@ -196,8 +196,8 @@ class SharedPool:
         t = raw.view(dtype)
         return t.reshape(shape) if shape is not None else t
 
-    def region(self, offset: int, length: int) -> pb.PoolRegion:
-        return pb.PoolRegion(pool_id=self.id, offset=offset, length=length)
+    def range(self, offset: int, length: int) -> pb.PoolRange:
+        return pb.PoolRange(pool_id=self.id, offset=offset, length=length)
 
     # --- allocation --------------------------------------------------------------
 

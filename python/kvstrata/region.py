@@ -4,23 +4,33 @@ that puts and gets name page ids and the daemon gathers / scatters the pages its
 
 The daemon understands two page layouts (`PagedGeometry.layout`):
 
-- "per_layer": one tensor per layer, `[num_pages, 2, page_tokens, kv_heads, head_dim]`,
-  the layers `layer_stride` bytes apart (0: packed);
+- "per_layer": one tensor per layer, by default `[num_pages, 2, page_tokens, kv_heads,
+  head_dim]`, the layers `layer_stride` bytes apart (0: packed). `page_stride` and
+  `kv_stride` (bytes between two pages, and from a page's K chunk to its V chunk; 0: the
+  defaults `2 * chunk` and `chunk`) describe other per-layer layouts: vLLM's
+  `(2, num_blocks, block_size, kv_heads, head_size)` tensors are `page_stride = chunk`,
+  `kv_stride = num_blocks * chunk` (`kvstrata.layouts.vllm_region_geometry` works them
+  out from the tensors);
 - "cross_layer": `[num_pages, layers, 2, page_tokens, kv_heads, head_dim]`.
+
+A chunk (the `page_tokens * kv_heads * head_dim * dtype_bytes` bytes of one layer's K or V
+of one page) is copied as it is: the daemon's blocks are `[layer][K|V][page of the
+block][chunk bytes]`.
 
 CUDA tensors are shared through CUDA IPC (`KvRegion.from_cuda_tensor`): the daemon maps
 the engine's device memory and moves pages with its own kernels, no copy in Python. CPU
 memory must live in a memfd the daemon can map: `KvRegion.create_memfd` allocates one and
 hands out numpy / torch views of it.
 
-Engines whose layout is none of these (vLLM's `(2, num_blocks, block_size, heads, dim)`,
-SGLang's host-pool layouts) use `kvstrata.layouts` instead: one gather or scatter copy
-per batch between their memory and a `SharedPool`.
+Engines whose layout is none of these (SGLang's host-pool layouts, whose pages are not
+whole chunks) use `kvstrata.layouts` instead: one gather or scatter copy per batch
+between their memory and a `SharedPool`.
 
-Registration preamble (128 bytes, little-endian, then the name): magic `KVSREGN\\0`,
-version 2, kind (1 CUDA IPC, 2 memfd), device, region bytes, the 64-byte IPC handle,
+Registration preamble (144 bytes, little-endian, then the name): magic `KVSREGN\\0`,
+version 3, kind (1 CUDA IPC, 2 memfd), device, region bytes, the 64-byte IPC handle,
 layout, layers, page_tokens, kv_heads, head_dim, dtype_bytes, num_pages, name length,
-layer_stride. Answer: status, 4 zero bytes, message length, message, and on success the
+layer_stride, page_stride, kv_stride (the daemon also accepts version 2: 128 bytes,
+without the last two). Answer: status, 4 zero bytes, message length, message, and on success the
 u64 region id. Region ids are unique to one run of the daemon (a random base per run): an
 id kept across a daemon restart is refused per block, never another engine's pages.
 """
@@ -42,8 +52,10 @@ from .target import unix_socket_path
 from .v1 import kvstrata_pb2 as pb
 
 REGION_MAGIC = b"KVSREGN\0"
-REGION_VERSION = 2
-HEADER_BYTES = 128
+REGION_VERSION = 3
+HEADER_BYTES = 144
+#: The largest region a geometry may describe (the daemon's limit): 256 TiB.
+MAX_REGION_BYTES = 1 << 48
 KIND_CUDA_IPC = 1
 KIND_MEMFD = 2
 REGISTER_TIMEOUT = 10.0
@@ -54,7 +66,9 @@ REFUSAL_REASONS = {1: "preamble", 2: "geometry", 3: "limit", 4: "map", 5: "no_gp
 
 @dataclass(frozen=True)
 class PagedGeometry:
-    """Geometry of a KV region in one of the daemon's layouts (see the module docs)."""
+    """Geometry of a KV region in one of the daemon's layouts (see the module docs). Checked
+    like the daemon checks it: dimensions of at least 1, strides only for "per_layer", and
+    no two chunks overlapping (a `RegionError` naming the field)."""
 
     layout: str
     layers: int
@@ -64,6 +78,8 @@ class PagedGeometry:
     dtype_bytes: int
     num_pages: int
     layer_stride: int = 0
+    page_stride: int = 0
+    kv_stride: int = 0
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUT_CODES:
@@ -71,8 +87,26 @@ class PagedGeometry:
         for name in ("layers", "page_tokens", "kv_heads", "head_dim", "dtype_bytes", "num_pages"):
             if getattr(self, name) < 1:
                 raise RegionError(f"{name}: must be at least 1, got {getattr(self, name)}")
-        if self.layout == "cross_layer" and self.layer_stride:
-            raise RegionError("layer_stride: must be 0 for the cross_layer layout")
+        for name in ("layer_stride", "page_stride", "kv_stride"):
+            v = getattr(self, name)
+            if v < 0 or v > MAX_REGION_BYTES:
+                raise RegionError(f"{name}: {v} bytes is not between 0 and 256 TiB")
+            if self.layout == "cross_layer" and v:
+                raise RegionError(f"{name}: must be 0 for the cross_layer layout (its pages are packed)")
+        if self.layout == "per_layer":
+            dims = sorted([("kv_stride", self.effective_kv_stride, 2),
+                           ("page_stride", self.effective_page_stride, self.num_pages),
+                           ("layer_stride", self.effective_layer_stride, self.layers)], key=lambda d: d[1])
+            span = self.chunk_bytes
+            for name, stride, count in dims:
+                if count < 2:
+                    continue
+                if stride < span:
+                    raise RegionError(f"{name}: {stride} bytes is less than the {span} bytes its inner "
+                                      f"dimensions span (chunks of {self.chunk_bytes} bytes): chunks would overlap")
+                span += (count - 1) * stride
+        if self.end_bytes > MAX_REGION_BYTES:
+            raise RegionError(f"num_pages: the region would be {self.end_bytes} bytes, more than 256 TiB")
 
     @property
     def chunk_bytes(self) -> int:
@@ -80,20 +114,42 @@ class PagedGeometry:
         return self.page_tokens * self.kv_heads * self.head_dim * self.dtype_bytes
 
     @property
-    def page_stride(self) -> int:
-        return 2 * self.chunk_bytes * (1 if self.layout == "per_layer" else self.layers)
+    def effective_page_stride(self) -> int:
+        """Bytes between two pages of one layer."""
+        if self.layout == "cross_layer":
+            return 2 * self.chunk_bytes * self.layers
+        return self.page_stride or 2 * self.chunk_bytes
+
+    @property
+    def effective_kv_stride(self) -> int:
+        """Bytes from a page's K chunk to its V chunk."""
+        return (self.kv_stride or self.chunk_bytes) if self.layout == "per_layer" else self.chunk_bytes
 
     @property
     def effective_layer_stride(self) -> int:
         if self.layout == "cross_layer":
             return 2 * self.chunk_bytes
-        return self.layer_stride or self.num_pages * 2 * self.chunk_bytes
+        return self.layer_stride or ((self.num_pages - 1) * self.effective_page_stride
+                                     + self.effective_kv_stride + self.chunk_bytes)
 
     @property
     def end_bytes(self) -> int:
         """Bytes the region must span (the end of the last chunk)."""
         return ((self.layers - 1) * self.effective_layer_stride
-                + (self.num_pages - 1) * self.page_stride + 2 * self.chunk_bytes)
+                + (self.num_pages - 1) * self.effective_page_stride + self.effective_kv_stride + self.chunk_bytes)
+
+    def engine_offset(self, layer: int, kv: int, page: int) -> int:
+        """Byte offset in the region of the (layer, K|V, page) chunk."""
+        return layer * self.effective_layer_stride + page * self.effective_page_stride + kv * self.effective_kv_stride
+
+    def block_bytes(self, pages_per_block: int = 1) -> int:
+        """Bytes of one daemon block of `pages_per_block` pages."""
+        return self.layers * 2 * pages_per_block * self.chunk_bytes
+
+    @property
+    def packed(self) -> bool:
+        """Whether the region is exactly `shape()` (default strides)."""
+        return not (self.layer_stride or self.page_stride or self.kv_stride)
 
     def shape(self) -> tuple[int, ...]:
         """Element shape of the whole region for a packed layout."""
@@ -104,7 +160,7 @@ class PagedGeometry:
 
 def encode_preamble(kind: int, device: int, region_bytes: int, handle: bytes,
                     geometry: PagedGeometry, name: str) -> bytes:
-    """The registration preamble (exposed so that tests can corrupt it)."""
+    """The registration preamble, version 3 (exposed so that tests can corrupt it)."""
     raw = name.encode("utf-8")
     if len(handle) != 64:
         raise RegionError(f"handle: a CUDA IPC handle is 64 bytes, got {len(handle)}")
@@ -112,7 +168,7 @@ def encode_preamble(kind: int, device: int, region_bytes: int, handle: bytes,
             + struct.pack("<IIIIIIII", LAYOUT_CODES[geometry.layout], geometry.layers,
                           geometry.page_tokens, geometry.kv_heads, geometry.head_dim,
                           geometry.dtype_bytes, geometry.num_pages, len(raw))
-            + struct.pack("<Q", geometry.layer_stride))
+            + struct.pack("<QQQ", geometry.layer_stride, geometry.page_stride, geometry.kv_stride))
     assert len(head) == HEADER_BYTES
     return head + raw
 
@@ -203,24 +259,27 @@ class KvRegion:
 
     @classmethod
     def from_cuda_tensor(cls, socket_target: str, tensor: Any, geometry: PagedGeometry, name: str) -> "KvRegion":
-        """Registers a CUDA tensor holding the whole region (its first byte is the
-        region's byte 0) through CUDA IPC. The tensor must own the start of its
-        `cudaMalloc` allocation: torch's caching allocator gives large tensors their own
+        """Registers the CUDA memory of `tensor` through CUDA IPC: the region starts at the
+        tensor's first element (its byte 0) and runs to the end of the tensor's storage,
+        which must hold the geometry's pages (`geometry.end_bytes`). The tensor may be a
+        strided view (e.g. layer 0 of an engine's per-layer views of one buffer), but its
+        first element must be the first byte of its `cudaMalloc` allocation: CUDA IPC
+        shares whole allocations. torch's caching allocator gives large tensors their own
         segment, so allocate the KV buffer once, up front."""
         check_name(name, "region")
         device_type = getattr(getattr(tensor, "device", None), "type", None)
         if device_type != "cuda":
             raise RegionError(f"tensor: on device {device_type!r}; KvRegion.from_cuda_tensor needs a CUDA tensor "
                               "(CPU memory: KvRegion.create_memfd, or kvstrata.layouts with a SharedPool)")
-        if not tensor.is_contiguous():
-            raise RegionError("tensor: must be contiguous")
-        nbytes = tensor.numel() * tensor.element_size()
-        if nbytes < geometry.end_bytes:
-            raise RegionError(f"bytes: the tensor holds {nbytes} bytes, but the geometry's pages end at byte {geometry.end_bytes}")
         storage = tensor.untyped_storage()
+        start = tensor.storage_offset() * tensor.element_size()
+        nbytes = storage.nbytes() - start
+        if nbytes < geometry.end_bytes:
+            raise RegionError(f"bytes: the tensor's storage holds {nbytes} bytes from its first element, but the "
+                              f"geometry's pages end at byte {geometry.end_bytes}")
         shared = storage._share_cuda_()
         device, handle, storage_offset = shared[0], shared[1], shared[3]
-        offset = storage_offset + tensor.storage_offset() * tensor.element_size()
+        offset = storage_offset + start
         if offset != 0:
             raise RegionError(f"tensor: starts {offset} bytes into its CUDA allocation; CUDA IPC shares whole "
                               "allocations, so the region must start the allocation (allocate it on its own)")
@@ -244,7 +303,7 @@ class KvRegion:
             raise RegionError(f"region {self.name!r}: no host mapping (CUDA IPC region, or closed)")
         a = np.frombuffer(self._mmap, dtype=np.uint8)
         dt = np.dtype(dtype)
-        if dt.itemsize == self.geometry.dtype_bytes and self.geometry.layer_stride == 0:
+        if dt.itemsize == self.geometry.dtype_bytes and self.geometry.packed:
             return a.view(dt).reshape(self.geometry.shape())
         return a.view(dt)
 
@@ -254,7 +313,7 @@ class KvRegion:
         if self._mmap is None:
             raise RegionError(f"region {self.name!r}: no host mapping (CUDA IPC region, or closed)")
         t = torch.frombuffer(self._mmap, dtype=torch.uint8).view(dtype)
-        return t.reshape(self.geometry.shape()) if self.geometry.layer_stride == 0 else t
+        return t.reshape(self.geometry.shape()) if self.geometry.packed else t
 
     def close(self) -> None:
         """Unregisters the region."""

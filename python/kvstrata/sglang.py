@@ -331,19 +331,19 @@ class KvstrataStorage(HiCacheStorage):
         assert self._ns is not None
         if self.mode == "shm":
             assert self._host_pool is not None
-            regions = [self._host_pool.region(self._offset(p, s), s) for p, s in zip(ptrs, sizes)]
-            resp = self.client.batch_put_regions(self._ns, rkeys, regions, parents="chain", first_parent=first_parent)
+            ranges = [self._host_pool.range(self._offset(p, s), s) for p, s in zip(ptrs, sizes)]
+            resp = self.client.batch_put_ranges(self._ns, rkeys, ranges, parents="chain", first_parent=first_parent)
         elif self.mode == "staged":
             st = self._staging
             assert st is not None
             base = _mmap_base(st.buffer)
             assert base is not None
             per = (self.range_bytes + 63) // 64 * 64
-            regions = []
+            ranges = []
             for i, (p, s) in enumerate(zip(ptrs, sizes)):
                 ctypes.memmove(base + i * per, p, s)  # the one copy: host pool -> staging pool
-                regions.append(st.region(i * per, s))
-            resp = self.client.batch_put_regions(self._ns, rkeys, regions, parents="chain", first_parent=first_parent)
+                ranges.append(st.range(i * per, s))
+            resp = self.client.batch_put_ranges(self._ns, rkeys, ranges, parents="chain", first_parent=first_parent)
         else:
             payloads = [ctypes.string_at(p, s) for p, s in zip(ptrs, sizes)]
             resp = self.client.batch_put(self._ns, rkeys, payloads, parents="chain", first_parent=first_parent)
@@ -353,8 +353,8 @@ class KvstrataStorage(HiCacheStorage):
         assert self._ns is not None
         if self.mode == "shm":
             assert self._host_pool is not None
-            regions = [self._host_pool.region(self._offset(p, s), s) for p, s in zip(ptrs, sizes)]
-            res = self.client.batch_get_results(self._ns, rkeys, regions=regions)
+            ranges = [self._host_pool.range(self._offset(p, s), s) for p, s in zip(ptrs, sizes)]
+            res = self.client.batch_get_results(self._ns, rkeys, ranges=ranges)
             return [r.found for r in res], any(r.region_error for r in res)
         if self.mode == "staged":
             st = self._staging
@@ -362,8 +362,8 @@ class KvstrataStorage(HiCacheStorage):
             base = _mmap_base(st.buffer)
             assert base is not None
             per = (self.range_bytes + 63) // 64 * 64
-            regions = [st.region(i * per, s) for i, s in enumerate(sizes)]
-            res = self.client.batch_get_results(self._ns, rkeys, regions=regions)
+            ranges = [st.range(i * per, s) for i, s in enumerate(sizes)]
+            res = self.client.batch_get_results(self._ns, rkeys, ranges=ranges)
             for i, (r, p, s) in enumerate(zip(res, ptrs, sizes)):
                 if r.found:
                     ctypes.memmove(p, base + i * per, s)  # the one copy: staging pool -> host pool

@@ -26,12 +26,12 @@ use crate::auth::{Auth, AuthInterceptor, Owners, Transport};
 use crate::config::{Config, GpuConfig, GpuMode, socket_path};
 use crate::error::DaemonError;
 use crate::limits::{BlockingPool, Limited, Limiter, RequestLimits};
-use crate::mempool;
 use crate::metrics::{self, ConnCounters, ConnListener, Metrics};
-use crate::pool::{PoolLimits, PoolRegistry};
 use crate::region::{self, GpuSet, RegionLimits, RegionRegistry};
 use crate::service::{KvCacheService, Limits};
-use crate::sglang::SglangService;
+use crate::shm::mempool;
+use crate::shm::pool::{PoolLimits, PoolRegistry};
+use crate::shm::sglang::SglangService;
 use crate::transport::{
     self, ConnLimiter, ConnSettings, GrpcGuardLayer, GrpcRouter, Incoming, TcpAccept, UnixAccept,
 };
@@ -378,9 +378,7 @@ impl GrpcServices {
         .add_routes(self.probes.clone())
         .add_service(InterceptedService::new(
             Limited::new(
-                KvCacheServer::new(self.kv_cache.clone())
-                    .max_decoding_message_size(max_msg)
-                    .max_encoding_message_size(max_msg),
+                crate::service::codec::kv_cache_service(self.kv_cache.clone(), max_msg),
                 Arc::clone(&state.limiter),
             ),
             AuthInterceptor::new(Arc::clone(&state.auth), transport),
@@ -477,7 +475,7 @@ async fn start_listeners(
             tasks,
             path,
             "mempool socket",
-            mempool::serve_checked(listener, registry, token, Some(a)),
+            mempool::serve(listener, registry, token, Some(a)),
         );
     }
     if !config.gpu.region_socket.is_empty() {

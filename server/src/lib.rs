@@ -8,13 +8,10 @@ pub mod convert;
 pub mod daemon;
 pub mod error;
 pub mod limits;
-pub mod mempool;
 pub mod metrics;
-pub mod pool;
 pub mod region;
-pub mod region_io;
 pub mod service;
-pub mod sglang;
+pub mod shm;
 pub mod size;
 pub mod transport;
 

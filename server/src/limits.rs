@@ -586,10 +586,12 @@ mod tests {
             ..Default::default()
         };
         let cache = kvstrata_tiers::BlockCache::open(config, Vec::new(), None).unwrap();
-        let pools = Arc::new(crate::pool::PoolRegistry::new(crate::pool::PoolLimits {
-            max_pools: 1,
-            max_pool_bytes: 1,
-        }));
+        let pools = Arc::new(crate::shm::pool::PoolRegistry::new(
+            crate::shm::pool::PoolLimits {
+                max_pools: 1,
+                max_pool_bytes: 1,
+            },
+        ));
         Limiter::new(
             RequestLimits {
                 max_inflight,

@@ -275,7 +275,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
         .batch_get(pb::BatchGetRequest {
             namespace_id: Bytes::from_static(b"short"),
             keys: vec![Bytes::from("a")],
-            regions: Vec::new(),
+            ranges: Vec::new(),
             pages: Vec::new(),
         })
         .await;

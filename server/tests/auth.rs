@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kvstrata_client::{BearerToken, Client, ClientError, ClientOptions, ClientTls};
@@ -15,7 +14,7 @@ use kvstrata_server::auth::FailureReason;
 use kvstrata_server::{Config, Daemon};
 use tokio_stream::StreamExt;
 
-use common::{config, payload, small_spec};
+use common::{config, openssl, payload, small_spec};
 
 const ADMIN: &str = "admin-token-0123456789abcdef";
 const ADMIN2: &str = "admin-token-second-0123456789";
@@ -38,6 +37,23 @@ fn token_config(dir: &Path, tokens: &str) -> (Config, PathBuf) {
     (c, file)
 }
 
+/// Starts a daemon on `c` (whose token file names tenants "tenant-a" and
+/// "tenant-b"): the daemon, its TCP target and a client of each tenant.
+async fn start_tenants(c: Config) -> (Daemon, String, Client, Client) {
+    let d = Daemon::start(c).await.unwrap();
+    let target = d.addrs().tcp_target().unwrap();
+    let a = with_token(&target, Some(TENANT_A)).await;
+    let b = with_token(&target, Some(TENANT_B)).await;
+    (d, target, a, b)
+}
+
+/// A client on the daemon's Unix socket: the admin (peer uid) caller.
+async fn admin_over_uds(d: &Daemon) -> Client {
+    Client::connect(&d.addrs().uds_target().unwrap())
+        .await
+        .unwrap()
+}
+
 async fn with_token(target: &str, token: Option<&str>) -> Client {
     let options = ClientOptions {
         token: token.map(|t| BearerToken::new(t).unwrap()),
@@ -48,18 +64,6 @@ async fn with_token(target: &str, token: Option<&str>) -> Client {
 
 fn code(e: &ClientError) -> Option<tonic::Code> {
     e.code()
-}
-
-async fn metrics_text(d: &Daemon) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = d.addrs().metrics.unwrap();
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 #[tokio::test]
@@ -121,7 +125,7 @@ async fn auth_tcp_needs_a_known_bearer_token_and_health_stays_open() {
         r.into_inner().status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
-    let m = metrics_text(&d).await;
+    let m = common::metrics_text(&d).await;
     assert!(
         m.contains("kvstrata_auth_failures_total{reason=\"missing\"} 1"),
         "{m}"
@@ -160,7 +164,7 @@ async fn auth_reload_swaps_tokens_and_a_bad_file_keeps_the_old_ones() {
     std::fs::remove_file(&file).unwrap();
     assert!(d.reload_tokens().is_err());
     new.stats().await.unwrap();
-    let m = metrics_text(&d).await;
+    let m = common::metrics_text(&d).await;
     assert!(
         m.contains("kvstrata_auth_reloads_total{result=\"ok\"} 2"),
         "{m}"
@@ -179,13 +183,8 @@ async fn auth_tenants_cannot_touch_each_others_namespaces() {
         dir.path(),
         &format!("{TENANT_A} tenant-a\n{TENANT_B} tenant-b\n{ADMIN}\n"),
     );
-    let d = Daemon::start(c).await.unwrap();
-    let target = d.addrs().tcp_target().unwrap();
-    let a = with_token(&target, Some(TENANT_A)).await;
-    let b = with_token(&target, Some(TENANT_B)).await;
-    let admin = Client::connect(&d.addrs().uds_target().unwrap())
-        .await
-        .unwrap();
+    let (d, target, a, b) = start_tenants(c).await;
+    let admin = admin_over_uds(&d).await;
 
     let reg = a.register_namespace(&small_spec("model-a")).await.unwrap();
     let ns = reg.id;
@@ -233,21 +232,21 @@ async fn auth_tenants_cannot_touch_each_others_namespaces() {
         .await;
     denied(streamed.map(|_| ()), "put_stream");
     // A tenant may not name shared-memory pools (same-host clients' memory).
-    let region = kvstrata_client::proto::PoolRegion {
+    let range = kvstrata_client::proto::PoolRange {
         pool_id: 1,
         offset: 0,
         length: len as u64,
     };
     let e = b
-        .batch_get_into(&b_ns, &[b"kb"], &[region])
+        .batch_get_into(&b_ns, &[b"kb"], &[range])
         .await
         .unwrap_err();
     assert_eq!(code(&e), Some(tonic::Code::PermissionDenied), "{e}");
-    assert!(e.to_string().contains("regions"), "{e}");
+    assert!(e.to_string().contains("ranges"), "{e}");
     let e = b
-        .batch_put_regions(
+        .batch_put_ranges(
             &b_ns,
-            vec![kvstrata_client::RegionPutItem::new(&b"kb"[..], region)],
+            vec![kvstrata_client::RangePutItem::new(&b"kb"[..], range)],
         )
         .await
         .unwrap_err();
@@ -379,20 +378,6 @@ struct Certs {
     server_key: PathBuf,
     client_cert: PathBuf,
     client_key: PathBuf,
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let o = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("the openssl command runs");
-    assert!(
-        o.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 fn make_certs(dir: &Path) -> Certs {
@@ -560,9 +545,7 @@ async fn auth_tenant_bindings_survive_a_restart_with_the_disk_tier() {
     common::put(&a, &reg.id, "k", None, len).await;
     // Wait for the write-through copy to reach the disk tier (an admin's
     // Stats: a tenant's shows no occupancy).
-    let admin = Client::connect(&d.addrs().uds_target().unwrap())
-        .await
-        .unwrap();
+    let admin = admin_over_uds(&d).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let s = admin.stats().await.unwrap();
@@ -582,10 +565,7 @@ async fn auth_tenant_bindings_survive_a_restart_with_the_disk_tier() {
     drop(admin);
     d.shutdown().await.unwrap();
 
-    let d = Daemon::start(c).await.unwrap();
-    let target = d.addrs().tcp_target().unwrap();
-    let a = with_token(&target, Some(TENANT_A)).await;
-    let b = with_token(&target, Some(TENANT_B)).await;
+    let (d, _, a, b) = start_tenants(c).await;
     let e = b.batch_get(&reg.id, &[b"k"]).await.unwrap_err();
     assert_eq!(code(&e), Some(tonic::Code::PermissionDenied), "{e}");
     let e = b
@@ -607,13 +587,8 @@ async fn auth_a_tenant_may_unpin_only_leases_on_its_own_namespaces() {
         dir.path(),
         &format!("{TENANT_A} tenant-a\n{TENANT_B} tenant-b\n"),
     );
-    let d = Daemon::start(c).await.unwrap();
-    let target = d.addrs().tcp_target().unwrap();
-    let a = with_token(&target, Some(TENANT_A)).await;
-    let b = with_token(&target, Some(TENANT_B)).await;
-    let admin = Client::connect(&d.addrs().uds_target().unwrap())
-        .await
-        .unwrap();
+    let (d, _, a, b) = start_tenants(c).await;
+    let admin = admin_over_uds(&d).await;
     let reg = a.register_namespace(&small_spec("lease-a")).await.unwrap();
     let (ns, len) = (reg.id, reg.block_bytes as usize);
     common::put(&a, &ns, "k1", None, len).await;
@@ -667,10 +642,7 @@ async fn auth_a_tenants_stats_show_the_daemons_shape_not_others_traffic() {
         dir.path(),
         &format!("{TENANT_A} tenant-a\n{TENANT_B} tenant-b\n{ADMIN}\n"),
     );
-    let d = Daemon::start(c).await.unwrap();
-    let target = d.addrs().tcp_target().unwrap();
-    let a = with_token(&target, Some(TENANT_A)).await;
-    let b = with_token(&target, Some(TENANT_B)).await;
+    let (d, target, a, b) = start_tenants(c).await;
     let admin = with_token(&target, Some(ADMIN)).await;
     let reg = a.register_namespace(&small_spec("stats-a")).await.unwrap();
     let (ns, len) = (reg.id, reg.block_bytes as usize);
@@ -723,30 +695,6 @@ async fn auth_a_tenants_stats_show_the_daemons_shape_not_others_traffic() {
     d.shutdown().await.unwrap();
 }
 
-/// `GET path` on the metrics port with `authorization` (if any): the status
-/// code and the body.
-async fn scrape(d: &Daemon, path: &str, authorization: Option<&str>) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = d.addrs().metrics.unwrap();
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let auth = authorization
-        .map(|a| format!("Authorization: {a}\r\n"))
-        .unwrap_or_default();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let code = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, out)
-}
-
 #[tokio::test]
 async fn auth_metrics_can_require_an_admin_token() {
     let dir = tempfile::tempdir().unwrap();
@@ -759,18 +707,26 @@ async fn auth_metrics_can_require_an_admin_token() {
     let (mut c, _) = token_config(dir.path(), &format!("{ADMIN}\n{TENANT_A} tenant-a\n"));
     c.auth.metrics_require_token = true;
     let d = Daemon::start(c).await.unwrap();
-    let (code, body) = scrape(&d, "/metrics", None).await;
+    let metrics = d.addrs().metrics.unwrap();
+    let (code, body) = common::http_get(metrics, "/metrics", None).await;
     assert_eq!(code, 401, "{body}");
     assert!(!body.contains("kvstrata_requests_in_flight"), "{body}");
-    let (code, body) = scrape(&d, "/metrics", Some("Bearer wrong-token-0123456789abcdef")).await;
+    let (code, body) = common::http_get(
+        metrics,
+        "/metrics",
+        Some("Bearer wrong-token-0123456789abcdef"),
+    )
+    .await;
     assert_eq!(code, 401, "{body}");
-    let (code, body) = scrape(&d, "/metrics", Some(&format!("Bearer {TENANT_A}"))).await;
+    let (code, body) =
+        common::http_get(metrics, "/metrics", Some(&format!("Bearer {TENANT_A}"))).await;
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("tenant"), "{body}");
     // Health stays open for probes.
-    let (code, body) = scrape(&d, "/healthz", None).await;
+    let (code, body) = common::http_get(metrics, "/healthz", None).await;
     assert_eq!(code, 200, "{body}");
-    let (code, body) = scrape(&d, "/metrics", Some(&format!("Bearer {ADMIN}"))).await;
+    let (code, body) =
+        common::http_get(metrics, "/metrics", Some(&format!("Bearer {ADMIN}"))).await;
     assert_eq!(code, 200, "{body}");
     assert!(
         body.contains("kvstrata_auth_failures_total{reason=\"missing\"} 1")

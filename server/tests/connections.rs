@@ -34,31 +34,9 @@ fn tcp_addr(d: &Daemon) -> SocketAddr {
     d.addrs().tcp.unwrap()
 }
 
-/// The daemon's `/metrics` text.
-async fn scrape(d: &Daemon) -> String {
-    let mut s = TcpStream::connect(d.addrs().metrics.unwrap())
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: kvstrata\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 /// The value of one sample (`name{labels}`), 0 when absent.
 async fn metric(d: &Daemon, sample: &str) -> u64 {
-    let text = scrape(d).await;
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(sample)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
+    common::metric_value(&common::metrics_text(d).await, sample) as u64
 }
 
 /// Polls until `sample` reads `want`.
@@ -463,8 +441,9 @@ async fn malformed_grpc_is_refused() {
 
 /// A self-signed certificate for 127.0.0.1: (cert, key).
 fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let o = std::process::Command::new("openssl")
-        .args([
+    common::openssl(
+        dir,
+        &[
             "req",
             "-x509",
             "-newkey",
@@ -484,12 +463,8 @@ fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf
             "subjectAltName=IP:127.0.0.1",
             "-addext",
             "basicConstraints=critical,CA:FALSE",
-        ])
-        .current_dir(dir)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("the openssl command runs");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        ],
+    );
     (dir.join("cert.pem"), dir.join("key.pem"))
 }
 

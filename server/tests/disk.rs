@@ -451,26 +451,13 @@ async fn corrupt_slots_are_misses_and_counted() {
         assert!(!r[0].found);
 
         // The metric is exported.
-        let metrics_addr = d.daemon.addrs().metrics.expect("metrics");
-        let body = reqwest_free_get(metrics_addr).await;
+        let body = common::metrics_text(&d.daemon).await;
         assert!(
             body.contains("kvstrata_disk_corrupt_blocks_total 3"),
             "{engine}: {body}"
         );
         d.stop().await;
     }
-}
-
-/// GET /metrics over a plain TCP connection.
-async fn reqwest_free_get(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

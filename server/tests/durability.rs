@@ -152,7 +152,7 @@ async fn a_sync_put_is_on_disk_when_acknowledged_and_a_failed_one_is_not_stored(
     assert_eq!(version_of(&c, &ns, "c", &[0, 2]).await, Some(2));
     assert_eq!(disk_xxh3(&c, &ns, "a").await, Some(xxh3("a", 2)));
     assert_eq!(version_of(&c, &ns, "b", &[0, 1]).await, Some(1));
-    let body = metrics(&d).await;
+    let body = common::metrics_text(&d).await;
     assert!(
         body.contains("kvstrata_sync_write_failed_blocks_total 3"),
         "{body}"
@@ -237,19 +237,6 @@ async fn the_stop_drain_is_bounded_and_reports_what_it_dropped() {
     assert!(misses >= m.stop_dropped, "{m:?}");
     drop(c);
     d.shutdown().await.expect("clean shutdown");
-}
-
-/// GET /metrics over a plain TCP connection.
-async fn metrics(d: &Daemon) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = d.addrs().metrics.expect("metrics listener");
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    out
 }
 
 /// Milliseconds of a duration, for the printed table.

@@ -86,12 +86,14 @@ impl Running {
     }
 
     async fn metrics(&self) -> String {
-        http_get(self.daemon.addrs().metrics.expect("metrics")).await
+        let out = common::metrics_text(&self.daemon).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        out
     }
 
     /// A sample of the metrics text (`name{labels}` exactly), 0 when absent.
     async fn metric(&self, series: &str) -> f64 {
-        metric_value(&self.metrics().await, series)
+        common::metric_value(&self.metrics().await, series)
     }
 
     /// Waits until the in-flight gauge reads `n`.
@@ -122,27 +124,6 @@ impl Running {
     }
 }
 
-fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            let rest = l.strip_prefix(series)?;
-            rest.strip_prefix(' ')?.trim().parse().ok()
-        })
-        .unwrap_or(0.0)
-}
-
-async fn http_get(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("metrics");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
-}
-
 fn tier(s: &pb::StatsResponse, t: pb::Tier) -> pb::TierStats {
     s.tiers
         .iter()
@@ -163,7 +144,7 @@ async fn stalled_stream(c: &Client, ns: &NamespaceId, n: usize) -> tonic::Stream
         .get_stream(pb::BatchGetRequest {
             namespace_id: ns_bytes(ns),
             keys,
-            regions: Vec::new(),
+            ranges: Vec::new(),
             pages: Vec::new(),
         })
         .await
@@ -224,8 +205,11 @@ async fn overload_is_refused_at_once_and_service_resumes() {
         .expect_err("put refused");
     assert_eq!(e.code(), Some(Code::ResourceExhausted));
     let text = d.metrics().await;
-    assert_eq!(metric_value(&text, "kvstrata_requests_in_flight"), 2.0);
-    let rejected = metric_value(
+    assert_eq!(
+        common::metric_value(&text, "kvstrata_requests_in_flight"),
+        2.0
+    );
+    let rejected = common::metric_value(
         &text,
         "kvstrata_requests_rejected_total{reason=\"overloaded\"}",
     );
@@ -398,7 +382,7 @@ async fn deadlines_end_slow_requests_and_half_apply_nothing() {
     let mut req = tonic::Request::new(pb::BatchGetRequest {
         namespace_id: ns_bytes(&ns),
         keys: vec![Bytes::from("slow-0")],
-        regions: Vec::new(),
+        ranges: Vec::new(),
         pages: Vec::new(),
     });
     req.set_timeout(Duration::from_millis(200));
@@ -446,7 +430,7 @@ async fn deadlines_end_slow_requests_and_half_apply_nothing() {
     let mut req = tonic::Request::new(pb::BatchGetRequest {
         namespace_id: ns_bytes(&ns),
         keys: keys.iter().map(|k| Bytes::from(k.clone())).collect(),
-        regions: Vec::new(),
+        ranges: Vec::new(),
         pages: Vec::new(),
     });
     req.set_timeout(Duration::from_millis(300));
@@ -600,23 +584,23 @@ async fn clients_that_disconnect_leak_nothing() {
     .expect("pool");
     let s = d.client.stats().await.expect("stats");
     assert_eq!((s.pools, s.pool_bytes), (1, 1 << 20));
-    let mut region = pool.alloc(bb).expect("region");
-    region
+    let mut range = pool.alloc(bb).expect("range");
+    range
         .as_mut_slice()
         .copy_from_slice(&payload("from-pool", 0, bb));
     let r = d
         .client
-        .batch_put_regions(
+        .batch_put_ranges(
             &ns,
-            vec![kvstrata_client::RegionPutItem::new(
+            vec![kvstrata_client::RangePutItem::new(
                 Bytes::from_static(b"from-pool"),
-                region.to_proto(),
+                range.to_proto(),
             )],
         )
         .await
         .expect("put from pool");
     assert_eq!(r.stored, 1);
-    drop(region);
+    drop(range);
     drop(pool);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -748,8 +732,8 @@ async fn disk_enospc_and_eio_give_misses_and_metrics_not_crashes() {
     assert!(eio_errors >= 8, "EIO reads counted: {eio_errors}");
     let text = d.metrics().await;
     assert!(
-        metric_value(&text, "kvstrata_disk_io_errors_total")
-            .max(metric_value(&text, "kvstrata_disk_io_errors"))
+        common::metric_value(&text, "kvstrata_disk_io_errors_total")
+            .max(common::metric_value(&text, "kvstrata_disk_io_errors"))
             >= (eio_errors + enospc_errors) as f64,
         "{text}"
     );

@@ -43,36 +43,16 @@ async fn idle_put_stream(c: &Client) -> Result<IdleStream, tonic::Status> {
 }
 
 async fn metrics_text(d: &Daemon) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = d.addrs().metrics.expect("metrics");
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("metrics");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
+    let out = common::metrics_text(d).await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     out
-}
-
-/// A sample of the metrics text (`name{labels}` exactly), 0 when absent.
-fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
 }
 
 /// Waits until the in-flight gauge reads `n`.
 async fn wait_in_flight(d: &Daemon, n: f64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let v = metric_value(&metrics_text(d).await, "kvstrata_requests_in_flight");
+        let v = common::metric_value(&metrics_text(d).await, "kvstrata_requests_in_flight");
         if v == n {
             return;
         }
@@ -172,20 +152,20 @@ async fn one_peer_holding_its_share_leaves_room_for_others() {
     }
 
     let text = metrics_text(&d).await;
-    let refused = metric_value(
+    let refused = common::metric_value(
         &text,
         "kvstrata_requests_rejected_total{reason=\"peer_limit\"}",
     );
     assert_eq!(refused, 3.0, "{text}");
     assert_eq!(
-        metric_value(
+        common::metric_value(
             &text,
             "kvstrata_requests_rejected_total{reason=\"overloaded\"}"
         ),
         0.0
     );
     assert_eq!(
-        metric_value(&text, "kvstrata_requests_in_flight"),
+        common::metric_value(&text, "kvstrata_requests_in_flight"),
         (2 * SHARE) as f64
     );
 

@@ -1,7 +1,7 @@
 //! Property-based fuzzing of what the daemon reads from clients:
 //!
 //! - `preamble/parse`: the pool-registration preamble parser
-//!   ([`kvstrata_server::mempool::parse_preamble`]) on arbitrary bytes and on
+//!   ([`kvstrata_server::shm::mempool::parse_preamble`]) on arbitrary bytes and on
 //!   mutated valid preambles (seeds in `tests/corpus/preamble/`);
 //! - `preamble/socket`: the real mempool socket of a real daemon fed garbage
 //!   preambles (random bytes, mutated valid ones, huge name lengths, wrong
@@ -11,7 +11,7 @@
 //!   serving;
 //! - `grpc/requests`: random `RegisterNamespace`, `Lookup`, `BatchPut` and
 //!   `BatchGet` messages (wrong, empty and oversized keys, wrong namespace ids,
-//!   payloads of the wrong size, pool regions that do not exist, batches over
+//!   payloads of the wrong size, pool ranges that do not exist, batches over
 //!   the limit, absurd geometry) sent to a real daemon over gRPC: every answer
 //!   is OK or InvalidArgument / NotFound / OutOfRange / ResourceExhausted /
 //!   FailedPrecondition with a message that starts with the field it blames,
@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvstrata_proto::v1 as pb;
-use kvstrata_server::mempool::{MAGIC, MAGIC_WIDE, PreambleParse, parse_preamble};
-use kvstrata_server::pool::MAX_POOL_NAME_BYTES;
+use kvstrata_server::shm::mempool::{MAGIC, MAGIC_WIDE, PreambleParse, parse_preamble};
+use kvstrata_server::shm::pool::MAX_POOL_NAME_BYTES;
 use kvstrata_server::{Config, Daemon};
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use proptest::collection::vec;
@@ -483,7 +483,7 @@ async fn prop_mempool_socket_refuses_garbage_and_keeps_serving() {
     daemon.shutdown().await.expect("clean shutdown");
 }
 
-fn wait_pools_of(pools: &kvstrata_server::pool::PoolRegistry, want: u32) {
+fn wait_pools_of(pools: &kvstrata_server::shm::pool::PoolRegistry, want: u32) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while pools.stats().pools != want {
         assert!(Instant::now() < deadline, "pools never reached {want}");
@@ -533,7 +533,7 @@ struct Item {
     key: Key,
     parent: Option<Key>,
     payload: Payload,
-    region: Option<(u32, u64, u64)>,
+    range: Option<(u32, u64, u64)>,
 }
 
 #[derive(Debug, Clone)]
@@ -561,7 +561,7 @@ fn arb_key() -> impl Strategy<Value = Key> {
     ]
 }
 
-fn arb_region() -> impl Strategy<Value = (u32, u64, u64)> {
+fn arb_range() -> impl Strategy<Value = (u32, u64, u64)> {
     (
         prop_oneof![Just(0u32), Just(1), any::<u32>()],
         prop_oneof![Just(0u64), Just(u64::MAX), any::<u64>()],
@@ -611,19 +611,19 @@ fn arb_req() -> impl Strategy<Value = Req> {
             4 => Just(Payload::Exact),
             1 => prop_oneof![Just(0usize), Just(BLOCK - 1), Just(BLOCK + 1), 0usize..20_000].prop_map(Payload::Len),
         ],
-        proptest::option::weighted(0.2, arb_region()),
+        proptest::option::weighted(0.2, arb_range()),
     )
-        .prop_map(|(key, parent, payload, region)| Item {
+        .prop_map(|(key, parent, payload, range)| Item {
             key,
             parent,
             payload,
-            region,
+            range,
         });
     prop_oneof![
         1 => arb_spec().prop_map(Req::Register),
         2 => (arb_ns(), batch(arb_key().boxed())).prop_map(|(ns, k)| Req::Lookup(ns, k)),
         3 => (arb_ns(), batch(item.boxed())).prop_map(|(ns, items)| Req::Put(ns, items)),
-        2 => (arb_ns(), batch(arb_key().boxed()), prop_oneof![3 => Just(vec![]), 1 => vec(arb_region(), 0..5)])
+        2 => (arb_ns(), batch(arb_key().boxed()), prop_oneof![3 => Just(vec![]), 1 => vec(arb_range(), 0..5)])
             .prop_map(|(ns, k, r)| Req::Get(ns, k, r)),
     ]
 }
@@ -645,8 +645,8 @@ fn ns_bytes(ns: &Ns, registered: &[u8; 16]) -> Bytes {
     }
 }
 
-fn region(r: &(u32, u64, u64)) -> pb::PoolRegion {
-    pb::PoolRegion {
+fn range(r: &(u32, u64, u64)) -> pb::PoolRange {
+    pb::PoolRange {
         pool_id: r.0.into(),
         offset: r.1,
         length: r.2,
@@ -732,7 +732,7 @@ async fn prop_grpc_requests_are_answered_with_field_errors_and_change_nothing_wh
                                         Payload::Exact => common::payload("prop", 0, BLOCK),
                                         Payload::Len(n) => common::payload("prop", 1, n),
                                     },
-                                    region: it.region.as_ref().map(region),
+                                    range: it.range.as_ref().map(range),
                                     pages: None,
                                 })
                                 .collect(),
@@ -742,18 +742,18 @@ async fn prop_grpc_requests_are_answered_with_field_errors_and_change_nothing_wh
                             let r = r.into_inner();
                             assert_eq!(r.results.len(), items.len(), "one result per item");
                         }),
-                    Req::Get(n, keys, regions) => raw
+                    Req::Get(n, keys, ranges) => raw
                         .batch_get(pb::BatchGetRequest {
                             namespace_id: ns_bytes(n, &registered),
                             keys: keys.iter().map(key_bytes).collect(),
-                            regions: regions.iter().map(region).collect(),
+                            ranges: ranges.iter().map(range).collect(),
                             pages: Vec::new(),
                         })
                         .await
                         .map(|r| {
                             let r = r.into_inner();
                             assert_eq!(r.results.len(), keys.len(), "one result per key");
-                            for g in r.results.iter().filter(|g| g.found && regions.is_empty()) {
+                            for g in r.results.iter().filter(|g| g.found && ranges.is_empty()) {
                                 assert_eq!(g.payload.len(), BLOCK, "a hit of the wrong size");
                             }
                         }),

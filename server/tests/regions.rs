@@ -30,9 +30,14 @@ use tonic::Code;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pages_round_trip_byte_for_byte_in_both_layouts() {
     let r = start().await;
-    for (i, (g, ppb)) in [(per_layer(), 2), (cross_layer(), 1), (cross_layer(), 3)]
-        .into_iter()
-        .enumerate()
+    for (i, (g, ppb)) in [
+        (per_layer(), 2),
+        (cross_layer(), 1),
+        (cross_layer(), 3),
+        (k_then_v(), 2),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let mut region = r.region(&format!("engine-{i}"), g);
         // The region's bytes are the client's own memfd mapping here.
@@ -62,7 +67,7 @@ async fn pages_round_trip_byte_for_byte_in_both_layouts() {
     let m = r.metrics().await;
     assert!(m.contains("kvstrata_kv_region_gathered_bytes_total"), "{m}");
     assert!(
-        m.contains("kvstrata_kv_region_registrations_total 3"),
+        m.contains("kvstrata_kv_region_registrations_total 4"),
         "{m}"
     );
     r.stop().await;
@@ -235,7 +240,7 @@ async fn bad_page_lists_are_refused_naming_the_field_and_store_nothing() {
         ]
     );
 
-    // Gets: a bad page id, a count mismatch, pages with pool regions, GetStream.
+    // Gets: a bad page id, a count mismatch, pages with pool ranges, GetStream.
     let e = r
         .client
         .get_pages(&ns, &[b"stored"], &[region.pages(vec![0, 40])])
@@ -247,7 +252,7 @@ async fn bad_page_lists_are_refused_naming_the_field_and_store_nothing() {
         .batch_get(pb::BatchGetRequest {
             namespace_id: Bytes::copy_from_slice(ns.as_bytes()),
             keys: vec![key("stored"), key("x")],
-            regions: Vec::new(),
+            ranges: Vec::new(),
             pages: vec![region.pages(vec![0, 1])],
         })
         .await
@@ -257,7 +262,7 @@ async fn bad_page_lists_are_refused_naming_the_field_and_store_nothing() {
         .batch_get(pb::BatchGetRequest {
             namespace_id: Bytes::copy_from_slice(ns.as_bytes()),
             keys: vec![key("stored")],
-            regions: vec![pb::PoolRegion {
+            ranges: vec![pb::PoolRange {
                 pool_id: 1,
                 offset: 0,
                 length: 1,
@@ -271,7 +276,7 @@ async fn bad_page_lists_are_refused_naming_the_field_and_store_nothing() {
         .get_stream(pb::BatchGetRequest {
             namespace_id: Bytes::copy_from_slice(ns.as_bytes()),
             keys: vec![key("stored")],
-            regions: Vec::new(),
+            ranges: Vec::new(),
             pages: vec![region.pages(vec![0, 1])],
         })
         .await
@@ -368,7 +373,7 @@ async fn bad_preambles_and_limits_are_refused_with_a_reason() {
     b[0] = b'X';
     refused(r.raw(&b, Some(&file)).1, 1, "magic");
     let mut b = pre(KIND_MEMFD, need, &g);
-    b[8] = 3;
+    b[8] = 9; // versions 3 and 2 are spoken
     refused(r.raw(&b, Some(&file)).1, 1, "version");
     // A version-1 client (32-bit ids counted from 1 in every run) is told why.
     b[8] = 1;

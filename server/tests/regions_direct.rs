@@ -37,9 +37,14 @@ async fn direct_path_round_trips_byte_for_byte_in_both_layouts() {
         s.tiers.iter().any(|t| t.tier == pb::Tier::Hbm as i32),
         "an HBM tier on the CPU backend: {s:?}"
     );
-    for (i, (g, ppb)) in [(per_layer(), 2), (cross_layer(), 1), (cross_layer(), 3)]
-        .into_iter()
-        .enumerate()
+    for (i, (g, ppb)) in [
+        (per_layer(), 2),
+        (cross_layer(), 1),
+        (cross_layer(), 3),
+        (k_then_v(), 2),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let mut region = r.region(&format!("direct-{i}"), g);
         let report = check_pages_round_trip(&r.client, &mut region, None, ppb, 3, 2000 + i as u64)

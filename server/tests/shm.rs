@@ -1,6 +1,6 @@
 //! The shared-memory data path against a real daemon: pools registered on the
 //! mempool socket by the real client (`SharedPool`), puts and gets through pool
-//! regions checked byte for byte, regions outside a pool, disk-resident blocks
+//! ranges checked byte for byte, ranges outside a pool, disk-resident blocks
 //! read straight into a pool, a client process killed while holding a pool,
 //! concurrent pools, and every malformed registration preamble.
 
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use bytesize::ByteSize;
 use common::{payload, small_spec};
-use kvstrata_client::{Client, RegionPutItem, SharedPool};
+use kvstrata_client::{Client, RangePutItem, SharedPool};
 use kvstrata_proto::v1 as pb;
 use kvstrata_server::{Config, Daemon};
 use kvstrata_tiers::NamespaceId;
@@ -116,15 +116,15 @@ fn memfd_mappings(name: &str) -> usize {
         .count()
 }
 
-/// Fills a region with the block for (key, version) and returns the bytes.
-fn fill(region: &mut kvstrata_client::Region, key: &str, version: u32) -> Bytes {
-    let p = payload(key, version, region.len());
-    region.as_mut_slice().copy_from_slice(&p);
+/// Fills a range with the block for (key, version) and returns the bytes.
+fn fill(range: &mut kvstrata_client::PoolRange, key: &str, version: u32) -> Bytes {
+    let p = payload(key, version, range.len());
+    range.as_mut_slice().copy_from_slice(&p);
     p
 }
 
-fn bad_region(pool_id: u64, offset: u64) -> pb::PoolRegion {
-    pb::PoolRegion {
+fn bad_range(pool_id: u64, offset: u64) -> pb::PoolRange {
+    pb::PoolRange {
         pool_id,
         offset,
         length: BLOCK as u64,
@@ -153,7 +153,7 @@ async fn puts_and_gets_through_a_pool_are_exact() {
         .zip(&src)
         .enumerate()
         .map(|(i, (k, r))| {
-            let it = RegionPutItem::new(Bytes::from(k.clone()), r.to_proto());
+            let it = RangePutItem::new(Bytes::from(k.clone()), r.to_proto());
             if i > 0 {
                 it.with_parent(Bytes::from(keys[i - 1].clone()))
             } else {
@@ -161,7 +161,7 @@ async fn puts_and_gets_through_a_pool_are_exact() {
             }
         })
         .collect();
-    let put = d.client.batch_put_regions(&ns, items).await.expect("put");
+    let put = d.client.batch_put_ranges(&ns, items).await.expect("put");
     assert_eq!(put.stored, keys.len() as u32);
     // The client may reuse its buffers at once: the daemon copied them.
     for r in &mut src {
@@ -177,10 +177,10 @@ async fn puts_and_gets_through_a_pool_are_exact() {
         .collect();
     let mut ask: Vec<&str> = keys.iter().map(String::as_str).collect();
     ask.push("missing");
-    let regions: Vec<pb::PoolRegion> = dst.iter().map(|r| r.to_proto()).collect();
+    let ranges: Vec<pb::PoolRange> = dst.iter().map(|r| r.to_proto()).collect();
     let got = d
         .client
-        .batch_get_into(&ns, &ask, &regions)
+        .batch_get_into(&ns, &ask, &ranges)
         .await
         .expect("get");
     for (i, g) in got.iter().enumerate().take(keys.len()) {
@@ -198,7 +198,7 @@ async fn puts_and_gets_through_a_pool_are_exact() {
     assert!(!miss.found && miss.region_error.is_empty());
     assert!(
         dst[keys.len()].as_mut_slice().iter().all(|&b| b == 0xAA),
-        "a miss must leave its region untouched"
+        "a miss must leave its range untouched"
     );
     // Inline reads see the same bytes.
     let inline = d.client.batch_get(&ns, &["k3"]).await.expect("inline get");
@@ -207,7 +207,7 @@ async fn puts_and_gets_through_a_pool_are_exact() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn regions_outside_a_pool_are_refused_per_block() {
+async fn ranges_outside_a_pool_are_refused_per_block() {
     let d = start().await;
     let ns = d.ns("shm-bounds").await;
     let pool = d.pool("bounds", 64 * 1024);
@@ -215,24 +215,21 @@ async fn regions_outside_a_pool_are_refused_per_block() {
     let want = fill(&mut good, "good", 1);
     let len = pool.len() as u64;
     let items = vec![
-        RegionPutItem::new(Bytes::from_static(b"good"), good.to_proto()),
+        RangePutItem::new(Bytes::from_static(b"good"), good.to_proto()),
         // Straddles the end of the pool.
-        RegionPutItem::new(
-            Bytes::from_static(b"tail"),
-            bad_region(pool.id(), len - 100),
-        ),
+        RangePutItem::new(Bytes::from_static(b"tail"), bad_range(pool.id(), len - 100)),
         // Offset + length overflows u64.
-        RegionPutItem::new(
+        RangePutItem::new(
             Bytes::from_static(b"wrap"),
-            bad_region(pool.id(), u64::MAX - 10),
+            bad_range(pool.id(), u64::MAX - 10),
         ),
         // A pool id nobody registered.
-        RegionPutItem::new(
+        RangePutItem::new(
             Bytes::from_static(b"nopool"),
-            bad_region(pool.id().wrapping_add(100), 0),
+            bad_range(pool.id().wrapping_add(100), 0),
         ),
     ];
-    let r = d.client.batch_put_regions(&ns, items).await.expect("put");
+    let r = d.client.batch_put_ranges(&ns, items).await.expect("put");
     let bad = pb::PutStatus::BadRegion as i32;
     assert_eq!(r.results, vec![pb::PutStatus::Stored as i32, bad, bad, bad]);
     assert_eq!(r.stored, 1);
@@ -245,14 +242,14 @@ async fn regions_outside_a_pool_are_refused_per_block() {
 
     let mut out = pool.alloc(BLOCK).expect("alloc");
     out.as_mut_slice().fill(0xAA);
-    let regions = vec![
+    let ranges = vec![
         out.to_proto(),
-        bad_region(pool.id(), len - 1),
-        bad_region(999, 0),
+        bad_range(pool.id(), len - 1),
+        bad_range(999, 0),
     ];
     let got = d
         .client
-        .batch_get_into(&ns, &["good", "good", "good"], &regions)
+        .batch_get_into(&ns, &["good", "good", "good"], &ranges)
         .await
         .expect("get");
     assert!(got[0].found);
@@ -275,7 +272,7 @@ async fn regions_outside_a_pool_are_refused_per_block() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_region_requests_are_invalid_and_change_nothing() {
+async fn malformed_range_requests_are_invalid_and_change_nothing() {
     let d = start().await;
     let ns = d.ns("shm-invalid").await;
     let pool = d.pool("invalid", 64 * 1024);
@@ -283,7 +280,7 @@ async fn malformed_region_requests_are_invalid_and_change_nothing() {
     let mut raw = d.client.raw();
     let ns_bytes = Bytes::copy_from_slice(ns.as_bytes());
 
-    let wrong_len = pb::PoolRegion {
+    let wrong_len = pb::PoolRange {
         length: BLOCK as u64 - 1,
         ..r.to_proto()
     };
@@ -296,14 +293,14 @@ async fn malformed_region_requests_are_invalid_and_change_nothing() {
             key: Bytes::from_static(b"a"),
             parent: Bytes::new(),
             payload: Bytes::new(),
-            region: Some(wrong_len),
+            range: Some(wrong_len),
             pages: None,
         }))
         .await
         .expect_err("wrong length");
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(
-        e.message().contains("items[0].region.length"),
+        e.message().contains("items[0].range.length"),
         "{}",
         e.message()
     );
@@ -312,18 +309,18 @@ async fn malformed_region_requests_are_invalid_and_change_nothing() {
             key: Bytes::from_static(b"a"),
             parent: Bytes::new(),
             payload: Bytes::from_static(b"x"),
-            region: Some(r.to_proto()),
+            range: Some(r.to_proto()),
             pages: None,
         }))
         .await
-        .expect_err("payload and region");
+        .expect_err("payload and range");
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("items[0].payload"), "{}", e.message());
 
-    let get = |keys: Vec<Bytes>, regions: Vec<pb::PoolRegion>| pb::BatchGetRequest {
+    let get = |keys: Vec<Bytes>, ranges: Vec<pb::PoolRange>| pb::BatchGetRequest {
         namespace_id: ns_bytes.clone(),
         keys,
-        regions,
+        ranges,
         pages: Vec::new(),
     };
     let e = raw
@@ -332,20 +329,20 @@ async fn malformed_region_requests_are_invalid_and_change_nothing() {
             vec![r.to_proto()],
         ))
         .await
-        .expect_err("one region for two keys");
+        .expect_err("one range for two keys");
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().starts_with("regions"), "{}", e.message());
+    assert!(e.message().starts_with("ranges"), "{}", e.message());
     let e = raw
         .batch_get(get(vec![Bytes::from_static(b"a")], vec![wrong_len]))
         .await
         .expect_err("wrong length");
-    assert!(e.message().contains("regions[0].length"), "{}", e.message());
+    assert!(e.message().contains("ranges[0].length"), "{}", e.message());
     let e = raw
         .get_stream(get(vec![Bytes::from_static(b"a")], vec![r.to_proto()]))
         .await
-        .expect_err("GetStream takes no regions");
+        .expect_err("GetStream takes no ranges");
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("regions"), "{}", e.message());
+    assert!(e.message().contains("ranges"), "{}", e.message());
 
     let s = d.stats().await;
     let host = s
@@ -404,10 +401,10 @@ async fn disk_resident_blocks_are_read_into_the_pool() {
             r
         })
         .collect();
-    let regions: Vec<_> = dst.iter().map(|r| r.to_proto()).collect();
+    let ranges: Vec<_> = dst.iter().map(|r| r.to_proto()).collect();
     let got = d
         .client
-        .batch_get_into(&ns, &keys, &regions)
+        .batch_get_into(&ns, &keys, &ranges)
         .await
         .expect("get");
     let mut from_disk = 0;
@@ -482,11 +479,11 @@ async fn a_killed_client_leaks_no_pool() {
     // A put from the child's pool works while it lives (zeros: it never wrote).
     let r = d
         .client
-        .batch_put_regions(
+        .batch_put_ranges(
             &ns,
-            vec![RegionPutItem::new(
+            vec![RangePutItem::new(
                 Bytes::from_static(b"z"),
-                bad_region(id, 0),
+                bad_range(id, 0),
             )],
         )
         .await
@@ -506,11 +503,11 @@ async fn a_killed_client_leaks_no_pool() {
     }
     let r = d
         .client
-        .batch_put_regions(
+        .batch_put_ranges(
             &ns,
-            vec![RegionPutItem::new(
+            vec![RangePutItem::new(
                 Bytes::from_static(b"y"),
-                bad_region(id, 0),
+                bad_range(id, 0),
             )],
         )
         .await
@@ -536,9 +533,9 @@ async fn concurrent_pools_stay_apart() {
                 let mut src = pool.alloc(BLOCK).expect("alloc");
                 let want = fill(&mut src, &key, round);
                 let r = client
-                    .batch_put_regions(
+                    .batch_put_ranges(
                         &ns,
-                        vec![RegionPutItem::new(Bytes::from(key.clone()), src.to_proto())],
+                        vec![RangePutItem::new(Bytes::from(key.clone()), src.to_proto())],
                     )
                     .await
                     .expect("put");
@@ -750,7 +747,7 @@ async fn malformed_preambles_are_refused_and_the_daemon_keeps_serving() {
         good.1
     );
     d.wait_pools(1).await;
-    let metrics = metrics_text(&d).await;
+    let metrics = common::metrics_text(&d.daemon).await;
     for want in [
         format!("kvstrata_pool_registrations_total{{result=\"refused\"}} {n}"),
         "kvstrata_pool_registrations_total{result=\"ok\"} 1".to_string(),
@@ -785,17 +782,4 @@ async fn a_preamble_that_never_completes_is_dropped_after_its_deadline() {
     );
     assert_eq!(d.daemon.pools().stats().refused, 1);
     d.stop().await;
-}
-
-/// The daemon's Prometheus text.
-async fn metrics_text(d: &Running) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = d.daemon.addrs().metrics.expect("metrics listener");
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("request");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("response");
-    out
 }

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::payload;
-use kvstrata_client::{Client, KvRegion, PagesPutItem, PutItem, RegionPutItem, SharedPool};
+use kvstrata_client::{Client, KvRegion, PagesPutItem, PutItem, RangePutItem, SharedPool};
 use kvstrata_proto::v1 as pb;
 use kvstrata_server::{Config, Daemon};
 use kvstrata_tiers::NamespaceId;
@@ -108,7 +108,7 @@ async fn pool_ids_from_before_a_restart_reach_no_pool_of_the_new_run() {
     let target = mempool.display().to_string();
     let stale = tokio::task::block_in_place(|| SharedPool::create(&target, "worker", POOL_BYTES))
         .expect("pool registers");
-    let stale_region = stale.alloc(BLOCK).expect("alloc").to_proto();
+    let stale_range = stale.alloc(BLOCK).expect("alloc").to_proto();
     let (stale_conn, stale_sglang_id, _stale_file) = sglang_pool(&mempool, "sglang-worker", 0);
     first.shutdown().await.expect("clean shutdown");
 
@@ -136,15 +136,15 @@ async fn pool_ids_from_before_a_restart_reach_no_pool_of_the_new_run() {
         .batch_put(&ns, vec![PutItem::new(key("k"), block.clone())])
         .await
         .expect("inline put");
-    let stale_sglang_region = pb::PoolRegion {
+    let stale_sglang_range = pb::PoolRange {
         pool_id: u64::from(stale_sglang_id),
         offset: 0,
         length: BLOCK as u64,
     };
 
-    // A get into the stale regions: a found block, refused per key.
+    // A get into the stale ranges: a found block, refused per key.
     let got = client
-        .batch_get_into(&ns, &["k", "k"], &[stale_region, stale_sglang_region])
+        .batch_get_into(&ns, &["k", "k"], &[stale_range, stale_sglang_range])
         .await
         .expect("get");
     for (g, id) in got.iter().zip([stale.id(), u64::from(stale_sglang_id)]) {
@@ -157,13 +157,13 @@ async fn pool_ids_from_before_a_restart_reach_no_pool_of_the_new_run() {
             g.region_error
         );
     }
-    // A put from the stale regions: refused per item, nothing stored.
+    // A put from the stale ranges: refused per item, nothing stored.
     let put = client
-        .batch_put_regions(
+        .batch_put_ranges(
             &ns,
             vec![
-                RegionPutItem::new(key("stale-a"), stale_region),
-                RegionPutItem::new(key("stale-b"), stale_sglang_region),
+                RangePutItem::new(key("stale-a"), stale_range),
+                RangePutItem::new(key("stale-b"), stale_sglang_range),
             ],
         )
         .await
@@ -185,7 +185,7 @@ async fn pool_ids_from_before_a_restart_reach_no_pool_of_the_new_run() {
         .batch_get_into(
             &ns,
             &["k"],
-            &[pb::PoolRegion {
+            &[pb::PoolRange {
                 pool_id: fresh.id(),
                 offset: 0,
                 length: BLOCK as u64,

@@ -28,6 +28,14 @@ BIN="${KVSTRATA_BIN:-$TARGET_DIR/debug/kvstrata}"
 case "$BIN" in /*) ;; *) BIN="$ROOT/$BIN" ;; esac
 PARTS="${KVSTRATA_PYTEST_PARTS:-storage-server base engines}"
 
+# One run at a time per build directory: two runs would rebuild the shared venv under each other.
+mkdir -p "$TARGET_DIR"
+exec 9>"$TARGET_DIR/pytest.lock"
+if ! flock -n 9; then
+  echo "tests/python/run.sh: another run holds $TARGET_DIR/pytest.lock; waiting" >&2
+  flock 9
+fi
+
 die() { echo "error: $*" >&2; exit 1; }
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 

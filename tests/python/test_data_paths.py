@@ -42,12 +42,12 @@ def test_shared_pool_round_trip_without_payloads(client, daemon, rng):
         data = [rng.randbytes(4096) for _ in range(8)]
         for s, d in zip(src, data):
             s.array()[:] = np.frombuffer(d, dtype=np.uint8)  # written through the numpy view
-        put = client.batch_put_regions(ns, [b"p%d" % i for i in range(8)], [s.region() for s in src])
+        put = client.batch_put_ranges(ns, [b"p%d" % i for i in range(8)], [s.range() for s in src])
         assert list(put.results) == [STORED] * 8
         for d in dst:
             d.array()[:] = 0xAA
         found = client.batch_get_into(ns, [b"p%d" % i for i in range(8)] + [b"miss"],
-                                      [d.region() for d in dst] + [dst[0].region()])
+                                      [d.range() for d in dst] + [dst[0].range()])
         assert found == [True] * 8 + [False]
         assert [d.array().tobytes() for d in dst] == data
         assert client.batch_get(ns, [b"p3"]) == [data[3]]  # the same block, inline
@@ -55,24 +55,24 @@ def test_shared_pool_round_trip_without_payloads(client, daemon, rng):
         view = pool.array(np.uint32, offset=src[0].offset, nbytes=4096)
         view[0] = 0xDEADBEEF
         assert bytes(pool.buffer[src[0].offset:src[0].offset + 4]) == (0xDEADBEEF).to_bytes(4, "little")
-        # regions of the wrong length fail the request, naming the field
+        # ranges of the wrong length fail the request, naming the field
         with pytest.raises(kvstrata.InvalidArgument) as e:
-            client.batch_put_regions(ns, [b"x"], [pool.region(0, 100)])
-        assert e.value.field.startswith("items[0].region")
+            client.batch_put_ranges(ns, [b"x"], [pool.range(0, 100)])
+        assert e.value.field.startswith("items[0].range")
         # outside the pool: refused for that block only
-        r = client.batch_put_regions(ns, [b"x", b"y"], [pool.region((1 << 20) - 64, 4096), src[1].region()])
+        r = client.batch_put_ranges(ns, [b"x", b"y"], [pool.range((1 << 20) - 64, 4096), src[1].range()])
         assert list(r.results) == [BAD_REGION, STORED]
         for s in src + dst:
             s.free()
         assert pool.alloc(1 << 20).length == 1 << 20  # freed ranges coalesced
-        old = pool.region(0, 4096)
+        old = pool.range(0, 4096)
     # closed: the daemon unregisters it (as soon as it sees the connection close); later
     # requests naming it are refused per block
     deadline = time.monotonic() + 5
     while client.stats().pools != before:
         assert time.monotonic() < deadline, "the daemon did not unregister the closed pool"
         time.sleep(0.02)
-    r = client.batch_put_regions(ns, [b"z"], [old])
+    r = client.batch_put_ranges(ns, [b"z"], [old])
     assert list(r.results) == [BAD_REGION]
 
 
@@ -151,6 +151,99 @@ def test_kv_region_memfd_pages(client, daemon, rng):
         time.sleep(0.02)
     put = client.batch_put_pages(ns, [b"gone"], [pb.KvPages(region_id=rid, page_ids=[0, 1])])
     assert list(put.results) == [BAD_REGION]
+
+
+def layer_views(flat_u16, geo, shape, byte_strides):
+    """Per-layer numpy views of a region's memory (u16 elements), `layer_stride` apart."""
+    return [np.lib.stride_tricks.as_strided(flat_u16[l * geo.effective_layer_stride // 2:], shape=shape,
+                                            strides=byte_strides) for l in range(geo.layers)]
+
+
+def test_kv_region_in_vllm_layouts_by_strides(client, daemon, rng):
+    """vLLM's KV tensors registered as they lie, with no copy: the classic `(2, num_blocks,
+    block_size, heads, dim)` layout (K of every page, then V: the K/V stride; padded
+    layers) and vLLM 0.32's `[num_blocks, heads, block_size, 2 * dim]` views stored
+    token-major (LBNHC). `layouts.vllm_region_geometry` reads the strides; the daemon's
+    gather equals this package's reading of the layout, and its scatter writes exactly the
+    named pages."""
+    chunk = PT * H * D * E
+    ns = client.register_namespace(spec(2 * PT, model="pytest-vllm-strides"))  # 2 pages per block
+    # classic: per layer (2, PAGES, PT, H, D), layers 2 * PAGES chunks + 64 bytes apart
+    classic = PagedGeometry("per_layer", layers=L, page_tokens=PT, kv_heads=H, head_dim=D, dtype_bytes=E,
+                            num_pages=PAGES, layer_stride=2 * PAGES * chunk + 64, page_stride=chunk,
+                            kv_stride=PAGES * chunk)
+    assert classic.end_bytes == (L - 1) * (2 * PAGES * chunk + 64) + 2 * PAGES * chunk
+    # 0.32: per layer [PAGES, H, PT, 2D] views whose memory is [PAGES][PT][H][2D]
+    v032 = PagedGeometry("per_layer", layers=L, page_tokens=PT, kv_heads=H, head_dim=D, dtype_bytes=E,
+                         num_pages=PAGES, layer_stride=2 * PAGES * chunk, page_stride=2 * chunk, kv_stride=chunk)
+    cases = [
+        ("classic", classic, (2, PAGES, PT, H, D), (PAGES * chunk, chunk, H * D * E, D * E, E)),
+        ("v032", v032, (PAGES, H, PT, 2 * D), (2 * chunk, 2 * D * E, H * 2 * D * E, E)),
+    ]
+    for name, geo, shape, strides in cases:
+        with kvstrata.KvRegion.create_memfd(daemon.region_path, geo, f"pytest-{name}") as region:
+            flat = region.array(np.uint16)
+            assert flat.ndim == 1  # not the packed layout: a flat view
+            fill_random(flat, rng)
+            views = layer_views(flat, geo, shape, strides)
+            got = layouts.vllm_region_geometry(views, num_blocks=PAGES, block_size=PT, kv_heads=H, head_size=D)
+            assert got == geo, name
+            blocks = [[3, 7], [0, 15], [9, 9]]
+            keys = [b"%s-%d" % (name.encode(), i) for i in range(3)]
+            put = client.batch_put_pages(ns, keys, [region.pages(b) for b in blocks], parents="chain")
+            assert list(put.results) == [STORED] * 3, name
+            inline = client.batch_get(ns, keys)
+            raw = flat.view(np.uint8)
+            for b, payload in zip(blocks, inline):
+                if name == "classic":
+                    # the daemon's block format is what VllmLayout gathers from these tensors
+                    want = np.empty(ns.block_bytes, dtype=np.uint8)
+                    layouts.VllmLayout(views).gather(b, want)
+                    want = want.tobytes()
+                else:
+                    # layer after layer, K half then V half of each page: the pages' bytes as
+                    # they lie in memory (a block of 2 pages: [layer][half][page][bytes])
+                    want = b"".join(
+                        raw[geo.engine_offset(l, kv, p):geo.engine_offset(l, kv, p) + chunk].tobytes()
+                        for l in range(L) for kv in range(2) for p in b)
+                assert payload == want, name
+            snapshot = raw.copy()
+            targets = [[1, 2], [4, 5], [6, 8]]
+            found = client.batch_get_pages(ns, keys, [region.pages(t) for t in targets])
+            assert found == [True] * 3, name
+            want = snapshot.copy()
+            for src, dst in zip(blocks, targets):
+                for s_page, d_page in zip(src, dst):
+                    for l in range(L):
+                        for kv in range(2):
+                            a, b = geo.engine_offset(l, kv, s_page), geo.engine_offset(l, kv, d_page)
+                            want[b:b + chunk] = snapshot[a:a + chunk]
+            assert np.array_equal(raw, want), f"{name}: the scatter wrote other bytes than the named pages"
+    # layouts the daemon cannot gather are refused with the tensor named
+    flat = np.zeros(classic.end_bytes // 2, dtype=np.uint16)
+    views = layer_views(flat, classic, (2, PAGES, PT, H, D), (PAGES * chunk, chunk, H * D * E, D * E, E))
+    with pytest.raises(kvstrata.RegionError, match=r"kv_caches\[2\]"):
+        layouts.vllm_region_geometry(views[:2] + [views[1]], num_blocks=PAGES, block_size=PT, kv_heads=H, head_size=D)
+    gappy = [np.lib.stride_tricks.as_strided(flat, shape=(2, PAGES, PT, H, D),
+                                             strides=(PAGES * chunk, chunk, H * D * E, D * E * 2, E))]
+    with pytest.raises(kvstrata.RegionError, match="contiguous"):
+        layouts.vllm_region_geometry(gappy, num_blocks=PAGES, block_size=PT, kv_heads=H, head_size=D)
+    with pytest.raises(kvstrata.RegionError, match="leading axes"):
+        layouts.vllm_region_geometry(views, num_blocks=PAGES + 1, block_size=PT, kv_heads=H, head_size=D)
+    # overlapping strides: refused here, and by the daemon when a client sends them anyway
+    with pytest.raises(kvstrata.RegionError, match="kv_stride"):
+        PagedGeometry("per_layer", layers=L, page_tokens=PT, kv_heads=H, head_dim=D, dtype_bytes=E,
+                      num_pages=PAGES, page_stride=chunk, kv_stride=(PAGES - 1) * chunk)
+    fd = os.memfd_create("overlap")
+    os.ftruncate(fd, classic.end_bytes)
+    try:
+        preamble = bytearray(encode_preamble(KIND_MEMFD, 0, classic.end_bytes, bytes(64), classic, "overlap"))
+        preamble[136:144] = ((PAGES - 1) * chunk).to_bytes(8, "little")  # kv_stride
+        with pytest.raises(kvstrata.RegionError) as e:
+            register_raw(daemon.region_path, bytes(preamble), fd, "overlap")
+        assert e.value.reason == "geometry" and e.value.message.startswith("kv_stride"), e.value.message
+    finally:
+        os.close(fd)
 
 
 def test_kv_region_refusals(daemon, tmp_path):
@@ -232,9 +325,9 @@ def test_engine_layouts_round_trip_through_a_pool(client, daemon, rng):
             layout.gather([5, 2], slot.array())
             assert slot.array().tobytes() == want, name
             key = name.encode()
-            assert list(client.batch_put_regions(ns, [key], [slot.region()]).results) == [STORED], name
+            assert list(client.batch_put_ranges(ns, [key], [slot.range()]).results) == [STORED], name
             slot.array()[:] = 0
-            assert client.batch_get_into(ns, [key], [slot.region()]) == [True]
+            assert client.batch_get_into(ns, [key], [slot.range()]) == [True]
             before = [np.array(b, copy=True) for b in (bufs if isinstance(bufs, list) else [bufs])]
             layout.scatter([9, 12], slot.array())
             check = np.empty(ns.block_bytes, dtype=np.uint8)
@@ -300,7 +393,7 @@ def test_ids_from_before_a_restart_reach_no_new_memory(rng):
         stale_pool = kvstrata.SharedPool.create(daemon.mempool_path, "worker", 64 * 1024)
         stale_region = kvstrata.KvRegion.create_memfd(daemon.region_path, geo, "engine")
         assert stale_pool.id >= kvstrata.pool.MIN_WIDE_POOL_ID and stale_region.id > 0
-        old_slice = stale_pool.region(0, 4096)
+        old_slice = stale_pool.range(0, 4096)
         old_pages = stale_region.pages([1])
         daemon.restart()  # the same socket paths; the stale client does not register again
         with kvstrata.Client(daemon.uds_target, timeout=20) as client, \
@@ -313,17 +406,17 @@ def test_ids_from_before_a_restart_reach_no_new_memory(rng):
             paged = client.register_namespace(spec(PT, model="pytest-ids-paged"))
             client.batch_put(flat, [b"k"], [rng.randbytes(4096)])
             client.batch_put(paged, [b"k"], [rng.randbytes(paged.block_bytes)])
-            got = client.batch_get_results(flat, [b"k"], regions=[old_slice])
+            got = client.batch_get_results(flat, [b"k"], ranges=[old_slice])
             assert not got[0].found and f"pool {stale_pool.id} is not registered" in got[0].region_error
             got = client.batch_get_results(paged, [b"k"], pages=[old_pages])
             assert not got[0].found and f"KV region {stale_region.id} is not registered" in got[0].region_error
-            assert list(client.batch_put_regions(flat, [b"s"], [old_slice]).results) == [BAD_REGION]
+            assert list(client.batch_put_ranges(flat, [b"s"], [old_slice]).results) == [BAD_REGION]
             assert list(client.batch_put_pages(paged, [b"s"], [old_pages]).results) == [BAD_REGION]
             assert client.batch_get(flat, [b"s"]) == [None] and client.batch_get(paged, [b"s"]) == [None]
             assert np.array_equal(pool.array(), pool_before), "another client's pool changed"
             assert np.array_equal(region.array(np.uint8), region_before), "another client's region changed"
             # the new registrations' own ids work
-            assert client.batch_get_into(flat, [b"k"], [pool.region(0, 4096)]) == [True]
+            assert client.batch_get_into(flat, [b"k"], [pool.range(0, 4096)]) == [True]
             assert client.batch_get_pages(paged, [b"k"], [region.pages([1])]) == [True]
         stale_pool.close()
         stale_region.close()

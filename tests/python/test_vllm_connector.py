@@ -143,3 +143,180 @@ def test_worker_saves_and_loads_byte_exact_and_reports_missing_blocks(daemon):
             assert torch.equal(t[b].view(torch.int16), snapshot[n][b].view(torch.int16))
     assert conn.stats["loaded_blocks"] == 2 and conn.stats["load_errors"] == 2
     conn.shutdown()
+
+
+def worker_config(daemon, names, blocks, heads, bs, dim, **extra):
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.config import KVTransferConfig
+
+    page_bytes = heads * bs * 2 * dim * 2
+    cfg = SimpleNamespace(
+        kv_transfer_config=KVTransferConfig(
+            kv_connector="KvstrataConnector", kv_connector_module_path="kvstrata.vllm", kv_role="kv_both",
+            kv_connector_extra_config={"addr": daemon.uds_target, "mempool_socket": daemon.mempool_path,
+                                       "staging_mb": 1, **extra}),
+        cache_config=SimpleNamespace(block_size=bs),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1),
+        model_config=SimpleNamespace(model="pytest-vllm-region"))
+    kv_cfg = SimpleNamespace(
+        num_blocks=blocks, kv_cache_layout="LBNHC",
+        kv_cache_groups=[SimpleNamespace(layer_names=names, kv_cache_spec=SimpleNamespace(
+            page_size_bytes=page_bytes, dtype=torch.bfloat16, num_kv_heads=heads, head_size=dim))])
+    return cfg, kv_cfg
+
+
+def test_worker_on_the_kv_region_path_moves_pages_without_copies(daemon):
+    """The worker side on the KV-region path, without the engine or a GPU: vLLM 0.32's
+    per-layer `[num_blocks, heads, block_size, 2 * dim]` views stored token-major (LBNHC,
+    as on a GPU), all layers in one buffer: a memfd KV region stands in for the CUDA-IPC
+    one. The daemon gathers and scatters the pages itself; saved blocks load into other
+    pages byte for byte; a missing block and the blocks after it are reported; vLLM holds
+    a request's blocks until its saves are done (get_finished); the block bytes are those
+    the staging path writes."""
+    import torch
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    import kvstrata
+    from kvstrata.vllm import BlockTransfer, KvstrataConnector, KvstrataConnectorMetadata
+
+    layers, blocks, heads, bs, dim = 3, 12, 2, 16, 8
+    chunk = bs * heads * dim * 2
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(layers)]
+    geo = kvstrata.PagedGeometry("per_layer", layers=layers, page_tokens=bs, kv_heads=heads, head_dim=dim,
+                                 dtype_bytes=2, num_pages=blocks, layer_stride=blocks * 2 * chunk,
+                                 page_stride=2 * chunk, kv_stride=chunk)
+    region = kvstrata.KvRegion.create_memfd(daemon.region_path, geo, "pytest-vllm-buffer")
+    flat = region.tensor(torch.int16)
+    flat.copy_(torch.randint(-32768, 32767, flat.shape, generator=torch.Generator().manual_seed(7),
+                             dtype=torch.int16))
+    layer_elems = blocks * 2 * chunk // 2
+    caches = {n: torch.as_strided(flat, (blocks, heads, bs, 2 * dim), (2 * chunk // 2, 2 * dim, heads * 2 * dim, 1),
+                                  l * layer_elems).view(torch.bfloat16) for l, n in enumerate(names)}
+    cfg, kv_cfg = worker_config(daemon, names, blocks, heads, bs, dim, region_socket=daemon.region_path)
+    conn = KvstrataConnector(cfg, KVConnectorRole.WORKER, kv_cfg)
+    assert conn.region_path and conn.hold_blocks
+    assert conn.spec(0).layout == "layer_major"
+    opened = []
+
+    def open_region(base, geometry, name):
+        assert geometry == geo, geometry
+        assert base.data_ptr() == flat.data_ptr()
+        opened.append(name)
+        return region
+
+    conn._region_capable = lambda base: True
+    conn._open_region = open_region
+    conn.register_kv_caches(caches)
+    assert conn._worker_ok and conn._region_mode and len(opened) == 1
+    keys = [bytes([i]) * 16 for i in range(1, 5)]
+    conn.bind_connector_metadata(KvstrataConnectorMetadata(saves=[BlockTransfer("r", keys[:2], [1, 2])]))
+    conn.wait_for_save()
+    assert conn.flush(10) and conn.stats["saved_blocks"] == 2, conn.stats
+    # vLLM held the request's blocks; the saves are done: reported once, only this request
+    assert conn.get_finished({"r", "other"}) == ({"r"}, None)
+    assert conn.get_finished(set()) == (None, None)
+    raw = flat.view(torch.uint8)
+    with kvstrata.Client(daemon.uds_target) as c:
+        payload = c.batch_get(conn.namespace_id(0), [keys[0]])[0]
+    want = b"".join(bytes(raw[geo.engine_offset(l, 0, 1):geo.engine_offset(l, 0, 1) + 2 * chunk].numpy())
+                    for l in range(layers))
+    assert payload == want, "a block is the layers' pages as they lie in memory"
+    snapshot = raw.clone()
+    conn.bind_connector_metadata(KvstrataConnectorMetadata(loads=[BlockTransfer("r", keys, [7, 8, 9, 10])]))
+    conn.start_load_kv(None)
+    errors = conn.get_block_ids_with_load_errors()
+    assert {9, 10} <= errors and 7 not in errors and 8 not in errors
+    for l, n in enumerate(names):
+        t = caches[n].view(torch.int16)
+        assert torch.equal(t[7], t[1]) and torch.equal(t[8], t[2])
+    for b in range(blocks):
+        if b in (7, 8):
+            continue
+        for l in range(layers):
+            at = geo.engine_offset(l, 0, b)
+            assert torch.equal(raw[at:at + 2 * chunk], snapshot[at:at + 2 * chunk]), (l, b)
+    assert conn.stats["loaded_blocks"] == 2
+    # the staging path writes the same block bytes (another namespace: opaque)
+    cfg2, kv_cfg2 = worker_config(daemon, names, blocks, heads, bs, dim)
+    staged = KvstrataConnector(cfg2, KVConnectorRole.WORKER, kv_cfg2)
+    staged.register_kv_caches(caches)
+    assert staged._worker_ok and not staged._region_mode and staged.spec(0).layout == "opaque"
+    staged.bind_connector_metadata(KvstrataConnectorMetadata(saves=[BlockTransfer("s", keys[:1], [1])]))
+    staged.wait_for_save()
+    assert staged.flush(10) and staged.stats["saved_blocks"] == 1
+    assert staged.get_finished({"s"}) == (None, None)  # the staging path holds no blocks
+    with kvstrata.Client(daemon.uds_target) as c:
+        assert c.batch_get(staged.namespace_id(0), [keys[0]])[0] == want
+    staged.shutdown()
+    conn.shutdown()
+    assert not region.is_registered()
+
+
+def test_vllm_block_hashes_key_the_blocks_when_stable_across_processes():
+    """vLLM's default block hashes (sha256, a fixed seed) are the same in two processes,
+    so the connector keys blocks by them; xxhash without PYTHONHASHSEED draws a random seed
+    per process, so it falls back to the token chain (docs/vllm.md)."""
+    from kvstrata.vllm import vllm_hashes_are_stable
+
+    code = ("import sys\n"
+            "from vllm.utils.hashing import get_hash_fn_by_name\n"
+            "from vllm.v1.core import kv_cache_utils as u\n"
+            "fn = get_hash_fn_by_name(sys.argv[1]); u.init_none_hash(fn)\n"
+            "h = None\n"
+            "for i in range(3):\n"
+            "    h = u.hash_block_tokens(fn, h, list(range(i * 16, i * 16 + 16)), None)\n"
+            "print(bytes(h).hex())\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
+
+    def run(algo):
+        r = subprocess.run([sys.executable, "-c", code, algo], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout.strip().splitlines()[-1]
+
+    assert run("sha256") == run("sha256") and vllm_hashes_are_stable("sha256", env)
+    assert run("xxhash") != run("xxhash") and not vllm_hashes_are_stable("xxhash", env)
+    assert vllm_hashes_are_stable("xxhash", {"PYTHONHASHSEED": "0"})
+
+
+def test_connector_keys_follow_vllm_block_hashes():
+    """Keys from vLLM's block hashes: one per full block (the last hash of each block when
+    vLLM hashes finer), under the namespace; the token chain when the hashes are not
+    stable across processes or `keys` says so."""
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from kvstrata import block_keys
+    from kvstrata.vllm import KvstrataConnector, block_hash_keys, chain_start
+
+    def connector(algo, keys="auto", hash_block_size=16):
+        cfg = SimpleNamespace(
+            kv_transfer_config=KVTransferConfig(
+                kv_connector="KvstrataConnector", kv_connector_module_path="kvstrata.vllm", kv_role="kv_both",
+                kv_connector_extra_config={"addr": "unix:///nonexistent.sock", "keys": keys}),
+            cache_config=SimpleNamespace(block_size=32, prefix_caching_hash_algo=algo),
+            parallel_config=SimpleNamespace(tensor_parallel_size=1),
+            model_config=SimpleNamespace(model="pytest-keys"))
+        kv_cfg = SimpleNamespace(num_blocks=4, kv_cache_layout=None, hash_block_size=hash_block_size,
+                                 kv_cache_groups=[SimpleNamespace(layer_names=["l0"], kv_cache_spec=SimpleNamespace(
+                                     page_size_bytes=1024, dtype=torch.bfloat16))])
+        return KvstrataConnector(cfg, KVConnectorRole.SCHEDULER, kv_cfg)
+
+    hashes = [bytes([i]) * 32 for i in range(7)]  # 16-token hashes of a 112-token prompt
+    req = SimpleNamespace(prompt_token_ids=list(range(112)), block_hashes=hashes, cache_salt=None,
+                          lora_request=None, mm_features=[])
+    env = dict(os.environ)
+    env.pop("PYTHONHASHSEED", None)
+    c = connector("sha256")
+    assert c.hash_keys
+    keys = c.request_keys(req)
+    assert keys == block_hash_keys(c.namespace_id(0), [hashes[1], hashes[3], hashes[5]])
+    token_chain = block_keys(chain_start(c.namespace_id(0), b""), list(range(112)), 32)
+    assert connector("sha256", keys="tokens").request_keys(req) == token_chain
+    if "PYTHONHASHSEED" not in os.environ:
+        assert connector("xxhash").request_keys(req) == token_chain
+    assert connector("sha256", hash_block_size=48).request_keys(req) == token_chain  # 48 does not divide 32

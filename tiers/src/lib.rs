@@ -25,6 +25,7 @@ pub use kvstrata_types::key;
 pub mod movement;
 pub use kvstrata_types::namespace;
 pub mod remote;
+mod table;
 pub mod tier;
 
 pub use cache::{

@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::error::BenchError;
 use crate::pattern::STAMP;
+use crate::plan_checks;
 
 /// Target segment size of the tier's slot arena (its default).
 const SEGMENT_TARGET: u64 = 64 << 20;
@@ -148,38 +149,23 @@ pub(super) struct DiskPlan {
 
 impl DiskBenchArgs {
     pub(super) fn plan(&self) -> Result<DiskPlan, BenchError> {
-        let bad =
-            |field: &'static str, reason: String| Err(BenchError::InvalidArg { field, reason });
         let bs = self.block_size.as_u64();
-        if bs < STAMP as u64 {
-            return bad(
-                "--block-size",
-                format!("{bs} bytes; at least {STAMP} (the verification stamp)"),
-            );
-        }
-        if bs > MAX_BLOCK_BYTES {
-            return bad(
-                "--block-size",
-                format!("{bs} bytes; at most {MAX_BLOCK_BYTES}"),
-            );
-        }
-        if self.queue_depth == 0 {
-            return bad("--queue-depth", "must be at least 1".into());
-        }
-        if self.threads == 0 {
-            return bad("--threads", "must be at least 1".into());
-        }
+        let block = plan_checks::block_size(
+            "--block-size",
+            bs,
+            STAMP as u64,
+            "the verification stamp",
+            MAX_BLOCK_BYTES,
+        )?;
+        plan_checks::at_least_one("--queue-depth", self.queue_depth as u64)?;
+        plan_checks::at_least_one("--threads", self.threads as u64)?;
         let blocks = self.total.as_u64() / bs;
         if blocks == 0 {
-            return bad(
-                "--total",
-                format!("{} bytes; at least one block ({bs})", self.total.as_u64()),
-            );
+            return Err(BenchError::InvalidArg {
+                field: "--total",
+                reason: format!("{} bytes; at least one block ({bs})", self.total.as_u64()),
+            });
         }
-        let block = usize::try_from(bs).map_err(|_| BenchError::InvalidArg {
-            field: "--block-size",
-            reason: format!("{bs} bytes does not fit in memory"),
-        })?;
         let slot_bytes = (HEADER_REGION + align_up(block)) as u64;
         // Whole slots per segment, so no space is lost at segment ends.
         let per_segment = (SEGMENT_TARGET / slot_bytes).max(1);

@@ -7,6 +7,7 @@ use bytesize::ByteSize;
 use crate::disk::parse_size;
 use crate::error::BenchError;
 use crate::pattern::STAMP;
+use crate::plan_checks;
 
 /// Largest block accepted: Redis refuses bulk strings over 512 MB
 /// (`proto-max-bulk-len`), and the tier adds its header.
@@ -113,39 +114,23 @@ impl RemoteBenchArgs {
         if self.block_sizes.is_empty() {
             return bad("--block-size", "at least one size is needed".into());
         }
-        let mut sizes = Vec::with_capacity(self.block_sizes.len());
-        for bs in &self.block_sizes {
-            let bs = bs.as_u64();
-            if bs < STAMP as u64 {
-                return bad(
+        let sizes = self
+            .block_sizes
+            .iter()
+            .map(|bs| {
+                plan_checks::block_size(
                     "--block-size",
-                    format!("{bs} bytes; at least {STAMP} (the verification stamp)"),
-                );
-            }
-            if bs > MAX_BLOCK_BYTES {
-                return bad(
-                    "--block-size",
-                    format!("{bs} bytes; at most {MAX_BLOCK_BYTES}"),
-                );
-            }
-            let b = usize::try_from(bs).map_err(|_| BenchError::InvalidArg {
-                field: "--block-size",
-                reason: format!("{bs} bytes does not fit in memory"),
-            })?;
-            sizes.push(b);
-        }
-        if self.blocks == 0 {
-            return bad("--blocks", "must be at least 1".into());
-        }
-        if self.rounds == 0 {
-            return bad("--rounds", "must be at least 1".into());
-        }
-        if self.concurrency == 0 {
-            return bad("--concurrency", "must be at least 1".into());
-        }
-        if self.deadline_ms == 0 {
-            return bad("--deadline-ms", "must be at least 1".into());
-        }
+                    bs.as_u64(),
+                    STAMP as u64,
+                    "the verification stamp",
+                    MAX_BLOCK_BYTES,
+                )
+            })
+            .collect::<Result<Vec<usize>, BenchError>>()?;
+        plan_checks::at_least_one("--blocks", self.blocks)?;
+        plan_checks::at_least_one("--rounds", self.rounds.into())?;
+        plan_checks::at_least_one("--concurrency", self.concurrency as u64)?;
+        plan_checks::at_least_one("--deadline-ms", self.deadline_ms)?;
         Ok(RemotePlan {
             nodes,
             sizes,

@@ -138,13 +138,13 @@ impl Config {
                 "SGLang moves bytes through registered pools: set shm.mempool_socket (--mempool-socket) too".into(),
             );
         }
-        if self.sglang.namespace.len() > crate::pool::MAX_POOL_NAME_BYTES {
+        if self.sglang.namespace.len() > crate::shm::pool::MAX_POOL_NAME_BYTES {
             return bad(
                 "sglang.namespace",
                 format!(
                     "{} bytes, at most {}",
                     self.sglang.namespace.len(),
-                    crate::pool::MAX_POOL_NAME_BYTES
+                    crate::shm::pool::MAX_POOL_NAME_BYTES
                 ),
             );
         }

@@ -34,7 +34,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::pool::PoolRegistry;
+use crate::shm::pool::PoolRegistry;
 use cache::CacheCollector;
 use registries::PoolCollector;
 

@@ -8,8 +8,8 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 
 use super::family::{Kind, family, single};
-use crate::pool::PoolRegistry;
 use crate::region::RegionRegistry;
+use crate::shm::pool::PoolRegistry;
 
 /// Shared-memory pools, read from the [`PoolRegistry`] at scrape time.
 #[derive(Debug)]

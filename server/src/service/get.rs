@@ -11,18 +11,18 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Status};
 
-use super::{BoxStream, KvCacheService, check_pools, check_region_length};
+use super::{BoxStream, KvCacheService, check_pools, check_range_length};
 use crate::auth::Caller;
 use crate::convert::{self, status};
 use crate::limits::{Deadline, InflightPermit};
-use crate::pool::{Pool, RegionError};
+use crate::shm::pool::{Pool, RangeError};
 
 /// GetStream accepts this many times `max_batch` keys.
 const STREAM_BATCH_FACTOR: usize = 16;
 
-/// Where one key of a get goes: the pool and offset, or why its region
+/// Where one key of a get goes: the pool and offset, or why its range
 /// cannot be used.
-type GetTarget = Result<(Arc<Pool>, u64), RegionError>;
+type GetTarget = Result<(Arc<Pool>, u64), RangeError>;
 
 impl KvCacheService {
     pub(super) async fn handle_batch_get(
@@ -31,9 +31,9 @@ impl KvCacheService {
     ) -> Result<pb::BatchGetResponse, Status> {
         let caller = Caller::of(&request);
         let uses_pools =
-            !request.get_ref().regions.is_empty() || !request.get_ref().pages.is_empty();
+            !request.get_ref().ranges.is_empty() || !request.get_ref().pages.is_empty();
         self.check_ns(&caller, &request.get_ref().namespace_id)?;
-        check_pools(&caller, "regions", uses_pools)?;
+        check_pools(&caller, "ranges", uses_pools)?;
         let results = self
             .get(request.into_inner(), self.limits.max_batch)
             .await?;
@@ -54,9 +54,9 @@ impl KvCacheService {
         let deadline = request.extensions().get::<Deadline>().copied();
         let req = request.into_inner();
         let max = self.limits.max_batch.saturating_mul(STREAM_BATCH_FACTOR);
-        if !req.regions.is_empty() {
+        if !req.ranges.is_empty() {
             return Err(Status::invalid_argument(
-                "regions: GetStream returns payloads inline; use BatchGet to read into pools",
+                "ranges: GetStream returns payloads inline; use BatchGet to read into pools",
             ));
         }
         if !req.pages.is_empty() {
@@ -126,17 +126,17 @@ impl KvCacheService {
         let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
         let keys = convert::keys("keys", &req.keys, max)?;
         if !req.pages.is_empty() {
-            if !req.regions.is_empty() {
+            if !req.ranges.is_empty() {
                 return Err(Status::invalid_argument(
-                    "regions: give pool regions or KV pages, not both",
+                    "ranges: give pool ranges or KV pages, not both",
                 ));
             }
             return self.get_pages(ns, keys, req.keys, &req.pages).await;
         }
-        let targets = if req.regions.is_empty() {
+        let targets = if req.ranges.is_empty() {
             None
         } else {
-            Some(self.get_targets(&ns, keys.len(), &req.regions)?)
+            Some(self.get_targets(&ns, keys.len(), &req.ranges)?)
         };
         let cache = Arc::clone(&self.cache);
         let wire_keys = req.keys;
@@ -150,26 +150,26 @@ impl KvCacheService {
             .map_err(status)
     }
 
-    /// Where each key's block goes when the request names pool regions: the
-    /// pool and offset, or why that region cannot be used.
+    /// Where each key's block goes when the request names pool ranges: the
+    /// pool and offset, or why that range cannot be used.
     fn get_targets(
         &self,
         ns: &NamespaceId,
         key_count: usize,
-        regions: &[pb::PoolRegion],
+        ranges: &[pb::PoolRange],
     ) -> Result<Vec<GetTarget>, Status> {
-        if regions.len() != key_count {
+        if ranges.len() != key_count {
             return Err(Status::invalid_argument(format!(
-                "regions: {} given for {key_count} keys; give one per key, or none for inline payloads",
-                regions.len()
+                "ranges: {} given for {key_count} keys; give one per key, or none for inline payloads",
+                ranges.len()
             )));
         }
         let namespace = self.cache.namespace("namespace_id", ns).map_err(status)?;
-        regions
+        ranges
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                check_region_length(&format!("regions[{i}].length"), r, namespace.block_bytes)?;
+                check_range_length(&format!("ranges[{i}].length"), r, namespace.block_bytes)?;
                 Ok(self.pools.get(r.pool_id).and_then(|pool| {
                     pool.range(r.offset, r.length)?;
                     Ok((pool, r.offset))
@@ -206,7 +206,7 @@ fn get_into_pools(
     wire_keys: Vec<Bytes>,
     targets: Vec<GetTarget>,
 ) -> Result<Vec<pb::GetResult>, kvstrata_tiers::CacheError> {
-    // Only keys with a usable region are read.
+    // Only keys with a usable range are read.
     let wanted: Vec<BlockKey> = keys
         .iter()
         .zip(&targets)

@@ -19,8 +19,8 @@ use super::KvCacheService;
 use super::get::{hit_result, miss_result};
 use super::put::{ParsedItem, Planned, PutPlan};
 use crate::convert::status;
+use crate::region::io as region_io;
 use crate::region::{KvRegion, RegionRegistry};
-use crate::region_io;
 
 /// Checked KV pages of one block.
 pub(super) struct PagesTarget {

@@ -9,6 +9,8 @@
 //!
 //! - `put.rs`: `BatchPut` and `PutStream` (inline payloads and pool ranges);
 //! - `get.rs`: `BatchGet` and `GetStream`;
+//! - `codec.rs`: the HTTP/2-level path of `BatchGet` and `BatchPut` that
+//!   moves inline payloads without copying them;
 //! - `kv_pages.rs`: blocks gathered from and scattered into engine KV-region
 //!   pages, for both directions;
 //! - `lookup.rs`: `Lookup`, `Pin` and `Unpin` (leases);
@@ -17,6 +19,7 @@
 //! - `watch.rs`: the `Watch` event stream.
 
 mod admin;
+pub mod codec;
 mod get;
 mod kv_pages;
 mod lookup;
@@ -37,8 +40,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::auth::{Auth, Caller};
 use crate::limits::BlockingPool;
 use crate::metrics::Metrics;
-use crate::pool::PoolRegistry;
 use crate::region::RegionRegistry;
+use crate::shm::pool::PoolRegistry;
 
 /// Request limits enforced by the service.
 #[derive(Debug, Clone)]
@@ -162,16 +165,12 @@ fn check_pools(caller: &Caller, field: &str, uses_pools: bool) -> Result<(), Sta
     }
 }
 
-/// A pool region must be exactly one block long.
-fn check_region_length(
-    field: &str,
-    region: &pb::PoolRegion,
-    block_bytes: u64,
-) -> Result<(), Status> {
-    if region.length != block_bytes {
+/// A pool range must be exactly one block long.
+fn check_range_length(field: &str, range: &pb::PoolRange, block_bytes: u64) -> Result<(), Status> {
+    if range.length != block_bytes {
         return Err(Status::invalid_argument(format!(
             "{field}: {} bytes, but the namespace stores blocks of exactly {block_bytes} bytes",
-            region.length
+            range.length
         )));
     }
     Ok(())

@@ -16,17 +16,17 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Status, Streaming};
 
 use super::kv_pages::{DirectGroup, PagesTarget, gather_pages, gather_status};
-use super::{BoxStream, KvCacheService, check_pools, check_region_length};
+use super::{BoxStream, KvCacheService, check_pools, check_range_length};
 use crate::auth::Caller;
 use crate::convert::{self, status};
 use crate::limits::{Deadline, InflightPermit};
-use crate::pool::RegionError;
 use crate::region::RegionRegistry;
-use crate::region_io;
+use crate::region::io as region_io;
+use crate::shm::pool::RangeError;
 
 /// One put item after parsing.
 pub(super) enum ParsedItem {
-    /// The block's bytes are at hand (inline or a pool region).
+    /// The block's bytes are at hand (inline or a pool range).
     Ready(PutBlock),
     /// The block is to be gathered from KV-region pages.
     Pages {
@@ -57,9 +57,7 @@ pub(super) struct PutPlan {
 
 /// Whether a put names shared memory (pool ranges or KV pages).
 fn uses_pools(items: &[pb::PutItem]) -> bool {
-    items
-        .iter()
-        .any(|i| i.region.is_some() || i.pages.is_some())
+    items.iter().any(|i| i.range.is_some() || i.pages.is_some())
 }
 
 impl KvCacheService {
@@ -70,7 +68,7 @@ impl KvCacheService {
         let caller = Caller::of(&request);
         let uses_pools = uses_pools(&request.get_ref().items);
         self.check_ns(&caller, &request.get_ref().namespace_id)?;
-        check_pools(&caller, "items[].region", uses_pools)?;
+        check_pools(&caller, "items[].range", uses_pools)?;
         self.put(request.into_inner()).await
     }
 
@@ -133,7 +131,7 @@ impl KvCacheService {
             };
             if let Err(e) = self
                 .check_ns(caller, &batch.namespace_id)
-                .and_then(|()| check_pools(caller, "items[].region", uses_pools(&batch.items)))
+                .and_then(|()| check_pools(caller, "items[].range", uses_pools(&batch.items)))
             {
                 self.metrics.record_request("PutStream.batch", e.code());
                 let _ = tx.send(Err(e)).await;
@@ -182,7 +180,7 @@ impl KvCacheService {
     }
 
     /// Validates a put request. Each item becomes its block, or — for an item
-    /// whose pool region names no registered pool or lies outside it — the
+    /// whose pool range names no registered pool or lies outside it — the
     /// reason, so that item alone is refused.
     fn parse_put(
         &self,
@@ -220,9 +218,9 @@ impl KvCacheService {
                     "items[{i}].payload: must be empty when items[{i}].pages is set"
                 )));
             }
-            if it.region.is_some() {
+            if it.range.is_some() {
                 return Err(Status::invalid_argument(format!(
-                    "items[{i}].region: name a pool region or KV pages, not both"
+                    "items[{i}].range: name a pool range or KV pages, not both"
                 )));
             }
             return Ok(
@@ -236,19 +234,19 @@ impl KvCacheService {
                 },
             );
         }
-        let payload = match (it.region, namespace) {
-            (Some(region), Some(namespace)) => {
+        let payload = match (it.range, namespace) {
+            (Some(range), Some(namespace)) => {
                 if !it.payload.is_empty() {
                     return Err(Status::invalid_argument(format!(
-                        "items[{i}].payload: must be empty when items[{i}].region is set"
+                        "items[{i}].payload: must be empty when items[{i}].range is set"
                     )));
                 }
-                check_region_length(
-                    &format!("items[{i}].region.length"),
-                    &region,
+                check_range_length(
+                    &format!("items[{i}].range.length"),
+                    &range,
                     namespace.block_bytes,
                 )?;
-                self.region_payload(&region)
+                self.range_payload(&range)
             }
             _ => Ok(it.payload),
         };
@@ -262,12 +260,12 @@ impl KvCacheService {
         })
     }
 
-    /// A put item's bytes from its pool region, without a copy: the host tier
+    /// A put item's bytes from its pool range, without a copy: the host tier
     /// copies them into its slot (and write-through takes its own copy).
-    fn region_payload(&self, region: &pb::PoolRegion) -> Result<Bytes, RegionError> {
+    fn range_payload(&self, range: &pb::PoolRange) -> Result<Bytes, RangeError> {
         self.pools
-            .get(region.pool_id)?
-            .region_bytes(region.offset, region.length)
+            .get(range.pool_id)?
+            .range_bytes(range.offset, range.length)
     }
 }
 

@@ -10,15 +10,19 @@
 //!   content types and a second message on a one-message call, and counts
 //!   each connection's open calls for the idle timeout;
 //! - [`uds_authority`]: the Unix-socket connection wrapper that lets
-//!   grpc-core clients, which send the socket path as `:authority`, in.
+//!   grpc-core clients, which send the socket path as `:authority`, in;
+//! - [`registration`]: what the pool and KV-region registration sockets
+//!   share (they speak their own protocols, not gRPC): the accept loop, the
+//!   reader of a preamble with fds attached, the wait for the client to hang
+//!   up.
 //!
 //! Which service runs on which listener is the daemon's business
-//! ([`crate::daemon`]); the pool and KV-region registration sockets speak
-//! their own protocols and only borrow [`listeners::bind_unix`].
+//! ([`crate::daemon`]).
 
 pub mod conn;
 pub mod grpc_guard;
 pub mod listeners;
+pub mod registration;
 pub mod uds_authority;
 
 use tonic::transport::server::Router;

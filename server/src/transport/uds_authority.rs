@@ -15,8 +15,10 @@
 //! The value keeps its length, so the HPACK dynamic table the server builds
 //! stays the same size as the client's and later indexed references still
 //! line up. Everything else — the connection preface, other frames, `DATA`
-//! payloads — passes through unchanged (payloads are read straight into the
-//! caller's buffer). A Huffman-coded value or a header block split over
+//! payloads — passes through unchanged: the wrapper reads straight into the
+//! caller's buffer and checks the bytes there, so a payload is never copied;
+//! only a frame header or `HEADERS` frame cut by a read is held back until
+//! its rest arrives. A Huffman-coded value or a header block split over
 //! `CONTINUATION` frames is left as it is; grpc-core sends neither for the
 //! authority.
 
@@ -69,33 +71,38 @@ impl<S> AuthorityFix<S> {
             state: State::Preface(PREFACE_BYTES),
         }
     }
+}
 
-    /// Moves the parser forward over buffered bytes; false when it needs more.
-    fn step(&mut self) -> bool {
-        let avail = self.buf.len() - self.ready;
-        match self.state {
+/// Walks `bytes` from `state` at its start: passes preface and frame bytes,
+/// rewrites each complete `HEADERS` frame in place, and stops where it needs
+/// more bytes (an incomplete frame header, or a `HEADERS` frame not yet
+/// whole). Returns how many leading bytes are checked and may go on.
+fn scan(state: &mut State, bytes: &mut [u8]) -> usize {
+    let mut at = 0usize;
+    loop {
+        let avail = bytes.len() - at;
+        match *state {
             State::Preface(left) | State::Payload(left) => {
                 if left == 0 {
-                    self.state = State::FrameHeader;
-                    return true;
+                    *state = State::FrameHeader;
+                    continue;
                 }
                 if avail == 0 {
-                    return false;
+                    return at;
                 }
                 let n = left.min(avail);
-                self.ready += n;
-                self.state = match self.state {
+                at += n;
+                *state = match *state {
                     State::Preface(_) if n == left => State::FrameHeader,
                     State::Preface(_) => State::Preface(left - n),
                     _ => State::Payload(left - n),
                 };
-                true
             }
             State::FrameHeader => {
                 if avail < FRAME_HEADER_BYTES {
-                    return false;
+                    return at;
                 }
-                let h = &self.buf[self.ready..self.ready + FRAME_HEADER_BYTES];
+                let h = &bytes[at..at + FRAME_HEADER_BYTES];
                 let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
                 let (kind, flags) = (h[3], h[4]);
                 if kind == FRAME_HEADERS
@@ -103,22 +110,25 @@ impl<S> AuthorityFix<S> {
                     && len <= MAX_HELD_FRAME_BYTES
                 {
                     if avail < FRAME_HEADER_BYTES + len {
-                        return false;
+                        return at;
                     }
-                    let start = self.ready + FRAME_HEADER_BYTES;
-                    fix_headers_payload(&mut self.buf[start..start + len], flags);
-                    self.ready += FRAME_HEADER_BYTES + len;
+                    let start = at + FRAME_HEADER_BYTES;
+                    fix_headers_payload(&mut bytes[start..start + len], flags);
+                    at += FRAME_HEADER_BYTES + len;
                 } else {
-                    self.ready += FRAME_HEADER_BYTES;
-                    self.state = State::Payload(len);
+                    at += FRAME_HEADER_BYTES;
+                    *state = State::Payload(len);
                 }
-                true
             }
         }
     }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
+    /// Reads straight into `out` and checks the new bytes there; only the
+    /// tail that cannot be judged yet (part of a frame header, or of a
+    /// `HEADERS` frame) is moved aside until more bytes come. `DATA`
+    /// payloads are never copied.
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -133,37 +143,35 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
                 this.ready -= n;
                 return Poll::Ready(Ok(()));
             }
-            // A payload that passes unchanged goes straight to the caller.
-            if let State::Payload(left) = this.state
-                && left > 0
-                && this.buf.is_empty()
-            {
-                let limit = left.min(out.remaining());
-                let mut direct = out.take(limit);
-                ready!(Pin::new(&mut this.inner).poll_read(cx, &mut direct))?;
-                let n = direct.filled().len();
-                // SAFETY: the inner reader initialised these `n` bytes of
-                // `out`'s unfilled part.
-                unsafe { out.assume_init(n) };
-                out.advance(n);
-                this.state = State::Payload(left - n);
+            if !this.buf.is_empty() {
+                // Bytes held back: add to them until they can be judged.
+                let mut chunk = [0u8; READ_CHUNK_BYTES];
+                let mut rb = ReadBuf::new(&mut chunk);
+                ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
+                if rb.filled().is_empty() {
+                    // End of stream: whatever is left goes on as it is.
+                    this.ready = this.buf.len();
+                    continue;
+                }
+                this.buf.extend_from_slice(rb.filled());
+                this.ready = scan(&mut this.state, &mut this.buf[..]);
+                continue;
+            }
+            let before = out.filled().len();
+            ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
+            let got = out.filled().len() - before;
+            if got == 0 {
                 return Poll::Ready(Ok(()));
             }
-            if this.step() {
-                continue;
+            let checked = scan(&mut this.state, &mut out.filled_mut()[before..]);
+            if checked < got {
+                this.buf
+                    .extend_from_slice(&out.filled()[before + checked..]);
+                out.set_filled(before + checked);
             }
-            let mut chunk = [0u8; READ_CHUNK_BYTES];
-            let mut rb = ReadBuf::new(&mut chunk);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
-            if rb.filled().is_empty() {
-                // End of stream: whatever is left goes on as it is.
-                this.ready = this.buf.len();
-                if this.ready == 0 {
-                    return Poll::Ready(Ok(()));
-                }
-                continue;
+            if checked > 0 {
+                return Poll::Ready(Ok(()));
             }
-            this.buf.extend_from_slice(rb.filled());
         }
     }
 }
@@ -424,5 +432,63 @@ mod tests {
         fixed.read_to_end(&mut got).await.unwrap();
         writer.await.unwrap();
         assert_eq!(got, want);
+    }
+
+    /// Large `DATA` frames between `HEADERS` frames, in pieces of every
+    /// size: each authority is fixed, every other byte comes through as it
+    /// was, and the wrapper never holds more than a frame header or a
+    /// `HEADERS` frame (payloads go straight to the reader).
+    #[tokio::test]
+    async fn large_data_passes_unchanged_and_is_not_held() {
+        let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        wire.extend(frame(0x4, 0, 0, &[0, 5, 0, 0xFF, 0xFF, 0xFF]));
+        let mut authorities = 0;
+        for stream in [1u32, 3, 5] {
+            let mut block = vec![0x83];
+            block.extend(authority_literal(b"tmp%2Fkv.sock"));
+            wire.extend(frame(FRAME_HEADERS, FLAG_END_HEADERS, stream, &block));
+            authorities += 1;
+            let data: Vec<u8> = (0..(3 << 20) + stream)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                .collect();
+            wire.extend(frame(0x0, 0x1, stream, &data));
+        }
+        let mut want = wire.clone();
+        let mut fixed_count = 0;
+        let mut i = 0;
+        while let Some(at) = want[i..].windows(13).position(|w| w == b"tmp%2Fkv.sock") {
+            want[i + at..i + at + 13].copy_from_slice(b"tmp_2Fkv.sock");
+            fixed_count += 1;
+            i += at + 13;
+        }
+        assert!(fixed_count >= authorities);
+
+        for piece in [7usize, 4093, 65_536, 1 << 20] {
+            let (mut client, server) = tokio::io::duplex(1 << 20);
+            let input = wire.clone();
+            let writer = tokio::spawn(async move {
+                for p in input.chunks(piece) {
+                    client.write_all(p).await.unwrap();
+                }
+            });
+            let mut fixed = AuthorityFix::new(server);
+            let mut got = Vec::with_capacity(wire.len());
+            let mut most_held = 0;
+            loop {
+                let mut buf = vec![0u8; 256 << 10];
+                let n = fixed.read(&mut buf).await.unwrap();
+                most_held = most_held.max(fixed.buf.len());
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            writer.await.unwrap();
+            assert!(got == want, "pieces of {piece}: bytes differ");
+            assert!(
+                most_held <= READ_CHUNK_BYTES + FRAME_HEADER_BYTES + 64,
+                "pieces of {piece}: held {most_held} bytes"
+            );
+        }
     }
 }

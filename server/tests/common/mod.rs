@@ -2,6 +2,9 @@
 //! and real clients connected to both.
 #![allow(dead_code)]
 
+pub mod process;
+
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -124,3 +127,63 @@ pub async fn host_stats(c: &Client) -> kvstrata_proto::v1::TierStats {
 }
 
 pub const SHORT: Duration = Duration::from_millis(50);
+
+/// `GET path` on a daemon's metrics listener `addr`, with an `Authorization`
+/// header value if given: the HTTP status code and the whole response.
+pub async fn http_get(addr: SocketAddr, path: &str, authorization: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the metrics listener");
+    let auth = authorization
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("response");
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, out)
+}
+
+/// The whole response to `GET /metrics` on `d`'s metrics listener.
+pub async fn metrics_text(d: &Daemon) -> String {
+    let addr = d.addrs().metrics.expect("metrics listener");
+    http_get(addr, "/metrics", None).await.1
+}
+
+/// One sample (`name{labels}` exactly) of a metrics text; 0 when absent.
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Runs `openssl args` in `dir` (test certificates); fails the test when it
+/// fails.
+pub fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let o = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("the openssl command runs");
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

@@ -99,15 +99,7 @@ impl Running {
     }
 
     pub async fn metrics(&self) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let addr = self.daemon.addrs().metrics.expect("metrics");
-        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-            .await
-            .expect("write");
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.expect("read");
-        out
+        crate::common::metrics_text(&self.daemon).await
     }
 
     pub async fn stop(self) {
@@ -126,8 +118,20 @@ pub fn per_layer() -> PagedGeometry {
         dtype_bytes: 2,
         num_pages: 13,
         layer_stride: 0,
+        page_stride: 0,
+        kv_stride: 0,
     };
     g.layer_stride = g.num_pages as u64 * g.page_stride() + 37;
+    g
+}
+
+/// Per-layer in vLLM's `(2, num_pages, page_tokens, heads, dim)` tensors (K
+/// of every page, then V of every page), padded pages and layers, odd sizes.
+pub fn k_then_v() -> PagedGeometry {
+    let mut g = PagedGeometry::packed(PageLayout::PerLayer, 3, 3, 2, 5, 2, 13);
+    g.page_stride = g.chunk_bytes() + 6;
+    g.kv_stride = g.num_pages as u64 * g.page_stride + 10;
+    g.layer_stride = 2 * g.kv_stride + 22;
     g
 }
 
@@ -142,6 +146,8 @@ pub fn cross_layer() -> PagedGeometry {
         dtype_bytes: 1,
         num_pages: 11,
         layer_stride: 0,
+        page_stride: 0,
+        kv_stride: 0,
     }
 }
 

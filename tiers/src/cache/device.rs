@@ -236,10 +236,13 @@ impl BlockCache {
                 (Some(h), Some(c)) => h.publish(s, ns, key, parent, c),
                 _ => PutOutcome::NoSpace,
             },
-            DeviceSlot::Host(s) => match self.host.publish(s, ns, key, parent, None) {
-                Ok(_) => PutOutcome::Stored,
-                Err(_) => PutOutcome::NoSpace,
-            },
+            // Hashed already (in parallel, `device_checksums`): publishing
+            // stays cheap under the stripe lock.
+            DeviceSlot::Host(s) => match checksum {
+                Some(c) => self.host.publish_hashed(s, ns, key, parent, c),
+                None => self.host.publish(s, ns, key, parent, None),
+            }
+            .map_or(PutOutcome::NoSpace, |_| PutOutcome::Stored),
         };
         if outcome != PutOutcome::Stored {
             // Not stored: nothing is queued for it (and a write-through
@@ -521,6 +524,21 @@ fn device_checksums(
     let keep = through.keeps_bytes();
     let mut checksums: Vec<Option<u64>> = vec![None; slots.len()];
     let mut copies: Vec<Option<Bytes>> = vec![None; slots.len()];
+    // Pinned host slots (the HBM tier full, or none): their bytes are in host
+    // memory already, hashed here in parallel rather than one after the other
+    // at publish (a single core hashes far slower than PCIe fills them).
+    let host: Vec<(usize, &[u8])> = slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| match s {
+            DeviceSlot::Host(h) => Some((i, h.as_slice())),
+            DeviceSlot::Hbm(_) => None,
+        })
+        .collect();
+    let sums: Vec<u64> = host.par_iter().map(|(_, b)| xxh3_64(b)).collect();
+    for ((i, _), sum) in host.iter().zip(sums) {
+        checksums[*i] = Some(sum);
+    }
     let Some(h) = hbm else {
         return Ok((checksums, copies));
     };

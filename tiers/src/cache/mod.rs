@@ -104,7 +104,8 @@
 //! drains the demotion queue into the disk tier for at most
 //! `movement.drain_on_stop` and joins its writer, writes the host tier's
 //! blocks that the disk lacks to it (hottest first, for at most
-//! `movement.persist_on_stop`), persists the disk tier's access times, then
+//! `movement.persist_on_stop`), closes the disk tier (its I/O threads stop,
+//! its access times are persisted, its index is flushed and closed), then
 //! drains the remote tier's write queue and stops its tasks. It reports
 //! (log and [`StopReport`]) what was written and what was left. Dropping the
 //! cache closes it too, if `close` was not called.
@@ -441,9 +442,11 @@ impl BlockCache {
     }
 
     /// Periodic upkeep: persists changed disk access times (so a restart keeps
-    /// the LRU order). Cheap when nothing changed.
+    /// the LRU order). Cheap when nothing changed; nothing once closed (the
+    /// close persisted them).
     pub fn maintain(&self) {
         if let Some(d) = &self.disk
+            && !d.tier.is_closed()
             && let Err(e) = d.tier.persist_access()
         {
             tracing::warn!(error = %e, "disk tier: access times not persisted");

@@ -8,7 +8,10 @@
 //!    checksum) are written to it, hottest first, for at most
 //!    `movement.persist_on_stop` (zero: not at all) and never more than the
 //!    disk tier's capacity (the coldest would only push the hottest out), so
-//!    a restarted daemon finds its hot set on disk.
+//!    a restarted daemon finds its hot set on disk;
+//! 3. the disk tier is closed ([`crate::disk::DiskTier::close`]): its I/O
+//!    threads stop, its access times are persisted and its index is
+//!    flushed and closed, so its paths can be opened again at once.
 //!
 //! Both run after writes are refused, so no put, delete or eviction of a
 //! key runs meanwhile: the host tier's bytes are the current version of
@@ -67,9 +70,10 @@ impl BlockCache {
     /// seconds for the remote tier's queue (plus one disk write timeout for
     /// a write in flight); call it from a thread that may block (the daemon
     /// runs it through `spawn_blocking` after its listeners have drained).
-    /// Reads still answer afterwards, from what the tiers hold; writes fail
-    /// with [`crate::CacheError::Closed`]. The disk tier's I/O threads end
-    /// when the cache is dropped.
+    /// Reads still answer afterwards, from what the tiers hold (the closed
+    /// disk tier reads on the caller's thread); writes fail with
+    /// [`crate::CacheError::Closed`]. No I/O thread of the disk tier is
+    /// left running, and its index is closed.
     pub fn close(&self) -> StopReport {
         {
             // Waits for the writes in flight.
@@ -95,9 +99,9 @@ impl BlockCache {
                 log_persist(&persist, m.persist_on_stop);
                 report.persist = Some(persist);
             }
-            if let Err(e) = d.tier.persist_access() {
-                tracing::warn!(error = %e, "disk tier: access times not persisted at close");
-            }
+            // After the writer drained and the host tier was persisted;
+            // errors are logged by the tier.
+            let _ = d.tier.close();
         }
         if let Some(r) = &self.remote {
             r.close(REMOTE_CLOSE_TIMEOUT);

@@ -262,6 +262,27 @@ fn close_without_persisting_leaves_the_host_blocks() {
 }
 
 #[test]
+fn close_releases_the_disk_tier_while_the_cache_lives() {
+    let dir = tempfile::tempdir().unwrap();
+    let movement = MovementConfig::default();
+    let (c, ns) = disk_cache(dir.path(), 4, 1 << 20, movement);
+    let items: Vec<PutBlock> = (0..12).map(|i| block(i, 1, ns.block_bytes)).collect();
+    c.put_batch(&ns.id, &items).unwrap();
+    c.close();
+    assert!(c.disk().is_some_and(|d| d.is_closed()));
+    // The closed disk tier released its index: a second cache opens the
+    // same paths while the first still exists, and serves every block.
+    let (again, _) = disk_cache(dir.path(), 4, 1 << 20, movement);
+    let keys: Vec<BlockKey> = items.iter().map(|i| i.key).collect();
+    for cache in [&again, &c] {
+        let got = cache.get_batch(&ns.id, &keys).unwrap();
+        for (got, item) in got.iter().zip(&items) {
+            assert_eq!(got.as_ref().map(|g| &g.0), Some(&item.payload));
+        }
+    }
+}
+
+#[test]
 fn a_remote_tier_needs_a_runtime() {
     let cfg = CacheConfig {
         remote: Some(RemoteTierConfig {

@@ -11,6 +11,7 @@
 //! | [`DiskError::EngineUnavailable`] | io_uring was forced but the probe failed | refuse to open (`Auto` falls back to pread instead) |
 //! | [`DiskError::NotFound`] | `inspect_header` of a key not on disk | answer to the caller |
 //! | [`DiskError::ReadFailed`] | `inspect_header` could not read the slot | answer to the caller (nothing dropped) |
+//! | [`DiskError::Closed`] | a call that needs the index after [`DiskTier::close`](super::DiskTier::close) | answer to the caller; nothing changes |
 //!
 //! Faults of single transfers are not errors of the API: a failed or timed
 //! out read is a miss, a failed write a failed put, each counted in
@@ -49,6 +50,8 @@ pub enum DiskError {
     NotFound,
     #[error("reading the slot failed: {0:?}")]
     ReadFailed(super::io::IoFailure),
+    #[error("the disk tier is closed")]
+    Closed,
 }
 
 impl DiskError {

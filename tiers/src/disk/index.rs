@@ -11,8 +11,9 @@
 //! after its slot's data write has completed, in one `WriteBatch` with the
 //! deletions of the blocks it evicted.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use parking_lot::{MappedRwLockReadGuard, RwLock, RwLockReadGuard};
 use rocksdb::{DB, Options, WriteBatch, WriteOptions};
 
 use super::error::DiskError;
@@ -160,15 +161,17 @@ pub struct Loaded {
     pub undecodable: Vec<Vec<u8>>,
 }
 
-/// The RocksDB database holding the index.
+/// The RocksDB database holding the index, open until [`IndexStore::close`]
+/// (or drop); after a close every call answers [`DiskError::Closed`].
 pub struct IndexStore {
-    db: DB,
+    db: RwLock<Option<DB>>,
+    path: PathBuf,
 }
 
 impl std::fmt::Debug for IndexStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IndexStore")
-            .field("path", &self.db.path())
+            .field("path", &self.path)
             .finish()
     }
 }
@@ -182,13 +185,36 @@ impl IndexStore {
         opts.set_max_total_wal_size(64 << 20);
         opts.set_write_buffer_size(32 << 20);
         let db = DB::open(&opts, dir)?;
-        Ok(IndexStore { db })
+        Ok(IndexStore {
+            db: RwLock::new(Some(db)),
+            path: dir.to_path_buf(),
+        })
+    }
+
+    /// The open database, or [`DiskError::Closed`].
+    fn db(&self) -> Result<MappedRwLockReadGuard<'_, DB>, DiskError> {
+        RwLockReadGuard::try_map(self.db.read(), Option::as_ref).map_err(|_| DiskError::Closed)
+    }
+
+    /// Syncs the WAL, flushes the memtables (so the next open replays no
+    /// log) and closes the database, releasing its lock file: the same
+    /// directory can be opened again at once, in this process or another.
+    /// Later calls do nothing. The database is closed even if the flush
+    /// fails; the flush's error is returned (what the WAL held is kept
+    /// either way).
+    pub fn close(&self) -> Result<(), DiskError> {
+        let Some(db) = self.db.write().take() else {
+            return Ok(());
+        };
+        let flushed = db.flush_wal(true).and_then(|()| db.flush());
+        drop(db);
+        flushed.map_err(DiskError::from)
     }
 
     /// The layout string stored by the first open, if any.
     pub fn layout(&self) -> Result<Option<String>, DiskError> {
         Ok(self
-            .db
+            .db()?
             .get(META_LAYOUT)?
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
@@ -196,14 +222,14 @@ impl IndexStore {
     pub fn set_layout(&self, layout: &str) -> Result<(), DiskError> {
         let mut w = WriteOptions::default();
         w.set_sync(true);
-        self.db.put_opt(META_LAYOUT, layout.as_bytes(), &w)?;
+        self.db()?.put_opt(META_LAYOUT, layout.as_bytes(), &w)?;
         Ok(())
     }
 
     /// The persisted sequence-number watermark (every sequence number handed
     /// out so far is below it).
     pub fn seq_watermark(&self) -> Result<u64, DiskError> {
-        Ok(match self.db.get(META_SEQ)? {
+        Ok(match self.db()?.get(META_SEQ)? {
             Some(v) if v.len() == 8 => {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(&v);
@@ -215,12 +241,13 @@ impl IndexStore {
 
     /// Reads every block entry, in key order.
     pub fn load(&self) -> Result<Loaded, DiskError> {
+        let db = self.db()?;
         let mut out = Loaded::default();
-        if let Ok(Some(n)) = self.db.property_int_value("rocksdb.estimate-num-keys") {
+        if let Ok(Some(n)) = db.property_int_value("rocksdb.estimate-num-keys") {
             out.entries
                 .reserve(usize::try_from(n).unwrap_or(0).min(1 << 26));
         }
-        let mut it = self.db.raw_iterator();
+        let mut it = db.raw_iterator();
         it.seek([BLOCK_PREFIX]);
         while it.valid() {
             let (Some(k), Some(v)) = (it.key(), it.value()) else {
@@ -245,7 +272,7 @@ impl IndexStore {
         if batch.is_empty() {
             return Ok(());
         }
-        self.db.write(batch.batch)?;
+        self.db()?.write(batch.batch)?;
         Ok(())
     }
 
@@ -256,14 +283,15 @@ impl IndexStore {
         k.extend_from_slice(ns.as_bytes());
         let mut w = WriteOptions::default();
         w.set_sync(true);
-        self.db.put_opt(k, record, &w)?;
+        self.db()?.put_opt(k, record, &w)?;
         Ok(())
     }
 
     /// Every namespace record, in id order.
     pub fn namespaces(&self) -> Result<Vec<(NamespaceId, Vec<u8>)>, DiskError> {
+        let db = self.db()?;
         let mut out = Vec::new();
-        let mut it = self.db.raw_iterator();
+        let mut it = db.raw_iterator();
         it.seek([NAMESPACE_PREFIX]);
         while it.valid() {
             let (Some(k), Some(v)) = (it.key(), it.value()) else {
@@ -283,7 +311,7 @@ impl IndexStore {
 
     /// Fsyncs the WAL: every batch written so far survives power loss.
     pub fn sync(&self) -> Result<(), DiskError> {
-        self.db.flush_wal(true)?;
+        self.db()?.flush_wal(true)?;
         Ok(())
     }
 
@@ -295,17 +323,18 @@ impl IndexStore {
         &self,
         entries: impl IntoIterator<Item = (NamespaceId, BlockKey, IndexEntry)>,
     ) -> Result<(), DiskError> {
+        let db = self.db()?;
         let mut w = WriteOptions::default();
         w.disable_wal(true);
         let mut batch = WriteBatch::default();
         for (ns, key, e) in entries {
             batch.put(block_key(&ns, &key), e.encode());
             if batch.len() >= 10_000 {
-                self.db.write_opt(std::mem::take(&mut batch), &w)?;
+                db.write_opt(std::mem::take(&mut batch), &w)?;
             }
         }
-        self.db.write_opt(batch, &w)?;
-        self.db.flush()?;
+        db.write_opt(batch, &w)?;
+        db.flush()?;
         Ok(())
     }
 }

@@ -16,11 +16,13 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::error::DiskError;
 use super::index::{IndexBatch, IndexEntry, IndexStore};
+use super::now_ms;
 use crate::arena::{SlotArena, SlotRef};
 use crate::events::{EventKind, PendingEvent};
 use crate::eviction::{Evictable, LruSets, choose_victims};
 use crate::key::BlockKey;
 use crate::namespace::NamespaceId;
+use crate::table::{BlockTable, PinState};
 use crate::tier::{BlockMeta, TierCounters, TierKind};
 
 pub(super) type IndexKey = (NamespaceId, BlockKey);
@@ -475,6 +477,61 @@ impl Meta {
         for (ns, key) in self.pending_deletes.drain(..) {
             batch.delete(&ns, &key);
         }
+    }
+}
+
+/// Pins, removes, listings and stats are the shared ones (`table.rs`).
+impl BlockTable for Meta {
+    fn tier_kind(&self) -> TierKind {
+        TierKind::Disk
+    }
+
+    fn lookup(&self, ns: &NamespaceId, key: &BlockKey) -> Option<usize> {
+        Meta::lookup(self, ns, key)
+    }
+
+    fn pin_state(&mut self, id: usize) -> Option<PinState<'_>> {
+        let e = self.entries.get_mut(id)?;
+        Some(PinState {
+            ns: e.ns,
+            key: e.key,
+            incarnation: e.incarnation,
+            pins: &mut e.pins,
+        })
+    }
+
+    fn set_insert(&mut self, id: usize) {
+        Meta::set_insert(self, id);
+    }
+
+    fn set_remove(&mut self, id: usize) {
+        Meta::set_remove(self, id);
+    }
+
+    fn pinned_blocks_mut(&mut self) -> &mut u64 {
+        &mut self.pinned_blocks
+    }
+
+    /// Also queues the block's index deletion (`drain_deletes`).
+    fn unlink(&mut self, id: usize, kind: EventKind) -> Option<PendingEvent> {
+        Meta::unlink(self, id, kind)
+    }
+
+    fn slab_end(&self) -> usize {
+        self.entries.capacity()
+    }
+
+    fn listed(&self, pos: usize, ns: Option<&NamespaceId>) -> Option<BlockMeta> {
+        let e = self.entries.get(pos)?;
+        (e.live && ns.is_none_or(|n| *n == e.ns)).then(|| self.meta_of(e, now_ms()))
+    }
+
+    fn used_bytes(&self) -> u64 {
+        self.arenas.iter().map(|a| a.used_bytes()).sum()
+    }
+
+    fn blocks(&self) -> u64 {
+        self.index.len() as u64
     }
 }
 

@@ -109,9 +109,21 @@
 //!
 //! Every data-path call blocks its caller for at most its deadline
 //! (`read_timeout`, `write_timeout`) plus the index write. The io_uring
-//! engine runs one ring thread, the pread engine `io_threads` workers; they
-//! stop when the last clone of the tier is dropped (after the kernel has
-//! finished every transfer still in flight).
+//! engine runs one ring thread, the pread engine `io_threads` workers.
+//!
+//! # Closing
+//!
+//! [`DiskTier::close`] shuts the tier down in order, once: it waits for the
+//! operations in flight (each holds the tier open while it runs) and
+//! refuses writes from then on, stops the engine's threads once the kernel
+//! has finished every transfer (abandoned ones included), writes the
+//! access times and queued deletions to the index, then syncs, flushes and
+//! closes the index, releasing its lock file, so the same directory can be
+//! opened again at once. Afterwards the tier still answers reads, verified
+//! as ever, with blocking `pread`s on the caller's thread (no deadline);
+//! puts answer `NoSpace`, removes `Missing`, and calls that need the index
+//! [`DiskError::Closed`]; nothing changes on disk. Dropping the last clone
+//! of an open tier closes it the same way.
 
 pub mod checksum;
 mod config;
@@ -134,7 +146,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
 use crate::events::EventBus;
 use crate::key::BlockKey;
@@ -225,6 +237,9 @@ pub struct HeaderInspection {
 
 /// The tier's shared state; [`DiskTier`] clones share one.
 struct Inner {
+    /// Whether the tier is closed; every operation holds a read guard
+    /// while it runs, so [`Inner::close`] waits for them.
+    closed: RwLock<bool>,
     // Dropped first: stops the engine after the kernel is done with every buffer.
     engine: Box<dyn IoEngine>,
     meta: Arc<Mutex<Meta>>,
@@ -240,11 +255,35 @@ struct Inner {
     max_payload: u64,
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Err(e) = meta::persist_access(&self.meta, &self.index) {
-            tracing::warn!(error = %e, "disk tier: access times not persisted at shutdown");
+impl Inner {
+    /// The ordered close (module docs, "Closing"); later calls return `Ok`
+    /// at once. Every step runs even if an earlier one failed; the first
+    /// error is returned.
+    fn close(&self) -> Result<(), DiskError> {
+        // Waits for the operations in flight.
+        let mut closed = self.closed.write();
+        if *closed {
+            return Ok(());
         }
+        *closed = true;
+        self.engine.shutdown();
+        let persisted = meta::persist_access(&self.meta, &self.index);
+        if let Err(e) = &persisted {
+            tracing::warn!(error = %e, "disk tier: access times not persisted at close");
+        }
+        let index = self.index.close();
+        if let Err(e) = &index {
+            tracing::warn!(error = %e, "disk tier: index not flushed at close");
+        }
+        tracing::debug!("disk tier closed");
+        persisted.and(index)
+    }
+}
+
+impl Drop for Inner {
+    /// The backstop of [`DiskTier::close`] (errors are logged there).
+    fn drop(&mut self) {
+        let _ = self.close();
     }
 }
 
@@ -272,6 +311,40 @@ fn now_ms() -> u64 {
 }
 
 impl DiskTier {
+    /// Closes the tier in order (module docs, "Closing"): waits for the
+    /// operations in flight, stops the I/O threads, persists access times
+    /// and closes the index. Blocks until done (at most about one
+    /// `write_timeout` for a write in flight, or the rest of a stream in
+    /// flight); must not be called from a stream's callback. Idempotent:
+    /// later calls return `Ok` at once. An error says which step failed
+    /// (the others ran); the tier is closed either way.
+    pub fn close(&self) -> Result<(), DiskError> {
+        self.inner.close()
+    }
+
+    /// Whether [`DiskTier::close`] has run.
+    pub fn is_closed(&self) -> bool {
+        *self.inner.closed.read_recursive()
+    }
+
+    /// Holds the tier open for one operation ([`DiskTier::close`] waits
+    /// for it); recursive, as a stream's callback may call the tier.
+    /// Dereferences to whether the tier is closed.
+    fn enter(&self) -> RwLockReadGuard<'_, bool> {
+        self.inner.closed.read_recursive()
+    }
+
+    /// [`DiskTier::enter`] for an operation that changes the tier: `None`
+    /// (and a warning naming `op`) once the tier is closed.
+    fn enter_write(&self, op: &'static str) -> Option<RwLockReadGuard<'_, bool>> {
+        let open = self.enter();
+        if *open {
+            tracing::warn!(op, "disk tier is closed: refused");
+            return None;
+        }
+        Some(open)
+    }
+
     /// "io_uring" or "pread".
     pub fn engine_name(&self) -> &'static str {
         self.inner.engine.name()

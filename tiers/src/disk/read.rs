@@ -254,6 +254,7 @@ impl DiskTier {
     /// its parent and write sequence number (see [`DiskTier::is_current`]).
     pub fn read_many(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Vec<Option<DiskRead>> {
         let inner = &*self.inner;
+        let _open = self.enter();
         let mut out: Vec<Option<DiskRead>> = (0..keys.len()).map(|_| None).collect();
         let (plans, pos) = {
             let mut meta = inner.meta.lock();

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use slab::Slab;
 
 use super::checksum;
@@ -65,6 +65,7 @@ impl DiskTier {
         let capacity = files.iter().map(|f| f.size).sum();
         let tier = DiskTier {
             inner: Arc::new(Inner {
+                closed: RwLock::new(false),
                 engine,
                 meta: Arc::new(Mutex::new(meta)),
                 files,

@@ -119,6 +119,15 @@ impl DiskTier {
         P: AsRef<[u8]>,
     {
         let inner = &*self.inner;
+        let Some(_open) = self.enter_write("put_stream") else {
+            let mut refused = 0u64;
+            for (i, _) in items.into_iter().enumerate() {
+                refused += 1;
+                on_done(i, PutOutcome::NoSpace);
+            }
+            TierCounters::add(&inner.counters.rejected_puts, refused);
+            return 0;
+        };
         let depth = depth.max(1);
         let timeout = inner.config.write_timeout;
         let mut items = items.into_iter().enumerate();
@@ -299,6 +308,7 @@ impl DiskTier {
         mut on_block: impl FnMut(usize, Option<DiskRead>),
     ) -> usize {
         let inner = &*self.inner;
+        let _open = self.enter();
         let depth = depth.max(1);
         let mut next = 0usize;
         let mut pipe = io::Pipeline::new(&*inner.engine, depth);

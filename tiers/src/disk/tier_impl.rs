@@ -1,16 +1,17 @@
 //! The [`Tier`] trait for the disk tier: single-block put and get through
 //! the batch paths, and the metadata operations (contains, remove, pin,
 //! unpin, meta, list, keys, stats) on the in-memory state, writing index
-//! deletions where blocks leave.
+//! deletions where blocks leave (pin, unpin, remove, list and stats are
+//! the shared ones of [`BlockTable`]).
 
 use bytes::Bytes;
 
 use super::index::IndexBatch;
 use super::{DiskPut, DiskTier, now_ms};
 use crate::error::CacheError;
-use crate::events::EventKind;
 use crate::key::BlockKey;
 use crate::namespace::NamespaceId;
+use crate::table::{BlockTable, finish_remove};
 use crate::tier::{
     BlockMeta, PinToken, PutOutcome, RemoveOutcome, RemoveReason, Tier, TierCounters,
     TierInspection, TierKind, TierRead, TierStats,
@@ -50,84 +51,34 @@ impl Tier for DiskTier {
         self.inner.meta.lock().lookup(ns, key).is_some()
     }
 
+    /// Once the tier is closed, changes nothing and answers `Missing`.
     fn remove(&self, ns: &NamespaceId, key: &BlockKey, reason: RemoveReason) -> RemoveOutcome {
         let inner = &self.inner;
-        let event = {
-            let mut meta = inner.meta.lock();
-            let Some(id) = meta.lookup(ns, key) else {
-                return RemoveOutcome::Missing;
-            };
-            let pinned = meta.entries.get(id).is_some_and(|e| e.pins > 0);
-            if pinned && reason == RemoveReason::Evict {
-                return RemoveOutcome::Pinned;
-            }
-            let kind = match reason {
-                RemoveReason::Evict => EventKind::Evicted,
-                RemoveReason::Delete => EventKind::Deleted,
-            };
-            let ev = meta.unlink(id, kind);
-            let mut batch = IndexBatch::default();
-            meta.drain_deletes(&mut batch);
-            if let Err(e) = inner.index.write(batch) {
-                tracing::error!(error = %e, "disk tier: index delete failed");
-                TierCounters::add(&inner.disk.io_errors, 1);
-            }
-            ev
+        let Some(_open) = self.enter_write("remove") else {
+            return RemoveOutcome::Missing;
         };
-        if reason == RemoveReason::Evict {
-            TierCounters::add(&inner.counters.evictions, 1);
-        }
-        inner.events.publish(event);
-        RemoveOutcome::Removed
+        let removed = {
+            let mut meta = inner.meta.lock();
+            let removed = meta.remove(ns, key, reason);
+            if removed.0 == RemoveOutcome::Removed {
+                let mut batch = IndexBatch::default();
+                meta.drain_deletes(&mut batch);
+                if let Err(e) = inner.index.write(batch) {
+                    tracing::error!(error = %e, "disk tier: index delete failed");
+                    TierCounters::add(&inner.disk.io_errors, 1);
+                }
+            }
+            removed
+        };
+        finish_remove(removed, reason, &inner.counters, &inner.events)
     }
 
     fn pin(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Result<Vec<PinToken>, usize> {
-        let mut meta = self.inner.meta.lock();
-        let mut ids = Vec::with_capacity(keys.len());
-        for (i, k) in keys.iter().enumerate() {
-            match meta.lookup(ns, k) {
-                Some(id) => ids.push(id),
-                None => return Err(i),
-            }
-        }
-        let mut tokens = Vec::with_capacity(ids.len());
-        for id in ids {
-            meta.set_remove(id);
-            let mut newly_pinned = false;
-            if let Some(e) = meta.entries.get_mut(id) {
-                e.pins += 1;
-                newly_pinned = e.pins == 1;
-                tokens.push(PinToken {
-                    namespace: e.ns,
-                    key: e.key,
-                    tier: TierKind::Disk,
-                    incarnation: e.incarnation,
-                });
-            }
-            if newly_pinned {
-                meta.pinned_blocks += 1;
-            }
-        }
-        Ok(tokens)
+        self.inner.meta.lock().pin(ns, keys)
     }
 
     fn unpin(&self, token: &PinToken) {
-        let mut meta = self.inner.meta.lock();
-        let Some(id) = meta.lookup(&token.namespace, &token.key) else {
-            return;
-        };
-        let mut now_free = false;
-        if let Some(e) = meta.entries.get_mut(id) {
-            if e.incarnation != token.incarnation || e.pins == 0 {
-                return;
-            }
-            e.pins -= 1;
-            now_free = e.pins == 0;
-        }
-        if now_free {
-            meta.pinned_blocks -= 1;
-            meta.set_insert(id);
-        }
+        self.inner.meta.lock().unpin(token)
     }
 
     fn meta(&self, ns: &NamespaceId, key: &BlockKey) -> Option<BlockMeta> {
@@ -142,24 +93,7 @@ impl Tier for DiskTier {
         cursor: u64,
         limit: usize,
     ) -> (Vec<BlockMeta>, Option<u64>) {
-        let meta = self.inner.meta.lock();
-        let now = now_ms();
-        let mut out = Vec::new();
-        let end = meta.entries.capacity();
-        let mut pos = cursor as usize;
-        while pos < end {
-            if out.len() >= limit {
-                return (out, Some(pos as u64));
-            }
-            if let Some(e) = meta.entries.get(pos)
-                && e.live
-                && ns.is_none_or(|n| *n == e.ns)
-            {
-                out.push(meta.meta_of(e, now));
-            }
-            pos += 1;
-        }
-        (out, None)
+        self.inner.meta.lock().list(ns, cursor, limit)
     }
 
     fn keys_of(&self, ns: &NamespaceId) -> Vec<BlockKey> {
@@ -173,17 +107,8 @@ impl Tier for DiskTier {
     }
 
     fn stats(&self) -> TierStats {
-        let meta = self.inner.meta.lock();
-        let mut s = TierStats {
-            capacity_bytes: self.inner.capacity,
-            used_bytes: meta.arenas.iter().map(|a| a.used_bytes()).sum(),
-            blocks: meta.index.len() as u64,
-            pinned_blocks: meta.pinned_blocks,
-            ..TierStats::default()
-        };
-        drop(meta);
-        self.inner.counters.fill(&mut s);
-        s
+        let inner = &self.inner;
+        inner.meta.lock().stats(inner.capacity, &inner.counters)
     }
 
     /// Every miss of the batch in one submission ([`DiskTier::read_many`]),

@@ -20,6 +20,7 @@ impl DiskTier {
     /// read would; otherwise they are only reported.
     pub fn verify(&self, drop_corrupt: bool) -> VerifyReport {
         let inner = &*self.inner;
+        let _open = self.enter();
         let mut report = VerifyReport::default();
         let ids: Vec<usize> = inner
             .meta
@@ -69,6 +70,7 @@ impl DiskTier {
         key: &BlockKey,
     ) -> Result<HeaderInspection, DiskError> {
         let inner = &*self.inner;
+        let _open = self.enter();
         let plans = {
             let mut meta = inner.meta.lock();
             let id = meta.lookup(ns, key).ok_or(DiskError::NotFound)?;

@@ -64,6 +64,10 @@ impl DiskTier {
     ) -> Vec<PutOutcome> {
         let inner = &*self.inner;
         let mut out = vec![PutOutcome::NoSpace; items.len()];
+        let Some(_open) = self.enter_write("put") else {
+            TierCounters::add(&inner.counters.rejected_puts, items.len() as u64);
+            return out;
+        };
         let mut events = Vec::new();
         let mut planned = Vec::with_capacity(items.len());
         {

@@ -1,6 +1,7 @@
 //! The [`Tier`] trait for the HBM tier: puts copy in on the promotion
 //! stream, gets copy out on the read stream and check the recorded
-//! checksum; the metadata operations run on the block index.
+//! checksum; the metadata operations run on the block index (pin, unpin,
+//! remove, list and stats are the shared ones of [`BlockTable`]).
 
 use bytes::Bytes;
 
@@ -10,6 +11,7 @@ use crate::error::CacheError;
 use crate::events::EventKind;
 use crate::key::BlockKey;
 use crate::namespace::NamespaceId;
+use crate::table::{BlockTable, finish_remove};
 use crate::tier::{
     BlockMeta, PinToken, PutOutcome, RemoveOutcome, RemoveReason, Tier, TierCounters,
     TierInspection, TierKind, TierRead, TierStats,
@@ -53,12 +55,8 @@ impl Tier for HbmTier {
 
     fn remove(&self, ns: &NamespaceId, key: &BlockKey, reason: RemoveReason) -> RemoveOutcome {
         let inner = &self.inner;
-        let (outcome, event) = inner.meta.lock().index.remove(ns, key, reason);
-        if outcome == RemoveOutcome::Removed && reason == RemoveReason::Evict {
-            TierCounters::add(&inner.counters.evictions, 1);
-        }
-        inner.events.publish(event);
-        outcome
+        let removed = inner.meta.lock().index.remove(ns, key, reason);
+        finish_remove(removed, reason, &inner.counters, &inner.events)
     }
 
     fn pin(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Result<Vec<PinToken>, usize> {
@@ -87,17 +85,9 @@ impl Tier for HbmTier {
     }
 
     fn stats(&self) -> TierStats {
-        let meta = self.inner.meta.lock();
-        let mut s = TierStats {
-            capacity_bytes: self.inner.config.capacity_bytes,
-            used_bytes: meta.index.arena.used_bytes(),
-            blocks: meta.index.index.len() as u64,
-            pinned_blocks: meta.index.pinned_blocks,
-            ..TierStats::default()
-        };
-        drop(meta);
-        self.inner.counters.fill(&mut s);
-        s
+        let inner = &self.inner;
+        let capacity = inner.config.capacity_bytes;
+        inner.meta.lock().index.stats(capacity, &inner.counters)
     }
 
     /// Every key's reader count under one lock, then each block copied out

@@ -14,7 +14,8 @@ use crate::events::{EventKind, PendingEvent};
 use crate::eviction::{Evictable, LruSets, choose_victims};
 use crate::key::BlockKey;
 use crate::namespace::NamespaceId;
-use crate::tier::{BlockMeta, PinToken, RemoveOutcome, RemoveReason, TierCounters, TierKind};
+use crate::table::{BlockTable, PinState};
+use crate::tier::{BlockMeta, TierCounters, TierKind};
 
 /// One block of a [`SlotIndex`].
 #[derive(Debug)]
@@ -411,105 +412,6 @@ impl SlotIndex {
         self.entries.get(id).map(|e| self.meta_of(e))
     }
 
-    /// [`Tier::remove`] under the lock: the outcome and the event to publish.
-    pub(crate) fn remove(
-        &mut self,
-        ns: &NamespaceId,
-        key: &BlockKey,
-        reason: RemoveReason,
-    ) -> (RemoveOutcome, Option<PendingEvent>) {
-        let Some(&id) = self.index.get(&(*ns, *key)) else {
-            return (RemoveOutcome::Missing, None);
-        };
-        let pinned = self.entries.get(id).is_some_and(|e| e.pins > 0);
-        if pinned && reason == RemoveReason::Evict {
-            return (RemoveOutcome::Pinned, None);
-        }
-        let kind = match reason {
-            RemoveReason::Evict => EventKind::Evicted,
-            RemoveReason::Delete => EventKind::Deleted,
-        };
-        (RemoveOutcome::Removed, self.unlink(id, kind))
-    }
-
-    /// [`Tier::pin`] under the lock.
-    pub(crate) fn pin(
-        &mut self,
-        ns: &NamespaceId,
-        keys: &[BlockKey],
-    ) -> Result<Vec<PinToken>, usize> {
-        let mut ids = Vec::with_capacity(keys.len());
-        for (i, k) in keys.iter().enumerate() {
-            match self.index.get(&(*ns, *k)) {
-                Some(&id) => ids.push(id),
-                None => return Err(i),
-            }
-        }
-        let mut tokens = Vec::with_capacity(ids.len());
-        for id in ids {
-            self.set_remove(id);
-            let mut newly_pinned = false;
-            if let Some(e) = self.entries.get_mut(id) {
-                e.pins += 1;
-                newly_pinned = e.pins == 1;
-                tokens.push(PinToken {
-                    namespace: e.ns,
-                    key: e.key,
-                    tier: self.kind,
-                    incarnation: e.incarnation,
-                });
-            }
-            if newly_pinned {
-                self.pinned_blocks += 1;
-            }
-        }
-        Ok(tokens)
-    }
-
-    /// [`Tier::unpin`] under the lock.
-    pub(crate) fn unpin(&mut self, token: &PinToken) {
-        let Some(&id) = self.index.get(&(token.namespace, token.key)) else {
-            return;
-        };
-        let mut now_free = false;
-        if let Some(e) = self.entries.get_mut(id) {
-            if e.incarnation != token.incarnation || e.pins == 0 {
-                return;
-            }
-            e.pins -= 1;
-            now_free = e.pins == 0;
-        }
-        if now_free {
-            self.pinned_blocks -= 1;
-            self.set_insert(id);
-        }
-    }
-
-    /// [`Tier::list`] under the lock.
-    pub(crate) fn list(
-        &self,
-        ns: Option<&NamespaceId>,
-        cursor: u64,
-        limit: usize,
-    ) -> (Vec<BlockMeta>, Option<u64>) {
-        let mut out = Vec::new();
-        let end = self.entries.capacity();
-        let mut pos = cursor as usize;
-        while pos < end {
-            if out.len() >= limit {
-                return (out, Some(pos as u64));
-            }
-            if let Some(e) = self.entries.get(pos)
-                && e.live
-                && ns.is_none_or(|n| *n == e.ns)
-            {
-                out.push(self.meta_of(e));
-            }
-            pos += 1;
-        }
-        (out, None)
-    }
-
     /// [`Tier::keys_of`] under the lock.
     pub(crate) fn keys_of(&self, ns: &NamespaceId) -> Vec<BlockKey> {
         self.index
@@ -517,6 +419,60 @@ impl SlotIndex {
             .filter(|(n, _)| n == ns)
             .map(|(_, k)| *k)
             .collect()
+    }
+}
+
+/// Pins, removes, listings and stats are the shared ones (`table.rs`).
+impl BlockTable for SlotIndex {
+    fn tier_kind(&self) -> TierKind {
+        self.kind
+    }
+
+    fn lookup(&self, ns: &NamespaceId, key: &BlockKey) -> Option<usize> {
+        self.index.get(&(*ns, *key)).copied()
+    }
+
+    fn pin_state(&mut self, id: usize) -> Option<PinState<'_>> {
+        let e = self.entries.get_mut(id)?;
+        Some(PinState {
+            ns: e.ns,
+            key: e.key,
+            incarnation: e.incarnation,
+            pins: &mut e.pins,
+        })
+    }
+
+    fn set_insert(&mut self, id: usize) {
+        SlotIndex::set_insert(self, id);
+    }
+
+    fn set_remove(&mut self, id: usize) {
+        SlotIndex::set_remove(self, id);
+    }
+
+    fn pinned_blocks_mut(&mut self) -> &mut u64 {
+        &mut self.pinned_blocks
+    }
+
+    fn unlink(&mut self, id: usize, kind: EventKind) -> Option<PendingEvent> {
+        SlotIndex::unlink(self, id, kind)
+    }
+
+    fn slab_end(&self) -> usize {
+        self.entries.capacity()
+    }
+
+    fn listed(&self, pos: usize, ns: Option<&NamespaceId>) -> Option<BlockMeta> {
+        let e = self.entries.get(pos)?;
+        (e.live && ns.is_none_or(|n| *n == e.ns)).then(|| self.meta_of(e))
+    }
+
+    fn used_bytes(&self) -> u64 {
+        self.arena.used_bytes()
+    }
+
+    fn blocks(&self) -> u64 {
+        self.index.len() as u64
     }
 }
 

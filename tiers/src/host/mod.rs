@@ -68,7 +68,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use kvstrata_kernels::{Gpu, GpuError};
 
-use crate::arena::{Region, SlabArena, SlotRef};
+use crate::arena::{ArenaMemory, SlabArena, SlotRef};
 use crate::disk::checksum::xxh3_64;
 use crate::events::{EventBus, EventKind, PendingEvent};
 use crate::key::BlockKey;
@@ -102,7 +102,7 @@ impl Default for HostTierConfig {
 type IndexKey = (NamespaceId, BlockKey);
 
 struct Inner {
-    region: Region,
+    region: ArenaMemory,
     meta: Mutex<SlotIndex>,
     /// Signalled whenever leaving blocks have been handed on and left.
     handed_on: Condvar,
@@ -130,7 +130,7 @@ impl HostTier {
     /// Reserves the arena (anonymous memory, committed as it is written).
     pub fn new(config: &HostTierConfig, events: Arc<EventBus>) -> std::io::Result<Self> {
         let (arena, region_len) = SlabArena::new(config.capacity_bytes, config.segment_bytes);
-        let region = Region::anonymous(region_len)?;
+        let region = ArenaMemory::anonymous(region_len)?;
         Ok(Self::with_region(config, events, arena, region))
     }
 
@@ -142,7 +142,7 @@ impl HostTier {
         gpu: &Gpu,
     ) -> Result<Self, GpuError> {
         let (arena, region_len) = SlabArena::new(config.capacity_bytes, config.segment_bytes);
-        let region = Region::pinned(gpu.alloc_pinned(region_len)?, region_len);
+        let region = ArenaMemory::pinned(gpu.alloc_pinned(region_len)?, region_len);
         Ok(Self::with_region(config, events, arena, region))
     }
 
@@ -150,7 +150,7 @@ impl HostTier {
         config: &HostTierConfig,
         events: Arc<EventBus>,
         arena: SlabArena,
-        region: Region,
+        region: ArenaMemory,
     ) -> Self {
         HostTier {
             inner: Arc::new(Inner {

@@ -1,6 +1,7 @@
 //! The [`Tier`] trait for the host tier: put (reserve, copy, publish), get
 //! and its batch form under one lock, and the metadata operations on the
-//! block index. A delete or replacement of a block being handed on waits
+//! block index (pin, unpin, remove, list and stats are the shared ones of
+//! [`BlockTable`]). A delete or replacement of a block being handed on waits
 //! for it (see the module docs of [`crate::host`]).
 
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use bytes::Bytes;
 use super::{HostTier, ReadGuard};
 use crate::key::BlockKey;
 use crate::namespace::NamespaceId;
+use crate::table::{BlockTable, finish_remove};
 use crate::tier::{
     BlockMeta, PinToken, PutOutcome, RemoveOutcome, RemoveReason, Tier, TierCounters, TierKind,
     TierRead, TierStats,
@@ -81,16 +83,12 @@ impl Tier for HostTier {
 
     fn remove(&self, ns: &NamespaceId, key: &BlockKey, reason: RemoveReason) -> RemoveOutcome {
         let inner = &self.inner;
-        let (outcome, event) = {
+        let removed = {
             let mut meta = inner.meta.lock();
             self.wait_handed_on(&mut meta, ns, key);
             meta.remove(ns, key, reason)
         };
-        if outcome == RemoveOutcome::Removed && reason == RemoveReason::Evict {
-            TierCounters::add(&inner.counters.evictions, 1);
-        }
-        inner.events.publish(event);
-        outcome
+        finish_remove(removed, reason, &inner.counters, &inner.events)
     }
 
     fn pin(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Result<Vec<PinToken>, usize> {
@@ -119,17 +117,8 @@ impl Tier for HostTier {
     }
 
     fn stats(&self) -> TierStats {
-        let meta = self.inner.meta.lock();
-        let mut s = TierStats {
-            capacity_bytes: self.inner.capacity,
-            used_bytes: meta.arena.used_bytes(),
-            blocks: meta.index.len() as u64,
-            pinned_blocks: meta.pinned_blocks,
-            ..TierStats::default()
-        };
-        drop(meta);
-        self.inner.counters.fill(&mut s);
-        s
+        let inner = &self.inner;
+        inner.meta.lock().stats(inner.capacity, &inner.counters)
     }
 
     /// Every key under one lock; the bytes borrow their slots.

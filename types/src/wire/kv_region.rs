@@ -2,8 +2,9 @@
 //! IPC regions"): how an engine registers its paged KV memory on the
 //! daemon's region socket.
 //!
-//! The preamble is a fixed [`HEADER_BYTES`]-byte little-endian header and a
-//! name ([`encode_preamble`], [`parse_preamble`]); a memfd region (kind 2)
+//! The preamble is a fixed little-endian header ([`header_bytes`]: 144 bytes
+//! in version 3, 128 in version 2) and a name ([`encode_preamble`],
+//! [`parse_preamble`]); a memfd region (kind 2)
 //! sends its fd with it (`SCM_RIGHTS`). The daemon answers a status and a
 //! message, and on success the region id ([`encode_reply`],
 //! [`parse_reply_header`], [`parse_reply_id`]): status 0 is success, any other
@@ -13,12 +14,15 @@
 //! drawn at start-up plus a counter), so an id kept across a daemon restart
 //! names no region of the new run. Version 1 of the preamble answered a
 //! 32-bit id counted from 1 in every run; the daemon refuses it, in a reply a
-//! version-1 client reads ([`VERSION_1`]).
+//! version-1 client reads ([`VERSION_1`]). Version 3 added the page and K/V
+//! strides of per-layer regions ([`PagedGeometry::page_stride`],
+//! [`PagedGeometry::kv_stride`]); version 2, whose header ends before them, is
+//! still accepted (both strides 0: the packed layout).
 //!
 //! | offset | bytes | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `KVSREGN\0` |
-//! | 8 | 2 | version (2) |
+//! | 8 | 2 | version (3; 2 accepted) |
 //! | 10 | 2 | kind (1 CUDA IPC, 2 memfd) |
 //! | 12 | 4 | device ordinal (kind 1) |
 //! | 16 | 8 | region bytes |
@@ -32,20 +36,29 @@
 //! | 112 | 4 | num_pages |
 //! | 116 | 4 | name length (1..=240) |
 //! | 120 | 8 | layer_stride (per-layer; 0 = packed) |
-//! | 128 | n | name (UTF-8) |
+//! | 128 | 8 | page_stride (per-layer; 0 = `2 * chunk`; version 3 only) |
+//! | 136 | 8 | kv_stride (per-layer; 0 = `chunk`; version 3 only) |
+//! | 144 | n | name (UTF-8; at 128 in version 2) |
 
 use crate::error::InvalidField;
 use crate::geometry::{PageLayout, PagedGeometry};
 
 /// The first 8 bytes of a registration.
 pub const MAGIC: [u8; 8] = *b"KVSREGN\0";
-/// The preamble version: 2, whose reply carries a 64-bit region id.
-pub const VERSION: u16 = 2;
+/// The preamble version: 3, with the page and K/V strides (its reply, like
+/// version 2's, carries a 64-bit region id).
+pub const VERSION: u16 = 3;
+/// The version before the strides: a 128-byte header, still accepted.
+pub const VERSION_2: u16 = 2;
 /// The first version, refused since region ids became 64-bit: its reply held
 /// a 32-bit id that every daemon run counted from 1.
 pub const VERSION_1: u16 = 1;
-/// Bytes of the fixed part of a preamble (the name follows).
+/// Bytes of the fixed part every accepted version starts with (version 2's
+/// whole header): a reader asks for this many first ([`parse_preamble`] says
+/// how many more).
 pub const HEADER_BYTES: usize = 128;
+/// Bytes of the fixed part of a version-3 preamble (the name follows).
+pub const HEADER_BYTES_V3: usize = 144;
 /// Longest region name, in bytes.
 pub const MAX_NAME_BYTES: usize = 240;
 /// Kind 1: a CUDA IPC handle of device memory.
@@ -93,10 +106,53 @@ impl RegionPreamble {
     }
 }
 
-/// The registration preamble: the 128-byte header and the name. Nothing is
-/// checked here (tests send malformed preambles on purpose); the daemon
-/// checks everything ([`parse_preamble`], then the geometry).
+/// Bytes of the fixed part of a preamble of `version` (the name follows);
+/// `None` for a version the daemon does not accept.
+pub fn header_bytes(version: u16) -> Option<usize> {
+    match version {
+        VERSION => Some(HEADER_BYTES_V3),
+        VERSION_2 => Some(HEADER_BYTES),
+        _ => None,
+    }
+}
+
+/// The registration preamble (version 3): the 144-byte header and the name.
+/// Nothing is checked here (tests send malformed preambles on purpose); the
+/// daemon checks everything ([`parse_preamble`], then the geometry).
 pub fn encode_preamble(
+    kind: u16,
+    device: u32,
+    bytes: u64,
+    handle: &[u8; 64],
+    geometry: &PagedGeometry,
+    name: &str,
+) -> Vec<u8> {
+    let mut b = encode_v2_header(kind, device, bytes, handle, geometry, name);
+    b[8..10].copy_from_slice(&VERSION.to_le_bytes());
+    b.extend_from_slice(&geometry.page_stride.to_le_bytes());
+    b.extend_from_slice(&geometry.kv_stride.to_le_bytes());
+    b.extend_from_slice(name.as_bytes());
+    b
+}
+
+/// A version-2 preamble (no strides; what clients before version 3 send),
+/// for tests of the daemon's compatibility.
+pub fn encode_preamble_v2(
+    kind: u16,
+    device: u32,
+    bytes: u64,
+    handle: &[u8; 64],
+    geometry: &PagedGeometry,
+    name: &str,
+) -> Vec<u8> {
+    let mut b = encode_v2_header(kind, device, bytes, handle, geometry, name);
+    b.extend_from_slice(name.as_bytes());
+    b
+}
+
+/// The first 128 bytes, common to versions 2 and 3 (version 2 in the version
+/// field).
+fn encode_v2_header(
     kind: u16,
     device: u32,
     bytes: u64,
@@ -106,7 +162,7 @@ pub fn encode_preamble(
 ) -> Vec<u8> {
     let mut b = vec![0u8; HEADER_BYTES];
     b[..8].copy_from_slice(&MAGIC);
-    b[8..10].copy_from_slice(&VERSION.to_le_bytes());
+    b[8..10].copy_from_slice(&VERSION_2.to_le_bytes());
     b[10..12].copy_from_slice(&kind.to_le_bytes());
     b[12..16].copy_from_slice(&device.to_le_bytes());
     b[16..24].copy_from_slice(&bytes.to_le_bytes());
@@ -128,7 +184,6 @@ pub fn encode_preamble(
         b[at..at + 4].copy_from_slice(&v.to_le_bytes());
     }
     b[120..128].copy_from_slice(&geometry.layer_stride.to_le_bytes());
-    b.extend_from_slice(name.as_bytes());
     b
 }
 
@@ -190,11 +245,14 @@ pub fn parse_preamble(buf: &[u8]) -> Result<PreambleParse, InvalidField> {
             ),
         ));
     }
-    if version != VERSION {
+    let Some(header) = header_bytes(version) else {
         return Err(InvalidField::new(
             "version",
-            format!("{version} is not supported (this daemon speaks {VERSION})"),
+            format!("{version} is not supported (this daemon speaks {VERSION} and {VERSION_2})"),
         ));
+    };
+    if buf.len() < header {
+        return Ok(PreambleParse::Need(header));
     }
     let kind = u16_at(buf, 10);
     if kind != KIND_CUDA_IPC && kind != KIND_MEMFD {
@@ -210,8 +268,8 @@ pub fn parse_preamble(buf: &[u8]) -> Result<PreambleParse, InvalidField> {
             format!("{name_len} bytes (1 to {MAX_NAME_BYTES} allowed)"),
         ));
     }
-    let Some(name) = buf.get(HEADER_BYTES..HEADER_BYTES + name_len) else {
-        return Ok(PreambleParse::Need(HEADER_BYTES + name_len));
+    let Some(name) = buf.get(header..header + name_len) else {
+        return Ok(PreambleParse::Need(header + name_len));
     };
     let name = std::str::from_utf8(name)
         .map_err(|_| InvalidField::new("name", "not UTF-8"))?
@@ -230,6 +288,11 @@ pub fn parse_preamble(buf: &[u8]) -> Result<PreambleParse, InvalidField> {
     };
     let mut handle = [0u8; 64];
     handle.copy_from_slice(&buf[24..88]);
+    // Version 2 has no strides: its per-layer regions are packed.
+    let (page_stride, kv_stride) = match header > HEADER_BYTES {
+        true => (u64_at(buf, 128), u64_at(buf, 136)),
+        false => (0, 0),
+    };
     Ok(PreambleParse::Complete(Box::new(RegionPreamble {
         kind,
         device: u32_at(buf, 12),
@@ -244,6 +307,8 @@ pub fn parse_preamble(buf: &[u8]) -> Result<PreambleParse, InvalidField> {
             dtype_bytes: u32_at(buf, 108),
             num_pages: u32_at(buf, 112),
             layer_stride: u64_at(buf, 120),
+            page_stride,
+            kv_stride,
         },
         name,
     })))
@@ -360,39 +425,33 @@ mod tests {
     use super::*;
 
     fn geometry() -> PagedGeometry {
-        PagedGeometry {
-            layout: PageLayout::CrossLayer,
-            layers: 3,
-            page_tokens: 4,
-            kv_heads: 2,
-            head_dim: 8,
-            dtype_bytes: 2,
-            num_pages: 10,
-            layer_stride: 0,
-        }
+        PagedGeometry::packed(PageLayout::CrossLayer, 3, 4, 2, 8, 2, 10)
     }
 
     #[test]
     fn the_preamble_has_the_documented_layout() {
         let g = PagedGeometry {
-            layout: PageLayout::CrossLayer,
-            layers: 2,
-            page_tokens: 3,
-            kv_heads: 4,
-            head_dim: 5,
-            dtype_bytes: 2,
-            num_pages: 6,
-            layer_stride: 0,
+            page_stride: 0x1122,
+            kv_stride: 0x3344,
+            ..PagedGeometry::packed(PageLayout::PerLayer, 2, 3, 4, 5, 2, 6)
         };
         let b = encode_preamble(KIND_CUDA_IPC, 3, 999, &[7u8; 64], &g, "eng");
-        assert_eq!(b.len(), HEADER_BYTES + 3);
+        assert_eq!(b.len(), HEADER_BYTES_V3 + 3);
         assert_eq!(&b[..8], b"KVSREGN\0");
+        assert_eq!(u16::from_le_bytes([b[8], b[9]]), 3);
+        assert_eq!(&b[128..136], &0x1122u64.to_le_bytes());
+        assert_eq!(&b[136..144], &0x3344u64.to_le_bytes());
         assert_eq!(u16::from_le_bytes([b[10], b[11]]), KIND_CUDA_IPC);
         assert_eq!(u32::from_le_bytes([b[12], b[13], b[14], b[15]]), 3);
         assert_eq!(b[24], 7);
-        assert_eq!(u32::from_le_bytes([b[88], b[89], b[90], b[91]]), 2);
+        assert_eq!(u32::from_le_bytes([b[88], b[89], b[90], b[91]]), 1);
         assert_eq!(u32::from_le_bytes([b[112], b[113], b[114], b[115]]), 6);
-        assert_eq!(&b[128..], b"eng");
+        assert_eq!(&b[144..], b"eng");
+        // Version 2: the same first 128 bytes but its version, then the name.
+        let v2 = encode_preamble_v2(KIND_CUDA_IPC, 3, 999, &[7u8; 64], &g, "eng");
+        assert_eq!(&v2[10..128], &b[10..128]);
+        assert_eq!(u16::from_le_bytes([v2[8], v2[9]]), 2);
+        assert_eq!(&v2[128..], b"eng");
         assert_eq!(
             RefuseReason::from_code(2).map(RefuseReason::label),
             Some("geometry")
@@ -401,9 +460,10 @@ mod tests {
 
     #[test]
     fn preambles_round_trip_through_the_parser() {
-        for (kind, layout, layer_stride) in [
-            (KIND_MEMFD, PageLayout::CrossLayer, 0),
-            (KIND_CUDA_IPC, PageLayout::PerLayer, 1 << 20),
+        for (kind, layout, layer_stride, page_stride, kv_stride) in [
+            (KIND_MEMFD, PageLayout::CrossLayer, 0, 0, 0),
+            (KIND_CUDA_IPC, PageLayout::PerLayer, 1 << 20, 0, 0),
+            (KIND_CUDA_IPC, PageLayout::PerLayer, 0, 128, 1280),
         ] {
             let p = RegionPreamble {
                 kind,
@@ -413,6 +473,8 @@ mod tests {
                 geometry: PagedGeometry {
                     layout,
                     layer_stride,
+                    page_stride,
+                    kv_stride,
                     ..geometry()
                 },
                 name: "engine-0".into(),
@@ -421,6 +483,15 @@ mod tests {
             assert_eq!(
                 parse_preamble(&b),
                 Ok(PreambleParse::Complete(Box::new(p.clone())))
+            );
+            // A version-2 client's preamble parses with packed strides.
+            let v2 = encode_preamble_v2(p.kind, p.device, p.bytes, &p.handle, &p.geometry, &p.name);
+            let mut want = p.clone();
+            want.geometry.page_stride = 0;
+            want.geometry.kv_stride = 0;
+            assert_eq!(
+                parse_preamble(&v2),
+                Ok(PreambleParse::Complete(Box::new(want)))
             );
         }
     }
@@ -435,6 +506,15 @@ mod tests {
         );
         assert_eq!(
             parse_preamble(&b[..HEADER_BYTES]),
+            Ok(PreambleParse::Need(HEADER_BYTES_V3))
+        );
+        assert_eq!(
+            parse_preamble(&b[..HEADER_BYTES_V3]),
+            Ok(PreambleParse::Need(HEADER_BYTES_V3 + 8))
+        );
+        let v2 = encode_preamble_v2(KIND_MEMFD, 0, g.region_bytes(), &[0; 64], &g, "engine-0");
+        assert_eq!(
+            parse_preamble(&v2[..HEADER_BYTES]),
             Ok(PreambleParse::Need(HEADER_BYTES + 8))
         );
         let PreambleParse::Complete(p) = parse_preamble(&b).unwrap() else {
@@ -466,7 +546,10 @@ mod tests {
         );
         let e = field_of(116, 0);
         assert_eq!(e.to_string(), "name: 0 bytes (1 to 240 allowed)");
-        assert_eq!(field_of(HEADER_BYTES, 0xff).to_string(), "name: not UTF-8");
+        assert_eq!(
+            field_of(HEADER_BYTES_V3, 0xff).to_string(),
+            "name: not UTF-8"
+        );
     }
 
     #[test]

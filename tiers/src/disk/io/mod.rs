@@ -133,6 +133,14 @@ pub trait IoEngine: Send + Sync {
     }
     /// Starts the jobs (all of them together where the engine can).
     fn submit(&self, jobs: Vec<Job>);
+    /// Stops the engine's threads, once the kernel has finished every
+    /// transfer still in flight (an abandoned one's `on_late` hook has run
+    /// by then); transfers in flight may complete failed. Jobs submitted
+    /// afterwards run on the caller's thread with blocking
+    /// `pread`/`pwrite` calls, so their deadlines no longer hold. The
+    /// first call waits; later ones (and dropping the engine) do nothing
+    /// more.
+    fn shutdown(&self);
 }
 
 fn check_len(done: usize, want: usize) -> Result<(), IoFailure> {

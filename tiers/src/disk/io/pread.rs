@@ -2,7 +2,9 @@
 //! transfer at a time from a shared queue and running it with blocking
 //! `pread`/`pwrite` calls (the caller never blocks in a syscall, so its
 //! deadlines hold even when a drive hangs). The fallback where io_uring is
-//! not allowed, and the engine `EngineChoice::Pread` forces.
+//! not allowed, and the engine `EngineChoice::Pread` forces. Also the
+//! transfers an engine runs on its caller's thread once it is shut down
+//! ([`run_inline`]).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -12,7 +14,7 @@ use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
 
-use super::{FaultCell, IoEngine, IoFailure, Job, OpKind, check_len};
+use super::{FaultCell, FaultPlan, IoEngine, IoFailure, Job, OpKind, check_len};
 use crate::disk::file::ALIGN;
 
 struct PreadShared {
@@ -29,7 +31,8 @@ struct PreadShared {
 /// syscall, so deadlines hold even when a drive hangs).
 pub struct PreadEngine {
     shared: Arc<PreadShared>,
-    threads: Vec<JoinHandle<()>>,
+    /// Taken (and joined) by the first [`IoEngine::shutdown`].
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl PreadEngine {
@@ -42,16 +45,16 @@ impl PreadEngine {
             sleep_wake: Condvar::new(),
             faults,
         });
-        let mut engine = PreadEngine {
+        let engine = PreadEngine {
             shared,
-            threads: Vec::new(),
+            threads: Mutex::new(Vec::new()),
         };
         for i in 0..threads.max(1) {
             let shared = Arc::clone(&engine.shared);
             let t = std::thread::Builder::new()
                 .name(format!("kvstrata-pread-{i}"))
                 .spawn(move || pread_worker(&shared))?;
-            engine.threads.push(t);
+            engine.threads.lock().push(t);
         }
         Ok(engine)
     }
@@ -62,11 +65,13 @@ impl IoEngine for PreadEngine {
         "pread"
     }
 
+    fn shutdown(&self) {
+        self.stop();
+    }
+
     fn submit(&self, jobs: Vec<Job>) {
         if self.shared.shutdown.load(Ordering::Acquire) {
-            for j in jobs {
-                j.finish(Err(IoFailure::Shutdown));
-            }
+            run_inline(jobs, &self.shared.faults);
             return;
         }
         let n = jobs.len();
@@ -79,8 +84,10 @@ impl IoEngine for PreadEngine {
     }
 }
 
-impl Drop for PreadEngine {
-    fn drop(&mut self) {
+impl PreadEngine {
+    /// Stops the workers (see [`IoEngine::shutdown`]); jobs queued then are
+    /// run inline.
+    fn stop(&self) {
         self.shared.shutdown.store(true, Ordering::Release);
         {
             let _g = self.shared.queue.lock();
@@ -90,13 +97,19 @@ impl Drop for PreadEngine {
             let _g = self.shared.sleep_lock.lock();
             self.shared.sleep_wake.notify_all();
         }
-        for t in self.threads.drain(..) {
+        let threads = std::mem::take(&mut *self.threads.lock());
+        for t in threads {
             let _ = t.join();
         }
+        // Queued after the workers last looked: run here.
         let left: Vec<Job> = self.shared.queue.lock().drain(..).collect();
-        for j in left {
-            j.finish(Err(IoFailure::Shutdown));
-        }
+        run_inline(left, &self.shared.faults);
+    }
+}
+
+impl Drop for PreadEngine {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -123,8 +136,6 @@ fn pread_worker(shared: &PreadShared) {
 
 fn pread_one(shared: &PreadShared, mut job: Job) {
     let faults = shared.faults.get();
-    let want = job.buf.len();
-    let mut ask = want;
     let delay = match job.kind {
         OpKind::Read => faults.delay_reads,
         OpKind::Write => faults.delay_writes,
@@ -136,24 +147,48 @@ fn pread_one(shared: &PreadShared, mut job: Job) {
             shared.sleep_wake.wait_until(&mut g, until);
         }
     }
+    let result = transfer(&mut job, &faults);
+    job.finish(result);
+}
+
+/// Runs jobs one after the other on the caller's thread, with blocking
+/// `pread`/`pwrite` calls (no deadline holds; injected delays are skipped):
+/// what an engine does with the jobs it gets after
+/// [`IoEngine::shutdown`](super::IoEngine::shutdown).
+pub(super) fn run_inline(jobs: Vec<Job>, faults: &FaultCell) {
+    if jobs.is_empty() {
+        return;
+    }
+    let plan = faults.get();
+    for mut job in jobs {
+        let result = transfer(&mut job, &plan);
+        job.finish(result);
+    }
+}
+
+/// One job's transfer with blocking `pread`/`pwrite` calls, after the
+/// plan's injected errors and short reads.
+fn transfer(job: &mut Job, faults: &FaultPlan) -> Result<(), IoFailure> {
+    let want = job.buf.len();
+    let mut ask = want;
     if job.kind == OpKind::Read {
         if let Some(e) = faults.fail_reads_with {
-            return job.finish(Err(IoFailure::Errno(e)));
+            return Err(IoFailure::Errno(e));
         }
         if faults.short_reads && want > ALIGN {
             ask = want - ALIGN;
         }
     } else if let Some(e) = faults.fail_writes_with {
-        return job.finish(Err(IoFailure::Errno(e)));
+        return Err(IoFailure::Errno(e));
     }
     let mut done = 0usize;
-    let result = loop {
+    loop {
         if done >= ask {
-            break check_len(done, want);
+            return check_len(done, want);
         }
         let off = job.offset + done as u64;
         let Ok(off) = libc::off_t::try_from(off) else {
-            break Err(IoFailure::Errno(libc::EINVAL));
+            return Err(IoFailure::Errno(libc::EINVAL));
         };
         // SAFETY: the buffer is owned by this job for the duration of the
         // call and `done < ask <= len`.
@@ -177,12 +212,11 @@ fn pread_one(shared: &PreadShared, mut job: Job) {
             if err == libc::EINTR {
                 continue;
             }
-            break Err(IoFailure::Errno(err));
+            return Err(IoFailure::Errno(err));
         }
         if rc == 0 {
-            break check_len(done, want);
+            return check_len(done, want);
         }
         done += rc as usize;
-    };
-    job.finish(result);
+    }
 }

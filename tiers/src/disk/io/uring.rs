@@ -3,7 +3,8 @@
 //! moves them into the ring (with a linked kernel timeout where a fault
 //! plan delays them), submits, and completes each job's ticket as its
 //! completion arrives. At shutdown it cancels what is in flight and closes
-//! the ring only once the kernel has finished with every buffer.
+//! the ring only once the kernel has finished with every buffer; jobs
+//! submitted after that run on the caller's thread.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -15,6 +16,7 @@ use io_uring::{IoUring, Probe, opcode, squeue, types};
 use parking_lot::Mutex;
 use slab::Slab;
 
+use super::pread::run_inline;
 use super::{FaultCell, IoEngine, IoFailure, Job, OpKind, check_len};
 use crate::disk::file::{ALIGN, AlignedBuf, BufPool};
 
@@ -52,12 +54,13 @@ impl UringShared {
 /// unprivileged process, an old kernel), everything uses plain transfers.
 pub struct UringEngine {
     shared: Arc<UringShared>,
-    thread: Option<JoinHandle<()>>,
+    /// Taken (and joined) by the first [`IoEngine::shutdown`].
+    thread: Mutex<Option<JoinHandle<()>>>,
     fixed: bool,
 }
 
-/// The pool region registered as fixed buffer 0. Holds the pool, so the
-/// region outlives the ring.
+/// The buffer pool's memory, registered as fixed buffer 0. Holds the pool,
+/// so the memory outlives the ring.
 struct FixedRegion {
     start: usize,
     len: usize,
@@ -165,7 +168,7 @@ impl UringEngine {
             .map_err(|e| format!("spawn ring thread: {e}"))?;
         Ok(UringEngine {
             shared,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
             fixed: fixed_on,
         })
     }
@@ -181,30 +184,49 @@ impl IoEngine for UringEngine {
     }
 
     fn submit(&self, jobs: Vec<Job>) {
-        if self.shared.shutdown.load(Ordering::Acquire)
-            || self.shared.broken.load(Ordering::Acquire)
-        {
+        if self.shared.broken.load(Ordering::Acquire) {
             for j in jobs {
                 j.finish(Err(IoFailure::Shutdown));
             }
             return;
         }
+        if self.shared.shutdown.load(Ordering::Acquire) {
+            run_inline(jobs, &self.shared.faults);
+            return;
+        }
         self.shared.queue.lock().extend(jobs);
         self.shared.wake();
+    }
+
+    fn shutdown(&self) {
+        self.stop();
+    }
+}
+
+impl UringEngine {
+    /// Stops the ring thread (see [`IoEngine::shutdown`]): it cancels what
+    /// is in flight and closes the ring once the kernel has finished with
+    /// every buffer. Jobs queued then run inline.
+    fn stop(&self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        self.shared.wake();
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+        let left: Vec<Job> = self.shared.queue.lock().drain(..).collect();
+        if self.shared.broken.load(Ordering::Acquire) {
+            for j in left {
+                j.finish(Err(IoFailure::Shutdown));
+            }
+        } else {
+            run_inline(left, &self.shared.faults);
+        }
     }
 }
 
 impl Drop for UringEngine {
     fn drop(&mut self) {
-        self.shared.shutdown.store(true, Ordering::Release);
-        self.shared.wake();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let left: Vec<Job> = self.shared.queue.lock().drain(..).collect();
-        for j in left {
-            j.finish(Err(IoFailure::Shutdown));
-        }
+        self.stop();
     }
 }
 

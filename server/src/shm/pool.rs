@@ -1,5 +1,5 @@
 //! Shared-memory pools: memory that a client on the same host registered on the
-//! mempool socket ([`crate::mempool`]) and that the daemon has mapped. Requests
+//! mempool socket ([`crate::shm::mempool`]) and that the daemon has mapped. Requests
 //! then name a byte range of a pool — `(pool id, offset, length)` — instead of
 //! carrying the bytes, and the daemon copies between the pool and its tiers.
 //!
@@ -8,11 +8,11 @@
 //! last request still copying from or into it is done.
 //!
 //! The daemon reads and writes a pool with plain memory copies while the client
-//! may touch the same pages: a client that writes a region while a request on
-//! that region is in flight gets whatever bytes the copy saw, exactly as with
+//! may touch the same pages: a client that writes a range while a request on
+//! that range is in flight gets whatever bytes the copy saw, exactly as with
 //! any shared buffer. Each copy is bounds-checked against the mapped size. A
 //! client may grow its memfd after registering it (SGLang's allocator extends
-//! the file as it allocates): a region past the mapped end makes the daemon
+//! the file as it allocates): a range past the mapped end makes the daemon
 //! look at the file's size again and map the larger file. The registry seals
 //! the memfd against shrinking where the client allowed sealing
 //! (`MFD_ALLOW_SEALING`), since touching a page past the end of a shrunk file
@@ -24,7 +24,7 @@
 //! Pool ids are unique to one run of the daemon ([`IdSequence`]): each run
 //! counts from a random base, so a client that kept its id across a daemon
 //! restart names no pool of the new run — its requests are refused
-//! ([`RegionError::UnknownPool`]) instead of reaching another client's
+//! ([`RangeError::UnknownPool`]) instead of reaching another client's
 //! memory. Pools registered in SGLang's format get ids that fit its `int32`
 //! (31 bits, [`IdSpace::Sglang`]); kvstrata's own clients get 64-bit ids
 //! ([`IdSpace::Wide`]). The two ranges do not overlap.
@@ -164,9 +164,9 @@ pub enum RegisterError {
     Stat(#[source] std::io::Error),
 }
 
-/// Why a request's pool region cannot be used.
+/// Why a request's pool range cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RegionError {
+pub enum RangeError {
     #[error(
         "pool {0} is not registered with this daemon (never, its connection closed, or an id \
          from before a daemon restart: register the pool again)"
@@ -252,7 +252,7 @@ impl Pool {
     }
 
     /// The byte range `offset..offset+length`, if it lies inside the pool.
-    pub fn range(&self, offset: u64, length: u64) -> Result<Range<usize>, RegionError> {
+    pub fn range(&self, offset: u64, length: u64) -> Result<Range<usize>, RangeError> {
         self.mapping(offset, length).map(|(_, r)| r)
     }
 
@@ -262,7 +262,7 @@ impl Pool {
         &self,
         offset: u64,
         length: u64,
-    ) -> Result<(Arc<MmapRaw>, Range<usize>), RegionError> {
+    ) -> Result<(Arc<MmapRaw>, Range<usize>), RangeError> {
         let end = offset.checked_add(length);
         let map = Arc::clone(&self.map.read());
         if let Some(end) = end
@@ -271,7 +271,7 @@ impl Pool {
             // An unsealed file may have been truncated under the mapping;
             // touching a page past its end would fault the daemon.
             if !self.sealed && !self.file.metadata().is_ok_and(|m| m.len() >= end) {
-                return Err(RegionError::Shrunk {
+                return Err(RangeError::Shrunk {
                     pool_id: self.id,
                     offset,
                     length,
@@ -285,7 +285,7 @@ impl Pool {
         };
         match end {
             Some(end) if end <= map.len() as u64 => Ok((map, offset as usize..end as usize)),
-            _ => Err(RegionError::OutOfBounds {
+            _ => Err(RangeError::OutOfBounds {
                 pool_id: self.id,
                 offset,
                 length,
@@ -318,20 +318,15 @@ impl Pool {
         Some(Arc::clone(&current))
     }
 
-    /// The region's bytes without a copy; the mapping stays alive as long as
+    /// The range's bytes without a copy; the mapping stays alive as long as
     /// the returned `Bytes` (or a clone of it) does.
-    pub fn region_bytes(&self, offset: u64, length: u64) -> Result<Bytes, RegionError> {
+    pub fn range_bytes(&self, offset: u64, length: u64) -> Result<Bytes, RangeError> {
         let (map, range) = self.mapping(offset, length)?;
         Ok(Bytes::from_owner(PoolSlice { map, range }))
     }
 
-    /// Appends the region's bytes to `out`.
-    pub fn read_into(
-        &self,
-        offset: u64,
-        length: u64,
-        out: &mut Vec<u8>,
-    ) -> Result<(), RegionError> {
+    /// Appends the range's bytes to `out`.
+    pub fn read_into(&self, offset: u64, length: u64, out: &mut Vec<u8>) -> Result<(), RangeError> {
         let (map, range) = self.mapping(offset, length)?;
         // SAFETY: the range lies inside the mapping, which `map` keeps alive;
         // the client may write the same pages concurrently, which yields
@@ -342,7 +337,7 @@ impl Pool {
     }
 
     /// Copies `data` into the pool at `offset`.
-    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), RegionError> {
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), RangeError> {
         let (map, range) = self.mapping(offset, data.len() as u64)?;
         // SAFETY: the range lies inside the mapping (checked above), which is
         // writable and kept alive by `map`; `data` is daemon memory and cannot
@@ -556,11 +551,11 @@ impl PoolRegistry {
 
     /// The pool registered under `id`. An unknown id is counted
     /// ([`PoolStats::unknown_ids`]).
-    pub fn get(&self, id: u64) -> Result<Arc<Pool>, RegionError> {
+    pub fn get(&self, id: u64) -> Result<Arc<Pool>, RangeError> {
         let found = self.pools.read().get(&id).cloned();
         found.ok_or_else(|| {
             self.unknown_ids.fetch_add(1, Ordering::Relaxed);
-            RegionError::UnknownPool(id)
+            RangeError::UnknownPool(id)
         })
     }
 
@@ -623,11 +618,11 @@ mod tests {
         assert_eq!(pool.range(4000, 96).unwrap(), 4000..4096);
         assert!(matches!(
             pool.range(4000, 97),
-            Err(RegionError::OutOfBounds { .. })
+            Err(RangeError::OutOfBounds { .. })
         ));
         assert!(pool.range(u64::MAX, 2).is_err());
         pool.write(10, b"hello").unwrap();
-        let b = pool.region_bytes(9, 7).unwrap();
+        let b = pool.range_bytes(9, 7).unwrap();
         assert_eq!(&b[..], b"\x07hello\x07");
         let mut v = Vec::new();
         pool.read_into(10, 5, &mut v).unwrap();
@@ -723,7 +718,7 @@ mod tests {
         assert!(!reg.unregister(a.id()));
         assert_eq!(
             reg.get(a.id()).unwrap_err(),
-            RegionError::UnknownPool(a.id())
+            RangeError::UnknownPool(a.id())
         );
         let c = reg
             .register("c".into(), memfd(&[0; 10]), Registrant::WIDE)
@@ -749,7 +744,7 @@ mod tests {
             .unwrap();
         assert!(pool.range(4096, 4096).is_err());
         f.write_all(&[2u8; 4096]).unwrap();
-        let b = pool.region_bytes(4090, 12).unwrap();
+        let b = pool.range_bytes(4090, 12).unwrap();
         assert_eq!(&b[..], &[1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2]);
         assert_eq!(pool.len(), 8192);
         // Never past the registry's limit.
@@ -774,9 +769,9 @@ mod tests {
         f.set_len(4096).unwrap();
         assert!(matches!(
             pool.write(4096, b"no"),
-            Err(RegionError::Shrunk { .. })
+            Err(RangeError::Shrunk { .. })
         ));
-        assert!(pool.region_bytes(0, 4096).is_ok());
+        assert!(pool.range_bytes(0, 4096).is_ok());
     }
 
     #[test]

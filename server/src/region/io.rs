@@ -42,6 +42,7 @@
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvstrata_kernels::{GpuError, StagingBuffer};
@@ -202,16 +203,28 @@ pub fn put_direct(
     items: &[(BlockKey, Option<BlockKey>)],
 ) -> Result<DirectPut, DevicePutError<RegionIoError>> {
     let mut gathered = 0u64;
+    let began = Instant::now();
+    let mut gather_time = Duration::ZERO;
     let outcomes = cache.put_from_device(ns, device, items, |slots: &[u64]| {
+        let reserved = began.elapsed();
         // SAFETY: `put_from_device` reserved each slot, of the namespace's
         // block bytes (= `block_bytes(pages_per_block)`, checked by the
         // service), for this put alone, on device `device`, which reaches the
         // same address space as the region's stream (`direct_device`); the
         // slots stay reserved until `fill` returns, after the fence.
         unsafe { pages.gather_into(slots) }?;
+        gather_time = began.elapsed() - reserved;
         gathered = slots.len() as u64 * pages.block_bytes();
         Ok(())
     })?;
+    tracing::debug!(
+        region_id = pages.region.id(),
+        blocks = items.len(),
+        bytes = gathered,
+        gather_us = gather_time.as_micros() as u64,
+        total_us = began.elapsed().as_micros() as u64,
+        "KV region: direct put (total: reserving slots, the gather, hashing and publishing)"
+    );
     Ok(DirectPut { outcomes, gathered })
 }
 
@@ -238,7 +251,9 @@ pub fn get_direct(
     keys: &[BlockKey],
 ) -> Result<DirectGet, CacheError> {
     let ppb = pages.ppb();
+    let began = Instant::now();
     cache.get_to_device(ns, device, keys, |blocks| {
+        let looked_up = began.elapsed();
         let found: Vec<Option<TierKind>> = blocks.iter().map(|b| b.map(|(_, t)| t)).collect();
         let mut page_ids: Vec<u32> = Vec::new();
         let mut addrs: Vec<u64> = Vec::new();
@@ -261,6 +276,14 @@ pub fn get_direct(
             // while lent, until this closure returns, after the fence.
             unsafe { hits.scatter_from(&addrs) }.map(|()| addrs.len() as u64 * pages.block_bytes())
         };
+        tracing::debug!(
+            region_id = pages.region.id(),
+            blocks = keys.len(),
+            found = addrs.len(),
+            lookup_us = looked_up.as_micros() as u64,
+            scatter_us = (began.elapsed() - looked_up).as_micros() as u64,
+            "KV region: direct get"
+        );
         DirectGet { found, scatter }
     })
 }
@@ -364,16 +387,7 @@ mod tests {
     use crate::region::{GpuSet, KIND_MEMFD, RegionLimits, RegionPreamble, RegionRegistry};
 
     fn geometry() -> PagedGeometry {
-        PagedGeometry {
-            layout: PageLayout::CrossLayer,
-            layers: 3,
-            page_tokens: 3,
-            kv_heads: 2,
-            head_dim: 5,
-            dtype_bytes: 2,
-            num_pages: 9,
-            layer_stride: 0,
-        }
+        PagedGeometry::packed(PageLayout::CrossLayer, 3, 3, 2, 5, 2, 9)
     }
 
     /// Random bytes with no zero, so a block left unwritten shows.

@@ -2,7 +2,7 @@
 //! region socket so that `BatchPut` / `BatchGet` can name page ids in it
 //! (`KvPages`) instead of carrying payloads. The daemon gathers a block's pages
 //! into its layer-major layout (puts) and scatters found blocks into pages
-//! (gets) with the kernels of `kvstrata-kernels` (see [`crate::region_io`]).
+//! (gets) with the kernels of `kvstrata-kernels` (see [`io`]).
 //!
 //! Two kinds of region (docs/protocol.md, "CUDA IPC regions"):
 //!
@@ -13,11 +13,12 @@
 //!    runs the same gather/scatter logic on the CPU backend. It is the CPU
 //!    fallback that CI tests, and it works without a GPU.
 //!
-//! The wire format ([`kvstrata_types::wire::kv_region`]) is a fixed 128-byte
-//! little-endian header and a name ([`parse_preamble`]); the daemon answers a
+//! The wire format ([`kvstrata_types::wire::kv_region`]) is a fixed 144-byte
+//! little-endian header (128 bytes in version 2, without the page and K/V
+//! strides) and a name ([`parse_preamble`]); the daemon answers a
 //! status, a message and a 64-bit region id ([`encode_reply`]) and keeps the
 //! connection open. Region ids are unique to one run of the daemon (a random
-//! base plus a counter, [`crate::pool::IdSequence`]), so an engine that kept
+//! base plus a counter, [`crate::shm::pool::IdSequence`]), so an engine that kept
 //! its id across a daemon restart names no region of the new run and its
 //! requests are refused ([`RegionLookupError::Unknown`]). When the engine
 //! closes it (or dies), the region leaves the [`RegionRegistry`] at once —
@@ -25,24 +26,25 @@
 //! copying from or into it is done (each request holds an `Arc`). A refused
 //! registration closes the connection; every fd received is closed with it.
 
+pub mod io;
+
 use std::collections::HashMap;
 use std::fs::File;
-use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use kvstrata_kernels::{DeviceBuffer, Gpu, GpuStream, IpcHandle, PagedGeometry};
 use kvstrata_types::InvalidField;
 use kvstrata_types::wire::kv_region as wire;
 use memmap2::MmapRaw;
 use parking_lot::RwLock;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::pool::{IdSequence, IdSpace};
+use crate::shm::pool::{IdSequence, IdSpace};
+use crate::transport::registration::{self, PREAMBLE_TIMEOUT, Parsed, peer_pid};
 
 /// The preamble's constants, the parsed preamble, the refusal codes and the
 /// reply encoder, defined in [`kvstrata_types::wire::kv_region`].
@@ -51,9 +53,7 @@ pub use kvstrata_types::wire::kv_region::{
     encode_reply,
 };
 
-/// A client must finish its preamble within this time.
-pub const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Room for this many fds in one message's control data; more are refused.
+/// More fds than this attached to a preamble are refused.
 const MAX_FDS_RECEIVED: usize = 16;
 
 /// A refused registration: the reason and a message naming the field.
@@ -546,18 +546,18 @@ pub async fn serve(
     registry: Arc<RegionRegistry>,
     shutdown: CancellationToken,
     auth: Option<Arc<crate::auth::Auth>>,
-) -> io::Result<()> {
-    while let Some(stream) =
-        crate::auth::next_admitted_peer(&listener, &shutdown, auth.as_deref(), "kv-region", || {
-            registry.count_refused(RefuseReason::Uid)
-        })
-        .await
-    {
-        let registry = Arc::clone(&registry);
-        let token = shutdown.clone();
-        tokio::spawn(async move { handle(stream, registry, token).await });
-    }
-    Ok(())
+) -> std::io::Result<()> {
+    let denied = Arc::clone(&registry);
+    let token = shutdown.clone();
+    registration::serve(
+        listener,
+        shutdown,
+        auth,
+        "kv-region",
+        move || denied.count_refused(RefuseReason::Uid),
+        move |stream| handle(stream, Arc::clone(&registry), token.clone()),
+    )
+    .await
 }
 
 async fn handle(
@@ -565,12 +565,11 @@ async fn handle(
     registry: Arc<RegionRegistry>,
     shutdown: CancellationToken,
 ) {
-    let peer = stream.peer_cred().ok().and_then(|c| c.pid());
+    let peer = peer_pid(&stream);
     let refuse = |reason: RefuseReason, message: String| Refusal { reason, message };
-    let read = tokio::time::timeout(PREAMBLE_TIMEOUT, read_preamble(&stream)).await;
-    let (preamble, fd) = match read {
-        Ok(Ok(v)) => v,
-        Ok(Err(ReadError::Closed(n))) => {
+    let (preamble, fd) = match read_preamble(&stream).await {
+        Ok(v) => v,
+        Err(ReadError::Closed(n)) => {
             registry.count_refused(RefuseReason::Preamble);
             tracing::warn!(
                 peer_pid = peer,
@@ -578,19 +577,7 @@ async fn handle(
             );
             return;
         }
-        Ok(Err(ReadError::Refused(r))) => {
-            registry.count_refused(r.reason);
-            reply_refusal(&mut stream, peer, &r).await;
-            return;
-        }
-        Err(_) => {
-            let r = refuse(
-                RefuseReason::Preamble,
-                format!(
-                    "no complete preamble within {}s",
-                    PREAMBLE_TIMEOUT.as_secs()
-                ),
-            );
+        Err(ReadError::Refused(r)) => {
             registry.count_refused(r.reason);
             reply_refusal(&mut stream, peer, &r).await;
             return;
@@ -632,16 +619,7 @@ async fn handle(
         num_pages = info.geometry.num_pages,
         "KV region registered"
     );
-    let mut buf = [0u8; 256];
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = stream.read(&mut buf) => match r {
-                Ok(0) | Err(_) => break,
-                Ok(n) => tracing::debug!(region_id = id, bytes = n, "region socket: ignoring bytes after registration"),
-            },
-        }
-    }
+    registration::hold_until_closed(&mut stream, &shutdown, "region socket", id).await;
     registry.unregister(id);
     tracing::info!(region_id = id, region_name = %name, "KV region unregistered (connection closed)");
 }
@@ -660,51 +638,41 @@ enum ReadError {
     Refused(Refusal),
 }
 
-/// Reads the preamble and the fds sent with it (closed on refusal).
+/// Reads the preamble and the fd sent with it, if any (within
+/// [`PREAMBLE_TIMEOUT`]; fds are closed on refusal).
 async fn read_preamble(
     stream: &UnixStream,
 ) -> Result<(RegionPreamble, Option<OwnedFd>), ReadError> {
-    let mut buf = vec![0u8; HEADER_BYTES];
-    let mut filled = 0usize;
-    let mut fds: Vec<OwnedFd> = Vec::new();
-    let mut need = HEADER_BYTES;
-    let io_refusal = |e: io::Error| ReadError::Refused(Refusal::preamble(format!("socket: {e}")));
-    loop {
-        while filled < need {
-            stream.readable().await.map_err(io_refusal)?;
-            let r = stream.try_io(Interest::READABLE, || {
-                crate::mempool::recv_with_fds(stream.as_raw_fd(), &mut buf[filled..need], &mut fds)
-            });
-            match r {
-                Ok((0, _)) => return Err(ReadError::Closed(filled)),
-                Ok((n, truncated)) => {
-                    if truncated || fds.len() > MAX_FDS_RECEIVED {
-                        return Err(ReadError::Refused(Refusal::preamble(
-                            "fds: too many file descriptors attached",
-                        )));
-                    }
-                    filled += n;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(io_refusal(e)),
-            }
+    let received = registration::read_preamble(stream, HEADER_BYTES, MAX_FDS_RECEIVED, |buf| {
+        Ok(match parse_preamble(buf)? {
+            PreambleParse::Need(n) => Parsed::Need(n),
+            PreambleParse::Complete(p) => Parsed::Complete(p),
+        })
+    })
+    .await;
+    let refused = |message: String| ReadError::Refused(Refusal::preamble(message));
+    let mut received = match received {
+        Ok(r) => r,
+        Err(registration::ReadError::Closed(n)) => return Err(ReadError::Closed(n)),
+        Err(registration::ReadError::TooManyFds) => {
+            return Err(refused("fds: too many file descriptors attached".into()));
         }
-        match parse_preamble(&buf[..filled]).map_err(ReadError::Refused)? {
-            PreambleParse::Need(n) => {
-                need = n;
-                buf.resize(need, 0);
-            }
-            PreambleParse::Complete(p) => {
-                if fds.len() > 1 {
-                    return Err(ReadError::Refused(Refusal::preamble(format!(
-                        "fds: {} file descriptors attached (at most one)",
-                        fds.len()
-                    ))));
-                }
-                return Ok((*p, fds.pop()));
-            }
+        Err(registration::ReadError::Invalid(r)) => return Err(ReadError::Refused(r)),
+        Err(registration::ReadError::Timeout) => {
+            return Err(refused(format!(
+                "no complete preamble within {}s",
+                PREAMBLE_TIMEOUT.as_secs()
+            )));
         }
+        Err(registration::ReadError::Io(e)) => return Err(refused(format!("socket: {e}"))),
+    };
+    if received.fds.len() > 1 {
+        return Err(refused(format!(
+            "fds: {} file descriptors attached (at most one)",
+            received.fds.len()
+        )));
     }
+    Ok((*received.preamble, received.fds.pop()))
 }
 
 #[cfg(test)]
@@ -718,16 +686,7 @@ mod tests {
     }
 
     fn geometry() -> PagedGeometry {
-        PagedGeometry {
-            layout: PageLayout::CrossLayer,
-            layers: 3,
-            page_tokens: 4,
-            kv_heads: 2,
-            head_dim: 8,
-            dtype_bytes: 2,
-            num_pages: 10,
-            layer_stride: 0,
-        }
+        PagedGeometry::packed(PageLayout::CrossLayer, 3, 4, 2, 8, 2, 10)
     }
 
     #[test]
@@ -740,7 +699,11 @@ mod tests {
         );
         assert_eq!(
             parse_preamble(&b[..HEADER_BYTES]),
-            Ok(PreambleParse::Need(HEADER_BYTES + 8))
+            Ok(PreambleParse::Need(wire::HEADER_BYTES_V3))
+        );
+        assert_eq!(
+            parse_preamble(&b[..wire::HEADER_BYTES_V3]),
+            Ok(PreambleParse::Need(wire::HEADER_BYTES_V3 + 8))
         );
         let PreambleParse::Complete(p) = parse_preamble(&b).unwrap() else {
             panic!("complete")
@@ -854,7 +817,7 @@ mod tests {
         let r = reg
             .register(p(need, g), Some(memfd(need as usize)))
             .unwrap();
-        let id = crate::pool::MIN_WIDE_POOL_ID + 41;
+        let id = crate::shm::pool::MIN_WIDE_POOL_ID + 41;
         assert_eq!(r.id(), id);
         assert_eq!(
             reg.register(p(need, g), Some(memfd(need as usize)))
@@ -870,5 +833,66 @@ mod tests {
         let s = reg.stats();
         assert_eq!((s.regions, s.registered, s.unregistered), (0, 1, 1));
         assert_eq!(s.refused.iter().map(|(_, n)| n).sum::<u64>(), 6);
+    }
+
+    #[test]
+    fn strided_geometries_register_only_without_overlaps() {
+        use std::io::Write;
+        let reg = RegionRegistry::with_ids(
+            RegionLimits {
+                max_regions: 4,
+                max_region_bytes: 1 << 20,
+            },
+            Arc::new(GpuSet::default()),
+            IdSequence::with_base(IdSpace::Wide, 7),
+        );
+        // vLLM's (2, num_pages, page_tokens, heads, dim) tensors.
+        let mut g = PagedGeometry::packed(PageLayout::PerLayer, 3, 4, 2, 8, 2, 10);
+        g.page_stride = g.chunk_bytes();
+        g.kv_stride = 10 * g.chunk_bytes();
+        let memfd = |len: u64| {
+            let mut f = tempfile::tempfile().unwrap();
+            f.write_all(&vec![1u8; len as usize]).unwrap();
+            OwnedFd::from(f)
+        };
+        let p = |bytes: u64, g: PagedGeometry| RegionPreamble {
+            kind: KIND_MEMFD,
+            device: 0,
+            bytes,
+            handle: [0; 64],
+            geometry: g,
+            name: "vllm".into(),
+        };
+        let need = g.region_bytes();
+        assert_eq!(need, 3 * 20 * g.chunk_bytes());
+        let r = reg.register(p(need, g), Some(memfd(need))).unwrap();
+        assert_eq!(r.geometry().effective_kv_stride(), 10 * g.chunk_bytes());
+        // The announced bytes must cover the last layer's V half.
+        let e = reg.register(p(need - 1, g), Some(memfd(need))).unwrap_err();
+        assert_eq!(e.reason, RefuseReason::Geometry);
+        assert!(e.message.starts_with("bytes"), "{e}");
+        // V of page 0 on K of page 9: refused, naming the stride.
+        let mut bad = g;
+        bad.kv_stride = 9 * g.chunk_bytes();
+        let e = reg.register(p(need, bad), Some(memfd(need))).unwrap_err();
+        assert_eq!(e.reason, RefuseReason::Geometry);
+        assert!(e.message.starts_with("kv_stride"), "{e}");
+        // Through the wire: a version-3 preamble carries the strides, a
+        // version-2 one parses as packed.
+        let v3 = wire::encode_preamble(KIND_MEMFD, 0, need, &[0; 64], &g, "vllm");
+        let PreambleParse::Complete(parsed) = parse_preamble(&v3).unwrap() else {
+            panic!("complete")
+        };
+        assert_eq!(parsed.geometry, g);
+        let v2 = wire::encode_preamble_v2(KIND_MEMFD, 0, need, &[0; 64], &g, "vllm");
+        let PreambleParse::Complete(parsed) = parse_preamble(&v2).unwrap() else {
+            panic!("complete")
+        };
+        assert_eq!(
+            (parsed.geometry.page_stride, parsed.geometry.kv_stride),
+            (0, 0)
+        );
+        let packed = reg.register(*parsed, Some(memfd(need))).unwrap();
+        assert_eq!(packed.geometry().page_stride(), 2 * g.chunk_bytes());
     }
 }

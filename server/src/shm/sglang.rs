@@ -11,7 +11,7 @@
 //!
 //! SGLang's `Transfer.pool_id` is an `int32`, so its pools (registered with
 //! SGLang's preamble) get 31-bit ids from a random per-run base
-//! ([`crate::pool::IdSequence`]). On top of that, a transfer may name only a
+//! ([`crate::shm::pool::IdSequence`]). On top of that, a transfer may name only a
 //! pool that the calling process registered itself (peer pids from
 //! `SO_PEERCRED`, where the kernel reports both), so a worker that kept its
 //! pool id across a daemon restart cannot reach another worker's new pool
@@ -33,7 +33,7 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::metrics::Metrics;
-use crate::pool::{Pool, PoolRegistry};
+use crate::shm::pool::{Pool, PoolRegistry};
 
 /// Longest transfer id accepted, in bytes.
 pub const MAX_ID_BYTES: usize = 4096;
@@ -220,7 +220,7 @@ impl SglangService {
         // One iovec: the host tier copies straight from the pool (and
         // write-through takes its own copy). Several: gathered into one buffer.
         let payload = if let [v] = t.iovec.as_slice() {
-            match pool.region_bytes(v.offset, v.length as u64) {
+            match pool.range_bytes(v.offset, v.length as u64) {
                 Ok(b) => b,
                 Err(_) => return Code::BadIovec,
             }
