@@ -2,14 +2,18 @@
 # kvstrata's inline gRPC path vs. Redis on one machine, loopback only, in one run.
 #
 # Starts the release `kvstrata` daemon (TCP on 127.0.0.1 and a Unix socket)
-# and runs `kvstrata bench --mode grpc` for every block size, client count and
-# transport: 100 % reads after population (GET), then 100 % writes (PUT).
-# Then starts `redis-server` (TCP and a Unix socket) and runs
-# `redis-benchmark -t set,get -c N` with values of the same sizes, once as
-# it is and once with io-threads. With BASELINE=1 the kvstrata runs are
+# and `redis-server` (TCP and a Unix socket; a second one with io-threads),
+# then, for every block size, client count and transport, runs back to back
+# `kvstrata bench --mode grpc` — 100 % reads after population (GET), then
+# 100 % writes (PUT) — and `redis-benchmark -t set,get -c N` with values of
+# the same size on each Redis: the runs a ratio compares are minutes apart
+# at most, however busy the machine is. With BASELINE=1 the kvstrata runs are
 # repeated first against a daemon started with KVSTRATA_GRPC_PATH=tonic (the
 # inline path before issue 22: tonic's generated encode/decode, default Unix
-# socket buffers), so the table also shows the speed-up in the same run.
+# socket buffers, malloc's default thresholds), so the table also shows the
+# speed-up in the same run. BASELINE_BIN=<older kvstrata binary> runs the
+# baseline with that binary instead (its daemon and its bench client, as
+# they are), to compare two builds in one run.
 #
 # Prints markdown tables on stdout (throughput and p99 per row with the
 # same-run ratios, then the issue-22 targets, each checked); progress goes to
@@ -28,8 +32,14 @@
 #   DURATION / WARMUP    per kvstrata run              (6s / 2s)
 #   BATCH                blocks per RPC                (4)
 #   BASELINE=1           also run the pre-issue-22 path (KVSTRATA_GRPC_PATH=tonic)
+#   BASELINE_BIN         binary of the baseline run (default: KVSTRATA_BIN with
+#                        KVSTRATA_GRPC_PATH=tonic; given: that binary as it is)
 #   REDIS_BYTES          bytes each redis-benchmark test moves at least (2000000000)
 #   REDIS_IO_THREADS     io-threads of the second Redis (2; 0 skips that Redis)
+#   REDIS_MGET           1: also `kvstrata bench --mode redis` on the plain Redis
+#                        (MGET / MSET of BATCH values per call: the same bytes per
+#                        call as kvstrata's RPC, the same client, every read
+#                        verified), for a measured same-bytes p99 (1; 0 skips)
 #   KEEP_WORKDIR=1       keep the temporary directory (logs, JSON reports)
 set -euo pipefail
 
@@ -45,8 +55,10 @@ DURATION=${DURATION:-6s}
 WARMUP=${WARMUP:-2s}
 BATCH=${BATCH:-4}
 BASELINE=${BASELINE:-0}
+BASELINE_BIN=${BASELINE_BIN:-}
 REDIS_BYTES=${REDIS_BYTES:-2000000000}
 REDIS_IO_THREADS=${REDIS_IO_THREADS:-2}
+REDIS_MGET=${REDIS_MGET:-1}
 WORKING_SET_BYTES=$((1 << 30)) # the bench's default working set; redis gets the same
 
 LOG_TAG=loopback
@@ -74,78 +86,88 @@ declare -A GBPS=() P50=() P99=()
 NOTES=()
 FAILED=0
 
+# Every server is started first and stays up; then each configuration (size,
+# client count, transport) is measured on every variant back to back, so
+# that a ratio compares runs of the same minute on this shared machine.
+declare -A KV_ADDR=() REDIS_WHERE=()
+SERVER_PIDS=()
+
 # ------------------------------------------------------------------ kvstrata
-# run_kvstrata VARIANT [ENV=VALUE...]: one daemon, every size/clients/transport.
-run_kvstrata() {
-    local variant=$1
-    shift
+# start_kvstrata VARIANT BIN [ENV=VALUE...]: a daemon on TCP and a Unix socket.
+start_kvstrata() {
+    local variant=$1 bin=$2
+    shift 2
     local port sock pid
     port=$(free_port) || die "no free TCP port"
     sock=$WORK/kv-$variant.sock
     log "starting kvstrata daemon ($variant: tcp 127.0.0.1:$port, uds $sock)"
-    start_bg "$WORK/kvstrata-$variant.log" env "$@" "$BIN" serve --tcp-addr "127.0.0.1:$port" \
+    start_bg "$WORK/kvstrata-$variant.log" env "$@" "$bin" serve --tcp-addr "127.0.0.1:$port" \
         --uds-path "$sock" --metrics-addr 127.0.0.1:0 --host-capacity 4GiB "${SERVE_EXTRA[@]}"
     pid=$BG_PID
     # shellcheck disable=SC2329 # called through wait_for
     kv_ready() { [[ -S $1 ]] && tcp_open "$2"; }
     wait_for "$pid" "$WORK/kvstrata-$variant.log" kv_ready "$sock" "$port" ||
         die "kvstrata daemon did not start"
-    local -A addr=([tcp]="http://127.0.0.1:$port" [uds]="unix://$sock")
-    local size clients transport ratio op out rc vf misses key
-    for size in $SIZES; do
-        for clients in $CLIENTS; do
-            for transport in $TRANSPORTS; do
-                for ratio in 1.0 0.0; do
-                    op=GET
-                    [[ $ratio == 1.0 ]] || op=PUT
-                    out=$WORK/bench-$variant-$transport-$size-$clients-$op.json
-                    log "kvstrata ($variant) $op: $transport, $size, $clients clients, $DURATION (load $(cut -d' ' -f1 /proc/loadavg))"
-                    rc=0
-                    run_to "$out" "$BIN" bench --mode grpc --addr "${addr[$transport]}" \
-                        --block-size "$size" --batch "$BATCH" --concurrency "$clients" \
-                        --read-ratio "$ratio" --duration "$DURATION" --warmup "$WARMUP" \
-                        --memcpy-duration 0s --json || rc=$?
-                    key="$variant|$op|$transport|$size|$clients"
-                    if ! jq -e '.get' "$out" >/dev/null 2>&1; then
-                        log "kvstrata bench failed (exit $rc), no report"
-                        NOTES+=("kvstrata ($variant) $op $transport $size $clients clients: FAILED (exit $rc), see the daemon log")
-                        FAILED=1
-                        continue
-                    fi
-                    ((rc == 0)) || FAILED=1
-                    vf=$(jq -r '.verify_failures' "$out")
-                    if [[ $vf != 0 ]]; then
-                        NOTES+=("kvstrata ($variant) $op $transport $size $clients clients: **$vf VERIFY FAILURES**: $(jq -r '.first_failure' "$out")")
-                        FAILED=1
-                    fi
-                    if [[ $op == GET ]]; then
-                        misses=$(jq -r '.get.misses' "$out")
-                        if [[ $misses != 0 ]]; then
-                            NOTES+=("kvstrata ($variant) $op $transport $size $clients clients: $misses of $(jq -r '.get.blocks' "$out") gets missed")
-                        fi
-                        GBPS[$key]=$(jq -r '.get.gb_per_s' "$out")
-                        P50[$key]=$(jq -r '.get.p50_us' "$out")
-                        P99[$key]=$(jq -r '.get.p99_us' "$out")
-                    else
-                        GBPS[$key]=$(jq -r '.put.gb_per_s' "$out")
-                        P50[$key]=$(jq -r '.put.p50_us' "$out")
-                        P99[$key]=$(jq -r '.put.p99_us' "$out")
-                    fi
-                done
-            done
-        done
-    done
-    stop_pid "$pid"
+    SERVER_PIDS+=("$pid")
+    KV_ADDR[$variant|tcp]="http://127.0.0.1:$port"
+    KV_ADDR[$variant|uds]="unix://$sock"
+    KV_BIN[$variant]=$bin
 }
 
-if [[ $BASELINE == 1 ]]; then
-    run_kvstrata base KVSTRATA_GRPC_PATH=tonic
-fi
-run_kvstrata kv KVSTRATA_GRPC_PATH=inline
+# bench_kvstrata VARIANT SIZE CLIENTS TRANSPORT: GET then PUT. Variant
+# mget: the same bench in `--mode redis` against the plain Redis.
+bench_kvstrata() {
+    local variant=$1 size=$2 clients=$3 transport=$4
+    local ratio op out rc vf misses key
+    local -a target
+    if [[ $variant == mget ]]; then
+        target=("$BIN" bench --mode redis --redis-url "${REDIS_URL[redis|$transport]}")
+    else
+        target=("${KV_BIN[$variant]}" bench --mode grpc --addr "${KV_ADDR[$variant|$transport]}")
+    fi
+    for ratio in 1.0 0.0; do
+        op=GET
+        [[ $ratio == 1.0 ]] || op=PUT
+        out=$WORK/bench-$variant-$transport-$size-$clients-$op.json
+        log "kvstrata bench ($variant) $op: $transport, $size, $clients clients, $DURATION (load $(cut -d' ' -f1 /proc/loadavg))"
+        [[ $variant != mget ]] || redis-cli -s "${REDIS_SOCK[redis]}" flushall >/dev/null
+        rc=0
+        run_to "$out" "${target[@]}" \
+            --block-size "$size" --batch "$BATCH" --concurrency "$clients" \
+            --read-ratio "$ratio" --duration "$DURATION" --warmup "$WARMUP" \
+            --memcpy-duration 0s --json || rc=$?
+        key="$variant|$op|$transport|$size|$clients"
+        if ! jq -e '.get' "$out" >/dev/null 2>&1; then
+            log "kvstrata bench failed (exit $rc), no report"
+            NOTES+=("kvstrata ($variant) $op $transport $size $clients clients: FAILED (exit $rc), see the daemon log")
+            FAILED=1
+            continue
+        fi
+        ((rc == 0)) || FAILED=1
+        vf=$(jq -r '.verify_failures' "$out")
+        if [[ $vf != 0 ]]; then
+            NOTES+=("kvstrata ($variant) $op $transport $size $clients clients: **$vf VERIFY FAILURES**: $(jq -r '.first_failure' "$out")")
+            FAILED=1
+        fi
+        if [[ $op == GET ]]; then
+            misses=$(jq -r '.get.misses' "$out")
+            if [[ $misses != 0 ]]; then
+                NOTES+=("kvstrata ($variant) $op $transport $size $clients clients: $misses of $(jq -r '.get.blocks' "$out") gets missed")
+            fi
+            GBPS[$key]=$(jq -r '.get.gb_per_s' "$out")
+            P50[$key]=$(jq -r '.get.p50_us' "$out")
+            P99[$key]=$(jq -r '.get.p99_us' "$out")
+        else
+            GBPS[$key]=$(jq -r '.put.gb_per_s' "$out")
+            P50[$key]=$(jq -r '.put.p50_us' "$out")
+            P99[$key]=$(jq -r '.put.p99_us' "$out")
+        fi
+    done
+}
 
 # --------------------------------------------------------------------- redis
-# run_redis VARIANT [redis-server flags...]: redis-benchmark over TCP and UDS.
-run_redis() {
+# start_redis VARIANT [redis-server flags...]: redis-server on TCP and UDS.
+start_redis() {
     local variant=$1
     shift
     local port sock pid
@@ -154,53 +176,92 @@ run_redis() {
     log "starting redis-server ($variant: tcp 127.0.0.1:$port, uds $sock) $*"
     start_bg "$WORK/redis-$variant.log" redis-server --port "$port" --bind 127.0.0.1 \
         --unixsocket "$sock" --unixsocketperm 700 --save "" --appendonly no --dir "$WORK" \
-        --daemonize no --protected-mode no "$@"
+        --dbfilename "dump-$variant.rdb" --daemonize no --protected-mode no "$@"
     pid=$BG_PID
     # shellcheck disable=SC2329 # called through wait_for
     redis_ready() { [[ -S $1 ]] && redis-cli -s "$1" ping | grep -q PONG; }
     wait_for "$pid" "$WORK/redis-$variant.log" redis_ready "$sock" || die "redis-server did not start"
-    local -A where=([tcp]="-h 127.0.0.1 -p $port" [uds]="-s $sock")
-    local size bytes keys n clients transport csv test line rps p50 p99 gbps
-    for size in $SIZES; do
-        bytes=$(to_bytes "$size")
-        keys=$((WORKING_SET_BYTES / bytes))
-        ((keys >= 1)) || keys=1
-        # Enough requests to move REDIS_BYTES, and at least 4 per key so that
-        # nearly every GET finds a value the SET test stored.
-        n=$((REDIS_BYTES / bytes))
-        ((n >= 4 * keys)) || n=$((4 * keys))
-        for clients in $CLIENTS; do
-            for transport in $TRANSPORTS; do
-                redis-cli -s "$sock" flushall >/dev/null
-                log "redis-benchmark ($variant): $transport -d $bytes -c $clients -n $n -r $keys (load $(cut -d' ' -f1 /proc/loadavg))"
-                csv=$WORK/redis-$variant-$transport-$size-$clients.csv
-                # shellcheck disable=SC2086 # where holds several words
-                run_to "$csv" redis-benchmark ${where[$transport]} -t set,get -d "$bytes" \
-                    -c "$clients" -n "$n" -r "$keys" --csv ||
-                    die "redis-benchmark failed: $(cat "$csv")"
-                for test in SET GET; do
-                    # Redis 7 columns: test, rps, avg, min, p50, p95, p99, max (ms).
-                    line=$(awk -F, -v t="\"$test\"" '$1 == t { gsub(/"/, ""); print; exit }' "$csv")
-                    [[ -n $line ]] || die "no $test line in redis-benchmark output: $(cat "$csv")"
-                    IFS=, read -r _ rps _ _ p50 _ p99 _ <<<"$line"
-                    gbps=$(awk -v r="$rps" -v b="$bytes" 'BEGIN { printf "%.6f", r * b / 1e9 }')
-                    local op=GET
-                    [[ $test == GET ]] || op=PUT
-                    local key="$variant|$op|$transport|$size|$clients"
-                    GBPS[$key]=$gbps
-                    P50[$key]=$(ms_to_us "${p50:-}")
-                    P99[$key]=$(ms_to_us "${p99:-}")
-                done
-            done
-        done
-    done
-    stop_pid "$pid"
+    SERVER_PIDS+=("$pid")
+    REDIS_WHERE[$variant|tcp]="-h 127.0.0.1 -p $port"
+    REDIS_WHERE[$variant|uds]="-s $sock"
+    REDIS_URL[$variant|tcp]="redis://127.0.0.1:$port"
+    REDIS_URL[$variant|uds]="unix://$sock"
+    REDIS_SOCK[$variant]=$sock
 }
 
-run_redis redis
-if ((REDIS_IO_THREADS > 0)); then
-    run_redis redis-io --io-threads "$REDIS_IO_THREADS" --io-threads-do-reads yes
+# bench_redis VARIANT SIZE CLIENTS TRANSPORT: redis-benchmark SET then GET.
+bench_redis() {
+    local variant=$1 size=$2 clients=$3 transport=$4
+    local bytes keys n csv test line rps p50 p99 gbps op key
+    bytes=$(to_bytes "$size")
+    keys=$((WORKING_SET_BYTES / bytes))
+    ((keys >= 1)) || keys=1
+    # Enough requests to move REDIS_BYTES, and at least 4 per key so that
+    # nearly every GET finds a value the SET test stored.
+    n=$((REDIS_BYTES / bytes))
+    ((n >= 4 * keys)) || n=$((4 * keys))
+    redis-cli -s "${REDIS_SOCK[$variant]}" flushall >/dev/null
+    log "redis-benchmark ($variant): $transport -d $bytes -c $clients -n $n -r $keys (load $(cut -d' ' -f1 /proc/loadavg))"
+    csv=$WORK/redis-$variant-$transport-$size-$clients.csv
+    # shellcheck disable=SC2086 # REDIS_WHERE holds several words
+    run_to "$csv" redis-benchmark ${REDIS_WHERE[$variant|$transport]} -t set,get -d "$bytes" \
+        -c "$clients" -n "$n" -r "$keys" --csv ||
+        die "redis-benchmark failed: $(cat "$csv")"
+    redis-cli -s "${REDIS_SOCK[$variant]}" flushall >/dev/null
+    for test in SET GET; do
+        # Redis 7 columns: test, rps, avg, min, p50, p95, p99, max (ms).
+        line=$(awk -F, -v t="\"$test\"" '$1 == t { gsub(/"/, ""); print; exit }' "$csv")
+        [[ -n $line ]] || die "no $test line in redis-benchmark output: $(cat "$csv")"
+        IFS=, read -r _ rps _ _ p50 _ p99 _ <<<"$line"
+        gbps=$(awk -v r="$rps" -v b="$bytes" 'BEGIN { printf "%.6f", r * b / 1e9 }')
+        op=GET
+        [[ $test == GET ]] || op=PUT
+        key="$variant|$op|$transport|$size|$clients"
+        GBPS[$key]=$gbps
+        P50[$key]=$(ms_to_us "${p50:-}")
+        P99[$key]=$(ms_to_us "${p99:-}")
+    done
+}
+
+# ---------------------------------------------------------------------- runs
+declare -A KV_BIN=() REDIS_SOCK=() REDIS_URL=()
+VARIANTS=()
+if [[ $BASELINE == 1 ]]; then
+    if [[ -n $BASELINE_BIN ]]; then
+        [[ -x $BASELINE_BIN ]] || die "BASELINE_BIN=$BASELINE_BIN is not an executable"
+        start_kvstrata base "$BASELINE_BIN" KVSTRATA_BASELINE=1
+    else
+        start_kvstrata base "$BIN" KVSTRATA_GRPC_PATH=tonic
+    fi
+    VARIANTS+=(base)
 fi
+start_kvstrata kv "$BIN" KVSTRATA_GRPC_PATH=inline
+VARIANTS+=(kv)
+start_redis redis
+REDIS_VARIANTS=(redis)
+if ((REDIS_IO_THREADS > 0)); then
+    start_redis redis-io --io-threads "$REDIS_IO_THREADS" --io-threads-do-reads yes
+    REDIS_VARIANTS+=(redis-io)
+fi
+
+for size in $SIZES; do
+    for clients in $CLIENTS; do
+        for transport in $TRANSPORTS; do
+            for v in "${VARIANTS[@]}"; do
+                bench_kvstrata "$v" "$size" "$clients" "$transport"
+            done
+            for v in "${REDIS_VARIANTS[@]}"; do
+                bench_redis "$v" "$size" "$clients" "$transport"
+            done
+            if [[ $REDIS_MGET == 1 ]]; then
+                bench_kvstrata mget "$size" "$clients" "$transport"
+            fi
+        done
+    done
+done
+for pid in "${SERVER_PIDS[@]}"; do
+    stop_pid "$pid"
+done
 
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
@@ -213,8 +274,16 @@ ge() { awk -v a="${1:-}" -v b="${2:-}" 'BEGIN { print (a != "" && b != "" && a !
 echo
 header="| op | transport | block | clients | kvstrata GB/s | Redis GB/s | ×Redis | Redis io-threads GB/s | ×Redis-io | kvstrata p99 (µs) | Redis p99 ×$BATCH (µs) | p99 ratio |"
 sep="|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+if [[ $REDIS_MGET == 1 ]]; then
+    header+=" Redis M${BATCH} GB/s | ×Redis-M | Redis M${BATCH} p99 (µs) | p99 ratio M |"
+    sep+="---:|---:|---:|---:|"
+fi
 if [[ $BASELINE == 1 ]]; then
-    header+=" before (tonic) GB/s | after/before |"
+    if [[ -n $BASELINE_BIN ]]; then
+        header+=" before ($(basename "$BASELINE_BIN")) GB/s | after/before |"
+    else
+        header+=" before (tonic) GB/s | after/before |"
+    fi
     sep+="---:|---:|"
 fi
 echo "$header"
@@ -235,6 +304,11 @@ for size in $SIZES; do
                     rp99b=$((rp99 * BATCH))
                 fi
                 row="| $op | $transport | $size | $clients | $(num "$kv") | $(num "$rd") | $(ratio "$kv" "$rd") | $(num "$ri") | $(ratio "$kv" "$ri") | $(int "$kp99") | $rp99b | $(ratio "$kp99" "$rp99b") |"
+                mg=${GBPS[mget|$k]:-}
+                mp99=${P99[mget|$k]:-}
+                if [[ $REDIS_MGET == 1 ]]; then
+                    row+=" $(num "$mg") | $(ratio "$kv" "$mg") | $(int "$mp99") | $(ratio "$kp99" "$mp99") |"
+                fi
                 if [[ $BASELINE == 1 ]]; then
                     base=${GBPS[base|$k]:-}
                     row+=" $(num "$base") | $(ratio "$kv" "$base") |"
@@ -252,7 +326,12 @@ for size in $SIZES; do
                 pr=$(ratio "$kp99" "$rp99b")
                 if [[ $pr != "-" ]]; then
                     if [[ $(ge 2 "$pr") == 1 ]]; then v=met; else v="NOT met"; fi
-                    CHECKS+=("$op $transport $size $clients clients: p99 ratio $pr (target ≤ 2): $v")
+                    CHECKS+=("$op $transport $size $clients clients: p99 ratio $pr against redis-benchmark's p99 ×$BATCH (target ≤ 2): $v")
+                fi
+                pr=$(ratio "$kp99" "$mp99")
+                if [[ $pr != "-" ]]; then
+                    if [[ $(ge 2 "$pr") == 1 ]]; then v=met; else v="NOT met"; fi
+                    CHECKS+=("$op $transport $size $clients clients: p99 ratio $pr against M${BATCH} of $BATCH values, same client (target ≤ 2): $v")
                 fi
             done
             tcp=${GBPS[kv|$op|tcp|$size|$clients]:-}
@@ -268,6 +347,9 @@ done
 echo
 echo "kvstrata: \`kvstrata bench --mode grpc\`, one connection per client, $BATCH blocks per RPC, $DURATION measured after $WARMUP warm-up, 1 GiB working set, every read verified; GET = read ratio 1.0, PUT = read ratio 0.0; p99 per RPC."
 echo "Redis: \`redis-benchmark -t set,get -c N\` (one value per request, 1 GiB keyspace), as it is and with \`--io-threads $REDIS_IO_THREADS --io-threads-do-reads yes\`; GB/s = requests/s × value size; its p99 per request × $BATCH stands for the same bytes as one kvstrata RPC. Both on the same transport as the row."
+if [[ $REDIS_MGET == 1 ]]; then
+    echo "Redis M$BATCH: \`kvstrata bench --mode redis\` on the plain Redis, the same transport: one MGET (GET rows) or MSET (PUT rows) of $BATCH values per call, the same client code, keys, payloads and verification as the kvstrata rows; p99 per call (the same bytes as one kvstrata RPC)."
+fi
 echo "Load average (1/5/15 min): $LOAD_BEFORE before, $LOAD_AFTER after; $(nproc) CPUs."
 echo
 echo "Targets of issue 22:"

@@ -22,19 +22,40 @@ use crate::runner::{Outcome, Shared};
 /// Model id of the benchmark's namespace.
 pub const BENCH_MODEL_ID: &str = "kvstrata-bench";
 
-/// One task's gRPC client: the generated one (puts, registration, the shm
-/// mode), and its channel for BatchGet, whose answers are decoded where the
-/// frames arrived ([`kvstrata_client::inline`]) as the client library does.
+/// One task's gRPC client: the generated one (registration, the shm mode),
+/// and its channel for BatchGet and BatchPut, framed by hand as the client
+/// library frames them ([`kvstrata_client::inline`]: put payloads sent as
+/// they are, get answers decoded where the frames arrived).
 pub(crate) struct Client {
     rpc: KvCacheClient<BearerChannel>,
     channel: BearerChannel,
+    /// Payloads of earlier puts, made into the next puts' payloads (only
+    /// their header changes) once the transport has let go of them.
+    spare: Vec<Bytes>,
 }
 
 impl Client {
     fn new(channel: Channel, token: Option<&BearerToken>) -> Client {
         let rpc = client(channel.clone(), token);
         let channel = BearerChannel::new(channel, Bearer(token.cloned()));
-        Client { rpc, channel }
+        Client {
+            rpc,
+            channel,
+            spare: Vec::new(),
+        }
+    }
+
+    /// The payload of key index `key` at `version`: a spare block restamped
+    /// when one is free again (no copy of the block), else a new one.
+    fn payload(&mut self, sh: &Shared, key: u64, version: u64) -> Bytes {
+        while let Some(spare) = self.spare.pop() {
+            if let Ok(mut block) = spare.try_into_mut()
+                && sh.payloads.restamp(&mut block, key, version).is_ok()
+            {
+                return block.freeze();
+            }
+        }
+        sh.payloads.block(key, version)
     }
 }
 
@@ -59,13 +80,18 @@ pub(crate) async fn put_batch(
     indices: &[u64],
 ) -> Result<Outcome, BenchError> {
     let versions = sh.issue_versions(indices);
-    let items = indices
+    let payloads: Vec<Bytes> = indices
         .iter()
         .zip(&versions)
-        .map(|(&i, &v)| PutItem {
+        .map(|(&i, &v)| client.payload(sh, i, v))
+        .collect();
+    let items = indices
+        .iter()
+        .zip(&payloads)
+        .map(|(&i, payload)| PutItem {
             key: sh.key(i),
             parent: Bytes::new(),
-            payload: sh.payloads.block(i, v),
+            payload: payload.clone(),
             range: None,
             pages: None,
         })
@@ -75,12 +101,17 @@ pub(crate) async fn put_batch(
         items,
     };
     let t0 = Instant::now();
-    let resp = client
-        .batch_put(req)
-        .await
-        .map_err(|s| BenchError::rpc("BatchPut", s))?
-        .into_inner();
-    sh.put_outcome("BatchPut", indices, &versions, t0.elapsed(), &resp.results)
+    let resp = kvstrata_client::inline::batch_put(
+        &mut client.channel,
+        tonic::Request::new(req),
+        MAX_MESSAGE_BYTES,
+    )
+    .await
+    .map_err(|s| BenchError::rpc("BatchPut", s))?
+    .into_inner();
+    let latency = t0.elapsed();
+    client.spare.extend(payloads);
+    sh.put_outcome("BatchPut", indices, &versions, latency, &resp.results)
 }
 
 /// One `BatchGet` of the blocks at `indices`; every found block is checked.
@@ -131,6 +162,9 @@ pub(crate) async fn get_batch(
 /// One gRPC client per task (`n`), each on its own connection or, with
 /// `--shared-connection`, all on one.
 pub(crate) async fn open_clients(args: &BenchArgs, n: usize) -> Result<Vec<Client>, BenchError> {
+    // Answers' frame buffers reused, not faulted in afresh per block (as the
+    // daemon does for requests).
+    kvstrata_client::inline::keep_freed_frame_buffers();
     let mut clients = Vec::with_capacity(n);
     if args.shared_connection {
         let ch = connect_channel(&args.addr).await?;

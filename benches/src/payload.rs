@@ -101,6 +101,21 @@ impl PayloadGen {
         Bytes::from(v)
     }
 
+    /// Turns `block` (a payload this generator made, of any key and
+    /// version, its bytes unchanged since) into the payload of key index
+    /// `key` at `version`: only the header differs between payloads.
+    pub fn restamp(&self, block: &mut [u8], key: u64, version: u64) -> Result<(), VerifyError> {
+        if block.len() != self.base.len() {
+            return Err(VerifyError::Length {
+                got: block.len(),
+                want: self.base.len(),
+            });
+        }
+        block[..8].copy_from_slice(&key.to_le_bytes());
+        block[8..HEADER_BYTES].copy_from_slice(&version.to_le_bytes());
+        Ok(())
+    }
+
     /// Writes the payload of key index `key` at `version` into `dst` (a
     /// shared-memory region), which must be exactly one block long.
     pub fn write_block(&self, dst: &mut [u8], key: u64, version: u64) -> Result<(), VerifyError> {
@@ -170,6 +185,15 @@ impl PayloadGen {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restamped_block_is_the_new_keys_block() {
+        let g = PayloadGen::new(4096);
+        let mut b = g.block(1, 2).to_vec();
+        g.restamp(&mut b, 3, 4).unwrap();
+        assert_eq!(b, g.block(3, 4).to_vec());
+        assert!(g.restamp(&mut b[..100], 3, 4).is_err());
+    }
 
     #[test]
     fn blocks_carry_key_and_version_and_share_the_body() {

@@ -9,28 +9,40 @@
 //! that the cached path gives the same first token and the same answer.
 //! `--baseline-every-turn` measures it on every turn (on a 2-core CPU that is about one
 //! full prefill more per turn).
+//!
+//! With `--device cuda` (the default when a GPU is found) the engines run on the GPU:
+//! the daemon is a `kvstrata serve` child process with an HBM tier, the engine's KV
+//! pool is registered with it as a CUDA-IPC KV region, and blocks move by page ids
+//! (`kvstrata_engine::cuda::GpuEngine`); the turns and the checks are the same.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use bytesize::ByteSize;
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 use kvstrata_client::{Client, proto};
 use kvstrata_engine::chat::Conversation;
+use kvstrata_engine::cuda::{CudaDevice, GpuEngine, GpuKvOptions};
 use kvstrata_engine::engine::{Engine, EngineOptions, LoadedModel};
 use kvstrata_engine::rag;
 use kvstrata_engine::sampling::SamplingParams;
 use kvstrata_server::{Config, Daemon};
 use serde::Serialize;
 
-use crate::engine_verbs::{ModelArgs, load_model, ms, prefill_bar};
+use crate::engine_verbs::{Device, DeviceArgs, GpuSetup, ModelArgs, load_model, ms, prefill_bar};
 
 /// `kvstrata demo`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// With --device cuda: the HBM tier of the demo daemon (0: none)
+    #[arg(long, default_value = "64MiB")]
+    pub gpu_hbm_bytes: ByteSize,
     /// Keep the demo daemon's files (disk tier, index, sockets) here
     /// [default: a temporary directory removed at exit]
     #[arg(long)]
@@ -154,6 +166,7 @@ struct TurnRow {
     question: String,
     context_tokens: usize,
     reused_tokens: usize,
+    reused_from_hbm: usize,
     reused_from_host: usize,
     reused_from_disk: usize,
     ttft_cached_ms: f64,
@@ -182,13 +195,276 @@ fn first_words(text: &str, n: usize) -> String {
     }
 }
 
+/// The engines of the demo: the one through the daemon and the recompute
+/// baseline, on the CPU (an in-process daemon) or on the GPU (a daemon child
+/// process; blocks by page ids).
+enum Engines {
+    Cpu {
+        engine: Engine,
+        baseline: Engine,
+        local: LocalDaemon,
+    },
+    Gpu {
+        engine: GpuEngine,
+        baseline: GpuEngine,
+        client: Client,
+        _daemon: kvstrata_gpucheck::ipc::DaemonChild,
+    },
+}
+
+/// What one turn did, on either device.
+struct Turn {
+    reused_tokens: usize,
+    reused_tiers: Vec<proto::Tier>,
+    first_token: u32,
+    ttft: Duration,
+    load: Duration,
+    answer: Vec<u32>,
+    /// The recompute's TTFT, first token and greedy answer, when measured.
+    recompute: Option<(Duration, u32, Vec<u32>)>,
+}
+
+impl Engines {
+    fn client(&self) -> &Client {
+        match self {
+            Engines::Cpu { local, .. } => &local.client,
+            Engines::Gpu { client, .. } => client,
+        }
+    }
+
+    async fn turn(
+        &self,
+        model: &LoadedModel,
+        tokens: &[u32],
+        measure: bool,
+        max_tokens: usize,
+        quiet: bool,
+    ) -> anyhow::Result<Turn> {
+        let is_eos = |t: u32| model.tokenizer.is_eos(t);
+        match self {
+            Engines::Cpu {
+                engine, baseline, ..
+            } => {
+                let recompute = if measure {
+                    let mut bar = prefill_bar(quiet);
+                    Some(baseline.prefill(tokens, &mut bar).await?)
+                } else {
+                    None
+                };
+                let mut bar = prefill_bar(quiet);
+                let prefill = engine.prefill(tokens, &mut bar).await?;
+                let decoded = engine
+                    .decode(
+                        &prefill.handoff,
+                        SamplingParams::default(),
+                        max_tokens,
+                        &mut |_| true,
+                    )
+                    .await?;
+                let recompute = match recompute {
+                    Some(mut p) => {
+                        let answer = tokio::task::block_in_place(|| {
+                            baseline.continue_local(&mut p, max_tokens)
+                        })?;
+                        Some((p.timings.ttft, p.handoff.first_token, answer))
+                    }
+                    None => None,
+                };
+                Ok(Turn {
+                    reused_tokens: prefill.reused_tokens,
+                    reused_tiers: prefill.reused_tiers,
+                    first_token: prefill.handoff.first_token,
+                    ttft: prefill.timings.ttft,
+                    load: prefill.timings.load,
+                    answer: decoded.tokens,
+                    recompute,
+                })
+            }
+            Engines::Gpu {
+                engine, baseline, ..
+            } => {
+                let recompute = match measure {
+                    true => {
+                        let mut p = baseline.prefill(tokens).await?;
+                        let answer = tokio::task::block_in_place(|| {
+                            baseline.continue_local(&mut p, max_tokens, &is_eos)
+                        })?;
+                        Some((p.timings.ttft, p.handoff.first_token, answer))
+                    }
+                    false => None,
+                };
+                let prefill = engine.prefill(tokens).await?;
+                let handoff = prefill.handoff.clone();
+                let (reused_tokens, ttft, load) = (
+                    prefill.reused_tokens,
+                    prefill.timings.ttft,
+                    prefill.timings.load,
+                );
+                let reused_tiers = prefill.reused_tiers;
+                drop(prefill.seq);
+                let decoded = engine
+                    .decode(
+                        &handoff,
+                        SamplingParams::default(),
+                        max_tokens,
+                        &is_eos,
+                        &mut |_| true,
+                    )
+                    .await?;
+                Ok(Turn {
+                    reused_tokens,
+                    reused_tiers,
+                    first_token: handoff.first_token,
+                    ttft,
+                    load,
+                    answer: decoded.tokens,
+                    recompute,
+                })
+            }
+        }
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        match self {
+            Engines::Cpu { local, .. } => local.stop().await,
+            Engines::Gpu { .. } => Ok(()),
+        }
+    }
+}
+
+/// The GPU engines and their daemon (a child process: a CUDA IPC handle
+/// cannot be opened by the process that exported it).
+async fn gpu_engines(
+    args: &DemoArgs,
+    dev: &Arc<CudaDevice>,
+    dir: &Path,
+) -> anyhow::Result<(Engines, bool, String)> {
+    let bt = args.model.block_tokens;
+    let setup =
+        tokio::task::block_in_place(|| GpuSetup::load(dev, &args.model, None, usize::MAX, 1024))?;
+    let positions = setup.model.max_positions();
+    let pool = setup.model.kv_pool(bt, 2 * (positions / bt + 2))?;
+    let daemon_args: Vec<String> = [
+        "--gpu",
+        "on",
+        "--gpu-device",
+        &dev.info().ordinal.to_string(),
+        "--gpu-hbm-bytes",
+        &args.gpu_hbm_bytes.as_u64().to_string(),
+        "--host-capacity",
+        &args.host_capacity.as_u64().to_string(),
+        "--host-segment-bytes",
+        &ByteSize::mib(4)
+            .min(args.host_capacity)
+            .max(ByteSize::mib(1))
+            .as_u64()
+            .to_string(),
+        "--log-level",
+        "warn",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let slots = format!(
+        "{}={}",
+        dir.join("kvstrata-slots.bin").display(),
+        args.disk_size.as_u64()
+    );
+    let (daemon, disk) = tokio::task::block_in_place(|| {
+        if args.disk_size.as_u64() > 0 {
+            let mut with_disk = daemon_args.clone();
+            with_disk.extend(["--disk-path".to_string(), slots]);
+            match kvstrata_gpucheck::ipc::DaemonChild::start(&with_disk) {
+                Ok(d) => return Ok((d, true)),
+                Err(e) => eprintln!(
+                    "note: no disk tier in {} ({e}); host tier only",
+                    dir.display()
+                ),
+            }
+        }
+        kvstrata_gpucheck::ipc::DaemonChild::start(&daemon_args).map(|d| (d, false))
+    })
+    .map_err(|e| anyhow::anyhow!("starting the demo daemon: {e}"))?;
+    let client = Client::connect(&format!("unix://{}", daemon.uds().display())).await?;
+    let options = GpuKvOptions {
+        region_socket: Some(daemon.regions().display().to_string()),
+        mempool_socket: Some(daemon.mempool().display().to_string()),
+    };
+    let engine = GpuEngine::connect(
+        Arc::clone(&setup.model),
+        Arc::clone(&pool),
+        client.clone(),
+        setup.spec.clone(),
+        &options,
+    )
+    .await?
+    .with_load_policy(args.device.load_policy);
+    let path = match engine.store().and_then(|s| s.path_note()) {
+        Some(note) => note.to_string(),
+        None => "the engine's KV pages on the GPU are a CUDA-IPC region of the daemon; blocks move by page ids".to_string(),
+    };
+    let baseline = GpuEngine::local(setup.model, pool);
+    Ok((
+        Engines::Gpu {
+            engine,
+            baseline,
+            client,
+            _daemon: daemon,
+        },
+        disk,
+        path,
+    ))
+}
+
 /// `kvstrata demo`.
 pub async fn run_demo(args: DemoArgs, json: bool) -> anyhow::Result<()> {
     let questions = rag::questions();
     let turns = args.turns.clamp(1, questions.len());
+    if args.device.synthetic.is_some() {
+        anyhow::bail!("--synthetic: the demo needs a real model's text (use bench ttft)");
+    }
+    let device = args.device.resolve(args.model.quiet || json)?;
     let model: Arc<LoadedModel> = tokio::task::block_in_place(|| load_model(&args.model))?;
-    let local =
-        LocalDaemon::start(args.data_dir.as_deref(), args.host_capacity, args.disk_size).await?;
+    // The GPU demo's directory (the daemon child's disk tier), removed at the end.
+    let mut gpu_tmp = None;
+    let (engines, disk, path) = match &device {
+        Device::Cpu => {
+            let local =
+                LocalDaemon::start(args.data_dir.as_deref(), args.host_capacity, args.disk_size)
+                    .await?;
+            let mut options = local.engine_options(&args.model);
+            options.load_policy = args.device.load_policy;
+            let engine = Engine::connect(model.clone(), local.client.clone(), &options).await?;
+            let baseline = Engine::local(model.clone(), &options)?;
+            let disk = local.disk;
+            let path = "engines move blocks through shared memory".to_string();
+            (
+                Engines::Cpu {
+                    engine,
+                    baseline,
+                    local,
+                },
+                disk,
+                path,
+            )
+        }
+        Device::Cuda(dev) => {
+            let dir = match &args.data_dir {
+                Some(d) => d.clone(),
+                None => gpu_tmp
+                    .insert(
+                        tempfile::Builder::new()
+                            .prefix("kvstrata-demo-")
+                            .tempdir()
+                            .context("creating a temporary directory")?,
+                    )
+                    .path()
+                    .to_path_buf(),
+            };
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            gpu_engines(&args, dev, &dir).await?
+        }
+    };
     if !json {
         println!(
             "kvstrata demo: {} ({} layers, {} KV heads x {} dims, {} KiB of f16 KV per {}-token block)",
@@ -200,69 +476,61 @@ pub async fn run_demo(args: DemoArgs, json: bool) -> anyhow::Result<()> {
             args.model.block_tokens,
         );
         println!(
-            "daemon in this process: host tier {}, disk tier {}; engines move blocks through shared memory\n",
+            "daemon {}: host tier {}, disk tier {}; {path}\n",
+            match device {
+                Device::Cpu => "in this process".to_string(),
+                Device::Cuda(_) => format!(
+                    "in a child process: HBM tier {}",
+                    args.gpu_hbm_bytes.display().iec()
+                ),
+            },
             args.host_capacity.display().iec(),
-            if local.disk {
+            if disk {
                 args.disk_size.display().iec().to_string()
             } else {
                 "off".into()
             }
         );
     }
-    let options = local.engine_options(&args.model);
-    let engine = Engine::connect(model.clone(), local.client.clone(), &options).await?;
-    let baseline = Engine::local(model.clone(), &options)?;
     let mut convo = Conversation::with_system(rag::system_prompt());
     let mut rows = Vec::new();
     for (i, question) in questions.iter().take(turns).enumerate() {
         let tokens = convo.next_prompt_tokens(&model.tokenizer, &model.template, question)?;
         let measure = !args.no_baseline && (args.baseline_every_turn || i + 1 == turns);
-        let recompute = if measure {
-            let mut bar = prefill_bar(args.model.quiet || json);
-            Some(baseline.prefill(&tokens, &mut bar).await?)
-        } else {
-            None
-        };
-        let mut bar = prefill_bar(args.model.quiet || json);
-        let prefill = engine.prefill(&tokens, &mut bar).await?;
-        let decoded = engine
-            .decode(
-                &prefill.handoff,
-                SamplingParams::default(),
+        let t = engines
+            .turn(
+                &model,
+                &tokens,
+                measure,
                 args.max_tokens,
-                &mut |_| true,
+                args.model.quiet || json,
             )
             .await?;
-        let answer = model.tokenizer.decode(&decoded.tokens, true)?;
-        convo.record_answer(&decoded.tokens, &answer);
-        // The recompute's own greedy answer, from its KV in this process.
-        let recompute = match recompute {
-            Some(mut p) => {
-                let tokens = tokio::task::block_in_place(|| {
-                    baseline.continue_local(&mut p, args.max_tokens)
-                })?;
-                Some((p.timings.ttft, p.handoff.first_token, tokens))
-            }
-            None => None,
-        };
-        let (host, disk) = tier_counts(&prefill.reused_tiers);
+        let answer = model.tokenizer.decode(&t.answer, true)?;
+        convo.record_answer(&t.answer, &answer);
+        let (host, disk) = tier_counts(&t.reused_tiers);
+        let hbm = t
+            .reused_tiers
+            .iter()
+            .filter(|x| **x == proto::Tier::Hbm)
+            .count();
         let row = TurnRow {
             turn: i + 1,
             question: question.clone(),
             context_tokens: tokens.len(),
-            reused_tokens: prefill.reused_tokens,
+            reused_tokens: t.reused_tokens,
+            reused_from_hbm: hbm,
             reused_from_host: host,
             reused_from_disk: disk,
-            ttft_cached_ms: ms(prefill.timings.ttft),
-            load_ms: ms(prefill.timings.load),
-            ttft_recompute_ms: recompute.as_ref().map(|r| ms(r.0)),
-            speedup: recompute
+            ttft_cached_ms: ms(t.ttft),
+            load_ms: ms(t.load),
+            ttft_recompute_ms: t.recompute.as_ref().map(|r| ms(r.0)),
+            speedup: t
+                .recompute
                 .as_ref()
-                .map(|r| r.0.as_secs_f64() / prefill.timings.ttft.as_secs_f64()),
-            same_first_token: recompute
-                .as_ref()
-                .map(|r| r.1 == prefill.handoff.first_token),
-            same_answer: recompute.as_ref().map(|r| r.2 == decoded.tokens),
+                .map(|r| r.0.as_secs_f64() / t.ttft.as_secs_f64()),
+            same_first_token: t.recompute.as_ref().map(|r| r.1 == t.first_token),
+            same_answer: t.recompute.as_ref().map(|r| r.2 == t.answer),
             answer: answer.trim().to_string(),
         };
         if !json {
@@ -271,12 +539,13 @@ pub async fn run_demo(args: DemoArgs, json: bool) -> anyhow::Result<()> {
         }
         rows.push(row);
     }
-    let stats = local.client.stats().await?;
+    let stats = engines.client().stats().await?;
     if json {
         let doc = serde_json::json!({
             "model": model.info.model_id,
+            "device": match &device { Device::Cpu => "cpu".to_string(), Device::Cuda(d) => format!("cuda:{}", d.info().ordinal) },
             "block_tokens": args.model.block_tokens,
-            "disk_tier": local.disk,
+            "disk_tier": disk,
             "turns": rows,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -297,7 +566,9 @@ pub async fn run_demo(args: DemoArgs, json: bool) -> anyhow::Result<()> {
             );
         }
     }
-    local.stop().await
+    engines.stop().await?;
+    drop(gpu_tmp);
+    Ok(())
 }
 
 /// What the recompute baseline checked, and on which turns.
@@ -356,7 +627,14 @@ fn turn_table(rows: &[TurnRow]) -> Table {
             r.speedup
                 .map(|x| format!("{x:.1}x"))
                 .unwrap_or_else(|| "-".into()),
-            format!("host {} / disk {}", r.reused_from_host, r.reused_from_disk),
+            if r.reused_from_hbm > 0 {
+                format!(
+                    "hbm {} / host {} / disk {}",
+                    r.reused_from_hbm, r.reused_from_host, r.reused_from_disk
+                )
+            } else {
+                format!("host {} / disk {}", r.reused_from_host, r.reused_from_disk)
+            },
             first_words(&r.answer, 6),
         ]);
     }

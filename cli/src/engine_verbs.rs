@@ -12,12 +12,19 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use kvstrata_client::{Client, ClientOptions};
 use kvstrata_engine::chat::{Conversation, Message};
+use kvstrata_engine::cuda::{
+    CudaDevice, DeviceChoice, GpuModel, GpuModelOptions, GpuWeights, Storage,
+    host_weights_from_gguf, resolve_device,
+};
 use kvstrata_engine::engine::{
     DEFAULT_BLOCK_TOKENS, Decoded, Engine, EngineOptions, Handoff, LoadedModel, Prefill,
 };
 use kvstrata_engine::fetch::{self, spinner};
+use kvstrata_engine::load_policy::LoadPolicy;
 use kvstrata_engine::sampling::SamplingParams;
+use kvstrata_engine::synthetic::{DEFAULT_SEED, SyntheticModel};
 use kvstrata_engine::{EngineError, Result};
+use kvstrata_types::NamespaceSpec;
 use serde::Serialize;
 
 /// Which model, where its KV goes, and how blocks move.
@@ -53,6 +60,125 @@ impl ModelArgs {
             mempool_socket: self.mempool_socket.clone(),
             ..EngineOptions::default()
         }
+    }
+}
+
+/// Which device the engines run on (`kvstrata demo`, `kvstrata bench ttft`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DeviceArgs {
+    /// cpu, cuda or cuda:N [default: cuda when a GPU is found, else cpu]
+    #[arg(long, env = "KVSTRATA_DEVICE")]
+    pub device: Option<DeviceChoice>,
+    /// Run a synthetic-weights model of a real geometry on the GPU instead of
+    /// --model (llama3-8b, qwen3-8b, llama3-70b-tp8-shard): seeded random
+    /// weights, so its text is meaningless; for TTFT and transfer numbers
+    #[arg(long)]
+    pub synthetic: Option<String>,
+    /// A cached prefix: auto (load the leading blocks whose load is estimated
+    /// to beat recomputing them), always (load every cached block) or never
+    /// (recompute)
+    #[arg(long, default_value = "auto")]
+    pub load_policy: LoadPolicy,
+}
+
+/// The device resolved from [`DeviceArgs`].
+#[derive(Debug, Clone)]
+pub enum Device {
+    Cpu,
+    Cuda(Arc<CudaDevice>),
+}
+
+impl DeviceArgs {
+    /// Resolves `--device` (probing CUDA device 0 without it) and says the
+    /// choice once on standard error unless `quiet`. `--synthetic` needs CUDA.
+    pub fn resolve(&self, quiet: bool) -> Result<Device> {
+        let (choice, dev, line) = resolve_device(self.device, CudaDevice::open, |d| {
+            let i = d.info();
+            format!(
+                "{}, {:.0} GiB, compute capability {}.{}",
+                i.name,
+                i.total_bytes as f64 / (1u64 << 30) as f64,
+                i.compute_capability.0,
+                i.compute_capability.1
+            )
+        })?;
+        if !quiet {
+            eprintln!("{line}");
+        }
+        match (choice, dev) {
+            (DeviceChoice::Cuda(_), Some(d)) => Ok(Device::Cuda(d)),
+            _ if self.synthetic.is_some() => Err(EngineError::InvalidRequest(
+                "--synthetic runs on the GPU engine: it needs --device cuda and a GPU".into(),
+            )),
+            _ => Ok(Device::Cpu),
+        }
+    }
+}
+
+/// A model on the GPU with what the engines need around it.
+pub struct GpuSetup {
+    pub model: Arc<GpuModel>,
+    /// The namespace of its KV.
+    pub spec: NamespaceSpec,
+    /// The model id shown in tables.
+    pub name: String,
+    /// The tokenizer and template (a GGUF model; `None` for a synthetic one).
+    pub loaded: Option<Arc<LoadedModel>>,
+    /// The synthetic model (its prompts), if that is what runs.
+    pub synthetic: Option<SyntheticModel>,
+}
+
+impl GpuSetup {
+    /// Loads `--synthetic` (weights made on the device) or the GGUF model of
+    /// `args` (dequantized to bf16 at load) onto `dev`, for prompts of up to
+    /// `max_positions` tokens run in chunks of `max_chunk`.
+    pub fn load(
+        dev: &Arc<CudaDevice>,
+        args: &ModelArgs,
+        synthetic: Option<&str>,
+        max_positions: usize,
+        max_chunk: usize,
+    ) -> Result<Self> {
+        let options = GpuModelOptions {
+            max_chunk,
+            max_positions,
+            attention: None,
+        };
+        let storage = Storage::Bf16;
+        if let Some(name) = synthetic {
+            let m = SyntheticModel::preset(name, DEFAULT_SEED)?;
+            let bar = spinner(&format!("making synthetic {name} on the GPU"), args.quiet);
+            let weights = GpuWeights::synthetic(dev, &m, storage);
+            bar.finish_and_clear();
+            let model = GpuModel::new(Arc::clone(dev), m.config.clone(), weights?, options)?;
+            return Ok(GpuSetup {
+                model: Arc::new(model),
+                spec: m.namespace_spec(storage, args.block_tokens),
+                name: m.model_id(),
+                loaded: None,
+                synthetic: Some(m),
+            });
+        }
+        let loaded = load_model(args)?;
+        if loaded.info.path.is_dir() {
+            return Err(EngineError::InvalidRequest(format!(
+                "{}: the GPU engine loads GGUF files (or --synthetic)",
+                loaded.info.path.display()
+            )));
+        }
+        let config = loaded.model.config().clone();
+        let bar = spinner("loading the weights onto the GPU", args.quiet);
+        let weights = host_weights_from_gguf(&loaded.info.path, &config, storage)
+            .and_then(|host| GpuWeights::upload(dev, &config, &host));
+        bar.finish_and_clear();
+        let model = GpuModel::new(Arc::clone(dev), config, weights?, options)?;
+        Ok(GpuSetup {
+            model: Arc::new(model),
+            spec: loaded.namespace_spec(args.block_tokens),
+            name: loaded.info.model_id.clone(),
+            loaded: Some(loaded),
+            synthetic: None,
+        })
     }
 }
 
@@ -439,4 +565,25 @@ pub async fn run_chat(args: ChatArgs, addr: &str, options: ClientOptions) -> Res
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_models_need_the_gpu() {
+        let cpu = DeviceArgs {
+            device: Some(DeviceChoice::Cpu),
+            synthetic: None,
+            load_policy: LoadPolicy::Auto,
+        };
+        assert!(matches!(cpu.resolve(true), Ok(Device::Cpu)));
+        let synthetic_on_cpu = DeviceArgs {
+            synthetic: Some("llama3-8b".into()),
+            ..cpu
+        };
+        let e = synthetic_on_cpu.resolve(true).unwrap_err();
+        assert!(e.to_string().contains("--device cuda"), "{e}");
+    }
 }

@@ -16,6 +16,7 @@ use kvstrata_client::{Client, PutItem};
 use kvstrata_engine::chat::{Conversation, Message};
 use kvstrata_engine::engine::{Engine, EngineOptions, Handoff, LoadedModel};
 use kvstrata_engine::fetch;
+use kvstrata_engine::load_policy::LoadPolicy;
 use kvstrata_engine::model::{argmax, max_abs_diff};
 use kvstrata_engine::sampling::SamplingParams;
 use kvstrata_server::{Config, Daemon};
@@ -70,9 +71,12 @@ async fn start_daemon() -> Running {
     }
 }
 
+/// Engines that load every cached block (`auto` decides by timings; these tests
+/// check what is loaded).
 fn options(mempool: Option<&str>) -> EngineOptions {
     EngineOptions {
         mempool_socket: mempool.map(str::to_string),
+        load_policy: LoadPolicy::Always,
         ..EngineOptions::default()
     }
 }
@@ -173,6 +177,67 @@ async fn cached_prefix_at_every_split_matches_full_recompute() {
             assert_eq!(d.recomputed_tokens, tokens.len() - full * 16);
             assert_eq!(d.tokens, want_tokens, "split {split}, pool {mempool:?}");
             assert!(max_abs_diff(&d.prompt_logits, &want_logits) <= LOGIT_TOLERANCE);
+        }
+    }
+    running.daemon.shutdown().await.expect("shutdown");
+}
+
+/// The load policy changes how much of a cached prefix is loaded, never the
+/// first token: `never` recomputes it, `always` loads it, `auto` (once it has a
+/// compute estimate) loads what it chose, whatever that is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_policy_changes_what_is_loaded_never_the_first_token() {
+    let m = model();
+    let tokens = prompt(&m);
+    let (want_tokens, want_logits) = reference(&m, &tokens).await;
+    let running = start_daemon().await;
+    let full = (tokens.len() - 1) / 16;
+    let with = |policy| EngineOptions {
+        load_policy: policy,
+        ..options(Some(running.mempool.as_str()))
+    };
+    let warm = Engine::connect(m.clone(), running.client.clone(), &with(LoadPolicy::Always))
+        .await
+        .expect("engine connects");
+    let w = warm.prefill(&tokens, &mut |_, _| {}).await.expect("warm");
+    assert_eq!(w.stored_blocks, full);
+    for policy in [LoadPolicy::Never, LoadPolicy::Always, LoadPolicy::Auto] {
+        let engine = Engine::connect(m.clone(), running.client.clone(), &with(policy))
+            .await
+            .expect("engine connects");
+        // Auto's first prefill has no compute estimate (it loads everything);
+        // the second decides with one.
+        let rounds = if policy == LoadPolicy::Auto { 2 } else { 1 };
+        for round in 0..rounds {
+            let p = engine
+                .prefill(&tokens, &mut |_, _| {})
+                .await
+                .expect("prefill");
+            let c = p
+                .load_choice
+                .clone()
+                .expect("a cached prefix gives a choice");
+            eprintln!("{policy}, round {round}: {}", c.describe());
+            assert_eq!(c.policy, policy);
+            assert_eq!(c.matched_blocks, full);
+            assert_eq!(p.reused_tokens, c.load_blocks * 16);
+            assert_eq!(p.computed_tokens, tokens.len() - p.reused_tokens);
+            match policy {
+                LoadPolicy::Never => assert_eq!(c.load_blocks, 0),
+                LoadPolicy::Always => assert_eq!(c.load_blocks, full),
+                LoadPolicy::Auto if round == 0 => {
+                    assert_eq!(c.load_blocks, full);
+                    assert_eq!(c.recompute_ms, None);
+                }
+                LoadPolicy::Auto => {
+                    assert_eq!(c.load_blocks, c.auto_blocks);
+                    assert!(c.recompute_ms.is_some() && c.load_all_ms.is_some());
+                }
+            }
+            // Recomputed cached blocks are stored again.
+            assert_eq!(p.stored_blocks, full - c.load_blocks);
+            assert_eq!(argmax(&p.logits), want_tokens[0], "{policy}");
+            assert!(max_abs_diff(&p.logits, &want_logits) <= LOGIT_TOLERANCE);
         }
     }
     running.daemon.shutdown().await.expect("shutdown");

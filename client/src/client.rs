@@ -506,8 +506,15 @@ impl Client {
             namespace_id: ns_bytes(ns),
             items,
         };
-        let mut c = self.inner.clone();
-        self.call(c.batch_put(self.request(req, true))).await
+        // Framed around the payloads: each inline payload goes out as it is.
+        let mut channel = self.channel.clone();
+        let max = self.options.max_message_bytes;
+        self.call(crate::inline::batch_put(
+            &mut channel,
+            self.request(req, true),
+            max,
+        ))
+        .await
     }
 
     /// BatchGet whose blocks go to pool ranges or KV pages (one per key):

@@ -1,21 +1,32 @@
-//! `BatchGet` with inline payloads, decoded where the bytes arrived.
+//! `BatchGet` and `BatchPut` with inline payloads, framed by hand so that
+//! no payload is copied on the client.
 //!
-//! tonic's generated client copies every HTTP/2 `DATA` frame of an answer
-//! into one buffer before prost decodes it. The daemon sends each block of a
-//! BatchGet answer as a frame of its own, so here the frames are kept as
-//! they came and the answer is decoded over them
-//! ([`kvstrata_proto::codec::decode_grpc_message`]): a block's `payload` is
-//! the frame itself, and the only copy on the client is the kernel's.
+//! tonic's generated client encodes a request by copying the whole message
+//! into one buffer, and decodes an answer by first copying every HTTP/2
+//! `DATA` frame of it into another. Here:
 //!
-//! The call is an ordinary gRPC unary call on the same channel (the same
+//! - a `BatchPut` is written as a list of chunks: the protobuf field headers
+//!   are encoded around each payload, and each payload of 8 KiB or more is
+//!   handed to hyper as the caller's own [`Bytes`] (h2 writes it with
+//!   `writev(2)`, in a `DATA` frame of its own, which the daemon decodes in
+//!   place). The bytes on the wire are exactly prost's encoding of the same
+//!   message (`kvstrata_proto::codec::encode_put_request` is tested against it), so any gRPC
+//!   server decodes them;
+//! - a `BatchGet` answer is decoded over the frames as they came
+//!   ([`kvstrata_proto::codec::decode_grpc_message`]): the daemon sends each
+//!   block as a frame of its own, so a block's `payload` is the frame
+//!   itself, and the only copy on the client is the kernel's.
+//!
+//! Both calls are ordinary gRPC unary calls on the same channel (the same
 //! headers, deadline and metadata, the channel's interceptors); only the
-//! decoding differs.
+//! encoding and decoding differ.
 
+use std::collections::VecDeque;
 use std::future::poll_fn;
 
 use bytes::{Buf, Bytes};
 use http_body::Body;
-use kvstrata_proto::codec::{decode_grpc_message, grpc_frame};
+use kvstrata_proto::codec::{decode_grpc_message, encode_put_request, grpc_frame};
 use kvstrata_proto::v1 as pb;
 use tonic::Status;
 use tonic::client::GrpcService;
@@ -24,6 +35,8 @@ use tonic::metadata::MetadataMap;
 
 /// The path of `BatchGet`.
 const BATCH_GET_PATH: &str = "/kvstrata.v1.KvCache/BatchGet";
+/// The path of `BatchPut`.
+const BATCH_PUT_PATH: &str = "/kvstrata.v1.KvCache/BatchPut";
 
 /// One `BatchGet` on `service` (a [`tonic::transport::Channel`], possibly
 /// wrapped in interceptors), its answer decoded in place. Answers larger than
@@ -38,9 +51,56 @@ where
     <S::ResponseBody as Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (metadata, extensions, message) = request.into_parts();
-    let mut req = http::Request::new(tonic::body::Body::new(OneChunk(Some(grpc_frame(&message)))));
+    let body = vec![grpc_frame(&message)];
+    let (metadata, chunks) = unary(service, BATCH_GET_PATH, metadata, extensions, body).await?;
+    let message: pb::BatchGetResponse = decode_grpc_message(chunks, max_message_bytes)?;
+    Ok(tonic::Response::from_parts(
+        metadata,
+        message,
+        tonic::Extensions::new(),
+    ))
+}
+
+/// One `BatchPut` on `service`, each payload of 8 KiB or more sent as it is
+/// (no copy). The answer is decoded as in [`batch_get`].
+pub async fn batch_put<S>(
+    service: &mut S,
+    request: tonic::Request<pb::BatchPutRequest>,
+    max_message_bytes: usize,
+) -> Result<tonic::Response<pb::BatchPutResponse>, Status>
+where
+    S: GrpcService<tonic::body::Body>,
+    <S::ResponseBody as Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (metadata, extensions, message) = request.into_parts();
+    let body = encode_put_request(&message)?;
+    let (metadata, chunks) = unary(service, BATCH_PUT_PATH, metadata, extensions, body).await?;
+    let message: pb::BatchPutResponse = decode_grpc_message(chunks, max_message_bytes)?;
+    Ok(tonic::Response::from_parts(
+        metadata,
+        message,
+        tonic::Extensions::new(),
+    ))
+}
+
+/// One unary call of `path` whose request message is `body` (its chunks,
+/// gRPC header included). Returns the answer's metadata (headers and
+/// trailers, as tonic merges them) and its message chunks as they came;
+/// an answer whose status is not OK is that status.
+async fn unary<S>(
+    service: &mut S,
+    path: &'static str,
+    metadata: MetadataMap,
+    extensions: tonic::Extensions,
+    body: Vec<Bytes>,
+) -> Result<(MetadataMap, Vec<Bytes>), Status>
+where
+    S: GrpcService<tonic::body::Body>,
+    <S::ResponseBody as Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut req = http::Request::new(tonic::body::Body::new(ChunkBody(body.into())));
     *req.method_mut() = http::Method::POST;
-    *req.uri_mut() = http::Uri::from_static(BATCH_GET_PATH);
+    *req.uri_mut() = http::Uri::from_static(path);
     *req.version_mut() = http::Version::HTTP_2;
     *req.extensions_mut() = extensions;
     let headers = req.headers_mut();
@@ -96,23 +156,18 @@ where
         Some(s) => return Err(s),
         None => return Err(Status::internal("the answer ended without a grpc-status")),
     }
-    let message: pb::BatchGetResponse = decode_grpc_message(chunks, max_message_bytes)?;
     // As tonic does: the trailers join the headers in the metadata.
     let mut headers = parts.headers;
     if let Some(t) = trailers {
         headers.extend(t);
     }
-    Ok(tonic::Response::from_parts(
-        MetadataMap::from_headers(headers),
-        message,
-        tonic::Extensions::new(),
-    ))
+    Ok((MetadataMap::from_headers(headers), chunks))
 }
 
-/// A request body of one chunk.
-struct OneChunk(Option<Bytes>);
+/// A request body of ready chunks.
+struct ChunkBody(VecDeque<Bytes>);
 
-impl Body for OneChunk {
+impl Body for ChunkBody {
     type Data = Bytes;
     type Error = Status;
 
@@ -123,16 +178,22 @@ impl Body for OneChunk {
         std::task::Poll::Ready(
             self.get_mut()
                 .0
-                .take()
+                .pop_front()
                 .map(|b| Ok(http_body::Frame::data(b))),
         )
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0.is_none()
+        self.0.is_empty()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.0.as_ref().map_or(0, |b| b.len() as u64))
+        http_body::SizeHint::with_exact(self.0.iter().map(|b| b.len() as u64).sum())
     }
 }
+
+/// Lets a process that receives blocks through these calls reuse freed
+/// HTTP/2 frame buffers instead of faulting in fresh pages for each answer
+/// (glibc's mmap and trim thresholds raised for the whole process; see
+/// [`kvstrata_proto::frame_buffers`]). Call it once at start-up.
+pub use kvstrata_proto::frame_buffers::keep_freed_frame_buffers;

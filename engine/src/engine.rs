@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::chat::ChatTemplate;
 use crate::error::{EngineError, Result};
 use crate::kv::{KvGeometry, PagedKv};
+use crate::load_policy::{LoadChoice, LoadPlanner, LoadPolicy, matched_tiers};
 use crate::model::{LlamaModel, ModelInfo};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::store::BlockStore;
@@ -248,6 +249,9 @@ pub struct Prefill {
     pub computed_tokens: usize,
     /// Tier of each reused block.
     pub reused_tiers: Vec<proto::Tier>,
+    /// How many cached blocks the engine chose to load, and why
+    /// (`crate::load_policy`); `None` when nothing was cached.
+    pub load_choice: Option<LoadChoice>,
     /// New blocks stored (and refused for lack of space).
     pub stored_blocks: usize,
     pub store_no_space: usize,
@@ -281,6 +285,8 @@ pub struct EngineOptions {
     pub prefill_chunk: usize,
     /// Move blocks through a shared-memory pool registered on this mempool socket.
     pub mempool_socket: Option<String>,
+    /// Load or recompute a cached prefix (`crate::load_policy`).
+    pub load_policy: LoadPolicy,
 }
 
 impl Default for EngineOptions {
@@ -289,6 +295,7 @@ impl Default for EngineOptions {
             block_tokens: DEFAULT_BLOCK_TOKENS,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             mempool_socket: None,
+            load_policy: LoadPolicy::Auto,
         }
     }
 }
@@ -299,6 +306,7 @@ pub struct Engine {
     geometry: KvGeometry,
     store: Option<BlockStore>,
     prefill_chunk: usize,
+    planner: LoadPlanner,
 }
 
 impl std::fmt::Debug for Engine {
@@ -312,7 +320,7 @@ impl std::fmt::Debug for Engine {
 }
 
 /// Runs CPU-heavy model code without stalling other tasks of a multi-threaded runtime.
-fn compute<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn compute<R>(f: impl FnOnce() -> R) -> R {
     match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(f)
@@ -330,6 +338,7 @@ impl Engine {
             geometry,
             store: None,
             prefill_chunk: options.prefill_chunk.max(1),
+            planner: LoadPlanner::new(options.load_policy),
         })
     }
 
@@ -354,12 +363,18 @@ impl Engine {
             geometry,
             store: Some(store),
             prefill_chunk: options.prefill_chunk.max(1),
+            planner: LoadPlanner::new(options.load_policy),
         })
     }
 
     /// The model this engine runs.
     pub fn model(&self) -> &Arc<LoadedModel> {
         &self.model
+    }
+
+    /// The policy and the load/compute estimates learned so far.
+    pub fn load_planner(&self) -> &LoadPlanner {
+        &self.planner
     }
 
     /// The block store, when connected to a daemon.
@@ -404,7 +419,9 @@ impl Engine {
         Ok(logits)
     }
 
-    /// Prefill: reuse the longest cached prefix, compute the rest, store new blocks.
+    /// Prefill: reuse the cached prefix (as much of it as the load policy says is
+    /// worth loading), compute the rest, store new blocks (recomputed cached blocks
+    /// are stored again).
     pub async fn prefill(
         &self,
         tokens: &[u32],
@@ -430,14 +447,29 @@ impl Engine {
         let mut kv = PagedKv::new(self.geometry)?;
         let mut timings = PrefillTimings::default();
         let mut reused_tiers = Vec::new();
+        let mut load_choice = None;
         if let Some(store) = &self.store {
             let t = Instant::now();
-            let (matched, _) = store.lookup(&keys[..reusable.min(keys.len())]).await?;
+            let (matched, tiers) = store.lookup(&keys[..reusable.min(keys.len())]).await?;
             timings.lookup = t.elapsed();
             if matched > 0 {
-                let report = store.load(&keys[..matched], &mut kv).await?;
-                timings.load = report.elapsed;
-                reused_tiers = report.tiers;
+                let block_bytes = self.geometry.block_bytes();
+                let tiers = matched_tiers(matched, &tiers);
+                let choice = self.planner.decide(
+                    self.planner.policy(),
+                    &tiers,
+                    block_bytes,
+                    bt,
+                    tokens.len(),
+                );
+                if choice.load_blocks > 0 {
+                    let report = store.load(&keys[..choice.load_blocks], &mut kv).await?;
+                    timings.load = report.elapsed;
+                    self.planner
+                        .record_load(&report.tiers, block_bytes, report.elapsed);
+                    reused_tiers = report.tiers;
+                }
+                load_choice = Some(choice);
             }
         }
         let reused = kv.len();
@@ -445,6 +477,8 @@ impl Engine {
         let logits = self.run(&tokens[reused..], &mut kv, progress)?;
         timings.compute = t.elapsed();
         timings.ttft = started.elapsed();
+        self.planner
+            .record_compute(reused, tokens.len(), timings.compute);
         let first_token = crate::model::argmax(&logits);
         let (mut stored_blocks, mut store_no_space) = (0, 0);
         if let Some(store) = &self.store {
@@ -464,6 +498,7 @@ impl Engine {
             reused_tokens: reused,
             computed_tokens: tokens.len() - reused,
             reused_tiers,
+            load_choice,
             stored_blocks,
             store_no_space,
             timings,

@@ -35,6 +35,12 @@ pub enum EngineError {
     /// A block loaded from kvstrata did not fit the engine's geometry.
     #[error("block {key}: {reason}")]
     BadBlock { key: String, reason: String },
+    /// The GPU engine failed (device, kernels, KV pool).
+    #[error("gpu: {0}")]
+    Cuda(#[from] crate::cuda::CudaError),
+    /// Registering the GPU engine's KV pool with the daemon failed.
+    #[error("{0}")]
+    Region(#[from] kvstrata_client::KvRegionError),
     /// Local I/O (model cache directory, downloads).
     #[error("{context}: {source}")]
     Io {

@@ -22,6 +22,7 @@ pub mod engine;
 pub mod error;
 pub mod fetch;
 pub mod kv;
+pub mod load_policy;
 pub mod model;
 pub mod rag;
 pub mod sampling;

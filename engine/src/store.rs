@@ -8,7 +8,11 @@
 //! Bytes move through a shared-memory pool when the daemon's mempool socket is given
 //! (same host: the daemon copies straight between its tier and the pool), else inline
 //! in the gRPC messages. Both paths check every block's size before it becomes a page.
+//! The pages are anything that is [`BlockPages`]: the CPU engine's [`PagedKv`], or the
+//! GPU engine's sequence when it cannot use the daemon's GPU path
+//! (`crate::cuda::GpuKvStore`).
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,6 +24,36 @@ use crate::kv::{KvGeometry, PagedKv};
 
 /// Blocks per BatchGet/BatchPut message.
 pub const BLOCKS_PER_BATCH: usize = 32;
+
+/// Pages a [`BlockStore`] loads blocks into and stores blocks from.
+pub trait BlockPages {
+    /// Bytes of one block (one page).
+    fn block_bytes(&self) -> usize;
+    /// Full pages held.
+    fn full_pages(&self) -> usize;
+    /// The bytes of full page `index` (one block payload).
+    fn page_bytes(&self, index: usize) -> Result<Cow<'_, [u8]>>;
+    /// Appends one block as the next page.
+    fn push_block(&mut self, payload: &[u8]) -> Result<()>;
+}
+
+impl BlockPages for PagedKv {
+    fn block_bytes(&self) -> usize {
+        self.geometry().block_bytes()
+    }
+
+    fn full_pages(&self) -> usize {
+        PagedKv::full_pages(self)
+    }
+
+    fn page_bytes(&self, index: usize) -> Result<Cow<'_, [u8]>> {
+        PagedKv::page_bytes(self, index).map(Cow::Borrowed)
+    }
+
+    fn push_block(&mut self, payload: &[u8]) -> Result<()> {
+        PagedKv::push_block(self, payload)
+    }
+}
 
 /// What a load moved.
 #[derive(Debug, Clone, Default)]
@@ -142,7 +176,7 @@ impl BlockStore {
 
     /// Appends the blocks of `keys` to `kv`, in order, stopping at the first one the
     /// daemon no longer has (evicted since the lookup): the caller recomputes from there.
-    pub async fn load(&self, keys: &[BlockHash], kv: &mut PagedKv) -> Result<LoadReport> {
+    pub async fn load(&self, keys: &[BlockHash], kv: &mut impl BlockPages) -> Result<LoadReport> {
         let started = Instant::now();
         let mut report = LoadReport::default();
         let block_bytes = self.geometry.block_bytes();
@@ -194,7 +228,7 @@ impl BlockStore {
     /// sequence `kv` holds), each naming the previous key as its parent.
     pub async fn store(
         &self,
-        kv: &PagedKv,
+        kv: &impl BlockPages,
         keys: &[BlockHash],
         from: usize,
     ) -> Result<StoreReport> {
@@ -211,7 +245,7 @@ impl BlockStore {
                     let mut ranges = Vec::with_capacity(batch_end - index);
                     for (i, key) in keys.iter().enumerate().take(batch_end).skip(index) {
                         let mut range = pool.alloc(self.geometry.block_bytes())?;
-                        range.as_mut_slice().copy_from_slice(kv.page_bytes(i)?);
+                        range.as_mut_slice().copy_from_slice(&kv.page_bytes(i)?);
                         let mut item =
                             RangePutItem::new(Bytes::copy_from_slice(key), range.to_proto());
                         if let Some(p) = parent(i) {
@@ -229,7 +263,7 @@ impl BlockStore {
                     for (i, key) in keys.iter().enumerate().take(batch_end).skip(index) {
                         let mut item = PutItem::new(
                             Bytes::copy_from_slice(key),
-                            Bytes::copy_from_slice(kv.page_bytes(i)?),
+                            Bytes::copy_from_slice(&kv.page_bytes(i)?),
                         );
                         if let Some(p) = parent(i) {
                             item = item.with_parent(p);
@@ -261,8 +295,8 @@ fn tier_of(result: &proto::GetResult) -> proto::Tier {
     proto::Tier::try_from(result.tier).unwrap_or(proto::Tier::Unspecified)
 }
 
-fn push_checked(kv: &mut PagedKv, key: &BlockHash, payload: &[u8]) -> Result<()> {
-    let want = kv.geometry().block_bytes();
+fn push_checked(kv: &mut impl BlockPages, key: &BlockHash, payload: &[u8]) -> Result<()> {
+    let want = kv.block_bytes();
     if payload.len() != want {
         return Err(EngineError::BadBlock {
             key: hex::encode(key),

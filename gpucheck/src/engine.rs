@@ -9,6 +9,12 @@
 //!   sequence): identical greedy tokens; last-position logits compared;
 //! - with `--engine-gguf`, the same against the CPU engine on a real GGUF
 //!   (SmolLM2-135M);
+//! - prefill → decode through a `kvstrata serve` child process on the
+//!   daemon's GPU path: one engine prefills and stores its blocks by page ids
+//!   of its pool (a CUDA-IPC KV region), a second engine with its own pool and
+//!   region loads them by page ids (from the HBM tier, then again after an
+//!   evict to the page-locked host tier) and decodes: greedy tokens equal to
+//!   a full recompute ([`prefill_decode_through_daemon`]);
 //! - TTFT of the synthetic 8B geometry (`--engine-synthetic`, default
 //!   `llama3-8b`) at each `--engine-contexts` length: full recompute and with
 //!   every full block already in the engine's pages (the compute floor of a
@@ -21,13 +27,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use half::f16;
+use kvstrata_client::{Client, proto};
 use kvstrata_engine::cuda::reference::{self, HostKv, PageMap, RopeTables, Storage, to_storage};
 use kvstrata_engine::cuda::{
-    AttentionKernel, CudaDevice, GpuModel, GpuModelOptions, GpuSequence, GpuWeights,
-    host_weights_from_gguf,
+    AttentionKernel, CudaDevice, GpuEngine, GpuKvOptions, GpuModel, GpuModelOptions, GpuSequence,
+    GpuWeights, KvPath, host_weights_from_gguf,
 };
 use kvstrata_engine::kv::PagedKv;
 use kvstrata_engine::model::{LlamaModel, argmax, max_abs_diff};
+use kvstrata_engine::sampling::SamplingParams;
 use kvstrata_engine::synthetic::{DEFAULT_SEED, SyntheticModel};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -87,6 +95,11 @@ pub fn engine_checks(ordinal: usize, args: &EngineCheckArgs, rows: &mut Vec<Chec
     check(rows, "engine: cached prefix vs recompute on GPU", || {
         cached_vs_recompute(&dev)
     });
+    check(
+        rows,
+        "engine: prefill -> decode through the daemon's GPU path (2 engines, page ids)",
+        || prefill_decode_through_daemon(&dev),
+    );
     if let Some(path) = &args.engine_gguf {
         check(rows, "engine: GPU forward vs CPU engine (GGUF)", || {
             gguf_vs_cpu(&dev, path)
@@ -587,6 +600,169 @@ fn cached_vs_recompute(dev: &Arc<CudaDevice>) -> Result<String, String> {
             "NOT bit-identical"
         },
         notes.join(", ")
+    ))
+}
+
+/// Two GPU engines, each with its own pool registered with a `kvstrata serve`
+/// child process as a CUDA-IPC KV region: the first prefills and stores by
+/// page ids, the second loads by page ids and decodes, once from the HBM
+/// tier and once after the blocks were evicted to the host tier. Greedy
+/// tokens must equal a full recompute in this process.
+fn prefill_decode_through_daemon(dev: &Arc<CudaDevice>) -> Result<String, String> {
+    let ordinal = dev.info().ordinal.to_string();
+    let args: Vec<String> = [
+        "--gpu",
+        "on",
+        "--gpu-device",
+        &ordinal,
+        "--gpu-hbm-bytes",
+        "1GiB",
+        "--host-capacity",
+        "1GiB",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let daemon = crate::ipc::DaemonChild::start(&args)?;
+    let run = || -> Result<String, String> {
+        let rt = match tokio::runtime::Handle::try_current() {
+            Ok(h) => h,
+            Err(_) => return Err("no tokio runtime to drive the client".into()),
+        };
+        rt.block_on(prefill_decode(dev, &daemon))
+    };
+    run().map_err(|e| format!("{e}; daemon log: {}", daemon.log_tail()))
+}
+
+async fn prefill_decode(
+    dev: &Arc<CudaDevice>,
+    daemon: &crate::ipc::DaemonChild,
+) -> Result<String, String> {
+    let (m, gpu, _cpu, _host) = small_model(dev, Storage::Bf16, AttentionKernel::auto(32))?;
+    let gpu = Arc::new(gpu);
+    let spec = m.namespace_spec(Storage::Bf16, BLOCK);
+    let client = Client::connect(&format!("unix://{}", daemon.uds().display()))
+        .await
+        .map_err(err)?;
+    let options = GpuKvOptions {
+        region_socket: Some(daemon.regions().display().to_string()),
+        mempool_socket: None,
+    };
+    let engine = |pages: usize| {
+        let gpu = Arc::clone(&gpu);
+        let client = client.clone();
+        let spec = spec.clone();
+        let options = options.clone();
+        async move {
+            let pool = gpu.kv_pool(BLOCK, pages).map_err(err)?;
+            let e = GpuEngine::connect(gpu, pool, client, spec, &options)
+                .await
+                .map_err(err)?;
+            match e.store().map(|s| (s.path(), s.path_note())) {
+                Some((KvPath::GpuPages, _)) => Ok(e),
+                Some((_, note)) => Err(format!("not on the GPU path: {}", note.unwrap_or("?"))),
+                None => Err("no store".to_string()),
+            }
+        }
+    };
+    let prefiller = engine(64).await?;
+    let decoder = engine(96).await?;
+    let prompt = m.prompt(201, 9);
+    let steps = 12;
+    let never = |_: u32| false;
+    // The reference: a full recompute in this process.
+    let local = GpuEngine::local(Arc::clone(&gpu), gpu.kv_pool(BLOCK, 64).map_err(err)?);
+    let mut full = local.prefill(&prompt).await.map_err(err)?;
+    let want = local
+        .continue_local(&mut full, steps, &never)
+        .map_err(err)?;
+    drop(full);
+    let p = prefiller.prefill(&prompt).await.map_err(err)?;
+    let blocks = prompt.len() / BLOCK;
+    if p.stored_blocks != blocks || p.reused_tokens != 0 {
+        return Err(format!(
+            "the prefill stored {} of {blocks} blocks by page ids (reused {})",
+            p.stored_blocks, p.reused_tokens
+        ));
+    }
+    if p.handoff.first_token != want[0] {
+        return Err(format!(
+            "prefill's first token {} vs recompute {}",
+            p.handoff.first_token, want[0]
+        ));
+    }
+    let handoff = p.handoff.clone();
+    drop(p);
+    let mut notes = Vec::new();
+    let usable = (prompt.len() - 1) / BLOCK * BLOCK;
+    for (round, tier) in [("hbm", proto::Tier::Hbm), ("host", proto::Tier::Host)] {
+        if tier == proto::Tier::Host {
+            // Evict the prompt's blocks to the host tier; wait until it serves them.
+            let store = prefiller.store().ok_or("no store")?.block_store();
+            let all = handoff.keys().map_err(err)?;
+            let keys = &all[..usable / BLOCK];
+            let mut moved = false;
+            for _ in 0..250 {
+                let (found, tiers) = store.lookup(keys).await.map_err(err)?;
+                if found == keys.len() && tiers.iter().all(|t| *t == proto::Tier::Host) {
+                    moved = true;
+                    break;
+                }
+                let faster: Vec<&[u8]> = keys
+                    .iter()
+                    .zip(&tiers)
+                    .filter(|(_, t)| **t == proto::Tier::Hbm)
+                    .map(|(k, _)| &k[..])
+                    .collect();
+                if !faster.is_empty() {
+                    client
+                        .evict(store.namespace_id(), &faster, false)
+                        .await
+                        .map_err(err)?;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            if !moved {
+                return Err("the blocks did not move to the host tier after an evict".into());
+            }
+        }
+        let d = decoder
+            .decode(
+                &handoff,
+                SamplingParams::default(),
+                steps,
+                &never,
+                &mut |_| true,
+            )
+            .await
+            .map_err(err)?;
+        if d.loaded_tokens != usable {
+            return Err(format!(
+                "{round}: the decode loaded {} of {usable} prompt tokens",
+                d.loaded_tokens
+            ));
+        }
+        if d.loaded_tiers.iter().any(|t| *t != tier) {
+            return Err(format!(
+                "{round}: the blocks came from {:?}, not all from the {round} tier",
+                d.loaded_tiers
+            ));
+        }
+        if d.prompt_next_token != handoff.first_token || d.tokens != want {
+            return Err(format!(
+                "{round}: decode from loaded pages gave {:?} (prompt's next {}), recompute {want:?}",
+                d.tokens, d.prompt_next_token
+            ));
+        }
+        notes.push(format!(
+            "{round}: {} blocks loaded by page ids from the {round} tier, load + rest of the prompt {:.2} ms",
+            d.loaded_tiers.len(),
+            d.load_time.as_secs_f64() * 1e3,
+        ));
+    }
+    Ok(format!(
+        "{blocks} blocks stored by page ids, loaded by a second engine's pages, {steps} greedy tokens equal to a full recompute; {}",
+        notes.join("; ")
     ))
 }
 

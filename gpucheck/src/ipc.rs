@@ -25,8 +25,12 @@ use kvstrata_kernels::{Backend, Gpu, PageLayout, PagedGeometry};
 use crate::pages::{DeviceBytes, check_pages_round_trip};
 use crate::report::{CheckRow, check};
 
-/// The daemon child, killed on drop.
-struct DaemonChild {
+/// A `kvstrata serve` child process (the running executable) on private
+/// sockets in a temporary directory, killed on drop. The engine checks and
+/// `kvstrata bench ttft --device cuda` use it too: a CUDA IPC handle cannot
+/// be opened in the process that exported it, so the daemon of a GPU engine
+/// is another process.
+pub struct DaemonChild {
     child: Child,
     dir: tempfile::TempDir,
 }
@@ -39,50 +43,89 @@ impl Drop for DaemonChild {
 }
 
 impl DaemonChild {
-    fn uds(&self) -> PathBuf {
+    /// The gRPC Unix socket.
+    pub fn uds(&self) -> PathBuf {
         self.dir.path().join("kvstrata.sock")
     }
 
-    fn regions(&self) -> PathBuf {
+    /// The KV-region socket.
+    pub fn regions(&self) -> PathBuf {
         self.dir.path().join("regions.sock")
+    }
+
+    /// The mempool socket.
+    pub fn mempool(&self) -> PathBuf {
+        self.dir.path().join("mempool.sock")
+    }
+
+    /// The directory of the sockets and the log (also for a disk tier).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The last lines of the daemon's log, on one line.
+    pub fn log_tail(&self) -> String {
+        daemon_log(self.dir.path())
+    }
+
+    /// Starts `kvstrata serve` with its gRPC, region and mempool sockets in a
+    /// fresh temporary directory, no TCP or metrics listener, and `args`
+    /// (e.g. `--gpu on --gpu-hbm-bytes 2GiB`); waits until it is ready.
+    pub fn start(args: &[String]) -> Result<DaemonChild, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("own executable: {e}"))?;
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let ready = dir.path().join("ready.json");
+        let log =
+            std::fs::File::create(dir.path().join("daemon.log")).map_err(|e| e.to_string())?;
+        let child = Command::new(exe)
+            .arg("serve")
+            .args(["--tcp-addr", ""])
+            .args(["--metrics-addr", ""])
+            .arg("--uds-path")
+            .arg(dir.path().join("kvstrata.sock"))
+            .arg("--kv-region-socket")
+            .arg(dir.path().join("regions.sock"))
+            .arg("--mempool-socket")
+            .arg(dir.path().join("mempool.sock"))
+            .args(args)
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("starting the daemon: {e}"))?;
+        let mut daemon = DaemonChild { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ready.exists() {
+            let exited = matches!(daemon.child.try_wait(), Ok(Some(_)));
+            if exited || Instant::now() > deadline {
+                return Err(format!(
+                    "the daemon did not start: {}",
+                    daemon_log(daemon.dir.path())
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(daemon)
     }
 }
 
 fn start_daemon(gpu: &Gpu) -> Result<DaemonChild, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("own executable: {e}"))?;
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let ready = dir.path().join("ready.json");
-    let log = std::fs::File::create(dir.path().join("daemon.log")).map_err(|e| e.to_string())?;
-    let child = Command::new(exe)
-        .arg("serve")
-        .args(["--tcp-addr", ""])
-        .args(["--metrics-addr", ""])
-        .arg("--uds-path")
-        .arg(dir.path().join("kvstrata.sock"))
-        .arg("--kv-region-socket")
-        .arg(dir.path().join("regions.sock"))
-        .args(["--gpu", "on"])
-        .args(["--gpu-device", &gpu.info().ordinal.to_string()])
-        .args(["--gpu-hbm-bytes", "2GiB"])
-        .args(["--host-capacity", "2GiB"])
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("starting the daemon: {e}"))?;
-    let daemon = DaemonChild { child, dir };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !ready.exists() {
-        if Instant::now() > deadline {
-            return Err(format!(
-                "the daemon did not start: {}",
-                daemon_log(daemon.dir.path())
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(daemon)
+    let ordinal = gpu.info().ordinal.to_string();
+    let args: Vec<String> = [
+        "--gpu",
+        "on",
+        "--gpu-device",
+        &ordinal,
+        "--gpu-hbm-bytes",
+        "2GiB",
+        "--host-capacity",
+        "2GiB",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    DaemonChild::start(&args)
 }
 
 fn daemon_log(dir: &Path) -> String {

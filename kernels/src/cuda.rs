@@ -49,14 +49,47 @@ pub fn nvrtc_library_present() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
+/// Loads NVRTC from the directory named by `KVSTRATA_NVRTC_DIR` (the
+/// `nvidia-cuda-nvrtc` wheel's `lib`, as `make test` installs it), so that
+/// tests compile kernels on a machine without CUDA: `libnvrtc-builtins.so.13.0`
+/// first (NVRTC opens it by name while compiling), then `libnvrtc.so.13`; once
+/// loaded, the loader finds them by soname when cudarc asks. `Ok(false)` when
+/// the variable is unset; the libraries stay loaded for the life of the process.
+pub fn load_nvrtc_from_env() -> Result<bool, String> {
+    let Some(dir) = std::env::var_os("KVSTRATA_NVRTC_DIR") else {
+        return Ok(false);
+    };
+    let dir = std::path::PathBuf::from(dir);
+    for name in ["libnvrtc-builtins.so.13.0", "libnvrtc.so.13"] {
+        let path = dir.join(name);
+        // SAFETY: loading NVRTC runs no initialisation with requirements on us.
+        let lib = unsafe { libloading::Library::new(&path) }
+            .map_err(|e| format!("KVSTRATA_NVRTC_DIR: cannot load {}: {e}", path.display()))?;
+        std::mem::forget(lib);
+    }
+    Ok(true)
+}
+
 /// Compiles one kernel source (with `common.cuh` in front) to PTX for the
 /// virtual architecture `compute_<major><minor>`.
 pub fn compile(name: &'static str, source: &str, cc: (i32, i32)) -> Result<String, GpuError> {
+    compile_with_prelude(name, COMMON_SOURCE, source, cc)
+}
+
+/// Compiles `source` with `prelude` in front (a header of shared helpers) to
+/// PTX for the virtual architecture `compute_<major><minor>`, C++17. The GPU
+/// engine compiles its model kernels (`engine/cuda/*.cu`) with this too.
+pub fn compile_with_prelude(
+    name: &'static str,
+    prelude: &str,
+    source: &str,
+    cc: (i32, i32),
+) -> Result<String, GpuError> {
     if !nvrtc_library_present() {
         return Err(GpuError::NoNvrtc);
     }
     let arch: &'static str = Box::leak(format!("compute_{}{}", cc.0, cc.1).into_boxed_str());
-    let full = format!("{COMMON_SOURCE}\n{source}");
+    let full = format!("{prelude}\n{source}");
     let opts = cudarc::nvrtc::CompileOptions {
         arch: Some(arch),
         name: Some(name.to_string()),

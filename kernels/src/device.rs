@@ -66,6 +66,8 @@ pub struct Gpu {
     inner: Arc<GpuInner>,
     /// Returned staging buffers ([`Gpu::staging`]).
     staging: Arc<parking_lot::Mutex<crate::staging::StagingCache>>,
+    /// Device staging sets not lent ([`Gpu::device_staging`]).
+    device_staging: Arc<parking_lot::Mutex<crate::device_staging::DeviceStagingPool>>,
 }
 
 enum GpuInner {
@@ -84,6 +86,7 @@ impl Gpu {
     pub fn cpu() -> Gpu {
         Gpu {
             staging: Arc::default(),
+            device_staging: Arc::default(),
             inner: Arc::new(GpuInner::Cpu(DeviceInfo {
                 backend: Backend::Cpu,
                 ordinal: 0,
@@ -103,6 +106,7 @@ impl Gpu {
         Ok(Gpu {
             inner: Arc::new(GpuInner::Cuda(CudaDevice::open(ordinal)?)),
             staging: Arc::default(),
+            device_staging: Arc::default(),
         })
     }
 
@@ -160,6 +164,12 @@ impl Gpu {
     /// Bytes of returned staging buffers kept for reuse.
     pub fn staging_cached_bytes(&self) -> usize {
         self.staging.lock().cached_bytes()
+    }
+
+    pub(crate) fn device_staging_pool(
+        &self,
+    ) -> &Arc<parking_lot::Mutex<crate::device_staging::DeviceStagingPool>> {
+        &self.device_staging
     }
 
     /// A new stream (operations on one stream run in order).
@@ -420,6 +430,17 @@ impl std::fmt::Debug for GpuStream {
 impl GpuStream {
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    /// A stream of `gpu` from its CUDA state (`None` on the CPU backend).
+    pub(crate) fn from_state(gpu: Gpu, cuda: Option<CudaStreamState>) -> GpuStream {
+        GpuStream { gpu, cuda }
+    }
+
+    /// The CUDA state alone, without the [`Gpu`] (kept by the device's
+    /// staging pool, which a `Gpu` holds).
+    pub(crate) fn into_state(self) -> Option<CudaStreamState> {
+        self.cuda
     }
 
     fn cuda(&self) -> Option<(&CudaDevice, &CudaStreamState)> {

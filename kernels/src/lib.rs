@@ -12,6 +12,9 @@
 //! - [`Gpu`]: a device with two backends, CUDA and CPU, behind one API
 //!   (memory, streams, fences, kernels, CUDA IPC). Without a GPU everything
 //!   runs on the CPU backend with the same results.
+//! - [`staging`]: pinned host buffers lent per request; [`device_staging`]:
+//!   a few device buffers per device, lent in sets, for moves between pinned
+//!   host memory and an engine's pages that pass through device memory.
 //!
 //! Data path of a batched copy: [`GpuStream::copy_blocks`] → runs that
 //! continue each other are merged ([`reference::coalesce`]); runs of at least
@@ -21,6 +24,7 @@
 
 pub mod cuda;
 mod device;
+pub mod device_staging;
 mod error;
 pub use kvstrata_types::geometry as layout;
 pub mod reference;
@@ -31,6 +35,7 @@ pub use device::{
     Backend, DEFAULT_DMA_THRESHOLD, DeviceBuffer, DeviceInfo, Fence, Gpu, GpuStream, IpcHandle,
     PinnedBuffer,
 };
+pub use device_staging::{DEVICE_STAGING_BUFFERS, DEVICE_STAGING_SETS, DeviceStaging};
 pub use error::GpuError;
 pub use layout::{ChunkCopy, GeometryError, PageLayout, PagedGeometry};
 pub use reference::{CopyOp, CopyTableError};

@@ -4,30 +4,13 @@
 //! so a syntax error in `kernels/cuda/` fails CI, not the GPU machine.
 
 use kvstrata_kernels::cuda::{
-    BATCHED_COPY_SOURCE, PAGED_SOURCE, XXH3_SOURCE, compile, nvrtc_library_present,
+    BATCHED_COPY_SOURCE, PAGED_SOURCE, XXH3_SOURCE, compile, load_nvrtc_from_env,
+    nvrtc_library_present,
 };
-
-/// Loads libnvrtc from `KVSTRATA_NVRTC_DIR` (once loaded, the loader finds it
-/// by its soname when cudarc asks for it).
-fn load_nvrtc() -> Option<&'static libloading::Library> {
-    let dir = std::env::var("KVSTRATA_NVRTC_DIR").ok()?;
-    // NVRTC opens its builtins library by name when it compiles: load it first.
-    let builtins =
-        unsafe { libloading::Library::new(format!("{dir}/libnvrtc-builtins.so.13.0")) }.ok()?;
-    Box::leak(Box::new(builtins));
-    let lib = unsafe { libloading::Library::new(format!("{dir}/libnvrtc.so.13")) }.ok()?;
-    Some(Box::leak(Box::new(lib)))
-}
 
 #[test]
 fn every_kernel_compiles_with_nvrtc() {
-    let loaded = load_nvrtc();
-    if std::env::var_os("KVSTRATA_NVRTC_DIR").is_some() {
-        assert!(
-            loaded.is_some(),
-            "KVSTRATA_NVRTC_DIR is set but libnvrtc.so.13 does not load from it"
-        );
-    }
+    load_nvrtc_from_env().unwrap_or_else(|e| panic!("{e}"));
     assert!(
         nvrtc_library_present(),
         "NVRTC not found: run through `make test` (it installs the nvidia-cuda-nvrtc wheel) or set \

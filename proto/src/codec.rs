@@ -7,13 +7,21 @@
 //! BatchPut of four 1 MiB blocks that is about 3 MiB copied on top of the
 //! one copy of the encoding itself. Reserving `encoded_len` first makes it
 //! exactly one. The bytes are prost's, unchanged.
+//!
+//! Also the pieces of the hand-framed unary calls (the daemon's and the
+//! client library's `BatchGet` / `BatchPut`, which move payloads without
+//! copying them): [`grpc_frame`], [`encode_put_request`] (a BatchPut as
+//! chunks around its payloads) and [`decode_grpc_message`] over the frames
+//! a message arrived in ([`Chunks`]).
 
 use std::marker::PhantomData;
 
 use prost::Message;
-use prost::bytes::{Buf, BufMut};
+use prost::bytes::{Buf, BufMut, Bytes, BytesMut};
 use tonic::Status;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+use crate::v1::{BatchPutRequest, PutItem};
 
 /// prost encoding and decoding; the encoder reserves before it writes.
 #[derive(Debug, Clone, Copy)]
@@ -81,9 +89,9 @@ impl<U: Message + Default> Decoder for PlainDecoder<U> {
 pub const GRPC_HEADER_BYTES: usize = 5;
 
 /// `message` as one gRPC message: uncompressed flag, length, prost's bytes.
-pub fn grpc_frame<M: Message>(message: &M) -> prost::bytes::Bytes {
+pub fn grpc_frame<M: Message>(message: &M) -> Bytes {
     let len = message.encoded_len();
-    let mut buf = prost::bytes::BytesMut::with_capacity(GRPC_HEADER_BYTES + len);
+    let mut buf = BytesMut::with_capacity(GRPC_HEADER_BYTES + len);
     buf.put_u8(0);
     buf.put_u32(len as u32);
     // Cannot fail: the buffer has room for `len` bytes.
@@ -91,12 +99,106 @@ pub fn grpc_frame<M: Message>(message: &M) -> prost::bytes::Bytes {
     buf.freeze()
 }
 
+/// Payloads shorter than this are copied into the surrounding chunk by
+/// [`encode_put_request`] rather than sent as a chunk (and an HTTP/2 frame)
+/// of their own.
+pub const COPY_BELOW_BYTES: usize = 8 * 1024;
+/// Protobuf tag of `BatchPutRequest.items` (field 2, length-delimited).
+const ITEMS_TAG: u8 = 2 << 3 | 2;
+/// Protobuf tag of `PutItem.payload` (field 3, length-delimited).
+const PAYLOAD_TAG: u8 = 3 << 3 | 2;
+
+/// A put item split around its payload: the fields before it, the fields
+/// after it, the payload.
+type PutParts<'a> = (PutItem, PutItem, &'a Bytes);
+
+/// A `BatchPutRequest` as gRPC message chunks whose concatenation is the
+/// gRPC header followed by exactly prost's encoding of `request`; each
+/// payload of 8 KiB or more is a chunk of its own, the payload `Bytes`
+/// itself (no copy). Fails only for a message longer than a gRPC message
+/// can be (4 GiB).
+pub fn encode_put_request(request: &BatchPutRequest) -> Result<Vec<Bytes>, Status> {
+    // Each item without its payload, split around where the payload goes:
+    // fields 1-2 before it, fields 4-5 after (prost writes fields in tag
+    // order and leaves default values out).
+    let parts: Vec<PutParts<'_>> = request
+        .items
+        .iter()
+        .map(|it| {
+            let head = PutItem {
+                key: it.key.clone(),
+                parent: it.parent.clone(),
+                ..Default::default()
+            };
+            let tail = PutItem {
+                range: it.range,
+                pages: it.pages.clone(),
+                ..Default::default()
+            };
+            (head, tail, &it.payload)
+        })
+        .collect();
+    let item_len = |(head, tail, payload): &PutParts<'_>| {
+        let payload_field = if payload.is_empty() {
+            0
+        } else {
+            1 + prost::encoding::encoded_len_varint(payload.len() as u64) + payload.len()
+        };
+        head.encoded_len() + payload_field + tail.encoded_len()
+    };
+    let namespace = BatchPutRequest {
+        namespace_id: request.namespace_id.clone(),
+        items: Vec::new(),
+    };
+    let total = namespace.encoded_len()
+        + parts
+            .iter()
+            .map(|p| {
+                let n = item_len(p);
+                1 + prost::encoding::encoded_len_varint(n as u64) + n
+            })
+            .sum::<usize>();
+    let Ok(total32) = u32::try_from(total) else {
+        return Err(Status::out_of_range(format!(
+            "Error, encoded message length too large: found {total} bytes, the limit is: {} bytes",
+            u32::MAX
+        )));
+    };
+
+    let mut chunks = Vec::with_capacity(2 * parts.len() + 1);
+    let mut small = BytesMut::with_capacity(GRPC_HEADER_BYTES + 64 + 128 * parts.len());
+    small.put_u8(0);
+    small.put_u32(total32);
+    namespace.encode_raw(&mut small);
+    for p in &parts {
+        let (head, tail, payload) = p;
+        small.put_u8(ITEMS_TAG);
+        prost::encoding::encode_varint(item_len(p) as u64, &mut small);
+        head.encode_raw(&mut small);
+        if !payload.is_empty() {
+            small.put_u8(PAYLOAD_TAG);
+            prost::encoding::encode_varint(payload.len() as u64, &mut small);
+            if payload.len() < COPY_BELOW_BYTES {
+                small.put_slice(payload);
+            } else {
+                chunks.push(small.split().freeze());
+                chunks.push((*payload).clone());
+            }
+        }
+        tail.encode_raw(&mut small);
+    }
+    if !small.is_empty() {
+        chunks.push(small.freeze());
+    }
+    Ok(chunks)
+}
+
 /// Decodes the one gRPC message held in `chunks` (the body of a unary
 /// answer, header included), checking its header as tonic does. Every
 /// `bytes` field that lies within one chunk is a slice of it, not a copy:
 /// a block that arrived in one HTTP/2 frame is handed out as that frame.
 pub fn decode_grpc_message<M: Message + Default>(
-    chunks: Vec<prost::bytes::Bytes>,
+    chunks: Vec<Bytes>,
     max_message_bytes: usize,
 ) -> Result<M, Status> {
     let mut body = Chunks::new(chunks);
@@ -131,12 +233,12 @@ pub fn decode_grpc_message<M: Message + Default>(
 /// `copy_to_bytes` slices a chunk instead of copying when it can.
 #[derive(Debug, Default)]
 pub struct Chunks {
-    chunks: std::collections::VecDeque<prost::bytes::Bytes>,
+    chunks: std::collections::VecDeque<Bytes>,
     remaining: usize,
 }
 
 impl Chunks {
-    pub fn new(chunks: Vec<prost::bytes::Bytes>) -> Self {
+    pub fn new(chunks: Vec<Bytes>) -> Self {
         let chunks: std::collections::VecDeque<_> =
             chunks.into_iter().filter(|c| !c.is_empty()).collect();
         let remaining = chunks.iter().map(|c| c.len()).sum();
@@ -169,7 +271,7 @@ impl Buf for Chunks {
         }
     }
 
-    fn copy_to_bytes(&mut self, len: usize) -> prost::bytes::Bytes {
+    fn copy_to_bytes(&mut self, len: usize) -> Bytes {
         assert!(len <= self.remaining, "copy_to_bytes past the end");
         if let Some(front) = self.chunks.front_mut()
             && front.len() >= len
@@ -181,7 +283,7 @@ impl Buf for Chunks {
             self.remaining -= len;
             return out;
         }
-        let mut out = prost::bytes::BytesMut::with_capacity(len);
+        let mut out = BytesMut::with_capacity(len);
         out.put((&mut *self).take(len));
         out.freeze()
     }
@@ -191,7 +293,7 @@ impl Buf for Chunks {
 mod tests {
     use super::*;
     use crate::v1 as pb;
-    use prost::bytes::Bytes;
+    use Bytes;
 
     #[test]
     fn chunked_answers_decode_and_single_chunk_fields_are_slices() {
@@ -230,5 +332,70 @@ mod tests {
         let e = decode_grpc_message::<pb::BatchGetResponse>(vec![wire.slice(..50)], 1 << 20)
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Internal);
+    }
+
+    #[test]
+    fn put_requests_are_prosts_encoding_and_large_payloads_are_not_copied() {
+        use crate::v1 as pb;
+        let big = Bytes::from(vec![7u8; 300_000]);
+        let shapes = vec![
+            pb::BatchPutRequest::default(),
+            pb::BatchPutRequest {
+                namespace_id: Bytes::from_static(&[1; 16]),
+                items: vec![
+                    pb::PutItem {
+                        key: Bytes::from_static(b"a"),
+                        parent: Bytes::from_static(b"p"),
+                        payload: big.clone(),
+                        ..Default::default()
+                    },
+                    pb::PutItem {
+                        key: Bytes::from_static(b"b"),
+                        payload: Bytes::from(vec![2u8; COPY_BELOW_BYTES - 1]),
+                        ..Default::default()
+                    },
+                    pb::PutItem {
+                        key: Bytes::from_static(b"c"),
+                        payload: Bytes::from(vec![3u8; COPY_BELOW_BYTES]),
+                        ..Default::default()
+                    },
+                    pb::PutItem {
+                        key: Bytes::from_static(b"r"),
+                        range: Some(pb::PoolRange {
+                            pool_id: 3,
+                            offset: 4096,
+                            length: 8192,
+                        }),
+                        ..Default::default()
+                    },
+                    pb::PutItem::default(),
+                ],
+            },
+        ];
+        for msg in shapes {
+            let chunks = encode_put_request(&msg).unwrap();
+            let joined: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+            assert_eq!(&joined[..], &grpc_frame(&msg)[..], "{msg:?}");
+            let got: pb::BatchPutRequest = decode_grpc_message(chunks.clone(), 1 << 30).unwrap();
+            assert_eq!(got, msg);
+            for item in msg
+                .items
+                .iter()
+                .filter(|i| i.payload.len() >= COPY_BELOW_BYTES)
+            {
+                assert!(
+                    chunks.iter().any(|c| c.as_ptr() == item.payload.as_ptr()),
+                    "a payload of {} bytes is sent as it is",
+                    item.payload.len()
+                );
+                // ... and the receiver decodes it in place.
+                assert!(
+                    got.items
+                        .iter()
+                        .any(|g| g.payload.as_ptr() == item.payload.as_ptr()),
+                    "decoded as the sent chunk"
+                );
+            }
+        }
     }
 }

@@ -4,6 +4,7 @@
 #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
 
 pub mod codec;
+pub mod frame_buffers;
 
 /// `kvstrata.v1`: the KV-block cache service.
 pub mod v1 {

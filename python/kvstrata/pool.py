@@ -143,8 +143,10 @@ class SharedPool:
         self._free_list: list[tuple[int, int]] = [(0, size)]  # sorted (offset, length)
 
     @classmethod
-    def create(cls, socket_target: str, name: str, size: int) -> "SharedPool":
-        """A new memfd of `size` bytes, sealed against shrinking, registered as `name`."""
+    def create(cls, socket_target: str, name: str, size: int, *,
+               timeout: float = REGISTER_TIMEOUT) -> "SharedPool":
+        """A new memfd of `size` bytes, sealed against shrinking, registered as `name`
+        (the registration waits at most `timeout` seconds for the daemon's answer)."""
         check_name(name)
         if size < 1:
             raise PoolError(f"size: a pool needs at least 1 byte, got {size}")
@@ -153,7 +155,7 @@ class SharedPool:
             os.ftruncate(fd, size)
             import fcntl
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
-            pool_id, conn = register_fd(socket_target, fd, name)
+            pool_id, conn = register_fd(socket_target, fd, name, timeout)
         except BaseException:
             os.close(fd)
             raise

@@ -240,7 +240,7 @@ class KvstrataConnector(KVConnectorBase_V1):
         self._pending_lock = threading.Condition()
         self._tp_rank = 0
         self._worker_ok = False
-        self._stale = False  # set by the save thread: re-register the pools (worker thread only)
+        self._stale = False  # set after a failed staging call: replace the pools (worker thread only)
         # the KV-region path
         self._region: Optional[KvRegion] = None
         self._region_base: Optional[torch.Tensor] = None
@@ -468,8 +468,10 @@ class KvstrataConnector(KVConnectorBase_V1):
             return
         try:
             per_batch = max(self.block_bytes, self.staging_bytes // 2)
-            self._load_pool = SharedPool.create(self.mempool_socket, f"vllm-load-{os.getpid()}-{self._tp_rank}", per_batch)
-            self._save_pool = SharedPool.create(self.mempool_socket, f"vllm-save-{os.getpid()}-{self._tp_rank}", per_batch)
+            self._load_pool = SharedPool.create(self.mempool_socket, f"vllm-load-{os.getpid()}-{self._tp_rank}",
+                                                per_batch, timeout=self.timeout)
+            self._save_pool = SharedPool.create(self.mempool_socket, f"vllm-save-{os.getpid()}-{self._tp_rank}",
+                                                per_batch, timeout=self.timeout)
         except Exception as e:  # noqa: BLE001
             logger.warning("kvstrata: cannot register staging pools (%s); will retry on first use", e)
         self._save_thread = threading.Thread(target=self._save_loop, name="kvstrata-save", daemon=True)
@@ -479,7 +481,11 @@ class KvstrataConnector(KVConnectorBase_V1):
                     self.block_bytes, self._tp_rank, self.addr)
 
     def _pools(self) -> tuple[SharedPool, SharedPool]:
-        """The staging pools, registered again after a daemon restart."""
+        """The staging pools, registered again after a daemon restart, and replaced by new
+        memory after a load or save that failed or timed out (`_stale`): the daemon may
+        still execute that request late (after a stall, or one it had already started), so
+        it must find memory that nothing reads or writes any more, never the next batch's
+        blocks (the old pool is unregistered, so a late request usually just fails)."""
         if (self._stale or self._load_pool is None or self._save_pool is None
                 or not self._load_pool.is_registered() or not self._save_pool.is_registered()):
             self._stale = False
@@ -489,8 +495,10 @@ class KvstrataConnector(KVConnectorBase_V1):
                 if p is not None and not p.closed:
                     p.close()
             per_batch = max(self.block_bytes, self.staging_bytes // 2)
-            self._load_pool = SharedPool.create(self.mempool_socket, f"vllm-load-{os.getpid()}-{self._tp_rank}", per_batch)
-            self._save_pool = SharedPool.create(self.mempool_socket, f"vllm-save-{os.getpid()}-{self._tp_rank}", per_batch)
+            self._load_pool = SharedPool.create(self.mempool_socket, f"vllm-load-{os.getpid()}-{self._tp_rank}",
+                                                per_batch, timeout=self.timeout)
+            self._save_pool = SharedPool.create(self.mempool_socket, f"vllm-save-{os.getpid()}-{self._tp_rank}",
+                                                per_batch, timeout=self.timeout)
         return self._load_pool, self._save_pool
 
     def _reset_pools(self) -> None:
@@ -637,7 +645,13 @@ class KvstrataConnector(KVConnectorBase_V1):
             per_batch = max(1, pool.size // self.block_bytes)
             keys = load.keys[loaded:loaded + per_batch]
             ranges = [pool.range(i * self.block_bytes, self.block_bytes) for i in range(len(keys))]
-            res = self.client.batch_get_results(ns, keys, ranges=ranges)
+            try:
+                res = self.client.batch_get_results(ns, keys, ranges=ranges)
+            except Exception:
+                # The daemon may still execute this get once it runs again (a stall, a
+                # deadline): its writes must land in memory nothing reads any more.
+                self._stale = True
+                raise
             if any(r.region_error for r in res) and not retried:
                 retried = True  # the daemon restarted and forgot our pool
                 self._reset_pools()
@@ -748,8 +762,14 @@ class KvstrataConnector(KVConnectorBase_V1):
             def put() -> int:
                 self._ensure_ns(self._tp_rank)
                 ranges = [pool.range(i * self.block_bytes, self.block_bytes) for i in range(len(keys))]
-                resp = self.client.batch_put_ranges(self.namespace_id(self._tp_rank), keys, ranges,
-                                                     parents="chain", first_parent=parent or None)
+                try:
+                    resp = self.client.batch_put_ranges(self.namespace_id(self._tp_rank), keys, ranges,
+                                                         parents="chain", first_parent=parent or None)
+                except Exception:
+                    # A put the daemon executes late must read these bytes, not the next
+                    # save's: the worker thread replaces the pool before it stages again.
+                    self._stale = True
+                    raise
                 if pb.PUT_STATUS_BAD_REGION in resp.results:
                     self._stale = True  # the worker thread registers the pools again
                 return resp.stored

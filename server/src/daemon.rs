@@ -90,6 +90,13 @@ impl Daemon {
         let auth = Arc::new(start_auth(&config)?);
         let tls = server_tls(&config)?;
         let (cache, gpu_set) = open_cache(&config).await?;
+        if !crate::service::codec::tonic_path_requested()
+            && !kvstrata_proto::frame_buffers::keep_freed_frame_buffers()
+        {
+            tracing::debug!(
+                "malloc's mmap/trim thresholds left as they are (the environment tunes malloc, or mallopt refused)"
+            );
+        }
         let state = DaemonState::new(&config, cache, gpu_set, auth);
         let services = GrpcServices::build(&config, &state).await?;
         let mut tasks = JoinSet::new();

@@ -17,7 +17,10 @@
 //!   deadline, so that the client reads the daemon's answer). Streaming calls (`GetStream`,
 //!   `PutStream`, `Watch`) are bounded only by a client `grpc-timeout`
 //!   (a `Watch` may rightly last for days); the service checks it between
-//!   messages (see [`Deadline`]).
+//!   messages (see [`Deadline`]). The handler's own task can read when the
+//!   daemon gives the call up ([`request_cutoff`]): work it hands to the
+//!   blocking pool may start after that, and must not then touch an engine's
+//!   KV pages.
 //!
 //! The permit of a streaming call travels in the request extensions
 //! ([`InflightPermit`]) so the service can keep it until the stream ends.
@@ -182,6 +185,23 @@ impl Deadline {
     pub fn status(&self) -> Status {
         Status::deadline_exceeded("deadline exceeded: the client's grpc-timeout has passed")
     }
+}
+
+tokio::task_local! {
+    /// When the daemon gives up on the unary call its task is handling: the
+    /// instant [`Limited`] answers it `DEADLINE_EXCEEDED` ([`request_cutoff`]).
+    static CUTOFF: Instant;
+}
+
+/// The instant at which the daemon answers the unary call being handled
+/// `DEADLINE_EXCEEDED` (its client's `grpc-timeout`, a little early, or
+/// `server.request_timeout_ms`). Known in the call's own task only: a handler
+/// reads it before it hands work to the blocking pool or spawns a task, and
+/// work that must not start late (a KV-region gather or scatter) checks it
+/// there. `None` where no deadline bounds the call ([`Limited`] sets it around
+/// the handler's future).
+pub fn request_cutoff() -> Option<Instant> {
+    CUTOFF.try_with(|c| *c).ok()
 }
 
 /// Shared state of every [`Limited`] service of one daemon.
@@ -361,7 +381,7 @@ where
             let Some(t) = timeout else {
                 return fut.await.map(|r| answer_client_faults(r, uri));
             };
-            match tokio::time::timeout_at(now + t, fut).await {
+            match tokio::time::timeout_at(now + t, CUTOFF.scope(now + t, fut)).await {
                 Ok(r) => r.map(|r| answer_client_faults(r, uri)),
                 Err(_) => {
                     limiter.metrics.record_rejected("deadline");

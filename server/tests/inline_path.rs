@@ -3,7 +3,9 @@
 //! stock HTTP/2 client decoding the hand-framed response with prost (and
 //! finding it byte-identical to prost's own encoding), the errors tonic would
 //! give, and a grpc-core style request whose `:authority` is a socket path,
-//! sent in raw frames with a large DATA frame over the Unix socket.
+//! sent in raw frames with a large DATA frame over the Unix socket; a put
+//! whose message arrives in many DATA frames (the client library's framing
+//! around each payload, and odd cuts) stored byte for byte.
 
 mod common;
 
@@ -79,6 +81,16 @@ async fn raw_unary(
     path: &str,
     body: Bytes,
 ) -> (http::response::Parts, Vec<u8>, Option<http::HeaderMap>) {
+    raw_unary_frames(addr, path, vec![body]).await
+}
+
+/// [`raw_unary`] with the request body sent as the given pieces, each in
+/// DATA frames of its own.
+async fn raw_unary_frames(
+    addr: SocketAddr,
+    path: &str,
+    pieces: Vec<Bytes>,
+) -> (http::response::Parts, Vec<u8>, Option<http::HeaderMap>) {
     let tcp = TcpStream::connect(addr).await.unwrap();
     let (client, conn) = h2::client::Builder::new()
         .initial_window_size(16 << 20)
@@ -96,8 +108,11 @@ async fn raw_unary(
         .body(())
         .unwrap();
     let (response, mut send) = client.send_request(req, false).unwrap();
-    send.reserve_capacity(body.len());
-    send.send_data(body, true).unwrap();
+    send.reserve_capacity(pieces.iter().map(Bytes::len).sum());
+    let last = pieces.len().saturating_sub(1);
+    for (i, piece) in pieces.into_iter().enumerate() {
+        send.send_data(piece, i == last).unwrap();
+    }
     let (parts, mut recv) = response.await.unwrap().into_parts();
     let mut data = Vec::new();
     while let Some(chunk) = recv.data().await {
@@ -179,6 +194,67 @@ async fn a_stock_http2_client_decodes_the_response_and_it_is_prosts_encoding() {
         assert!(r.payload == payload(k, 7, MIB), "bytes of {k}");
     }
     assert!(!answer.results[3].found);
+    t.stop().await;
+}
+
+/// A BatchPut whose message arrives in many DATA frames — cut inside the
+/// gRPC header, inside field headers and inside payloads, or framed around
+/// each payload as the client library sends it — is stored byte for byte.
+#[tokio::test]
+async fn a_put_in_many_data_frames_is_stored_byte_for_byte() {
+    let t = start(64 << 20).await;
+    let ns = t
+        .tcp
+        .register_namespace(&mib_spec("frames"))
+        .await
+        .unwrap()
+        .id;
+    let addr = t.daemon().addrs().tcp.unwrap();
+    let message = |round: u32| pb::BatchPutRequest {
+        namespace_id: ns_bytes(&ns),
+        items: (0..3)
+            .map(|i| {
+                let k = format!("frames-{i}");
+                pb::PutItem {
+                    key: Bytes::from(k.clone()),
+                    parent: if i > 0 {
+                        Bytes::from(format!("frames-{}", i - 1))
+                    } else {
+                        Bytes::new()
+                    },
+                    payload: payload(&k, round, MIB),
+                    ..Default::default()
+                }
+            })
+            .collect(),
+    };
+    // Round 0: the client library's framing (a chunk around each payload,
+    // each payload its own chunk); round 1: the whole message cut at odd
+    // places, a frame of a few bytes here and there.
+    let framed = kvstrata_proto::codec::encode_put_request(&message(0)).unwrap();
+    // [header, payload 0, framing, payload 1, framing, payload 2]
+    assert_eq!(framed.len(), 6);
+    let whole = grpc_frame(&message(1));
+    let mut cuts = vec![0, 1, 3, 5, 6, 40, 1000, MIB / 2, MIB + 37, 2 * MIB + 100];
+    cuts.push(whole.len() - 2);
+    cuts.push(whole.len());
+    let pieces: Vec<Bytes> = cuts.windows(2).map(|w| whole.slice(w[0]..w[1])).collect();
+    for (round, body) in [framed, pieces].into_iter().enumerate() {
+        let (parts, data, trailers) =
+            raw_unary_frames(addr, "/kvstrata.v1.KvCache/BatchPut", body).await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(trailers.unwrap()["grpc-status"], "0", "round {round}");
+        let answer = pb::BatchPutResponse::decode(&data[5..]).unwrap();
+        assert_eq!(answer.stored, 3, "round {round}");
+        let keys: Vec<String> = (0..3).map(|i| format!("frames-{i}")).collect();
+        for reader in [&t.tcp, &t.uds] {
+            let got = reader.batch_get(&ns, &keys).await.unwrap();
+            for (k, g) in keys.iter().zip(&got) {
+                assert!(g.found, "{k}");
+                assert!(g.payload == payload(k, round as u32, MIB), "bytes of {k}");
+            }
+        }
+    }
     t.stop().await;
 }
 

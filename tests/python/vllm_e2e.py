@@ -23,6 +23,7 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     import kvstrata
+    from kvdaemon import stop_process
 
     client = kvstrata.Client(addr, timeout=5)
     t0 = time.monotonic()
@@ -96,9 +97,11 @@ def main() -> None:
     out["half_hits"] = hits() - h
     out["tokens_half"] = tokens_half
 
-    # SIGSTOP: the lookup hits its deadline; the request completes by recompute.
+    # SIGSTOP: the lookup hits its deadline; the request completes by recompute. The
+    # request is sent once every thread of the daemon has stopped: kill() returns before
+    # that, and a daemon thread that has not yet taken the stop still answers a lookup.
     assert llm.reset_prefix_cache()
-    os.kill(daemon_pid, signal.SIGSTOP)
+    stop_process(daemon_pid)
     try:
         tokens_stopped, out["stopped_s"], out["stopped_cached"] = run(prompt)
     finally:

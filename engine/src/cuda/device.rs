@@ -73,8 +73,15 @@ struct TypedKernels {
     synthetic_f32: CudaFunction,
     /// Head dims up to 64, up to 128.
     attention: [CudaFunction; 2],
-    /// Tensor-core attention for head dims 32, 64, 128.
+    /// Tensor-core attention for head dims 32, 64, 128 (the first version,
+    /// `KVSTRATA_GPU_ATTENTION=mma-v1`).
     attention_mma: [CudaFunction; 3],
+    /// Flash attention with fixed key spans for head dims 32, 64, 128.
+    attention_flash: [CudaFunction; 3],
+    /// The same with two stages of K/V tiles (`KVSTRATA_GPU_ATTENTION=flash2`).
+    attention_flash2: [CudaFunction; 3],
+    /// The fold of span partials written by a split flash launch.
+    attention_combine: CudaFunction,
 }
 
 /// Which attention kernel runs.
@@ -82,14 +89,18 @@ struct TypedKernels {
 pub enum AttentionKernel {
     /// `kvs_attention_*`: CUDA cores, f32 throughout, any even head dim up to 128.
     Simple,
-    /// `kvs_attention_mma_*`: tensor cores (q and probabilities rounded to f16),
-    /// head dims 32, 64 and 128.
+    /// `kvs_attention_flash_*`: tensor cores (q and probabilities rounded to
+    /// f16), head dims 32, 64 and 128; keys in fixed spans, split over CTAs
+    /// for short chunks (decode) and folded in one CTA for long ones, with
+    /// bit-identical results either way. `KVSTRATA_GPU_ATTENTION=mma-v1` runs
+    /// the first tensor-core kernel (`kvs_attention_mma_*`) instead.
     TensorCore,
 }
 
 impl AttentionKernel {
     /// The tensor-core kernel where the head dim allows it, unless
-    /// `KVSTRATA_GPU_ATTENTION=simple`.
+    /// `KVSTRATA_GPU_ATTENTION=simple` (`=mma-v1`: the first tensor-core
+    /// kernel, see [`AttentionKernel::TensorCore`]).
     pub fn auto(head_dim: usize) -> Self {
         let forced_simple = std::env::var("KVSTRATA_GPU_ATTENTION").is_ok_and(|v| v == "simple");
         if !forced_simple && MMA_DIMS.contains(&head_dim) {
@@ -109,6 +120,56 @@ const ATTENTION_DIMS: [usize; 2] = [64, 128];
 /// Threads per CTA of the grid-stride kernels.
 const THREADS: u32 = 256;
 
+/// Query rows (times heads of a group) per CTA of the flash kernel.
+const FLASH_MROWS: u32 = 128;
+
+/// Threads per CTA of the flash kernel.
+const FLASH_THREADS: u32 = 256;
+
+/// Keys per span of the flash kernel (a multiple of its 64-key tile). A
+/// model's results depend on it, so it is fixed per process.
+const FLASH_SPAN: u32 = 256;
+
+/// The most scratch memory a split flash launch may use for its partials.
+const FLASH_SCRATCH_MAX: usize = 256 << 20;
+
+/// Dynamic shared memory of the flash kernel with `stages` K/V buffers
+/// (`FLASH_SMEM` in attention.cu).
+fn flash_smem(head_dim: u32, stages: u32) -> u32 {
+    stages * 2 * 64 * (head_dim + 8) * 2 + head_dim / 2 * FLASH_THREADS * 4
+}
+
+/// How `AttentionKernel::TensorCore` runs, fixed when the device opens (from
+/// the environment, for tests and as an escape hatch).
+#[derive(Debug, Clone, Copy)]
+struct AttentionPolicy {
+    /// `KVSTRATA_GPU_ATTENTION=mma-v1`: the first tensor-core kernel.
+    v1: bool,
+    /// `KVSTRATA_GPU_ATTENTION=flash2`: two stages of K/V tiles.
+    two_stages: bool,
+    /// `KVSTRATA_GPU_ATTENTION_SPAN`: keys per span (multiple of 64).
+    span: u32,
+    /// `KVSTRATA_GPU_ATTENTION_SPLIT_ROWS`: split launches of at most this
+    /// many rows (else: when the unsplit grid would not fill the GPU).
+    split_rows: Option<u32>,
+}
+
+impl AttentionPolicy {
+    fn from_env() -> Self {
+        let var = |k: &str| std::env::var(k).ok();
+        let span = var("KVSTRATA_GPU_ATTENTION_SPAN")
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|v| *v >= 64 && v.is_multiple_of(64))
+            .unwrap_or(FLASH_SPAN);
+        AttentionPolicy {
+            v1: var("KVSTRATA_GPU_ATTENTION").is_some_and(|v| v == "mma-v1"),
+            two_stages: var("KVSTRATA_GPU_ATTENTION").is_some_and(|v| v == "flash2"),
+            span,
+            split_rows: var("KVSTRATA_GPU_ATTENTION_SPLIT_ROWS").and_then(|v| v.parse().ok()),
+        }
+    }
+}
+
 /// A CUDA device ready to run the model kernels.
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
@@ -119,6 +180,9 @@ pub struct CudaDevice {
     kv_store: CudaFunction,
     top_k: CudaFunction,
     info: CudaDeviceInfo,
+    attention_policy: AttentionPolicy,
+    /// Partials of split flash launches (grown on demand, never shrunk).
+    attention_scratch: std::sync::Mutex<Option<DevMem>>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -214,10 +278,47 @@ impl CudaDevice {
                     take(format!("kvs_attention_mma_{s}_d64"))?,
                     take(format!("kvs_attention_mma_{s}_d128"))?,
                 ],
+                attention_flash: [
+                    take(format!("kvs_attention_flash_{s}_d32"))?,
+                    take(format!("kvs_attention_flash_{s}_d64"))?,
+                    take(format!("kvs_attention_flash_{s}_d128"))?,
+                ],
+                attention_flash2: [
+                    take(format!("kvs_attention_flash2_{s}_d32"))?,
+                    take(format!("kvs_attention_flash2_{s}_d64"))?,
+                    take(format!("kvs_attention_flash2_{s}_d128"))?,
+                ],
+                attention_combine: take(format!("kvs_attention_combine_{s}"))?,
             })
         };
         let bf16 = typed("bf16")?;
         let f16 = typed("f16")?;
+        // The flash kernel's shared memory (up to 98 KiB; 132 KiB with two
+        // stages) needs an opt-in; a device that refuses it runs the first
+        // tensor-core kernel (one stage) or the one-stage kernel (two) instead.
+        let mut attention_policy = AttentionPolicy::from_env();
+        for k in [&bf16, &f16] {
+            for (stages, fs) in [(1u32, &k.attention_flash), (2, &k.attention_flash2)] {
+                for (f, hd) in fs.iter().zip(MMA_DIMS) {
+                    let bytes = flash_smem(hd as u32, stages);
+                    let r = f.set_attribute(
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        bytes as i32,
+                    );
+                    if let Err(e) = r {
+                        tracing::warn!(
+                            "flash attention ({stages} stages) d{hd} cannot have {bytes} bytes of \
+                             shared memory ({e}): another attention kernel runs instead"
+                        );
+                        if stages == 1 {
+                            attention_policy.v1 = true;
+                        } else {
+                            attention_policy.two_stages = false;
+                        }
+                    }
+                }
+            }
+        }
         let mut take = |name: &str| {
             functions
                 .remove(name)
@@ -237,6 +338,8 @@ impl CudaDevice {
             kv_store,
             top_k,
             info,
+            attention_policy,
+            attention_scratch: std::sync::Mutex::new(None),
         }))
     }
 
@@ -260,6 +363,25 @@ impl CudaDevice {
             bytes,
             ctx: Arc::clone(&self.ctx),
         })
+    }
+
+    /// The CUDA IPC handle (`cuIpcGetMemHandle`) of `mem`, a plain
+    /// `cuMemAlloc` allocation of this device: another process opens it with
+    /// `cuIpcOpenMemHandle` (the daemon, for a KV region).
+    pub fn ipc_handle(&self, mem: &DevMem) -> Result<[u8; 64], CudaError> {
+        self.bind()?;
+        let mut h = std::mem::MaybeUninit::<sys::CUipcMemHandle>::zeroed();
+        // SAFETY: `mem.ptr` is a live cuMemAlloc allocation of this context.
+        unsafe { sys::cuIpcGetMemHandle(h.as_mut_ptr(), mem.ptr) }
+            .result()
+            .map_err(driver("cuIpcGetMemHandle"))?;
+        // SAFETY: written by the driver above.
+        let h = unsafe { h.assume_init() };
+        let mut out = [0u8; 64];
+        for (o, c) in out.iter_mut().zip(h.reserved.iter()) {
+            *o = *c as u8;
+        }
+        Ok(out)
     }
 
     /// Copies `src` to device address `dst` (stream-ordered; `src` may be
@@ -533,6 +655,29 @@ impl CudaDevice {
         out: u64,
         out_stride: u64,
     ) -> Result<(), CudaError> {
+        if kernel == AttentionKernel::TensorCore && !self.attention_policy.v1 {
+            // SAFETY: the caller's contract.
+            return unsafe {
+                self.attention_flash(
+                    s,
+                    q,
+                    q_stride,
+                    pool,
+                    pages,
+                    page_elems,
+                    layer,
+                    block_tokens,
+                    kv_heads,
+                    head_dim,
+                    heads,
+                    rows,
+                    start,
+                    scale,
+                    out,
+                    out_stride,
+                )
+            };
+        }
         let typed = &self.typed[typed_index(s)];
         let (f, rows_per_cta, threads) = match kernel {
             AttentionKernel::Simple => {
@@ -587,6 +732,141 @@ impl CudaDevice {
         };
         // SAFETY: the caller's contract.
         Self::launched(unsafe { l.launch(cfg) })
+    }
+
+    /// `kvs_attention_flash_*` (and `kvs_attention_combine_*` after a split
+    /// launch): [`AttentionKernel::TensorCore`].
+    ///
+    /// A launch is split over the key spans (one CTA per span, partials into
+    /// the device's scratch memory, then the combine kernel) when the unsplit
+    /// grid would leave most of the GPU idle (decode steps, short chunks);
+    /// the result is bit-identical either way.
+    ///
+    /// # Safety
+    /// As [`CudaDevice::attention`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn attention_flash(
+        &self,
+        s: Storage,
+        q: u64,
+        q_stride: u64,
+        pool: u64,
+        pages: u64,
+        page_elems: u64,
+        layer: u32,
+        block_tokens: u32,
+        kv_heads: u32,
+        head_dim: u32,
+        heads: u32,
+        rows: u32,
+        start: u32,
+        scale: f32,
+        out: u64,
+        out_stride: u64,
+    ) -> Result<(), CudaError> {
+        let typed = &self.typed[typed_index(s)];
+        let Some(i) = MMA_DIMS.iter().position(|&d| head_dim as usize == d) else {
+            return Err(CudaError::Unsupported(format!(
+                "head dim {head_dim} on the tensor cores (32, 64 or 128)"
+            )));
+        };
+        if kv_heads == 0
+            || !heads.is_multiple_of(kv_heads)
+            || heads / kv_heads > FLASH_MROWS
+            || rows == 0
+            || block_tokens == 0
+        {
+            return Err(CudaError::Unsupported(format!(
+                "attention with {heads} heads over {kv_heads} kv heads, {rows} rows, \
+                 {block_tokens}-token pages"
+            )));
+        }
+        let policy = self.attention_policy;
+        let group = heads / kv_heads;
+        let per = FLASH_MROWS / group;
+        let xblocks = rows.div_ceil(per);
+        let kend = start as u64 + rows as u64;
+        let nspans = kend.div_ceil(policy.span as u64);
+        let nspans = u32::try_from(nspans)
+            .map_err(|_| CudaError::Unsupported(format!("{kend} positions")))?;
+        let part_bytes =
+            rows as usize * heads as usize * nspans as usize * (head_dim as usize + 2) * 4;
+        let wants_split = match policy.split_rows {
+            Some(n) => rows <= n,
+            None => xblocks.saturating_mul(kv_heads) < self.info.multiprocessors,
+        };
+        let split = nspans > 1 && wants_split && part_bytes <= FLASH_SCRATCH_MAX;
+        self.bind()?;
+        let mut scratch = self
+            .attention_scratch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let part = if split {
+            if scratch.as_ref().is_none_or(|m| m.bytes() < part_bytes) {
+                // Earlier launches may still use the old buffer.
+                self.synchronize()?;
+                *scratch = None;
+                *scratch = Some(self.alloc(part_bytes.next_multiple_of(1 << 20))?);
+            }
+            scratch.as_ref().map_or(0, |m| m.ptr())
+        } else {
+            0
+        };
+        let scale_log2 = scale * std::f32::consts::LOG2_E;
+        let span = policy.span;
+        let split_flag = u32::from(split);
+        let (f, stages) = if policy.two_stages {
+            (&typed.attention_flash2[i], 2)
+        } else {
+            (&typed.attention_flash[i], 1)
+        };
+        let mut l = self.stream.launch_builder(f);
+        l.arg(&q)
+            .arg(&q_stride)
+            .arg(&pool)
+            .arg(&pages)
+            .arg(&page_elems)
+            .arg(&layer)
+            .arg(&block_tokens)
+            .arg(&kv_heads)
+            .arg(&group)
+            .arg(&rows)
+            .arg(&start)
+            .arg(&scale_log2)
+            .arg(&span)
+            .arg(&split_flag)
+            .arg(&nspans)
+            .arg(&part)
+            .arg(&out)
+            .arg(&out_stride);
+        let cfg = LaunchConfig {
+            grid_dim: (xblocks, kv_heads, if split { nspans } else { 1 }),
+            block_dim: (FLASH_THREADS, 1, 1),
+            shared_mem_bytes: flash_smem(head_dim, stages),
+        };
+        // SAFETY: the caller's contract; `part` holds the partials of
+        // rows x heads x nspans.
+        Self::launched(unsafe { l.launch(cfg) })?;
+        if split {
+            let mut l = self.stream.launch_builder(&typed.attention_combine);
+            l.arg(&part)
+                .arg(&rows)
+                .arg(&heads)
+                .arg(&head_dim)
+                .arg(&start)
+                .arg(&span)
+                .arg(&nspans)
+                .arg(&out)
+                .arg(&out_stride);
+            let cfg = LaunchConfig {
+                grid_dim: (rows, heads, 1),
+                block_dim: (head_dim, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: as above; the flash launch wrote every partial read.
+            Self::launched(unsafe { l.launch(cfg) })?;
+        }
+        Ok(())
     }
 
     /// `kvs_top_k`: the `k` largest of `n` f32 values at `x` into `index` (u32)

@@ -10,6 +10,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use kvstrata_types::{PageLayout, PagedGeometry};
+
 use super::device::{CudaDevice, DevMem};
 use super::error::CudaError;
 use crate::kv::KvGeometry;
@@ -63,6 +65,21 @@ impl PageAllocator {
     }
 }
 
+/// The KV-region geometry of a pool of `pages` pages of `g`: cross-layer
+/// pages of `block_tokens` tokens, f16 (`[page][layer][K|V][token][kv_head][head_dim]`,
+/// the CPU engine's page layout), so a page is one layer-major block.
+pub fn region_geometry(g: &KvGeometry, pages: usize) -> PagedGeometry {
+    PagedGeometry::packed(
+        PageLayout::CrossLayer,
+        g.num_layers as u32,
+        g.block_tokens as u32,
+        g.num_kv_heads as u32,
+        g.head_dim as u32,
+        2,
+        pages.min(u32::MAX as usize) as u32,
+    )
+}
+
 /// A pool of KV pages on one device.
 pub struct GpuKvPool {
     dev: Arc<CudaDevice>,
@@ -113,6 +130,23 @@ impl GpuKvPool {
     /// The pool's device memory (one `cuMemAlloc` allocation).
     pub fn memory(&self) -> &DevMem {
         &self.mem
+    }
+
+    /// The device the pool lives on.
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+
+    /// The pool as the daemon sees a KV region: cross-layer pages of
+    /// `block_tokens` tokens, f16, so one page is exactly one layer-major
+    /// kvstrata block (one page per block).
+    pub fn paged_geometry(&self) -> PagedGeometry {
+        region_geometry(&self.geometry, self.pages)
+    }
+
+    /// The CUDA IPC handle of the pool's memory (for a KV region).
+    pub fn ipc_handle(&self) -> Result<[u8; 64], CudaError> {
+        self.dev.ipc_handle(&self.mem)
     }
 
     /// Pages in the pool.
@@ -271,6 +305,36 @@ impl GpuSequence {
         self.pages.push(page);
         self.len += g.block_tokens;
         Ok(())
+    }
+
+    /// Takes `blocks` fresh pages for blocks that will be written into this
+    /// sequence from outside (a load by page ids: the daemon scatters into
+    /// them) and returns their ids, in position order. The positions count
+    /// only after [`GpuSequence::keep_loaded`]. Only on a page boundary.
+    pub fn reserve_blocks(&mut self, blocks: usize) -> Result<Vec<u32>, CudaError> {
+        let bt = self.pool.geometry.block_tokens;
+        if !self.len.is_multiple_of(bt) || self.pages.len() != self.full_pages() {
+            return Err(CudaError::InvalidRequest(format!(
+                "blocks can only be loaded on a page boundary (holding {} positions in {} pages)",
+                self.len,
+                self.pages.len()
+            )));
+        }
+        let taken = self.pool.take(blocks)?;
+        self.pages.extend_from_slice(&taken);
+        Ok(taken)
+    }
+
+    /// After [`GpuSequence::reserve_blocks`]: the first `blocks` reserved
+    /// pages now hold blocks (their positions count); the other reserved pages
+    /// go back to the pool.
+    pub fn keep_loaded(&mut self, blocks: usize) {
+        let bt = self.pool.geometry.block_tokens;
+        let reserved = self.pages.len().saturating_sub(self.full_pages());
+        self.len += blocks.min(reserved) * bt;
+        let keep = self.len.div_ceil(bt);
+        let dropped = self.pages.split_off(keep.min(self.pages.len()));
+        self.pool.give_back(dropped);
     }
 
     /// Drops every position from `len` on, returning whole pages to the pool.

@@ -13,6 +13,10 @@
 //! - [`GpuKvPool`] / [`GpuSequence`]: pages in one `cuMemAlloc` allocation
 //!   (exportable through CUDA IPC), same layout as the CPU engine's pages.
 //! - [`GpuModel`]: prefill chunks and decode steps, logits or top-k.
+//! - [`GpuKvStore`]: the pool registered with the daemon as a CUDA-IPC KV
+//!   region; blocks stored and loaded by page ids (shared-memory fallback).
+//! - [`GpuEngine`]: prefill and decode through the daemon, like the CPU
+//!   engine; [`resolve_device`] picks the device (`--device`).
 //!
 //! The CUDA libraries (driver, NVRTC, cuBLAS) are loaded at run time
 //! (`cudarc` with `dynamic-loading`); [`CudaDevice::open`] checks each one
@@ -20,18 +24,25 @@
 //! without a GPU.
 
 mod device;
+mod engine;
 mod error;
 mod forward;
 mod kv;
 pub mod reference;
+mod region;
 pub mod sources;
 mod weights;
 
 pub use device::{AttentionKernel, CudaDevice, CudaDeviceInfo, DevMem};
+pub use engine::{GpuDecoded, GpuEngine, GpuPrefill};
 pub use error::CudaError;
 pub use forward::{GpuModel, GpuModelOptions, MAX_TOP_K};
-pub use kv::{GpuKvPool, GpuSequence, PageAllocator};
+pub use kv::{GpuKvPool, GpuSequence, PageAllocator, region_geometry};
 pub use reference::Storage;
+pub use region::{
+    GpuKvOptions, GpuKvStore, KvPath, PAGES_PER_REQUEST, PathChoice, RegionAttempt, choose_path,
+    found_prefix, plan_store,
+};
 pub use weights::{GpuLayer, GpuWeights, host_weights_from_gguf};
 
 /// Which device the engines run on.
@@ -67,6 +78,43 @@ impl std::fmt::Display for DeviceChoice {
     }
 }
 
+/// The device the engines run on, from `--device` (`requested`) and what
+/// `probe` finds on CUDA device 0 (`CudaDevice::open`, or a stand-in in
+/// tests), with the one line to say at start-up. Without `--device`: CUDA
+/// when a GPU is found, else the CPU. An explicit `cuda[:N]` without a usable
+/// GPU is an error, not a silent CPU run.
+pub fn resolve_device<D>(
+    requested: Option<DeviceChoice>,
+    probe: impl FnOnce(usize) -> Result<D, CudaError>,
+    describe: impl Fn(&D) -> String,
+) -> Result<(DeviceChoice, Option<D>, String), CudaError> {
+    match requested {
+        Some(DeviceChoice::Cpu) => {
+            Ok((DeviceChoice::Cpu, None, "device: cpu (--device cpu)".into()))
+        }
+        Some(DeviceChoice::Cuda(n)) => {
+            let d = probe(n)?;
+            let line = format!("device: cuda:{n} ({})", describe(&d));
+            Ok((DeviceChoice::Cuda(n), Some(d), line))
+        }
+        None => match probe(0) {
+            Ok(d) => {
+                let line = format!(
+                    "device: cuda:0 ({}; a GPU was found, --device cpu for the CPU)",
+                    describe(&d)
+                );
+                Ok((DeviceChoice::Cuda(0), Some(d), line))
+            }
+            Err(e) if e.is_absent() => Ok((
+                DeviceChoice::Cpu,
+                None,
+                format!("device: cpu (no GPU: {e})"),
+            )),
+            Err(e) => Err(e),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,6 +128,33 @@ mod tests {
             assert!(bad.parse::<DeviceChoice>().is_err(), "{bad}");
         }
         assert_eq!(DeviceChoice::Cuda(2).to_string(), "cuda:2");
+    }
+
+    #[test]
+    fn the_device_defaults_to_cuda_when_found_else_cpu() {
+        let found = |n: usize| Ok::<_, CudaError>(format!("gpu{n}"));
+        let absent = |_| Err::<String, _>(CudaError::NoDriver);
+        let name = |d: &String| d.clone();
+        let (c, d, line) = resolve_device(None, found, name).unwrap();
+        assert_eq!((c, d.as_deref()), (DeviceChoice::Cuda(0), Some("gpu0")));
+        assert!(line.starts_with("device: cuda:0 (gpu0"), "{line}");
+        let (c, d, line) = resolve_device(None, absent, name).unwrap();
+        assert_eq!((c, d), (DeviceChoice::Cpu, None));
+        assert!(
+            line.contains("no GPU") && line.contains("libcuda"),
+            "{line}"
+        );
+        let (c, _, line) = resolve_device(Some(DeviceChoice::Cpu), found, name).unwrap();
+        assert_eq!(c, DeviceChoice::Cpu);
+        assert_eq!(line, "device: cpu (--device cpu)");
+        let (c, d, _) = resolve_device(Some(DeviceChoice::Cuda(3)), found, name).unwrap();
+        assert_eq!((c, d.as_deref()), (DeviceChoice::Cuda(3), Some("gpu3")));
+        // Asked for explicitly: no GPU is an error.
+        let e = resolve_device(Some(DeviceChoice::Cuda(1)), absent, name).unwrap_err();
+        assert!(e.is_absent());
+        // A GPU that is there but fails is an error even by default.
+        let broken = |_| Err::<String, _>(CudaError::Unsupported("broken".into()));
+        assert!(resolve_device(None, broken, name).is_err());
     }
 
     /// Without a GPU (CI), opening a device fails with an "absent" error and

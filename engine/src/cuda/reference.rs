@@ -19,6 +19,8 @@ use half::f16;
 
 use crate::model::{LlamaConfig, RopeStyle};
 
+mod flash;
+
 /// The 16-bit type of weights and of the activations fed to matrix products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Storage {
@@ -297,6 +299,8 @@ pub fn attention(
     }
     out
 }
+
+pub use flash::*;
 
 /// Index `kvs_top_k` writes into slots past the last candidate.
 pub const TOP_K_NONE: u32 = u32::MAX;

@@ -46,48 +46,37 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
             "kvs_attention_mma_f16_d32",
             "kvs_attention_mma_f16_d64",
             "kvs_attention_mma_f16_d128",
+            "kvs_attention_flash_bf16_d32",
+            "kvs_attention_flash_bf16_d64",
+            "kvs_attention_flash_bf16_d128",
+            "kvs_attention_flash_f16_d32",
+            "kvs_attention_flash_f16_d64",
+            "kvs_attention_flash_f16_d128",
+            "kvs_attention_flash2_bf16_d32",
+            "kvs_attention_flash2_bf16_d64",
+            "kvs_attention_flash2_bf16_d128",
+            "kvs_attention_flash2_f16_d32",
+            "kvs_attention_flash2_f16_d64",
+            "kvs_attention_flash2_f16_d128",
+            "kvs_attention_combine_bf16",
+            "kvs_attention_combine_f16",
         ],
     ),
     ("topk.cu", TOPK_SOURCE, &["kvs_top_k"]),
 ];
 
 /// Whether the NVRTC library can be loaded.
-pub fn nvrtc_library_present() -> bool {
-    // SAFETY: only tries to open the library.
-    unsafe { cudarc::nvrtc::sys::is_culib_present() }
-}
+pub use kvstrata_kernels::cuda::nvrtc_library_present;
 
 /// Compiles one model kernel source (with [`COMMON_SOURCE`] in front) to PTX for
-/// the virtual architecture `compute_<major><minor>`.
+/// the virtual architecture `compute_<major><minor>`
+/// (`kvstrata_kernels::cuda::compile_with_prelude`).
 pub fn compile(name: &'static str, source: &str, cc: (i32, i32)) -> Result<String, CudaError> {
-    if !nvrtc_library_present() {
-        return Err(CudaError::NoNvrtc);
-    }
-    let arch: &'static str = match cc {
-        (8, 0) => "compute_80",
-        (8, 6) => "compute_86",
-        (8, 7) => "compute_87",
-        (8, 9) => "compute_89",
-        (9, 0) => "compute_90",
-        (10, 0) => "compute_100",
-        (12, 0) => "compute_120",
-        (major, minor) => Box::leak(format!("compute_{major}{minor}").into_boxed_str()),
-    };
-    let full = format!("{COMMON_SOURCE}\n{source}");
-    let opts = cudarc::nvrtc::CompileOptions {
-        arch: Some(arch),
-        name: Some(name.to_string()),
-        options: vec!["--std=c++17".to_string()],
-        ..Default::default()
-    };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(full, opts).map_err(|e| CudaError::Compile {
-        file: name,
-        log: match &e {
-            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-                log.to_string_lossy().into_owned()
-            }
-            other => format!("{other:?}"),
-        },
-    })?;
-    Ok(ptx.to_src())
+    kvstrata_kernels::cuda::compile_with_prelude(name, COMMON_SOURCE, source, cc).map_err(|e| {
+        match e {
+            kvstrata_kernels::GpuError::NoNvrtc => CudaError::NoNvrtc,
+            kvstrata_kernels::GpuError::Compile { file, log } => CudaError::Compile { file, log },
+            other => CudaError::Unsupported(format!("compiling {name}: {other}")),
+        }
+    })
 }

@@ -7,12 +7,19 @@
 //!   a CUDA IPC region opened on a device the cache was given
 //!   (`BlockCache::with_gpus`; matched by backend and CUDA ordinal), or, on
 //!   the CPU backend, a memfd region when the cache runs on the CPU backend
-//!   itself (`gpu.enabled = "cpu"`: tests). The gather writes straight into
-//!   the slots [`BlockCache::put_from_device`] reserves (device `device`'s
-//!   HBM tier, else a device-reachable pinned host slot) and the scatter
-//!   reads straight from the addresses [`BlockCache::get_to_device`] lends:
-//!   [`put_direct`], [`get_direct`]. No staging buffer, one launch per
-//!   region.
+//!   itself (`gpu.enabled = "cpu"`: tests): [`put_direct`], [`get_direct`].
+//!   Blocks of device `device`'s HBM tier are gathered straight into the
+//!   slots [`BlockCache::put_from_device_staged`] reserves and scattered
+//!   straight from the slots [`BlockCache::get_to_device_staged`] lends, one
+//!   launch each. Blocks in host memory (pinned host-tier slots, blocks
+//!   staged from the disk or remote tier) pass through the device's staging
+//!   buffers a group at a time: DMA in and a device-to-device scatter, or a
+//!   device-to-device gather, a hash on the device and DMA out, the next
+//!   group's copy overlapping this group's kernel. (A kernel reading or
+//!   writing pinned host memory over PCIe directly, the path taken when no
+//!   staging set is free, reaches only about 0.6 of the DMA engines' speed
+//!   for reads.) The launches are queued on the region's stream; the cache
+//!   waits for them before it publishes or gives the addresses back.
 //! - **Staged**, for every other region (memfd regions of a daemon whose
 //!   cache has CUDA devices or none; CUDA regions on a device the cache does
 //!   not hold): [`gather`] the pages into one pinned staging buffer, wait,
@@ -64,6 +71,25 @@ pub enum RegionIoError {
         #[source]
         source: GpuError,
     },
+    /// A copy of the cache's own (through device staging) failed; named
+    /// after the region ([`RegionIoError::Device`]) before it leaves this
+    /// module.
+    #[error("copy through device staging failed: {0}")]
+    Staging(#[from] GpuError),
+}
+
+impl RegionIoError {
+    /// `Staging` as a `Device` error of `region`.
+    fn of_region(self, region: u64) -> Self {
+        match self {
+            RegionIoError::Staging(source) => RegionIoError::Device {
+                region,
+                what: "copy through device staging",
+                source,
+            },
+            e => e,
+        }
+    }
 }
 
 /// Pinned bytes behind a zero-copy `Bytes`.
@@ -169,6 +195,96 @@ impl RegionPages<'_> {
     fn block_bytes(&self) -> u64 {
         self.region.geometry().block_bytes(self.pages_per_block)
     }
+
+    /// Checks the geometry, every page id (`blocks` blocks' worth) and the
+    /// region's memory before anything is copied, so that a bad page list
+    /// fails before the first group rather than after it (`what`: the
+    /// operation named in the error).
+    fn check(&self, what: &'static str, blocks: usize) -> Result<(), RegionIoError> {
+        let g = self.region.geometry();
+        let n = g
+            .validate()
+            .and_then(|()| g.check_pages("page_ids", self.pages_per_block, self.page_ids))
+            .map_err(|e| self.device_error(what)(GpuError::Geometry(e)))?;
+        if n != blocks {
+            return Err(self.device_error(what)(GpuError::Geometry(
+                kvstrata_kernels::GeometryError::new(
+                    "page_ids",
+                    format!("pages of {n} blocks for {blocks} blocks"),
+                ),
+            )));
+        }
+        self.region.base()?;
+        Ok(())
+    }
+
+    /// The page ids of the blocks at `positions` (in this list's blocks).
+    fn pages_of(&self, positions: &[usize]) -> Vec<u32> {
+        let ppb = self.ppb();
+        positions
+            .iter()
+            .flat_map(|&i| &self.page_ids[i * ppb..(i + 1) * ppb])
+            .copied()
+            .collect()
+    }
+
+    /// Queues (does not wait for) one gather launch of the blocks at
+    /// `positions` into `blocks` on the region's stream.
+    ///
+    /// # Safety
+    /// Every `blocks[i]` must address `block_bytes(pages_per_block)` bytes
+    /// that this gather alone writes and that the region's device can
+    /// reach, valid until a fence recorded after it on the region's stream
+    /// has completed; `positions` must be blocks of this list.
+    unsafe fn queue_gather(
+        &self,
+        positions: &[usize],
+        blocks: &[u64],
+    ) -> Result<(), RegionIoError> {
+        let region = self.region;
+        let base = region.base()?;
+        // SAFETY: `base` is the region's mapped memory, alive while the
+        // caller holds `&KvRegion`, who waits for the fence before letting
+        // go; the page ids come from this list (checked against the
+        // geometry by the service and `check`); `blocks` as promised.
+        unsafe {
+            region.stream().gather(
+                region.geometry(),
+                self.pages_per_block,
+                base,
+                &self.pages_of(positions),
+                blocks,
+            )
+        }
+        .map_err(self.device_error("gather"))
+    }
+
+    /// Queues (does not wait for) one scatter launch of `blocks` into the
+    /// pages of the blocks at `positions`, on the region's stream.
+    ///
+    /// # Safety
+    /// As [`RegionPages::queue_gather`], with the blocks read (nobody writes
+    /// them until the fence) and the region written.
+    unsafe fn queue_scatter(
+        &self,
+        positions: &[usize],
+        blocks: &[u64],
+    ) -> Result<(), RegionIoError> {
+        let region = self.region;
+        let base = region.base()?;
+        // SAFETY: as in `queue_gather`, with the region written and
+        // `blocks` read.
+        unsafe {
+            region.stream().scatter(
+                region.geometry(),
+                self.pages_per_block,
+                base,
+                &self.pages_of(positions),
+                blocks,
+            )
+        }
+        .map_err(self.device_error("scatter"))
+    }
 }
 
 /// The device of `cache` (an index into `cache.gpus()`) that can exchange
@@ -191,10 +307,13 @@ pub struct DirectPut {
     pub gathered: u64,
 }
 
-/// Gathers the blocks of `pages` straight into slots of device `device`
-/// (see [`direct_device`]) and publishes them under `items` (key and parent
-/// of each block, in page-list order): [`BlockCache::put_from_device`] with
-/// one gather launch as its fill. A failed gather stores nothing.
+/// Gathers the blocks of `pages` into slots of device `device` (see
+/// [`direct_device`]) and publishes them under `items` (key and parent of
+/// each block, in page-list order): [`BlockCache::put_from_device_staged`]
+/// with gather launches on the region's stream as its fill — straight into
+/// HBM slots, and through device staging buffers (then DMA) into pinned host
+/// slots. The page list is checked before the first launch; a failed gather
+/// (or copy) stores nothing.
 pub fn put_direct(
     cache: &BlockCache,
     ns: &NamespaceId,
@@ -202,28 +321,46 @@ pub fn put_direct(
     pages: RegionPages<'_>,
     items: &[(BlockKey, Option<BlockKey>)],
 ) -> Result<DirectPut, DevicePutError<RegionIoError>> {
-    let mut gathered = 0u64;
     let began = Instant::now();
-    let mut gather_time = Duration::ZERO;
-    let outcomes = cache.put_from_device(ns, device, items, |slots: &[u64]| {
-        let reserved = began.elapsed();
-        // SAFETY: `put_from_device` reserved each slot, of the namespace's
-        // block bytes (= `block_bytes(pages_per_block)`, checked by the
-        // service), for this put alone, on device `device`, which reaches the
-        // same address space as the region's stream (`direct_device`); the
-        // slots stay reserved until `fill` returns, after the fence.
-        unsafe { pages.gather_into(slots) }?;
-        gather_time = began.elapsed() - reserved;
-        gathered = slots.len() as u64 * pages.block_bytes();
-        Ok(())
-    })?;
+    let mut launches = 0usize;
+    // When the first and the last gather were queued.
+    let (mut first, mut last) = (Duration::ZERO, Duration::ZERO);
+    let stream = pages.region.stream();
+    let outcomes = cache
+        .put_from_device_staged(ns, device, items, stream, |at: &[usize], slots: &[u64]| {
+            if launches == 0 {
+                first = began.elapsed();
+                pages.check("gather", items.len())?;
+            }
+            launches += 1;
+            last = began.elapsed();
+            // SAFETY: `put_from_device_staged` hands out each address, of the
+            // namespace's block bytes (= `block_bytes(pages_per_block)`,
+            // checked by the service), for this put alone — a reserved slot
+            // or a staging buffer of device `device`, which reaches the same
+            // address space as the region's stream (`direct_device`) — and
+            // waits for the region's stream before it lets go of them.
+            unsafe { pages.queue_gather(at, slots) }
+        })
+        .map_err(|e| match e {
+            DevicePutError::Fill(e) => DevicePutError::Fill(e.of_region(pages.region.id())),
+            e => e,
+        })?;
+    let gathered = match launches {
+        0 => 0,
+        _ => items.len() as u64 * pages.block_bytes(),
+    };
+    pages.region.count_gathered(gathered);
     tracing::debug!(
         region_id = pages.region.id(),
         blocks = items.len(),
         bytes = gathered,
-        gather_us = gather_time.as_micros() as u64,
+        launches,
+        reserve_us = first.as_micros() as u64,
+        queue_us = (last - first).as_micros() as u64,
         total_us = began.elapsed().as_micros() as u64,
-        "KV region: direct put (total: reserving slots, the gather, hashing and publishing)"
+        "KV region: direct put (reserve: slots reserved; queue: gathers queued, group by group; \
+         total: with the copies' completion, hashing and publishing)"
     );
     Ok(DirectPut { outcomes, gathered })
 }
@@ -239,10 +376,13 @@ pub struct DirectGet {
     pub scatter: Result<u64, RegionIoError>,
 }
 
-/// Scatters the blocks of `keys` found in the cache straight from the
-/// addresses [`BlockCache::get_to_device`] lends on device `device` into
-/// their pages (`pages`: one block's page ids per key, in key order), in one
-/// launch waited for before the addresses are given back.
+/// Scatters the blocks of `keys` found in the cache into their pages
+/// (`pages`: one block's page ids per key, in key order) on the region's
+/// stream: [`BlockCache::get_to_device_staged`] — blocks in device
+/// `device`'s HBM tier straight from their slots, blocks in host memory
+/// copied with DMA into device staging buffers first, a group at a time.
+/// The page list is checked before the first launch (a bad one writes no
+/// page); everything has completed before the addresses are given back.
 pub fn get_direct(
     cache: &BlockCache,
     ns: &NamespaceId,
@@ -250,42 +390,45 @@ pub fn get_direct(
     pages: RegionPages<'_>,
     keys: &[BlockKey],
 ) -> Result<DirectGet, CacheError> {
-    let ppb = pages.ppb();
     let began = Instant::now();
-    cache.get_to_device(ns, device, keys, |blocks| {
-        let looked_up = began.elapsed();
-        let found: Vec<Option<TierKind>> = blocks.iter().map(|b| b.map(|(_, t)| t)).collect();
-        let mut page_ids: Vec<u32> = Vec::new();
-        let mut addrs: Vec<u64> = Vec::new();
-        for (ids, b) in pages.page_ids.chunks_exact(ppb).zip(blocks) {
-            if let Some((addr, _)) = b {
-                page_ids.extend_from_slice(ids);
-                addrs.push(*addr);
+    let mut launches = 0usize;
+    // When the first and the last scatter were queued.
+    let (mut first, mut last) = (Duration::ZERO, Duration::ZERO);
+    let stream = pages.region.stream();
+    let (found, scattered) =
+        cache.get_to_device_staged(ns, device, keys, stream, |at: &[usize], from: &[u64]| {
+            if launches == 0 {
+                first = began.elapsed();
+                pages.check("scatter", keys.len())?;
             }
-        }
-        let scatter = if addrs.is_empty() {
-            Ok(0)
-        } else {
-            let hits = RegionPages {
-                page_ids: &page_ids,
-                ..pages
-            };
-            // SAFETY: `get_to_device` lends each address, `block_bytes` of
-            // the namespace (= the region's block bytes, checked by the
+            launches += 1;
+            last = began.elapsed();
+            // SAFETY: `get_to_device_staged` lends each address, `block_bytes`
+            // of the namespace (= the region's block bytes, checked by the
             // service), reachable from device `device` and never written
-            // while lent, until this closure returns, after the fence.
-            unsafe { hits.scatter_from(&addrs) }.map(|()| addrs.len() as u64 * pages.block_bytes())
-        };
-        tracing::debug!(
-            region_id = pages.region.id(),
-            blocks = keys.len(),
-            found = addrs.len(),
-            lookup_us = looked_up.as_micros() as u64,
-            scatter_us = (began.elapsed() - looked_up).as_micros() as u64,
-            "KV region: direct get"
-        );
-        DirectGet { found, scatter }
-    })
+            // while lent — an HBM slot or a staging buffer its DMA filled
+            // before this launch runs — and waits for the region's stream
+            // before it lets go of them.
+            unsafe { pages.queue_scatter(at, from) }
+        })?;
+    let scatter = scattered
+        .map(|n| n as u64 * pages.block_bytes())
+        .map_err(|e| e.of_region(pages.region.id()));
+    if let Ok(bytes) = scatter {
+        pages.region.count_scattered(bytes);
+    }
+    tracing::debug!(
+        region_id = pages.region.id(),
+        blocks = keys.len(),
+        found = found.iter().flatten().count(),
+        launches,
+        lookup_us = first.as_micros() as u64,
+        queue_us = (last - first).as_micros() as u64,
+        total_us = began.elapsed().as_micros() as u64,
+        "KV region: direct get (lookup: until the first scatter is queued; queue: copies and \
+         scatters queued, group by group; total: with their completion)"
+    );
+    Ok(DirectGet { found, scatter })
 }
 
 /// Gathers blocks of `pages_per_block` pages each (`page_ids` holds them one
@@ -375,210 +518,4 @@ pub fn scatter(
 }
 
 #[cfg(test)]
-mod tests {
-    use std::io::Write;
-    use std::os::fd::OwnedFd;
-
-    use kvstrata_kernels::{Gpu, PageLayout, PagedGeometry, reference};
-    use kvstrata_tiers::{CacheConfig, Dtype, HbmTierConfig, HostTierConfig, NamespaceSpec, Tier};
-    use rand::{Rng, SeedableRng};
-
-    use super::*;
-    use crate::region::{GpuSet, KIND_MEMFD, RegionLimits, RegionPreamble, RegionRegistry};
-
-    fn geometry() -> PagedGeometry {
-        PagedGeometry::packed(PageLayout::CrossLayer, 3, 3, 2, 5, 2, 9)
-    }
-
-    /// Random bytes with no zero, so a block left unwritten shows.
-    fn random(rng: &mut rand::rngs::StdRng, len: usize) -> Vec<u8> {
-        (0..len).map(|_| rng.random_range(1..=255u8)).collect()
-    }
-
-    fn cache(host_bytes: u64, hbm: bool, gpus: Vec<Gpu>) -> BlockCache {
-        let config = CacheConfig {
-            host: HostTierConfig {
-                capacity_bytes: host_bytes,
-                segment_bytes: host_bytes,
-            },
-            hbm: hbm.then(|| HbmTierConfig {
-                capacity_bytes: 1 << 20,
-                segment_bytes: 1 << 20,
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        BlockCache::with_gpus(config, gpus).expect("cache")
-    }
-
-    /// A memfd region of `geometry()` holding `bytes`.
-    fn region(registry: &RegionRegistry, bytes: &[u8]) -> Arc<KvRegion> {
-        let mut f = tempfile::tempfile().expect("tempfile");
-        f.write_all(bytes).expect("write");
-        registry
-            .register(
-                RegionPreamble {
-                    kind: KIND_MEMFD,
-                    device: 0,
-                    bytes: bytes.len() as u64,
-                    handle: [0; 64],
-                    geometry: geometry(),
-                    name: "engine".into(),
-                },
-                Some(OwnedFd::from(f)),
-            )
-            .expect("registers")
-    }
-
-    /// The region's bytes, as the daemon sees them.
-    fn region_bytes(r: &KvRegion) -> Vec<u8> {
-        let base = r.base().expect("mapped") as *const u8;
-        // SAFETY: the region maps `bytes()` bytes at `base`, alive while `r` is.
-        unsafe { std::slice::from_raw_parts(base, r.bytes() as usize) }.to_vec()
-    }
-
-    fn key(s: &str) -> BlockKey {
-        BlockKey::new("key", s.as_bytes()).expect("key")
-    }
-
-    #[test]
-    fn direct_put_and_get_match_the_references_on_the_cpu_backend() {
-        let g = geometry();
-        let ppb = 2u32;
-        let bb = g.block_bytes(ppb) as usize;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
-        let registry = RegionRegistry::new(
-            RegionLimits {
-                max_regions: 4,
-                max_region_bytes: 1 << 20,
-            },
-            Arc::new(GpuSet::default()),
-        );
-        let engine = random(&mut rng, g.region_bytes() as usize);
-        let r = region(&registry, &engine);
-        // Only a cache on the region's backend reaches it directly.
-        assert_eq!(direct_device(&cache(1 << 20, true, Vec::new()), &r), None);
-        let c = cache(1 << 20, true, vec![Gpu::cpu()]);
-        assert_eq!(direct_device(&c, &r), Some(0));
-        let spec = NamespaceSpec::layer_major("m", g.layers, g.kv_heads, g.head_dim, Dtype::F16, 6);
-        let ns = c.register_namespace(spec).expect("namespace").0.id;
-
-        // Put: two blocks, one page named twice, gathered into HBM slots.
-        let pages = [7u32, 1, 4, 4];
-        let items = [(key("a"), None), (key("b"), Some(key("a")))];
-        let p = RegionPages {
-            region: &r,
-            pages_per_block: ppb,
-            page_ids: &pages,
-        };
-        let done = put_direct(&c, &ns, 0, p, &items).expect("put");
-        assert_eq!(done.outcomes, vec![PutOutcome::Stored; 2]);
-        assert_eq!(done.gathered, 2 * bb as u64);
-        assert_eq!(r.info().gathered, 2 * bb as u64);
-        assert_eq!(
-            c.lookup(&ns, &[key("a"), key("b")]).expect("lookup"),
-            vec![TierKind::Hbm; 2]
-        );
-        let mut want = vec![0u8; 2 * bb];
-        reference::gather(&g, ppb, &pages, &engine, &mut want).expect("reference");
-        let got = c.get_batch(&ns, &[key("a"), key("b")]).expect("get");
-        for (i, hit) in got.iter().enumerate() {
-            let (bytes, _) = hit.as_ref().expect("found");
-            assert!(bytes[..] == want[i * bb..(i + 1) * bb], "block {i}");
-        }
-
-        // A failed gather (a page outside the region: the service checks
-        // that first, so only the kernel's own check catches it here) stores
-        // nothing and frees its slots.
-        let used = c.hbm()[0].stats().used_bytes;
-        let bad = RegionPages {
-            page_ids: &[0, 9],
-            ..p
-        };
-        let e = put_direct(&c, &ns, 0, bad, &[(key("c"), None)]).expect_err("fails");
-        assert!(
-            matches!(e, DevicePutError::Fill(RegionIoError::Device { .. })),
-            "{e:?}"
-        );
-        assert!(c.lookup(&ns, &[key("c")]).expect("lookup").is_empty());
-        assert_eq!(c.hbm()[0].stats().used_bytes, used);
-
-        // Get: a hit from HBM, a miss, a hit from the host tier, scattered
-        // over poisoned pages; the miss's pages stay as they were.
-        let host_block = random(&mut rng, bb);
-        c.put_batch(
-            &ns,
-            &[kvstrata_tiers::PutBlock {
-                key: key("h"),
-                parent: None,
-                payload: Bytes::from(host_block.clone()),
-            }],
-        )
-        .expect("put");
-        let before = region_bytes(&r);
-        let get_pages = [2u32, 3, 5, 6, 8, 0];
-        let got = get_direct(
-            &c,
-            &ns,
-            0,
-            RegionPages {
-                region: &r,
-                pages_per_block: ppb,
-                page_ids: &get_pages,
-            },
-            &[key("b"), key("missing"), key("h")],
-        )
-        .expect("get");
-        assert_eq!(
-            got.found,
-            vec![Some(TierKind::Hbm), None, Some(TierKind::Host)]
-        );
-        assert_eq!(got.scatter.expect("scatter"), 2 * bb as u64);
-        assert_eq!(r.info().scattered, 2 * bb as u64);
-        let mut want_region = before.clone();
-        reference::scatter(&g, ppb, &[2, 3], &want[bb..], &mut want_region).expect("reference");
-        reference::scatter(&g, ppb, &[8, 0], &host_block, &mut want_region).expect("reference");
-        assert!(
-            region_bytes(&r) == want_region,
-            "region differs from the reference"
-        );
-    }
-
-    #[test]
-    fn no_room_answers_no_space_without_gathering() {
-        let g = geometry();
-        let registry = RegionRegistry::new(
-            RegionLimits {
-                max_regions: 4,
-                max_region_bytes: 1 << 20,
-            },
-            Arc::new(GpuSet::default()),
-        );
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let r = region(&registry, &random(&mut rng, g.region_bytes() as usize));
-        // No HBM tier, and a host tier of one slot, held by a pinned block.
-        let bb = g.block_bytes(1);
-        let c = cache(bb, false, vec![Gpu::cpu()]);
-        let spec = NamespaceSpec::layer_major("m", g.layers, g.kv_heads, g.head_dim, Dtype::F16, 3);
-        let ns = c.register_namespace(spec).expect("namespace").0.id;
-        c.put_batch(
-            &ns,
-            &[kvstrata_tiers::PutBlock {
-                key: key("pinned"),
-                parent: None,
-                payload: Bytes::from(random(&mut rng, bb as usize)),
-            }],
-        )
-        .expect("put");
-        c.pin(&ns, &[key("pinned")], std::time::Duration::from_secs(60))
-            .expect("pin");
-        let p = RegionPages {
-            region: &r,
-            pages_per_block: 1,
-            page_ids: &[1, 2],
-        };
-        let done = put_direct(&c, &ns, 0, p, &[(key("a"), None), (key("b"), None)]).expect("put");
-        assert_eq!(done.outcomes, vec![PutOutcome::NoSpace; 2]);
-        assert_eq!((done.gathered, r.info().gathered), (0, 0));
-    }
-}
+mod tests;

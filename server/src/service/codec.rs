@@ -12,10 +12,12 @@
 //! these two methods over at the HTTP/2 level:
 //!
 //! - the request body's chunks (each one HTTP/2 `DATA` frame, already a
-//!   `Bytes` of hyper's read buffer) are gathered without a copy; a message
-//!   that lies in one chunk (the usual case: the daemon allows 16 MiB frames)
-//!   is decoded in place, so a put's payloads are slices of the read buffer
-//!   and the host tier's copy into its slot is the only one;
+//!   `Bytes` of hyper's read buffer) are gathered without a copy and the
+//!   message is decoded over them: a payload that lies in one chunk (a
+//!   message inside one frame — the daemon allows 16 MiB frames — or a
+//!   payload the client sent as a frame of its own, as
+//!   `kvstrata_client::inline` does) is a slice of the read buffer, so the
+//!   host tier's copy into its slot is the only one;
 //! - a BatchGet response is written as a list of chunks: the protobuf field
 //!   headers are encoded around each payload, and the payloads themselves —
 //!   the tier's own `Bytes` — go to hyper untouched, which hands them to
@@ -39,8 +41,10 @@ use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::buf::Take;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
+use kvstrata_proto::codec::Chunks;
 use kvstrata_proto::v1 as pb;
 use kvstrata_proto::v1::kv_cache_server::{KvCache, KvCacheServer};
 use prost::Message;
@@ -227,8 +231,7 @@ where
             }
         }
     }
-    let bytes = message.finish()?;
-    let decoded = M::decode(bytes).map_err(|e| Status::internal(e.to_string()))?;
+    let decoded = M::decode(message.finish()?).map_err(|e| Status::internal(e.to_string()))?;
     Ok(tonic::Request::from_http(http::Request::from_parts(
         parts, decoded,
     )))
@@ -289,10 +292,13 @@ impl MessageReader {
         Ok(())
     }
 
-    /// The message bytes: a slice of one chunk when it lies in one, else a
-    /// copy of the pieces. Bytes after the first message are left alone, as
-    /// tonic does (the guard layer refuses a second message).
-    fn finish(self) -> Result<Bytes, Status> {
+    /// The message, read over the chunks as they came: prost decodes its
+    /// `bytes` fields as slices of the chunk they lie in (a payload the
+    /// client sent as a `DATA` frame of its own, or a message inside one
+    /// frame, is never copied here); only a field cut across chunks is
+    /// copied. Bytes after the first message are left alone, as tonic does
+    /// (the guard layer refuses a second message).
+    fn finish(self) -> Result<Take<Chunks>, Status> {
         let Some(len) = self.len else {
             return Err(if self.received == 0 {
                 Status::internal("Missing request message.")
@@ -300,35 +306,12 @@ impl MessageReader {
                 Status::internal("Unexpected EOF decoding stream.")
             });
         };
-        let end = GRPC_HEADER_BYTES + len;
-        if self.received < end {
+        if self.received < GRPC_HEADER_BYTES + len {
             return Err(Status::internal("Unexpected EOF decoding stream."));
         }
-        let mut at = 0usize;
-        for chunk in &self.chunks {
-            let next = at + chunk.len();
-            if at <= GRPC_HEADER_BYTES && end <= next {
-                return Ok(chunk.slice(GRPC_HEADER_BYTES - at..end - at));
-            }
-            if next > GRPC_HEADER_BYTES {
-                break;
-            }
-            at = next;
-        }
-        let mut joined = BytesMut::with_capacity(len);
-        let mut skip = GRPC_HEADER_BYTES;
-        for chunk in &self.chunks {
-            let mut c = &chunk[..];
-            let s = skip.min(c.len());
-            c = &c[s..];
-            skip -= s;
-            let take = c.len().min(len - joined.len());
-            joined.put_slice(&c[..take]);
-            if joined.len() == len {
-                break;
-            }
-        }
-        Ok(joined.freeze())
+        let mut body = Chunks::new(self.chunks);
+        body.advance(GRPC_HEADER_BYTES);
+        Ok(body.take(len))
     }
 }
 
@@ -589,22 +572,49 @@ mod tests {
     }
 
     #[test]
-    fn a_message_split_over_chunks_is_joined() {
+    fn a_message_split_over_chunks_decodes_and_whole_payloads_are_not_copied() {
         let msg = pb::BatchPutRequest {
             namespace_id: Bytes::from_static(&[9; 16]),
-            items: vec![pb::PutItem {
-                key: Bytes::from_static(b"key"),
-                payload: Bytes::from(vec![3u8; 40_000]),
-                ..Default::default()
-            }],
+            items: vec![
+                pb::PutItem {
+                    key: Bytes::from_static(b"key"),
+                    payload: Bytes::from(vec![3u8; 40_000]),
+                    ..Default::default()
+                },
+                pb::PutItem {
+                    key: Bytes::from_static(b"key2"),
+                    parent: Bytes::from_static(b"key"),
+                    payload: Bytes::from(vec![4u8; 30_000]),
+                    ..Default::default()
+                },
+            ],
         };
         let wire = Bytes::from(framed(&msg));
-        for cut in [1, 4, 5, 6, 100, wire.len() - 1] {
+        for cut in [1, 4, 5, 6, 100, 20_000, wire.len() - 1] {
             let mut r = MessageReader::new(1 << 20);
             r.push(wire.slice(..cut)).unwrap();
             r.push(wire.slice(cut..)).unwrap();
             let got = pb::BatchPutRequest::decode(r.finish().unwrap()).unwrap();
             assert_eq!(got, msg, "cut at {cut}");
+        }
+        // Cut around each payload (as the inline client frames a put):
+        // every payload is a slice of its own chunk.
+        let at = |p: &[u8]| {
+            wire.windows(p.len().min(64))
+                .position(|w| w == &p[..p.len().min(64)])
+                .unwrap()
+        };
+        let (p0, p1) = (at(&msg.items[0].payload), at(&msg.items[1].payload));
+        let cuts = [0, p0, p0 + 40_000, p1, p1 + 30_000, wire.len()];
+        let pieces: Vec<Bytes> = cuts.windows(2).map(|w| wire.slice(w[0]..w[1])).collect();
+        let mut r = MessageReader::new(1 << 20);
+        for p in &pieces {
+            r.push(p.clone()).unwrap();
+        }
+        let got = pb::BatchPutRequest::decode(r.finish().unwrap()).unwrap();
+        assert_eq!(got, msg);
+        for (item, piece) in got.items.iter().zip([&pieces[1], &pieces[3]]) {
+            assert_eq!(item.payload.as_ptr(), piece.as_ptr(), "decoded in place");
         }
         // One chunk: the payload is a slice of it.
         let mut r = MessageReader::new(1 << 20);
@@ -613,6 +623,12 @@ mod tests {
         let p = &got.items[0].payload;
         let inside = wire.as_ptr_range();
         assert!(inside.contains(&p.as_ptr()), "decoded in place");
+        // Bytes after the message are not part of it.
+        let mut r = MessageReader::new(1 << 20);
+        r.push(wire.clone()).unwrap();
+        r.push(Bytes::from_static(&[0, 0, 0, 0, 1, 7])).unwrap();
+        let got = pb::BatchPutRequest::decode(r.finish().unwrap()).unwrap();
+        assert_eq!(got, msg);
     }
 
     #[test]

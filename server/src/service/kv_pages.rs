@@ -5,8 +5,21 @@
 //! it (`region_io::put_direct` / `get_direct`), or are staged: gathered into
 //! blocks before a put, scattered from found blocks after a get, one launch
 //! per region (`region_io::gather` / `scatter`).
+//!
+//! No gather or scatter starts once the daemon has given the request up (its
+//! cutoff, [`crate::limits::request_cutoff`]): the client has been answered
+//! `DEADLINE_EXCEEDED` by then and may already let its engine reuse the pages,
+//! so a late gather would store reused pages under the old keys and a late
+//! scatter would overwrite recomputed KV. A request whose work reaches the
+//! blocking pool after its cutoff (queued behind others, or the daemon stalled
+//! by SIGSTOP or an overloaded host) moves no page: a put stores nothing and
+//! answers `DEADLINE_EXCEEDED`; a get answers `DEADLINE_EXCEEDED`, or, when
+//! the cutoff passes between two regions' scatters, a `region_error` for each
+//! key whose pages were not written. A gather or scatter already running when
+//! the cutoff passes runs to its end.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use kvstrata_proto::v1 as pb;
@@ -19,6 +32,7 @@ use super::KvCacheService;
 use super::get::{hit_result, miss_result};
 use super::put::{ParsedItem, Planned, PutPlan};
 use crate::convert::status;
+use crate::limits::request_cutoff;
 use crate::region::io as region_io;
 use crate::region::{KvRegion, RegionRegistry};
 
@@ -27,6 +41,28 @@ pub(super) struct PagesTarget {
     region: Arc<KvRegion>,
     pages_per_block: u32,
     page_ids: Vec<u32>,
+    /// When the daemon gives the request up: no gather or scatter after it.
+    cutoff: Option<Instant>,
+}
+
+/// The request's cutoff ([`request_cutoff`]) as a std instant, for the
+/// blocking pool.
+fn cutoff_now() -> Option<Instant> {
+    request_cutoff().map(|c| c.into_std())
+}
+
+/// Whether the daemon has given the request up (its client was answered
+/// `DEADLINE_EXCEEDED`), so no page may move for it any more.
+fn given_up(cutoff: Option<Instant>) -> bool {
+    cutoff.is_some_and(|c| Instant::now() >= c)
+}
+
+/// What a request told too late gets instead of a gather or scatter.
+fn late(what: &str) -> String {
+    format!(
+        "deadline exceeded before the {what}: the daemon had already answered the request \
+         DEADLINE_EXCEEDED, so no page was moved"
+    )
 }
 
 /// Blocks of one region that move directly between its memory and device
@@ -132,6 +168,7 @@ impl KvCacheService {
             region,
             pages_per_block: ppb,
             page_ids: pages.page_ids.clone(),
+            cutoff: cutoff_now(),
         }))
     }
 
@@ -159,9 +196,13 @@ impl KvCacheService {
         let cache = Arc::clone(&self.cache);
         let registry = self.regions.clone();
         let block_bytes = namespace.block_bytes;
+        let cutoff = cutoff_now();
         self.limits
             .blocking
             .run("get", move || {
+                if given_up(cutoff) {
+                    return Err(Status::deadline_exceeded(late("scatter into pages[]")));
+                }
                 let outcome = read_into_pages(
                     &cache,
                     &ns,
@@ -169,27 +210,27 @@ impl KvCacheService {
                     &targets,
                     block_bytes,
                     registry.as_deref(),
-                )?;
-                Ok::<_, CacheError>(
-                    wire_keys
-                        .into_iter()
-                        .zip(outcome)
-                        .map(|(key, o)| match o {
-                            Ok(Some(tier)) => hit_result(key, Bytes::new(), tier),
-                            Ok(None) => miss_result(key, String::new()),
-                            Err(e) => miss_result(key, e),
-                        })
-                        .collect(),
+                    cutoff,
                 )
+                .map_err(status)?;
+                Ok(wire_keys
+                    .into_iter()
+                    .zip(outcome)
+                    .map(|(key, o)| match o {
+                        Ok(Some(tier)) => hit_result(key, Bytes::new(), tier),
+                        Ok(None) => miss_result(key, String::new()),
+                        Err(e) => miss_result(key, e),
+                    })
+                    .collect())
             })
             .await?
-            .map_err(status)
     }
 }
 
 /// Reads `keys` and scatters the found blocks into their pages (`targets`,
 /// one per key): first the staged keys, then each direct group. Returns what
-/// became of each key, in order, and counts the bytes scattered.
+/// became of each key, in order, and counts the bytes scattered. No scatter
+/// starts after `cutoff`: its keys get a [`late`] error instead.
 fn read_into_pages(
     cache: &BlockCache,
     ns: &NamespaceId,
@@ -197,6 +238,7 @@ fn read_into_pages(
     targets: &[Result<PagesTarget, String>],
     block_bytes: u64,
     registry: Option<&RegionRegistry>,
+    cutoff: Option<Instant>,
 ) -> Result<Vec<PageOutcome>, CacheError> {
     let mut outcome: Vec<PageOutcome> = targets
         .iter()
@@ -206,8 +248,14 @@ fn read_into_pages(
         })
         .collect();
     let plan = plan_get_pages(cache, keys, targets);
-    let mut scattered = scatter_staged(cache, ns, &plan, block_bytes, &mut outcome)?;
+    let mut scattered = scatter_staged(cache, ns, &plan, block_bytes, &mut outcome, cutoff)?;
     for g in &plan.direct {
+        if given_up(cutoff) {
+            for &i in &g.items {
+                outcome[i] = Err(late("scatter"));
+            }
+            continue;
+        }
         scattered += get_direct_group(cache, ns, g, &mut outcome)?;
     }
     if let Some(r) = registry {
@@ -254,14 +302,15 @@ fn plan_get_pages<'a>(
 }
 
 /// Reads the staged keys and scatters the found blocks, one launch per
-/// region; returns the bytes scattered. A failed scatter turns its keys'
-/// outcomes into that error.
+/// region; returns the bytes scattered. A failed scatter, or one that would
+/// start after `cutoff`, turns its keys' outcomes into that error.
 fn scatter_staged(
     cache: &BlockCache,
     ns: &NamespaceId,
     plan: &GetPagesPlan<'_>,
     block_bytes: u64,
     outcome: &mut [PageOutcome],
+    cutoff: Option<Instant>,
 ) -> Result<u64, CacheError> {
     let found = if plan.staged_keys.is_empty() {
         Vec::new()
@@ -298,6 +347,12 @@ fn scatter_staged(
     }
     let mut scattered = 0u64;
     for g in &groups {
+        if given_up(cutoff) {
+            for &i in &g.keys {
+                outcome[i] = Err(late("scatter"));
+            }
+            continue;
+        }
         if let Err(e) = region_io::scatter(
             &g.region,
             g.pages_per_block,
@@ -383,7 +438,9 @@ fn check_put_items(parsed: &[ParsedItem], block_bytes: u64) -> Result<(), Status
 /// Plans a put: the staged `Pages` items are gathered (one launch per
 /// region) into blocks; the items of the first region the cache's devices
 /// reach are left for the direct put; every other item is its block or the
-/// reason it alone is refused.
+/// reason it alone is refused. Once the request's cutoff has passed, nothing
+/// is gathered (nor, by the caller, put directly: it runs right after) and the
+/// put fails `DEADLINE_EXCEEDED`, storing nothing.
 pub(super) fn gather_pages(
     cache: &BlockCache,
     ns: &NamespaceId,
@@ -408,10 +465,33 @@ pub(super) fn gather_pages(
         .map_err(status)?
         .block_bytes;
     check_put_items(&parsed, block_bytes)?;
+    let cutoff = parsed.iter().find_map(|p| match p {
+        ParsedItem::Pages { target, .. } => target.cutoff,
+        _ => None,
+    });
     let (groups, direct) = group_put_pages(cache, &parsed);
+    let too_late = |first: Option<&usize>| {
+        Status::deadline_exceeded(format!(
+            "items[{}].pages: {}; nothing stored",
+            first.copied().unwrap_or(0),
+            late("gather")
+        ))
+    };
+    if given_up(cutoff) {
+        let first = groups.first().and_then(|g| g.items.first());
+        return Err(too_late(
+            first.or(direct.as_ref().and_then(|d| d.items.first())),
+        ));
+    }
     let mut gathered: Vec<Option<Bytes>> = vec![None; parsed.len()];
     let mut total = 0u64;
     for g in &groups {
+        if given_up(cutoff) {
+            if let Some(r) = registry {
+                r.count_moved(total, 0);
+            }
+            return Err(too_late(g.items.first()));
+        }
         let blocks = region_io::gather(&g.region, g.pages_per_block, &g.page_ids, block_bytes)
             .map_err(|e| gather_status(g.items.first().copied().unwrap_or(0), e))?;
         total += blocks.len() as u64 * block_bytes;
@@ -421,6 +501,9 @@ pub(super) fn gather_pages(
     }
     if let Some(r) = registry {
         r.count_moved(total, 0);
+    }
+    if direct.is_some() && given_up(cutoff) {
+        return Err(too_late(direct.as_ref().and_then(|d| d.items.first())));
     }
     let mut is_direct = vec![false; parsed.len()];
     for &i in direct.iter().flat_map(|d| &d.items) {

@@ -1,13 +1,18 @@
 //! The CUDA-IPC data path: blocks a device writes into reserved slots
 //! ([`BlockCache::put_from_device`]) and blocks lent to a device by address
 //! ([`BlockCache::get_to_device`]), then promoted into its HBM tier
-//! ([`BlockCache::promote_to_hbm`]).
+//! ([`BlockCache::promote_to_hbm`]). The `_staged` variants
+//! ([`BlockCache::put_from_device_staged`],
+//! [`BlockCache::get_to_device_staged`]) move the blocks that lie in host
+//! memory through device staging buffers with DMA ([`staged`]).
 
-use std::collections::HashSet;
+mod staged;
+
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use bytes::Bytes;
-use kvstrata_kernels::{Gpu, StagingBuffer};
+use kvstrata_kernels::{Gpu, GpuError, GpuStream, StagingBuffer};
 use rayon::prelude::*;
 
 use super::put::drop_disk_copy;
@@ -23,6 +28,8 @@ use crate::tier::{PutOutcome, RemoveReason, Tier, TierKind};
 
 /// A host-tier block lent by `get_to_device`, kept for its promotion.
 struct HostRead {
+    /// Its position in the request's keys (`usize::MAX`: read again later).
+    pos: usize,
     key: BlockKey,
     bytes: Bytes,
     parent: Option<BlockKey>,
@@ -112,6 +119,69 @@ impl BlockCache {
         items: &[(BlockKey, Option<BlockKey>)],
         fill: impl FnOnce(&[u64]) -> Result<(), E>,
     ) -> Result<Vec<PutOutcome>, DevicePutError<E>> {
+        self.put_device_slots(ns, device, items, |slots, addrs, _| {
+            fill(addrs).map_err(DevicePutError::Fill)?;
+            Ok(vec![None; slots.len()])
+        })
+    }
+
+    /// [`BlockCache::put_from_device`] for a writer that queues its copies
+    /// on a stream of device `device` (an engine's gather): `gather(positions,
+    /// addresses)` must queue on `stream`, without waiting, the writes of
+    /// the blocks of those item positions to those addresses (`block_bytes`
+    /// each); it is called once per group, for every item once.
+    ///
+    /// Items whose slot is in the HBM tier are gathered straight into it (one
+    /// call). Items whose slot is in the pinned host tier are gathered into
+    /// device staging buffers a group at a time, copied out into their slots
+    /// with DMA and hashed on the device while the next group is gathered
+    /// ([`staged`]); without a staging set (every set lent, no device
+    /// memory) they are gathered straight into their slots and hashed on
+    /// the CPU, as [`BlockCache::put_from_device`] does. The same contract
+    /// otherwise: slots are reserved all or none before anything is
+    /// gathered, nothing is published before every copy has completed and
+    /// its checksum is known, and a failure anywhere (a `gather` call, a
+    /// copy, a fence) frees every slot and stores nothing. Errors of the
+    /// device's own copies come as `E::from`.
+    pub fn put_from_device_staged<E: From<GpuError>>(
+        &self,
+        ns: &NamespaceId,
+        device: usize,
+        items: &[(BlockKey, Option<BlockKey>)],
+        stream: &GpuStream,
+        mut gather: impl FnMut(&[usize], &[u64]) -> Result<(), E>,
+    ) -> Result<Vec<PutOutcome>, DevicePutError<E>> {
+        let gpu = self.check_device(device)?;
+        let moves = self.device_moves(device);
+        self.put_device_slots(ns, device, items, |slots, addrs, len| {
+            staged::fill_staged(gpu, moves, stream, slots, addrs, len, &mut gather)
+                .map_err(DevicePutError::Fill)
+        })
+    }
+
+    /// How blocks move between device `device` and host memory: the HBM
+    /// tier's settings (`gpu.dma_threshold`, `gpu.move_group_bytes`), or
+    /// their defaults without an HBM tier.
+    fn device_moves(&self, device: usize) -> staged::Moves {
+        self.hbm
+            .get(device)
+            .map_or_else(staged::Moves::default, |h| staged::Moves {
+                dma_threshold: h.config().dma_threshold,
+                group_bytes: h.config().move_group_bytes,
+            })
+    }
+
+    /// The body of both device puts: validates, reserves a slot per item,
+    /// calls `fill(slots, addresses, block bytes)` (which returns the
+    /// checksums it already knows, per item), computes the others and
+    /// publishes.
+    fn put_device_slots<E>(
+        &self,
+        ns: &NamespaceId,
+        device: usize,
+        items: &[(BlockKey, Option<BlockKey>)],
+        fill: impl FnOnce(&[DeviceSlot], &[u64], usize) -> Result<Vec<Option<u64>>, DevicePutError<E>>,
+    ) -> Result<Vec<PutOutcome>, DevicePutError<E>> {
         let namespace = self.namespace("namespace_id", ns)?;
         self.check_device(device)?;
         for (i, (key, parent)) in items.iter().enumerate() {
@@ -133,9 +203,9 @@ impl BlockCache {
             return Ok(vec![PutOutcome::NoSpace; items.len()]);
         };
         let addrs: Vec<u64> = slots.iter().map(DeviceSlot::addr).collect();
-        fill(&addrs).map_err(DevicePutError::Fill)?;
+        let known = fill(&slots, &addrs, len)?;
         let through = self.write_through_of(&namespace);
-        let (checksums, mut copies) = device_checksums(hbm, &slots, &addrs, len, through)?;
+        let (checksums, mut copies) = device_checksums(hbm, &slots, &addrs, len, through, known)?;
         let mut out = Vec::with_capacity(items.len());
         for (i, ((key, parent), slot)) in items.iter().zip(slots).enumerate() {
             let copy = copies[i].take();
@@ -315,17 +385,122 @@ impl BlockCache {
         keys: &[BlockKey],
         use_blocks: impl FnOnce(&[Option<(u64, TierKind)>]) -> R,
     ) -> Result<R, CacheError> {
+        self.lend_to_device(ns, device, keys, |blocks, _, _| use_blocks(blocks))
+    }
+
+    /// [`BlockCache::get_to_device`] for a reader that queues its copies on
+    /// a stream of device `device` (an engine's scatter):
+    /// `scatter(positions, addresses)` must queue on `stream`, without
+    /// waiting, the reads of the blocks at those addresses (`block_bytes`
+    /// each) for those key positions; it is called once per group, for
+    /// every key found once. Returns, per key, the tier it was found in
+    /// (`None`: a miss, never passed to `scatter`), and the number of blocks
+    /// scattered or the first error (then the blocks of the groups before
+    /// it may have been written).
+    ///
+    /// Blocks in device `device`'s HBM tier are read where they lie (one
+    /// call). Blocks in host memory (the pinned host tier, or staged from
+    /// the disk or remote tier or another device) are copied with DMA into
+    /// device staging buffers a group at a time, each group scattered from
+    /// there while the next one copies ([`staged`]); without a staging set
+    /// they are read straight from host memory. Everything queued has
+    /// completed when this returns, so the addresses are given back only
+    /// then. Errors of the device's own copies come as `E::from`.
+    pub fn get_to_device_staged<E: From<GpuError>>(
+        &self,
+        ns: &NamespaceId,
+        device: usize,
+        keys: &[BlockKey],
+        stream: &GpuStream,
+        mut scatter: impl FnMut(&[usize], &[u64]) -> Result<(), E>,
+    ) -> Result<FoundAndScattered<E>, CacheError> {
+        let len = self.namespace("namespace_id", ns)?.block_bytes as usize;
+        let gpu = self.check_device(device)?;
+        let moves = self.device_moves(device);
+        self.lend_to_device(ns, device, keys, |blocks, on_device, promote| {
+            let found = blocks.iter().map(|b| b.map(|(_, t)| t)).collect();
+            // Host-tier blocks to promote into the HBM tier from the staging
+            // buffers they pass through (device to device): a slot each,
+            // reserved now; the rest are promoted afterwards as before.
+            let mut slots: Vec<(HbmSlot, &HostRead)> = Vec::new();
+            if let Some((h, reads)) = promote {
+                for r in reads.iter().filter(|r| r.pos < blocks.len()) {
+                    if h.contains(ns, &r.key) {
+                        continue;
+                    }
+                    match h.reserve(len) {
+                        Some(slot) => slots.push((slot, r)),
+                        None => break,
+                    }
+                }
+            }
+            let targets: HashMap<usize, u64> =
+                slots.iter().map(|(s, r)| (r.pos, s.addr())).collect();
+            let scattered = staged::scatter_lent(
+                gpu,
+                moves,
+                stream,
+                staged::Lent {
+                    blocks,
+                    on_device,
+                    promote_to: &targets,
+                },
+                len,
+                &mut scatter,
+            );
+            // Published only when every copy into them has completed (the
+            // staged path ran, without an error), under the stripe rule of
+            // `promote_to_hbm`; otherwise freed unpublished.
+            if let (Some((h, _)), Ok((_, true))) = (promote, &scattered) {
+                for (slot, r) in slots {
+                    let stripe = self.stripe(ns, &r.key).lock();
+                    if *stripe == r.epoch && !h.contains(ns, &r.key) {
+                        h.publish_promotion(slot, ns, &r.key, r.parent.as_ref(), r.checksum);
+                    }
+                }
+            }
+            (found, scattered.map(|(n, _)| n))
+        })
+    }
+
+    /// The body of both device gets: `use_blocks` gets the lent addresses,
+    /// per key whether its address is in device `device`'s own memory (its
+    /// HBM tier) rather than host memory, and, with promotion on get, the
+    /// HBM tier and the host-tier blocks lent in place (promoted afterwards
+    /// unless `use_blocks` published them in the HBM tier itself).
+    fn lend_to_device<R>(
+        &self,
+        ns: &NamespaceId,
+        device: usize,
+        keys: &[BlockKey],
+        use_blocks: impl FnOnce(
+            &[Option<(u64, TierKind)>],
+            &[bool],
+            Option<(&HbmTier, &[HostRead])>,
+        ) -> R,
+    ) -> Result<R, CacheError> {
         let began = Instant::now();
         self.namespace("namespace_id", ns)?;
         let gpu = self.check_device(device)?;
         let hbm = self.hbm.get(device);
         let promote_to = hbm.filter(|h| h.config().promote_on_device_get);
         let mut lent = self.lend_in_place(ns, hbm, keys, promote_to.is_some());
+        // Lent in place from the device's HBM tier (staged blocks may come
+        // from another device's HBM tier, through pinned memory).
+        let on_device: Vec<bool> = lent
+            .addrs
+            .iter()
+            .map(|a| matches!(a, Some((_, TierKind::Hbm))))
+            .collect();
         // The rest through the ordinary read path, staged in pinned memory
         // (lent from the device's staging cache).
         let staging = self.stage_misses(ns, gpu, keys, &lent.missed, &mut lent.addrs)?;
         let looked_up = began.elapsed();
-        let result = use_blocks(&lent.addrs);
+        let result = use_blocks(
+            &lent.addrs,
+            &on_device,
+            promote_to.map(|h| (h, &lent.host_reads[..])),
+        );
         let InPlace {
             addrs,
             hbm_reads,
@@ -400,6 +575,7 @@ impl BlockCache {
             {
                 lent.addrs[i] = Some((addr, TierKind::Host));
                 lent.host_reads.push(HostRead {
+                    pos: i,
                     key: keys[i],
                     bytes,
                     parent: meta.parent,
@@ -467,6 +643,7 @@ impl BlockCache {
             let epoch = *self.stripe(ns, k).lock();
             let (bytes, meta) = self.host.get_with_meta(ns, k)?;
             Some(HostRead {
+                pos: usize::MAX,
                 key: *k,
                 bytes,
                 parent: meta.parent,
@@ -487,6 +664,7 @@ impl BlockCache {
                     parent,
                     checksum,
                     epoch,
+                    ..
                 } = r;
                 ((key, parent, checksum, epoch), bytes, device)
             });
@@ -507,29 +685,38 @@ impl BlockCache {
     }
 }
 
+/// What [`BlockCache::get_to_device_staged`] found (per key, its tier) and
+/// scattered (the blocks, or the first error).
+type FoundAndScattered<E> = (Vec<Option<TierKind>>, Result<usize, E>);
+
 /// Per item of a device put, its bytes when a write-through needs them.
 type KeptBytes = Vec<Option<Bytes>>;
 
-/// Checksums of the T0 slots of a device put: hashed on the device, or
-/// read back through pinned memory when a write-through policy needs their
-/// bytes (kept, as `copies`) or the device cannot hash. Host slots are
-/// hashed when published.
+/// Checksums of the slots of a device put: `known` (hashed on the device
+/// while they were staged) as they are; pinned host slots hashed on the CPU;
+/// T0 slots hashed on the device, or read back through pinned memory when a
+/// write-through policy needs their bytes (kept, as `copies`) or the device
+/// cannot hash.
 fn device_checksums(
     hbm: Option<&HbmTier>,
     slots: &[DeviceSlot],
     addrs: &[u64],
     len: usize,
     through: WriteThrough,
+    known: Vec<Option<u64>>,
 ) -> Result<(Vec<Option<u64>>, KeptBytes), CacheError> {
     let keep = through.keeps_bytes();
-    let mut checksums: Vec<Option<u64>> = vec![None; slots.len()];
+    let mut checksums = known;
+    checksums.resize(slots.len(), None);
     let mut copies: Vec<Option<Bytes>> = vec![None; slots.len()];
-    // Pinned host slots (the HBM tier full, or none): their bytes are in host
-    // memory already, hashed here in parallel rather than one after the other
-    // at publish (a single core hashes far slower than PCIe fills them).
+    // Pinned host slots (the HBM tier full, or none) not hashed yet: their
+    // bytes are in host memory already, hashed here in parallel rather than
+    // one after the other at publish (a single core hashes far slower than
+    // PCIe fills them).
     let host: Vec<(usize, &[u8])> = slots
         .iter()
         .enumerate()
+        .filter(|&(i, _)| checksums[i].is_none())
         .filter_map(|(i, s)| match s {
             DeviceSlot::Host(h) => Some((i, h.as_slice())),
             DeviceSlot::Hbm(_) => None,

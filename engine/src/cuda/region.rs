@@ -1,0 +1,531 @@
+//! The GPU engine's view of kvstrata: its KV pool registered with the daemon
+//! as a CUDA-IPC KV region, blocks stored and loaded by page ids.
+//!
+//! [`GpuKvStore::open`] registers the pool's one `cuMemAlloc` allocation on
+//! the daemon's region socket (`cuIpcGetMemHandle`, through
+//! `kvstrata_client::KvRegion::register_cuda_ipc`) with the pool's
+//! [`region_geometry`]: cross-layer pages of `block_tokens` tokens, so a page
+//! is exactly one layer-major block of the model's namespace. Then:
+//!
+//! - a store is a `BatchPut` naming page ids ([`plan_store`]): the daemon
+//!   gathers the blocks straight from the engine's pages into its HBM tier (or
+//!   its page-locked host tier);
+//! - a load is a `BatchGet` naming fresh pages of the sequence
+//!   ([`GpuSequence::reserve_blocks`]): the daemon scatters the blocks it has
+//!   into them; the leading run found ([`found_prefix`]) becomes the
+//!   sequence's prefix, the other pages go back to the pool.
+//!
+//! No KV byte travels through gRPC or the engine's host memory on this path.
+//! When the region cannot be registered (no region socket given, a daemon
+//! without a GPU, a refused or failed registration), the store falls back to
+//! the CPU engine's path ([`BlockStore`]: a shared-memory pool when a mempool
+//! socket is given, else inline bytes), copying pages through host memory, and
+//! [`GpuKvStore::path_note`] says why in one line ([`choose_path`]).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvstrata_client::{BlockHash, Client, KvRegion, PagesPutItem, proto};
+use kvstrata_types::NamespaceSpec;
+
+use super::kv::{GpuKvPool, GpuSequence};
+use crate::error::{EngineError, Result};
+use crate::store::{BlockPages, BlockStore, LoadReport, StoreReport};
+
+/// Blocks per `BatchPut` / `BatchGet` by page ids (no payload travels, so
+/// requests are large: fewer round trips; the daemon's default `max_batch`
+/// is 4096).
+pub const PAGES_PER_REQUEST: usize = 1024;
+
+/// Blocks in the shared-memory pool of the fallback path.
+const FALLBACK_POOL_BLOCKS: usize = crate::store::BLOCKS_PER_BATCH;
+
+/// How blocks move between the engine's pages and the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KvPath {
+    /// By page ids in the registered CUDA-IPC region: the daemon's GPU copies.
+    GpuPages,
+    /// Through a shared-memory pool and the engine's host memory.
+    SharedMemory,
+    /// Inline in the gRPC messages, through the engine's host memory.
+    Inline,
+}
+
+impl KvPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvPath::GpuPages => "gpu-pages",
+            KvPath::SharedMemory => "shared-memory",
+            KvPath::Inline => "inline",
+        }
+    }
+}
+
+/// Where the GPU engine's blocks go.
+#[derive(Debug, Clone, Default)]
+pub struct GpuKvOptions {
+    /// The daemon's KV-region socket (`--kv-region-socket`); `None`: no GPU path.
+    pub region_socket: Option<String>,
+    /// The daemon's mempool socket, for the fallback path.
+    pub mempool_socket: Option<String>,
+}
+
+/// What registering the region gave ([`choose_path`]'s input).
+#[derive(Debug)]
+pub enum RegionAttempt<R> {
+    /// No region socket was given.
+    NotTried,
+    Registered(R),
+    /// Registration failed: why (one line).
+    Failed(String),
+}
+
+/// The path chosen, the region to keep (if any), and the one line to say
+/// when it is not the GPU path.
+#[derive(Debug)]
+pub struct PathChoice<R> {
+    pub path: KvPath,
+    pub region: Option<R>,
+    pub note: Option<String>,
+}
+
+/// The fallback decision: the GPU path when the region is registered, else
+/// shared memory (with a mempool socket) or inline bytes, with a note saying
+/// why.
+pub fn choose_path<R>(attempt: RegionAttempt<R>, mempool: bool) -> PathChoice<R> {
+    let fallback = if mempool {
+        KvPath::SharedMemory
+    } else {
+        KvPath::Inline
+    };
+    let how = match fallback {
+        KvPath::SharedMemory => "through shared memory",
+        _ => "inline in gRPC messages",
+    };
+    match attempt {
+        RegionAttempt::Registered(r) => PathChoice {
+            path: KvPath::GpuPages,
+            region: Some(r),
+            note: None,
+        },
+        RegionAttempt::NotTried => PathChoice {
+            path: fallback,
+            region: None,
+            note: Some(format!(
+                "KV moves {how} and host memory: no KV-region socket given (the daemon's --kv-region-socket)"
+            )),
+        },
+        RegionAttempt::Failed(why) => PathChoice {
+            path: fallback,
+            region: None,
+            note: Some(format!(
+                "KV moves {how} and host memory: the GPU path is not available ({why})"
+            )),
+        },
+    }
+}
+
+/// The `BatchPut`s of a store by page ids: blocks `from..end` of a sequence
+/// whose pages are `page_ids` (position order), keyed by `keys` (its chain),
+/// each naming the previous key as its parent, `per_request` blocks a request.
+pub fn plan_store(
+    keys: &[BlockHash],
+    page_ids: &[u32],
+    from: usize,
+    end: usize,
+    region_id: u64,
+    per_request: usize,
+) -> Vec<Vec<PagesPutItem>> {
+    let end = end.min(keys.len()).min(page_ids.len());
+    let items: Vec<PagesPutItem> = (from..end)
+        .map(|i| {
+            let pages = proto::KvPages {
+                region_id,
+                page_ids: vec![page_ids[i]],
+            };
+            let item = PagesPutItem::new(bytes::Bytes::copy_from_slice(&keys[i]), pages);
+            match i {
+                0 => item,
+                _ => item.with_parent(bytes::Bytes::copy_from_slice(&keys[i - 1])),
+            }
+        })
+        .collect();
+    items
+        .chunks(per_request.max(1))
+        .map(<[PagesPutItem]>::to_vec)
+        .collect()
+}
+
+/// The leading run of found blocks of a `BatchGet` into pages and their
+/// tiers. A block the daemon could not write into its pages (`region_error`)
+/// is an error: its pages may be partly written.
+pub fn found_prefix(results: &[proto::GetResult]) -> Result<(usize, Vec<proto::Tier>)> {
+    if let Some((i, r)) = results
+        .iter()
+        .enumerate()
+        .find(|(_, r)| !r.region_error.is_empty())
+    {
+        return Err(EngineError::Kv(format!(
+            "the daemon could not write block {i} into the engine's pages: {}",
+            r.region_error
+        )));
+    }
+    let tiers: Vec<proto::Tier> = results
+        .iter()
+        .take_while(|r| r.found)
+        .map(|r| proto::Tier::try_from(r.tier).unwrap_or(proto::Tier::Unspecified))
+        .collect();
+    Ok((tiers.len(), tiers))
+}
+
+fn count_put(resp: &proto::BatchPutResponse, report: &mut StoreReport) -> Result<()> {
+    for r in &resp.results {
+        match proto::PutStatus::try_from(*r) {
+            Ok(proto::PutStatus::Stored) => report.stored += 1,
+            Ok(proto::PutStatus::NoSpace) => report.no_space += 1,
+            other => {
+                return Err(EngineError::Kv(format!(
+                    "the daemon refused a block stored by page ids: {other:?}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A GPU sequence's pages through host memory, for the fallback path.
+impl BlockPages for GpuSequence {
+    fn block_bytes(&self) -> usize {
+        self.pool().geometry().block_bytes()
+    }
+
+    fn full_pages(&self) -> usize {
+        GpuSequence::full_pages(self)
+    }
+
+    fn page_bytes(&self, index: usize) -> Result<std::borrow::Cow<'_, [u8]>> {
+        Ok(std::borrow::Cow::Owned(GpuSequence::page_bytes(
+            self, index,
+        )?))
+    }
+
+    fn push_block(&mut self, payload: &[u8]) -> Result<()> {
+        Ok(GpuSequence::push_block(self, payload)?)
+    }
+}
+
+/// One model's namespace on one daemon, for a GPU engine's pool.
+pub struct GpuKvStore {
+    store: BlockStore,
+    region: Option<KvRegion>,
+    path: KvPath,
+    note: Option<String>,
+    pool: Arc<GpuKvPool>,
+}
+
+impl std::fmt::Debug for GpuKvStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuKvStore")
+            .field("store", &self.store)
+            .field("region", &self.region.as_ref().map(KvRegion::id))
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl GpuKvStore {
+    /// Registers `pool` as a CUDA-IPC KV region on `options.region_socket`
+    /// (once; it stays registered while this store lives) and `spec` as the
+    /// namespace; falls back to [`BlockStore`]'s path when the region cannot
+    /// be registered ([`GpuKvStore::path_note`] says why).
+    pub async fn open(
+        client: Client,
+        spec: NamespaceSpec,
+        pool: Arc<GpuKvPool>,
+        options: &GpuKvOptions,
+    ) -> Result<Self> {
+        let attempt = match &options.region_socket {
+            None => RegionAttempt::NotTried,
+            Some(socket) => match register(&pool, socket).await {
+                Ok(r) => RegionAttempt::Registered(r),
+                Err(e) => RegionAttempt::Failed(e.to_string()),
+            },
+        };
+        let choice = choose_path(attempt, options.mempool_socket.is_some());
+        let mempool = match choice.path {
+            KvPath::SharedMemory => options.mempool_socket.as_deref(),
+            _ => None,
+        };
+        let store = BlockStore::open(
+            client,
+            spec,
+            *pool.geometry(),
+            mempool,
+            FALLBACK_POOL_BLOCKS,
+        )
+        .await?;
+        Ok(GpuKvStore {
+            store,
+            region: choice.region,
+            path: choice.path,
+            note: choice.note,
+            pool,
+        })
+    }
+
+    /// How blocks move.
+    pub fn path(&self) -> KvPath {
+        self.path
+    }
+
+    /// Why the GPU path is not used (one line), when it is not.
+    pub fn path_note(&self) -> Option<&str> {
+        self.note.as_deref()
+    }
+
+    /// The registered region's id (GPU path only).
+    pub fn region_id(&self) -> Option<u64> {
+        self.region.as_ref().map(KvRegion::id)
+    }
+
+    /// The namespace, keys and lookups ([`BlockStore`]).
+    pub fn block_store(&self) -> &BlockStore {
+        &self.store
+    }
+
+    /// The chained keys of every full block of `tokens`.
+    pub fn keys(&self, tokens: &[u32]) -> Vec<BlockHash> {
+        self.store.keys(tokens)
+    }
+
+    /// How many leading `keys` are cached, and in which tier.
+    pub async fn lookup(&self, keys: &[BlockHash]) -> Result<(usize, Vec<proto::Tier>)> {
+        self.store.lookup(keys).await
+    }
+
+    /// Appends the blocks of `keys` to `seq`, in order, stopping at the first
+    /// one the daemon does not have (the caller recomputes from there).
+    pub async fn load(&self, keys: &[BlockHash], seq: &mut GpuSequence) -> Result<LoadReport> {
+        let Some(region) = &self.region else {
+            return self.store.load(keys, seq).await;
+        };
+        self.check_pool(seq)?;
+        let started = Instant::now();
+        let pages = seq.reserve_blocks(keys.len())?;
+        let mut report = LoadReport::default();
+        let loaded = self
+            .load_pages(region, keys, &pages, &mut report.tiers)
+            .await;
+        // Whatever happened, only the leading run found counts.
+        seq.keep_loaded(report.tiers.len());
+        loaded?;
+        report.blocks = report.tiers.len();
+        report.elapsed = started.elapsed();
+        Ok(report)
+    }
+
+    async fn load_pages(
+        &self,
+        region: &KvRegion,
+        keys: &[BlockHash],
+        pages: &[u32],
+        tiers: &mut Vec<proto::Tier>,
+    ) -> Result<()> {
+        let ns = self.store.namespace_id();
+        for (keys, pages) in keys
+            .chunks(PAGES_PER_REQUEST)
+            .zip(pages.chunks(PAGES_PER_REQUEST))
+        {
+            let wanted: Vec<proto::KvPages> = pages.iter().map(|&p| region.pages([p])).collect();
+            let results = self.store.client().get_pages(ns, keys, &wanted).await?;
+            let (found, t) = found_prefix(&results)?;
+            tiers.extend(t);
+            if found < keys.len() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores full pages `from..` of `seq` under `keys` (the chain of the
+    /// sequence `seq` holds), each naming the previous key as its parent.
+    pub async fn store(
+        &self,
+        seq: &GpuSequence,
+        keys: &[BlockHash],
+        from: usize,
+    ) -> Result<StoreReport> {
+        let Some(region) = &self.region else {
+            return self.store.store(seq, keys, from).await;
+        };
+        self.check_pool(seq)?;
+        let started = Instant::now();
+        // The daemon's gather reads the pages: the engine's writes must be done.
+        seq.pool().device().synchronize()?;
+        let mut report = StoreReport::default();
+        let ns = self.store.namespace_id();
+        for items in plan_store(
+            keys,
+            seq.page_ids(),
+            from,
+            seq.full_pages(),
+            region.id(),
+            PAGES_PER_REQUEST,
+        ) {
+            let resp = self.store.client().put_pages(ns, items).await?;
+            count_put(&resp, &mut report)?;
+        }
+        report.elapsed = started.elapsed();
+        Ok(report)
+    }
+
+    fn check_pool(&self, seq: &GpuSequence) -> Result<()> {
+        if Arc::ptr_eq(seq.pool(), &self.pool) {
+            Ok(())
+        } else {
+            Err(EngineError::Kv(
+                "the sequence's pages are not in the pool registered with the daemon".into(),
+            ))
+        }
+    }
+}
+
+/// Registers `pool` on the region socket (a short blocking exchange, run off
+/// the async workers).
+async fn register(pool: &Arc<GpuKvPool>, socket: &str) -> Result<KvRegion> {
+    let handle = pool.ipc_handle()?;
+    let geometry = pool.paged_geometry();
+    let bytes = pool.memory().bytes() as u64;
+    let device = pool.device().info().ordinal as u32;
+    let socket = socket.to_string();
+    // One region per pool: several engines of one process register several.
+    static REGIONS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = REGIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("kvstrata-gpu-engine-{}-{n}", std::process::id());
+    tokio::task::spawn_blocking(move || {
+        KvRegion::register_cuda_ipc(&socket, &name, handle, device, bytes, geometry)
+    })
+    .await
+    .map_err(|e| EngineError::Kv(format!("region registration task: {e}")))?
+    .map_err(EngineError::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::kv::region_geometry;
+    use crate::kv::KvGeometry;
+
+    fn keys(n: usize) -> Vec<BlockHash> {
+        (0..n).map(|i| [i as u8 + 1; 16]).collect()
+    }
+
+    #[test]
+    fn stores_name_each_block_page_and_its_parent() {
+        let k = keys(5);
+        let pages = [7u32, 3, 9, 0, 4];
+        let plan = plan_store(&k, &pages, 1, 5, 42, 3);
+        assert_eq!(plan.iter().map(Vec::len).collect::<Vec<_>>(), vec![3, 1]);
+        let all: Vec<&PagesPutItem> = plan.iter().flatten().collect();
+        for (j, item) in all.iter().enumerate() {
+            let i = j + 1;
+            assert_eq!(item.key.as_ref(), &k[i]);
+            assert_eq!(item.parent.as_deref(), Some(&k[i - 1][..]));
+            assert_eq!(item.pages.region_id, 42);
+            assert_eq!(item.pages.page_ids, vec![pages[i]]);
+        }
+        // The first block has no parent; the end is capped by keys and pages.
+        let plan = plan_store(&k, &pages[..2], 0, 9, 1, 100);
+        assert_eq!(plan.len(), 1);
+        assert_eq!(plan[0].len(), 2);
+        assert_eq!(plan[0][0].parent, None);
+        assert!(plan_store(&k, &pages, 5, 5, 1, 8).is_empty());
+    }
+
+    fn result(found: bool, tier: proto::Tier, error: &str) -> proto::GetResult {
+        proto::GetResult {
+            found,
+            tier: tier as i32,
+            region_error: error.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_load_keeps_the_leading_run_found() {
+        let r = [
+            result(true, proto::Tier::Hbm, ""),
+            result(true, proto::Tier::Host, ""),
+            result(false, proto::Tier::Unspecified, ""),
+            result(true, proto::Tier::Hbm, ""),
+        ];
+        let (n, tiers) = found_prefix(&r).unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(tiers, vec![proto::Tier::Hbm, proto::Tier::Host]);
+        assert_eq!(found_prefix(&[]).unwrap().0, 0);
+        let e = found_prefix(&[
+            r[0].clone(),
+            result(false, proto::Tier::Hbm, "scatter failed"),
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("block 1"), "{e}");
+        assert!(e.to_string().contains("scatter failed"), "{e}");
+    }
+
+    #[test]
+    fn the_path_falls_back_and_says_why() {
+        let c = choose_path(RegionAttempt::Registered(7u64), true);
+        assert_eq!(
+            (c.path, c.region, c.note),
+            (KvPath::GpuPages, Some(7), None)
+        );
+        let c = choose_path::<u64>(
+            RegionAttempt::Failed("the daemon refused the registration (no_gpu)".into()),
+            true,
+        );
+        assert_eq!(c.path, KvPath::SharedMemory);
+        assert!(c.region.is_none());
+        let note = c.note.unwrap();
+        assert!(
+            note.contains("shared memory") && note.contains("no_gpu"),
+            "{note}"
+        );
+        assert!(!note.contains('\n'));
+        let c = choose_path::<u64>(RegionAttempt::NotTried, false);
+        assert_eq!(c.path, KvPath::Inline);
+        assert!(c.note.unwrap().contains("--kv-region-socket"));
+        assert_eq!(KvPath::GpuPages.name(), "gpu-pages");
+    }
+
+    /// The region geometry the daemon checks: one page is one block of the
+    /// namespace's layer-major layout, the whole pool is the region.
+    #[test]
+    fn the_region_geometry_is_one_block_per_page() {
+        let g = KvGeometry {
+            num_layers: 32,
+            num_kv_heads: 8,
+            head_dim: 128,
+            block_tokens: 16,
+        };
+        let r = region_geometry(&g, 100);
+        r.validate().unwrap();
+        assert_eq!(r.block_bytes(1), g.block_bytes() as u64);
+        assert_eq!(r.page_stride(), g.block_bytes() as u64);
+        assert_eq!(r.region_bytes(), 100 * g.block_bytes() as u64);
+        // Page p's (layer, K|V) chunk is where the CPU layout puts it.
+        assert_eq!(
+            r.engine_offset(3, 1, 5),
+            (5 * g.page_elems() + (3 * 2 + 1) * 16 * g.row_elems()) as u64 * 2
+        );
+        let spec = kvstrata_types::NamespaceSpec::layer_major(
+            "m",
+            32,
+            8,
+            128,
+            kvstrata_types::Dtype::F16,
+            16,
+        );
+        assert_eq!(spec.block_bytes().unwrap(), r.block_bytes(1));
+    }
+}
