@@ -524,19 +524,7 @@ impl Engine {
         }
         let keys = self.keys(tokens);
         if self.store.is_some() {
-            if handoff.namespace_id != self.namespace_hex() {
-                return Err(EngineError::InvalidRequest(format!(
-                    "the hand-off is for namespace {}, this engine's model is {}",
-                    handoff.namespace_id,
-                    self.namespace_hex()
-                )));
-            }
-            let given: Vec<String> = keys.iter().map(hex::encode).collect();
-            if given != handoff.block_keys {
-                return Err(EngineError::InvalidRequest(
-                    "the hand-off's block keys are not the chain of its tokens".into(),
-                ));
-            }
+            handoff.check_against(&self.namespace_hex(), &keys)?;
         }
         let started = Instant::now();
         let bt = self.geometry.block_tokens;
@@ -623,6 +611,28 @@ fn check_options(model: &LoadedModel, options: &EngineOptions) -> Result<KvGeome
 }
 
 impl Handoff {
+    /// Refuses a hand-off made for another model (`namespace_hex`, the
+    /// decoding engine's) or whose block keys are not `keys`, the chain of
+    /// its own tokens: a decode engine loads blocks by these keys.
+    pub fn check_against(&self, namespace_hex: &str, keys: &[BlockHash]) -> Result<()> {
+        if self.namespace_id != namespace_hex {
+            return Err(EngineError::InvalidRequest(format!(
+                "the hand-off is for namespace {}, this engine's model is {namespace_hex}",
+                self.namespace_id
+            )));
+        }
+        if !keys
+            .iter()
+            .map(hex::encode)
+            .eq(self.block_keys.iter().cloned())
+        {
+            return Err(EngineError::InvalidRequest(
+                "the hand-off's block keys are not the chain of its tokens".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// The block keys as bytes.
     pub fn keys(&self) -> Result<Vec<BlockHash>> {
         self.block_keys

@@ -105,75 +105,51 @@ pub fn grpc_frame<M: Message>(message: &M) -> Bytes {
 pub const COPY_BELOW_BYTES: usize = 8 * 1024;
 /// Protobuf tag of `BatchPutRequest.items` (field 2, length-delimited).
 const ITEMS_TAG: u8 = 2 << 3 | 2;
-/// Protobuf tag of `PutItem.payload` (field 3, length-delimited).
+/// Protobuf tag of the payload field of `PutItem` and `GetResult` (field 3,
+/// length-delimited).
 const PAYLOAD_TAG: u8 = 3 << 3 | 2;
 
-/// A put item split around its payload: the fields before it, the fields
-/// after it, the payload.
-type PutParts<'a> = (PutItem, PutItem, &'a Bytes);
+/// One element of a repeated message field whose payload (field 3, `bytes`)
+/// travels as a chunk of its own: the element without its payload, split
+/// into the fields before the payload and those after it, and the payload.
+pub type SplitElement<'a, M> = (M, M, &'a Bytes);
 
-/// A `BatchPutRequest` as gRPC message chunks whose concatenation is the
-/// gRPC header followed by exactly prost's encoding of `request`; each
-/// payload of 8 KiB or more is a chunk of its own, the payload `Bytes`
-/// itself (no copy). Fails only for a message longer than a gRPC message
-/// can be (4 GiB).
-pub fn encode_put_request(request: &BatchPutRequest) -> Result<Vec<Bytes>, Status> {
-    // Each item without its payload, split around where the payload goes:
-    // fields 1-2 before it, fields 4-5 after (prost writes fields in tag
-    // order and leaves default values out).
-    let parts: Vec<PutParts<'_>> = request
-        .items
+/// Encoded length of one [`SplitElement`], its payload included.
+pub fn split_element_len<M: Message>((head, tail, payload): &SplitElement<'_, M>) -> usize {
+    let payload_field = if payload.is_empty() {
+        0
+    } else {
+        1 + prost::encoding::encoded_len_varint(payload.len() as u64) + payload.len()
+    };
+    head.encoded_len() + payload_field + tail.encoded_len()
+}
+
+/// Encoded length of `elements` as a repeated field (tags and lengths
+/// included).
+pub fn split_field_len<M: Message>(elements: &[SplitElement<'_, M>]) -> usize {
+    elements
         .iter()
-        .map(|it| {
-            let head = PutItem {
-                key: it.key.clone(),
-                parent: it.parent.clone(),
-                ..Default::default()
-            };
-            let tail = PutItem {
-                range: it.range,
-                pages: it.pages.clone(),
-                ..Default::default()
-            };
-            (head, tail, &it.payload)
+        .map(|e| {
+            let n = split_element_len(e);
+            1 + prost::encoding::encoded_len_varint(n as u64) + n
         })
-        .collect();
-    let item_len = |(head, tail, payload): &PutParts<'_>| {
-        let payload_field = if payload.is_empty() {
-            0
-        } else {
-            1 + prost::encoding::encoded_len_varint(payload.len() as u64) + payload.len()
-        };
-        head.encoded_len() + payload_field + tail.encoded_len()
-    };
-    let namespace = BatchPutRequest {
-        namespace_id: request.namespace_id.clone(),
-        items: Vec::new(),
-    };
-    let total = namespace.encoded_len()
-        + parts
-            .iter()
-            .map(|p| {
-                let n = item_len(p);
-                1 + prost::encoding::encoded_len_varint(n as u64) + n
-            })
-            .sum::<usize>();
-    let Ok(total32) = u32::try_from(total) else {
-        return Err(Status::out_of_range(format!(
-            "Error, encoded message length too large: found {total} bytes, the limit is: {} bytes",
-            u32::MAX
-        )));
-    };
+        .sum()
+}
 
-    let mut chunks = Vec::with_capacity(2 * parts.len() + 1);
-    let mut small = BytesMut::with_capacity(GRPC_HEADER_BYTES + 64 + 128 * parts.len());
-    small.put_u8(0);
-    small.put_u32(total32);
-    namespace.encode_raw(&mut small);
-    for p in &parts {
-        let (head, tail, payload) = p;
-        small.put_u8(ITEMS_TAG);
-        prost::encoding::encode_varint(item_len(p) as u64, &mut small);
+/// Appends `elements` as the repeated field `field_tag` to `small` (which
+/// holds what the message has before them) and returns the message's chunks
+/// in order: each payload of [`COPY_BELOW_BYTES`] or more is a chunk of its
+/// own, the payload `Bytes` itself (no copy); shorter ones are copied in.
+pub fn split_field_chunks<M: Message>(
+    mut small: BytesMut,
+    field_tag: u8,
+    elements: &[SplitElement<'_, M>],
+) -> Vec<Bytes> {
+    let mut chunks = Vec::with_capacity(2 * elements.len() + 1);
+    for e in elements {
+        let (head, tail, payload) = e;
+        small.put_u8(field_tag);
+        prost::encoding::encode_varint(split_element_len(e) as u64, &mut small);
         head.encode_raw(&mut small);
         if !payload.is_empty() {
             small.put_u8(PAYLOAD_TAG);
@@ -190,7 +166,52 @@ pub fn encode_put_request(request: &BatchPutRequest) -> Result<Vec<Bytes>, Statu
     if !small.is_empty() {
         chunks.push(small.freeze());
     }
-    Ok(chunks)
+    chunks
+}
+
+/// A `BatchPutRequest` as gRPC message chunks whose concatenation is the
+/// gRPC header followed by exactly prost's encoding of `request`; each
+/// payload of 8 KiB or more is a chunk of its own, the payload `Bytes`
+/// itself (no copy). Fails only for a message longer than a gRPC message
+/// can be (4 GiB).
+pub fn encode_put_request(request: &BatchPutRequest) -> Result<Vec<Bytes>, Status> {
+    // Each item without its payload, split around where the payload goes:
+    // fields 1-2 before it, fields 4-5 after (prost writes fields in tag
+    // order and leaves default values out).
+    let parts: Vec<SplitElement<'_, PutItem>> = request
+        .items
+        .iter()
+        .map(|it| {
+            let head = PutItem {
+                key: it.key.clone(),
+                parent: it.parent.clone(),
+                ..Default::default()
+            };
+            let tail = PutItem {
+                range: it.range,
+                pages: it.pages.clone(),
+                ..Default::default()
+            };
+            (head, tail, &it.payload)
+        })
+        .collect();
+    let namespace = BatchPutRequest {
+        namespace_id: request.namespace_id.clone(),
+        items: Vec::new(),
+    };
+    let total = namespace.encoded_len() + split_field_len(&parts);
+    let Ok(total32) = u32::try_from(total) else {
+        return Err(Status::out_of_range(format!(
+            "Error, encoded message length too large: found {total} bytes, the limit is: {} bytes",
+            u32::MAX
+        )));
+    };
+
+    let mut small = BytesMut::with_capacity(GRPC_HEADER_BYTES + 64 + 128 * parts.len());
+    small.put_u8(0);
+    small.put_u32(total32);
+    namespace.encode_raw(&mut small);
+    Ok(split_field_chunks(small, ITEMS_TAG, &parts))
 }
 
 /// Decodes the one gRPC message held in `chunks` (the body of a unary

@@ -282,19 +282,7 @@ impl GpuEngine {
         self.check_prompt(tokens)?;
         let keys = self.keys(tokens);
         if self.store.is_some() {
-            if handoff.namespace_id != self.namespace_hex() {
-                return Err(EngineError::InvalidRequest(format!(
-                    "the hand-off is for namespace {}, this engine's model is {}",
-                    handoff.namespace_id,
-                    self.namespace_hex()
-                )));
-            }
-            let given: Vec<String> = keys.iter().map(hex::encode).collect();
-            if given != handoff.block_keys {
-                return Err(EngineError::InvalidRequest(
-                    "the hand-off's block keys are not the chain of its tokens".into(),
-                ));
-            }
+            handoff.check_against(&self.namespace_hex(), &keys)?;
         }
         let started = Instant::now();
         let bt = self.block_tokens();

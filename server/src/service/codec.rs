@@ -44,7 +44,9 @@ use std::task::{Context, Poll};
 use bytes::buf::Take;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
-use kvstrata_proto::codec::Chunks;
+use kvstrata_proto::codec::{
+    Chunks, GRPC_HEADER_BYTES, SplitElement, split_field_chunks, split_field_len,
+};
 use kvstrata_proto::v1 as pb;
 use kvstrata_proto::v1::kv_cache_server::{KvCache, KvCacheServer};
 use prost::Message;
@@ -60,15 +62,8 @@ pub const BATCH_GET_PATH: &str = "/kvstrata.v1.KvCache/BatchGet";
 /// The path of `BatchPut`.
 pub const BATCH_PUT_PATH: &str = "/kvstrata.v1.KvCache/BatchPut";
 
-/// Compression flag and length in front of every gRPC message.
-const GRPC_HEADER_BYTES: usize = 5;
-/// Payloads shorter than this are copied into the surrounding chunk rather
-/// than sent as a chunk (and an HTTP/2 frame) of their own.
-const COPY_BELOW_BYTES: usize = 8 * 1024;
 /// Protobuf tag of `BatchGetResponse.results` (field 1, length-delimited).
 const RESULTS_TAG: u8 = 1 << 3 | 2;
-/// Protobuf tag of `GetResult.payload` (field 3, length-delimited).
-const PAYLOAD_TAG: u8 = 3 << 3 | 2;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -356,7 +351,7 @@ fn put_grpc_header(buf: &mut BytesMut, len: usize) {
 
 /// A `BatchGetResponse` as gRPC message chunks whose concatenation is the
 /// gRPC header followed by exactly prost's encoding of `response`; each
-/// payload of [`COPY_BELOW_BYTES`] or more is a chunk of its own, the
+/// payload of [`kvstrata_proto::codec::COPY_BELOW_BYTES`] or more is a chunk of its own, the
 /// payload `Bytes` itself (no copy).
 pub fn encode_get_response(
     response: &pb::BatchGetResponse,
@@ -365,7 +360,7 @@ pub fn encode_get_response(
     // Each result without its payload, split around where the payload
     // goes: fields 1-2 before it, fields 4-5 after (prost writes fields in
     // tag order and leaves default values out).
-    let parts: Vec<(pb::GetResult, pb::GetResult, &Bytes)> = response
+    let parts: Vec<SplitElement<'_, pb::GetResult>> = response
         .results
         .iter()
         .map(|r| {
@@ -382,47 +377,12 @@ pub fn encode_get_response(
             (head, tail, &r.payload)
         })
         .collect();
-    let result_len = |(head, tail, payload): &(pb::GetResult, pb::GetResult, &Bytes)| {
-        let payload_field = if payload.is_empty() {
-            0
-        } else {
-            1 + prost::encoding::encoded_len_varint(payload.len() as u64) + payload.len()
-        };
-        head.encoded_len() + payload_field + tail.encoded_len()
-    };
-    let total: usize = parts
-        .iter()
-        .map(|p| {
-            let n = result_len(p);
-            1 + prost::encoding::encoded_len_varint(n as u64) + n
-        })
-        .sum();
+    let total = split_field_len(&parts);
     check_encoded_len(total, max)?;
 
-    let mut chunks = Vec::with_capacity(2 * parts.len() + 1);
     let mut small = BytesMut::with_capacity(GRPC_HEADER_BYTES + 128 * parts.len());
     put_grpc_header(&mut small, total);
-    for p in &parts {
-        let (head, tail, payload) = p;
-        small.put_u8(RESULTS_TAG);
-        prost::encoding::encode_varint(result_len(p) as u64, &mut small);
-        head.encode_raw(&mut small);
-        if !payload.is_empty() {
-            small.put_u8(PAYLOAD_TAG);
-            prost::encoding::encode_varint(payload.len() as u64, &mut small);
-            if payload.len() < COPY_BELOW_BYTES {
-                small.put_slice(payload);
-            } else {
-                chunks.push(small.split().freeze());
-                chunks.push((*payload).clone());
-            }
-        }
-        tail.encode_raw(&mut small);
-    }
-    if !small.is_empty() {
-        chunks.push(small.freeze());
-    }
-    Ok(chunks)
+    Ok(split_field_chunks(small, RESULTS_TAG, &parts))
 }
 
 /// A successful unary answer: the handler's metadata as headers, the
@@ -503,6 +463,7 @@ impl Body for ChunkBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kvstrata_proto::codec::COPY_BELOW_BYTES;
     use proptest::prelude::*;
 
     fn joined(chunks: &[Bytes]) -> Vec<u8> {
