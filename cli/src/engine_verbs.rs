@@ -3,6 +3,8 @@
 //! Each runs as its own process against a running daemon (`--addr`). `prefill` writes
 //! a [`Handoff`] (JSON) that `decode` reads, which is disaggregated serving in two
 //! commands: `kvstrata prefill --prompt ... --handoff h.json && kvstrata decode --handoff h.json`.
+//! They run on the CPU or a GPU (`--device`, default: CUDA when a GPU is found),
+//! through [`crate::verb_engine`]; a hand-off and its blocks cross devices.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -10,22 +12,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use kvstrata_client::{Client, ClientOptions};
+use kvstrata_client::ClientOptions;
 use kvstrata_engine::chat::{Conversation, Message};
 use kvstrata_engine::cuda::{
-    CudaDevice, DeviceChoice, GpuModel, GpuModelOptions, GpuWeights, Storage,
+    CudaDevice, CudaError, DeviceChoice, GpuModel, GpuModelOptions, GpuWeights, Storage,
     host_weights_from_gguf, resolve_device,
 };
-use kvstrata_engine::engine::{
-    DEFAULT_BLOCK_TOKENS, Decoded, Engine, EngineOptions, Handoff, LoadedModel, Prefill,
-};
+use kvstrata_engine::engine::{DEFAULT_BLOCK_TOKENS, EngineOptions, Handoff, LoadedModel};
 use kvstrata_engine::fetch::{self, spinner};
 use kvstrata_engine::load_policy::LoadPolicy;
+use kvstrata_engine::rag;
 use kvstrata_engine::sampling::SamplingParams;
 use kvstrata_engine::synthetic::{DEFAULT_SEED, SyntheticModel};
 use kvstrata_engine::{EngineError, Result};
 use kvstrata_types::NamespaceSpec;
 use serde::Serialize;
+
+use crate::verb_engine::{
+    VerbDecoded, VerbDeviceArgs, VerbEngine, VerbModel, VerbPrefill, need_text,
+};
 
 /// Which model, where its KV goes, and how blocks move.
 #[derive(Debug, Clone, clap::Args)]
@@ -92,26 +97,46 @@ impl DeviceArgs {
     /// Resolves `--device` (probing CUDA device 0 without it) and says the
     /// choice once on standard error unless `quiet`. `--synthetic` needs CUDA.
     pub fn resolve(&self, quiet: bool) -> Result<Device> {
-        let (choice, dev, line) = resolve_device(self.device, CudaDevice::open, |d| {
-            let i = d.info();
-            format!(
-                "{}, {:.0} GiB, compute capability {}.{}",
-                i.name,
-                i.total_bytes as f64 / (1u64 << 30) as f64,
-                i.compute_capability.0,
-                i.compute_capability.1
-            )
-        })?;
-        if !quiet {
-            eprintln!("{line}");
+        resolve_engine_device(self.device, self.synthetic.is_some(), quiet)
+    }
+}
+
+/// Resolves `requested` (probing CUDA device 0 without it: CUDA when a GPU is
+/// found, else the CPU) and says the choice once on standard error unless
+/// `quiet`. An explicit `cuda[:N]` without that GPU is an error of one line;
+/// so is `synthetic` without a GPU.
+pub fn resolve_engine_device(
+    requested: Option<DeviceChoice>,
+    synthetic: bool,
+    quiet: bool,
+) -> Result<Device> {
+    let (choice, dev, line) = resolve_device(requested, CudaDevice::open, |d| {
+        let i = d.info();
+        format!(
+            "{}, {:.0} GiB, compute capability {}.{}",
+            i.name,
+            i.total_bytes as f64 / (1u64 << 30) as f64,
+            i.compute_capability.0,
+            i.compute_capability.1
+        )
+    })
+    .map_err(|e| match requested {
+        Some(DeviceChoice::Cuda(n)) if e.is_absent() => {
+            EngineError::Cuda(CudaError::Unsupported(format!(
+                "--device cuda:{n}: no usable GPU here ({e}); --device cpu runs the CPU engine"
+            )))
         }
-        match (choice, dev) {
-            (DeviceChoice::Cuda(_), Some(d)) => Ok(Device::Cuda(d)),
-            _ if self.synthetic.is_some() => Err(EngineError::InvalidRequest(
-                "--synthetic runs on the GPU engine: it needs --device cuda and a GPU".into(),
-            )),
-            _ => Ok(Device::Cpu),
-        }
+        _ => EngineError::Cuda(e),
+    })?;
+    if !quiet {
+        eprintln!("{line}");
+    }
+    match (choice, dev) {
+        (DeviceChoice::Cuda(_), Some(d)) => Ok(Device::Cuda(d)),
+        _ if synthetic => Err(EngineError::InvalidRequest(
+            "--synthetic runs on the GPU engine: it needs --device cuda and a GPU".into(),
+        )),
+        _ => Ok(Device::Cpu),
     }
 }
 
@@ -226,22 +251,38 @@ impl GenerateArgs {
 pub struct PrefillArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub device: VerbDeviceArgs,
     /// The user message (the model's chat template is applied)
     #[arg(
         long,
-        conflicts_with = "prompt_file",
-        required_unless_present = "prompt_file"
+        conflicts_with_all = ["prompt_file", "prompt_tokens"],
+        required_unless_present_any = ["prompt_file", "prompt_tokens"]
     )]
     pub prompt: Option<String>,
     /// Read the user message from a file
-    #[arg(long)]
+    #[arg(long, conflicts_with = "prompt_tokens")]
     pub prompt_file: Option<PathBuf>,
+    /// A prompt of this many tokens instead of a message: a --synthetic
+    /// model's seeded token ids, or the start of the shipped documents
+    /// (no chat template)
+    #[arg(long)]
+    pub prompt_tokens: Option<usize>,
     /// Use the text as it is, without the chat template
     #[arg(long)]
     pub raw: bool,
     /// Write the hand-off for `kvstrata decode` to this file
     #[arg(long)]
     pub handoff: Option<PathBuf>,
+    /// Write the prompt's last-position logits to this file (f32,
+    /// little-endian; for comparing devices and cached against recomputed)
+    #[arg(long)]
+    pub logits: Option<PathBuf>,
+    /// A cached prefix: auto (load the leading blocks whose load is estimated
+    /// to beat recomputing them), always (load every cached block) or never
+    /// (recompute)
+    #[arg(long, default_value = "auto")]
+    pub load_policy: LoadPolicy,
 }
 
 /// `kvstrata decode`.
@@ -249,6 +290,8 @@ pub struct PrefillArgs {
 pub struct DecodeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub device: VerbDeviceArgs,
     /// The hand-off written by `kvstrata prefill` ("-": standard input)
     #[arg(long)]
     pub handoff: PathBuf,
@@ -262,10 +305,15 @@ pub struct ChatArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
+    pub device: VerbDeviceArgs,
+    #[command(flatten)]
     pub generate: GenerateArgs,
     /// A system message opening the conversation (else the template's default)
     #[arg(long)]
     pub system: Option<String>,
+    /// A cached prefix: auto, always or never (as `kvstrata prefill`)
+    #[arg(long, default_value = "auto")]
+    pub load_policy: LoadPolicy,
 }
 
 /// A token progress bar for a long prefill (hidden with `quiet` or for short prompts).
@@ -305,20 +353,44 @@ pub fn load_model(args: &ModelArgs) -> Result<Arc<LoadedModel>> {
     Ok(Arc::new(model?))
 }
 
-async fn connect_engine(args: &ModelArgs, addr: &str, options: ClientOptions) -> Result<Engine> {
-    let model = tokio::task::block_in_place(|| load_model(args))?;
-    let client = Client::connect_with(addr, options).await?;
-    Engine::connect(model, client, &args.engine_options()).await
-}
-
-fn prompt_tokens(engine: &Engine, text: &str, raw: bool) -> Result<Vec<u32>> {
-    let m = engine.model();
-    if raw {
+/// The prompt of a prefill: the chat template over the message (or the text
+/// as it is with `--raw`), or `--prompt-tokens` tokens.
+fn prefill_tokens(model: &VerbModel, args: &PrefillArgs, text: Option<&str>) -> Result<Vec<u32>> {
+    if let Some(n) = args.prompt_tokens {
+        if n == 0 {
+            return Err(EngineError::InvalidRequest(
+                "--prompt-tokens must be at least 1".into(),
+            ));
+        }
+        if let Some(m) = model.synthetic() {
+            return Ok(m.prompt(n, 0));
+        }
+        let m = need_text(model.text(), "--prompt-tokens")?;
+        let mut text = String::new();
+        let mut tokens = Vec::new();
+        while tokens.len() < n {
+            text.push_str(&rag::documents_text());
+            tokens = m.tokenizer.encode(&text)?;
+        }
+        tokens.truncate(n);
+        return Ok(tokens);
+    }
+    let m = need_text(model.text(), "--prompt")?;
+    let text = text.unwrap_or_default();
+    if args.raw {
         return m.tokenizer.encode(text);
     }
     let messages = vec![Message::user(text)];
     let rendered = m.template.render(&messages, true)?;
     m.tokenizer.encode(&rendered)
+}
+
+/// The text of `ids`, or `None` for a synthetic model (no tokenizer).
+fn token_text(engine: &VerbEngine, ids: &[u32], skip_special: bool) -> Result<Option<String>> {
+    engine
+        .text()
+        .map(|m| m.tokenizer.decode(ids, skip_special))
+        .transpose()
 }
 
 #[derive(Serialize)]
@@ -334,6 +406,10 @@ struct PrefillJson<'a> {
     load_ms: f64,
     compute_ms: f64,
     store_ms: f64,
+    /// `cpu` or `cuda:N`.
+    device: String,
+    /// How blocks moved: `gpu-pages`, `shared-memory` or `inline`.
+    kv_path: &'static str,
 }
 
 /// A duration in milliseconds, for tables and JSON.
@@ -355,32 +431,50 @@ pub async fn run_prefill(
     options: ClientOptions,
     json: bool,
 ) -> Result<()> {
+    let device = args.device.resolve(args.model.quiet || json)?;
     let text = match (&args.prompt, &args.prompt_file) {
-        (Some(p), _) => p.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f)
-            .map_err(|e| EngineError::io(format!("reading {}", f.display()), e))?,
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| EngineError::io(format!("reading {}", f.display()), e))?,
+        ),
+        (None, None) if args.prompt_tokens.is_some() => None,
         (None, None) => {
             return Err(EngineError::InvalidRequest(
-                "give --prompt or --prompt-file".into(),
+                "give --prompt, --prompt-file or --prompt-tokens".into(),
             ));
         }
     };
-    let engine = connect_engine(&args.model, addr, options).await?;
-    let tokens = prompt_tokens(&engine, &text, args.raw)?;
+    let model = VerbModel::load(device, &args.model, &args.device)?;
+    let tokens = prefill_tokens(&model, &args, text.as_deref())?;
+    let engine = model
+        .connect(
+            addr,
+            options,
+            &args.model,
+            &args.device,
+            tokens.len() + 1,
+            args.load_policy,
+        )
+        .await?;
     let mut bar = prefill_bar(args.model.quiet);
-    let prefill = engine.prefill(&tokens, &mut bar).await?;
+    let prefill = engine
+        .prefill(&tokens, &mut bar, args.logits.is_some())
+        .await?;
     if let Some(path) = &args.handoff {
         let text = serde_json::to_vec_pretty(&prefill.handoff)
             .map_err(|e| EngineError::InvalidRequest(format!("JSON: {e}")))?;
         std::fs::write(path, text)
             .map_err(|e| EngineError::io(format!("writing {}", path.display()), e))?;
     }
-    let first = engine
-        .model()
-        .tokenizer
-        .decode(&[prefill.handoff.first_token], false)?;
+    if let (Some(path), Some(logits)) = (&args.logits, &prefill.logits) {
+        let bytes: Vec<u8> = logits.iter().flat_map(|x| x.to_le_bytes()).collect();
+        std::fs::write(path, bytes)
+            .map_err(|e| EngineError::io(format!("writing {}", path.display()), e))?;
+    }
+    let first = token_text(&engine, &[prefill.handoff.first_token], false)?;
     if json {
-        write_json(&prefill_json(&prefill, first))?;
+        write_json(&prefill_json(&prefill, &engine, first.unwrap_or_default()))?;
     } else {
         println!(
             "{} prompt tokens: {} reused from kvstrata, {} computed; {} new blocks stored",
@@ -389,13 +483,19 @@ pub async fn run_prefill(
             prefill.computed_tokens,
             prefill.stored_blocks
         );
+        let first = match first {
+            Some(t) => format!("{t:?}"),
+            None => format!(
+                "id {} (synthetic model: no text)",
+                prefill.handoff.first_token
+            ),
+        };
         println!(
-            "TTFT {:.1} ms (lookup {:.1}, load {:.1}, compute {:.1}); first token {:?}",
+            "TTFT {:.1} ms (lookup {:.1}, load {:.1}, compute {:.1}); first token {first}",
             ms(prefill.timings.ttft),
             ms(prefill.timings.lookup),
             ms(prefill.timings.load),
             ms(prefill.timings.compute),
-            first
         );
         if let Some(path) = &args.handoff {
             println!("hand-off written to {}", path.display());
@@ -404,7 +504,11 @@ pub async fn run_prefill(
     Ok(())
 }
 
-fn prefill_json(prefill: &Prefill, first_token_text: String) -> PrefillJson<'_> {
+fn prefill_json<'a>(
+    prefill: &'a VerbPrefill,
+    engine: &VerbEngine,
+    first_token_text: String,
+) -> PrefillJson<'a> {
     PrefillJson {
         handoff: &prefill.handoff,
         first_token_text,
@@ -417,6 +521,8 @@ fn prefill_json(prefill: &Prefill, first_token_text: String) -> PrefillJson<'_> 
         load_ms: ms(prefill.timings.load),
         compute_ms: ms(prefill.timings.compute),
         store_ms: ms(prefill.timings.store),
+        device: engine.device(),
+        kv_path: engine.kv_path(),
     }
 }
 
@@ -426,11 +532,18 @@ struct DecodeJson {
     text: String,
     loaded_tokens: usize,
     recomputed_tokens: usize,
+    /// The greedy token of the decode engine's own pass over the prompt (the
+    /// hand-off's first token when prefill and decode agree).
+    prompt_next_token: u32,
     stopped_at_eos: bool,
     stored_blocks: usize,
     load_ms: f64,
     generate_ms: f64,
     tokens_per_second: f64,
+    /// `cpu` or `cuda:N`.
+    device: String,
+    /// How blocks moved: `gpu-pages`, `shared-memory` or `inline`.
+    kv_path: &'static str,
 }
 
 /// `kvstrata decode`: load a hand-off's KV from kvstrata and generate, streaming text.
@@ -441,6 +554,7 @@ pub async fn run_decode(
     json: bool,
 ) -> Result<()> {
     let params = args.generate.params()?;
+    let device = args.device.resolve(args.model.quiet || json)?;
     let text = if args.handoff.as_os_str() == "-" {
         let mut s = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
@@ -453,13 +567,27 @@ pub async fn run_decode(
     let handoff: Handoff = serde_json::from_str(&text).map_err(|e| {
         EngineError::InvalidRequest(format!("{}: not a hand-off: {e}", args.handoff.display()))
     })?;
-    let engine = connect_engine(&args.model, addr, options).await?;
+    let model = VerbModel::load(device, &args.model, &args.device)?;
+    let positions = handoff.tokens.len() + args.generate.max_tokens + 1;
+    let engine = model
+        .connect(
+            addr,
+            options,
+            &args.model,
+            &args.device,
+            positions,
+            LoadPolicy::Auto,
+        )
+        .await?;
     let decoded = stream_decode(&engine, &handoff, params, args.generate.max_tokens, !json).await?;
-    let text = engine.model().tokenizer.decode(&decoded.tokens, true)?;
+    let text = token_text(&engine, &decoded.tokens, true)?;
     if json {
-        write_json(&decode_json(&decoded, text))?;
+        write_json(&decode_json(&decoded, &engine, text.unwrap_or_default()))?;
     } else {
-        println!();
+        match text {
+            Some(_) => println!(),
+            None => println!("token ids (synthetic model: no text): {:?}", decoded.tokens),
+        }
         eprintln!(
             "{} tokens; prompt KV: {} tokens loaded from kvstrata, {} recomputed; {:.1} tokens/s",
             decoded.tokens.len(),
@@ -471,7 +599,7 @@ pub async fn run_decode(
     Ok(())
 }
 
-fn tokens_per_second(d: &Decoded) -> f64 {
+fn tokens_per_second(d: &VerbDecoded) -> f64 {
     let s = d.generate_time.as_secs_f64();
     if s > 0.0 {
         d.tokens.len() as f64 / s
@@ -480,32 +608,39 @@ fn tokens_per_second(d: &Decoded) -> f64 {
     }
 }
 
-fn decode_json(d: &Decoded, text: String) -> DecodeJson {
+fn decode_json(d: &VerbDecoded, engine: &VerbEngine, text: String) -> DecodeJson {
     DecodeJson {
         tokens: d.tokens.clone(),
         text,
         loaded_tokens: d.loaded_tokens,
         recomputed_tokens: d.recomputed_tokens,
+        prompt_next_token: d.prompt_next_token,
         stopped_at_eos: d.stopped_at_eos,
         stored_blocks: d.stored_blocks,
         load_ms: ms(d.load_time),
         generate_ms: ms(d.generate_time),
         tokens_per_second: tokens_per_second(d),
+        device: engine.device(),
+        kv_path: engine.kv_path(),
     }
 }
 
-/// Decodes, printing text as it comes when `print` is set.
+/// Decodes, printing text as it comes when `print` is set (and the model has
+/// a tokenizer).
 pub async fn stream_decode(
-    engine: &Engine,
+    engine: &VerbEngine,
     handoff: &Handoff,
     params: SamplingParams,
     max_tokens: usize,
     print: bool,
-) -> Result<Decoded> {
-    let mut stream = engine.model().tokenizer.stream(true);
+) -> Result<VerbDecoded> {
+    let mut stream = engine.text().map(|m| m.tokenizer.stream(true));
     let mut out = std::io::stdout();
     let mut on_token = |id: u32| {
-        if print && let Ok(Some(piece)) = stream.step(id) {
+        if print
+            && let Some(stream) = stream.as_mut()
+            && let Ok(Some(piece)) = stream.step(id)
+        {
             // A closed stdout ends generation instead of failing it.
             return write!(out, "{piece}").and_then(|_| out.flush()).is_ok();
         }
@@ -520,15 +655,34 @@ pub async fn stream_decode(
 /// previous ones through kvstrata.
 pub async fn run_chat(args: ChatArgs, addr: &str, options: ClientOptions) -> Result<()> {
     let params = args.generate.params()?;
-    let engine = connect_engine(&args.model, addr, options).await?;
-    let model = engine.model().clone();
+    let device = args.device.resolve(args.model.quiet)?;
+    if args.device.synthetic.is_some() {
+        return Err(EngineError::InvalidRequest(
+            "--synthetic: chat needs a real model's text (prefill --prompt-tokens works)".into(),
+        ));
+    }
+    let model = VerbModel::load(device, &args.model, &args.device)?;
+    // One sequence at a time: a turn's prefill pages are free before its decode.
+    let positions = model.max_positions();
+    let engine = model
+        .connect(
+            addr,
+            options,
+            &args.model,
+            &args.device,
+            positions,
+            args.load_policy,
+        )
+        .await?;
+    let model = need_text(engine.text(), "chat")?.clone();
     let mut convo = match &args.system {
         Some(system) => Conversation::with_system(system.clone()),
         None => Conversation::new(),
     };
     eprintln!(
-        "chatting with {} through kvstrata at {addr} (empty line or Ctrl-D ends)",
-        model.info.model_id
+        "chatting with {} on {} through kvstrata at {addr} (empty line or Ctrl-D ends)",
+        model.info.model_id,
+        engine.device()
     );
     let stdin = std::io::stdin();
     loop {
@@ -544,7 +698,7 @@ pub async fn run_chat(args: ChatArgs, addr: &str, options: ClientOptions) -> Res
         }
         let tokens = convo.next_prompt_tokens(&model.tokenizer, &model.template, line)?;
         let mut bar = prefill_bar(args.model.quiet);
-        let prefill = engine.prefill(&tokens, &mut bar).await?;
+        let prefill = engine.prefill(&tokens, &mut bar, false).await?;
         let decoded = stream_decode(
             &engine,
             &prefill.handoff,
@@ -585,5 +739,86 @@ mod tests {
         };
         let e = synthetic_on_cpu.resolve(true).unwrap_err();
         assert!(e.to_string().contains("--device cuda"), "{e}");
+    }
+
+    /// Asked for by name, a GPU that is not here is one line naming the flag
+    /// and the way out; nothing falls back silently.
+    #[test]
+    fn an_absent_gpu_asked_for_is_one_clear_line() {
+        let e = resolve_engine_device(Some(DeviceChoice::Cuda(1 << 20)), false, true)
+            .expect_err("no machine has device 2^20");
+        let text = e.to_string();
+        assert!(text.contains("--device cuda:1048576"), "{text}");
+        assert!(
+            text.contains("no usable GPU") && text.contains("--device cpu"),
+            "{text}"
+        );
+        assert!(!text.contains('\n'), "{text}");
+    }
+
+    #[derive(clap::Parser)]
+    enum Verbs {
+        Prefill(PrefillArgs),
+        Decode(DecodeArgs),
+        Chat(ChatArgs),
+    }
+
+    fn parse(args: &[&str]) -> std::result::Result<Verbs, clap::Error> {
+        <Verbs as clap::Parser>::try_parse_from(
+            std::iter::once("kvstrata").chain(args.iter().copied()),
+        )
+    }
+
+    #[test]
+    fn the_verbs_take_a_device() {
+        let Ok(Verbs::Prefill(p)) = parse(&[
+            "prefill",
+            "--device",
+            "cuda:1",
+            "--kv-region-socket",
+            "/tmp/r.sock",
+            "--prompt",
+            "hi",
+            "--logits",
+            "/tmp/l.bin",
+            "--load-policy",
+            "never",
+        ]) else {
+            panic!("prefill parses");
+        };
+        assert_eq!(p.device.device, Some(DeviceChoice::Cuda(1)));
+        assert_eq!(p.device.kv_region_socket.as_deref(), Some("/tmp/r.sock"));
+        assert_eq!(p.device.gpu_chunk, 1024);
+        assert_eq!(p.load_policy, LoadPolicy::Never);
+        assert_eq!(
+            p.logits.as_deref(),
+            Some(std::path::Path::new("/tmp/l.bin"))
+        );
+        let Ok(Verbs::Prefill(p)) = parse(&[
+            "prefill",
+            "--synthetic",
+            "llama3-8b",
+            "--prompt-tokens",
+            "2048",
+        ]) else {
+            panic!("a synthetic prefill parses");
+        };
+        assert_eq!(p.device.synthetic.as_deref(), Some("llama3-8b"));
+        assert_eq!((p.prompt_tokens, p.prompt), (Some(2048), None));
+        assert_eq!(p.load_policy, LoadPolicy::Auto);
+        // One prompt source, and one is needed.
+        assert!(parse(&["prefill", "--prompt", "a", "--prompt-tokens", "3"]).is_err());
+        assert!(parse(&["prefill", "--prompt-file", "f", "--prompt-tokens", "3"]).is_err());
+        assert!(parse(&["prefill"]).is_err());
+        let Ok(Verbs::Decode(d)) = parse(&["decode", "--handoff", "h.json", "--device", "cpu"])
+        else {
+            panic!("decode parses");
+        };
+        assert_eq!(d.device.device, Some(DeviceChoice::Cpu));
+        let Ok(Verbs::Chat(c)) = parse(&["chat", "--device", "cuda"]) else {
+            panic!("chat parses");
+        };
+        assert_eq!(c.device.device, Some(DeviceChoice::Cuda(0)));
+        assert!(parse(&["decode", "--handoff", "h", "--device", "gpu"]).is_err());
     }
 }

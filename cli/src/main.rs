@@ -71,6 +71,8 @@ struct BenchCommand {
 enum BenchWhich {
     /// Time to first token for 512..4k-token contexts, 0/50/100% cached, host and disk tier
     Ttft(Box<kvstrata_cli::ttft::TtftArgs>),
+    /// GPU decode step times quiet vs while another engine's KV is stored into the daemon
+    Interference(Box<kvstrata_cli::interference::InterferenceArgs>),
 }
 
 fn init_logging(format: &str, level: &str) {
@@ -193,7 +195,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(cmd) => match cmd.which {
             // In-process daemons on private Unix sockets: no token to send.
             Some(BenchWhich::Ttft(args)) => {
+                // Logs only when asked for (stderr; `RUST_LOG=kvstrata_engine=debug`
+                // shows each load's request times).
+                if std::env::var_os("RUST_LOG").is_some() {
+                    init_logging("text", "warn");
+                }
                 kvstrata_cli::ttft::run_ttft(*args, cli.global.json).await
+            }
+            Some(BenchWhich::Interference(args)) => {
+                kvstrata_cli::interference::run_interference(*args, cli.global.json).await
             }
             None => {
                 let mut load = cmd.load;

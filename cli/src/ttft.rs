@@ -139,7 +139,7 @@ impl Row {
 }
 
 /// `n` tokens of the shipped documents, starting with a marker unique to `run`.
-fn context(
+pub(crate) fn context(
     model: &kvstrata_engine::engine::LoadedModel,
     run: usize,
     n: usize,
@@ -512,6 +512,62 @@ fn gb_per_s(blocks: usize, block_bytes: usize, load: Duration) -> Option<f64> {
     (blocks > 0 && s > 0.0).then(|| (blocks * block_bytes) as f64 / s / 1e9)
 }
 
+/// The GPU benches' daemon: a `kvstrata serve` child process on `dev` (a CUDA
+/// IPC handle cannot be opened by the process that exported it) with an HBM
+/// tier of `hbm` bytes (0: none), a page-locked host tier of `host` bytes and,
+/// when `disk` names a slot file and its size and the tier can be made there,
+/// a disk tier (the `bool`: whether it has one). The child inherits this
+/// process's environment (`KVSTRATA_GPU_*`).
+pub(crate) fn start_gpu_daemon(
+    dev: &CudaDevice,
+    hbm: ByteSize,
+    host: ByteSize,
+    disk: Option<(PathBuf, ByteSize)>,
+) -> anyhow::Result<(kvstrata_gpucheck::ipc::DaemonChild, bool)> {
+    let daemon_args: Vec<String> = vec![
+        "--gpu".into(),
+        "on".into(),
+        "--gpu-device".into(),
+        dev.info().ordinal.to_string(),
+        "--gpu-hbm-bytes".into(),
+        hbm.as_u64().to_string(),
+        "--host-capacity".into(),
+        host.as_u64().to_string(),
+        "--log-level".into(),
+        "warn".into(),
+    ];
+    tokio::task::block_in_place(|| {
+        if let Some((slots, size)) = &disk {
+            let mut with_disk = daemon_args.clone();
+            with_disk.extend([
+                "--disk-path".into(),
+                format!("{}={}", slots.display(), size.as_u64()),
+            ]);
+            match kvstrata_gpucheck::ipc::DaemonChild::start(&with_disk) {
+                Ok(d) => return Ok((d, true)),
+                Err(e) => eprintln!(
+                    "note: no disk tier in {} ({e})",
+                    slots.parent().unwrap_or(slots.as_path()).display()
+                ),
+            }
+        }
+        kvstrata_gpucheck::ipc::DaemonChild::start(&daemon_args).map(|d| (d, false))
+    })
+    .map_err(|e| anyhow::anyhow!("starting the bench's daemon: {e}"))
+}
+
+/// A client of `daemon` and the sockets a GPU engine registers its KV pool on.
+pub(crate) async fn connect_gpu_daemon(
+    daemon: &kvstrata_gpucheck::ipc::DaemonChild,
+) -> anyhow::Result<(Client, GpuKvOptions)> {
+    let client = Client::connect(&format!("unix://{}", daemon.uds().display())).await?;
+    let options = GpuKvOptions {
+        region_socket: Some(daemon.regions().display().to_string()),
+        mempool_socket: Some(daemon.mempool().display().to_string()),
+    };
+    Ok((client, options))
+}
+
 /// `kvstrata bench ttft --device cuda`: see the module docs.
 pub async fn run_ttft_gpu(args: TtftArgs, dev: Arc<CudaDevice>, json: bool) -> anyhow::Result<()> {
     let quiet = args.model.quiet || json;
@@ -548,40 +604,12 @@ pub async fn run_ttft_gpu(args: TtftArgs, dev: Arc<CudaDevice>, json: bool) -> a
         .clone()
         .or_else(|| data.as_ref().map(|d| d.path().to_path_buf()))
         .context("no data directory")?;
-    let daemon_args: Vec<String> = vec![
-        "--gpu".into(),
-        "on".into(),
-        "--gpu-device".into(),
-        dev.info().ordinal.to_string(),
-        "--gpu-hbm-bytes".into(),
-        args.gpu_hbm_bytes.as_u64().to_string(),
-        "--host-capacity".into(),
-        args.gpu_host_capacity.as_u64().to_string(),
-        "--log-level".into(),
-        "warn".into(),
-    ];
-    let mut with_disk = daemon_args.clone();
     let slots = data_dir.join("kvstrata-slots.bin");
-    with_disk.extend([
-        "--disk-path".into(),
-        format!("{}={}", slots.display(), args.gpu_disk_size.as_u64()),
-    ]);
     let want_disk = !args.no_disk && args.gpu_disk_size.as_u64() > 0;
-    let (daemon, disk) = tokio::task::block_in_place(|| {
-        if want_disk {
-            match kvstrata_gpucheck::ipc::DaemonChild::start(&with_disk) {
-                Ok(d) => return Ok((d, true)),
-                Err(e) => eprintln!("note: no disk tier in {} ({e})", data_dir.display()),
-            }
-        }
-        kvstrata_gpucheck::ipc::DaemonChild::start(&daemon_args).map(|d| (d, false))
-    })
-    .map_err(|e| anyhow::anyhow!("starting the bench's daemon: {e}"))?;
-    let client = Client::connect(&format!("unix://{}", daemon.uds().display())).await?;
-    let options = GpuKvOptions {
-        region_socket: Some(daemon.regions().display().to_string()),
-        mempool_socket: Some(daemon.mempool().display().to_string()),
-    };
+    let disk_tier = want_disk.then_some((slots, args.gpu_disk_size));
+    let (daemon, disk) =
+        start_gpu_daemon(&dev, args.gpu_hbm_bytes, args.gpu_host_capacity, disk_tier)?;
+    let (client, options) = connect_gpu_daemon(&daemon).await?;
     let engine = GpuEngine::connect(
         Arc::clone(&setup.model),
         Arc::clone(&pool),

@@ -6,20 +6,20 @@
 
 #[path = "../../server/tests/common/mod.rs"]
 mod common;
+#[path = "common/engine_daemon.rs"]
+mod engine_daemon;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
-use kvstrata_client::{Client, PutItem};
+use engine_daemon::{model_path, start_daemon};
+use kvstrata_client::PutItem;
 use kvstrata_engine::chat::{Conversation, Message};
 use kvstrata_engine::engine::{Engine, EngineOptions, Handoff, LoadedModel};
-use kvstrata_engine::fetch;
 use kvstrata_engine::load_policy::LoadPolicy;
 use kvstrata_engine::model::{argmax, max_abs_diff};
 use kvstrata_engine::sampling::SamplingParams;
-use kvstrata_server::{Config, Daemon};
 
 /// Largest difference allowed between last-position logits computed with a cached
 /// prefix and with a full recompute. The KV itself is identical (f16 either way); what
@@ -27,48 +27,11 @@ use kvstrata_server::{Config, Daemon};
 /// which changes f32 summation order. Logits of this model span about ±30.
 const LOGIT_TOLERANCE: f32 = 0.05;
 
-fn model_path() -> PathBuf {
-    fetch::ensure_default_model(&fetch::default_model_dir(), false)
-        .expect("the default model must be fetchable (network) or present")
-}
-
 fn model() -> Arc<LoadedModel> {
     static MODEL: OnceLock<Arc<LoadedModel>> = OnceLock::new();
     MODEL
         .get_or_init(|| Arc::new(LoadedModel::load(&model_path()).expect("model loads")))
         .clone()
-}
-
-struct Running {
-    daemon: Daemon,
-    client: Client,
-    target: String,
-    mempool: String,
-    _dir: tempfile::TempDir,
-}
-
-async fn start_daemon() -> Running {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config: Config = common::config(dir.path(), 256 << 20, 4096);
-    config.shm.mempool_socket = dir.path().join("mempool.sock").display().to_string();
-    config.host.segment_bytes = bytesize::ByteSize::mib(4);
-    let daemon = Daemon::start(config).await.expect("daemon starts");
-    let target = daemon.addrs().uds_target().expect("uds");
-    let client = Client::connect(&target).await.expect("connect");
-    let mempool = daemon
-        .addrs()
-        .mempool
-        .clone()
-        .expect("mempool")
-        .display()
-        .to_string();
-    Running {
-        daemon,
-        client,
-        target,
-        mempool,
-        _dir: dir,
-    }
 }
 
 /// Engines that load every cached block (`auto` decides by timings; these tests

@@ -39,7 +39,27 @@ impl Drop for DaemonChild {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Diagnostics: `KVSTRATA_DAEMON_LOG_KEEP=<dir>` keeps each child's
+        // log there (`daemon-<pid>.log`) when it ends.
+        if let Some(keep) = std::env::var_os("KVSTRATA_DAEMON_LOG_KEEP") {
+            let to = Path::new(&keep).join(format!("daemon-{}.log", self.child.id()));
+            let _ = std::fs::copy(self.dir.path().join("daemon.log"), to);
+        }
     }
+}
+
+/// `args` with `--log-level` set from `KVSTRATA_DAEMON_LOG_LEVEL` when that
+/// is set (diagnostics: e.g. `warn,kvstrata_server::region=debug`).
+fn with_log_level(args: &[String]) -> Vec<String> {
+    let mut args = args.to_vec();
+    let Ok(level) = std::env::var("KVSTRATA_DAEMON_LOG_LEVEL") else {
+        return args;
+    };
+    match args.iter().position(|a| a == "--log-level") {
+        Some(i) if i + 1 < args.len() => args[i + 1] = level,
+        _ => args.extend(["--log-level".to_string(), level]),
+    }
+    args
 }
 
 impl DaemonChild {
@@ -87,7 +107,7 @@ impl DaemonChild {
             .arg(dir.path().join("regions.sock"))
             .arg("--mempool-socket")
             .arg(dir.path().join("mempool.sock"))
-            .args(args)
+            .args(with_log_level(args))
             .arg("--ready-file")
             .arg(&ready)
             .stdout(Stdio::null())

@@ -227,9 +227,25 @@ impl CudaDevice {
         })
     }
 
+    /// A stream for the daemon's copies, gathers, scatters and hashes: at the
+    /// device's lowest priority, so that an engine's kernels in the same
+    /// context go first; a plain stream with `KVSTRATA_GPU_STREAM_PRIORITY=off`.
+    /// (On current GPUs the lowest priority is the default one, 0; priorities
+    /// order work within one context only, see docs/gpu.md, "Decode
+    /// interference".)
     pub(crate) fn new_stream(&self) -> Result<CudaStreamState, GpuError> {
         self.bind()?;
-        let stream = self.ctx.new_stream().map_err(driver("cuStreamCreate"))?;
+        let stream = match low_priority_wanted() {
+            false => self.ctx.new_stream().map_err(driver("cuStreamCreate"))?,
+            true => {
+                // (least, greatest): least is the numerically largest.
+                let (least, _) = cudarc::driver::result::stream::get_priority_range()
+                    .map_err(driver("cuCtxGetStreamPriorityRange"))?;
+                self.ctx
+                    .new_stream_with_priority(least)
+                    .map_err(driver("cuStreamCreateWithPriority"))?
+            }
+        };
         Ok(CudaStreamState {
             stream,
             args: Mutex::new(ArgsState::new()),
@@ -520,6 +536,16 @@ impl CudaDevice {
             .synchronize()
             .map_err(driver("cuStreamSynchronize"))
     }
+}
+
+/// Whether `KVSTRATA_GPU_STREAM_PRIORITY` asks for stream priorities: on
+/// unless it is `off`, `0`, `false` or `no`.
+fn low_priority_wanted() -> bool {
+    let v = std::env::var("KVSTRATA_GPU_STREAM_PRIORITY").unwrap_or_default();
+    !matches!(
+        v.trim().to_ascii_lowercase().as_str(),
+        "off" | "0" | "false" | "no"
+    )
 }
 
 fn config(grid: u32) -> LaunchConfig {

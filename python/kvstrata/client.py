@@ -5,7 +5,9 @@ an optional `timeout` in seconds (default: the client's `timeout`). Every refusa
 an `RpcError` subclass carrying the gRPC code and the field the daemon named.
 Payload-free data paths: `batch_put_ranges` / `batch_get_into` (shared-memory pools,
 `kvstrata.SharedPool`) and `batch_put_pages` / `batch_get_pages` (KV regions,
-`kvstrata.KvRegion`).
+`kvstrata.KvRegion`). Page requests of `WIRE_MIN_BLOCKS` blocks or more are encoded with
+numpy (`kvstrata._wire`: the same bytes protobuf would make, without a message per block)
+and sent as bytes.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union,
 
 import grpc
 
-from . import hashing
+from . import _wire, hashing
 from .errors import KvstrataError, RpcError, rpc_error
+from .region import PageBatch
 from .target import Target, parse_target
 from .v1 import kvstrata_pb2 as pb
 from .v1 import kvstrata_pb2_grpc as pb_grpc
@@ -25,6 +28,9 @@ from .v1 import kvstrata_pb2_grpc as pb_grpc
 MIB = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 512 * MIB
 NAMESPACE_ID_BYTES = 16
+#: Page requests of at least this many blocks are built by `kvstrata._wire` (fewer: as
+#: messages, cheaper for a handful of blocks).
+WIRE_MIN_BLOCKS = 32
 
 #: `kvstrata.v1` enums, re-exported.
 Dtype = pb.Dtype
@@ -274,6 +280,15 @@ class Client:
                 raise KvstrataError(f"tls_ca / tls_cert given, but target {self.target} is not https://")
             self._channel = grpc.insecure_channel(self.target.grpc_target(), options=opts)
         self.stub = pb_grpc.KvCacheStub(self._channel)
+        # BatchPut / BatchGet taking requests already serialized (page requests, `_wire`)
+        self._raw = {
+            "BatchPut": self._channel.unary_unary("/kvstrata.v1.KvCache/BatchPut", request_serializer=None,
+                                                  response_deserializer=pb.BatchPutResponse.FromString,
+                                                  _registered_method=True),
+            "BatchGet": self._channel.unary_unary("/kvstrata.v1.KvCache/BatchGet", request_serializer=None,
+                                                  response_deserializer=pb.BatchGetResponse.FromString,
+                                                  _registered_method=True),
+        }
         self._lock = threading.Lock()
 
     # --- plumbing ---------------------------------------------------------------
@@ -295,6 +310,14 @@ class Client:
         try:
             return fn(request, timeout=self.timeout if timeout is None else timeout,
                       metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise rpc_error(method, e) from None
+
+    def _call_raw(self, method: str, request: bytes, timeout: Optional[float]) -> Any:
+        """`method` with a request already serialized (`kvstrata._wire`)."""
+        try:
+            return self._raw[method](request, timeout=self.timeout if timeout is None else timeout,
+                                     metadata=self._metadata)
         except grpc.RpcError as e:
             raise rpc_error(method, e) from None
 
@@ -369,9 +392,19 @@ class Client:
                         parents: Union[None, str, Sequence[Optional[bytes]]] = None,
                         first_parent: Optional[bytes] = None,
                         timeout: Optional[float] = None) -> pb.BatchPutResponse:
-        """Stores blocks gathered by the daemon from the pages of a registered KV region."""
+        """Stores blocks gathered by the daemon from the pages of a registered KV region.
+        `pages`: one `KvPages` per key (`KvRegion.pages`), or a `KvRegion.page_batch` of
+        them (cheaper for many blocks)."""
         if len(pages) != len(keys):
             raise ValueError(f"pages: {len(pages)} page lists for {len(keys)} keys")
+        if len(keys) >= WIRE_MIN_BLOCKS:
+            if parents == "chain":
+                wire_parents: Union[str, list[bytes]] = "chain"
+            else:
+                wire_parents = _parents(keys, parents, first_parent)
+            req = _wire.batch_put_pages_request(_ns_id(ns), keys, wire_parents, _pages_rows(pages),
+                                                first_parent=bytes(first_parent or b""))
+            return self._call_raw("BatchPut", req, timeout)
         ps = _parents(keys, parents, first_parent)
         items = [pb.PutItem(key=bytes(k), parent=p, pages=g) for k, p, g in zip(keys, ps, pages)]
         return self._call("BatchPut", pb.BatchPutRequest(namespace_id=_ns_id(ns), items=items), timeout)
@@ -379,10 +412,18 @@ class Client:
     def batch_get_results(self, ns: NamespaceRef, keys: Sequence[bytes], *,
                           ranges: Sequence[pb.PoolRange] = (), pages: Sequence[pb.KvPages] = (),
                           timeout: Optional[float] = None) -> list[pb.GetResult]:
-        """`BatchGet` as is: one `GetResult` per key."""
+        """`BatchGet` as is: one `GetResult` per key. `pages`: one `KvPages` per key, or a
+        `KvRegion.page_batch`."""
+        return list(self._batch_get(ns, keys, ranges, pages, timeout))
+
+    def _batch_get(self, ns: NamespaceRef, keys: Sequence[bytes], ranges: Sequence[pb.PoolRange],
+                   pages: Sequence[pb.KvPages], timeout: Optional[float]) -> Sequence[pb.GetResult]:
+        if pages and not ranges and len(pages) == len(keys) >= WIRE_MIN_BLOCKS:
+            raw = _wire.batch_get_pages_request(_ns_id(ns), keys, _pages_rows(pages))
+            return self._call_raw("BatchGet", raw, timeout).results
         req = pb.BatchGetRequest(namespace_id=_ns_id(ns), keys=list(keys), ranges=list(ranges),
                                  pages=list(pages))
-        return list(self._call("BatchGet", req, timeout).results)
+        return self._call("BatchGet", req, timeout).results
 
     def batch_get(self, ns: NamespaceRef, keys: Sequence[bytes], *,
                   timeout: Optional[float] = None) -> list[Optional[bytes]]:
@@ -402,7 +443,7 @@ class Client:
         """Scatters found blocks into KV-region pages (one page list per key)."""
         if len(pages) != len(keys):
             raise ValueError(f"pages: {len(pages)} page lists for {len(keys)} keys")
-        return [r.found for r in self.batch_get_results(ns, keys, pages=pages, timeout=timeout)]
+        return [r.found for r in self._batch_get(ns, keys, (), pages, timeout)]
 
     def put_stream(self, requests: Iterable[pb.BatchPutRequest], *,
                    timeout: Optional[float] = None) -> list[pb.BatchPutResponse]:
@@ -475,6 +516,14 @@ def _as_bytes(v: Any) -> bytes:
     if hasattr(v, "tobytes"):
         return v.tobytes()
     return bytes(v)
+
+
+def _pages_rows(pages: Sequence[pb.KvPages]) -> _wire.PagesRows:
+    """The blocks' `KvPages` for `kvstrata._wire`: from a `PageBatch`'s array, else each
+    message serialized."""
+    if isinstance(pages, PageBatch):
+        return pages.wire_rows()
+    return _wire.PagesRows.from_messages([g.SerializeToString() for g in pages])
 
 
 def pool_range(pool_id: int, offset: int, length: int) -> pb.PoolRange:

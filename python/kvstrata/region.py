@@ -42,10 +42,11 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union, overload
 
 import numpy as np
 
+from . import _wire
 from .errors import RegionError
 from .pool import _recv_exact, check_name, connection_open
 from .target import unix_socket_path
@@ -297,6 +298,13 @@ class KvRegion:
         """The `KvPages` of one block (pages_per_block ids in token order)."""
         return pb.KvPages(region_id=self.id, page_ids=[int(p) for p in page_ids])
 
+    def page_batch(self, page_ids: Any) -> "PageBatch":
+        """The pages of a batch of blocks, for `Client.batch_put_pages` / `batch_get_pages`
+        in place of a list of `pages()`: one page id per block (a 1-D sequence or array), or
+        one row of pages_per_block ids per block (2-D). The request is then built from the
+        array with numpy, not one message per block (docs/python.md, "KV regions")."""
+        return PageBatch(self.id, page_ids)
+
     def array(self, dtype: Any = np.uint8) -> np.ndarray:
         """numpy view of a memfd region (no copy), in `geometry.shape()` when packed."""
         if self._mmap is None:
@@ -337,3 +345,51 @@ class KvRegion:
 
     def __repr__(self) -> str:
         return f"KvRegion(id={self.id}, name={self.name!r}, bytes={self.bytes}, geometry={self.geometry})"
+
+
+class PageBatch(Sequence[pb.KvPages]):
+    """The pages of a batch of blocks in one KV region (`KvRegion.page_batch`): an (n,
+    pages_per_block) array of page ids. A sequence of `KvPages` (item i is block i's
+    message), so it goes wherever a list of `KvRegion.pages()` goes; the page requests
+    of `Client` encode it straight from the array (`kvstrata._wire`)."""
+
+    def __init__(self, region_id: int, page_ids: Any) -> None:
+        ids = np.asarray(page_ids)
+        if ids.ndim == 1:
+            ids = ids.reshape(-1, 1)
+        if ids.ndim != 2:
+            raise ValueError(f"page_ids: one page id per block (1-D) or one row of page ids per block (2-D), "
+                             f"not an array of shape {ids.shape}")
+        if ids.size and ids.dtype.kind not in "iu":
+            raise ValueError(f"page_ids: integers, not {ids.dtype}")
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) > _wire.U32_MAX):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise ValueError(f"page_ids: page id {bad} is not a 32-bit unsigned integer")
+        self.region_id = region_id
+        self.page_ids: np.ndarray = ids.astype(np.uint32)
+        self.page_ids.flags.writeable = False
+
+    def __len__(self) -> int:
+        return self.page_ids.shape[0]
+
+    @overload
+    def __getitem__(self, i: int) -> pb.KvPages: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> "PageBatch": ...
+
+    def __getitem__(self, i: Union[int, slice]) -> Union[pb.KvPages, "PageBatch"]:
+        if isinstance(i, slice):
+            return PageBatch(self.region_id, self.page_ids[i])
+        return pb.KvPages(region_id=self.region_id, page_ids=self.page_ids[i].tolist())
+
+    def __iter__(self) -> Iterator[pb.KvPages]:
+        for row in self.page_ids.tolist():
+            yield pb.KvPages(region_id=self.region_id, page_ids=row)
+
+    def wire_rows(self) -> _wire.PagesRows:
+        """The blocks' `KvPages`, for `kvstrata._wire`'s request builders."""
+        return _wire.PagesRows.from_ids(self.region_id, self.page_ids)
+
+    def __repr__(self) -> str:
+        return f"PageBatch(region_id={self.region_id}, blocks={len(self)}, pages_per_block={self.page_ids.shape[1]})"

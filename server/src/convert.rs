@@ -35,12 +35,18 @@ pub fn key(field: &str, bytes: &[u8]) -> Result<BlockKey, Status> {
     BlockKey::new(field, bytes).map_err(|e| status(e.into()))
 }
 
+/// A key whose field name (`field()`) is made only when the key is bad: a
+/// batch's keys are checked without formatting a name per key.
+pub fn key_named(field: impl FnOnce() -> String, bytes: &[u8]) -> Result<BlockKey, Status> {
+    BlockKey::new("", bytes).or_else(|_| key(&field(), bytes))
+}
+
 /// Keys of a batch, with the batch limit applied first.
 pub fn keys(field: &str, keys: &[bytes::Bytes], max: usize) -> Result<Vec<BlockKey>, Status> {
     check_batch(field, keys.len(), max)?;
     keys.iter()
         .enumerate()
-        .map(|(i, k)| key(&format!("{field}[{i}]"), k))
+        .map(|(i, k)| key_named(|| format!("{field}[{i}]"), k))
         .collect()
 }
 
@@ -56,11 +62,14 @@ pub fn check_batch(field: &str, len: usize, max: usize) -> Result<(), Status> {
 }
 
 /// An optional key: empty bytes mean none.
-pub fn optional_key(field: &str, bytes: &[u8]) -> Result<Option<BlockKey>, Status> {
+pub fn optional_key(
+    field: impl FnOnce() -> String,
+    bytes: &[u8],
+) -> Result<Option<BlockKey>, Status> {
     if bytes.is_empty() {
         Ok(None)
     } else {
-        key(field, bytes).map(Some)
+        key_named(field, bytes).map(Some)
     }
 }
 

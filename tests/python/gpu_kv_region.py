@@ -19,18 +19,34 @@ of ROUNDS rounds) against torch's own pinned-memory `copy_` of the same bytes in
 run. Two daemons: the host tier only (`--gpu-hbm-bytes 0`: the pages cross PCIe, the
 comparison with torch's pinned copies) and the default HBM tier.
 
+Each round saves and loads twice, with the page ids given two ways: "batch"
+(`region.page_batch(ids)`: the request encoded from the array, the way to use it) and
+"list" (`[region.pages([p]) for p in ids]`: one message per block). Every request is
+timed by the client (page ids to answer, what an engine waits for) and by the daemon
+itself (`total_us` of its debug line for the request: its direct put or get, from the
+slots' reservation or the lookup to the copies' completion), and the difference is what
+the request costs outside the daemon's copies: the client, gRPC, the daemon's request
+handling around them. That difference is split at the daemon's debug line, stamped (wall
+clock, as the client's own stamps) when its direct put or get ends: "before" runs from the
+client's call to the start of the daemon's copies (building and sending the request, the
+daemon decoding and checking it), "after" from their end to the client's answer (the
+daemon's reply, the client reading it). The GB/s lines are the "batch" requests as the
+client times them.
+
 Env: KVSTRATA_BIN (the daemon, a release build), KVSTRATA_TEST_TMP. Args: [num_blocks]
 (default 256, 2 MiB each) [rounds] (default 5). Prints a table and one JSON line
-(`KVSTRATA-GPU {...}`); the daemon's per-request timings (debug log of the region path)
-are in the JSON's `log` fields.
+(`KVSTRATA-GPU {...}`) with every request's client and daemon times (`requests`) and the
+daemon's last debug lines (`log`).
 """
 
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
 import time
+from datetime import datetime, timezone
 
 import torch
 
@@ -68,7 +84,34 @@ def median(xs: list) -> float:
     return statistics.median(xs)
 
 
-def run_layout(daemon: Daemon, client: kvstrata.Client, n: int, rounds: int, layout: str, tag: str) -> dict:
+MODES = ("batch", "list")
+#: The daemon's debug line of one direct put or get (kvstrata_server::region::io).
+DIRECT_LINE = re.compile(r"^(\S+Z) .*KV region: direct (put|get) .*? blocks=(\d+) .*?total_us=(\d+)")
+
+
+def page_arg(region, ids: list, mode: str):
+    """The pages of one block per page id, as the mode gives them."""
+    return region.page_batch(ids) if mode == "batch" else [region.pages([p]) for p in ids]
+
+
+def daemon_times(log_path: str, n: int) -> dict:
+    """(`total_us` in seconds, wall-clock end) of each direct put and get of n blocks in the
+    daemon's log, in log order."""
+    out: dict = {"put": [], "get": []}
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            m = DIRECT_LINE.search(line)
+            if m and int(m.group(3)) == n:
+                end = datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+                out[m.group(2)].append((int(m.group(4)) / 1e6, end.timestamp()))
+    return out
+
+
+def run_layout(daemon: Daemon, client: kvstrata.Client, n: int, rounds: int, layout: str, tag: str,
+               requests: list) -> dict:
+    """Saves and loads `rounds` times in each mode; appends (layout, mode, op, client
+    seconds, wall clock at the call and at the answer) of every timed request to
+    `requests`, in the order sent."""
     pages = 2 * n + 8
     buf = torch.empty(L * 2 * pages * CHUNK, dtype=torch.uint8, device="cuda")
     buf.view(torch.int16).copy_(torch.randint(-32768, 32767, (buf.numel() // 2,), dtype=torch.int16, device="cuda"))
@@ -84,16 +127,21 @@ def run_layout(daemon: Daemon, client: kvstrata.Client, n: int, rounds: int, lay
     # warm-up (first launches, first touch of the tiers' memory) on other keys
     client.batch_put_pages(ns, [b"w0", b"w1"], [region.pages([src[0]]), region.pages([src[1]])])
     client.batch_get_pages(ns, [b"w0", b"w1"], [region.pages([dst[0]]), region.pages([dst[1]])])
-    puts, gets = [], []
-    for r in range(rounds):
+    times: dict = {m: {"put": [], "get": []} for m in MODES}
+    for r in range(rounds * len(MODES)):
+        mode = MODES[r % len(MODES)]
         keys = [b"%d-%d" % (r, i) for i in range(n)]
-        t0 = time.perf_counter()
-        put = client.batch_put_pages(ns, keys, [region.pages([p]) for p in src])
-        puts.append(time.perf_counter() - t0)
+        w0, t0 = time.time(), time.perf_counter()
+        put = client.batch_put_pages(ns, keys, page_arg(region, src, mode))
+        dt, w1 = time.perf_counter() - t0, time.time()
+        times[mode]["put"].append(dt)
+        requests.append((layout, mode, "put", dt, w0, w1))
         assert put.stored == n, f"{layout}: stored {put.stored} of {n}: {list(put.results)[:8]}"
-        t0 = time.perf_counter()
-        found = client.batch_get_pages(ns, keys, [region.pages([p]) for p in dst])
-        gets.append(time.perf_counter() - t0)
+        w0, t0 = time.time(), time.perf_counter()
+        found = client.batch_get_pages(ns, keys, page_arg(region, dst, mode))
+        dt, w1 = time.perf_counter() - t0, time.time()
+        times[mode]["get"].append(dt)
+        requests.append((layout, mode, "get", dt, w0, w1))
         assert all(found), f"{layout}: {found.count(False)} of {n} not found"
         torch.cuda.synchronize()
         pick = (lambda v, ids: v[:, ids]) if layout == "classic" else (lambda v, ids: v[ids])
@@ -110,8 +158,34 @@ def run_layout(daemon: Daemon, client: kvstrata.Client, n: int, rounds: int, lay
         client.delete(ns, keys)
     region.close()
     total = n * BLOCK
+    puts, gets = times["batch"]["put"], times["batch"]["get"]
     return {"geometry": str(geo), "blocks": n, "block_bytes": BLOCK, "put_s": puts, "get_s": gets,
-            "put_GBps": total / median(puts) / 1e9, "get_GBps": total / median(gets) / 1e9}
+            "put_GBps": total / median(puts) / 1e9, "get_GBps": total / median(gets) / 1e9,
+            "list_put_s": times["list"]["put"], "list_get_s": times["list"]["get"]}
+
+
+SPLITS = ("client", "daemon", "diff", "before", "after")
+
+
+def split_times(requests: list, daemon: dict, n: int) -> dict:
+    """Per (layout, mode, op), each request's seconds: the client's, the daemon's, their
+    difference, and that difference before and after the daemon's copies; and the medians
+    (`*_ms`). The daemon's requests are matched to the client's in order."""
+    sent = {op: [r for r in requests if r[2] == op] for op in ("put", "get")}
+    out: dict = {}
+    for op in ("put", "get"):
+        if len(daemon[op]) != len(sent[op]):
+            out[f"{op}_mismatch"] = f"{len(sent[op])} requests of {n} blocks sent, {len(daemon[op])} in the daemon's log"
+            continue
+        for (layout, mode, _, client_s, w0, w1), (daemon_s, end) in zip(sent[op], daemon[op]):
+            d = out.setdefault(f"{layout}/{mode}/{op}", {f"{k}_s": [] for k in SPLITS})
+            for k, v in zip(SPLITS, (client_s, daemon_s, client_s - daemon_s, end - daemon_s - w0, w1 - end)):
+                d[f"{k}_s"].append(v)
+    for v in out.values():
+        if isinstance(v, dict):
+            for k in SPLITS:
+                v[f"{k}_ms"] = median(v[f"{k}_s"]) * 1e3
+    return out
 
 
 def torch_pinned(nbytes: int, rounds: int) -> dict:
@@ -145,20 +219,23 @@ def main() -> None:
     for tag, extra in (("host-tier", ("--gpu", "on", "--gpu-hbm-bytes", "0")), ("hbm-tier", ("--gpu", "on"))):
         d = workdir(f"gpu-{tag}-")
         daemon = DebugDaemon(d, extra=extra, host_capacity="8GiB")
+        requests: list = []
         try:
             client = kvstrata.Client(daemon.uds_target, timeout=120)
             for layout in ("classic", "v032"):
-                out[f"{tag}/{layout}"] = run_layout(daemon, client, n, rounds, layout, tag)
+                out[f"{tag}/{layout}"] = run_layout(daemon, client, n, rounds, layout, tag, requests)
             client.close()
         finally:
             daemon.stop()
             log = daemon.log(200000)
+            dtimes = daemon_times(daemon.log_path, n)
             shutil.rmtree(d, ignore_errors=True)
         out[f"{tag}/log"] = [line for line in log.splitlines() if "KV region: direct" in line][-12:]
+        out[f"{tag}/requests"] = split_times(requests, dtimes, n)
     # a second baseline after the daemons: the spread of the ceiling itself
     out["torch_pinned_after"] = torch_pinned(n * BLOCK, rounds)
     ceil = out["torch_pinned"]
-    print(f"device {out['device']}, {n} blocks of {BLOCK >> 20} MiB, median of {rounds}")
+    print(f"device {out['device']}, {n} blocks of {BLOCK >> 20} MiB, median of {rounds} (page_batch requests)")
     print(f"torch pinned copy_: d2h {ceil['d2h_GBps']:.1f} GB/s, h2d {ceil['h2d_GBps']:.1f} GB/s "
           f"(after: {out['torch_pinned_after']['d2h_GBps']:.1f}, {out['torch_pinned_after']['h2d_GBps']:.1f})")
     for tag in ("host-tier", "hbm-tier"):
@@ -168,6 +245,27 @@ def main() -> None:
             r["load_vs_torch_h2d"] = r["get_GBps"] / ceil["h2d_GBps"]
             print(f"{tag:9} {layout:7} save {r['put_GBps']:6.1f} GB/s ({r['save_vs_torch_d2h']:.2f} of d2h)  "
                   f"load {r['get_GBps']:6.1f} GB/s ({r['load_vs_torch_h2d']:.2f} of h2d)")
+    total = n * BLOCK
+    ceiling = {"put": ceil["d2h_GBps"], "get": ceil["h2d_GBps"]}
+    print(f"per request, median ms (ratio: GB/s of {total >> 20} MiB over torch's pinned copy): client = page ids "
+          "to answer; daemon = its debug total_us; diff = client - daemon = before + after its copies")
+    for tag in ("host-tier", "hbm-tier"):
+        req = out[f"{tag}/requests"]
+        for key in (k for k in req if k.endswith("_mismatch")):
+            print(f"{tag:9} {key}: {req[key]}")
+        for layout in ("classic", "v032"):
+            for mode in MODES:
+                cells = []
+                for op in ("put", "get"):
+                    v = req.get(f"{layout}/{mode}/{op}")
+                    if v is None:
+                        cells.append(f"{op} -")
+                        continue
+                    rc = total / (v["client_ms"] / 1e3) / 1e9 / ceiling[op]
+                    rd = total / (v["daemon_ms"] / 1e3) / 1e9 / ceiling[op]
+                    cells.append(f"{op} client {v['client_ms']:6.2f} ({rc:.2f}) daemon {v['daemon_ms']:6.2f} ({rd:.2f}) "
+                                 f"diff {v['diff_ms']:5.2f} = {v['before_ms']:4.2f} + {v['after_ms']:4.2f}")
+                print(f"{tag:9} {layout:7} {mode:5} " + " | ".join(cells))
     print("KVSTRATA-GPU " + json.dumps(out), flush=True)
 
 

@@ -29,7 +29,8 @@ mod table;
 pub mod tier;
 
 pub use cache::{
-    BlockCache, CacheConfig, CacheStats, DevicePutError, Inspection, LeaseInfo, OpenError, PutBlock,
+    BlockCache, CacheConfig, CacheStats, DeviceMoves, DevicePutError, Inspection, LeaseInfo,
+    OpenError, PutBlock,
 };
 #[cfg(feature = "testing")]
 pub use disk::FaultPlan;

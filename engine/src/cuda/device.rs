@@ -183,6 +183,44 @@ pub struct CudaDevice {
     attention_policy: AttentionPolicy,
     /// Partials of split flash launches (grown on demand, never shrunk).
     attention_scratch: std::sync::Mutex<Option<DevMem>>,
+    /// The stream's priority, when it was made with one.
+    stream_priority: Option<i32>,
+}
+
+/// Whether `KVSTRATA_GPU_STREAM_PRIORITY` (its value, if set) asks for stream
+/// priorities: on unless it is `off`, `0`, `false` or `no`.
+fn stream_priority_wanted(value: Option<&str>) -> bool {
+    !matches!(
+        value.map(|v| v.trim().to_ascii_lowercase()).as_deref(),
+        Some("off" | "0" | "false" | "no")
+    )
+}
+
+/// The engine's one stream: at the device's highest priority, so that a
+/// decode step's kernels are scheduled before lower-priority work of this
+/// context (another engine's prefill, copies) when both wait for
+/// multiprocessors; a plain stream with `KVSTRATA_GPU_STREAM_PRIORITY=off`.
+/// Priorities order work within one context only: the daemon's kernels run
+/// in its own process's context, which the GPU time-slices with this one
+/// (docs/gpu.md, "Decode interference").
+fn engine_stream(ctx: &Arc<CudaContext>) -> Result<(Arc<CudaStream>, Option<i32>), CudaError> {
+    let wanted = stream_priority_wanted(
+        std::env::var("KVSTRATA_GPU_STREAM_PRIORITY")
+            .ok()
+            .as_deref(),
+    );
+    if !wanted {
+        let stream = ctx.new_stream().map_err(driver("cuStreamCreate"))?;
+        return Ok((stream, None));
+    }
+    ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))?;
+    // (least, greatest): greatest is the numerically smallest.
+    let (_, greatest) = cudarc::driver::result::stream::get_priority_range()
+        .map_err(driver("cuCtxGetStreamPriorityRange"))?;
+    let stream = ctx
+        .new_stream_with_priority(greatest)
+        .map_err(driver("cuStreamCreateWithPriority"))?;
+    Ok((stream, Some(greatest)))
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -327,7 +365,7 @@ impl CudaDevice {
         let rope = take("kvs_rope")?;
         let kv_store = take("kvs_kv_store")?;
         let top_k = take("kvs_top_k")?;
-        let stream = ctx.new_stream().map_err(driver("cuStreamCreate"))?;
+        let (stream, stream_priority) = engine_stream(&ctx)?;
         let blas = CudaBlas::new(Arc::clone(&stream)).map_err(cublas("cublasCreate"))?;
         Ok(Arc::new(CudaDevice {
             ctx,
@@ -340,7 +378,15 @@ impl CudaDevice {
             info,
             attention_policy,
             attention_scratch: std::sync::Mutex::new(None),
+            stream_priority,
         }))
+    }
+
+    /// The priority of the engine's stream (CUDA's convention: lower is
+    /// higher), or `None` when it was made without one
+    /// (`KVSTRATA_GPU_STREAM_PRIORITY=off`).
+    pub fn stream_priority(&self) -> Option<i32> {
+        self.stream_priority
     }
 
     /// The device's name, compute capability and memory.
@@ -953,5 +999,20 @@ impl CudaDevice {
             )
         }
         .map_err(cublas("cublasGemmEx"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stream_priority_wanted;
+
+    #[test]
+    fn stream_priorities_are_on_unless_switched_off() {
+        assert!(stream_priority_wanted(None));
+        assert!(stream_priority_wanted(Some("on")));
+        assert!(stream_priority_wanted(Some("1")));
+        for off in ["off", "OFF", " 0", "false", "no"] {
+            assert!(!stream_priority_wanted(Some(off)), "{off}");
+        }
     }
 }

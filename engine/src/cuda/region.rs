@@ -37,6 +37,19 @@ use crate::store::{BlockPages, BlockStore, LoadReport, StoreReport};
 /// is 4096).
 pub const PAGES_PER_REQUEST: usize = 1024;
 
+/// A load is split over two requests in flight only when each gets at least
+/// this many blocks.
+const MIN_PIPELINED_BLOCKS: usize = 32;
+
+/// Requests in flight per load: 1 (default), or 2 with
+/// `KVSTRATA_LOAD_PIPELINE=2` (not yet measured on a GPU: docs/engine.md).
+fn load_pipeline() -> usize {
+    match std::env::var("KVSTRATA_LOAD_PIPELINE").as_deref() {
+        Ok("2") => 2,
+        _ => 1,
+    }
+}
+
 /// Blocks in the shared-memory pool of the fallback path.
 const FALLBACK_POOL_BLOCKS: usize = crate::store::BLOCKS_PER_BATCH;
 
@@ -332,20 +345,61 @@ impl GpuKvStore {
         pages: &[u32],
         tiers: &mut Vec<proto::Tier>,
     ) -> Result<()> {
-        let ns = self.store.namespace_id();
-        for (keys, pages) in keys
-            .chunks(PAGES_PER_REQUEST)
-            .zip(pages.chunks(PAGES_PER_REQUEST))
-        {
-            let wanted: Vec<proto::KvPages> = pages.iter().map(|&p| region.pages([p])).collect();
-            let results = self.store.client().get_pages(ns, keys, &wanted).await?;
-            let (found, t) = found_prefix(&results)?;
-            tiers.extend(t);
-            if found < keys.len() {
-                break;
+        // With two requests in flight the daemon parses and looks up one
+        // while its copies of the other run (a request's own work is a fixed
+        // cost that would otherwise add to every load).
+        let per_request = match load_pipeline() {
+            2 if keys.len() >= 2 * MIN_PIPELINED_BLOCKS => {
+                keys.len().div_ceil(2).min(PAGES_PER_REQUEST)
+            }
+            _ => PAGES_PER_REQUEST,
+        };
+        let requests: Vec<(&[BlockHash], &[u32])> = keys
+            .chunks(per_request)
+            .zip(pages.chunks(per_request))
+            .collect();
+        for pair in requests.chunks(2) {
+            let (first, second) = match pair {
+                [a, b] => {
+                    let (a, b) = tokio::join!(
+                        self.load_request(region, a.0, a.1),
+                        self.load_request(region, b.0, b.1)
+                    );
+                    (a, Some(b))
+                }
+                [a] => (self.load_request(region, a.0, a.1).await, None),
+                _ => break,
+            };
+            // Only the leading run found counts: the second request's blocks
+            // only when the first found all of its own.
+            for (results, wanted) in [Some(first), second].into_iter().flatten().zip(pair) {
+                let (found, t) = found_prefix(&results?)?;
+                tiers.extend(t);
+                if found < wanted.0.len() {
+                    return Ok(());
+                }
             }
         }
         Ok(())
+    }
+
+    /// One `BatchGet` of `keys` into `pages` (one page per block).
+    async fn load_request(
+        &self,
+        region: &KvRegion,
+        keys: &[BlockHash],
+        pages: &[u32],
+    ) -> Result<Vec<proto::GetResult>> {
+        let began = Instant::now();
+        let wanted: Vec<proto::KvPages> = pages.iter().map(|&p| region.pages([p])).collect();
+        let ns = self.store.namespace_id();
+        let results = self.store.client().get_pages(ns, keys, &wanted).await?;
+        tracing::debug!(
+            blocks = keys.len(),
+            request_us = began.elapsed().as_micros() as u64,
+            "KV region load: one BatchGet by page ids"
+        );
+        Ok(results)
     }
 
     /// Stores full pages `from..` of `seq` under `keys` (the chain of the
@@ -373,7 +427,14 @@ impl GpuKvStore {
             region.id(),
             PAGES_PER_REQUEST,
         ) {
+            let began = Instant::now();
+            let blocks = items.len();
             let resp = self.store.client().put_pages(ns, items).await?;
+            tracing::debug!(
+                blocks,
+                request_us = began.elapsed().as_micros() as u64,
+                "KV region store: one BatchPut by page ids"
+            );
             count_put(&resp, &mut report)?;
         }
         report.elapsed = started.elapsed();

@@ -85,6 +85,12 @@ impl Config {
                 persist_on_stop: Duration::from_millis(self.disk.persist_on_stop_ms),
                 ..MovementConfig::default()
             },
+            // Also without an HBM tier: host-tier blocks move to and from
+            // engine pages through device staging.
+            device_moves: Some(kvstrata_tiers::DeviceMoves {
+                dma_threshold: self.gpu.dma_threshold.as_u64(),
+                group_bytes: self.gpu.move_group_bytes.as_u64(),
+            }),
             max_lease: Duration::from_millis(self.server.max_lease_ms),
             ..CacheConfig::default()
         })

@@ -292,6 +292,15 @@ fn every_flag_lands_on_its_key() {
         (g.hbm_bytes, g.dma_threshold, g.move_group_bytes),
         (ByteSize::b(0), ByteSize::kib(4), ByteSize::mib(8))
     );
+    // With no HBM tier the staging settings still reach the cache.
+    let cache = c.cache_config().expect("cache config");
+    assert_eq!(
+        cache.device_moves,
+        Some(kvstrata_tiers::DeviceMoves {
+            dma_threshold: 4 << 10,
+            group_bytes: 8 << 20,
+        })
+    );
     assert_eq!(
         (g.region_socket.as_str(), g.max_regions),
         ("/tmp/x/r.sock", 19)

@@ -52,12 +52,33 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kvstrata_kernels::{GpuError, StagingBuffer};
+use kvstrata_kernels::{CopyOp, GpuError, PageLayout, StagingBuffer};
 use kvstrata_tiers::{
     BlockCache, BlockKey, CacheError, DevicePutError, NamespaceId, PutOutcome, TierKind,
 };
 
 use crate::region::{KvRegion, RegionLookupError};
+
+/// How the direct path copies blocks whose pages are one run each
+/// ([`RegionPages::block_copies`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegionCopy {
+    /// The gather/scatter kernel (on the SMs), for every region. Default.
+    Kernel,
+    /// DMA (a copy engine) for regions whose blocks are one run each; the
+    /// kernel for the others. `KVSTRATA_REGION_COPY=dma`.
+    Dma,
+}
+
+/// The process's [`RegionCopy`], from `KVSTRATA_REGION_COPY` (`dma` or
+/// `kernel`), read once.
+pub fn region_copy() -> RegionCopy {
+    static CHOICE: std::sync::OnceLock<RegionCopy> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| match std::env::var("KVSTRATA_REGION_COPY").as_deref() {
+        Ok("dma") => RegionCopy::Dma,
+        _ => RegionCopy::Kernel,
+    })
+}
 
 /// Why a gather or scatter failed.
 #[derive(Debug, thiserror::Error)]
@@ -218,6 +239,41 @@ impl RegionPages<'_> {
         Ok(())
     }
 
+    /// With [`RegionCopy::Dma`] and a region whose every block is one run of
+    /// its memory (one page per block, the page laid out as a layer-major
+    /// block: `[page][layer][K|V][token][head][dim]`, the GPU engine's
+    /// pool), the block copies of a gather (`gather`: pages to `blocks`) or
+    /// a scatter, for the DMA engines; `None`: the gather/scatter kernel.
+    fn block_copies(
+        &self,
+        base: u64,
+        positions: &[usize],
+        blocks: &[u64],
+        gather: bool,
+    ) -> Option<Vec<CopyOp>> {
+        let g = self.region.geometry();
+        let chunk = g.chunk_bytes();
+        let one_run = self.pages_per_block == 1
+            && g.layout == PageLayout::CrossLayer
+            && g.effective_layer_stride() == 2 * chunk
+            && g.effective_kv_stride() == chunk;
+        if !one_run || region_copy() != RegionCopy::Dma {
+            return None;
+        }
+        let len = g.block_bytes(1);
+        Some(
+            positions
+                .iter()
+                .zip(blocks)
+                .map(|(&i, &block)| {
+                    let page = base + self.page_ids[i] as u64 * g.page_stride();
+                    let (src, dst) = if gather { (page, block) } else { (block, page) };
+                    CopyOp { src, dst, len }
+                })
+                .collect(),
+        )
+    }
+
     /// The page ids of the blocks at `positions` (in this list's blocks).
     fn pages_of(&self, positions: &[usize]) -> Vec<u32> {
         let ppb = self.ppb();
@@ -243,6 +299,12 @@ impl RegionPages<'_> {
     ) -> Result<(), RegionIoError> {
         let region = self.region;
         let base = region.base()?;
+        if let Some(ops) = self.block_copies(base, positions, blocks, true) {
+            // SAFETY: as below; each op is one block's run of the region's
+            // pages (`block_copies`) and one of `blocks`.
+            return unsafe { region.stream().copy_blocks(&ops, 0) }
+                .map_err(self.device_error("gather"));
+        }
         // SAFETY: `base` is the region's mapped memory, alive while the
         // caller holds `&KvRegion`, who waits for the fence before letting
         // go; the page ids come from this list (checked against the
@@ -272,6 +334,12 @@ impl RegionPages<'_> {
     ) -> Result<(), RegionIoError> {
         let region = self.region;
         let base = region.base()?;
+        if let Some(ops) = self.block_copies(base, positions, blocks, false) {
+            // SAFETY: as in `queue_gather`, with the region written and
+            // `blocks` read.
+            return unsafe { region.stream().copy_blocks(&ops, 0) }
+                .map_err(self.device_error("scatter"));
+        }
         // SAFETY: as in `queue_gather`, with the region written and
         // `blocks` read.
         unsafe {

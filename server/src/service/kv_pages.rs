@@ -149,9 +149,10 @@ impl KvCacheService {
     /// unknown or closed region is the item's own problem (`Ok(Err(..))`).
     pub(super) fn region_pages(
         &self,
-        field: &str,
+        field: std::fmt::Arguments<'_>,
         pages: &pb::KvPages,
         namespace: &Namespace,
+        last: &mut Option<(Arc<KvRegion>, u32)>,
     ) -> Result<Result<PagesTarget, String>, Status> {
         let Some(registry) = &self.regions else {
             return Ok(Err(format!(
@@ -159,11 +160,21 @@ impl KvCacheService {
                 pages.region_id
             )));
         };
-        let region = match registry.get(pages.region_id) {
-            Ok(r) => r,
-            Err(e) => return Ok(Err(e.to_string())),
+        // Items of one request nearly always name one region: its lookup
+        // and geometry check are done once (`last`), the page ids per item.
+        let (region, ppb) = match last {
+            Some((r, ppb)) if r.id() == pages.region_id => (Arc::clone(r), *ppb),
+            _ => {
+                let region = match registry.get(pages.region_id) {
+                    Ok(r) => r,
+                    Err(e) => return Ok(Err(e.to_string())),
+                };
+                let ppb = check_region_fits(field, &region, namespace)?;
+                *last = Some((Arc::clone(&region), ppb));
+                (region, ppb)
+            }
         };
-        let ppb = check_pages_fit(field, &region, namespace, &pages.page_ids)?;
+        check_page_ids(field, &region, namespace, ppb, &pages.page_ids)?;
         Ok(Ok(PagesTarget {
             region,
             pages_per_block: ppb,
@@ -188,10 +199,11 @@ impl KvCacheService {
             )));
         }
         let namespace = self.cache.namespace("namespace_id", &ns).map_err(status)?;
+        let mut last = None;
         let targets = pages
             .iter()
             .enumerate()
-            .map(|(i, p)| self.region_pages(&format!("pages[{i}]"), p, &namespace))
+            .map(|(i, p)| self.region_pages(format_args!("pages[{i}]"), p, &namespace, &mut last))
             .collect::<Result<Vec<_>, Status>>()?;
         let cache = Arc::clone(&self.cache);
         let registry = self.regions.clone();
@@ -581,14 +593,13 @@ fn group_put_pages(
     (groups, direct)
 }
 
-/// Checks a block's KV pages against the region's geometry and the
-/// namespace; returns pages_per_block. Errors name `field`
-/// (`items[3].pages.page_ids[1]`).
-fn check_pages_fit(
-    field: &str,
+/// Checks a region's geometry against the namespace (once per region of a
+/// request); returns pages_per_block. Errors name `field`
+/// (`items[3].pages.region_id`).
+fn check_region_fits(
+    field: std::fmt::Arguments<'_>,
     region: &KvRegion,
     namespace: &Namespace,
-    page_ids: &[u32],
 ) -> Result<u32, Status> {
     let g = region.geometry();
     let spec = &namespace.spec;
@@ -630,15 +641,33 @@ fn check_pages_fit(
             namespace.block_bytes
         ));
     }
+    Ok(ppb)
+}
+
+/// Checks one block's page ids (`ppb` of them, each inside the region).
+/// Errors name `field` (`items[3].pages.page_ids[1]`).
+fn check_page_ids(
+    field: std::fmt::Arguments<'_>,
+    region: &KvRegion,
+    namespace: &Namespace,
+    ppb: u32,
+    page_ids: &[u32],
+) -> Result<(), Status> {
+    let g = region.geometry();
     if page_ids.len() != ppb as usize {
         return Err(Status::invalid_argument(format!(
-            "{field}.page_ids: {} page ids, but one block is {ppb} pages of region {id} ({} tokens / {} per page)",
+            "{field}.page_ids: {} page ids, but one block is {ppb} pages of region {} ({} tokens / {} per page)",
             page_ids.len(),
-            spec.block_tokens,
+            region.id(),
+            namespace.spec.block_tokens,
             g.page_tokens
         )));
     }
+    if page_ids.iter().all(|&p| p < g.num_pages) {
+        return Ok(());
+    }
+    // Only a bad list pays for naming the field.
     g.check_pages(&format!("{field}.page_ids"), ppb, page_ids)
-        .map_err(|e| Status::invalid_argument(format!("{}: {}", e.field, e.reason)))?;
-    Ok(ppb)
+        .map(|_| ())
+        .map_err(|e| Status::invalid_argument(format!("{}: {}", e.field, e.reason)))
 }

@@ -20,8 +20,8 @@ use super::{BoxStream, KvCacheService, check_pools, check_range_length};
 use crate::auth::Caller;
 use crate::convert::{self, status};
 use crate::limits::{Deadline, InflightPermit};
-use crate::region::RegionRegistry;
 use crate::region::io as region_io;
+use crate::region::{KvRegion, RegionRegistry};
 use crate::shm::pool::RangeError;
 
 /// One put item after parsing.
@@ -193,11 +193,12 @@ impl KvCacheService {
         } else {
             None
         };
+        let mut last = None;
         let items = req
             .items
             .into_iter()
             .enumerate()
-            .map(|(i, it)| self.parse_put_item(i, it, namespace.as_deref()))
+            .map(|(i, it)| self.parse_put_item(i, it, namespace.as_deref(), &mut last))
             .collect::<Result<Vec<_>, Status>>()?;
         Ok((ns, items))
     }
@@ -209,9 +210,10 @@ impl KvCacheService {
         i: usize,
         it: pb::PutItem,
         namespace: Option<&Namespace>,
+        last: &mut Option<(Arc<KvRegion>, u32)>,
     ) -> Result<ParsedItem, Status> {
-        let key = convert::key(&format!("items[{i}].key"), &it.key)?;
-        let parent = convert::optional_key(&format!("items[{i}].parent"), &it.parent)?;
+        let key = convert::key_named(|| format!("items[{i}].key"), &it.key)?;
+        let parent = convert::optional_key(|| format!("items[{i}].parent"), &it.parent)?;
         if let (Some(pages), Some(namespace)) = (&it.pages, namespace) {
             if !it.payload.is_empty() {
                 return Err(Status::invalid_argument(format!(
@@ -224,7 +226,7 @@ impl KvCacheService {
                 )));
             }
             return Ok(
-                match self.region_pages(&format!("items[{i}].pages"), pages, namespace)? {
+                match self.region_pages(format_args!("items[{i}].pages"), pages, namespace, last)? {
                     Ok(target) => ParsedItem::Pages {
                         key,
                         parent,

@@ -163,6 +163,12 @@ impl BlockCache {
     /// tier's settings (`gpu.dma_threshold`, `gpu.move_group_bytes`), or
     /// their defaults without an HBM tier.
     fn device_moves(&self, device: usize) -> staged::Moves {
+        if let Some(m) = self.config().device_moves {
+            return staged::Moves {
+                dma_threshold: m.dma_threshold,
+                group_bytes: m.group_bytes,
+            };
+        }
         self.hbm
             .get(device)
             .map_or_else(staged::Moves::default, |h| staged::Moves {

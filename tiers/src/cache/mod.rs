@@ -155,6 +155,11 @@ pub struct CacheConfig {
     /// per device); `None` (default): no HBM tier, even with GPUs.
     pub hbm: Option<HbmTierConfig>,
     pub movement: MovementConfig,
+    /// How blocks move between a GPU and host memory on the device paths
+    /// (`put_from_device_staged`, `get_to_device_staged`): DMA threshold
+    /// and staging group size. `None` (default): the HBM tier's settings
+    /// where it has one, else the defaults.
+    pub device_moves: Option<DeviceMoves>,
     /// Longest lease a `Pin` may ask for. Default 10 minutes.
     pub max_lease: Duration,
     /// Events kept for slow watchers before they are told they lagged. Default 16384.
@@ -169,10 +174,21 @@ impl Default for CacheConfig {
             remote: None,
             hbm: None,
             movement: MovementConfig::default(),
+            device_moves: None,
             max_lease: Duration::from_secs(600),
             event_buffer: 16384,
         }
     }
+}
+
+/// How blocks move between a GPU and host memory ([`CacheConfig::device_moves`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMoves {
+    /// Runs of at least this many bytes move with DMA, shorter ones with the
+    /// batched-copy kernel.
+    pub dma_threshold: u64,
+    /// Bytes of blocks per group: the size of a device staging buffer.
+    pub group_bytes: u64,
 }
 
 /// Why the cache could not be built.

@@ -3,9 +3,12 @@
 //! structure (child counts), pins, readers, and blocks on their way out.
 //! It lives under the owning tier's metadata lock; nothing here moves bytes.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
+// foldhash (hashbrown's default hasher, seeded per process) instead of
+// SipHash: the maps are asked once or more per block of every read and
+// write, and their keys are block hashes and slot numbers.
+use hashbrown::HashMap;
 use slab::Slab;
 
 use super::IndexKey;
@@ -114,12 +117,18 @@ impl SlotIndex {
     }
 
     pub(crate) fn touch(&mut self, id: usize) {
+        self.touch_at(id, Instant::now());
+    }
+
+    /// [`SlotIndex::touch`] with the clock read once by the caller (one
+    /// reading for a whole batch of reads).
+    pub(crate) fn touch_at(&mut self, id: usize, now: Instant) {
         self.set_remove(id);
         self.tick += 1;
         let tick = self.tick;
         if let Some(e) = self.entries.get_mut(id) {
             e.tick = tick;
-            e.last_access = Instant::now();
+            e.last_access = now;
             let slot = e.slot;
             self.arena.note_use(slot, tick);
         }

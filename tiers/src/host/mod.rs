@@ -234,12 +234,14 @@ impl HostTier {
         describe: impl Fn(&SlotIndex, &Entry) -> T,
     ) -> Vec<Option<(Bytes, T)>> {
         let inner = &self.inner;
+        // One clock reading stamps every block of the batch (their idle time).
+        let now = std::time::Instant::now();
         let found: Vec<Option<(usize, usize, usize, T)>> = {
             let mut meta = inner.meta.lock();
             keys.iter()
                 .map(|key| {
                     let id = *meta.index.get(&(*ns, *key))?;
-                    meta.touch(id);
+                    meta.touch_at(id, now);
                     let e = meta.entries.get_mut(id)?;
                     e.readers += 1;
                     let (slot, len) = (e.slot, e.len);
