@@ -97,7 +97,13 @@ impl DaemonChild {
         let ready = dir.path().join("ready.json");
         let log =
             std::fs::File::create(dir.path().join("daemon.log")).map_err(|e| e.to_string())?;
-        let child = Command::new(exe)
+        let mut command = Command::new(exe);
+        // `RUST_LOG` would override the child's `--log-level` (a bench run
+        // with `RUST_LOG` for its own logs): the diagnostic level wins.
+        if let Ok(level) = std::env::var("KVSTRATA_DAEMON_LOG_LEVEL") {
+            command.env("RUST_LOG", level);
+        }
+        let child = command
             .arg("serve")
             .args(["--tcp-addr", ""])
             .args(["--metrics-addr", ""])

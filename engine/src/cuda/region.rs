@@ -50,6 +50,25 @@ fn load_pipeline() -> usize {
     }
 }
 
+/// Blocks per `BatchPut` of a store: [`PAGES_PER_REQUEST`], or
+/// `KVSTRATA_STORE_CHUNK_BLOCKS` (1 to [`PAGES_PER_REQUEST`]). Shorter
+/// requests let a decode on the same GPU run between them (the daemon's
+/// copies run in another CUDA context, which the GPU time-slices with the
+/// engine's): docs/gpu.md, "Decode interference".
+fn store_request_blocks() -> usize {
+    request_blocks(std::env::var("KVSTRATA_STORE_CHUNK_BLOCKS").ok().as_deref())
+}
+
+/// Blocks per request from a setting: a whole number from 1, at most
+/// [`PAGES_PER_REQUEST`]; anything else (none, 0, not a number) gives
+/// [`PAGES_PER_REQUEST`].
+fn request_blocks(setting: Option<&str>) -> usize {
+    setting
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .map_or(PAGES_PER_REQUEST, |n| n.min(PAGES_PER_REQUEST))
+}
+
 /// Blocks in the shared-memory pool of the fallback path.
 const FALLBACK_POOL_BLOCKS: usize = crate::store::BLOCKS_PER_BATCH;
 
@@ -425,7 +444,7 @@ impl GpuKvStore {
             from,
             seq.full_pages(),
             region.id(),
-            PAGES_PER_REQUEST,
+            store_request_blocks(),
         ) {
             let began = Instant::now();
             let blocks = items.len();
@@ -480,6 +499,16 @@ mod tests {
 
     fn keys(n: usize) -> Vec<BlockHash> {
         (0..n).map(|i| [i as u8 + 1; 16]).collect()
+    }
+
+    #[test]
+    fn store_request_sizes_come_from_the_setting_within_bounds() {
+        assert_eq!(request_blocks(None), PAGES_PER_REQUEST);
+        assert_eq!(request_blocks(Some("32")), 32);
+        assert_eq!(request_blocks(Some(" 8 ")), 8);
+        assert_eq!(request_blocks(Some("0")), PAGES_PER_REQUEST);
+        assert_eq!(request_blocks(Some("many")), PAGES_PER_REQUEST);
+        assert_eq!(request_blocks(Some("100000")), PAGES_PER_REQUEST);
     }
 
     #[test]
