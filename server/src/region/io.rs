@@ -284,74 +284,47 @@ impl RegionPages<'_> {
             .collect()
     }
 
-    /// Queues (does not wait for) one gather launch of the blocks at
-    /// `positions` into `blocks` on the region's stream.
+    /// Queues (does not wait for) one gather (`gather`: the pages of the
+    /// blocks at `positions` into `blocks`) or scatter (`blocks` into those
+    /// pages) on the region's stream: whole-block DMA copies where
+    /// [`RegionPages::block_copies`] gives them, else one kernel launch.
     ///
     /// # Safety
     /// Every `blocks[i]` must address `block_bytes(pages_per_block)` bytes
-    /// that this gather alone writes and that the region's device can
-    /// reach, valid until a fence recorded after it on the region's stream
-    /// has completed; `positions` must be blocks of this list.
-    unsafe fn queue_gather(
+    /// that the region's device can reach, valid until a fence recorded
+    /// after this on the region's stream has completed: written by this
+    /// gather alone, or, for a scatter, written by nobody until then (the
+    /// region's pages are written). `positions` must be blocks of this list.
+    unsafe fn queue_copy(
         &self,
         positions: &[usize],
         blocks: &[u64],
+        gather: bool,
     ) -> Result<(), RegionIoError> {
+        let what = if gather { "gather" } else { "scatter" };
         let region = self.region;
         let base = region.base()?;
-        if let Some(ops) = self.block_copies(base, positions, blocks, true) {
-            // SAFETY: as below; each op is one block's run of the region's
-            // pages (`block_copies`) and one of `blocks`.
-            return unsafe { region.stream().copy_blocks(&ops, 0) }
-                .map_err(self.device_error("gather"));
-        }
-        // SAFETY: `base` is the region's mapped memory, alive while the
-        // caller holds `&KvRegion`, who waits for the fence before letting
-        // go; the page ids come from this list (checked against the
-        // geometry by the service and `check`); `blocks` as promised.
-        unsafe {
-            region.stream().gather(
-                region.geometry(),
-                self.pages_per_block,
-                base,
-                &self.pages_of(positions),
-                blocks,
-            )
-        }
-        .map_err(self.device_error("gather"))
-    }
-
-    /// Queues (does not wait for) one scatter launch of `blocks` into the
-    /// pages of the blocks at `positions`, on the region's stream.
-    ///
-    /// # Safety
-    /// As [`RegionPages::queue_gather`], with the blocks read (nobody writes
-    /// them until the fence) and the region written.
-    unsafe fn queue_scatter(
-        &self,
-        positions: &[usize],
-        blocks: &[u64],
-    ) -> Result<(), RegionIoError> {
-        let region = self.region;
-        let base = region.base()?;
-        if let Some(ops) = self.block_copies(base, positions, blocks, false) {
-            // SAFETY: as in `queue_gather`, with the region written and
-            // `blocks` read.
-            return unsafe { region.stream().copy_blocks(&ops, 0) }
-                .map_err(self.device_error("scatter"));
-        }
-        // SAFETY: as in `queue_gather`, with the region written and
-        // `blocks` read.
-        unsafe {
-            region.stream().scatter(
-                region.geometry(),
-                self.pages_per_block,
-                base,
-                &self.pages_of(positions),
-                blocks,
-            )
-        }
-        .map_err(self.device_error("scatter"))
+        let stream = region.stream();
+        let queued = match self.block_copies(base, positions, blocks, gather) {
+            // SAFETY: each op is one block's run of the region's pages
+            // (`block_copies`) and one of `blocks`, under the same promises
+            // as the kernel's below.
+            Some(ops) => unsafe { stream.copy_blocks(&ops, 0) },
+            // SAFETY: `base` is the region's mapped memory, alive while the
+            // caller holds `&KvRegion`, who waits for the fence before
+            // letting go; the page ids come from this list (checked against
+            // the geometry by the service and `check`); `blocks` as promised.
+            None => unsafe {
+                let pages = self.pages_of(positions);
+                let (g, ppb) = (region.geometry(), self.pages_per_block);
+                if gather {
+                    stream.gather(g, ppb, base, &pages, blocks)
+                } else {
+                    stream.scatter(g, ppb, base, &pages, blocks)
+                }
+            },
+        };
+        queued.map_err(self.device_error(what))
     }
 }
 
@@ -408,7 +381,7 @@ pub fn put_direct(
             // or a staging buffer of device `device`, which reaches the same
             // address space as the region's stream (`direct_device`) — and
             // waits for the region's stream before it lets go of them.
-            unsafe { pages.queue_gather(at, slots) }
+            unsafe { pages.queue_copy(at, slots, true) }
         })
         .map_err(|e| match e {
             DevicePutError::Fill(e) => DevicePutError::Fill(e.of_region(pages.region.id())),
@@ -477,7 +450,7 @@ pub fn get_direct(
             // while lent — an HBM slot or a staging buffer its DMA filled
             // before this launch runs — and waits for the region's stream
             // before it lets go of them.
-            unsafe { pages.queue_scatter(at, from) }
+            unsafe { pages.queue_copy(at, from, false) }
         })?;
     let scatter = scattered
         .map(|n| n as u64 * pages.block_bytes())
