@@ -645,9 +645,6 @@ pub async fn run_ttft_gpu(args: TtftArgs, dev: Arc<CudaDevice>, json: bool) -> a
             (None, None) => bail!("no model"),
         }
     };
-    // Warm-up: kernels loaded, cuBLAS's choices made for the chunk sizes.
-    let warm = tokens_of(0, longest.min(args.gpu_chunk.max(1)) + 1)?;
-    recompute.prefill(&warm).await?;
     let mut tiers: Vec<(&'static str, proto::Tier)> = Vec::new();
     for (name, t) in GPU_TIERS {
         let wanted = match t {
@@ -659,6 +656,22 @@ pub async fn run_ttft_gpu(args: TtftArgs, dev: Arc<CudaDevice>, json: bool) -> a
             tiers.push((name, t));
         }
     }
+    // Warm-up: kernels loaded, cuBLAS's choices made for the chunk sizes;
+    // then the cached path from each memory tier (the daemon's first copies
+    // and the engine's short chunk after a prefix), so that the first row
+    // measured does not pay for them (its load estimates start from these).
+    let warm = tokens_of(0, longest.min(args.gpu_chunk.max(1)) + 1)?;
+    recompute.prefill(&warm).await?;
+    let warm_keys = store.keys(&warm);
+    drop(engine.prefill(&warm).await?);
+    for &(_, want) in tiers.iter().filter(|(_, t)| *t != proto::Tier::Disk) {
+        if move_to_tier(&client, store.block_store(), &warm_keys, want).await? {
+            drop(engine.prefill(&warm).await?);
+        }
+    }
+    client
+        .delete(store.block_store().namespace_id(), &warm_keys)
+        .await?;
     let device = format!("cuda:{} {}", dev.info().ordinal, dev.info().name);
     let mut rows = Vec::new();
     for (run, &n) in args.contexts.iter().enumerate() {

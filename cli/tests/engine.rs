@@ -412,3 +412,59 @@ fn handoff_json_round_trip() {
     assert_eq!(back, h);
     assert_eq!(back.keys().unwrap(), vec![[0xAA; 16]]);
 }
+
+/// A prompt of more blocks than the daemon takes in one request (a 128k-token
+/// prompt is 8,190 blocks of 16 tokens; the daemon's `max_batch` is 4,096):
+/// the engine's lookup is split over requests, counts across them, and still
+/// stops at the first block the daemon does not have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_of_more_keys_than_one_request_takes_is_split() {
+    use kvstrata_engine::kv::KvGeometry;
+    use kvstrata_engine::store::{BlockStore, LOOKUP_KEYS};
+    use kvstrata_types::{Dtype, NamespaceSpec};
+
+    let r = start_daemon().await;
+    let spec = NamespaceSpec::layer_major("lookup-split", 1, 1, 4, Dtype::F16, 1);
+    let geometry = KvGeometry {
+        num_layers: 1,
+        num_kv_heads: 1,
+        head_dim: 4,
+        block_tokens: 1,
+    };
+    let store = BlockStore::open(r.client.clone(), spec, geometry, None, 1)
+        .await
+        .expect("store opens");
+    let ns = *store.namespace_id();
+    let tokens: Vec<u32> = (0..(2 * LOOKUP_KEYS + 100) as u32).collect();
+    let keys = store.keys(&tokens);
+    assert_eq!(keys.len(), tokens.len());
+    // Every block but one a little past the first request's keys.
+    let gap = LOOKUP_KEYS + 37;
+    let block_bytes = geometry.block_bytes();
+    for (at, chunk) in keys.chunks(1000).enumerate() {
+        let items = chunk
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| at * 1000 + i != gap)
+            .map(|(_, k)| PutItem {
+                key: Bytes::copy_from_slice(k),
+                parent: None,
+                payload: Bytes::from(vec![7u8; block_bytes]),
+            })
+            .collect();
+        r.client.batch_put(&ns, items).await.expect("put");
+    }
+    let (matched, tiers) = store.lookup(&keys).await.expect("lookup");
+    assert_eq!(matched, gap);
+    assert_eq!(tiers.len(), gap);
+    // Up to the first request's end only, and exactly all of a prefix that
+    // ends on a request's boundary.
+    assert_eq!(
+        store.lookup(&keys[..LOOKUP_KEYS]).await.unwrap().0,
+        LOOKUP_KEYS
+    );
+    assert_eq!(store.lookup(&keys[..gap]).await.unwrap().0, gap);
+    let (m, t) = store.lookup(&keys[gap + 1..]).await.expect("lookup");
+    assert_eq!((m, t.len()), (keys.len() - gap - 1, keys.len() - gap - 1));
+    assert_eq!(store.lookup(&[]).await.unwrap().0, 0);
+}

@@ -12,6 +12,7 @@ and sent as bytes.
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union, cast
@@ -391,12 +392,24 @@ class Client:
     def batch_put_pages(self, ns: NamespaceRef, keys: Sequence[bytes], pages: Sequence[pb.KvPages], *,
                         parents: Union[None, str, Sequence[Optional[bytes]]] = None,
                         first_parent: Optional[bytes] = None,
-                        timeout: Optional[float] = None) -> pb.BatchPutResponse:
+                        timeout: Optional[float] = None, in_flight: int = 1) -> pb.BatchPutResponse:
         """Stores blocks gathered by the daemon from the pages of a registered KV region.
         `pages`: one `KvPages` per key (`KvRegion.pages`), or a `KvRegion.page_batch` of
-        them (cheaper for many blocks)."""
+        them (cheaper for many blocks).
+
+        `in_flight` > 1 (with at least 2 × `WIRE_MIN_BLOCKS` keys): the keys are sent as
+        `min(in_flight, len(keys) // WIRE_MIN_BLOCKS)` requests of contiguous, near-equal
+        parts, all in flight at once, so one request's fixed cost overlaps another's copies.
+        The answer is that of one request: `results` in key order, `stored` summed; chained
+        parents are those one request records. Not atomic across parts: a part the daemon
+        refuses (e.g. a bad page id) stores nothing, the other parts are stored as usual.
+        Every part has finished when this returns or raises (the first part's error, its
+        field naming the index in the whole request)."""
         if len(pages) != len(keys):
             raise ValueError(f"pages: {len(pages)} page lists for {len(keys)} keys")
+        bounds = _parts(len(keys), in_flight)
+        if len(bounds) > 1:
+            return self._put_pages_parts(ns, keys, pages, parents, first_parent, timeout, bounds)
         if len(keys) >= WIRE_MIN_BLOCKS:
             if parents == "chain":
                 wire_parents: Union[str, list[bytes]] = "chain"
@@ -408,6 +421,50 @@ class Client:
         ps = _parents(keys, parents, first_parent)
         items = [pb.PutItem(key=bytes(k), parent=p, pages=g) for k, p, g in zip(keys, ps, pages)]
         return self._call("BatchPut", pb.BatchPutRequest(namespace_id=_ns_id(ns), items=items), timeout)
+
+    def _put_pages_parts(self, ns: NamespaceRef, keys: Sequence[bytes], pages: Sequence[pb.KvPages],
+                         parents: Union[None, str, Sequence[Optional[bytes]]], first_parent: Optional[bytes],
+                         timeout: Optional[float], bounds: list[tuple[int, int]]) -> pb.BatchPutResponse:
+        """`batch_put_pages` as one request per part of `bounds`, all in flight at once."""
+        ns_id = _ns_id(ns)
+        chain = parents == "chain"
+        all_parents: list[bytes] = [] if chain else _parents(keys, parents, first_parent)
+
+        def request(a: int, b: int) -> bytes:
+            part_keys, rows = keys[a:b], _pages_rows(pages[a:b])
+            if chain:
+                # part k's first parent: the last key of part k - 1 (the chain one request records)
+                first = bytes(first_parent or b"") if a == 0 else bytes(keys[a - 1])
+                return _wire.batch_put_pages_request(ns_id, part_keys, "chain", rows, first_parent=first)
+            return _wire.batch_put_pages_request(ns_id, part_keys, all_parents[a:b], rows)
+
+        answers = self._call_parts("BatchPut", bounds, request, timeout)
+        out = pb.BatchPutResponse()
+        for r in answers:
+            out.results.extend(r.results)
+            out.stored += r.stored
+        return out
+
+    def _call_parts(self, method: str, bounds: list[tuple[int, int]], request: Callable[[int, int], bytes],
+                    timeout: Optional[float]) -> list[Any]:
+        """One raw `method` request per part (`request(start, stop)` serializes it), each
+        sent as soon as it is built (the next one is built while the daemon copies), all in
+        flight together through grpc's futures. Waits for every call to finish, then raises
+        the first failed part's error (its field's leading index shifted to the whole
+        request's) or returns the answers in part order."""
+        deadline = self.timeout if timeout is None else timeout
+        futures: list[Any] = []
+        try:
+            for a, b in bounds:
+                futures.append(self._raw[method].future(request(a, b), timeout=deadline,
+                                                        metadata=self._metadata))
+        finally:
+            # never return (or raise) while a call may still read or write the caller's pages
+            errors = [f.exception() for f in futures]
+        for (a, _), err in zip(bounds, errors):
+            if err is not None:
+                raise _shift_field(rpc_error(method, err), a) from None
+        return [f.result() for f in futures]
 
     def batch_get_results(self, ns: NamespaceRef, keys: Sequence[bytes], *,
                           ranges: Sequence[pb.PoolRange] = (), pages: Sequence[pb.KvPages] = (),
@@ -439,10 +496,25 @@ class Client:
         return [r.found for r in self.batch_get_results(ns, keys, ranges=ranges, timeout=timeout)]
 
     def batch_get_pages(self, ns: NamespaceRef, keys: Sequence[bytes], pages: Sequence[pb.KvPages], *,
-                        timeout: Optional[float] = None) -> list[bool]:
-        """Scatters found blocks into KV-region pages (one page list per key)."""
+                        timeout: Optional[float] = None, in_flight: int = 1) -> list[bool]:
+        """Scatters found blocks into KV-region pages (one page list per key).
+
+        `in_flight` > 1 (with at least 2 × `WIRE_MIN_BLOCKS` keys): sent as
+        `min(in_flight, len(keys) // WIRE_MIN_BLOCKS)` requests of contiguous, near-equal
+        parts, all in flight at once (see `batch_put_pages`); the answer is in key order.
+        Not atomic across parts: when one part fails, the others' found blocks have been
+        written into their pages. Every part has finished when this returns or raises."""
         if len(pages) != len(keys):
             raise ValueError(f"pages: {len(pages)} page lists for {len(keys)} keys")
+        bounds = _parts(len(keys), in_flight)
+        if len(bounds) > 1:
+            ns_id = _ns_id(ns)
+
+            def request(a: int, b: int) -> bytes:
+                return _wire.batch_get_pages_request(ns_id, keys[a:b], _pages_rows(pages[a:b]))
+
+            answers = self._call_parts("BatchGet", bounds, request, timeout)
+            return [r.found for answer in answers for r in answer.results]
         return [r.found for r in self._batch_get(ns, keys, (), pages, timeout)]
 
     def put_stream(self, requests: Iterable[pb.BatchPutRequest], *,
@@ -516,6 +588,39 @@ def _as_bytes(v: Any) -> bytes:
     if hasattr(v, "tobytes"):
         return v.tobytes()
     return bytes(v)
+
+
+def _parts(n: int, in_flight: int) -> list[tuple[int, int]]:
+    """The (start, stop) of each part of a page request of n blocks sent as `in_flight`
+    requests: `min(in_flight, n // WIRE_MIN_BLOCKS)` contiguous parts, sizes differing by
+    at most one (one part, (0, n), when that is under 2). Checks `in_flight`."""
+    if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 1:
+        raise ValueError(f"in_flight: an int >= 1 (requests in flight at once), not {in_flight!r}")
+    count = min(in_flight, n // WIRE_MIN_BLOCKS)
+    if count < 2:
+        return [(0, n)]
+    size, extra = divmod(n, count)
+    out: list[tuple[int, int]] = []
+    start = 0
+    for i in range(count):
+        stop = start + size + (1 if i < extra else 0)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+#: The leading repeated field of a request (`items[3].pages…`, `pages[3]…`, `keys[3]`).
+_LEADING_INDEX = re.compile(r"^(items|keys|pages)\[(\d+)\]")
+
+
+def _shift_field(err: RpcError, offset: int) -> RpcError:
+    """A part's error with the leading index of its field shifted by the part's `offset`,
+    so it names the block in the whole request (same class, code and method)."""
+    m = _LEADING_INDEX.match(err.message)
+    if offset == 0 or m is None:
+        return err
+    message = f"{m.group(1)}[{int(m.group(2)) + offset}]" + err.message[m.end():]
+    return type(err)(err.method, err.code, message)
 
 
 def _pages_rows(pages: Sequence[pb.KvPages]) -> _wire.PagesRows:

