@@ -420,7 +420,7 @@ fn handoff_json_round_trip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lookup_of_more_keys_than_one_request_takes_is_split() {
     use kvstrata_engine::kv::KvGeometry;
-    use kvstrata_engine::store::{BlockStore, LOOKUP_KEYS};
+    use kvstrata_engine::store::{BlockStore, KEYS_PER_REQUEST};
     use kvstrata_types::{Dtype, NamespaceSpec};
 
     let r = start_daemon().await;
@@ -435,11 +435,11 @@ async fn a_lookup_of_more_keys_than_one_request_takes_is_split() {
         .await
         .expect("store opens");
     let ns = *store.namespace_id();
-    let tokens: Vec<u32> = (0..(2 * LOOKUP_KEYS + 100) as u32).collect();
+    let tokens: Vec<u32> = (0..(2 * KEYS_PER_REQUEST + 100) as u32).collect();
     let keys = store.keys(&tokens);
     assert_eq!(keys.len(), tokens.len());
     // Every block but one a little past the first request's keys.
-    let gap = LOOKUP_KEYS + 37;
+    let gap = KEYS_PER_REQUEST + 37;
     let block_bytes = geometry.block_bytes();
     for (at, chunk) in keys.chunks(1000).enumerate() {
         let items = chunk
@@ -460,8 +460,8 @@ async fn a_lookup_of_more_keys_than_one_request_takes_is_split() {
     // Up to the first request's end only, and exactly all of a prefix that
     // ends on a request's boundary.
     assert_eq!(
-        store.lookup(&keys[..LOOKUP_KEYS]).await.unwrap().0,
-        LOOKUP_KEYS
+        store.lookup(&keys[..KEYS_PER_REQUEST]).await.unwrap().0,
+        KEYS_PER_REQUEST
     );
     assert_eq!(store.lookup(&keys[..gap]).await.unwrap().0, gap);
     let (m, t) = store.lookup(&keys[gap + 1..]).await.expect("lookup");

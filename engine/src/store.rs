@@ -25,9 +25,9 @@ use crate::kv::{KvGeometry, PagedKv};
 /// Blocks per BatchGet/BatchPut message.
 pub const BLOCKS_PER_BATCH: usize = 32;
 
-/// Keys per `Lookup` request: the daemon's default `max_batch` (a longer
-/// request is refused `RESOURCE_EXHAUSTED`).
-pub const LOOKUP_KEYS: usize = 4096;
+/// Keys per `Lookup` (or `Delete`, `Evict`) request: the daemon's default
+/// `max_batch` (a longer request is refused `RESOURCE_EXHAUSTED`).
+pub const KEYS_PER_REQUEST: usize = 4096;
 
 /// Pages a [`BlockStore`] loads blocks into and stores blocks from.
 pub trait BlockPages {
@@ -164,12 +164,12 @@ impl BlockStore {
     }
 
     /// How many leading `keys` are cached, and in which tier: one `Lookup`
-    /// per [`LOOKUP_KEYS`] keys, the next one only while every key before it
+    /// per [`KEYS_PER_REQUEST`] keys, the next one only while every key before it
     /// was found (a 128k-token prompt has 8,190 blocks of 16 tokens).
     pub async fn lookup(&self, keys: &[BlockHash]) -> Result<(usize, Vec<proto::Tier>)> {
         let mut matched = 0;
         let mut tiers = Vec::new();
-        for chunk in keys.chunks(LOOKUP_KEYS) {
+        for chunk in keys.chunks(KEYS_PER_REQUEST) {
             let resp = self.client.lookup(&self.ns, chunk).await?;
             let found = (resp.matched as usize).min(chunk.len());
             matched += found;

@@ -225,7 +225,9 @@ impl GpuEngine {
                     .planner
                     .decide(policy, &tiers, block_bytes, bt, tokens.len());
                 if choice.load_blocks > 0 {
-                    let report = store.load(&keys[..choice.load_blocks], &mut seq).await?;
+                    let n = choice.load_blocks;
+                    let known = tiers.get(..n).unwrap_or(&[]);
+                    let report = store.load_from(&keys[..n], known, &mut seq).await?;
                     timings.load = report.elapsed;
                     self.planner
                         .record_load(&report.tiers, block_bytes, report.elapsed);

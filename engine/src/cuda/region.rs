@@ -44,15 +44,16 @@ const MIN_PIPELINED_BLOCKS: usize = 32;
 /// The most requests a load keeps in flight (`KVSTRATA_LOAD_PIPELINE`).
 pub const MAX_LOAD_PIPELINE: usize = 8;
 
-/// Requests in flight per load: `KVSTRATA_LOAD_PIPELINE` (1 to
-/// [`MAX_LOAD_PIPELINE`]), else [`DEFAULT_LOAD_PIPELINE`]: docs/engine.md,
-/// "Loads with requests in flight".
+/// Requests in flight per load from the HBM tier: `KVSTRATA_LOAD_PIPELINE`
+/// (1 to [`MAX_LOAD_PIPELINE`]), else [`DEFAULT_LOAD_PIPELINE`]
+/// (docs/engine.md, "KV through the daemon's GPU path").
 fn load_pipeline() -> usize {
     load_pipeline_from(std::env::var("KVSTRATA_LOAD_PIPELINE").ok().as_deref())
 }
 
-/// Requests in flight per load unless `KVSTRATA_LOAD_PIPELINE` says otherwise.
-pub const DEFAULT_LOAD_PIPELINE: usize = 1;
+/// Requests in flight per load from the HBM tier unless
+/// `KVSTRATA_LOAD_PIPELINE` says otherwise (measured: docs/benchmarks.md).
+pub const DEFAULT_LOAD_PIPELINE: usize = 4;
 
 /// Requests in flight from a setting: a whole number from 1, at most
 /// [`MAX_LOAD_PIPELINE`]; anything else gives [`DEFAULT_LOAD_PIPELINE`].
@@ -61,6 +62,11 @@ fn load_pipeline_from(setting: Option<&str>) -> usize {
         .and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|&n| n > 0)
         .map_or(DEFAULT_LOAD_PIPELINE, |n| n.min(MAX_LOAD_PIPELINE))
+}
+
+/// Whether a lookup placed each of the first `blocks` blocks in the HBM tier.
+fn all_in_hbm(tiers: &[proto::Tier], blocks: usize) -> bool {
+    blocks > 0 && tiers.len() >= blocks && tiers[..blocks].iter().all(|t| *t == proto::Tier::Hbm)
 }
 
 /// Blocks per request of a load of `blocks` blocks with `in_flight`
@@ -361,6 +367,20 @@ impl GpuKvStore {
     /// Appends the blocks of `keys` to `seq`, in order, stopping at the first
     /// one the daemon does not have (the caller recomputes from there).
     pub async fn load(&self, keys: &[BlockHash], seq: &mut GpuSequence) -> Result<LoadReport> {
+        self.load_from(keys, &[], seq).await
+    }
+
+    /// [`GpuKvStore::load`] of blocks a lookup just placed in `tiers` (one
+    /// per key; empty: not known). Blocks all in the daemon's HBM tier are
+    /// loaded with several requests in flight ([`load_pipeline`]); from the
+    /// other tiers the daemon's copies go through its staging buffers and
+    /// PCIe, which concurrent requests only share, so one request at a time.
+    pub async fn load_from(
+        &self,
+        keys: &[BlockHash],
+        tiers: &[proto::Tier],
+        seq: &mut GpuSequence,
+    ) -> Result<LoadReport> {
         let Some(region) = &self.region else {
             return self.store.load(keys, seq).await;
         };
@@ -368,8 +388,12 @@ impl GpuKvStore {
         let started = Instant::now();
         let pages = seq.reserve_blocks(keys.len())?;
         let mut report = LoadReport::default();
+        let in_flight = match all_in_hbm(tiers, keys.len()) {
+            true => load_pipeline(),
+            false => 1,
+        };
         let loaded = self
-            .load_pages(region, keys, &pages, &mut report.tiers)
+            .load_pages(region, keys, &pages, in_flight, &mut report.tiers)
             .await;
         // Whatever happened, only the leading run found counts.
         seq.keep_loaded(report.tiers.len());
@@ -384,13 +408,14 @@ impl GpuKvStore {
         region: &KvRegion,
         keys: &[BlockHash],
         pages: &[u32],
+        in_flight: usize,
         tiers: &mut Vec<proto::Tier>,
     ) -> Result<()> {
         // With several requests in flight the daemon parses and looks up
         // one while the copies of another run (a request's own work is a
         // fixed cost that would otherwise add to every load); the region's
         // copies run in order on its stream.
-        let in_flight = load_pipeline();
+        let in_flight = in_flight.max(1);
         let per_request = load_request_blocks(keys.len(), in_flight);
         let requests: Vec<(&[BlockHash], &[u32])> = keys
             .chunks(per_request)
@@ -541,6 +566,12 @@ mod tests {
         assert_eq!(load_request_blocks(8190, 1), PAGES_PER_REQUEST);
         assert_eq!(load_request_blocks(8190, 4), PAGES_PER_REQUEST);
         assert_eq!(load_request_blocks(1, 8), 1);
+        // Several requests only for blocks a lookup found in the HBM tier.
+        use proto::Tier::{Hbm, Host};
+        assert!(all_in_hbm(&[Hbm, Hbm, Host], 2));
+        assert!(!all_in_hbm(&[Hbm, Host, Hbm], 3));
+        assert!(!all_in_hbm(&[Hbm], 2));
+        assert!(!all_in_hbm(&[], 0));
         assert_eq!(load_request_blocks(0, 1), 1);
         for blocks in 1..3000 {
             for in_flight in 1..=MAX_LOAD_PIPELINE {
