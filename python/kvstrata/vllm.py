@@ -569,7 +569,7 @@ class KvstrataConnector(KVConnectorBase_V1):
             region = self._live_region(force=attempt > 0)
             try:
                 res = self.client.batch_get_results(ns, load.keys,
-                                                    pages=[region.pages([b]) for b in load.block_ids])
+                                                    pages=region.page_batch(load.block_ids))
             except Exception:
                 self._drop_region()  # a late scatter must find no region: vLLM recomputes these pages
                 raise
@@ -589,7 +589,7 @@ class KvstrataConnector(KVConnectorBase_V1):
         for attempt in range(2):
             region = self._live_region(force=attempt > 0)
             try:
-                resp = self.client.batch_put_pages(ns, save.keys, [region.pages([b]) for b in save.block_ids],
+                resp = self.client.batch_put_pages(ns, save.keys, region.page_batch(save.block_ids),
                                                    parents="chain", first_parent=save.parent or None)
             except Exception:
                 self._drop_region()  # a late gather must find no region: the pages may be reused
