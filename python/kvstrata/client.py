@@ -32,6 +32,10 @@ NAMESPACE_ID_BYTES = 16
 #: Page requests of at least this many blocks are built by `kvstrata._wire` (fewer: as
 #: messages, cheaper for a handful of blocks).
 WIRE_MIN_BLOCKS = 32
+#: Keys per request the daemon takes by default (`server.max_batch`; a longer request is
+#: refused RESOURCE_EXHAUSTED): `lookup` and the page requests send longer key lists in
+#: requests of at most this many keys.
+MAX_BATCH = 4096
 
 #: `kvstrata.v1` enums, re-exported.
 Dtype = pb.Dtype
@@ -357,9 +361,18 @@ class Client:
 
     def lookup(self, ns: NamespaceRef, keys: Sequence[bytes], *,
                timeout: Optional[float] = None) -> LookupResult:
-        """Longest cached prefix of a chain of keys (one call, no hit counters)."""
-        resp = self._call("Lookup", pb.LookupRequest(namespace_id=_ns_id(ns), keys=list(keys)), timeout)
-        return LookupResult(matched=resp.matched, tiers=list(resp.tiers))
+        """Longest cached prefix of a chain of keys (no hit counters): one call per
+        `MAX_BATCH` keys, the next only while every key before it was found."""
+        ns_id = _ns_id(ns)
+        matched, tiers = 0, []
+        for start in range(0, max(len(keys), 1), MAX_BATCH):
+            chunk = list(keys[start:start + MAX_BATCH])
+            resp = self._call("Lookup", pb.LookupRequest(namespace_id=ns_id, keys=chunk), timeout)
+            matched += resp.matched
+            tiers.extend(resp.tiers)
+            if resp.matched < len(chunk):
+                break
+        return LookupResult(matched=matched, tiers=tiers)
 
     def batch_put(self, ns: NamespaceRef, keys: Sequence[bytes], payloads: Sequence[Any], *,
                   parents: Union[None, str, Sequence[Optional[bytes]]] = None,
@@ -399,7 +412,8 @@ class Client:
 
         `in_flight` > 1 (with at least 2 × `WIRE_MIN_BLOCKS` keys): the keys are sent as
         `min(in_flight, len(keys) // WIRE_MIN_BLOCKS)` requests of contiguous, near-equal
-        parts, all in flight at once, so one request's fixed cost overlaps another's copies.
+        parts, all in flight at once, so one request's fixed cost overlaps another's copies;
+        and never more than `MAX_BATCH` keys in one request (more parts when needed).
         The answer is that of one request: `results` in key order, `stored` summed; chained
         parents are those one request records. Not atomic across parts: a part the daemon
         refuses (e.g. a bad page id) stores nothing, the other parts are stored as usual.
@@ -476,7 +490,16 @@ class Client:
     def _batch_get(self, ns: NamespaceRef, keys: Sequence[bytes], ranges: Sequence[pb.PoolRange],
                    pages: Sequence[pb.KvPages], timeout: Optional[float]) -> Sequence[pb.GetResult]:
         if pages and not ranges and len(pages) == len(keys) >= WIRE_MIN_BLOCKS:
-            raw = _wire.batch_get_pages_request(_ns_id(ns), keys, _pages_rows(pages))
+            ns_id = _ns_id(ns)
+            bounds = _parts(len(keys), 1)
+            if len(bounds) > 1:  # more keys than one request takes
+
+                def request(a: int, b: int) -> bytes:
+                    return _wire.batch_get_pages_request(ns_id, keys[a:b], _pages_rows(pages[a:b]))
+
+                return [r for answer in self._call_parts("BatchGet", bounds, request, timeout)
+                        for r in answer.results]
+            raw = _wire.batch_get_pages_request(ns_id, keys, _pages_rows(pages))
             return self._call_raw("BatchGet", raw, timeout).results
         req = pb.BatchGetRequest(namespace_id=_ns_id(ns), keys=list(keys), ranges=list(ranges),
                                  pages=list(pages))
@@ -592,11 +615,12 @@ def _as_bytes(v: Any) -> bytes:
 
 def _parts(n: int, in_flight: int) -> list[tuple[int, int]]:
     """The (start, stop) of each part of a page request of n blocks sent as `in_flight`
-    requests: `min(in_flight, n // WIRE_MIN_BLOCKS)` contiguous parts, sizes differing by
-    at most one (one part, (0, n), when that is under 2). Checks `in_flight`."""
+    requests: `min(in_flight, n // WIRE_MIN_BLOCKS)` contiguous parts, and at least enough
+    that none has more than `MAX_BATCH` blocks; sizes differing by at most one (one part,
+    (0, n), when that is under 2). Checks `in_flight`."""
     if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 1:
         raise ValueError(f"in_flight: an int >= 1 (requests in flight at once), not {in_flight!r}")
-    count = min(in_flight, n // WIRE_MIN_BLOCKS)
+    count = max(min(in_flight, n // WIRE_MIN_BLOCKS), -(-n // MAX_BATCH))
     if count < 2:
         return [(0, n)]
     size, extra = divmod(n, count)

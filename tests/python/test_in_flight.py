@@ -14,7 +14,7 @@ import pytest
 
 import kvstrata
 from kvstrata import layouts, pb
-from kvstrata.client import WIRE_MIN_BLOCKS
+from kvstrata.client import MAX_BATCH, WIRE_MIN_BLOCKS
 from kvstrata.region import PagedGeometry
 
 DAEMON_EXTRA = ("--gpu", "cpu")
@@ -276,5 +276,43 @@ def test_in_flight_checked_and_small_requests_not_split(spied, daemon, rng):
         put.sent.clear()
         assert client.batch_put_pages(r.ns, keys[:n], ids[:n], in_flight=8).stored == n
         assert put.sent == [WIRE_MIN_BLOCKS, WIRE_MIN_BLOCKS]
+    finally:
+        r.close()
+
+
+def test_more_keys_than_one_request_takes(spied, daemon, rng):
+    """A page request and a lookup of more keys than the daemon takes in one request
+    (`MAX_BATCH`, its default `max_batch`; a 128k-token prompt has 8,190 blocks of 16
+    tokens): sent as requests of at most `MAX_BATCH` keys, the pages round trip byte-exact,
+    and the lookup counts across its requests, stopping at the first key not stored."""
+    client, put, get = spied
+    n = MAX_BATCH + 50
+    pages = 2 * n + 8
+    r = Region(client, daemon, rng, "max-batch", "cross_layer", 1, pages)
+    try:
+        perm = rng.sample(range(pages), 2 * n)
+        src, dst = np.array(perm[:n]), np.array(perm[n:])
+        keys = [rng.randbytes(16) for _ in range(n)]
+        resp = client.batch_put_pages(r.ns, keys, r.region.page_batch(src), parents="chain")
+        assert put.sent == [n - n // 2, n // 2]
+        assert resp.stored == n and list(resp.results) == [STORED] * n
+        r.refill(dst, rng)
+        assert client.batch_get_pages(r.ns, keys, r.region.page_batch(dst)) == [True] * n
+        assert get.sent == [n - n // 2, n // 2]
+        assert np.array_equal(r.take(dst), r.take(src))
+        # the same through batch_get_results (the vLLM connector's loads)
+        r.refill(dst, rng)
+        got = client.batch_get_results(r.ns, keys, pages=r.region.page_batch(dst))
+        assert [g.found for g in got] == [True] * n and [bytes(g.key) for g in got] == keys
+        assert np.array_equal(r.take(dst), r.take(src))
+        # lookup: all, a prefix ending on a request's boundary, and a gap in the second request
+        assert client.lookup(r.ns, keys).matched == n
+        assert client.lookup(r.ns, keys[:MAX_BATCH]).matched == MAX_BATCH
+        gap = MAX_BATCH + 17
+        asked = keys[:gap] + [b"not-stored"] + keys[gap + 1:]
+        found = client.lookup(r.ns, asked)
+        assert found.matched == gap and len(found.tiers) == gap
+        assert client.lookup(r.ns, [b"not-stored"] + keys).matched == 0
+        assert client.lookup(r.ns, []).matched == 0
     finally:
         r.close()
