@@ -40,6 +40,7 @@ use kvstrata_client::{Client, proto};
 use kvstrata_engine::cuda::{CudaDevice, GpuEngine, GpuKvOptions, GpuPrefill, KvPath};
 use kvstrata_engine::engine::PrefillTimings;
 use kvstrata_engine::load_policy::{LoadChoice, LoadPolicy};
+use kvstrata_gpucheck::ceilings::{CopyCeilings, cuda_copy_ceilings};
 use std::sync::Arc;
 
 /// `kvstrata bench ttft`.
@@ -80,7 +81,7 @@ pub struct TtftArgs {
     pub markdown: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 struct Row {
     context_tokens: usize,
     tier: &'static str,
@@ -100,6 +101,13 @@ struct Row {
     kv_path: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     load_gb_per_s: Option<f64>,
+    /// The load's GB/s over the ceiling of its path measured in the same
+    /// run: the device copy (bytes copied) from the HBM tier, the pinned
+    /// host-to-device copy from the others.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    load_of_ceiling: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ceiling_gb_per_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     same_first_token: Option<bool>,
     /// Cached rows: the load policy the row ran under, what `auto` picks
@@ -115,6 +123,33 @@ struct Row {
 }
 
 impl Row {
+    /// The "load GB/s" cell: the rate, and its share of the same run's
+    /// ceiling when one was measured (`445.1 (0.30)`).
+    fn load_rate_cell(&self) -> String {
+        match (self.load_gb_per_s, self.load_of_ceiling) {
+            (Some(g), Some(c)) => format!("{g:.1} ({c:.2})"),
+            (Some(g), None) => format!("{g:.1}"),
+            _ => "-".to_string(),
+        }
+    }
+
+    /// Sets the load's share of the ceiling of its tier's path (`ceilings`
+    /// measured in the same run): the device copy from the HBM tier, the
+    /// pinned host-to-device copy from the others.
+    fn with_ceiling(mut self, ceilings: Option<&CopyCeilings>) -> Self {
+        if let (Some(g), Some(c)) = (self.load_gb_per_s, ceilings) {
+            let ceiling = match self.tier {
+                "hbm" => c.d2d_copied(),
+                _ => c.h2d,
+            };
+            if ceiling > 0.0 {
+                self.load_of_ceiling = Some(g / ceiling);
+                self.ceiling_gb_per_s = Some(ceiling);
+            }
+        }
+        self
+    }
+
     /// Adds the policy a cached row ran under and what `auto` chose.
     fn with_choice(mut self, policy: LoadPolicy, choice: Option<&LoadChoice>) -> Self {
         self.load_policy = Some(policy.name());
@@ -276,10 +311,7 @@ fn print_rows(rows: &[Row], json: bool, markdown: bool) -> anyhow::Result<()> {
                 format!("{:.0}", r.prefill_tokens_per_s),
             ];
             if gpu {
-                let gbps = r
-                    .load_gb_per_s
-                    .map_or_else(|| "-".to_string(), |g| format!("{g:.1}"));
-                cells.insert(6, gbps);
+                cells.insert(6, r.load_rate_cell());
                 cells.push(same_label(r.same_first_token).to_string());
             }
             if policy {
@@ -348,9 +380,7 @@ fn markdown_table(rows: &[Row]) -> String {
         );
         if gpu {
             let same = same_label(r.same_first_token);
-            let gbps = r
-                .load_gb_per_s
-                .map_or_else(|| "-".to_string(), |g| format!("{g:.1}"));
+            let gbps = r.load_rate_cell();
             out.push_str(&format!("{head} {gbps} |{tail} {same} |{auto}\n"));
         } else {
             out.push_str(&format!("{head}{tail}{auto}\n"));
@@ -408,6 +438,8 @@ fn timing_row(
         device: None,
         kv_path: None,
         load_gb_per_s: None,
+        load_of_ceiling: None,
+        ceiling_gb_per_s: None,
         same_first_token: None,
         load_policy: None,
         auto_choice: None,
@@ -521,6 +553,11 @@ pub(crate) async fn delete_keys(
     Ok(())
 }
 
+/// Bytes of each buffer of the copy ceilings `bench ttft --device cuda`
+/// measures (large enough for the links' steady rate, small beside a 128k
+/// prompt's KV).
+const CEILING_BYTES: u64 = 256 << 20;
+
 /// Bytes per second of a load of `blocks` blocks of `block_bytes`, in GB/s.
 fn gb_per_s(blocks: usize, block_bytes: usize, load: Duration) -> Option<f64> {
     let s = load.as_secs_f64();
@@ -588,6 +625,17 @@ pub async fn run_ttft_gpu(args: TtftArgs, dev: Arc<CudaDevice>, json: bool) -> a
     let quiet = args.model.quiet || json;
     let bt = args.model.block_tokens;
     let longest = args.contexts.iter().copied().max().unwrap_or(2);
+    // The ceilings the loads are put against, measured in this run before
+    // anything else takes the device's memory.
+    let ceilings =
+        tokio::task::block_in_place(|| cuda_copy_ceilings(dev.info().ordinal, CEILING_BYTES, 10));
+    let ceilings = match ceilings {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("note: no copy ceilings measured ({e}); load rates without ratios");
+            None
+        }
+    };
     let setup = tokio::task::block_in_place(|| {
         GpuSetup::load(
             &dev,
@@ -773,6 +821,7 @@ pub async fn run_ttft_gpu(args: TtftArgs, dev: Arc<CudaDevice>, json: bool) -> a
                     r.device = Some(device.clone());
                     r.kv_path = Some(kv_path.name());
                     r.load_gb_per_s = gb_per_s(p.reused_tiers.len(), block_bytes, p.timings.load);
+                    let mut r = r.with_ceiling(ceilings.as_ref());
                     r.same_first_token = Some(p.handoff.first_token == base_token);
                     if let (LoadPolicy::Always, Some(extra), Some(c)) =
                         (policy, extra_policy, &p.load_choice)
@@ -805,6 +854,17 @@ pub async fn run_ttft_gpu(args: TtftArgs, dev: Arc<CudaDevice>, json: bool) -> a
     }
     drop(engine);
     drop(daemon);
+    if let (Some(c), false) = (&ceilings, json) {
+        println!(
+            "Copy ceilings in this run ({} MiB, median of 10): pinned H2D {:.1} GB/s, device copy \
+             {:.0} GB/s of bytes copied ({:.0} read + written); the load GB/s column gives each \
+             load's share of the ceiling of its path (HBM: the device copy; host, disk: pinned H2D).\n",
+            CEILING_BYTES >> 20,
+            c.h2d,
+            c.d2d_copied(),
+            c.d2d
+        );
+    }
     print_rows(&rows, json, args.markdown)?;
     if rows.iter().any(|r| r.same_first_token == Some(false)) {
         bail!("a cached prefix gave another first token than the full recompute");
@@ -821,6 +881,34 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         ttft: TtftArgs,
+    }
+
+    #[test]
+    fn loads_are_put_against_the_ceiling_of_their_path() {
+        let c = CopyCeilings {
+            h2d: 50.0,
+            d2h: 49.0,
+            d2d: 3000.0,
+        };
+        let t = PrefillTimings::default();
+        let mut hbm = timing_row(8192, "hbm", 100, 8176, 16, &t, Duration::from_millis(300));
+        hbm.load_gb_per_s = Some(750.0);
+        let hbm = hbm.with_ceiling(Some(&c));
+        assert_eq!(hbm.load_of_ceiling, Some(0.5));
+        assert_eq!(hbm.ceiling_gb_per_s, Some(1500.0));
+        assert_eq!(hbm.load_rate_cell(), "750.0 (0.50)");
+        let mut host = timing_row(8192, "host", 100, 8176, 16, &t, Duration::from_millis(300));
+        host.load_gb_per_s = Some(45.0);
+        assert_eq!(
+            host.clone().with_ceiling(Some(&c)).load_rate_cell(),
+            "45.0 (0.90)"
+        );
+        // No ceiling measured, or no load: the rate alone, or nothing.
+        assert_eq!(host.with_ceiling(None).load_rate_cell(), "45.0");
+        let recompute = timing_row(8192, "-", 0, 0, 8192, &t, Duration::from_millis(300));
+        assert_eq!(recompute.with_ceiling(Some(&c)).load_rate_cell(), "-");
+        let md = markdown_table(&[hbm]);
+        assert!(md.contains("| 750.0 (0.50) |"), "{md}");
     }
 
     #[test]

@@ -56,6 +56,88 @@ fn gbps(bytes: u64, seconds: f64) -> f64 {
     bytes as f64 / seconds / 1e9
 }
 
+/// The copy ceilings of a device: GB/s of one large pinned copy each way and
+/// of one device-to-device copy (counted as bytes read plus bytes written).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CopyCeilings {
+    pub h2d: f64,
+    pub d2h: f64,
+    pub d2d: f64,
+}
+
+impl CopyCeilings {
+    /// The device copy's rate in bytes copied (half of read plus written).
+    pub fn d2d_copied(&self) -> f64 {
+        self.d2d / 2.0
+    }
+}
+
+/// Measures [`CopyCeilings`] with buffers of `bytes` (median of `repeat`
+/// after two warm-ups, random bytes), on their own: `kvstrata bench ttft
+/// --device cuda` puts its loads against them.
+pub fn copy_ceilings(gpu: &Gpu, bytes: u64, repeat: usize) -> Result<CopyCeilings, String> {
+    let stream = gpu.stream().map_err(err)?;
+    let len = bytes as usize;
+    let mut host = Buf::alloc(gpu, true, len)?;
+    let mut dev = Buf::alloc(gpu, false, len)?;
+    let mut dev2 = Buf::alloc(gpu, false, len)?;
+    {
+        let mut seed = rand::rngs::StdRng::seed_from_u64(rand::rng().random());
+        let data = random_bytes(&mut seed, len);
+        host.upload(&stream, &data)?;
+        dev.upload(&stream, &data)?;
+        dev2.upload(&stream, &data)?;
+    }
+    ceilings_of(
+        &stream,
+        bytes,
+        repeat,
+        (host.addr(), dev.addr(), dev2.addr()),
+    )
+}
+
+/// [`copy_ceilings`] of CUDA device `ordinal`.
+pub fn cuda_copy_ceilings(
+    ordinal: usize,
+    bytes: u64,
+    repeat: usize,
+) -> Result<CopyCeilings, String> {
+    let gpu = Gpu::cuda(ordinal).map_err(err)?;
+    copy_ceilings(&gpu, bytes, repeat)
+}
+
+/// [`copy_ceilings`] over buffers of `bytes` at `(host, dev, dev2)` (pinned
+/// host memory and two device buffers), which must outlive the call.
+fn ceilings_of(
+    stream: &GpuStream,
+    bytes: u64,
+    repeat: usize,
+    (h, d, d2): (u64, u64, u64),
+) -> Result<CopyCeilings, String> {
+    // SAFETY (all closures below): every address range lies inside one of the
+    // three buffers, which the caller keeps alive; `time` synchronizes.
+    let h2d = gbps(
+        bytes,
+        time(stream, repeat, || {
+            unsafe { stream.copy(d, h, bytes) }.map_err(err)
+        })?,
+    );
+    let d2h = gbps(
+        bytes,
+        time(stream, repeat, || {
+            unsafe { stream.copy(h, d, bytes) }.map_err(err)
+        })?,
+    );
+    let d2d = gbps(
+        2 * bytes,
+        time(stream, repeat, || {
+            unsafe { stream.copy(d2, d, bytes) }.map_err(err)
+        })?,
+    );
+    stream.synchronize().map_err(err)?;
+    Ok(CopyCeilings { h2d, d2h, d2d })
+}
+
 /// Runs every benchmark; returns the rows and the suggested DMA threshold.
 pub fn run(gpu: &Gpu, bytes: u64, repeat: usize) -> Result<(Vec<BenchRow>, Option<u64>), String> {
     let stream = gpu.stream().map_err(err)?;
@@ -77,24 +159,7 @@ pub fn run(gpu: &Gpu, bytes: u64, repeat: usize) -> Result<(Vec<BenchRow>, Optio
     // Ceilings.
     // SAFETY (all closures below): every address range lies inside one of the
     // three buffers, which live until this function returns after a synchronize.
-    let h2d = gbps(
-        bytes,
-        time(&stream, repeat, || {
-            unsafe { stream.copy(d, h, bytes) }.map_err(err)
-        })?,
-    );
-    let d2h = gbps(
-        bytes,
-        time(&stream, repeat, || {
-            unsafe { stream.copy(h, d, bytes) }.map_err(err)
-        })?,
-    );
-    let d2d = gbps(
-        2 * bytes,
-        time(&stream, repeat, || {
-            unsafe { stream.copy(d2, d, bytes) }.map_err(err)
-        })?,
-    );
+    let CopyCeilings { h2d, d2h, d2d } = ceilings_of(&stream, bytes, repeat, (h, d, d2))?;
     for (path, v, counted) in [
         ("ceiling: pinned H2D cuMemcpyAsync", h2d, "bytes copied"),
         ("ceiling: pinned D2H cuMemcpyAsync", d2h, "bytes copied"),
