@@ -28,10 +28,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bytesize::ByteSize;
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
-use kvstrata_client::{BlockHash, NamespaceId};
+use kvstrata_client::BlockHash;
 use kvstrata_engine::engine::{Engine, Prefill};
 use kvstrata_engine::rag;
-use kvstrata_engine::store::{BlockStore, KEYS_PER_REQUEST};
+use kvstrata_engine::store::BlockStore;
 use serde::Serialize;
 
 use crate::demo::{LocalDaemon, tier_counts};
@@ -530,27 +530,12 @@ async fn move_to_tier(
             Demote::Unreachable => return Ok(false),
             Demote::Evict(idx) => {
                 let faster: Vec<&[u8]> = idx.iter().map(|&i| &keys[i][..]).collect();
-                for chunk in faster.chunks(KEYS_PER_REQUEST) {
-                    client.evict(store.namespace_id(), chunk, false).await?;
-                }
+                client.evict(store.namespace_id(), &faster, false).await?;
             }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(false)
-}
-
-/// Deletes `keys` in requests the daemon takes (a 128k-token prompt has
-/// more blocks than one request may name).
-pub(crate) async fn delete_keys(
-    client: &Client,
-    ns: &NamespaceId,
-    keys: &[BlockHash],
-) -> Result<(), kvstrata_client::ClientError> {
-    for chunk in keys.chunks(KEYS_PER_REQUEST) {
-        client.delete(ns, chunk).await?;
-    }
-    Ok(())
 }
 
 /// Bytes of each buffer of the copy ceilings `bench ttft --device cuda`
@@ -732,7 +717,9 @@ pub async fn run_ttft_gpu(args: TtftArgs, dev: Arc<CudaDevice>, json: bool) -> a
             drop(engine.prefill(&warm).await?);
         }
     }
-    delete_keys(&client, store.block_store().namespace_id(), &warm_keys).await?;
+    client
+        .delete(store.block_store().namespace_id(), &warm_keys)
+        .await?;
     let device = format!("cuda:{} {}", dev.info().ordinal, dev.info().name);
     let mut rows = Vec::new();
     for (run, &n) in args.contexts.iter().enumerate() {
@@ -791,7 +778,7 @@ pub async fn run_ttft_gpu(args: TtftArgs, dev: Arc<CudaDevice>, json: bool) -> a
             let forget_beyond = || async {
                 match beyond.is_empty() {
                     true => Ok(()),
-                    false => delete_keys(&client, ns, beyond).await,
+                    false => client.delete(ns, beyond).await.map(drop),
                 }
             };
             forget_beyond().await?;
@@ -849,7 +836,7 @@ pub async fn run_ttft_gpu(args: TtftArgs, dev: Arc<CudaDevice>, json: bool) -> a
                     rows.push(r);
                 }
             }
-            delete_keys(&client, ns, &keys).await?;
+            client.delete(ns, &keys).await?;
         }
     }
     drop(engine);

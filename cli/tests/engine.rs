@@ -415,12 +415,14 @@ fn handoff_json_round_trip() {
 
 /// A prompt of more blocks than the daemon takes in one request (a 128k-token
 /// prompt is 8,190 blocks of 16 tokens; the daemon's `max_batch` is 4,096):
-/// the engine's lookup is split over requests, counts across them, and still
-/// stops at the first block the daemon does not have.
+/// the lookup is split over requests (by the client), counts across them,
+/// and still stops at the first block the daemon does not have; evicts and
+/// deletes of that many keys are split too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lookup_of_more_keys_than_one_request_takes_is_split() {
+    use kvstrata_client::MAX_BATCH as KEYS_PER_REQUEST;
     use kvstrata_engine::kv::KvGeometry;
-    use kvstrata_engine::store::{BlockStore, KEYS_PER_REQUEST};
+    use kvstrata_engine::store::BlockStore;
     use kvstrata_types::{Dtype, NamespaceSpec};
 
     let r = start_daemon().await;
@@ -467,4 +469,11 @@ async fn a_lookup_of_more_keys_than_one_request_takes_is_split() {
     let (m, t) = store.lookup(&keys[gap + 1..]).await.expect("lookup");
     assert_eq!((m, t.len()), (keys.len() - gap - 1, keys.len() - gap - 1));
     assert_eq!(store.lookup(&[]).await.unwrap().0, 0);
+    // Deletes and evicts of as many keys go through too (the client splits
+    // them): every stored block deleted, counted across the requests.
+    let deleted = r.client.delete(&ns, &keys).await.expect("delete").deleted;
+    assert_eq!(deleted as usize, keys.len() - 1);
+    assert_eq!(store.lookup(&keys).await.unwrap().0, 0);
+    let evicted = r.client.evict(&ns, &keys, false).await.expect("evict");
+    assert_eq!((evicted.evicted, evicted.skipped_pinned), (0, 0));
 }

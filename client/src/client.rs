@@ -281,6 +281,19 @@ fn ns_bytes(ns: &NamespaceId) -> Bytes {
     Bytes::copy_from_slice(ns.as_bytes())
 }
 
+/// Keys per request the daemon takes by default (`server.max_batch`; a
+/// longer request is refused `RESOURCE_EXHAUSTED`): `lookup`, `delete` and
+/// `evict` send longer key lists as several requests of at most this many.
+pub const MAX_BATCH: usize = 4096;
+
+/// `keys` in requests of at most [`MAX_BATCH`] keys; one (empty) request
+/// for no keys.
+fn key_chunks<K>(keys: &[K]) -> impl Iterator<Item = &[K]> {
+    let empty: &[K] = &[];
+    keys.chunks(MAX_BATCH)
+        .chain(keys.is_empty().then_some(empty))
+}
+
 fn keys_bytes(keys: &[impl AsRef<[u8]>]) -> Vec<Bytes> {
     keys.iter()
         .map(|k| Bytes::copy_from_slice(k.as_ref()))
@@ -472,18 +485,29 @@ impl Client {
         Ok(resp.namespaces)
     }
 
-    /// Longest cached prefix of a chain of keys (parent first), with the tier of each hit.
+    /// Longest cached prefix of a chain of keys (parent first), with the tier
+    /// of each hit: one request per [`MAX_BATCH`] keys, the next only while
+    /// every key before it was found.
     pub async fn lookup(
         &self,
         ns: &NamespaceId,
         keys: &[impl AsRef<[u8]>],
     ) -> Result<proto::LookupResponse, ClientError> {
-        let req = proto::LookupRequest {
-            namespace_id: ns_bytes(ns),
-            keys: keys_bytes(keys),
-        };
-        let mut c = self.inner.clone();
-        self.call(c.lookup(self.request(req, true))).await
+        let mut out = proto::LookupResponse::default();
+        for chunk in key_chunks(keys) {
+            let req = proto::LookupRequest {
+                namespace_id: ns_bytes(ns),
+                keys: keys_bytes(chunk),
+            };
+            let mut c = self.inner.clone();
+            let resp = self.call(c.lookup(self.request(req, true))).await?;
+            out.matched += resp.matched;
+            out.tiers.extend(resp.tiers);
+            if (resp.matched as usize) < chunk.len() {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// Stores blocks in one message; one result per item, same order.
@@ -707,34 +731,45 @@ impl Client {
         Ok(Box::pin(stream.map(|r| r.map_err(ClientError::from))))
     }
 
-    /// Removes blocks from every tier.
+    /// Removes blocks from every tier (one request per [`MAX_BATCH`] keys).
     pub async fn delete(
         &self,
         ns: &NamespaceId,
         keys: &[impl AsRef<[u8]>],
     ) -> Result<proto::DeleteResponse, ClientError> {
-        let req = proto::DeleteRequest {
-            namespace_id: ns_bytes(ns),
-            keys: keys_bytes(keys),
-        };
-        let mut c = self.inner.clone();
-        self.call(c.delete(self.request(req, true))).await
+        let mut out = proto::DeleteResponse::default();
+        for chunk in key_chunks(keys) {
+            let req = proto::DeleteRequest {
+                namespace_id: ns_bytes(ns),
+                keys: keys_bytes(chunk),
+            };
+            let mut c = self.inner.clone();
+            out.deleted += self.call(c.delete(self.request(req, true))).await?.deleted;
+        }
+        Ok(out)
     }
 
-    /// Demotes blocks one tier down; with `all` and no keys, the whole namespace.
+    /// Demotes blocks one tier down (one request per [`MAX_BATCH`] keys);
+    /// with `all` and no keys, the whole namespace.
     pub async fn evict(
         &self,
         ns: &NamespaceId,
         keys: &[impl AsRef<[u8]>],
         all: bool,
     ) -> Result<proto::EvictResponse, ClientError> {
-        let req = proto::EvictRequest {
-            namespace_id: ns_bytes(ns),
-            keys: keys_bytes(keys),
-            all,
-        };
-        let mut c = self.inner.clone();
-        self.call(c.evict(self.request(req, true))).await
+        let mut out = proto::EvictResponse::default();
+        for chunk in key_chunks(keys) {
+            let req = proto::EvictRequest {
+                namespace_id: ns_bytes(ns),
+                keys: keys_bytes(chunk),
+                all,
+            };
+            let mut c = self.inner.clone();
+            let resp = self.call(c.evict(self.request(req, true))).await?;
+            out.evicted += resp.evicted;
+            out.skipped_pinned += resp.skipped_pinned;
+        }
+        Ok(out)
     }
 
     /// Pins blocks under a lease (sent in whole milliseconds).

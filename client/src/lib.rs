@@ -23,7 +23,7 @@ pub mod region;
 mod target;
 
 pub use client::{
-    BearerToken, Client, ClientOptions, ClientStream, ClientTls, PutItem, RangePutItem,
+    BearerToken, Client, ClientOptions, ClientStream, ClientTls, MAX_BATCH, PutItem, RangePutItem,
     RegisteredNamespace,
 };
 pub use error::ClientError;

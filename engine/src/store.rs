@@ -25,10 +25,6 @@ use crate::kv::{KvGeometry, PagedKv};
 /// Blocks per BatchGet/BatchPut message.
 pub const BLOCKS_PER_BATCH: usize = 32;
 
-/// Keys per `Lookup` (or `Delete`, `Evict`) request: the daemon's default
-/// `max_batch` (a longer request is refused `RESOURCE_EXHAUSTED`).
-pub const KEYS_PER_REQUEST: usize = 4096;
-
 /// Pages a [`BlockStore`] loads blocks into and stores blocks from.
 pub trait BlockPages {
     /// Bytes of one block (one page).
@@ -163,26 +159,20 @@ impl BlockStore {
         block_keys(&self.ns, tokens, self.geometry.block_tokens)
     }
 
-    /// How many leading `keys` are cached, and in which tier: one `Lookup`
-    /// per [`KEYS_PER_REQUEST`] keys, the next one only while every key before it
-    /// was found (a 128k-token prompt has 8,190 blocks of 16 tokens).
+    /// How many leading `keys` are cached, and in which tier (the client
+    /// splits a long chain over requests the daemon takes).
     pub async fn lookup(&self, keys: &[BlockHash]) -> Result<(usize, Vec<proto::Tier>)> {
-        let mut matched = 0;
-        let mut tiers = Vec::new();
-        for chunk in keys.chunks(KEYS_PER_REQUEST) {
-            let resp = self.client.lookup(&self.ns, chunk).await?;
-            let found = (resp.matched as usize).min(chunk.len());
-            matched += found;
-            tiers.extend(
-                resp.tiers
-                    .iter()
-                    .take(found)
-                    .map(|&t| proto::Tier::try_from(t).unwrap_or(proto::Tier::Unspecified)),
-            );
-            if found < chunk.len() {
-                break;
-            }
+        if keys.is_empty() {
+            return Ok((0, Vec::new()));
         }
+        let resp = self.client.lookup(&self.ns, keys).await?;
+        let matched = (resp.matched as usize).min(keys.len());
+        let tiers = resp
+            .tiers
+            .iter()
+            .take(matched)
+            .map(|&t| proto::Tier::try_from(t).unwrap_or(proto::Tier::Unspecified))
+            .collect();
         Ok((matched, tiers))
     }
 
