@@ -67,7 +67,7 @@ pub struct Gpu {
     /// Returned staging buffers ([`Gpu::staging`]).
     staging: Arc<parking_lot::Mutex<crate::staging::StagingCache>>,
     /// Device staging sets not lent ([`Gpu::device_staging`]).
-    device_staging: Arc<parking_lot::Mutex<crate::device_staging::DeviceStagingPool>>,
+    device_staging: Arc<crate::device_staging::StagingSets>,
 }
 
 enum GpuInner {
@@ -166,9 +166,7 @@ impl Gpu {
         self.staging.lock().cached_bytes()
     }
 
-    pub(crate) fn device_staging_pool(
-        &self,
-    ) -> &Arc<parking_lot::Mutex<crate::device_staging::DeviceStagingPool>> {
+    pub(crate) fn device_staging_sets(&self) -> &Arc<crate::device_staging::StagingSets> {
         &self.device_staging
     }
 

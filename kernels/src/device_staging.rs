@@ -11,13 +11,20 @@
 //! overlaps the other's kernel, and two streams of its own (one for the DMA
 //! copies, one for hashing) that go back to the pool with it. A device keeps
 //! at most [`DEVICE_STAGING_SETS`] sets, made when first needed and kept
-//! until the [`crate::Gpu`] is dropped; when every set is lent, a request
-//! takes its slower path instead of waiting.
+//! until the [`crate::Gpu`] is dropped. When every set is lent, a request
+//! waits for one to come back ([`Gpu::device_staging_within`], up to
+//! [`DEVICE_STAGING_WAIT`] in the cache): the requests share the PCIe link
+//! either way, and the path without staging (kernels reading host memory)
+//! would move its blocks at about 0.6 of the link while slowing the others.
+//! Only after the wait does it take that path (counted:
+//! [`Gpu::device_staging_counts`]).
 
 use std::mem::ManuallyDrop;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::cuda::CudaStreamState;
 use crate::device::{DeviceBuffer, Gpu, GpuStream};
@@ -30,6 +37,32 @@ pub const DEVICE_STAGING_SETS: usize = 2;
 /// Buffers per set: while the DMA engines fill (or drain) one, a kernel
 /// works on the other.
 pub const DEVICE_STAGING_BUFFERS: usize = 2;
+
+/// How long the cache's moves wait for a set when every set is lent, before
+/// they move their blocks without one (about one 16 GiB move of the PCIe
+/// link: a set comes back when the request holding it ends).
+pub const DEVICE_STAGING_WAIT: Duration = Duration::from_millis(500);
+
+/// A device's staging sets and the requests' waits for them.
+#[derive(Default)]
+pub(crate) struct StagingSets {
+    pool: Mutex<DeviceStagingPool>,
+    /// Signalled when a set goes back to the pool (or may be made).
+    returned: Condvar,
+    waits: AtomicU64,
+    bypasses: AtomicU64,
+}
+
+/// How often requests found every staging set of a device lent
+/// ([`Gpu::device_staging_counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceStagingCounts {
+    /// Requests that waited for a set to come back.
+    pub waits: u64,
+    /// Requests that moved without a set: every set still lent after the
+    /// wait, or no device memory for one.
+    pub bypasses: u64,
+}
 
 /// The sets of one device that are not lent.
 #[derive(Default)]
@@ -82,7 +115,7 @@ pub struct DeviceStaging {
     /// Taken back (into the pool) only by drop.
     copy: ManuallyDrop<GpuStream>,
     hash: ManuallyDrop<GpuStream>,
-    pool: Arc<Mutex<DeviceStagingPool>>,
+    sets: Arc<StagingSets>,
 }
 
 impl std::fmt::Debug for DeviceStaging {
@@ -133,14 +166,17 @@ impl Drop for DeviceStaging {
             copy: copy.into_state(),
             hash: hash.into_state(),
         };
-        let mut pool = self.pool.lock();
+        let mut pool = self.sets.pool.lock();
         if parts.buffer_bytes == pool.buffer_bytes {
             pool.free.push(parts);
+            drop(pool);
+            self.sets.returned.notify_one();
             return;
         }
-        // Resized meanwhile: freed (outside the lock).
+        // Resized meanwhile: freed (outside the lock); a waiter may make one.
         pool.made -= 1;
         drop(pool);
+        self.sets.returned.notify_one();
         drop(parts);
     }
 }
@@ -156,15 +192,52 @@ impl Gpu {
     /// [`Gpu::set_device_staging_bytes`]. Either way the caller takes its
     /// path without device staging.
     pub fn device_staging(&self, buffer_bytes: usize) -> Result<Option<DeviceStaging>, GpuError> {
-        let pool = Arc::clone(self.device_staging_pool());
+        self.device_staging_within(buffer_bytes, Duration::ZERO)
+    }
+
+    /// As [`Gpu::device_staging`], but when every set is lent, waits up to
+    /// `wait` for one to come back (counted as a wait); `Ok(None)` after
+    /// that, or at once when the device could not make one, is counted as a
+    /// bypass (the caller moves without staging).
+    pub fn device_staging_within(
+        &self,
+        buffer_bytes: usize,
+        wait: Duration,
+    ) -> Result<Option<DeviceStaging>, GpuError> {
+        let sets = Arc::clone(self.device_staging_sets());
+        let deadline = Instant::now() + wait;
+        let mut waited = false;
         let bytes = {
-            let mut p = pool.lock();
-            if let Some(parts) = p.free.pop() {
-                drop(p);
-                return Ok(Some(self.lend(parts, pool)));
-            }
-            if p.made >= DEVICE_STAGING_SETS || p.failed {
-                return Ok(None);
+            let mut p = sets.pool.lock();
+            loop {
+                if let Some(parts) = p.free.pop() {
+                    drop(p);
+                    return Ok(Some(self.lend(parts, sets)));
+                }
+                if p.failed {
+                    sets.bypasses.fetch_add(1, Ordering::Relaxed);
+                    return Ok(None);
+                }
+                if p.made < DEVICE_STAGING_SETS {
+                    break;
+                }
+                if !waited {
+                    waited = true;
+                    if !wait.is_zero() {
+                        sets.waits.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                if Instant::now() >= deadline
+                    || sets.returned.wait_until(&mut p, deadline).timed_out()
+                {
+                    // One last look: a set may have come back as time ran out.
+                    if let Some(parts) = p.free.pop() {
+                        drop(p);
+                        return Ok(Some(self.lend(parts, sets)));
+                    }
+                    sets.bypasses.fetch_add(1, Ordering::Relaxed);
+                    return Ok(None);
+                }
             }
             if p.buffer_bytes == 0 {
                 p.buffer_bytes = buffer_bytes.max(1);
@@ -173,13 +246,26 @@ impl Gpu {
             p.buffer_bytes
         };
         match self.make_set(bytes) {
-            Ok(parts) => Ok(Some(self.lend(parts, pool))),
+            Ok(parts) => Ok(Some(self.lend(parts, sets))),
             Err(e) => {
-                let mut p = pool.lock();
+                let mut p = sets.pool.lock();
                 p.made -= 1;
                 p.failed = true;
+                drop(p);
+                sets.bypasses.fetch_add(1, Ordering::Relaxed);
+                // Waiters stop waiting for sets that will not be made.
+                sets.returned.notify_all();
                 Err(e)
             }
+        }
+    }
+
+    /// How often requests found every staging set of this device lent.
+    pub fn device_staging_counts(&self) -> DeviceStagingCounts {
+        let sets = self.device_staging_sets();
+        DeviceStagingCounts {
+            waits: sets.waits.load(Ordering::Relaxed),
+            bypasses: sets.bypasses.load(Ordering::Relaxed),
         }
     }
 
@@ -187,7 +273,7 @@ impl Gpu {
     /// another size are freed now, lent ones when they come back. (The
     /// first [`Gpu::device_staging`] request sets it otherwise.)
     pub fn set_device_staging_bytes(&self, buffer_bytes: usize) {
-        let mut p = self.device_staging_pool().lock();
+        let mut p = self.device_staging_sets().pool.lock();
         p.buffer_bytes = buffer_bytes.max(1);
         p.failed = false;
         let keep = p.buffer_bytes;
@@ -197,12 +283,15 @@ impl Gpu {
         p.free = kept;
         p.made -= gone.len();
         drop(p);
+        if !gone.is_empty() {
+            self.device_staging_sets().returned.notify_all();
+        }
         drop(gone);
     }
 
     /// Bytes of device memory held by this device's staging sets.
     pub fn device_staging_bytes(&self) -> usize {
-        self.device_staging_pool().lock().allocated_bytes()
+        self.device_staging_sets().pool.lock().allocated_bytes()
     }
 
     fn make_set(&self, buffer_bytes: usize) -> Result<SetParts, GpuError> {
@@ -217,13 +306,13 @@ impl Gpu {
         })
     }
 
-    fn lend(&self, parts: SetParts, pool: Arc<Mutex<DeviceStagingPool>>) -> DeviceStaging {
+    fn lend(&self, parts: SetParts, sets: Arc<StagingSets>) -> DeviceStaging {
         DeviceStaging {
             buffers: parts.buffers,
             buffer_bytes: parts.buffer_bytes,
             copy: ManuallyDrop::new(GpuStream::from_state(self.clone(), parts.copy)),
             hash: ManuallyDrop::new(GpuStream::from_state(self.clone(), parts.hash)),
-            pool,
+            sets,
         }
     }
 }

@@ -35,7 +35,10 @@ pub use device::{
     Backend, DEFAULT_DMA_THRESHOLD, DeviceBuffer, DeviceInfo, Fence, Gpu, GpuStream, IpcHandle,
     PinnedBuffer,
 };
-pub use device_staging::{DEVICE_STAGING_BUFFERS, DEVICE_STAGING_SETS, DeviceStaging};
+pub use device_staging::{
+    DEVICE_STAGING_BUFFERS, DEVICE_STAGING_SETS, DEVICE_STAGING_WAIT, DeviceStaging,
+    DeviceStagingCounts,
+};
 pub use error::GpuError;
 pub use layout::{ChunkCopy, GeometryError, PageLayout, PagedGeometry};
 pub use reference::{CopyOp, CopyTableError};

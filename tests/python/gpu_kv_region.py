@@ -41,7 +41,8 @@ into client / daemon / before / after is for the single requests only: a split r
 parts are several daemon lines).
 
 Env: KVSTRATA_BIN (the daemon, a release build), KVSTRATA_TEST_TMP, IN_FLIGHT (comma-separated
-requests in flight, default "1,2,4"; 1 is always measured). Args: [num_blocks] (default
+requests in flight, default "1,2,4"; 1 is always measured), LAYOUTS (the layouts in the order run,
+default "classic,v032": each daemon serves them one after the other). Args: [num_blocks] (default
 256, 2 MiB each; 1024 needs 4 GiB of GPU memory and 2 GiB of the host tier) [rounds]
 (default 5). Prints a table and one JSON line
 (`KVSTRATA-GPU {...}`) with every request's client and daemon times (`requests`) and the
@@ -73,7 +74,7 @@ class DebugDaemon(Daemon):
 
     def start(self) -> None:
         i = self.cmd.index("--log-level")
-        self.cmd[i + 1] = "info,kvstrata_server::region=debug"
+        self.cmd[i + 1] = "info,kvstrata_server::region=debug,kvstrata_tiers::cache::device=debug"
         super().start()
 
 
@@ -106,6 +107,14 @@ def in_flight_values() -> list:
     if any(v < 1 for v in values):
         raise SystemExit(f"IN_FLIGHT: comma-separated ints >= 1, not {raw!r}")
     return sorted(values | {1})
+
+
+def layout_order() -> list:
+    """LAYOUTS's layouts (both, in the order given; default "classic,v032")."""
+    order = [v.strip() for v in os.environ.get("LAYOUTS", "classic,v032").split(",") if v.strip()]
+    if sorted(order) != ["classic", "v032"]:
+        raise SystemExit(f"LAYOUTS: classic and v032 in some order, not {order!r}")
+    return order
 
 
 def mode_in_flight(mode: str) -> int:
@@ -260,7 +269,7 @@ def main() -> None:
         requests: list = []
         try:
             client = kvstrata.Client(daemon.uds_target, timeout=120)
-            for layout in ("classic", "v032"):
+            for layout in layout_order():
                 out[f"{tag}/{layout}"] = run_layout(daemon, client, n, rounds, layout, tag, requests, in_flight)
             client.close()
         finally:
@@ -269,6 +278,7 @@ def main() -> None:
             dtimes = daemon_times(daemon.log_path, n)
             shutil.rmtree(d, ignore_errors=True)
         out[f"{tag}/log"] = [line for line in log.splitlines() if "KV region: direct" in line][-12:]
+        out[f"{tag}/put_log"] = [line for line in log.splitlines() if "device put (reserve" in line][-12:]
         out[f"{tag}/requests"] = split_times(requests, dtimes, n)
     # a second baseline after the daemons: the spread of the ceiling itself
     out["torch_pinned_after"] = torch_pinned(n * BLOCK, rounds)

@@ -240,7 +240,7 @@ fn encode_movement(encoder: &mut DescriptorEncoder, m: &MovementStats) -> Encode
 fn encode_hbm(encoder: &mut DescriptorEncoder, hbm: &[HbmStats]) -> EncodeResult {
     let devices: Vec<String> = hbm.iter().map(|h| h.ordinal.to_string()).collect();
     type Get = fn(&HbmStats) -> u64;
-    let metrics: [(Kind, &str, &str, Get); 7] = [
+    let metrics: [(Kind, &str, &str, Get); 9] = [
         (
             Kind::Counter,
             "kvstrata_hbm_demoted_blocks",
@@ -282,6 +282,18 @@ fn encode_hbm(encoder: &mut DescriptorEncoder, hbm: &[HbmStats]) -> EncodeResult
             "kvstrata_gpu_staging_cached_bytes",
             "Pinned staging buffers a device keeps for reuse",
             |h| h.staging_cached_bytes,
+        ),
+        (
+            Kind::Counter,
+            "kvstrata_gpu_device_staging_waits",
+            "Requests that found every device staging set lent and waited for one",
+            |h| h.device_staging_waits,
+        ),
+        (
+            Kind::Counter,
+            "kvstrata_gpu_device_staging_bypasses",
+            "Requests that moved host-tier blocks without device staging (slower: every set still lent after the wait, or no device memory)",
+            |h| h.device_staging_bypasses,
         ),
     ];
     for (kind, name, help, get) in metrics {

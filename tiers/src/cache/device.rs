@@ -203,15 +203,19 @@ impl BlockCache {
         if items.is_empty() {
             return Ok(Vec::new());
         }
+        let began = Instant::now();
         let len = namespace.block_bytes as usize;
         let hbm = self.hbm.get(device);
         let Some(slots) = self.reserve_device_slots(hbm, len, items.len()) else {
             return Ok(vec![PutOutcome::NoSpace; items.len()]);
         };
+        let reserved = began.elapsed();
         let addrs: Vec<u64> = slots.iter().map(DeviceSlot::addr).collect();
         let known = fill(&slots, &addrs, len)?;
+        let filled = began.elapsed();
         let through = self.write_through_of(&namespace);
         let (checksums, mut copies) = device_checksums(hbm, &slots, &addrs, len, through, known)?;
+        let hashed = began.elapsed();
         let mut out = Vec::with_capacity(items.len());
         for (i, ((key, parent), slot)) in items.iter().zip(slots).enumerate() {
             let copy = copies[i].take();
@@ -225,6 +229,15 @@ impl BlockCache {
                 through,
             ));
         }
+        tracing::debug!(
+            blocks = items.len(),
+            reserve_us = reserved.as_micros() as u64,
+            fill_us = (filled - reserved).as_micros() as u64,
+            checksum_us = (hashed - filled).as_micros() as u64,
+            publish_us = (began.elapsed() - hashed).as_micros() as u64,
+            "device put (reserve: slots; fill: copies queued and completed; checksum: those \
+             the fill did not compute; publish: under the stripe locks)"
+        );
         Ok(out)
     }
 

@@ -188,6 +188,11 @@ pub struct HbmStats {
     /// Bytes of pinned staging buffers the device keeps for reuse
     /// ([`Gpu::staging`]).
     pub staging_cached_bytes: u64,
+    /// Requests that found every device staging set lent and waited for one.
+    pub device_staging_waits: u64,
+    /// Requests that moved host blocks without device staging (every set
+    /// still lent after the wait, or no device memory for one).
+    pub device_staging_bypasses: u64,
 }
 
 #[derive(Debug, Default)]
@@ -313,6 +318,7 @@ impl HbmTier {
         let inner = &self.inner;
         let info = inner.gpu.info();
         let m = &inner.moves;
+        let staging = inner.gpu.device_staging_counts();
         HbmStats {
             device: inner.device,
             ordinal: info.ordinal,
@@ -325,6 +331,8 @@ impl HbmTier {
             checksum_failures: m.checksum_failures.load(Ordering::Relaxed),
             draining: inner.meta.lock().draining.len() as u64,
             staging_cached_bytes: inner.gpu.staging_cached_bytes() as u64,
+            device_staging_waits: staging.waits,
+            device_staging_bypasses: staging.bypasses,
         }
     }
 

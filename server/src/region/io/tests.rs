@@ -316,12 +316,15 @@ fn host_tier_blocks_move_through_device_staging_in_groups() {
 fn without_a_free_staging_set_host_blocks_move_straight_and_the_same() {
     let t = host_only(0xfa11);
     let gpu = &t.c.gpus()[0];
-    // Another request holds every set.
+    // Another request holds every set (for longer than the put and the get
+    // wait for one: each waits, then moves without).
     let held: Vec<_> = (0..kvstrata_kernels::DEVICE_STAGING_SETS)
         .map(|_| gpu.device_staging(3 * t.bb).expect("alloc").expect("a set"))
         .collect();
     let stored = put_seven(&t, &[2, 2, 6, 0, 8, 4, 1]);
     get_seven(&t, &stored);
+    let counts = gpu.device_staging_counts();
+    assert_eq!((counts.waits, counts.bypasses), (2, 2), "{counts:?}");
     drop(held);
     // And through a set again afterwards.
     get_seven(&t, &stored);
