@@ -706,15 +706,19 @@ pub async fn run_ttft_gpu(args: TtftArgs, dev: Arc<CudaDevice>, json: bool) -> a
     }
     // Warm-up: kernels loaded, cuBLAS's choices made for the chunk sizes;
     // then the cached path from each memory tier (the daemon's first copies
-    // and the engine's short chunk after a prefix), so that the first row
-    // measured does not pay for them (its load estimates start from these).
+    // and the engine's short chunks after a prefix: one token after whole
+    // blocks, and a whole block recomputed when every block is cached), so
+    // that the first row measured does not pay for them (CUDA loads a
+    // kernel at its first launch; its load estimates start from these).
     let warm = tokens_of(0, longest.min(args.gpu_chunk.max(1)) + 1)?;
+    let whole = &warm[..warm.len() - 1];
     recompute.prefill(&warm).await?;
     let warm_keys = store.keys(&warm);
     drop(engine.prefill(&warm).await?);
     for &(_, want) in tiers.iter().filter(|(_, t)| *t != proto::Tier::Disk) {
         if move_to_tier(&client, store.block_store(), &warm_keys, want).await? {
             drop(engine.prefill(&warm).await?);
+            drop(engine.prefill(whole).await?);
         }
     }
     client
