@@ -477,3 +477,57 @@ async fn a_lookup_of_more_keys_than_one_request_takes_is_split() {
     let evicted = r.client.evict(&ns, &keys, false).await.expect("evict");
     assert_eq!((evicted.evicted, evicted.skipped_pinned), (0, 0));
 }
+
+/// A daemon with a smaller `server.max_batch` says so when a namespace is
+/// registered, and the client's lookups, deletes and evicts then go in
+/// requests of that many keys (a longer request would be refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_splits_at_the_max_batch_the_daemon_gives() {
+    use kvstrata_engine::kv::KvGeometry;
+    use kvstrata_engine::store::BlockStore;
+    use kvstrata_types::{Dtype, NamespaceSpec};
+
+    const SMALL: usize = 100;
+    let r = engine_daemon::start_daemon_with_max_batch(SMALL).await;
+    assert_eq!(r.client.max_batch(), kvstrata_client::MAX_BATCH);
+    let spec = NamespaceSpec::layer_major("small-batch", 1, 1, 4, Dtype::F16, 1);
+    let geometry = KvGeometry {
+        num_layers: 1,
+        num_kv_heads: 1,
+        head_dim: 4,
+        block_tokens: 1,
+    };
+    let store = BlockStore::open(r.client.clone(), spec, geometry, None, 1)
+        .await
+        .expect("store opens");
+    assert_eq!(r.client.max_batch(), SMALL, "learnt from the registration");
+    let ns = *store.namespace_id();
+    let tokens: Vec<u32> = (0..(2 * SMALL + 50) as u32).collect();
+    let keys = store.keys(&tokens);
+    for chunk in keys.chunks(SMALL) {
+        let items = chunk
+            .iter()
+            .map(|k| PutItem {
+                key: Bytes::copy_from_slice(k),
+                parent: None,
+                payload: Bytes::from(vec![3u8; geometry.block_bytes()]),
+            })
+            .collect();
+        r.client.batch_put(&ns, items).await.expect("put");
+    }
+    assert_eq!(store.lookup(&keys).await.expect("lookup").0, keys.len());
+    let deleted = r.client.delete(&ns, &keys).await.expect("delete").deleted;
+    assert_eq!(deleted as usize, keys.len());
+    let evicted = r.client.evict(&ns, &keys, false).await.expect("evict");
+    assert_eq!((evicted.evicted, evicted.skipped_pinned), (0, 0));
+    // Without the split, the daemon refuses a request this long: a fresh
+    // client (no registration answer yet) sends 101 keys in one.
+    let fresh = kvstrata_client::Client::connect(&r.target)
+        .await
+        .expect("connect");
+    let err = fresh
+        .lookup(&ns, &keys[..SMALL + 1])
+        .await
+        .expect_err("101 keys in one request");
+    assert!(err.to_string().contains("keys"), "{err}");
+}

@@ -6,6 +6,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -283,14 +285,16 @@ fn ns_bytes(ns: &NamespaceId) -> Bytes {
 
 /// Keys per request the daemon takes by default (`server.max_batch`; a
 /// longer request is refused `RESOURCE_EXHAUSTED`): `lookup`, `delete` and
-/// `evict` send longer key lists as several requests of at most this many.
+/// `evict` send longer key lists as several requests of at most this many,
+/// or of the daemon's own `max_batch` once a `register_namespace` answer
+/// has told it ([`Client::max_batch`]).
 pub const MAX_BATCH: usize = 4096;
 
-/// `keys` in requests of at most [`MAX_BATCH`] keys; one (empty) request
-/// for no keys.
-fn key_chunks<K>(keys: &[K]) -> impl Iterator<Item = &[K]> {
+/// `keys` in requests of at most `max` keys; one (empty) request for no
+/// keys.
+fn key_chunks<K>(keys: &[K], max: usize) -> impl Iterator<Item = &[K]> {
     let empty: &[K] = &[];
-    keys.chunks(MAX_BATCH)
+    keys.chunks(max.max(1))
         .chain(keys.is_empty().then_some(empty))
 }
 
@@ -313,6 +317,9 @@ pub struct Client {
     /// The channel under `inner`, for the calls decoded by hand ([`crate::inline`]).
     channel: Channel,
     options: ClientOptions,
+    /// The daemon's `server.max_batch` as its last `register_namespace`
+    /// answer gave it ([`MAX_BATCH`] until then); shared by clones.
+    max_batch: Arc<AtomicUsize>,
 }
 
 impl Client {
@@ -400,6 +407,7 @@ impl Client {
             inner,
             channel,
             options,
+            max_batch: Arc::new(AtomicUsize::new(MAX_BATCH)),
         }
     }
 
@@ -469,11 +477,22 @@ impl Client {
             .await?;
         let id = NamespaceId::from_slice("namespace_id", &resp.namespace_id)
             .map_err(|e| ClientError::InvalidResponse(e.to_string()))?;
+        if resp.max_batch > 0 {
+            self.max_batch
+                .store(resp.max_batch as usize, Ordering::Relaxed);
+        }
         Ok(RegisteredNamespace {
             id,
             block_bytes: resp.block_bytes,
             created: resp.created,
         })
+    }
+
+    /// The most keys the client sends in one `lookup`, `delete` or `evict`
+    /// request: the daemon's `server.max_batch` once a `register_namespace`
+    /// answer has given it, else [`MAX_BATCH`] (the daemon's default).
+    pub fn max_batch(&self) -> usize {
+        self.max_batch.load(Ordering::Relaxed)
     }
 
     /// Every registered namespace.
@@ -486,7 +505,7 @@ impl Client {
     }
 
     /// Longest cached prefix of a chain of keys (parent first), with the tier
-    /// of each hit: one request per [`MAX_BATCH`] keys, the next only while
+    /// of each hit: one request per [`Client::max_batch`] keys, the next only while
     /// every key before it was found.
     pub async fn lookup(
         &self,
@@ -494,7 +513,7 @@ impl Client {
         keys: &[impl AsRef<[u8]>],
     ) -> Result<proto::LookupResponse, ClientError> {
         let mut out = proto::LookupResponse::default();
-        for chunk in key_chunks(keys) {
+        for chunk in key_chunks(keys, self.max_batch()) {
             let req = proto::LookupRequest {
                 namespace_id: ns_bytes(ns),
                 keys: keys_bytes(chunk),
@@ -731,14 +750,14 @@ impl Client {
         Ok(Box::pin(stream.map(|r| r.map_err(ClientError::from))))
     }
 
-    /// Removes blocks from every tier (one request per [`MAX_BATCH`] keys).
+    /// Removes blocks from every tier (one request per [`Client::max_batch`] keys).
     pub async fn delete(
         &self,
         ns: &NamespaceId,
         keys: &[impl AsRef<[u8]>],
     ) -> Result<proto::DeleteResponse, ClientError> {
         let mut out = proto::DeleteResponse::default();
-        for chunk in key_chunks(keys) {
+        for chunk in key_chunks(keys, self.max_batch()) {
             let req = proto::DeleteRequest {
                 namespace_id: ns_bytes(ns),
                 keys: keys_bytes(chunk),
@@ -749,7 +768,7 @@ impl Client {
         Ok(out)
     }
 
-    /// Demotes blocks one tier down (one request per [`MAX_BATCH`] keys);
+    /// Demotes blocks one tier down (one request per [`Client::max_batch`] keys);
     /// with `all` and no keys, the whole namespace.
     pub async fn evict(
         &self,
@@ -758,7 +777,7 @@ impl Client {
         all: bool,
     ) -> Result<proto::EvictResponse, ClientError> {
         let mut out = proto::EvictResponse::default();
-        for chunk in key_chunks(keys) {
+        for chunk in key_chunks(keys, self.max_batch()) {
             let req = proto::EvictRequest {
                 namespace_id: ns_bytes(ns),
                 keys: keys_bytes(chunk),

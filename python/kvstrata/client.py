@@ -295,6 +295,9 @@ class Client:
                                                   _registered_method=True),
         }
         self._lock = threading.Lock()
+        #: The most keys one batch request carries: the daemon's `server.max_batch` once a
+        #: `register_namespace` answer has given it, else `MAX_BATCH` (its default).
+        self.max_batch = MAX_BATCH
 
     # --- plumbing ---------------------------------------------------------------
 
@@ -351,6 +354,8 @@ class Client:
                                                    remote_write_through=bool(remote_write_through),
                                                    sync_write_through=bool(sync_write_through)))
         resp = self._call("RegisterNamespace", req, timeout)
+        if resp.max_batch > 0:
+            self.max_batch = int(resp.max_batch)
         return Namespace(id=bytes(resp.namespace_id), block_bytes=resp.block_bytes, spec=spec,
                          created=resp.created)
 
@@ -362,11 +367,12 @@ class Client:
     def lookup(self, ns: NamespaceRef, keys: Sequence[bytes], *,
                timeout: Optional[float] = None) -> LookupResult:
         """Longest cached prefix of a chain of keys (no hit counters): one call per
-        `MAX_BATCH` keys, the next only while every key before it was found."""
+        `max_batch` keys, the next only while every key before it was found."""
         ns_id = _ns_id(ns)
         matched, tiers = 0, []
-        for start in range(0, max(len(keys), 1), MAX_BATCH):
-            chunk = list(keys[start:start + MAX_BATCH])
+        step = self.max_batch
+        for start in range(0, max(len(keys), 1), step):
+            chunk = list(keys[start:start + step])
             resp = self._call("Lookup", pb.LookupRequest(namespace_id=ns_id, keys=chunk), timeout)
             matched += resp.matched
             tiers.extend(resp.tiers)
@@ -413,7 +419,7 @@ class Client:
         `in_flight` > 1 (with at least 2 × `WIRE_MIN_BLOCKS` keys): the keys are sent as
         `min(in_flight, len(keys) // WIRE_MIN_BLOCKS)` requests of contiguous, near-equal
         parts, all in flight at once, so one request's fixed cost overlaps another's copies;
-        and never more than `MAX_BATCH` keys in one request (more parts when needed).
+        and never more than `max_batch` keys in one request (more parts when needed).
         The answer is that of one request: `results` in key order, `stored` summed; chained
         parents are those one request records. Not atomic across parts: a part the daemon
         refuses (e.g. a bad page id) stores nothing, the other parts are stored as usual.
@@ -421,7 +427,7 @@ class Client:
         field naming the index in the whole request)."""
         if len(pages) != len(keys):
             raise ValueError(f"pages: {len(pages)} page lists for {len(keys)} keys")
-        bounds = _parts(len(keys), in_flight)
+        bounds = _parts(len(keys), in_flight, self.max_batch)
         if len(bounds) > 1:
             return self._put_pages_parts(ns, keys, pages, parents, first_parent, timeout, bounds)
         if len(keys) >= WIRE_MIN_BLOCKS:
@@ -491,7 +497,7 @@ class Client:
                    pages: Sequence[pb.KvPages], timeout: Optional[float]) -> Sequence[pb.GetResult]:
         if pages and not ranges and len(pages) == len(keys) >= WIRE_MIN_BLOCKS:
             ns_id = _ns_id(ns)
-            bounds = _parts(len(keys), 1)
+            bounds = _parts(len(keys), 1, self.max_batch)
             if len(bounds) > 1:  # more keys than one request takes
 
                 def request(a: int, b: int) -> bytes:
@@ -529,7 +535,7 @@ class Client:
         written into their pages. Every part has finished when this returns or raises."""
         if len(pages) != len(keys):
             raise ValueError(f"pages: {len(pages)} page lists for {len(keys)} keys")
-        bounds = _parts(len(keys), in_flight)
+        bounds = _parts(len(keys), in_flight, self.max_batch)
         if len(bounds) > 1:
             ns_id = _ns_id(ns)
 
@@ -559,11 +565,25 @@ class Client:
             raise rpc_error("GetStream", e) from None
 
     def delete(self, ns: NamespaceRef, keys: Sequence[bytes], *, timeout: Optional[float] = None) -> int:
-        return self._call("Delete", pb.DeleteRequest(namespace_id=_ns_id(ns), keys=list(keys)), timeout).deleted
+        """Removes blocks from every tier (one call per `max_batch` keys); the count removed."""
+        ns_id = _ns_id(ns)
+        step = self.max_batch
+        return sum(self._call("Delete", pb.DeleteRequest(namespace_id=ns_id, keys=list(keys[i:i + step])),
+                              timeout).deleted
+                   for i in range(0, max(len(keys), 1), step))
 
     def evict(self, ns: NamespaceRef, keys: Sequence[bytes] = (), *, all: bool = False,
               timeout: Optional[float] = None) -> pb.EvictResponse:
-        return self._call("Evict", pb.EvictRequest(namespace_id=_ns_id(ns), keys=list(keys), all=all), timeout)
+        """Demotes blocks one tier down (one call per `max_batch` keys; with `all` and no
+        keys, the whole namespace); the counts summed."""
+        ns_id = _ns_id(ns)
+        step = self.max_batch
+        out = pb.EvictResponse()
+        for i in range(0, max(len(keys), 1), step):
+            r = self._call("Evict", pb.EvictRequest(namespace_id=ns_id, keys=list(keys[i:i + step]), all=all), timeout)
+            out.evicted += r.evicted
+            out.skipped_pinned += r.skipped_pinned
+        return out
 
     def pin(self, ns: NamespaceRef, keys: Sequence[bytes], lease_ms: int = 30_000, *,
             timeout: Optional[float] = None) -> Lease:
@@ -613,14 +633,14 @@ def _as_bytes(v: Any) -> bytes:
     return bytes(v)
 
 
-def _parts(n: int, in_flight: int) -> list[tuple[int, int]]:
+def _parts(n: int, in_flight: int, max_batch: int = MAX_BATCH) -> list[tuple[int, int]]:
     """The (start, stop) of each part of a page request of n blocks sent as `in_flight`
     requests: `min(in_flight, n // WIRE_MIN_BLOCKS)` contiguous parts, and at least enough
-    that none has more than `MAX_BATCH` blocks; sizes differing by at most one (one part,
+    that none has more than `max_batch` blocks; sizes differing by at most one (one part,
     (0, n), when that is under 2). Checks `in_flight`."""
     if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 1:
         raise ValueError(f"in_flight: an int >= 1 (requests in flight at once), not {in_flight!r}")
-    count = max(min(in_flight, n // WIRE_MIN_BLOCKS), -(-n // MAX_BATCH))
+    count = max(min(in_flight, n // WIRE_MIN_BLOCKS), -(-n // max(1, max_batch)))
     if count < 2:
         return [(0, n)]
     size, extra = divmod(n, count)

@@ -54,7 +54,6 @@ from .v1 import kvstrata_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
-MAX_BATCH = 4096  # the daemon's default server.max_batch
 FLAT_SUFFIX = b"\xff\xff"  # key suffix of whole pages stored by the legacy (non-v1) calls
 _TORCH_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.int8: 6, torch.uint8: 6}
 for _name, _code in (("float8_e4m3fn", 4), ("float8_e5m2", 5)):
@@ -236,8 +235,9 @@ class KvstrataStorage(HiCacheStorage):
             rkeys = self._range_keys(keys) if self.interface_v1 else [page_key(k) + FLAT_SUFFIX for k in keys]
             ns = self._ns if self.interface_v1 else self._flat_ns
             matched = 0
-            for start in range(0, len(rkeys), MAX_BATCH):
-                chunk = rkeys[start:start + MAX_BATCH]
+            step = self.client.max_batch
+            for start in range(0, len(rkeys), step):
+                chunk = rkeys[start:start + step]
                 m = self.client.lookup(ns, chunk).matched
                 self.counters["lookups"] += 1
                 matched += m
@@ -322,10 +322,10 @@ class KvstrataStorage(HiCacheStorage):
         if self.mode == "staged":
             assert self._staging is not None
             per = (self.range_bytes + 63) // 64 * 64
-            return max(1, min(MAX_BATCH, self._staging.size // per))
+            return max(1, min(self.client.max_batch, self._staging.size // per))
         if self.mode == "inline":
-            return max(1, min(MAX_BATCH, (256 << 20) // max(1, self.range_bytes)))
-        return MAX_BATCH
+            return max(1, min(self.client.max_batch, (256 << 20) // max(1, self.range_bytes)))
+        return self.client.max_batch
 
     def _put_ranges(self, rkeys: list[bytes], ptrs: list[int], sizes: list[int], first_parent: Optional[bytes]) -> list[int]:
         assert self._ns is not None
@@ -432,8 +432,7 @@ class KvstrataStorage(HiCacheStorage):
         def clear_all() -> None:
             for ns in (self._ns, self._flat_ns):
                 keys = [bytes(b.key) for b in self.client.list_blocks(ns)]
-                for start in range(0, len(keys), MAX_BATCH):
-                    self.client.delete(ns, keys[start:start + MAX_BATCH])
+                self.client.delete(ns, keys)
 
         self._run("clear", clear_all, None)
 

@@ -265,6 +265,39 @@ def test_watch_iterator(client, rng):
     assert events[1].seq == events[0].seq + 1 and bytes(events[1].parent) == b"w1"
 
 
+def test_the_client_splits_at_the_max_batch_the_daemon_gives(rng):
+    """A daemon with a smaller `server.max_batch` says so when a namespace is registered;
+    lookups, deletes, evicts and page-free puts of more keys then still go through (as
+    several requests), while a fresh client's one long lookup is refused."""
+    d = workdir("maxbatch-")
+    daemon = None
+    try:
+        daemon = Daemon(d, extra=("--max-batch", "100"))
+        c = kvstrata.Client(daemon.uds_target, timeout=10)
+        assert c.max_batch == kvstrata.client.MAX_BATCH
+        ns = c.register_namespace(SMALL)
+        assert c.max_batch == 100
+        keys = [b"k%03d" % i for i in range(250)]
+        for i in range(0, 250, 100):
+            c.batch_put(ns, keys[i:i + 100], payloads(rng, len(keys[i:i + 100]), 256), parents="chain")
+        assert c.lookup(ns, keys).matched == 250
+        assert c.lookup(ns, keys[:120] + [b"gap"] + keys[121:]).matched == 120
+        fresh = kvstrata.Client(daemon.uds_target, timeout=10)
+        with pytest.raises(kvstrata.KvstrataError) as e:
+            fresh.lookup(ns, keys[:101])
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "keys" in str(e.value)
+        assert c.delete(ns, keys) == 250
+        assert c.lookup(ns, keys).matched == 0
+        ev = c.evict(ns, keys)
+        assert (ev.evicted, ev.skipped_pinned) == (0, 0)
+        c.close()
+        fresh.close()
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def test_dead_daemon_is_unavailable_quickly(rng):
     d = workdir("dead-")
     daemon = None

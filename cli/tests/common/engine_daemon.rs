@@ -26,8 +26,13 @@ pub struct Running {
 /// A daemon (256 MiB host tier, 4 MiB segments) with a mempool socket, and
 /// a client connected to it.
 pub async fn start_daemon() -> Running {
+    start_daemon_with_max_batch(4096).await
+}
+
+/// [`start_daemon`] with another `server.max_batch`.
+pub async fn start_daemon_with_max_batch(max_batch: usize) -> Running {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config: Config = crate::common::config(dir.path(), 256 << 20, 4096);
+    let mut config: Config = crate::common::config(dir.path(), 256 << 20, max_batch);
     config.shm.mempool_socket = dir.path().join("mempool.sock").display().to_string();
     config.host.segment_bytes = bytesize::ByteSize::mib(4);
     let daemon = Daemon::start(config).await.expect("daemon starts");

@@ -73,6 +73,7 @@ impl KvCacheService {
             },
             _ => None,
         };
+        let max_batch = u32::try_from(self.limits.max_batch).unwrap_or(u32::MAX);
         let r = self
             .blocking("register", move |cache| {
                 let (ns, created) = cache
@@ -82,6 +83,7 @@ impl KvCacheService {
                     namespace_id: Bytes::copy_from_slice(ns.id.as_bytes()),
                     block_bytes: ns.block_bytes,
                     created,
+                    max_batch,
                 })
             })
             .await;
