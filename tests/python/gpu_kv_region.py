@@ -42,7 +42,8 @@ parts are several daemon lines).
 
 Env: KVSTRATA_BIN (the daemon, a release build), KVSTRATA_TEST_TMP, IN_FLIGHT (comma-separated
 requests in flight, default "1,2,4"; 1 is always measured), LAYOUTS (the layouts in the order run,
-default "classic,v032": each daemon serves them one after the other). Args: [num_blocks] (default
+default "classic,v032": each daemon serves them one after the other), FRESH_DAEMON (1: a daemon
+of its own for each layout). Args: [num_blocks] (default
 256, 2 MiB each; 1024 needs 4 GiB of GPU memory and 2 GiB of the host tier) [rounds]
 (default 5). Prints a table and one JSON line
 (`KVSTRATA-GPU {...}`) with every request's client and daemon times (`requests`) and the
@@ -263,22 +264,29 @@ def main() -> None:
     out = {"device": torch.cuda.get_device_name(0), "binary": os.environ.get("KVSTRATA_BIN"), "blocks": n,
            "rounds": rounds, "in_flight": in_flight}
     out["torch_pinned"] = torch_pinned(n * BLOCK, rounds)
+    fresh = os.environ.get("FRESH_DAEMON") == "1"
     for tag, extra in (("host-tier", ("--gpu", "on", "--gpu-hbm-bytes", "0")), ("hbm-tier", ("--gpu", "on"))):
-        d = workdir(f"gpu-{tag}-")
-        daemon = DebugDaemon(d, extra=extra, host_capacity="8GiB")
         requests: list = []
-        try:
-            client = kvstrata.Client(daemon.uds_target, timeout=120)
-            for layout in layout_order():
-                out[f"{tag}/{layout}"] = run_layout(daemon, client, n, rounds, layout, tag, requests, in_flight)
-            client.close()
-        finally:
-            daemon.stop()
-            log = daemon.log(200000)
-            dtimes = daemon_times(daemon.log_path, n)
-            shutil.rmtree(d, ignore_errors=True)
+        dtimes: dict = {"put": [], "get": []}
+        logs: list = []
+        # one daemon for both layouts, or (FRESH_DAEMON=1) one per layout
+        for group in ([[x] for x in layout_order()] if fresh else [layout_order()]):
+            d = workdir(f"gpu-{tag}-")
+            daemon = DebugDaemon(d, extra=extra, host_capacity="8GiB")
+            try:
+                client = kvstrata.Client(daemon.uds_target, timeout=120)
+                for layout in group:
+                    out[f"{tag}/{layout}"] = run_layout(daemon, client, n, rounds, layout, tag, requests, in_flight)
+                client.close()
+            finally:
+                daemon.stop()
+                logs.append(daemon.log(200000))
+                for op, times in daemon_times(daemon.log_path, n).items():
+                    dtimes[op].extend(times)
+                shutil.rmtree(d, ignore_errors=True)
+        log = "\n".join(logs)
         out[f"{tag}/log"] = [line for line in log.splitlines() if "KV region: direct" in line][-12:]
-        out[f"{tag}/put_log"] = [line for line in log.splitlines() if "device put (reserve" in line][-12:]
+        out[f"{tag}/put_log"] = [line for line in log.splitlines() if "device put (reserve" in line][-60:]
         out[f"{tag}/requests"] = split_times(requests, dtimes, n)
     # a second baseline after the daemons: the spread of the ceiling itself
     out["torch_pinned_after"] = torch_pinned(n * BLOCK, rounds)
