@@ -413,6 +413,29 @@ fn handoff_json_round_trip() {
     assert_eq!(back.keys().unwrap(), vec![[0xAA; 16]]);
 }
 
+/// A store of one-token blocks of 16 bytes (1 layer, 1 KV head of 4 f16)
+/// under `model`, opened through `client` (which registers its namespace).
+async fn tiny_store(
+    client: &kvstrata_client::Client,
+    model: &str,
+) -> (kvstrata_engine::store::BlockStore, usize) {
+    use kvstrata_engine::kv::KvGeometry;
+    use kvstrata_engine::store::BlockStore;
+    use kvstrata_types::{Dtype, NamespaceSpec};
+
+    let spec = NamespaceSpec::layer_major(model, 1, 1, 4, Dtype::F16, 1);
+    let geometry = KvGeometry {
+        num_layers: 1,
+        num_kv_heads: 1,
+        head_dim: 4,
+        block_tokens: 1,
+    };
+    let store = BlockStore::open(client.clone(), spec, geometry, None, 1)
+        .await
+        .expect("store opens");
+    (store, geometry.block_bytes())
+}
+
 /// A prompt of more blocks than the daemon takes in one request (a 128k-token
 /// prompt is 8,190 blocks of 16 tokens; the daemon's `max_batch` is 4,096):
 /// the lookup is split over requests (by the client), counts across them,
@@ -421,28 +444,15 @@ fn handoff_json_round_trip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lookup_of_more_keys_than_one_request_takes_is_split() {
     use kvstrata_client::MAX_BATCH as KEYS_PER_REQUEST;
-    use kvstrata_engine::kv::KvGeometry;
-    use kvstrata_engine::store::BlockStore;
-    use kvstrata_types::{Dtype, NamespaceSpec};
 
     let r = start_daemon().await;
-    let spec = NamespaceSpec::layer_major("lookup-split", 1, 1, 4, Dtype::F16, 1);
-    let geometry = KvGeometry {
-        num_layers: 1,
-        num_kv_heads: 1,
-        head_dim: 4,
-        block_tokens: 1,
-    };
-    let store = BlockStore::open(r.client.clone(), spec, geometry, None, 1)
-        .await
-        .expect("store opens");
+    let (store, block_bytes) = tiny_store(&r.client, "lookup-split").await;
     let ns = *store.namespace_id();
     let tokens: Vec<u32> = (0..(2 * KEYS_PER_REQUEST + 100) as u32).collect();
     let keys = store.keys(&tokens);
     assert_eq!(keys.len(), tokens.len());
     // Every block but one a little past the first request's keys.
     let gap = KEYS_PER_REQUEST + 37;
-    let block_bytes = geometry.block_bytes();
     for (at, chunk) in keys.chunks(1000).enumerate() {
         let items = chunk
             .iter()
@@ -483,23 +493,10 @@ async fn a_lookup_of_more_keys_than_one_request_takes_is_split() {
 /// requests of that many keys (a longer request would be refused).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_splits_at_the_max_batch_the_daemon_gives() {
-    use kvstrata_engine::kv::KvGeometry;
-    use kvstrata_engine::store::BlockStore;
-    use kvstrata_types::{Dtype, NamespaceSpec};
-
     const SMALL: usize = 100;
     let r = engine_daemon::start_daemon_with_max_batch(SMALL).await;
     assert_eq!(r.client.max_batch(), kvstrata_client::MAX_BATCH);
-    let spec = NamespaceSpec::layer_major("small-batch", 1, 1, 4, Dtype::F16, 1);
-    let geometry = KvGeometry {
-        num_layers: 1,
-        num_kv_heads: 1,
-        head_dim: 4,
-        block_tokens: 1,
-    };
-    let store = BlockStore::open(r.client.clone(), spec, geometry, None, 1)
-        .await
-        .expect("store opens");
+    let (store, block_bytes) = tiny_store(&r.client, "small-batch").await;
     assert_eq!(r.client.max_batch(), SMALL, "learnt from the registration");
     let ns = *store.namespace_id();
     let tokens: Vec<u32> = (0..(2 * SMALL + 50) as u32).collect();
@@ -510,7 +507,7 @@ async fn the_client_splits_at_the_max_batch_the_daemon_gives() {
             .map(|k| PutItem {
                 key: Bytes::copy_from_slice(k),
                 parent: None,
-                payload: Bytes::from(vec![3u8; geometry.block_bytes()]),
+                payload: Bytes::from(vec![3u8; block_bytes]),
             })
             .collect();
         r.client.batch_put(&ns, items).await.expect("put");

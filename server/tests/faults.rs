@@ -314,12 +314,33 @@ async fn message_batch_and_stream_limits_are_enforced() {
     assert!(e.message().contains("too large"), "{e:?}");
     assert!(t0.elapsed() < Duration::from_secs(1));
     // Over max_batch: the field is named.
-    let nine: Vec<String> = (0..9).map(|i| format!("k{i}")).collect();
-    let e = d.client.lookup(&ns, &nine).await.expect_err("batch");
-    assert_eq!(e.code(), Some(Code::ResourceExhausted));
-    assert!(e.to_string().contains("keys"), "{e}");
-    let e = d.client.delete(&ns, &nine).await.expect_err("batch");
-    assert!(e.to_string().contains("keys"), "{e}");
+    let nine: Vec<Bytes> = (0..9).map(|i| Bytes::from(format!("k{i}"))).collect();
+    let e = d
+        .client
+        .raw()
+        .lookup(pb::LookupRequest {
+            namespace_id: ns_bytes(&ns),
+            keys: nine.clone(),
+        })
+        .await
+        .expect_err("batch");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("keys"), "{e:?}");
+    let e = d
+        .client
+        .raw()
+        .delete(pb::DeleteRequest {
+            namespace_id: ns_bytes(&ns),
+            keys: nine.clone(),
+        })
+        .await
+        .expect_err("batch");
+    assert!(e.message().contains("keys"), "{e:?}");
+    // The client learnt the limit when it registered the namespace, and
+    // sends as many keys as two requests.
+    assert_eq!(d.client.max_batch(), 8);
+    assert_eq!(d.client.lookup(&ns, &nine).await.expect("split").matched, 0);
+    assert_eq!(d.client.delete(&ns, &nine).await.expect("split").deleted, 0);
     // Nothing was stored.
     let s = d.client.stats().await.expect("stats");
     assert_eq!(tier(&s, pb::Tier::Host).blocks, 0);

@@ -229,8 +229,15 @@ impl BlockCache {
                 through,
             ));
         }
+        // Runs of slots that follow each other in item order (a group's
+        // copies merge along them).
+        let runs = 1 + addrs
+            .windows(2)
+            .filter(|w| w[1] != w[0].wrapping_add(len as u64))
+            .count();
         tracing::debug!(
             blocks = items.len(),
+            slot_runs = runs,
             reserve_us = reserved.as_micros() as u64,
             fill_us = (filled - reserved).as_micros() as u64,
             checksum_us = (hashed - filled).as_micros() as u64,
