@@ -43,7 +43,7 @@ parts are several daemon lines).
 Env: KVSTRATA_BIN (the daemon, a release build), KVSTRATA_TEST_TMP, IN_FLIGHT (comma-separated
 requests in flight, default "1,2,4"; 1 is always measured), LAYOUTS (the layouts in the order run,
 default "classic,v032": each daemon serves them one after the other), FRESH_DAEMON (1: a daemon
-of its own for each layout). Args: [num_blocks] (default
+of its own for each layout), EMPTY_CACHE (1: torch's cached GPU memory freed after each layout). Args: [num_blocks] (default
 256, 2 MiB each; 1024 needs 4 GiB of GPU memory and 2 GiB of the host tier) [rounds]
 (default 5). Prints a table and one JSON line
 (`KVSTRATA-GPU {...}`) with every request's client and daemon times (`requests`) and the
@@ -277,6 +277,8 @@ def main() -> None:
                 client = kvstrata.Client(daemon.uds_target, timeout=120)
                 for layout in group:
                     out[f"{tag}/{layout}"] = run_layout(daemon, client, n, rounds, layout, tag, requests, in_flight)
+                    if os.environ.get("EMPTY_CACHE") == "1":
+                        torch.cuda.empty_cache()  # the next layout's buffer is not this one's memory
                 client.close()
             finally:
                 daemon.stop()
