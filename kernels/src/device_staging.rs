@@ -206,7 +206,8 @@ impl Gpu {
     ) -> Result<Option<DeviceStaging>, GpuError> {
         let sets = Arc::clone(self.device_staging_sets());
         let deadline = Instant::now() + wait;
-        let mut waited = false;
+        // Whether the wait has begun, and whether it has run out.
+        let (mut waiting, mut out_of_time) = (false, false);
         let bytes = {
             let mut p = sets.pool.lock();
             loop {
@@ -214,30 +215,20 @@ impl Gpu {
                     drop(p);
                     return Ok(Some(self.lend(parts, sets)));
                 }
-                if p.failed {
+                if p.failed || (out_of_time && p.made >= DEVICE_STAGING_SETS) {
                     sets.bypasses.fetch_add(1, Ordering::Relaxed);
                     return Ok(None);
                 }
                 if p.made < DEVICE_STAGING_SETS {
                     break;
                 }
-                if !waited {
-                    waited = true;
-                    if !wait.is_zero() {
-                        sets.waits.fetch_add(1, Ordering::Relaxed);
-                    }
+                if !waiting && !wait.is_zero() {
+                    sets.waits.fetch_add(1, Ordering::Relaxed);
                 }
-                if Instant::now() >= deadline
-                    || sets.returned.wait_until(&mut p, deadline).timed_out()
-                {
-                    // One last look: a set may have come back as time ran out.
-                    if let Some(parts) = p.free.pop() {
-                        drop(p);
-                        return Ok(Some(self.lend(parts, sets)));
-                    }
-                    sets.bypasses.fetch_add(1, Ordering::Relaxed);
-                    return Ok(None);
-                }
+                waiting = true;
+                // Then one more look at the pool, also when time ran out.
+                out_of_time = Instant::now() >= deadline
+                    || sets.returned.wait_until(&mut p, deadline).timed_out();
             }
             if p.buffer_bytes == 0 {
                 p.buffer_bytes = buffer_bytes.max(1);

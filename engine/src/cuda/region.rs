@@ -33,8 +33,8 @@ use crate::error::{EngineError, Result};
 use crate::store::{BlockPages, BlockStore, LoadReport, StoreReport};
 
 /// Blocks per `BatchPut` / `BatchGet` by page ids (no payload travels, so
-/// requests are large: fewer round trips; the daemon's default `max_batch`
-/// is 4096).
+/// requests are large: fewer round trips), or the daemon's `max_batch`
+/// (`Client::max_batch`) when that is smaller.
 pub const PAGES_PER_REQUEST: usize = 1024;
 
 /// A load is split over several requests in flight only when each gets at
@@ -416,7 +416,10 @@ impl GpuKvStore {
         // fixed cost that would otherwise add to every load); the region's
         // copies run in order on its stream.
         let in_flight = in_flight.max(1);
-        let per_request = load_request_blocks(keys.len(), in_flight);
+        // Never more than the daemon takes in one request (a daemon
+        // configured below PAGES_PER_REQUEST).
+        let per_request =
+            load_request_blocks(keys.len(), in_flight).min(self.store.client().max_batch());
         let requests: Vec<(&[BlockHash], &[u32])> = keys
             .chunks(per_request)
             .zip(pages.chunks(per_request))
@@ -481,7 +484,7 @@ impl GpuKvStore {
             from,
             seq.full_pages(),
             region.id(),
-            store_request_blocks(),
+            store_request_blocks().min(self.store.client().max_batch()),
         ) {
             let began = Instant::now();
             let blocks = items.len();

@@ -229,15 +229,10 @@ impl BlockCache {
                 through,
             ));
         }
-        // Runs of slots that follow each other in item order (a group's
-        // copies merge along them).
-        let runs = 1 + addrs
-            .windows(2)
-            .filter(|w| w[1] != w[0].wrapping_add(len as u64))
-            .count();
+        // (Fields are evaluated only when the line is logged.)
         tracing::debug!(
             blocks = items.len(),
-            slot_runs = runs,
+            slot_runs = slot_runs(&addrs, len),
             reserve_us = reserved.as_micros() as u64,
             fill_us = (filled - reserved).as_micros() as u64,
             checksum_us = (hashed - filled).as_micros() as u64,
@@ -723,6 +718,15 @@ type KeptBytes = Vec<Option<Bytes>>;
 /// T0 slots hashed on the device, or read back through pinned memory when a
 /// write-through policy needs their bytes (kept, as `copies`) or the device
 /// cannot hash.
+/// Runs of slots that follow each other in item order (a group's copies
+/// merge along them).
+fn slot_runs(addrs: &[u64], len: usize) -> usize {
+    1 + addrs
+        .windows(2)
+        .filter(|w| w[1] != w[0].wrapping_add(len as u64))
+        .count()
+}
+
 fn device_checksums(
     hbm: Option<&HbmTier>,
     slots: &[DeviceSlot],
