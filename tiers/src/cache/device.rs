@@ -528,7 +528,10 @@ impl BlockCache {
             host_reads,
             missed,
         } = lent;
-        drop(hbm_reads);
+        match hbm {
+            Some(h) => h.release_many(hbm_reads),
+            None => drop(hbm_reads),
+        }
         drop(staging);
         let used = began.elapsed();
         if let Some(h) = promote_to {

@@ -97,7 +97,7 @@ mod tier_impl;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvstrata_kernels::{DEFAULT_DMA_THRESHOLD, DeviceBuffer, Gpu, GpuError, GpuStream};
 use parking_lot::{Condvar, Mutex, MutexGuard};
@@ -406,13 +406,15 @@ impl HbmTier {
     pub fn acquire_many(&self, ns: &NamespaceId, keys: &[BlockKey]) -> Vec<Option<HbmRead>> {
         let inner = &self.inner;
         type Found = (usize, usize, usize, u64, Option<BlockKey>);
+        // One clock reading for the batch (outside the lock).
+        let now = Instant::now();
         let found: Vec<Option<Found>> = {
             let mut meta = inner.meta.lock();
             let index = &mut meta.index;
             keys.iter()
                 .map(|key| {
                     let id = index.index.get(&(*ns, *key)).copied()?;
-                    index.touch(id);
+                    index.touch_at(id, now);
                     let e = index.entries.get_mut(id)?;
                     e.readers += 1;
                     let (slot, len, checksum, parent) = (e.slot, e.len, e.checksum, e.parent);
@@ -438,6 +440,22 @@ impl HbmTier {
                 })
             })
             .collect()
+    }
+
+    /// Gives back reads of this tier under one lock (dropping each takes
+    /// the lock once per block); reads of another tier are dropped as usual.
+    pub fn release_many(&self, reads: Vec<HbmRead>) {
+        let mut others = Vec::new();
+        {
+            let mut meta = self.inner.meta.lock();
+            for mut r in reads {
+                match Arc::ptr_eq(&r.inner, &self.inner) {
+                    true => release_read(&mut r.id, &mut meta),
+                    false => others.push(r),
+                }
+            }
+        }
+        drop(others);
     }
 
     /// Stops the tier, as the cache's ordered close does before the host
@@ -550,13 +568,27 @@ impl HbmRead {
     }
 }
 
+/// The `id` of an [`HbmRead`] already given back ([`HbmTier::release_many`]).
+const RELEASED: usize = usize::MAX;
+
+/// Gives back the reader count of the read of entry `*id` (`meta` is its
+/// tier's, locked) and marks it given back.
+fn release_read(id: &mut usize, meta: &mut Meta) {
+    if *id == RELEASED {
+        return;
+    }
+    if let Some(e) = meta.index.entries.get_mut(*id) {
+        e.readers -= 1;
+    }
+    meta.index.release_if_unused(*id);
+    *id = RELEASED;
+}
+
 impl Drop for HbmRead {
     fn drop(&mut self) {
-        let mut meta = self.inner.meta.lock();
-        if let Some(e) = meta.index.entries.get_mut(self.id) {
-            e.readers -= 1;
+        if self.id != RELEASED {
+            release_read(&mut self.id, &mut self.inner.meta.lock());
         }
-        meta.index.release_if_unused(self.id);
     }
 }
 

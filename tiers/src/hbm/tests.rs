@@ -76,3 +76,48 @@ fn readers_and_pins_are_never_victims() {
     assert!(!hbm.contains(&ns(), &key("a")));
     hbm.unpin(&pins[0]);
 }
+
+#[test]
+fn reads_given_back_in_one_batch_free_their_blocks_once() {
+    let (hbm, _host) = tiers(2, 8, 4096);
+    let (other, _other_host) = tiers(1, 8, 4096);
+    hbm.put(&ns(), &key("a"), None, &payload(1, 4096));
+    hbm.put(&ns(), &key("b"), None, &payload(2, 4096));
+    other.put(&ns(), &key("x"), None, &payload(3, 4096));
+    let mut reads: Vec<HbmRead> = hbm
+        .acquire_many(&ns(), &[key("a"), key("missing"), key("b")])
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(reads.len(), 2);
+    // A read of another tier in the batch is given back by its own drop.
+    reads.push(other.acquire(&ns(), &key("x")).unwrap());
+    assert_eq!(
+        hbm.put(&ns(), &key("c"), None, &payload(4, 4096)),
+        PutOutcome::NoSpace,
+        "both blocks are being read"
+    );
+    assert_eq!(
+        other.put(&ns(), &key("y"), None, &payload(5, 4096)),
+        PutOutcome::NoSpace
+    );
+    hbm.release_many(reads);
+    assert_eq!(
+        hbm.put(&ns(), &key("c"), None, &payload(4, 4096)),
+        PutOutcome::Stored
+    );
+    assert_eq!(
+        other.put(&ns(), &key("y"), None, &payload(5, 4096)),
+        PutOutcome::Stored
+    );
+    // Each reader count went down once: a new read and its drop leave the
+    // block readable and evictable as before (a second decrement would
+    // have underflowed).
+    let again = hbm.acquire(&ns(), &key("c")).unwrap();
+    drop(again);
+    assert_eq!(
+        hbm.put(&ns(), &key("d"), None, &payload(6, 4096)),
+        PutOutcome::Stored
+    );
+    assert_eq!(hbm.stats().blocks, 2);
+}
