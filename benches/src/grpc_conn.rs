@@ -126,6 +126,7 @@ pub(crate) async fn get_batch(
         keys: indices.iter().map(|&i| sh.key(i)).collect(),
         ranges: Vec::new(),
         pages: Vec::new(),
+        ..Default::default()
     };
     let t0 = Instant::now();
     let resp = kvstrata_client::inline::batch_get(

@@ -136,6 +136,7 @@ impl ShmConn {
             keys: indices.iter().map(|&i| sh.key(i)).collect(),
             ranges: ranges.iter().map(PoolRange::to_proto).collect(),
             pages: Vec::new(),
+            ..Default::default()
         };
         let t0 = Instant::now();
         let resp = self

@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -320,6 +320,9 @@ pub struct Client {
     /// The daemon's `server.max_batch` as its last `register_namespace`
     /// answer gave it ([`MAX_BATCH`] until then); shared by clones.
     max_batch: Arc<AtomicUsize>,
+    /// Whether the daemon's last `register_namespace` answer said it reads
+    /// the array form of a BatchGet's pages (`page_id_arrays`).
+    page_id_arrays: Arc<AtomicBool>,
 }
 
 impl Client {
@@ -408,6 +411,7 @@ impl Client {
             channel,
             options,
             max_batch: Arc::new(AtomicUsize::new(MAX_BATCH)),
+            page_id_arrays: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -481,6 +485,8 @@ impl Client {
             self.max_batch
                 .store(resp.max_batch as usize, Ordering::Relaxed);
         }
+        self.page_id_arrays
+            .store(resp.page_id_arrays, Ordering::Relaxed);
         Ok(RegisteredNamespace {
             id,
             block_bytes: resp.block_bytes,
@@ -592,6 +598,7 @@ impl Client {
             keys: keys_bytes(keys),
             ranges: Vec::new(),
             pages: Vec::new(),
+            ..Default::default()
         };
         // Decoded where the frames arrived: each payload is its own frame.
         let mut channel = self.channel.clone();
@@ -649,6 +656,7 @@ impl Client {
             keys: keys_bytes(keys),
             ranges: ranges.to_vec(),
             pages: Vec::new(),
+            ..Default::default()
         };
         self.get_into(req).await
     }
@@ -692,8 +700,54 @@ impl Client {
         let req = proto::BatchGetRequest {
             namespace_id: ns_bytes(ns),
             keys: keys_bytes(keys),
-            ranges: Vec::new(),
             pages: pages.to_vec(),
+            ..Default::default()
+        };
+        self.get_into(req).await
+    }
+
+    /// [`Client::get_pages`] for keys whose pages are all in region
+    /// `region_id`: `page_ids` holds each key's page ids (the same number per
+    /// key), one key's after the other. Sent as one page-id array when the
+    /// daemon said at `register_namespace` that it reads one (no message per
+    /// key to build, encode and decode), else as one `KvPages` per key.
+    pub async fn get_page_ids(
+        &self,
+        ns: &NamespaceId,
+        keys: &[impl AsRef<[u8]>],
+        region_id: u64,
+        page_ids: &[u32],
+    ) -> Result<Vec<proto::GetResult>, ClientError> {
+        if keys.is_empty() && page_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        if keys.is_empty() || page_ids.is_empty() || !page_ids.len().is_multiple_of(keys.len()) {
+            return Err(ClientError::InvalidArgument {
+                field: "page_ids",
+                reason: format!(
+                    "{} page ids for {} keys; give the same number for each key",
+                    page_ids.len(),
+                    keys.len()
+                ),
+            });
+        }
+        if !self.page_id_arrays.load(Ordering::Relaxed) {
+            let per_key = page_ids.len() / keys.len();
+            let pages: Vec<proto::KvPages> = page_ids
+                .chunks(per_key)
+                .map(|ids| proto::KvPages {
+                    region_id,
+                    page_ids: ids.to_vec(),
+                })
+                .collect();
+            return self.get_pages(ns, keys, &pages).await;
+        }
+        let req = proto::BatchGetRequest {
+            namespace_id: ns_bytes(ns),
+            keys: keys_bytes(keys),
+            page_region_id: region_id,
+            page_ids: page_ids.to_vec(),
+            ..Default::default()
         };
         self.get_into(req).await
     }
@@ -744,6 +798,7 @@ impl Client {
             keys: keys_bytes(keys),
             ranges: Vec::new(),
             pages: Vec::new(),
+            ..Default::default()
         };
         let mut c = self.inner.clone();
         let stream = self.call(c.get_stream(self.request(req, false))).await?;

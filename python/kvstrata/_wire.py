@@ -34,6 +34,8 @@ TAG_NAMESPACE_ID = 0x0A     # BatchPutRequest / BatchGetRequest.namespace_id
 TAG_PUT_ITEMS = 0x12        # BatchPutRequest.items
 TAG_GET_KEYS = 0x12         # BatchGetRequest.keys
 TAG_GET_PAGES = 0x22        # BatchGetRequest.pages
+TAG_GET_PAGE_REGION = 0x28  # BatchGetRequest.page_region_id
+TAG_GET_PAGE_IDS = 0x32     # BatchGetRequest.page_ids (packed)
 
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
@@ -257,6 +259,36 @@ def batch_get_pages_request(namespace_id: bytes, keys: Sequence[bytes], pages: P
     page_rows = Rows(n)
     page_rows.field(TAG_GET_PAGES, pages.rows())
     return _header(namespace_id) + key_rows.build() + page_rows.build()
+
+
+def packed_varints(values: np.ndarray) -> bytes:
+    """The varints of unsigned integers (any shape), one after the other: a packed field's bytes."""
+    if values.size == 0:
+        return b""
+    b, mask, _ = _varints(values.reshape(1, -1))
+    return b.tobytes() if mask is None else b[mask].tobytes()
+
+
+def batch_get_page_ids_request(namespace_id: bytes, keys: Sequence[bytes], region_id: int,
+                               page_ids: np.ndarray) -> bytes:
+    """`BatchGetRequest{namespace_id, keys, page_region_id, page_ids}`: every key's pages in one
+    region, `page_ids` an (n, pages_per_block) array (the array form, for a daemon that says
+    `page_id_arrays`)."""
+    n = len(keys)
+    if page_ids.shape[0] != n:
+        raise ValueError(f"page_ids: {page_ids.shape[0]} page lists for {n} keys")
+    out = _header(namespace_id)
+    if n:
+        key = Rows(n)
+        key.matrix(*_strings(keys))
+        key_rows = Rows(n)
+        key_rows.field(TAG_GET_KEYS, key)
+        out += key_rows.build()
+    if region_id:
+        out += bytes((TAG_GET_PAGE_REGION,)) + varint(region_id)
+    if page_ids.size:
+        out += field(TAG_GET_PAGE_IDS, packed_varints(page_ids))
+    return out
 
 
 def put_item_bytes(key: bytes, parent: bytes, kv_pages: bytes) -> bytes:

@@ -298,6 +298,9 @@ class Client:
         #: The most keys one batch request carries: the daemon's `server.max_batch` once a
         #: `register_namespace` answer has given it, else `MAX_BATCH` (its default).
         self.max_batch = MAX_BATCH
+        #: Whether the daemon said (at `register_namespace`) that it reads a page get's page
+        #: ids as one array (`page_region_id`, `page_ids`); until then one `KvPages` per key.
+        self.page_id_arrays = False
 
     # --- plumbing ---------------------------------------------------------------
 
@@ -356,6 +359,7 @@ class Client:
         resp = self._call("RegisterNamespace", req, timeout)
         if resp.max_batch > 0:
             self.max_batch = int(resp.max_batch)
+        self.page_id_arrays = bool(resp.page_id_arrays)
         return Namespace(id=bytes(resp.namespace_id), block_bytes=resp.block_bytes, spec=spec,
                          created=resp.created)
 
@@ -466,7 +470,7 @@ class Client:
         return out
 
     def _call_parts(self, method: str, bounds: list[tuple[int, int]], request: Callable[[int, int], bytes],
-                    timeout: Optional[float]) -> list[Any]:
+                    timeout: Optional[float], ids_per_key: int = 0) -> list[Any]:
         """One raw `method` request per part (`request(start, stop)` serializes it), each
         sent as soon as it is built (the next one is built while the daemon copies), all in
         flight together through grpc's futures. Waits for every call to finish, then raises
@@ -483,7 +487,7 @@ class Client:
             errors = [f.exception() for f in futures]
         for (a, _), err in zip(bounds, errors):
             if err is not None:
-                raise _shift_field(rpc_error(method, err), a) from None
+                raise _shift_field(rpc_error(method, err), a, ids_per_key) from None
         return [f.result() for f in futures]
 
     def batch_get_results(self, ns: NamespaceRef, keys: Sequence[bytes], *,
@@ -501,15 +505,33 @@ class Client:
             if len(bounds) > 1:  # more keys than one request takes
 
                 def request(a: int, b: int) -> bytes:
-                    return _wire.batch_get_pages_request(ns_id, keys[a:b], _pages_rows(pages[a:b]))
+                    return self._get_pages_request(ns_id, keys[a:b], pages[a:b])
 
-                return [r for answer in self._call_parts("BatchGet", bounds, request, timeout)
+                return [r for answer in self._call_parts("BatchGet", bounds, request, timeout,
+                                                         self._ids_per_key(pages))
                         for r in answer.results]
-            raw = _wire.batch_get_pages_request(ns_id, keys, _pages_rows(pages))
-            return self._call_raw("BatchGet", raw, timeout).results
+            raw = self._get_pages_request(ns_id, keys, pages)
+            try:
+                return self._call_raw("BatchGet", raw, timeout).results
+            except RpcError as e:
+                raise _shift_field(e, 0, self._ids_per_key(pages)) from None
         req = pb.BatchGetRequest(namespace_id=_ns_id(ns), keys=list(keys), ranges=list(ranges),
                                  pages=list(pages))
         return self._call("BatchGet", req, timeout).results
+
+    def _get_pages_request(self, ns_id: bytes, keys: Sequence[bytes], pages: Sequence[pb.KvPages]) -> bytes:
+        """A page get's request bytes: the page-id array form for a `PageBatch` when the daemon
+        said at `register_namespace` that it reads it, else one `KvPages` per key."""
+        if self._ids_per_key(pages):
+            assert isinstance(pages, PageBatch)
+            return _wire.batch_get_page_ids_request(ns_id, keys, pages.region_id, pages.page_ids)
+        return _wire.batch_get_pages_request(ns_id, keys, _pages_rows(pages))
+
+    def _ids_per_key(self, pages: Sequence[pb.KvPages]) -> int:
+        """pages_per_block when a page get of `pages` goes as one page-id array, else 0."""
+        if self.page_id_arrays and isinstance(pages, PageBatch) and pages.region_id:
+            return int(pages.page_ids.shape[1])
+        return 0
 
     def batch_get(self, ns: NamespaceRef, keys: Sequence[bytes], *,
                   timeout: Optional[float] = None) -> list[Optional[bytes]]:
@@ -540,9 +562,9 @@ class Client:
             ns_id = _ns_id(ns)
 
             def request(a: int, b: int) -> bytes:
-                return _wire.batch_get_pages_request(ns_id, keys[a:b], _pages_rows(pages[a:b]))
+                return self._get_pages_request(ns_id, keys[a:b], pages[a:b])
 
-            answers = self._call_parts("BatchGet", bounds, request, timeout)
+            answers = self._call_parts("BatchGet", bounds, request, timeout, self._ids_per_key(pages))
             return [r.found for answer in answers for r in answer.results]
         return [r.found for r in self._batch_get(ns, keys, (), pages, timeout)]
 
@@ -654,17 +676,27 @@ def _parts(n: int, in_flight: int, max_batch: int = MAX_BATCH) -> list[tuple[int
 
 
 #: The leading repeated field of a request (`items[3].pages…`, `pages[3]…`, `keys[3]`).
-_LEADING_INDEX = re.compile(r"^(items|keys|pages)\[(\d+)\]")
+_LEADING_INDEX = re.compile(r"^(items|keys|pages|page_ids)\[(\d+)\]")
 
 
-def _shift_field(err: RpcError, offset: int) -> RpcError:
+def _shift_field(err: RpcError, offset: int, ids_per_key: int = 0) -> RpcError:
     """A part's error with the leading index of its field shifted by the part's `offset`,
-    so it names the block in the whole request (same class, code and method)."""
+    so it names the block in the whole request (same class, code and method). A page get
+    sent as one page-id array (`ids_per_key` ids per key) has its `page_ids[k]` named as the
+    per-key form would be, `pages[i].page_ids[j]`."""
     m = _LEADING_INDEX.match(err.message)
-    if offset == 0 or m is None:
+    if m is None:
         return err
-    message = f"{m.group(1)}[{int(m.group(2)) + offset}]" + err.message[m.end():]
-    return type(err)(err.method, err.code, message)
+    name, index = m.group(1), int(m.group(2))
+    if name == "page_ids":
+        if ids_per_key <= 0:
+            return err
+        head = f"pages[{offset + index // ids_per_key}].page_ids[{index % ids_per_key}]"
+    elif offset == 0:
+        return err
+    else:
+        head = f"{name}[{index + offset}]"
+    return type(err)(err.method, err.code, head + err.message[m.end():])
 
 
 def _pages_rows(pages: Sequence[pb.KvPages]) -> _wire.PagesRows:

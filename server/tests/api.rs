@@ -277,6 +277,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
             keys: vec![Bytes::from("a")],
             ranges: Vec::new(),
             pages: Vec::new(),
+            ..Default::default()
         })
         .await;
     let s = bad_id.expect_err("short id");

@@ -146,6 +146,7 @@ async fn stalled_stream(c: &Client, ns: &NamespaceId, n: usize) -> tonic::Stream
             keys,
             ranges: Vec::new(),
             pages: Vec::new(),
+            ..Default::default()
         })
         .await
         .expect("stream starts")
@@ -405,6 +406,7 @@ async fn deadlines_end_slow_requests_and_half_apply_nothing() {
         keys: vec![Bytes::from("slow-0")],
         ranges: Vec::new(),
         pages: Vec::new(),
+        ..Default::default()
     });
     req.set_timeout(Duration::from_millis(200));
     let t0 = Instant::now();
@@ -453,6 +455,7 @@ async fn deadlines_end_slow_requests_and_half_apply_nothing() {
         keys: keys.iter().map(|k| Bytes::from(k.clone())).collect(),
         ranges: Vec::new(),
         pages: Vec::new(),
+        ..Default::default()
     });
     req.set_timeout(Duration::from_millis(300));
     let mut s = raw.get_stream(req).await.expect("stream").into_inner();

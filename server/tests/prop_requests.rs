@@ -748,6 +748,7 @@ async fn prop_grpc_requests_are_answered_with_field_errors_and_change_nothing_wh
                             keys: keys.iter().map(key_bytes).collect(),
                             ranges: ranges.iter().map(range).collect(),
                             pages: Vec::new(),
+                            ..Default::default()
                         })
                         .await
                         .map(|r| {

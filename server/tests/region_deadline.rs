@@ -165,6 +165,7 @@ fn a_get_whose_deadline_passed_before_its_scatter_writes_no_page() {
             keys: vec![key("k")],
             ranges: Vec::new(),
             pages: vec![region.pages(vec![3, 7])],
+            ..Default::default()
         };
         let mut raw = r.client.raw();
         let req = request.clone();

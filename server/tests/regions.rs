@@ -254,6 +254,7 @@ async fn bad_page_lists_are_refused_naming_the_field_and_store_nothing() {
             keys: vec![key("stored"), key("x")],
             ranges: Vec::new(),
             pages: vec![region.pages(vec![0, 1])],
+            ..Default::default()
         })
         .await
         .expect_err("count");
@@ -268,6 +269,7 @@ async fn bad_page_lists_are_refused_naming_the_field_and_store_nothing() {
                 length: 1,
             }],
             pages: vec![region.pages(vec![0, 1])],
+            ..Default::default()
         })
         .await
         .expect_err("both");
@@ -278,6 +280,7 @@ async fn bad_page_lists_are_refused_naming_the_field_and_store_nothing() {
             keys: vec![key("stored")],
             ranges: Vec::new(),
             pages: vec![region.pages(vec![0, 1])],
+            ..Default::default()
         })
         .await
         .expect_err("stream");

@@ -345,3 +345,136 @@ async fn direct_gather_failure_stores_nothing_not_even_staged_or_inline_blocks()
     drop(conn);
     r.stop().await;
 }
+
+/// A BatchGet's pages as one page-id array (`page_region_id`, `page_ids`):
+/// the same scatter as one `KvPages` per key, checked byte for byte; bad
+/// arrays are refused naming the field and change no page; a client that
+/// has not heard the daemon say it reads arrays sends `KvPages` instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn page_id_arrays_scatter_like_page_lists_and_bad_ones_change_nothing() {
+    let r = start_direct().await;
+    let g = per_layer();
+    let bb = g.block_bytes(2) as usize;
+    let mut a = r.region("arrays", g);
+    let fill = nonzero_bytes(41, a.len() as usize);
+    a.as_mut_slice().expect("memfd").copy_from_slice(&fill);
+    let (ns, _) = ns_for(&r.client, "arrays", &g, 2).await;
+    let keys = ["p0", "p1", "p2"];
+    let from: [[u32; 2]; 3] = [[0, 1], [2, 3], [4, 4]];
+    let items: Vec<PagesPutItem> = keys
+        .iter()
+        .zip(from)
+        .map(|(k, p)| PagesPutItem::new(key(k), a.pages(p.to_vec())))
+        .collect();
+    let put = r.client.put_pages(&ns, items).await.expect("put");
+    assert_eq!(put.stored, 3);
+    let poison = nonzero_bytes(42, a.len() as usize);
+    a.as_mut_slice().expect("memfd").copy_from_slice(&poison);
+    let block_of = |pages: [u32; 2]| {
+        let mut v = vec![0u8; bb];
+        kvstrata_kernels::reference::gather(&g, 2, &pages, &fill, &mut v).expect("reference");
+        v
+    };
+
+    // Refused, naming the field, before any page is written.
+    let raw_get = |req: pb::BatchGetRequest| {
+        let mut raw = r.client.raw();
+        async move { raw.batch_get(req).await }
+    };
+    let base = pb::BatchGetRequest {
+        namespace_id: Bytes::copy_from_slice(ns.as_bytes()),
+        keys: keys.iter().map(|k| key(k)).collect(),
+        page_region_id: a.id(),
+        page_ids: vec![7, 8, 9, 10, 11, 12],
+        ..Default::default()
+    };
+    for (req, field) in [
+        (
+            pb::BatchGetRequest {
+                page_ids: vec![7, 8, 9, 10, 11],
+                ..base.clone()
+            },
+            "page_ids: 5 page ids for 3 keys; give 2 per key",
+        ),
+        (
+            pb::BatchGetRequest {
+                page_ids: vec![7, 8, 9, 10, 11, 13],
+                ..base.clone()
+            },
+            "page_ids[5]",
+        ),
+        (
+            pb::BatchGetRequest {
+                pages: vec![a.pages(vec![7, 8]); 3],
+                ..base.clone()
+            },
+            "page_ids: give `pages` or `page_region_id` and `page_ids`, not both",
+        ),
+    ] {
+        let e = raw_get(req).await.expect_err("refused");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().starts_with(field), "{field}: {}", e.message());
+    }
+    assert!(
+        a.as_slice().expect("memfd") == &poison[..],
+        "a refused request wrote pages"
+    );
+
+    // An unknown region: every key a miss naming it, no page written.
+    let got = raw_get(pb::BatchGetRequest {
+        page_region_id: 999,
+        ..base.clone()
+    })
+    .await
+    .expect("get")
+    .into_inner()
+    .results;
+    assert!(
+        got.iter()
+            .all(|x| !x.found && x.region_error.contains("999")),
+        "{got:?}"
+    );
+    assert!(a.as_slice().expect("memfd") == &poison[..]);
+
+    // The array form: one key missing, the others scattered exactly.
+    let mut want = poison.clone();
+    let got = r
+        .client
+        .get_page_ids(&ns, &["p0", "absent", "p2"], a.id(), &[7, 8, 9, 10, 11, 12])
+        .await
+        .expect("get");
+    let found: Vec<bool> = got.iter().map(|x| x.found).collect();
+    assert_eq!(found, vec![true, false, true], "{got:?}");
+    for (pages, blk) in [
+        ([7u32, 8], block_of(from[0])),
+        ([11, 12], block_of(from[2])),
+    ] {
+        kvstrata_kernels::reference::scatter(&g, 2, &pages, &blk, &mut want).expect("reference");
+    }
+    assert!(
+        a.as_slice().expect("memfd") == &want[..],
+        "the array form's scatter differs from the reference"
+    );
+
+    // A client that has not registered the namespace itself does not know
+    // the daemon reads arrays: it sends one KvPages per key, same result.
+    let other = kvstrata_client::Client::connect(&r.daemon.addrs().uds_target().expect("uds"))
+        .await
+        .expect("connect");
+    let got = other
+        .get_page_ids(&ns, &["p1"], a.id(), &[0, 6])
+        .await
+        .expect("get");
+    assert!(got[0].found, "{got:?}");
+    kvstrata_kernels::reference::scatter(&g, 2, &[0, 6], &block_of(from[1]), &mut want)
+        .expect("reference");
+    assert!(
+        a.as_slice().expect("memfd") == &want[..],
+        "the per-key form's scatter differs from the reference"
+    );
+    let e = other
+        .get_page_ids(&ns, &["p1", "p2"], a.id(), &[0, 6, 1])
+        .await
+        .expect_err("uneven");
+    assert!(e.to_string().contains("page_ids"), "{e}");
+}

@@ -322,6 +322,7 @@ async fn malformed_range_requests_are_invalid_and_change_nothing() {
         keys,
         ranges,
         pages: Vec::new(),
+        ..Default::default()
     };
     let e = raw
         .batch_get(get(

@@ -58,6 +58,9 @@ def test_page_requests_equal_protobufs_serialization(rng):
                      _wire.PagesRows.from_messages([m.SerializeToString() for m in messages])):
             what = f"case {case}: n={n} ppb={ppb} region={region_id} keys={[len(bytes(k)) for k in keys][:4]}"
             assert _wire.batch_get_pages_request(ns, keys, rows) == reference_get(ns, keys, messages), what
+            assert _wire.batch_get_page_ids_request(ns, keys, region_id, ids) == pb.BatchGetRequest(
+                namespace_id=ns, keys=[bytes(k) for k in keys], page_region_id=region_id,
+                page_ids=ids.reshape(-1).tolist()).SerializeToString(), what
             parents = [rng.randbytes(rng.choice([0, 16, 130])) for _ in range(n)]
             assert _wire.batch_put_pages_request(ns, keys, parents, rows) == \
                 reference_put(ns, keys, parents, messages), what
@@ -128,7 +131,15 @@ def test_client_sends_protobufs_bytes(rng):
                 assert put.sent[-1] == reference_put(ns, keys, want, messages)
             assert client.batch_get_pages(ns, keys, pages) == [True] * n
             assert get.sent[-1] == reference_get(ns, keys, messages)
-        assert len(put.sent) == 8 and len(get.sent) == 2
+            # a daemon that reads page-id arrays gets a page batch's ids as one array
+            client.page_id_arrays = True
+            assert client.batch_get_pages(ns, keys, pages) == [True] * n
+            want = (pb.BatchGetRequest(namespace_id=ns, keys=keys, page_region_id=99,
+                                       page_ids=ids.reshape(-1).tolist()).SerializeToString()
+                    if isinstance(pages, PageBatch) else reference_get(ns, keys, messages))
+            assert get.sent[-1] == want
+            client.page_id_arrays = False
+        assert len(put.sent) == 8 and len(get.sent) == 4
     finally:
         client.close()
 
@@ -193,6 +204,10 @@ def test_page_batch_round_trips_byte_exact(client, daemon, rng, layout, ppb):
         with pytest.raises(kvstrata.InvalidArgument) as e:
             client.batch_put_pages(ns, [b"b%d" % i for i in range(n)], region.page_batch(bad))
         assert e.value.field == f"items[20].pages.page_ids[{ppb - 1}]"
+        assert client.page_id_arrays  # this daemon reads a page batch's ids as one array
         with pytest.raises(kvstrata.InvalidArgument) as e:
             client.batch_get_pages(ns, keys, region.page_batch(bad))
+        assert e.value.field == f"pages[20].page_ids[{ppb - 1}]"  # named as for one list per key
+        with pytest.raises(kvstrata.InvalidArgument) as e:
+            client.batch_get_pages(ns, keys, [region.pages(row) for row in bad])
         assert e.value.field.startswith("pages[20]")

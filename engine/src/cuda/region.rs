@@ -450,9 +450,13 @@ impl GpuKvStore {
         pages: &[u32],
     ) -> Result<Vec<proto::GetResult>> {
         let began = Instant::now();
-        let wanted: Vec<proto::KvPages> = pages.iter().map(|&p| region.pages([p])).collect();
         let ns = self.store.namespace_id();
-        let results = self.store.client().get_pages(ns, keys, &wanted).await?;
+        // One page per block: the page ids as one array (no message per key).
+        let results = self
+            .store
+            .client()
+            .get_page_ids(ns, keys, region.id(), pages)
+            .await?;
         tracing::debug!(
             blocks = keys.len(),
             request_us = began.elapsed().as_micros() as u64,

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Status};
 
+use super::kv_pages::PageLists;
 use super::{BoxStream, KvCacheService, check_pools, check_range_length};
 use crate::auth::Caller;
 use crate::convert::{self, status};
@@ -30,8 +31,11 @@ impl KvCacheService {
         request: Request<pb::BatchGetRequest>,
     ) -> Result<pb::BatchGetResponse, Status> {
         let caller = Caller::of(&request);
-        let uses_pools =
-            !request.get_ref().ranges.is_empty() || !request.get_ref().pages.is_empty();
+        let r = request.get_ref();
+        let uses_pools = !r.ranges.is_empty()
+            || !r.pages.is_empty()
+            || !r.page_ids.is_empty()
+            || r.page_region_id != 0;
         self.check_ns(&caller, &request.get_ref().namespace_id)?;
         check_pools(&caller, "ranges", uses_pools)?;
         let results = self
@@ -62,6 +66,11 @@ impl KvCacheService {
         if !req.pages.is_empty() {
             return Err(Status::invalid_argument(
                 "pages: GetStream returns payloads inline; use BatchGet to read into KV pages",
+            ));
+        }
+        if !req.page_ids.is_empty() || req.page_region_id != 0 {
+            return Err(Status::invalid_argument(
+                "page_ids: GetStream returns payloads inline; use BatchGet to read into KV pages",
             ));
         }
         let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
@@ -125,13 +134,28 @@ impl KvCacheService {
     ) -> Result<Vec<pb::GetResult>, Status> {
         let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
         let keys = convert::keys("keys", &req.keys, max)?;
+        let array = !req.page_ids.is_empty() || req.page_region_id != 0;
+        if array && !req.pages.is_empty() {
+            return Err(Status::invalid_argument(
+                "page_ids: give `pages` or `page_region_id` and `page_ids`, not both",
+            ));
+        }
+        if (array || !req.pages.is_empty()) && !req.ranges.is_empty() {
+            return Err(Status::invalid_argument(
+                "ranges: give pool ranges or KV pages, not both",
+            ));
+        }
+        if array {
+            let pages = PageLists::Array {
+                region_id: req.page_region_id,
+                page_ids: &req.page_ids,
+            };
+            return self.get_pages(ns, keys, req.keys, pages).await;
+        }
         if !req.pages.is_empty() {
-            if !req.ranges.is_empty() {
-                return Err(Status::invalid_argument(
-                    "ranges: give pool ranges or KV pages, not both",
-                ));
-            }
-            return self.get_pages(ns, keys, req.keys, &req.pages).await;
+            return self
+                .get_pages(ns, keys, req.keys, PageLists::PerKey(&req.pages))
+                .await;
         }
         let targets = if req.ranges.is_empty() {
             None

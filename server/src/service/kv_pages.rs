@@ -139,6 +139,15 @@ struct GetPagesPlan<'a> {
     staged_keys: Vec<BlockKey>,
 }
 
+/// The pages a BatchGet names for its keys.
+pub(super) enum PageLists<'a> {
+    /// `pages`: one `KvPages` per key.
+    PerKey(&'a [pb::KvPages]),
+    /// `page_region_id` and `page_ids`: pages_per_block ids per key, one
+    /// region.
+    Array { region_id: u64, page_ids: &'a [u32] },
+}
+
 /// What became of one key of a BatchGet into pages: `Ok(Some(tier))` a hit,
 /// `Ok(None)` a miss, `Err` a problem with its region.
 type PageOutcome = Result<Option<TierKind>, String>;
@@ -169,7 +178,7 @@ impl KvCacheService {
                     Ok(r) => r,
                     Err(e) => return Ok(Err(e.to_string())),
                 };
-                let ppb = check_region_fits(field, &region, namespace)?;
+                let ppb = check_region_fits(format_args!("{field}.region_id"), &region, namespace)?;
                 *last = Some((Arc::clone(&region), ppb));
                 (region, ppb)
             }
@@ -183,28 +192,90 @@ impl KvCacheService {
         }))
     }
 
-    /// A BatchGet whose found blocks are scattered into KV-region pages.
+    /// The pages of each key of a BatchGet in the array form: every key's
+    /// `pages_per_block` ids of region `region_id`, one key's after the
+    /// other (`page_region_id`, `page_ids`). Checked as `pages` would be,
+    /// the region once; an unknown or closed region is every key's own
+    /// problem.
+    fn region_page_ids(
+        &self,
+        region_id: u64,
+        page_ids: &[u32],
+        keys: usize,
+        namespace: &Namespace,
+    ) -> Result<Vec<Result<PagesTarget, String>>, Status> {
+        let every_key = |e: String| (0..keys).map(|_| Err(e.clone())).collect();
+        let region = match self.regions.as_ref().map(|r| r.get(region_id)) {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => return Ok(every_key(e.to_string())),
+            None => {
+                return Ok(every_key(format!(
+                    "KV region {region_id} is not registered (this daemon has no region socket: gpu.region_socket)"
+                )));
+            }
+        };
+        let ppb = check_region_fits(format_args!("page_region_id"), &region, namespace)?;
+        let g = region.geometry();
+        if page_ids.len() != keys * ppb as usize {
+            return Err(Status::invalid_argument(format!(
+                "page_ids: {} page ids for {keys} keys; give {ppb} per key, one key's after the other (a block is {ppb} pages of region {region_id}: {} tokens / {} per page)",
+                page_ids.len(),
+                namespace.spec.block_tokens,
+                g.page_tokens
+            )));
+        }
+        if page_ids.iter().any(|&p| p >= g.num_pages) {
+            g.check_pages("page_ids", ppb, page_ids)
+                .map_err(|e| Status::invalid_argument(format!("{}: {}", e.field, e.reason)))?;
+        }
+        let cutoff = cutoff_now();
+        Ok(page_ids
+            .chunks(ppb as usize)
+            .map(|ids| {
+                Ok(PagesTarget {
+                    region: Arc::clone(&region),
+                    pages_per_block: ppb,
+                    page_ids: ids.to_vec(),
+                    cutoff,
+                })
+            })
+            .collect())
+    }
+
+    /// A BatchGet whose found blocks are scattered into KV-region pages:
+    /// `pages` (one `KvPages` per key) or, when `page_ids` is not empty, the
+    /// array form (`page_region_id`, `page_ids`).
     pub(super) async fn get_pages(
         &self,
         ns: NamespaceId,
         keys: Vec<BlockKey>,
         wire_keys: Vec<Bytes>,
-        pages: &[pb::KvPages],
+        pages: PageLists<'_>,
     ) -> Result<Vec<pb::GetResult>, Status> {
-        if pages.len() != keys.len() {
-            return Err(Status::invalid_argument(format!(
-                "pages: {} given for {} keys; give one per key, or none",
-                pages.len(),
-                keys.len()
-            )));
-        }
         let namespace = self.cache.namespace("namespace_id", &ns).map_err(status)?;
-        let mut last = None;
-        let targets = pages
-            .iter()
-            .enumerate()
-            .map(|(i, p)| self.region_pages(format_args!("pages[{i}]"), p, &namespace, &mut last))
-            .collect::<Result<Vec<_>, Status>>()?;
+        let targets = match pages {
+            PageLists::PerKey(pages) => {
+                if pages.len() != keys.len() {
+                    return Err(Status::invalid_argument(format!(
+                        "pages: {} given for {} keys; give one per key, or none",
+                        pages.len(),
+                        keys.len()
+                    )));
+                }
+                let mut last = None;
+                pages
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        self.region_pages(format_args!("pages[{i}]"), p, &namespace, &mut last)
+                    })
+                    .collect::<Result<Vec<_>, Status>>()?
+            }
+            PageLists::Array {
+                region_id,
+                page_ids,
+            } => self.region_page_ids(region_id, page_ids, keys.len(), &namespace)?,
+        };
         let cache = Arc::clone(&self.cache);
         let registry = self.regions.clone();
         let block_bytes = namespace.block_bytes;
@@ -594,8 +665,8 @@ fn group_put_pages(
 }
 
 /// Checks a region's geometry against the namespace (once per region of a
-/// request); returns pages_per_block. Errors name `field`
-/// (`items[3].pages.region_id`).
+/// request); returns pages_per_block. Errors name `field`, the region id's
+/// field (`items[3].pages.region_id`, `page_region_id`).
 fn check_region_fits(
     field: std::fmt::Arguments<'_>,
     region: &KvRegion,
@@ -604,11 +675,7 @@ fn check_region_fits(
     let g = region.geometry();
     let spec = &namespace.spec;
     let id = region.id();
-    let bad = |what: String| {
-        Err(Status::invalid_argument(format!(
-            "{field}.region_id: {what}"
-        )))
-    };
+    let bad = |what: String| Err(Status::invalid_argument(format!("{field}: {what}")));
     if spec.layout != kvstrata_tiers::Layout::LayerMajor {
         return bad(format!(
             "KV pages are gathered into layer-major blocks, but namespace {} is opaque",

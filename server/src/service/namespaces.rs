@@ -84,6 +84,7 @@ impl KvCacheService {
                     block_bytes: ns.block_bytes,
                     created,
                     max_batch,
+                    page_id_arrays: true,
                 })
             })
             .await;
