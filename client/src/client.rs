@@ -317,12 +317,18 @@ pub struct Client {
     /// The channel under `inner`, for the calls decoded by hand ([`crate::inline`]).
     channel: Channel,
     options: ClientOptions,
-    /// The daemon's `server.max_batch` as its last `register_namespace`
-    /// answer gave it ([`MAX_BATCH`] until then); shared by clones.
-    max_batch: Arc<AtomicUsize>,
-    /// Whether the daemon's last `register_namespace` answer said it reads
-    /// the array form of a BatchGet's pages (`page_id_arrays`).
-    page_id_arrays: Arc<AtomicBool>,
+    /// What the daemon's last `register_namespace` answer told; shared by clones.
+    learnt: Arc<Learnt>,
+}
+
+/// What a client learns from the daemon's `register_namespace` answers.
+#[derive(Debug)]
+struct Learnt {
+    /// The daemon's `server.max_batch` ([`MAX_BATCH`] until told).
+    max_batch: AtomicUsize,
+    /// Whether the daemon reads a BatchGet's pages as one page-id array
+    /// (`page_id_arrays`; false until told).
+    page_id_arrays: AtomicBool,
 }
 
 impl Client {
@@ -410,8 +416,10 @@ impl Client {
             inner,
             channel,
             options,
-            max_batch: Arc::new(AtomicUsize::new(MAX_BATCH)),
-            page_id_arrays: Arc::new(AtomicBool::new(false)),
+            learnt: Arc::new(Learnt {
+                max_batch: AtomicUsize::new(MAX_BATCH),
+                page_id_arrays: AtomicBool::new(false),
+            }),
         }
     }
 
@@ -482,10 +490,12 @@ impl Client {
         let id = NamespaceId::from_slice("namespace_id", &resp.namespace_id)
             .map_err(|e| ClientError::InvalidResponse(e.to_string()))?;
         if resp.max_batch > 0 {
-            self.max_batch
+            self.learnt
+                .max_batch
                 .store(resp.max_batch as usize, Ordering::Relaxed);
         }
-        self.page_id_arrays
+        self.learnt
+            .page_id_arrays
             .store(resp.page_id_arrays, Ordering::Relaxed);
         Ok(RegisteredNamespace {
             id,
@@ -498,7 +508,7 @@ impl Client {
     /// request: the daemon's `server.max_batch` once a `register_namespace`
     /// answer has given it, else [`MAX_BATCH`] (the daemon's default).
     pub fn max_batch(&self) -> usize {
-        self.max_batch.load(Ordering::Relaxed)
+        self.learnt.max_batch.load(Ordering::Relaxed)
     }
 
     /// Every registered namespace.
@@ -731,7 +741,7 @@ impl Client {
                 ),
             });
         }
-        if !self.page_id_arrays.load(Ordering::Relaxed) {
+        if !self.learnt.page_id_arrays.load(Ordering::Relaxed) {
             let per_key = page_ids.len() / keys.len();
             let pages: Vec<proto::KvPages> = page_ids
                 .chunks(per_key)

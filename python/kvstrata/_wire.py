@@ -245,6 +245,15 @@ def _header(namespace_id: bytes) -> bytes:
     return field(TAG_NAMESPACE_ID, namespace_id) if namespace_id else b""
 
 
+def _get_keys(keys: Sequence[bytes]) -> Rows:
+    """`BatchGetRequest.keys`, one row per key."""
+    key = Rows(len(keys))
+    key.matrix(*_strings(keys))
+    rows = Rows(len(keys))
+    rows.field(TAG_GET_KEYS, key)
+    return rows
+
+
 def batch_get_pages_request(namespace_id: bytes, keys: Sequence[bytes], pages: PagesRows) -> bytes:
     """`BatchGetRequest{namespace_id, keys, pages}` (no ranges)."""
     n = len(keys)
@@ -252,13 +261,9 @@ def batch_get_pages_request(namespace_id: bytes, keys: Sequence[bytes], pages: P
         raise ValueError(f"pages: {pages.n} page lists for {n} keys")
     if n == 0:
         return _header(namespace_id)
-    key = Rows(n)
-    key.matrix(*_strings(keys))
-    key_rows = Rows(n)
-    key_rows.field(TAG_GET_KEYS, key)
     page_rows = Rows(n)
     page_rows.field(TAG_GET_PAGES, pages.rows())
-    return _header(namespace_id) + key_rows.build() + page_rows.build()
+    return _header(namespace_id) + _get_keys(keys).build() + page_rows.build()
 
 
 def packed_varints(values: np.ndarray) -> bytes:
@@ -279,11 +284,7 @@ def batch_get_page_ids_request(namespace_id: bytes, keys: Sequence[bytes], regio
         raise ValueError(f"page_ids: {page_ids.shape[0]} page lists for {n} keys")
     out = _header(namespace_id)
     if n:
-        key = Rows(n)
-        key.matrix(*_strings(keys))
-        key_rows = Rows(n)
-        key_rows.field(TAG_GET_KEYS, key)
-        out += key_rows.build()
+        out += _get_keys(keys).build()
     if region_id:
         out += bytes((TAG_GET_PAGE_REGION,)) + varint(region_id)
     if page_ids.size:

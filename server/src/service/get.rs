@@ -25,6 +25,12 @@ const STREAM_BATCH_FACTOR: usize = 16;
 /// cannot be used.
 type GetTarget = Result<(Arc<Pool>, u64), RangeError>;
 
+/// Whether a BatchGet names its pages as one page-id array
+/// (`page_region_id`, `page_ids`).
+fn names_page_ids(req: &pb::BatchGetRequest) -> bool {
+    !req.page_ids.is_empty() || req.page_region_id != 0
+}
+
 impl KvCacheService {
     pub(super) async fn handle_batch_get(
         &self,
@@ -32,11 +38,8 @@ impl KvCacheService {
     ) -> Result<pb::BatchGetResponse, Status> {
         let caller = Caller::of(&request);
         let r = request.get_ref();
-        let uses_pools = !r.ranges.is_empty()
-            || !r.pages.is_empty()
-            || !r.page_ids.is_empty()
-            || r.page_region_id != 0;
-        self.check_ns(&caller, &request.get_ref().namespace_id)?;
+        let uses_pools = !r.ranges.is_empty() || !r.pages.is_empty() || names_page_ids(r);
+        self.check_ns(&caller, &r.namespace_id)?;
         check_pools(&caller, "ranges", uses_pools)?;
         let results = self
             .get(request.into_inner(), self.limits.max_batch)
@@ -68,7 +71,7 @@ impl KvCacheService {
                 "pages: GetStream returns payloads inline; use BatchGet to read into KV pages",
             ));
         }
-        if !req.page_ids.is_empty() || req.page_region_id != 0 {
+        if names_page_ids(&req) {
             return Err(Status::invalid_argument(
                 "page_ids: GetStream returns payloads inline; use BatchGet to read into KV pages",
             ));
@@ -134,7 +137,7 @@ impl KvCacheService {
     ) -> Result<Vec<pb::GetResult>, Status> {
         let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
         let keys = convert::keys("keys", &req.keys, max)?;
-        let array = !req.page_ids.is_empty() || req.page_region_id != 0;
+        let array = names_page_ids(&req);
         if array && !req.pages.is_empty() {
             return Err(Status::invalid_argument(
                 "page_ids: give `pages` or `page_region_id` and `page_ids`, not both",

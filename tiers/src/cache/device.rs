@@ -716,11 +716,6 @@ type FoundAndScattered<E> = (Vec<Option<TierKind>>, Result<usize, E>);
 /// Per item of a device put, its bytes when a write-through needs them.
 type KeptBytes = Vec<Option<Bytes>>;
 
-/// Checksums of the slots of a device put: `known` (hashed on the device
-/// while they were staged) as they are; pinned host slots hashed on the CPU;
-/// T0 slots hashed on the device, or read back through pinned memory when a
-/// write-through policy needs their bytes (kept, as `copies`) or the device
-/// cannot hash.
 /// Runs of slots that follow each other in item order (a group's copies
 /// merge along them).
 fn slot_runs(addrs: &[u64], len: usize) -> usize {
@@ -730,6 +725,11 @@ fn slot_runs(addrs: &[u64], len: usize) -> usize {
         .count()
 }
 
+/// Checksums of the slots of a device put: `known` (hashed on the device
+/// while they were staged) as they are; pinned host slots hashed on the CPU;
+/// T0 slots hashed on the device, or read back through pinned memory when a
+/// write-through policy needs their bytes (kept, as `copies`) or the device
+/// cannot hash.
 fn device_checksums(
     hbm: Option<&HbmTier>,
     slots: &[DeviceSlot],
