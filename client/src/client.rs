@@ -20,6 +20,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
 
 use crate::error::ClientError;
+use crate::pages_found::PagesFound;
 use crate::target::Target;
 
 /// A stream of server messages (`GetStream`, `Watch`).
@@ -329,6 +330,9 @@ struct Learnt {
     /// Whether the daemon reads a BatchGet's pages as one page-id array
     /// (`page_id_arrays`; false until told).
     page_id_arrays: AtomicBool,
+    /// Whether the daemon answers a get into pages compactly on request
+    /// (`compact_answers`; false until told).
+    compact_answers: AtomicBool,
 }
 
 impl Client {
@@ -419,6 +423,7 @@ impl Client {
             learnt: Arc::new(Learnt {
                 max_batch: AtomicUsize::new(MAX_BATCH),
                 page_id_arrays: AtomicBool::new(false),
+                compact_answers: AtomicBool::new(false),
             }),
         }
     }
@@ -497,6 +502,9 @@ impl Client {
         self.learnt
             .page_id_arrays
             .store(resp.page_id_arrays, Ordering::Relaxed);
+        self.learnt
+            .compact_answers
+            .store(resp.compact_answers, Ordering::Relaxed);
         Ok(RegisteredNamespace {
             id,
             block_bytes: resp.block_bytes,
@@ -718,18 +726,20 @@ impl Client {
 
     /// [`Client::get_pages`] for keys whose pages are all in region
     /// `region_id`: `page_ids` holds each key's page ids (the same number per
-    /// key), one key's after the other. Sent as one page-id array when the
-    /// daemon said at `register_namespace` that it reads one (no message per
-    /// key to build, encode and decode), else as one `KvPages` per key.
+    /// key), one key's after the other. Sent as one page-id array, answered
+    /// compactly (each key's tier, the keys that failed), when the daemon
+    /// said at `register_namespace` that it can (no message per key to
+    /// build, encode and decode either way), else as one `KvPages` per key
+    /// answered with one `GetResult` per key; [`PagesFound`] reads either.
     pub async fn get_page_ids(
         &self,
         ns: &NamespaceId,
         keys: &[impl AsRef<[u8]>],
         region_id: u64,
         page_ids: &[u32],
-    ) -> Result<Vec<proto::GetResult>, ClientError> {
+    ) -> Result<PagesFound, ClientError> {
         if keys.is_empty() && page_ids.is_empty() {
-            return Ok(Vec::new());
+            return Ok(PagesFound::default());
         }
         if keys.is_empty() || page_ids.is_empty() || !page_ids.len().is_multiple_of(keys.len()) {
             return Err(ClientError::InvalidArgument {
@@ -750,16 +760,24 @@ impl Client {
                     page_ids: ids.to_vec(),
                 })
                 .collect();
-            return self.get_pages(ns, keys, &pages).await;
+            let results = self.get_pages(ns, keys, &pages).await?;
+            return Ok(PagesFound::from_results(&results));
         }
+        let compact = self.learnt.compact_answers.load(Ordering::Relaxed);
         let req = proto::BatchGetRequest {
             namespace_id: ns_bytes(ns),
             keys: keys_bytes(keys),
             page_region_id: region_id,
             page_ids: page_ids.to_vec(),
+            compact_answer: compact,
             ..Default::default()
         };
-        self.get_into(req).await
+        if !compact {
+            return Ok(PagesFound::from_results(&self.get_into(req).await?));
+        }
+        let mut c = self.inner.clone();
+        let resp = self.call(c.batch_get(self.request(req, true))).await?;
+        PagesFound::from_compact(resp, keys.len())
     }
 
     /// Streams batches in (one request message per batch) and collects the

@@ -18,6 +18,7 @@
 mod client;
 mod error;
 pub mod inline;
+mod pages_found;
 pub mod pool;
 pub mod region;
 mod target;
@@ -32,6 +33,7 @@ pub use kvstrata_types::{
     Dtype, Layout, NamespaceId, NamespacePolicy, NamespaceSpec, PageLayout, PagedGeometry,
     spec_from_proto, spec_to_proto,
 };
+pub use pages_found::PagesFound;
 pub use pool::{PoolRange, SharedPool};
 pub use region::{KvRegion, KvRegionError, PagesPutItem};
 pub use target::{DEFAULT_TCP_TARGET, Target, default_target, default_uds_path};

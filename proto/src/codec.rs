@@ -332,6 +332,7 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            ..Default::default()
         };
         let wire = grpc_frame(&msg);
         assert_eq!(&wire[GRPC_HEADER_BYTES..], &msg.encode_to_vec()[..]);

@@ -36,6 +36,7 @@ TAG_GET_KEYS = 0x12         # BatchGetRequest.keys
 TAG_GET_PAGES = 0x22        # BatchGetRequest.pages
 TAG_GET_PAGE_REGION = 0x28  # BatchGetRequest.page_region_id
 TAG_GET_PAGE_IDS = 0x32     # BatchGetRequest.page_ids (packed)
+TAG_GET_COMPACT = 0x38      # BatchGetRequest.compact_answer
 
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
@@ -275,10 +276,11 @@ def packed_varints(values: np.ndarray) -> bytes:
 
 
 def batch_get_page_ids_request(namespace_id: bytes, keys: Sequence[bytes], region_id: int,
-                               page_ids: np.ndarray) -> bytes:
-    """`BatchGetRequest{namespace_id, keys, page_region_id, page_ids}`: every key's pages in one
-    region, `page_ids` an (n, pages_per_block) array (the array form, for a daemon that says
-    `page_id_arrays`)."""
+                               page_ids: np.ndarray, compact: bool = False) -> bytes:
+    """`BatchGetRequest{namespace_id, keys, page_region_id, page_ids, compact_answer}`: every
+    key's pages in one region, `page_ids` an (n, pages_per_block) array (the array form, for a
+    daemon that says `page_id_arrays`); `compact`: answered with each key's tier instead of a
+    `GetResult` per key (for a daemon that says `compact_answers`)."""
     n = len(keys)
     if page_ids.shape[0] != n:
         raise ValueError(f"page_ids: {page_ids.shape[0]} page lists for {n} keys")
@@ -289,6 +291,8 @@ def batch_get_page_ids_request(namespace_id: bytes, keys: Sequence[bytes], regio
         out += bytes((TAG_GET_PAGE_REGION,)) + varint(region_id)
     if page_ids.size:
         out += field(TAG_GET_PAGE_IDS, packed_varints(page_ids))
+    if compact:
+        out += bytes((TAG_GET_COMPACT, 1))
     return out
 
 

@@ -301,6 +301,9 @@ class Client:
         #: Whether the daemon said (at `register_namespace`) that it reads a page get's page
         #: ids as one array (`page_region_id`, `page_ids`); until then one `KvPages` per key.
         self.page_id_arrays = False
+        #: Whether the daemon said that it answers a page get compactly on request (each key's
+        #: tier, no `GetResult` per key); `batch_get_pages` asks for that with page-id arrays.
+        self.compact_answers = False
 
     # --- plumbing ---------------------------------------------------------------
 
@@ -360,6 +363,7 @@ class Client:
         if resp.max_batch > 0:
             self.max_batch = int(resp.max_batch)
         self.page_id_arrays = bool(resp.page_id_arrays)
+        self.compact_answers = bool(resp.compact_answers)
         return Namespace(id=bytes(resp.namespace_id), block_bytes=resp.block_bytes, spec=spec,
                          created=resp.created)
 
@@ -519,12 +523,15 @@ class Client:
                                  pages=list(pages))
         return self._call("BatchGet", req, timeout).results
 
-    def _get_pages_request(self, ns_id: bytes, keys: Sequence[bytes], pages: Sequence[pb.KvPages]) -> bytes:
+    def _get_pages_request(self, ns_id: bytes, keys: Sequence[bytes], pages: Sequence[pb.KvPages],
+                           compact: bool = False) -> bytes:
         """A page get's request bytes: the page-id array form for a `PageBatch` when the daemon
-        said at `register_namespace` that it reads it, else one `KvPages` per key."""
+        said at `register_namespace` that it reads it (`compact`: asking for the compact
+        answer), else one `KvPages` per key."""
         if self._ids_per_key(pages):
             assert isinstance(pages, PageBatch)
-            return _wire.batch_get_page_ids_request(ns_id, keys, pages.region_id, pages.page_ids)
+            return _wire.batch_get_page_ids_request(ns_id, keys, pages.region_id, pages.page_ids,
+                                                    compact)
         return _wire.batch_get_pages_request(ns_id, keys, _pages_rows(pages))
 
     def _ids_per_key(self, pages: Sequence[pb.KvPages]) -> int:
@@ -558,13 +565,24 @@ class Client:
         if len(pages) != len(keys):
             raise ValueError(f"pages: {len(pages)} page lists for {len(keys)} keys")
         bounds = _parts(len(keys), in_flight, self.max_batch)
-        if len(bounds) > 1:
+        ids_per_key = self._ids_per_key(pages)
+        # Page-id arrays to a daemon that answers compactly: each key's tier, nothing per key.
+        compact = self.compact_answers and bool(ids_per_key) and bool(keys)
+        if len(bounds) > 1 or compact:
             ns_id = _ns_id(ns)
 
             def request(a: int, b: int) -> bytes:
-                return self._get_pages_request(ns_id, keys[a:b], pages[a:b])
+                return self._get_pages_request(ns_id, keys[a:b], pages[a:b], compact)
 
-            answers = self._call_parts("BatchGet", bounds, request, timeout, self._ids_per_key(pages))
+            if len(bounds) > 1:
+                answers = self._call_parts("BatchGet", bounds, request, timeout, ids_per_key)
+            else:
+                try:
+                    answers = [self._call_raw("BatchGet", request(0, len(keys)), timeout)]
+                except RpcError as e:
+                    raise _shift_field(e, 0, ids_per_key) from None
+            if compact:
+                return [f for (a, b), answer in zip(bounds, answers) for f in _found_compact(answer, b - a)]
             return [r.found for answer in answers for r in answer.results]
         return [r.found for r in self._batch_get(ns, keys, (), pages, timeout)]
 
@@ -673,6 +691,15 @@ def _parts(n: int, in_flight: int, max_batch: int = MAX_BATCH) -> list[tuple[int
         out.append((start, stop))
         start = stop
     return out
+
+
+def _found_compact(answer: Any, n: int) -> list[bool]:
+    """Per key of a compact answer to a page get of n keys: whether its block was found and
+    written (a key in `failed` has no tier)."""
+    if len(answer.tiers) != n or len(answer.results):
+        raise KvstrataError(f"BatchGet answered {len(answer.tiers)} tiers and {len(answer.results)} "
+                            f"results for {n} keys (asked for a compact answer)")
+    return [t != 0 for t in answer.tiers]
 
 
 #: The leading repeated field of a request (`items[3].pages…`, `pages[3]…`, `keys[3]`).

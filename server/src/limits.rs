@@ -173,6 +173,11 @@ impl Drop for Slot {
     }
 }
 
+/// When [`Limited`] took the call, before its message was decoded, as a
+/// request extension: handlers time their requests from it (debug lines).
+#[derive(Debug, Clone, Copy)]
+pub struct Received(pub std::time::Instant);
+
 /// The deadline a client gave a call (`grpc-timeout`), as a request extension.
 #[derive(Debug, Clone, Copy)]
 pub struct Deadline(pub Instant);
@@ -366,6 +371,7 @@ where
             req.extensions_mut().insert(Deadline(now + t));
         }
         req.extensions_mut().insert(permit.clone());
+        req.extensions_mut().insert(Received(now.into_std()));
         let timeout = match (streaming, client_timeout) {
             (true, t) => t,
             (false, Some(t)) => Some(early(t).min(limiter.limits.request_timeout)),

@@ -434,7 +434,44 @@ async fn page_id_arrays_scatter_like_page_lists_and_bad_ones_change_nothing() {
             .all(|x| !x.found && x.region_error.contains("999")),
         "{got:?}"
     );
+    // The same compactly: no tier, every key failed naming the region.
+    let compact = raw_get(pb::BatchGetRequest {
+        page_region_id: 999,
+        compact_answer: true,
+        ..base.clone()
+    })
+    .await
+    .expect("get")
+    .into_inner();
+    assert!(compact.results.is_empty(), "{compact:?}");
+    assert_eq!(compact.tiers, vec![pb::Tier::Unspecified as i32; 3]);
+    let failed: Vec<u32> = compact.failed.iter().map(|f| f.index).collect();
+    assert_eq!(failed, vec![0, 1, 2]);
+    assert!(
+        compact.failed.iter().all(|f| f.message.contains("999")),
+        "{compact:?}"
+    );
     assert!(a.as_slice().expect("memfd") == &poison[..]);
+
+    // A compact answer is for gets into pages only: an inline get or a
+    // GetStream asking for one is refused naming the field.
+    let inline = pb::BatchGetRequest {
+        namespace_id: base.namespace_id.clone(),
+        keys: base.keys.clone(),
+        compact_answer: true,
+        ..Default::default()
+    };
+    let e = raw_get(inline.clone()).await.expect_err("refused");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().starts_with("compact_answer: "), "{e:?}");
+    let e = r
+        .client
+        .raw()
+        .get_stream(inline)
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().starts_with("compact_answer: "), "{e:?}");
 
     // The array form: one key missing, the others scattered exactly.
     let mut want = poison.clone();
@@ -443,8 +480,9 @@ async fn page_id_arrays_scatter_like_page_lists_and_bad_ones_change_nothing() {
         .get_page_ids(&ns, &["p0", "absent", "p2"], a.id(), &[7, 8, 9, 10, 11, 12])
         .await
         .expect("get");
-    let found: Vec<bool> = got.iter().map(|x| x.found).collect();
+    let found: Vec<bool> = got.tiers.iter().map(Option::is_some).collect();
     assert_eq!(found, vec![true, false, true], "{got:?}");
+    assert!(got.failed.is_empty(), "{got:?}");
     for (pages, blk) in [
         ([7u32, 8], block_of(from[0])),
         ([11, 12], block_of(from[2])),
@@ -465,12 +503,42 @@ async fn page_id_arrays_scatter_like_page_lists_and_bad_ones_change_nothing() {
         .get_page_ids(&ns, &["p1"], a.id(), &[0, 6])
         .await
         .expect("get");
-    assert!(got[0].found, "{got:?}");
+    assert!(got.tiers[0].is_some(), "{got:?}");
     kvstrata_kernels::reference::scatter(&g, 2, &[0, 6], &block_of(from[1]), &mut want)
         .expect("reference");
     assert!(
         a.as_slice().expect("memfd") == &want[..],
         "the per-key form's scatter differs from the reference"
+    );
+
+    // Per-key page lists answered compactly: the same tiers, the same bytes.
+    let compact = raw_get(pb::BatchGetRequest {
+        namespace_id: base.namespace_id.clone(),
+        keys: ["p2", "absent", "p0"].iter().map(|k| key(k)).collect(),
+        pages: vec![
+            a.pages(vec![1, 2]),
+            a.pages(vec![3, 9]),
+            a.pages(vec![4, 5]),
+        ],
+        compact_answer: true,
+        ..Default::default()
+    })
+    .await
+    .expect("get")
+    .into_inner();
+    let hit = |t: i32| t != pb::Tier::Unspecified as i32;
+    let found: Vec<bool> = compact.tiers.iter().map(|&t| hit(t)).collect();
+    assert_eq!(found, vec![true, false, true], "{compact:?}");
+    assert!(
+        compact.results.is_empty() && compact.failed.is_empty(),
+        "{compact:?}"
+    );
+    for (pages, blk) in [([1u32, 2], block_of(from[2])), ([4, 5], block_of(from[0]))] {
+        kvstrata_kernels::reference::scatter(&g, 2, &pages, &blk, &mut want).expect("reference");
+    }
+    assert!(
+        a.as_slice().expect("memfd") == &want[..],
+        "the compact get's scatter differs from the reference"
     );
     let e = other
         .get_page_ids(&ns, &["p1", "p2"], a.id(), &[0, 6, 1])

@@ -138,8 +138,25 @@ def test_client_sends_protobufs_bytes(rng):
                                        page_ids=ids.reshape(-1).tolist()).SerializeToString()
                     if isinstance(pages, PageBatch) else reference_get(ns, keys, messages))
             assert get.sent[-1] == want
-            client.page_id_arrays = False
-        assert len(put.sent) == 8 and len(get.sent) == 4
+            # ... and that answers compactly is asked for each key's tier, not a result per key
+            client.compact_answers = True
+            if isinstance(pages, PageBatch):
+                long_answer = get.answer
+                tiers = [pb.TIER_HBM, pb.TIER_UNSPECIFIED, pb.TIER_HOST] * (n // 3) + [pb.TIER_HBM] * (n % 3)
+                get.answer = pb.BatchGetResponse(tiers=tiers, failed=[pb.FailedKey(index=1, message="closed")])
+                assert client.batch_get_pages(ns, keys, pages) == [t != pb.TIER_UNSPECIFIED for t in tiers]
+                assert get.sent[-1] == pb.BatchGetRequest(
+                    namespace_id=ns, keys=keys, page_region_id=99, page_ids=ids.reshape(-1).tolist(),
+                    compact_answer=True).SerializeToString()
+                get.answer = pb.BatchGetResponse(tiers=tiers[1:])  # one short: refused
+                with pytest.raises(kvstrata.KvstrataError, match=f"{n - 1} tiers and 0 results for {n} keys"):
+                    client.batch_get_pages(ns, keys, pages)
+                get.answer = long_answer
+            else:  # one KvPages per key: answered one result per key, as before
+                assert client.batch_get_pages(ns, keys, pages) == [True] * n
+                assert get.sent[-1] == reference_get(ns, keys, messages)
+            client.page_id_arrays = client.compact_answers = False
+        assert len(put.sent) == 8 and len(get.sent) == 7
     finally:
         client.close()
 
@@ -205,6 +222,7 @@ def test_page_batch_round_trips_byte_exact(client, daemon, rng, layout, ppb):
             client.batch_put_pages(ns, [b"b%d" % i for i in range(n)], region.page_batch(bad))
         assert e.value.field == f"items[20].pages.page_ids[{ppb - 1}]"
         assert client.page_id_arrays  # this daemon reads a page batch's ids as one array
+        assert client.compact_answers  # ... and answers such gets compactly
         with pytest.raises(kvstrata.InvalidArgument) as e:
             client.batch_get_pages(ns, keys, region.page_batch(bad))
         assert e.value.field == f"pages[20].page_ids[{ppb - 1}]"  # named as for one list per key

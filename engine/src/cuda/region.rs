@@ -25,7 +25,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use kvstrata_client::{BlockHash, Client, KvRegion, PagesPutItem, proto};
+use kvstrata_client::{BlockHash, Client, KvRegion, PagesFound, PagesPutItem, proto};
 use kvstrata_types::NamespaceSpec;
 
 use super::kv::{GpuKvPool, GpuSequence};
@@ -218,24 +218,15 @@ pub fn plan_store(
 }
 
 /// The leading run of found blocks of a `BatchGet` into pages and their
-/// tiers. A block the daemon could not write into its pages (`region_error`)
+/// tiers. A block the daemon could not write into its pages (a failed key)
 /// is an error: its pages may be partly written.
-pub fn found_prefix(results: &[proto::GetResult]) -> Result<(usize, Vec<proto::Tier>)> {
-    if let Some((i, r)) = results
-        .iter()
-        .enumerate()
-        .find(|(_, r)| !r.region_error.is_empty())
-    {
+pub fn found_prefix(found: &PagesFound) -> Result<(usize, Vec<proto::Tier>)> {
+    if let Some((i, e)) = found.failed.first() {
         return Err(EngineError::Kv(format!(
-            "the daemon could not write block {i} into the engine's pages: {}",
-            r.region_error
+            "the daemon could not write block {i} into the engine's pages: {e}"
         )));
     }
-    let tiers: Vec<proto::Tier> = results
-        .iter()
-        .take_while(|r| r.found)
-        .map(|r| proto::Tier::try_from(r.tier).unwrap_or(proto::Tier::Unspecified))
-        .collect();
+    let tiers: Vec<proto::Tier> = found.tiers.iter().map_while(|t| *t).collect();
     Ok((tiers.len(), tiers))
 }
 
@@ -448,7 +439,7 @@ impl GpuKvStore {
         region: &KvRegion,
         keys: &[BlockHash],
         pages: &[u32],
-    ) -> Result<Vec<proto::GetResult>> {
+    ) -> Result<PagesFound> {
         let began = Instant::now();
         let ns = self.store.namespace_id();
         // One page per block: the page ids as one array (no message per key).
@@ -636,14 +627,14 @@ mod tests {
             result(false, proto::Tier::Unspecified, ""),
             result(true, proto::Tier::Hbm, ""),
         ];
-        let (n, tiers) = found_prefix(&r).unwrap();
+        let (n, tiers) = found_prefix(&PagesFound::from_results(&r)).unwrap();
         assert_eq!(n, 2);
         assert_eq!(tiers, vec![proto::Tier::Hbm, proto::Tier::Host]);
-        assert_eq!(found_prefix(&[]).unwrap().0, 0);
-        let e = found_prefix(&[
+        assert_eq!(found_prefix(&PagesFound::default()).unwrap().0, 0);
+        let e = found_prefix(&PagesFound::from_results(&[
             r[0].clone(),
             result(false, proto::Tier::Hbm, "scatter failed"),
-        ])
+        ]))
         .unwrap_err();
         assert!(e.to_string().contains("block 1"), "{e}");
         assert!(e.to_string().contains("scatter failed"), "{e}");

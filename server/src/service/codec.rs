@@ -45,7 +45,7 @@ use bytes::buf::Take;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use kvstrata_proto::codec::{
-    Chunks, GRPC_HEADER_BYTES, SplitElement, split_field_chunks, split_field_len,
+    COPY_BELOW_BYTES, Chunks, GRPC_HEADER_BYTES, SplitElement, split_field_chunks, split_field_len,
 };
 use kvstrata_proto::v1 as pb;
 use kvstrata_proto::v1::kv_cache_server::{KvCache, KvCacheServer};
@@ -351,12 +351,21 @@ fn put_grpc_header(buf: &mut BytesMut, len: usize) {
 
 /// A `BatchGetResponse` as gRPC message chunks whose concatenation is the
 /// gRPC header followed by exactly prost's encoding of `response`; each
-/// payload of [`kvstrata_proto::codec::COPY_BELOW_BYTES`] or more is a chunk of its own, the
-/// payload `Bytes` itself (no copy).
+/// payload of [`COPY_BELOW_BYTES`] or more is a chunk of its own, the
+/// payload `Bytes` itself (no copy). A response without such payloads (gets
+/// into pools or KV pages, compact answers, misses, small blocks) is prost's
+/// encoding in one chunk.
 pub fn encode_get_response(
     response: &pb::BatchGetResponse,
     max: usize,
 ) -> Result<Vec<Bytes>, Status> {
+    if !response
+        .results
+        .iter()
+        .any(|r| r.payload.len() >= COPY_BELOW_BYTES)
+    {
+        return encode_message(response, max);
+    }
     // Each result without its payload, split around where the payload
     // goes: fields 1-2 before it, fields 4-5 after (prost writes fields in
     // tag order and leaves default values out).
@@ -377,12 +386,23 @@ pub fn encode_get_response(
             (head, tail, &r.payload)
         })
         .collect();
-    let total = split_field_len(&parts);
+    // Fields 2 and 3 (a compact answer's, empty beside payloads in
+    // practice) follow the results, in tag order as prost writes them.
+    let rest = pb::BatchGetResponse {
+        results: Vec::new(),
+        tiers: response.tiers.clone(),
+        failed: response.failed.clone(),
+    };
+    let total = split_field_len(&parts) + rest.encoded_len();
     check_encoded_len(total, max)?;
 
     let mut small = BytesMut::with_capacity(GRPC_HEADER_BYTES + 128 * parts.len());
     put_grpc_header(&mut small, total);
-    Ok(split_field_chunks(small, RESULTS_TAG, &parts))
+    let mut chunks = split_field_chunks(small, RESULTS_TAG, &parts);
+    if rest.encoded_len() > 0 {
+        chunks.push(rest.encode_to_vec().into());
+    }
+    Ok(chunks)
 }
 
 /// A successful unary answer: the handler's metadata as headers, the
@@ -463,7 +483,6 @@ impl Body for ChunkBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvstrata_proto::codec::COPY_BELOW_BYTES;
     use proptest::prelude::*;
 
     fn joined(chunks: &[Bytes]) -> Vec<u8> {
@@ -502,6 +521,7 @@ mod tests {
                 },
                 result(b"b", false, Vec::new(), 0, ""),
             ],
+            ..Default::default()
         };
         let chunks = encode_get_response(&response, usize::MAX).unwrap();
         assert_eq!(joined(&chunks), framed(&response));
@@ -526,6 +546,7 @@ mod tests {
         );
         let one = pb::BatchGetResponse {
             results: vec![result(b"k", true, vec![1; 100], 2, "")],
+            ..Default::default()
         };
         let e = encode_get_response(&one, 50).unwrap_err();
         assert_eq!(e.code(), tonic::Code::OutOfRange);
@@ -641,8 +662,16 @@ mod tests {
         /// The chunks are byte for byte prost's encoding of the same
         /// message, which prost (a stock decoder) reads back unchanged.
         #[test]
-        fn chunks_are_prosts_encoding(results in proptest::collection::vec(arb_result(), 0..6)) {
-            let response = pb::BatchGetResponse { results };
+        fn chunks_are_prosts_encoding(
+            results in proptest::collection::vec(arb_result(), 0..6),
+            tiers in proptest::collection::vec(prop_oneof![0i32..5, any::<i32>()], 0..4),
+            failed in proptest::collection::vec((any::<u32>(), "[a-z ]{0,20}"), 0..3),
+        ) {
+            let failed = failed
+                .into_iter()
+                .map(|(index, message)| pb::FailedKey { index, message })
+                .collect();
+            let response = pb::BatchGetResponse { results, tiers, failed };
             let chunks = encode_get_response(&response, usize::MAX).unwrap();
             let wire = joined(&chunks);
             prop_assert_eq!(&wire, &framed(&response));

@@ -15,7 +15,7 @@ use super::kv_pages::PageLists;
 use super::{BoxStream, KvCacheService, check_pools, check_range_length};
 use crate::auth::Caller;
 use crate::convert::{self, status};
-use crate::limits::{Deadline, InflightPermit};
+use crate::limits::{Deadline, InflightPermit, Received};
 use crate::shm::pool::{Pool, RangeError};
 
 /// GetStream accepts this many times `max_batch` keys.
@@ -41,10 +41,9 @@ impl KvCacheService {
         let uses_pools = !r.ranges.is_empty() || !r.pages.is_empty() || names_page_ids(r);
         self.check_ns(&caller, &r.namespace_id)?;
         check_pools(&caller, "ranges", uses_pools)?;
-        let results = self
-            .get(request.into_inner(), self.limits.max_batch)
-            .await?;
-        Ok(pb::BatchGetResponse { results })
+        let received = request.extensions().get::<Received>().map(|r| r.0);
+        self.get(request.into_inner(), self.limits.max_batch, received)
+            .await
     }
 
     /// Answers one result per key, in order, from a task that reads the keys
@@ -74,6 +73,11 @@ impl KvCacheService {
         if names_page_ids(&req) {
             return Err(Status::invalid_argument(
                 "page_ids: GetStream returns payloads inline; use BatchGet to read into KV pages",
+            ));
+        }
+        if req.compact_answer {
+            return Err(Status::invalid_argument(
+                "compact_answer: GetStream answers one GetResult per key; use BatchGet into KV pages",
             ));
         }
         let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
@@ -129,12 +133,15 @@ impl KvCacheService {
     }
 
     /// A BatchGet of at most `max` keys: inline payloads, pool ranges or KV
-    /// pages, one result per key in order.
+    /// pages, one result per key in order (or, into KV pages, the compact
+    /// answer when the request asks for it).
+    /// `received`: when the call came in (for the page gets' debug line).
     async fn get(
         &self,
         req: pb::BatchGetRequest,
         max: usize,
-    ) -> Result<Vec<pb::GetResult>, Status> {
+        received: Option<std::time::Instant>,
+    ) -> Result<pb::BatchGetResponse, Status> {
         let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
         let keys = convert::keys("keys", &req.keys, max)?;
         let array = names_page_ids(&req);
@@ -148,16 +155,26 @@ impl KvCacheService {
                 "ranges: give pool ranges or KV pages, not both",
             ));
         }
+        let compact = req.compact_answer;
+        if compact && !array && req.pages.is_empty() {
+            return Err(Status::invalid_argument(
+                "compact_answer: only a get into KV pages (`pages` or `page_ids`) answers \
+                 compactly; inline and pool-range gets answer one GetResult per key",
+            ));
+        }
         if array {
             let pages = PageLists::Array {
                 region_id: req.page_region_id,
                 page_ids: &req.page_ids,
             };
-            return self.get_pages(ns, keys, req.keys, pages).await;
+            return self
+                .get_pages(ns, keys, req.keys, pages, compact, received)
+                .await;
         }
         if !req.pages.is_empty() {
+            let pages = PageLists::PerKey(&req.pages);
             return self
-                .get_pages(ns, keys, req.keys, PageLists::PerKey(&req.pages))
+                .get_pages(ns, keys, req.keys, pages, compact, received)
                 .await;
         }
         let targets = if req.ranges.is_empty() {
@@ -167,14 +184,19 @@ impl KvCacheService {
         };
         let cache = Arc::clone(&self.cache);
         let wire_keys = req.keys;
-        self.limits
+        let results = self
+            .limits
             .blocking
             .run("get", move || match targets {
                 None => get_inline(&cache, &ns, &keys, wire_keys),
                 Some(targets) => get_into_pools(&cache, &ns, &keys, wire_keys, targets),
             })
             .await?
-            .map_err(status)
+            .map_err(status)?;
+        Ok(pb::BatchGetResponse {
+            results,
+            ..Default::default()
+        })
     }
 
     /// Where each key's block goes when the request names pool ranges: the

@@ -148,6 +148,16 @@ pub(super) enum PageLists<'a> {
     Array { region_id: u64, page_ids: &'a [u32] },
 }
 
+/// The checked pages of a BatchGet's keys.
+enum GetTargets {
+    /// One per key (`pages`; or page-id arrays into a region that no cache
+    /// device reaches, read then scattered).
+    PerKey(Vec<Result<PagesTarget, String>>),
+    /// Every key's pages in one region that a cache device reaches (a
+    /// page-id array): one direct group, built without a target per key.
+    Direct(DirectGroup),
+}
+
 /// What became of one key of a BatchGet into pages: `Ok(Some(tier))` a hit,
 /// `Ok(None)` a miss, `Err` a problem with its region.
 type PageOutcome = Result<Option<TierKind>, String>;
@@ -201,10 +211,11 @@ impl KvCacheService {
         &self,
         region_id: u64,
         page_ids: &[u32],
-        keys: usize,
+        block_keys: &[BlockKey],
         namespace: &Namespace,
-    ) -> Result<Vec<Result<PagesTarget, String>>, Status> {
-        let every_key = |e: String| (0..keys).map(|_| Err(e.clone())).collect();
+    ) -> Result<GetTargets, Status> {
+        let keys = block_keys.len();
+        let every_key = |e: String| GetTargets::PerKey((0..keys).map(|_| Err(e.clone())).collect());
         let region = match self.regions.as_ref().map(|r| r.get(region_id)) {
             Some(Ok(r)) => r,
             Some(Err(e)) => return Ok(every_key(e.to_string())),
@@ -228,18 +239,30 @@ impl KvCacheService {
             g.check_pages("page_ids", ppb, page_ids)
                 .map_err(|e| Status::invalid_argument(format!("{}: {}", e.field, e.reason)))?;
         }
+        if let Some(device) = region_io::direct_device(&self.cache, &region) {
+            return Ok(GetTargets::Direct(DirectGroup {
+                device,
+                region,
+                pages_per_block: ppb,
+                items: (0..keys).collect(),
+                keys: block_keys.iter().map(|k| (*k, None)).collect(),
+                page_ids: page_ids.to_vec(),
+            }));
+        }
         let cutoff = cutoff_now();
-        Ok(page_ids
-            .chunks(ppb as usize)
-            .map(|ids| {
-                Ok(PagesTarget {
-                    region: Arc::clone(&region),
-                    pages_per_block: ppb,
-                    page_ids: ids.to_vec(),
-                    cutoff,
+        Ok(GetTargets::PerKey(
+            page_ids
+                .chunks(ppb as usize)
+                .map(|ids| {
+                    Ok(PagesTarget {
+                        region: Arc::clone(&region),
+                        pages_per_block: ppb,
+                        page_ids: ids.to_vec(),
+                        cutoff,
+                    })
                 })
-            })
-            .collect())
+                .collect(),
+        ))
     }
 
     /// A BatchGet whose found blocks are scattered into KV-region pages:
@@ -251,7 +274,10 @@ impl KvCacheService {
         keys: Vec<BlockKey>,
         wire_keys: Vec<Bytes>,
         pages: PageLists<'_>,
-    ) -> Result<Vec<pb::GetResult>, Status> {
+        compact: bool,
+        received: Option<Instant>,
+    ) -> Result<pb::BatchGetResponse, Status> {
+        let entered = Instant::now();
         let namespace = self.cache.namespace("namespace_id", &ns).map_err(status)?;
         let targets = match pages {
             PageLists::PerKey(pages) => {
@@ -263,29 +289,35 @@ impl KvCacheService {
                     )));
                 }
                 let mut last = None;
-                pages
-                    .iter()
-                    .enumerate()
-                    .map(|(i, p)| {
-                        self.region_pages(format_args!("pages[{i}]"), p, &namespace, &mut last)
-                    })
-                    .collect::<Result<Vec<_>, Status>>()?
+                GetTargets::PerKey(
+                    pages
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| {
+                            self.region_pages(format_args!("pages[{i}]"), p, &namespace, &mut last)
+                        })
+                        .collect::<Result<Vec<_>, Status>>()?,
+                )
             }
             PageLists::Array {
                 region_id,
                 page_ids,
-            } => self.region_page_ids(region_id, page_ids, keys.len(), &namespace)?,
+            } => self.region_page_ids(region_id, page_ids, &keys, &namespace)?,
         };
         let cache = Arc::clone(&self.cache);
         let registry = self.regions.clone();
         let block_bytes = namespace.block_bytes;
         let cutoff = cutoff_now();
-        self.limits
+        let checked = Instant::now();
+        let key_count = keys.len();
+        let (answer, started, read, answered) = self
+            .limits
             .blocking
             .run("get", move || {
                 if given_up(cutoff) {
                     return Err(Status::deadline_exceeded(late("scatter into pages[]")));
                 }
+                let started = Instant::now();
                 let outcome = read_into_pages(
                     &cache,
                     &ns,
@@ -296,17 +328,72 @@ impl KvCacheService {
                     cutoff,
                 )
                 .map_err(status)?;
-                Ok(wire_keys
-                    .into_iter()
-                    .zip(outcome)
-                    .map(|(key, o)| match o {
-                        Ok(Some(tier)) => hit_result(key, Bytes::new(), tier),
-                        Ok(None) => miss_result(key, String::new()),
-                        Err(e) => miss_result(key, e),
-                    })
-                    .collect())
+                let read = Instant::now();
+                let answer = page_answer(wire_keys, outcome, compact);
+                Ok((answer, started, read, Instant::now()))
             })
-            .await?
+            .await??;
+        let back = Instant::now();
+        let us = |a: Instant, b: Instant| b.saturating_duration_since(a).as_micros() as u64;
+        tracing::debug!(
+            keys = key_count,
+            compact,
+            decode_us = received.map_or(0, |r| us(r, entered)),
+            check_us = us(entered, checked),
+            hop_us = us(checked, started),
+            read_us = us(started, read),
+            answer_us = us(read, answered),
+            return_us = us(answered, back),
+            "page get (decode: from the call's arrival to its handler; check: page lists; hop: to \
+             the blocking pool; read: lookups and copies; answer: the results; return: back to \
+             the call's task)"
+        );
+        Ok(answer)
+    }
+}
+
+/// The answer to a BatchGet into pages: one `GetResult` per key, or, when
+/// `compact`, each key's tier and the keys that failed.
+fn page_answer(
+    wire_keys: Vec<Bytes>,
+    outcome: Vec<PageOutcome>,
+    compact: bool,
+) -> pb::BatchGetResponse {
+    if !compact {
+        let results = wire_keys
+            .into_iter()
+            .zip(outcome)
+            .map(|(key, o)| match o {
+                Ok(Some(tier)) => hit_result(key, Bytes::new(), tier),
+                Ok(None) => miss_result(key, String::new()),
+                Err(e) => miss_result(key, e),
+            })
+            .collect();
+        return pb::BatchGetResponse {
+            results,
+            ..Default::default()
+        };
+    }
+    let mut failed = Vec::new();
+    let tiers = outcome
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| match o {
+            Ok(Some(tier)) => crate::convert::tier_to_pb(tier) as i32,
+            Ok(None) => pb::Tier::Unspecified as i32,
+            Err(message) => {
+                failed.push(pb::FailedKey {
+                    index: i as u32,
+                    message,
+                });
+                pb::Tier::Unspecified as i32
+            }
+        })
+        .collect();
+    pb::BatchGetResponse {
+        results: Vec::new(),
+        tiers,
+        failed,
     }
 }
 
@@ -318,11 +405,26 @@ fn read_into_pages(
     cache: &BlockCache,
     ns: &NamespaceId,
     keys: &[BlockKey],
-    targets: &[Result<PagesTarget, String>],
+    targets: &GetTargets,
     block_bytes: u64,
     registry: Option<&RegionRegistry>,
     cutoff: Option<Instant>,
 ) -> Result<Vec<PageOutcome>, CacheError> {
+    let targets = match targets {
+        GetTargets::PerKey(t) => t,
+        GetTargets::Direct(g) => {
+            let mut outcome: Vec<PageOutcome> = vec![Ok(None); keys.len()];
+            if given_up(cutoff) {
+                outcome.fill(Err(late("scatter")));
+                return Ok(outcome);
+            }
+            let scattered = get_direct_group(cache, ns, g, &mut outcome)?;
+            if let Some(r) = registry {
+                r.count_moved(0, scattered);
+            }
+            return Ok(outcome);
+        }
+    };
     let mut outcome: Vec<PageOutcome> = targets
         .iter()
         .map(|t| match t {

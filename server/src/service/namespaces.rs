@@ -85,6 +85,7 @@ impl KvCacheService {
                     created,
                     max_batch,
                     page_id_arrays: true,
+                    compact_answers: true,
                 })
             })
             .await;
