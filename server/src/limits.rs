@@ -75,7 +75,15 @@ pub struct RequestLimits {
 /// Holds one in-flight slot (and its peer's share); a streaming handler
 /// clones it into its task.
 #[derive(Debug, Clone)]
-pub struct InflightPermit(#[allow(dead_code)] Arc<Held>);
+pub struct InflightPermit(Arc<Held>);
+
+impl InflightPermit {
+    /// When [`Limited`] admitted the call, before its message was decoded:
+    /// handlers time their requests from it (debug lines).
+    pub fn received(&self) -> std::time::Instant {
+        self.0.received
+    }
+}
 
 /// What an in-flight request holds: a slot of the daemon-wide cap, and one
 /// of its peer's share when the peer is known.
@@ -83,6 +91,7 @@ pub struct InflightPermit(#[allow(dead_code)] Arc<Held>);
 pub struct Held {
     _slot: Slot,
     _peer: Option<PeerSlot>,
+    received: std::time::Instant,
 }
 
 /// Who a request comes from, for the per-peer share of the in-flight cap
@@ -172,11 +181,6 @@ impl Drop for Slot {
         self.gauge.dec();
     }
 }
-
-/// When [`Limited`] took the call, before its message was decoded, as a
-/// request extension: handlers time their requests from it (debug lines).
-#[derive(Debug, Clone, Copy)]
-pub struct Received(pub std::time::Instant);
 
 /// The deadline a client gave a call (`grpc-timeout`), as a request extension.
 #[derive(Debug, Clone, Copy)]
@@ -281,6 +285,7 @@ impl Limiter {
         Ok(InflightPermit(Arc::new(Held {
             _slot: Slot::new(permit, self.metrics.in_flight_gauge()),
             _peer: peer_slot,
+            received: std::time::Instant::now(),
         })))
     }
 }
@@ -371,7 +376,6 @@ where
             req.extensions_mut().insert(Deadline(now + t));
         }
         req.extensions_mut().insert(permit.clone());
-        req.extensions_mut().insert(Received(now.into_std()));
         let timeout = match (streaming, client_timeout) {
             (true, t) => t,
             (false, Some(t)) => Some(early(t).min(limiter.limits.request_timeout)),

@@ -15,7 +15,7 @@ use super::kv_pages::PageLists;
 use super::{BoxStream, KvCacheService, check_pools, check_range_length};
 use crate::auth::Caller;
 use crate::convert::{self, status};
-use crate::limits::{Deadline, InflightPermit, Received};
+use crate::limits::{Deadline, InflightPermit};
 use crate::shm::pool::{Pool, RangeError};
 
 /// GetStream accepts this many times `max_batch` keys.
@@ -41,7 +41,10 @@ impl KvCacheService {
         let uses_pools = !r.ranges.is_empty() || !r.pages.is_empty() || names_page_ids(r);
         self.check_ns(&caller, &r.namespace_id)?;
         check_pools(&caller, "ranges", uses_pools)?;
-        let received = request.extensions().get::<Received>().map(|r| r.0);
+        let received = request
+            .extensions()
+            .get::<InflightPermit>()
+            .map(InflightPermit::received);
         self.get(request.into_inner(), self.limits.max_batch, received)
             .await
     }

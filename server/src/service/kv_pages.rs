@@ -31,7 +31,7 @@ use tonic::Status;
 use super::KvCacheService;
 use super::get::{hit_result, miss_result};
 use super::put::{ParsedItem, Planned, PutPlan};
-use crate::convert::status;
+use crate::convert::{status, tier_to_pb};
 use crate::limits::request_cutoff;
 use crate::region::io as region_io;
 use crate::region::{KvRegion, RegionRegistry};
@@ -55,6 +55,13 @@ fn cutoff_now() -> Option<Instant> {
 /// `DEADLINE_EXCEEDED`), so no page may move for it any more.
 fn given_up(cutoff: Option<Instant>) -> bool {
     cutoff.is_some_and(|c| Instant::now() >= c)
+}
+
+/// Why region `id` cannot be used by a daemon without a region socket.
+fn no_region_socket(id: u64) -> String {
+    format!(
+        "KV region {id} is not registered (this daemon has no region socket: gpu.region_socket)"
+    )
 }
 
 /// What a request told too late gets instead of a gather or scatter.
@@ -174,10 +181,7 @@ impl KvCacheService {
         last: &mut Option<(Arc<KvRegion>, u32)>,
     ) -> Result<Result<PagesTarget, String>, Status> {
         let Some(registry) = &self.regions else {
-            return Ok(Err(format!(
-                "KV region {} is not registered (this daemon has no region socket: gpu.region_socket)",
-                pages.region_id
-            )));
+            return Ok(Err(no_region_socket(pages.region_id)));
         };
         // Items of one request nearly always name one region: its lookup
         // and geometry check are done once (`last`), the page ids per item.
@@ -219,11 +223,7 @@ impl KvCacheService {
         let region = match self.regions.as_ref().map(|r| r.get(region_id)) {
             Some(Ok(r)) => r,
             Some(Err(e)) => return Ok(every_key(e.to_string())),
-            None => {
-                return Ok(every_key(format!(
-                    "KV region {region_id} is not registered (this daemon has no region socket: gpu.region_socket)"
-                )));
-            }
+            None => return Ok(every_key(no_region_socket(region_id))),
         };
         let ppb = check_region_fits(format_args!("page_region_id"), &region, namespace)?;
         let g = region.geometry();
@@ -379,7 +379,7 @@ fn page_answer(
         .into_iter()
         .enumerate()
         .map(|(i, o)| match o {
-            Ok(Some(tier)) => crate::convert::tier_to_pb(tier) as i32,
+            Ok(Some(tier)) => tier_to_pb(tier) as i32,
             Ok(None) => pb::Tier::Unspecified as i32,
             Err(message) => {
                 failed.push(pb::FailedKey {
