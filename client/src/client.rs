@@ -738,6 +738,35 @@ impl Client {
         region_id: u64,
         page_ids: &[u32],
     ) -> Result<PagesFound, ClientError> {
+        self.page_ids_get(ns, keys, region_id, page_ids, false)
+            .await
+    }
+
+    /// [`Client::get_page_ids`] that lets the daemon answer as soon as its
+    /// copies into the pages are queued on the GPU (`answer_when_queued`):
+    /// the answer's [`PagesFound::ready_event`], when set, is the CUDA IPC
+    /// event the caller must wait on before it reads the pages (the copies
+    /// then overlap the answer's way back). Asked only of a daemon that
+    /// answers compactly; one that does not know the request answers once
+    /// the pages are written, without an event.
+    pub async fn get_page_ids_when_queued(
+        &self,
+        ns: &NamespaceId,
+        keys: &[impl AsRef<[u8]>],
+        region_id: u64,
+        page_ids: &[u32],
+    ) -> Result<PagesFound, ClientError> {
+        self.page_ids_get(ns, keys, region_id, page_ids, true).await
+    }
+
+    async fn page_ids_get(
+        &self,
+        ns: &NamespaceId,
+        keys: &[impl AsRef<[u8]>],
+        region_id: u64,
+        page_ids: &[u32],
+        when_queued: bool,
+    ) -> Result<PagesFound, ClientError> {
         if keys.is_empty() && page_ids.is_empty() {
             return Ok(PagesFound::default());
         }
@@ -770,6 +799,7 @@ impl Client {
             page_region_id: region_id,
             page_ids: page_ids.to_vec(),
             compact_answer: compact,
+            answer_when_queued: when_queued && compact,
             ..Default::default()
         };
         if !compact {

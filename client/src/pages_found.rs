@@ -18,6 +18,13 @@ pub struct PagesFound {
     /// unknown or closed region, a failed scatter): position and why, in
     /// key order.
     pub failed: Vec<(usize, String)>,
+    /// Only from [`crate::Client::get_page_ids_when_queued`]: the daemon
+    /// answered once its copies into the pages were queued, and the pages
+    /// hold the found blocks once the work before this CUDA IPC event's
+    /// latest record has completed (`cudaIpcEventHandle_t`; the same bytes
+    /// for every answer about one region). Open it once and wait on it
+    /// before reading the pages. `None`: the pages are written already.
+    pub ready_event: Option<[u8; 64]>,
 }
 
 impl PagesFound {
@@ -34,7 +41,11 @@ impl PagesFound {
                 r.found.then(|| tier_of(r.tier))
             })
             .collect();
-        PagesFound { tiers, failed }
+        PagesFound {
+            tiers,
+            failed,
+            ready_event: None,
+        }
     }
 
     /// From a compact answer to a get of `keys` keys; an answer of another
@@ -55,6 +66,19 @@ impl PagesFound {
             .iter()
             .map(|&t| Some(tier_of(t)).filter(|t| *t != proto::Tier::Unspecified))
             .collect();
+        let ready_event = match response.pages_ready_event.len() {
+            0 => None,
+            64 => {
+                let mut h = [0u8; 64];
+                h.copy_from_slice(&response.pages_ready_event);
+                Some(h)
+            }
+            n => {
+                return Err(ClientError::InvalidResponse(format!(
+                    "BatchGet answered a pages_ready_event of {n} bytes (a CUDA IPC event handle is 64)"
+                )));
+            }
+        };
         let mut failed = Vec::with_capacity(response.failed.len());
         for f in response.failed {
             let i = f.index as usize;
@@ -67,7 +91,11 @@ impl PagesFound {
             tiers[i] = None;
             failed.push((i, f.message));
         }
-        Ok(PagesFound { tiers, failed })
+        Ok(PagesFound {
+            tiers,
+            failed,
+            ready_event,
+        })
     }
 
     /// How many leading keys were found and written into their pages.
@@ -162,5 +190,24 @@ mod tests {
         let f = PagesFound::from_compact(both, 2).unwrap();
         assert_eq!(f.tiers, vec![None, Some(proto::Tier::Hbm)]);
         assert_eq!(f.leading_hits(), 0);
+        assert_eq!(f.ready_event, None);
+    }
+
+    #[test]
+    fn an_answer_before_the_copies_names_a_whole_event_handle() {
+        let answer = |event: Vec<u8>| proto::BatchGetResponse {
+            tiers: vec![proto::Tier::Hbm as i32],
+            pages_ready_event: event.into(),
+            ..Default::default()
+        };
+        let handle: Vec<u8> = (0..64).collect();
+        let f = PagesFound::from_compact(answer(handle.clone()), 1).unwrap();
+        assert_eq!(f.ready_event.map(|h| h.to_vec()), Some(handle));
+        assert_eq!(f.hits(), 1);
+        let e = PagesFound::from_compact(answer(vec![7; 63]), 1).unwrap_err();
+        assert!(
+            e.to_string().contains("pages_ready_event of 63 bytes"),
+            "{e}"
+        );
     }
 }

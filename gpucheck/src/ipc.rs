@@ -228,13 +228,18 @@ async fn engine_round_trip(
         |d: Duration| (report.blocks as u64 * report.block_bytes) as f64 / d.as_secs_f64() / 1e9;
     Ok(format!(
         "{} blocks of {} B: put by pages {:.2} GB/s, get into pages {:.2} GB/s (gRPC round trips); \
-         {regions_live} region live during, 0 after disconnect; {} of {} blocks put by pages read back from HBM",
+         {regions_live} region live during, 0 after disconnect; {} of {} blocks put by pages read back from HBM; \
+         a get answered when queued: {}",
         report.blocks,
         report.block_bytes,
         gbps(report.put),
         gbps(report.get),
         report.read_back_from_hbm,
         report.blocks,
+        match report.waited_on_event {
+            true => "byte-exact after waiting on the daemon's event",
+            false => "byte-exact, answered after the copies (no event)",
+        },
     ))
 }
 

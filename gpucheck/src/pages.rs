@@ -22,6 +22,12 @@ use crate::kernels::first_difference;
 pub trait RegionBytes {
     fn read_all(&mut self) -> Result<Vec<u8>, String>;
     fn write_all(&mut self, bytes: &[u8]) -> Result<(), String>;
+    /// Waits for the daemon's copies before the latest record of its CUDA
+    /// IPC event `handle` (a get answered when queued). Memory without a
+    /// device has no such event.
+    fn wait_ready(&mut self, _handle: &[u8; 64]) -> Result<(), String> {
+        Err("the daemon named a CUDA IPC event for memory that is not on a CUDA device".into())
+    }
 }
 
 impl RegionBytes for KvRegion {
@@ -88,6 +94,16 @@ impl RegionBytes for DeviceBytes<'_> {
             .map_err(|e| e.to_string())?;
         stream.synchronize().map_err(|e| e.to_string())
     }
+
+    fn wait_ready(&mut self, handle: &[u8; 64]) -> Result<(), String> {
+        let event = self
+            .gpu
+            .open_ipc_event(handle)
+            .map_err(|e| format!("opening the daemon's event: {e}"))?;
+        event
+            .wait()
+            .map_err(|e| format!("waiting on the daemon's event: {e}"))
+    }
 }
 
 /// What [`check_pages_round_trip`] did.
@@ -104,6 +120,9 @@ pub struct PagesCheckReport {
     /// Of the blocks put by pages, how many the inline read-back found in
     /// the HBM tier (the direct path gathers into HBM when the daemon has one).
     pub read_back_from_hbm: usize,
+    /// Whether the get answered when queued named an event to wait on (the
+    /// daemon answered before its copies completed, on a GPU).
+    pub waited_on_event: bool,
 }
 
 /// Random bytes, never zero (xorshift; deterministic per seed).
@@ -140,7 +159,11 @@ fn dtype_of(bytes: u32) -> Option<Dtype> {
 /// 4. stores `blocks` random blocks inline, gets them into other pages, reads
 ///    the whole region and compares it with `reference::scatter` applied to
 ///    the bytes before (so untouched pages must be unchanged);
-/// 5. deletes the blocks.
+/// 5. gets the same blocks into the put's pages as one page-id array that
+///    the daemon may answer once its copies are queued
+///    (`Client::get_page_ids_when_queued`), waits on the event the answer
+///    names, if any, and compares the whole region again;
+/// 6. deletes the blocks.
 ///
 /// `memory` reads and writes the region's bytes; `None` uses the region's own
 /// mapping (memfd regions). An engine process holding a CUDA buffer passes its
@@ -307,6 +330,32 @@ pub async fn check_pages_round_trip(
             at as u64 % g.effective_layer_stride().max(1) / g.page_stride().max(1)
         )));
     }
+
+    // 5. Answered once the copies are queued: the event first, then the bytes.
+    let queued = client
+        .get_page_ids_when_queued(&ns.id, &get_keys, region_id, put_pages)
+        .await?;
+    if queued.hits() != blocks || !queued.failed.is_empty() {
+        return Err(check(format!(
+            "get answered when queued: {} of {blocks} blocks written, failed {:?}",
+            queued.hits(),
+            queued.failed
+        )));
+    }
+    if let Some(handle) = &queued.ready_event {
+        memory.wait_ready(handle).map_err(check)?;
+    }
+    reference::scatter(&g, ppb, put_pages, &new_blocks, &mut want)
+        .map_err(|e| check(format!("reference scatter: {e}")))?;
+    let after = memory.read_all().map_err(check)?;
+    if let Some(at) = first_difference(&after, &want) {
+        return Err(check(format!(
+            "the region after the get answered when queued (event: {}) differs from the \
+             reference scatter at byte {at}",
+            queued.ready_event.is_some()
+        )));
+    }
+
     let mut all = put_keys;
     all.extend(get_keys);
     client.delete(&ns.id, &all).await?;
@@ -318,6 +367,7 @@ pub async fn check_pages_round_trip(
         put: put_time,
         get: get_time,
         read_back_from_hbm,
+        waited_on_event: queued.ready_event.is_some(),
     })
 }
 

@@ -530,6 +530,62 @@ impl CudaDevice {
         Ok(event)
     }
 
+    /// A new event another process can open (`CU_EVENT_INTERPROCESS`,
+    /// without timing) and its 64-byte `cuIpcGetEventHandle` handle.
+    pub(crate) fn ipc_event(&self) -> Result<(Event, [u8; 64]), GpuError> {
+        self.bind()?;
+        let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32
+            | sys::CUevent_flags::CU_EVENT_INTERPROCESS as u32;
+        let mut ev: sys::CUevent = std::ptr::null_mut();
+        // SAFETY: creates an event of this (bound) context.
+        unsafe { sys::cuEventCreate(&mut ev, flags) }
+            .result()
+            .map_err(driver("cuEventCreate"))?;
+        let event = Event {
+            ev,
+            ctx: Arc::clone(&self.ctx),
+        };
+        let mut h = std::mem::MaybeUninit::<sys::CUipcEventHandle>::zeroed();
+        // SAFETY: an interprocess event of this context, just created.
+        unsafe { sys::cuIpcGetEventHandle(h.as_mut_ptr(), ev) }
+            .result()
+            .map_err(driver("cuIpcGetEventHandle"))?;
+        // SAFETY: initialised by the driver above.
+        let h = unsafe { h.assume_init() };
+        let mut out = [0u8; 64];
+        for (o, c) in out.iter_mut().zip(h.reserved.iter()) {
+            *o = *c as u8;
+        }
+        Ok((event, out))
+    }
+
+    /// Opens another process's interprocess event by its handle.
+    pub(crate) fn open_ipc_event(&self, handle: &[u8; 64]) -> Result<Event, GpuError> {
+        self.bind()?;
+        // SAFETY: a plain struct of 64 chars; all zeroes is a valid value.
+        let mut h: sys::CUipcEventHandle = unsafe { std::mem::zeroed() };
+        for (r, b) in h.reserved.iter_mut().zip(handle.iter()) {
+            *r = *b as _;
+        }
+        let mut ev: sys::CUevent = std::ptr::null_mut();
+        // SAFETY: the driver validates the handle.
+        unsafe { sys::cuIpcOpenEventHandle(&mut ev, h) }
+            .result()
+            .map_err(driver("cuIpcOpenEventHandle"))?;
+        Ok(Event {
+            ev,
+            ctx: Arc::clone(&self.ctx),
+        })
+    }
+
+    /// Records `event` (of this context) after everything queued on `s`.
+    pub(crate) fn record_event(&self, s: &CudaStreamState, event: &Event) -> Result<(), GpuError> {
+        self.bind()?;
+        // SAFETY: a live event and stream of this context.
+        unsafe { cudarc::driver::result::event::record(event.ev, s.stream.cu_stream()) }
+            .map_err(driver("cuEventRecord"))
+    }
+
     pub(crate) fn synchronize(&self, s: &CudaStreamState) -> Result<(), GpuError> {
         self.bind()?;
         s.stream

@@ -205,6 +205,35 @@ impl Gpu {
         }
     }
 
+    /// A new CUDA event another process on this node can open by its
+    /// handle ([`IpcEvent::handle`], [`Gpu::open_ipc_event`]) and wait on.
+    /// CUDA only.
+    pub fn ipc_event(&self) -> Result<IpcEvent, GpuError> {
+        match self.cuda_device() {
+            Some(d) => {
+                let (event, handle) = d.ipc_event()?;
+                Ok(IpcEvent { event, handle })
+            }
+            None => Err(GpuError::Unsupported {
+                what: "CUDA IPC events",
+            }),
+        }
+    }
+
+    /// Opens another process's event by its 64-byte handle (on this
+    /// device); closed when the returned event is dropped. CUDA only.
+    pub fn open_ipc_event(&self, handle: &[u8; 64]) -> Result<IpcEvent, GpuError> {
+        match self.cuda_device() {
+            Some(d) => Ok(IpcEvent {
+                event: d.open_ipc_event(handle)?,
+                handle: *handle,
+            }),
+            None => Err(GpuError::Unsupported {
+                what: "CUDA IPC events",
+            }),
+        }
+    }
+
     /// The NVRTC output (PTX) of each kernel source, for inspection.
     pub fn ptx(&self) -> Vec<(&'static str, String)> {
         self.cuda_device().map(|d| d.ptx()).unwrap_or_default()
@@ -218,6 +247,33 @@ pub struct IpcHandle(pub [u8; 64]);
 impl std::fmt::Debug for IpcHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "IpcHandle(..)")
+    }
+}
+
+/// A CUDA event shared between processes: made by [`Gpu::ipc_event`] and
+/// recorded with [`GpuStream::record_ipc`] in one, opened by
+/// [`Gpu::open_ipc_event`] and waited on in another. A wait covers the
+/// work before the event's most recent record at the time of the wait.
+pub struct IpcEvent {
+    event: crate::cuda::Event,
+    handle: [u8; 64],
+}
+
+impl std::fmt::Debug for IpcEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IpcEvent(..)")
+    }
+}
+
+impl IpcEvent {
+    /// The 64-byte `cudaIpcEventHandle_t` another process opens it by.
+    pub fn handle(&self) -> &[u8; 64] {
+        &self.handle
+    }
+
+    /// Blocks until the work before the most recent record has completed.
+    pub fn wait(&self) -> Result<(), GpuError> {
+        self.event.wait()
     }
 }
 
@@ -653,6 +709,28 @@ impl GpuStream {
         match (self.cuda(), &fence.event) {
             (Some((d, s)), Some(e)) => d.wait_event(s, e),
             _ => Ok(()),
+        }
+    }
+
+    /// Records `event` (of this stream's device) after everything queued so
+    /// far on this stream.
+    pub fn record_ipc(&self, event: &IpcEvent) -> Result<(), GpuError> {
+        match self.cuda() {
+            Some((d, s)) => d.record_event(s, &event.event),
+            None => Err(GpuError::Unsupported {
+                what: "CUDA IPC events",
+            }),
+        }
+    }
+
+    /// Makes everything queued on this stream from now on wait for the
+    /// work before `event`'s most recent record.
+    pub fn wait_ipc(&self, event: &IpcEvent) -> Result<(), GpuError> {
+        match self.cuda() {
+            Some((d, s)) => d.wait_event(s, &event.event),
+            None => Err(GpuError::Unsupported {
+                what: "CUDA IPC events",
+            }),
         }
     }
 

@@ -32,8 +32,8 @@ pub mod staging;
 pub mod xxh3;
 
 pub use device::{
-    Backend, DEFAULT_DMA_THRESHOLD, DeviceBuffer, DeviceInfo, Fence, Gpu, GpuStream, IpcHandle,
-    PinnedBuffer,
+    Backend, DEFAULT_DMA_THRESHOLD, DeviceBuffer, DeviceInfo, Fence, Gpu, GpuStream, IpcEvent,
+    IpcHandle, PinnedBuffer,
 };
 pub use device_staging::{
     DEVICE_STAGING_BUFFERS, DEVICE_STAGING_SETS, DEVICE_STAGING_WAIT, DeviceStaging,

@@ -15,7 +15,9 @@ Wire format (docs/protocol.md; `proto/kvstrata/v1/kvstrata.proto`):
 - `KvPages`: `region_id` (1, varint), `page_ids` (2, packed varints);
 - `PutItem`: `key` (1), `parent` (2), `pages` (5, a `KvPages`);
 - `BatchPutRequest`: `namespace_id` (1), `items` (2, one `PutItem` each);
-- `BatchGetRequest`: `namespace_id` (1), `keys` (2, one each), `pages` (4, one `KvPages` each).
+- `BatchGetRequest`: `namespace_id` (1), `keys` (2, one each), `pages` (4, one `KvPages` each),
+  or `page_region_id` (5) and `page_ids` (6, packed) for every key at once, `compact_answer` (7)
+  and `answer_when_queued` (8).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ TAG_GET_PAGES = 0x22        # BatchGetRequest.pages
 TAG_GET_PAGE_REGION = 0x28  # BatchGetRequest.page_region_id
 TAG_GET_PAGE_IDS = 0x32     # BatchGetRequest.page_ids (packed)
 TAG_GET_COMPACT = 0x38      # BatchGetRequest.compact_answer
+TAG_GET_WHEN_QUEUED = 0x40  # BatchGetRequest.answer_when_queued
 
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
@@ -276,11 +279,14 @@ def packed_varints(values: np.ndarray) -> bytes:
 
 
 def batch_get_page_ids_request(namespace_id: bytes, keys: Sequence[bytes], region_id: int,
-                               page_ids: np.ndarray, compact: bool = False) -> bytes:
-    """`BatchGetRequest{namespace_id, keys, page_region_id, page_ids, compact_answer}`: every
-    key's pages in one region, `page_ids` an (n, pages_per_block) array (the array form, for a
-    daemon that says `page_id_arrays`); `compact`: answered with each key's tier instead of a
-    `GetResult` per key (for a daemon that says `compact_answers`)."""
+                               page_ids: np.ndarray, compact: bool = False, when_queued: bool = False) -> bytes:
+    """`BatchGetRequest{namespace_id, keys, page_region_id, page_ids, compact_answer,
+    answer_when_queued}`: every key's pages in one region, `page_ids` an (n, pages_per_block)
+    array (the array form, for a daemon that says `page_id_arrays`); `compact`: answered with
+    each key's tier instead of a `GetResult` per key (for a daemon that says `compact_answers`);
+    `when_queued`: the daemon may answer once its copies into the pages are queued on the GPU,
+    naming the CUDA event to wait on in `BatchGetResponse.pages_ready_event` (a daemon that
+    does not know the field ignores it)."""
     n = len(keys)
     if page_ids.shape[0] != n:
         raise ValueError(f"page_ids: {page_ids.shape[0]} page lists for {n} keys")
@@ -293,6 +299,8 @@ def batch_get_page_ids_request(namespace_id: bytes, keys: Sequence[bytes], regio
         out += field(TAG_GET_PAGE_IDS, packed_varints(page_ids))
     if compact:
         out += bytes((TAG_GET_COMPACT, 1))
+    if when_queued:
+        out += bytes((TAG_GET_WHEN_QUEUED, 1))
     return out
 
 

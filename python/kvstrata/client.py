@@ -7,13 +7,18 @@ Payload-free data paths: `batch_put_ranges` / `batch_get_into` (shared-memory po
 `kvstrata.SharedPool`) and `batch_put_pages` / `batch_get_pages` (KV regions,
 `kvstrata.KvRegion`). Page requests of `WIRE_MIN_BLOCKS` blocks or more are encoded with
 numpy (`kvstrata._wire`: the same bytes protobuf would make, without a message per block)
-and sent as bytes.
+and sent as bytes. A page get into a CUDA IPC region may be answered as soon as the daemon's
+copies are queued on the GPU (`Client.answer_when_queued`, on by default); `batch_get_pages`
+then waits on the CUDA event the answer names, so it still returns once the pages are written.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union, cast
 
@@ -36,6 +41,17 @@ WIRE_MIN_BLOCKS = 32
 #: refused RESOURCE_EXHAUSTED): `lookup` and the page requests send longer key lists in
 #: requests of at most this many keys.
 MAX_BATCH = 4096
+#: Values of `KVSTRATA_ANSWER_WHEN_QUEUED` (any case) that turn `Client.answer_when_queued` off.
+ANSWER_WHEN_QUEUED_OFF = ("0", "off", "false")
+#: Bytes of a `cudaIpcEventHandle_t`, the handle in `BatchGetResponse.pages_ready_event`.
+CUDA_IPC_EVENT_BYTES = 64
+#: Seconds `batch_get_pages` waits for the daemon's copies after an answer named an event
+#: before it raises (copies of a whole request take milliseconds; an event that never
+#: completes means a daemon that died with its copies queued).
+READY_WAIT_SECONDS = 10.0
+#: CUDA events opened from the daemon's handles that one client keeps open (the daemon keeps
+#: one event per KV region, so one per region registered; the oldest is closed beyond this).
+READY_EVENTS_MAX = 64
 
 #: `kvstrata.v1` enums, re-exported.
 Dtype = pb.Dtype
@@ -245,6 +261,9 @@ class Client:
     `KVSTRATA_TOKEN_FILE`). tls_ca, tls_cert, tls_key: PEM files for an `https://` target
     (default: `KVSTRATA_TLS_CA`, `KVSTRATA_CLIENT_CERT`, `KVSTRATA_CLIENT_KEY`).
     timeout: seconds each unary call may take (None: no deadline).
+    answer_when_queued: whether `batch_get_pages` into a CUDA IPC region lets the daemon answer
+    once its copies are queued on the GPU, then waits on the CUDA event the answer names before
+    returning (default: on, unless `KVSTRATA_ANSWER_WHEN_QUEUED` is 0, off or false).
     """
 
     def __init__(self, target: Optional[str] = None, *, token: Optional[str] = None,
@@ -252,8 +271,8 @@ class Client:
                  tls_cert: Optional[str] = None, tls_key: Optional[str] = None,
                  tls_domain: Optional[str] = None, timeout: Optional[float] = 30.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
-        import os
+                 options: Sequence[tuple[str, Any]] = (),
+                 answer_when_queued: Optional[bool] = None) -> None:
         self.target: Target = parse_target(target)
         self.timeout = timeout
         token = token or os.environ.get("KVSTRATA_TOKEN") or None
@@ -304,6 +323,22 @@ class Client:
         #: Whether the daemon said that it answers a page get compactly on request (each key's
         #: tier, no `GetResult` per key); `batch_get_pages` asks for that with page-id arrays.
         self.compact_answers = False
+        #: Whether a page get into a CUDA IPC region (`KvRegion.page_batch` of
+        #: `KvRegion.from_cuda_tensor`, sent as a page-id array asking for the compact answer)
+        #: lets the daemon answer as soon as its copies into the pages are queued on the GPU
+        #: (`BatchGetRequest.answer_when_queued`): the answer's way back overlaps the copies,
+        #: and `batch_get_pages` waits on the CUDA event the answer names
+        #: (`pages_ready_event`) before it returns, so it still returns once the pages are
+        #: written. Memfd regions are always answered after their copies. Default: on, unless
+        #: `KVSTRATA_ANSWER_WHEN_QUEUED` is 0, off or false when the client is made.
+        self.answer_when_queued = (_answer_when_queued_from_env() if answer_when_queued is None
+                                   else bool(answer_when_queued))
+        #: Page-get answers that named a CUDA event to wait on (answered before their copies
+        #: completed), counted since the client was made.
+        self.queued_answers = 0
+        #: The CUDA events opened from the daemon's `pages_ready_event` handles, by (device,
+        #: handle bytes): the daemon keeps one event per region, so each is opened once.
+        self._ready_events: dict[tuple[int, bytes], Any] = {}
 
     # --- plumbing ---------------------------------------------------------------
 
@@ -474,12 +509,14 @@ class Client:
         return out
 
     def _call_parts(self, method: str, bounds: list[tuple[int, int]], request: Callable[[int, int], bytes],
-                    timeout: Optional[float], ids_per_key: int = 0) -> list[Any]:
+                    timeout: Optional[float], ids_per_key: int = 0,
+                    settle: Optional[Callable[[list[Any]], None]] = None) -> list[Any]:
         """One raw `method` request per part (`request(start, stop)` serializes it), each
         sent as soon as it is built (the next one is built while the daemon copies), all in
-        flight together through grpc's futures. Waits for every call to finish, then raises
-        the first failed part's error (its field's leading index shifted to the whole
-        request's) or returns the answers in part order."""
+        flight together through grpc's futures. Waits for every call to finish and passes the
+        answers that came back to `settle` (a page get answered before its copies completed:
+        waits for them), then raises the first failed part's error (its field's leading index
+        shifted to the whole request's) or returns the answers in part order."""
         deadline = self.timeout if timeout is None else timeout
         futures: list[Any] = []
         try:
@@ -489,6 +526,8 @@ class Client:
         finally:
             # never return (or raise) while a call may still read or write the caller's pages
             errors = [f.exception() for f in futures]
+            if settle is not None:
+                settle([f.result() for f, err in zip(futures, errors) if err is None])
         for (a, _), err in zip(bounds, errors):
             if err is not None:
                 raise _shift_field(rpc_error(method, err), a, ids_per_key) from None
@@ -524,14 +563,15 @@ class Client:
         return self._call("BatchGet", req, timeout).results
 
     def _get_pages_request(self, ns_id: bytes, keys: Sequence[bytes], pages: Sequence[pb.KvPages],
-                           compact: bool = False) -> bytes:
+                           compact: bool = False, when_queued: bool = False) -> bytes:
         """A page get's request bytes: the page-id array form for a `PageBatch` when the daemon
         said at `register_namespace` that it reads it (`compact`: asking for the compact
-        answer), else one `KvPages` per key."""
+        answer; `when_queued`: letting the daemon answer once its copies are queued), else one
+        `KvPages` per key."""
         if self._ids_per_key(pages):
             assert isinstance(pages, PageBatch)
             return _wire.batch_get_page_ids_request(ns_id, keys, pages.region_id, pages.page_ids,
-                                                    compact)
+                                                    compact, when_queued)
         return _wire.batch_get_pages_request(ns_id, keys, _pages_rows(pages))
 
     def _ids_per_key(self, pages: Sequence[pb.KvPages]) -> int:
@@ -561,30 +601,109 @@ class Client:
         `min(in_flight, len(keys) // WIRE_MIN_BLOCKS)` requests of contiguous, near-equal
         parts, all in flight at once (see `batch_put_pages`); the answer is in key order.
         Not atomic across parts: when one part fails, the others' found blocks have been
-        written into their pages. Every part has finished when this returns or raises."""
+        written into their pages. Every part has finished when this returns or raises.
+
+        A `KvRegion.page_batch` of a CUDA IPC region, sent as a page-id array for the compact
+        answer, lets the daemon answer once its copies are queued on the GPU (when
+        `answer_when_queued` is on); this then waits on the CUDA event the answers name, so
+        the pages hold the blocks' bytes when it returns, as with any other get. An event it
+        cannot open or wait on raises `KvstrataError` (the pages' state is unknown: treat
+        every key as a miss)."""
         if len(pages) != len(keys):
             raise ValueError(f"pages: {len(pages)} page lists for {len(keys)} keys")
         bounds = _parts(len(keys), in_flight, self.max_batch)
         ids_per_key = self._ids_per_key(pages)
         # Page-id arrays to a daemon that answers compactly: each key's tier, nothing per key.
         compact = self.compact_answers and bool(ids_per_key) and bool(keys)
+        # ... into GPU memory: answered once the copies are queued, their event waited on here
+        device = self._when_queued_device(pages) if compact else None
         if len(bounds) > 1 or compact:
             ns_id = _ns_id(ns)
+            when_queued = device is not None
 
             def request(a: int, b: int) -> bytes:
-                return self._get_pages_request(ns_id, keys[a:b], pages[a:b], compact)
+                return self._get_pages_request(ns_id, keys[a:b], pages[a:b], compact, when_queued)
 
+            settle = None if device is None else functools.partial(self._wait_pages_ready, device)
             if len(bounds) > 1:
-                answers = self._call_parts("BatchGet", bounds, request, timeout, ids_per_key)
+                answers = self._call_parts("BatchGet", bounds, request, timeout, ids_per_key, settle)
             else:
                 try:
                     answers = [self._call_raw("BatchGet", request(0, len(keys)), timeout)]
                 except RpcError as e:
                     raise _shift_field(e, 0, ids_per_key) from None
+                if settle is not None:
+                    settle(answers)
             if compact:
                 return [f for (a, b), answer in zip(bounds, answers) for f in _found_compact(answer, b - a)]
             return [r.found for answer in answers for r in answer.results]
         return [r.found for r in self._batch_get(ns, keys, (), pages, timeout)]
+
+    def _when_queued_device(self, pages: Sequence[pb.KvPages]) -> Optional[int]:
+        """The CUDA device of `pages` when a get into them may be answered before its copies
+        complete (`answer_when_queued` on, a `PageBatch` of a CUDA IPC region), else None."""
+        if self.answer_when_queued and isinstance(pages, PageBatch):
+            return pages.device
+        return None
+
+    def _wait_pages_ready(self, device: int, answers: Sequence[Any]) -> None:
+        """Returns once the pages that page-get `answers` (into a region on CUDA `device`) say
+        were written are: waits on each distinct CUDA event they name in `pages_ready_event`
+        (none: written before the answer). The daemon records its region's one event after
+        each request's copies, on one stream per region, so a wait after every answer came
+        covers all of them. Raises `KvstrataError` naming `pages_ready_event` for a handle that
+        is not 64 bytes or an event that cannot be opened or waited on, after waiting on the
+        others."""
+        handles: dict[bytes, None] = {}
+        carried = 0
+        for answer in answers:
+            handle = answer.pages_ready_event
+            if handle:
+                carried += 1
+                handles[handle] = None
+        if not carried:
+            return
+        with self._lock:
+            self.queued_answers += carried
+        error: Optional[KvstrataError] = None
+        for handle in handles:
+            try:
+                self._synchronize_event(device, handle)
+            except KvstrataError as e:
+                error = error or e
+        if error is not None:
+            raise error
+
+    def _synchronize_event(self, device: int, handle: bytes) -> None:
+        """Waits on the CUDA event of one `pages_ready_event` handle (opened once, cached)."""
+        if len(handle) != CUDA_IPC_EVENT_BYTES:
+            raise KvstrataError(f"pages_ready_event: {len(handle)} bytes, not the {CUDA_IPC_EVENT_BYTES} of a "
+                                "cudaIpcEventHandle_t; the daemon's copies into the pages cannot be waited on")
+        event = self._ready_event(device, handle)
+        # Polled, not synchronized: a wait on an event whose process died could last forever.
+        deadline = time.monotonic() + READY_WAIT_SECONDS
+        try:
+            while not event.query():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"not complete after {READY_WAIT_SECONDS:g} s")
+        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError (a CUDA error) and others
+            with self._lock:
+                self._ready_events.pop((device, handle), None)
+            raise KvstrataError(f"pages_ready_event: waiting on the daemon's CUDA event on cuda:{device} failed "
+                                f"({type(e).__name__}: {e}); the pages' state is unknown") from e
+
+    def _ready_event(self, device: int, handle: bytes) -> Any:
+        """The CUDA event of a `pages_ready_event` handle on `device`: opened on first use,
+        then kept (the oldest of `READY_EVENTS_MAX` closed)."""
+        key = (device, handle)
+        with self._lock:
+            event = self._ready_events.get(key)
+            if event is None:
+                event = _open_cuda_event(device, handle)
+                if len(self._ready_events) >= READY_EVENTS_MAX:
+                    del self._ready_events[next(iter(self._ready_events))]
+                self._ready_events[key] = event
+        return event
 
     def put_stream(self, requests: Iterable[pb.BatchPutRequest], *,
                    timeout: Optional[float] = None) -> list[pb.BatchPutResponse]:
@@ -691,6 +810,22 @@ def _parts(n: int, in_flight: int, max_batch: int = MAX_BATCH) -> list[tuple[int
         out.append((start, stop))
         start = stop
     return out
+
+
+def _answer_when_queued_from_env() -> bool:
+    """`KVSTRATA_ANSWER_WHEN_QUEUED`: on unless set to one of `ANSWER_WHEN_QUEUED_OFF`."""
+    return os.environ.get("KVSTRATA_ANSWER_WHEN_QUEUED", "").strip().lower() not in ANSWER_WHEN_QUEUED_OFF
+
+
+def _open_cuda_event(device: int, handle: bytes) -> Any:
+    """The CUDA event of a 64-byte `cudaIpcEventHandle_t` from the daemon, opened on CUDA
+    `device` through torch (`cudaIpcOpenEventHandle`); `KvstrataError` if it cannot be."""
+    try:
+        import torch  # imported wherever a CUDA IPC region exists
+        return torch.cuda.Event.from_ipc_handle(torch.device("cuda", device), handle)
+    except Exception as e:  # noqa: BLE001 - no torch, no CUDA, a handle the driver refuses
+        raise KvstrataError(f"pages_ready_event: opening the daemon's CUDA IPC event on cuda:{device} failed "
+                            f"({type(e).__name__}: {e}); the pages' state is unknown") from e
 
 
 def _found_compact(answer: Any, n: int) -> list[bool]:

@@ -302,8 +302,10 @@ class KvRegion:
         """The pages of a batch of blocks, for `Client.batch_put_pages` / `batch_get_pages`
         in place of a list of `pages()`: one page id per block (a 1-D sequence or array), or
         one row of pages_per_block ids per block (2-D). The request is then built from the
-        array with numpy, not one message per block (docs/python.md, "KV regions")."""
-        return PageBatch(self.id, page_ids)
+        array with numpy, not one message per block (docs/python.md, "KV regions"). The batch
+        carries the CUDA device of a CUDA IPC region (None for a memfd region): page gets into
+        it may be answered before the daemon's copies complete (`Client.answer_when_queued`)."""
+        return PageBatch(self.id, page_ids, device=self.device if self.kind == KIND_CUDA_IPC else None)
 
     def array(self, dtype: Any = np.uint8) -> np.ndarray:
         """numpy view of a memfd region (no copy), in `geometry.shape()` when packed."""
@@ -351,9 +353,11 @@ class PageBatch(Sequence[pb.KvPages]):
     """The pages of a batch of blocks in one KV region (`KvRegion.page_batch`): an (n,
     pages_per_block) array of page ids. A sequence of `KvPages` (item i is block i's
     message), so it goes wherever a list of `KvRegion.pages()` goes; the page requests
-    of `Client` encode it straight from the array (`kvstrata._wire`)."""
+    of `Client` encode it straight from the array (`kvstrata._wire`). `device`: the CUDA
+    device index of the region's memory (a CUDA IPC region), None for memory the daemon
+    writes from the CPU (a memfd region); slices keep it."""
 
-    def __init__(self, region_id: int, page_ids: Any) -> None:
+    def __init__(self, region_id: int, page_ids: Any, device: Optional[int] = None) -> None:
         ids = np.asarray(page_ids)
         if ids.ndim == 1:
             ids = ids.reshape(-1, 1)
@@ -365,7 +369,10 @@ class PageBatch(Sequence[pb.KvPages]):
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) > _wire.U32_MAX):
             bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
             raise ValueError(f"page_ids: page id {bad} is not a 32-bit unsigned integer")
+        if device is not None and (isinstance(device, bool) or not isinstance(device, int) or device < 0):
+            raise ValueError(f"device: a CUDA device index (an int >= 0) or None, not {device!r}")
         self.region_id = region_id
+        self.device: Optional[int] = device
         self.page_ids: np.ndarray = ids.astype(np.uint32)
         self.page_ids.flags.writeable = False
 
@@ -380,7 +387,7 @@ class PageBatch(Sequence[pb.KvPages]):
 
     def __getitem__(self, i: Union[int, slice]) -> Union[pb.KvPages, "PageBatch"]:
         if isinstance(i, slice):
-            return PageBatch(self.region_id, self.page_ids[i])
+            return PageBatch(self.region_id, self.page_ids[i], device=self.device)
         return pb.KvPages(region_id=self.region_id, page_ids=self.page_ids[i].tolist())
 
     def __iter__(self) -> Iterator[pb.KvPages]:
@@ -392,4 +399,6 @@ class PageBatch(Sequence[pb.KvPages]):
         return _wire.PagesRows.from_ids(self.region_id, self.page_ids)
 
     def __repr__(self) -> str:
-        return f"PageBatch(region_id={self.region_id}, blocks={len(self)}, pages_per_block={self.page_ids.shape[1]})"
+        device = "" if self.device is None else f", device=cuda:{self.device}"
+        return (f"PageBatch(region_id={self.region_id}, blocks={len(self)}, "
+                f"pages_per_block={self.page_ids.shape[1]}{device})")

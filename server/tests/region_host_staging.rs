@@ -51,7 +51,12 @@ async fn host_tier_round_trips_byte_for_byte_through_device_staging() {
             .find(|x| x.region_id == region.id())
             .expect("region listed");
         let moved = report.blocks as u64 * report.block_bytes;
-        assert_eq!((info.bytes_gathered, info.bytes_scattered), (moved, moved));
+        // One put by pages, two gets into pages (per-key lists, then an
+        // array answered when queued).
+        assert_eq!(
+            (info.bytes_gathered, info.bytes_scattered),
+            (moved, 2 * moved)
+        );
     }
     r.stop().await;
 }

@@ -56,11 +56,13 @@ async fn direct_path_round_trips_byte_for_byte_in_both_layouts() {
             .iter()
             .find(|x| x.region_id == region.id())
             .expect("region listed");
+        // Two gets into pages: per-key lists, then an array answered when
+        // queued.
         assert_eq!(
             (info.bytes_gathered, info.bytes_scattered),
             (
                 report.blocks as u64 * report.block_bytes,
-                report.blocks as u64 * report.block_bytes
+                2 * report.blocks as u64 * report.block_bytes
             )
         );
     }
@@ -545,4 +547,130 @@ async fn page_id_arrays_scatter_like_page_lists_and_bad_ones_change_nothing() {
         .await
         .expect_err("uneven");
     assert!(e.to_string().contains("page_ids"), "{e}");
+}
+
+/// The value of an unlabelled counter in the daemon's metrics text.
+fn counter(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gets_answered_when_queued_write_exact_pages_and_are_refused_elsewhere() {
+    let r = start_direct().await;
+    let g = per_layer();
+    let bb = g.block_bytes(2) as usize;
+    let mut a = r.region("queued", g);
+    let fill = nonzero_bytes(51, a.len() as usize);
+    a.as_mut_slice().expect("memfd").copy_from_slice(&fill);
+    let (ns, _) = ns_for(&r.client, "queued", &g, 2).await;
+    let keys = ["q0", "q1", "q2"];
+    let from: [[u32; 2]; 3] = [[0, 1], [2, 3], [4, 4]];
+    let items: Vec<PagesPutItem> = keys
+        .iter()
+        .zip(from)
+        .map(|(k, p)| PagesPutItem::new(key(k), a.pages(p.to_vec())))
+        .collect();
+    assert_eq!(r.client.put_pages(&ns, items).await.expect("put").stored, 3);
+    let poison = nonzero_bytes(52, a.len() as usize);
+    a.as_mut_slice().expect("memfd").copy_from_slice(&poison);
+    let block_of = |pages: [u32; 2]| {
+        let mut v = vec![0u8; bb];
+        kvstrata_kernels::reference::gather(&g, 2, &pages, &fill, &mut v).expect("reference");
+        v
+    };
+    let metric = "kvstrata_kv_region_answered_before_copies_total";
+    let before = counter(&r.metrics().await, metric);
+
+    // Answered once the copies are queued: on the CPU backend they are done
+    // by then, so no event to wait on; the pages are exact.
+    let got = r
+        .client
+        .get_page_ids_when_queued(&ns, &["q0", "absent", "q2"], a.id(), &[7, 8, 9, 10, 11, 12])
+        .await
+        .expect("get");
+    let found: Vec<bool> = got.tiers.iter().map(Option::is_some).collect();
+    assert_eq!(found, vec![true, false, true], "{got:?}");
+    assert!(
+        got.failed.is_empty() && got.ready_event.is_none(),
+        "{got:?}"
+    );
+    let mut want = poison.clone();
+    for (pages, blk) in [
+        ([7u32, 8], block_of(from[0])),
+        ([11, 12], block_of(from[2])),
+    ] {
+        kvstrata_kernels::reference::scatter(&g, 2, &pages, &blk, &mut want).expect("reference");
+    }
+    assert!(
+        a.as_slice().expect("memfd") == &want[..],
+        "the scatter of a get answered when queued differs from the reference"
+    );
+    let metrics = r.metrics().await;
+    assert_eq!(counter(&metrics, metric), before + 1, "one early answer");
+    assert_eq!(
+        counter(&metrics, "kvstrata_kv_region_failed_after_answer_total"),
+        0
+    );
+
+    // Every key missing: still an exact answer, no page touched.
+    let got = r
+        .client
+        .get_page_ids_when_queued(&ns, &["x", "y"], a.id(), &[0, 1, 2, 3])
+        .await
+        .expect("get");
+    assert_eq!(got.tiers, vec![None, None], "{got:?}");
+    assert!(a.as_slice().expect("memfd") == &want[..]);
+
+    // Per-key page lists may ask too; they are answered after their
+    // copies (not one direct group of a page-id array), exactly.
+    let raw_get = |req: pb::BatchGetRequest| {
+        let mut raw = r.client.raw();
+        async move { raw.batch_get(req).await }
+    };
+    let ns_bytes = Bytes::copy_from_slice(ns.as_bytes());
+    let answer = raw_get(pb::BatchGetRequest {
+        namespace_id: ns_bytes.clone(),
+        keys: vec![key("q1")],
+        pages: vec![a.pages(vec![5, 6])],
+        compact_answer: true,
+        answer_when_queued: true,
+        ..Default::default()
+    })
+    .await
+    .expect("get")
+    .into_inner();
+    assert_eq!(answer.tiers.len(), 1, "{answer:?}");
+    assert!(answer.pages_ready_event.is_empty(), "{answer:?}");
+    kvstrata_kernels::reference::scatter(&g, 2, &[5, 6], &block_of(from[1]), &mut want)
+        .expect("reference");
+    assert!(a.as_slice().expect("memfd") == &want[..]);
+    assert_eq!(
+        counter(&r.metrics().await, metric),
+        before + 2,
+        "the array gets only"
+    );
+
+    // Only gets into pages can be answered before their copies: an inline
+    // get or a GetStream asking is refused naming the field, nothing moves.
+    let inline = pb::BatchGetRequest {
+        namespace_id: ns_bytes,
+        keys: vec![key("q0")],
+        answer_when_queued: true,
+        ..Default::default()
+    };
+    let e = raw_get(inline.clone()).await.expect_err("refused");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().starts_with("answer_when_queued: "), "{e:?}");
+    let e = r
+        .client
+        .raw()
+        .get_stream(inline)
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().starts_with("answer_when_queued: "), "{e:?}");
+    assert!(a.as_slice().expect("memfd") == &want[..]);
 }

@@ -40,10 +40,17 @@ its ratio to torch's pinned copy are printed per tier and layout (the per-reques
 into client / daemon / before / after is for the single requests only: a split request's
 parts are several daemon lines).
 
+Loads from a page batch ask the daemon to answer once its copies are queued on the GPU
+(`Client.answer_when_queued`, on by default): the client then waits on the CUDA event the
+answer names before returning, so the byte comparisons check that wait too. Per tier and
+layout, the script prints how many get requests asked for it and how many answers carried a
+`pages_ready_event` (`Client.queued_answers`); KVSTRATA_ANSWER_WHEN_QUEUED=0 measures without it.
+
 Env: KVSTRATA_BIN (the daemon, a release build), KVSTRATA_TEST_TMP, IN_FLIGHT (comma-separated
 requests in flight, default "1,2,4"; 1 is always measured), LAYOUTS (the layouts in the order run,
 default "classic,v032": each daemon serves them one after the other), FRESH_DAEMON (1: a daemon
-of its own for each layout), EMPTY_CACHE (1: torch's cached GPU memory freed after each layout). Args: [num_blocks] (default
+of its own for each layout), EMPTY_CACHE (1: torch's cached GPU memory freed after each layout),
+KVSTRATA_ANSWER_WHEN_QUEUED (0, off or false: loads answered after their copies, as before). Args: [num_blocks] (default
 256, 2 MiB each; 1024 needs 4 GiB of GPU memory and 2 GiB of the host tier) [rounds]
 (default 5). Prints a table and one JSON line
 (`KVSTRATA-GPU {...}`) with every request's client and daemon times (`requests`) and the
@@ -132,6 +139,35 @@ def page_arg(region, ids: list, mode: str):
     return region.page_batch(ids) if mode.startswith("batch") else [region.pages([p]) for p in ids]
 
 
+#: The last bytes of a get request asking `answer_when_queued` (field 8, which `kvstrata._wire`
+#: writes last).
+WHEN_QUEUED_FIELD = bytes((0x40, 1))
+
+
+class GetCounter:
+    """Wraps a client's raw BatchGet callable (called, or as a future for parts in flight),
+    counting the get requests sent and those asking `answer_when_queued` (cheap: no parsing,
+    the wrapper runs inside the timed calls)."""
+
+    def __init__(self, client: kvstrata.Client) -> None:
+        self.inner = client._raw["BatchGet"]
+        self.sent = 0
+        self.asked = 0
+        client._raw = {**client._raw, "BatchGet": self}
+
+    def _count(self, request: bytes) -> None:
+        self.sent += 1
+        self.asked += request[-2:] == WHEN_QUEUED_FIELD
+
+    def __call__(self, request: bytes, **kw):
+        self._count(request)
+        return self.inner(request, **kw)
+
+    def future(self, request: bytes, **kw):
+        self._count(request)
+        return self.inner.future(request, **kw)
+
+
 def daemon_times(log_path: str, n: int) -> dict:
     """(`total_us` in seconds, wall-clock end) of each direct put and get of n blocks in the
     daemon's log, in log order."""
@@ -145,11 +181,13 @@ def daemon_times(log_path: str, n: int) -> dict:
     return out
 
 
-def run_layout(daemon: Daemon, client: kvstrata.Client, n: int, rounds: int, layout: str, tag: str,
-               requests: list, in_flight: list) -> dict:
+def run_layout(daemon: Daemon, client: kvstrata.Client, gets: GetCounter, n: int, rounds: int, layout: str,
+               tag: str, requests: list, in_flight: list) -> dict:
     """Saves and loads `rounds` times in each mode (MODES, then "batch/k" for each k > 1 of
     `in_flight`); appends (layout, mode, op, client seconds, wall clock at the call and at
-    the answer) of every timed request of MODES to `requests`, in the order sent."""
+    the answer) of every timed request of MODES to `requests`, in the order sent. `gets`
+    counts the get requests (`answers_when_queued` of the result: those of this layout)."""
+    sent0, asked0, queued0 = gets.sent, gets.asked, client.queued_answers
     modes = list(MODES) + [f"batch/{k}" for k in in_flight if k > 1]
     pages = 2 * n + 8
     buf = torch.empty(L * 2 * pages * CHUNK, dtype=torch.uint8, device="cuda")
@@ -201,14 +239,18 @@ def run_layout(daemon: Daemon, client: kvstrata.Client, n: int, rounds: int, lay
         client.delete(ns, keys)
     region.close()
     total = n * BLOCK
-    puts, gets = times["batch"]["put"], times["batch"]["get"]
+    puts = times["batch"]["put"]
     split = {str(k): {"put_s": times[m]["put"], "get_s": times[m]["get"],
                       "put_GBps": total / median(times[m]["put"]) / 1e9,
                       "get_GBps": total / median(times[m]["get"]) / 1e9}
              for k, m in ((k, "batch" if k == 1 else f"batch/{k}") for k in in_flight)}
-    return {"geometry": str(geo), "blocks": n, "block_bytes": BLOCK, "put_s": puts, "get_s": gets,
-            "put_GBps": total / median(puts) / 1e9, "get_GBps": total / median(gets) / 1e9,
-            "list_put_s": times["list"]["put"], "list_get_s": times["list"]["get"], "in_flight": split}
+    queued = {"get_requests": gets.sent - sent0, "asked": gets.asked - asked0,
+              "with_event": client.queued_answers - queued0}
+    get_s = times["batch"]["get"]
+    return {"geometry": str(geo), "blocks": n, "block_bytes": BLOCK, "put_s": puts, "get_s": get_s,
+            "put_GBps": total / median(puts) / 1e9, "get_GBps": total / median(get_s) / 1e9,
+            "list_put_s": times["list"]["put"], "list_get_s": times["list"]["get"], "in_flight": split,
+            "answers_when_queued": queued}
 
 
 SPLITS = ("client", "daemon", "diff", "before", "after")
@@ -262,7 +304,7 @@ def main() -> None:
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 5
     in_flight = in_flight_values()
     out = {"device": torch.cuda.get_device_name(0), "binary": os.environ.get("KVSTRATA_BIN"), "blocks": n,
-           "rounds": rounds, "in_flight": in_flight}
+           "rounds": rounds, "in_flight": in_flight, "answer_when_queued": None}
     out["torch_pinned"] = torch_pinned(n * BLOCK, rounds)
     fresh = os.environ.get("FRESH_DAEMON") == "1"
     for tag, extra in (("host-tier", ("--gpu", "on", "--gpu-hbm-bytes", "0")), ("hbm-tier", ("--gpu", "on"))):
@@ -275,8 +317,11 @@ def main() -> None:
             daemon = DebugDaemon(d, extra=extra, host_capacity="8GiB")
             try:
                 client = kvstrata.Client(daemon.uds_target, timeout=120)
+                out["answer_when_queued"] = client.answer_when_queued  # KVSTRATA_ANSWER_WHEN_QUEUED
+                gets = GetCounter(client)
                 for layout in group:
-                    out[f"{tag}/{layout}"] = run_layout(daemon, client, n, rounds, layout, tag, requests, in_flight)
+                    out[f"{tag}/{layout}"] = run_layout(daemon, client, gets, n, rounds, layout, tag, requests,
+                                                        in_flight)
                     if os.environ.get("EMPTY_CACHE") == "1":
                         torch.cuda.empty_cache()  # the next layout's buffer is not this one's memory
                 client.close()
@@ -312,6 +357,14 @@ def main() -> None:
                 print(f"{tag:9} {layout:7} in_flight={k:<2} save {v['put_GBps']:6.1f} GB/s "
                       f"({v['save_vs_torch_d2h']:.2f} of d2h)  load {v['get_GBps']:6.1f} GB/s "
                       f"({v['load_vs_torch_h2d']:.2f} of h2d)")
+    print(f"gets answered when queued (answer_when_queued={out['answer_when_queued']}; "
+          "KVSTRATA_ANSWER_WHEN_QUEUED=0 turns it off): get requests asking for it, answers carrying a "
+          "pages_ready_event")
+    for tag in ("host-tier", "hbm-tier"):
+        for layout in ("classic", "v032"):
+            q = out[f"{tag}/{layout}"]["answers_when_queued"]
+            print(f"{tag:9} {layout:7} {q['asked']} of {q['get_requests']} get requests asked, "
+                  f"{q['with_event']} answers carried an event")
     total = n * BLOCK
     ceiling = {"put": ceil["d2h_GBps"], "get": ceil["h2d_GBps"]}
     print(f"per request, median ms (ratio: GB/s of {total >> 20} MiB over torch's pinned copy): client = page ids "

@@ -18,6 +18,69 @@ use super::error::{CudaError, cublas, driver};
 use super::reference::Storage;
 use super::sources::{SOURCES, compile};
 
+/// Another process's CUDA event opened by its IPC handle
+/// (`cuIpcOpenEventHandle`): a KV region's ready event in the daemon, which
+/// it records after the copies of a get it answered before they completed.
+/// Closed on drop.
+pub struct PeerEvent {
+    ev: sys::CUevent,
+    handle: [u8; 64],
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: CUDA events may be used from any thread of the process.
+unsafe impl Send for PeerEvent {}
+unsafe impl Sync for PeerEvent {}
+
+impl std::fmt::Debug for PeerEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PeerEvent(..)")
+    }
+}
+
+impl PeerEvent {
+    /// The handle it was opened by.
+    pub fn handle(&self) -> &[u8; 64] {
+        &self.handle
+    }
+
+    /// Waits until the work before the event's latest record (in the
+    /// process that records it) has completed, polling, for at most
+    /// `limit`: an event whose process died with its work queued may never
+    /// complete, and a blocking wait on it would never return.
+    pub fn wait_within(&self, limit: std::time::Duration) -> Result<(), CudaError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("cuCtxSetCurrent"))?;
+        let began = std::time::Instant::now();
+        loop {
+            // SAFETY: a live event opened in this context.
+            match unsafe { sys::cuEventQuery(self.ev) } {
+                sys::CUresult::CUDA_SUCCESS => return Ok(()),
+                sys::CUresult::CUDA_ERROR_NOT_READY if began.elapsed() < limit => {
+                    std::thread::yield_now()
+                }
+                sys::CUresult::CUDA_ERROR_NOT_READY => {
+                    return Err(CudaError::Timeout {
+                        what: "the daemon's copies (its KV region's ready event)",
+                        after: limit,
+                    });
+                }
+                e => return Err(driver("cuEventQuery")(cudarc::driver::DriverError(e))),
+            }
+        }
+    }
+}
+
+impl Drop for PeerEvent {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: opened by cuIpcOpenEventHandle and released once, here.
+            let _ = unsafe { cudarc::driver::result::event::destroy(self.ev) };
+        }
+    }
+}
+
 /// What the engine knows about its device.
 #[derive(Debug, Clone)]
 pub struct CudaDeviceInfo {
@@ -428,6 +491,27 @@ impl CudaDevice {
             *o = *c as u8;
         }
         Ok(out)
+    }
+
+    /// Opens another process's interprocess event by its 64-byte handle
+    /// (a daemon's [`PeerEvent`]).
+    pub fn open_ipc_event(&self, handle: &[u8; 64]) -> Result<PeerEvent, CudaError> {
+        self.bind()?;
+        // SAFETY: a plain struct of 64 chars; all zeroes is a valid value.
+        let mut h: sys::CUipcEventHandle = unsafe { std::mem::zeroed() };
+        for (r, b) in h.reserved.iter_mut().zip(handle.iter()) {
+            *r = *b as _;
+        }
+        let mut ev: sys::CUevent = std::ptr::null_mut();
+        // SAFETY: the driver validates the handle.
+        unsafe { sys::cuIpcOpenEventHandle(&mut ev, h) }
+            .result()
+            .map_err(driver("cuIpcOpenEventHandle"))?;
+        Ok(PeerEvent {
+            ev,
+            handle: *handle,
+            ctx: Arc::clone(&self.ctx),
+        })
     }
 
     /// Copies `src` to device address `dst` (stream-ordered; `src` may be

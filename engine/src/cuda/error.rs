@@ -44,6 +44,12 @@ pub enum CudaError {
     /// Reading model weights failed.
     #[error("model weights: {0}")]
     Weights(String),
+    /// Work of another process did not complete in time.
+    #[error("{what} did not complete within {after:?}")]
+    Timeout {
+        what: &'static str,
+        after: std::time::Duration,
+    },
 }
 
 impl CudaError {

@@ -33,7 +33,7 @@ mod region;
 pub mod sources;
 mod weights;
 
-pub use device::{AttentionKernel, CudaDevice, CudaDeviceInfo, DevMem};
+pub use device::{AttentionKernel, CudaDevice, CudaDeviceInfo, DevMem, PeerEvent};
 pub use engine::{GpuDecoded, GpuEngine, GpuPrefill};
 pub use error::CudaError;
 pub use forward::{GpuModel, GpuModelOptions, MAX_TOP_K};

@@ -28,6 +28,7 @@ use std::time::Instant;
 use kvstrata_client::{BlockHash, Client, KvRegion, PagesFound, PagesPutItem, proto};
 use kvstrata_types::NamespaceSpec;
 
+use super::device::PeerEvent;
 use super::kv::{GpuKvPool, GpuSequence};
 use crate::error::{EngineError, Result};
 use crate::store::{BlockPages, BlockStore, LoadReport, StoreReport};
@@ -95,6 +96,25 @@ fn request_blocks(setting: Option<&str>) -> usize {
         .and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|&n| n > 0)
         .map_or(PAGES_PER_REQUEST, |n| n.min(PAGES_PER_REQUEST))
+}
+
+/// The longest a load waits for the daemon's copies after it answered: a
+/// request's copies take milliseconds; an event that does not complete means
+/// a daemon that died with its copies queued (then the load fails).
+const READY_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether loads let the daemon answer once its copies are queued, then wait
+/// on the region's event (`KVSTRATA_ANSWER_WHEN_QUEUED`: on unless `0`,
+/// `off` or `false`; docs/engine.md).
+fn answer_when_queued() -> bool {
+    answer_when_queued_from(std::env::var("KVSTRATA_ANSWER_WHEN_QUEUED").ok().as_deref())
+}
+
+fn answer_when_queued_from(setting: Option<&str>) -> bool {
+    !matches!(
+        setting.map(|v| v.trim().to_ascii_lowercase()).as_deref(),
+        Some("0" | "off" | "false")
+    )
 }
 
 /// Blocks in the shared-memory pool of the fallback path.
@@ -273,6 +293,9 @@ pub struct GpuKvStore {
     path: KvPath,
     note: Option<String>,
     pool: Arc<GpuKvPool>,
+    /// The daemon's ready event of the region, opened on the first answer
+    /// that names it.
+    ready_event: std::sync::Mutex<Option<Box<PeerEvent>>>,
 }
 
 impl std::fmt::Debug for GpuKvStore {
@@ -322,6 +345,7 @@ impl GpuKvStore {
             path: choice.path,
             note: choice.note,
             pool,
+            ready_event: std::sync::Mutex::new(None),
         })
     }
 
@@ -415,11 +439,22 @@ impl GpuKvStore {
             .chunks(per_request)
             .zip(pages.chunks(per_request))
             .collect();
+        let when_queued = answer_when_queued();
         for wave in requests.chunks(in_flight) {
             let results = futures_util::future::join_all(
-                wave.iter().map(|(k, p)| self.load_request(region, k, p)),
+                wave.iter()
+                    .map(|(k, p)| self.load_request(region, k, p, when_queued)),
             )
             .await;
+            // Answered before the daemon's copies completed: wait for them
+            // (the event's latest record follows every copy of the wave).
+            let mut event = None;
+            for found in results.iter().flatten() {
+                event = found.ready_event.or(event);
+            }
+            if let Some(handle) = event {
+                self.wait_ready(&handle)?;
+            }
             // Only the leading run found counts: a request's blocks only
             // when every request before it found all of its own.
             for (results, wanted) in results.into_iter().zip(wave) {
@@ -433,21 +468,47 @@ impl GpuKvStore {
         Ok(())
     }
 
+    /// Waits for the copies before the latest record of the daemon's event
+    /// `handle` (opened once, and again if the daemon names another).
+    fn wait_ready(&self, handle: &[u8; 64]) -> Result<()> {
+        let began = Instant::now();
+        let mut cached = self
+            .ready_event
+            .lock()
+            .map_err(|_| EngineError::Kv("the region's ready event lock was poisoned".into()))?;
+        if cached.as_ref().is_none_or(|e| e.handle() != handle) {
+            *cached = Some(Box::new(self.pool.device().open_ipc_event(handle)?));
+        }
+        if let Some(event) = cached.as_ref() {
+            event.wait_within(READY_WAIT_LIMIT)?;
+        }
+        tracing::debug!(
+            wait_us = began.elapsed().as_micros() as u64,
+            "KV region load: waited for the daemon's copies (answered when queued)"
+        );
+        Ok(())
+    }
+
     /// One `BatchGet` of `keys` into `pages` (one page per block).
     async fn load_request(
         &self,
         region: &KvRegion,
         keys: &[BlockHash],
         pages: &[u32],
+        when_queued: bool,
     ) -> Result<PagesFound> {
         let began = Instant::now();
         let ns = self.store.namespace_id();
+        let client = self.store.client();
         // One page per block: the page ids as one array (no message per key).
-        let results = self
-            .store
-            .client()
-            .get_page_ids(ns, keys, region.id(), pages)
-            .await?;
+        let results = match when_queued {
+            true => {
+                client
+                    .get_page_ids_when_queued(ns, keys, region.id(), pages)
+                    .await?
+            }
+            false => client.get_page_ids(ns, keys, region.id(), pages).await?,
+        };
         tracing::debug!(
             blocks = keys.len(),
             request_us = began.elapsed().as_micros() as u64,
@@ -534,6 +595,15 @@ mod tests {
 
     fn keys(n: usize) -> Vec<BlockHash> {
         (0..n).map(|i| [i as u8 + 1; 16]).collect()
+    }
+
+    #[test]
+    fn answers_when_queued_unless_turned_off() {
+        assert!(answer_when_queued_from(None));
+        assert!(answer_when_queued_from(Some("1")));
+        for off in ["0", "off", "OFF", " false "] {
+            assert!(!answer_when_queued_from(Some(off)), "{off}");
+        }
     }
 
     #[test]

@@ -130,6 +130,20 @@ impl Collector for RegionCollector {
             "kvstrata_kv_region_unknown_ids",
             "Requests naming a KV region id not registered in this daemon run (closed, or kept across a restart)",
             s.unknown_ids,
+        )?;
+        single(
+            &mut encoder,
+            Kind::Counter,
+            "kvstrata_kv_region_answered_before_copies",
+            "Gets into KV pages answered once their copies were queued, before they completed (answer_when_queued)",
+            s.answered_before_copies,
+        )?;
+        single(
+            &mut encoder,
+            Kind::Counter,
+            "kvstrata_kv_region_failed_after_answer",
+            "Gets into KV pages whose copies failed after an answer before their completion (a device fault; logged as an error)",
+            s.failed_after_answer,
         )
     }
 }

@@ -415,7 +415,16 @@ pub struct DirectGet {
     /// The scatter of the found blocks: the bytes moved, or why it failed
     /// (then the found keys' pages may be partly written).
     pub scatter: Result<u64, RegionIoError>,
+    /// Whether `tell` was called (the client may have been answered before
+    /// the copies completed).
+    pub told: bool,
 }
+
+/// Told by [`get_direct`] once every copy into the pages is queued, before
+/// they complete: per key the tier it was found in, and the CUDA IPC handle
+/// of the region's event recorded after those copies (`None`: nothing to
+/// wait for; see [`KvRegion::record_ready`]).
+pub type TellQueued<'a> = &'a mut dyn FnMut(&[Option<TierKind>], Option<[u8; 64]>);
 
 /// Scatters the blocks of `keys` found in the cache into their pages
 /// (`pages`: one block's page ids per key, in key order) on the region's
@@ -424,20 +433,31 @@ pub struct DirectGet {
 /// copied with DMA into device staging buffers first, a group at a time.
 /// The page list is checked before the first launch (a bad one writes no
 /// page); everything has completed before the addresses are given back.
+///
+/// With `tell`, once everything is queued the region's event is recorded
+/// after it ([`KvRegion::record_ready`]) and `tell` gets what was found and
+/// the event's handle, so the caller can answer before the copies complete;
+/// if the event cannot be recorded, `tell` is not called.
 pub fn get_direct(
     cache: &BlockCache,
     ns: &NamespaceId,
     device: usize,
     pages: RegionPages<'_>,
     keys: &[BlockKey],
+    tell: Option<TellQueued<'_>>,
 ) -> Result<DirectGet, CacheError> {
     let began = Instant::now();
     let mut launches = 0usize;
-    // When the first and the last scatter were queued.
-    let (mut first, mut last) = (Duration::ZERO, Duration::ZERO);
+    // When the first and the last scatter were queued, and the caller told.
+    let (mut first, mut last, mut told) = (Duration::ZERO, Duration::ZERO, None);
     let stream = pages.region.stream();
-    let (found, scattered) =
-        cache.get_to_device_staged(ns, device, keys, stream, |at: &[usize], from: &[u64]| {
+    let region = pages.region;
+    let (found, scattered) = cache.get_to_device_staged(
+        ns,
+        device,
+        keys,
+        stream,
+        |at: &[usize], from: &[u64]| {
             if launches == 0 {
                 first = began.elapsed();
                 pages.check("scatter", keys.len())?;
@@ -451,7 +471,22 @@ pub fn get_direct(
             // before this launch runs — and waits for the region's stream
             // before it lets go of them.
             unsafe { pages.queue_copy(at, from, false) }
-        })?;
+        },
+        |found: &[Option<TierKind>]| {
+            let Some(tell) = tell else { return };
+            match region.record_ready() {
+                Ok(event) => {
+                    tell(found, event);
+                    told = Some(began.elapsed());
+                }
+                Err(e) => tracing::debug!(
+                    region_id = region.id(),
+                    error = %e,
+                    "KV region: answering after the copies (no event to wait on)"
+                ),
+            }
+        },
+    )?;
     let scatter = scattered
         .map(|n| n as u64 * pages.block_bytes())
         .map_err(|e| e.of_region(pages.region.id()));
@@ -465,11 +500,17 @@ pub fn get_direct(
         launches,
         lookup_us = first.as_micros() as u64,
         queue_us = (last - first).as_micros() as u64,
+        told_us = told.map(|t| t.as_micros() as u64),
         total_us = began.elapsed().as_micros() as u64,
         "KV region: direct get (lookup: until the first scatter is queued; queue: copies and \
-         scatters queued, group by group; total: with their completion)"
+         scatters queued, group by group; told: the caller told, to answer before the copies \
+         complete; total: with their completion)"
     );
-    Ok(DirectGet { found, scatter })
+    Ok(DirectGet {
+        found,
+        scatter,
+        told: told.is_some(),
+    })
 }
 
 /// Gathers blocks of `pages_per_block` pages each (`page_ids` holds them one

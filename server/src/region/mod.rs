@@ -31,10 +31,12 @@ pub mod io;
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
-use kvstrata_kernels::{DeviceBuffer, Gpu, GpuStream, IpcHandle, PagedGeometry};
+use kvstrata_kernels::{
+    Backend, DeviceBuffer, Gpu, GpuError, GpuStream, IpcEvent, IpcHandle, PagedGeometry,
+};
 use kvstrata_types::InvalidField;
 use kvstrata_types::wire::kv_region as wire;
 use memmap2::MmapRaw;
@@ -118,6 +120,9 @@ pub struct KvRegion {
     gpu: Gpu,
     /// Operations on this region run in order on this stream.
     stream: GpuStream,
+    /// The event a client answered before its copies complete waits on
+    /// (CUDA regions; made on first use, `None` if that failed).
+    ready_event: OnceLock<Option<IpcEvent>>,
     gathered: AtomicU64,
     scattered: AtomicU64,
 }
@@ -198,6 +203,30 @@ impl KvRegion {
         }
     }
 
+    /// Marks the end of what is queued on the region's stream so far for a
+    /// client answered before its copies complete: `Ok(Some(handle))`, the
+    /// CUDA IPC handle of the region's event, recorded now, that the client
+    /// waits on; `Ok(None)`, nothing to wait for (the CPU backend's copies
+    /// complete as they are queued). `Err`: no event (it could not be made
+    /// or recorded): answer after the copies instead.
+    pub fn record_ready(&self) -> Result<Option<[u8; 64]>, GpuError> {
+        if self.gpu.backend() == Backend::Cpu {
+            return Ok(None);
+        }
+        let event = self.ready_event.get_or_init(|| match self.gpu.ipc_event() {
+            Ok(e) => Some(e),
+            Err(e) => {
+                tracing::warn!(region_id = self.id, error = %e, "KV region: no CUDA IPC event for answers before the copies complete; gets into it are answered after their copies");
+                None
+            }
+        });
+        let event = event.as_ref().ok_or(GpuError::Unsupported {
+            what: "a CUDA IPC event for this region",
+        })?;
+        self.stream.record_ipc(event)?;
+        Ok(Some(*event.handle()))
+    }
+
     pub fn count_gathered(&self, bytes: u64) {
         self.gathered.fetch_add(bytes, Ordering::Relaxed);
     }
@@ -276,6 +305,11 @@ pub struct RegionStats {
     /// Lookups of an id that names no registered region (a closed region, or
     /// a stale id from before a daemon restart).
     pub unknown_ids: u64,
+    /// Gets into pages answered before their copies completed.
+    pub answered_before_copies: u64,
+    /// Of those, gets whose copies then failed (logged as errors): the
+    /// client was told its pages would be written (a device fault).
+    pub failed_after_answer: u64,
 }
 
 /// Every registered region, by id. Ids are 64-bit and unique to this run of
@@ -294,6 +328,8 @@ pub struct RegionRegistry {
     gathered: AtomicU64,
     scattered: AtomicU64,
     unknown_ids: AtomicU64,
+    answered_before_copies: AtomicU64,
+    failed_after_answer: AtomicU64,
 }
 
 impl RegionRegistry {
@@ -316,6 +352,8 @@ impl RegionRegistry {
             gathered: AtomicU64::new(0),
             scattered: AtomicU64::new(0),
             unknown_ids: AtomicU64::new(0),
+            answered_before_copies: AtomicU64::new(0),
+            failed_after_answer: AtomicU64::new(0),
         }
     }
 
@@ -327,6 +365,15 @@ impl RegionRegistry {
     pub fn count_refused(&self, reason: RefuseReason) {
         if let Some(i) = RefuseReason::ALL.iter().position(|r| *r == reason) {
             self.refused[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a get answered before its copies completed, and whether they
+    /// then failed.
+    pub fn count_answered_before_copies(&self, failed_after: bool) {
+        self.answered_before_copies.fetch_add(1, Ordering::Relaxed);
+        if failed_after {
+            self.failed_after_answer.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -458,6 +505,7 @@ impl RegionRegistry {
             memory,
             gpu,
             stream,
+            ready_event: OnceLock::new(),
             gathered: AtomicU64::new(0),
             scattered: AtomicU64::new(0),
         });
@@ -506,6 +554,8 @@ impl RegionRegistry {
             gathered: self.gathered.load(Ordering::Relaxed),
             scattered: self.scattered.load(Ordering::Relaxed),
             unknown_ids: self.unknown_ids.load(Ordering::Relaxed),
+            answered_before_copies: self.answered_before_copies.load(Ordering::Relaxed),
+            failed_after_answer: self.failed_after_answer.load(Ordering::Relaxed),
         }
     }
 }

@@ -386,12 +386,14 @@ pub fn encode_get_response(
             (head, tail, &r.payload)
         })
         .collect();
-    // Fields 2 and 3 (a compact answer's, empty beside payloads in
-    // practice) follow the results, in tag order as prost writes them.
+    // Fields 2 to 4 (a compact answer's and an early answer's, empty
+    // beside payloads in practice) follow the results, in tag order as
+    // prost writes them.
     let rest = pb::BatchGetResponse {
         results: Vec::new(),
         tiers: response.tiers.clone(),
         failed: response.failed.clone(),
+        pages_ready_event: response.pages_ready_event.clone(),
     };
     let total = split_field_len(&parts) + rest.encoded_len();
     check_encoded_len(total, max)?;
@@ -666,12 +668,18 @@ mod tests {
             results in proptest::collection::vec(arb_result(), 0..6),
             tiers in proptest::collection::vec(prop_oneof![0i32..5, any::<i32>()], 0..4),
             failed in proptest::collection::vec((any::<u32>(), "[a-z ]{0,20}"), 0..3),
+            event in prop_oneof![Just(Vec::new()), proptest::collection::vec(any::<u8>(), 64)],
         ) {
             let failed = failed
                 .into_iter()
                 .map(|(index, message)| pb::FailedKey { index, message })
                 .collect();
-            let response = pb::BatchGetResponse { results, tiers, failed };
+            let response = pb::BatchGetResponse {
+                results,
+                tiers,
+                failed,
+                pages_ready_event: event.into(),
+            };
             let chunks = encode_get_response(&response, usize::MAX).unwrap();
             let wire = joined(&chunks);
             prop_assert_eq!(&wire, &framed(&response));

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Status};
 
-use super::kv_pages::PageLists;
+use super::kv_pages::{PageLists, PagesAnswer};
 use super::{BoxStream, KvCacheService, check_pools, check_range_length};
 use crate::auth::Caller;
 use crate::convert::{self, status};
@@ -81,6 +81,11 @@ impl KvCacheService {
         if req.compact_answer {
             return Err(Status::invalid_argument(
                 "compact_answer: GetStream answers one GetResult per key; use BatchGet into KV pages",
+            ));
+        }
+        if req.answer_when_queued {
+            return Err(Status::invalid_argument(
+                "answer_when_queued: GetStream returns payloads inline; use BatchGet into KV pages",
             ));
         }
         let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
@@ -165,19 +170,30 @@ impl KvCacheService {
                  compactly; inline and pool-range gets answer one GetResult per key",
             ));
         }
+        if req.answer_when_queued && !array && req.pages.is_empty() {
+            return Err(Status::invalid_argument(
+                "answer_when_queued: only a get into KV pages (`pages` or `page_ids`) can be \
+                 answered before its copies complete; inline and pool-range gets carry or \
+                 write their bytes before the answer",
+            ));
+        }
+        let answer = PagesAnswer {
+            compact,
+            when_queued: req.answer_when_queued,
+        };
         if array {
             let pages = PageLists::Array {
                 region_id: req.page_region_id,
                 page_ids: &req.page_ids,
             };
             return self
-                .get_pages(ns, keys, req.keys, pages, compact, received)
+                .get_pages(ns, keys, req.keys, pages, answer, received)
                 .await;
         }
         if !req.pages.is_empty() {
             let pages = PageLists::PerKey(&req.pages);
             return self
-                .get_pages(ns, keys, req.keys, pages, compact, received)
+                .get_pages(ns, keys, req.keys, pages, answer, received)
                 .await;
         }
         let targets = if req.ranges.is_empty() {

@@ -169,6 +169,65 @@ enum GetTargets {
 /// `Ok(None)` a miss, `Err` a problem with its region.
 type PageOutcome = Result<Option<TierKind>, String>;
 
+/// How a BatchGet into pages wants its answer.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct PagesAnswer {
+    /// Each key's tier and the failed keys, not one `GetResult` per key
+    /// (`compact_answer`).
+    pub(super) compact: bool,
+    /// As soon as the copies are queued, with the event to wait on
+    /// (`answer_when_queued`): taken by a page-id array into a region a
+    /// cache device reaches (one direct group); other gets are answered
+    /// after their copies.
+    pub(super) when_queued: bool,
+}
+
+/// What a get told its handler once its copies were queued (see
+/// [`region_io::get_direct`]).
+struct Queued {
+    /// Each key's tier.
+    found: Vec<Option<TierKind>>,
+    /// The event the client waits on (`None`: nothing to wait for).
+    event: Option<[u8; 64]>,
+    /// When the work started on the blocking pool, and when it told.
+    started: Instant,
+    at: Instant,
+}
+
+/// What [`read_into_pages`] did.
+struct PagesRead {
+    outcome: Vec<PageOutcome>,
+    /// The handler was told once the copies were queued (and may have
+    /// answered then).
+    told: bool,
+}
+
+/// After a get answered before its copies completed: counts it, and, if a
+/// copy then failed, says so loudly (the client was told its pages would be
+/// written; a failed copy on a device is a device fault).
+fn check_after_answer(
+    outcome: &[PageOutcome],
+    registry: Option<&RegionRegistry>,
+    targets: &GetTargets,
+) {
+    let failed = outcome.iter().filter(|o| o.is_err()).count();
+    if failed > 0 {
+        let region_id = match targets {
+            GetTargets::Direct(g) => g.region.id(),
+            GetTargets::PerKey(_) => 0,
+        };
+        tracing::error!(
+            region_id,
+            failed,
+            "KV region: copies into pages failed after the get was answered (before they \
+             completed); the client may read unwritten pages: the device is faulty"
+        );
+    }
+    if let Some(r) = registry {
+        r.count_answered_before_copies(failed > 0);
+    }
+}
+
 impl KvCacheService {
     /// The region a request's `KvPages` names, after checking the page list
     /// against its geometry and the namespace (errors name `field`). An
@@ -274,7 +333,7 @@ impl KvCacheService {
         keys: Vec<BlockKey>,
         wire_keys: Vec<Bytes>,
         pages: PageLists<'_>,
-        compact: bool,
+        answer: PagesAnswer,
         received: Option<Instant>,
     ) -> Result<pb::BatchGetResponse, Status> {
         let entered = Instant::now();
@@ -310,45 +369,77 @@ impl KvCacheService {
         let cutoff = cutoff_now();
         let checked = Instant::now();
         let key_count = keys.len();
-        let (answer, started, read, answered) = self
-            .limits
-            .blocking
-            .run("get", move || {
-                if given_up(cutoff) {
-                    return Err(Status::deadline_exceeded(late("scatter into pages[]")));
+        // Told once the copies are queued (a direct group whose client asked).
+        let early = answer.when_queued && matches!(targets, GetTargets::Direct(_));
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<Queued>();
+        let work = self.limits.blocking.run("get", move || {
+            if given_up(cutoff) {
+                return Err(Status::deadline_exceeded(late("scatter into pages[]")));
+            }
+            let started = Instant::now();
+            let mut tx = early.then_some(tx);
+            let mut tell = |found: &[Option<TierKind>], event: Option<[u8; 64]>| {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(Queued {
+                        found: found.to_vec(),
+                        event,
+                        started,
+                        at: Instant::now(),
+                    });
                 }
-                let started = Instant::now();
-                let outcome = read_into_pages(
-                    &cache,
-                    &ns,
-                    &keys,
-                    &targets,
-                    block_bytes,
-                    registry.as_deref(),
-                    cutoff,
-                )
-                .map_err(status)?;
-                let read = Instant::now();
-                let answer = page_answer(wire_keys, outcome, compact);
-                Ok((answer, started, read, Instant::now()))
-            })
-            .await??;
-        let back = Instant::now();
+            };
+            let read = read_into_pages(
+                &cache,
+                &ns,
+                &keys,
+                &targets,
+                block_bytes,
+                registry.as_deref(),
+                cutoff,
+                early.then_some(&mut tell as region_io::TellQueued<'_>),
+            )
+            .map_err(status)?;
+            if read.told {
+                check_after_answer(&read.outcome, registry.as_deref(), &targets);
+            }
+            Ok((read.outcome, started, Instant::now()))
+        });
+        tokio::pin!(work);
+        // The copies' completion, or the word that they are queued, whichever
+        // comes first (the completion wins a tie: its answer needs no wait).
+        let (outcome, event, started, read) = tokio::select! {
+            biased;
+            done = &mut work => {
+                let (outcome, started, at) = done??;
+                (outcome, None, started, at)
+            }
+            Ok(q) = &mut rx => {
+                let outcome = q.found.into_iter().map(Ok).collect();
+                (outcome, Some(q.event), q.started, q.at)
+            }
+        };
+        let returned = Instant::now();
+        let mut response = page_answer(wire_keys, outcome, answer.compact);
+        if let Some(event) = event.flatten() {
+            response.pages_ready_event = Bytes::copy_from_slice(&event);
+        }
         let us = |a: Instant, b: Instant| b.saturating_duration_since(a).as_micros() as u64;
         tracing::debug!(
             keys = key_count,
-            compact,
+            compact = answer.compact,
+            before_copies = event.is_some(),
             decode_us = received.map_or(0, |r| us(r, entered)),
             check_us = us(entered, checked),
             hop_us = us(checked, started),
             read_us = us(started, read),
-            answer_us = us(read, answered),
-            return_us = us(answered, back),
+            return_us = us(read, returned),
+            answer_us = us(returned, Instant::now()),
             "page get (decode: from the call's arrival to its handler; check: page lists; hop: to \
-             the blocking pool; read: lookups and copies; answer: the results; return: back to \
-             the call's task)"
+             the blocking pool; read: lookups and copies, or, answered before the copies \
+             complete (before_copies), until they were queued; return: back to the call's task; \
+             answer: the results)"
         );
-        Ok(answer)
+        Ok(response)
     }
 }
 
@@ -394,13 +485,16 @@ fn page_answer(
         results: Vec::new(),
         tiers,
         failed,
+        ..Default::default()
     }
 }
 
 /// Reads `keys` and scatters the found blocks into their pages (`targets`,
 /// one per key): first the staged keys, then each direct group. Returns what
 /// became of each key, in order, and counts the bytes scattered. No scatter
-/// starts after `cutoff`: its keys get a [`late`] error instead.
+/// starts after `cutoff`: its keys get a [`late`] error instead. `tell` (a
+/// single direct group only) is told once its copies are queued.
+#[allow(clippy::too_many_arguments)]
 fn read_into_pages(
     cache: &BlockCache,
     ns: &NamespaceId,
@@ -409,20 +503,24 @@ fn read_into_pages(
     block_bytes: u64,
     registry: Option<&RegionRegistry>,
     cutoff: Option<Instant>,
-) -> Result<Vec<PageOutcome>, CacheError> {
+    tell: Option<region_io::TellQueued<'_>>,
+) -> Result<PagesRead, CacheError> {
     let targets = match targets {
         GetTargets::PerKey(t) => t,
         GetTargets::Direct(g) => {
             let mut outcome: Vec<PageOutcome> = vec![Ok(None); keys.len()];
             if given_up(cutoff) {
                 outcome.fill(Err(late("scatter")));
-                return Ok(outcome);
+                return Ok(PagesRead {
+                    outcome,
+                    told: false,
+                });
             }
-            let scattered = get_direct_group(cache, ns, g, &mut outcome)?;
+            let (scattered, told) = get_direct_group(cache, ns, g, &mut outcome, tell)?;
             if let Some(r) = registry {
                 r.count_moved(0, scattered);
             }
-            return Ok(outcome);
+            return Ok(PagesRead { outcome, told });
         }
     };
     let mut outcome: Vec<PageOutcome> = targets
@@ -441,12 +539,15 @@ fn read_into_pages(
             }
             continue;
         }
-        scattered += get_direct_group(cache, ns, g, &mut outcome)?;
+        scattered += get_direct_group(cache, ns, g, &mut outcome, None)?.0;
     }
     if let Some(r) = registry {
         r.count_moved(0, scattered);
     }
-    Ok(outcome)
+    Ok(PagesRead {
+        outcome,
+        told: false,
+    })
 }
 
 /// Sorts the keys with usable pages into direct groups (one per region a
@@ -557,20 +658,21 @@ fn scatter_staged(
 }
 
 /// Reads one direct group's keys straight into its region's pages; returns
-/// the bytes scattered. A failed scatter turns its found keys' outcomes into
-/// that error.
+/// the bytes scattered and whether `tell` was told. A failed scatter turns
+/// its found keys' outcomes into that error.
 fn get_direct_group(
     cache: &BlockCache,
     ns: &NamespaceId,
     g: &DirectGroup,
     outcome: &mut [PageOutcome],
-) -> Result<u64, CacheError> {
-    let done = region_io::get_direct(cache, ns, g.device, g.pages(), &g.block_keys())?;
+    tell: Option<region_io::TellQueued<'_>>,
+) -> Result<(u64, bool), CacheError> {
+    let done = region_io::get_direct(cache, ns, g.device, g.pages(), &g.block_keys(), tell)?;
     for (&i, tier) in g.items.iter().zip(&done.found) {
         outcome[i] = Ok(*tier);
     }
     match done.scatter {
-        Ok(bytes) => Ok(bytes),
+        Ok(bytes) => Ok((bytes, done.told)),
         Err(e) => {
             tracing::warn!(region_id = g.region.id(), error = %e, "scatter into a KV region failed");
             for (&i, tier) in g.items.iter().zip(&done.found) {
@@ -578,7 +680,7 @@ fn get_direct_group(
                     outcome[i] = Err(e.to_string());
                 }
             }
-            Ok(0)
+            Ok((0, done.told))
         }
     }
 }

@@ -427,6 +427,13 @@ impl BlockCache {
     /// they are read straight from host memory. Everything queued has
     /// completed when this returns, so the addresses are given back only
     /// then. Errors of the device's own copies come as `E::from`.
+    ///
+    /// `queued(found)` runs once every copy and scatter is queued, before
+    /// the wait for their completion (not at all when one failed to queue):
+    /// a caller may answer its client from there, with an event recorded on
+    /// `stream` for the client to wait on (docs/protocol.md, "Answers before
+    /// the copies complete"). Everything in the blocks' way (their reads,
+    /// staging, promotion) is still given back only after completion.
     pub fn get_to_device_staged<E: From<GpuError>>(
         &self,
         ns: &NamespaceId,
@@ -434,12 +441,13 @@ impl BlockCache {
         keys: &[BlockKey],
         stream: &GpuStream,
         mut scatter: impl FnMut(&[usize], &[u64]) -> Result<(), E>,
+        queued: impl FnOnce(&[Option<TierKind>]),
     ) -> Result<FoundAndScattered<E>, CacheError> {
         let len = self.namespace("namespace_id", ns)?.block_bytes as usize;
         let gpu = self.check_device(device)?;
         let moves = self.device_moves(device);
         self.lend_to_device(ns, device, keys, |blocks, on_device, promote| {
-            let found = blocks.iter().map(|b| b.map(|(_, t)| t)).collect();
+            let found: Vec<Option<TierKind>> = blocks.iter().map(|b| b.map(|(_, t)| t)).collect();
             // Host-tier blocks to promote into the HBM tier from the staging
             // buffers they pass through (device to device): a slot each,
             // reserved now; the rest are promoted afterwards as before.
@@ -468,6 +476,7 @@ impl BlockCache {
                 },
                 len,
                 &mut scatter,
+                || queued(&found),
             );
             // Published only when every copy into them has completed (the
             // staged path ran, without an error), under the stripe rule of

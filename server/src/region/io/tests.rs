@@ -153,6 +153,7 @@ fn direct_put_and_get_match_the_references_on_the_cpu_backend() {
             page_ids: &get_pages,
         },
         &[key("b"), key("missing"), key("h")],
+        None,
     )
     .expect("get");
     assert_eq!(
@@ -271,6 +272,7 @@ fn get_seven(t: &HostOnly, stored: &[u8]) {
             page_ids: &page_ids,
         },
         &keys(&names),
+        None,
     )
     .expect("get");
     let mut want_found = vec![Some(TierKind::Host); 8];
@@ -375,6 +377,7 @@ fn a_bad_page_list_stores_nothing_and_writes_no_page() {
             page_ids: &[8, 7, 6, 5, 4, 3, 9],
         },
         &keys(&["b0", "b1", "b2", "b3", "b4", "b5", "b6"]),
+        None,
     )
     .expect("get");
     assert_eq!(got.found, vec![Some(TierKind::Host); 7]);
@@ -441,6 +444,7 @@ fn a_get_of_hbm_and_host_blocks_scatters_both_in_groups() {
             page_ids: &page_ids,
         },
         &keys(&names),
+        None,
     )
     .expect("get");
     assert_eq!(got.scatter.expect("scatter"), 8 * bb as u64);

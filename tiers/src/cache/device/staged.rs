@@ -184,10 +184,11 @@ pub(super) struct Lent<'a> {
 /// The use of the blocks [`crate::BlockCache::get_to_device_staged`] lends:
 /// those in the device's memory scattered where they lie, those in host
 /// memory through device staging (or straight, without a set), with the
-/// promotion copies of `promote_to` from the staging buffers. Returns the
-/// blocks scattered and whether the host blocks went through staging (so
-/// every promotion copy ran); everything queued has completed when it
-/// returns.
+/// promotion copies of `promote_to` from the staging buffers. Once every
+/// copy and scatter is queued (none failed to queue), `queued` runs, before
+/// the wait for their completion. Returns the blocks scattered and whether
+/// the host blocks went through staging (so every promotion copy ran);
+/// everything queued has completed when it returns.
 pub(super) fn scatter_lent<E: From<GpuError>>(
     gpu: &Gpu,
     moves: Moves,
@@ -195,6 +196,7 @@ pub(super) fn scatter_lent<E: From<GpuError>>(
     lent: Lent<'_>,
     len: usize,
     scatter: &mut impl FnMut(&[usize], &[u64]) -> Result<(), E>,
+    queued: impl FnOnce(),
 ) -> Result<(usize, bool), E> {
     let (mut device, mut host): (Placed, Placed) = (Vec::new(), Vec::new());
     for (i, (b, &dev)) in lent.blocks.iter().zip(lent.on_device).enumerate() {
@@ -206,7 +208,7 @@ pub(super) fn scatter_lent<E: From<GpuError>>(
     }
     host.sort_unstable_by_key(|&(_, addr)| addr);
     let set = lend(gpu, moves, len, host.len());
-    let queued = (|| {
+    let queued_ok = (|| {
         if !device.is_empty() {
             let (at, from): (Vec<usize>, Vec<u64>) = device.iter().copied().unzip();
             scatter(&at, &from)?;
@@ -228,8 +230,11 @@ pub(super) fn scatter_lent<E: From<GpuError>>(
             }
         }
     })();
+    if queued_ok.is_ok() {
+        queued();
+    }
     let done = finish(&[stream]);
-    queued?;
+    queued_ok?;
     done.map_err(E::from)?;
     Ok((device.len() + host.len(), set.is_some()))
 }
@@ -669,24 +674,68 @@ mod tests {
         let mut pages = vec![0u8; 8 * len];
         let mut missing = keys.clone();
         missing.insert(3, k(99));
+        let mut told = None;
         let (found, scattered) = c
-            .get_to_device_staged(&ns, 0, &missing, &stream, |pos: &[usize], from: &[u64]| {
-                calls += 1;
-                if calls == 2 {
-                    return Err(TestError::Refused(pos[0]));
-                }
-                for (&p, &a) in pos.iter().zip(from) {
-                    // SAFETY: a staged block of `len` bytes.
-                    let b = unsafe { std::slice::from_raw_parts(a as *const u8, len) };
-                    pages[p * len..(p + 1) * len].copy_from_slice(b);
-                }
-                Ok(())
-            })
+            .get_to_device_staged(
+                &ns,
+                0,
+                &missing,
+                &stream,
+                |pos: &[usize], from: &[u64]| {
+                    calls += 1;
+                    if calls == 2 {
+                        return Err(TestError::Refused(pos[0]));
+                    }
+                    for (&p, &a) in pos.iter().zip(from) {
+                        // SAFETY: a staged block of `len` bytes.
+                        let b = unsafe { std::slice::from_raw_parts(a as *const u8, len) };
+                        pages[p * len..(p + 1) * len].copy_from_slice(b);
+                    }
+                    Ok(())
+                },
+                |f: &[Option<TierKind>]| told = Some(f.to_vec()),
+            )
             .unwrap();
         assert!(matches!(scattered, Err(TestError::Refused(_))));
         assert_eq!(calls, 2, "no group after the failure");
         assert_eq!(found.iter().filter(|f| f.is_some()).count(), 7);
         assert_eq!(found[3], None);
+        assert_eq!(told, None, "not queued: nobody is told so");
+
+        // The same get, every group queued: told once, before the copies
+        // complete, with what was found (each block written by then on this
+        // CPU backend, whose copies run as they are queued).
+        let mut pages = vec![0u8; 8 * len];
+        let mut told = None;
+        let (found, scattered) = c
+            .get_to_device_staged(
+                &ns,
+                0,
+                &missing,
+                &stream,
+                |pos: &[usize], from: &[u64]| {
+                    for (&p, &a) in pos.iter().zip(from) {
+                        // SAFETY: a staged block of `len` bytes.
+                        let b = unsafe { std::slice::from_raw_parts(a as *const u8, len) };
+                        pages[p * len..(p + 1) * len].copy_from_slice(b);
+                    }
+                    Ok::<(), TestError>(())
+                },
+                |f: &[Option<TierKind>]| {
+                    assert!(told.is_none(), "told twice");
+                    told = Some(f.to_vec());
+                },
+            )
+            .unwrap();
+        assert_eq!(scattered.unwrap(), 7);
+        assert_eq!(told.as_deref(), Some(&found[..]));
+        for (p, key) in missing.iter().enumerate() {
+            let want = match c.get_batch(&ns, &[*key]).unwrap().remove(0) {
+                Some((bytes, _)) => bytes.to_vec(),
+                None => vec![0u8; len],
+            };
+            assert_eq!(&pages[p * len..(p + 1) * len], &want[..], "page {p}");
+        }
     }
 
     #[test]
