@@ -23,7 +23,10 @@
 //! slabs of the window of arena whose newest block is oldest, or the class's
 //! own oldest block if that is older still (`SlotIndex::make_room`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+// foldhash (hashbrown's default), not SipHash: asked once or more per block read.
+use hashbrown::HashMap;
 
 #[derive(Debug, Default)]
 struct ClassSets {
@@ -52,6 +55,46 @@ impl LruSets {
             sets.leaves.remove(&tick);
             sets.inner.remove(&tick);
         }
+    }
+
+    /// [`LruSets::remove`] from the one set the caller knows it is in.
+    pub(crate) fn remove_from(&mut self, class: usize, tick: u64, leaf: bool) {
+        if let Some(sets) = self.classes.get_mut(&class) {
+            match leaf {
+                true => sets.leaves.remove(&tick),
+                false => sets.inner.remove(&tick),
+            };
+        }
+    }
+
+    /// Moves `id` from `old` to `new` within one set (a read's touch).
+    pub(crate) fn retick(&mut self, class: usize, old: u64, new: u64, id: usize, leaf: bool) {
+        let sets = self.classes.entry(class).or_default();
+        let set = match leaf {
+            true => &mut sets.leaves,
+            false => &mut sets.inner,
+        };
+        set.remove(&old);
+        set.insert(new, id);
+    }
+
+    /// Whether `id` is filed under `tick` in the class's leaves (`leaf`) or
+    /// inner blocks, and how many blocks all sets hold (tests).
+    #[cfg(test)]
+    pub(crate) fn filed(&self, class: usize, tick: u64, leaf: bool) -> Option<usize> {
+        let sets = self.classes.get(&class)?;
+        match leaf {
+            true => sets.leaves.get(&tick).copied(),
+            false => sets.inner.get(&tick).copied(),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.classes
+            .values()
+            .map(|s| s.leaves.len() + s.inner.len())
+            .sum()
     }
 
     /// Replaces a class's sets with ones built from `(tick, id)` lists sorted

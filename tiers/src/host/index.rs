@@ -40,6 +40,10 @@ pub(crate) struct Entry {
     /// its slot is not freed until that is done.
     pub(crate) draining: bool,
     pub(crate) incarnation: u64,
+    /// Which eviction set it is filed in under `tick`: `Some(true)` the
+    /// leaves, `Some(false)` the inner blocks, `None` neither (pinned,
+    /// draining or gone). Kept by `set_insert` / `set_remove` only.
+    listed: Option<bool>,
 }
 
 /// The block index of a slot-arena tier (host and HBM): which block lives in
@@ -96,7 +100,10 @@ impl SlotIndex {
         self.child_count.get(&(*ns, *key)).copied().unwrap_or(0) == 0
     }
 
+    /// Files the block in its eviction set if it is a candidate (live,
+    /// unpinned, not draining), as a leaf or an inner block.
     pub(crate) fn set_insert(&mut self, id: usize) {
+        self.set_remove(id);
         let Some(e) = self.entries.get(id) else {
             return;
         };
@@ -106,14 +113,37 @@ impl SlotIndex {
         let leaf = self.is_leaf(&e.ns, &e.key);
         let (class, tick) = (e.len, e.tick);
         self.sets.insert(class, tick, id, leaf);
+        if let Some(e) = self.entries.get_mut(id) {
+            e.listed = Some(leaf);
+        }
     }
 
+    /// Checks that the eviction sets hold exactly the candidates (live,
+    /// unpinned, not draining), each once, in the set its child count says,
+    /// under its tick (tests).
+    #[cfg(test)]
+    pub(crate) fn check_sets(&self) {
+        let mut listed = 0;
+        for (id, e) in self.entries.iter() {
+            let candidate = e.live && e.pins == 0 && !e.draining;
+            assert_eq!(e.listed.is_some(), candidate, "entry {id}: {e:?}");
+            if let Some(leaf) = e.listed {
+                listed += 1;
+                assert_eq!(leaf, self.is_leaf(&e.ns, &e.key), "entry {id}: leaf");
+                assert_eq!(self.sets.filed(e.len, e.tick, leaf), Some(id), "entry {id}");
+            }
+        }
+        assert_eq!(self.sets.len(), listed, "the sets hold only listed entries");
+    }
+
+    /// Takes the block out of its eviction set, if it is filed in one.
     pub(crate) fn set_remove(&mut self, id: usize) {
-        let Some(e) = self.entries.get(id) else {
+        let Some(e) = self.entries.get_mut(id) else {
             return;
         };
-        let (class, tick) = (e.len, e.tick);
-        self.sets.remove(class, tick);
+        if let Some(leaf) = e.listed.take() {
+            self.sets.remove_from(e.len, e.tick, leaf);
+        }
     }
 
     pub(crate) fn touch(&mut self, id: usize) {
@@ -122,17 +152,25 @@ impl SlotIndex {
 
     /// [`SlotIndex::touch`] with the clock read once by the caller (one
     /// reading for a whole batch of reads).
+    ///
+    /// A block filed in an eviction set moves to its newest end in the same
+    /// set (a touch changes its recency, not whether it is a leaf); one that
+    /// is not is filed if it has become a candidate.
     pub(crate) fn touch_at(&mut self, id: usize, now: Instant) {
-        self.set_remove(id);
         self.tick += 1;
         let tick = self.tick;
-        if let Some(e) = self.entries.get_mut(id) {
-            e.tick = tick;
-            e.last_access = now;
-            let slot = e.slot;
-            self.arena.note_use(slot, tick);
+        let Some(e) = self.entries.get_mut(id) else {
+            return;
+        };
+        let (old, listed) = (e.tick, e.listed);
+        e.tick = tick;
+        e.last_access = now;
+        let (slot, class) = (e.slot, e.len);
+        self.arena.note_use(slot, tick);
+        match listed {
+            Some(leaf) => self.sets.retick(class, old, tick, id, leaf),
+            None => self.set_insert(id),
         }
-        self.set_insert(id);
     }
 
     /// Moves a cached parent between the leaf and inner sets after its child count changed.
@@ -235,6 +273,7 @@ impl SlotIndex {
             live: true,
             draining: false,
             incarnation,
+            listed: None,
         };
         let id = self.entries.insert(entry);
         self.arena.note_use(slot, self.tick);

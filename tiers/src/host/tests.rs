@@ -258,3 +258,58 @@ fn a_victim_pinned_while_handed_on_stays() {
     );
     assert!(!t.contains(&ns(), &key("a")));
 }
+
+/// A few thousand random puts (chained and not, two block sizes), reads,
+/// pins, unpins and removals under eviction pressure: after each, the
+/// eviction sets hold exactly the candidates, each in the set its child
+/// count says (`SlotIndex::check_sets`).
+#[test]
+fn eviction_sets_follow_every_operation() {
+    let cfg = HostTierConfig {
+        capacity_bytes: 6 * 65536,
+        segment_bytes: 65536,
+    };
+    let t = HostTier::new(&cfg, Arc::new(EventBus::new(1 << 16))).unwrap();
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    let k = |i: u64| key(&format!("r{i}"));
+    let mut tokens = Vec::new();
+    for step in 0..4000 {
+        let i = next(96);
+        match next(10) {
+            0..=3 => {
+                let parent = (i > 0 && next(4) != 0).then(|| k(i - 1));
+                let len = if next(5) == 0 { 16384 } else { 4096 };
+                t.put(&ns(), &k(i), parent.as_ref(), &payload(i as u8, len));
+            }
+            4 | 5 => {
+                let _ = t.get(&ns(), &k(i));
+            }
+            6 => {
+                let keys: Vec<BlockKey> = (i..i + 8).map(k).collect();
+                let _ = t.get_many_with_meta(&ns(), &keys);
+            }
+            7 => {
+                if let Ok(got) = t.pin(&ns(), &[k(i)]) {
+                    tokens.extend(got);
+                }
+            }
+            8 => {
+                if !tokens.is_empty() {
+                    let token = tokens.swap_remove(next(tokens.len() as u64) as usize);
+                    t.unpin(&token);
+                }
+            }
+            _ => {
+                let _ = t.remove(&ns(), &k(i), RemoveReason::Delete);
+            }
+        }
+        t.inner.meta.lock().check_sets();
+        assert!(t.stats().used_bytes <= cfg.capacity_bytes, "step {step}");
+    }
+}
