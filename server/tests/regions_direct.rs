@@ -9,10 +9,11 @@ mod common;
 mod regions_support;
 
 use bytes::Bytes;
-use kvstrata_client::PagesPutItem;
 use kvstrata_client::region::{KIND_MEMFD, encode_preamble};
+use kvstrata_client::{KvRegion, PagesPutItem};
 use kvstrata_gpucheck::{check_pages_round_trip, nonzero_bytes};
 use kvstrata_proto::v1 as pb;
+use kvstrata_tiers::NamespaceId;
 use regions_support::*;
 use tonic::Code;
 
@@ -348,6 +349,44 @@ async fn direct_gather_failure_stores_nothing_not_even_staged_or_inline_blocks()
     r.stop().await;
 }
 
+/// Pages of the three blocks [`three_blocks`] stores, in order.
+const THREE_FROM: [[u32; 2]; 3] = [[0, 1], [2, 3], [4, 4]];
+
+/// A per-layer memfd region `name` of random bytes (seed `seed`), three
+/// blocks `{prefix}0..2` stored by its pages [`THREE_FROM`] (2 pages per
+/// block), then the region overwritten with other random bytes (seed
+/// `seed + 1`). Returns the region, the namespace, the bytes the blocks
+/// were gathered from and the ones the region now holds.
+async fn three_blocks(
+    r: &Running,
+    name: &str,
+    prefix: &str,
+    seed: u64,
+) -> (KvRegion, NamespaceId, Vec<u8>, Vec<u8>) {
+    let g = per_layer();
+    let mut a = r.region(name, g);
+    let fill = nonzero_bytes(seed, a.len() as usize);
+    a.as_mut_slice().expect("memfd").copy_from_slice(&fill);
+    let (ns, _) = ns_for(&r.client, name, &g, 2).await;
+    let items: Vec<PagesPutItem> = THREE_FROM
+        .iter()
+        .enumerate()
+        .map(|(i, p)| PagesPutItem::new(key(&format!("{prefix}{i}")), a.pages(p.to_vec())))
+        .collect();
+    assert_eq!(r.client.put_pages(&ns, items).await.expect("put").stored, 3);
+    let poison = nonzero_bytes(seed + 1, a.len() as usize);
+    a.as_mut_slice().expect("memfd").copy_from_slice(&poison);
+    (a, ns, fill, poison)
+}
+
+/// The block [`three_blocks`] gathered from `pages` of `fill`.
+fn block_of(fill: &[u8], pages: [u32; 2]) -> Vec<u8> {
+    let g = per_layer();
+    let mut v = vec![0u8; g.block_bytes(2) as usize];
+    kvstrata_kernels::reference::gather(&g, 2, &pages, fill, &mut v).expect("reference");
+    v
+}
+
 /// A BatchGet's pages as one page-id array (`page_region_id`, `page_ids`):
 /// the same scatter as one `KvPages` per key, checked byte for byte; bad
 /// arrays are refused naming the field and change no page; a client that
@@ -356,27 +395,10 @@ async fn direct_gather_failure_stores_nothing_not_even_staged_or_inline_blocks()
 async fn page_id_arrays_scatter_like_page_lists_and_bad_ones_change_nothing() {
     let r = start_direct().await;
     let g = per_layer();
-    let bb = g.block_bytes(2) as usize;
-    let mut a = r.region("arrays", g);
-    let fill = nonzero_bytes(41, a.len() as usize);
-    a.as_mut_slice().expect("memfd").copy_from_slice(&fill);
-    let (ns, _) = ns_for(&r.client, "arrays", &g, 2).await;
+    let (a, ns, fill, poison) = three_blocks(&r, "arrays", "p", 41).await;
     let keys = ["p0", "p1", "p2"];
-    let from: [[u32; 2]; 3] = [[0, 1], [2, 3], [4, 4]];
-    let items: Vec<PagesPutItem> = keys
-        .iter()
-        .zip(from)
-        .map(|(k, p)| PagesPutItem::new(key(k), a.pages(p.to_vec())))
-        .collect();
-    let put = r.client.put_pages(&ns, items).await.expect("put");
-    assert_eq!(put.stored, 3);
-    let poison = nonzero_bytes(42, a.len() as usize);
-    a.as_mut_slice().expect("memfd").copy_from_slice(&poison);
-    let block_of = |pages: [u32; 2]| {
-        let mut v = vec![0u8; bb];
-        kvstrata_kernels::reference::gather(&g, 2, &pages, &fill, &mut v).expect("reference");
-        v
-    };
+    let from = THREE_FROM;
+    let block_of = |pages: [u32; 2]| block_of(&fill, pages);
 
     // Refused, naming the field, before any page is written.
     let raw_get = |req: pb::BatchGetRequest| {
@@ -561,26 +583,9 @@ fn counter(metrics: &str, name: &str) -> u64 {
 async fn gets_answered_when_queued_write_exact_pages_and_are_refused_elsewhere() {
     let r = start_direct().await;
     let g = per_layer();
-    let bb = g.block_bytes(2) as usize;
-    let mut a = r.region("queued", g);
-    let fill = nonzero_bytes(51, a.len() as usize);
-    a.as_mut_slice().expect("memfd").copy_from_slice(&fill);
-    let (ns, _) = ns_for(&r.client, "queued", &g, 2).await;
-    let keys = ["q0", "q1", "q2"];
-    let from: [[u32; 2]; 3] = [[0, 1], [2, 3], [4, 4]];
-    let items: Vec<PagesPutItem> = keys
-        .iter()
-        .zip(from)
-        .map(|(k, p)| PagesPutItem::new(key(k), a.pages(p.to_vec())))
-        .collect();
-    assert_eq!(r.client.put_pages(&ns, items).await.expect("put").stored, 3);
-    let poison = nonzero_bytes(52, a.len() as usize);
-    a.as_mut_slice().expect("memfd").copy_from_slice(&poison);
-    let block_of = |pages: [u32; 2]| {
-        let mut v = vec![0u8; bb];
-        kvstrata_kernels::reference::gather(&g, 2, &pages, &fill, &mut v).expect("reference");
-        v
-    };
+    let (a, ns, fill, poison) = three_blocks(&r, "queued", "q", 51).await;
+    let from = THREE_FROM;
+    let block_of = |pages: [u32; 2]| block_of(&fill, pages);
     let metric = "kvstrata_kv_region_answered_before_copies_total";
     let before = counter(&r.metrics().await, metric);
 
