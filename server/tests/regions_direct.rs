@@ -387,6 +387,28 @@ fn block_of(fill: &[u8], pages: [u32; 2]) -> Vec<u8> {
     v
 }
 
+/// `inline` (a get without pages asking what only gets into pages may) is
+/// refused `INVALID_ARGUMENT` naming `field`, as a BatchGet and as a
+/// GetStream.
+async fn refused_for_inline_gets(r: &Running, inline: pb::BatchGetRequest, field: &str) {
+    let e = r
+        .client
+        .raw()
+        .batch_get(inline.clone())
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().starts_with(&format!("{field}: ")), "{e:?}");
+    let e = r
+        .client
+        .raw()
+        .get_stream(inline)
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().starts_with(&format!("{field}: ")), "{e:?}");
+}
+
 /// A BatchGet's pages as one page-id array (`page_region_id`, `page_ids`):
 /// the same scatter as one `KvPages` per key, checked byte for byte; bad
 /// arrays are refused naming the field and change no page; a client that
@@ -485,17 +507,7 @@ async fn page_id_arrays_scatter_like_page_lists_and_bad_ones_change_nothing() {
         compact_answer: true,
         ..Default::default()
     };
-    let e = raw_get(inline.clone()).await.expect_err("refused");
-    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    assert!(e.message().starts_with("compact_answer: "), "{e:?}");
-    let e = r
-        .client
-        .raw()
-        .get_stream(inline)
-        .await
-        .expect_err("refused");
-    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    assert!(e.message().starts_with("compact_answer: "), "{e:?}");
+    refused_for_inline_gets(&r, inline, "compact_answer").await;
 
     // The array form: one key missing, the others scattered exactly.
     let mut want = poison.clone();
@@ -666,16 +678,6 @@ async fn gets_answered_when_queued_write_exact_pages_and_are_refused_elsewhere()
         answer_when_queued: true,
         ..Default::default()
     };
-    let e = raw_get(inline.clone()).await.expect_err("refused");
-    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    assert!(e.message().starts_with("answer_when_queued: "), "{e:?}");
-    let e = r
-        .client
-        .raw()
-        .get_stream(inline)
-        .await
-        .expect_err("refused");
-    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    assert!(e.message().starts_with("answer_when_queued: "), "{e:?}");
+    refused_for_inline_gets(&r, inline, "answer_when_queued").await;
     assert!(a.as_slice().expect("memfd") == &want[..]);
 }

@@ -205,17 +205,9 @@ struct PagesRead {
 /// After a get answered before its copies completed: counts it, and, if a
 /// copy then failed, says so loudly (the client was told its pages would be
 /// written; a failed copy on a device is a device fault).
-fn check_after_answer(
-    outcome: &[PageOutcome],
-    registry: Option<&RegionRegistry>,
-    targets: &GetTargets,
-) {
+fn check_after_answer(outcome: &[PageOutcome], registry: Option<&RegionRegistry>, region_id: u64) {
     let failed = outcome.iter().filter(|o| o.is_err()).count();
     if failed > 0 {
-        let region_id = match targets {
-            GetTargets::Direct(g) => g.region.id(),
-            GetTargets::PerKey(_) => 0,
-        };
         tracing::error!(
             region_id,
             failed,
@@ -399,8 +391,9 @@ impl KvCacheService {
                 early.then_some(&mut tell as region_io::TellQueued<'_>),
             )
             .map_err(status)?;
-            if read.told {
-                check_after_answer(&read.outcome, registry.as_deref(), &targets);
+            // Only a direct group of a page-id array is told.
+            if let (true, GetTargets::Direct(g)) = (read.told, &targets) {
+                check_after_answer(&read.outcome, registry.as_deref(), g.region.id());
             }
             Ok((read.outcome, started, Instant::now()))
         });

@@ -686,11 +686,7 @@ mod tests {
                     if calls == 2 {
                         return Err(TestError::Refused(pos[0]));
                     }
-                    for (&p, &a) in pos.iter().zip(from) {
-                        // SAFETY: a staged block of `len` bytes.
-                        let b = unsafe { std::slice::from_raw_parts(a as *const u8, len) };
-                        pages[p * len..(p + 1) * len].copy_from_slice(b);
-                    }
+                    copy_lent(&mut pages, len, pos, from);
                     Ok(())
                 },
                 |f: &[Option<TierKind>]| told = Some(f.to_vec()),
@@ -714,11 +710,7 @@ mod tests {
                 &missing,
                 &stream,
                 |pos: &[usize], from: &[u64]| {
-                    for (&p, &a) in pos.iter().zip(from) {
-                        // SAFETY: a staged block of `len` bytes.
-                        let b = unsafe { std::slice::from_raw_parts(a as *const u8, len) };
-                        pages[p * len..(p + 1) * len].copy_from_slice(b);
-                    }
+                    copy_lent(&mut pages, len, pos, from);
                     Ok::<(), TestError>(())
                 },
                 |f: &[Option<TierKind>]| {
@@ -735,6 +727,17 @@ mod tests {
                 None => vec![0u8; len],
             };
             assert_eq!(&pages[p * len..(p + 1) * len], &want[..], "page {p}");
+        }
+    }
+
+    /// The test's scatter: copies the lent blocks at `from` (`len` bytes
+    /// each, readable host memory on this CPU backend) to the pages of
+    /// positions `pos`.
+    fn copy_lent(pages: &mut [u8], len: usize, pos: &[usize], from: &[u64]) {
+        for (&p, &a) in pos.iter().zip(from) {
+            // SAFETY: a lent block of `len` bytes.
+            let b = unsafe { std::slice::from_raw_parts(a as *const u8, len) };
+            pages[p * len..(p + 1) * len].copy_from_slice(b);
         }
     }
 
