@@ -4,15 +4,14 @@
 //! `unix:///path` and `/path` (a Unix socket; `./path` works too). Every
 //! channel raises gRPC message limits to 512 MiB and HTTP/2 flow-control
 //! windows to 16 MiB per stream and 64 MiB per connection, accepts HTTP/2
-//! frames of up to 1 MiB, and sets `TCP_NODELAY`.
+//! frames of up to 1 MiB, and opens its connection with the client library's
+//! connectors (`TCP_NODELAY`, Reno on loopback TCP, 4 MiB Unix-socket buffers).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use kvstrata_client::BearerToken;
 use kvstrata_proto::v1::kv_cache_client::KvCacheClient;
-use tokio::net::UnixStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -98,7 +97,6 @@ fn endpoint(uri: &str, addr: &str) -> Result<Endpoint, BenchError> {
     })?;
     Ok(ep
         .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_frame_size(MAX_FRAME_BYTES))
@@ -111,43 +109,20 @@ pub async fn connect_channel(addr: &str) -> Result<Channel, BenchError> {
         source,
     };
     match Target::parse(addr)? {
-        Target::Tcp(uri) => endpoint(&uri, addr)?.connect().await.map_err(connect_err),
+        // The client library's connectors: the same socket options as
+        // every other client of the daemon.
+        Target::Tcp(uri) => endpoint(&uri, addr)?
+            .connect_with_connector(tower::service_fn(kvstrata_client::connect::tcp))
+            .await
+            .map_err(connect_err),
         Target::Unix(path) => {
             // The URI is only a placeholder for the :authority header.
             endpoint("http://localhost", addr)?
                 .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move {
-                        let stream = UnixStream::connect(path).await?;
-                        raise_unix_buffers(&stream);
-                        Ok::<_, std::io::Error>(TokioIo::new(stream))
-                    }
+                    kvstrata_client::connect::unix(path.clone())
                 }))
                 .await
                 .map_err(connect_err)
-        }
-    }
-}
-
-/// Send and receive buffer asked for on a Unix-socket connection, as the
-/// client library and the daemon do (the default, about 208 KiB, caps what
-/// one write may queue; the kernel caps the value at `net.core.wmem_max`).
-const UNIX_SOCKET_BUFFER_BYTES: libc::c_int = 4 << 20;
-
-/// Asks for larger socket buffers (best effort: a refusal keeps the defaults).
-fn raise_unix_buffers(stream: &UnixStream) {
-    use std::os::fd::AsRawFd;
-    for option in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-        // SAFETY: setsockopt reads the c_int for the duration of the call;
-        // the descriptor is the stream's own.
-        unsafe {
-            libc::setsockopt(
-                stream.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                (&UNIX_SOCKET_BUFFER_BYTES as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
         }
     }
 }

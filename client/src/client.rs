@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper_util::rt::TokioIo;
 use kvstrata_proto::v1 as proto;
 use kvstrata_proto::v1::kv_cache_client::KvCacheClient;
 use kvstrata_types::{NamespaceId, NamespacePolicy, NamespaceSpec, spec_to_proto};
@@ -165,30 +164,6 @@ const CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
 /// the 16 KiB default a 1 MiB block arrives in 64 frames, each one a wake-up
 /// and a buffer of its own.
 const MAX_FRAME_BYTES: u32 = 4 << 20;
-/// Send and receive buffer asked for on a Unix-socket connection (the
-/// daemon asks the same on its side; the kernel caps it at
-/// `net.core.wmem_max` / `rmem_max`).
-const UNIX_SOCKET_BUFFER_BYTES: libc::c_int = 4 << 20;
-
-/// Asks for larger socket buffers on a Unix stream (best effort: a refusal
-/// keeps the defaults, which only cost speed).
-fn raise_unix_buffers(stream: &tokio::net::UnixStream) {
-    use std::os::fd::AsRawFd;
-    for option in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-        // SAFETY: setsockopt reads the c_int for the duration of the call;
-        // the descriptor is the stream's own.
-        unsafe {
-            libc::setsockopt(
-                stream.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                (&UNIX_SOCKET_BUFFER_BYTES as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
-    }
-}
-
 /// One block to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PutItem {
@@ -358,7 +333,6 @@ impl Client {
             .initial_stream_window_size(STREAM_WINDOW_BYTES)
             .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
             .max_frame_size(MAX_FRAME_BYTES)
-            .tcp_nodelay(true)
             .keep_alive_while_idle(false);
         let endpoint = match &parsed {
             Target::Http(uri) if uri.starts_with("https://") => {
@@ -389,17 +363,18 @@ impl Client {
             _ => endpoint,
         };
         let connected = match &parsed {
-            Target::Http(_) => endpoint.connect().await,
+            // The endpoint's URI names the host and port; TLS and the
+            // connect timeout are applied around the connector.
+            Target::Http(_) => {
+                endpoint
+                    .connect_with_connector(tower::service_fn(crate::connect::tcp))
+                    .await
+            }
             Target::Unix(path) => {
                 let path = path.clone();
                 endpoint
                     .connect_with_connector(tower::service_fn(move |_: Uri| {
-                        let path = path.clone();
-                        async move {
-                            let stream = tokio::net::UnixStream::connect(path).await?;
-                            raise_unix_buffers(&stream);
-                            Ok::<_, std::io::Error>(TokioIo::new(stream))
-                        }
+                        crate::connect::unix(path.clone())
                     }))
                     .await
             }

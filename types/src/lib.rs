@@ -1,6 +1,7 @@
 //! kvstrata's small shared types, at the bottom of the crate graph (see
 //! docs/architecture.md): everything the client, the daemon and the tiers
-//! must agree on, with no I/O of its own.
+//! must agree on, with no I/O of its own
+//! (it only sets options on sockets the others opened).
 //!
 //! - [`key`]: [`BlockKey`], the opaque 1-64 byte block key.
 //! - [`namespace`]: [`NamespaceSpec`] (a KV geometry), its [`NamespaceId`]
@@ -11,6 +12,9 @@
 //!   its pages map onto kvstrata's layer-major blocks.
 //! - [`convert`]: [`NamespaceSpec`] to and from its protobuf form.
 //! - [`default_uds_path`]: where the daemon's gRPC Unix socket is by default.
+//! - [`sockets`]: the socket options both ends of a connection ask for
+//!   (Unix-socket buffers; no Nagle delay and a non-pacing congestion
+//!   controller on loopback TCP).
 //! - [`wire`]: the byte formats of the two registration sockets (the
 //!   shared-memory pool preamble and the KV-region preamble and reply),
 //!   encoders and parsers both, so client and daemon share one definition.
@@ -24,6 +28,7 @@ pub mod hash;
 pub mod key;
 pub mod namespace;
 mod socket_path;
+pub mod sockets;
 pub mod wire;
 
 pub use convert::{spec_from_proto, spec_to_proto};

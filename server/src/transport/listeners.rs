@@ -1,5 +1,6 @@
 //! Binding the daemon's listeners: a TCP port whose connections skip
-//! Nagle's algorithm, and Unix sockets only the daemon's user can open
+//! Nagle's algorithm (and, from a loopback peer, get a congestion
+//! controller that does not pace), and Unix sockets only the daemon's user can open
 //! (mode 0600, in a 0700 directory it creates), each turned into the stream
 //! of accepted connections a gRPC server takes ([`Incoming`]), under the
 //! daemon's connection limits and deadlines ([`super::conn`]).
@@ -28,40 +29,6 @@ use crate::metrics::ConnListener;
 /// descriptors, say) before it tries again, instead of spinning.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
-/// Send and receive buffer asked for on each Unix-socket connection. The
-/// default (`net.core.wmem_default`, usually 208 KiB) caps what one write
-/// may queue, so a block of 1 MiB takes several writes and as many wake-ups
-/// of the reader; loopback TCP tunes its buffers up to 4 MiB by itself. The
-/// kernel caps the value at `net.core.wmem_max` / `rmem_max`.
-pub const UNIX_SOCKET_BUFFER_BYTES: usize = 4 << 20;
-
-/// Asks for `bytes` of send and receive buffer on a Unix stream (best
-/// effort: a refusal leaves the defaults, which only cost speed).
-pub fn set_unix_buffers(stream: &UnixStream, bytes: usize) {
-    use std::os::fd::AsRawFd;
-    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    for option in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-        // SAFETY: setsockopt reads `value` (a c_int, as the option wants)
-        // for the duration of the call; the descriptor is the stream's own.
-        let rc = unsafe {
-            libc::setsockopt(
-                stream.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            tracing::debug!(
-                option,
-                error = %io::Error::last_os_error(),
-                "could not raise a Unix socket buffer"
-            );
-        }
-    }
-}
-
 /// Binds the TCP listener at `addr` (`host:port`; port 0 picks one).
 pub async fn bind_tcp(addr: &str) -> Result<(TcpListener, SocketAddr), DaemonError> {
     let listener = TcpListener::bind(addr)
@@ -87,7 +54,9 @@ pub trait Accept: Unpin + Send + 'static {
 }
 
 /// The TCP listener. Its connections skip Nagle's algorithm, which would
-/// hold back the last frame of a response waiting for an ACK (40 ms tails).
+/// hold back the last frame of a response waiting for an ACK (40 ms tails),
+/// and a loopback peer's get [`kvstrata_types::sockets::LOOPBACK_CONGESTION`]
+/// (a pacing controller such as BBR spaces a large answer out with timers).
 #[derive(Debug)]
 pub struct TcpAccept(pub TcpListener);
 
@@ -108,7 +77,18 @@ impl Accept for TcpAccept {
     }
 
     fn prepare(raw: TcpStream) -> TcpStream {
-        let _ = raw.set_nodelay(true);
+        if crate::service::codec::tonic_path_requested() {
+            let _ = raw.set_nodelay(true);
+            return raw;
+        }
+        // No Nagle delay; a non-pacing congestion controller for a
+        // loopback peer (see kvstrata_types::sockets).
+        let tuned = raw
+            .peer_addr()
+            .and_then(|peer| kvstrata_types::sockets::tune_tcp(&raw, peer));
+        if let Err(error) = tuned {
+            tracing::debug!(%error, "could not tune a TCP connection");
+        }
         raw
     }
 }
@@ -141,8 +121,10 @@ impl Accept for UnixAccept {
     }
 
     fn prepare(raw: UnixStream) -> AuthorityFix<UnixStream> {
-        if !crate::service::codec::tonic_path_requested() {
-            set_unix_buffers(&raw, UNIX_SOCKET_BUFFER_BYTES);
+        if !crate::service::codec::tonic_path_requested()
+            && let Err(error) = kvstrata_types::sockets::raise_unix_buffers(&raw)
+        {
+            tracing::debug!(%error, "could not raise a Unix socket's buffers");
         }
         AuthorityFix::new(raw)
     }
@@ -297,4 +279,24 @@ pub async fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
 fn umask(mask: libc::mode_t) -> libc::mode_t {
     // SAFETY: umask only swaps the process file-mode mask; it cannot fail.
     unsafe { libc::umask(mask) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvstrata_types::sockets;
+
+    #[tokio::test]
+    async fn an_accepted_loopback_connection_is_tuned() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let _client = client.unwrap();
+        let stream = TcpAccept::prepare(accepted.unwrap().0);
+        assert!(stream.nodelay().unwrap());
+        assert_eq!(
+            sockets::congestion(&stream).unwrap(),
+            sockets::LOOPBACK_CONGESTION
+        );
+    }
 }
