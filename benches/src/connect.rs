@@ -4,8 +4,8 @@
 //! `unix:///path` and `/path` (a Unix socket; `./path` works too). Every
 //! channel raises gRPC message limits to 512 MiB and HTTP/2 flow-control
 //! windows to 16 MiB per stream and 64 MiB per connection, accepts HTTP/2
-//! frames of up to 1 MiB, and opens its connection with the client library's
-//! connectors (`TCP_NODELAY`, Reno on loopback TCP, 4 MiB Unix-socket buffers).
+//! frames of up to 1 MiB, sets `TCP_NODELAY` and opens a Unix-socket connection
+//! with the client library's connector (4 MiB socket buffers).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -97,6 +97,7 @@ fn endpoint(uri: &str, addr: &str) -> Result<Endpoint, BenchError> {
     })?;
     Ok(ep
         .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_frame_size(MAX_FRAME_BYTES))
@@ -109,12 +110,9 @@ pub async fn connect_channel(addr: &str) -> Result<Channel, BenchError> {
         source,
     };
     match Target::parse(addr)? {
-        // The client library's connectors: the same socket options as
-        // every other client of the daemon.
-        Target::Tcp(uri) => endpoint(&uri, addr)?
-            .connect_with_connector(tower::service_fn(kvstrata_client::connect::tcp))
-            .await
-            .map_err(connect_err),
+        Target::Tcp(uri) => endpoint(&uri, addr)?.connect().await.map_err(connect_err),
+        // The client library's connector: the same socket buffers as every
+        // other client of the daemon.
         Target::Unix(path) => {
             // The URI is only a placeholder for the :authority header.
             endpoint("http://localhost", addr)?

@@ -333,6 +333,7 @@ impl Client {
             .initial_stream_window_size(STREAM_WINDOW_BYTES)
             .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
             .max_frame_size(MAX_FRAME_BYTES)
+            .tcp_nodelay(true)
             .keep_alive_while_idle(false);
         let endpoint = match &parsed {
             Target::Http(uri) if uri.starts_with("https://") => {
@@ -363,13 +364,7 @@ impl Client {
             _ => endpoint,
         };
         let connected = match &parsed {
-            // The endpoint's URI names the host and port; TLS and the
-            // connect timeout are applied around the connector.
-            Target::Http(_) => {
-                endpoint
-                    .connect_with_connector(tower::service_fn(crate::connect::tcp))
-                    .await
-            }
+            Target::Http(_) => endpoint.connect().await,
             Target::Unix(path) => {
                 let path = path.clone();
                 endpoint

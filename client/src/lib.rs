@@ -14,8 +14,8 @@
 //!   and return, [`spec_to_proto`] / [`spec_from_proto`] and the hash are
 //!   `kvstrata-types`' (re-exported here), shared with the daemon.
 //! - [`default_uds_path`] / [`default_target`]: where the daemon listens by default.
-//! - [`connect`]: the TCP and Unix-socket connectors with kvstrata's socket
-//!   options, for building a tonic channel by hand.
+//! - [`connect`]: the Unix-socket connector with kvstrata's socket buffers,
+//!   for building a tonic channel by hand.
 
 mod client;
 pub mod connect;

@@ -12,9 +12,8 @@
 //!   its pages map onto kvstrata's layer-major blocks.
 //! - [`convert`]: [`NamespaceSpec`] to and from its protobuf form.
 //! - [`default_uds_path`]: where the daemon's gRPC Unix socket is by default.
-//! - [`sockets`]: the socket options both ends of a connection ask for
-//!   (Unix-socket buffers; no Nagle delay and a non-pacing congestion
-//!   controller on loopback TCP).
+//! - [`sockets`]: socket options (Unix-socket buffers; the daemon's no
+//!   Nagle delay and non-pacing congestion controller on loopback TCP).
 //! - [`wire`]: the byte formats of the two registration sockets (the
 //!   shared-memory pool preamble and the KV-region preamble and reply),
 //!   encoders and parsers both, so client and daemon share one definition.

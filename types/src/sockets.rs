@@ -1,17 +1,19 @@
-//! The socket options both ends of a kvstrata connection ask for, so the
-//! daemon, the client library and the benchmark client set them alike.
+//! Socket options of kvstrata's connections, in one place.
 //!
 //! - [`raise_unix_buffers`]: 4 MiB send and receive buffers on a Unix stream
 //!   (the default, `net.core.wmem_default`, about 208 KiB, splits a 1 MiB
-//!   block into several writes and as many wake-ups of the reader).
-//! - [`tune_tcp`]: no Nagle delay, and on a loopback connection a congestion
-//!   controller that does not pace ([`LOOPBACK_CONGESTION`]). Pacing
-//!   controllers (BBR, a common system default) space a large write's
-//!   segments out with timers even over loopback, where there is no link to
-//!   protect: on a 2-vCPU machine with BBR as the default, a BatchGet of
-//!   4 × 256 KiB over loopback TCP moved about a third more per second
-//!   with Reno on the connection (docs/benchmarks.md). A connection to
-//!   another host keeps the system's controller.
+//!   block into several writes and as many wake-ups of the reader). The
+//!   daemon and every Rust client ask for them.
+//! - [`tune_tcp`]: what the daemon sets on an accepted TCP connection: no
+//!   Nagle delay, and from a loopback peer a congestion controller that
+//!   does not pace ([`LOOPBACK_CONGESTION`]). Pacing controllers (BBR, a
+//!   common system default) space a large write's segments out with timers
+//!   even over loopback, where there is no link to protect: on a 2-vCPU
+//!   machine with BBR as the default, BatchGet over loopback TCP moved a
+//!   third more per second with Reno on the daemon's side
+//!   (docs/benchmarks.md). A connection from another host keeps the
+//!   system's controller. Clients keep theirs: on the client's side, Reno
+//!   sped BatchPut up with 4 clients and slowed it down with 16.
 //!
 //! Every option is best effort: a refusal leaves the kernel's default,
 //! which costs speed, never correctness; the caller may log the error.
