@@ -31,8 +31,8 @@ pub mod io;
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 
 use kvstrata_kernels::{
     Backend, DeviceBuffer, Gpu, GpuError, GpuStream, IpcEvent, IpcHandle, PagedGeometry,
@@ -121,10 +121,25 @@ pub struct KvRegion {
     /// Operations on this region run in order on this stream.
     stream: GpuStream,
     /// The event a client answered before its copies complete waits on
-    /// (CUDA regions; made on first use, `None` if that failed).
-    ready_event: OnceLock<Option<IpcEvent>>,
+    /// (CUDA regions; made at registration, `None` on the CPU backend or if
+    /// that failed).
+    ready_event: Option<IpcEvent>,
     gathered: AtomicU64,
     scattered: AtomicU64,
+}
+
+/// The interprocess event of a region on `gpu` (none on the CPU backend,
+/// whose copies complete as they are queued). A failure is logged: gets
+/// into the region are then answered after their copies.
+fn ready_event_for(gpu: &Gpu, name: &str) -> Option<IpcEvent> {
+    if gpu.backend() == Backend::Cpu {
+        return None;
+    }
+    gpu.ipc_event()
+        .inspect_err(|e| {
+            tracing::warn!(region = name, error = %e, "KV region: no CUDA IPC event for answers before the copies complete; gets into it are answered after their copies");
+        })
+        .ok()
 }
 
 impl std::fmt::Debug for KvRegion {
@@ -213,14 +228,7 @@ impl KvRegion {
         if self.gpu.backend() == Backend::Cpu {
             return Ok(None);
         }
-        let event = self.ready_event.get_or_init(|| match self.gpu.ipc_event() {
-            Ok(e) => Some(e),
-            Err(e) => {
-                tracing::warn!(region_id = self.id, error = %e, "KV region: no CUDA IPC event for answers before the copies complete; gets into it are answered after their copies");
-                None
-            }
-        });
-        let event = event.as_ref().ok_or(GpuError::Unsupported {
+        let event = self.ready_event.as_ref().ok_or(GpuError::Unsupported {
             what: "a CUDA IPC event for this region",
         })?;
         self.stream.record_ipc(event)?;
@@ -477,6 +485,10 @@ impl RegionRegistry {
         let stream = gpu
             .stream()
             .map_err(|e| Refusal::new(RefuseReason::Map, format!("cannot create a stream: {e}")))?;
+        // Made now rather than on the first get that asks to be answered
+        // before its copies: on an H100 that first get took about 0.25 ms
+        // longer to be answered.
+        let ready_event = ready_event_for(&gpu, &p.name);
         let mut regions = self.regions.write();
         // Checked again under the lock: two registrations may race.
         if regions.len() >= self.limits.max_regions {
@@ -505,7 +517,7 @@ impl RegionRegistry {
             memory,
             gpu,
             stream,
-            ready_event: OnceLock::new(),
+            ready_event,
             gathered: AtomicU64::new(0),
             scattered: AtomicU64::new(0),
         });
