@@ -387,6 +387,19 @@ fn block_of(fill: &[u8], pages: [u32; 2]) -> Vec<u8> {
     v
 }
 
+/// Writes each `(pages, block)` into `want` as the reference scatter does,
+/// then checks that the region holds exactly `want` (`what` names the get).
+fn expect_scattered(a: &KvRegion, want: &mut [u8], writes: &[([u32; 2], Vec<u8>)], what: &str) {
+    let g = per_layer();
+    for (pages, blk) in writes {
+        kvstrata_kernels::reference::scatter(&g, 2, pages, blk, want).expect("reference");
+    }
+    assert!(
+        a.as_slice().expect("memfd") == want,
+        "{what}: the scatter differs from the reference"
+    );
+}
+
 /// `inline` (a get without pages asking what only gets into pages may) is
 /// refused `INVALID_ARGUMENT` naming `field`, as a BatchGet and as a
 /// GetStream.
@@ -416,7 +429,6 @@ async fn refused_for_inline_gets(r: &Running, inline: pb::BatchGetRequest, field
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn page_id_arrays_scatter_like_page_lists_and_bad_ones_change_nothing() {
     let r = start_direct().await;
-    let g = per_layer();
     let (a, ns, fill, poison) = three_blocks(&r, "arrays", "p", 41).await;
     let keys = ["p0", "p1", "p2"];
     let from = THREE_FROM;
@@ -519,15 +531,11 @@ async fn page_id_arrays_scatter_like_page_lists_and_bad_ones_change_nothing() {
     let found: Vec<bool> = got.tiers.iter().map(Option::is_some).collect();
     assert_eq!(found, vec![true, false, true], "{got:?}");
     assert!(got.failed.is_empty(), "{got:?}");
-    for (pages, blk) in [
-        ([7u32, 8], block_of(from[0])),
-        ([11, 12], block_of(from[2])),
-    ] {
-        kvstrata_kernels::reference::scatter(&g, 2, &pages, &blk, &mut want).expect("reference");
-    }
-    assert!(
-        a.as_slice().expect("memfd") == &want[..],
-        "the array form's scatter differs from the reference"
+    expect_scattered(
+        &a,
+        &mut want,
+        &[([7, 8], block_of(from[0])), ([11, 12], block_of(from[2]))],
+        "the array form",
     );
 
     // A client that has not registered the namespace itself does not know
@@ -540,11 +548,11 @@ async fn page_id_arrays_scatter_like_page_lists_and_bad_ones_change_nothing() {
         .await
         .expect("get");
     assert!(got.tiers[0].is_some(), "{got:?}");
-    kvstrata_kernels::reference::scatter(&g, 2, &[0, 6], &block_of(from[1]), &mut want)
-        .expect("reference");
-    assert!(
-        a.as_slice().expect("memfd") == &want[..],
-        "the per-key form's scatter differs from the reference"
+    expect_scattered(
+        &a,
+        &mut want,
+        &[([0, 6], block_of(from[1]))],
+        "the per-key form",
     );
 
     // Per-key page lists answered compactly: the same tiers, the same bytes.
@@ -569,12 +577,11 @@ async fn page_id_arrays_scatter_like_page_lists_and_bad_ones_change_nothing() {
         compact.results.is_empty() && compact.failed.is_empty(),
         "{compact:?}"
     );
-    for (pages, blk) in [([1u32, 2], block_of(from[2])), ([4, 5], block_of(from[0]))] {
-        kvstrata_kernels::reference::scatter(&g, 2, &pages, &blk, &mut want).expect("reference");
-    }
-    assert!(
-        a.as_slice().expect("memfd") == &want[..],
-        "the compact get's scatter differs from the reference"
+    expect_scattered(
+        &a,
+        &mut want,
+        &[([1, 2], block_of(from[2])), ([4, 5], block_of(from[0]))],
+        "the compact get",
     );
     let e = other
         .get_page_ids(&ns, &["p1", "p2"], a.id(), &[0, 6, 1])
@@ -594,7 +601,6 @@ fn counter(metrics: &str, name: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gets_answered_when_queued_write_exact_pages_and_are_refused_elsewhere() {
     let r = start_direct().await;
-    let g = per_layer();
     let (a, ns, fill, poison) = three_blocks(&r, "queued", "q", 51).await;
     let from = THREE_FROM;
     let block_of = |pages: [u32; 2]| block_of(&fill, pages);
@@ -615,15 +621,11 @@ async fn gets_answered_when_queued_write_exact_pages_and_are_refused_elsewhere()
         "{got:?}"
     );
     let mut want = poison.clone();
-    for (pages, blk) in [
-        ([7u32, 8], block_of(from[0])),
-        ([11, 12], block_of(from[2])),
-    ] {
-        kvstrata_kernels::reference::scatter(&g, 2, &pages, &blk, &mut want).expect("reference");
-    }
-    assert!(
-        a.as_slice().expect("memfd") == &want[..],
-        "the scatter of a get answered when queued differs from the reference"
+    expect_scattered(
+        &a,
+        &mut want,
+        &[([7, 8], block_of(from[0])), ([11, 12], block_of(from[2]))],
+        "a get answered when queued",
     );
     let metrics = r.metrics().await;
     assert_eq!(counter(&metrics, metric), before + 1, "one early answer");
@@ -661,9 +663,12 @@ async fn gets_answered_when_queued_write_exact_pages_and_are_refused_elsewhere()
     .into_inner();
     assert_eq!(answer.tiers.len(), 1, "{answer:?}");
     assert!(answer.pages_ready_event.is_empty(), "{answer:?}");
-    kvstrata_kernels::reference::scatter(&g, 2, &[5, 6], &block_of(from[1]), &mut want)
-        .expect("reference");
-    assert!(a.as_slice().expect("memfd") == &want[..]);
+    expect_scattered(
+        &a,
+        &mut want,
+        &[([5, 6], block_of(from[1]))],
+        "a per-key list",
+    );
     assert_eq!(
         counter(&r.metrics().await, metric),
         before + 2,
