@@ -208,6 +208,15 @@ pub(super) fn scatter_lent<E: From<GpuError>>(
     }
     host.sort_unstable_by_key(|&(_, addr)| addr);
     let set = lend(gpu, moves, len, host.len());
+    // Told once, when everything is queued: by the staged path before it
+    // waits for its copies (so an answer can leave while they run), else
+    // here.
+    let mut queued = Some(queued);
+    let mut tell = || {
+        if let Some(q) = queued.take() {
+            q();
+        }
+    };
     let queued_ok = (|| {
         if !device.is_empty() {
             let (at, from): (Vec<usize>, Vec<u64>) = device.iter().copied().unzip();
@@ -222,6 +231,7 @@ pub(super) fn scatter_lent<E: From<GpuError>>(
                 len,
                 lent.promote_to,
                 scatter,
+                &mut tell,
             ),
             None if host.is_empty() => Ok(()),
             None => {
@@ -231,7 +241,7 @@ pub(super) fn scatter_lent<E: From<GpuError>>(
         }
     })();
     if queued_ok.is_ok() {
-        queued();
+        tell();
     }
     let done = finish(&[stream]);
     queued_ok?;
@@ -270,8 +280,13 @@ fn per_group(set: &DeviceStaging, len: usize) -> usize {
 /// must queue (not wait for) the scatter of those positions' blocks on
 /// `stream`; then, for each position of `promote_to`, a device-to-device
 /// copy of its staged block to that address (an HBM slot of `len` bytes
-/// reserved for the caller) on `stream`. Returns once everything queued has
-/// completed; on an error the groups before it may have been written.
+/// reserved for the caller) on `stream`. Once every group is queued (none
+/// failed to queue), `queued` runs, before the wait for their completion:
+/// work recorded on `stream` after that point follows every copy and
+/// scatter (the scatters wait for their copies' fences on `stream`).
+/// Returns once everything queued has completed; on an error the groups
+/// before it may have been written.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn scatter_from_host<E: From<GpuError>>(
     set: &DeviceStaging,
     dma_threshold: u64,
@@ -280,11 +295,15 @@ pub(crate) fn scatter_from_host<E: From<GpuError>>(
     len: usize,
     promote_to: &HashMap<usize, u64>,
     scatter: &mut impl FnMut(&[usize], &[u64]) -> Result<(), E>,
+    queued: impl FnOnce(),
 ) -> Result<(), E> {
     let copy = set.copy_stream();
-    let queued = queue_scatters(set, dma_threshold, stream, blocks, len, promote_to, scatter);
+    let all_queued = queue_scatters(set, dma_threshold, stream, blocks, len, promote_to, scatter);
+    if all_queued.is_ok() {
+        queued();
+    }
     let done = finish(&[copy, stream]);
-    queued?;
+    all_queued?;
     done.map_err(E::from)
 }
 
@@ -481,7 +500,9 @@ mod tests {
                 .rev()
                 .map(|i| (i, host.as_ptr() as u64 + (i * len) as u64))
                 .collect();
-            let mut groups = 0;
+            let groups = std::cell::Cell::new(0);
+            // Groups queued when told (told once).
+            let mut told = Vec::new();
             // Every third block also copied ("promoted") into `promoted`.
             let mut promoted = vec![0u8; n * len];
             let targets: HashMap<usize, u64> = (0..n)
@@ -496,7 +517,7 @@ mod tests {
                 len,
                 &targets,
                 &mut |pos: &[usize], staged: &[u64]| -> Result<(), TestError> {
-                    groups += 1;
+                    groups.set(groups.get() + 1);
                     assert!(pos.len() <= 3);
                     for (&p, &a) in pos.iter().zip(staged) {
                         // SAFETY: a staged block of `len` bytes.
@@ -505,9 +526,11 @@ mod tests {
                     }
                     Ok(())
                 },
+                || told.push(groups.get()),
             )
             .expect("scatter");
-            assert_eq!(groups, n.div_ceil(3));
+            assert_eq!(groups.get(), n.div_ceil(3));
+            assert_eq!(told, vec![groups.get()], "told once, every group queued");
             assert!(pages == host, "{n} blocks scattered");
             for i in 0..n {
                 let got = &promoted[i * len..(i + 1) * len];
