@@ -31,6 +31,12 @@
 #   TRANSPORTS           kvstrata transports           ("tcp uds")
 #   DURATION / WARMUP    per kvstrata run              (6s / 2s)
 #   BATCH                blocks per RPC                (4)
+#   ROUNDS               rounds per configuration (1): every variant of a
+#                        configuration runs once per round, back to back; the
+#                        table gives the median GB/s and p99 over the rounds and
+#                        each ratio as the median of the rounds' own ratios (the
+#                        runs it divides are seconds apart), so one noisy minute
+#                        of a shared machine moves one round, not the row
 #   BASELINE=1           also run the pre-issue-22 path (KVSTRATA_GRPC_PATH=tonic)
 #   BASELINE_BIN         binary of the baseline run (default: KVSTRATA_BIN with
 #                        KVSTRATA_GRPC_PATH=tonic; given: that binary as it is)
@@ -54,6 +60,7 @@ TRANSPORTS=${TRANSPORTS:-"tcp uds"}
 DURATION=${DURATION:-6s}
 WARMUP=${WARMUP:-2s}
 BATCH=${BATCH:-4}
+ROUNDS=${ROUNDS:-1}
 BASELINE=${BASELINE:-0}
 BASELINE_BIN=${BASELINE_BIN:-}
 REDIS_BYTES=${REDIS_BYTES:-2000000000}
@@ -78,12 +85,53 @@ if [[ ! -x $BIN ]]; then
 fi
 [[ -x $BIN ]] || die "no $BIN"
 
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS=$ROUNDS: a whole number of rounds, 1 or more"
+
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # Results, keyed "variant|op|transport|size|clients" (variant: kv, base,
 # redis, redis-io; op: GET or PUT): GB/s, p50 and p99 in µs.
 declare -A GBPS=() P50=() P99=()
+# The same per round: "KEY|ROUND" (ROUND is the round being run).
+declare -A ROUND_GBPS=() ROUND_P99=()
+ROUND=1
 NOTES=()
+
+# record KEY GBPS P50 P99: one run's result (this round's).
+record() {
+    GBPS[$1]=$2
+    P50[$1]=$3
+    P99[$1]=$4
+    ROUND_GBPS[$1|$ROUND]=$2
+    ROUND_P99[$1|$ROUND]=$4
+}
+
+# median VALUES...: the median of the numbers given ("-" and empty skipped);
+# empty when there are none.
+median() {
+    printf '%s\n' "$@" | awk '$1 != "" && $1 != "-"' | sort -g |
+        awk '{ a[NR] = $1 } END { if (NR == 0) print ""; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+}
+
+# round_ratio A B [SCALE]: the median over the rounds of A's value / (B's
+# value × SCALE), A and B keys of ROUND_GBPS or, with "p99:" before both,
+# of ROUND_P99; "-" when no round has both.
+round_ratio() {
+    local a=$1 b=$2 scale=${3:-1} r x y
+    local -a rs=()
+    for ((r = 1; r <= ROUNDS; r++)); do
+        if [[ $a == p99:* ]]; then
+            x=${ROUND_P99[${a#p99:}|$r]:-}
+            y=${ROUND_P99[${b#p99:}|$r]:-}
+        else
+            x=${ROUND_GBPS[$a|$r]:-}
+            y=${ROUND_GBPS[$b|$r]:-}
+        fi
+        [[ -n $x && -n $y && $x != "-" && $y != "-" ]] || continue
+        rs+=("$(awk -v a="$x" -v b="$y" -v s="$scale" 'BEGIN { if (b * s > 0) printf "%.6f", a / (b * s) }')")
+    done
+    ratio "$(median "${rs[@]}")" 1
+}
 FAILED=0
 
 # Every server is started first and stays up; then each configuration (size,
@@ -129,7 +177,7 @@ bench_kvstrata() {
         op=GET
         [[ $ratio == 1.0 ]] || op=PUT
         out=$WORK/bench-$variant-$transport-$size-$clients-$op.json
-        log "kvstrata bench ($variant) $op: $transport, $size, $clients clients, $DURATION (load $(cut -d' ' -f1 /proc/loadavg))"
+        log "kvstrata bench ($variant) $op: $transport, $size, $clients clients, $DURATION, round $ROUND/$ROUNDS (load $(cut -d' ' -f1 /proc/loadavg))"
         [[ $variant != mget ]] || redis-cli -s "${REDIS_SOCK[redis]}" flushall >/dev/null
         rc=0
         run_to "$out" "${target[@]}" \
@@ -154,13 +202,9 @@ bench_kvstrata() {
             if [[ $misses != 0 ]]; then
                 NOTES+=("kvstrata ($variant) $op $transport $size $clients clients: $misses of $(jq -r '.get.blocks' "$out") gets missed")
             fi
-            GBPS[$key]=$(jq -r '.get.gb_per_s' "$out")
-            P50[$key]=$(jq -r '.get.p50_us' "$out")
-            P99[$key]=$(jq -r '.get.p99_us' "$out")
+            record "$key" "$(jq -r '.get.gb_per_s' "$out")" "$(jq -r '.get.p50_us' "$out")" "$(jq -r '.get.p99_us' "$out")"
         else
-            GBPS[$key]=$(jq -r '.put.gb_per_s' "$out")
-            P50[$key]=$(jq -r '.put.p50_us' "$out")
-            P99[$key]=$(jq -r '.put.p99_us' "$out")
+            record "$key" "$(jq -r '.put.gb_per_s' "$out")" "$(jq -r '.put.p50_us' "$out")" "$(jq -r '.put.p99_us' "$out")"
         fi
     done
 }
@@ -201,7 +245,7 @@ bench_redis() {
     n=$((REDIS_BYTES / bytes))
     ((n >= 4 * keys)) || n=$((4 * keys))
     redis-cli -s "${REDIS_SOCK[$variant]}" flushall >/dev/null
-    log "redis-benchmark ($variant): $transport -d $bytes -c $clients -n $n -r $keys (load $(cut -d' ' -f1 /proc/loadavg))"
+    log "redis-benchmark ($variant): $transport -d $bytes -c $clients -n $n -r $keys, round $ROUND/$ROUNDS (load $(cut -d' ' -f1 /proc/loadavg))"
     csv=$WORK/redis-$variant-$transport-$size-$clients.csv
     # shellcheck disable=SC2086 # REDIS_WHERE holds several words
     run_to "$csv" redis-benchmark ${REDIS_WHERE[$variant|$transport]} -t set,get -d "$bytes" \
@@ -217,9 +261,7 @@ bench_redis() {
         op=GET
         [[ $test == GET ]] || op=PUT
         key="$variant|$op|$transport|$size|$clients"
-        GBPS[$key]=$gbps
-        P50[$key]=$(ms_to_us "${p50:-}")
-        P99[$key]=$(ms_to_us "${p99:-}")
+        record "$key" "$gbps" "$(ms_to_us "${p50:-}")" "$(ms_to_us "${p99:-}")"
     done
 }
 
@@ -247,15 +289,17 @@ fi
 for size in $SIZES; do
     for clients in $CLIENTS; do
         for transport in $TRANSPORTS; do
-            for v in "${VARIANTS[@]}"; do
-                bench_kvstrata "$v" "$size" "$clients" "$transport"
+            for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+                for v in "${VARIANTS[@]}"; do
+                    bench_kvstrata "$v" "$size" "$clients" "$transport"
+                done
+                for v in "${REDIS_VARIANTS[@]}"; do
+                    bench_redis "$v" "$size" "$clients" "$transport"
+                done
+                if [[ $REDIS_MGET == 1 ]]; then
+                    bench_kvstrata mget "$size" "$clients" "$transport"
+                fi
             done
-            for v in "${REDIS_VARIANTS[@]}"; do
-                bench_redis "$v" "$size" "$clients" "$transport"
-            done
-            if [[ $REDIS_MGET == 1 ]]; then
-                bench_kvstrata mget "$size" "$clients" "$transport"
-            fi
         done
     done
 done
@@ -264,6 +308,19 @@ for pid in "${SERVER_PIDS[@]}"; do
 done
 
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# Each result's median over the rounds (what the table shows; its ratios are
+# the medians of the rounds' own ratios, round_ratio).
+for key in "${!GBPS[@]}"; do
+    vals=()
+    p99s=()
+    for ((r = 1; r <= ROUNDS; r++)); do
+        vals+=("${ROUND_GBPS[$key|$r]:-}")
+        p99s+=("${ROUND_P99[$key|$r]:-}")
+    done
+    GBPS[$key]=$(median "${vals[@]}")
+    P99[$key]=$(median "${p99s[@]}")
+done
 
 # ---------------------------------------------------------------------- table
 num() { if [[ -n ${1:-} ]]; then fmt2 "$1"; else echo "-"; fi; }
@@ -303,15 +360,17 @@ for size in $SIZES; do
                 if [[ -n $rp99 && $rp99 != "-" ]]; then
                     rp99b=$((rp99 * BATCH))
                 fi
-                row="| $op | $transport | $size | $clients | $(num "$kv") | $(num "$rd") | $(ratio "$kv" "$rd") | $(num "$ri") | $(ratio "$kv" "$ri") | $(int "$kp99") | $rp99b | $(ratio "$kp99" "$rp99b") |"
+                r_redis=$(round_ratio "kv|$k" "redis|$k")
+                r_p99=$(round_ratio "p99:kv|$k" "p99:redis|$k" "$BATCH")
+                row="| $op | $transport | $size | $clients | $(num "$kv") | $(num "$rd") | $r_redis | $(num "$ri") | $(round_ratio "kv|$k" "redis-io|$k") | $(int "$kp99") | $rp99b | $r_p99 |"
                 mg=${GBPS[mget|$k]:-}
                 mp99=${P99[mget|$k]:-}
                 if [[ $REDIS_MGET == 1 ]]; then
-                    row+=" $(num "$mg") | $(ratio "$kv" "$mg") | $(int "$mp99") | $(ratio "$kp99" "$mp99") |"
+                    row+=" $(num "$mg") | $(round_ratio "kv|$k" "mget|$k") | $(int "$mp99") | $(round_ratio "p99:kv|$k" "p99:mget|$k") |"
                 fi
                 if [[ $BASELINE == 1 ]]; then
                     base=${GBPS[base|$k]:-}
-                    row+=" $(num "$base") | $(ratio "$kv" "$base") |"
+                    row+=" $(num "$base") | $(round_ratio "kv|$k" "base|$k") |"
                 fi
                 echo "$row"
                 # Issue-22 targets: GET >= 1.2x and PUT >= 1.0x Redis at 4 and 16
@@ -319,16 +378,16 @@ for size in $SIZES; do
                 if [[ $clients == 4 || $clients == 16 ]]; then
                     want=1.2
                     [[ $op == GET ]] || want=1.0
-                    r=$(ratio "$kv" "$rd")
+                    r=$r_redis
                     if [[ $(ge "$r" "$want") == 1 ]]; then v=met; else v="NOT met"; fi
                     CHECKS+=("$op $transport $size $clients clients: ×Redis $r (target ≥ $want): $v")
                 fi
-                pr=$(ratio "$kp99" "$rp99b")
+                pr=$r_p99
                 if [[ $pr != "-" ]]; then
                     if [[ $(ge 2 "$pr") == 1 ]]; then v=met; else v="NOT met"; fi
                     CHECKS+=("$op $transport $size $clients clients: p99 ratio $pr against redis-benchmark's p99 ×$BATCH (target ≤ 2): $v")
                 fi
-                pr=$(ratio "$kp99" "$mp99")
+                pr=$(round_ratio "p99:kv|$k" "p99:mget|$k")
                 if [[ $pr != "-" ]]; then
                     if [[ $(ge 2 "$pr") == 1 ]]; then v=met; else v="NOT met"; fi
                     CHECKS+=("$op $transport $size $clients clients: p99 ratio $pr against M${BATCH} of $BATCH values, same client (target ≤ 2): $v")
@@ -337,7 +396,7 @@ for size in $SIZES; do
             tcp=${GBPS[kv|$op|tcp|$size|$clients]:-}
             uds=${GBPS[kv|$op|uds|$size|$clients]:-}
             if [[ -n $tcp && -n $uds ]]; then
-                r=$(ratio "$uds" "$tcp")
+                r=$(round_ratio "kv|$op|uds|$size|$clients" "kv|$op|tcp|$size|$clients")
                 if [[ $(ge "$r" 1.0) == 1 ]]; then v=met; else v="NOT met"; fi
                 CHECKS+=("$op $size $clients clients: UDS/TCP $r (target ≥ 1.0): $v")
             fi
@@ -349,6 +408,9 @@ echo "kvstrata: \`kvstrata bench --mode grpc\`, one connection per client, $BATC
 echo "Redis: \`redis-benchmark -t set,get -c N\` (one value per request, 1 GiB keyspace), as it is and with \`--io-threads $REDIS_IO_THREADS --io-threads-do-reads yes\`; GB/s = requests/s × value size; its p99 per request × $BATCH stands for the same bytes as one kvstrata RPC. Both on the same transport as the row."
 if [[ $REDIS_MGET == 1 ]]; then
     echo "Redis M$BATCH: \`kvstrata bench --mode redis\` on the plain Redis, the same transport: one MGET (GET rows) or MSET (PUT rows) of $BATCH values per call, the same client code, keys, payloads and verification as the kvstrata rows; p99 per call (the same bytes as one kvstrata RPC)."
+fi
+if ((ROUNDS > 1)); then
+    echo "$ROUNDS rounds per configuration, every variant once per round: GB/s and p99 are the medians over the rounds; each ratio is the median of the rounds' own ratios."
 fi
 echo "Load average (1/5/15 min): $LOAD_BEFORE before, $LOAD_AFTER after; $(nproc) CPUs."
 echo
