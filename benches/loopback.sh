@@ -34,9 +34,10 @@
 #   ROUNDS               rounds per configuration (1): every variant of a
 #                        configuration runs once per round, back to back; the
 #                        table gives the median GB/s and p99 over the rounds and
-#                        each ratio as the median of the rounds' own ratios (the
-#                        runs it divides are seconds apart), so one noisy minute
-#                        of a shared machine moves one round, not the row
+#                        each ratio against another variant as the median of the
+#                        rounds' own ratios (the runs it divides are seconds
+#                        apart), so one noisy minute of a shared machine moves
+#                        one round, not the row; UDS/TCP divides the medians
 #   BASELINE=1           also run the pre-issue-22 path (KVSTRATA_GRPC_PATH=tonic)
 #   BASELINE_BIN         binary of the baseline run (default: KVSTRATA_BIN with
 #                        KVSTRATA_GRPC_PATH=tonic; given: that binary as it is)
@@ -396,7 +397,8 @@ for size in $SIZES; do
             tcp=${GBPS[kv|$op|tcp|$size|$clients]:-}
             uds=${GBPS[kv|$op|uds|$size|$clients]:-}
             if [[ -n $tcp && -n $uds ]]; then
-                r=$(round_ratio "kv|$op|uds|$size|$clients" "kv|$op|tcp|$size|$clients")
+                # The transports' rounds are minutes apart, not pairs: medians.
+                r=$(ratio "$uds" "$tcp")
                 if [[ $(ge "$r" 1.0) == 1 ]]; then v=met; else v="NOT met"; fi
                 CHECKS+=("$op $size $clients clients: UDS/TCP $r (target ≥ 1.0): $v")
             fi
@@ -410,7 +412,7 @@ if [[ $REDIS_MGET == 1 ]]; then
     echo "Redis M$BATCH: \`kvstrata bench --mode redis\` on the plain Redis, the same transport: one MGET (GET rows) or MSET (PUT rows) of $BATCH values per call, the same client code, keys, payloads and verification as the kvstrata rows; p99 per call (the same bytes as one kvstrata RPC)."
 fi
 if ((ROUNDS > 1)); then
-    echo "$ROUNDS rounds per configuration, every variant once per round: GB/s and p99 are the medians over the rounds; each ratio is the median of the rounds' own ratios."
+    echo "$ROUNDS rounds per configuration, every variant once per round: GB/s and p99 are the medians over the rounds; each ratio against another variant is the median of the rounds' own ratios; UDS/TCP divides the two medians."
 fi
 echo "Load average (1/5/15 min): $LOAD_BEFORE before, $LOAD_AFTER after; $(nproc) CPUs."
 echo
