@@ -5,6 +5,7 @@
 //! whole request before anything is stored.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use kvstrata_proto::v1 as pb;
@@ -69,7 +70,11 @@ impl KvCacheService {
         let uses_pools = uses_pools(&request.get_ref().items);
         self.check_ns(&caller, &request.get_ref().namespace_id)?;
         check_pools(&caller, "items[].range", uses_pools)?;
-        self.put(request.into_inner()).await
+        let received = request
+            .extensions()
+            .get::<InflightPermit>()
+            .map(InflightPermit::received);
+        self.put(request.into_inner(), received).await
     }
 
     /// Answers each batch of the client's stream in order, from a task that
@@ -138,7 +143,7 @@ impl KvCacheService {
                 break;
             }
             let r = tokio::select! {
-                r = self.put(batch) => r,
+                r = self.put(batch, None) => r,
                 _ = &mut expired => {
                     self.metrics.record_rejected("deadline");
                     Err(Status::deadline_exceeded(
@@ -161,21 +166,52 @@ impl KvCacheService {
     }
 
     /// Validates and stores one BatchPut (on the blocking pool).
-    async fn put(&self, req: pb::BatchPutRequest) -> Result<pb::BatchPutResponse, Status> {
+    /// `received`: when the call came in (for the page puts' debug line).
+    async fn put(
+        &self,
+        req: pb::BatchPutRequest,
+        received: Option<Instant>,
+    ) -> Result<pb::BatchPutResponse, Status> {
+        let entered = Instant::now();
         let (ns, parsed) = self.parse_put(req)?;
+        let items = parsed.len();
+        let pages = parsed
+            .iter()
+            .filter(|p| matches!(p, ParsedItem::Pages { .. }))
+            .count();
+        let checked = Instant::now();
         let cache = Arc::clone(&self.cache);
         let registry = self.regions.clone();
-        let results = self
+        let (results, started, stored_at) = self
             .limits
             .blocking
             .run("put", move || {
-                store_put(&cache, &ns, parsed, registry.as_deref())
+                let started = Instant::now();
+                let results = store_put(&cache, &ns, parsed, registry.as_deref());
+                (results, started, Instant::now())
             })
-            .await??;
+            .await?;
+        let results = results?;
+        let returned = Instant::now();
         let stored = results
             .iter()
             .filter(|&&r| r == pb::PutStatus::Stored as i32)
             .count() as u32;
+        if pages > 0 {
+            let us = |a: Instant, b: Instant| b.saturating_duration_since(a).as_micros() as u64;
+            tracing::debug!(
+                items,
+                pages,
+                decode_us = received.map_or(0, |r| us(r, entered)),
+                parse_us = us(entered, checked),
+                hop_us = us(checked, started),
+                store_us = us(started, stored_at),
+                return_us = us(stored_at, returned),
+                "page put (decode: from the call's arrival to its handler; parse: items and page \
+                 lists checked; hop: to the blocking pool; store: gathers, copies, checksums and \
+                 publishing; return: back to the call's task)"
+            );
+        }
         Ok(pb::BatchPutResponse { results, stored })
     }
 
