@@ -208,41 +208,42 @@ pub(super) fn scatter_lent<E: From<GpuError>>(
     }
     host.sort_unstable_by_key(|&(_, addr)| addr);
     let set = lend(gpu, moves, len, host.len());
-    // Told once, when everything is queued: by the staged path before it
-    // waits for its copies (so an answer can leave while they run), else
-    // here.
-    let mut queued = Some(queued);
-    let mut tell = || {
-        if let Some(q) = queued.take() {
-            q();
+    // The blocks in the device's memory first; then the host blocks, whose
+    // staged path tells `queued` itself, before it waits for its copies (so
+    // an answer can leave while they run); the other paths tell it here.
+    let device_queued = match device.is_empty() {
+        true => Ok(()),
+        false => {
+            let (at, from): (Vec<usize>, Vec<u64>) = device.iter().copied().unzip();
+            scatter(&at, &from)
         }
     };
-    let queued_ok = (|| {
-        if !device.is_empty() {
-            let (at, from): (Vec<usize>, Vec<u64>) = device.iter().copied().unzip();
-            scatter(&at, &from)?;
-        }
-        match &set {
-            Some(set) => scatter_from_host(
-                set,
-                moves.dma_threshold,
-                stream,
-                &host,
-                len,
-                lent.promote_to,
-                scatter,
-                &mut tell,
-            ),
-            None if host.is_empty() => Ok(()),
-            None => {
-                let (at, from): (Vec<usize>, Vec<u64>) = host.iter().copied().unzip();
-                scatter(&at, &from)
+    let queued_ok = match (device_queued, &set) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Some(set)) => scatter_from_host(
+            set,
+            moves.dma_threshold,
+            stream,
+            &host,
+            len,
+            lent.promote_to,
+            scatter,
+            queued,
+        ),
+        (Ok(()), None) => {
+            let host_queued = match host.is_empty() {
+                true => Ok(()),
+                false => {
+                    let (at, from): (Vec<usize>, Vec<u64>) = host.iter().copied().unzip();
+                    scatter(&at, &from)
+                }
+            };
+            if host_queued.is_ok() {
+                queued();
             }
+            host_queued
         }
-    })();
-    if queued_ok.is_ok() {
-        tell();
-    }
+    };
     let done = finish(&[stream]);
     queued_ok?;
     done.map_err(E::from)?;
