@@ -21,8 +21,11 @@ use super::{IoDone, IoEngine, IoFailure, IoOp};
 /// hook, as for a [`Batch`](super::Batch). Dropping the pipeline abandons everything still
 /// in flight the same way, and drops staged operations unstarted.
 ///
-/// Bookkeeping is per window, not per stream: the state of operations
-/// already handed out or abandoned is dropped as the window moves on.
+/// Bookkeeping is per window, not per stream: the state of an operation
+/// handed out or abandoned is dropped once every earlier one's is, so what
+/// is kept spans from the oldest operation still open to the newest (wider
+/// than the window only while an older operation is outstanding, at most
+/// until its deadline), and a handed-out operation keeps no buffer there.
 pub struct Pipeline<'e> {
     engine: &'e dyn IoEngine,
     // Visible to the engine tests, which check that only the window is kept.

@@ -318,11 +318,13 @@ fn pipeline_refills_its_window_and_abandons_each_op_alone() {
         let mut next = 0u64;
         let mut seen = vec![0u8; total as usize];
         let mut out = Vec::new();
+        let mut outstanding = std::collections::BTreeSet::new();
         while next < total || pipe.open() > 0 {
             while pipe.open() < depth && next < total {
                 let i = pipe.push(read(next, None), Instant::now() + Duration::from_secs(5));
                 assert_eq!(i as u64, next, "indices count up from 0");
                 what.insert(i, next);
+                outstanding.insert(i);
                 next += 1;
             }
             assert!(pipe.open() <= depth);
@@ -330,15 +332,26 @@ fn pipeline_refills_its_window_and_abandons_each_op_alone() {
             pipe.wait_some(&mut out);
             assert!(!out.is_empty(), "{}", engine.name());
             for (i, d) in out.drain(..) {
+                assert!(outstanding.remove(&i), "{i} handed out once");
                 let block = what[&i];
                 seen[block as usize] += 1;
                 assert!(d.result.is_ok(), "{}: {d:?}", engine.name());
                 let want = (block % 8) as u8 + 1;
                 assert!(d.buf.unwrap().as_slice().iter().all(|&b| b == want));
             }
-            // Only the window's state is kept.
-            assert!(pipe.shared.state.lock().results.len() <= depth);
+            // Only the window's state is kept: from the oldest operation
+            // not handed out to the newest (ops complete out of order, so
+            // this can be wider than `depth`), and no handed-out op keeps
+            // its result there.
+            let st = pipe.shared.state.lock();
+            let oldest = outstanding.first().copied().unwrap_or(next as usize);
+            assert_eq!(st.base, oldest, "{}", engine.name());
+            assert_eq!(st.base + st.results.len(), next as usize);
+            for (pos, r) in st.results.iter().enumerate() {
+                assert!(r.is_none() || outstanding.contains(&(st.base + pos)));
+            }
         }
+        assert!(pipe.shared.state.lock().results.is_empty());
         assert_eq!(seen, vec![1u8; total as usize], "{}", engine.name());
         pipe.wait_some(&mut out);
         assert!(out.is_empty());
