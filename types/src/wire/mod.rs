@@ -5,7 +5,10 @@
 //! - [`pool`]: the shared-memory pool preamble of the mempool socket
 //!   (kvstrata's wide format and SGLang HiCache's) and its reply, the pool id;
 //! - [`kv_region`]: the KV-region preamble of the region socket (a 128-byte
-//!   header and a name) and its reply (status, message, region id).
+//!   header and a name) and its reply (status, message, region id);
+//! - [`region_calls`]: page puts and gets sent on a region's registration
+//!   connection afterwards (a 24-byte header and the gRPC request's protobuf
+//!   encoding; answered the same way).
 //!
 //! Pool and region ids are unique to one run of the daemon (a random base
 //! per run), so an id a client kept across a daemon restart is refused
@@ -17,3 +20,4 @@
 
 pub mod kv_region;
 pub mod pool;
+pub mod region_calls;
