@@ -21,6 +21,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use crate::error::ClientError;
 use crate::pages_found::PagesFound;
 use crate::target::Target;
+use kvstrata_types::wire::region_calls::CallKind;
 
 /// A stream of server messages (`GetStream`, `Watch`).
 pub type ClientStream<T> = Pin<Box<dyn Stream<Item = Result<T, ClientError>> + Send + 'static>>;
@@ -308,6 +309,11 @@ struct Learnt {
     /// Whether the daemon answers a get into pages compactly on request
     /// (`compact_answers`; false until told).
     compact_answers: AtomicBool,
+    /// Whether the daemon serves region calls (`region_calls`; false until
+    /// told) and this client may use them (`KVSTRATA_REGION_CALLS` is not
+    /// `0`, `off` or `false`).
+    region_calls: AtomicBool,
+    region_calls_allowed: bool,
 }
 
 impl Client {
@@ -394,6 +400,10 @@ impl Client {
                 max_batch: AtomicUsize::new(MAX_BATCH),
                 page_id_arrays: AtomicBool::new(false),
                 compact_answers: AtomicBool::new(false),
+                region_calls: AtomicBool::new(false),
+                region_calls_allowed: region_calls_allowed(
+                    std::env::var("KVSTRATA_REGION_CALLS").ok().as_deref(),
+                ),
             }),
         }
     }
@@ -475,6 +485,10 @@ impl Client {
         self.learnt
             .compact_answers
             .store(resp.compact_answers, Ordering::Relaxed);
+        self.learnt.region_calls.store(
+            resp.region_calls && self.learnt.region_calls_allowed,
+            Ordering::Relaxed,
+        );
         Ok(RegisteredNamespace {
             id,
             block_bytes: resp.block_bytes,
@@ -662,6 +676,89 @@ impl Client {
     ) -> Result<proto::BatchPutResponse, ClientError> {
         self.put_items(ns, items.into_iter().map(Into::into).collect())
             .await
+    }
+
+    /// [`Client::put_pages`] of pages of `region`, sent as a region call on
+    /// the region's own connection when the daemon serves them
+    /// (`docs/protocol.md`, "Region calls") and no other call holds that
+    /// connection; otherwise over gRPC. The same request and answer either
+    /// way. Blocks the calling thread for the call (in a multi-threaded
+    /// runtime, through `block_in_place`).
+    pub async fn put_pages_on(
+        &self,
+        region: &crate::KvRegion,
+        ns: &NamespaceId,
+        items: Vec<crate::region::PagesPutItem>,
+    ) -> Result<proto::BatchPutResponse, ClientError> {
+        let items: Vec<proto::PutItem> = items.into_iter().map(Into::into).collect();
+        if self.learnt.region_calls.load(Ordering::Relaxed) {
+            let req = proto::BatchPutRequest {
+                namespace_id: ns_bytes(ns),
+                items,
+            };
+            let body = prost::Message::encode_to_vec(&req);
+            if let Some(answer) = self.region_call(region, CallKind::BatchPut, &body) {
+                return decode_answer(&answer?);
+            }
+            return self.put_items(ns, req.items).await;
+        }
+        self.put_items(ns, items).await
+    }
+
+    /// [`Client::get_page_ids`] (`when_queued`: [`Client::get_page_ids_when_queued`])
+    /// into pages of `region`, sent as a region call on the region's own
+    /// connection when the daemon serves them and answers compactly, and no
+    /// other call holds that connection; otherwise over gRPC. Blocks the
+    /// calling thread for the call, as [`Client::put_pages_on`].
+    pub async fn get_page_ids_on(
+        &self,
+        region: &crate::KvRegion,
+        ns: &NamespaceId,
+        keys: &[impl AsRef<[u8]>],
+        page_ids: &[u32],
+        when_queued: bool,
+    ) -> Result<PagesFound, ClientError> {
+        let usable = self.learnt.region_calls.load(Ordering::Relaxed)
+            && self.learnt.page_id_arrays.load(Ordering::Relaxed)
+            && self.learnt.compact_answers.load(Ordering::Relaxed)
+            && !keys.is_empty()
+            && !page_ids.is_empty()
+            && page_ids.len().is_multiple_of(keys.len());
+        if usable {
+            let req = proto::BatchGetRequest {
+                namespace_id: ns_bytes(ns),
+                keys: keys_bytes(keys),
+                page_region_id: region.id(),
+                page_ids: page_ids.to_vec(),
+                compact_answer: true,
+                answer_when_queued: when_queued,
+                ..Default::default()
+            };
+            let body = prost::Message::encode_to_vec(&req);
+            if let Some(answer) = self.region_call(region, CallKind::BatchGet, &body) {
+                return PagesFound::from_compact(decode_answer(&answer?)?, keys.len());
+            }
+        }
+        self.page_ids_get(ns, keys, region.id(), page_ids, when_queued)
+            .await
+    }
+
+    /// One region call on `region`'s connection, within the client's request
+    /// timeout; `None` when the connection is busy or lost.
+    fn region_call(
+        &self,
+        region: &crate::KvRegion,
+        kind: CallKind,
+        body: &[u8],
+    ) -> Option<Result<Vec<u8>, ClientError>> {
+        let timeout = self.options.request_timeout;
+        let call = || region.try_call(kind, body, timeout);
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(call)
+            }
+            _ => call(),
+        }
     }
 
     /// Reads blocks and has the daemon scatter them into the pages of a
@@ -999,9 +1096,35 @@ impl Client {
     }
 }
 
+/// Whether `KVSTRATA_REGION_CALLS` lets a client use region calls: yes
+/// unless it says `0`, `off` or `false` (as the Python client reads it).
+fn region_calls_allowed(setting: Option<&str>) -> bool {
+    !setting.is_some_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "0" | "off" | "false"
+        )
+    })
+}
+
+/// A region call's answer: the response's protobuf encoding.
+fn decode_answer<M: prost::Message + Default>(body: &[u8]) -> Result<M, ClientError> {
+    M::decode(body).map_err(|e| ClientError::InvalidResponse(format!("region call answer: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn region_calls_are_on_unless_the_setting_says_off() {
+        for on in [None, Some(""), Some("1"), Some("on"), Some("yes")] {
+            assert!(region_calls_allowed(on), "{on:?}");
+        }
+        for off in ["0", "off", "false", " OFF ", "False"] {
+            assert!(!region_calls_allowed(Some(off)), "{off:?}");
+        }
+    }
 
     #[test]
     fn put_item_without_parent_sends_empty_parent() {

@@ -24,6 +24,7 @@ pub mod inline;
 mod pages_found;
 pub mod pool;
 pub mod region;
+mod region_calls;
 mod target;
 
 pub use client::{

@@ -47,6 +47,7 @@ use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
 #[cfg(doc)]
 use crate::client::Client;
 use crate::error::ClientError;
+use crate::region_calls::CallChannel;
 use crate::target::Target;
 
 /// The registration preamble's kinds and its encoders (defined in
@@ -186,8 +187,9 @@ pub struct KvRegion {
     device: Option<u32>,
     /// The client's mapping of a memfd region.
     map: Option<MmapRaw>,
-    /// The registration connection: open for as long as the region is registered.
-    _conn: UnixStream,
+    /// The registration connection (open for as long as the region is
+    /// registered), which also carries region calls.
+    calls: CallChannel,
 }
 
 impl std::fmt::Debug for KvRegion {
@@ -284,7 +286,7 @@ impl KvRegion {
             bytes,
             device: None,
             map: Some(map),
-            _conn: conn,
+            calls: CallChannel::new(conn),
         })
     }
 
@@ -310,8 +312,20 @@ impl KvRegion {
             bytes,
             device: Some(device),
             map: None,
-            _conn: conn,
+            calls: CallChannel::new(conn),
         })
+    }
+
+    /// Sends a region call on the registration connection (see
+    /// `crate::region_calls`): the answer's protobuf bytes, or `None` when
+    /// another call holds the connection or it was lost.
+    pub(crate) fn try_call(
+        &self,
+        kind: kvstrata_types::wire::region_calls::CallKind,
+        body: &[u8],
+        timeout: Option<Duration>,
+    ) -> Option<Result<Vec<u8>, ClientError>> {
+        self.calls.try_call(kind, body, timeout)
     }
 
     /// The region id the daemon assigned: 64 bits, unique to this run of the

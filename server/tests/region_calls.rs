@@ -343,3 +343,65 @@ async fn bad_calls_are_refused_naming_the_field_and_a_bad_header_closes_the_regi
     r.wait_regions(0).await;
     r.stop().await;
 }
+
+/// The Rust client's `put_pages_on` / `get_page_ids_on` go as region calls
+/// (counted as such by the daemon), byte for byte; a region whose connection
+/// another call holds is served over gRPC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_rust_client_sends_page_requests_of_a_region_as_calls() {
+    let r = start_with(|c| c.gpu.enabled = kvstrata_server::config::GpuMode::Cpu).await;
+    let g = cross_layer();
+    let mut region = r.region("client-calls", g);
+    let fill = nonzero_bytes(21, region.len() as usize);
+    region.as_mut_slice().expect("memfd").copy_from_slice(&fill);
+    let (ns, block) = ns_for(&r.client, "client-calls", &g, 1).await;
+    let items = (0..4u32)
+        .map(|i| kvstrata_client::PagesPutItem::new(key(&format!("k{i}")), region.pages(vec![i])))
+        .collect();
+    let put = r
+        .client
+        .put_pages_on(&region, &ns, items)
+        .await
+        .expect("put");
+    assert_eq!(put.stored, 4, "{put:?}");
+    let keys: Vec<String> = (0..5).map(|i| format!("k{i}")).collect();
+    let found = r
+        .client
+        .get_page_ids_on(&region, &ns, &keys, &[5, 6, 7, 8, 9], true)
+        .await
+        .expect("get");
+    assert_eq!(found.tiers.len(), 5);
+    assert!(found.failed.is_empty(), "{found:?}");
+    assert!(
+        found.tiers[..4].iter().all(Option::is_some) && found.tiers[4].is_none(),
+        "{found:?}"
+    );
+    let mut want = fill.clone();
+    for i in 0..4usize {
+        let mut b = vec![0u8; block];
+        kvstrata_kernels::reference::gather(&g, 1, &[i as u32], &fill, &mut b).expect("gather");
+        kvstrata_kernels::reference::scatter(&g, 1, &[i as u32 + 5], &b, &mut want)
+            .expect("scatter");
+    }
+    assert!(
+        region.as_slice().expect("memfd") == &want[..],
+        "pages differ from the reference"
+    );
+    let m = r.metrics().await;
+    for method in ["RegionCall.BatchPut", "RegionCall.BatchGet"] {
+        assert!(
+            m.lines().any(|l| l.starts_with("kvstrata_requests")
+                && l.contains(&format!("method=\"{method}\""))
+                && l.contains("code=\"Ok\"")),
+            "{method} not counted: {m}"
+        );
+    }
+    // A refusal comes back as the daemon's status, as over gRPC.
+    let err = r
+        .client
+        .get_page_ids_on(&region, &ns, &keys[..1], &[g.num_pages], false)
+        .await
+        .expect_err("a page past the region");
+    assert!(err.to_string().contains("page_ids"), "{err}");
+    r.stop().await;
+}

@@ -440,10 +440,15 @@ impl GpuKvStore {
             .zip(pages.chunks(per_request))
             .collect();
         let when_queued = answer_when_queued();
+        // One request at a time: each goes as a region call on the region's
+        // own connection (the daemon's thread for it reads the next call
+        // only once a call's copies complete, so requests in flight go over
+        // gRPC, where one's lookups overlap another's copies).
+        let by_call = in_flight == 1 || requests.len() == 1;
         for wave in requests.chunks(in_flight) {
             let results = futures_util::future::join_all(
                 wave.iter()
-                    .map(|(k, p)| self.load_request(region, k, p, when_queued)),
+                    .map(|(k, p)| self.load_request(region, k, p, when_queued, by_call)),
             )
             .await;
             // Answered before the daemon's copies completed: wait for them
@@ -489,25 +494,32 @@ impl GpuKvStore {
         Ok(())
     }
 
-    /// One `BatchGet` of `keys` into `pages` (one page per block).
+    /// One `BatchGet` of `keys` into `pages` (one page per block); `by_call`:
+    /// as a region call when the daemon serves them.
     async fn load_request(
         &self,
         region: &KvRegion,
         keys: &[BlockHash],
         pages: &[u32],
         when_queued: bool,
+        by_call: bool,
     ) -> Result<PagesFound> {
         let began = Instant::now();
         let ns = self.store.namespace_id();
         let client = self.store.client();
         // One page per block: the page ids as one array (no message per key).
-        let results = match when_queued {
-            true => {
+        let results = match (by_call, when_queued) {
+            (true, _) => {
+                client
+                    .get_page_ids_on(region, ns, keys, pages, when_queued)
+                    .await?
+            }
+            (false, true) => {
                 client
                     .get_page_ids_when_queued(ns, keys, region.id(), pages)
                     .await?
             }
-            false => client.get_page_ids(ns, keys, region.id(), pages).await?,
+            (false, false) => client.get_page_ids(ns, keys, region.id(), pages).await?,
         };
         tracing::debug!(
             blocks = keys.len(),
@@ -544,7 +556,7 @@ impl GpuKvStore {
         ) {
             let began = Instant::now();
             let blocks = items.len();
-            let resp = self.store.client().put_pages(ns, items).await?;
+            let resp = self.store.client().put_pages_on(region, ns, items).await?;
             tracing::debug!(
                 blocks,
                 request_us = began.elapsed().as_micros() as u64,

@@ -38,11 +38,11 @@ impl CallHandler for KvCacheService {
             answer(Err(Status::unavailable("the daemon is shutting down")));
             return;
         }
-        let mut code = tonic::Code::Ok;
+        // Counted as it is answered (a get may be answered before its
+        // copies complete): a client that has its answer sees it counted.
         let mut tell = |a: CallAnswer| {
-            if let Err(s) = &a {
-                code = s.code();
-            }
+            let code = a.as_ref().err().map_or(tonic::Code::Ok, Status::code);
+            self.metrics.record_request(method, code);
             answer(a);
         };
         let cutoff = call.cutoff;
@@ -58,7 +58,6 @@ impl CallHandler for KvCacheService {
             Ok(None) => {}
             Err(s) => tell(Err(s)),
         }
-        self.metrics.record_request(method, code);
     }
 }
 
