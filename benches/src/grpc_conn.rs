@@ -99,6 +99,7 @@ pub(crate) async fn put_batch(
     let req = BatchPutRequest {
         namespace_id: sh.namespace_id.clone(),
         items,
+        ..Default::default()
     };
     let t0 = Instant::now();
     let resp = kvstrata_client::inline::batch_put(

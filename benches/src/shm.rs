@@ -91,6 +91,7 @@ impl ShmConn {
         let req = BatchPutRequest {
             namespace_id: sh.namespace_id.clone(),
             items,
+            ..Default::default()
         };
         let t0 = Instant::now();
         let resp = self

@@ -314,6 +314,9 @@ struct Learnt {
     /// `0`, `off` or `false`).
     region_calls: AtomicBool,
     region_calls_allowed: bool,
+    /// Whether the daemon reads a page put in the array form
+    /// (`page_id_array_puts`; false until told).
+    page_id_array_puts: AtomicBool,
 }
 
 impl Client {
@@ -404,6 +407,7 @@ impl Client {
                 region_calls_allowed: region_calls_allowed(
                     std::env::var("KVSTRATA_REGION_CALLS").ok().as_deref(),
                 ),
+                page_id_array_puts: AtomicBool::new(false),
             }),
         }
     }
@@ -489,6 +493,9 @@ impl Client {
             resp.region_calls && self.learnt.region_calls_allowed,
             Ordering::Relaxed,
         );
+        self.learnt
+            .page_id_array_puts
+            .store(resp.page_id_array_puts, Ordering::Relaxed);
         Ok(RegisteredNamespace {
             id,
             block_bytes: resp.block_bytes,
@@ -556,6 +563,7 @@ impl Client {
         let req = proto::BatchPutRequest {
             namespace_id: ns_bytes(ns),
             items,
+            ..Default::default()
         };
         // Framed around the payloads: each inline payload goes out as it is.
         let mut channel = self.channel.clone();
@@ -690,19 +698,23 @@ impl Client {
         ns: &NamespaceId,
         items: Vec<crate::region::PagesPutItem>,
     ) -> Result<proto::BatchPutResponse, ClientError> {
-        let items: Vec<proto::PutItem> = items.into_iter().map(Into::into).collect();
+        let array = match self.learnt.page_id_array_puts.load(Ordering::Relaxed) {
+            true => array_put(ns, region.id(), &items),
+            false => None,
+        };
+        let req = array.unwrap_or_else(|| proto::BatchPutRequest {
+            namespace_id: ns_bytes(ns),
+            items: items.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        });
         if self.learnt.region_calls.load(Ordering::Relaxed) {
-            let req = proto::BatchPutRequest {
-                namespace_id: ns_bytes(ns),
-                items,
-            };
             let body = prost::Message::encode_to_vec(&req);
             if let Some(answer) = self.region_call(region, CallKind::BatchPut, &body) {
                 return decode_answer(&answer?);
             }
-            return self.put_items(ns, req.items).await;
         }
-        self.put_items(ns, items).await
+        let mut c = self.inner.clone();
+        self.call(c.batch_put(self.request(req, true))).await
     }
 
     /// [`Client::get_page_ids`] (`when_queued`: [`Client::get_page_ids_when_queued`])
@@ -891,6 +903,7 @@ impl Client {
         let requests = batches.map(move |items| proto::BatchPutRequest {
             namespace_id: namespace_id.clone(),
             items: items.into_iter().map(Into::into).collect(),
+            ..Default::default()
         });
         let mut c = self.inner.clone();
         let mut responses = self
@@ -1107,6 +1120,46 @@ fn region_calls_allowed(setting: Option<&str>) -> bool {
     })
 }
 
+/// A page put in the array form (`keys`, `page_region_id`, `page_ids`,
+/// parents chained when each item's parent is the key before it), when every
+/// item names the same number of pages of region `region_id`; else `None`.
+fn array_put(
+    ns: &NamespaceId,
+    region_id: u64,
+    items: &[crate::region::PagesPutItem],
+) -> Option<proto::BatchPutRequest> {
+    let ppb = items.first()?.pages.page_ids.len();
+    if items
+        .iter()
+        .any(|it| it.pages.region_id != region_id || it.pages.page_ids.len() != ppb)
+    {
+        return None;
+    }
+    let chained = items
+        .windows(2)
+        .all(|w| w[1].parent.as_ref() == Some(&w[0].key));
+    let mut req = proto::BatchPutRequest {
+        namespace_id: ns_bytes(ns),
+        keys: items.iter().map(|it| it.key.clone()).collect(),
+        page_region_id: region_id,
+        page_ids: items
+            .iter()
+            .flat_map(|it| it.pages.page_ids.iter().copied())
+            .collect(),
+        ..Default::default()
+    };
+    if chained {
+        req.chain_parents = true;
+        req.first_parent = items[0].parent.clone().unwrap_or_default();
+    } else if items.iter().any(|it| it.parent.is_some()) {
+        req.parents = items
+            .iter()
+            .map(|it| it.parent.clone().unwrap_or_default())
+            .collect();
+    }
+    Some(req)
+}
+
 /// A region call's answer: the response's protobuf encoding.
 fn decode_answer<M: prost::Message + Default>(body: &[u8]) -> Result<M, ClientError> {
     M::decode(body).map_err(|e| ClientError::InvalidResponse(format!("region call answer: {e}")))
@@ -1115,6 +1168,45 @@ fn decode_answer<M: prost::Message + Default>(body: &[u8]) -> Result<M, ClientEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn array_puts_chain_or_list_parents_and_need_one_region() {
+        use crate::region::PagesPutItem;
+        let ns = NamespaceId::from_slice("ns", &[3u8; 16]).expect("ns");
+        let pages = |ids: Vec<u32>| proto::KvPages {
+            region_id: 7,
+            page_ids: ids,
+        };
+        let chain = vec![
+            PagesPutItem::new(&b"a"[..], pages(vec![1, 2])).with_parent(&b"r"[..]),
+            PagesPutItem::new(&b"b"[..], pages(vec![3, 4])).with_parent(&b"a"[..]),
+        ];
+        let req = array_put(&ns, 7, &chain).expect("one region");
+        assert!(req.chain_parents && req.parents.is_empty() && req.items.is_empty());
+        assert_eq!(&req.first_parent[..], b"r");
+        assert_eq!(req.page_ids, vec![1, 2, 3, 4]);
+        assert_eq!(
+            req.keys,
+            vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]
+        );
+        let listed = vec![
+            PagesPutItem::new(&b"a"[..], pages(vec![1, 2])),
+            PagesPutItem::new(&b"b"[..], pages(vec![3, 4])).with_parent(&b"x"[..]),
+        ];
+        let req = array_put(&ns, 7, &listed).expect("one region");
+        assert!(!req.chain_parents && req.first_parent.is_empty());
+        assert_eq!(req.parents, vec![Bytes::new(), Bytes::from_static(b"x")]);
+        let none = vec![PagesPutItem::new(&b"a"[..], pages(vec![1, 2]))];
+        let req = array_put(&ns, 7, &none).expect("one region");
+        assert!(req.chain_parents && req.first_parent.is_empty() && req.parents.is_empty());
+        assert!(array_put(&ns, 8, &none).is_none(), "another region");
+        let uneven = vec![
+            PagesPutItem::new(&b"a"[..], pages(vec![1, 2])),
+            PagesPutItem::new(&b"b"[..], pages(vec![3])),
+        ];
+        assert!(array_put(&ns, 7, &uneven).is_none(), "page counts differ");
+        assert!(array_put(&ns, 7, &[]).is_none());
+    }
 
     #[test]
     fn region_calls_are_on_unless_the_setting_says_off() {

@@ -195,9 +195,11 @@ pub fn encode_put_request(request: &BatchPutRequest) -> Result<Vec<Bytes>, Statu
             (head, tail, &it.payload)
         })
         .collect();
+    // Every field but the items (the namespace; the array form's fields,
+    // which a request with items leaves empty), then the items.
     let namespace = BatchPutRequest {
-        namespace_id: request.namespace_id.clone(),
         items: Vec::new(),
+        ..request.clone()
     };
     let total = namespace.encoded_len() + split_field_len(&parts);
     let Ok(total32) = u32::try_from(total) else {
@@ -364,6 +366,19 @@ mod tests {
             pb::BatchPutRequest::default(),
             pb::BatchPutRequest {
                 namespace_id: Bytes::from_static(&[1; 16]),
+                ..Default::default()
+            },
+            pb::BatchPutRequest {
+                namespace_id: Bytes::from_static(&[1; 16]),
+                keys: vec![Bytes::from_static(b"k0"), Bytes::from_static(b"k1")],
+                page_region_id: 9,
+                page_ids: vec![3, 4],
+                chain_parents: true,
+                first_parent: Bytes::from_static(b"p"),
+                ..Default::default()
+            },
+            pb::BatchPutRequest {
+                namespace_id: Bytes::from_static(&[1; 16]),
                 items: vec![
                     pb::PutItem {
                         key: Bytes::from_static(b"a"),
@@ -392,6 +407,7 @@ mod tests {
                     },
                     pb::PutItem::default(),
                 ],
+                ..Default::default()
             },
         ];
         for msg in shapes {

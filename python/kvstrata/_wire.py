@@ -40,6 +40,12 @@ TAG_GET_PAGE_REGION = 0x28  # BatchGetRequest.page_region_id
 TAG_GET_PAGE_IDS = 0x32     # BatchGetRequest.page_ids (packed)
 TAG_GET_COMPACT = 0x38      # BatchGetRequest.compact_answer
 TAG_GET_WHEN_QUEUED = 0x40  # BatchGetRequest.answer_when_queued
+TAG_PUT_KEYS = 0x1A          # BatchPutRequest.keys (the array form)
+TAG_PUT_PAGE_REGION = 0x20   # BatchPutRequest.page_region_id
+TAG_PUT_PAGE_IDS = 0x2A      # BatchPutRequest.page_ids (packed)
+TAG_PUT_PARENTS = 0x32       # BatchPutRequest.parents
+TAG_PUT_CHAIN = 0x38         # BatchPutRequest.chain_parents
+TAG_PUT_FIRST_PARENT = 0x42  # BatchPutRequest.first_parent
 
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
@@ -249,13 +255,18 @@ def _header(namespace_id: bytes) -> bytes:
     return field(TAG_NAMESPACE_ID, namespace_id) if namespace_id else b""
 
 
+def _repeated_bytes(tag: int, items: Sequence[bytes]) -> Rows:
+    """A repeated `bytes` field, one row per item (an empty item is written too)."""
+    item = Rows(len(items))
+    item.matrix(*_strings(items))
+    rows = Rows(len(items))
+    rows.field(tag, item)
+    return rows
+
+
 def _get_keys(keys: Sequence[bytes]) -> Rows:
     """`BatchGetRequest.keys`, one row per key."""
-    key = Rows(len(keys))
-    key.matrix(*_strings(keys))
-    rows = Rows(len(keys))
-    rows.field(TAG_GET_KEYS, key)
-    return rows
+    return _repeated_bytes(TAG_GET_KEYS, keys)
 
 
 def batch_get_pages_request(namespace_id: bytes, keys: Sequence[bytes], pages: PagesRows) -> bytes:
@@ -301,6 +312,39 @@ def batch_get_page_ids_request(namespace_id: bytes, keys: Sequence[bytes], regio
         out += bytes((TAG_GET_COMPACT, 1))
     if when_queued:
         out += bytes((TAG_GET_WHEN_QUEUED, 1))
+    return out
+
+
+def batch_put_page_ids_request(namespace_id: bytes, keys: Sequence[bytes], parents: Union[str, Sequence[bytes]],
+                               region_id: int, page_ids: np.ndarray, first_parent: bytes = b"") -> bytes:
+    """`BatchPutRequest{namespace_id, keys, page_region_id, page_ids, parents | chain_parents,
+    first_parent}`: the array form (for a daemon that says `page_id_array_puts`), every key's
+    pages in one region, `page_ids` an (n, pages_per_block) array. `parents`: one per key
+    (b"": none), or "chain" (each key the parent of the next; the first one's parent is
+    `first_parent`)."""
+    n = len(keys)
+    if page_ids.shape[0] != n:
+        raise ValueError(f"page_ids: {page_ids.shape[0]} page lists for {n} keys")
+    out = _header(namespace_id)
+    if n:
+        out += _repeated_bytes(TAG_PUT_KEYS, keys).build()
+    if region_id:
+        out += bytes((TAG_PUT_PAGE_REGION,)) + varint(region_id)
+    if page_ids.size:
+        out += field(TAG_PUT_PAGE_IDS, packed_varints(page_ids))
+    if isinstance(parents, str):
+        if parents != "chain":
+            raise ValueError("parents: 'chain' or one parent per key")
+        out += bytes((TAG_PUT_CHAIN, 1))
+        if first_parent:
+            out += field(TAG_PUT_FIRST_PARENT, bytes(first_parent))
+        return out
+    if len(parents) != n:
+        raise ValueError(f"parents: {len(parents)} parents for {n} keys")
+    if first_parent:
+        raise ValueError("first_parent: only with parents='chain'")
+    if any(parents):
+        out += _repeated_bytes(TAG_PUT_PARENTS, parents).build()
     return out
 
 

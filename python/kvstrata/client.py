@@ -325,6 +325,9 @@ class Client:
         #: Whether the daemon said that it answers a page get compactly on request (each key's
         #: tier, no `GetResult` per key); `batch_get_pages` asks for that with page-id arrays.
         self.compact_answers = False
+        #: Whether the daemon said that it reads a page put in the array form (`keys`,
+        #: `page_region_id`, `page_ids`): `batch_put_pages` then sends a `PageBatch` so.
+        self.page_id_array_puts = False
         #: Whether a page get into a CUDA IPC region (`KvRegion.page_batch` of
         #: `KvRegion.from_cuda_tensor`, sent as a page-id array asking for the compact answer)
         #: lets the daemon answer as soon as its copies into the pages are queued on the GPU
@@ -422,6 +425,7 @@ class Client:
         self.page_id_arrays = bool(resp.page_id_arrays)
         self.compact_answers = bool(resp.compact_answers)
         self.daemon_region_calls = bool(resp.region_calls)
+        self.page_id_array_puts = bool(resp.page_id_array_puts)
         return Namespace(id=bytes(resp.namespace_id), block_bytes=resp.block_bytes, spec=spec,
                          created=resp.created)
 
@@ -501,9 +505,12 @@ class Client:
                 wire_parents: Union[str, list[bytes]] = "chain"
             else:
                 wire_parents = _parents(keys, parents, first_parent)
-            req = _wire.batch_put_pages_request(_ns_id(ns), keys, wire_parents, _pages_rows(pages),
-                                                first_parent=bytes(first_parent or b""))
-            return self._call_pages("BatchPut", req, pages, timeout)
+            first = bytes(first_parent or b"") if parents == "chain" else b""  # else in wire_parents
+            req = self._put_pages_request(_ns_id(ns), keys, wire_parents, pages, first)
+            try:
+                return self._call_pages("BatchPut", req, pages, timeout)
+            except RpcError as e:
+                raise _shift_field(e, 0, self._put_ids_per_key(pages)) from None
         ps = _parents(keys, parents, first_parent)
         items = [pb.PutItem(key=bytes(k), parent=p, pages=g) for k, p, g in zip(keys, ps, pages)]
         put = pb.BatchPutRequest(namespace_id=_ns_id(ns), items=items)
@@ -520,19 +527,34 @@ class Client:
         all_parents: list[bytes] = [] if chain else _parents(keys, parents, first_parent)
 
         def request(a: int, b: int) -> bytes:
-            part_keys, rows = keys[a:b], _pages_rows(pages[a:b])
             if chain:
                 # part k's first parent: the last key of part k - 1 (the chain one request records)
                 first = bytes(first_parent or b"") if a == 0 else bytes(keys[a - 1])
-                return _wire.batch_put_pages_request(ns_id, part_keys, "chain", rows, first_parent=first)
-            return _wire.batch_put_pages_request(ns_id, part_keys, all_parents[a:b], rows)
+                return self._put_pages_request(ns_id, keys[a:b], "chain", pages[a:b], first)
+            return self._put_pages_request(ns_id, keys[a:b], all_parents[a:b], pages[a:b], b"")
 
-        answers = self._call_parts("BatchPut", bounds, request, timeout)
+        answers = self._call_parts("BatchPut", bounds, request, timeout, self._put_ids_per_key(pages))
         out = pb.BatchPutResponse()
         for r in answers:
             out.results.extend(r.results)
             out.stored += r.stored
         return out
+
+    def _put_ids_per_key(self, pages: Sequence[pb.KvPages]) -> int:
+        """pages_per_block when a page put of `pages` goes in the array form, else 0."""
+        if self.page_id_array_puts and isinstance(pages, PageBatch) and pages.region_id:
+            return int(pages.page_ids.shape[1])
+        return 0
+
+    def _put_pages_request(self, ns_id: bytes, keys: Sequence[bytes], parents: Union[str, Sequence[bytes]],
+                           pages: Sequence[pb.KvPages], first_parent: bytes) -> bytes:
+        """A serialized page put: the array form for a `PageBatch` to a daemon that reads it
+        (`page_id_array_puts`: no message per block to build, encode and parse), else one
+        `PutItem` per block."""
+        if self._put_ids_per_key(pages):
+            return _wire.batch_put_page_ids_request(ns_id, keys, parents, pages.region_id, pages.page_ids,
+                                                    first_parent=first_parent)
+        return _wire.batch_put_pages_request(ns_id, keys, parents, _pages_rows(pages), first_parent=first_parent)
 
     def _call_parts(self, method: str, bounds: list[tuple[int, int]], request: Callable[[int, int], bytes],
                     timeout: Optional[float], ids_per_key: int = 0,
@@ -869,14 +891,21 @@ def _found_compact(answer: Any, n: int) -> list[bool]:
 
 
 #: The leading repeated field of a request (`items[3].pages…`, `pages[3]…`, `keys[3]`).
-_LEADING_INDEX = re.compile(r"^(items|keys|pages|page_ids)\[(\d+)\]")
+_LEADING_INDEX = re.compile(r"^(items|keys|pages|page_ids|parents)\[(\d+)\]")
 
 
 def _shift_field(err: RpcError, offset: int, ids_per_key: int = 0) -> RpcError:
     """A part's error with the leading index of its field shifted by the part's `offset`,
     so it names the block in the whole request (same class, code and method). A page get
     sent as one page-id array (`ids_per_key` ids per key) has its `page_ids[k]` named as the
-    per-key form would be, `pages[i].page_ids[j]`."""
+    per-key form would be, `pages[i].page_ids[j]`; a page put in the array form has its
+    `page_ids[k]`, `keys[i]`, `parents[i]` and `page_region_id` named as its items would be
+    (`items[i].pages.page_ids[j]`, `items[i].key`, `items[i].parent`, `items[0].pages.region_id`)."""
+    put = err.method == "BatchPut"
+    if put and ids_per_key > 0 and err.message.startswith("page_region_id:"):
+        # a page put sent in the array form: named as the per-block form would be
+        head, rest = f"items[{offset}].pages.region_id", err.message[len("page_region_id"):]
+        return type(err)(err.method, err.code, head + rest)
     m = _LEADING_INDEX.match(err.message)
     if m is None:
         return err
@@ -884,7 +913,10 @@ def _shift_field(err: RpcError, offset: int, ids_per_key: int = 0) -> RpcError:
     if name == "page_ids":
         if ids_per_key <= 0:
             return err
-        head = f"pages[{offset + index // ids_per_key}].page_ids[{index % ids_per_key}]"
+        block, page = offset + index // ids_per_key, index % ids_per_key
+        head = f"items[{block}].pages.page_ids[{page}]" if put else f"pages[{block}].page_ids[{page}]"
+    elif put and ids_per_key > 0 and name in ("keys", "parents"):
+        head = f"items[{index + offset}].{'key' if name == 'keys' else 'parent'}"
     elif offset == 0:
         return err
     else:

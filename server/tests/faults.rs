@@ -308,6 +308,7 @@ async fn message_batch_and_stream_limits_are_enforced() {
         .batch_put(pb::BatchPutRequest {
             namespace_id: ns_bytes(&big),
             items: items.into_iter().map(Into::into).collect(),
+            ..Default::default()
         })
         .await
         .expect_err("too large");
@@ -435,6 +436,7 @@ async fn deadlines_end_slow_requests_and_half_apply_nothing() {
     let mut req = tonic::Request::new(pb::BatchPutRequest {
         namespace_id: ns_bytes(&ns),
         items,
+        ..Default::default()
     });
     req.set_timeout(Duration::from_millis(200));
     let t0 = Instant::now();
@@ -559,6 +561,7 @@ async fn clients_that_disconnect_leak_nothing() {
             tx.send(pb::BatchPutRequest {
                 namespace_id: ns_bytes(&ns),
                 items,
+                ..Default::default()
             })
             .await
             .expect("send");

@@ -154,6 +154,7 @@ async fn a_stock_http2_client_decodes_the_response_and_it_is_prosts_encoding() {
                 ..Default::default()
             })
             .collect(),
+        ..Default::default()
     };
     let (parts, data, trailers) =
         raw_unary(addr, "/kvstrata.v1.KvCache/BatchPut", grpc_frame(&put)).await;
@@ -227,6 +228,7 @@ async fn a_put_in_many_data_frames_is_stored_byte_for_byte() {
                 }
             })
             .collect(),
+        ..Default::default()
     };
     // Round 0: the client library's framing (a chunk around each payload,
     // each payload its own chunk); round 1: the whole message cut at odd
@@ -409,6 +411,7 @@ async fn a_socket_path_authority_and_a_large_data_frame_pass_the_unix_socket() {
             payload: payload("via-raw-uds", 3, MIB),
             ..Default::default()
         }],
+        ..Default::default()
     };
     s.write_all(&frame(FRAME_DATA, END_STREAM, 1, &grpc_frame(&put)))
         .await

@@ -736,6 +736,7 @@ async fn prop_grpc_requests_are_answered_with_field_errors_and_change_nothing_wh
                                     pages: None,
                                 })
                                 .collect(),
+                            ..Default::default()
                         })
                         .await
                         .map(|r| {

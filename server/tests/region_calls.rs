@@ -109,6 +109,7 @@ impl RawRegion {
                     ..Default::default()
                 })
                 .collect(),
+            ..Default::default()
         };
         let (h, b) = self.call(CallKind::BatchPut, &req.encode_to_vec());
         assert_eq!(h.kind, Some(CallKind::BatchPut));
@@ -249,6 +250,7 @@ async fn bad_calls_are_refused_naming_the_field_and_a_bad_header_closes_the_regi
             payload: vec![1u8; 8].into(),
             ..Default::default()
         }],
+        ..Default::default()
     };
     let (h, b) = region.call(CallKind::BatchPut, &inline.encode_to_vec());
     refused(
@@ -302,6 +304,7 @@ async fn bad_calls_are_refused_naming_the_field_and_a_bad_header_closes_the_regi
                 }),
                 ..Default::default()
             }],
+            ..Default::default()
         }
         .encode_to_vec();
         two.extend_from_slice(&encode_call_header(&CallHeader {
@@ -403,5 +406,128 @@ async fn the_rust_client_sends_page_requests_of_a_region_as_calls() {
         .await
         .expect_err("a page past the region");
     assert!(err.to_string().contains("page_ids"), "{err}");
+    r.stop().await;
+}
+
+/// A put in the array form (`keys`, `page_region_id`, `page_ids`, parents
+/// chained or listed) stores what the same put as items stores, parents
+/// included; its bad fields are refused by name and store nothing; an
+/// unknown region is each key's own `BAD_REGION`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn array_puts_store_what_item_puts_store() {
+    let r = start_with(|c| c.gpu.enabled = kvstrata_server::config::GpuMode::Cpu).await;
+    let g = per_layer();
+    let mut region = RawRegion::register(&r, "calls-array", g, 31);
+    let (nsid, block) = ns_for(&r.client, "calls-array", &g, 2).await;
+    let ns = nsid.as_bytes().to_vec();
+    let fill = region.bytes();
+    let region_id = region.id;
+    let array = |keys: &[&str], page_ids: Vec<u32>| pb::BatchPutRequest {
+        namespace_id: ns.clone().into(),
+        keys: keys.iter().map(|k| key(k)).collect(),
+        page_region_id: region_id,
+        page_ids,
+        ..Default::default()
+    };
+    let call = |region: &mut RawRegion, req: pb::BatchPutRequest| {
+        let (h, b) = region.call(CallKind::BatchPut, &req.encode_to_vec());
+        decoded::<pb::BatchPutResponse>(h, &b)
+    };
+    let chained = pb::BatchPutRequest {
+        chain_parents: true,
+        first_parent: key("root"),
+        ..array(&["d", "e", "f"], vec![1, 2, 3, 4, 5, 6])
+    };
+    assert_eq!(call(&mut region, chained).expect("chained").stored, 3);
+    let listed = pb::BatchPutRequest {
+        parents: vec![key("x"), Default::default()],
+        ..array(&["g", "h"], vec![7, 8, 9, 10])
+    };
+    assert_eq!(call(&mut region, listed).expect("listed").stored, 2);
+    // Over gRPC too.
+    let mut raw = r.client.raw();
+    let over_grpc = raw
+        .batch_put(array(&["i"], vec![11, 12]))
+        .await
+        .expect("grpc")
+        .into_inner();
+    assert_eq!(over_grpc.stored, 1);
+    let pages = [[1u32, 2], [3, 4], [5, 6], [7, 8], [9, 10], [11, 12]];
+    let names = ["d", "e", "f", "g", "h", "i"];
+    let got = r.client.batch_get(&nsid, &names).await.expect("get");
+    for (res, p) in got.iter().zip(pages) {
+        let mut want = vec![0u8; block];
+        kvstrata_kernels::reference::gather(&g, 2, &p, &fill, &mut want).expect("gather");
+        assert!(
+            res.found && res.payload == want,
+            "block of pages {p:?} differs"
+        );
+    }
+    let listed = r
+        .client
+        .list_blocks(Some(&nsid), None, 100, Default::default())
+        .await
+        .expect("list");
+    let parent = |k: &str| {
+        listed
+            .blocks
+            .iter()
+            .find(|b| b.key == k.as_bytes())
+            .map(|b| String::from_utf8_lossy(&b.parent).into_owned())
+            .expect("listed")
+    };
+    let parents: Vec<String> = names.iter().map(|k| parent(k)).collect();
+    assert_eq!(parents, ["root", "d", "e", "x", "", ""]);
+    // Refusals naming the field; nothing stored.
+    let bad = [
+        (array(&["z"], vec![1]), "page_ids"),
+        (array(&["z"], vec![1, g.num_pages]), "page_ids[1]"),
+        (
+            pb::BatchPutRequest {
+                items: vec![pb::PutItem {
+                    key: key("y"),
+                    ..Default::default()
+                }],
+                ..array(&["z"], vec![1, 2])
+            },
+            "items",
+        ),
+        (
+            pb::BatchPutRequest {
+                parents: vec![key("p"), key("q")],
+                ..array(&["z"], vec![1, 2])
+            },
+            "parents",
+        ),
+        (
+            pb::BatchPutRequest {
+                parents: vec![key("p")],
+                chain_parents: true,
+                ..array(&["z"], vec![1, 2])
+            },
+            "parents",
+        ),
+        (
+            pb::BatchPutRequest {
+                first_parent: key("p"),
+                ..array(&["z"], vec![1, 2])
+            },
+            "first_parent",
+        ),
+        (array(&["z", ""], vec![1, 2, 3, 4]), "keys[1]"),
+    ];
+    for (req, field) in bad {
+        refused(call(&mut region, req), Code::InvalidArgument, field);
+    }
+    let z = r.client.batch_get(&nsid, &[b"z"]).await.expect("get");
+    assert!(!z[0].found, "a refused put stored something");
+    // An unknown region: each key refused alone.
+    let gone = pb::BatchPutRequest {
+        page_region_id: 12345,
+        ..array(&["z", "w"], vec![1, 2, 3, 4])
+    };
+    let ans = call(&mut region, gone).expect("answered");
+    assert_eq!(ans.stored, 0);
+    assert_eq!(ans.results, vec![pb::PutStatus::BadRegion as i32; 2]);
     r.stop().await;
 }

@@ -214,6 +214,7 @@ fn a_put_whose_deadline_passed_before_its_gather_stores_nothing() {
             let mut req = tonic::Request::new(pb::BatchPutRequest {
                 namespace_id: ns_bytes,
                 items,
+                ..Default::default()
             });
             req.set_timeout(SHORT);
             raw.batch_put(req).await

@@ -147,6 +147,7 @@ async fn bad_page_lists_are_refused_naming_the_field_and_store_nothing() {
             raw.batch_put(pb::BatchPutRequest {
                 namespace_id: ns,
                 items,
+                ..Default::default()
             })
             .await
         }

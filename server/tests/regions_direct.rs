@@ -108,6 +108,7 @@ async fn direct_and_staged_regions_in_one_request_keep_every_convention() {
             raw.batch_put(pb::BatchPutRequest {
                 namespace_id: ns,
                 items,
+                ..Default::default()
             })
             .await
         }
@@ -318,6 +319,7 @@ async fn direct_gather_failure_stores_nothing_not_even_staged_or_inline_blocks()
         .batch_put(pb::BatchPutRequest {
             namespace_id: Bytes::copy_from_slice(ns.as_bytes()),
             items,
+            ..Default::default()
         })
         .await
         .expect_err("the direct gather fails");

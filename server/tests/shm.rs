@@ -287,6 +287,7 @@ async fn malformed_range_requests_are_invalid_and_change_nothing() {
     let put = |item: pb::PutItem| pb::BatchPutRequest {
         namespace_id: ns_bytes.clone(),
         items: vec![item],
+        ..Default::default()
     };
     let e = raw
         .batch_put(put(pb::PutItem {

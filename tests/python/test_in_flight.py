@@ -32,7 +32,8 @@ def part_sizes(n: int, in_flight: int) -> list[int]:
 
 class Spy:
     """Wraps the client's raw BatchPut / BatchGet callables, forwarding every call to the
-    daemon, and keeps the number of keys of each request sent (in order sent)."""
+    daemon, and keeps the number of keys of each request sent (in order sent; a put's items,
+    or its keys in the array form)."""
 
     def __init__(self, inner: Any, parse: Any) -> None:
         self.inner = inner
@@ -41,7 +42,7 @@ class Spy:
 
     def _keep(self, request: bytes) -> None:
         msg = self.parse(request)
-        self.sent.append(len(msg.items) if hasattr(msg, "items") else len(msg.keys))
+        self.sent.append(len(msg.items) or len(msg.keys) if hasattr(msg, "items") else len(msg.keys))
 
     def __call__(self, request: bytes, **kw: Any) -> Any:
         self._keep(request)

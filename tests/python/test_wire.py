@@ -76,6 +76,16 @@ def test_page_requests_equal_protobufs_serialization(rng):
             chain = [first] + [bytes(k) for k in keys[:-1]]
             assert _wire.batch_put_pages_request(ns, keys, "chain", rows, first) == \
                 reference_put(ns, keys, chain, messages), what
+        # the array form of a put
+        parents = rng.choice([[b""] * n, [rng.randbytes(rng.choice([0, 16, 130])) for _ in range(n)]])
+        first = rng.choice([b"", rng.randbytes(16), rng.randbytes(150)])
+        plain = [bytes(k) for k in keys]
+        assert _wire.batch_put_page_ids_request(ns, keys, parents, region_id, ids) == pb.BatchPutRequest(
+            namespace_id=ns, keys=plain, page_region_id=region_id, page_ids=ids.reshape(-1).tolist(),
+            parents=parents if any(parents) else []).SerializeToString(), f"case {case}: array put"
+        assert _wire.batch_put_page_ids_request(ns, keys, "chain", region_id, ids, first) == pb.BatchPutRequest(
+            namespace_id=ns, keys=plain, page_region_id=region_id, page_ids=ids.reshape(-1).tolist(),
+            chain_parents=True, first_parent=first).SerializeToString(), f"case {case}: array put, chain"
 
 
 def test_single_messages_equal_protobufs():
@@ -171,8 +181,21 @@ def test_client_sends_protobufs_bytes(rng):
             else:  # one KvPages per key: answered one result per key, as before
                 assert client.batch_get_pages(ns, keys, pages) == [True] * n
                 assert get.sent[-1] == reference_get(ns, keys, messages)
-            client.page_id_arrays = client.compact_answers = False
-        assert len(put.sent) == 8 and len(get.sent) == 7
+            # a daemon that reads page puts in the array form gets a page batch's puts so
+            client.page_id_array_puts = True
+            for parents, first, want_parents in ((None, None, {}),
+                                                 ("chain", b"f" * 16, {"chain_parents": True,
+                                                                       "first_parent": b"f" * 16}),
+                                                 ([None, b"p"] * (n // 2), None,
+                                                  {"parents": [b"", b"p"] * (n // 2)})):
+                assert client.batch_put_pages(ns, keys, pages, parents=parents, first_parent=first).stored == n
+                want = (pb.BatchPutRequest(namespace_id=ns, keys=keys, page_region_id=99,
+                                           page_ids=ids.reshape(-1).tolist(), **want_parents).SerializeToString()
+                        if isinstance(pages, PageBatch) else reference_put(ns, keys, [b""] * n, messages)
+                        if parents is None else put.sent[-1])
+                assert put.sent[-1] == want
+            client.page_id_arrays = client.compact_answers = client.page_id_array_puts = False
+        assert len(put.sent) == 14 and len(get.sent) == 7
     finally:
         client.close()
 

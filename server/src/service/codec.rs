@@ -572,6 +572,7 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            ..Default::default()
         };
         let wire = Bytes::from(framed(&msg));
         for cut in [1, 4, 5, 6, 100, 20_000, wire.len() - 1] {

@@ -278,20 +278,7 @@ impl KvCacheService {
             Some(Err(e)) => return Ok(every_key(e.to_string())),
             None => return Ok(every_key(no_region_socket(region_id))),
         };
-        let ppb = check_region_fits(format_args!("page_region_id"), &region, namespace)?;
-        let g = region.geometry();
-        if page_ids.len() != keys * ppb as usize {
-            return Err(Status::invalid_argument(format!(
-                "page_ids: {} page ids for {keys} keys; give {ppb} per key, one key's after the other (a block is {ppb} pages of region {region_id}: {} tokens / {} per page)",
-                page_ids.len(),
-                namespace.spec.block_tokens,
-                g.page_tokens
-            )));
-        }
-        if page_ids.iter().any(|&p| p >= g.num_pages) {
-            g.check_pages("page_ids", ppb, page_ids)
-                .map_err(|e| Status::invalid_argument(format!("{}: {}", e.field, e.reason)))?;
-        }
+        let ppb = check_page_id_array(&region, page_ids, keys, namespace)?;
         if let Some(device) = region_io::direct_device(&self.cache, &region) {
             return Ok(GetTargets::Direct(DirectGroup {
                 device,
@@ -316,6 +303,39 @@ impl KvCacheService {
                 })
                 .collect(),
         ))
+    }
+
+    /// The pages of each key of a BatchPut in the array form: every key's
+    /// `pages_per_block` ids of region `region_id`, one key's after the
+    /// other (`page_region_id`, `page_ids`). Checked as items' `pages` would
+    /// be, the region once; an unknown or closed region is every key's own
+    /// problem (`BAD_REGION`).
+    pub(super) fn region_page_ids_put(
+        &self,
+        region_id: u64,
+        page_ids: &[u32],
+        keys: usize,
+        namespace: &Namespace,
+    ) -> Result<Vec<Result<PagesTarget, String>>, Status> {
+        let every_key = |e: String| (0..keys).map(|_| Err(e.clone())).collect();
+        let region = match self.regions.as_ref().map(|r| r.get(region_id)) {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => return Ok(every_key(e.to_string())),
+            None => return Ok(every_key(no_region_socket(region_id))),
+        };
+        let ppb = check_page_id_array(&region, page_ids, keys, namespace)?;
+        let cutoff = cutoff_now();
+        Ok(page_ids
+            .chunks(ppb as usize)
+            .map(|ids| {
+                Ok(PagesTarget {
+                    region: Arc::clone(&region),
+                    pages_per_block: ppb,
+                    page_ids: ids.to_vec(),
+                    cutoff,
+                })
+            })
+            .collect())
     }
 
     /// Checks a BatchGet into KV-region pages: `pages` (one `KvPages` per
@@ -921,6 +941,33 @@ fn group_put_pages(
 /// Checks a region's geometry against the namespace (once per region of a
 /// request); returns pages_per_block. Errors name `field`, the region id's
 /// field (`items[3].pages.region_id`, `page_region_id`).
+/// Checks the page ids of a request's array form (`page_ids`, for `keys`
+/// keys of `region`) against the region and the namespace; returns the
+/// pages per block.
+fn check_page_id_array(
+    region: &KvRegion,
+    page_ids: &[u32],
+    keys: usize,
+    namespace: &Namespace,
+) -> Result<u32, Status> {
+    let ppb = check_region_fits(format_args!("page_region_id"), region, namespace)?;
+    let g = region.geometry();
+    if page_ids.len() != keys * ppb as usize {
+        return Err(Status::invalid_argument(format!(
+            "page_ids: {} page ids for {keys} keys; give {ppb} per key, one key's after the other (a block is {ppb} pages of region {}: {} tokens / {} per page)",
+            page_ids.len(),
+            region.id(),
+            namespace.spec.block_tokens,
+            g.page_tokens
+        )));
+    }
+    if page_ids.iter().any(|&p| p >= g.num_pages) {
+        g.check_pages("page_ids", ppb, page_ids)
+            .map_err(|e| Status::invalid_argument(format!("{}: {}", e.field, e.reason)))?;
+    }
+    Ok(ppb)
+}
+
 fn check_region_fits(
     field: std::fmt::Arguments<'_>,
     region: &KvRegion,

@@ -87,6 +87,7 @@ impl KvCacheService {
                     page_id_arrays: true,
                     compact_answers: true,
                     region_calls: true,
+                    page_id_array_puts: true,
                 })
             })
             .await;

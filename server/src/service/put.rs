@@ -57,8 +57,17 @@ pub(super) struct PutPlan {
 }
 
 /// Whether a put names shared memory (pool ranges or KV pages).
-fn uses_pools(items: &[pb::PutItem]) -> bool {
-    items.iter().any(|i| i.range.is_some() || i.pages.is_some())
+fn uses_pools(req: &pb::BatchPutRequest) -> bool {
+    names_page_array(req)
+        || req
+            .items
+            .iter()
+            .any(|i| i.range.is_some() || i.pages.is_some())
+}
+
+/// Whether a put is in the array form (`keys`, `page_region_id`, `page_ids`).
+pub(super) fn names_page_array(req: &pb::BatchPutRequest) -> bool {
+    !req.keys.is_empty() || req.page_region_id != 0 || !req.page_ids.is_empty()
 }
 
 impl KvCacheService {
@@ -67,7 +76,7 @@ impl KvCacheService {
         request: Request<pb::BatchPutRequest>,
     ) -> Result<pb::BatchPutResponse, Status> {
         let caller = Caller::of(&request);
-        let uses_pools = uses_pools(&request.get_ref().items);
+        let uses_pools = uses_pools(request.get_ref());
         self.check_ns(&caller, &request.get_ref().namespace_id)?;
         check_pools(&caller, "items[].range", uses_pools)?;
         let received = request
@@ -136,7 +145,7 @@ impl KvCacheService {
             };
             if let Err(e) = self
                 .check_ns(caller, &batch.namespace_id)
-                .and_then(|()| check_pools(caller, "items[].range", uses_pools(&batch.items)))
+                .and_then(|()| check_pools(caller, "items[].range", uses_pools(&batch)))
             {
                 self.metrics.record_request("PutStream.batch", e.code());
                 let _ = tx.send(Err(e)).await;
@@ -223,8 +232,12 @@ impl KvCacheService {
         req: pb::BatchPutRequest,
     ) -> Result<(NamespaceId, Vec<ParsedItem>), Status> {
         let ns = convert::namespace_id("namespace_id", &req.namespace_id)?;
+        if names_page_array(&req) {
+            let items = self.parse_put_array(&ns, req)?;
+            return Ok((ns, items));
+        }
         convert::check_batch("items", req.items.len(), self.limits.max_batch)?;
-        let namespace = if uses_pools(&req.items) {
+        let namespace = if uses_pools(&req) {
             Some(self.cache.namespace("namespace_id", &ns).map_err(status)?)
         } else {
             None
@@ -237,6 +250,69 @@ impl KvCacheService {
             .map(|(i, it)| self.parse_put_item(i, it, namespace.as_deref(), &mut last))
             .collect::<Result<Vec<_>, Status>>()?;
         Ok((ns, items))
+    }
+
+    /// Validates a put in the array form: each key becomes a block
+    /// gathered from its pages, or (an unknown or closed region) is refused
+    /// alone.
+    fn parse_put_array(
+        &self,
+        ns: &NamespaceId,
+        req: pb::BatchPutRequest,
+    ) -> Result<Vec<ParsedItem>, Status> {
+        if !req.items.is_empty() {
+            return Err(Status::invalid_argument(
+                "items: give `items` or the array form (`keys`, `page_region_id`, `page_ids`), not both",
+            ));
+        }
+        let keys = convert::keys("keys", &req.keys, self.limits.max_batch)?;
+        let n = keys.len();
+        let parents: Vec<Option<BlockKey>> = if req.chain_parents {
+            if !req.parents.is_empty() {
+                return Err(Status::invalid_argument(
+                    "parents: give `parents` or `chain_parents`, not both",
+                ));
+            }
+            let first = convert::optional_key(|| "first_parent".into(), &req.first_parent)?;
+            std::iter::once(first)
+                .chain(keys.iter().take(n.saturating_sub(1)).map(|k| Some(*k)))
+                .collect()
+        } else {
+            if !req.first_parent.is_empty() {
+                return Err(Status::invalid_argument(
+                    "first_parent: only with chain_parents (the first key's parent of a chain)",
+                ));
+            }
+            match req.parents.len() {
+                0 => vec![None; n],
+                m if m == n => req
+                    .parents
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| convert::optional_key(|| format!("parents[{i}]"), p))
+                    .collect::<Result<_, Status>>()?,
+                m => {
+                    return Err(Status::invalid_argument(format!(
+                        "parents: {m} for {n} keys; give one per key (empty: none), none at all, or chain_parents"
+                    )));
+                }
+            }
+        };
+        let namespace = self.cache.namespace("namespace_id", ns).map_err(status)?;
+        let targets = self.region_page_ids_put(req.page_region_id, &req.page_ids, n, &namespace)?;
+        Ok(keys
+            .into_iter()
+            .zip(parents)
+            .zip(targets)
+            .map(|((key, parent), target)| match target {
+                Ok(target) => ParsedItem::Pages {
+                    key,
+                    parent,
+                    target,
+                },
+                Err(e) => ParsedItem::Bad(e),
+            })
+            .collect())
     }
 
     /// Validates item `i` of a put (`namespace`: given when the request
