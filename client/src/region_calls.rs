@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kvstrata_types::wire::region_calls::{
-    CALL_HEADER_BYTES, CallHeader, CallKind, MAX_CALL_BODY_BYTES, encode_call_header,
+    CALL_HEADER_BYTES, CallHeader, CallKind, MAX_CALL_BODY_BYTES, encode_call_header, frame,
     parse_answer_header,
 };
 
@@ -100,9 +100,7 @@ impl CallChannel {
             timeout_ms,
             body_len: body.len() as u32,
         });
-        let mut request = Vec::with_capacity(CALL_HEADER_BYTES + body.len());
-        request.extend_from_slice(&header);
-        request.extend_from_slice(body);
+        let request = frame(&header, body);
         // A write cut short leaves the connection out of step.
         self.conn
             .set_write_timeout(timeout)

@@ -147,6 +147,18 @@ fn decoded<M: Message + Default>(h: AnswerHeader, body: &[u8]) -> Result<M, (Cod
     Ok(M::decode(body).expect("a response"))
 }
 
+/// The daemon's metrics count both kinds of region call, answered OK.
+fn assert_calls_counted(metrics: &str) {
+    for method in ["RegionCall.BatchPut", "RegionCall.BatchGet"] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with("kvstrata_requests")
+                && l.contains(&format!("method=\"{method}\""))
+                && l.contains("code=\"Ok\"")),
+            "{method} not counted: {metrics}"
+        );
+    }
+}
+
 /// A refusal with `code` whose message starts with `field`.
 fn refused<M: std::fmt::Debug>(res: Result<M, (Code, String)>, code: Code, field: &str) {
     match res {
@@ -197,15 +209,7 @@ async fn round_trip(r: Running) {
         region.bytes() == want,
         "region differs from the reference scatters"
     );
-    let m = r.metrics().await;
-    for method in ["RegionCall.BatchPut", "RegionCall.BatchGet"] {
-        assert!(
-            m.lines().any(|l| l.starts_with("kvstrata_requests")
-                && l.contains(&format!("method=\"{method}\""))
-                && l.contains("code=\"Ok\"")),
-            "{method} not counted: {m}"
-        );
-    }
+    assert_calls_counted(&r.metrics().await);
     r.stop().await;
 }
 
@@ -390,15 +394,7 @@ async fn the_rust_client_sends_page_requests_of_a_region_as_calls() {
         region.as_slice().expect("memfd") == &want[..],
         "pages differ from the reference"
     );
-    let m = r.metrics().await;
-    for method in ["RegionCall.BatchPut", "RegionCall.BatchGet"] {
-        assert!(
-            m.lines().any(|l| l.starts_with("kvstrata_requests")
-                && l.contains(&format!("method=\"{method}\""))
-                && l.contains("code=\"Ok\"")),
-            "{method} not counted: {m}"
-        );
-    }
+    assert_calls_counted(&r.metrics().await);
     // A refusal comes back as the daemon's status, as over gRPC.
     let err = r
         .client

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvstrata_types::wire::region_calls::{
-    AnswerHeader, CALL_HEADER_BYTES, CallKind, encode_answer_header, parse_call_header,
+    AnswerHeader, CALL_HEADER_BYTES, CallKind, encode_answer_header, frame, parse_call_header,
 };
 use tonic::Status;
 
@@ -149,8 +149,5 @@ fn write_answer(
         seq,
         body_len: body.len() as u32,
     });
-    let mut out = Vec::with_capacity(CALL_HEADER_BYTES + body.len());
-    out.extend_from_slice(&header);
-    out.extend_from_slice(&body);
-    stream.write_all(&out)
+    stream.write_all(&frame(&header, &body))
 }

@@ -272,11 +272,9 @@ impl KvCacheService {
         namespace: &Namespace,
     ) -> Result<GetTargets, Status> {
         let keys = block_keys.len();
-        let every_key = |e: String| GetTargets::PerKey((0..keys).map(|_| Err(e.clone())).collect());
-        let region = match self.regions.as_ref().map(|r| r.get(region_id)) {
-            Some(Ok(r)) => r,
-            Some(Err(e)) => return Ok(every_key(e.to_string())),
-            None => return Ok(every_key(no_region_socket(region_id))),
+        let region = match self.array_region(region_id) {
+            Ok(r) => r,
+            Err(e) => return Ok(GetTargets::PerKey(every_key(keys, e))),
         };
         let ppb = check_page_id_array(&region, page_ids, keys, namespace)?;
         if let Some(device) = region_io::direct_device(&self.cache, &region) {
@@ -289,20 +287,7 @@ impl KvCacheService {
                 page_ids: page_ids.to_vec(),
             }));
         }
-        let cutoff = cutoff_now();
-        Ok(GetTargets::PerKey(
-            page_ids
-                .chunks(ppb as usize)
-                .map(|ids| {
-                    Ok(PagesTarget {
-                        region: Arc::clone(&region),
-                        pages_per_block: ppb,
-                        page_ids: ids.to_vec(),
-                        cutoff,
-                    })
-                })
-                .collect(),
-        ))
+        Ok(GetTargets::PerKey(array_targets(&region, ppb, page_ids)))
     }
 
     /// The pages of each key of a BatchPut in the array form: every key's
@@ -317,25 +302,22 @@ impl KvCacheService {
         keys: usize,
         namespace: &Namespace,
     ) -> Result<Vec<Result<PagesTarget, String>>, Status> {
-        let every_key = |e: String| (0..keys).map(|_| Err(e.clone())).collect();
-        let region = match self.regions.as_ref().map(|r| r.get(region_id)) {
-            Some(Ok(r)) => r,
-            Some(Err(e)) => return Ok(every_key(e.to_string())),
-            None => return Ok(every_key(no_region_socket(region_id))),
+        let region = match self.array_region(region_id) {
+            Ok(r) => r,
+            Err(e) => return Ok(every_key(keys, e)),
         };
         let ppb = check_page_id_array(&region, page_ids, keys, namespace)?;
-        let cutoff = cutoff_now();
-        Ok(page_ids
-            .chunks(ppb as usize)
-            .map(|ids| {
-                Ok(PagesTarget {
-                    region: Arc::clone(&region),
-                    pages_per_block: ppb,
-                    page_ids: ids.to_vec(),
-                    cutoff,
-                })
-            })
-            .collect())
+        Ok(array_targets(&region, ppb, page_ids))
+    }
+
+    /// The region a request's page-id array names, or why it cannot be
+    /// used (every key's own problem).
+    fn array_region(&self, region_id: u64) -> Result<Arc<KvRegion>, String> {
+        match self.regions.as_ref().map(|r| r.get(region_id)) {
+            Some(Ok(r)) => Ok(r),
+            Some(Err(e)) => Err(e.to_string()),
+            None => Err(no_region_socket(region_id)),
+        }
     }
 
     /// Checks a BatchGet into KV-region pages: `pages` (one `KvPages` per
@@ -941,6 +923,31 @@ fn group_put_pages(
 /// Checks a region's geometry against the namespace (once per region of a
 /// request); returns pages_per_block. Errors name `field`, the region id's
 /// field (`items[3].pages.region_id`, `page_region_id`).
+/// The same refusal for each of `keys` keys.
+fn every_key(keys: usize, why: String) -> Vec<Result<PagesTarget, String>> {
+    (0..keys).map(|_| Err(why.clone())).collect()
+}
+
+/// Each key's target of a checked page-id array (`ppb` ids per key).
+fn array_targets(
+    region: &Arc<KvRegion>,
+    ppb: u32,
+    page_ids: &[u32],
+) -> Vec<Result<PagesTarget, String>> {
+    let cutoff = cutoff_now();
+    page_ids
+        .chunks(ppb as usize)
+        .map(|ids| {
+            Ok(PagesTarget {
+                region: Arc::clone(region),
+                pages_per_block: ppb,
+                page_ids: ids.to_vec(),
+                cutoff,
+            })
+        })
+        .collect()
+}
+
 /// Checks the page ids of a request's array form (`page_ids`, for `keys`
 /// keys of `region`) against the region and the namespace; returns the
 /// pages per block.

@@ -156,6 +156,14 @@ pub fn parse_call_header(b: &[u8; CALL_HEADER_BYTES]) -> Result<CallHeader, (u32
     })
 }
 
+/// A request or an answer as sent: its header, then its body.
+pub fn frame(header: &[u8; CALL_HEADER_BYTES], body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(CALL_HEADER_BYTES + body.len());
+    out.extend_from_slice(header);
+    out.extend_from_slice(body);
+    out
+}
+
 /// An answer's header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AnswerHeader {
