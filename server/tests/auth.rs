@@ -251,6 +251,21 @@ async fn auth_tenants_cannot_touch_each_others_namespaces() {
         .await
         .unwrap_err();
     assert_eq!(code(&e), Some(tonic::Code::PermissionDenied), "{e}");
+    // A page put in the array form names a KV region too.
+    let mut raw = b.raw();
+    let mut put = tonic::Request::new(kvstrata_client::proto::BatchPutRequest {
+        namespace_id: bytes::Bytes::copy_from_slice(b_ns.as_bytes()),
+        keys: vec![bytes::Bytes::from_static(b"kb")],
+        page_region_id: 1,
+        page_ids: vec![0],
+        ..Default::default()
+    });
+    put.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {TENANT_B}").parse().unwrap(),
+    );
+    let e = raw.batch_put(put).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
     // Registering the same geometry does not take it over.
     let e = b
         .register_namespace(&small_spec("model-a"))
