@@ -730,28 +730,7 @@ impl Client {
         page_ids: &[u32],
         when_queued: bool,
     ) -> Result<PagesFound, ClientError> {
-        let usable = self.learnt.region_calls.load(Ordering::Relaxed)
-            && self.learnt.page_id_arrays.load(Ordering::Relaxed)
-            && self.learnt.compact_answers.load(Ordering::Relaxed)
-            && !keys.is_empty()
-            && !page_ids.is_empty()
-            && page_ids.len().is_multiple_of(keys.len());
-        if usable {
-            let req = proto::BatchGetRequest {
-                namespace_id: ns_bytes(ns),
-                keys: keys_bytes(keys),
-                page_region_id: region.id(),
-                page_ids: page_ids.to_vec(),
-                compact_answer: true,
-                answer_when_queued: when_queued,
-                ..Default::default()
-            };
-            let body = prost::Message::encode_to_vec(&req);
-            if let Some(answer) = self.region_call(region, CallKind::BatchGet, &body) {
-                return PagesFound::from_compact(decode_answer(&answer?)?, keys.len());
-            }
-        }
-        self.page_ids_get(ns, keys, region.id(), page_ids, when_queued)
+        self.page_ids_get(ns, keys, region.id(), page_ids, when_queued, Some(region))
             .await
     }
 
@@ -817,7 +796,7 @@ impl Client {
         region_id: u64,
         page_ids: &[u32],
     ) -> Result<PagesFound, ClientError> {
-        self.page_ids_get(ns, keys, region_id, page_ids, false)
+        self.page_ids_get(ns, keys, region_id, page_ids, false, None)
             .await
     }
 
@@ -835,9 +814,13 @@ impl Client {
         region_id: u64,
         page_ids: &[u32],
     ) -> Result<PagesFound, ClientError> {
-        self.page_ids_get(ns, keys, region_id, page_ids, true).await
+        self.page_ids_get(ns, keys, region_id, page_ids, true, None)
+            .await
     }
 
+    /// A get of `keys` into `page_ids` of region `region_id`; with `region`
+    /// (that region), as a region call when the daemon serves them and the
+    /// get is answered compactly.
     async fn page_ids_get(
         &self,
         ns: &NamespaceId,
@@ -845,6 +828,7 @@ impl Client {
         region_id: u64,
         page_ids: &[u32],
         when_queued: bool,
+        region: Option<&crate::KvRegion>,
     ) -> Result<PagesFound, ClientError> {
         if keys.is_empty() && page_ids.is_empty() {
             return Ok(PagesFound::default());
@@ -883,6 +867,12 @@ impl Client {
         };
         if !compact {
             return Ok(PagesFound::from_results(&self.get_into(req).await?));
+        }
+        if let Some(region) = region.filter(|_| self.learnt.region_calls.load(Ordering::Relaxed)) {
+            let body = prost::Message::encode_to_vec(&req);
+            if let Some(answer) = self.region_call(region, CallKind::BatchGet, &body) {
+                return PagesFound::from_compact(decode_answer(&answer?)?, keys.len());
+            }
         }
         let mut c = self.inner.clone();
         let resp = self.call(c.batch_get(self.request(req, true))).await?;

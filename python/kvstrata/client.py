@@ -510,7 +510,7 @@ class Client:
             try:
                 return self._call_pages("BatchPut", req, pages, timeout)
             except RpcError as e:
-                raise _shift_field(e, 0, self._put_ids_per_key(pages)) from None
+                raise _shift_field(e, 0, self._ids_per_key(pages, put=True)) from None
         ps = _parents(keys, parents, first_parent)
         items = [pb.PutItem(key=bytes(k), parent=p, pages=g) for k, p, g in zip(keys, ps, pages)]
         put = pb.BatchPutRequest(namespace_id=_ns_id(ns), items=items)
@@ -533,25 +533,19 @@ class Client:
                 return self._put_pages_request(ns_id, keys[a:b], "chain", pages[a:b], first)
             return self._put_pages_request(ns_id, keys[a:b], all_parents[a:b], pages[a:b], b"")
 
-        answers = self._call_parts("BatchPut", bounds, request, timeout, self._put_ids_per_key(pages))
+        answers = self._call_parts("BatchPut", bounds, request, timeout, self._ids_per_key(pages, put=True))
         out = pb.BatchPutResponse()
         for r in answers:
             out.results.extend(r.results)
             out.stored += r.stored
         return out
 
-    def _put_ids_per_key(self, pages: Sequence[pb.KvPages]) -> int:
-        """pages_per_block when a page put of `pages` goes in the array form, else 0."""
-        if self.page_id_array_puts and isinstance(pages, PageBatch) and pages.region_id:
-            return int(pages.page_ids.shape[1])
-        return 0
-
     def _put_pages_request(self, ns_id: bytes, keys: Sequence[bytes], parents: Union[str, Sequence[bytes]],
                            pages: Sequence[pb.KvPages], first_parent: bytes) -> bytes:
         """A serialized page put: the array form for a `PageBatch` to a daemon that reads it
         (`page_id_array_puts`: no message per block to build, encode and parse), else one
         `PutItem` per block."""
-        if self._put_ids_per_key(pages):
+        if self._ids_per_key(pages, put=True):
             return _wire.batch_put_page_ids_request(ns_id, keys, parents, pages.region_id, pages.page_ids,
                                                     first_parent=first_parent)
         return _wire.batch_put_pages_request(ns_id, keys, parents, _pages_rows(pages), first_parent=first_parent)
@@ -622,9 +616,11 @@ class Client:
                                                     compact, when_queued)
         return _wire.batch_get_pages_request(ns_id, keys, _pages_rows(pages))
 
-    def _ids_per_key(self, pages: Sequence[pb.KvPages]) -> int:
-        """pages_per_block when a page get of `pages` goes as one page-id array, else 0."""
-        if self.page_id_arrays and isinstance(pages, PageBatch) and pages.region_id:
+    def _ids_per_key(self, pages: Sequence[pb.KvPages], put: bool = False) -> int:
+        """pages_per_block when a page get (`put`: a page put) of `pages` goes as one
+        page-id array, else 0."""
+        arrays = self.page_id_array_puts if put else self.page_id_arrays
+        if arrays and isinstance(pages, PageBatch) and pages.region_id:
             return int(pages.page_ids.shape[1])
         return 0
 

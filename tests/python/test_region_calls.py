@@ -39,6 +39,13 @@ def fill_random(arr: np.ndarray, rng) -> None:
     flat[:] = np.frombuffer(rng.randbytes(flat.size), dtype=np.uint8)
 
 
+def filled_region(region_path: str, name: str, rng) -> kvstrata.KvRegion:
+    """A memfd region of `geometry()` registered as `name`, filled with random bytes."""
+    region = kvstrata.KvRegion.create_memfd(region_path, geometry(), name)
+    fill_random(region.array(np.uint16), rng)
+    return region
+
+
 def page_rows(rng, n: int) -> tuple[list[list[int]], list[list[int]]]:
     """Distinct pages for n blocks to save from and n blocks to load into."""
     ids = rng.sample(range(PAGES), 4 * n)
@@ -49,9 +56,8 @@ def page_rows(rng, n: int) -> tuple[list[list[int]], list[list[int]]]:
 def test_page_batches_go_on_the_region_connection_byte_for_byte(client, daemon, rng):
     ns = client.register_namespace(spec("pytest-calls"))
     assert client.daemon_region_calls and client.region_calls
-    with kvstrata.KvRegion.create_memfd(daemon.region_path, geometry(), "pytest-calls") as region:
+    with filled_region(daemon.region_path, "pytest-calls", rng) as region:
         arr = region.array(np.uint16)
-        fill_random(arr, rng)
         src, dst = page_rows(rng, N)
         keys = [b"c%d" % i for i in range(N)]
         before = region.calls.answered
@@ -94,10 +100,9 @@ def test_refusals_are_those_of_grpc_and_store_nothing(client, daemon, rng):
     other = client.register_namespace(kvstrata.NamespaceSpec(model_id="pytest-calls-other", num_layers=L + 1,
                                                               num_kv_heads=H, head_dim=D, dtype="bf16",
                                                               block_tokens=PT))
-    with kvstrata.KvRegion.create_memfd(daemon.region_path, geometry(), "pytest-calls-bad") as region, \
+    with filled_region(daemon.region_path, "pytest-calls-bad", rng) as region, \
             kvstrata.Client(daemon.uds_target, timeout=20, region_calls=False) as grpc_only:
         grpc_only.register_namespace(spec("pytest-calls-bad"))
-        fill_random(region.array(np.uint16), rng)
         keys = [b"b%d" % i for i in range(N)]
         src, _ = page_rows(rng, N)
         out_of_range = [row[:] for row in src]
@@ -128,9 +133,8 @@ def test_a_busy_connection_sends_over_grpc(client, daemon, rng):
     """Calls on one connection run one at a time; a thread that finds it taken does not
     wait: its request goes over gRPC."""
     ns = client.register_namespace(spec("pytest-calls-busy"))
-    with kvstrata.KvRegion.create_memfd(daemon.region_path, geometry(), "pytest-calls-busy") as region:
+    with filled_region(daemon.region_path, "pytest-calls-busy", rng) as region:
         arr = region.array(np.uint16)
-        fill_random(arr, rng)
         src, dst = page_rows(rng, N)
         keys = [b"t%d" % i for i in range(N)]
         before = region.calls.answered
@@ -165,10 +169,9 @@ def test_a_stopped_daemon_costs_a_deadline_and_a_dead_one_unavailable(rng):
     daemon = Daemon(d, extra=DAEMON_EXTRA)
     try:
         with kvstrata.Client(daemon.uds_target, timeout=20) as client, \
-                kvstrata.KvRegion.create_memfd(daemon.region_path, geometry(), "pytest-calls-stop") as region:
+                filled_region(daemon.region_path, "pytest-calls-stop", rng) as region:
             ns = client.register_namespace(spec("pytest-calls-stop"))
             arr = region.array(np.uint16)
-            fill_random(arr, rng)
             src, dst = page_rows(rng, N)
             keys = [b"s%d" % i for i in range(N)]
             assert client.batch_put_pages(ns, keys, region.page_batch(src)).stored == N

@@ -66,13 +66,11 @@ pub fn serve(stream: &UnixStream, calls: &RegionCalls, region_id: u64) {
     let mut body = Vec::new();
     loop {
         let mut header = [0u8; CALL_HEADER_BYTES];
-        match read_full(stream, &mut header) {
-            Ok(true) => {}
-            Ok(false) => return,
-            Err(e) => {
+        if let Err(e) = read_exact(stream, &mut header) {
+            if e.kind() != io::ErrorKind::UnexpectedEof {
                 tracing::debug!(region_id, error = %e, "region calls: read failed; connection closed");
-                return;
             }
+            return; // end-of-file: the engine closed the region
         }
         let received = Instant::now();
         let h = match parse_call_header(&header) {
@@ -86,9 +84,8 @@ pub fn serve(stream: &UnixStream, calls: &RegionCalls, region_id: u64) {
         };
         body.clear();
         body.resize(h.body_len as usize, 0);
-        match read_full(stream, &mut body) {
-            Ok(true) => {}
-            Ok(false) | Err(_) => return,
+        if read_exact(stream, &mut body).is_err() {
+            return;
         }
         let timeout = (h.timeout_ms > 0).then(|| Duration::from_millis(u64::from(h.timeout_ms)));
         let call = Call {
@@ -117,19 +114,9 @@ pub fn serve(stream: &UnixStream, calls: &RegionCalls, region_id: u64) {
     }
 }
 
-/// Fills `buf`; `Ok(false)` at end-of-file before its first byte.
-fn read_full(mut stream: &UnixStream, buf: &mut [u8]) -> io::Result<bool> {
-    let mut at = 0;
-    while at < buf.len() {
-        match stream.read(&mut buf[at..]) {
-            Ok(0) if at == 0 => return Ok(false),
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => at += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(true)
+/// `Read::read_exact` on a shared stream.
+fn read_exact(mut stream: &UnixStream, buf: &mut [u8]) -> io::Result<()> {
+    stream.read_exact(buf)
 }
 
 /// Writes one answer: header and body in one write.
