@@ -60,6 +60,12 @@ impl EventBus {
 
     /// Publishes events in order.
     pub fn publish(&self, events: impl IntoIterator<Item = PendingEvent>) {
+        // Most callers publish what an operation may have caused, often
+        // nothing (a reservation that evicted nothing): no clock, no lock.
+        let mut events = events.into_iter().peekable();
+        if events.peek().is_none() {
+            return;
+        }
         let unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use kvstrata_kernels::GpuError;
 use kvstrata_tiers::events::EventKind;
 use kvstrata_tiers::{
     BlockCache, BlockKey, CacheConfig, CacheError, DevicePutError, DiskTierConfig, Dtype,
@@ -671,4 +672,135 @@ fn concurrent_evicts_and_device_puts_stay_exact() {
     let hbm = &c.stats().hbm[0];
     assert_eq!((hbm.draining, hbm.checksum_failures), (0, 0));
     assert!(hbm.demoted > 0);
+}
+
+/// A staged device get larger than one lookup chunk, its keys mixing the
+/// HBM tier, the host tier and misses in every chunk: each page gets its
+/// block's exact bytes (misses stay untouched), the caller is told once
+/// with every key's tier, and each key is looked up in the HBM tier once
+/// (its hits and misses counted once). A get whose second scatter fails
+/// reports every HBM hit with the failure and leaves the others as misses.
+#[test]
+fn staged_gets_scatter_hbm_chunks_as_they_are_looked_up() {
+    let (c, ns) = open(config(100, 200), 1);
+    let stream = c.gpus()[0].stream().unwrap();
+    // 0..100 land in the HBM tier, 100..150 in the host tier.
+    let items: Vec<(usize, u64)> = (0..150).map(|i| (i, 1000 + i as u64)).collect();
+    device_put(&c, &ns, 0, &items);
+    assert_eq!(c.delete(&ns, &[key(30), key(120)]).unwrap(), 2);
+    // Interleaved: every chunk of the request holds both tiers.
+    let order: Vec<usize> = (0..75).flat_map(|i| [i, 149 - i]).collect();
+    let keys: Vec<BlockKey> = order.iter().map(|&i| key(i)).collect();
+    let hbm_before = tier_rows(&c, TierKind::Hbm)[0].clone();
+    let len = BLOCK as usize;
+    let mut pages = vec![7u8; keys.len() * len];
+    let mut told: Option<Vec<Option<TierKind>>> = None;
+    let mut calls = 0;
+    let (found, scattered) = c
+        .get_to_device_staged(
+            &ns,
+            0,
+            &keys,
+            &stream,
+            |pos: &[usize], from: &[u64]| {
+                calls += 1;
+                for (&p, &a) in pos.iter().zip(from) {
+                    // SAFETY: a lent block of BLOCK bytes (host memory on the CPU backend).
+                    let b = unsafe { std::slice::from_raw_parts(a as *const u8, len) };
+                    pages[p * len..(p + 1) * len].copy_from_slice(b);
+                }
+                Ok::<(), GpuError>(())
+            },
+            |f: &[Option<TierKind>]| {
+                assert!(told.is_none(), "told twice");
+                told = Some(f.to_vec());
+            },
+        )
+        .unwrap();
+    assert_eq!(scattered.unwrap(), 148);
+    assert_eq!(told.as_deref(), Some(&found[..]));
+    assert!(calls > 3, "one scatter per chunk at least: {calls}");
+    for (p, &i) in order.iter().enumerate() {
+        let page = &pages[p * len..(p + 1) * len];
+        match i {
+            30 | 120 => {
+                assert_eq!(found[p], None, "key {i}");
+                assert!(page.iter().all(|&b| b == 7), "a miss's page is untouched");
+            }
+            _ => {
+                let want = if i < 100 {
+                    TierKind::Hbm
+                } else {
+                    TierKind::Host
+                };
+                assert_eq!(found[p], Some(want), "key {i}");
+                assert!(
+                    page == &payload(1000 + i as u64)[..],
+                    "key {i}: bytes differ"
+                );
+            }
+        }
+    }
+    let hbm_after = tier_rows(&c, TierKind::Hbm)[0].clone();
+    assert_eq!(
+        hbm_after.hits - hbm_before.hits,
+        99,
+        "HBM hits counted once"
+    );
+    // The 49 host-tier blocks missed in the HBM tier once; the 2 absent
+    // keys once more by the slower tiers' read path, which asks every tier.
+    assert_eq!(
+        hbm_after.misses - hbm_before.misses,
+        49 + 2 * 2,
+        "HBM misses"
+    );
+
+    // The second scatter fails: every HBM hit is reported (with the
+    // failure), and no key is looked for beyond the HBM tier.
+    let hbm_before = tier_rows(&c, TierKind::Hbm)[0].clone();
+    let host_before = tier_rows(&c, TierKind::Host)[0].clone();
+    let mut calls = 0;
+    let mut told = false;
+    let (found, scattered) = c
+        .get_to_device_staged(
+            &ns,
+            0,
+            &keys,
+            &stream,
+            |_: &[usize], _: &[u64]| -> Result<(), GpuError> {
+                calls += 1;
+                match calls {
+                    2 => Err(GpuError::Unsupported {
+                        what: "the test's second scatter",
+                    }),
+                    _ => Ok(()),
+                }
+            },
+            |_: &[Option<TierKind>]| told = true,
+        )
+        .unwrap();
+    assert!(scattered.is_err());
+    assert_eq!(calls, 2, "no scatter after the failure");
+    assert!(!told, "not queued: nobody is told so");
+    let hbm_after = tier_rows(&c, TierKind::Hbm)[0].clone();
+    let host_after = tier_rows(&c, TierKind::Host)[0].clone();
+    let hits = (hbm_after.hits - hbm_before.hits) as usize;
+    assert_eq!(
+        hits + (hbm_after.misses - hbm_before.misses) as usize,
+        keys.len()
+    );
+    assert!(
+        hits > 64,
+        "the HBM tier holds blocks of more than one chunk: {hits}"
+    );
+    assert_eq!(
+        found.iter().flatten().count(),
+        hits,
+        "every HBM hit reported"
+    );
+    assert!(found.iter().flatten().all(|t| *t == TierKind::Hbm));
+    assert_eq!(
+        host_after.hits, host_before.hits,
+        "the host tier was not read"
+    );
 }

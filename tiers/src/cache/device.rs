@@ -252,15 +252,21 @@ impl BlockCache {
         n: usize,
     ) -> Option<Vec<DeviceSlot>> {
         let mut slots: Vec<DeviceSlot> = Vec::with_capacity(n);
-        for _ in 0..n {
-            let slot = match hbm.and_then(|h| h.reserve(len)) {
-                Some(s) => DeviceSlot::Hbm(s),
-                None => self
-                    .host
-                    .reserve(len)
-                    .and_then(|s| s.device_addr().is_some().then_some(DeviceSlot::Host(s)))?,
-            };
-            slots.push(slot);
+        // The HBM tier's while it has room, then the host tier's, all at once.
+        if let Some(h) = hbm {
+            while slots.len() < n {
+                match h.reserve(len) {
+                    Some(s) => slots.push(DeviceSlot::Hbm(s)),
+                    None => break,
+                }
+            }
+        }
+        if slots.len() < n {
+            for s in self.host.reserve_many(len, n - slots.len())? {
+                // A host tier whose memory no device reaches cannot take them.
+                s.device_addr()?;
+                slots.push(DeviceSlot::Host(s));
+            }
         }
         Some(slots)
     }
@@ -406,7 +412,7 @@ impl BlockCache {
         keys: &[BlockKey],
         use_blocks: impl FnOnce(&[Option<(u64, TierKind)>]) -> R,
     ) -> Result<R, CacheError> {
-        self.lend_to_device(ns, device, keys, |blocks, _, _| use_blocks(blocks))
+        self.lend_to_device(ns, device, keys, false, |blocks, _, _| use_blocks(blocks))
     }
 
     /// [`BlockCache::get_to_device`] for a reader that queues its copies on
@@ -419,9 +425,12 @@ impl BlockCache {
     /// scattered or the first error (then the blocks of the groups before
     /// it may have been written).
     ///
-    /// Blocks in device `device`'s HBM tier are read where they lie (one
-    /// call). Blocks in host memory (the pinned host tier, or staged from
-    /// the disk or remote tier or another device) are copied with DMA into
+    /// Blocks in device `device`'s HBM tier are read where they lie: the
+    /// keys are looked up there [`LOOKUP_CHUNK`] at a time, and each chunk's
+    /// hits are passed to `scatter` before the next chunk is looked up (the
+    /// copies start while the lookups go on). Blocks in host memory (the
+    /// pinned host tier, or staged from the disk or remote tier or another
+    /// device) are copied with DMA into
     /// device staging buffers a group at a time, each group scattered from
     /// there while the next one copies ([`staged`]); without a staging set
     /// they are read straight from host memory. Everything queued has
@@ -446,51 +455,115 @@ impl BlockCache {
         let len = self.namespace("namespace_id", ns)?.block_bytes as usize;
         let gpu = self.check_device(device)?;
         let moves = self.device_moves(device);
-        self.lend_to_device(ns, device, keys, |blocks, on_device, promote| {
-            let found: Vec<Option<TierKind>> = blocks.iter().map(|b| b.map(|(_, t)| t)).collect();
-            // Host-tier blocks to promote into the HBM tier from the staging
-            // buffers they pass through (device to device): a slot each,
-            // reserved now; the rest are promoted afterwards as before.
-            let mut slots: Vec<(HbmSlot, &HostRead)> = Vec::new();
-            if let Some((h, reads)) = promote {
-                for r in reads.iter().filter(|r| r.pos < blocks.len()) {
-                    if h.contains(ns, &r.key) {
-                        continue;
-                    }
-                    match h.reserve(len) {
-                        Some(slot) => slots.push((slot, r)),
-                        None => break,
+        let hbm = self.hbm.get(device);
+        // The device's own HBM tier first, a chunk of keys at a time, each
+        // chunk's scatter queued before the next chunk is looked up.
+        let ahead = match hbm {
+            Some(h) => scatter_hbm_ahead(h, ns, keys, &mut scatter),
+            None => HbmAhead::none(keys.len()),
+        };
+        let HbmAhead {
+            mut found,
+            mut reads,
+            rest,
+            failed,
+        } = ahead;
+        // The HBM tier's reads are given back only once the copies from them
+        // are over: after a wait for the stream here, or in the other tiers'
+        // path below, which waits for it itself.
+        let release = |reads: Vec<HbmRead>| {
+            if let Some(h) = hbm {
+                h.release_many(reads);
+            }
+        };
+        let wait_and_release = |reads: Vec<HbmRead>| {
+            let waited = staged::finish(&[stream]);
+            release(reads);
+            waited
+        };
+        if let Some(e) = failed {
+            let _ = wait_and_release(reads);
+            return Ok((found, Err(e)));
+        }
+        let from_hbm = found.iter().flatten().count();
+        if rest.is_empty() {
+            queued(&found);
+            let scattered = wait_and_release(reads).map(|()| from_hbm).map_err(E::from);
+            return Ok((found, scattered));
+        }
+        // The others (the host tier, staged reads of slower tiers), with
+        // positions in `rest`'s numbering mapped back to the request's.
+        let rest_keys: Vec<BlockKey> = rest.iter().map(|&i| keys[i]).collect();
+        let mut scatter_rest = |at: &[usize], from: &[u64]| {
+            let at: Vec<usize> = at.iter().map(|&p| rest[p]).collect();
+            scatter(&at, from)
+        };
+        let lent = self.lend_to_device(
+            ns,
+            device,
+            &rest_keys,
+            true,
+            |blocks, on_device, promote| {
+                for (&i, b) in rest.iter().zip(blocks) {
+                    found[i] = b.map(|(_, t)| t);
+                }
+                // Host-tier blocks to promote into the HBM tier from the staging
+                // buffers they pass through (device to device): a slot each,
+                // reserved now; the rest are promoted afterwards as before.
+                let mut slots: Vec<(HbmSlot, &HostRead)> = Vec::new();
+                if let Some((h, reads)) = promote {
+                    for r in reads.iter().filter(|r| r.pos < blocks.len()) {
+                        if h.contains(ns, &r.key) {
+                            continue;
+                        }
+                        match h.reserve(len) {
+                            Some(slot) => slots.push((slot, r)),
+                            None => break,
+                        }
                     }
                 }
-            }
-            let targets: HashMap<usize, u64> =
-                slots.iter().map(|(s, r)| (r.pos, s.addr())).collect();
-            let scattered = staged::scatter_lent(
-                gpu,
-                moves,
-                stream,
-                staged::Lent {
-                    blocks,
-                    on_device,
-                    promote_to: &targets,
-                },
-                len,
-                &mut scatter,
-                || queued(&found),
-            );
-            // Published only when every copy into them has completed (the
-            // staged path ran, without an error), under the stripe rule of
-            // `promote_to_hbm`; otherwise freed unpublished.
-            if let (Some((h, _)), Ok((_, true))) = (promote, &scattered) {
-                for (slot, r) in slots {
-                    let stripe = self.stripe(ns, &r.key).lock();
-                    if *stripe == r.epoch && !h.contains(ns, &r.key) {
-                        h.publish_promotion(slot, ns, &r.key, r.parent.as_ref(), r.checksum);
+                let targets: HashMap<usize, u64> =
+                    slots.iter().map(|(s, r)| (r.pos, s.addr())).collect();
+                let scattered = staged::scatter_lent(
+                    gpu,
+                    moves,
+                    stream,
+                    staged::Lent {
+                        blocks,
+                        on_device,
+                        promote_to: &targets,
+                    },
+                    len,
+                    &mut scatter_rest,
+                    || queued(&found),
+                );
+                // Every copy queued on the stream, the HBM chunks' too, is over
+                // (`scatter_lent` waits for the stream): before the promotions,
+                // which may need these blocks' HBM slots to be evictable again.
+                release(std::mem::take(&mut reads));
+                // Published only when every copy into them has completed (the
+                // staged path ran, without an error), under the stripe rule of
+                // `promote_to_hbm`; otherwise freed unpublished.
+                if let (Some((h, _)), Ok((_, true))) = (promote, &scattered) {
+                    for (slot, r) in slots {
+                        let stripe = self.stripe(ns, &r.key).lock();
+                        if *stripe == r.epoch && !h.contains(ns, &r.key) {
+                            h.publish_promotion(slot, ns, &r.key, r.parent.as_ref(), r.checksum);
+                        }
                     }
                 }
+                scattered.map(|(n, _)| n + from_hbm)
+            },
+        );
+        match lent {
+            Ok(scattered) => Ok((found, scattered)),
+            Err(e) => {
+                // The other tiers failed before lending anything; the HBM
+                // chunks' scatters still complete before their reads go.
+                let _ = wait_and_release(reads);
+                Err(e)
             }
-            (found, scattered.map(|(n, _)| n))
-        })
+        }
     }
 
     /// The body of both device gets: `use_blocks` gets the lent addresses,
@@ -503,6 +576,7 @@ impl BlockCache {
         ns: &NamespaceId,
         device: usize,
         keys: &[BlockKey],
+        hbm_looked_up: bool,
         use_blocks: impl FnOnce(
             &[Option<(u64, TierKind)>],
             &[bool],
@@ -514,7 +588,10 @@ impl BlockCache {
         let gpu = self.check_device(device)?;
         let hbm = self.hbm.get(device);
         let promote_to = hbm.filter(|h| h.config().promote_on_device_get);
-        let mut lent = self.lend_in_place(ns, hbm, keys, promote_to.is_some());
+        // Keys the caller already looked for in the HBM tier are not looked
+        // for (nor counted as misses) there again.
+        let in_place_hbm = hbm.filter(|_| !hbm_looked_up);
+        let mut lent = self.lend_in_place(ns, in_place_hbm, keys, promote_to.is_some());
         // Lent in place from the device's HBM tier (staged blocks may come
         // from another device's HBM tier, through pinned memory).
         let on_device: Vec<bool> = lent
@@ -721,6 +798,88 @@ impl BlockCache {
 /// What [`BlockCache::get_to_device_staged`] found (per key, its tier) and
 /// scattered (the blocks, or the first error).
 type FoundAndScattered<E> = (Vec<Option<TierKind>>, Result<usize, E>);
+
+/// Keys of a device get looked up in the device's HBM tier per chunk, each
+/// chunk's scatter queued before the next lookup, so the copies start after
+/// the first chunk's lookups instead of every key's (an 8k-token prompt is
+/// 511 keys; their lookups took 0.15–0.6 ms on an H100's host).
+const LOOKUP_CHUNK: usize = 64;
+
+/// What [`scatter_hbm_ahead`] did.
+struct HbmAhead<E> {
+    /// Per key, `Some(Hbm)` when scattered from the HBM tier.
+    found: Vec<Option<TierKind>>,
+    /// The reads of those blocks, to give back once their copies are over.
+    reads: Vec<HbmRead>,
+    /// Positions of the keys not in the HBM tier, in order.
+    rest: Vec<usize>,
+    /// The scatter that failed to queue (no chunk is queued after it; the
+    /// keys not in the HBM tier are then misses, `rest` empty).
+    failed: Option<E>,
+}
+
+impl<E> HbmAhead<E> {
+    /// Nothing found: every key is left to the other tiers.
+    fn none(n: usize) -> Self {
+        HbmAhead {
+            found: vec![None; n],
+            reads: Vec::new(),
+            rest: (0..n).collect(),
+            failed: None,
+        }
+    }
+}
+
+/// Looks `keys` up in HBM tier `h` [`LOOKUP_CHUNK`] at a time and queues the
+/// scatter of each chunk's hits (`scatter(positions, addresses)`) before
+/// looking up the next chunk. After a scatter fails to queue, the remaining
+/// chunks are only looked up (so every hit is reported with the failure, as
+/// when the whole request is one scatter) and the keys not in the tier are
+/// left out of `rest` (misses: their pages are not written).
+fn scatter_hbm_ahead<E>(
+    h: &HbmTier,
+    ns: &NamespaceId,
+    keys: &[BlockKey],
+    scatter: &mut impl FnMut(&[usize], &[u64]) -> Result<(), E>,
+) -> HbmAhead<E> {
+    let mut ahead = HbmAhead {
+        found: vec![None; keys.len()],
+        reads: Vec::with_capacity(keys.len()),
+        rest: Vec::new(),
+        failed: None,
+    };
+    for (c, chunk) in keys.chunks(LOOKUP_CHUNK).enumerate() {
+        let first = c * LOOKUP_CHUNK;
+        let (mut at, mut from) = (
+            Vec::with_capacity(chunk.len()),
+            Vec::with_capacity(chunk.len()),
+        );
+        for (j, read) in h.acquire_many(ns, chunk).into_iter().enumerate() {
+            match read {
+                Some(read) => {
+                    at.push(first + j);
+                    from.push(read.addr());
+                    // Given back once the stream's copies are over, even
+                    // when the scatter below fails partway.
+                    ahead.reads.push(read);
+                }
+                None if ahead.failed.is_none() => ahead.rest.push(first + j),
+                None => {}
+            }
+        }
+        for &i in &at {
+            ahead.found[i] = Some(TierKind::Hbm);
+        }
+        if at.is_empty() || ahead.failed.is_some() {
+            continue;
+        }
+        if let Err(e) = scatter(&at, &from) {
+            ahead.failed = Some(e);
+            ahead.rest.clear();
+        }
+    }
+    ahead
+}
 
 /// Per item of a device put, its bytes when a write-through needs them.
 type KeptBytes = Vec<Option<Bytes>>;

@@ -53,15 +53,29 @@ impl HostTier {
     /// A free slot of `len` bytes and its offset, evicting (and handing the
     /// victims to the sink) as needed; `None` if nothing can go.
     pub(super) fn reserve_slot(&self, len: usize) -> Option<(SlotRef, usize)> {
+        self.reserve_slots(len, 1).and_then(|mut slots| slots.pop())
+    }
+
+    /// [`HostTier::reserve_slot`] of `n` slots under one taking of the lock
+    /// (given back only while victims are handed on): all of them, or
+    /// `None` with none kept.
+    pub(super) fn reserve_slots(&self, len: usize, n: usize) -> Option<Vec<(SlotRef, usize)>> {
         let inner = &*self.inner;
         let sink = inner.sink.get().map(|s| s.as_ref());
         let mut events = Vec::new();
-        let reserved = {
+        let mut got: Vec<(SlotRef, usize)> = Vec::with_capacity(n);
+        let complete = {
             let mut meta = inner.meta.lock();
-            loop {
+            let complete = 'slots: loop {
+                if got.len() == n {
+                    break true;
+                }
                 match meta.reserve(len, &mut events, &inner.counters, sink.is_some()) {
-                    Reservation::Slot(slot) => break Some((slot, meta.arena.offset(slot))),
-                    Reservation::Full => break None,
+                    Reservation::Slot(slot) => {
+                        let offset = meta.arena.offset(slot);
+                        got.push((slot, offset));
+                    }
+                    Reservation::Full => break false,
                     Reservation::Leaving(ids) => {
                         let handed = match sink {
                             Some(sink) => self.hand_on(&mut meta, sink, &ids),
@@ -70,16 +84,26 @@ impl HostTier {
                         meta.finish_leaving(&ids, &mut events, &inner.counters);
                         inner.handed_on.notify_all();
                         if let Err(panic) = handed {
+                            for (slot, _) in got.drain(..) {
+                                meta.arena.free(slot);
+                            }
                             drop(meta);
                             inner.events.publish(events);
                             resume_unwind(panic);
                         }
+                        continue 'slots;
                     }
                 }
+            };
+            if !complete {
+                for (slot, _) in got.drain(..) {
+                    meta.arena.free(slot);
+                }
             }
+            complete
         };
         inner.events.publish(events);
-        reserved
+        complete.then_some(got)
     }
 
     /// Gives the leaving blocks `ids` to the sink with the lock released.

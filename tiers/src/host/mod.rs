@@ -205,6 +205,28 @@ impl HostTier {
         }
     }
 
+    /// [`HostTier::reserve`] of `n` slots of `len` bytes at once (one taking
+    /// of the tier's lock, not one per slot): all of them, or `None` with
+    /// none kept (counted as one rejected put).
+    pub fn reserve_many(&self, len: usize, n: usize) -> Option<Vec<HostSlot>> {
+        let inner = &*self.inner;
+        let Some(slots) = self.reserve_slots(len, n) else {
+            TierCounters::add(&inner.counters.rejected_puts, 1);
+            return None;
+        };
+        Some(
+            slots
+                .into_iter()
+                .map(|(slot, offset)| HostSlot {
+                    inner: Arc::clone(&self.inner),
+                    slot: Some(slot),
+                    offset,
+                    len,
+                })
+                .collect(),
+        )
+    }
+
     /// [`crate::Tier::get`] and [`crate::Tier::meta`] of one block at once
     /// (the metadata describes exactly the bytes returned).
     pub fn get_with_meta(&self, ns: &NamespaceId, key: &BlockKey) -> Option<(Bytes, BlockMeta)> {

@@ -313,3 +313,39 @@ fn eviction_sets_follow_every_operation() {
         assert!(t.stats().used_bytes <= cfg.capacity_bytes, "step {step}");
     }
 }
+
+/// `reserve_many` takes every slot or none: a request the tier cannot meet
+/// (one block pinned) keeps nothing, so the next one that fits gets them
+/// all, distinct and publishable.
+#[test]
+fn reserve_many_is_all_or_none() {
+    let t = tier(4, 4096);
+    assert_eq!(
+        t.put(&ns(), &key("pinned"), None, &payload(1, 4096)),
+        PutOutcome::Stored
+    );
+    let _pin = t.pin(&ns(), &[key("pinned")]).unwrap();
+    let before = t.stats().rejected_puts;
+    assert!(t.reserve_many(4096, 4).is_none());
+    assert_eq!(t.stats().rejected_puts, before + 1);
+    let slots = t.reserve_many(4096, 3).expect("three free slots");
+    let mut offsets: Vec<u64> = slots.iter().map(HostSlot::host_addr).collect();
+    offsets.sort_unstable();
+    offsets.dedup();
+    assert_eq!(offsets.len(), 3);
+    assert!(
+        t.reserve_many(4096, 1).is_none(),
+        "the tier is full of reservations"
+    );
+    for (i, mut s) in slots.into_iter().enumerate() {
+        s.as_mut_slice()
+            .copy_from_slice(&payload(10 + i as u8, 4096));
+        t.publish(s, &ns(), &key(&format!("k{i}")), None, None)
+            .unwrap();
+    }
+    for i in 0..3u8 {
+        let got = t.get(&ns(), &key(&format!("k{i}"))).unwrap();
+        assert_eq!(&got[..], &payload(10 + i, 4096)[..]);
+    }
+    assert!(t.contains(&ns(), &key("pinned")));
+}

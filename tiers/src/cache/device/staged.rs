@@ -258,7 +258,7 @@ fn wait_all(stream: &GpuStream, after: &[Fence]) -> Result<(), GpuError> {
 
 /// Waits for everything queued on the streams; on a failure, still lets
 /// every stream finish before returning the first error.
-fn finish(streams: &[&GpuStream]) -> Result<(), GpuError> {
+pub(super) fn finish(streams: &[&GpuStream]) -> Result<(), GpuError> {
     let mut first = None;
     for s in streams {
         if let Err(e) = s.record().and_then(|f| f.wait()) {
@@ -273,6 +273,44 @@ fn finish(streams: &[&GpuStream]) -> Result<(), GpuError> {
 /// [`lend`] only lends sets whose buffers hold a block).
 fn per_group(set: &DeviceStaging, len: usize) -> usize {
     (set.buffer_bytes() / len.max(1)).max(1)
+}
+
+/// The first and the last group of a move hold at most this share of a
+/// full group (`per / EDGE_SHARE` blocks, at least one).
+const EDGE_SHARE: usize = 8;
+
+/// Splits `blocks` into the groups of one move: full groups of `per` blocks
+/// between a short first and a short last group (at most `per /
+/// EDGE_SHARE` blocks each).
+///
+/// Only one side of the pipeline overlaps the other: out of pages, the DMA
+/// of the first group waits for its whole gather, and into pages the last
+/// group's scatter runs after its whole DMA. With full groups at the edges
+/// that is a 64 MiB kernel (tens of microseconds) that nothing overlaps; the
+/// short edges cut it to an eighth, and the middle keeps the large groups
+/// whose fixed costs vanish beside their copies.
+fn edge_groups<T>(blocks: &[T], per: usize) -> Vec<&[T]> {
+    let per = per.max(1);
+    let edge = (per / EDGE_SHARE).max(1);
+    let mut groups = Vec::with_capacity(blocks.len() / per + 3);
+    let mut rest = blocks;
+    let first = rest.len().min(edge);
+    let (head, tail) = rest.split_at(first);
+    if !head.is_empty() {
+        groups.push(head);
+    }
+    rest = tail;
+    while !rest.is_empty() {
+        // Leave a short last group, unless what is left is one already.
+        let take = match rest.len() <= edge {
+            true => rest.len(),
+            false => per.min(rest.len() - edge),
+        };
+        let (group, tail) = rest.split_at(take);
+        groups.push(group);
+        rest = tail;
+    }
+    groups
 }
 
 /// Copies the blocks at `blocks` (`(position, host address)`, `len` bytes
@@ -322,7 +360,10 @@ fn queue_scatters<E: From<GpuError>>(
     // Per buffer: the fence of the last scatter that read it.
     let mut read: Vec<Vec<Fence>> = buffers.iter().map(|_| Vec::new()).collect();
     let stride = len as u64;
-    for (g, group) in blocks.chunks(per_group(set, len)).enumerate() {
+    for (g, group) in edge_groups(blocks, per_group(set, len))
+        .into_iter()
+        .enumerate()
+    {
         let b = g % buffers.len();
         let base = buffers[b].ptr();
         wait_all(copy, &std::mem::take(&mut read[b]))?;
@@ -406,8 +447,12 @@ fn queue_gathers<E: From<GpuError>>(
     // Per buffer: the fences of the last copy out of it and of its hash.
     let mut read: Vec<Vec<Fence>> = buffers.iter().map(|_| Vec::new()).collect();
     let stride = len as u64;
-    let per = per_group(set, len);
-    for (g, group) in slots.chunks(per).enumerate() {
+    // The checksum of the k-th slot goes to `sums + 8 * k`.
+    let mut first_slot = 0;
+    for (g, group) in edge_groups(slots, per_group(set, len))
+        .into_iter()
+        .enumerate()
+    {
         let b = g % buffers.len();
         let base = buffers[b].ptr();
         wait_all(stream, &std::mem::take(&mut read[b]))?;
@@ -436,7 +481,7 @@ fn queue_gathers<E: From<GpuError>>(
                 .iter()
                 .map(|&addr| HashRun { addr, len: stride })
                 .collect();
-            let at = out + 8 * (g * per) as u64;
+            let at = out + 8 * first_slot as u64;
             hash.wait_for(&gathered)?;
             // SAFETY: the staged blocks are not written until the fence
             // recorded below (the next gather into the buffer waits for
@@ -450,6 +495,7 @@ fn queue_gathers<E: From<GpuError>>(
                 }
             }
         }
+        first_slot += group.len();
     }
     Ok(sums.is_some())
 }
@@ -475,6 +521,35 @@ mod tests {
 
     fn random(rng: &mut rand::rngs::StdRng, len: usize) -> Vec<u8> {
         (0..len).map(|_| rng.random_range(1..=255u8)).collect()
+    }
+
+    /// Groups cover the blocks in order, none larger than a buffer, with
+    /// short first and last groups once there is more than one.
+    #[test]
+    fn groups_are_full_between_short_edges() {
+        for per in [1usize, 3, 8, 32, 33] {
+            let edge = (per / EDGE_SHARE).max(1);
+            for n in 0..200usize {
+                let blocks: Vec<usize> = (0..n).collect();
+                let groups = edge_groups(&blocks, per);
+                let flat: Vec<usize> = groups.iter().flat_map(|g| g.iter().copied()).collect();
+                assert_eq!(flat, blocks, "per {per}, n {n}");
+                assert!(groups.iter().all(|g| !g.is_empty() && g.len() <= per));
+                if let (Some(first), Some(last)) = (groups.first(), groups.last()) {
+                    assert!(
+                        first.len() <= edge && last.len() <= edge,
+                        "per {per}, n {n}"
+                    );
+                }
+                // Between the edges every group is full but one, the one
+                // before the last, which takes what a full group leaves.
+                let middle = groups.len().saturating_sub(3);
+                assert!(groups.iter().skip(1).take(middle).all(|g| g.len() == per));
+            }
+        }
+        let blocks: Vec<usize> = (0..256).collect();
+        let sizes: Vec<usize> = edge_groups(&blocks, 32).iter().map(|g| g.len()).collect();
+        assert_eq!(sizes, [4, 32, 32, 32, 32, 32, 32, 32, 24, 4]);
     }
 
     /// Every block through sets of two buffers of three blocks (so groups
@@ -530,7 +605,7 @@ mod tests {
                 || told.push(groups.get()),
             )
             .expect("scatter");
-            assert_eq!(groups.get(), n.div_ceil(3));
+            assert_eq!(groups.get(), edge_groups(&blocks, 3).len());
             assert_eq!(told, vec![groups.get()], "told once, every group queued");
             assert!(pages == host, "{n} blocks scattered");
             for i in 0..n {
@@ -607,11 +682,12 @@ mod tests {
             },
         )
         .expect_err("the third group fails");
-        assert_eq!(e, TestError::Refused(4));
+        // Groups of 1, 2, 2, ...: the third starts at block 3.
+        assert_eq!(e, TestError::Refused(3));
         assert_eq!(calls, 3, "nothing after the failure");
         // The groups before it were copied, nothing after.
-        assert!(slots_mem[..4 * len].iter().all(|&b| b == 9));
-        assert!(slots_mem[4 * len..].iter().all(|&b| b == 0));
+        assert!(slots_mem[..3 * len].iter().all(|&b| b == 9));
+        assert!(slots_mem[3 * len..].iter().all(|&b| b == 0));
     }
 
     /// A host-tier-only cache on the CPU backend (as `--gpu-hbm-bytes 0`)
