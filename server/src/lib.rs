@@ -13,6 +13,7 @@ pub mod region;
 pub mod service;
 pub mod shm;
 pub mod size;
+pub mod thread_time;
 pub mod transport;
 
 pub use config::{Config, ServeArgs};

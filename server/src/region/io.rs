@@ -58,6 +58,7 @@ use kvstrata_tiers::{
 };
 
 use crate::region::{KvRegion, RegionLookupError};
+use crate::thread_time::{cpu_us_since, thread_cpu};
 
 /// How the direct path copies blocks whose pages are one run each
 /// ([`RegionPages::block_copies`]).
@@ -446,10 +447,12 @@ pub fn get_direct(
     keys: &[BlockKey],
     tell: Option<TellQueued<'_>>,
 ) -> Result<DirectGet, CacheError> {
-    let began = Instant::now();
+    let (began, cpu) = (Instant::now(), thread_cpu());
     let mut launches = 0usize;
     // When the first and the last scatter were queued, and the caller told.
     let (mut first, mut last, mut told) = (Duration::ZERO, Duration::ZERO, None);
+    // The thread's CPU time until the first scatter was queued.
+    let mut lookup_cpu = 0;
     let stream = pages.region.stream();
     let region = pages.region;
     let (found, scattered) = cache.get_to_device_staged(
@@ -460,6 +463,7 @@ pub fn get_direct(
         |at: &[usize], from: &[u64]| {
             if launches == 0 {
                 first = began.elapsed();
+                lookup_cpu = cpu_us_since(cpu);
                 pages.check("scatter", keys.len())?;
             }
             launches += 1;
@@ -499,12 +503,14 @@ pub fn get_direct(
         found = found.iter().flatten().count(),
         launches,
         lookup_us = first.as_micros() as u64,
+        lookup_cpu_us = lookup_cpu,
         queue_us = (last - first).as_micros() as u64,
         told_us = told.map(|t| t.as_micros() as u64),
         total_us = began.elapsed().as_micros() as u64,
         "KV region: direct get (lookup: until the first scatter is queued; queue: copies and \
          scatters queued, group by group; told: the caller told, to answer before the copies \
-         complete; total: with their completion)"
+         complete; total: with their completion; lookup_cpu: the thread's CPU time of the lookup \
+         part, below lookup_us when it waited)"
     );
     Ok(DirectGet {
         found,

@@ -25,6 +25,7 @@ use super::put::store_put;
 use crate::limits::with_thread_cutoff;
 use crate::region::calls::{Call, CallAnswer, CallHandler};
 use crate::region::io as region_io;
+use crate::thread_time::{cpu_us_since, thread_cpu};
 
 impl CallHandler for KvCacheService {
     fn call(&self, call: Call<'_>, answer: &mut dyn FnMut(CallAnswer)) {
@@ -64,6 +65,7 @@ impl CallHandler for KvCacheService {
 impl KvCacheService {
     /// A BatchPut whose items all name KV pages.
     fn region_put(&self, body: &[u8], received: Instant) -> Result<pb::BatchPutResponse, Status> {
+        let (began, cpu) = (Instant::now(), thread_cpu());
         let req = pb::BatchPutRequest::decode(body).map_err(|e| {
             Status::invalid_argument(format!(
                 "BatchPutRequest: cannot decode the call's body: {e}"
@@ -90,8 +92,11 @@ impl KvCacheService {
             decode_us = us(received, decoded),
             parse_us = us(decoded, checked),
             store_us = us(checked, Instant::now()),
+            wall_us = us(began, Instant::now()),
+            cpu_us = cpu_us_since(cpu),
             "region call put (decode: the request's protobuf; parse: items and page lists \
-             checked; store: gathers, copies, checksums and publishing)"
+             checked; store: gathers, copies, checksums and publishing; wall and cpu: the \
+             thread's wall-clock and CPU time from the decode on, a gap being time it waited)"
         );
         Ok(pb::BatchPutResponse { results, stored })
     }
@@ -105,6 +110,7 @@ impl KvCacheService {
         received: Instant,
         answer: &mut dyn FnMut(CallAnswer),
     ) -> Result<Option<Vec<u8>>, Status> {
+        let (began, cpu) = (Instant::now(), thread_cpu());
         let req = pb::BatchGetRequest::decode(body).map_err(|e| {
             Status::invalid_argument(format!(
                 "BatchGetRequest: cannot decode the call's body: {e}"
@@ -130,8 +136,10 @@ impl KvCacheService {
         let early = how.when_queued && get.answers_when_queued();
         let wire_keys = req.keys;
         let mut told_at = None;
+        let mut told_cpu = None;
         let mut tell = |found: &[Option<TierKind>], event: Option<[u8; 64]>| {
             if told_at.is_none() {
+                told_cpu = Some(cpu_us_since(cpu));
                 let outcome = found.iter().map(|t| Ok(*t)).collect();
                 let mut response = page_answer(wire_keys.clone(), outcome, how.compact);
                 if let Some(event) = event {
@@ -156,9 +164,12 @@ impl KvCacheService {
             decode_us = us(received, decoded),
             check_us = us(decoded, checked),
             read_us = us(checked, told_at.unwrap_or(read)),
+            wall_us = us(began, told_at.unwrap_or(read)),
+            cpu_us = told_cpu.unwrap_or_else(|| cpu_us_since(cpu)),
             "region call get (decode: the request's protobuf; check: page lists; read: lookups \
              and copies, or, answered before the copies complete (before_copies), until they \
-             were queued)"
+             were queued; wall and cpu: the thread's wall-clock and CPU time from the decode to \
+             the answer, a gap being time it waited)"
         );
         if told_at.is_some() {
             return Ok(None);
