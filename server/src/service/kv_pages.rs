@@ -920,9 +920,6 @@ fn group_put_pages(
     (groups, direct)
 }
 
-/// Checks a region's geometry against the namespace (once per region of a
-/// request); returns pages_per_block. Errors name `field`, the region id's
-/// field (`items[3].pages.region_id`, `page_region_id`).
 /// The same refusal for each of `keys` keys.
 fn every_key(keys: usize, why: String) -> Vec<Result<PagesTarget, String>> {
     (0..keys).map(|_| Err(why.clone())).collect()
@@ -975,6 +972,9 @@ fn check_page_id_array(
     Ok(ppb)
 }
 
+/// Checks a region's geometry against the namespace (once per region of a
+/// request); returns pages_per_block. Errors name `field`, the region id's
+/// field (`items[3].pages.region_id`, `page_region_id`).
 fn check_region_fits(
     field: std::fmt::Arguments<'_>,
     region: &KvRegion,
