@@ -1,30 +1,41 @@
 """Protobuf wire bytes of the page requests (`BatchPut` and `BatchGet` naming KV-region
-pages), built with numpy instead of one protobuf message per block.
+pages), built without one protobuf message per block.
 
 A request of n blocks as generated messages costs n `KvPages` and n `PutItem` objects,
 each built in Python: microseconds per block, most of the client's time on a batch of
-hundreds of blocks. Here every block is one row of a byte matrix (its
-fields side by side, each padded to the widest) with a mask of the bytes that are real;
-the masked bytes, row after row, are the request. The bytes are exactly what protobuf
-serializes (fields in number order, packed `page_ids`, minimal varints, proto3 defaults
-left out, a present `pages` message written even when empty), so the daemon decodes them
-unchanged; tests/python/test_wire.py compares them with `SerializeToString()`.
+hundreds of blocks. Two ways around that:
+
+- The array forms (`batch_get_page_ids_request`, `batch_put_page_ids_request`: every key's
+  pages in one region, for a daemon that reads them) have no message per block, so
+  protobuf's own encoder builds them from a list of keys and one of page ids: a few C calls
+  whatever the count.
+- The per-block forms (for a daemon that reads only those, or pages in several regions)
+  are built with numpy: every block is one row of a byte matrix (its fields side by side,
+  each padded to the widest) with a mask of the bytes that are real; the masked bytes, row
+  after row, are the request. The bytes are exactly what protobuf serializes (fields in
+  number order, packed `page_ids`, minimal varints, proto3 defaults left out, a present
+  `pages` message written even when empty), so the daemon decodes them unchanged.
+
+tests/python/test_wire.py compares both with `SerializeToString()` of the generated messages.
 
 Wire format (docs/protocol.md; `proto/kvstrata/v1/kvstrata.proto`):
 
 - `KvPages`: `region_id` (1, varint), `page_ids` (2, packed varints);
 - `PutItem`: `key` (1), `parent` (2), `pages` (5, a `KvPages`);
-- `BatchPutRequest`: `namespace_id` (1), `items` (2, one `PutItem` each);
+- `BatchPutRequest`: `namespace_id` (1), `items` (2, one `PutItem` each), or the array form's
+  `keys` (3), `page_region_id` (4), `page_ids` (5, packed), `parents` (6), `chain_parents` (7)
+  and `first_parent` (8);
 - `BatchGetRequest`: `namespace_id` (1), `keys` (2, one each), `pages` (4, one `KvPages` each),
   or `page_region_id` (5) and `page_ids` (6, packed) for every key at once, `compact_answer` (7)
   and `answer_when_queued` (8).
 """
-
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
 import numpy as np
+
+from .v1 import kvstrata_pb2 as pb
 
 #: Field tags (field number << 3 | wire type; 0: varint, 2: length-delimited).
 TAG_REGION_ID = 0x08        # KvPages.region_id
@@ -36,16 +47,7 @@ TAG_NAMESPACE_ID = 0x0A     # BatchPutRequest / BatchGetRequest.namespace_id
 TAG_PUT_ITEMS = 0x12        # BatchPutRequest.items
 TAG_GET_KEYS = 0x12         # BatchGetRequest.keys
 TAG_GET_PAGES = 0x22        # BatchGetRequest.pages
-TAG_GET_PAGE_REGION = 0x28  # BatchGetRequest.page_region_id
-TAG_GET_PAGE_IDS = 0x32     # BatchGetRequest.page_ids (packed)
-TAG_GET_COMPACT = 0x38      # BatchGetRequest.compact_answer
 TAG_GET_WHEN_QUEUED = 0x40  # BatchGetRequest.answer_when_queued
-TAG_PUT_KEYS = 0x1A          # BatchPutRequest.keys (the array form)
-TAG_PUT_PAGE_REGION = 0x20   # BatchPutRequest.page_region_id
-TAG_PUT_PAGE_IDS = 0x2A      # BatchPutRequest.page_ids (packed)
-TAG_PUT_PARENTS = 0x32       # BatchPutRequest.parents
-TAG_PUT_CHAIN = 0x38         # BatchPutRequest.chain_parents
-TAG_PUT_FIRST_PARENT = 0x42  # BatchPutRequest.first_parent
 
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
@@ -255,18 +257,16 @@ def _header(namespace_id: bytes) -> bytes:
     return field(TAG_NAMESPACE_ID, namespace_id) if namespace_id else b""
 
 
-def _repeated_bytes(tag: int, items: Sequence[bytes]) -> Rows:
-    """A repeated `bytes` field, one row per item (an empty item is written too)."""
-    item = Rows(len(items))
-    item.matrix(*_strings(items))
-    rows = Rows(len(items))
-    rows.field(tag, item)
-    return rows
-
-
-def _get_keys(keys: Sequence[bytes]) -> Rows:
-    """`BatchGetRequest.keys`, one row per key."""
-    return _repeated_bytes(TAG_GET_KEYS, keys)
+def repeated_bytes(tag: int, items: Sequence[bytes]) -> bytes:
+    """A repeated `bytes` field: tag, length and bytes of every item (an empty one too),
+    joined by `bytes.join` (keys of one length, the usual case, in one join)."""
+    items = [x if type(x) is bytes else bytes(x) for x in items]
+    lengths = set(map(len, items))
+    if len(lengths) == 1:
+        head = bytes((tag,)) + varint(lengths.pop())
+        return head + head.join(items)
+    heads = {n: bytes((tag,)) + varint(n) for n in lengths}
+    return b"".join([part for x in items for part in (heads[len(x)], x)])
 
 
 def batch_get_pages_request(namespace_id: bytes, keys: Sequence[bytes], pages: PagesRows) -> bytes:
@@ -278,15 +278,19 @@ def batch_get_pages_request(namespace_id: bytes, keys: Sequence[bytes], pages: P
         return _header(namespace_id)
     page_rows = Rows(n)
     page_rows.field(TAG_GET_PAGES, pages.rows())
-    return _header(namespace_id) + _get_keys(keys).build() + page_rows.build()
+    return _header(namespace_id) + repeated_bytes(TAG_GET_KEYS, keys) + page_rows.build()
 
 
-def packed_varints(values: np.ndarray) -> bytes:
-    """The varints of unsigned integers (any shape), one after the other: a packed field's bytes."""
-    if values.size == 0:
-        return b""
-    b, mask, _ = _varints(values.reshape(1, -1))
-    return b.tobytes() if mask is None else b[mask].tobytes()
+def _bytes_list(items: Sequence[bytes]) -> Sequence[bytes]:
+    """`items` as protobuf takes them for a repeated `bytes` field: `bytes` objects (a
+    memoryview or bytearray is copied)."""
+    if all(type(x) is bytes for x in items):
+        return items
+    return [bytes(x) for x in items]
+
+
+def _id_list(page_ids: np.ndarray) -> list[int]:
+    return page_ids.reshape(-1).tolist()
 
 
 def batch_get_page_ids_request(namespace_id: bytes, keys: Sequence[bytes], region_id: int,
@@ -297,22 +301,17 @@ def batch_get_page_ids_request(namespace_id: bytes, keys: Sequence[bytes], regio
     each key's tier instead of a `GetResult` per key (for a daemon that says `compact_answers`);
     `when_queued`: the daemon may answer once its copies into the pages are queued on the GPU,
     naming the CUDA event to wait on in `BatchGetResponse.pages_ready_event` (a daemon that
-    does not know the field ignores it)."""
+    does not know the field ignores it).
+
+    The array forms have no message per block, so protobuf's own encoder (C, upb) builds
+    them: a few calls whatever the count of blocks, a fraction of the byte-matrix builders'
+    cost when the CPU's caches are cold between an engine's requests."""
     n = len(keys)
     if page_ids.shape[0] != n:
         raise ValueError(f"page_ids: {page_ids.shape[0]} page lists for {n} keys")
-    out = _header(namespace_id)
-    if n:
-        out += _get_keys(keys).build()
-    if region_id:
-        out += bytes((TAG_GET_PAGE_REGION,)) + varint(region_id)
-    if page_ids.size:
-        out += field(TAG_GET_PAGE_IDS, packed_varints(page_ids))
-    if compact:
-        out += bytes((TAG_GET_COMPACT, 1))
-    if when_queued:
-        out += bytes((TAG_GET_WHEN_QUEUED, 1))
-    return out
+    return pb.BatchGetRequest(namespace_id=namespace_id, keys=_bytes_list(keys), page_region_id=region_id,
+                              page_ids=_id_list(page_ids), compact_answer=compact,
+                              answer_when_queued=when_queued).SerializeToString()
 
 
 def batch_put_page_ids_request(namespace_id: bytes, keys: Sequence[bytes], parents: Union[str, Sequence[bytes]],
@@ -321,31 +320,25 @@ def batch_put_page_ids_request(namespace_id: bytes, keys: Sequence[bytes], paren
     first_parent}`: the array form (for a daemon that says `page_id_array_puts`), every key's
     pages in one region, `page_ids` an (n, pages_per_block) array. `parents`: one per key
     (b"": none), or "chain" (each key the parent of the next; the first one's parent is
-    `first_parent`)."""
+    `first_parent`). Encoded by protobuf, as `batch_get_page_ids_request`."""
     n = len(keys)
     if page_ids.shape[0] != n:
         raise ValueError(f"page_ids: {page_ids.shape[0]} page lists for {n} keys")
-    out = _header(namespace_id)
-    if n:
-        out += _repeated_bytes(TAG_PUT_KEYS, keys).build()
-    if region_id:
-        out += bytes((TAG_PUT_PAGE_REGION,)) + varint(region_id)
-    if page_ids.size:
-        out += field(TAG_PUT_PAGE_IDS, packed_varints(page_ids))
+    req = pb.BatchPutRequest(namespace_id=namespace_id, keys=_bytes_list(keys), page_region_id=region_id,
+                             page_ids=_id_list(page_ids))
     if isinstance(parents, str):
         if parents != "chain":
             raise ValueError("parents: 'chain' or one parent per key")
-        out += bytes((TAG_PUT_CHAIN, 1))
-        if first_parent:
-            out += field(TAG_PUT_FIRST_PARENT, bytes(first_parent))
-        return out
+        req.chain_parents = True
+        req.first_parent = bytes(first_parent)
+        return req.SerializeToString()
     if len(parents) != n:
         raise ValueError(f"parents: {len(parents)} parents for {n} keys")
     if first_parent:
         raise ValueError("first_parent: only with parents='chain'")
     if any(parents):
-        out += _repeated_bytes(TAG_PUT_PARENTS, parents).build()
-    return out
+        req.parents.extend(_bytes_list(parents))
+    return req.SerializeToString()
 
 
 def put_item_bytes(key: bytes, parent: bytes, kv_pages: bytes) -> bytes:

@@ -305,7 +305,7 @@ class KvRegion:
         """The pages of a batch of blocks, for `Client.batch_put_pages` / `batch_get_pages`
         in place of a list of `pages()`: one page id per block (a 1-D sequence or array), or
         one row of pages_per_block ids per block (2-D). The request is then built from the
-        array with numpy, not one message per block (docs/python.md, "KV regions"). The batch
+        array, not from one message per block (docs/python.md, "KV regions"). The batch
         carries the CUDA device of a CUDA IPC region (None for a memfd region): page gets into
         it may be answered before the daemon's copies complete (`Client.answer_when_queued`)."""
         return PageBatch(self.id, page_ids, device=self.device if self.kind == KIND_CUDA_IPC else None,

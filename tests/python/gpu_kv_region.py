@@ -54,7 +54,8 @@ KVSTRATA_ANSWER_WHEN_QUEUED (0, off or false: loads answered after their copies,
 256, 2 MiB each; 1024 needs 4 GiB of GPU memory and 2 GiB of the host tier) [rounds]
 (default 5). Prints a table and one JSON line
 (`KVSTRATA-GPU {...}`) with every request's client and daemon times (`requests`) and the
-daemon's last debug lines (`log`).
+daemon's last debug lines (`log`: direct puts and gets; `put_log`: device puts; `call_log`: region
+calls).
 """
 
 import json
@@ -337,6 +338,7 @@ def main() -> None:
         log = "\n".join(logs)
         out[f"{tag}/log"] = [line for line in log.splitlines() if "KV region: direct" in line][-12:]
         out[f"{tag}/put_log"] = [line for line in log.splitlines() if "device put (reserve" in line][-60:]
+        out[f"{tag}/call_log"] = [line for line in log.splitlines() if "region call " in line][-60:]
         out[f"{tag}/requests"] = split_times(requests, dtimes, n)
     # a second baseline after the daemons: the spread of the ceiling itself
     out["torch_pinned_after"] = torch_pinned(n * BLOCK, rounds)

@@ -53,8 +53,11 @@ fn load_pipeline() -> usize {
 }
 
 /// Requests in flight per load from the HBM tier unless
-/// `KVSTRATA_LOAD_PIPELINE` says otherwise (measured: docs/benchmarks.md).
-pub const DEFAULT_LOAD_PIPELINE: usize = 4;
+/// `KVSTRATA_LOAD_PIPELINE` says otherwise: one, since the daemon overlaps
+/// a request's own HBM lookups with its scatters; several requests side by
+/// side made each one's lookups slower than that saved (measured:
+/// docs/benchmarks.md, "One request per HBM-tier load").
+pub const DEFAULT_LOAD_PIPELINE: usize = 1;
 
 /// Requests in flight from a setting: a whole number from 1, at most
 /// [`MAX_LOAD_PIPELINE`]; anything else gives [`DEFAULT_LOAD_PIPELINE`].
@@ -386,10 +389,11 @@ impl GpuKvStore {
     }
 
     /// [`GpuKvStore::load`] of blocks a lookup just placed in `tiers` (one
-    /// per key; empty: not known). Blocks all in the daemon's HBM tier are
-    /// loaded with several requests in flight ([`load_pipeline`]); from the
-    /// other tiers the daemon's copies go through its staging buffers and
-    /// PCIe, which concurrent requests only share, so one request at a time.
+    /// per key; empty: not known). Blocks all in the daemon's HBM tier may be
+    /// loaded with several requests in flight ([`load_pipeline`], one by
+    /// default); from the other tiers the daemon's copies go through its
+    /// staging buffers and PCIe, which concurrent requests only share, so
+    /// always one request at a time.
     pub async fn load_from(
         &self,
         keys: &[BlockHash],
