@@ -289,8 +289,19 @@ const EDGE_SHARE: usize = 8;
 /// that is a 64 MiB kernel (tens of microseconds) that nothing overlaps; the
 /// short edges cut it to an eighth, and the middle keeps the large groups
 /// whose fixed costs vanish beside their copies.
+///
+/// A move of at most one full group stays one group: its copies are short
+/// enough that what the edges would overlap is small, while each extra group
+/// is another kernel and copy the device must switch to — from an engine's
+/// kernels, when that engine decodes while another stores.
 fn edge_groups<T>(blocks: &[T], per: usize) -> Vec<&[T]> {
     let per = per.max(1);
+    if blocks.len() <= per {
+        return match blocks.is_empty() {
+            true => Vec::new(),
+            false => vec![blocks],
+        };
+    }
     let edge = (per / EDGE_SHARE).max(1);
     let mut groups = Vec::with_capacity(blocks.len() / per + 3);
     let mut rest = blocks;
@@ -535,6 +546,11 @@ mod tests {
                 let flat: Vec<usize> = groups.iter().flat_map(|g| g.iter().copied()).collect();
                 assert_eq!(flat, blocks, "per {per}, n {n}");
                 assert!(groups.iter().all(|g| !g.is_empty() && g.len() <= per));
+                if n <= per {
+                    // One group at most: no short edges.
+                    assert_eq!(groups.len(), usize::from(n > 0), "per {per}, n {n}");
+                    continue;
+                }
                 if let (Some(first), Some(last)) = (groups.first(), groups.last()) {
                     assert!(
                         first.len() <= edge && last.len() <= edge,
@@ -550,6 +566,16 @@ mod tests {
         let blocks: Vec<usize> = (0..256).collect();
         let sizes: Vec<usize> = edge_groups(&blocks, 32).iter().map(|g| g.len()).collect();
         assert_eq!(sizes, [4, 32, 32, 32, 32, 32, 32, 32, 24, 4]);
+        let sizes: Vec<usize> = edge_groups(&blocks[..32], 32)
+            .iter()
+            .map(|g| g.len())
+            .collect();
+        assert_eq!(sizes, [32]);
+        let sizes: Vec<usize> = edge_groups(&blocks[..33], 32)
+            .iter()
+            .map(|g| g.len())
+            .collect();
+        assert_eq!(sizes, [4, 25, 4]);
     }
 
     /// Every block through sets of two buffers of three blocks (so groups
