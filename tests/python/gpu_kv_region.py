@@ -56,7 +56,8 @@ split needs). Args: [num_blocks] (default 256, 2 MiB each; 1024 needs 4 GiB of G
 2 GiB of the host tier) [rounds] (default 5). Prints a table and one JSON line
 (`KVSTRATA-GPU {...}`) with every request's client and daemon times (`requests`) and the
 daemon's last debug lines (`log`: direct puts and gets; `put_log`: device puts; `call_log`: region
-calls).
+calls); warns when torch's pinned copy moved more than 10 % between its runs before and after the
+daemons (`ceiling_spread`): the machine was not steady and the run's ratios are not comparable.
 """
 
 import json
@@ -135,6 +136,10 @@ def mode_in_flight(mode: str) -> int:
     """The requests in flight of a mode: "batch/4" is a page batch split in 4, else 1."""
     return int(mode.split("/")[1]) if "/" in mode else 1
 
+
+#: Largest change of torch's pinned copy between its runs before and after the daemons for which
+#: a run's ratios are still taken as comparable.
+CEILING_SPREAD = 0.10
 
 #: The daemon's debug line of one direct put or get (kvstrata_server::region::io).
 DIRECT_LINE = re.compile(r"^(\S+Z) .*KV region: direct (put|get) .*? blocks=(\d+) .*?total_us=(\d+)")
@@ -350,6 +355,12 @@ def main() -> None:
     print(f"device {out['device']}, {n} blocks of {BLOCK >> 20} MiB, median of {rounds} (page_batch requests)")
     print(f"torch pinned copy_: d2h {ceil['d2h_GBps']:.1f} GB/s, h2d {ceil['h2d_GBps']:.1f} GB/s "
           f"(after: {out['torch_pinned_after']['d2h_GBps']:.1f}, {out['torch_pinned_after']['h2d_GBps']:.1f})")
+    after = out["torch_pinned_after"]
+    spread = max(abs(after[k] - ceil[k]) / max(ceil[k], after[k]) for k in ("d2h_GBps", "h2d_GBps"))
+    out["ceiling_spread"] = spread
+    if spread > CEILING_SPREAD:
+        print(f"WARNING: torch's pinned copy moved {spread:.0%} between the runs before and after the daemons "
+              f"(over {CEILING_SPREAD:.0%}): the machine was not steady, so this run's ratios are not comparable")
     for tag in ("host-tier", "hbm-tier"):
         for layout in ("classic", "v032"):
             r = out[f"{tag}/{layout}"]
