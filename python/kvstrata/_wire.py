@@ -29,6 +29,7 @@ Wire format (docs/protocol.md; `proto/kvstrata/v1/kvstrata.proto`):
   or `page_region_id` (5) and `page_ids` (6, packed) for every key at once, `compact_answer` (7)
   and `answer_when_queued` (8).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
@@ -257,7 +258,7 @@ def _header(namespace_id: bytes) -> bytes:
     return field(TAG_NAMESPACE_ID, namespace_id) if namespace_id else b""
 
 
-def repeated_bytes(tag: int, items: Sequence[bytes]) -> bytes:
+def _repeated_bytes(tag: int, items: Sequence[bytes]) -> bytes:
     """A repeated `bytes` field: tag, length and bytes of every item (an empty one too),
     joined by `bytes.join` (keys of one length, the usual case, in one join)."""
     items = [x if type(x) is bytes else bytes(x) for x in items]
@@ -278,7 +279,7 @@ def batch_get_pages_request(namespace_id: bytes, keys: Sequence[bytes], pages: P
         return _header(namespace_id)
     page_rows = Rows(n)
     page_rows.field(TAG_GET_PAGES, pages.rows())
-    return _header(namespace_id) + repeated_bytes(TAG_GET_KEYS, keys) + page_rows.build()
+    return _header(namespace_id) + _repeated_bytes(TAG_GET_KEYS, keys) + page_rows.build()
 
 
 def _bytes_list(items: Sequence[bytes]) -> Sequence[bytes]:
