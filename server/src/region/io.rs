@@ -58,7 +58,7 @@ use kvstrata_tiers::{
 };
 
 use crate::region::{KvRegion, RegionLookupError};
-use crate::thread_time::{cpu_us_since, thread_cpu};
+use crate::thread_time::CpuMark;
 
 /// How the direct path copies blocks whose pages are one run each
 /// ([`RegionPages::block_copies`]).
@@ -447,7 +447,10 @@ pub fn get_direct(
     keys: &[BlockKey],
     tell: Option<TellQueued<'_>>,
 ) -> Result<DirectGet, CacheError> {
-    let (began, cpu) = (Instant::now(), thread_cpu());
+    let (began, cpu) = (
+        Instant::now(),
+        CpuMark::now_if(tracing::enabled!(tracing::Level::DEBUG)),
+    );
     let mut launches = 0usize;
     // When the first and the last scatter were queued, and the caller told.
     let (mut first, mut last, mut told) = (Duration::ZERO, Duration::ZERO, None);
@@ -463,7 +466,7 @@ pub fn get_direct(
         |at: &[usize], from: &[u64]| {
             if launches == 0 {
                 first = began.elapsed();
-                lookup_cpu = cpu_us_since(cpu);
+                lookup_cpu = cpu.us();
                 pages.check("scatter", keys.len())?;
             }
             launches += 1;

@@ -25,7 +25,7 @@ use super::put::store_put;
 use crate::limits::with_thread_cutoff;
 use crate::region::calls::{Call, CallAnswer, CallHandler};
 use crate::region::io as region_io;
-use crate::thread_time::{cpu_us_since, thread_cpu};
+use crate::thread_time::CpuMark;
 
 impl CallHandler for KvCacheService {
     fn call(&self, call: Call<'_>, answer: &mut dyn FnMut(CallAnswer)) {
@@ -65,7 +65,10 @@ impl CallHandler for KvCacheService {
 impl KvCacheService {
     /// A BatchPut whose items all name KV pages.
     fn region_put(&self, body: &[u8], received: Instant) -> Result<pb::BatchPutResponse, Status> {
-        let (began, cpu) = (Instant::now(), thread_cpu());
+        let (began, cpu) = (
+            Instant::now(),
+            CpuMark::now_if(tracing::enabled!(tracing::Level::DEBUG)),
+        );
         let req = pb::BatchPutRequest::decode(body).map_err(|e| {
             Status::invalid_argument(format!(
                 "BatchPutRequest: cannot decode the call's body: {e}"
@@ -93,7 +96,7 @@ impl KvCacheService {
             parse_us = us(decoded, checked),
             store_us = us(checked, Instant::now()),
             wall_us = us(began, Instant::now()),
-            cpu_us = cpu_us_since(cpu),
+            cpu_us = cpu.us(),
             "region call put (decode: the request's protobuf; parse: items and page lists \
              checked; store: gathers, copies, checksums and publishing; wall and cpu: the \
              thread's wall-clock and CPU time from the decode on, a gap being time it waited)"
@@ -110,7 +113,10 @@ impl KvCacheService {
         received: Instant,
         answer: &mut dyn FnMut(CallAnswer),
     ) -> Result<Option<Vec<u8>>, Status> {
-        let (began, cpu) = (Instant::now(), thread_cpu());
+        let (began, cpu) = (
+            Instant::now(),
+            CpuMark::now_if(tracing::enabled!(tracing::Level::DEBUG)),
+        );
         let req = pb::BatchGetRequest::decode(body).map_err(|e| {
             Status::invalid_argument(format!(
                 "BatchGetRequest: cannot decode the call's body: {e}"
@@ -139,7 +145,7 @@ impl KvCacheService {
         let mut told_cpu = None;
         let mut tell = |found: &[Option<TierKind>], event: Option<[u8; 64]>| {
             if told_at.is_none() {
-                told_cpu = Some(cpu_us_since(cpu));
+                told_cpu = Some(cpu.us());
                 let outcome = found.iter().map(|t| Ok(*t)).collect();
                 let mut response = page_answer(wire_keys.clone(), outcome, how.compact);
                 if let Some(event) = event {
@@ -165,7 +171,7 @@ impl KvCacheService {
             check_us = us(decoded, checked),
             read_us = us(checked, told_at.unwrap_or(read)),
             wall_us = us(began, told_at.unwrap_or(read)),
-            cpu_us = told_cpu.unwrap_or_else(|| cpu_us_since(cpu)),
+            cpu_us = told_cpu.unwrap_or_else(|| cpu.us()),
             "region call get (decode: the request's protobuf; check: page lists; read: lookups \
              and copies, or, answered before the copies complete (before_copies), until they \
              were queued; wall and cpu: the thread's wall-clock and CPU time from the decode to \
