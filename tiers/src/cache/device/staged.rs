@@ -17,7 +17,9 @@
 //! The set's buffers take turns: a group waits (on the device) for the
 //! fences of the last group that used its buffer, so the next group's DMA
 //! runs while this group's kernel does; the CPU queues every group without
-//! waiting and waits once at the end. Blocks are taken in host address order,
+//! waiting, then (out of pages) waits for the groups in order and hands each
+//! one on as soon as its copy and hash completed, so the caller publishes it
+//! while the later groups still move. Blocks are taken in host address order,
 //! so slots that lie side by side move as one run (`GpuStream::copy_blocks`
 //! merges them). Both functions return only once every copy, kernel and hash
 //! they queued has completed, also when they fail (the streams are then
@@ -29,13 +31,13 @@
 //! the requests that hold the sets.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::time::Duration;
 
 use kvstrata_kernels::{
     CopyOp, DEVICE_STAGING_WAIT, DeviceStaging, Fence, Gpu, GpuError, GpuStream, HashRun,
 };
 
-use super::DeviceSlot;
 use crate::hbm::DEFAULT_MOVE_GROUP_BYTES;
 use crate::tier::TierKind;
 
@@ -106,24 +108,32 @@ pub(crate) fn lend_within(
 
 /// The fill of [`crate::BlockCache::put_from_device_staged`]: the HBM
 /// slots gathered straight into, the host slots through device staging
-/// (or straight, without a set). Returns the checksums it knows (the host
-/// slots hashed on the device), per item; every copy has completed when it
-/// returns, also on an error.
+/// (or straight, without a set). `on_host[i]`: whether item `i`'s slot is
+/// in host memory. Returns the checksums it knows (the host slots hashed on
+/// the device), per item; every copy has completed when it returns, also on
+/// an error.
+///
+/// Once every group is queued, each group of host slots whose copy and hash
+/// have completed goes to `done(items, checksums)` while the later groups
+/// still move (the caller publishes them then); a group is told only if
+/// every group before it was, and nothing is told when queuing failed.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn fill_staged<E: From<GpuError>>(
     gpu: &Gpu,
     moves: Moves,
     stream: &GpuStream,
-    slots: &[DeviceSlot],
+    on_host: &[bool],
     addrs: &[u64],
     len: usize,
     gather: &mut impl FnMut(&[usize], &[u64]) -> Result<(), E>,
+    done: &mut dyn FnMut(&[usize], &[u64]),
 ) -> Result<Vec<Option<u64>>, E> {
-    let mut known = vec![None; slots.len()];
+    let mut known = vec![None; on_host.len()];
     let (mut hbm, mut host): (Placed, Placed) = (Vec::new(), Vec::new());
-    for (i, (slot, &addr)) in slots.iter().zip(addrs).enumerate() {
-        match slot {
-            DeviceSlot::Hbm(_) => hbm.push((i, addr)),
-            DeviceSlot::Host(_) => host.push((i, addr)),
+    for (i, (&h, &addr)) in on_host.iter().zip(addrs).enumerate() {
+        match h {
+            false => hbm.push((i, addr)),
+            true => host.push((i, addr)),
         }
     }
     // In host address order: neighbouring slots move as one run.
@@ -143,7 +153,8 @@ pub(super) fn fill_staged<E: From<GpuError>>(
         };
         // The checksums land in pinned memory, 8 bytes per host slot.
         let sums = gpu.staging(8 * host.len())?;
-        let hashed = gather_to_host(
+        let at = sums.host_ptr();
+        gather_to_host(
             set,
             moves.dma_threshold,
             stream,
@@ -151,21 +162,32 @@ pub(super) fn fill_staged<E: From<GpuError>>(
             len,
             Some(sums.device_ptr()),
             gather,
+            &mut |group: Range<usize>, hashed: bool| {
+                if !hashed {
+                    return; // hashed on the CPU by the caller
+                }
+                let items: Vec<usize> = host[group.clone()].iter().map(|&(i, _)| i).collect();
+                let checksums: Vec<u64> = group
+                    .map(|k| {
+                        // SAFETY: `sums` holds 8 bytes per host slot, and the
+                        // hash of this group, which wrote slot k's, has
+                        // completed (nothing else writes them).
+                        u64::from_le_bytes(unsafe {
+                            std::ptr::read_unaligned(at.add(8 * k).cast::<[u8; 8]>())
+                        })
+                    })
+                    .collect();
+                for (&i, &c) in items.iter().zip(&checksums) {
+                    known[i] = Some(c);
+                }
+                done(&items, &checksums);
+            },
         )?;
-        if hashed {
-            for (&(i, _), sum) in host.iter().zip(sums.as_slice().chunks_exact(8)) {
-                known[i] = Some(u64::from_le_bytes(sum.try_into().map_err(|_| {
-                    GpuError::Unsupported {
-                        what: "a checksum of other than 8 bytes",
-                    }
-                })?));
-            }
-        }
         Ok::<(), E>(())
     })();
-    let done = finish(&[stream]);
+    let finished = finish(&[stream]);
     queued?;
-    done.map_err(E::from)?;
+    finished.map_err(E::from)?;
     Ok(known)
 }
 
@@ -425,9 +447,16 @@ fn queue_scatters<E: From<GpuError>>(
 /// the gather of those positions' blocks on `stream`, into a staging
 /// buffer; then one DMA copy into the slots and, with `sums` (the device
 /// address of `8 * slots.len()` writable bytes), `kvs_xxh3` of the staged
-/// blocks into `sums + 8 * k` for the `k`-th slot. Returns whether every
-/// block was hashed (a hash launch that fails stops the hashing; the caller
-/// then hashes the host copies), once everything queued has completed.
+/// blocks into `sums + 8 * k` for the `k`-th slot.
+///
+/// Once every group is queued, it waits for them in order and tells
+/// `done(range of slots, hashed)` of each as soon as its copy (and hash)
+/// completed, so the caller can use those slots while the later groups still
+/// move; after a failure (queuing, or a fence) it tells no more. Returns
+/// whether every block was hashed (a hash launch that fails stops the
+/// hashing; the caller then hashes the host copies), once everything queued
+/// has completed.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn gather_to_host<E: From<GpuError>>(
     set: &DeviceStaging,
     dma_threshold: u64,
@@ -436,14 +465,37 @@ pub(crate) fn gather_to_host<E: From<GpuError>>(
     len: usize,
     sums: Option<u64>,
     gather: &mut impl FnMut(&[usize], &[u64]) -> Result<(), E>,
+    done: &mut dyn FnMut(Range<usize>, bool),
 ) -> Result<bool, E> {
     let queued = queue_gathers(set, dma_threshold, stream, slots, len, sums, gather);
-    let done = finish(&[stream, set.copy_stream(), set.hash_stream()]);
-    let hashed = queued?;
-    done.map_err(E::from)?;
+    let waited = match &queued {
+        Ok((_, groups)) => groups.iter().try_for_each(|g| {
+            g.copied.wait()?;
+            if let Some(h) = &g.hashed {
+                h.wait()?;
+            }
+            done(g.slots.clone(), g.hashed.is_some());
+            Ok::<(), GpuError>(())
+        }),
+        Err(_) => Ok(()),
+    };
+    let finished = finish(&[stream, set.copy_stream(), set.hash_stream()]);
+    let (hashed, _) = queued?;
+    waited.map_err(E::from)?;
+    finished.map_err(E::from)?;
     Ok(hashed)
 }
 
+/// A group queued by [`queue_gathers`]: its slots (a range of the request's)
+/// and the fences of its copy into them and, if it was hashed, of its hash.
+struct QueuedGroup {
+    slots: Range<usize>,
+    copied: Fence,
+    hashed: Option<Fence>,
+}
+
+/// Queues the groups of [`gather_to_host`]; returns whether every block is
+/// hashed, and the groups in order.
 fn queue_gathers<E: From<GpuError>>(
     set: &DeviceStaging,
     dma_threshold: u64,
@@ -452,11 +504,13 @@ fn queue_gathers<E: From<GpuError>>(
     len: usize,
     mut sums: Option<u64>,
     gather: &mut impl FnMut(&[usize], &[u64]) -> Result<(), E>,
-) -> Result<bool, E> {
+) -> Result<(bool, Vec<QueuedGroup>), E> {
     let (copy, hash) = (set.copy_stream(), set.hash_stream());
     let buffers = set.buffers();
-    // Per buffer: the fences of the last copy out of it and of its hash.
-    let mut read: Vec<Vec<Fence>> = buffers.iter().map(|_| Vec::new()).collect();
+    let mut groups: Vec<QueuedGroup> = Vec::new();
+    // Per buffer: the last group staged in it (whose copy out of it and
+    // hash the next gather into it waits for).
+    let mut last: Vec<Option<usize>> = vec![None; buffers.len()];
     let stride = len as u64;
     // The checksum of the k-th slot goes to `sums + 8 * k`.
     let mut first_slot = 0;
@@ -466,7 +520,10 @@ fn queue_gathers<E: From<GpuError>>(
     {
         let b = g % buffers.len();
         let base = buffers[b].ptr();
-        wait_all(stream, &std::mem::take(&mut read[b]))?;
+        if let Some(prev) = last[b].and_then(|p| groups.get(p)) {
+            stream.wait_for(&prev.copied)?;
+            prev.hashed.iter().try_for_each(|h| stream.wait_for(h))?;
+        }
         let positions: Vec<usize> = group.iter().map(|&(i, _)| i).collect();
         let staged: Vec<u64> = (0..group.len() as u64).map(|j| base + j * stride).collect();
         gather(&positions, &staged)?;
@@ -486,7 +543,8 @@ fn queue_gathers<E: From<GpuError>>(
         // copy stream waits for, and nothing writes it until this copy's
         // fence (the next gather into it waits).
         unsafe { copy.copy_blocks(&ops, dma_threshold) }?;
-        read[b].push(copy.record()?);
+        let copied = copy.record()?;
+        let mut hashed = None;
         if let Some(out) = sums {
             let runs: Vec<HashRun> = staged
                 .iter()
@@ -499,16 +557,22 @@ fn queue_gathers<E: From<GpuError>>(
             // it); `out` holds 8 bytes per slot, the caller's until this
             // returns.
             match unsafe { hash.xxh3(&runs, at) } {
-                Ok(()) => read[b].push(hash.record()?),
+                Ok(()) => hashed = Some(hash.record()?),
                 Err(e) => {
                     tracing::warn!(error = %e, "device staging: hashing on the device failed; the host copies are hashed instead");
                     sums = None;
                 }
             }
         }
+        last[b] = Some(groups.len());
+        groups.push(QueuedGroup {
+            slots: first_slot..first_slot + group.len(),
+            copied,
+            hashed,
+        });
         first_slot += group.len();
     }
-    Ok(sums.is_some())
+    Ok((sums.is_some(), groups))
 }
 
 #[cfg(test)]
@@ -650,6 +714,7 @@ mod tests {
                 .map(|k| ((k * 5) % n, base + (k * len) as u64))
                 .collect();
             let mut sums = vec![0u8; 8 * n];
+            let mut told: Vec<(Range<usize>, bool)> = Vec::new();
             let hashed = gather_to_host(
                 &set,
                 moves.dma_threshold,
@@ -665,9 +730,18 @@ mod tests {
                     }
                     Ok(())
                 },
+                &mut |group, hashed| told.push((group, hashed)),
             )
             .expect("gather");
             assert!(hashed);
+            // Every group told once, in order, hashed.
+            let mut next = 0;
+            for (group, hashed) in &told {
+                assert_eq!(group.start, next, "groups told in order");
+                assert!(group.end > group.start && *hashed);
+                next = group.end;
+            }
+            assert_eq!(next, n, "every slot told");
             for (k, &(p, _)) in slots.iter().enumerate() {
                 let want = &host[p * len..(p + 1) * len];
                 assert!(&slots_mem[k * len..(k + 1) * len] == want, "slot {k}");
@@ -688,6 +762,7 @@ mod tests {
         let base = slots_mem.as_mut_ptr() as u64;
         let slots: Vec<(usize, u64)> = (0..9).map(|k| (k, base + (k * len) as u64)).collect();
         let mut calls = 0;
+        let mut told: Vec<Range<usize>> = Vec::new();
         let e = gather_to_host(
             &set,
             1,
@@ -706,8 +781,13 @@ mod tests {
                 }
                 Ok(())
             },
+            &mut |group, _| told.push(group),
         )
         .expect_err("the third group fails");
+        assert!(
+            told.is_empty(),
+            "no group told when queuing failed: {told:?}"
+        );
         // Groups of 1, 2, 2, ...: the third starts at block 3.
         assert_eq!(e, TestError::Refused(3));
         assert_eq!(calls, 3, "nothing after the failure");
@@ -859,6 +939,29 @@ mod tests {
     /// The test's scatter: copies the lent blocks at `from` (`len` bytes
     /// each, readable host memory on this CPU backend) to the pages of
     /// positions `pos`.
+    #[test]
+    fn a_key_twice_in_a_staged_put_keeps_its_last_item() {
+        // Two items of one key in groups far apart (1, 2, 2, 1, 1 blocks:
+        // staging of two blocks): the request answers as if published in
+        // item order, whatever order its groups complete in.
+        let (c, ns, len) = host_cache();
+        let stream = Gpu::cpu().stream().unwrap();
+        let mut items: Vec<_> = (0..6).map(|i| (k(i), None)).collect();
+        items.push((k(0), Some(k(5))));
+        let out = c
+            .put_from_device_staged(&ns, 0, &items, &stream, fill(len))
+            .unwrap();
+        assert_eq!(out, vec![crate::PutOutcome::Stored; 7]);
+        let (bytes, _) = c.get_batch(&ns, &[k(0)]).unwrap().remove(0).unwrap();
+        assert!(bytes.iter().all(|&b| b == 7), "the last item's bytes");
+        assert!(c.inspect(&ns, &k(0)).unwrap().unwrap().checksum_ok());
+        for i in 1..6 {
+            let (bytes, _) = c.get_batch(&ns, &[k(i)]).unwrap().remove(0).unwrap();
+            assert!(bytes.iter().all(|&b| b == i as u8 + 1), "block {i}");
+        }
+        assert_eq!(host_used(&c), 6 * len as u64, "the first item's slot freed");
+    }
+
     fn copy_lent(pages: &mut [u8], len: usize, pos: &[usize], from: &[u64]) {
         for (&p, &a) in pos.iter().zip(from) {
             // SAFETY: a lent block of `len` bytes.
