@@ -232,7 +232,8 @@ impl BlockCache {
             .map(|s| matches!(s, DeviceSlot::Host(_)))
             .collect();
         let through = self.write_through_of(&namespace);
-        let early = distinct_keys(items);
+        // Decided at the first group told, while the later ones still copy.
+        let mut early: Option<bool> = None;
         let mut slots: Vec<Option<DeviceSlot>> = slots.into_iter().map(Some).collect();
         let mut out: Vec<Option<PutOutcome>> = vec![None; items.len()];
         let mut published_early = 0usize;
@@ -241,7 +242,7 @@ impl BlockCache {
             &addrs,
             len,
             &mut |at: &[usize], checksums: &[u64]| {
-                if !early {
+                if !*early.get_or_insert_with(|| distinct_keys(items)) {
                     return;
                 }
                 for (&i, &checksum) in at.iter().zip(checksums) {
