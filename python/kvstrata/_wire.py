@@ -261,7 +261,7 @@ def _header(namespace_id: bytes) -> bytes:
 def _repeated_bytes(tag: int, items: Sequence[bytes]) -> bytes:
     """A repeated `bytes` field: tag, length and bytes of every item (an empty one too),
     joined by `bytes.join` (keys of one length, the usual case, in one join)."""
-    items = [x if type(x) is bytes else bytes(x) for x in items]
+    items = _bytes_list(items)
     lengths = set(map(len, items))
     if len(lengths) == 1:
         head = bytes((tag,)) + varint(lengths.pop())

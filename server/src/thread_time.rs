@@ -6,7 +6,7 @@ use std::time::Duration;
 
 /// CPU time the calling thread has used (`CLOCK_THREAD_CPUTIME_ID`: user
 /// and system, page faults included); zero where the clock cannot be read.
-pub fn thread_cpu() -> Duration {
+fn thread_cpu() -> Duration {
     let mut t = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -23,7 +23,7 @@ pub fn thread_cpu() -> Duration {
 
 /// Microseconds of CPU time since `since` (a [`thread_cpu`] reading of
 /// this thread).
-pub fn cpu_us_since(since: Duration) -> u64 {
+fn cpu_us_since(since: Duration) -> u64 {
     thread_cpu().saturating_sub(since).as_micros() as u64
 }
 
