@@ -52,7 +52,8 @@ default "classic,v032": each daemon serves them one after the other), FRESH_DAEM
 of its own for each layout), EMPTY_CACHE (1: torch's cached GPU memory freed after each layout),
 KVSTRATA_ANSWER_WHEN_QUEUED (0, off or false: loads answered after their copies, as before),
 DAEMON_DEBUG (0: the daemon at its default log level, without the debug lines the per-request
-split needs). Args: [num_blocks] (default 256, 2 MiB each; 1024 needs 4 GiB of GPU memory and
+split needs), DAEMON_ARGS (more daemon flags, split at spaces, e.g. `--gpu-move-group-bytes 256MiB`;
+the daemon does not see KVSTRATA_* variables). Args: [num_blocks] (default 256, 2 MiB each; 1024 needs 4 GiB of GPU memory and
 2 GiB of the host tier) [rounds] (default 5). Prints a table and one JSON line
 (`KVSTRATA-GPU {...}`) with every request's client and daemon times (`requests`) and the
 daemon's last debug lines (`log`: direct puts and gets; `put_log`: device puts; `call_log`: region
@@ -319,7 +320,10 @@ def main() -> None:
            "rounds": rounds, "in_flight": in_flight, "answer_when_queued": None}
     out["torch_pinned"] = torch_pinned(n * BLOCK, rounds)
     fresh = os.environ.get("FRESH_DAEMON") == "1"
-    for tag, extra in (("host-tier", ("--gpu", "on", "--gpu-hbm-bytes", "0")), ("hbm-tier", ("--gpu", "on"))):
+    more = tuple(os.environ.get("DAEMON_ARGS", "").split())
+    out["daemon_args"] = list(more)
+    tiers = (("host-tier", ("--gpu", "on", "--gpu-hbm-bytes", "0", *more)), ("hbm-tier", ("--gpu", "on", *more)))
+    for tag, extra in tiers:
         requests: list = []
         dtimes: dict = {"put": [], "get": []}
         logs: list = []
