@@ -281,6 +281,16 @@ fn keys_bytes(keys: &[impl AsRef<[u8]>]) -> Vec<Bytes> {
         .collect()
 }
 
+/// A BatchGet of `keys` in `ns` with nothing else set: payloads in the
+/// answer, unless the caller adds ranges or pages.
+fn get_request(ns: &NamespaceId, keys: &[impl AsRef<[u8]>]) -> proto::BatchGetRequest {
+    proto::BatchGetRequest {
+        namespace_id: ns_bytes(ns),
+        keys: keys_bytes(keys),
+        ..Default::default()
+    }
+}
+
 /// Lease length in whole milliseconds; a non-zero lease shorter than 1 ms is 1 ms.
 fn lease_millis(lease: Duration) -> u64 {
     let ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
@@ -603,13 +613,7 @@ impl Client {
         ns: &NamespaceId,
         keys: &[impl AsRef<[u8]>],
     ) -> Result<Vec<proto::GetResult>, ClientError> {
-        let req = proto::BatchGetRequest {
-            namespace_id: ns_bytes(ns),
-            keys: keys_bytes(keys),
-            ranges: Vec::new(),
-            pages: Vec::new(),
-            ..Default::default()
-        };
+        let req = get_request(ns, keys);
         // Decoded where the frames arrived: each payload is its own frame.
         let mut channel = self.channel.clone();
         let max = self.options.max_message_bytes;
@@ -662,11 +666,8 @@ impl Client {
             });
         }
         let req = proto::BatchGetRequest {
-            namespace_id: ns_bytes(ns),
-            keys: keys_bytes(keys),
             ranges: ranges.to_vec(),
-            pages: Vec::new(),
-            ..Default::default()
+            ..get_request(ns, keys)
         };
         self.get_into(req).await
     }
@@ -774,10 +775,8 @@ impl Client {
             });
         }
         let req = proto::BatchGetRequest {
-            namespace_id: ns_bytes(ns),
-            keys: keys_bytes(keys),
             pages: pages.to_vec(),
-            ..Default::default()
+            ..get_request(ns, keys)
         };
         self.get_into(req).await
     }
@@ -857,13 +856,11 @@ impl Client {
         }
         let compact = self.learnt.compact_answers.load(Ordering::Relaxed);
         let req = proto::BatchGetRequest {
-            namespace_id: ns_bytes(ns),
-            keys: keys_bytes(keys),
             page_region_id: region_id,
             page_ids: page_ids.to_vec(),
             compact_answer: compact,
             answer_when_queued: when_queued && compact,
-            ..Default::default()
+            ..get_request(ns, keys)
         };
         if !compact {
             return Ok(PagesFound::from_results(&self.get_into(req).await?));
@@ -921,13 +918,7 @@ impl Client {
         ns: &NamespaceId,
         keys: &[impl AsRef<[u8]>],
     ) -> Result<ClientStream<proto::GetResult>, ClientError> {
-        let req = proto::BatchGetRequest {
-            namespace_id: ns_bytes(ns),
-            keys: keys_bytes(keys),
-            ranges: Vec::new(),
-            pages: Vec::new(),
-            ..Default::default()
-        };
+        let req = get_request(ns, keys);
         let mut c = self.inner.clone();
         let stream = self.call(c.get_stream(self.request(req, false))).await?;
         Ok(Box::pin(stream.map(|r| r.map_err(ClientError::from))))
