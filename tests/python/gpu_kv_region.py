@@ -52,18 +52,20 @@ default "classic,v032": each daemon serves them one after the other), FRESH_DAEM
 of its own for each layout), EMPTY_CACHE (1: torch's cached GPU memory freed after each layout),
 KVSTRATA_ANSWER_WHEN_QUEUED (0, off or false: loads answered after their copies, as before),
 DAEMON_DEBUG (0: the daemon at its default log level, without the debug lines the per-request
-split needs), DAEMON_ARGS (more daemon flags, split at spaces, e.g. `--gpu-move-group-bytes 256MiB`;
-the daemon does not see KVSTRATA_* variables). Args: [num_blocks] (default 256, 2 MiB each; 1024 needs 4 GiB of GPU memory and
-2 GiB of the host tier) [rounds] (default 5). Prints a table and one JSON line
-(`KVSTRATA-GPU {...}`) with every request's client and daemon times (`requests`) and the
-daemon's last debug lines (`log`: direct puts and gets; `put_log`: device puts; `call_log`: region
-calls); warns when torch's pinned copy moved more than 10 % between its runs before and after the
-daemons (`ceiling_spread`): the machine was not steady and the run's ratios are not comparable.
+split needs), DAEMON_ARGS (more daemon flags, split as a shell would, e.g.
+`--gpu-move-group-bytes 256MiB`; the daemon does not see KVSTRATA_* variables). Args:
+[num_blocks] (default 256, 2 MiB each; 1024 needs 4 GiB of GPU memory and 2 GiB of the host
+tier) [rounds] (default 5). Prints a table and one JSON line (`KVSTRATA-GPU {...}`) with every
+request's client and daemon times (`requests`) and the daemon's last debug lines (`log`: direct
+puts and gets; `put_log`: device puts; `call_log`: region calls); warns when torch's pinned copy
+moved more than 10 % between its runs before and after the daemons (`ceiling_spread`): the
+machine was not steady and the run's ratios are not comparable.
 """
 
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import sys
@@ -320,7 +322,7 @@ def main() -> None:
            "rounds": rounds, "in_flight": in_flight, "answer_when_queued": None}
     out["torch_pinned"] = torch_pinned(n * BLOCK, rounds)
     fresh = os.environ.get("FRESH_DAEMON") == "1"
-    more = tuple(os.environ.get("DAEMON_ARGS", "").split())
+    more = tuple(shlex.split(os.environ.get("DAEMON_ARGS", "")))
     out["daemon_args"] = list(more)
     tiers = (("host-tier", ("--gpu", "on", "--gpu-hbm-bytes", "0", *more)), ("hbm-tier", ("--gpu", "on", *more)))
     for tag, extra in tiers:

@@ -936,9 +936,6 @@ mod tests {
         }
     }
 
-    /// The test's scatter: copies the lent blocks at `from` (`len` bytes
-    /// each, readable host memory on this CPU backend) to the pages of
-    /// positions `pos`.
     #[test]
     fn a_key_twice_in_a_staged_put_keeps_its_last_item() {
         // Two items of one key in groups far apart (1, 2, 2, 1, 1 blocks:
@@ -962,6 +959,9 @@ mod tests {
         assert_eq!(host_used(&c), 6 * len as u64, "the first item's slot freed");
     }
 
+    /// The test's scatter: copies the lent blocks at `from` (`len` bytes
+    /// each, readable host memory on this CPU backend) to the pages of
+    /// positions `pos`.
     fn copy_lent(pages: &mut [u8], len: usize, pos: &[usize], from: &[u64]) {
         for (&p, &a) in pos.iter().zip(from) {
             // SAFETY: a lent block of `len` bytes.
