@@ -47,6 +47,11 @@
 #                        (MGET / MSET of BATCH values per call: the same bytes per
 #                        call as kvstrata's RPC, the same client, every read
 #                        verified), for a measured same-bytes p99 (1; 0 skips)
+#   CEILING              1: also `kvstrata bench socket` per configuration and
+#                        round: the loopback socket ceiling (what the transport
+#                        carries with no protocol and no work per byte, the
+#                        bound any server's GET stays under), as a column and
+#                        in the target checks (1; 0 skips)
 #   KEEP_WORKDIR=1       keep the temporary directory (logs, JSON reports)
 set -euo pipefail
 
@@ -67,6 +72,7 @@ BASELINE_BIN=${BASELINE_BIN:-}
 REDIS_BYTES=${REDIS_BYTES:-2000000000}
 REDIS_IO_THREADS=${REDIS_IO_THREADS:-2}
 REDIS_MGET=${REDIS_MGET:-1}
+CEILING=${CEILING:-1}
 WORKING_SET_BYTES=$((1 << 30)) # the bench's default working set; redis gets the same
 
 LOG_TAG=loopback
@@ -210,6 +216,25 @@ bench_kvstrata() {
     done
 }
 
+# bench_ceiling SIZE CLIENTS TRANSPORT: the loopback socket ceiling with as
+# many connections as clients, writes of one block (recorded for GET and PUT).
+bench_ceiling() {
+    local size=$1 clients=$2 transport=$3 out gbps op
+    out=$WORK/ceiling-$transport-$size-$clients.json
+    log "kvstrata bench socket: $transport, $size writes, $clients connections, round $ROUND/$ROUNDS (load $(cut -d' ' -f1 /proc/loadavg))"
+    if ! run_to "$out" "$BIN" --json bench socket --transport "$transport" --connections "$clients" \
+        --write-size "$size" --working-set "$WORKING_SET_BYTES" --duration "$DURATION" \
+        --warmup "$WARMUP" 2>"$out.err" ||
+        ! gbps=$(jq -er '.gb_per_s' "$out"); then
+        NOTES+=("socket ceiling $transport $size $clients connections: FAILED: $(head -c 300 "$out.err")")
+        FAILED=1
+        return
+    fi
+    for op in GET PUT; do
+        record "ceiling|$op|$transport|$size|$clients" "$gbps" - -
+    done
+}
+
 # --------------------------------------------------------------------- redis
 # start_redis VARIANT [redis-server flags...]: redis-server on TCP and UDS.
 start_redis() {
@@ -300,6 +325,9 @@ for size in $SIZES; do
                 if [[ $REDIS_MGET == 1 ]]; then
                     bench_kvstrata mget "$size" "$clients" "$transport"
                 fi
+                if [[ $CEILING == 1 ]]; then
+                    bench_ceiling "$size" "$clients" "$transport"
+                fi
             done
         done
     done
@@ -336,6 +364,10 @@ if [[ $REDIS_MGET == 1 ]]; then
     header+=" Redis M${BATCH} GB/s | ×Redis-M | Redis M${BATCH} p99 (µs) | p99 ratio M |"
     sep+="---:|---:|---:|---:|"
 fi
+if [[ $CEILING == 1 ]]; then
+    header+=" socket ceiling GB/s | kvstrata / ceiling | Redis / ceiling |"
+    sep+="---:|---:|---:|"
+fi
 if [[ $BASELINE == 1 ]]; then
     if [[ -n $BASELINE_BIN ]]; then
         header+=" before ($(basename "$BASELINE_BIN")) GB/s | after/before |"
@@ -369,6 +401,9 @@ for size in $SIZES; do
                 if [[ $REDIS_MGET == 1 ]]; then
                     row+=" $(num "$mg") | $(round_ratio "kv|$k" "mget|$k") | $(int "$mp99") | $(round_ratio "p99:kv|$k" "p99:mget|$k") |"
                 fi
+                if [[ $CEILING == 1 ]]; then
+                    row+=" $(num "${GBPS[ceiling|$k]:-}") | $(round_ratio "kv|$k" "ceiling|$k") | $(round_ratio "redis|$k" "ceiling|$k") |"
+                fi
                 if [[ $BASELINE == 1 ]]; then
                     base=${GBPS[base|$k]:-}
                     row+=" $(num "$base") | $(round_ratio "kv|$k" "base|$k") |"
@@ -381,6 +416,12 @@ for size in $SIZES; do
                     [[ $op == GET ]] || want=1.0
                     r=$r_redis
                     if [[ $(ge "$r" "$want") == 1 ]]; then v=met; else v="NOT met"; fi
+                    # Beyond the transport: the target asks for more than the
+                    # socket ceiling of the same rounds carries.
+                    rc=$(round_ratio "redis|$k" "ceiling|$k" "$(awk -v w="$want" 'BEGIN { print 1 / w }')")
+                    if [[ $v != met && $rc != "-" && $(ge "$rc" 1.0001) == 1 ]]; then
+                        v+=" ($want× Redis is $rc× this run's socket ceiling: more than the transport carried with no work per byte)"
+                    fi
                     CHECKS+=("$op $transport $size $clients clients: ×Redis $r (target ≥ $want): $v")
                 fi
                 pr=$r_p99
@@ -410,6 +451,9 @@ echo "kvstrata: \`kvstrata bench --mode grpc\`, one connection per client, $BATC
 echo "Redis: \`redis-benchmark -t set,get -c N\` (one value per request, 1 GiB keyspace), as it is and with \`--io-threads $REDIS_IO_THREADS --io-threads-do-reads yes\`; GB/s = requests/s × value size; its p99 per request × $BATCH stands for the same bytes as one kvstrata RPC. Both on the same transport as the row."
 if [[ $REDIS_MGET == 1 ]]; then
     echo "Redis M$BATCH: \`kvstrata bench --mode redis\` on the plain Redis, the same transport: one MGET (GET rows) or MSET (PUT rows) of $BATCH values per call, the same client code, keys, payloads and verification as the kvstrata rows; p99 per call (the same bytes as one kvstrata RPC)."
+fi
+if [[ $CEILING == 1 ]]; then
+    echo "Socket ceiling: \`kvstrata bench socket\` on the same transport, as many connections as clients, writes of one block picked at random from a 1 GiB buffer, $DURATION after $WARMUP: each connection a sender thread writing blocks and a receiver thread reading and dropping them, kvstrata's socket options; no protocol, no requests, no verification. Bytes flow from the accepting side, as a GET's answers do."
 fi
 if ((ROUNDS > 1)); then
     echo "$ROUNDS rounds per configuration, every variant once per round: GB/s and p99 are the medians over the rounds; each ratio against another variant is the median of the rounds' own ratios; UDS/TCP divides the two medians."

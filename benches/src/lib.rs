@@ -25,6 +25,10 @@
 //! `kvstrata bench-disk` ([`disk`]) measures the disk tier in-process instead
 //! (write, then cold verified reads), for comparison with fio.
 //!
+//! `kvstrata bench socket` ([`socket`]) measures the loopback socket ceiling:
+//! what TCP or a Unix socket carries on this machine with nothing but the
+//! kernel touching the bytes, the bound any server's GET over it stays under.
+//!
 //! `kvstrata bench-remote` ([`remote`]) measures the remote tier against a
 //! Redis Cluster, and the same cluster through the redis crate directly, in
 //! one run (write, then verified reads, per block size).
@@ -61,6 +65,7 @@ pub mod remote;
 pub mod report;
 mod runner;
 mod shm;
+pub mod socket;
 
 pub use args::{BenchArgs, Mode};
 pub use connect::{Target, connect, connect_channel};
@@ -71,6 +76,9 @@ pub use payload::{PayloadGen, VerifyError};
 pub use remote::{RemoteBenchArgs, RemoteBenchReport, run_remote_and_print, run_remote_bench};
 pub use report::{BenchReport, OpReport, PopulateReport};
 pub use runner::run;
+pub use socket::{
+    SocketBenchArgs, SocketBenchReport, SocketTransport, run_socket_and_print, run_socket_bench,
+};
 
 /// Runs the benchmark and prints its report: JSON on stdout with `--json`,
 /// the human table otherwise. When reads failed verification the report is

@@ -115,6 +115,9 @@ pub struct InterferenceArgs {
     /// Print the table as Markdown (for docs/benchmarks.md)
     #[arg(long)]
     pub markdown: bool,
+    /// Print JSON instead of a table (as the global `--json`, which goes before `bench`)
+    #[arg(long)]
+    pub json: bool,
 }
 
 impl InterferenceArgs {

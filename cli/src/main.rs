@@ -73,6 +73,9 @@ enum BenchWhich {
     Ttft(Box<kvstrata_cli::ttft::TtftArgs>),
     /// GPU decode step times quiet vs while another engine's KV is stored into the daemon
     Interference(Box<kvstrata_cli::interference::InterferenceArgs>),
+    /// The loopback socket ceiling: GB/s that TCP or a Unix socket carries here
+    /// with no protocol and no work per byte (the bound for any server's GET)
+    Socket(Box<kvstrata_benches::SocketBenchArgs>),
 }
 
 fn init_logging(format: &str, level: &str) {
@@ -200,10 +203,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if std::env::var_os("RUST_LOG").is_some() {
                     init_logging("text", "warn");
                 }
-                kvstrata_cli::ttft::run_ttft(*args, cli.global.json).await
+                let json = args.json || cli.global.json;
+                kvstrata_cli::ttft::run_ttft(*args, json).await
             }
             Some(BenchWhich::Interference(args)) => {
-                kvstrata_cli::interference::run_interference(*args, cli.global.json).await
+                let json = args.json || cli.global.json;
+                kvstrata_cli::interference::run_interference(*args, json).await
+            }
+            // Blocking threads of its own: off the async workers.
+            Some(BenchWhich::Socket(args)) => {
+                let json = args.json || cli.global.json;
+                tokio::task::spawn_blocking(move || {
+                    kvstrata_benches::run_socket_and_print(&args, json)
+                })
+                .await??;
+                Ok(())
             }
             None => {
                 let mut load = cmd.load;

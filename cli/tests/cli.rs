@@ -359,3 +359,71 @@ fn disk_verbs_list_inspect_and_verify() {
         std::fs::read(s.dir.path().join("d2")).unwrap()
     );
 }
+
+#[test]
+fn bench_socket_measures_both_transports_and_names_bad_flags() {
+    // No daemon: the ceiling opens its own connections. `--json` after the
+    // subcommand and before `bench` both work.
+    for (transport, json_first) in [("tcp", false), ("uds", true)] {
+        let mut args = vec![];
+        if json_first {
+            args.push("--json");
+        }
+        args.extend([
+            "bench",
+            "socket",
+            "--transport",
+            transport,
+            "--connections",
+            "2",
+            "--write-size",
+            "64KiB",
+            "--working-set",
+            "1MiB",
+            "--duration",
+            "200ms",
+            "--warmup",
+            "0s",
+        ]);
+        if !json_first {
+            args.push("--json");
+        }
+        let out = ok("unix:///nonexistent", &args);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["transport"], transport, "{v}");
+        assert_eq!(v["connections"], 2, "{v}");
+        assert_eq!(v["write_size"], 65536, "{v}");
+        assert_eq!(v["working_set"], 1 << 20, "{v}");
+        assert!(v["gb_per_s"].as_f64().unwrap() > 0.0, "{v}");
+        assert_eq!(v["bytes_sent"], v["bytes_received"], "{v}");
+    }
+    let human = ok(
+        "unix:///nonexistent",
+        &[
+            "bench",
+            "socket",
+            "--working-set",
+            "2MiB",
+            "--duration",
+            "100ms",
+            "--warmup",
+            "0s",
+        ],
+    );
+    assert!(
+        human.starts_with(
+            "socket ceiling (loopback TCP, 4 connections, 256.0 KiB writes from 2.0 MiB): "
+        ),
+        "{human}"
+    );
+    let err = fails(
+        "unix:///nonexistent",
+        &["bench", "socket", "--connections", "0"],
+    );
+    assert!(err.contains("--connections"), "{err}");
+    let err = fails(
+        "unix:///nonexistent",
+        &["bench", "socket", "--write-size", "65MiB"],
+    );
+    assert!(err.contains("--write-size"), "{err}");
+}
