@@ -34,6 +34,7 @@ use rand::{RngCore, SeedableRng};
 use serde::Serialize;
 
 use crate::error::BenchError;
+use crate::report::process_cpu;
 
 /// Most connections one run opens (two threads each).
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -348,20 +349,6 @@ fn receive_loop<S: Read>(mut s: S, size: usize, received: &AtomicU64) -> std::io
             Err(e) => return Err(e),
         }
     }
-}
-
-/// CPU time (user + system) of this process so far.
-fn process_cpu() -> Duration {
-    // SAFETY: getrusage fills the struct it is given and nothing else.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `usage` is a valid, writable rusage.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
-        return Duration::ZERO;
-    }
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-    };
-    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 /// Measures the ceiling (blocking: call it from a blocking thread).

@@ -10,22 +10,7 @@ use super::args::RemotePlan;
 use super::report::{RemotePathReport, RemotePhaseReport, div};
 use crate::error::BenchError;
 use crate::pattern::Pattern;
-use crate::report::{OpAccum, OpReport};
-
-/// CPU time (user + system, all threads) this process has used so far.
-fn process_cpu() -> Duration {
-    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage fills the struct it is given a pointer to; it was
-    // zeroed, so it is initialised even if the call failed.
-    let ru = unsafe {
-        libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr());
-        ru.assume_init()
-    };
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
-    };
-    tv(ru.ru_utime) + tv(ru.ru_stime)
-}
+use crate::report::{OpAccum, OpReport, process_cpu};
 
 /// Start of a batch: wall clock and process CPU time.
 pub(super) struct Clock {
